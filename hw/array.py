@@ -1,0 +1,75 @@
+"""The weight-stationary systolic array with its input skew and output deskew."""
+
+from amaranth import Module, Signal, signed
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from ..config import NpuConfig
+from .pe import ProcessingElement
+
+__all__ = ["SystolicArray"]
+
+
+def _delay(m: Module, value, cycles: int, name: str):
+    """``value`` delayed by ``cycles`` registers (0: the value itself)."""
+    for i in range(cycles):
+        stage = Signal.like(value, name=f"{name}_d{i + 1}")
+        m.d.sync += stage.eq(value)
+        value = stage
+    return value
+
+
+class SystolicArray(wiring.Component):
+    """``rows`` × ``cols`` PEs. An activation word (one input per row) enters per cycle;
+    row r sees it r cycles later (skew). Column c's sum leaves the bottom and is delayed
+    ``cols - 1 - c`` cycles (deskew), so a whole result row appears at once,
+    ``latency`` cycles after its activation word.
+
+    ``weight_row`` with ``load`` shifts one row of weights into the top of bank
+    ``load_bank``; ``rows`` such cycles load a tile (last row first).
+    """
+
+    def __init__(self, config: NpuConfig):
+        self._config = c = config
+        super().__init__({
+            "act": In(data.ArrayLayout(signed(c.input_width), c.rows)),
+            "bank": In(1),
+            "weight_row": In(data.ArrayLayout(signed(c.weight_width), c.cols)),
+            "load": In(1),
+            "load_bank": In(1),
+            "result": Out(data.ArrayLayout(signed(c.accumulator_width), c.cols)),
+        })
+
+    @property
+    def latency(self) -> int:
+        return self._config.rows + self._config.cols - 1
+
+    def elaborate(self, platform):
+        c = self._config
+        m = Module()
+        pes = [[ProcessingElement(input_width=c.input_width, weight_width=c.weight_width,
+                                  accumulator_width=c.accumulator_width)
+                for _ in range(c.cols)] for _ in range(c.rows)]
+        for r in range(c.rows):
+            for col in range(c.cols):
+                pe = pes[r][col]
+                m.submodules[f"pe_{r}_{col}"] = pe
+                m.d.comb += [pe.load.eq(self.load), pe.load_bank.eq(self.load_bank)]
+                if col == 0:
+                    m.d.comb += [
+                        pe.act_in.eq(_delay(m, self.act[r], r, f"skew{r}")),
+                        pe.bank_in.eq(_delay(m, self.bank, r, f"skew_bank{r}")),
+                    ]
+                else:
+                    left = pes[r][col - 1]
+                    m.d.comb += [pe.act_in.eq(left.act_out), pe.bank_in.eq(left.bank_out)]
+                if r == 0:
+                    m.d.comb += [pe.psum_in.eq(0), pe.weight_in.eq(self.weight_row[col])]
+                else:
+                    above = pes[r - 1][col]
+                    m.d.comb += [pe.psum_in.eq(above.psum_out),
+                                 pe.weight_in.eq(above.weight_out)]
+        for col in range(c.cols):
+            bottom = pes[c.rows - 1][col].psum_out
+            m.d.comb += self.result[col].eq(_delay(m, bottom, c.cols - 1 - col, f"deskew{col}"))
+        return m

@@ -1,0 +1,24 @@
+"""The NPU's host port: a 32-bit word bus, one request a cycle, reads answered a cycle
+later. The UART bridge and the testbenches drive it; ``npugen.memory_map`` is its map."""
+
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+__all__ = ["HostBus"]
+
+
+class HostBus(wiring.Signature):
+    """Seen from the host: ``valid`` with ``write``, ``addr`` and ``wdata`` makes a
+    request, taken the same cycle; a read's ``rdata`` comes with ``rvalid`` one cycle
+    later. Memory accesses during a run are refused (reads give 0) and flagged in
+    STATUS.HOST_CONFLICT."""
+
+    def __init__(self):
+        super().__init__({
+            "valid": Out(1),
+            "write": Out(1),
+            "addr": Out(32),
+            "wdata": Out(32),
+            "rvalid": In(1),
+            "rdata": In(32),
+        })

@@ -1,0 +1,417 @@
+"""The NPU: memories, systolic array, post-processing, sequencer and host port.
+
+Units and their issue rules (the golden model's :class:`~npugen.golden.CycleModel`
+mirrors them cycle for cycle):
+
+- the *sequencer* dispatches at most one instruction a cycle, in order;
+- the *weight loader* (LOADW) shifts a tile into one bank while the *feeder* (MATMUL)
+  streams activations through the other, so preload is hidden;
+- results leave the array ``rows + cols`` cycles after issue and are added into the
+  accumulator memory (read-modify-write, transparent for back-to-back rows);
+- the *requantizer* (REQUANT) runs ``requant_lanes`` channels a cycle after the array
+  has drained and blocks dispatch until its last write.
+"""
+
+from amaranth import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from ..config import NpuConfig
+from ..isa import FORMATS, OPCODE_WIDTH, Opcode
+from ..memory_map import (
+    COUNTER_NAMES, REGION_SHIFT, Control, Reg, Region, identity_words, memories,
+)
+from .array import SystolicArray
+from .hostbus import HostBus
+from .requant import Requantizer
+
+__all__ = ["Npu"]
+
+
+def _field(word, opcode: Opcode, name: str):
+    """Slice of an instruction word holding field ``name`` of ``opcode``."""
+    f = next(f for f in FORMATS[opcode] if f.name == name)
+    value = word[f.offset:f.offset + f.width]
+    return value.as_signed() if f.signed else value
+
+
+class Npu(wiring.Component):
+    """The whole NPU behind a 32-bit memory-mapped host port (see ``memory_map``).
+
+    ``running`` is high during a run; ``done`` rises when a run reaches HALT.
+    """
+
+    host: In(HostBus())
+    running: Out(1)
+    done: Out(1)
+
+    def __init__(self, config: NpuConfig):
+        if not isinstance(config, NpuConfig):
+            raise TypeError(f"config must be an NpuConfig, not {config!r}")
+        self._config = config
+        super().__init__()
+
+    @property
+    def config(self) -> NpuConfig:
+        return self._config
+
+    def elaborate(self, platform):
+        c = self._config
+        m = Module()
+        infos = memories(c)
+        host = self.host
+
+        # -- Memories -----------------------------------------------------------------
+        mems, reads, writes = {}, {}, {}
+        for region, info in infos.items():
+            mem = Memory(shape=unsigned(info.width), depth=info.depth, init=[])
+            m.submodules[info.name] = mems[region] = mem
+            writes[region] = mem.write_port(granularity=info.granularity)
+            transparent = (writes[region],) if region is Region.ACCUMULATORS else ()
+            reads[region] = mem.read_port(transparent_for=transparent)
+
+        m.submodules.array = array = SystolicArray(c)
+
+        running = Signal()
+        fetched = Signal()
+        m.d.comb += self.running.eq(running)
+
+        # -- Host port: decode ---------------------------------------------------------
+        region = host.addr[REGION_SHIFT:REGION_SHIFT + 4]
+        offset = host.addr[0:REGION_SHIFT]
+        read_region = Signal(4)
+        read_offset = Signal(REGION_SHIFT)
+        read_blocked = Signal()
+        host_conflict = Signal()
+        m.d.sync += host.rvalid.eq(host.valid & ~host.write)
+        with m.If(host.valid & ~host.write):
+            m.d.sync += [read_region.eq(region), read_offset.eq(offset),
+                         read_blocked.eq(running)]
+        with m.If(host.valid & running & (region != Region.REGISTERS)):
+            m.d.sync += host_conflict.eq(1)
+
+        host_read_data = Signal(32)
+        m.d.comb += host.rdata.eq(host_read_data)
+        for reg_region, info in infos.items():
+            stride_bits = (info.stride - 1).bit_length()
+            entry = offset >> stride_bits
+            chunk = offset[0:stride_bits] if stride_bits else Const(0)
+            write, read = writes[reg_region], reads[reg_region]
+            selected = host.valid & (region == reg_region) & ~running
+            # Defaults: the host owns the ports when no run is on; units override below.
+            m.d.comb += [read.addr.eq(entry), write.addr.eq(entry)]
+            copies = -(-info.width // 32)
+            m.d.comb += write.data.eq(Cat(*[host.wdata] * copies))
+            lanes_en = [chunk == (k * info.granularity) // 32
+                        for k in range(info.width // info.granularity)]
+            with m.If(selected & host.write):
+                m.d.comb += write.en.eq(Cat(*lanes_en))
+            padded = Cat(read.data, Const(0, info.stride * 32 - info.width))
+            read_chunk = read_offset[0:stride_bits] if stride_bits else Const(0)
+            with m.If((read_region == reg_region) & ~read_blocked):
+                m.d.comb += host_read_data.eq(padded.word_select(read_chunk, 32))
+
+        # -- Registers -----------------------------------------------------------------
+        identity = identity_words(c)
+        start_pc = Signal(range(c.instruction_depth))
+        pc = Signal(range(c.instruction_depth))
+        done = Signal()
+        aborted = Signal()
+        illegal = Signal()
+        m.d.comb += self.done.eq(done)
+        counters = {name: Signal(64, name=f"counter_{name}") for name in COUNTER_NAMES}
+        register_value = Signal(32)
+        with m.Switch(offset[0:8]):
+            for index, word in enumerate(identity):
+                with m.Case(Reg.MAGIC + index):
+                    m.d.comb += register_value.eq(word)
+            with m.Case(Reg.STATUS):
+                m.d.comb += register_value.eq(Cat(running, done, host_conflict, aborted,
+                                                  illegal))
+            with m.Case(Reg.START_PC):
+                m.d.comb += register_value.eq(start_pc)
+            with m.Case(Reg.PC):
+                m.d.comb += register_value.eq(pc)
+            for index, name in enumerate(COUNTER_NAMES):
+                with m.Case(Reg.COUNTERS + 2 * index):
+                    m.d.comb += register_value.eq(counters[name][0:32])
+                with m.Case(Reg.COUNTERS + 2 * index + 1):
+                    m.d.comb += register_value.eq(counters[name][32:64])
+        register_read = Signal(32)
+        with m.If(host.valid & ~host.write & (region == Region.REGISTERS)):
+            m.d.sync += register_read.eq(register_value)
+        with m.If(read_region == Region.REGISTERS):
+            m.d.comb += host_read_data.eq(register_read)
+
+        start = Signal()
+        abort = Signal()
+        register_write = host.valid & host.write & (region == Region.REGISTERS)
+        with m.If(register_write):
+            with m.Switch(offset[0:8]):
+                with m.Case(Reg.CONTROL):
+                    m.d.comb += [start.eq(host.wdata[0] & ~running),
+                                 abort.eq(host.wdata[1])]
+                with m.Case(Reg.START_PC):
+                    m.d.sync += start_pc.eq(host.wdata)
+
+        # -- Unit state ------------------------------------------------------------------
+        rows, cols, lanes = c.rows, c.cols, c.requant_lanes
+        instruction = reads[Region.INSTRUCTIONS].data
+        opcode = instruction[0:OPCODE_WIDTH]
+
+        load_busy = Signal()
+        load_count = Signal(range(rows))
+        load_addr = Signal(range(c.weight_depth))
+        load_bank = Signal()
+        shift_valid = Signal()
+        shift_bank = Signal()
+        load_active = load_busy | shift_valid
+
+        feed_busy = Signal()
+        feed_remaining = Signal(16)
+        feed_act_addr = Signal(range(c.activation_depth))
+        feed_acc_addr = Signal(range(c.accumulator_depth))
+        feed_bank = Signal()
+        feed_accumulate = Signal()
+        feeder_ready = ~feed_busy | (feed_remaining == 1)
+        inflight = Array(Signal(range(rows + cols + 2), name=f"inflight{b}") for b in range(2))
+        drain = Signal(range(rows + cols + 3))
+
+        groups = cols // lanes
+        rq_busy = Signal()
+        rq_remaining = Signal(16)
+        rq_group = Signal(range(groups))
+        rq_acc_addr = Signal(range(c.accumulator_depth))
+        rq_row_addr = Signal(range(c.activation_depth))
+        rq_word = Signal(range(c.activation_depth))
+        rq_lane = Signal(range(rows + 1))
+        rq_first_lane = Signal(range(rows))
+        rq_param_addr = Signal(range(c.param_depth))
+        param_addr = Signal(range(c.param_depth))
+        out_stride = Signal(16)
+        zero_point = Signal(signed(16))
+        clamp_min = Signal(signed(16))
+        clamp_max = Signal(signed(16))
+
+        # -- Requantization pipeline (declared early: its activity gates dispatch) --------
+        requantizers = []
+        for lane in range(lanes):
+            rq = Requantizer(accumulator_width=c.accumulator_width, output_width=c.input_width)
+            m.submodules[f"requant{lane}"] = rq
+            requantizers.append(rq)
+        stage_valid = Signal()
+        stage_group = Signal(range(groups))
+        stage_word = Signal(range(c.activation_depth))
+        stage_lane = Signal(range(rows))
+        pipe_word = [Signal(range(c.activation_depth), name=f"rq_word_p{i}")
+                     for i in range(Requantizer.latency)]
+        pipe_lane = [Signal(range(rows), name=f"rq_lane_p{i}")
+                     for i in range(Requantizer.latency)]
+        pipe_valid = [Signal(name=f"rq_valid_p{i}") for i in range(Requantizer.latency)]
+        requant_active = rq_busy | stage_valid | Cat(*pipe_valid).any()
+
+        # -- Sequencer -----------------------------------------------------------------------
+        bank_field = _field(instruction, Opcode.LOADW, "bank")
+        can_issue = Signal()
+        with m.Switch(opcode):
+            with m.Case(Opcode.LOADW):
+                m.d.comb += can_issue.eq(~load_active & (inflight[bank_field] == 0)
+                                         & ~(feed_busy & (feed_bank == bank_field)))
+            with m.Case(Opcode.MATMUL):
+                matmul_bank = _field(instruction, Opcode.MATMUL, "bank")
+                m.d.comb += can_issue.eq(feeder_ready
+                                         & ~(load_active & (load_bank == matmul_bank)))
+            with m.Case(Opcode.REQUANT):
+                m.d.comb += can_issue.eq(~feed_busy & (drain == 0))
+            with m.Case(Opcode.HALT):
+                m.d.comb += can_issue.eq(~feed_busy & (drain == 0) & ~load_active)
+            with m.Default():
+                m.d.comb += can_issue.eq(1)
+        dispatch = Signal()
+        m.d.comb += dispatch.eq(running & fetched & ~requant_active & can_issue)
+        # Host owns the instruction port only outside runs.
+        with m.If(running):
+            m.d.comb += reads[Region.INSTRUCTIONS].addr.eq(pc + dispatch)
+
+        with m.If(running):
+            m.d.sync += [fetched.eq(1), counters["cycles"].eq(counters["cycles"] + 1)]
+            with m.If(fetched & ~dispatch):
+                m.d.sync += counters["stall_cycles"].eq(counters["stall_cycles"] + 1)
+        with m.If(dispatch):
+            m.d.sync += pc.eq(pc + 1)
+            with m.Switch(opcode):
+                with m.Case(Opcode.HALT):
+                    m.d.sync += [running.eq(0), done.eq(1)]
+                with m.Case(Opcode.SETPP):
+                    m.d.sync += [
+                        zero_point.eq(_field(instruction, Opcode.SETPP, "zero_point")),
+                        clamp_min.eq(_field(instruction, Opcode.SETPP, "clamp_min")),
+                        clamp_max.eq(_field(instruction, Opcode.SETPP, "clamp_max")),
+                    ]
+                with m.Case(Opcode.SETREQ):
+                    m.d.sync += [
+                        param_addr.eq(_field(instruction, Opcode.SETREQ, "param_addr")),
+                        out_stride.eq(_field(instruction, Opcode.SETREQ, "out_stride")),
+                    ]
+                with m.Case(Opcode.LOADW, Opcode.MATMUL, Opcode.REQUANT):
+                    pass  # handled by the units below
+                with m.Default():
+                    m.d.sync += [running.eq(0), illegal.eq(1)]
+
+        # -- Weight loader -------------------------------------------------------------
+        weight_read = reads[Region.WEIGHTS]
+        m.d.sync += [shift_valid.eq(load_busy), shift_bank.eq(load_bank)]
+        with m.If(load_busy):
+            m.d.comb += weight_read.addr.eq(load_addr)
+            m.d.sync += [load_addr.eq(load_addr - 1), load_count.eq(load_count + 1)]
+            with m.If(load_count == rows - 1):
+                m.d.sync += load_busy.eq(0)
+        with m.If(dispatch & (opcode == Opcode.LOADW)):
+            m.d.sync += [
+                load_busy.eq(1), load_count.eq(0), load_bank.eq(bank_field),
+                load_addr.eq(_field(instruction, Opcode.LOADW, "weight_addr") + rows - 1),
+            ]
+        m.d.comb += [
+            array.weight_row.eq(weight_read.data),
+            array.load.eq(shift_valid),
+            array.load_bank.eq(shift_bank),
+        ]
+
+        # -- Feeder and in-flight tracking -----------------------------------------------
+        act_read = reads[Region.ACTIVATIONS]
+        issue = Signal()
+        m.d.comb += issue.eq(running & feed_busy)
+        array_bank = Signal()
+        m.d.sync += array_bank.eq(feed_bank)
+        m.d.comb += [array.act.eq(act_read.data), array.bank.eq(array_bank)]
+        for b in range(2):
+            with m.If(issue & (feed_bank == b)):
+                m.d.sync += inflight[b].eq(rows + cols - 2)
+            with m.Elif(inflight[b] != 0):
+                m.d.sync += inflight[b].eq(inflight[b] - 1)
+        with m.If(issue):
+            m.d.sync += drain.eq(rows + cols + 1)
+        with m.Elif(drain != 0):
+            m.d.sync += drain.eq(drain - 1)
+        with m.If(issue):
+            m.d.comb += act_read.addr.eq(feed_act_addr)
+            m.d.sync += [
+                feed_act_addr.eq(feed_act_addr + 1), feed_acc_addr.eq(feed_acc_addr + 1),
+                feed_remaining.eq(feed_remaining - 1),
+                counters["busy_cycles"].eq(counters["busy_cycles"] + 1),
+                counters["macs"].eq(counters["macs"] + rows * cols),
+            ]
+            with m.If(feed_remaining == 1):
+                m.d.sync += feed_busy.eq(0)
+        with m.If(dispatch & (opcode == Opcode.MATMUL)):
+            m.d.sync += [
+                feed_busy.eq(1),
+                feed_remaining.eq(_field(instruction, Opcode.MATMUL, "count")),
+                feed_act_addr.eq(_field(instruction, Opcode.MATMUL, "act_addr")),
+                feed_acc_addr.eq(_field(instruction, Opcode.MATMUL, "acc_addr")),
+                feed_bank.eq(_field(instruction, Opcode.MATMUL, "bank")),
+                feed_accumulate.eq(_field(instruction, Opcode.MATMUL, "accumulate")),
+            ]
+
+        # -- Result tags travel beside the data; accumulate on write ------------------------
+        tag_layout = data.StructLayout({
+            "valid": 1, "accumulate": 1, "addr": range(c.accumulator_depth)})
+        tag = Signal(tag_layout)
+        m.d.comb += [tag.valid.eq(issue), tag.accumulate.eq(feed_accumulate),
+                     tag.addr.eq(feed_acc_addr)]
+        for i in range(array.latency + 1):
+            delayed = Signal(tag_layout, name=f"tag_d{i + 1}")
+            m.d.sync += delayed.eq(tag)
+            tag = delayed
+        acc_read, acc_write = reads[Region.ACCUMULATORS], writes[Region.ACCUMULATORS]
+        rmw_tag = Signal(tag_layout)
+        rmw_row = Signal(data.ArrayLayout(signed(c.accumulator_width), cols))
+        m.d.sync += [rmw_tag.eq(tag), rmw_row.eq(array.result)]
+        with m.If(tag.valid):
+            m.d.comb += acc_read.addr.eq(tag.addr)
+        old = data.View(data.ArrayLayout(signed(c.accumulator_width), cols), acc_read.data)
+        summed = Cat(*[Mux(rmw_tag.accumulate, old[k] + rmw_row[k], rmw_row[k])[
+            0:c.accumulator_width] for k in range(cols)])
+        # Gated by running: an aborted run leaves nothing behind (HALT waits for drain).
+        with m.If(rmw_tag.valid & running):
+            m.d.comb += [acc_write.addr.eq(rmw_tag.addr), acc_write.data.eq(summed),
+                         acc_write.en.eq(-1)]
+
+        # -- Requantization unit -------------------------------------------------------------
+        param_read = reads[Region.PARAMS]
+        with m.If(rq_busy):
+            m.d.comb += [acc_read.addr.eq(rq_acc_addr), param_read.addr.eq(rq_param_addr)]
+            last_group = rq_group == groups - 1
+            next_lane = rq_lane + lanes
+            m.d.sync += [
+                stage_valid.eq(1), stage_group.eq(rq_group), stage_word.eq(rq_word),
+                stage_lane.eq(rq_lane), rq_group.eq(rq_group + 1),
+                rq_param_addr.eq(rq_param_addr + 1),
+            ]
+            with m.If(next_lane == rows):
+                m.d.sync += [rq_lane.eq(0), rq_word.eq(rq_word + out_stride)]
+            with m.Else():
+                m.d.sync += rq_lane.eq(next_lane)
+            with m.If(last_group):
+                m.d.sync += [
+                    rq_group.eq(0), rq_lane.eq(rq_first_lane), rq_param_addr.eq(param_addr),
+                    rq_word.eq(rq_row_addr + 1), rq_row_addr.eq(rq_row_addr + 1),
+                    rq_acc_addr.eq(rq_acc_addr + 1), rq_remaining.eq(rq_remaining - 1),
+                ]
+                with m.If(rq_remaining == 1):
+                    m.d.sync += rq_busy.eq(0)
+        with m.Else():
+            m.d.sync += stage_valid.eq(0)
+        with m.If(dispatch & (opcode == Opcode.REQUANT)):
+            out_addr = _field(instruction, Opcode.REQUANT, "out_addr")
+            first_lane = _field(instruction, Opcode.REQUANT, "out_lane")
+            m.d.sync += [
+                rq_busy.eq(1), rq_group.eq(0), rq_param_addr.eq(param_addr),
+                rq_remaining.eq(_field(instruction, Opcode.REQUANT, "count")),
+                rq_acc_addr.eq(_field(instruction, Opcode.REQUANT, "acc_addr")),
+                rq_row_addr.eq(out_addr), rq_word.eq(out_addr),
+                rq_lane.eq(first_lane), rq_first_lane.eq(first_lane),
+            ]
+        acc_group = acc_read.data.word_select(stage_group, lanes * c.accumulator_width)
+        lane_bits = c.param_lane_width
+        for lane, rq in enumerate(requantizers):
+            params = param_read.data[lane * lane_bits:(lane + 1) * lane_bits]
+            acc_bits = c.accumulator_width
+            m.d.comb += [
+                rq.valid.eq(stage_valid),
+                rq.acc.eq(acc_group[lane * acc_bits:(lane + 1) * acc_bits]),
+                rq.bias.eq(params[0:acc_bits]),
+                rq.multiplier.eq(params[acc_bits:acc_bits + 32]),
+                rq.shift.eq(params[acc_bits + 32:acc_bits + 37]),
+                rq.zero_point.eq(zero_point),
+                rq.clamp_min.eq(clamp_min),
+                rq.clamp_max.eq(clamp_max),
+            ]
+        previous = (stage_valid, stage_word, stage_lane)
+        for i in range(Requantizer.latency):
+            m.d.sync += [pipe_valid[i].eq(previous[0]), pipe_word[i].eq(previous[1]),
+                         pipe_lane[i].eq(previous[2])]
+            previous = (pipe_valid[i], pipe_word[i], pipe_lane[i])
+        act_write = writes[Region.ACTIVATIONS]
+        out_valid, out_word, out_lane = previous
+        chunk = Cat(*[rq.out for rq in requantizers])
+        per_lane = c.input_width // infos[Region.ACTIVATIONS].granularity
+        with m.If(out_valid & running):
+            m.d.comb += [
+                act_write.addr.eq(out_word),
+                act_write.data.eq(Cat(*[chunk] * (rows // lanes))),
+                act_write.en.eq(Cat(*[
+                    Cat(*[(out_lane // lanes == block)] * (per_lane * lanes))
+                    for block in range(rows // lanes)])),
+            ]
+
+        # -- Start, abort --------------------------------------------------------------------
+        with m.If(start):
+            m.d.sync += [running.eq(1), fetched.eq(0), pc.eq(start_pc), done.eq(0),
+                         aborted.eq(0), illegal.eq(0), host_conflict.eq(0)]
+            m.d.sync += [counter.eq(0) for counter in counters.values()]
+        with m.If(abort):
+            m.d.sync += [running.eq(0), aborted.eq(1), load_busy.eq(0), feed_busy.eq(0),
+                         rq_busy.eq(0), drain.eq(0), inflight[0].eq(0), inflight[1].eq(0)]
+        return m

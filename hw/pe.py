@@ -1,0 +1,54 @@
+"""A weight-stationary processing element with a double-buffered weight register."""
+
+from amaranth import Module, Mux, Signal, signed
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+__all__ = ["ProcessingElement"]
+
+
+class ProcessingElement(wiring.Component):
+    """One multiply-accumulate cell of the systolic array.
+
+    Each cycle: ``psum_out <= psum_in + act_in * weight[bank_in]`` and the activation
+    (with its bank bit) moves right one cell. Weights shift down the column into bank
+    ``load_bank`` while ``load`` is high; the other bank keeps computing, so the next
+    weight tile loads under the current one.
+    """
+
+    def __init__(self, *, input_width: int, weight_width: int, accumulator_width: int):
+        for name, value in (("input_width", input_width), ("weight_width", weight_width),
+                            ("accumulator_width", accumulator_width)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        super().__init__({
+            "act_in": In(signed(input_width)),
+            "bank_in": In(1),
+            "psum_in": In(signed(accumulator_width)),
+            "act_out": Out(signed(input_width)),
+            "bank_out": Out(1),
+            "psum_out": Out(signed(accumulator_width)),
+            "weight_in": In(signed(weight_width)),
+            "weight_out": Out(signed(weight_width)),
+            "load": In(1),
+            "load_bank": In(1),
+        })
+        self._weight_width = weight_width
+
+    def elaborate(self, platform):
+        m = Module()
+        weight = [Signal(signed(self._weight_width), name=f"weight{b}") for b in range(2)]
+        m.d.comb += self.weight_out.eq(Mux(self.load_bank, weight[1], weight[0]))
+        with m.If(self.load):
+            with m.If(self.load_bank):
+                m.d.sync += weight[1].eq(self.weight_in)
+            with m.Else():
+                m.d.sync += weight[0].eq(self.weight_in)
+        product = self.act_in * Mux(self.bank_in, weight[1], weight[0])
+        # Assigning to the narrower psum_out wraps, like the golden model.
+        m.d.sync += [
+            self.psum_out.eq(self.psum_in + product),
+            self.act_out.eq(self.act_in),
+            self.bank_out.eq(self.bank_in),
+        ]
+        return m

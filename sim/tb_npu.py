@@ -1,0 +1,86 @@
+"""cocotb testbench of the whole NPU: loads memories over the host port, starts the
+sequencer and awaits ``done`` (no Python per clock cycle while the NPU runs), reads back.
+
+The jobs come from the file named by ``NPUGEN_JOBS`` (see :mod:`npugen.sim.runner`);
+the results go to ``NPUGEN_RESULTS``.
+"""
+
+import os
+import time
+
+import cocotb
+import numpy as np
+from cocotb.clock import Clock
+from cocotb.triggers import ClockCycles, FallingEdge, First, RisingEdge
+
+from npugen.hostops import BusProgram, execute
+
+CLOCK_NS = 10
+
+
+class CocotbBus:
+    """The host port driven from cocotb, one request a cycle on the falling edge."""
+
+    def __init__(self, dut):
+        self.dut = dut
+
+    async def write_many(self, addresses, words):
+        dut = self.dut
+        for addr, word in zip(addresses.tolist(), words.tolist(), strict=True):
+            await FallingEdge(dut.clk)
+            dut.host__valid.value = 1
+            dut.host__write.value = 1
+            dut.host__addr.value = addr
+            dut.host__wdata.value = word
+        await FallingEdge(dut.clk)
+        dut.host__valid.value = 0
+        dut.host__write.value = 0
+
+    async def read_many(self, addresses):
+        # Pipelined: each falling edge samples the previous answer and sets the next read.
+        dut = self.dut
+        words = []
+        dut.host__write.value = 0
+        for count, addr in enumerate(addresses.tolist()):
+            await FallingEdge(dut.clk)
+            if count:
+                words.append(int(dut.host__rdata.value))
+            dut.host__valid.value = 1
+            dut.host__addr.value = addr
+        await FallingEdge(dut.clk)
+        if len(addresses):
+            words.append(int(dut.host__rdata.value))
+        dut.host__valid.value = 0
+        return words
+
+    async def wait_done(self, timeout_cycles):
+        dut = self.dut
+        if not int(dut.done.value):
+            await First(RisingEdge(dut.done), ClockCycles(dut.clk, timeout_cycles))
+        return bool(int(dut.done.value))
+
+
+@cocotb.test()
+async def run_jobs(dut):
+    jobs = np.load(os.environ["NPUGEN_JOBS"])
+    Clock(dut.clk, CLOCK_NS, unit="ns").start()
+    dut.host__valid.value = 0
+    dut.host__write.value = 0
+    dut.host__addr.value = 0
+    dut.host__wdata.value = 0
+    dut.rst.value = 1
+    await ClockCycles(dut.clk, 2)
+    dut.rst.value = 0
+    bus = CocotbBus(dut)
+    results = {}
+    for index in range(int(jobs["count"])):
+        program = BusProgram(jobs[f"waddr{index}"], jobs[f"wdata{index}"],
+                             int(jobs[f"start{index}"]), jobs[f"raddr{index}"],
+                             int(jobs[f"timeout{index}"]))
+        started = time.perf_counter()
+        status, counters, words = await execute(bus, program)
+        results[f"status{index}"] = np.array(status)
+        results[f"counters{index}"] = np.array(counters, dtype=np.uint64)
+        results[f"rdata{index}"] = np.array(words, dtype=np.uint64)
+        results[f"seconds{index}"] = np.array(time.perf_counter() - started)
+    np.savez(os.environ["NPUGEN_RESULTS"], **results)

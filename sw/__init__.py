@@ -1,0 +1,12 @@
+"""npugen: a generator of neural processing units for FPGA prototyping.
+
+``import npugen`` is light (NumPy only): the gateware is in ``npugen.hw``, the
+simulators in ``npugen.sim``, the boards in ``npugen.boards``.
+"""
+
+from .config import NpuConfig
+from .golden import GoldenNpu
+from .isa import ISA_VERSION
+
+__version__ = "0.1.0"
+__all__ = ["NpuConfig", "GoldenNpu", "ISA_VERSION", "__version__"]

@@ -1,0 +1,78 @@
+"""Integer arithmetic of the NPU, following the TFLite/gemmlowp reference.
+
+All functions take and return ``int64`` NumPy arrays (or scalars) and are exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "wrap", "saturate", "rounding_doubling_high_mul", "rounding_divide_by_pot",
+    "requantize", "quantize_multiplier",
+]
+
+INT32_MIN = -(1 << 31)
+INT32_MAX = (1 << 31) - 1
+
+
+def wrap(values, width: int) -> np.ndarray:
+    """Two's-complement wrap-around to ``width`` bits."""
+    values = np.asarray(values, dtype=np.int64)
+    half = np.int64(1) << np.int64(width - 1)
+    return ((values + half) & ((half << 1) - 1)) - half
+
+
+def saturate(values, width: int) -> np.ndarray:
+    values = np.asarray(values, dtype=np.int64)
+    return np.clip(values, -(1 << (width - 1)), (1 << (width - 1)) - 1)
+
+
+def rounding_doubling_high_mul(x, multiplier) -> np.ndarray:
+    """gemmlowp ``SaturatingRoundingDoublingHighMul`` on int32 values."""
+    x = np.asarray(x, dtype=np.int64)
+    multiplier = np.asarray(multiplier, dtype=np.int64)
+    product = x * multiplier
+    nudge = np.where(product >= 0, np.int64(1 << 30), np.int64(1 - (1 << 30)))
+    total = product + nudge
+    # C++ integer division truncates toward zero.
+    quotient = np.where(total >= 0, total >> 31, -((-total) >> 31))
+    overflow = (x == INT32_MIN) & (multiplier == INT32_MIN)
+    return np.where(overflow, np.int64(INT32_MAX), quotient)
+
+
+def rounding_divide_by_pot(x, shift) -> np.ndarray:
+    """gemmlowp ``RoundingDivideByPOT``: divide by 2**shift, rounding half away from 0."""
+    x = np.asarray(x, dtype=np.int64)
+    shift = np.asarray(shift, dtype=np.int64)
+    mask = (np.int64(1) << shift) - 1
+    remainder = x & mask
+    threshold = (mask >> 1) + (x < 0)
+    return (x >> shift) + (remainder > threshold)
+
+
+def requantize(acc, bias, multiplier, shift, zero_point: int, clamp_min: int,
+               clamp_max: int, *, accumulator_width: int, output_width: int) -> np.ndarray:
+    """Accumulator to output: + bias (wrapping), requantize, + zero point, clamp, saturate."""
+    total = wrap(np.asarray(acc, dtype=np.int64) + bias, accumulator_width)
+    scaled = rounding_divide_by_pot(rounding_doubling_high_mul(total, multiplier), shift)
+    out = np.clip(scaled + zero_point, clamp_min, clamp_max)
+    return saturate(out, output_width)
+
+
+def quantize_multiplier(scale: float) -> tuple[int, int]:
+    """A real scale in (0, 1) as a Q31 multiplier and a right shift (TFLite).
+
+    Returns ``(multiplier, shift)`` with ``scale ≈ multiplier · 2**(-31 - shift)``.
+    """
+    if not 0.0 < scale < 1.0:
+        raise ValueError(f"requantization scale must be in (0, 1), not {scale!r}")
+    mantissa, exponent = np.frexp(scale)  # scale = mantissa · 2**exponent, 0.5 <= m < 1
+    multiplier = int(round(float(mantissa) * (1 << 31)))
+    if multiplier == 1 << 31:
+        multiplier //= 2
+        exponent += 1
+    shift = -int(exponent)
+    if shift > 31:
+        return 0, 0
+    return multiplier, shift

@@ -1,0 +1,156 @@
+"""`NpuConfig`: the one set of parameters from which the hardware, the identity block,
+the compiler's limits and the docs are derived."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["NpuConfig", "DATAFLOWS"]
+
+#: Supported dataflows, in the order of their identity-block code.
+DATAFLOWS = ("ws",)
+
+#: Widest memory address the 16-bit ISA address fields can name.
+MAX_DEPTH = 1 << 16
+
+
+def _check_int(name: str, value: Any, low: int, high: int, rule: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, not {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be {rule or f'between {low} and {high}'}, not {value!r}")
+
+
+@dataclass(frozen=True)
+class NpuConfig:
+    """Parameters of one generated NPU.
+
+    Memory depths count words: an activation word holds ``rows`` inputs, a weight word
+    ``cols`` weights, an accumulator word ``cols`` accumulators, a parameter word
+    ``requant_lanes`` channels' (bias, multiplier, shift).
+
+    Raises ``TypeError``/``ValueError`` naming the parameter, its value and the rule.
+    """
+
+    rows: int = 8
+    cols: int = 8
+    input_width: int = 8
+    weight_width: int = 8
+    accumulator_width: int = 32
+    activation_depth: int = 4096
+    weight_depth: int = 4096
+    accumulator_depth: int = 1024
+    instruction_depth: int = 1024
+    param_depth: int = 256
+    requant_lanes: int = 1
+    dataflow: str = "ws"
+
+    def __post_init__(self) -> None:
+        _check_int("rows", self.rows, 1, 64)
+        _check_int("cols", self.cols, 1, 64)
+        _check_int("input_width", self.input_width, 2, 16)
+        _check_int("weight_width", self.weight_width, 2, 16)
+        _check_int("accumulator_width", self.accumulator_width, 16, 32)
+        low_acc = self.input_width + self.weight_width
+        if self.accumulator_width < low_acc:
+            raise ValueError(
+                f"accumulator_width must be at least input_width + weight_width "
+                f"({low_acc}), not {self.accumulator_width}")
+        for name in ("activation_depth", "weight_depth", "accumulator_depth",
+                     "instruction_depth", "param_depth"):
+            value = getattr(self, name)
+            _check_int(name, value, 2, MAX_DEPTH, f"a power of two from 2 to {MAX_DEPTH}")
+            if value & (value - 1):
+                raise ValueError(
+                    f"{name} must be a power of two from 2 to {MAX_DEPTH}, not {value}")
+        if self.weight_depth < self.rows:
+            raise ValueError(
+                f"weight_depth must hold one weight tile of rows={self.rows} words, "
+                f"not {self.weight_depth}")
+        _check_int("requant_lanes", self.requant_lanes, 1, 64)
+        if math.gcd(self.rows, self.cols) % self.requant_lanes:
+            raise ValueError(
+                f"requant_lanes must divide both rows ({self.rows}) and cols ({self.cols}), "
+                f"not {self.requant_lanes}")
+        if self.dataflow not in DATAFLOWS:
+            raise ValueError(
+                f"dataflow must be one of {', '.join(map(repr, DATAFLOWS))}, "
+                f"not {self.dataflow!r}")
+
+    # Derived quantities -------------------------------------------------------------
+
+    @property
+    def macs_per_cycle(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def activation_word_width(self) -> int:
+        return self.rows * self.input_width
+
+    @property
+    def weight_word_width(self) -> int:
+        return self.cols * self.weight_width
+
+    @property
+    def accumulator_word_width(self) -> int:
+        return self.cols * self.accumulator_width
+
+    @property
+    def param_lane_width(self) -> int:
+        """Bits of one channel's post-processing parameters: bias, multiplier, shift."""
+        return self.accumulator_width + 32 + 8
+
+    @property
+    def param_word_width(self) -> int:
+        return self.requant_lanes * self.param_lane_width
+
+    # Serialisation ------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> NpuConfig:
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown parameter(s) {', '.join(unknown)}; "
+                f"known: {', '.join(cls.field_names())}")
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> NpuConfig:
+        """Load a config from a TOML file: top-level keys or an ``[npu]`` table."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"config file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+        if "npu" in data and isinstance(data["npu"], dict):
+            data = data["npu"]
+        return cls.from_dict(data, source=str(path))
+
+    def replace(self, **changes: Any) -> NpuConfig:
+        return dataclasses.replace(self, **changes)
+
+    def digest(self) -> str:
+        """A short stable hash of every field; names build folders."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def describe(self) -> str:
+        return (f"{self.rows}x{self.cols} {self.dataflow}, int{self.input_width} x "
+                f"int{self.weight_width} -> int{self.accumulator_width}")

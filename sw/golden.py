@@ -1,0 +1,228 @@
+"""The golden model: the NPU at instruction level, in NumPy, bit-exact with the RTL.
+
+State is the memories, the two weight banks of the array and the post-processing
+registers. :meth:`GoldenNpu.run` executes a program and returns the performance counters
+the hardware would report; its cycle count comes from :class:`CycleModel`, an exact
+model of the sequencer's issue rules (tests hold the RTL's counters against it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .arith import requantize, wrap
+from .config import NpuConfig
+from .isa import Instruction, Opcode, decode_program
+from .memory_map import Region
+
+__all__ = ["GoldenNpu", "Counters", "CycleModel", "ProgramError", "check_program"]
+
+#: Cycles from a REQUANT's dispatch to the cycle the next instruction may dispatch,
+#: beyond one cycle per channel group: issue, memory read, four pipeline stages.
+REQUANT_TAIL_CYCLES = 6
+
+
+class ProgramError(ValueError):
+    """A program that the NPU cannot run as written (bad address, count, lane)."""
+
+
+@dataclass
+class Counters:
+    cycles: int = 0
+    busy_cycles: int = 0
+    macs: int = 0
+    stall_cycles: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class CycleModel:
+    """The sequencer's timing: one dispatch a cycle, in order, with the hazard waits
+    of the hardware. Cycle 0 fetches the first instruction."""
+
+    config: NpuConfig
+    next_cycle: int = 1
+    load_free_at: int = 0          # first cycle the weight loader is idle
+    load_bank: int = 0
+    feeder_last_issue: int = -1    # last cycle the feeder issues a row
+    feeder_bank: int = 0
+    inflight_clear_at: list[int] = field(default_factory=lambda: [0, 0])
+    drain_clear_at: int = 0        # first cycle every result is in the accumulators
+    requant_free_at: int = 0
+    counters: Counters = field(default_factory=Counters)
+
+    def dispatch(self, instruction: Instruction) -> None:
+        rows, cols = self.config.rows, self.config.cols
+        earliest = max(self.next_cycle, self.requant_free_at)
+        op = instruction.opcode
+        feeder_idle_at = self.feeder_last_issue + 1
+        if op is Opcode.LOADW:
+            bank = instruction["bank"]
+            earliest = max(earliest, self.load_free_at, self.inflight_clear_at[bank])
+            if self.feeder_bank == bank:
+                earliest = max(earliest, feeder_idle_at)
+        elif op is Opcode.MATMUL:
+            bank = instruction["bank"]
+            earliest = max(earliest, self.feeder_last_issue)
+            if self.load_bank == bank:
+                earliest = max(earliest, self.load_free_at)
+        elif op is Opcode.REQUANT:
+            earliest = max(earliest, feeder_idle_at, self.drain_clear_at)
+        elif op is Opcode.HALT:
+            earliest = max(earliest, feeder_idle_at, self.drain_clear_at, self.load_free_at)
+        self.counters.stall_cycles += earliest - self.next_cycle
+        cycle = earliest
+        if op is Opcode.LOADW:
+            self.load_bank = instruction["bank"]
+            self.load_free_at = cycle + rows + 2
+        elif op is Opcode.MATMUL:
+            count = instruction["count"]
+            last = cycle + count
+            self.feeder_last_issue = last
+            self.feeder_bank = instruction["bank"]
+            self.inflight_clear_at[instruction["bank"]] = last + rows + cols - 1
+            self.drain_clear_at = last + rows + cols + 2
+            self.counters.busy_cycles += count
+            self.counters.macs += count * rows * cols
+        elif op is Opcode.REQUANT:
+            groups = instruction["count"] * (cols // self.config.requant_lanes)
+            self.requant_free_at = cycle + groups + REQUANT_TAIL_CYCLES
+        self.next_cycle = cycle + 1
+        if op is Opcode.HALT:
+            self.counters.cycles = cycle + 1
+
+
+def check_program(config: NpuConfig, program: list[Instruction]) -> None:
+    """Raise :class:`ProgramError` if an instruction reaches outside the memories or
+    uses a count or lane the hardware cannot run; the message names the instruction."""
+
+    def need(ok: bool, index: int, instruction: Instruction, why: str) -> None:
+        if not ok:
+            raise ProgramError(f"instruction {index} ({instruction}): {why}")
+
+    if not program or program[-1].opcode is not Opcode.HALT:
+        raise ProgramError("a program must end with HALT")
+    if len(program) > config.instruction_depth:
+        raise ProgramError(
+            f"program has {len(program)} instructions, instruction memory holds "
+            f"{config.instruction_depth} (instruction_depth)")
+    lanes = config.requant_lanes
+    for index, ins in enumerate(program):
+        op = ins.opcode
+        if op is Opcode.LOADW:
+            end = ins["weight_addr"] + config.rows
+            need(end <= config.weight_depth, index, ins,
+                 f"weight tile ends at word {end}, weight_depth is {config.weight_depth}")
+        elif op is Opcode.MATMUL:
+            need(ins["count"] >= 1, index, ins, "count must be at least 1")
+            end = ins["act_addr"] + ins["count"]
+            need(end <= config.activation_depth, index, ins,
+                 f"activations end at word {end}, activation_depth is "
+                 f"{config.activation_depth}")
+            end = ins["acc_addr"] + ins["count"]
+            need(end <= config.accumulator_depth, index, ins,
+                 f"results end at word {end}, accumulator_depth is "
+                 f"{config.accumulator_depth}")
+        elif op is Opcode.REQUANT:
+            need(ins["count"] >= 1, index, ins, "count must be at least 1")
+            need(ins["out_lane"] < config.rows and ins["out_lane"] % lanes == 0, index, ins,
+                 f"out_lane must be a multiple of requant_lanes ({lanes}) below rows "
+                 f"({config.rows})")
+            end = ins["acc_addr"] + ins["count"]
+            need(end <= config.accumulator_depth, index, ins,
+                 f"accumulator words end at {end}, accumulator_depth is "
+                 f"{config.accumulator_depth}")
+
+
+class GoldenNpu:
+    """The NPU's state and instruction semantics."""
+
+    def __init__(self, config: NpuConfig) -> None:
+        self.config = c = config
+        self.instructions = np.zeros(c.instruction_depth, dtype=np.uint64)
+        self.activations = np.zeros((c.activation_depth, c.rows), dtype=np.int64)
+        self.weights = np.zeros((c.weight_depth, c.cols), dtype=np.int64)
+        self.accumulators = np.zeros((c.accumulator_depth, c.cols), dtype=np.int64)
+        # Parameter lanes: (bias, multiplier, shift) per channel.
+        self.params = np.zeros((c.param_depth, c.requant_lanes, 3), dtype=np.int64)
+        self.banks = np.zeros((2, c.rows, c.cols), dtype=np.int64)
+        self.zero_point = self.clamp_min = self.clamp_max = 0
+        self.param_addr = self.out_stride = 0
+
+    def memory(self, region: Region) -> np.ndarray:
+        return {
+            Region.INSTRUCTIONS: self.instructions,
+            Region.ACTIVATIONS: self.activations,
+            Region.WEIGHTS: self.weights,
+            Region.ACCUMULATORS: self.accumulators,
+            Region.PARAMS: self.params,
+        }[Region(region)]
+
+    def write(self, region: Region, entry: int, values: np.ndarray) -> None:
+        memory = self.memory(region)
+        values = np.asarray(values)
+        if entry < 0 or entry + len(values) > len(memory):
+            raise ProgramError(
+                f"write of {len(values)} words at {entry} overflows {Region(region).name.lower()}"
+                f" (depth {len(memory)})")
+        memory[entry:entry + len(values)] = values
+
+    def read(self, region: Region, entry: int, count: int) -> np.ndarray:
+        return self.memory(region)[entry:entry + count].copy()
+
+    def run(self, start_pc: int = 0) -> Counters:
+        """Run from ``start_pc`` until HALT; return the performance counters."""
+        program = decode_program(self.instructions[start_pc:])
+        halt = next((i for i, ins in enumerate(program) if ins.opcode is Opcode.HALT), None)
+        if halt is None:
+            raise ProgramError(f"no HALT after instruction {start_pc}")
+        program = program[:halt + 1]
+        check_program(self.config, program)
+        timing = CycleModel(self.config)
+        for ins in program:
+            self.execute(ins)
+            timing.dispatch(ins)
+        return timing.counters
+
+    def execute(self, ins: Instruction) -> None:
+        c = self.config
+        op = ins.opcode
+        if op is Opcode.LOADW:
+            base = ins["weight_addr"]
+            self.banks[ins["bank"]] = self.weights[base:base + c.rows]
+        elif op is Opcode.MATMUL:
+            rows = self.activations[ins["act_addr"]:ins["act_addr"] + ins["count"]]
+            products = rows @ self.banks[ins["bank"]]
+            target = slice(ins["acc_addr"], ins["acc_addr"] + ins["count"])
+            if ins["accumulate"]:
+                products = products + self.accumulators[target]
+            self.accumulators[target] = wrap(products, c.accumulator_width)
+        elif op is Opcode.REQUANT:
+            self._requant(ins)
+        elif op is Opcode.SETPP:
+            self.zero_point = ins["zero_point"]
+            self.clamp_min = ins["clamp_min"]
+            self.clamp_max = ins["clamp_max"]
+        elif op is Opcode.SETREQ:
+            self.param_addr = ins["param_addr"]
+            self.out_stride = ins["out_stride"]
+
+    def _requant(self, ins: Instruction) -> None:
+        c = self.config
+        count = ins["count"]
+        groups = c.cols // c.requant_lanes
+        param_words = (self.param_addr + np.arange(groups)) % c.param_depth
+        params = self.params[param_words].reshape(c.cols, 3)
+        acc = self.accumulators[ins["acc_addr"]:ins["acc_addr"] + count]
+        out = requantize(
+            acc, params[:, 0], params[:, 1], params[:, 2] & 31, self.zero_point,
+            self.clamp_min, self.clamp_max,
+            accumulator_width=c.accumulator_width, output_width=c.input_width)
+        lanes = ins["out_lane"] + np.arange(c.cols)
+        words = (ins["out_addr"] + (lanes // c.rows) * self.out_stride) % c.activation_depth
+        for i in range(count):
+            self.activations[(words + i) % c.activation_depth, lanes % c.rows] = out[i]

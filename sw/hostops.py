@@ -1,0 +1,87 @@
+"""Running a job over the NPU's host port, independent of what carries the bus.
+
+A *bus* has ``async write_many(addresses, words)``, ``async read_many(addresses)`` and
+``async wait_done(timeout_cycles)``. The cocotb testbench, the Amaranth testbench and
+(over the UART) the driver provide one; this module is the one place that knows the
+order of operations.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from .golden import Counters
+from .job import Job, JobResult, counters_from_words
+from .memory_map import COUNTER_NAMES, Control, Reg, Region, Status, address
+
+__all__ = ["Bus", "BusProgram", "bus_program", "execute", "decode_result", "NpuRunError"]
+
+
+class NpuRunError(RuntimeError):
+    """The NPU did not finish a run normally."""
+
+
+class Bus(Protocol):
+    async def write_many(self, addresses: np.ndarray, words: np.ndarray) -> None: ...
+    async def read_many(self, addresses: np.ndarray) -> list[int]: ...
+    async def wait_done(self, timeout_cycles: int) -> bool: ...
+
+
+STATUS_ADDRESS = address(Region.REGISTERS, Reg.STATUS)
+COUNTER_ADDRESSES = np.array(
+    [address(Region.REGISTERS, Reg.COUNTERS + i) for i in range(2 * len(COUNTER_NAMES))],
+    dtype=np.uint32)
+
+
+class BusProgram:
+    """A job flattened to bus operations: writes, start, reads."""
+
+    def __init__(self, write_addresses, write_words, start_pc: int, read_addresses,
+                 timeout_cycles: int):
+        self.write_addresses = np.asarray(write_addresses, dtype=np.uint32)
+        self.write_words = np.asarray(write_words, dtype=np.uint32)
+        self.start_pc = int(start_pc)
+        self.read_addresses = np.asarray(read_addresses, dtype=np.uint32)
+        self.timeout_cycles = int(timeout_cycles)
+
+
+def bus_program(job: Job, timeout_cycles: int = 50_000_000) -> BusProgram:
+    addresses, words = job.host_writes()
+    reads = [job.read_addresses(name) for name in job.reads]
+    reads = np.concatenate(reads) if reads else np.zeros(0, np.uint32)
+    return BusProgram(addresses, words, job.start_pc, reads, timeout_cycles)
+
+
+async def execute(bus: Bus, program: BusProgram) -> tuple[int, list[int], list[int]]:
+    """Load, start, wait for HALT, read back. Returns (status, counter words, read words)."""
+    await bus.write_many(program.write_addresses, program.write_words)
+    await bus.write_many(
+        np.array([address(Region.REGISTERS, Reg.START_PC),
+                  address(Region.REGISTERS, Reg.CONTROL)], dtype=np.uint32),
+        np.array([program.start_pc, int(Control.START)], dtype=np.uint32))
+    finished = await bus.wait_done(program.timeout_cycles)
+    if not finished:
+        await bus.write_many(np.array([address(Region.REGISTERS, Reg.CONTROL)], np.uint32),
+                             np.array([int(Control.ABORT)], np.uint32))
+    status = (await bus.read_many(np.array([STATUS_ADDRESS], np.uint32)))[0]
+    counters = await bus.read_many(COUNTER_ADDRESSES)
+    words = await bus.read_many(program.read_addresses) if len(program.read_addresses) else []
+    return int(status), [int(w) for w in counters], [int(w) for w in words]
+
+
+def decode_result(job: Job, status: int, counter_words: list[int],
+                  words: list[int]) -> JobResult:
+    status = Status(status)
+    if Status.DONE not in status:
+        raise NpuRunError(f"the NPU did not reach HALT (status {status!r})")
+    if Status.HOST_CONFLICT in status:
+        raise NpuRunError("the host accessed a memory during the run")
+    counters: Counters = counters_from_words(counter_words)
+    outputs, position = {}, 0
+    for name in job.reads:
+        count = len(job.read_addresses(name))
+        outputs[name] = job.decode_read(name, np.array(words[position:position + count]))
+        position += count
+    return JobResult(outputs, counters)

@@ -1,0 +1,270 @@
+"""The instruction set, defined once.
+
+Every instruction is one 64-bit word: a 4-bit opcode in bits [0:4] and the fields of
+that opcode at fixed offsets. The gateware decoder, the assembler and disassembler, the
+golden model and ``docs/ISA.md`` all read the tables below.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "ISA_VERSION", "INSTRUCTION_WIDTH", "OPCODE_WIDTH", "Opcode", "Field", "FORMATS",
+    "Instruction", "assemble", "disassemble", "encode_program", "decode_program",
+    "isa_markdown",
+]
+
+ISA_VERSION = 1
+INSTRUCTION_WIDTH = 64
+OPCODE_WIDTH = 4
+
+
+class Opcode(enum.IntEnum):
+    HALT = 0
+    LOADW = 1
+    MATMUL = 2
+    REQUANT = 3
+    SETPP = 4
+    SETREQ = 5
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    offset: int
+    width: int
+    signed: bool = False
+    doc: str = ""
+
+    @property
+    def low(self) -> int:
+        return -(1 << (self.width - 1)) if self.signed else 0
+
+    @property
+    def high(self) -> int:
+        return (1 << (self.width - 1)) - 1 if self.signed else (1 << self.width) - 1
+
+
+#: What each opcode does, for the docs and the disassembler's help.
+DESCRIPTIONS: dict[Opcode, str] = {
+    Opcode.HALT: "Wait until every unit is idle and every result is written, then stop.",
+    Opcode.LOADW: (
+        "Load one weight tile (`rows` words from `weight_addr` on) into weight bank "
+        "`bank` of the array, through the shadow registers: it runs while a MATMUL on "
+        "the other bank streams. Waits until no activation using `bank` is in flight."),
+    Opcode.MATMUL: (
+        "Stream `count` activation words (`act_addr`, `act_addr`+1, ...) through the "
+        "array, using weight bank `bank`. Result row i goes to accumulator word "
+        "`acc_addr`+i, added to it when `accumulate` is 1, written over it when 0. "
+        "Issues one row a cycle; the next MATMUL may start while this one drains."),
+    Opcode.REQUANT: (
+        "Post-process `count` accumulator words from `acc_addr` on: + bias, "
+        "requantize (rounding doubling high multiply by the Q31 multiplier, rounding "
+        "right shift), + zero point, clamp, saturate; write the `cols` results of "
+        "accumulator word i to activation lanes `out_lane`, `out_lane`+1, ... of word "
+        "`out_addr`+i, moving to the next word block (+`out_stride`) past the last lane. "
+        "Parameters come from SETREQ/SETPP. Waits for the array to drain; blocks until done."),
+    Opcode.SETPP: "Set the post-processing zero point and clamp bounds used by REQUANT.",
+    Opcode.SETREQ: (
+        "Set the parameter-memory address of the first channel group and the "
+        "output word stride used by REQUANT."),
+}
+
+_A16 = 16
+FORMATS: dict[Opcode, tuple[Field, ...]] = {
+    Opcode.HALT: (),
+    Opcode.LOADW: (
+        Field("bank", 4, 1, doc="weight bank to load (0 or 1)"),
+        Field("weight_addr", 8, _A16, doc="weight-buffer word of the tile's first row"),
+    ),
+    Opcode.MATMUL: (
+        Field("bank", 4, 1, doc="weight bank to use"),
+        Field("accumulate", 5, 1, doc="1: add to the accumulator; 0: overwrite"),
+        Field("act_addr", 8, _A16, doc="first activation word"),
+        Field("acc_addr", 24, _A16, doc="first accumulator word"),
+        Field("count", 40, _A16, doc="activation words to stream (1 or more)"),
+    ),
+    Opcode.REQUANT: (
+        Field("acc_addr", 8, _A16, doc="first accumulator word"),
+        Field("out_addr", 24, _A16, doc="activation word of the first output row"),
+        Field("count", 40, _A16, doc="accumulator words to process (1 or more)"),
+        Field("out_lane", 56, 6, doc="activation lane of the first output channel"),
+    ),
+    Opcode.SETPP: (
+        Field("zero_point", 8, 16, signed=True, doc="output zero point"),
+        Field("clamp_min", 24, 16, signed=True, doc="lowest output value (before saturation)"),
+        Field("clamp_max", 40, 16, signed=True, doc="highest output value"),
+    ),
+    Opcode.SETREQ: (
+        Field("param_addr", 8, _A16, doc="parameter word of the first channel group"),
+        Field("out_stride", 24, _A16, doc="activation words between output lane blocks"),
+    ),
+}
+
+OPCODE_FIELD = Field("opcode", 0, OPCODE_WIDTH, doc="operation")
+
+
+def _check_formats() -> None:
+    for opcode, fields in FORMATS.items():
+        used = (1 << OPCODE_WIDTH) - 1
+        for f in fields:
+            mask = ((1 << f.width) - 1) << f.offset
+            assert f.offset + f.width <= INSTRUCTION_WIDTH, (opcode, f)
+            assert not used & mask, f"{opcode.name}.{f.name} overlaps another field"
+            used |= mask
+
+
+_check_formats()
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One decoded instruction: an opcode and the values of its fields."""
+
+    opcode: Opcode
+    args: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        opcode = Opcode(self.opcode)
+        object.__setattr__(self, "opcode", opcode)
+        names = {f.name for f in FORMATS[opcode]}
+        unknown = sorted(set(self.args) - names)
+        if unknown:
+            raise ValueError(
+                f"{opcode.name} has no field {', '.join(unknown)}; "
+                f"its fields: {', '.join(sorted(names)) or 'none'}")
+        values = {}
+        for f in FORMATS[opcode]:
+            value = self.args.get(f.name, 0)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise TypeError(f"{opcode.name}.{f.name} must be an integer, not {value!r}")
+            value = int(value)
+            if not f.low <= value <= f.high:
+                raise ValueError(
+                    f"{opcode.name}.{f.name} must be between {f.low} and {f.high}, "
+                    f"not {value}")
+            values[f.name] = value
+        object.__setattr__(self, "args", values)
+
+    def __getitem__(self, name: str) -> int:
+        return self.args[name]
+
+    def encode(self) -> int:
+        word = int(self.opcode)
+        for f in FORMATS[self.opcode]:
+            word |= (self.args[f.name] & ((1 << f.width) - 1)) << f.offset
+        return word
+
+    @classmethod
+    def decode(cls, word: int) -> Instruction:
+        word = int(word)
+        code = word & ((1 << OPCODE_WIDTH) - 1)
+        try:
+            opcode = Opcode(code)
+        except ValueError:
+            raise ValueError(f"unknown opcode {code} in instruction word {word:#018x}") from None
+        args = {}
+        for f in FORMATS[opcode]:
+            value = (word >> f.offset) & ((1 << f.width) - 1)
+            if f.signed and value >> (f.width - 1):
+                value -= 1 << f.width
+            args[f.name] = value
+        return cls(opcode, args)
+
+    def __str__(self) -> str:
+        parts = [self.opcode.name]
+        parts += [f"{f.name}={self.args[f.name]}" for f in FORMATS[self.opcode]]
+        return " ".join(parts)
+
+
+def encode_program(instructions: Iterable[Instruction]) -> np.ndarray:
+    return np.array([i.encode() for i in instructions], dtype=np.uint64)
+
+
+def decode_program(words: Iterable[int]) -> list[Instruction]:
+    return [Instruction.decode(int(w)) for w in words]
+
+
+_LINE = re.compile(r"^\s*([A-Za-z]+)((?:\s+\w+\s*=\s*-?\w+)*)\s*$")
+_ARG = re.compile(r"(\w+)\s*=\s*(-?\w+)")
+
+
+def assemble(text: str) -> list[Instruction]:
+    """Assemble text, one instruction a line: ``MATMUL bank=0 act_addr=4 count=16``.
+
+    ``#`` starts a comment; fields left out are 0. Errors name the line.
+    """
+    program = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = _LINE.match(line)
+        if not match:
+            raise ValueError(f"line {number}: cannot parse {raw.strip()!r}")
+        name = match.group(1).upper()
+        if name not in Opcode.__members__:
+            raise ValueError(
+                f"line {number}: unknown instruction {match.group(1)!r}; "
+                f"known: {', '.join(Opcode.__members__)}")
+        args = {k: int(v, 0) for k, v in _ARG.findall(match.group(2))}
+        try:
+            program.append(Instruction(Opcode[name], args))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"line {number}: {error}") from None
+    return program
+
+
+def disassemble(words: Iterable[int]) -> str:
+    return "\n".join(str(i) for i in decode_program(words))
+
+
+def isa_markdown() -> str:
+    """``docs/ISA.md``, generated from the tables above."""
+    lines = [
+        "# npugen instruction set",
+        "",
+        f"ISA version {ISA_VERSION}. Generated from `sw/isa.py` by "
+        "`python -m npugen.isa > docs/ISA.md`; a test checks that it is current.",
+        "",
+        f"Each instruction is one {INSTRUCTION_WIDTH}-bit word; the opcode is in bits "
+        f"[0:{OPCODE_WIDTH}]. Fields left out are zero. Signed fields are two's complement.",
+        "",
+        "| opcode | name | summary |",
+        "|---|---|---|",
+    ]
+    for opcode in Opcode:
+        lines.append(f"| {int(opcode)} | `{opcode.name}` | {DESCRIPTIONS[opcode]} |")
+    for opcode in Opcode:
+        lines += ["", f"## {opcode.name} (opcode {int(opcode)})", "", DESCRIPTIONS[opcode], ""]
+        if not FORMATS[opcode]:
+            lines.append("No fields.")
+            continue
+        lines += ["| field | bits | signed | meaning |", "|---|---|---|---|"]
+        for f in FORMATS[opcode]:
+            bits = f"[{f.offset}:{f.offset + f.width}]"
+            lines.append(f"| `{f.name}` | {bits} | {'yes' if f.signed else 'no'} | {f.doc} |")
+    lines += [
+        "",
+        "## Assembly syntax",
+        "",
+        "One instruction a line, `NAME field=value ...`; `#` starts a comment. Example:",
+        "",
+        "```",
+        "LOADW bank=0 weight_addr=0",
+        "MATMUL bank=0 accumulate=0 act_addr=0 acc_addr=0 count=16",
+        "HALT",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(isa_markdown(), end="")
