@@ -21,7 +21,11 @@ from ..job import Job, JobResult
 __all__ = ["SIMULATORS", "simulate", "build", "SimulationError", "simulator_available"]
 
 SIMULATORS = ("verilator", "icarus")
-DEFAULT_BUILD_ROOT = Path(os.environ.get("NPUGEN_BUILD", "build"))
+
+
+def default_build_root() -> Path:
+    """Simulator builds are cached here, per config; ``NPUGEN_BUILD`` moves them."""
+    return Path(os.environ.get("NPUGEN_BUILD", Path.home() / ".cache" / "npugen"))
 
 
 class SimulationError(RuntimeError):
@@ -74,7 +78,7 @@ def build(config: NpuConfig, simulator: str = "verilator",
     from ..hw.generate import verilog_text
 
     _prepare_environment(simulator)
-    build_dir = (build_root or DEFAULT_BUILD_ROOT).resolve() / "sim" / (
+    build_dir = (build_root or default_build_root()).resolve() / "sim" / (
         f"{simulator}-{config.digest()}")
     build_dir.mkdir(parents=True, exist_ok=True)
     source = build_dir / "npu.v"

@@ -1,0 +1,188 @@
+"""The ``npugen`` command line.
+
+Exit status: 0 on success, 1 on a failed check (a mismatch), 2 on bad input, with the
+reason on stderr. ``--json`` prints one JSON object as the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import NpuConfig
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported on stderr with exit status 2."""
+
+
+class CheckFailed(Exception):
+    """A check did not hold (a mismatch): exit status 1."""
+
+
+# -- Config flags ---------------------------------------------------------------------
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """``--config F.toml`` and one flag per NpuConfig field (``--rows``, ``--cols``...)."""
+    group = parser.add_argument_group("NPU configuration (flags override --config)")
+    group.add_argument("--config", metavar="F.toml", help="load the configuration from TOML")
+    defaults = NpuConfig()
+    for f in dataclasses.fields(NpuConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(getattr(defaults, f.name))
+        group.add_argument(flag, dest=f"config_{f.name}", type=kind, metavar=f.name.upper(),
+                           help=f"default {getattr(defaults, f.name)!r}")
+
+
+def config_from_args(args: argparse.Namespace) -> NpuConfig:
+    try:
+        config = NpuConfig.from_toml(args.config) if args.config else NpuConfig()
+        changes = {f.name: getattr(args, f"config_{f.name}")
+                   for f in dataclasses.fields(NpuConfig)
+                   if getattr(args, f"config_{f.name}") is not None}
+        return config.replace(**changes) if changes else config
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"bad configuration: {error}") from None
+
+
+# -- Helpers --------------------------------------------------------------------------
+
+def load_npy(path: str, what: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UsageError(f"{what} file {path!r} does not exist") from None
+    except (ValueError, OSError) as error:
+        raise UsageError(f"{what} file {path!r} is not a readable .npy array: {error}") from None
+
+
+def emit_json(record: dict[str, Any]) -> None:
+    print(json.dumps(record, sort_keys=True, default=str), flush=True)
+
+
+# -- Commands -------------------------------------------------------------------------
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    from .hw.generate import generate
+
+    verilog_path, json_path = generate(config, args.output)
+    print(f"wrote {verilog_path} and {json_path} ({config.describe()})")
+    if args.json:
+        emit_json({"verilog": str(verilog_path), "description": str(json_path),
+                   "config": config.to_dict(), "macs_per_cycle": config.macs_per_cycle})
+    return EXIT_OK
+
+
+def cmd_matmul(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    from .job import run_golden
+    from .matmul import matmul_job, matmul_output
+
+    a = load_npy(args.a, "A")
+    w = load_npy(args.w, "W")
+    bias = load_npy(args.bias, "bias") if args.bias else None
+    try:
+        job, plan = matmul_job(config, a, w, bias)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    started = time.perf_counter()
+    golden = run_golden(job)
+    expected = matmul_output(plan, golden)
+    if args.target == "golden":
+        result = golden
+    else:
+        from .sim.runner import SimulationError, simulate
+
+        try:
+            result = simulate([job], simulator=args.sim)[0]
+        except SimulationError as error:
+            raise UsageError(str(error)) from None
+    y = matmul_output(plan, result)
+    seconds = time.perf_counter() - started
+    np.save(args.output, y)
+    counters = result.counters
+    bit_exact = bool(np.array_equal(y, expected))
+    cycles_match = counters == golden.counters
+    utilization = plan.ideal_cycles / counters.cycles if counters.cycles else 0.0
+    print(f"Y = A·W{' + bias' if bias is not None else ''}: {plan.m}x{plan.n} int32 "
+          f"-> {args.output} ({args.target}{'/' + args.sim if args.target == 'sim' else ''})")
+    print(f"cycles {counters.cycles} (ideal {plan.ideal_cycles:g}, "
+          f"utilization {utilization:.3f}), bit-exact with golden: {bit_exact}")
+    if args.json:
+        emit_json({
+            "target": args.target, "simulator": args.sim if args.target == "sim" else None,
+            "m": plan.m, "k": plan.k, "n": plan.n, "config": config.to_dict(),
+            **counters.as_dict(), "ideal_cycles": plan.ideal_cycles,
+            "utilization": utilization, "model_cycles": golden.counters.cycles,
+            "bit_exact": bit_exact, "cycles_match_model": cycles_match,
+            "seconds": round(seconds, 3),
+        })
+    if not bit_exact:
+        raise CheckFailed("the NPU's result differs from the golden model")
+    if not cycles_match:
+        raise CheckFailed(f"RTL counters {counters} differ from the cycle model's "
+                          f"{golden.counters}")
+    return EXIT_OK
+
+
+# -- Parser ---------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="npugen", description="Generate, verify and run a systolic-array NPU.")
+    parser.add_argument("--version", action="version", version=f"npugen {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    generate = commands.add_parser("generate", help="write the NPU's Verilog and description")
+    add_config_flags(generate)
+    generate.add_argument("-o", "--output", required=True, metavar="DIR",
+                          help="folder for npu.v and npu.json")
+    generate.add_argument("--json", action="store_true", help="print a JSON summary last")
+    generate.set_defaults(handler=cmd_generate)
+
+    matmul = commands.add_parser(
+        "matmul", help="Y = A·W (+ bias) on the NPU, tiled onto the array")
+    matmul.add_argument("--a", required=True, metavar="A.npy", help="int8 M×K activations")
+    matmul.add_argument("--w", required=True, metavar="W.npy", help="int8 K×N weights")
+    matmul.add_argument("--bias", metavar="B.npy", help="int32 N bias")
+    matmul.add_argument("-o", "--output", required=True, metavar="Y.npy",
+                        help="where to write the int32 M×N result")
+    matmul.add_argument("--target", choices=("golden", "sim"), default="golden",
+                        help="golden model or RTL simulation (default golden)")
+    matmul.add_argument("--sim", choices=("verilator", "icarus"), default="verilator",
+                        help="simulator for --target sim (default verilator)")
+    matmul.add_argument("--json", action="store_true", help="print a JSON summary last")
+    add_config_flags(matmul)
+    matmul.set_defaults(handler=cmd_matmul)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except UsageError as error:
+        print(f"npugen {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except CheckFailed as error:
+        print(f"npugen {args.command}: check failed: {error}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,551 @@
+"""Unit tests of the gateware blocks in Amaranth's own simulator.
+
+Each block is compared, whole result against whole result, with a Python reference: the
+processing element and the systolic array with a few lines of NumPy, the requantizer with
+:func:`npugen.arith.requantize`, and the whole NPU with the golden model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+
+from npugen.arith import requantize, wrap
+from npugen.config import NpuConfig
+from npugen.hostops import bus_program, decode_result, execute
+from npugen.hw.array import SystolicArray
+from npugen.hw.npu import Npu
+from npugen.hw.pe import ProcessingElement
+from npugen.hw.requant import Requantizer
+from npugen.isa import Instruction, Opcode, encode_program
+from npugen.job import Job, run_golden
+from npugen.matmul import matmul_job, matmul_output
+from npugen.memory_map import Reg, Region, Status, address, identity_words
+
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+
+
+def simulate(dut, testbench) -> None:
+    """Run ``testbench`` against ``dut`` on a 1 MHz ``sync`` clock until it returns."""
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(testbench)
+    sim.run()
+
+
+def as_list(value) -> list[int]:
+    """A sampled ``ArrayLayout`` view as a list of ints."""
+    return [value[i] for i in range(len(value))]
+
+
+def signed_range(width: int) -> tuple[int, int]:
+    return -(1 << (width - 1)), (1 << (width - 1)) - 1
+
+
+# -- Processing element --------------------------------------------------------------------
+
+PE_WIDTHS = {"input_width": 8, "weight_width": 8, "accumulator_width": 16}
+
+
+def test_pe_banks_products_and_wraparound():
+    """Both banks load, weight_out shows the load_bank bank, psum wraps at 16 bits, and
+    loading one bank leaves the other alone."""
+    pe = ProcessingElement(**PE_WIDTHS)
+    seen = {}
+
+    async def load(ctx, bank, weight):
+        ctx.set(pe.load, 1)
+        ctx.set(pe.load_bank, bank)
+        ctx.set(pe.weight_in, weight)
+        await ctx.tick()
+        ctx.set(pe.load, 0)
+
+    async def mac(ctx, act, bank, psum):
+        ctx.set(pe.act_in, act)
+        ctx.set(pe.bank_in, bank)
+        ctx.set(pe.psum_in, psum)
+        await ctx.tick()
+        return ctx.get(pe.psum_out), ctx.get(pe.act_out), ctx.get(pe.bank_out)
+
+    def weight_out(ctx, bank):
+        ctx.set(pe.load_bank, bank)
+        return ctx.get(pe.weight_out)
+
+    async def testbench(ctx):
+        await load(ctx, 0, 127)
+        await load(ctx, 1, -128)
+        ctx.set(pe.weight_in, 55)  # not loaded: load is low
+        seen["weights"] = (weight_out(ctx, 0), weight_out(ctx, 1))
+        # -20000 + (-128 * 127) = -36256 wraps to 29280; 20000 + 16384 wraps to -29152.
+        seen["bank0"] = await mac(ctx, -128, 0, -20000)
+        seen["bank1"] = await mac(ctx, -128, 1, 20000)
+        seen["unloaded"] = (weight_out(ctx, 0), weight_out(ctx, 1))
+        await load(ctx, 1, 3)
+        seen["after_bank1_reload"] = (weight_out(ctx, 0), weight_out(ctx, 1))
+        seen["bank0_again"] = await mac(ctx, 100, 0, 32767)
+        seen["bank1_new"] = await mac(ctx, -7, 1, -32768)
+        await load(ctx, 0, -1)
+        seen["after_bank0_reload"] = (weight_out(ctx, 0), weight_out(ctx, 1))
+        seen["bank1_still"] = await mac(ctx, 5, 1, 0)
+
+    simulate(pe, testbench)
+    assert seen == {
+        "weights": (127, -128),
+        "bank0": (29280, -128, 0),
+        "bank1": (-29152, -128, 1),
+        "unloaded": (127, -128),
+        "after_bank1_reload": (127, 3),
+        "bank0_again": (int(wrap(32767 + 12700, 16)), 100, 0),
+        "bank1_new": (int(wrap(-32768 - 21, 16)), -7, 1),
+        "after_bank0_reload": (-1, 3),
+        "bank1_still": (15, 5, 1),
+    }
+
+
+def test_pe_random_stream_matches_model():
+    """Random inputs every cycle (loads included) against a two-register reference."""
+    rng = np.random.default_rng(1)
+    pe = ProcessingElement(**PE_WIDTHS)
+    cycles = 400
+    lo8, hi8 = signed_range(8)
+    lo16, hi16 = signed_range(16)
+    stimulus = {
+        "act_in": rng.integers(lo8, hi8 + 1, cycles),
+        "bank_in": rng.integers(0, 2, cycles),
+        "psum_in": rng.integers(lo16, hi16 + 1, cycles),
+        "weight_in": rng.integers(lo8, hi8 + 1, cycles),
+        "load": (rng.random(cycles) < 0.3).astype(int),
+        "load_bank": rng.integers(0, 2, cycles),
+    }
+    got = []
+
+    async def testbench(ctx):
+        for t in range(cycles):
+            for name, values in stimulus.items():
+                ctx.set(getattr(pe, name), int(values[t]))
+            weight_out = ctx.get(pe.weight_out)
+            await ctx.tick()
+            got.append((weight_out, ctx.get(pe.psum_out), ctx.get(pe.act_out),
+                        ctx.get(pe.bank_out)))
+
+    simulate(pe, testbench)
+    expected, weights = [], [0, 0]
+    for t in range(cycles):
+        s = {name: int(values[t]) for name, values in stimulus.items()}
+        psum = int(wrap(s["psum_in"] + s["act_in"] * weights[s["bank_in"]], 16))
+        expected.append((weights[s["load_bank"]], psum, s["act_in"], s["bank_in"]))
+        if s["load"]:
+            weights[s["load_bank"]] = s["weight_in"]
+    assert got == expected
+
+
+# -- Systolic array --------------------------------------------------------------------------
+
+ARRAY_CONFIGS = [
+    NpuConfig(rows=2, cols=3, accumulator_width=32, activation_depth=16, weight_depth=16,
+              accumulator_depth=16, instruction_depth=16, param_depth=16),
+    NpuConfig(rows=3, cols=2, accumulator_width=16, activation_depth=16, weight_depth=16,
+              accumulator_depth=16, instruction_depth=16, param_depth=16),
+    NpuConfig(rows=1, cols=1, accumulator_width=16, activation_depth=16, weight_depth=16,
+              accumulator_depth=16, instruction_depth=16, param_depth=16),
+]
+
+
+class ArraySchedule:
+    """Per-cycle inputs of a :class:`SystolicArray` and the results they must give.
+
+    Weight loads are modelled as the documented shift: each load cycle pushes a row into
+    the top of a bank. A word may only use a bank no load touches while it is in flight.
+    """
+
+    def __init__(self, config: NpuConfig, rng: np.random.Generator):
+        self.config = config
+        self.rng = rng
+        self.cycles: list[dict] = []
+
+    def _cycle(self, t: int) -> dict:
+        while len(self.cycles) <= t:
+            self.cycles.append({"act": None, "bank": 0, "load_row": None, "load_bank": 0})
+        return self.cycles[t]
+
+    def random_tile(self) -> np.ndarray:
+        lo, hi = signed_range(self.config.weight_width)
+        return self.rng.integers(lo, hi + 1, (self.config.rows, self.config.cols))
+
+    def load(self, start: int, bank: int, tile: np.ndarray) -> int:
+        """Shift ``tile`` into ``bank`` from cycle ``start`` on, last row first."""
+        for i, row in enumerate(tile[::-1]):
+            cycle = self._cycle(start + i)
+            assert cycle["load_row"] is None
+            cycle.update(load_row=row, load_bank=bank)
+        return start + len(tile)
+
+    def stream(self, start: int, banks) -> int:
+        """Random activation words from cycle ``start`` on, one a cycle, on ``banks``."""
+        lo, hi = signed_range(self.config.input_width)
+        for i, bank in enumerate(banks):
+            cycle = self._cycle(start + i)
+            assert cycle["act"] is None
+            cycle.update(act=self.rng.integers(lo, hi + 1, self.config.rows), bank=int(bank))
+        return start + len(banks)
+
+    def expected_results(self, latency: int) -> np.ndarray:
+        """``result`` in every cycle: word t's act @ bank, ``latency`` cycles later."""
+        c = self.config
+        banks = np.zeros((2, c.rows, c.cols), dtype=np.int64)
+        load_cycles = {0: set(), 1: set()}
+        for t, cycle in enumerate(self.cycles):
+            if cycle["load_row"] is not None:
+                load_cycles[cycle["load_bank"]].add(t)
+        results = np.zeros((len(self.cycles) + latency, c.cols), dtype=np.int64)
+        for t, cycle in enumerate(self.cycles):
+            if cycle["act"] is not None:
+                bank = cycle["bank"]
+                busy = load_cycles[bank] & set(range(t, t + latency))
+                assert not busy, f"schedule loads bank {bank} under the word of cycle {t}"
+                results[t + latency] = wrap(cycle["act"] @ banks[bank], c.accumulator_width)
+            if cycle["load_row"] is not None:
+                b = cycle["load_bank"]
+                banks[b] = np.vstack([cycle["load_row"][None], banks[b][:-1]])
+        return results
+
+
+def run_array(array: SystolicArray, schedule: ArraySchedule) -> np.ndarray:
+    """Drive ``schedule`` into ``array``; return ``result`` in every cycle."""
+    c = schedule.config
+    total = len(schedule.cycles) + array.latency
+    got = []
+
+    async def testbench(ctx):
+        for t in range(total):
+            cycle = schedule.cycles[t] if t < len(schedule.cycles) else None
+            act = cycle and cycle["act"]
+            load_row = cycle and cycle["load_row"]
+            ctx.set(array.act, [0] * c.rows if act is None else [int(v) for v in act])
+            ctx.set(array.bank, cycle["bank"] if cycle else 0)
+            ctx.set(array.load, int(load_row is not None))
+            ctx.set(array.load_bank, cycle["load_bank"] if cycle else 0)
+            ctx.set(array.weight_row,
+                    [0] * c.cols if load_row is None else [int(v) for v in load_row])
+            got.append(as_list(ctx.get(array.result)))
+            await ctx.tick()
+
+    simulate(array, testbench)
+    return np.array(got, dtype=np.int64)
+
+
+@pytest.mark.parametrize("config", ARRAY_CONFIGS, ids=lambda c: f"{c.rows}x{c.cols}")
+def test_array_result_rows_arrive_after_latency(config):
+    """Each result row equals act @ W (wrapped) exactly ``latency`` cycles after its word,
+    with idle gaps between bursts, on bank 0 and on bank 1."""
+    rng = np.random.default_rng(2)
+    array = SystolicArray(config)
+    assert array.latency == config.rows + config.cols - 1
+    schedule = ArraySchedule(config, rng)
+    t = schedule.load(0, 0, schedule.random_tile())
+    t = schedule.load(t, 1, schedule.random_tile())
+    t = schedule.stream(t, [0] * 5)
+    t = schedule.stream(t + 3, [1] * 5)
+    schedule.stream(t + 1, rng.integers(0, 2, 16))
+    expected = schedule.expected_results(array.latency)
+    assert np.any(expected), "the reference must not be trivially zero"
+    np.testing.assert_array_equal(run_array(array, schedule), expected)
+
+
+@pytest.mark.parametrize("config", ARRAY_CONFIGS, ids=lambda c: f"{c.rows}x{c.cols}")
+def test_array_loads_one_bank_while_streaming_the_other(config):
+    """Loading bank 1 under a bank-0 stream (and bank 0 under a bank-1 stream) leaves the
+    streaming bank's results unchanged; the new tile is used right after its last row."""
+    rng = np.random.default_rng(3)
+    array = SystolicArray(config)
+    latency = array.latency
+    schedule = ArraySchedule(config, rng)
+    rows = config.rows
+    t = schedule.load(0, 0, schedule.random_tile())
+    # Bank 1 loads during the first `rows` words of a bank-0 stream.
+    schedule.load(t, 1, schedule.random_tile())
+    t = schedule.stream(t, [0] * (rows + 6))
+    t = schedule.stream(t, rng.integers(0, 2, 10))
+    # Let bank-0 words drain under a bank-1 stream, then reload bank 0 under it.
+    t = schedule.stream(t, [1] * latency)
+    schedule.load(t, 0, schedule.random_tile())
+    t = schedule.stream(t, [1] * (rows + 4))
+    schedule.stream(t, rng.integers(0, 2, 10))
+    expected = schedule.expected_results(latency)
+    np.testing.assert_array_equal(run_array(array, schedule), expected)
+
+
+# -- Requantizer ------------------------------------------------------------------------------
+
+REQUANT_FIELDS = ("acc", "bias", "multiplier", "shift", "zero_point", "clamp_min", "clamp_max")
+
+
+def requant_edge_cases(accumulator_width: int) -> list[tuple[int, ...]]:
+    """(acc, bias, multiplier, shift, zero_point, clamp_min, clamp_max) corner cases."""
+    acc_lo, acc_hi = signed_range(accumulator_width)
+    wide = (-32768, 32767)  # clamp wider than any output: saturation decides
+    cases = []
+    # Rounding ties of the right shift: multiplier ~1 keeps x, remainder exactly half.
+    for shift in range(1, accumulator_width - 2):
+        for k in (0, 1, 2, 5, -1, -2, -3, -6):
+            x = k * (1 << shift) + (1 << (shift - 1))
+            for value in (x, -x):
+                if acc_lo <= value <= acc_hi:
+                    cases.append((value, 0, INT32_MAX, shift, 0, *wide))
+    # Rounding ties of the doubling high multiply: x * 2**30 / 2**31 = x / 2 with x odd.
+    for x in (1, -1, 3, -3, 5, -5, 255, -255, acc_hi, acc_lo + 1):
+        cases.append((x, 0, 1 << 30, 0, 0, *wide))
+        cases.append((x, 0, -(1 << 30), 0, 0, *wide))
+    # Zero points at the output range ends, shift 0 and 31, big multipliers.
+    for acc in (0, 1, -1, 100, -100, acc_hi, acc_lo, acc_hi // 3, acc_lo // 3):
+        for multiplier in (INT32_MAX, 1 << 30, INT32_MIN, -1, 1, 0, 1 << 29):
+            for shift in (0, 1, 7, 30, 31):
+                for zero_point in (-128, 127, 0):
+                    cases.append((acc, 0, multiplier, shift, zero_point, *wide))
+                    cases.append((acc, 0, multiplier, shift, zero_point, -128, 127))
+    # The saturating corner (reachable only when the sum can be -2**31).
+    if accumulator_width == 32:
+        for shift in (0, 1, 31):
+            for zero_point in (0, -128, 127):
+                cases.append((INT32_MIN, 0, INT32_MIN, shift, zero_point, *wide))
+        cases.append((INT32_MAX, 1, INT32_MIN, 0, 0, *wide))  # the bias wraps to -2**31
+        cases.append((-(1 << 30), -(1 << 30), INT32_MIN, 3, 0, *wide))
+    # Bias addition wrapping at the accumulator width, both ways.
+    for acc, bias in ((acc_hi, 1), (acc_lo, -1), (acc_hi, acc_hi), (acc_lo, acc_lo),
+                      (acc_hi - 5, 100), (acc_lo + 5, -100)):
+        for shift in (0, 4):
+            cases.append((acc, bias, INT32_MAX, shift, 0, *wide))
+    # Clamp bounds inside the output range and on it; zero point pushing out of range.
+    for acc in (-5000, -40, -3, 0, 3, 40, 5000):
+        cases.append((acc, 0, INT32_MAX, 0, 0, -5, 7))
+        cases.append((acc, 0, INT32_MAX, 2, 0, -8, 7))
+        cases.append((acc, 0, INT32_MAX, 0, 32767, *wide))
+        cases.append((acc, 0, INT32_MAX, 0, -32768, *wide))
+        cases.append((acc, 0, INT32_MAX, 0, 5, 0, 0))
+    return cases
+
+
+def requant_random_cases(rng: np.random.Generator, accumulator_width: int,
+                         count: int) -> np.ndarray:
+    """Random inputs: full-range acc and bias, random multiplier, shift and post-processing."""
+    acc_lo, acc_hi = signed_range(accumulator_width)
+    bounds = np.sort(rng.integers(-300, 300, (count, 2)), axis=1)
+    wide = rng.random(count) < 0.5
+    bounds[wide] = (-32768, 32767)
+    multiplier = rng.integers(INT32_MIN, INT32_MAX + 1, count)
+    # Half the multipliers in the usual Q31 range [2**30, 2**31), as quantize_multiplier makes.
+    usual = rng.random(count) < 0.5
+    multiplier[usual] = rng.integers(1 << 30, INT32_MAX + 1, usual.sum())
+    # Accumulators of realistic size too, so small shifts do not always saturate.
+    acc = rng.integers(acc_lo, acc_hi + 1, count)
+    small = rng.random(count) < 0.5
+    acc[small] = rng.integers(-5000, 5000, small.sum())
+    return np.stack([
+        acc,
+        np.where(rng.random(count) < 0.5, 0, rng.integers(acc_lo, acc_hi + 1, count)),
+        multiplier,
+        rng.integers(0, 32, count),
+        rng.integers(-200, 200, count),
+        bounds[:, 0],
+        bounds[:, 1],
+    ], axis=1)
+
+
+@pytest.mark.parametrize(("accumulator_width", "output_width"),
+                         [(32, 8), (16, 8), (32, 4), (16, 4)])
+def test_requantizer_matches_arith_bit_for_bit(accumulator_width, output_width):
+    """Pipelined, one input a cycle: ``out`` ``latency`` cycles later equals
+    ``npugen.arith.requantize``. Zero point and clamps go in at the last stage, as
+    documented, so they are presented ``latency - 1`` cycles after the accumulator."""
+    rng = np.random.default_rng(4 + accumulator_width + output_width)
+    cases = np.concatenate([
+        np.array(requant_edge_cases(accumulator_width), dtype=np.int64),
+        requant_random_cases(rng, accumulator_width, 1500),
+    ])
+    cases = cases[rng.permutation(len(cases))]
+    valid = (rng.random(len(cases)) < 0.9).astype(int)
+    columns = {name: cases[:, i] for i, name in enumerate(REQUANT_FIELDS)}
+    expected = requantize(
+        columns["acc"], columns["bias"], columns["multiplier"], columns["shift"],
+        columns["zero_point"], columns["clamp_min"], columns["clamp_max"],
+        accumulator_width=accumulator_width, output_width=output_width)
+    rq = Requantizer(accumulator_width=accumulator_width, output_width=output_width)
+    latency = Requantizer.latency
+    first_stage = REQUANT_FIELDS[:4]
+    last_stage = REQUANT_FIELDS[4:]
+    n = len(cases)
+    outs, out_valids = [], []
+
+    async def testbench(ctx):
+        for t in range(n + latency + 1):
+            outs.append(ctx.get(rq.out))
+            out_valids.append(ctx.get(rq.out_valid))
+            if t < n:
+                for name in first_stage:
+                    ctx.set(getattr(rq, name), int(columns[name][t]))
+            ctx.set(rq.valid, int(valid[t]) if t < n else 0)
+            late = t - (latency - 1)
+            if 0 <= late < n:
+                for name in last_stage:
+                    ctx.set(getattr(rq, name), int(columns[name][late]))
+            await ctx.tick()
+
+    simulate(rq, testbench)
+    got = np.array(outs[latency:latency + n], dtype=np.int64)
+    mismatches = np.flatnonzero(got != expected)
+    report = [f"{dict(zip(REQUANT_FIELDS, map(int, cases[i]), strict=True))}: "
+              f"expected {int(expected[i])}, got {int(got[i])}" for i in mismatches[:5]]
+    assert not len(mismatches), f"{len(mismatches)} mismatches, e.g.\n" + "\n".join(report)
+    np.testing.assert_array_equal(out_valids[latency:latency + n], valid)
+    assert not any(out_valids[:latency]) and not out_valids[latency + n]
+
+
+def test_requant_edge_cases_hit_the_corners():
+    """The edge cases really exercise saturation at both ends and the overflow corner."""
+    cases = np.array(requant_edge_cases(32), dtype=np.int64)
+    out = requantize(*(cases[:, i] for i in range(4)), 0, -32768, 32767,
+                     accumulator_width=32, output_width=8)
+    assert out.min() == -128 and out.max() == 127
+    total = cases[:, 0] + cases[:, 1]
+    assert np.any((total == INT32_MIN) & (cases[:, 2] == INT32_MIN))
+
+
+# -- The whole NPU ------------------------------------------------------------------------------
+
+TINY = NpuConfig(rows=2, cols=2, activation_depth=32, weight_depth=32, accumulator_depth=32,
+                 instruction_depth=16, param_depth=16)
+
+
+class AmaranthBus:
+    """The host port driven from an Amaranth testbench (see ``npugen.hostops.Bus``):
+    one request a cycle, each valid for one cycle; a read's data the cycle after."""
+
+    def __init__(self, ctx, npu: Npu):
+        self.ctx = ctx
+        self.host = npu.host
+        self.npu = npu
+
+    async def write_many(self, addresses, words):
+        ctx, host = self.ctx, self.host
+        for addr, word in zip(np.asarray(addresses).tolist(), np.asarray(words).tolist(),
+                              strict=True):
+            ctx.set(host.valid, 1)
+            ctx.set(host.write, 1)
+            ctx.set(host.addr, addr)
+            ctx.set(host.wdata, word)
+            await ctx.tick()
+        ctx.set(host.valid, 0)
+        ctx.set(host.write, 0)
+
+    async def read_many(self, addresses):
+        ctx, host = self.ctx, self.host
+        words = []
+        ctx.set(host.write, 0)
+        for addr in np.asarray(addresses).tolist():
+            ctx.set(host.valid, 1)
+            ctx.set(host.addr, addr)
+            await ctx.tick()
+            ctx.set(host.valid, 0)
+            assert ctx.get(host.rvalid), f"no rvalid the cycle after reading {addr:#x}"
+            words.append(ctx.get(host.rdata))
+        return words
+
+    async def wait_done(self, timeout_cycles):
+        for _ in range(timeout_cycles):
+            if self.ctx.get(self.npu.done):
+                return True
+            await self.ctx.tick()
+        return bool(self.ctx.get(self.npu.done))
+
+
+def run_jobs_on_npu(config: NpuConfig, jobs: list[Job]) -> list[tuple[int, list, list]]:
+    """Run ``jobs`` one after the other on one simulated NPU with ``hostops.execute``."""
+    npu = Npu(config)
+    results = []
+
+    async def testbench(ctx):
+        bus = AmaranthBus(ctx, npu)
+        for job in jobs:
+            results.append(await execute(bus, bus_program(job, timeout_cycles=2000)))
+
+    simulate(npu, testbench)
+    return results
+
+
+def test_npu_matmul_job_matches_numpy_and_golden_counters():
+    """A multi-tile GEMM with bias, then one without, through the host port."""
+    rng = np.random.default_rng(5)
+    a = rng.integers(-128, 128, (5, 3))
+    w = rng.integers(-128, 128, (3, 3))
+    bias = rng.integers(-(1 << 20), 1 << 20, 3)
+    a2 = rng.integers(-128, 128, (4, 4))
+    w2 = rng.integers(-128, 128, (4, 1))
+    (job, plan), (job2, plan2) = matmul_job(TINY, a, w, bias), matmul_job(TINY, a2, w2)
+    runs = run_jobs_on_npu(TINY, [job, job2])
+    for (status, counters, words), job_, plan_, want in (
+            (runs[0], job, plan, a @ w + bias), (runs[1], job2, plan2, a2 @ w2)):
+        result = decode_result(job_, status, counters, words)
+        golden = run_golden(job_)
+        assert Status(status) == Status.DONE
+        np.testing.assert_array_equal(matmul_output(plan_, result), want)
+        np.testing.assert_array_equal(result.outputs["y"], golden.outputs["y"])
+        assert result.counters == golden.counters
+
+
+def test_npu_requant_job_matches_golden():
+    """SETPP, SETREQ and REQUANT decode: requantized lanes land where the golden model
+    puts them (out_lane 1 spills into the next word block at out_stride)."""
+    rng = np.random.default_rng(6)
+    c = TINY
+    job = Job(c)
+    acc = rng.integers(-(1 << 20), 1 << 20, (3, c.cols))
+    params = np.stack([rng.integers(-1000, 1000, c.cols),
+                       rng.integers(1 << 30, INT32_MAX, c.cols),
+                       rng.integers(4, 12, c.cols)], axis=1).reshape(c.cols, 1, 3)
+    program = [
+        Instruction(Opcode.SETPP, {"zero_point": -3, "clamp_min": -100, "clamp_max": 90}),
+        Instruction(Opcode.SETREQ, {"param_addr": 2, "out_stride": 4}),
+        Instruction(Opcode.REQUANT, {"acc_addr": 1, "out_addr": 8, "count": 3,
+                                     "out_lane": 1}),
+        Instruction(Opcode.HALT),
+    ]
+    job.write(Region.INSTRUCTIONS, 0, encode_program(program))
+    job.write(Region.ACCUMULATORS, 1, acc)
+    job.write(Region.PARAMS, 2, params)
+    job.write(Region.ACTIVATIONS, 8, rng.integers(-128, 128, (8, c.rows)))
+    job.read("act", Region.ACTIVATIONS, 8, 8)
+    ((status, counters, words),) = run_jobs_on_npu(c, [job])
+    result = decode_result(job, status, counters, words)
+    golden = run_golden(job)
+    np.testing.assert_array_equal(result.outputs["act"], golden.outputs["act"])
+    assert result.counters == golden.counters
+
+
+def test_npu_illegal_opcode_stops_the_run_and_identity_reads_back():
+    """Opcode 15 at address 0 stops the run with ILLEGAL_INSTRUCTION (no DONE); the
+    identity block reads back as ``identity_words``."""
+    npu = Npu(TINY)
+    seen = {}
+    identity = identity_words(TINY)
+
+    async def testbench(ctx):
+        bus = AmaranthBus(ctx, npu)
+        seen["identity"] = await bus.read_many(
+            np.array([address(Region.REGISTERS, Reg.MAGIC + i) for i in range(len(identity))]))
+        await bus.write_many(
+            np.array([address(Region.INSTRUCTIONS, 0), address(Region.INSTRUCTIONS, 1),
+                      address(Region.REGISTERS, Reg.START_PC),
+                      address(Region.REGISTERS, Reg.CONTROL)]),
+            np.array([15, 0, 0, 1]))
+        seen["running_after_start"] = ctx.get(npu.running)
+        await ctx.tick().repeat(20)
+        seen["running"], seen["done"] = ctx.get(npu.running), ctx.get(npu.done)
+        (seen["status"],) = await bus.read_many(
+            np.array([address(Region.REGISTERS, Reg.STATUS)]))
+
+    simulate(npu, testbench)
+    assert seen["identity"] == identity
+    assert seen["running_after_start"] == 1
+    assert (seen["running"], seen["done"]) == (0, 0)
+    assert Status(seen["status"]) == Status.ILLEGAL_INSTRUCTION
