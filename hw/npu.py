@@ -19,9 +19,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig
 from ..isa import FORMATS, OPCODE_WIDTH, Opcode
-from ..memory_map import (
-    COUNTER_NAMES, REGION_SHIFT, Control, Reg, Region, identity_words, memories,
-)
+from ..memory_map import COUNTER_NAMES, REGION_SHIFT, Reg, Region, identity_words, memories
 from .array import SystolicArray
 from .hostbus import HostBus
 from .requant import Requantizer

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,6 +70,27 @@ def emit_json(record: dict[str, Any]) -> None:
     print(json.dumps(record, sort_keys=True, default=str), flush=True)
 
 
+def parse_shape(text: str) -> tuple[int, int, int]:
+    try:
+        m, k, n = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected MxKxN such as 64x96x80, not {text!r}") from None
+    return m, k, n
+
+
+def random_operands(config: NpuConfig, shape: tuple[int, int, int], seed: int):
+    """Seeded random A, W and bias spanning the full input, weight and bias ranges."""
+    m, k, n = shape
+    if min(shape) < 1:
+        raise UsageError(f"--random dimensions must be at least 1, not {m}x{k}x{n}")
+    rng = np.random.default_rng(seed)
+    half_a, half_w = 1 << (config.input_width - 1), 1 << (config.weight_width - 1)
+    span = 1 << (config.accumulator_width - 8)
+    return (rng.integers(-half_a, half_a, (m, k)), rng.integers(-half_w, half_w, (k, n)),
+            rng.integers(-span, span, n))
+
+
 # -- Commands -------------------------------------------------------------------------
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -90,9 +110,14 @@ def cmd_matmul(args: argparse.Namespace) -> int:
     from .job import run_golden
     from .matmul import matmul_job, matmul_output
 
-    a = load_npy(args.a, "A")
-    w = load_npy(args.w, "W")
-    bias = load_npy(args.bias, "bias") if args.bias else None
+    if args.random:
+        a, w, bias = random_operands(config, args.random, args.seed)
+    elif args.a and args.w:
+        a = load_npy(args.a, "A")
+        w = load_npy(args.w, "W")
+        bias = load_npy(args.bias, "bias") if args.bias else None
+    else:
+        raise UsageError("give --a A.npy and --w W.npy, or --random MxKxN")
     try:
         job, plan = matmul_job(config, a, w, bias)
     except ValueError as error:
@@ -111,13 +136,16 @@ def cmd_matmul(args: argparse.Namespace) -> int:
             raise UsageError(str(error)) from None
     y = matmul_output(plan, result)
     seconds = time.perf_counter() - started
-    np.save(args.output, y)
+    if args.output:
+        np.save(args.output, y)
     counters = result.counters
     bit_exact = bool(np.array_equal(y, expected))
     cycles_match = counters == golden.counters
     utilization = plan.ideal_cycles / counters.cycles if counters.cycles else 0.0
-    print(f"Y = A·W{' + bias' if bias is not None else ''}: {plan.m}x{plan.n} int32 "
-          f"-> {args.output} ({args.target}{'/' + args.sim if args.target == 'sim' else ''})")
+    where = f" -> {args.output}" if args.output else ""
+    print(f"Y = A·W{' + bias' if bias is not None else ''}: M={plan.m} K={plan.k} N={plan.n}"
+          f"{where} ({args.target}{'/' + args.sim if args.target == 'sim' else ''}, "
+          f"{config.describe()})")
     print(f"cycles {counters.cycles} (ideal {plan.ideal_cycles:g}, "
           f"utilization {utilization:.3f}), bit-exact with golden: {bit_exact}")
     if args.json:
@@ -156,10 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     matmul = commands.add_parser(
         "matmul", help="Y = A·W (+ bias) on the NPU, tiled onto the array")
-    matmul.add_argument("--a", required=True, metavar="A.npy", help="int8 M×K activations")
-    matmul.add_argument("--w", required=True, metavar="W.npy", help="int8 K×N weights")
+    matmul.add_argument("--a", metavar="A.npy", help="int8 M×K activations")
+    matmul.add_argument("--w", metavar="W.npy", help="int8 K×N weights")
     matmul.add_argument("--bias", metavar="B.npy", help="int32 N bias")
-    matmul.add_argument("-o", "--output", required=True, metavar="Y.npy",
+    matmul.add_argument("--random", type=parse_shape, metavar="MxKxN",
+                        help="use seeded random A, W and bias of this shape instead")
+    matmul.add_argument("--seed", type=int, default=0, help="seed for --random (default 0)")
+    matmul.add_argument("-o", "--output", metavar="Y.npy",
                         help="where to write the int32 M×N result")
     matmul.add_argument("--target", choices=("golden", "sim"), default="golden",
                         help="golden model or RTL simulation (default golden)")

@@ -9,7 +9,12 @@ from .isa import Instruction, Opcode, encode_program
 from .job import Job, JobResult
 from .memory_map import Region
 from .schedule import (
-    DoesNotFit, GemmPlan, gemm_instructions, plan_gemm, tile_activations, tile_weights,
+    DoesNotFit,
+    GemmPlan,
+    gemm_instructions,
+    plan_gemm,
+    tile_activations,
+    tile_weights,
     untile_accumulators,
 )
 

@@ -323,6 +323,11 @@ def requant_edge_cases(accumulator_width: int) -> list[tuple[int, ...]]:
         cases.append((acc, 0, INT32_MAX, 0, 32767, *wide))
         cases.append((acc, 0, INT32_MAX, 0, -32768, *wide))
         cases.append((acc, 0, INT32_MAX, 0, 5, 0, 0))
+    # Values landing just below, on and just above each clamp bound.
+    for low, high in ((-5, 7), (-100, 90), (-128, 127), (-8, 7)):
+        for acc in (low - 1, low, low + 1, high - 1, high, high + 1):
+            cases.append((acc, 0, INT32_MAX, 0, 0, low, high))
+            cases.append((acc - 3, 0, INT32_MAX, 0, 3, low, high))
     return cases
 
 
@@ -519,6 +524,36 @@ def test_npu_requant_job_matches_golden():
     result = decode_result(job, status, counters, words)
     golden = run_golden(job)
     np.testing.assert_array_equal(result.outputs["act"], golden.outputs["act"])
+    assert result.counters == golden.counters
+
+
+def test_npu_same_bank_reload_waits_for_its_stream():
+    """LOADW right after a MATMUL on the same bank must wait for the stream and its
+    in-flight words; results and counters (stalls included) match the golden model."""
+    rng = np.random.default_rng(7)
+    c = TINY
+    job = Job(c)
+    program = [
+        Instruction(Opcode.LOADW, {"bank": 0, "weight_addr": 0}),
+        Instruction(Opcode.MATMUL, {"bank": 0, "act_addr": 0, "acc_addr": 0, "count": 6}),
+        Instruction(Opcode.LOADW, {"bank": 0, "weight_addr": 2}),
+        Instruction(Opcode.MATMUL, {"bank": 0, "accumulate": 1, "act_addr": 6,
+                                    "acc_addr": 0, "count": 6}),
+        Instruction(Opcode.LOADW, {"bank": 1, "weight_addr": 4}),
+        Instruction(Opcode.MATMUL, {"bank": 1, "act_addr": 0, "acc_addr": 8, "count": 3}),
+        Instruction(Opcode.MATMUL, {"bank": 0, "accumulate": 1, "act_addr": 3,
+                                    "acc_addr": 8, "count": 3}),
+        Instruction(Opcode.HALT),
+    ]
+    job.write(Region.INSTRUCTIONS, 0, encode_program(program))
+    job.write(Region.ACTIVATIONS, 0, rng.integers(-128, 128, (12, c.rows)))
+    job.write(Region.WEIGHTS, 0, rng.integers(-128, 128, (6, c.cols)))
+    job.read("acc", Region.ACCUMULATORS, 0, 11)
+    ((status, counters, words),) = run_jobs_on_npu(c, [job])
+    result = decode_result(job, status, counters, words)
+    golden = run_golden(job)
+    assert golden.counters.stall_cycles > 0
+    np.testing.assert_array_equal(result.outputs["acc"], golden.outputs["acc"])
     assert result.counters == golden.counters
 
 

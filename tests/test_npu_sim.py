@@ -4,13 +4,13 @@ accumulator wrap-around, over several configs."""
 
 import numpy as np
 import pytest
-from conftest import available_simulators
-from programs import gemm_jobs, layer_chain_job, wrap_job
 
+from conftest import available_simulators
 from npugen.config import NpuConfig
 from npugen.job import run_golden
 from npugen.matmul import matmul_output
 from npugen.sim.runner import simulate
+from programs import gemm_jobs, layer_chain_job, wrap_job
 
 SMALL = dict(activation_depth=1024, weight_depth=1024, accumulator_depth=512,
              instruction_depth=512, param_depth=64)

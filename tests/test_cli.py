@@ -1,0 +1,106 @@
+"""The command line: outputs, --json, and exit status 2 with a clear message on bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import available_simulators
+from npugen.cli import main
+
+
+@pytest.fixture
+def operands(tmp_path):
+    rng = np.random.default_rng(7)
+    a = rng.integers(-128, 128, (13, 19)).astype(np.int8)
+    w = rng.integers(-128, 128, (19, 11)).astype(np.int8)
+    bias = rng.integers(-5000, 5000, 11).astype(np.int32)
+    paths = {}
+    for name, value in (("a", a), ("w", w), ("bias", bias)):
+        paths[name] = tmp_path / f"{name}.npy"
+        np.save(paths[name], value)
+    paths["y"] = tmp_path / "y.npy"
+    expected = a.astype(np.int64) @ w.astype(np.int64) + bias
+    return paths, expected
+
+
+def last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_matmul_golden(operands, capsys):
+    paths, expected = operands
+    status = main(["matmul", "--a", str(paths["a"]), "--w", str(paths["w"]), "--bias",
+                   str(paths["bias"]), "-o", str(paths["y"]), "--json", "--rows", "4"])
+    assert status == 0
+    assert np.array_equal(np.load(paths["y"]), expected)
+    record = last_json(capsys)
+    assert record["cycles"] > record["ideal_cycles"] == 13 * 19 * 11 / 32
+    assert 0 < record["utilization"] < 1 and record["bit_exact"]
+
+
+@pytest.mark.parametrize("simulator", available_simulators())
+def test_matmul_sim_through_console_script(operands, simulator):
+    paths, expected = operands
+    run = subprocess.run(
+        [sys.executable, "-m", "npugen", "matmul", "--a", str(paths["a"]), "--w",
+         str(paths["w"]), "-o", str(paths["y"]), "--target", "sim", "--sim", simulator,
+         "--json", "--rows", "2", "--cols", "3"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    record = json.loads(run.stdout.strip().splitlines()[-1])
+    assert record["bit_exact"] and record["cycles_match_model"]
+    assert np.array_equal(np.load(paths["y"]), expected - np.load(paths["bias"]))
+
+
+def test_generate(tmp_path, capsys):
+    assert main(["generate", "-o", str(tmp_path), "--rows", "2", "--cols", "3", "--json"]) == 0
+    text = (tmp_path / "npu.v").read_text()
+    assert "module npu(" in text
+    description = json.loads((tmp_path / "npu.json").read_text())
+    assert description["config"]["cols"] == 3 and description["isa_version"] == 1
+    assert last_json(capsys)["macs_per_cycle"] == 6
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: np.save(p["a"], np.zeros((3, 19), np.float32)), "A must hold integers"),
+    (lambda p: np.save(p["a"], np.zeros((3, 18), np.int8)), "A's columns (18) must equal"),
+    (lambda p: np.save(p["a"], np.full((3, 19), 300)), "A values must fit int8"),
+    (lambda p: np.save(p["bias"], np.zeros(4, np.int32)), "bias must have N=11 values, not 4"),
+    (lambda p: p["a"].write_text("not numpy"), "is not a readable .npy array"),
+    (lambda p: p["w"].unlink(), "does not exist"),
+])
+def test_matmul_bad_input(operands, capsys, change, message):
+    paths, _ = operands
+    change(paths)
+    status = main(["matmul", "--a", str(paths["a"]), "--w", str(paths["w"]), "--bias",
+                   str(paths["bias"]), "-o", str(paths["y"])])
+    assert status == 2
+    assert message in capsys.readouterr().err
+    assert not paths["y"].exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rows", "0"], "rows must be between 1 and 64, not 0"),
+    (["--requant-lanes", "3"], "requant_lanes must divide both rows"),
+    (["--activation-depth", "16"],
+     "activations need 39 words, activation_depth is 16 (23 too many)"),
+    (["--instruction-depth", "2"], "instruction_depth is 2"),
+])
+def test_matmul_bad_config(operands, capsys, flags, message):
+    paths, _ = operands
+    status = main(["matmul", "--a", str(paths["a"]), "--w", str(paths["w"]), "-o",
+                   str(paths["y"]), *flags])
+    assert status == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_toml_config(operands, tmp_path, capsys):
+    paths, _ = operands
+    config = tmp_path / "bad.toml"
+    config.write_text("rows = 'eight'\n")
+    status = main(["matmul", "--a", str(paths["a"]), "--w", str(paths["w"]), "-o",
+                   str(paths["y"]), "--config", str(config)])
+    assert status == 2
+    assert "rows must be an integer, not 'eight'" in capsys.readouterr().err

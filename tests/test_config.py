@@ -1,0 +1,61 @@
+import pytest
+
+from npugen.config import NpuConfig
+
+
+def test_defaults_are_valid_and_hashable():
+    config = NpuConfig()
+    assert config.macs_per_cycle == 64
+    assert hash(config) == hash(NpuConfig())
+    assert config.digest() == NpuConfig().digest() != NpuConfig(rows=4).digest()
+
+
+@pytest.mark.parametrize("changes, error, message", [
+    ({"rows": 0}, ValueError, r"rows must be between 1 and 64, not 0"),
+    ({"cols": 65}, ValueError, r"cols must be between 1 and 64, not 65"),
+    ({"rows": 2.5}, TypeError, r"rows must be an integer, not 2.5"),
+    ({"rows": True}, TypeError, r"rows must be an integer, not True"),
+    ({"input_width": 1}, ValueError, r"input_width must be between 2 and 16, not 1"),
+    ({"accumulator_width": 33}, ValueError, r"accumulator_width must be between 16 and 32"),
+    ({"input_width": 16, "weight_width": 16, "accumulator_width": 24}, ValueError,
+     r"accumulator_width must be at least input_width \+ weight_width \(32\), not 24"),
+    ({"activation_depth": 1000}, ValueError,
+     r"activation_depth must be a power of two from 2 to 65536, not 1000"),
+    ({"weight_depth": 4}, ValueError, r"weight_depth must hold one weight tile of rows=8"),
+    ({"requant_lanes": 3}, ValueError,
+     r"requant_lanes must divide both rows \(8\) and cols \(8\), not 3"),
+    ({"dataflow": "os"}, ValueError, r"dataflow must be one of 'ws', not 'os'"),
+])
+def test_invalid_parameters_are_named(changes, error, message):
+    with pytest.raises(error, match=message):
+        NpuConfig(**changes)
+
+
+def test_frozen():
+    with pytest.raises(AttributeError):
+        NpuConfig().rows = 3
+
+
+def test_toml_round_trip(tmp_path):
+    path = tmp_path / "npu.toml"
+    path.write_text("[npu]\nrows = 4\ncols = 8\nrequant_lanes = 4\n")
+    assert NpuConfig.from_toml(path) == NpuConfig(rows=4, cols=8, requant_lanes=4)
+    path.write_text("rows = 2\n")
+    assert NpuConfig.from_toml(path).rows == 2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rows = [", r"is not valid TOML"),
+    ("rowz = 4", r"unknown parameter\(s\) rowz"),
+    ("rows = 100", r"rows must be between 1 and 64, not 100"),
+])
+def test_bad_toml(tmp_path, text, message):
+    path = tmp_path / "npu.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        NpuConfig.from_toml(path)
+
+
+def test_missing_toml(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        NpuConfig.from_toml(tmp_path / "nope.toml")

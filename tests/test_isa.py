@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from npugen.isa import (
+    FORMATS,
+    Instruction,
+    Opcode,
+    assemble,
+    decode_program,
+    disassemble,
+    encode_program,
+    isa_markdown,
+)
+
+
+def random_instruction(rng: np.random.Generator) -> Instruction:
+    opcode = Opcode(int(rng.integers(0, len(Opcode))))
+    return Instruction(opcode, {f.name: int(rng.integers(f.low, f.high + 1))
+                                for f in FORMATS[opcode]})
+
+
+def test_encode_decode_round_trip():
+    rng = np.random.default_rng(0)
+    program = [random_instruction(rng) for _ in range(500)]
+    assert decode_program(encode_program(program)) == program
+
+
+def test_assemble_disassemble_round_trip():
+    rng = np.random.default_rng(1)
+    program = [random_instruction(rng) for _ in range(200)]
+    assert assemble(disassemble(encode_program(program))) == program
+
+
+def test_fields_land_where_the_table_says():
+    word = Instruction(Opcode.MATMUL, {"count": 3, "acc_addr": 0xABCD, "bank": 1}).encode()
+    assert word & 0xF == Opcode.MATMUL
+    assert (word >> 40) & 0xFFFF == 3 and (word >> 24) & 0xFFFF == 0xABCD and (word >> 4) & 1
+
+
+def test_signed_fields():
+    ins = Instruction(Opcode.SETPP, {"zero_point": -128, "clamp_min": -32768})
+    assert Instruction.decode(ins.encode()) == ins
+
+
+@pytest.mark.parametrize("text, message", [
+    ("FOO x=1", r"line 1: unknown instruction 'FOO'"),
+    ("MATMUL count=70000", r"line 1: MATMUL.count must be between 0 and 65535, not 70000"),
+    ("HALT\nLOADW bank=2", r"line 2: LOADW.bank must be between 0 and 1, not 2"),
+    ("LOADW lane=1", r"line 1: LOADW has no field lane"),
+    ("MATMUL count=", r"line 1: cannot parse"),
+])
+def test_assembler_errors_name_the_line(text, message):
+    with pytest.raises(ValueError, match=message):
+        assemble(text)
+
+
+def test_unknown_opcode_word():
+    with pytest.raises(ValueError, match="unknown opcode 15"):
+        Instruction.decode(15)
+
+
+def test_docs_isa_is_generated_from_the_tables():
+    docs = Path(__file__).resolve().parents[1] / "docs" / "ISA.md"
+    assert docs.read_text() == isa_markdown(), "regenerate: python -m npugen.isa > docs/ISA.md"
