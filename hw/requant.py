@@ -76,9 +76,10 @@ class Requantizer(wiring.Component):
         m.d.comb += shifted.eq((high >> shift3) + (remainder > threshold))
         with_zero = Signal(signed(34))
         m.d.comb += with_zero.eq(shifted + self.zero_point)
+        # max, then min: like np.clip, even if the bounds are inverted.
+        raised = Mux(with_zero < self.clamp_min, self.clamp_min, with_zero)
         clamped = Signal(signed(34))
-        m.d.comb += clamped.eq(Mux(with_zero < self.clamp_min, self.clamp_min,
-                                   Mux(with_zero > self.clamp_max, self.clamp_max, with_zero)))
+        m.d.comb += clamped.eq(Mux(raised > self.clamp_max, self.clamp_max, raised))
         low, high_bound = -(1 << (self._out_width - 1)), (1 << (self._out_width - 1)) - 1
         m.d.sync += [
             self.out.eq(Mux(clamped < low, low, Mux(clamped > high_bound, high_bound, clamped))),

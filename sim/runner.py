@@ -133,5 +133,10 @@ def simulate(jobs: list[Job], *, simulator: str = "verilator",
             log = (scratch / "sim.log").read_text() if (scratch / "sim.log").exists() else ""
             raise SimulationError(f"{simulator} simulation failed:\n{log[-4000:]}")
         raw = np.load(results_path)
-        return [decode_result(job, int(raw[f"status{i}"]), raw[f"counters{i}"].tolist(),
-                              raw[f"rdata{i}"].tolist()) for i, job in enumerate(jobs)]
+        results = []
+        for i, job in enumerate(jobs):
+            result = decode_result(job, int(raw[f"status{i}"]), raw[f"counters{i}"].tolist(),
+                                   raw[f"rdata{i}"].tolist())
+            result.run_seconds = float(raw[f"run_seconds{i}"])
+            results.append(result)
+        return results

@@ -127,6 +127,9 @@ def check_program(config: NpuConfig, program: list[Instruction]) -> None:
             need(end <= config.accumulator_depth, index, ins,
                  f"results end at word {end}, accumulator_depth is "
                  f"{config.accumulator_depth}")
+        elif op is Opcode.SETPP:
+            need(ins["clamp_min"] <= ins["clamp_max"], index, ins,
+                 "clamp_min must not exceed clamp_max")
         elif op is Opcode.REQUANT:
             need(ins["count"] >= 1, index, ins, "count must be at least 1")
             need(ins["out_lane"] < config.rows and ins["out_lane"] % lanes == 0, index, ins,

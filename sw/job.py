@@ -139,6 +139,7 @@ class Job:
 class JobResult:
     outputs: dict[str, np.ndarray]
     counters: Counters
+    run_seconds: float | None = None  # wall time of the run alone, where measured
 
 
 def counters_from_words(words: list[int]) -> Counters:

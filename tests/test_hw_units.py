@@ -181,13 +181,15 @@ class ArraySchedule:
             cycle.update(load_row=row, load_bank=bank)
         return start + len(tile)
 
-    def stream(self, start: int, banks) -> int:
-        """Random activation words from cycle ``start`` on, one a cycle, on ``banks``."""
+    def stream(self, start: int, banks, acts=None) -> int:
+        """Activation words (random unless given) from cycle ``start`` on, one a cycle."""
         lo, hi = signed_range(self.config.input_width)
-        for i, bank in enumerate(banks):
+        if acts is None:
+            acts = self.rng.integers(lo, hi + 1, (len(banks), self.config.rows))
+        for i, (bank, act) in enumerate(zip(banks, acts, strict=True)):
             cycle = self._cycle(start + i)
             assert cycle["act"] is None
-            cycle.update(act=self.rng.integers(lo, hi + 1, self.config.rows), bank=int(bank))
+            cycle.update(act=np.asarray(act), bank=int(bank))
         return start + len(banks)
 
     def expected_results(self, latency: int) -> np.ndarray:
@@ -199,12 +201,15 @@ class ArraySchedule:
             if cycle["load_row"] is not None:
                 load_cycles[cycle["load_bank"]].add(t)
         results = np.zeros((len(self.cycles) + latency, c.cols), dtype=np.int64)
+        self.wrapped = 0  # words whose exact result does not fit the accumulator
         for t, cycle in enumerate(self.cycles):
             if cycle["act"] is not None:
                 bank = cycle["bank"]
                 busy = load_cycles[bank] & set(range(t, t + latency))
                 assert not busy, f"schedule loads bank {bank} under the word of cycle {t}"
-                results[t + latency] = wrap(cycle["act"] @ banks[bank], c.accumulator_width)
+                exact = cycle["act"] @ banks[bank]
+                results[t + latency] = wrap(exact, c.accumulator_width)
+                self.wrapped += int(np.any(results[t + latency] != exact))
             if cycle["load_row"] is not None:
                 b = cycle["load_bank"]
                 banks[b] = np.vstack([cycle["load_row"][None], banks[b][:-1]])
@@ -243,13 +248,19 @@ def test_array_result_rows_arrive_after_latency(config):
     array = SystolicArray(config)
     assert array.latency == config.rows + config.cols - 1
     schedule = ArraySchedule(config, rng)
+    lowest = signed_range(config.input_width)[0]
+    extreme_tile = schedule.random_tile()
+    extreme_tile[:, 0] = signed_range(config.weight_width)[0]
     t = schedule.load(0, 0, schedule.random_tile())
-    t = schedule.load(t, 1, schedule.random_tile())
+    t = schedule.load(t, 1, extreme_tile)
     t = schedule.stream(t, [0] * 5)
     t = schedule.stream(t + 3, [1] * 5)
+    t = schedule.stream(t, [1, 0], [[lowest] * config.rows] * 2)  # (-128)·(-128)·rows
     schedule.stream(t + 1, rng.integers(0, 2, 16))
     expected = schedule.expected_results(array.latency)
     assert np.any(expected), "the reference must not be trivially zero"
+    if config.accumulator_width == 16 and config.rows > 1:
+        assert schedule.wrapped, "some results must wrap around"
     np.testing.assert_array_equal(run_array(array, schedule), expected)
 
 
@@ -357,28 +368,15 @@ def requant_random_cases(rng: np.random.Generator, accumulator_width: int,
     ], axis=1)
 
 
-@pytest.mark.parametrize(("accumulator_width", "output_width"),
-                         [(32, 8), (16, 8), (32, 4), (16, 4)])
-def test_requantizer_matches_arith_bit_for_bit(accumulator_width, output_width):
-    """Pipelined, one input a cycle: ``out`` ``latency`` cycles later equals
-    ``npugen.arith.requantize``. Zero point and clamps go in at the last stage, as
-    documented, so they are presented ``latency - 1`` cycles after the accumulator."""
-    rng = np.random.default_rng(4 + accumulator_width + output_width)
-    cases = np.concatenate([
-        np.array(requant_edge_cases(accumulator_width), dtype=np.int64),
-        requant_random_cases(rng, accumulator_width, 1500),
-    ])
-    cases = cases[rng.permutation(len(cases))]
-    valid = (rng.random(len(cases)) < 0.9).astype(int)
-    columns = {name: cases[:, i] for i, name in enumerate(REQUANT_FIELDS)}
-    expected = requantize(
-        columns["acc"], columns["bias"], columns["multiplier"], columns["shift"],
-        columns["zero_point"], columns["clamp_min"], columns["clamp_max"],
-        accumulator_width=accumulator_width, output_width=output_width)
+def run_requantizer(cases: np.ndarray, valid: np.ndarray, *, accumulator_width: int,
+                    output_width: int) -> tuple[np.ndarray, list[int]]:
+    """Feed ``cases`` (rows of REQUANT_FIELDS) one a cycle; return ``out`` and ``out_valid``
+    in every cycle. Zero point and clamps go in at the last stage, as documented, so they
+    are presented ``latency - 1`` cycles after the accumulator."""
     rq = Requantizer(accumulator_width=accumulator_width, output_width=output_width)
     latency = Requantizer.latency
-    first_stage = REQUANT_FIELDS[:4]
-    last_stage = REQUANT_FIELDS[4:]
+    columns = {name: cases[:, i] for i, name in enumerate(REQUANT_FIELDS)}
+    first_stage, last_stage = REQUANT_FIELDS[:4], REQUANT_FIELDS[4:]
     n = len(cases)
     outs, out_valids = [], []
 
@@ -397,13 +395,51 @@ def test_requantizer_matches_arith_bit_for_bit(accumulator_width, output_width):
             await ctx.tick()
 
     simulate(rq, testbench)
-    got = np.array(outs[latency:latency + n], dtype=np.int64)
+    return np.array(outs, dtype=np.int64), out_valids
+
+
+def check_requantizer(cases: np.ndarray, *, accumulator_width: int, output_width: int,
+                      valid: np.ndarray | None = None) -> None:
+    """The requantizer's outputs, ``latency`` cycles after each input, equal
+    ``npugen.arith.requantize`` bit for bit; ``out_valid`` follows ``valid``."""
+    n = len(cases)
+    valid = np.ones(n, dtype=int) if valid is None else valid
+    expected = requantize(*cases.T, accumulator_width=accumulator_width,
+                          output_width=output_width)
+    outs, out_valids = run_requantizer(cases, valid, accumulator_width=accumulator_width,
+                                       output_width=output_width)
+    latency = Requantizer.latency
+    got = outs[latency:latency + n]
     mismatches = np.flatnonzero(got != expected)
     report = [f"{dict(zip(REQUANT_FIELDS, map(int, cases[i]), strict=True))}: "
               f"expected {int(expected[i])}, got {int(got[i])}" for i in mismatches[:5]]
     assert not len(mismatches), f"{len(mismatches)} mismatches, e.g.\n" + "\n".join(report)
     np.testing.assert_array_equal(out_valids[latency:latency + n], valid)
     assert not any(out_valids[:latency]) and not out_valids[latency + n]
+
+
+@pytest.mark.parametrize(("accumulator_width", "output_width"),
+                         [(32, 8), (16, 8), (32, 4), (16, 4)])
+def test_requantizer_matches_arith_bit_for_bit(accumulator_width, output_width):
+    """Edge cases and random inputs, pipelined one a cycle, against ``arith.requantize``."""
+    rng = np.random.default_rng(4 + accumulator_width + output_width)
+    cases = np.concatenate([
+        np.array(requant_edge_cases(accumulator_width), dtype=np.int64),
+        requant_random_cases(rng, accumulator_width, 1500),
+    ])
+    cases = cases[rng.permutation(len(cases))]
+    valid = (rng.random(len(cases)) < 0.9).astype(int)
+    check_requantizer(cases, accumulator_width=accumulator_width, output_width=output_width,
+                      valid=valid)
+
+
+def test_requantizer_inverted_clamp_bounds_match_arith():
+    """SETPP accepts clamp_min > clamp_max; arith (np.clip) then gives clamp_max for every
+    value, and the requantizer must agree bit for bit."""
+    cases = np.array([(acc, 0, INT32_MAX, 0, 0, 5, -5) for acc in (-10, 0, 3, 5, 10)]
+                     + [(acc, 0, INT32_MAX, 0, 0, 100, -100) for acc in (-300, 0, 300)],
+                     dtype=np.int64)
+    check_requantizer(cases, accumulator_width=32, output_width=8)
 
 
 def test_requant_edge_cases_hit_the_corners():
