@@ -10,12 +10,10 @@ import time
 
 import cocotb
 import numpy as np
-from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, FallingEdge, First, RisingEdge, Timer
 
 from npugen.hostops import BusProgram, execute
-
-CLOCK_NS = 10
+from npugen.sim.runner import CLOCK_PERIOD_NS as CLOCK_NS
 
 
 class CocotbBus:
@@ -66,8 +64,7 @@ class CocotbBus:
 
 @cocotb.test()
 async def run_jobs(dut):
-    jobs = np.load(os.environ["NPUGEN_JOBS"])
-    Clock(dut.clk, CLOCK_NS, unit="ns").start()
+    jobs = np.load(os.environ["NPUGEN_JOBS"])  # the wrapper npu_tb makes the clock
     dut.host__valid.value = 0
     dut.host__write.value = 0
     dut.host__addr.value = 0
