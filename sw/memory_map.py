@@ -125,3 +125,70 @@ def config_from_identity(words: list[int]) -> NpuConfig:
     values = dict(zip(names, words[2:2 + len(names)], strict=True))
     values["dataflow"] = DATAFLOWS[values["dataflow"]]
     return NpuConfig(**values)
+
+
+def memory_map_markdown(config: NpuConfig | None = None) -> str:
+    """``docs/MEMORY_MAP.md``, generated from this module."""
+    config = config or NpuConfig()
+    lines = [
+        "# Host port memory map",
+        "",
+        "Generated from `sw/memory_map.py` by `python -c 'from npugen.memory_map import "
+        "memory_map_markdown as m; print(m(), end=\"\")' > docs/MEMORY_MAP.md`; a test "
+        "checks that it is current.",
+        "",
+        "The host port carries 32-bit words. A word address is `region << "
+        f"{REGION_SHIFT} | offset`. Requests are taken one a cycle; a read answers the next "
+        "cycle. Memories are reachable only while no run is on: during a run a memory "
+        "access is dropped (reads give 0) and STATUS.HOST_CONFLICT is set.",
+        "",
+        "## Regions",
+        "",
+        "| region | number | entry width (default config) | host words per entry |",
+        "|---|---|---|---|",
+        f"| registers | {int(Region.REGISTERS)} | 32 | 1 |",
+    ]
+    for region, info in memories(config).items():
+        lines.append(f"| {info.name} | {int(region)} | {info.width} bits | {info.stride} |")
+    lines += [
+        "",
+        "An entry wider than 32 bits spans a power-of-two number of consecutive addresses, "
+        "least significant word first; lane i of an entry holds bits [i·w, (i+1)·w). "
+        "A parameter lane is (bias: accumulator_width bits, multiplier: 32 bits, "
+        "shift: 8 bits, of which the low 5 are used), bias lowest.",
+        "",
+        "## Registers (region 0)",
+        "",
+        "| offset | name | access | meaning |",
+        "|---|---|---|---|",
+        f"| {Reg.MAGIC:#04x} | MAGIC | read | {MAGIC:#010x} (\"NPUG\") |",
+        f"| {Reg.ISA_VERSION:#04x} | ISA_VERSION | read | {ISA_VERSION} |",
+    ]
+    for index, name in enumerate(NpuConfig.field_names()):
+        meaning = ("index into " + ", ".join(DATAFLOWS)) if name == "dataflow" else "value"
+        lines.append(f"| {Reg.CONFIG + index:#04x} | CONFIG.{name} | read | {meaning} |")
+    lines += [
+        f"| {Reg.CONTROL:#04x} | CONTROL | write | "
+        + ", ".join(f"bit {flag.bit_length() - 1}: {flag.name}" for flag in Control) + " |",
+        f"| {Reg.STATUS:#04x} | STATUS | read | "
+        + ", ".join(f"bit {flag.bit_length() - 1}: {flag.name}" for flag in Status) + " |",
+        f"| {Reg.START_PC:#04x} | START_PC | read/write | first instruction of the next run |",
+        f"| {Reg.PC:#04x} | PC | read | the sequencer's program counter |",
+    ]
+    for index, name in enumerate(COUNTER_NAMES):
+        offset = Reg.COUNTERS + 2 * index
+        lines.append(f"| {offset:#04x}, {offset + 1:#04x} | {name.upper()} | read | "
+                     f"counter `{name}`, low word then high word (cleared by START) |")
+    lines += [
+        "",
+        "CONTROL.START clears the counters and STATUS and runs from START_PC until HALT; "
+        "it is ignored during a run. CONTROL.ABORT stops a run at once and sets "
+        "STATUS.ABORTED. An unknown opcode stops the run with STATUS.ILLEGAL_INSTRUCTION.",
+        "",
+        "Counters: `cycles` counts every cycle of a run, from the first fetch to HALT; "
+        "`busy_cycles` the cycles in which the array takes an activation word; `macs` "
+        "adds rows × cols per such cycle (padding included); `stall_cycles` the cycles in "
+        "which a fetched instruction waits for a unit.",
+        "",
+    ]
+    return "\n".join(lines)

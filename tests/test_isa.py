@@ -64,3 +64,10 @@ def test_unknown_opcode_word():
 def test_docs_isa_is_generated_from_the_tables():
     docs = Path(__file__).resolve().parents[1] / "docs" / "ISA.md"
     assert docs.read_text() == isa_markdown(), "regenerate: python -m npugen.isa > docs/ISA.md"
+
+
+def test_docs_memory_map_is_generated():
+    from npugen.memory_map import memory_map_markdown
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "MEMORY_MAP.md"
+    assert docs.read_text() == memory_map_markdown()
