@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/npugen matmul --random 64x96x80 --target sim
+	$(BIN)/npugen demo
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

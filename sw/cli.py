@@ -39,7 +39,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     defaults = NpuConfig()
     for f in dataclasses.fields(NpuConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = type(getattr(defaults, f.name))
+        kind = str if f.name == "dataflow" else int
         group.add_argument(flag, dest=f"config_{f.name}", type=kind, metavar=f.name.upper(),
                            help=f"default {getattr(defaults, f.name)!r}")
 
@@ -165,6 +165,93 @@ def cmd_matmul(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _config_given(args: argparse.Namespace) -> bool:
+    return bool(args.config) or any(getattr(args, f"config_{f.name}") is not None
+                                    for f in dataclasses.fields(NpuConfig))
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .compiler import compile_model
+    from .graph import ModelError
+    from .importers import load_model
+    from .schedule import DoesNotFit
+
+    config = config_from_args(args)
+    started = time.perf_counter()
+    calibration = load_npy(args.calib, "calibration") if args.calib else None
+    try:
+        model = load_model(args.model)
+        program = compile_model(model, config, calibration, args.batch)
+    except (ModelError, DoesNotFit, ValueError) as error:
+        raise UsageError(str(error)) from None
+    program.save(args.output)
+    seconds = time.perf_counter() - started
+    print(program.describe())
+    print(f"wrote {args.output} in {seconds:.2f} s")
+    if args.json:
+        emit_json({"program": args.output, "config": config.to_dict(), "batch": program.batch,
+                   "layers": program.layers, "estimated_cycles": program.estimated_cycles,
+                   "macs": program.macs_per_inference, "seconds": round(seconds, 3)})
+    return EXIT_OK
+
+
+def _load_program(path: str):
+    from .program import Program, ProgramFormatError
+
+    try:
+        return Program.load(path)
+    except ProgramFormatError as error:
+        raise UsageError(str(error)) from None
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    program = _load_program(args.program)
+    print(program.describe())
+    if args.json:
+        emit_json({"config": program.config.to_dict(), "batch": program.batch,
+                   "layers": program.layers, "estimated_cycles": program.estimated_cycles,
+                   "instructions": program.instruction_count,
+                   "memory_words": program.memory_words()})
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runtime import ConfigMismatch, run
+
+    program = _load_program(args.program)
+    x = load_npy(args.input, "input")
+    target_config = config_from_args(args) if _config_given(args) else None
+    started = time.perf_counter()
+    try:
+        result = run(program, x, target=args.target, simulator=args.sim,
+                     config=target_config)
+    except ConfigMismatch as error:
+        raise UsageError(str(error)) from None
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    np.save(args.output, result.output)
+    stats = result.stats(program)
+    print(f"{result.inferences} inferences on {args.target} -> {args.output}: "
+          f"{stats['cycles']:.1f} cycles per inference, utilization {stats['utilization']:.3f}")
+    if args.json:
+        emit_json({"target": args.target, **stats,
+                   "seconds": round(time.perf_counter() - started, 3)})
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    config = config_from_args(args)
+    record = run_demo(target=args.target, simulator=args.sim, config=config,
+                      workdir=args.workdir)
+    if args.json:
+        emit_json(record)
+    if args.target == "sim" and not (record["bit_exact"] and record["cycles_match_model"]):
+        raise CheckFailed("the simulated NPU differs from the golden model")
+    return EXIT_OK
+
+
 # -- Parser ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +286,43 @@ def build_parser() -> argparse.ArgumentParser:
     matmul.add_argument("--json", action="store_true", help="print a JSON summary last")
     add_config_flags(matmul)
     matmul.set_defaults(handler=cmd_matmul)
+
+    compile_ = commands.add_parser("compile", help="quantize and compile a model to a program")
+    compile_.add_argument("model", metavar="MODEL", help="an .onnx (float or QDQ) or .npz model")
+    compile_.add_argument("--calib", metavar="X.npy",
+                          help="float calibration inputs (batch, *input shape)")
+    compile_.add_argument("--batch", type=int, help="inferences a run (default: the largest "
+                          "of 64, 32, ... 1 that fits the memories)")
+    compile_.add_argument("-o", "--output", required=True, metavar="PROG.npu")
+    compile_.add_argument("--json", action="store_true", help="print a JSON summary last")
+    add_config_flags(compile_)
+    compile_.set_defaults(handler=cmd_compile)
+
+    run_ = commands.add_parser("run", help="run a compiled program on float inputs")
+    run_.add_argument("program", metavar="PROG.npu")
+    run_.add_argument("--input", required=True, metavar="X.npy",
+                      help="float32 inputs, batch first")
+    run_.add_argument("-o", "--output", required=True, metavar="Y.npy",
+                      help="where to write the float32 outputs")
+    run_.add_argument("--target", choices=("golden", "sim"), default="golden")
+    run_.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
+    run_.add_argument("--json", action="store_true", help="print a JSON summary last")
+    add_config_flags(run_)
+    run_.set_defaults(handler=cmd_run)
+
+    inspect = commands.add_parser("inspect", help="show a program's layers, memory and cycles")
+    inspect.add_argument("program", metavar="PROG.npu")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(handler=cmd_inspect)
+
+    demo = commands.add_parser(
+        "demo", help="train an MLP on the bundled digits and run it on the NPU")
+    demo.add_argument("--target", choices=("golden", "sim"), default="sim")
+    demo.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
+    demo.add_argument("--workdir", default="build/demo", help="where the model and program go")
+    demo.add_argument("--json", action="store_true")
+    add_config_flags(demo)
+    demo.set_defaults(handler=cmd_demo)
     return parser
 
 

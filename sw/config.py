@@ -34,7 +34,8 @@ class NpuConfig:
 
     Memory depths count words: an activation word holds ``rows`` inputs, a weight word
     ``cols`` weights, an accumulator word ``cols`` accumulators, a parameter word
-    ``requant_lanes`` channels' (bias, multiplier, shift).
+    ``requant_lanes`` channels' (bias, multiplier, shift). ``requant_lanes`` (channels
+    requantized a cycle) defaults to gcd(rows, cols), at most 8.
 
     Raises ``TypeError``/``ValueError`` naming the parameter, its value and the rule.
     """
@@ -49,7 +50,7 @@ class NpuConfig:
     accumulator_depth: int = 1024
     instruction_depth: int = 1024
     param_depth: int = 256
-    requant_lanes: int = 1
+    requant_lanes: int | None = None  # None: gcd(rows, cols), at most 8
     dataflow: str = "ws"
 
     def __post_init__(self) -> None:
@@ -74,6 +75,8 @@ class NpuConfig:
             raise ValueError(
                 f"weight_depth must hold one weight tile of rows={self.rows} words, "
                 f"not {self.weight_depth}")
+        if self.requant_lanes is None:
+            object.__setattr__(self, "requant_lanes", min(math.gcd(self.rows, self.cols), 8))
         _check_int("requant_lanes", self.requant_lanes, 1, 64)
         if math.gcd(self.rows, self.cols) % self.requant_lanes:
             raise ValueError(

@@ -1,0 +1,174 @@
+"""Compiler: a quantized model → an NPU program (instructions + data image).
+
+Layers run back to back on chip. Each dense layer is a GEMM scheduled by
+:mod:`npugen.schedule` (the scheduler of ``npugen matmul``), followed by REQUANT of each
+output tile straight into the next layer's activation buffer. Activation buffers
+alternate between two areas of the activation memory; accumulators are reused by every
+layer; weights and parameters stay resident.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import NpuConfig
+from .golden import CycleModel, check_program
+from .graph import Model
+from .isa import Instruction, Opcode, encode_program
+from .memory_map import Region
+from .program import Program, TensorLayout
+from .quantize import QuantizedModel, quantize_model
+from .schedule import DoesNotFit, GemmPlan, ceil_div, gemm_instructions, plan_gemm, tile_weights
+
+__all__ = ["compile_model", "compile_quantized", "BATCH_CHOICES"]
+
+BATCH_CHOICES = (64, 32, 16, 8, 4, 2, 1)
+
+
+@dataclass
+class _Placement:
+    plan: GemmPlan
+    param_base: int
+    out_base: int
+
+
+def _output_words(config: NpuConfig, plan: GemmPlan) -> int:
+    """Activation words a layer's REQUANTs write: whole output tiles, padding included."""
+    return ceil_div(plan.n_tiles * config.cols, config.rows) * plan.m
+
+
+def _place(config: NpuConfig, model: QuantizedModel, batch: int) -> list[_Placement]:
+    """Place every layer for ``batch`` rows; raise DoesNotFit naming what overflows."""
+    plans, buffer_words = [], []
+    first_k_tiles = ceil_div(model.layers[0].in_features, config.rows)
+    buffer_words.append(first_k_tiles * batch)
+    for layer in model.layers:
+        plan = GemmPlan(config, batch, layer.in_features, layer.out_features)
+        plans.append(plan)
+        buffer_words.append(_output_words(config, plan))
+    # Buffers alternate between area 0 (even) and area 1 (odd).
+    area = [max(buffer_words[0::2]), max(buffer_words[1::2])]
+    bases = [0 if i % 2 == 0 else area[0] for i in range(len(buffer_words))]
+    groups_per_tile = config.cols // config.requant_lanes
+    weight_words = sum(p.weight_words for p in plans)
+    param_words = sum(p.n_tiles * groups_per_tile for p in plans)
+    accumulator_words = max(p.accumulator_words for p in plans)
+    needs = [
+        ("activations", area[0] + area[1], config.activation_depth, "activation_depth"),
+        ("weights", weight_words, config.weight_depth, "weight_depth"),
+        ("accumulators", accumulator_words, config.accumulator_depth, "accumulator_depth"),
+        ("parameters", param_words, config.param_depth, "param_depth"),
+    ]
+    problems = [f"{what} need {used} words, {name} is {depth}"
+                for what, used, depth, name in needs if used > depth]
+    if problems:
+        raise DoesNotFit(f"batch {batch}: " + "; ".join(problems))
+    placements, weight_base, param_base = [], 0, 0
+    for index, plan in enumerate(plans):
+        placed = plan_gemm(config, batch, plan.k, plan.n, act_base=bases[index],
+                           weight_base=weight_base)
+        placements.append(_Placement(placed, param_base, bases[index + 1]))
+        weight_base += placed.weight_words
+        param_base += placed.n_tiles * groups_per_tile
+    return placements
+
+
+def _instructions(config: NpuConfig, model: QuantizedModel,
+                  placements: list[_Placement]) -> list[Instruction]:
+    program: list[Instruction] = []
+    bank = 0
+    groups_per_tile = config.cols // config.requant_lanes
+    for layer, placed in zip(model.layers, placements, strict=True):
+        plan = placed.plan
+        program += gemm_instructions(plan, first_bank=bank)
+        bank ^= (plan.n_tiles * plan.k_tiles) & 1
+        program.append(Instruction(Opcode.SETPP, {
+            "zero_point": layer.output_zero_point, "clamp_min": layer.clamp_min,
+            "clamp_max": layer.clamp_max}))
+        for n_tile in range(plan.n_tiles):
+            channel = n_tile * config.cols
+            program.append(Instruction(Opcode.SETREQ, {
+                "param_addr": placed.param_base + n_tile * groups_per_tile,
+                "out_stride": plan.m}))
+            program.append(Instruction(Opcode.REQUANT, {
+                "acc_addr": plan.acc_addr(n_tile), "count": plan.m,
+                "out_addr": placed.out_base + (channel // config.rows) * plan.m,
+                "out_lane": channel % config.rows}))
+    program.append(Instruction(Opcode.HALT))
+    return program
+
+
+def _param_words(config: NpuConfig, model: QuantizedModel,
+                 placements: list[_Placement]) -> np.ndarray:
+    rows = []
+    for layer, placed in zip(model.layers, placements, strict=True):
+        channels = placed.plan.n_tiles * config.cols
+        lanes = np.zeros((channels, 3), dtype=np.int64)
+        lanes[:layer.out_features, 0] = layer.bias
+        lanes[:layer.out_features, 1] = layer.multiplier
+        lanes[:layer.out_features, 2] = layer.shift
+        rows.append(lanes.reshape(-1, config.requant_lanes, 3))
+    return np.concatenate(rows)
+
+
+def compile_quantized(model: QuantizedModel, config: NpuConfig,
+                      batch: int | None = None) -> Program:
+    """Compile for ``batch`` rows a run (default: the largest of 64, 32, ... that fits)."""
+    if batch is not None and not 1 <= batch <= 0xFFFF:
+        raise ValueError(f"batch must be between 1 and 65535, not {batch}")
+    for layer in model.layers:
+        if layer.bias.size and np.abs(layer.bias).max() >= 1 << (config.accumulator_width - 1):
+            raise DoesNotFit(f"layer {layer.name!r}: a bias needs more than the "
+                             f"{config.accumulator_width}-bit accumulators")
+    if config.input_width != 8 or config.weight_width != 8:
+        raise DoesNotFit(f"models compile to int8 NPUs; this one is {config.describe()}")
+    errors = []
+    placements = None
+    for candidate in ([batch] if batch else BATCH_CHOICES):
+        try:
+            placements = _place(config, model, candidate)
+            instructions = _instructions(config, model, placements)
+            if len(instructions) > config.instruction_depth:
+                raise DoesNotFit(f"batch {candidate}: {len(instructions)} instructions, "
+                                 f"instruction_depth is {config.instruction_depth}")
+            batch = candidate
+            break
+        except DoesNotFit as error:
+            errors.append(str(error))
+            placements = None
+    if placements is None:
+        raise DoesNotFit(f"the model does not fit a {config.describe()} NPU: {errors[-1]}")
+    check_program(config, instructions)
+    timing = CycleModel(config)
+    for instruction in instructions:
+        timing.dispatch(instruction)
+    segments = [(Region.INSTRUCTIONS, 0, encode_program(instructions))]
+    weights = np.concatenate([tile_weights(p.plan, layer.weight)
+                              for layer, p in zip(model.layers, placements, strict=True)])
+    segments.append((Region.WEIGHTS, 0, weights))
+    segments.append((Region.PARAMS, 0, _param_words(config, model, placements)))
+    first, last = placements[0].plan, placements[-1].plan
+    layers = [{
+        "name": layer.name, "in_features": layer.in_features,
+        "out_features": layer.out_features, "k_tiles": p.plan.k_tiles,
+        "n_tiles": p.plan.n_tiles, "weight_words": p.plan.weight_words,
+        "macs": layer.in_features * layer.out_features,
+        "clamp": [layer.clamp_min, layer.clamp_max],
+    } for layer, p in zip(model.layers, placements, strict=True)]
+    return Program(
+        config=config, batch=batch, segments=segments,
+        input=TensorLayout(first.act_base, model.layers[0].in_features, model.input_shape,
+                           model.input_quant.scale, model.input_quant.zero_point),
+        output=TensorLayout(placements[-1].out_base, last.n, model.output_shape,
+                            model.output_quant.scale, model.output_quant.zero_point),
+        layers=layers, estimated_cycles=timing.counters.cycles,
+        instruction_count=len(instructions))
+
+
+def compile_model(model: Model, config: NpuConfig | None = None,
+                  calibration: np.ndarray | None = None, batch: int | None = None) -> Program:
+    """Quantize (from ``calibration`` unless the model is QDQ) and compile ``model``."""
+    config = config or NpuConfig()
+    return compile_quantized(quantize_model(model, calibration), config, batch)

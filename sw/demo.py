@@ -1,0 +1,132 @@
+"""``npugen demo``: a trained network on the NPU, end to end.
+
+Trains an MLP on scikit-learn's bundled 8×8 digits (no download), exports it to ONNX,
+quantizes it with calibration images, compiles it, and runs the held-out images on the
+golden model and on the simulated NPU.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import NpuConfig
+
+__all__ = ["digits", "train_mlp", "mlp_to_onnx", "run_demo"]
+
+
+def digits(seed: int = 0):
+    """(x_train, y_train, x_test, y_test): 8×8 digits scaled to [0, 1], 80/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = (data.data / 16.0).astype(np.float32)
+    return train_test_split(x, data.target, test_size=0.2, random_state=seed,
+                            stratify=data.target)
+
+
+def train_mlp(x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...] = (64, 32), seed: int = 0):
+    from sklearn.neural_network import MLPClassifier
+
+    classifier = MLPClassifier(hidden_layer_sizes=hidden, activation="relu", max_iter=400,
+                               random_state=seed)
+    classifier.fit(x, y)
+    return classifier
+
+
+def mlp_to_onnx(classifier, path: str | Path, opset: int = 17):
+    """Export a trained MLPClassifier as Gemm/Relu ONNX (logits out, no softmax)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, initializers = [], []
+    previous = "input"
+    count = len(classifier.coefs_)
+    for index, (weight, bias) in enumerate(zip(classifier.coefs_, classifier.intercepts_,
+                                               strict=True)):
+        w, b = f"fc{index}.weight", f"fc{index}.bias"
+        initializers += [numpy_helper.from_array(weight.astype(np.float32), w),
+                         numpy_helper.from_array(bias.astype(np.float32), b)]
+        out = "logits" if index == count - 1 else f"fc{index}"
+        nodes.append(helper.make_node("Gemm", [previous, w, b], [out], name=f"fc{index}"))
+        if index < count - 1:
+            nodes.append(helper.make_node("Relu", [out], [f"relu{index}"], name=f"relu{index}"))
+            out = f"relu{index}"
+        previous = out
+    features = classifier.coefs_[0].shape[0]
+    classes = classifier.coefs_[-1].shape[1]
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return model
+
+
+def _progress(label: str):
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // total
+        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return show
+
+
+def run_demo(*, target: str = "sim", simulator: str = "verilator",
+             config: NpuConfig | None = None, workdir: str | Path = "build/demo",
+             hidden: tuple[int, ...] = (64, 32)) -> dict:
+    """Train, export, compile, run; print the figures and return them."""
+    from .compiler import compile_model
+    from .importers import load_onnx
+    from .runtime import run
+
+    config = config or NpuConfig()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    x_train, x_test, y_train, y_test = digits()
+    classifier = train_mlp(x_train, y_train, hidden)
+    onnx_path = workdir / "mlp.onnx"
+    mlp_to_onnx(classifier, onnx_path)
+    model = load_onnx(onnx_path)
+    float_accuracy = float(np.mean(model.forward(x_test).argmax(1) == y_test))
+    program = compile_model(model, config, calibration=x_train[:256])
+    program_path = workdir / "mlp.npu"
+    program.save(program_path)
+    shape = "-".join(str(d) for d in (model.layers[0].in_features,
+                                      *(layer.out_features for layer in model.layers)))
+    print(f"trained MLP {shape} on {len(x_train)} digits; exported {onnx_path}; "
+          f"compiled {program_path} for a {config.describe()} NPU (batch {program.batch})")
+    golden = run(program, x_test, target="golden")
+    int8_accuracy = float(np.mean(golden.output.argmax(1) == y_test))
+    record = {"model": f"MLP {shape}", "test_images": len(x_test),
+              "float_accuracy": float_accuracy, "int8_accuracy": int8_accuracy,
+              **golden.stats(program)}
+    if target == "sim":
+        npu = run(program, x_test, target="sim", simulator=simulator,
+                  progress=_progress(f"simulating on {simulator}"))
+        record["bit_exact"] = bool(np.array_equal(npu.quantized_output,
+                                                  golden.quantized_output))
+        record["npu_accuracy"] = float(np.mean(npu.output.argmax(1) == y_test))
+        record["cycles_match_model"] = npu.counters == golden.counters
+        record.update({k: v for k, v in npu.stats(program).items()})
+    record["target"] = target
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    print(f"accuracy on {len(x_test)} held-out digits: float {float_accuracy:.4f}, "
+          f"int8 (golden) {int8_accuracy:.4f}")
+    if target == "sim":
+        print(f"NPU ({simulator}) bit-exact with golden: {record['bit_exact']}; "
+              f"accuracy {record['npu_accuracy']:.4f}")
+    print(f"cycles per inference {record['cycles']:.1f} (batch {program.batch}, "
+          f"{record['macs']} MACs, utilization {record['utilization']:.3f}); "
+          f"{record['seconds']} s")
+    return record

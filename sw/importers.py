@@ -1,0 +1,341 @@
+"""Model importers: ONNX (float or QDQ) and a plain ``.npz`` of layer weights.
+
+Both return a :class:`~npugen.graph.Model`. Errors are :class:`~npugen.graph.ModelError`
+and name the node (by name and op type) or the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .graph import Dense, Model, ModelError, QuantParams
+
+__all__ = ["load_model", "load_onnx", "load_npz", "SUPPORTED_ONNX_OPS", "NPZ_LAYOUT"]
+
+SUPPORTED_ONNX_OPS = ("Gemm", "MatMul", "Add", "Relu", "Clip", "Flatten", "Reshape",
+                      "Identity", "Constant", "QuantizeLinear", "DequantizeLinear")
+MIN_OPSET = 13
+
+NPZ_LAYOUT = """\
+An .npz for npugen holds, for layers i = 0, 1, ... in order:
+  layers.{i}.weight      float (in_features, out_features)
+  layers.{i}.bias        float (out_features,)            optional, zeros if absent
+  layers.{i}.activation  'none', 'relu' or 'relu6'        optional, 'none' if absent
+and optionally input_shape (ints; default (in_features of layer 0,))."""
+
+ACTIVATION_BOUNDS = {"none": (-np.inf, np.inf), "relu": (0.0, np.inf), "relu6": (0.0, 6.0)}
+
+
+def load_model(path: str | Path) -> Model:
+    """Load an ``.onnx`` or ``.npz`` model by its suffix."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model file {str(path)!r} does not exist")
+    if path.suffix.lower() == ".npz":
+        return load_npz(path)
+    if path.suffix.lower() == ".onnx":
+        return load_onnx(path)
+    raise ModelError(f"model file {str(path)!r}: expected a .onnx or .npz file")
+
+
+# -- .npz --------------------------------------------------------------------------------
+
+def load_npz(path: str | Path) -> Model:
+    try:
+        archive = np.load(path, allow_pickle=False)
+        arrays = {name: archive[name] for name in archive.files}
+    except Exception as error:  # zipfile, pickle and value errors all mean "corrupt"
+        raise ModelError(f"{str(path)!r} is not a readable .npz archive: {error}") from None
+    layers = []
+    index = 0
+    while f"layers.{index}.weight" in arrays:
+        prefix = f"layers.{index}."
+        weight = np.asarray(arrays[prefix + "weight"], dtype=np.float32)
+        if weight.ndim != 2:
+            raise ModelError(f"{prefix}weight must be 2-D (in, out), not {weight.shape}")
+        bias = np.asarray(arrays.get(prefix + "bias", np.zeros(weight.shape[1])), np.float32)
+        if bias.shape != (weight.shape[1],):
+            raise ModelError(f"{prefix}bias must have {weight.shape[1]} values, not "
+                             f"{bias.shape}")
+        activation = str(arrays.get(prefix + "activation", np.array("none")))
+        if activation not in ACTIVATION_BOUNDS:
+            raise ModelError(f"{prefix}activation must be one of "
+                             f"{', '.join(ACTIVATION_BOUNDS)}, not {activation!r}")
+        low, high = ACTIVATION_BOUNDS[activation]
+        layers.append(Dense(f"layer{index}", weight, bias, low, high))
+        index += 1
+    if not layers:
+        raise ModelError(f"{str(path)!r} has no layers.0.weight\n{NPZ_LAYOUT}")
+    extra = sorted(k for k in arrays if not k.startswith("layers.") and k != "input_shape")
+    if extra:
+        raise ModelError(f"{str(path)!r}: unknown entries {', '.join(extra)}\n{NPZ_LAYOUT}")
+    input_shape = tuple(int(d) for d in arrays.get("input_shape", [layers[0].in_features]))
+    model = Model(layers, input_shape, (layers[-1].out_features,))
+    model.check()
+    return model
+
+
+# -- ONNX --------------------------------------------------------------------------------
+
+@dataclass
+class _Activation:
+    """The running activation tensor: its features and the tensor whose quantization
+    applies (``"input"`` or the producing layer's name)."""
+
+    features: int
+    owner: str = "input"
+    layer: Dense | None = None
+    after_layer_ops: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _QuantizedConstant:
+    values: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int
+
+    def dequantize(self) -> np.ndarray:
+        shape = [1] * self.values.ndim
+        if self.scale.size > 1:
+            shape[self.axis] = -1
+        scale = self.scale.reshape(shape)
+        zero = self.zero_point.reshape(shape) if self.zero_point.size > 1 else self.zero_point
+        return ((self.values.astype(np.float64) - zero) * scale).astype(np.float32)
+
+
+def _describe(node) -> str:
+    return f"node {node.name or node.output[0]!r} ({node.op_type})"
+
+
+def load_onnx(source: Any) -> Model:
+    """Import an ONNX model (a path or an ``onnx.ModelProto``): a chain of Gemm/MatMul
+    layers with bias, ReLU/Clip activations, Flatten/Reshape/Identity, optionally with
+    QuantizeLinear/DequantizeLinear (QDQ) giving the quantization to use."""
+    import onnx
+    from onnx import numpy_helper
+
+    if isinstance(source, onnx.ModelProto):
+        proto = source
+        label = "the ONNX model"
+    else:
+        label = repr(str(source))
+        try:
+            proto = onnx.load(str(source))
+        except Exception as error:  # protobuf decode errors, truncated files
+            raise ModelError(f"{label} is not a valid ONNX model (corrupt or truncated?): "
+                             f"{error}") from None
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset and opset < MIN_OPSET:
+        raise ModelError(f"{label} uses ONNX opset {opset}; npugen reads opset {MIN_OPSET} "
+                         f"and newer (re-export it, e.g. torch.onnx.export(..., "
+                         f"opset_version=17))")
+    graph = proto.graph
+    unsupported = [_describe(n) for n in graph.node
+                   if n.op_type not in SUPPORTED_ONNX_OPS or n.domain not in ("", "ai.onnx")]
+    if unsupported:
+        raise ModelError(
+            f"{label} has {len(unsupported)} unsupported node(s): {', '.join(unsupported)}. "
+            f"Supported operators: {', '.join(SUPPORTED_ONNX_OPS)}")
+
+    values: dict[str, Any] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in values]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise ModelError(f"{label} must have one input and one output, not "
+                         f"{len(inputs)} and {len(graph.output)}")
+    dims = inputs[0].type.tensor_type.shape.dim
+    input_shape = tuple(d.dim_value for d in dims[1:])
+    if not dims or any(d <= 0 for d in input_shape):
+        raise ModelError(f"input {inputs[0].name!r} needs a leading batch dimension and fixed "
+                         f"other dimensions, not {[d.dim_param or d.dim_value for d in dims]}")
+    layers: list[Dense] = []
+    tensor_quant: dict[str, QuantParams] = {}
+    values[inputs[0].name] = _Activation(int(np.prod(input_shape)))
+
+    def constant(node, index: int, what: str) -> np.ndarray:
+        if index >= len(node.input) or node.input[index] == "":
+            return None
+        value = values.get(node.input[index])
+        if isinstance(value, np.ndarray):
+            return value
+        raise ModelError(f"{_describe(node)}: its {what} must be a constant (an initializer)")
+
+    def activation(node) -> _Activation:
+        value = values.get(node.input[0])
+        if not isinstance(value, _Activation):
+            raise ModelError(f"{_describe(node)}: its first input must be the model's "
+                             f"activation, not a constant")
+        return value
+
+    def weight_of(node, index: int, transpose: bool) -> tuple[np.ndarray, _QuantizedConstant]:
+        value = values.get(node.input[index])
+        if isinstance(value, _QuantizedConstant):
+            quantized = value
+            real = value.dequantize()
+        elif isinstance(value, np.ndarray):
+            quantized, real = None, value.astype(np.float32)
+        else:
+            raise ModelError(f"{_describe(node)}: its weights must be a constant")
+        if real.ndim != 2:
+            raise ModelError(f"{_describe(node)}: weights must be 2-D, not {real.shape}")
+        return (real.T if transpose else real), quantized
+
+    def add_layer(node, act: _Activation, weight: np.ndarray, quantized, transpose: bool):
+        if weight.shape[0] != act.features:
+            raise ModelError(f"{_describe(node)}: weights of shape {weight.shape} do not take "
+                             f"{act.features} input features")
+        name = node.name or node.output[0]
+        layer = Dense(name, weight.astype(np.float32), np.zeros(weight.shape[1], np.float32))
+        if quantized is not None:
+            q = quantized.values.T if transpose else quantized.values
+            channel_axis = 0 if transpose else 1
+            if quantized.scale.size > 1 and quantized.axis % 2 != channel_axis:
+                raise ModelError(f"{_describe(node)}: per-channel weight scales must be along "
+                                 f"the output channels")
+            layer.quantized_weight = q.astype(np.int64)
+            layer.weight_quant = QuantParams(
+                np.broadcast_to(quantized.scale.astype(np.float64), (weight.shape[1],)).copy(),
+                np.broadcast_to(quantized.zero_point.astype(np.int64),
+                                (weight.shape[1],)).copy())
+        layers.append(layer)
+        return _Activation(weight.shape[1], owner=name, layer=layer)
+
+    def set_bias(node, act: _Activation, bias) -> None:
+        layer = act.layer
+        if layer is None or act.after_layer_ops:
+            raise ModelError(f"{_describe(node)}: a bias Add must directly follow a Gemm or "
+                             f"MatMul")
+        if isinstance(bias, _QuantizedConstant):
+            layer.quantized_bias = bias.values.reshape(-1).astype(np.int64)
+            bias = bias.dequantize()
+        bias = np.asarray(bias, dtype=np.float32).reshape(-1)
+        if bias.size == 1:
+            bias = np.full(layer.out_features, bias[0], np.float32)
+        if bias.shape != (layer.out_features,):
+            raise ModelError(f"{_describe(node)}: bias of shape {bias.shape} does not match "
+                             f"{layer.out_features} outputs")
+        layer.bias = layer.bias + bias
+
+    def clamp(node, act: _Activation, low: float, high: float) -> _Activation:
+        if act.layer is None:
+            raise ModelError(f"{_describe(node)}: an activation must follow a Gemm or MatMul")
+        act.layer.low = max(act.layer.low, low)
+        act.layer.high = min(act.layer.high, high)
+        return _Activation(act.features, act.owner, act.layer, [*act.after_layer_ops, "clamp"])
+
+    def attribute(node, name: str, default):
+        for a in node.attribute:
+            if a.name == name:
+                return onnx.helper.get_attribute_value(a)
+        return default
+
+    for node in graph.node:
+        op = node.op_type
+        out = node.output[0]
+        if op == "Constant":
+            values[out] = numpy_helper.to_array(attribute(node, "value", None))
+        elif op == "Identity":
+            values[out] = values[node.input[0]]
+        elif op == "QuantizeLinear":
+            value = values.get(node.input[0])
+            scale = constant(node, 1, "scale")
+            zero = constant(node, 2, "zero point")
+            zero = np.zeros((), np.int64) if zero is None else zero
+            if zero is not None and np.asarray(zero).dtype not in (np.int8, np.int64, np.int32):
+                raise ModelError(f"{_describe(node)}: only int8 quantization is supported, "
+                                 f"not {np.asarray(zero).dtype}")
+            if isinstance(value, _Activation):
+                if np.asarray(scale).size != 1:
+                    raise ModelError(f"{_describe(node)}: activations need per-tensor scales")
+                tensor_quant[value.owner] = QuantParams(float(np.asarray(scale).reshape(-1)[0]),
+                                                        int(np.asarray(zero).reshape(-1)[0]))
+                values[out] = value
+            else:
+                axis = attribute(node, "axis", 1)
+                shape = [1] * value.ndim
+                if np.asarray(scale).size > 1:
+                    shape[axis] = -1
+                q = np.round(value / np.asarray(scale).reshape(shape)) + np.asarray(
+                    zero).reshape(shape if np.asarray(zero).size > 1 else ())
+                values[out] = np.clip(q, -128, 127).astype(np.int64)
+        elif op == "DequantizeLinear":
+            value = values.get(node.input[0])
+            if isinstance(value, _Activation):
+                values[out] = value
+            else:
+                scale = np.asarray(constant(node, 1, "scale"), dtype=np.float64)
+                zero = constant(node, 2, "zero point")
+                zero = np.zeros(1, np.int64) if zero is None else np.asarray(zero, np.int64)
+                values[out] = _QuantizedConstant(np.asarray(value).astype(np.int64), scale,
+                                                 zero, attribute(node, "axis", 1))
+        elif op == "Gemm":
+            act = activation(node)
+            if attribute(node, "transA", 0):
+                raise ModelError(f"{_describe(node)}: transA=1 is not supported")
+            alpha, beta = attribute(node, "alpha", 1.0), attribute(node, "beta", 1.0)
+            transpose = bool(attribute(node, "transB", 0))
+            weight, quantized = weight_of(node, 1, transpose)
+            if alpha != 1.0:
+                if quantized is not None:
+                    raise ModelError(f"{_describe(node)}: alpha must be 1 with quantized "
+                                     f"weights")
+                weight = weight * alpha
+            new = add_layer(node, act, weight, quantized, transpose)
+            if len(node.input) > 2 and node.input[2]:
+                bias = values.get(node.input[2])
+                if not isinstance(bias, (np.ndarray, _QuantizedConstant)):
+                    raise ModelError(f"{_describe(node)}: its bias must be a constant")
+                if beta != 1.0:
+                    if isinstance(bias, _QuantizedConstant):
+                        raise ModelError(f"{_describe(node)}: beta must be 1 with a "
+                                         f"quantized bias")
+                    bias = bias * beta
+                set_bias(node, new, bias)
+            values[out] = new
+        elif op == "MatMul":
+            act = activation(node)
+            weight, quantized = weight_of(node, 1, False)
+            values[out] = add_layer(node, act, weight, quantized, False)
+        elif op == "Add":
+            first, second = (values.get(name) for name in node.input[:2])
+            act, bias = (first, second) if isinstance(first, _Activation) else (second, first)
+            if not isinstance(act, _Activation) or isinstance(bias, _Activation):
+                raise ModelError(f"{_describe(node)}: only a bias Add (activation + constant) "
+                                 f"is supported")
+            set_bias(node, act, bias)
+            values[out] = act
+        elif op == "Relu":
+            values[out] = clamp(node, activation(node), 0.0, np.inf)
+        elif op == "Clip":
+            low = constant(node, 1, "min")
+            high = constant(node, 2, "max")
+            low = -np.inf if low is None else float(low)
+            high = np.inf if high is None else float(high)
+            values[out] = clamp(node, activation(node), low, high)
+        elif op == "Flatten":
+            if attribute(node, "axis", 1) != 1:
+                raise ModelError(f"{_describe(node)}: only axis=1 (keep the batch) is "
+                                 f"supported")
+            values[out] = activation(node)
+        elif op == "Reshape":
+            act = activation(node)
+            shape = constant(node, 1, "shape")
+            target = [int(d) for d in np.asarray(shape).reshape(-1)]
+            if len(target) != 2 or target[1] not in (act.features, -1):
+                raise ModelError(f"{_describe(node)}: only a reshape to (batch, "
+                                 f"{act.features}) is supported, not {target}")
+            values[out] = act
+    result = values.get(graph.output[0].name)
+    if not isinstance(result, _Activation):
+        raise ModelError(f"{label}: the output {graph.output[0].name!r} is not computed from "
+                         f"the input by supported operators")
+    if layers and result.layer is not layers[-1]:
+        raise ModelError(f"{label}: the output must come from the last layer")
+    model = Model(layers, input_shape, (result.features,), inputs[0].name,
+                  graph.output[0].name, tensor_quant)
+    model.check()
+    return model

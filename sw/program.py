@@ -1,0 +1,197 @@
+"""The ``.npu`` program file: what a compiled model needs to run on one NPU configuration.
+
+Layout (little-endian)::
+
+    8 bytes   magic b"NPUGPROG"
+    4 bytes   format version (uint32)
+    4 bytes   header length H (uint32)
+    H bytes   header, UTF-8 JSON (see docs/PROGRAM_FORMAT.md)
+    ...       segments: packed host-port words (uint32), at the offsets the header gives
+
+The header records the NpuConfig the program was compiled for, the ISA version, the batch
+(rows a run), input and output layout and quantization, the layer table and, per
+segment, its memory region, first entry, word count and CRC-32.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import NpuConfig
+from .isa import ISA_VERSION
+from .job import pack_entries, unpack_entries
+from .memory_map import Region, memories
+
+__all__ = ["Program", "TensorLayout", "ProgramFormatError", "MAGIC", "FORMAT_VERSION"]
+
+MAGIC = b"NPUGPROG"
+FORMAT_VERSION = 1
+_PREAMBLE = struct.Struct("<8sII")
+
+
+class ProgramFormatError(ValueError):
+    """A file that is not a valid npugen program (wrong magic, version, corrupt data)."""
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """Where a model input or output lives, and how it is quantized.
+
+    Row m, feature f is activation word ``base + (f // rows)·batch + m``, lane
+    ``f % rows``; ``real = scale · (q − zero_point)``.
+    """
+
+    base: int
+    features: int
+    shape: tuple[int, ...]
+    scale: float
+    zero_point: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": self.base, "features": self.features, "shape": list(self.shape),
+                "scale": float(self.scale), "zero_point": int(self.zero_point)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorLayout:
+        return cls(int(data["base"]), int(data["features"]), tuple(data["shape"]),
+                   float(data["scale"]), int(data["zero_point"]))
+
+
+@dataclass
+class Program:
+    """A compiled model: instructions and data image for one NpuConfig."""
+
+    config: NpuConfig
+    batch: int
+    segments: list[tuple[Region, int, np.ndarray]]  # (region, first entry, lane values)
+    input: TensorLayout
+    output: TensorLayout
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    estimated_cycles: int = 0
+    instruction_count: int = 0
+
+    @property
+    def macs_per_inference(self) -> int:
+        return sum(layer["macs"] for layer in self.layers)
+
+    def memory_words(self) -> dict[str, int]:
+        """Entries used per memory, by name."""
+        used: dict[str, int] = {}
+        for region, entry, values in self.segments:
+            name = memories(self.config)[region].name
+            used[name] = max(used.get(name, 0), entry + len(values))
+        return used
+
+    # -- file ------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        blobs, table, offset = [], [], 0
+        for region, entry, values in self.segments:
+            words = pack_entries(self.config, region, values).astype("<u4").tobytes()
+            table.append({"region": Region(region).name.lower(), "entry": int(entry),
+                          "entries": len(values), "offset": offset, "bytes": len(words),
+                          "crc32": zlib.crc32(words)})
+            blobs.append(words)
+            offset += len(words)
+        header = {
+            "format_version": FORMAT_VERSION, "isa_version": ISA_VERSION,
+            "config": self.config.to_dict(), "batch": self.batch,
+            "input": self.input.to_dict(), "output": self.output.to_dict(),
+            "layers": self.layers, "estimated_cycles": self.estimated_cycles,
+            "instruction_count": self.instruction_count, "segments": table,
+        }
+        text = json.dumps(header, sort_keys=True).encode()
+        return _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(text)) + text + b"".join(blobs)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, source: str = "program") -> Program:
+        if len(data) < _PREAMBLE.size:
+            raise ProgramFormatError(f"{source}: {len(data)} bytes is too short for an npugen "
+                                     f"program (truncated?)")
+        magic, version, header_length = _PREAMBLE.unpack_from(data)
+        if magic != MAGIC:
+            raise ProgramFormatError(f"{source}: not an npugen program (magic {magic!r}, "
+                                     f"expected {MAGIC!r})")
+        if version != FORMAT_VERSION:
+            raise ProgramFormatError(f"{source}: program format version {version}; this npugen "
+                                     f"reads version {FORMAT_VERSION} (recompile the model)")
+        body = _PREAMBLE.size + header_length
+        if len(data) < body:
+            raise ProgramFormatError(f"{source}: truncated header ({len(data) - _PREAMBLE.size}"
+                                     f" of {header_length} bytes)")
+        try:
+            header = json.loads(data[_PREAMBLE.size:body])
+            config = NpuConfig.from_dict(header["config"])
+            if header["isa_version"] != ISA_VERSION:
+                raise ProgramFormatError(f"{source}: compiled for ISA version "
+                                         f"{header['isa_version']}, this npugen speaks "
+                                         f"{ISA_VERSION}")
+            segments = []
+            for seg in header["segments"]:
+                region = Region[seg["region"].upper()]
+                start, end = body + seg["offset"], body + seg["offset"] + seg["bytes"]
+                if end > len(data):
+                    raise ProgramFormatError(f"{source}: truncated: segment {seg['region']} "
+                                             f"ends at byte {end}, the file has {len(data)}")
+                blob = data[start:end]
+                if zlib.crc32(blob) != seg["crc32"]:
+                    raise ProgramFormatError(f"{source}: segment {seg['region']} is corrupt "
+                                             f"(CRC-32 mismatch)")
+                stride = memories(config)[region].stride
+                words = np.frombuffer(blob, dtype="<u4").reshape(seg["entries"], stride)
+                segments.append((region, int(seg["entry"]),
+                                 unpack_entries(config, region, words)))
+            return cls(config, int(header["batch"]), segments,
+                       TensorLayout.from_dict(header["input"]),
+                       TensorLayout.from_dict(header["output"]), header["layers"],
+                       int(header["estimated_cycles"]), int(header["instruction_count"]))
+        except ProgramFormatError:
+            raise
+        except (ValueError, KeyError, TypeError) as error:
+            raise ProgramFormatError(f"{source}: corrupt program header: {error}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Program:
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ProgramFormatError(f"program file {str(path)!r} does not exist") from None
+        return cls.from_bytes(data, source=repr(str(path)))
+
+    def describe(self) -> str:
+        """A human-readable summary: layers, memory use, estimated cycles."""
+        c = self.config
+        lines = [f"npugen program for a {c.describe()} NPU (config {c.digest()}), "
+                 f"batch {self.batch}",
+                 f"input {self.input.shape} scale {self.input.scale:.6g} zero point "
+                 f"{self.input.zero_point}; output {self.output.shape} scale "
+                 f"{self.output.scale:.6g} zero point {self.output.zero_point}",
+                 "", "layer            in -> out   tiles (K x N)   weight words   MACs/inference"]
+        for layer in self.layers:
+            lines.append(f"{layer['name'][:14]:<14} {layer['in_features']:>5} -> "
+                         f"{layer['out_features']:<5} {layer['k_tiles']:>5} x "
+                         f"{layer['n_tiles']:<7} {layer['weight_words']:>12} "
+                         f"{layer['macs']:>16}")
+        lines.append("")
+        for info in memories(c).values():
+            used = self.memory_words().get(info.name)
+            if used is not None:
+                lines.append(f"{info.name:<13} {used:>6} of {info.depth} words")
+        per_inference = self.estimated_cycles / self.batch
+        ideal = self.macs_per_inference / c.macs_per_cycle
+        lines.append(f"instructions  {self.instruction_count:>6} of {c.instruction_depth}")
+        lines.append(f"estimated cycles per run {self.estimated_cycles} "
+                     f"({per_inference:.1f} per inference, ideal {ideal:.1f}, "
+                     f"utilization {ideal / per_inference:.3f})")
+        return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""Running a compiled program: quantize the input, run batch after batch on a target,
+dequantize the output. Targets: ``"golden"`` (the NumPy model) and ``"sim"`` (the RTL in
+Verilator or Icarus)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import NpuConfig
+from .golden import Counters
+from .job import Job, JobResult, run_golden
+from .memory_map import Region
+from .program import Program
+
+__all__ = ["RunResult", "run", "program_job", "quantize_input", "ConfigMismatch", "TARGETS"]
+
+TARGETS = ("golden", "sim")
+
+
+class ConfigMismatch(ValueError):
+    """A program compiled for one NpuConfig, offered to an NPU of another."""
+
+
+@dataclass
+class RunResult:
+    output: np.ndarray            # float32, batch-first, the model's output shape
+    quantized_output: np.ndarray  # int8 as the NPU wrote it, (batch, features)
+    counters: Counters            # summed over all runs
+    runs: int
+    inferences: int
+
+    @property
+    def cycles_per_inference(self) -> float:
+        return self.counters.cycles / self.inferences
+
+    def stats(self, program: Program) -> dict:
+        ideal = program.macs_per_inference / program.config.macs_per_cycle
+        per_run_cycles = self.counters.cycles / self.runs
+        return {
+            "inferences": self.inferences, "runs": self.runs, "batch": program.batch,
+            "cycles": per_run_cycles / program.batch,
+            "cycles_per_run": per_run_cycles,
+            "macs": program.macs_per_inference,
+            "utilization": ideal * program.batch / per_run_cycles,
+            **{f"total_{k}": v for k, v in self.counters.as_dict().items()},
+        }
+
+
+def check_config(program: Program, config: NpuConfig | None) -> None:
+    if config is not None and config != program.config:
+        differences = ", ".join(
+            f"{name}: program {getattr(program.config, name)!r}, NPU {getattr(config, name)!r}"
+            for name in NpuConfig.field_names()
+            if getattr(program.config, name) != getattr(config, name))
+        raise ConfigMismatch(f"the program was compiled for another NPU configuration "
+                             f"({differences}); recompile it for this NPU")
+
+
+def quantize_input(program: Program, x: np.ndarray) -> np.ndarray:
+    """Float input (batch, *shape) → int8 (batch, features); checks shape and values."""
+    x = np.asarray(x)
+    expected = tuple(program.input.shape)
+    if x.ndim < 1 or tuple(x.shape[1:]) != expected:
+        raise ValueError(f"input must have shape (batch, {', '.join(map(str, expected))}), "
+                         f"not {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"input must be floating point (float32), not {x.dtype}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("input contains NaN or infinite values")
+    q = np.round(x.reshape(len(x), -1).astype(np.float64) / program.input.scale)
+    return np.clip(q + program.input.zero_point, -128, 127).astype(np.int64)
+
+
+def _words(program: Program, features: int) -> int:
+    return -(-features // program.config.rows) * program.batch
+
+
+def program_job(program: Program, rows: np.ndarray, *, load_program: bool = True) -> Job:
+    """One run: (optionally) the program's image, ``batch`` input rows, the output read."""
+    config = program.config
+    job = Job(config)
+    if load_program:
+        for region, entry, values in program.segments:
+            job.write(region, entry, values)
+    padded = np.zeros((program.batch, -(-program.input.features // config.rows) * config.rows),
+                      dtype=np.int64)
+    padded[:len(rows), :program.input.features] = rows
+    tiles = padded.reshape(program.batch, -1, config.rows).transpose(1, 0, 2)
+    job.write(Region.ACTIVATIONS, program.input.base, tiles.reshape(-1, config.rows))
+    job.read("output", Region.ACTIVATIONS, program.output.base,
+             _words(program, program.output.features))
+    return job
+
+
+def _decode(program: Program, words: np.ndarray, count: int) -> np.ndarray:
+    rows = program.config.rows
+    tiles = np.asarray(words).reshape(-1, program.batch, rows).transpose(1, 0, 2)
+    return tiles.reshape(program.batch, -1)[:count, :program.output.features]
+
+
+def run(program: Program, x: np.ndarray, *, target: str = "golden",
+        simulator: str = "verilator", config: NpuConfig | None = None,
+        progress: Callable[[int, int], None] | None = None) -> RunResult:
+    """Run ``program`` on float input ``x`` (batch, *input shape).
+
+    ``config``: the target NPU's configuration, if known; a different one is refused.
+    ``progress(done, total)`` is called as batches finish.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
+    check_config(program, config)
+    q = quantize_input(program, x)
+    chunks = [q[i:i + program.batch] for i in range(0, len(q), program.batch)]
+    jobs = [program_job(program, chunk) for chunk in chunks]
+    results: list[JobResult] = []
+    if target == "golden":
+        for job in jobs:
+            results.append(run_golden(job))
+            if progress:
+                progress(len(results), len(jobs))
+    else:
+        from .sim.runner import simulate
+
+        # A few jobs per simulator process keeps the progress display moving.
+        step = max(1, len(jobs) // 8)
+        for start in range(0, len(jobs), step):
+            results += simulate(jobs[start:start + step], simulator=simulator)
+            if progress:
+                progress(len(results), len(jobs))
+    outputs = [_decode(program, r.outputs["output"], len(chunk))
+               for r, chunk in zip(results, chunks, strict=True)]
+    quantized = np.concatenate(outputs) if outputs else np.zeros((0, program.output.features))
+    total = Counters()
+    for r in results:
+        for key, value in r.counters.as_dict().items():
+            setattr(total, key, getattr(total, key) + value)
+    real = ((quantized - program.output.zero_point) * program.output.scale).astype(np.float32)
+    return RunResult(real.reshape((len(q), *program.output.shape)), quantized.astype(np.int8),
+                     total, len(results), len(q))
