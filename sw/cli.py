@@ -46,11 +46,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> NpuConfig:
     try:
-        config = NpuConfig.from_toml(args.config) if args.config else NpuConfig()
-        changes = {f.name: getattr(args, f"config_{f.name}")
-                   for f in dataclasses.fields(NpuConfig)
-                   if getattr(args, f"config_{f.name}") is not None}
-        return config.replace(**changes) if changes else config
+        # Merge the values before building, so derived defaults (requant_lanes) follow the
+        # final rows and cols.
+        values = NpuConfig.toml_values(args.config) if args.config else {}
+        values.update({f.name: getattr(args, f"config_{f.name}")
+                       for f in dataclasses.fields(NpuConfig)
+                       if getattr(args, f"config_{f.name}") is not None})
+        return NpuConfig.from_dict(values, source=args.config or "flags")
     except (TypeError, ValueError) as error:
         raise UsageError(f"bad configuration: {error}") from None
 

@@ -135,6 +135,11 @@ class NpuConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> NpuConfig:
         """Load a config from a TOML file: top-level keys or an ``[npu]`` table."""
+        return cls.from_dict(cls.toml_values(path), source=str(path))
+
+    @staticmethod
+    def toml_values(path: str | Path) -> dict[str, Any]:
+        """The raw parameters of a TOML config file (not yet validated)."""
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text())
@@ -144,7 +149,7 @@ class NpuConfig:
             raise ValueError(f"config file {str(path)!r} is not valid TOML: {error}") from None
         if "npu" in data and isinstance(data["npu"], dict):
             data = data["npu"]
-        return cls.from_dict(data, source=str(path))
+        return dict(data)
 
     def replace(self, **changes: Any) -> NpuConfig:
         return dataclasses.replace(self, **changes)

@@ -85,11 +85,15 @@ def _check_calibration(model: Model, calibration: np.ndarray) -> np.ndarray:
     return calibration.astype(np.float32).reshape(len(calibration), -1)
 
 
-def _weight_quant(layer: Dense) -> tuple[np.ndarray, QuantParams]:
+def _weight_quant(layer: Dense, input_scale: float) -> tuple[np.ndarray, QuantParams]:
     if layer.quantized_weight is not None and layer.weight_quant is not None:
         return layer.quantized_weight.astype(np.int64), layer.weight_quant
     peak = np.max(np.abs(layer.weight), axis=0).astype(np.float64)
-    scale = np.where(peak > 0, peak / INT8_MAX, 1.0)
+    # A channel whose weights are (nearly) zero would get so small a scale that its bias,
+    # at scale s_in·s_w, overflows int32: keep the bias within 2**30.
+    bias_floor = np.abs(layer.bias.astype(np.float64)) / (input_scale * (1 << 30))
+    scale = np.maximum(peak / INT8_MAX, bias_floor)
+    scale = np.where(scale > 0, scale, 1.0 / INT8_MAX)
     quant = QuantParams(scale, np.zeros(layer.out_features, dtype=np.int64))
     weight = np.clip(np.round(layer.weight / scale), -INT8_MAX, INT8_MAX).astype(np.int64)
     return weight, quant
@@ -134,7 +138,7 @@ def quantize_model(model: Model, calibration: np.ndarray | None = None) -> Quant
     input_quant = tensor_quant(0, "input")
     for index, layer in enumerate(model.layers, start=1):
         output_quant = tensor_quant(index, layer.name)
-        weight, weight_quant = _weight_quant(layer)
+        weight, weight_quant = _weight_quant(layer, input_quant.scale)
         weight_scale = np.broadcast_to(np.asarray(weight_quant.scale, dtype=np.float64),
                                        (layer.out_features,))
         if np.any(np.asarray(weight_quant.zero_point) != 0):

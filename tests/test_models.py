@@ -1,0 +1,324 @@
+"""From a trained network to the NPU: import, quantization, programs, runs, errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import available_simulators
+from npugen import NpuConfig
+from npugen.cli import main
+from npugen.compiler import compile_model
+from npugen.demo import digits, mlp_to_onnx, train_mlp
+from npugen.graph import ModelError
+from npugen.importers import load_model, load_npz, load_onnx
+from npugen.program import Program, ProgramFormatError
+from npugen.quantize import quantize_model
+from npugen.runtime import ConfigMismatch, run
+
+SMALL = NpuConfig(rows=4, cols=4, activation_depth=1024, weight_depth=2048,
+                  accumulator_depth=512, instruction_depth=1024, param_depth=64)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits()
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    x_train, _, y_train, _ = data
+    return train_mlp(x_train, y_train, (64, 32))
+
+
+def gemm_model(layers, *, opset=17, trans_b=False, activation="Relu", extra_nodes=()):
+    """A Gemm chain built with onnx.helper; layers = [(weight (K, N), bias)]."""
+    nodes, inits, previous = [], [], "x"
+    for index, (weight, bias) in enumerate(layers):
+        w = weight.T if trans_b else weight
+        inits += [numpy_helper.from_array(w.astype(np.float32), f"w{index}"),
+                  numpy_helper.from_array(bias.astype(np.float32), f"b{index}")]
+        nodes.append(helper.make_node("Gemm", [previous, f"w{index}", f"b{index}"],
+                                      [f"g{index}"], name=f"gemm{index}", transB=int(trans_b)))
+        previous = f"g{index}"
+        if index < len(layers) - 1:
+            if activation == "Clip":
+                inits += [numpy_helper.from_array(np.array(0, np.float32), f"lo{index}"),
+                          numpy_helper.from_array(np.array(6, np.float32), f"hi{index}")]
+                nodes.append(helper.make_node("Clip", [previous, f"lo{index}", f"hi{index}"],
+                                              [f"a{index}"], name=f"clip{index}"))
+            else:
+                nodes.append(helper.make_node("Relu", [previous], [f"a{index}"],
+                                              name=f"relu{index}"))
+            previous = f"a{index}"
+    nodes += list(extra_nodes)
+    if extra_nodes:
+        previous = extra_nodes[-1].output[0]
+    k, n = layers[0][0].shape[0], layers[-1][0].shape[1]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", k])],
+        [helper.make_tensor_value_info(previous, TensorProto.FLOAT, ["n", n])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def random_layers(rng, sizes):
+    return [(rng.normal(0, 0.3, (a, b)), rng.normal(0, 0.1, b))
+            for a, b in zip(sizes[:-1], sizes[1:], strict=False)]
+
+
+# -- import -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("activation", ["Relu", "Clip"])
+def test_onnx_float_import_matches_onnx_semantics(trans_b, activation):
+    rng = np.random.default_rng(1)
+    layers = random_layers(rng, [10, 7, 5])
+    model = load_onnx(gemm_model(layers, trans_b=trans_b, activation=activation))
+    x = rng.normal(0, 1, (6, 10)).astype(np.float32)
+    hidden = x @ layers[0][0] + layers[0][1]
+    hidden = np.clip(hidden, 0, 6 if activation == "Clip" else np.inf)
+    expected = hidden @ layers[1][0] + layers[1][1]
+    assert np.allclose(model.forward(x), expected, atol=1e-4)
+
+
+def test_matmul_add_flatten_reshape_identity():
+    rng = np.random.default_rng(2)
+    w, b = rng.normal(size=(12, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["f"], name="flat", axis=1),
+        helper.make_node("Reshape", ["f", "shape"], ["r"], name="reshape"),
+        helper.make_node("Identity", ["r"], ["i"], name="id"),
+        helper.make_node("MatMul", ["i", "w"], ["m"], name="mm"),
+        helper.make_node("Add", ["m", "b"], ["y"], name="bias"),
+    ]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"),
+             numpy_helper.from_array(np.array([-1, 12], np.int64), "shape")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], inits)
+    model = load_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert model.input_shape == (3, 4)
+    x = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    assert np.allclose(model.forward(x), x.reshape(2, 12) @ w + b, atol=1e-5)
+
+
+def test_unsupported_nodes_are_all_reported():
+    rng = np.random.default_rng(3)
+    extra = (helper.make_node("Sigmoid", ["g1"], ["s"], name="squash"),
+             helper.make_node("Softmax", ["s"], ["p"], name="probabilities"))
+    proto = gemm_model(random_layers(rng, [4, 4, 3]), extra_nodes=extra)
+    with pytest.raises(ModelError) as error:
+        load_onnx(proto)
+    message = str(error.value)
+    assert "2 unsupported node(s)" in message
+    assert "'squash' (Sigmoid)" in message and "'probabilities' (Softmax)" in message
+    assert "Supported operators: Gemm, MatMul" in message
+
+
+def test_old_opset_and_corrupt_files(tmp_path):
+    rng = np.random.default_rng(4)
+    with pytest.raises(ModelError, match="opset 11; npugen reads opset 13"):
+        load_onnx(gemm_model(random_layers(rng, [4, 3]), opset=11))
+    path = tmp_path / "m.onnx"
+    onnx.save(gemm_model(random_layers(rng, [4, 3])), str(path))
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ModelError, match="is not a valid ONNX model"):
+        load_model(path)
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(tmp_path / "none.onnx")
+    (tmp_path / "m.txt").write_text("x")
+    with pytest.raises(ModelError, match="expected a .onnx or .npz file"):
+        load_model(tmp_path / "m.txt")
+
+
+def test_npz_import_and_errors(tmp_path):
+    rng = np.random.default_rng(5)
+    w0, w1 = rng.normal(size=(6, 5)), rng.normal(size=(5, 2))
+    path = tmp_path / "m.npz"
+    np.savez(path, **{"layers.0.weight": w0, "layers.0.bias": np.ones(5),
+                      "layers.0.activation": "relu6", "layers.1.weight": w1})
+    model = load_npz(path)
+    x = rng.normal(size=(3, 6)).astype(np.float32)
+    assert np.allclose(model.forward(x), np.clip(x @ w0 + 1, 0, 6) @ w1, atol=1e-5)
+    np.savez(path, **{"layers.0.weight": w0, "layers.0.activation": "tanh"})
+    with pytest.raises(ModelError, match="activation must be one of none, relu, relu6"):
+        load_npz(path)
+    np.savez(path, **{"layers.0.weight": w0, "layers.1.weight": w1[:3]})
+    with pytest.raises(ModelError, match="takes 3 features but receives 5"):
+        load_npz(path)
+    np.savez(path, **{"layers.0.weight": np.full((2, 2), np.nan)})
+    with pytest.raises(ModelError, match="NaN or infinite weights"):
+        load_npz(path)
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ModelError, match="not a readable .npz archive"):
+        load_npz(path)
+
+
+# -- quantization -------------------------------------------------------------------------
+
+def test_calibration_errors():
+    rng = np.random.default_rng(6)
+    model = load_onnx(gemm_model(random_layers(rng, [4, 3])))
+    with pytest.raises(ValueError, match="needs calibration data"):
+        quantize_model(model)
+    with pytest.raises(ValueError, match=r"shape \(batch, 4\) for input 'x', not \(5, 3\)"):
+        quantize_model(model, np.zeros((5, 3), np.float32))
+    bad = np.zeros((5, 4), np.float32)
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        quantize_model(model, bad)
+
+
+def test_int8_accuracy_within_one_point(data, trained):
+    x_train, x_test, y_train, y_test = data
+    for classifier in (trained, train_mlp(x_train, y_train, (128, 64))):
+        model = load_onnx(mlp_to_onnx(classifier, "/dev/null"))
+        program = compile_model(model, NpuConfig(), calibration=x_train[:256])
+        float_accuracy = np.mean(model.forward(x_test).argmax(1) == y_test)
+        int8_accuracy = np.mean(run(program, x_test).output.argmax(1) == y_test)
+        assert abs(float_accuracy - int8_accuracy) <= 0.01, (float_accuracy, int8_accuracy)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qdq_matches_onnxruntime(tmp_path, data, trained, per_channel):
+    import onnxruntime
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    x_train, x_test, _, _ = data
+    float_path, qdq_path = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    mlp_to_onnx(trained, float_path)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input": x_train[i:i + 1]} for i in range(200)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(float_path), str(qdq_path), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    per_channel=per_channel)
+    program = compile_model(load_onnx(qdq_path), NpuConfig())
+    ours = run(program, x_test).quantized_output.astype(np.int64)
+    session = onnxruntime.InferenceSession(str(qdq_path), providers=["CPUExecutionProvider"])
+    reference = session.run(None, {"input": x_test})[0]
+    theirs = np.round(reference / program.output.scale).astype(np.int64) + \
+        program.output.zero_point
+    difference = np.abs(ours - theirs)
+    assert difference.max() <= 1
+    assert np.mean(difference == 0) >= 0.99
+
+
+def test_pytorch_export(tmp_path, data):
+    torch = pytest.importorskip("torch")
+    x_train, _, _, _ = data
+    net = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU6(), torch.nn.Linear(16, 10))
+    path = tmp_path / "torch.onnx"
+    torch.onnx.export(net, torch.zeros(1, 64), str(path), input_names=["input"],
+                      output_names=["y"], dynamic_axes={"input": {0: "b"}, "y": {0: "b"}},
+                      opset_version=17, dynamo=False)
+    model = load_onnx(path)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x_train[:8])).numpy()
+    assert np.allclose(model.forward(x_train[:8]), expected, atol=1e-4)
+
+
+# -- programs -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_program(data, trained):
+    x_train = data[0]
+    return compile_model(load_onnx(mlp_to_onnx(trained, "/dev/null")), SMALL,
+                         calibration=x_train[:128], batch=16)
+
+
+def test_program_round_trip_and_corruption(tmp_path, small_program, data):
+    path = tmp_path / "p.npu"
+    small_program.save(path)
+    loaded = Program.load(path)
+    x = data[1][:20]
+    assert np.array_equal(run(loaded, x).quantized_output,
+                          run(small_program, x).quantized_output)
+    assert "estimated cycles per run" in loaded.describe()
+    blob = bytearray(path.read_bytes())
+    blob[-5] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ProgramFormatError, match="corrupt \\(CRC-32 mismatch\\)"):
+        Program.load(path)
+    path.write_bytes(bytes(blob[:100]))
+    with pytest.raises(ProgramFormatError, match="truncated"):
+        Program.load(path)
+    path.write_bytes(b"NOTANNPU" + bytes(blob[8:]))
+    with pytest.raises(ProgramFormatError, match="not an npugen program"):
+        Program.load(path)
+
+
+def test_program_refuses_another_config(small_program, data):
+    with pytest.raises(ConfigMismatch, match="rows: program 4, NPU 8"):
+        run(small_program, data[1][:4], config=SMALL.replace(rows=8, requant_lanes=4))
+
+
+def test_model_too_large_says_what_overflows(data, trained):
+    model = load_onnx(mlp_to_onnx(trained, "/dev/null"))
+    tiny = SMALL.replace(weight_depth=32)
+    with pytest.raises(ValueError, match="weights need 1632 words, weight_depth is 32"):
+        compile_model(model, tiny, calibration=data[0][:32])
+
+
+@pytest.mark.parametrize("simulator", available_simulators())
+def test_compiled_model_on_rtl_is_bit_exact(small_program, data, simulator):
+    x = data[1][:40]
+    golden = run(small_program, x)
+    npu = run(small_program, x, target="sim", simulator=simulator)
+    assert np.array_equal(npu.quantized_output, golden.quantized_output)
+    assert npu.counters == golden.counters
+
+
+# -- command line -------------------------------------------------------------------------
+
+def test_compile_run_inspect_cli(tmp_path, data, trained, capsys):
+    x_train, x_test = data[0], data[1]
+    onnx_path, calib, x_path = tmp_path / "m.onnx", tmp_path / "c.npy", tmp_path / "x.npy"
+    mlp_to_onnx(trained, onnx_path)
+    np.save(calib, x_train[:64])
+    np.save(x_path, x_test[:10])
+    program = tmp_path / "p.npu"
+    assert main(["compile", str(onnx_path), "--calib", str(calib), "-o", str(program),
+                 "--rows", "4", "--cols", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["batch"] >= 1
+    assert main(["inspect", str(program)]) == 0
+    assert "fc0" in capsys.readouterr().out
+    y = tmp_path / "y.npy"
+    assert main(["run", str(program), "--input", str(x_path), "-o", str(y), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["cycles"] > 0 and 0 < record["utilization"] <= 1 and record["macs"] == 6464
+    assert np.load(y).shape == (10, 10)
+    # A program for 4x4 offered to an 8x8 NPU: refused, both configs shown.
+    assert main(["run", str(program), "--input", str(x_path), "-o", str(y), "--rows",
+                 "8", "--cols", "8"]) == 2
+    assert "rows: program 4, NPU 8" in capsys.readouterr().err
+    np.save(x_path, x_test[:3, :10])
+    assert main(["run", str(program), "--input", str(x_path), "-o", str(y)]) == 2
+    assert "input must have shape (batch, 64), not (3, 10)" in capsys.readouterr().err
+    (tmp_path / "bad.npu").write_bytes(b"garbage")
+    assert main(["run", str(tmp_path / "bad.npu"), "--input", str(x_path), "-o", str(y)]) == 2
+    assert "too short for an npugen program" in capsys.readouterr().err
+    assert main(["compile", str(onnx_path), "-o", str(program)]) == 2
+    assert "needs calibration data" in capsys.readouterr().err
+
+
+def test_demo_golden_cli():
+    run_ = subprocess.run([sys.executable, "-m", "npugen", "demo", "--target", "golden",
+                           "--json"], capture_output=True, text=True)
+    assert run_.returncode == 0, run_.stderr
+    record = json.loads(run_.stdout.strip().splitlines()[-1])
+    assert abs(record["float_accuracy"] - record["int8_accuracy"]) <= 0.01
