@@ -209,17 +209,63 @@ class Npu(wiring.Component):
         pipe_valid = [Signal(name=f"rq_valid_p{i}") for i in range(Requantizer.latency)]
         requant_active = rq_busy | stage_valid | Cat(*pipe_valid).any()
 
-        # -- Sequencer -----------------------------------------------------------------------
-        bank_field = _field(instruction, Opcode.LOADW, "bank")
+        # -- Sequencer: the step dispatched this cycle ------------------------------------
+        # A step is the instruction itself or, inside a GEMM, the LOADW or MATMUL it stands
+        # for (npugen.golden.GemmState is the reference for the expansion).
+        gemm_weight = Signal(16)      # SETGEMM weight pointer (advances after each GEMM)
+        gemm_k_tiles = Signal(16)
+        gemm_started = Signal()
+        gemm_matmul_next = Signal()   # 0: the K tile's LOADW is next, 1: its MATMUL
+        gemm_kt = Signal(16)
+        gemm_weight_run = Signal(16)
+        gemm_act_run = Signal(16)
+        is_gemm = opcode == Opcode.GEMM
+        gemm_weight_now = Mux(gemm_started, gemm_weight_run, gemm_weight)
+        gemm_act_now = Mux(gemm_started, gemm_act_run,
+                           _field(instruction, Opcode.GEMM, "act_addr"))
+        gemm_last = gemm_matmul_next & (gemm_kt == gemm_k_tiles - 1)
+
+        step_op = Signal(OPCODE_WIDTH)
+        step_bank = Signal()
+        step_weight_addr = Signal(16)
+        step_act_addr = Signal(16)
+        step_acc_addr = Signal(16)
+        step_count = Signal(16)
+        step_accumulate = Signal()
+        with m.If(is_gemm):
+            m.d.comb += [
+                step_op.eq(Mux(gemm_matmul_next, Opcode.MATMUL, Opcode.LOADW)),
+                step_bank.eq(_field(instruction, Opcode.GEMM, "bank") ^ gemm_kt[0]),
+                step_weight_addr.eq(gemm_weight_now),
+                step_act_addr.eq(gemm_act_now),
+                step_acc_addr.eq(_field(instruction, Opcode.GEMM, "acc_addr")),
+                step_count.eq(_field(instruction, Opcode.GEMM, "count")),
+                step_accumulate.eq(_field(instruction, Opcode.GEMM, "accumulate")
+                                   | (gemm_kt != 0)),
+            ]
+            with m.If(gemm_k_tiles == 0):  # nothing to expand: stop as illegal
+                m.d.comb += step_op.eq(Opcode.GEMM)
+        with m.Else():
+            m.d.comb += [
+                step_op.eq(opcode),
+                step_bank.eq(_field(instruction, Opcode.LOADW, "bank")),
+                step_weight_addr.eq(_field(instruction, Opcode.LOADW, "weight_addr")),
+                step_act_addr.eq(_field(instruction, Opcode.MATMUL, "act_addr")),
+                step_acc_addr.eq(_field(instruction, Opcode.MATMUL, "acc_addr")),
+                step_count.eq(_field(instruction, Opcode.MATMUL, "count")),
+                step_accumulate.eq(_field(instruction, Opcode.MATMUL, "accumulate")),
+            ]
+        advance = Signal()  # the step completes its instruction: the PC moves on
+        m.d.comb += advance.eq(~is_gemm | gemm_last | (gemm_k_tiles == 0))
+
         can_issue = Signal()
-        with m.Switch(opcode):
+        with m.Switch(step_op):
             with m.Case(Opcode.LOADW):
-                m.d.comb += can_issue.eq(~load_active & (inflight[bank_field] == 0)
-                                         & ~(feed_busy & (feed_bank == bank_field)))
+                m.d.comb += can_issue.eq(~load_active & (inflight[step_bank] == 0)
+                                         & ~(feed_busy & (feed_bank == step_bank)))
             with m.Case(Opcode.MATMUL):
-                matmul_bank = _field(instruction, Opcode.MATMUL, "bank")
                 m.d.comb += can_issue.eq(feeder_ready
-                                         & ~(load_active & (load_bank == matmul_bank)))
+                                         & ~(load_active & (load_bank == step_bank)))
             with m.Case(Opcode.REQUANT):
                 m.d.comb += can_issue.eq(~feed_busy & (drain == 0))
             with m.Case(Opcode.HALT):
@@ -230,15 +276,29 @@ class Npu(wiring.Component):
         m.d.comb += dispatch.eq(running & fetched & ~requant_active & can_issue)
         # Host owns the instruction port only outside runs.
         with m.If(running):
-            m.d.comb += reads[Region.INSTRUCTIONS].addr.eq(pc + dispatch)
+            m.d.comb += reads[Region.INSTRUCTIONS].addr.eq(pc + (dispatch & advance))
 
         with m.If(running):
             m.d.sync += [fetched.eq(1), counters["cycles"].eq(counters["cycles"] + 1)]
             with m.If(fetched & ~dispatch):
                 m.d.sync += counters["stall_cycles"].eq(counters["stall_cycles"] + 1)
-        with m.If(dispatch):
+        with m.If(dispatch & advance):
             m.d.sync += pc.eq(pc + 1)
-            with m.Switch(opcode):
+        with m.If(dispatch & is_gemm):
+            with m.If(~gemm_matmul_next):
+                m.d.sync += [gemm_matmul_next.eq(1), gemm_started.eq(1),
+                             gemm_weight_run.eq(gemm_weight_now), gemm_act_run.eq(gemm_act_now)]
+            with m.Else():
+                m.d.sync += [
+                    gemm_matmul_next.eq(0), gemm_kt.eq(gemm_kt + 1),
+                    gemm_weight_run.eq(gemm_weight_now + rows),
+                    gemm_act_run.eq(gemm_act_now + step_count),
+                ]
+                with m.If(gemm_last):
+                    m.d.sync += [gemm_started.eq(0), gemm_kt.eq(0),
+                                 gemm_weight.eq(gemm_weight_now + rows)]
+        with m.If(dispatch):
+            with m.Switch(step_op):
                 with m.Case(Opcode.HALT):
                     m.d.sync += [running.eq(0), done.eq(1)]
                 with m.Case(Opcode.SETPP):
@@ -251,6 +311,11 @@ class Npu(wiring.Component):
                     m.d.sync += [
                         param_addr.eq(_field(instruction, Opcode.SETREQ, "param_addr")),
                         out_stride.eq(_field(instruction, Opcode.SETREQ, "out_stride")),
+                    ]
+                with m.Case(Opcode.SETGEMM):
+                    m.d.sync += [
+                        gemm_weight.eq(_field(instruction, Opcode.SETGEMM, "weight_addr")),
+                        gemm_k_tiles.eq(_field(instruction, Opcode.SETGEMM, "k_tiles")),
                     ]
                 with m.Case(Opcode.LOADW, Opcode.MATMUL, Opcode.REQUANT):
                     pass  # handled by the units below
@@ -265,10 +330,10 @@ class Npu(wiring.Component):
             m.d.sync += [load_addr.eq(load_addr - 1), load_count.eq(load_count + 1)]
             with m.If(load_count == rows - 1):
                 m.d.sync += load_busy.eq(0)
-        with m.If(dispatch & (opcode == Opcode.LOADW)):
+        with m.If(dispatch & (step_op == Opcode.LOADW)):
             m.d.sync += [
-                load_busy.eq(1), load_count.eq(0), load_bank.eq(bank_field),
-                load_addr.eq(_field(instruction, Opcode.LOADW, "weight_addr") + rows - 1),
+                load_busy.eq(1), load_count.eq(0), load_bank.eq(step_bank),
+                load_addr.eq(step_weight_addr + rows - 1),
             ]
         m.d.comb += [
             array.weight_row.eq(weight_read.data),
@@ -302,14 +367,11 @@ class Npu(wiring.Component):
             ]
             with m.If(feed_remaining == 1):
                 m.d.sync += feed_busy.eq(0)
-        with m.If(dispatch & (opcode == Opcode.MATMUL)):
+        with m.If(dispatch & (step_op == Opcode.MATMUL)):
             m.d.sync += [
-                feed_busy.eq(1),
-                feed_remaining.eq(_field(instruction, Opcode.MATMUL, "count")),
-                feed_act_addr.eq(_field(instruction, Opcode.MATMUL, "act_addr")),
-                feed_acc_addr.eq(_field(instruction, Opcode.MATMUL, "acc_addr")),
-                feed_bank.eq(_field(instruction, Opcode.MATMUL, "bank")),
-                feed_accumulate.eq(_field(instruction, Opcode.MATMUL, "accumulate")),
+                feed_busy.eq(1), feed_remaining.eq(step_count),
+                feed_act_addr.eq(step_act_addr), feed_acc_addr.eq(step_acc_addr),
+                feed_bank.eq(step_bank), feed_accumulate.eq(step_accumulate),
             ]
 
         # -- Result tags travel beside the data; accumulate on write ------------------------
@@ -361,7 +423,7 @@ class Npu(wiring.Component):
                     m.d.sync += rq_busy.eq(0)
         with m.Else():
             m.d.sync += stage_valid.eq(0)
-        with m.If(dispatch & (opcode == Opcode.REQUANT)):
+        with m.If(dispatch & (step_op == Opcode.REQUANT)):
             out_addr = _field(instruction, Opcode.REQUANT, "out_addr")
             first_lane = _field(instruction, Opcode.REQUANT, "out_lane")
             m.d.sync += [
@@ -371,14 +433,16 @@ class Npu(wiring.Component):
                 rq_row_addr.eq(out_addr), rq_word.eq(out_addr),
                 rq_lane.eq(first_lane), rq_first_lane.eq(first_lane),
             ]
-        acc_group = acc_read.data.word_select(stage_group, lanes * c.accumulator_width)
+        # One group selector feeding every lane (slicing a shared expression per lane
+        # would emit one selector per lane).
+        m.d.comb += Cat(*[rq.acc for rq in requantizers]).eq(
+            acc_read.data.word_select(stage_group, lanes * c.accumulator_width))
         lane_bits = c.param_lane_width
         for lane, rq in enumerate(requantizers):
             params = param_read.data[lane * lane_bits:(lane + 1) * lane_bits]
             acc_bits = c.accumulator_width
             m.d.comb += [
                 rq.valid.eq(stage_valid),
-                rq.acc.eq(acc_group[lane * acc_bits:(lane + 1) * acc_bits]),
                 rq.bias.eq(params[0:acc_bits]),
                 rq.multiplier.eq(params[acc_bits:acc_bits + 32]),
                 rq.shift.eq(params[acc_bits + 32:acc_bits + 37]),
@@ -395,17 +459,23 @@ class Npu(wiring.Component):
         out_valid, out_word, out_lane = previous
         chunk = Cat(*[rq.out for rq in requantizers])
         per_lane = c.input_width // infos[Region.ACTIVATIONS].granularity
+        blocks = rows // lanes
+        # One hit bit per block of `lanes` activation lanes, decoded once; the write
+        # enables of the block's lanes copy it.
+        block_hit = Signal(blocks)
+        out_block = out_lane // lanes
+        m.d.comb += block_hit.eq(Cat(*[out_block == block for block in range(blocks)]))
         with m.If(out_valid & running):
             m.d.comb += [
                 act_write.addr.eq(out_word),
-                act_write.data.eq(Cat(*[chunk] * (rows // lanes))),
-                act_write.en.eq(Cat(*[
-                    Cat(*[(out_lane // lanes == block)] * (per_lane * lanes))
-                    for block in range(rows // lanes)])),
+                act_write.data.eq(Cat(*[chunk] * blocks)),
+                act_write.en.eq(Cat(*[block_hit[block].replicate(per_lane * lanes)
+                                      for block in range(blocks)])),
             ]
 
         # -- Start, abort --------------------------------------------------------------------
         with m.If(start):
+            m.d.sync += [gemm_started.eq(0), gemm_matmul_next.eq(0), gemm_kt.eq(0)]
             m.d.sync += [running.eq(1), fetched.eq(0), pc.eq(start_pc), done.eq(0),
                          aborted.eq(0), illegal.eq(0), host_conflict.eq(0)]
             m.d.sync += [counter.eq(0) for counter in counters.values()]

@@ -14,13 +14,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import NpuConfig
-from .golden import CycleModel, check_program
+from .golden import CycleModel, check_program, expand_program
 from .graph import Model
 from .isa import Instruction, Opcode, encode_program
 from .memory_map import Region
 from .program import Program, TensorLayout
 from .quantize import QuantizedModel, quantize_model
-from .schedule import DoesNotFit, GemmPlan, ceil_div, gemm_instructions, plan_gemm, tile_weights
+from .schedule import (
+    DoesNotFit,
+    GemmPlan,
+    ceil_div,
+    gemm_instructions,
+    next_bank,
+    plan_gemm,
+    tile_weights,
+)
 
 __all__ = ["compile_model", "compile_quantized", "BATCH_CHOICES"]
 
@@ -83,7 +91,7 @@ def _instructions(config: NpuConfig, model: QuantizedModel,
     for layer, placed in zip(model.layers, placements, strict=True):
         plan = placed.plan
         program += gemm_instructions(plan, first_bank=bank)
-        bank ^= (plan.n_tiles * plan.k_tiles) & 1
+        bank = next_bank(plan, bank)
         program.append(Instruction(Opcode.SETPP, {
             "zero_point": layer.output_zero_point, "clamp_min": layer.clamp_min,
             "clamp_max": layer.clamp_max}))
@@ -142,8 +150,8 @@ def compile_quantized(model: QuantizedModel, config: NpuConfig,
         raise DoesNotFit(f"the model does not fit a {config.describe()} NPU: {errors[-1]}")
     check_program(config, instructions)
     timing = CycleModel(config)
-    for instruction in instructions:
-        timing.dispatch(instruction)
+    for step in expand_program(config, instructions):
+        timing.dispatch(step)
     segments = [(Region.INSTRUCTIONS, 0, encode_program(instructions))]
     weights = np.concatenate([tile_weights(p.plan, layer.weight)
                               for layer, p in zip(model.layers, placements, strict=True)])

@@ -17,7 +17,8 @@ from .config import NpuConfig
 from .isa import Instruction, Opcode, decode_program
 from .memory_map import Region
 
-__all__ = ["GoldenNpu", "Counters", "CycleModel", "ProgramError", "check_program"]
+__all__ = ["GoldenNpu", "Counters", "CycleModel", "ProgramError", "check_program",
+           "expand_program", "GemmState"]
 
 #: Cycles from a REQUANT's dispatch to the cycle the next instruction may dispatch,
 #: beyond one cycle per channel group: issue, memory read, four pipeline stages.
@@ -96,6 +97,40 @@ class CycleModel:
             self.counters.cycles = cycle + 1
 
 
+class GemmState:
+    """The SETGEMM registers and the expansion of GEMM into LOADW/MATMUL steps."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.weight_addr = 0
+        self.k_tiles = 0
+
+    def expand(self, ins: Instruction) -> list[Instruction]:
+        """The steps an instruction dispatches as (itself, unless it is a GEMM); updates
+        the registers as the hardware does."""
+        if ins.opcode is Opcode.SETGEMM:
+            self.weight_addr, self.k_tiles = ins["weight_addr"], ins["k_tiles"]
+        if ins.opcode is not Opcode.GEMM:
+            return [ins]
+        steps = []
+        for kt in range(self.k_tiles):
+            bank = ins["bank"] ^ (kt & 1)
+            steps.append(Instruction(Opcode.LOADW, {
+                "bank": bank, "weight_addr": (self.weight_addr + kt * self.rows) & 0xFFFF}))
+            steps.append(Instruction(Opcode.MATMUL, {
+                "bank": bank, "accumulate": int(ins["accumulate"] or kt > 0),
+                "act_addr": (ins["act_addr"] + kt * ins["count"]) & 0xFFFF,
+                "acc_addr": ins["acc_addr"], "count": ins["count"]}))
+        self.weight_addr = (self.weight_addr + self.k_tiles * self.rows) & 0xFFFF
+        return steps
+
+
+def expand_program(config: NpuConfig, program: list[Instruction]) -> list[Instruction]:
+    """Every dispatch of a program: GEMMs expanded into their LOADW/MATMUL steps."""
+    state = GemmState(config.rows)
+    return [step for ins in program for step in state.expand(ins)]
+
+
 def check_program(config: NpuConfig, program: list[Instruction]) -> None:
     """Raise :class:`ProgramError` if an instruction reaches outside the memories or
     uses a count or lane the hardware cannot run; the message names the instruction."""
@@ -111,34 +146,46 @@ def check_program(config: NpuConfig, program: list[Instruction]) -> None:
             f"program has {len(program)} instructions, instruction memory holds "
             f"{config.instruction_depth} (instruction_depth)")
     lanes = config.requant_lanes
-    for index, ins in enumerate(program):
-        op = ins.opcode
-        if op is Opcode.LOADW:
-            end = ins["weight_addr"] + config.rows
-            need(end <= config.weight_depth, index, ins,
-                 f"weight tile ends at word {end}, weight_depth is {config.weight_depth}")
-        elif op is Opcode.MATMUL:
-            need(ins["count"] >= 1, index, ins, "count must be at least 1")
-            end = ins["act_addr"] + ins["count"]
-            need(end <= config.activation_depth, index, ins,
-                 f"activations end at word {end}, activation_depth is "
-                 f"{config.activation_depth}")
-            end = ins["acc_addr"] + ins["count"]
-            need(end <= config.accumulator_depth, index, ins,
-                 f"results end at word {end}, accumulator_depth is "
-                 f"{config.accumulator_depth}")
-        elif op is Opcode.SETPP:
-            need(ins["clamp_min"] <= ins["clamp_max"], index, ins,
-                 "clamp_min must not exceed clamp_max")
-        elif op is Opcode.REQUANT:
-            need(ins["count"] >= 1, index, ins, "count must be at least 1")
-            need(ins["out_lane"] < config.rows and ins["out_lane"] % lanes == 0, index, ins,
-                 f"out_lane must be a multiple of requant_lanes ({lanes}) below rows "
-                 f"({config.rows})")
-            end = ins["acc_addr"] + ins["count"]
-            need(end <= config.accumulator_depth, index, ins,
-                 f"accumulator words end at {end}, accumulator_depth is "
-                 f"{config.accumulator_depth}")
+    state = GemmState(config.rows)
+    for index, instruction in enumerate(program):
+        if instruction.opcode is Opcode.GEMM:
+            need(state.k_tiles >= 1, index, instruction, "k_tiles (SETGEMM) must be at least 1")
+            need(instruction["count"] >= 1, index, instruction, "count must be at least 1")
+            end = state.weight_addr + state.k_tiles * config.rows
+            need(end <= config.weight_depth, index, instruction,
+                 f"weight tiles end at word {end}, weight_depth is {config.weight_depth}")
+        for ins in state.expand(instruction):
+            _check_step(config, lanes, index, ins, need)
+
+
+def _check_step(config: NpuConfig, lanes: int, index: int, ins: Instruction, need) -> None:
+    op = ins.opcode
+    if op is Opcode.LOADW:
+        end = ins["weight_addr"] + config.rows
+        need(end <= config.weight_depth, index, ins,
+             f"weight tile ends at word {end}, weight_depth is {config.weight_depth}")
+    elif op is Opcode.MATMUL:
+        need(ins["count"] >= 1, index, ins, "count must be at least 1")
+        end = ins["act_addr"] + ins["count"]
+        need(end <= config.activation_depth, index, ins,
+             f"activations end at word {end}, activation_depth is "
+             f"{config.activation_depth}")
+        end = ins["acc_addr"] + ins["count"]
+        need(end <= config.accumulator_depth, index, ins,
+             f"results end at word {end}, accumulator_depth is "
+             f"{config.accumulator_depth}")
+    elif op is Opcode.SETPP:
+        need(ins["clamp_min"] <= ins["clamp_max"], index, ins,
+             "clamp_min must not exceed clamp_max")
+    elif op is Opcode.REQUANT:
+        need(ins["count"] >= 1, index, ins, "count must be at least 1")
+        need(ins["out_lane"] < config.rows and ins["out_lane"] % lanes == 0, index, ins,
+             f"out_lane must be a multiple of requant_lanes ({lanes}) below rows "
+             f"({config.rows})")
+        end = ins["acc_addr"] + ins["count"]
+        need(end <= config.accumulator_depth, index, ins,
+             f"accumulator words end at {end}, accumulator_depth is "
+             f"{config.accumulator_depth}")
 
 
 class GoldenNpu:
@@ -186,7 +233,7 @@ class GoldenNpu:
         program = program[:halt + 1]
         check_program(self.config, program)
         timing = CycleModel(self.config)
-        for ins in program:
+        for ins in expand_program(self.config, program):
             self.execute(ins)
             timing.dispatch(ins)
         return timing.counters

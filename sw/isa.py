@@ -32,6 +32,8 @@ class Opcode(enum.IntEnum):
     REQUANT = 3
     SETPP = 4
     SETREQ = 5
+    SETGEMM = 6
+    GEMM = 7
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,14 @@ DESCRIPTIONS: dict[Opcode, str] = {
     Opcode.SETREQ: (
         "Set the parameter-memory address of the first channel group and the "
         "output word stride used by REQUANT."),
+    Opcode.SETGEMM: (
+        "Set the weight pointer and the number of K tiles used by GEMM."),
+    Opcode.GEMM: (
+        "One output tile of a GEMM: for kt = 0 .. k_tiles−1, LOADW into bank "
+        "`bank` xor (kt mod 2) from the weight pointer + kt·rows, then MATMUL on that bank "
+        "of `count` words from `act_addr` + kt·`count` into `acc_addr` (accumulating when "
+        "`accumulate` is 1 or kt > 0). Each step is dispatched like the instruction it "
+        "stands for. Afterwards the weight pointer has advanced by k_tiles·rows."),
 }
 
 _A16 = 16
@@ -104,6 +114,17 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
     Opcode.SETREQ: (
         Field("param_addr", 8, _A16, doc="parameter word of the first channel group"),
         Field("out_stride", 24, _A16, doc="activation words between output lane blocks"),
+    ),
+    Opcode.SETGEMM: (
+        Field("weight_addr", 8, _A16, doc="weight pointer: first row of the first tile"),
+        Field("k_tiles", 24, _A16, doc="weight tiles (of rows words) per GEMM, 1 or more"),
+    ),
+    Opcode.GEMM: (
+        Field("bank", 4, 1, doc="weight bank of the first K tile"),
+        Field("accumulate", 5, 1, doc="1: add the first K tile to the accumulators too"),
+        Field("act_addr", 8, _A16, doc="activation word of the first K tile"),
+        Field("acc_addr", 24, _A16, doc="first accumulator word"),
+        Field("count", 40, _A16, doc="activation words per K tile (1 or more)"),
     ),
 }
 

@@ -18,7 +18,7 @@ from .config import NpuConfig
 from .isa import Instruction, Opcode
 
 __all__ = ["GemmPlan", "plan_gemm", "gemm_instructions", "tile_activations", "tile_weights",
-           "untile_accumulators", "DoesNotFit"]
+           "untile_accumulators", "next_bank", "DoesNotFit"]
 
 
 class DoesNotFit(ValueError):
@@ -103,19 +103,21 @@ def plan_gemm(config: NpuConfig, m: int, k: int, n: int, *, act_base: int = 0,
 
 def gemm_instructions(plan: GemmPlan, *, accumulate_first: bool = False,
                       first_bank: int = 0) -> list[Instruction]:
-    """LOADW/MATMUL pairs for every (N-tile, K-tile); no HALT."""
-    program = []
-    bank = first_bank
+    """SETGEMM, then one GEMM per N-tile (each expands into LOADW/MATMUL per K-tile, the
+    banks alternating so each weight load runs under the previous stream); no HALT."""
+    program = [Instruction(Opcode.SETGEMM, {"weight_addr": plan.weight_addr(0, 0),
+                                            "k_tiles": plan.k_tiles})]
     for n_tile in range(plan.n_tiles):
-        for k_tile in range(plan.k_tiles):
-            program.append(Instruction(Opcode.LOADW, {
-                "bank": bank, "weight_addr": plan.weight_addr(n_tile, k_tile)}))
-            program.append(Instruction(Opcode.MATMUL, {
-                "bank": bank, "accumulate": int(k_tile > 0 or accumulate_first),
-                "act_addr": plan.act_addr(k_tile), "acc_addr": plan.acc_addr(n_tile),
-                "count": plan.m}))
-            bank ^= 1
+        program.append(Instruction(Opcode.GEMM, {
+            "bank": first_bank ^ ((n_tile * plan.k_tiles) & 1),
+            "accumulate": int(accumulate_first), "act_addr": plan.act_addr(0),
+            "acc_addr": plan.acc_addr(n_tile), "count": plan.m}))
     return program
+
+
+def next_bank(plan: GemmPlan, first_bank: int = 0) -> int:
+    """The bank the tile after this GEMM's last one should use."""
+    return first_bank ^ ((plan.n_tiles * plan.k_tiles) & 1)
 
 
 def tile_activations(plan: GemmPlan, a: np.ndarray) -> np.ndarray:

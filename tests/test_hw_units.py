@@ -454,7 +454,8 @@ def test_requant_edge_cases_hit_the_corners():
 
 # -- The whole NPU ------------------------------------------------------------------------------
 
-TINY = NpuConfig(rows=2, cols=2, activation_depth=32, weight_depth=32, accumulator_depth=32,
+TINY = NpuConfig(rows=2, cols=2, requant_lanes=1, activation_depth=32, weight_depth=32,
+                 accumulator_depth=32,
                  instruction_depth=16, param_depth=16)
 
 
