@@ -4,9 +4,13 @@
 simulators in ``npugen.sim``, the boards in ``npugen.boards``.
 """
 
+from .compiler import compile_model
 from .config import NpuConfig
 from .golden import GoldenNpu
 from .isa import ISA_VERSION
+from .program import Program
+from .runtime import run
 
 __version__ = "0.1.0"
-__all__ = ["NpuConfig", "GoldenNpu", "ISA_VERSION", "__version__"]
+__all__ = ["NpuConfig", "GoldenNpu", "ISA_VERSION", "Program", "compile_model", "run",
+           "__version__"]

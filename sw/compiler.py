@@ -10,6 +10,8 @@ layer; weights and parameters stay resident.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -175,8 +177,17 @@ def compile_quantized(model: QuantizedModel, config: NpuConfig,
         instruction_count=len(instructions))
 
 
-def compile_model(model: Model, config: NpuConfig | None = None,
+def compile_model(model: Model | str | Path | Any, config: NpuConfig | None = None,
                   calibration: np.ndarray | None = None, batch: int | None = None) -> Program:
-    """Quantize (from ``calibration`` unless the model is QDQ) and compile ``model``."""
+    """Quantize (from ``calibration`` unless the model is QDQ) and compile ``model``: a
+    :class:`~npugen.graph.Model`, a path to an ``.onnx``/``.npz`` file or an
+    ``onnx.ModelProto``. Raises ``ValueError`` (``ModelError``, ``DoesNotFit``) with the
+    reason."""
+    from .importers import load_model, load_onnx
+
+    if isinstance(model, (str, Path)):
+        model = load_model(model)
+    elif not isinstance(model, Model):
+        model = load_onnx(model)
     config = config or NpuConfig()
     return compile_quantized(quantize_model(model, calibration), config, batch)
