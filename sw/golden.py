@@ -159,33 +159,25 @@ def check_program(config: NpuConfig, program: list[Instruction]) -> None:
 
 
 def _check_step(config: NpuConfig, lanes: int, index: int, ins: Instruction, need) -> None:
+    def within(start: str, count: int, depth_name: str, what: str) -> None:
+        end, depth = ins[start] + count, getattr(config, depth_name)
+        need(end <= depth, index, ins, f"{what} end at word {end}, {depth_name} is {depth}")
+
     op = ins.opcode
     if op is Opcode.LOADW:
-        end = ins["weight_addr"] + config.rows
-        need(end <= config.weight_depth, index, ins,
-             f"weight tile ends at word {end}, weight_depth is {config.weight_depth}")
-    elif op is Opcode.MATMUL:
+        within("weight_addr", config.rows, "weight_depth", "weight tile rows")
+    elif op in (Opcode.MATMUL, Opcode.REQUANT):
         need(ins["count"] >= 1, index, ins, "count must be at least 1")
-        end = ins["act_addr"] + ins["count"]
-        need(end <= config.activation_depth, index, ins,
-             f"activations end at word {end}, activation_depth is "
-             f"{config.activation_depth}")
-        end = ins["acc_addr"] + ins["count"]
-        need(end <= config.accumulator_depth, index, ins,
-             f"results end at word {end}, accumulator_depth is "
-             f"{config.accumulator_depth}")
+        within("acc_addr", ins["count"], "accumulator_depth", "accumulator words")
+    if op is Opcode.MATMUL:
+        within("act_addr", ins["count"], "activation_depth", "activations")
     elif op is Opcode.SETPP:
         need(ins["clamp_min"] <= ins["clamp_max"], index, ins,
              "clamp_min must not exceed clamp_max")
     elif op is Opcode.REQUANT:
-        need(ins["count"] >= 1, index, ins, "count must be at least 1")
         need(ins["out_lane"] < config.rows and ins["out_lane"] % lanes == 0, index, ins,
              f"out_lane must be a multiple of requant_lanes ({lanes}) below rows "
              f"({config.rows})")
-        end = ins["acc_addr"] + ins["count"]
-        need(end <= config.accumulator_depth, index, ins,
-             f"accumulator words end at {end}, accumulator_depth is "
-             f"{config.accumulator_depth}")
 
 
 class GoldenNpu:

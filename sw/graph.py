@@ -35,8 +35,22 @@ class QuantParams:
             np.float32)
 
 
+class WeightShape:
+    """``in_features``/``out_features`` of a layer with a (K, N) ``weight``."""
+
+    weight: np.ndarray
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+
 @dataclass
-class Dense:
+class Dense(WeightShape):
     """``y = clamp(x · weight + bias, low, high)`` with weight (K, N).
 
     ``low``/``high`` are the activation's float bounds (ReLU: 0, ∞; ReLU6: 0, 6).
@@ -52,14 +66,6 @@ class Dense:
     quantized_weight: np.ndarray | None = None
     weight_quant: QuantParams | None = None
     quantized_bias: np.ndarray | None = None
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[1]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         y = x.astype(np.float64) @ self.weight.astype(np.float64) + self.bias

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .arith import quantize_multiplier
-from .graph import Dense, Model, ModelError, QuantParams
+from .graph import Dense, Model, ModelError, QuantParams, WeightShape
 
 __all__ = ["QuantizedLayer", "QuantizedModel", "quantize_model", "activation_quant"]
 
@@ -22,7 +22,7 @@ INT8_MIN, INT8_MAX = -128, 127
 
 
 @dataclass
-class QuantizedLayer:
+class QuantizedLayer(WeightShape):
     """Everything the NPU needs for one dense layer, in integers."""
 
     name: str
@@ -35,14 +35,6 @@ class QuantizedLayer:
     clamp_max: int
     input_quant: QuantParams
     output_quant: QuantParams
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[1]
 
 
 @dataclass

@@ -1,0 +1,73 @@
+"""The golden model's program checks, GEMM expansion and cycle model."""
+
+import numpy as np
+import pytest
+
+from npugen.config import NpuConfig
+from npugen.golden import GoldenNpu, ProgramError, check_program, expand_program
+from npugen.isa import assemble, encode_program
+from npugen.memory_map import Region
+from npugen.schedule import plan_gemm, tile_activations, tile_weights
+
+CONFIG = NpuConfig(rows=4, cols=4, activation_depth=256, weight_depth=256,
+                   accumulator_depth=64, instruction_depth=64, param_depth=16)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("MATMUL count=1", "a program must end with HALT"),
+    ("MATMUL count=10 act_addr=250\nHALT", "activations end at word 260, activation_depth is 256"),
+    ("MATMUL count=0\nHALT", "count must be at least 1"),
+    ("LOADW weight_addr=254\nHALT", "weight tile rows end at word 258, weight_depth is 256"),
+    ("REQUANT count=1 out_lane=2\nHALT", "out_lane must be a multiple of requant_lanes (4)"),
+    ("SETPP clamp_min=5 clamp_max=-5\nHALT", "clamp_min must not exceed clamp_max"),
+    ("GEMM count=4\nHALT", "k_tiles (SETGEMM) must be at least 1"),
+    ("SETGEMM k_tiles=70\nGEMM count=1\nHALT", "weight tiles end at word 280"),
+])
+def test_program_errors_name_the_instruction(text, message):
+    with pytest.raises(ProgramError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_program(CONFIG, assemble(text))
+
+
+def test_too_many_instructions():
+    with pytest.raises(ProgramError, match="program has 65 instructions, instruction memory "
+                                           "holds 64"):
+        check_program(CONFIG, assemble("SETPP\n" * 64 + "HALT"))
+
+
+def test_gemm_equals_its_loadw_matmul_expansion():
+    rng = np.random.default_rng(0)
+    m, k, n = 9, 11, 6
+    a, w = rng.integers(-128, 128, (m, k)), rng.integers(-128, 128, (k, n))
+    plan = plan_gemm(CONFIG, m, k, n)
+    gemm = assemble(f"SETGEMM k_tiles={plan.k_tiles}\n"
+                    f"GEMM count={m} acc_addr=0\nGEMM bank=1 count={m} acc_addr={m}\nHALT")
+    explicit = [step for step in expand_program(CONFIG, gemm)]
+    counters = []
+    for program in (gemm, explicit):
+        npu = GoldenNpu(CONFIG)
+        npu.write(Region.ACTIVATIONS, 0, tile_activations(plan, a))
+        npu.write(Region.WEIGHTS, 0, tile_weights(plan, w))
+        npu.write(Region.INSTRUCTIONS, 0, encode_program(program))
+        counters.append(npu.run())
+        y = npu.read(Region.ACCUMULATORS, 0, 2 * m).reshape(2, m, 4).transpose(1, 0, 2)
+        assert np.array_equal(y.reshape(m, 8)[:, :n], a @ w)
+    assert counters[0] == counters[1]
+    assert [s.opcode.name for s in explicit[:5]] == ["SETGEMM", "LOADW", "MATMUL", "LOADW",
+                                                     "MATMUL"]
+    assert explicit[3]["bank"] == 1 and explicit[4]["accumulate"] == 1
+
+
+def test_cycle_model_hides_weight_loads():
+    """Back-to-back tiles of a long stream cost no cycle beyond their rows."""
+    m = 64
+    plan = plan_gemm(CONFIG.replace(activation_depth=4096, weight_depth=4096,
+                                    accumulator_depth=1024, instruction_depth=64), m, 16, 16)
+    npu = GoldenNpu(plan.config)
+    from npugen.isa import Instruction, Opcode
+    from npugen.schedule import gemm_instructions
+    npu.write(Region.INSTRUCTIONS, 0, encode_program(
+        gemm_instructions(plan) + [Instruction(Opcode.HALT)]))
+    counters = npu.run()
+    folds = plan.k_tiles * plan.n_tiles
+    assert counters.busy_cycles == m * folds
+    assert counters.cycles - m * folds <= 2 * (plan.config.rows + plan.config.cols) + 8
