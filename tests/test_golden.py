@@ -5,9 +5,9 @@ import pytest
 
 from npugen.config import NpuConfig
 from npugen.golden import GoldenNpu, ProgramError, check_program, expand_program
-from npugen.isa import assemble, encode_program
+from npugen.isa import Instruction, Opcode, assemble, encode_program
 from npugen.memory_map import Region
-from npugen.schedule import plan_gemm, tile_activations, tile_weights
+from npugen.schedule import gemm_instructions, plan_gemm, tile_activations, tile_weights
 
 CONFIG = NpuConfig(rows=4, cols=4, activation_depth=256, weight_depth=256,
                    accumulator_depth=64, instruction_depth=64, param_depth=16)
@@ -63,8 +63,6 @@ def test_cycle_model_hides_weight_loads():
     plan = plan_gemm(CONFIG.replace(activation_depth=4096, weight_depth=4096,
                                     accumulator_depth=1024, instruction_depth=64), m, 16, 16)
     npu = GoldenNpu(plan.config)
-    from npugen.isa import Instruction, Opcode
-    from npugen.schedule import gemm_instructions
     npu.write(Region.INSTRUCTIONS, 0, encode_program(
         gemm_instructions(plan) + [Instruction(Opcode.HALT)]))
     counters = npu.run()
