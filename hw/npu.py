@@ -76,9 +76,10 @@ class Npu(wiring.Component):
         m.d.comb += self.running.eq(running)
 
         # -- Host port: decode ---------------------------------------------------------
-        region = host.addr[REGION_SHIFT:REGION_SHIFT + 4]
+        # Every address bit is decoded: no region or register answers at two addresses.
+        region = host.addr[REGION_SHIFT:32]
         offset = host.addr[0:REGION_SHIFT]
-        read_region = Signal(4)
+        read_region = Signal(32 - REGION_SHIFT)
         read_offset = Signal(REGION_SHIFT)
         read_blocked = Signal()
         host_conflict = Signal()
@@ -86,7 +87,16 @@ class Npu(wiring.Component):
         with m.If(host.valid & ~host.write):
             m.d.sync += [read_region.eq(region), read_offset.eq(offset),
                          read_blocked.eq(running)]
-        with m.If(host.valid & running & (region != Region.REGISTERS)):
+        # A host address names a memory entry only below the memory's depth.
+        in_memory = {}
+        for mem_region, info in infos.items():
+            stride_bits = (info.stride - 1).bit_length()
+            in_memory[mem_region] = (offset >> (stride_bits + (info.depth - 1).bit_length())) == 0
+        read_in_memory = Signal()
+        with m.If(host.valid & ~host.write):
+            m.d.sync += read_in_memory.eq(Cat(*[
+                (region == mem_region) & hit for mem_region, hit in in_memory.items()]).any())
+        with m.If(host.valid & running & Cat(*[region == r for r in infos]).any()):
             m.d.sync += host_conflict.eq(1)
 
         host_read_data = Signal(32)
@@ -96,7 +106,7 @@ class Npu(wiring.Component):
             entry = offset >> stride_bits
             chunk = offset[0:stride_bits] if stride_bits else Const(0)
             write, read = writes[reg_region], reads[reg_region]
-            selected = host.valid & (region == reg_region) & ~running
+            selected = host.valid & (region == reg_region) & in_memory[reg_region] & ~running
             # Defaults: the host owns the ports when no run is on; units override below.
             m.d.comb += [read.addr.eq(entry), write.addr.eq(entry)]
             copies = -(-info.width // 32)
@@ -107,7 +117,7 @@ class Npu(wiring.Component):
                 m.d.comb += write.en.eq(Cat(*lanes_en))
             padded = Cat(read.data, Const(0, info.stride * 32 - info.width))
             read_chunk = read_offset[0:stride_bits] if stride_bits else Const(0)
-            with m.If((read_region == reg_region) & ~read_blocked):
+            with m.If((read_region == reg_region) & read_in_memory & ~read_blocked):
                 m.d.comb += host_read_data.eq(padded.word_select(read_chunk, 32))
 
         # -- Registers -----------------------------------------------------------------
@@ -120,7 +130,7 @@ class Npu(wiring.Component):
         m.d.comb += self.done.eq(done)
         counters = {name: Signal(64, name=f"counter_{name}") for name in COUNTER_NAMES}
         register_value = Signal(32)
-        with m.Switch(offset[0:8]):
+        with m.Switch(offset):
             for index, word in enumerate(identity):
                 with m.Case(Reg.MAGIC + index):
                     m.d.comb += register_value.eq(word)
@@ -146,7 +156,7 @@ class Npu(wiring.Component):
         abort = Signal()
         register_write = host.valid & host.write & (region == Region.REGISTERS)
         with m.If(register_write):
-            with m.Switch(offset[0:8]):
+            with m.Switch(offset):
                 with m.Case(Reg.CONTROL):
                     m.d.comb += [start.eq(host.wdata[0] & ~running),
                                  abort.eq(host.wdata[1])]
@@ -223,7 +233,10 @@ class Npu(wiring.Component):
         gemm_weight_now = Mux(gemm_started, gemm_weight_run, gemm_weight)
         gemm_act_now = Mux(gemm_started, gemm_act_run,
                            _field(instruction, Opcode.GEMM, "act_addr"))
-        gemm_last = gemm_matmul_next & (gemm_kt == gemm_k_tiles - 1)
+        gemm_empty = Signal()
+        gemm_last = Signal()
+        m.d.comb += [gemm_empty.eq(gemm_k_tiles == 0),
+                     gemm_last.eq(gemm_matmul_next & (gemm_kt == gemm_k_tiles - 1))]
 
         step_op = Signal(OPCODE_WIDTH)
         step_bank = Signal()
@@ -243,7 +256,7 @@ class Npu(wiring.Component):
                 step_accumulate.eq(_field(instruction, Opcode.GEMM, "accumulate")
                                    | (gemm_kt != 0)),
             ]
-            with m.If(gemm_k_tiles == 0):  # nothing to expand: stop as illegal
+            with m.If(gemm_empty):  # nothing to expand: stop as illegal
                 m.d.comb += step_op.eq(Opcode.GEMM)
         with m.Else():
             m.d.comb += [
@@ -256,7 +269,7 @@ class Npu(wiring.Component):
                 step_accumulate.eq(_field(instruction, Opcode.MATMUL, "accumulate")),
             ]
         advance = Signal()  # the step completes its instruction: the PC moves on
-        m.d.comb += advance.eq(~is_gemm | gemm_last | (gemm_k_tiles == 0))
+        m.d.comb += advance.eq(~is_gemm | gemm_last | gemm_empty)
 
         can_issue = Signal()
         with m.Switch(step_op):

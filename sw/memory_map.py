@@ -139,8 +139,10 @@ def memory_map_markdown(config: NpuConfig | None = None) -> str:
         "",
         "The host port carries 32-bit words. A word address is `region << "
         f"{REGION_SHIFT} | offset`. Requests are taken one a cycle; a read answers the next "
-        "cycle. Memories are reachable only while no run is on: during a run a memory "
-        "access is dropped (reads give 0) and STATUS.HOST_CONFLICT is set.",
+        "cycle. Every address bit is decoded: an address outside the regions, registers "
+        "and memory depths below reads 0 and ignores writes. Memories are reachable only "
+        "while no run is on: during a run a memory access is dropped (reads give 0) and "
+        "STATUS.HOST_CONFLICT is set.",
         "",
         "## Regions",
         "",

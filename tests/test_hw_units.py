@@ -621,3 +621,30 @@ def test_npu_illegal_opcode_stops_the_run_and_identity_reads_back():
     assert seen["running_after_start"] == 1
     assert (seen["running"], seen["done"]) == (0, 0)
     assert Status(seen["status"]) == Status.ILLEGAL_INSTRUCTION
+
+
+def test_npu_decodes_every_address_bit():
+    """Addresses outside the map answer 0 and change nothing: no register or memory entry
+    is reachable at a second address."""
+    npu = Npu(TINY)
+    seen = {}
+    stride = 2  # 64-bit instruction words
+    depth = TINY.instruction_depth
+
+    async def testbench(ctx):
+        bus = AmaranthBus(ctx, npu)
+        await bus.write_many(
+            np.array([address(Region.INSTRUCTIONS, 0),
+                      address(Region.INSTRUCTIONS, depth * stride),   # one past the end
+                      0x1000_0000 | Reg.CONTROL,                       # upper bits set
+                      address(Region.REGISTERS, 0x100 | Reg.CONTROL)]),  # offset aliasing
+            np.array([0x1234, 0x5678, 1, 1]))
+        seen["running"] = ctx.get(npu.running)
+        seen["words"] = await bus.read_many(np.array([
+            address(Region.INSTRUCTIONS, 0), address(Region.INSTRUCTIONS, depth * stride),
+            0x1000_0000 | Reg.MAGIC, address(Region.REGISTERS, 0x100 | Reg.MAGIC),
+            address(Region.REGISTERS, Reg.MAGIC), 0x0F00_0000]))
+
+    simulate(npu, testbench)
+    assert seen["running"] == 0
+    assert seen["words"] == [0x1234, 0, 0, 0, identity_words(TINY)[0], 0]
