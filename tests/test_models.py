@@ -218,18 +218,30 @@ def test_qdq_matches_onnxruntime(tmp_path, data, trained, per_channel):
     assert np.mean(difference == 0) >= 0.99
 
 
-def test_pytorch_export(tmp_path, data):
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_pytorch_export(tmp_path, data, dynamo):
     torch = pytest.importorskip("torch")
-    x_train, _, _, _ = data
-    net = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU6(), torch.nn.Linear(16, 10))
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    x_train = data[0].reshape(-1, 8, 8)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU6(),
+                              torch.nn.Linear(16, 10), torch.nn.ReLU(), torch.nn.Linear(10, 4))
     path = tmp_path / "torch.onnx"
-    torch.onnx.export(net, torch.zeros(1, 64), str(path), input_names=["input"],
-                      output_names=["y"], dynamic_axes={"input": {0: "b"}, "y": {0: "b"}},
-                      opset_version=17, dynamo=False)
+    if dynamo:
+        exported = torch.onnx.export(net, (torch.zeros(2, 8, 8),), dynamo=True,
+                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
+        exported.save(str(path))
+    else:
+        torch.onnx.export(net, torch.zeros(1, 8, 8), str(path), input_names=["input"],
+                          output_names=["y"], dynamic_axes={"input": {0: "b"}, "y": {0: "b"}},
+                          opset_version=17, dynamo=False)
     model = load_onnx(path)
+    assert model.input_shape == (8, 8)
     with torch.no_grad():
         expected = net(torch.from_numpy(x_train[:8])).numpy()
     assert np.allclose(model.forward(x_train[:8]), expected, atol=1e-4)
+    program = compile_model(model, SMALL, calibration=x_train[:64])
+    assert run(program, x_train[:8]).output.shape == (8, 4)
 
 
 # -- programs -----------------------------------------------------------------------------
