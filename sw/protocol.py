@@ -48,8 +48,7 @@ class Command(enum.IntEnum):
 class LinkStatus(enum.IntEnum):
     OK = 0
     UNKNOWN_COMMAND = 1
-    BAD_LENGTH = 2      # payload length wrong for the command, or READ count too large
-    BUSY = 3            # a memory was accessed during a run (see STATUS.HOST_CONFLICT)
+    BAD_LENGTH = 2      # payload length wrong for the command, or READ count 0 or too large
 
 
 #: The engine's error counters, as LINK_STATUS returns them.

@@ -1,0 +1,332 @@
+"""The host-link protocol engine: UART byte frames ⇄ the NPU's host port.
+
+Frames are defined in :mod:`npugen.protocol`. A request's payload is buffered and its
+CRC checked before anything is executed, so a corrupted WRITE never touches a memory.
+Line noise, bad CRCs, oversize lengths, truncated frames (no byte for ``timeout_cycles``)
+and unknown commands are dropped and counted; the engine then hunts for the next sync
+byte, so the next valid frame always works.
+"""
+
+from amaranth import Array, Cat, Const, Module, Signal
+from amaranth.lib import stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from ..memory_map import Control, Reg, Region, address
+from ..protocol import (
+    LINK_COUNTERS,
+    MAX_PAYLOAD_BYTES,
+    MAX_PAYLOAD_WORDS,
+    REQUEST_SYNC,
+    RESPONSE_SYNC,
+    Command,
+    LinkStatus,
+)
+from .hostbus import HostBus
+
+__all__ = ["LinkEngine", "crc16_step"]
+
+CRC_POLYNOMIAL = 0x1021
+
+
+def _crc16_bytewise(value: int) -> int:
+    for _ in range(8):
+        value = ((value << 1) & 0xFFFF) ^ (CRC_POLYNOMIAL if value & 0x8000 else 0)
+    return value
+
+
+def crc16_step(crc, byte):
+    """CRC-16/CCITT-FALSE of one more byte, as combinational logic.
+
+    The update is linear over GF(2): each output bit is the XOR of the input bits whose
+    unit vector sets it, worked out here once (a literal shift-and-XOR loop would nest
+    the expression eight deep, which Amaranth lowers in exponential time).
+    """
+    value = crc ^ Cat(Const(0, 8), byte)
+    columns = [_crc16_bytewise(1 << j) for j in range(16)]
+    bits = []
+    for i in range(16):
+        terms = [value[j] for j in range(16) if (columns[j] >> i) & 1]
+        bit = terms[0]
+        for term in terms[1:]:
+            bit = bit ^ term
+        bits.append(bit)
+    return Cat(*bits)
+
+
+class LinkEngine(wiring.Component):
+    """Parses request frames from ``rx``, drives ``bus``, sends responses on ``tx``.
+
+    ``identity_words``: how many words IDENTIFY returns. ``error`` is high once any
+    error counter is non-zero (for a status LED).
+    """
+
+    rx: In(stream.Signature(8))
+    tx: Out(stream.Signature(8))
+    bus: Out(HostBus())
+    framing_error: In(1)
+    error: Out(1)
+
+    def __init__(self, *, identity_words: int, timeout_cycles: int):
+        if timeout_cycles < 16:
+            raise ValueError(f"timeout_cycles must be at least 16, not {timeout_cycles!r}")
+        self._identity_words = identity_words
+        self._timeout = timeout_cycles
+        super().__init__()
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.buffer = buffer = Memory(shape=32, depth=MAX_PAYLOAD_WORDS + 1, init=[])
+        buffer_write = buffer.write_port()
+        buffer_read = buffer.read_port()
+
+        counters = {name: Signal(32, name=f"link_{name}") for name in LINK_COUNTERS}
+        counter_array = Array(counters[name] for name in LINK_COUNTERS)
+        m.d.comb += self.error.eq(Cat(*counters.values()).any())
+        with m.If(self.framing_error):
+            m.d.sync += counters["framing_errors"].eq(counters["framing_errors"] + 1)
+
+        command = Signal(8)
+        seq = Signal(8)
+        length = Signal(16)
+        count = Signal(16)           # payload bytes received, or words handled
+        word = Signal(32)
+        crc = Signal(16)
+        crc_received = Signal(16)
+        idle = Signal(range(self._timeout + 1))
+        last_start_seq = Signal(8)
+        last_start_valid = Signal()
+
+        status = Signal(8)
+        response_words = Signal(16)
+        read_address = Signal(32)
+        from_counters = Signal()
+        header = Signal(6 * 8)
+        header_index = Signal(range(6))
+        byte_index = Signal(2)
+        crc_high = Signal()
+
+        def count_error(name):
+            return counters[name].eq(counters[name] + 1)
+
+        rx = self.rx
+        byte = rx.payload
+        taken = rx.valid & rx.ready
+        bus = self.bus
+        m.d.comb += bus.write.eq(0)
+
+        def respond(result, words=0, source=None, counters_source=False):
+            """Begin a response: status, payload length in words, where words come from."""
+            statements = [status.eq(result), response_words.eq(words), count.eq(0),
+                          from_counters.eq(counters_source), header_index.eq(0),
+                          crc.eq(0xFFFF)]
+            if source is not None:
+                statements.append(read_address.eq(source))
+            return statements
+
+        with m.FSM():
+            # -- Receive ------------------------------------------------------------------
+            with m.State("HUNT"):
+                m.d.comb += rx.ready.eq(1)
+                with m.If(taken):
+                    with m.If(byte == REQUEST_SYNC):
+                        m.d.sync += [crc.eq(0xFFFF), idle.eq(0)]
+                        m.next = "COMMAND"
+                    with m.Else():
+                        m.d.sync += count_error("noise_bytes")
+
+            receiving = ("COMMAND", "SEQ", "LENGTH0", "LENGTH1", "PAYLOAD", "CRC0", "CRC1")
+            for state in receiving:
+                with m.State(state):
+                    m.d.comb += rx.ready.eq(1)
+                    with m.If(taken):
+                        m.d.sync += idle.eq(0)
+                        if state not in ("CRC0", "CRC1"):
+                            m.d.sync += crc.eq(crc16_step(crc, byte))
+                    with m.Elif(idle == self._timeout):
+                        m.d.sync += count_error("truncated")
+                        m.next = "HUNT"
+                    with m.Else():
+                        m.d.sync += idle.eq(idle + 1)
+                    with m.If(taken):
+                        if state == "COMMAND":
+                            m.d.sync += command.eq(byte)
+                            m.next = "SEQ"
+                        elif state == "SEQ":
+                            m.d.sync += seq.eq(byte)
+                            m.next = "LENGTH0"
+                        elif state == "LENGTH0":
+                            m.d.sync += length[0:8].eq(byte)
+                            m.next = "LENGTH1"
+                        elif state == "LENGTH1":
+                            full = Cat(length[0:8], byte)
+                            m.d.sync += [length.eq(full), count.eq(0), word.eq(0)]
+                            with m.If(full > MAX_PAYLOAD_BYTES):
+                                m.d.sync += count_error("oversize")
+                                m.next = "HUNT"
+                            with m.Elif(full == 0):
+                                m.next = "CRC0"
+                            with m.Else():
+                                m.next = "PAYLOAD"
+                        elif state == "PAYLOAD":
+                            lane = count[0:2]
+                            new_word = Signal(32)
+                            m.d.comb += new_word.eq(word)
+                            with m.Switch(lane):
+                                for k in range(4):
+                                    with m.Case(k):
+                                        m.d.comb += new_word[8 * k:8 * k + 8].eq(byte)
+                            last = count == length - 1
+                            m.d.comb += [buffer_write.addr.eq(count >> 2),
+                                         buffer_write.data.eq(new_word),
+                                         buffer_write.en.eq((lane == 3) | last)]
+                            m.d.sync += [word.eq(new_word), count.eq(count + 1)]
+                            with m.If(lane == 3):
+                                m.d.sync += word.eq(0)
+                            with m.If(last):
+                                m.next = "CRC0"
+                        elif state == "CRC0":
+                            m.d.sync += crc_received[0:8].eq(byte)
+                            m.next = "CRC1"
+                        else:
+                            with m.If(Cat(crc_received[0:8], byte) == crc):
+                                m.d.comb += buffer_read.addr.eq(0)
+                                m.next = "EXECUTE"
+                            with m.Else():
+                                m.d.sync += count_error("bad_crc")
+                                m.next = "HUNT"
+
+            # -- Execute (buffer word 0 is on buffer_read.data) --------------------------------
+            first = buffer_read.data
+            with m.State("EXECUTE"):
+                m.next = "RESPOND"
+                with m.Switch(command):
+                    with m.Case(Command.IDENTIFY):
+                        with m.If(length == 0):
+                            m.d.sync += respond(LinkStatus.OK, self._identity_words,
+                                                address(Region.REGISTERS, Reg.MAGIC))
+                        with m.Else():
+                            m.d.sync += respond(LinkStatus.BAD_LENGTH)
+                    with m.Case(Command.WRITE):
+                        with m.If(length == 4):  # an address and no words: nothing to do
+                            m.d.sync += respond(LinkStatus.OK)
+                        with m.Elif((length > 4) & (length[0:2] == 0)):
+                            m.d.sync += [read_address.eq(first), count.eq(0)]
+                            m.d.comb += buffer_read.addr.eq(1)
+                            m.next = "WRITE"
+                        with m.Else():
+                            m.d.sync += respond(LinkStatus.BAD_LENGTH)
+                    with m.Case(Command.READ):
+                        with m.If(length == 6):
+                            m.d.comb += buffer_read.addr.eq(1)
+                            m.d.sync += read_address.eq(first)
+                            m.next = "READ_COUNT"
+                        with m.Else():
+                            m.d.sync += respond(LinkStatus.BAD_LENGTH)
+                    with m.Case(Command.START):
+                        with m.If(length == 4):
+                            repeat = last_start_valid & (last_start_seq == seq)
+                            with m.If(~repeat):
+                                m.d.comb += [bus.valid.eq(1), bus.write.eq(1),
+                                             bus.addr.eq(address(Region.REGISTERS,
+                                                                 Reg.START_PC)),
+                                             bus.wdata.eq(first)]
+                                m.d.sync += [last_start_seq.eq(seq), last_start_valid.eq(1)]
+                                m.next = "START"
+                            m.d.sync += respond(LinkStatus.OK)
+                        with m.Else():
+                            m.d.sync += respond(LinkStatus.BAD_LENGTH)
+                    with m.Case(Command.STATUS):
+                        m.d.sync += respond(LinkStatus.OK, 3,
+                                            address(Region.REGISTERS, Reg.STATUS))
+                    with m.Case(Command.COUNTERS):
+                        m.d.sync += respond(LinkStatus.OK, 8,
+                                            address(Region.REGISTERS, Reg.COUNTERS))
+                    with m.Case(Command.RESET):
+                        m.d.comb += [bus.valid.eq(1), bus.write.eq(1),
+                                     bus.addr.eq(address(Region.REGISTERS, Reg.CONTROL)),
+                                     bus.wdata.eq(Control.ABORT)]
+                        m.d.sync += [counter.eq(0) for counter in counters.values()]
+                        m.d.sync += [respond(LinkStatus.OK), last_start_valid.eq(0)]
+                    with m.Case(Command.LINK_STATUS):
+                        m.d.sync += respond(LinkStatus.OK, len(LINK_COUNTERS), 0, True)
+                    with m.Default():
+                        m.d.sync += [count_error("unknown_command"),
+                                     respond(LinkStatus.UNKNOWN_COMMAND)]
+
+            with m.State("START"):
+                m.d.comb += [bus.valid.eq(1), bus.write.eq(1),
+                             bus.addr.eq(address(Region.REGISTERS, Reg.CONTROL)),
+                             bus.wdata.eq(Control.START)]
+                m.next = "RESPOND"
+
+            with m.State("READ_COUNT"):
+                requested = buffer_read.data[0:16]
+                with m.If((requested == 0) | (requested > MAX_PAYLOAD_WORDS)):
+                    m.d.sync += respond(LinkStatus.BAD_LENGTH)
+                with m.Else():
+                    m.d.sync += respond(LinkStatus.OK, requested)
+                m.next = "RESPOND"
+
+            with m.State("WRITE"):
+                # buffer_read.data holds payload word count + 1 (addressed last cycle).
+                m.d.comb += [bus.valid.eq(1), bus.write.eq(1),
+                             bus.addr.eq(read_address + count),
+                             bus.wdata.eq(buffer_read.data),
+                             buffer_read.addr.eq(count + 2)]
+                m.d.sync += count.eq(count + 1)
+                with m.If(count == (length >> 2) - 2):
+                    m.d.sync += respond(LinkStatus.OK)
+                    m.next = "RESPOND"
+
+            # -- Respond -------------------------------------------------------------------------
+            tx = self.tx
+            with m.State("RESPOND"):
+                m.d.comb += header.eq(Cat(Const(RESPONSE_SYNC, 8), command, seq, status,
+                                          (response_words << 2)[0:16]))
+                m.d.comb += [tx.valid.eq(1), tx.payload.eq(header.word_select(header_index, 8))]
+                with m.If(tx.ready):
+                    with m.If(header_index != 0):
+                        m.d.sync += crc.eq(crc16_step(crc, tx.payload))
+                    m.d.sync += header_index.eq(header_index + 1)
+                    with m.If(header_index == 5):
+                        with m.If(response_words == 0):
+                            m.d.sync += crc_high.eq(0)
+                            m.next = "SEND_CRC"
+                        with m.Else():
+                            m.next = "FETCH"
+
+            with m.State("FETCH"):
+                with m.If(~from_counters):
+                    m.d.comb += [bus.valid.eq(1), bus.addr.eq(read_address + count)]
+                m.next = "CAPTURE"
+
+            with m.State("CAPTURE"):
+                m.d.sync += byte_index.eq(0)
+                with m.If(from_counters):
+                    m.d.sync += word.eq(counter_array[count])
+                with m.Else():
+                    m.d.sync += word.eq(bus.rdata)
+                m.next = "SEND_WORD"
+
+            with m.State("SEND_WORD"):
+                m.d.comb += [tx.valid.eq(1), tx.payload.eq(word.word_select(byte_index, 8))]
+                with m.If(tx.ready):
+                    m.d.sync += [crc.eq(crc16_step(crc, tx.payload)),
+                                 byte_index.eq(byte_index + 1)]
+                    with m.If(byte_index == 3):
+                        m.d.sync += count.eq(count + 1)
+                        with m.If(count == response_words - 1):
+                            m.d.sync += crc_high.eq(0)
+                            m.next = "SEND_CRC"
+                        with m.Else():
+                            m.next = "FETCH"
+
+            with m.State("SEND_CRC"):
+                m.d.comb += [tx.valid.eq(1),
+                             tx.payload.eq(crc.word_select(crc_high, 8))]
+                with m.If(tx.ready):
+                    m.d.sync += crc_high.eq(1)
+                    with m.If(crc_high):
+                        m.next = "HUNT"
+        return m

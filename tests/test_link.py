@@ -1,0 +1,148 @@
+"""The protocol engine with an NPU behind it, in Amaranth's simulator: every command,
+and recovery from noise, bad CRCs, oversize lengths, truncated frames, unknown commands."""
+
+import struct
+
+import numpy as np
+from amaranth import Module
+from amaranth.lib import wiring
+from amaranth.sim import Simulator
+
+from npugen.config import NpuConfig
+from npugen.hw.link import LinkEngine
+from npugen.hw.npu import Npu
+from npugen.job import run_golden
+from npugen.matmul import matmul_job, matmul_output
+from npugen.memory_map import COUNTER_NAMES, Region, Status, address, identity_words
+from npugen.protocol import LINK_COUNTERS, Command, LinkStatus, ResponseParser, encode_request
+
+CONFIG = NpuConfig(rows=2, cols=2, activation_depth=32, weight_depth=32, accumulator_depth=32,
+                   instruction_depth=16, param_depth=16)
+TIMEOUT = 64
+
+
+def run_session(steps):
+    """Run ``steps``: a list of ("send", bytes) and ("idle", cycles); return every
+    response frame the engine sent, in order, and the parser's dropped-byte count."""
+    m = Module()
+    m.submodules.npu = npu = Npu(CONFIG)
+    m.submodules.link = link = LinkEngine(identity_words=len(identity_words(CONFIG)),
+                                          timeout_cycles=TIMEOUT)
+    wiring.connect(m, link.bus, npu.host)
+    received = bytearray()
+    finished = {}
+
+    async def host(ctx):
+        for kind, value in steps:
+            if kind == "send":
+                for byte in value:
+                    ctx.set(link.rx.payload, byte)
+                    ctx.set(link.rx.valid, 1)
+                    await ctx.tick().until(link.rx.ready)
+                ctx.set(link.rx.valid, 0)
+            else:
+                await ctx.tick().repeat(value)
+        await ctx.tick().repeat(600)
+        finished["yes"] = True
+
+    async def device_tx(ctx):
+        ctx.set(link.tx.ready, 1)
+        while "yes" not in finished:
+            if ctx.get(link.tx.valid):
+                received.append(ctx.get(link.tx.payload))
+            await ctx.tick()
+
+    sim = Simulator(m)
+    sim.add_clock(1e-6)
+    sim.add_testbench(host)
+    sim.add_testbench(device_tx)
+    sim.run()
+    parser = ResponseParser()
+    return parser.feed(bytes(received)), parser.dropped
+
+
+def words(*values):
+    return struct.pack(f"<{len(values)}I", *values)
+
+
+def test_identify_write_read():
+    instructions = address(Region.INSTRUCTIONS, 0)
+    responses, dropped = run_session([
+        ("send", encode_request(Command.IDENTIFY, 1)),
+        ("send", encode_request(Command.WRITE, 2, words(instructions, 11, 22, 33, 44))),
+        ("send", encode_request(Command.READ, 3, struct.pack("<IH", instructions, 4))),
+        ("send", encode_request(Command.READ, 4, struct.pack("<IH", instructions, 0))),
+        ("send", encode_request(Command.IDENTIFY, 5, b"x")),
+    ])
+    assert dropped == 0
+    assert [(r.command, r.seq, r.status) for r in responses] == [
+        (Command.IDENTIFY, 1, LinkStatus.OK), (Command.WRITE, 2, LinkStatus.OK),
+        (Command.READ, 3, LinkStatus.OK), (Command.READ, 4, LinkStatus.BAD_LENGTH),
+        (Command.IDENTIFY, 5, LinkStatus.BAD_LENGTH)]
+    assert responses[0].words() == identity_words(CONFIG)
+    assert responses[2].words() == [11, 22, 33, 44]
+
+
+def test_errors_are_dropped_counted_and_survived():
+    base = address(Region.ACTIVATIONS, 0)
+    good = encode_request(Command.WRITE, 1, words(base, 7, 8))
+    corrupt = bytearray(encode_request(Command.WRITE, 2, words(base, 99, 99)))
+    corrupt[9] ^= 0x10  # a flipped payload bit: the CRC no longer matches
+    oversize = bytes([0xA5, Command.WRITE, 3]) + struct.pack("<H", 5000) + b"\x00" * 8
+    truncated = encode_request(Command.WRITE, 4, words(base, 55, 55))[:9]
+    responses, _ = run_session([
+        ("send", good),
+        ("send", b"\x00\x13\x37garbage"),   # 10 noise bytes
+        ("send", bytes(corrupt)),
+        ("send", oversize),
+        ("send", truncated), ("idle", TIMEOUT + 20),
+        ("send", encode_request(0x77, 5)),
+        ("send", encode_request(Command.READ, 6, struct.pack("<IH", base, 2))),
+        ("send", encode_request(Command.LINK_STATUS, 7)),
+        ("send", encode_request(Command.RESET, 8)),
+        ("send", encode_request(Command.LINK_STATUS, 9)),
+    ])
+    by_seq = {r.seq: r for r in responses}
+    assert sorted(by_seq) == [1, 5, 6, 7, 8, 9], "bad frames must get no answer"
+    assert by_seq[5].status == LinkStatus.UNKNOWN_COMMAND
+    assert by_seq[6].words() == [7, 8], "the corrupt and truncated writes changed nothing"
+    counts = dict(zip(LINK_COUNTERS, by_seq[7].words(), strict=True))
+    # The oversize frame's 8 trailing bytes are noise, too.
+    assert counts == {"noise_bytes": 18, "bad_crc": 1, "oversize": 1, "truncated": 1,
+                      "unknown_command": 1, "framing_errors": 0}
+    assert by_seq[9].words() == [0] * len(LINK_COUNTERS)
+
+
+def test_a_matmul_through_the_link():
+    rng = np.random.default_rng(3)
+    a, w = rng.integers(-128, 128, (5, 3)), rng.integers(-128, 128, (3, 3))
+    job, plan = matmul_job(CONFIG, a, w)
+    golden = run_golden(job)
+    addresses, data = job.host_writes()
+    steps, seq = [], 0
+    # Consecutive host addresses go in one WRITE each.
+    runs = np.split(np.arange(len(addresses)), np.where(np.diff(addresses) != 1)[0] + 1)
+    for run in runs:
+        seq += 1
+        steps.append(("send", encode_request(
+            Command.WRITE, seq, words(int(addresses[run[0]]), *map(int, data[run])))))
+    steps += [("send", encode_request(Command.START, 100, words(0))),
+              ("send", encode_request(Command.START, 100, words(0))),  # a retry: no restart
+              ("idle", 400),
+              ("send", encode_request(Command.STATUS, 101)),
+              ("send", encode_request(Command.COUNTERS, 102))]
+    first = job.read_addresses("y")
+    steps.append(("send", encode_request(Command.READ, 103,
+                                         struct.pack("<IH", int(first[0]), len(first)))))
+    responses, _ = run_session(steps)
+    by_seq = {r.seq: r for r in responses}
+    assert all(r.status == LinkStatus.OK for r in responses)
+    status, _, pc = by_seq[101].words()
+    assert Status(status) == Status.DONE
+    counter_words = by_seq[102].words()
+    counters = [counter_words[2 * i] | counter_words[2 * i + 1] << 32
+                for i in range(len(COUNTER_NAMES))]
+    assert counters == list(golden.counters.as_dict().values())
+    result = job.decode_read("y", np.array(by_seq[103].words()))
+    y = matmul_output(plan, type(golden)(outputs={"y": result}, counters=golden.counters))
+    assert np.array_equal(y, a @ w)
