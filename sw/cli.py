@@ -254,6 +254,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve_sim(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    from .sim.runner import SimulationError
+    from .sim.serve import serve
+
+    def listening(port: int) -> None:
+        print(f"listening on socket://127.0.0.1:{port}", flush=True)
+        print(f"virtual board: {config.describe()} NPU, UART through the simulated 8N1 link "
+              f"({args.sim}); stop with Ctrl-C", file=sys.stderr, flush=True)
+
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, not {args.port}")
+    try:
+        serve(config, port=args.port, simulator=args.sim, on_listening=listening)
+    except (SimulationError, OSError) as error:
+        raise UsageError(str(error)) from None
+    return EXIT_OK
+
+
 # -- Parser ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,6 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("program", metavar="PROG.npu")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(handler=cmd_inspect)
+
+    serve_sim = commands.add_parser(
+        "serve-sim", help="run the virtual board: the simulated SoC's UART over TCP")
+    serve_sim.add_argument("--port", type=int, default=0,
+                           help="TCP port on 127.0.0.1 (default 0: any free port)")
+    serve_sim.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
+    add_config_flags(serve_sim)
+    serve_sim.set_defaults(handler=cmd_serve_sim)
 
     demo = commands.add_parser(
         "demo", help="train an MLP on the bundled digits and run it on the NPU")

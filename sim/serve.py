@@ -1,0 +1,61 @@
+"""``npugen serve-sim``: the virtual board, its UART bytes bridged to TCP."""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..config import NpuConfig
+from .runner import SimulationError, build, run_test
+
+__all__ = ["serve"]
+
+STARTUP_TIMEOUT_SECONDS = 600.0
+
+
+def serve(config: NpuConfig, *, port: int = 0, simulator: str = "verilator",
+          on_listening: Callable[[int], None] = lambda port: None) -> None:
+    """Build and run the virtual board until SIGINT or SIGTERM; call ``on_listening``
+    with the TCP port once it accepts connections."""
+    build(config, simulator, design="board")
+    with tempfile.TemporaryDirectory(prefix="npugen-board-") as scratch:
+        scratch = Path(scratch)
+        port_file, stop_file = scratch / "port", scratch / "stop"
+        outcome: dict[str, object] = {}
+
+        def simulate() -> None:
+            try:
+                outcome["passed"] = run_test(
+                    config, simulator=simulator, design="board",
+                    test_module="npugen.sim.tb_board", work_dir=scratch,
+                    extra_env={"NPUGEN_PORT": str(port), "NPUGEN_PORT_FILE": str(port_file),
+                               "NPUGEN_STOP_FILE": str(stop_file)})
+            except Exception as error:  # reported by the main thread
+                outcome["error"] = error
+
+        def stop(signum, frame) -> None:
+            stop_file.touch()
+
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            thread = threading.Thread(target=simulate, daemon=True)
+            thread.start()
+            started = time.monotonic()
+            while not port_file.exists():
+                if not thread.is_alive() or time.monotonic() - started > STARTUP_TIMEOUT_SECONDS:
+                    log = scratch / "sim.log"
+                    detail = log.read_text()[-3000:] if log.exists() else ""
+                    raise SimulationError(
+                        f"the virtual board did not start: {outcome.get('error', '')}\n{detail}")
+                time.sleep(0.05)
+            on_listening(int(port_file.read_text()))
+            while thread.is_alive():
+                thread.join(0.2)
+        finally:
+            stop_file.touch()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
