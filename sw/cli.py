@@ -218,6 +218,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .driver import DeviceError
     from .runtime import ConfigMismatch, run
 
     program = _load_program(args.program)
@@ -227,9 +228,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         result = run(program, x, target=args.target, simulator=args.sim,
                      config=target_config)
-    except ConfigMismatch as error:
-        raise UsageError(str(error)) from None
-    except ValueError as error:
+    except (ConfigMismatch, ValueError, DeviceError) as error:
         raise UsageError(str(error)) from None
     np.save(args.output, result.output)
     stats = result.stats(program)
@@ -243,13 +242,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .driver import DeviceError
 
     config = config_from_args(args)
-    record = run_demo(target=args.target, simulator=args.sim, config=config,
-                      workdir=args.workdir)
+    try:
+        record = run_demo(target=args.target, simulator=args.sim, config=config,
+                          workdir=args.workdir)
+    except DeviceError as error:
+        raise UsageError(str(error)) from None
     if args.json:
         emit_json(record)
-    if args.target == "sim" and not (record["bit_exact"] and record["cycles_match_model"]):
+    if args.target != "golden" and not (record["bit_exact"] and record["cycles_match_model"]):
         raise CheckFailed("the simulated NPU differs from the golden model")
     return EXIT_OK
 
@@ -271,6 +274,11 @@ def cmd_serve_sim(args: argparse.Namespace) -> int:
     except (SimulationError, OSError) as error:
         raise UsageError(str(error)) from None
     return EXIT_OK
+
+
+TARGET_HELP = ("golden (the NumPy model), rtl (the RTL in a testbench), sim (a virtual board "
+               "through the UART link) or a device URL (/dev/ttyUSB1, socket://HOST:PORT); "
+               "default %(default)s")
 
 
 # -- Parser ---------------------------------------------------------------------------
@@ -325,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="float32 inputs, batch first")
     run_.add_argument("-o", "--output", required=True, metavar="Y.npy",
                       help="where to write the float32 outputs")
-    run_.add_argument("--target", choices=("golden", "sim"), default="golden")
+    run_.add_argument("--target", default="golden", metavar="TARGET", help=TARGET_HELP)
     run_.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
     run_.add_argument("--json", action="store_true", help="print a JSON summary last")
     add_config_flags(run_)
@@ -346,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo", help="train an MLP on the bundled digits and run it on the NPU")
-    demo.add_argument("--target", choices=("golden", "sim"), default="sim")
+    demo.add_argument("--target", default="sim", metavar="TARGET", help=TARGET_HELP)
     demo.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
     demo.add_argument("--workdir", default="build/demo", help="where the model and program go")
     demo.add_argument("--json", action="store_true")

@@ -111,9 +111,11 @@ def run_demo(*, target: str = "sim", simulator: str = "verilator",
     record = {"model": f"MLP {shape}", "test_images": len(x_test),
               "float_accuracy": float_accuracy, "int8_accuracy": int8_accuracy,
               **golden.stats(program)}
-    if target == "sim":
-        npu = run(program, x_test, target="sim", simulator=simulator,
-                  progress=_progress(f"simulating on {simulator}"))
+    if target != "golden":
+        label = (f"virtual board ({simulator})" if target == "sim" else
+                 f"RTL ({simulator})" if target == "rtl" else target)
+        npu = run(program, x_test, target=target, simulator=simulator,
+                  progress=_progress(f"running on {label}"))
         record["bit_exact"] = bool(np.array_equal(npu.quantized_output,
                                                   golden.quantized_output))
         record["npu_accuracy"] = float(np.mean(npu.output.argmax(1) == y_test))
@@ -123,8 +125,8 @@ def run_demo(*, target: str = "sim", simulator: str = "verilator",
     record["seconds"] = round(time.perf_counter() - started, 1)
     print(f"accuracy on {len(x_test)} held-out digits: float {float_accuracy:.4f}, "
           f"int8 (golden) {int8_accuracy:.4f}")
-    if target == "sim":
-        print(f"NPU ({simulator}) bit-exact with golden: {record['bit_exact']}; "
+    if target != "golden":
+        print(f"NPU ({label}) bit-exact with golden: {record['bit_exact']}; "
               f"accuracy {record['npu_accuracy']:.4f}")
     print(f"cycles per inference {record['cycles']:.1f} (batch {program.batch}, "
           f"{record['macs']} MACs, utilization {record['utilization']:.3f}); "

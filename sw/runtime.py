@@ -1,11 +1,11 @@
 """Running a compiled program: quantize the input, run batch after batch on a target,
-dequantize the output. Targets: ``"golden"`` (the NumPy model) and ``"sim"`` (the RTL in
-Verilator or Icarus)."""
+dequantize the output. Targets: the golden model, the RTL, a virtual board, a board."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from .program import Program
 
 __all__ = ["RunResult", "run", "program_job", "quantize_input", "ConfigMismatch", "TARGETS"]
 
-TARGETS = ("golden", "sim")
+TARGETS = ("golden", "rtl", "sim")  # or a device URL
 
 
 class ConfigMismatch(ValueError):
@@ -101,35 +101,52 @@ def _decode(program: Program, words: np.ndarray, count: int) -> np.ndarray:
     return tiles.reshape(program.batch, -1)[:count, :program.output.features]
 
 
-def run(program: Program, x: np.ndarray, *, target: str = "golden",
+def run(program: Program, x: np.ndarray, *, target: Any = "golden",
         simulator: str = "verilator", config: NpuConfig | None = None,
         progress: Callable[[int, int], None] | None = None) -> RunResult:
     """Run ``program`` on float input ``x`` (batch, *input shape).
 
+    ``target``: ``"golden"`` (the NumPy model), ``"rtl"`` (the NPU's RTL in a cocotb
+    testbench, memories loaded over the host port), ``"sim"`` (a virtual board: the SoC
+    in simulation, through the UART link), a device URL (``/dev/ttyUSB1``,
+    ``socket://HOST:PORT``) or an open :class:`~npugen.driver.Device`.
     ``config``: the target NPU's configuration, if known; a different one is refused.
     ``progress(done, total)`` is called as batches finish.
     """
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
+    from .driver import Device
+
     check_config(program, config)
     q = quantize_input(program, x)
     chunks = [q[i:i + program.batch] for i in range(0, len(q), program.batch)]
-    jobs = [program_job(program, chunk) for chunk in chunks]
     results: list[JobResult] = []
-    if target == "golden":
-        for job in jobs:
-            results.append(run_golden(job))
-            if progress:
-                progress(len(results), len(jobs))
-    else:
+
+    def finished(result: JobResult) -> None:
+        results.append(result)
+        if progress:
+            progress(len(results), len(chunks))
+
+    if isinstance(target, Device):
+        for chunk in chunks:
+            finished(target.execute(program_job(program, chunk, load_program=False)))
+    elif target == "golden":
+        for chunk in chunks:
+            finished(run_golden(program_job(program, chunk)))
+    elif target == "rtl":
         from .sim.runner import simulate
 
+        jobs = [program_job(program, chunk) for chunk in chunks]
         # A few jobs per simulator process keeps the progress display moving.
         step = max(1, len(jobs) // 8)
         for start in range(0, len(jobs), step):
-            results += simulate(jobs[start:start + step], simulator=simulator)
-            if progress:
-                progress(len(results), len(jobs))
+            for result in simulate(jobs[start:start + step], simulator=simulator):
+                finished(result)
+    elif isinstance(target, str) and target:
+        with Device.open(target, config=program.config, simulator=simulator) as device:
+            device.load(program)
+            return run(program, x, target=device, progress=progress)
+    else:
+        raise ValueError(f"target must be golden, rtl, sim, a device URL or a Device, "
+                         f"not {target!r}")
     outputs = [_decode(program, r.outputs["output"], len(chunk))
                for r, chunk in zip(results, chunks, strict=True)]
     quantized = np.concatenate(outputs) if outputs else np.zeros((0, program.output.features))

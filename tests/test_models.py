@@ -290,7 +290,7 @@ def test_model_too_large_says_what_overflows(data, trained):
 def test_compiled_model_on_rtl_is_bit_exact(small_program, data, simulator):
     x = data[1][:40]
     golden = run(small_program, x)
-    npu = run(small_program, x, target="sim", simulator=simulator)
+    npu = run(small_program, x, target="rtl", simulator=simulator)
     assert np.array_equal(npu.quantized_output, golden.quantized_output)
     assert npu.counters == golden.counters
 

@@ -1,0 +1,253 @@
+"""The host driver: one ``Device`` for a board's serial port, a virtual board's TCP
+socket, or ``"sim"`` (which starts its own virtual board).
+
+    with Device.open("socket://127.0.0.1:5555") as npu:
+        npu.identify()
+        npu.load(program)
+        result = npu.run(program, x)
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from .config import NpuConfig
+from .golden import Counters
+from .job import Job, JobResult, counters_from_words
+from .memory_map import Region, Status, config_from_identity, memories
+from .program import Program
+from .protocol import (
+    LINK_COUNTERS,
+    MAX_PAYLOAD_WORDS,
+    Command,
+    LinkStatus,
+    Response,
+    ResponseParser,
+    crc16,
+    encode_request,
+)
+
+__all__ = ["Device", "DeviceError"]
+
+DEFAULT_BAUD = 115200
+
+
+class DeviceError(RuntimeError):
+    """The device did not answer, answered wrongly, or is not the NPU expected."""
+
+
+class Device:
+    """An NPU behind the host link. Use :meth:`open`."""
+
+    def __init__(self, port, url: str, *, timeout: float, retries: int,
+                 server: subprocess.Popen | None = None) -> None:
+        self._port = port
+        self.url = url
+        self.timeout = timeout
+        self.retries = retries
+        self._server = server
+        self._parser = ResponseParser()
+        self._seq = 0
+        self._config: NpuConfig | None = None
+        self.retried = 0  # requests sent again after a lost or corrupt answer
+
+    # -- opening and closing ---------------------------------------------------------
+
+    @classmethod
+    def open(cls, url: str, *, baud: int = DEFAULT_BAUD, timeout: float = 5.0,
+             retries: int = 3, config: NpuConfig | None = None,
+             simulator: str = "verilator") -> Device:
+        """Open ``url``: a serial device (``/dev/ttyUSB1``), ``socket://HOST:PORT``, or
+        ``"sim"`` (starts ``npugen serve-sim`` for ``config`` on ``simulator`` and stops it
+        on close)."""
+        import serial
+
+        server = None
+        if url == "sim":
+            server, url = _start_virtual_board(config or NpuConfig(), simulator)
+        try:
+            port = serial.serial_for_url(url, baudrate=baud, timeout=0.05)
+        except (serial.SerialException, ValueError, OSError) as error:
+            if server is not None:
+                _stop(server)
+            raise DeviceError(f"cannot open {url!r}: {error}") from None
+        device = cls(port, url, timeout=timeout, retries=retries, server=server)
+        return device
+
+    def close(self) -> None:
+        try:
+            self._port.close()
+        finally:
+            if self._server is not None:
+                _stop(self._server)
+                self._server = None
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- transactions ----------------------------------------------------------------
+
+    def request(self, command: Command, payload: bytes = b"") -> Response:
+        """Send a request and return its answer; resend on timeout or a corrupt answer."""
+        self._seq = (self._seq + 1) & 0xFF
+        frame = encode_request(command, self._seq, payload)
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.retried += 1
+            self._port.reset_input_buffer()
+            self._parser = ResponseParser()
+            self._port.write(frame)
+            deadline = time.monotonic() + self.timeout
+            while time.monotonic() < deadline:
+                data = self._port.read(4096)
+                for response in self._parser.feed(data):
+                    if response.seq == self._seq and response.command == int(command):
+                        if response.status is not LinkStatus.OK:
+                            raise DeviceError(f"{command.name} refused by {self.url}: "
+                                              f"{response.status.name}")
+                        return response
+        raise DeviceError(f"no answer to {command.name} from {self.url} after "
+                          f"{self.retries + 1} tries of {self.timeout:g} s; is it an npugen "
+                          f"NPU, powered, and at this baud rate?")
+
+    def identify(self) -> NpuConfig:
+        """The device's configuration, from its identity block."""
+        words = self.request(Command.IDENTIFY).words()
+        try:
+            self._config = config_from_identity(words)
+        except ValueError as error:
+            raise DeviceError(f"{self.url}: {error}") from None
+        return self._config
+
+    @property
+    def config(self) -> NpuConfig:
+        return self._config or self.identify()
+
+    def write(self, address: int, words: np.ndarray | list[int]) -> None:
+        words = np.asarray(words, dtype=np.uint32)
+        for start in range(0, len(words), MAX_PAYLOAD_WORDS):
+            chunk = words[start:start + MAX_PAYLOAD_WORDS]
+            self.request(Command.WRITE, struct.pack("<I", address + start)
+                         + chunk.astype("<u4").tobytes())
+
+    def read(self, address: int, count: int) -> list[int]:
+        out: list[int] = []
+        for start in range(0, count, MAX_PAYLOAD_WORDS):
+            n = min(MAX_PAYLOAD_WORDS, count - start)
+            out += self.request(Command.READ, struct.pack("<IH", address + start, n)).words()
+        return out
+
+    def status(self) -> Status:
+        return Status(self.request(Command.STATUS).words()[0])
+
+    def counters(self) -> Counters:
+        return counters_from_words(self.request(Command.COUNTERS).words())
+
+    def link_status(self) -> dict[str, int]:
+        return dict(zip(LINK_COUNTERS, self.request(Command.LINK_STATUS).words(), strict=True))
+
+    def reset(self) -> None:
+        """Abort any run and clear the link's error counters."""
+        self.request(Command.RESET)
+
+    # -- programs --------------------------------------------------------------------
+
+    def check_program(self, program: Program) -> None:
+        from .runtime import ConfigMismatch, check_config
+
+        try:
+            check_config(program, self.config)
+        except ConfigMismatch as error:
+            raise DeviceError(f"{self.url}: {error}") from None
+
+    def _write_job(self, job: Job, verify: bool) -> None:
+        addresses, words = job.host_writes()
+        runs = np.split(np.arange(len(addresses)), np.where(np.diff(addresses) != 1)[0] + 1)
+        for run in runs:
+            if len(run) == 0:
+                continue
+            first = int(addresses[run[0]])
+            self.write(first, words[run])
+            if verify:
+                back = np.array(self.read(first, len(run)), dtype=np.uint32)
+                sent = words[run].astype("<u4").tobytes()
+                if crc16(back.astype("<u4").tobytes()) != crc16(sent):
+                    raise DeviceError(f"upload to {self.url} failed verification at address "
+                                      f"{first:#010x} (CRC of the read-back differs)")
+
+    def load(self, program: Program, *, verify: bool = True) -> None:
+        """Upload instructions, weights and parameters; read back and compare CRCs."""
+        self.check_program(program)
+        job = Job(program.config)
+        for region, entry, values in program.segments:
+            job.write(region, entry, values)
+        self._write_job(job, verify)
+
+    def execute(self, job: Job, *, poll_seconds: float = 0.002,
+                timeout: float = 600.0) -> JobResult:
+        """Load ``job``'s writes, run from its start address, read its results back."""
+        from .hostops import decode_result
+
+        self._write_job(job, verify=False)
+        self.request(Command.START, struct.pack("<I", job.start_pc))
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if Status.RUNNING not in status:
+                break
+            if time.monotonic() > deadline:
+                self.reset()
+                raise DeviceError(f"the run on {self.url} did not finish in {timeout:g} s")
+            time.sleep(poll_seconds)
+        counter_words = self.request(Command.COUNTERS).words()
+        words: list[int] = []
+        infos = memories(job.config)
+        for name, (region, _, count) in job.reads.items():
+            stride = infos[Region(region)].stride
+            words += self.read(int(job.read_addresses(name)[0]), count * stride)
+        return decode_result(job, int(status), counter_words, words)
+
+    def run(self, program: Program, x: np.ndarray,
+            progress: Callable[[int, int], None] | None = None):
+        """Load ``program`` and run it on float inputs ``x``; a RunResult like
+        :func:`npugen.run`'s."""
+        from .runtime import run
+
+        self.load(program)
+        return run(program, x, target=self, progress=progress)
+
+
+def _start_virtual_board(config: NpuConfig, simulator: str) -> tuple[subprocess.Popen, str]:
+    flags = ["--sim", simulator]
+    for name, value in config.to_dict().items():
+        flags += [f"--{name.replace('_', '-')}", str(value)]
+    command = [sys.executable, "-m", "npugen", "serve-sim", "--port", "0", *flags]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=os.environ.copy())
+    line = server.stdout.readline().strip()
+    if not line.startswith("listening on "):
+        _stop(server)
+        detail = server.stderr.read()[-2000:] if server.stderr else ""
+        raise DeviceError(f"the virtual board did not start: {line!r}\n{detail}")
+    return server, line.removeprefix("listening on ")
+
+
+def _stop(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
