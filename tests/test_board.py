@@ -1,0 +1,112 @@
+"""The virtual board through the driver: a compiled model gives the golden output, and
+the link survives garbage, truncated frames, flipped bits, oversize lengths, unknown
+commands and a client that disconnects mid-frame, without corrupting loaded data."""
+
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from npugen.compiler import compile_model
+from npugen.config import NpuConfig
+from npugen.demo import digits, mlp_to_onnx, train_mlp
+from npugen.driver import Device, DeviceError
+from npugen.importers import load_onnx
+from npugen.memory_map import Region, address, identity_words
+from npugen.protocol import Command, encode_request
+from npugen.runtime import run
+
+CONFIG = NpuConfig(rows=4, cols=4, activation_depth=1024, weight_depth=2048,
+                   accumulator_depth=512, instruction_depth=256, param_depth=64)
+
+
+@pytest.fixture(scope="module")
+def board():
+    """A running ``npugen serve-sim``; yields its URL."""
+    flags = []
+    for name, value in CONFIG.to_dict().items():
+        flags += [f"--{name.replace('_', '-')}", str(value)]
+    server = subprocess.Popen([sys.executable, "-m", "npugen", "serve-sim", "--port", "0",
+                               *flags], stdout=subprocess.PIPE, text=True)
+    line = server.stdout.readline().strip()
+    assert line.startswith("listening on socket://127.0.0.1:"), line
+    yield line.removeprefix("listening on ")
+    server.terminate()
+    assert server.wait(timeout=30) == 0, "serve-sim must stop cleanly on SIGTERM"
+
+
+def raw_connection(url: str) -> socket.socket:
+    host, port = url.removeprefix("socket://").split(":")
+    return socket.create_connection((host, int(port)))
+
+
+def test_model_through_the_uart_matches_golden(board):
+    x_train, x_test, y_train, _ = digits()
+    classifier = train_mlp(x_train, y_train, (32,))
+    program = compile_model(load_onnx(mlp_to_onnx(classifier, "/dev/null")), CONFIG,
+                            calibration=x_train[:128], batch=16)
+    golden = run(program, x_test[:40])
+    with Device.open(board) as device:
+        assert device.identify() == CONFIG
+        result = device.run(program, x_test[:40])
+    assert np.array_equal(result.quantized_output, golden.quantized_output)
+    assert result.counters == golden.counters
+
+
+def test_link_survives_bad_input_and_keeps_data(board):
+    base = address(Region.WEIGHTS, 0)
+    data = list(range(1000, 1064))
+    with Device.open(board) as device:
+        device.reset()
+        device.write(base, data)
+    # The board serves one client at a time: the bad bytes come on a connection of their own.
+    junk = raw_connection(board)
+    corrupt = bytearray(encode_request(Command.WRITE, 9, struct.pack("<I5I", base, *[7] * 5)))
+    corrupt[12] ^= 0x04
+    junk.sendall(b"\x00\xff\x13garbage\x5a")                               # 11 noise bytes
+    junk.sendall(bytes(corrupt))                                            # a flipped bit
+    junk.sendall(bytes([0xA5, Command.WRITE, 1]) + struct.pack("<H", 9000))  # oversize
+    junk.sendall(encode_request(Command.WRITE, 2, struct.pack("<I3I", base, 1, 2, 3))[:8])
+    time.sleep(0.5)                         # the truncated frame times out on the board
+    junk.sendall(encode_request(0x6E, 3))                                   # unknown command
+    junk.sendall(encode_request(Command.WRITE, 4, struct.pack("<I4I", base, 5, 5, 5, 5))[:10])
+    junk.close()                            # a client gone mid-frame
+    time.sleep(0.5)
+    with Device.open(board) as device:
+        assert device.identify() == CONFIG
+        assert device.read(base, len(data)) == data, "loaded data must survive"
+        counts = device.link_status()
+    assert counts["bad_crc"] == 1 and counts["oversize"] == 1
+    assert counts["truncated"] == 2 and counts["unknown_command"] == 1
+    assert counts["noise_bytes"] >= 11
+
+
+def test_driver_errors(board):
+    x_train, _, y_train, _ = digits()
+    program = compile_model(load_onnx(mlp_to_onnx(train_mlp(x_train, y_train, (16,)),
+                                                   "/dev/null")),
+                            CONFIG.replace(rows=2, cols=2, requant_lanes=2),
+                            calibration=x_train[:64])
+    with Device.open(board) as device:
+        with pytest.raises(DeviceError, match="rows: program 2, NPU 4"):
+            device.load(program)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    url = f"socket://127.0.0.1:{silent.getsockname()[1]}"
+    with Device.open(url, timeout=0.2, retries=1) as device:
+        with pytest.raises(DeviceError, match="no answer to IDENTIFY .* after 2 tries"):
+            device.identify()
+    silent.close()
+    with pytest.raises(DeviceError, match="cannot open"):
+        Device.open(url)
+
+
+def test_identity_words_cover_the_config(board):
+    with Device.open(board) as device:
+        words = device.request(Command.IDENTIFY).words()
+    assert words == identity_words(CONFIG)
