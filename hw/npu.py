@@ -129,6 +129,8 @@ class Npu(wiring.Component):
         illegal = Signal()
         m.d.comb += self.done.eq(done)
         counters = {name: Signal(64, name=f"counter_{name}") for name in COUNTER_NAMES}
+        uptime = Signal(64)
+        m.d.sync += uptime.eq(uptime + 1)
         register_value = Signal(32)
         with m.Switch(offset):
             for index, word in enumerate(identity):
@@ -141,6 +143,10 @@ class Npu(wiring.Component):
                 m.d.comb += register_value.eq(start_pc)
             with m.Case(Reg.PC):
                 m.d.comb += register_value.eq(pc)
+            with m.Case(Reg.UPTIME):
+                m.d.comb += register_value.eq(uptime[0:32])
+            with m.Case(Reg.UPTIME + 1):
+                m.d.comb += register_value.eq(uptime[32:64])
             for index, name in enumerate(COUNTER_NAMES):
                 with m.Case(Reg.COUNTERS + 2 * index):
                     m.d.comb += register_value.eq(counters[name][0:32])

@@ -2,10 +2,12 @@
 
 from amaranth import Module
 from amaranth.lib import wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig
 from ..memory_map import identity_words
+from ..protocol import RX_FIFO_BYTES, TRUNCATION_BYTE_TIMES
 from .link import LinkEngine
 from .npu import Npu
 from .uart import UartRx, UartTx
@@ -28,8 +30,7 @@ class Soc(wiring.Component):
     def __init__(self, config: NpuConfig, *, divisor: int):
         self._config = config
         self._divisor = divisor
-        # A frame is truncated when no byte comes for 20 byte times.
-        self._timeout_cycles = 200 * divisor
+        self._timeout_cycles = TRUNCATION_BYTE_TIMES * 10 * divisor
         super().__init__()
 
     @property
@@ -44,7 +45,13 @@ class Soc(wiring.Component):
         m.submodules.link = link = LinkEngine(
             identity_words=len(identity_words(self._config)),
             timeout_cycles=self._timeout_cycles)
-        wiring.connect(m, rx.data, link.rx)
+        # Room for a whole request while the engine executes or answers the previous one,
+        # so a host may send the next frame without waiting.
+        m.submodules.rx_fifo = fifo = SyncFIFOBuffered(width=8, depth=RX_FIFO_BYTES)
+        m.d.comb += [fifo.w_data.eq(rx.data.payload), fifo.w_en.eq(rx.data.valid),
+                     rx.data.ready.eq(fifo.w_rdy),
+                     link.rx.payload.eq(fifo.r_data), link.rx.valid.eq(fifo.r_rdy),
+                     fifo.r_en.eq(link.rx.ready)]
         wiring.connect(m, link.tx, tx.data)
         wiring.connect(m, link.bus, npu.host)
         m.d.comb += [

@@ -13,10 +13,14 @@ import socket
 import cocotb
 from cocotb.triggers import ClockCycles, FallingEdge, Timer
 
+from npugen.protocol import TRUNCATION_BYTE_TIMES
+from npugen.sim.board import SIM_DIVISOR
 from npugen.sim.runner import CLOCK_PERIOD_NS
 
 POLL_CYCLES = 2000
-IDLE_POLLS = 60  # longer than the longest response frame at the simulation baud
+# Simulate on for longer than the device's truncation timeout before idling, so a
+# truncated frame is always dropped.
+IDLE_POLLS = TRUNCATION_BYTE_TIMES * 10 * SIM_DIVISOR // POLL_CYCLES + 20
 CHUNK = 4096
 
 

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
@@ -21,7 +22,7 @@ import numpy as np
 from .config import NpuConfig
 from .golden import Counters
 from .job import Job, JobResult, counters_from_words
-from .memory_map import Region, Status, config_from_identity, memories
+from .memory_map import Reg, Region, Status, address, config_from_identity, memories
 from .program import Program
 from .protocol import (
     LINK_COUNTERS,
@@ -54,6 +55,7 @@ class Device:
         self.retries = retries
         self._server = server
         self._parser = ResponseParser()
+        self._early: dict[int, Response] = {}  # answers that came before they were awaited
         self._seq = 0
         self._config: NpuConfig | None = None
         self.retried = 0  # requests sent again after a lost or corrupt answer
@@ -97,28 +99,64 @@ class Device:
 
     # -- transactions ----------------------------------------------------------------
 
-    def request(self, command: Command, payload: bytes = b"") -> Response:
-        """Send a request and return its answer; resend on timeout or a corrupt answer."""
+    def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFF
-        frame = encode_request(command, self._seq, payload)
+        return self._seq
+
+    def _receive(self, seq: int, command: Command) -> Response | None:
+        """The answer to request ``seq``, or None after ``timeout`` seconds."""
+        if seq in self._early:
+            return self._early.pop(seq)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            for response in self._parser.feed(self._port.read(4096)):
+                if response.command != int(command):
+                    continue
+                if response.seq == seq:
+                    if response.status is not LinkStatus.OK:
+                        raise DeviceError(f"{command.name} refused by {self.url}: "
+                                          f"{response.status.name}")
+                    return response
+                self._early[response.seq] = response
+        return None
+
+    def _transact(self, command: Command, seq: int, frame: bytes,
+                  first_try_sent: bool = False) -> Response:
         for attempt in range(self.retries + 1):
-            if attempt:
-                self.retried += 1
-            self._port.reset_input_buffer()
-            self._parser = ResponseParser()
-            self._port.write(frame)
-            deadline = time.monotonic() + self.timeout
-            while time.monotonic() < deadline:
-                data = self._port.read(4096)
-                for response in self._parser.feed(data):
-                    if response.seq == self._seq and response.command == int(command):
-                        if response.status is not LinkStatus.OK:
-                            raise DeviceError(f"{command.name} refused by {self.url}: "
-                                              f"{response.status.name}")
-                        return response
+            if attempt or not first_try_sent:
+                if attempt:
+                    self.retried += 1
+                self._port.write(frame)
+            response = self._receive(seq, command)
+            if response is not None:
+                return response
         raise DeviceError(f"no answer to {command.name} from {self.url} after "
                           f"{self.retries + 1} tries of {self.timeout:g} s; is it an npugen "
                           f"NPU, powered, and at this baud rate?")
+
+    def request(self, command: Command, payload: bytes = b"") -> Response:
+        """Send a request and return its answer; resend on timeout or a corrupt answer."""
+        self._early.clear()
+        seq = self._next_seq()
+        return self._transact(command, seq, encode_request(command, seq, payload))
+
+    def requests(self, command: Command, payloads: list[bytes],
+                 window: int = 2) -> list[Response]:
+        """Send requests with up to ``window`` in flight (the device buffers one whole
+        request while it executes another), for idempotent commands such as WRITE."""
+        self._early.clear()
+        in_flight: deque[tuple[int, bytes]] = deque()
+        answers = []
+        for payload in payloads:
+            seq = self._next_seq()
+            frame = encode_request(command, seq, payload)
+            self._port.write(frame)
+            in_flight.append((seq, frame))
+            if len(in_flight) >= window:
+                answers.append(self._transact(command, *in_flight.popleft(), True))
+        while in_flight:
+            answers.append(self._transact(command, *in_flight.popleft(), True))
+        return answers
 
     def identify(self) -> NpuConfig:
         """The device's configuration, from its identity block."""
@@ -134,11 +172,12 @@ class Device:
         return self._config or self.identify()
 
     def write(self, address: int, words: np.ndarray | list[int]) -> None:
+        """Write words to consecutive host addresses, two frames in flight."""
         words = np.asarray(words, dtype=np.uint32)
-        for start in range(0, len(words), MAX_PAYLOAD_WORDS):
-            chunk = words[start:start + MAX_PAYLOAD_WORDS]
-            self.request(Command.WRITE, struct.pack("<I", address + start)
-                         + chunk.astype("<u4").tobytes())
+        self.requests(Command.WRITE, [
+            struct.pack("<I", address + start)
+            + words[start:start + MAX_PAYLOAD_WORDS].astype("<u4").tobytes()
+            for start in range(0, len(words), MAX_PAYLOAD_WORDS)])
 
     def read(self, address: int, count: int) -> list[int]:
         out: list[int] = []
@@ -146,6 +185,11 @@ class Device:
             n = min(MAX_PAYLOAD_WORDS, count - start)
             out += self.request(Command.READ, struct.pack("<IH", address + start, n)).words()
         return out
+
+    def uptime(self) -> int:
+        """Clock cycles since the device's reset (its free-running UPTIME register)."""
+        low, high = self.read(address(Region.REGISTERS, Reg.UPTIME), 2)
+        return low | high << 32
 
     def status(self) -> Status:
         return Status(self.request(Command.STATUS).words()[0])

@@ -47,6 +47,7 @@ class Reg(enum.IntEnum):
     START_PC = 0x42
     PC = 0x43
     COUNTERS = 0x50
+    UPTIME = 0x58  # 64-bit free-running cycle counter (low word, then high word)
 
 
 class Control(enum.IntFlag):
@@ -181,6 +182,8 @@ def memory_map_markdown(config: NpuConfig | None = None) -> str:
         offset = Reg.COUNTERS + 2 * index
         lines.append(f"| {offset:#04x}, {offset + 1:#04x} | {name.upper()} | read | "
                      f"counter `{name}`, low word then high word (cleared by START) |")
+    lines.append(f"| {Reg.UPTIME:#04x}, {Reg.UPTIME + 1:#04x} | UPTIME | read | clock "
+                 f"cycles since reset, low word then high word (never cleared) |")
     lines += [
         "",
         "CONTROL.START clears the counters and STATUS and runs from START_PC until HALT; "

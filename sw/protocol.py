@@ -19,7 +19,8 @@ import struct
 from dataclasses import dataclass
 
 __all__ = [
-    "REQUEST_SYNC", "RESPONSE_SYNC", "MAX_PAYLOAD_WORDS", "MAX_PAYLOAD_BYTES", "Command",
+    "REQUEST_SYNC", "RESPONSE_SYNC", "MAX_PAYLOAD_WORDS", "MAX_PAYLOAD_BYTES", "RX_FIFO_BYTES",
+    "TRUNCATION_BYTE_TIMES", "Command",
     "LinkStatus", "LINK_COUNTERS", "crc16", "encode_request", "Response", "ResponseParser",
     "FrameError", "uart_divisor",
 ]
@@ -29,6 +30,12 @@ RESPONSE_SYNC = 0x5A
 #: The largest payload a request or response carries: the engine's frame buffer.
 MAX_PAYLOAD_WORDS = 256
 MAX_PAYLOAD_BYTES = 4 * MAX_PAYLOAD_WORDS + 4  # WRITE: address + 256 words
+#: The device buffers this many received bytes: a host may keep one whole request in
+#: flight beyond the one being executed.
+RX_FIFO_BYTES = 2048
+#: A frame is dropped as truncated when no byte of it comes for this many byte times
+#: (USB-serial bridges and the virtual board deliver bytes in bursts with gaps).
+TRUNCATION_BYTE_TIMES = 2000
 MAX_BAUD_ERROR = 0.02
 
 
