@@ -155,3 +155,128 @@ def uart_divisor(clock_hz: float, baud: int) -> int:
                          f"{100 * error:.1f} % (divisor {divisor}); the limit is "
                          f"{100 * MAX_BAUD_ERROR:.0f} %")
     return divisor
+
+
+#: Payload and answer of each command, for the docs.
+COMMAND_DOCS: dict[Command, tuple[str, str, str]] = {
+    Command.IDENTIFY: ("(empty)", "the identity block: MAGIC, ISA_VERSION, every NpuConfig "
+                       "field (see MEMORY_MAP.md)", "Compare with the program's config."),
+    Command.WRITE: ("address u32, then 1 to 256 words u32", "(empty)",
+                    "Words go to address, address+1, ... (host-port word addresses)."),
+    Command.READ: ("address u32, count u16 (1 to 256)", "count words",
+                   "From address, address+1, ..."),
+    Command.START: ("pc u32", "(empty)",
+                    "START_PC ← pc, CONTROL ← START. A repeat with the same seq (a retry) "
+                    "does not restart the NPU."),
+    Command.STATUS: ("(empty)", "STATUS, START_PC, PC", "Poll STATUS.RUNNING until clear."),
+    Command.COUNTERS: ("(empty)", "8 words: cycles, busy_cycles, macs, stall_cycles "
+                       "(64-bit each, low word first)", ""),
+    Command.RESET: ("(empty)", "(empty)",
+                    "Abort any run (CONTROL ← ABORT) and clear the link's error counters."),
+    Command.LINK_STATUS: ("(empty)", f"{len(LINK_COUNTERS)} words: "
+                          + ", ".join(LINK_COUNTERS), "The link's error counters."),
+}
+
+
+def protocol_markdown() -> str:
+    """``docs/PROTOCOL.md``, generated from this module."""
+    example = encode_request(Command.READ, 7, struct.pack("<IH", 0x04000000, 2))
+    answer = encode_response(Command.READ, 7, LinkStatus.OK, struct.pack("<2I", 1, 2))
+    lines = [
+        "# Host-link protocol",
+        "",
+        "Generated from `sw/protocol.py` by `python -c 'from npugen.protocol import "
+        "protocol_markdown as p; print(p(), end=\"\")' > docs/PROTOCOL.md`; a test checks "
+        "that it is current. The driver (`sw/driver.py`) and the gateware engine "
+        "(`hw/link.py`) use the same definitions.",
+        "",
+        "## Physical layer",
+        "",
+        "UART, 8 data bits, no parity, 1 stop bit, LSB first. The baud rate is set where "
+        "the SoC is built for a board (the driver's default is 115200); the clock divisor "
+        "must be within "
+        f"{100 * MAX_BAUD_ERROR:.0f} % of the nominal rate. The virtual board "
+        "(`npugen serve-sim`) carries the same bytes over TCP on 127.0.0.1; the bytes "
+        "still cross the simulated UART.",
+        "",
+        "## Frames",
+        "",
+        "All multi-byte fields are little-endian.",
+        "",
+        "| frame | layout |",
+        "|---|---|",
+        f"| request | `{REQUEST_SYNC:#04x}` · command u8 · seq u8 · length u16 · payload "
+        f"(length bytes, at most {MAX_PAYLOAD_BYTES}) · crc u16 |",
+        f"| response | `{RESPONSE_SYNC:#04x}` · command u8 · seq u8 · status u8 · length u16 "
+        "· payload · crc u16 |",
+        "",
+        "`crc` is CRC-16/CCITT-FALSE (polynomial 0x1021, initial value 0xFFFF, not "
+        "reflected, no final XOR; `crc16(b\"123456789\") == 0x29B1`) over every byte "
+        "after the sync byte and before the CRC. A response echoes the request's command "
+        "and seq. Words in payloads are u32.",
+        "",
+        "Example: READ of 2 words at 0x04000000 (accumulator entry 0), seq 7:",
+        "",
+        "```",
+        f"request  {example.hex(' ')}",
+        f"response {answer.hex(' ')}   (words 1 and 2)",
+        "```",
+        "",
+        "## Commands",
+        "",
+        "| code | command | payload | answer | notes |",
+        "|---|---|---|---|---|",
+    ]
+    for command in Command:
+        payload, reply, notes = COMMAND_DOCS[command]
+        lines.append(f"| {int(command):#04x} | {command.name} | {payload} | {reply} | {notes} |")
+    lines += [
+        "",
+        "Registers and memories are reached with WRITE and READ at the addresses of "
+        "[MEMORY_MAP.md](MEMORY_MAP.md) (word addresses: region << 24 | offset).",
+        "",
+        "## Status codes",
+        "",
+        "| code | status | meaning |",
+        "|---|---|---|",
+        f"| {LinkStatus.OK} | OK | done |",
+        f"| {LinkStatus.UNKNOWN_COMMAND} | UNKNOWN_COMMAND | the command code is not above |",
+        f"| {LinkStatus.BAD_LENGTH} | BAD_LENGTH | the payload length does not fit the "
+        "command, or a READ count is 0 or above 256 |",
+        "",
+        "## Errors and recovery",
+        "",
+        "The device checks a request's CRC before executing anything: a corrupted WRITE "
+        "never reaches memory. It drops, counts (LINK_STATUS) and does not answer:",
+        "",
+        "- bytes outside a frame (`noise_bytes`): it hunts for the next sync byte;",
+        "- a frame whose CRC does not match (`bad_crc`);",
+        f"- a length above {MAX_PAYLOAD_BYTES} (`oversize`);",
+        f"- a frame with no byte for {TRUNCATION_BYTE_TIMES} byte times (`truncated`);",
+        "- UART bytes with a bad stop bit (`framing_errors`).",
+        "",
+        "An unknown command is counted (`unknown_command`) and answered with "
+        "UNKNOWN_COMMAND. After any of these the next valid frame is handled normally.",
+        "",
+        "A host resends a request it got no valid answer to (the driver waits 5 s, three "
+        "times). WRITE and READ are idempotent; START is not, so the device skips a START "
+        "whose seq equals the last START's. Use a new seq for each new request.",
+        "",
+        "## Flow control",
+        "",
+        f"The device buffers {RX_FIFO_BYTES} received bytes, so a host may send the next "
+        "request (at most one whole frame) before the answer to the previous one arrives; "
+        "answers come in order. With two WRITEs in flight the driver uploads at 0.95 of the "
+        "line rate (`benchmarks/link_throughput.py`).",
+        "",
+        "## A run, step by step",
+        "",
+        "1. IDENTIFY; check MAGIC, ISA_VERSION and the config against the program's.",
+        "2. WRITE the program's segments (instructions, weights, parameters), READ them back "
+        "and compare (the driver compares CRCs).",
+        "3. For each batch: WRITE the input activations; START (pc 0); poll STATUS until "
+        "RUNNING is clear (DONE set; ILLEGAL_INSTRUCTION or HOST_CONFLICT mean an error); "
+        "READ the output activations and COUNTERS.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -2,6 +2,7 @@
 the link survives garbage, truncated frames, flipped bits, oversize lengths, unknown
 commands and a client that disconnects mid-frame, without corrupting loaded data."""
 
+import json
 import socket
 import struct
 import subprocess
@@ -11,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from npugen.cli import main
 from npugen.compiler import compile_model
 from npugen.config import NpuConfig
 from npugen.demo import digits, mlp_to_onnx, train_mlp
@@ -104,6 +106,25 @@ def test_driver_errors(board):
     silent.close()
     with pytest.raises(DeviceError, match="cannot open"):
         Device.open(url)
+
+
+def test_cli_run_on_the_virtual_board(board, tmp_path, capsys):
+    """serve-sim in one process, `npugen run --target socket://...` in another."""
+    x_train, x_test, y_train, _ = digits()
+    program = compile_model(load_onnx(mlp_to_onnx(train_mlp(x_train, y_train, (16,)),
+                                                   "/dev/null")),
+                            CONFIG, calibration=x_train[:64], batch=8)
+    path, x_path, y_path = tmp_path / "p.npu", tmp_path / "x.npy", tmp_path / "y.npy"
+    program.save(path)
+    np.save(x_path, x_test[:12])
+    assert main(["run", str(path), "--input", str(x_path), "-o", str(y_path),
+                 "--target", board, "--json"]) == 0
+    assert np.array_equal(np.load(y_path), run(program, x_test[:12]).output)
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["target"] == board and record["runs"] == 2
+    assert main(["run", str(path), "--input", str(x_path), "-o", str(y_path),
+                 "--target", "socket://127.0.0.1:1"]) == 2
+    assert "cannot open 'socket://127.0.0.1:1'" in capsys.readouterr().err
 
 
 def test_identity_words_cover_the_config(board):

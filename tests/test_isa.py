@@ -71,3 +71,11 @@ def test_docs_memory_map_is_generated():
 
     docs = Path(__file__).resolve().parents[1] / "docs" / "MEMORY_MAP.md"
     assert docs.read_text() == memory_map_markdown()
+
+
+def test_docs_protocol_is_generated():
+    from npugen.protocol import crc16, protocol_markdown
+
+    assert crc16(b"123456789") == 0x29B1  # the CRC-16/CCITT-FALSE check value
+    docs = Path(__file__).resolve().parents[1] / "docs" / "PROTOCOL.md"
+    assert docs.read_text() == protocol_markdown()
