@@ -8,8 +8,9 @@ from amaranth.lib.wiring import In, Out
 __all__ = ["UartRx", "UartTx"]
 
 
-def _check_divisor(divisor) -> None:
+def _check_divisor(component, divisor) -> None:
     if not isinstance(divisor, int) or divisor < 4:
+        component._MustUse__silence = True  # never built: no "unused" warning
         raise ValueError(f"divisor (clock cycles a bit) must be an integer of at least 4, "
                          f"not {divisor!r}")
 
@@ -28,7 +29,7 @@ class UartRx(wiring.Component):
     overrun: Out(1)
 
     def __init__(self, *, divisor: int):
-        _check_divisor(divisor)
+        _check_divisor(self, divisor)
         self._divisor = divisor
         super().__init__()
 
@@ -86,7 +87,7 @@ class UartTx(wiring.Component):
     tx: Out(1, init=1)
 
     def __init__(self, *, divisor: int):
-        _check_divisor(divisor)
+        _check_divisor(self, divisor)
         self._divisor = divisor
         super().__init__()
 
