@@ -19,7 +19,7 @@ from npugen.demo import digits, mlp_to_onnx, train_mlp
 from npugen.driver import Device, DeviceError
 from npugen.importers import load_onnx
 from npugen.memory_map import Region, address, identity_words
-from npugen.protocol import Command, encode_request
+from npugen.protocol import Command, LinkStatus, encode_request, encode_response
 from npugen.runtime import run
 
 CONFIG = NpuConfig(rows=4, cols=4, activation_depth=1024, weight_depth=2048,
@@ -131,3 +131,13 @@ def test_identity_words_cover_the_config(board):
     with Device.open(board) as device:
         words = device.request(Command.IDENTIFY).words()
     assert words == identity_words(CONFIG)
+
+
+def test_wrong_device_is_named():
+    """A device that answers IDENTIFY with a foreign magic number is refused."""
+    with Device.open("loop://", timeout=0.5, retries=0) as device:
+        # loop:// echoes writes back: queue the foreign device's answer first.
+        device._port.write(encode_response(Command.IDENTIFY, 1, LinkStatus.OK,
+                                           struct.pack("<3I", 0xDEADBEEF, 1, 8)))
+        with pytest.raises(DeviceError, match="not an npugen NPU: magic 0xdeadbeef"):
+            device.identify()
