@@ -21,7 +21,8 @@ from dataclasses import dataclass
 __all__ = [
     "REQUEST_SYNC", "RESPONSE_SYNC", "MAX_PAYLOAD_WORDS", "MAX_PAYLOAD_BYTES", "RX_FIFO_BYTES",
     "TRUNCATION_BYTE_TIMES", "Command",
-    "LinkStatus", "LINK_COUNTERS", "crc16", "encode_request", "Response", "ResponseParser",
+    "LinkStatus", "LINK_COUNTERS", "crc16", "encode_request", "encode_response", "Response",
+    "ResponseParser",
     "FrameError", "uart_divisor",
 ]
 
