@@ -8,14 +8,19 @@ from amaranth.lib.wiring import In, Out
 __all__ = ["UartRx", "UartTx"]
 
 
-def _check_divisor(component, divisor) -> None:
-    if not isinstance(divisor, int) or divisor < 4:
-        component._MustUse__silence = True  # never built: no "unused" warning
-        raise ValueError(f"divisor (clock cycles a bit) must be an integer of at least 4, "
-                         f"not {divisor!r}")
+class _Uart(wiring.Component):
+    """Common to both directions: ``divisor`` clock cycles a bit (at least 4)."""
+
+    def __init__(self, *, divisor: int):
+        if not isinstance(divisor, int) or divisor < 4:
+            self._MustUse__silence = True  # never built: no "unused" warning
+            raise ValueError(f"divisor (clock cycles a bit) must be an integer of at least "
+                             f"4, not {divisor!r}")
+        self._divisor = divisor
+        super().__init__()
 
 
-class UartRx(wiring.Component):
+class UartRx(_Uart):
     """Receives 8N1 bytes on ``rx`` (sampled mid-bit, after a 2-flop synchronizer).
 
     A byte whose stop bit is 0 is dropped and pulses ``framing_error``; a byte that
@@ -27,11 +32,6 @@ class UartRx(wiring.Component):
     data: Out(stream.Signature(8))
     framing_error: Out(1)
     overrun: Out(1)
-
-    def __init__(self, *, divisor: int):
-        _check_divisor(self, divisor)
-        self._divisor = divisor
-        super().__init__()
 
     def elaborate(self, platform):
         m = Module()
@@ -80,16 +80,11 @@ class UartRx(wiring.Component):
         return m
 
 
-class UartTx(wiring.Component):
+class UartTx(_Uart):
     """Sends the bytes of ``data`` as 8N1 on ``tx``."""
 
     data: In(stream.Signature(8))
     tx: Out(1, init=1)
-
-    def __init__(self, *, divisor: int):
-        _check_divisor(self, divisor)
-        self._divisor = divisor
-        super().__init__()
 
     def elaborate(self, platform):
         m = Module()
