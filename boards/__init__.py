@@ -1,0 +1,63 @@
+"""Open FPGA boards: the SoC on amaranth-boards platforms, built with yosys/nextpnr."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..config import NpuConfig
+
+__all__ = ["Board", "BOARDS", "board_named", "UnknownBoard"]
+
+
+class UnknownBoard(ValueError):
+    """A board name npugen does not know; the message lists the known ones."""
+
+
+@dataclass(frozen=True)
+class Board:
+    """A supported board: its platform, FPGA family and default NPU configuration."""
+
+    name: str
+    platform: Callable[[], object]
+    family: str            # "ice40" or "ecp5"
+    clock_hz: float        # the oscillator the SoC runs from
+    default_config: NpuConfig
+    baud: int = 115200
+    description: str = ""
+
+
+def _platform(module: str, cls: str) -> Callable[[], object]:
+    def make():
+        import importlib
+
+        return getattr(importlib.import_module(f"amaranth_boards.{module}"), cls)()
+    return make
+
+
+# The default configurations are what fits and meets timing on the board's oscillator
+# clock with the generic design (LUT multipliers, block RAM); docs/BOARDS.md has their
+# reports. Platform-specific DSP/SPRAM mapping and a PLL raise them (work in progress).
+_SMALL = dict(activation_depth=256, weight_depth=256, accumulator_depth=128,
+              instruction_depth=128, param_depth=16, requant_lanes=1)
+
+BOARDS: dict[str, Board] = {board.name: board for board in (
+    Board("icebreaker", _platform("icebreaker", "ICEBreakerPlatform"), "ice40", 12e6,
+          NpuConfig(rows=2, cols=2, **_SMALL), description="1BitSquared iCEBreaker, iCE40UP5K"),
+    Board("ulx3s-12f", _platform("ulx3s", "ULX3S_12F_Platform"), "ecp5", 25e6,
+          NpuConfig(rows=4, cols=4, **_SMALL), description="Radiona ULX3S, LFE5U-12F"),
+    Board("ulx3s-25f", _platform("ulx3s", "ULX3S_25F_Platform"), "ecp5", 25e6,
+          NpuConfig(rows=4, cols=4, **_SMALL), description="Radiona ULX3S, LFE5U-25F"),
+    Board("ulx3s-45f", _platform("ulx3s", "ULX3S_45F_Platform"), "ecp5", 25e6,
+          NpuConfig(rows=8, cols=8, **_SMALL), description="Radiona ULX3S, LFE5U-45F"),
+    Board("ulx3s-85f", _platform("ulx3s", "ULX3S_85F_Platform"), "ecp5", 25e6,
+          NpuConfig(rows=8, cols=8, **_SMALL), description="Radiona ULX3S, LFE5U-85F"),
+)}
+
+
+def board_named(name: str) -> Board:
+    try:
+        return BOARDS[name]
+    except KeyError:
+        raise UnknownBoard(f"unknown board {name!r}; known boards: "
+                           f"{', '.join(BOARDS)}") from None

@@ -4,6 +4,8 @@ from amaranth import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from ..golden import REQUANT_PIPELINE_STAGES
+
 __all__ = ["Requantizer"]
 
 
@@ -12,10 +14,12 @@ class Requantizer(wiring.Component):
     rounding right shift → + zero point → clamp → saturate to ``output_width``.
 
     Bit-exact with :func:`npugen.arith.requantize`. ``latency`` registers from input to
-    ``out``; ``zero_point`` and the clamp bounds are read in the last stage.
+    ``out`` (one stage each: bias; multiply; round and divide by 2**31; rounding shift;
+    zero point, clamp and saturation); ``zero_point`` and the clamp bounds are read in the
+    last stage.
     """
 
-    latency = 4
+    latency = REQUANT_PIPELINE_STAGES
 
     def __init__(self, *, accumulator_width: int, output_width: int):
         if not 16 <= accumulator_width <= 32:
@@ -66,14 +70,16 @@ class Requantizer(wiring.Component):
         valid3 = Signal()
         m.d.sync += [high.eq(Mux(overflow, (1 << 31) - 1, quotient[0:32].as_signed())),
                      shift3.eq(shift2), valid3.eq(valid2)]
-        # Stage 4: rounding right shift, zero point, clamp, saturate.
+        # Stage 4: rounding right shift.
         mask = Signal(32)
         m.d.comb += mask.eq((Const(1, 33) << shift3) - 1)
         remainder = high.as_unsigned() & mask
         threshold = Signal(32)
         m.d.comb += threshold.eq((mask >> 1) + high[31])
         shifted = Signal(signed(33))
-        m.d.comb += shifted.eq((high >> shift3) + (remainder > threshold))
+        valid4 = Signal()
+        m.d.sync += [shifted.eq((high >> shift3) + (remainder > threshold)), valid4.eq(valid3)]
+        # Stage 5: zero point, clamp, saturate.
         with_zero = Signal(signed(34))
         m.d.comb += with_zero.eq(shifted + self.zero_point)
         # max, then min: like np.clip, even if the bounds are inverted.
@@ -83,6 +89,6 @@ class Requantizer(wiring.Component):
         low, high_bound = -(1 << (self._out_width - 1)), (1 << (self._out_width - 1)) - 1
         m.d.sync += [
             self.out.eq(Mux(clamped < low, low, Mux(clamped > high_bound, high_bound, clamped))),
-            self.out_valid.eq(valid3),
+            self.out_valid.eq(valid4),
         ]
         return m

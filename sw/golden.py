@@ -20,9 +20,11 @@ from .memory_map import Region
 __all__ = ["GoldenNpu", "Counters", "CycleModel", "ProgramError", "check_program",
            "expand_program", "GemmState"]
 
+#: Registers in each requantization lane (hw/requant.py builds exactly this many).
+REQUANT_PIPELINE_STAGES = 5
 #: Cycles from a REQUANT's dispatch to the cycle the next instruction may dispatch,
-#: beyond one cycle per channel group: issue, memory read, four pipeline stages.
-REQUANT_TAIL_CYCLES = 6
+#: beyond one cycle per channel group: issue, memory read, then the lane's pipeline.
+REQUANT_TAIL_CYCLES = 2 + REQUANT_PIPELINE_STAGES
 
 
 class ProgramError(ValueError):
