@@ -33,9 +33,13 @@ class CheckFailed(Exception):
 
 # -- Config flags ---------------------------------------------------------------------
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """``--config F.toml`` and one flag per NpuConfig field (``--rows``, ``--cols``...)."""
-    group = parser.add_argument_group("NPU configuration (flags override --config)")
+def add_config_flags(parser: argparse.ArgumentParser, *, board: bool = True) -> None:
+    """``--board``, ``--config F.toml`` and one flag per NpuConfig field (``--rows``...)."""
+    group = parser.add_argument_group(
+        "NPU configuration (a board's default, then --config, then these flags)")
+    if board:
+        group.add_argument("--board", metavar="NAME",
+                           help="start from this board's default config (build --list-boards)")
     group.add_argument("--config", metavar="F.toml", help="load the configuration from TOML")
     defaults = NpuConfig()
     for f in dataclasses.fields(NpuConfig):
@@ -46,10 +50,19 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> NpuConfig:
+    values: dict[str, Any] = {}
+    if getattr(args, "board", None):
+        from .boards import UnknownBoard, board_named
+
+        try:
+            values = board_named(args.board).default_config.to_dict()
+        except UnknownBoard as error:
+            raise UsageError(str(error)) from None
     try:
         # Merge the values before building, so derived defaults (requant_lanes) follow the
         # final rows and cols.
-        values = NpuConfig.toml_values(args.config) if args.config else {}
+        if args.config:
+            values.update(NpuConfig.toml_values(args.config))
         values.update({f.name: getattr(args, f"config_{f.name}")
                        for f in dataclasses.fields(NpuConfig)
                        if getattr(args, f"config_{f.name}") is not None})
@@ -293,19 +306,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     from .boards.build import BuildFailed, build_board
 
-    base = board.default_config.to_dict()  # then the TOML file, then the flags
-    try:
-        if args.config:
-            base.update(NpuConfig.toml_values(args.config))
-    except ValueError as error:
-        raise UsageError(f"bad configuration: {error}") from None
-    base.update({f.name: getattr(args, f"config_{f.name}")
-                 for f in dataclasses.fields(NpuConfig)
-                 if getattr(args, f"config_{f.name}") is not None})
-    try:
-        config = NpuConfig.from_dict(base, source="board defaults and flags")
-    except (TypeError, ValueError) as error:
-        raise UsageError(f"bad configuration: {error}") from None
+    config = config_from_args(args)
     output = args.output or f"build/{board.name}-{config.digest()}"
 
     def progress(stage: str) -> None:
@@ -444,7 +445,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve_sim.set_defaults(handler=cmd_serve_sim)
 
     build = commands.add_parser("build", help="build a bitstream for an FPGA board")
-    build.add_argument("--board", metavar="NAME", help="see --list-boards")
     build.add_argument("--list-boards", action="store_true", help="list the boards")
     build.add_argument("-o", "--output", metavar="DIR", help="build folder")
     build.add_argument("--toolchain", choices=("yowasp", "system"), default="yowasp")
