@@ -46,18 +46,10 @@ BOARDS: dict[str, Board] = {board.name: board for board in (
     Board("icebreaker", _platform("icebreaker", "ICEBreakerPlatform"), "ice40", 12e6,
           NpuConfig(rows=2, cols=2, **_SMALL), description="1BitSquared iCEBreaker, iCE40UP5K",
           loader_name="ice40_generic"),
-    Board("ulx3s-12f", _platform("ulx3s", "ULX3S_12F_Platform"), "ecp5", 25e6,
-          NpuConfig(rows=4, cols=4, **_SMALL), description="Radiona ULX3S, LFE5U-12F",
-          loader_name="ulx3s"),
-    Board("ulx3s-25f", _platform("ulx3s", "ULX3S_25F_Platform"), "ecp5", 25e6,
-          NpuConfig(rows=4, cols=4, **_SMALL), description="Radiona ULX3S, LFE5U-25F",
-          loader_name="ulx3s"),
-    Board("ulx3s-45f", _platform("ulx3s", "ULX3S_45F_Platform"), "ecp5", 25e6,
-          NpuConfig(rows=8, cols=8, **_SMALL), description="Radiona ULX3S, LFE5U-45F",
-          loader_name="ulx3s"),
-    Board("ulx3s-85f", _platform("ulx3s", "ULX3S_85F_Platform"), "ecp5", 25e6,
-          NpuConfig(rows=8, cols=8, **_SMALL), description="Radiona ULX3S, LFE5U-85F",
-          loader_name="ulx3s"),
+    *(Board(f"ulx3s-{size}f", _platform("ulx3s", f"ULX3S_{size}F_Platform"), "ecp5", 25e6,
+            NpuConfig(rows=array, cols=array, **_SMALL),
+            description=f"Radiona ULX3S, LFE5U-{size}F", loader_name="ulx3s")
+      for size, array in ((12, 4), (25, 4), (45, 8), (85, 8))),
 )}
 
 
