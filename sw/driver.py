@@ -55,7 +55,7 @@ class Device:
         self.retries = retries
         self._server = server
         self._parser = ResponseParser()
-        self._early: dict[int, Response] = {}  # answers that came before they were awaited
+        self._early: dict[int, Response] = {}  # answers parsed, not yet claimed
         self._seq = 0
         self._config: NpuConfig | None = None
         self.retried = 0  # requests sent again after a lost or corrupt answer
@@ -105,20 +105,18 @@ class Device:
 
     def _receive(self, seq: int, command: Command) -> Response | None:
         """The answer to request ``seq``, or None after ``timeout`` seconds."""
-        if seq in self._early:
-            return self._early.pop(seq)
         deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
+        while seq not in self._early:
+            if time.monotonic() > deadline:
+                return None
+            # One read may hold several answers: keep them all.
             for response in self._parser.feed(self._port.read(4096)):
-                if response.command != int(command):
-                    continue
-                if response.seq == seq:
-                    if response.status is not LinkStatus.OK:
-                        raise DeviceError(f"{command.name} refused by {self.url}: "
-                                          f"{response.status.name}")
-                    return response
-                self._early[response.seq] = response
-        return None
+                if response.command == int(command):
+                    self._early[response.seq] = response
+        response = self._early.pop(seq)
+        if response.status is not LinkStatus.OK:
+            raise DeviceError(f"{command.name} refused by {self.url}: {response.status.name}")
+        return response
 
     def _transact(self, command: Command, seq: int, frame: bytes,
                   first_try_sent: bool = False) -> Response:

@@ -141,3 +141,12 @@ def test_wrong_device_is_named():
                                            struct.pack("<3I", 0xDEADBEEF, 1, 8)))
         with pytest.raises(DeviceError, match="not an npugen NPU: magic 0xdeadbeef"):
             device.identify()
+
+
+def test_answers_read_together_are_all_kept():
+    """Two answers in one read: the second must not be lost (it once cost a 5 s retry)."""
+    with Device.open("loop://", timeout=0.3, retries=0) as device:
+        for seq in (1, 2):
+            device._port.write(encode_response(Command.WRITE, seq, LinkStatus.OK))
+        answers = device.requests(Command.WRITE, [struct.pack("<I", 0)] * 2)
+    assert [a.seq for a in answers] == [1, 2] and device.retried == 0
