@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..config import NpuConfig
 
-__all__ = ["Board", "BOARDS", "board_named", "UnknownBoard"]
+__all__ = ["Board", "BOARDS", "board_named", "UnknownBoard", "soc_clock_hz"]
 
 
 class UnknownBoard(ValueError):
@@ -21,11 +21,12 @@ class Board:
     name: str
     platform: Callable[[], object]
     family: str            # "ice40" or "ecp5"
-    clock_hz: float        # the oscillator the SoC runs from
+    clock_hz: float        # the board's oscillator
     default_config: NpuConfig
     baud: int = 115200
     description: str = ""
     loader_name: str = ""  # openFPGALoader's -b name
+    pll_mhz: float | None = None  # the SoC's clock from the PLL; None: the oscillator
 
 
 def _platform(module: str, cls: str) -> Callable[[], object]:
@@ -48,8 +49,8 @@ BOARDS: dict[str, Board] = {board.name: board for board in (
           loader_name="ice40_generic"),
     *(Board(f"ulx3s-{size}f", _platform("ulx3s", f"ULX3S_{size}F_Platform"), "ecp5", 25e6,
             NpuConfig(rows=array, cols=array, **_SMALL),
-            description=f"Radiona ULX3S, LFE5U-{size}F", loader_name="ulx3s")
-      for size, array in ((12, 4), (25, 4), (45, 8), (85, 8))),
+            description=f"Radiona ULX3S, LFE5U-{size}F", loader_name="ulx3s", pll_mhz=pll)
+      for size, array, pll in ((12, 4, None), (25, 4, None), (45, 8, None), (85, 8, 50.0))),
 )}
 
 
@@ -59,3 +60,8 @@ def board_named(name: str) -> Board:
     except KeyError:
         raise UnknownBoard(f"unknown board {name!r}; known boards: "
                            f"{', '.join(BOARDS)}") from None
+
+
+def soc_clock_hz(board: Board) -> float:
+    """The clock the SoC runs at on ``board``."""
+    return board.pll_mhz * 1e6 if board.pll_mhz else board.clock_hz

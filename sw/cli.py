@@ -291,12 +291,13 @@ def cmd_serve_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .boards import BOARDS, UnknownBoard, board_named
+    from .boards import BOARDS, UnknownBoard, board_named, soc_clock_hz
 
     if args.list_boards:
         for board in BOARDS.values():
             print(f"{board.name:<12} {board.description}; default {board.default_config.rows}x"
-                  f"{board.default_config.cols} at {board.clock_hz / 1e6:g} MHz")
+                  f"{board.default_config.cols} at {soc_clock_hz(board) / 1e6:g} MHz"
+                  f"{' (PLL)' if board.pll_mhz else ''}")
         return EXIT_OK
     if not args.board:
         raise UsageError("give --board NAME (npugen build --list-boards lists them)")
