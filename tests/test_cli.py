@@ -104,3 +104,22 @@ def test_bad_toml_config(operands, tmp_path, capsys):
                    str(paths["y"]), "--config", str(config)])
     assert status == 2
     assert "rows must be an integer, not 'eight'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["matmul", "--random", "6x0x3"], "--random dimensions must be at least 1, not 6x0x3"),
+    (["matmul", "--rows", "4"], "give --a A.npy and --w W.npy, or --random MxKxN"),
+    (["serve-sim", "--port", "70000"], "--port must be between 0 and 65535, not 70000"),
+    (["serve-sim", "--board", "nope"], "unknown board 'nope'"),
+    (["run", "nothing.npu", "--input", "x.npy", "-o", "y.npy"], "does not exist"),
+])
+def test_more_bad_input(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_malformed_random_shape_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["matmul", "--random", "6x"])
+    assert exit_.value.code == 2
+    assert "expected MxKxN such as 64x96x80, not '6x'" in capsys.readouterr().err
