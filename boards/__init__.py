@@ -27,6 +27,7 @@ class Board:
     description: str = ""
     loader_name: str = ""  # openFPGALoader's -b name
     pll_mhz: float | None = None  # the SoC's clock from the PLL; None: the oscillator
+    device: str = ""       # a key of boards.estimate.DEVICES
 
 
 def _platform(module: str, cls: str) -> Callable[[], object]:
@@ -59,18 +60,20 @@ def _orangecrab_25f() -> object:
 BOARDS: dict[str, Board] = {board.name: board for board in (
     Board("icebreaker", _platform("icebreaker", "ICEBreakerPlatform"), "ice40", 12e6,
           NpuConfig(rows=2, cols=2, **_SMALL), description="1BitSquared iCEBreaker, iCE40UP5K",
-          loader_name="ice40_generic"),
+          loader_name="ice40_generic", device="ice40up5k"),
     *(Board(f"ulx3s-{size}f", _platform("ulx3s", f"ULX3S_{size}F_Platform"), "ecp5", 25e6,
             NpuConfig(rows=array, cols=array, **_SMALL),
-            description=f"Radiona ULX3S, LFE5U-{size}F", loader_name="ulx3s", pll_mhz=pll)
+            description=f"Radiona ULX3S, LFE5U-{size}F", loader_name="ulx3s", pll_mhz=pll,
+            device=f"lfe5u-{size}f")
       for size, array, pll in ((12, 4, None), (25, 4, None), (45, 8, None), (85, 8, 50.0))),
     Board("tang-nano-9k", _platform("tang_nano_9k", "TangNano9kPlatform"), "gowin", 27e6,
           NpuConfig(rows=4, cols=4, **_SMALL),
-          description="Sipeed Tang Nano 9K, GW1NR-9C (Apicula flow)", loader_name="tangnano9k"),
+          description="Sipeed Tang Nano 9K, GW1NR-9C (Apicula flow)", loader_name="tangnano9k",
+          device="gw1nr-9c"),
     Board("orangecrab-25f", _orangecrab_25f, "ecp5", 48e6,
           NpuConfig(rows=4, cols=4, **_SMALL),
           description="1BitSquared OrangeCrab r0.2, LFE5U-25F (UART on header pins 0/1)",
-          loader_name="orangecrab"),
+          loader_name="orangecrab", device="lfe5u-25f"),
 )}
 
 

@@ -160,6 +160,14 @@ def build_board(board: Board, config: NpuConfig, directory: str | Path, *,
     """
     if toolchain not in TOOLCHAINS:
         raise ValueError(f"toolchain must be one of {', '.join(TOOLCHAINS)}, not {toolchain!r}")
+    from .estimate import DEVICES, estimate
+
+    device = DEVICES[board.device]
+    problems = estimate(config, device).problems(device)
+    if problems:
+        raise BuildFailed(f"{config.describe()} cannot fit the {board.name}: "
+                          f"{'; '.join(problems)}; choose a smaller array or memories "
+                          f"(the default is {board.default_config.describe()})")
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     platform = board.platform()

@@ -5,6 +5,7 @@ from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig
+from ..golden import array_latency
 from .pe import ProcessingElement
 
 __all__ = ["SystolicArray"]
@@ -42,7 +43,7 @@ class SystolicArray(wiring.Component):
 
     @property
     def latency(self) -> int:
-        return self._config.rows + self._config.cols - 1
+        return array_latency(self._config.rows, self._config.cols)
 
     def elaborate(self, platform):
         c = self._config

@@ -6,7 +6,7 @@ mirrors them cycle for cycle):
 - the *sequencer* dispatches at most one instruction a cycle, in order;
 - the *weight loader* (LOADW) shifts a tile into one bank while the *feeder* (MATMUL)
   streams activations through the other, so preload is hidden;
-- results leave the array ``rows + cols`` cycles after issue and are added into the
+- results leave the array ``array.latency + 1`` cycles after issue and are added into the
   accumulator memory (read-modify-write, transparent for back-to-back rows);
 - the *requantizer* (REQUANT) runs ``requant_lanes`` channels a cycle after the array
   has drained and blocks dispatch until its last write.
@@ -190,7 +190,7 @@ class Npu(wiring.Component):
         feed_accumulate = Signal()
         feeder_ready = ~feed_busy | (feed_remaining == 1)
         inflight = Array(Signal(range(rows + cols + 2), name=f"inflight{b}") for b in range(2))
-        drain = Signal(range(rows + cols + 3))
+        drain = Signal(range(array.latency + 3))
 
         groups = cols // lanes
         rq_busy = Signal()
@@ -373,7 +373,7 @@ class Npu(wiring.Component):
             with m.Elif(inflight[b] != 0):
                 m.d.sync += inflight[b].eq(inflight[b] - 1)
         with m.If(issue):
-            m.d.sync += drain.eq(rows + cols + 1)
+            m.d.sync += drain.eq(array.latency + 2)
         with m.Elif(drain != 0):
             m.d.sync += drain.eq(drain - 1)
         with m.If(issue):

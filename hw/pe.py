@@ -10,7 +10,8 @@ __all__ = ["ProcessingElement"]
 class ProcessingElement(wiring.Component):
     """One multiply-accumulate cell of the systolic array.
 
-    Each cycle: ``psum_out <= psum_in + act_in * weight[bank_in]`` and the activation
+    Each cycle: ``product <= act_in * weight[bank_in]``, ``psum_out <= psum_in + product``
+    (the product of the previous cycle's activation) and the activation
     (with its bank bit) moves right one cell. Weights shift down the column into bank
     ``load_bank`` while ``load`` is high; the other bank keeps computing, so the next
     weight tile loads under the current one.
@@ -44,7 +45,10 @@ class ProcessingElement(wiring.Component):
                 m.d.sync += weight[1].eq(self.weight_in)
             with m.Else():
                 m.d.sync += weight[0].eq(self.weight_in)
-        product = self.act_in * Mux(self.bank_in, weight[1], weight[0])
+        # The product is registered (PRODUCT_PIPELINE_STAGES); every PE has the same
+        # delay, so the partial sums of a column stay aligned.
+        product = Signal(signed(len(self.act_in) + self._weight_width))
+        m.d.sync += product.eq(self.act_in * Mux(self.bank_in, weight[1], weight[0]))
         # Assigning to the narrower psum_out wraps, like the golden model.
         m.d.sync += [
             self.psum_out.eq(self.psum_in + product),

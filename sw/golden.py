@@ -22,6 +22,14 @@ __all__ = ["GoldenNpu", "Counters", "CycleModel", "ProgramError", "check_program
 
 #: Registers in each requantization lane (hw/requant.py builds exactly this many).
 REQUANT_PIPELINE_STAGES = 5
+# Registers between a PE's multiplier and its adder (they let the multiply and the
+# accumulate each take a whole clock period on the FPGA).
+PRODUCT_PIPELINE_STAGES = 1
+
+
+def array_latency(rows: int, cols: int) -> int:
+    """Cycles from an activation word entering the array to its whole result row."""
+    return rows + cols - 1 + PRODUCT_PIPELINE_STAGES
 #: Cycles from a REQUANT's dispatch to the cycle the next instruction may dispatch,
 #: beyond one cycle per channel group: issue, memory read, then the lane's pipeline.
 REQUANT_TAIL_CYCLES = 2 + REQUANT_PIPELINE_STAGES
@@ -88,7 +96,7 @@ class CycleModel:
             self.feeder_last_issue = last
             self.feeder_bank = instruction["bank"]
             self.inflight_clear_at[instruction["bank"]] = last + rows + cols - 1
-            self.drain_clear_at = last + rows + cols + 2
+            self.drain_clear_at = last + array_latency(rows, cols) + 3
             self.counters.busy_cycles += count
             self.counters.macs += count * rows * cols
         elif op is Opcode.REQUANT:

