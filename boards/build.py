@@ -22,7 +22,7 @@ from ..hw.soc import Soc
 from ..protocol import uart_divisor
 from . import Board
 
-__all__ = ["BoardTop", "build_board", "BuildFailed", "TOOLCHAINS", "tool_path"]
+__all__ = ["BoardTop", "build_board", "BuildFailed", "BITSTREAM_NAMES", "TOOLCHAINS", "tool_path"]
 
 TOOLCHAINS = ("yowasp", "system")
 
@@ -53,7 +53,7 @@ _RESOURCES = {
     "gowin": {"logic": "LUT4", "alu": "ALU", "ff": "DFF", "dsp": "MULT9X9",
               "dsp18": "MULT18X18", "dsp36": "MULT36X36", "block_ram": "BSRAM"},
 }
-_BITSTREAMS = {"ice40": "top.bin", "ecp5": "top.bit", "gowin": "top.fs"}
+BITSTREAM_NAMES = {"ice40": "top.bin", "ecp5": "top.bit", "gowin": "top.fs"}
 
 
 class BuildFailed(RuntimeError):
@@ -211,7 +211,7 @@ def build_board(board: Board, config: NpuConfig, directory: str | Path, *,
                           f"{directory / 'build.log'}; a smaller config may fit")
     report = _report(board, config, json.loads(report_path.read_text()), seconds,
                      top.clock_hz)
-    bitstream = products_dir / _BITSTREAMS[board.family]
+    bitstream = products_dir / BITSTREAM_NAMES[board.family]
     report["bitstream"] = str(bitstream) if bitstream.exists() else None
     (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if not report["timing_met"]:

@@ -290,6 +290,10 @@ def cmd_serve_sim(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def default_build_folder(board_name: str, config: NpuConfig) -> str:
+    return f"build/{board_name}-{config.digest()}"
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from .boards import BOARDS, UnknownBoard, board_named, soc_clock_hz
 
@@ -308,7 +312,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .boards.build import BuildFailed, build_board
 
     config = config_from_args(args)
-    output = args.output or f"build/{board.name}-{config.digest()}"
+    output = args.output or default_build_folder(board.name, config)
 
     def progress(stage: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {board.name}: {stage}", file=sys.stderr,
@@ -342,7 +346,14 @@ def cmd_program(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     bitstream = args.bitstream
     if not bitstream:
-        raise UsageError("give the bitstream to program (npugen build prints its path)")
+        from .boards.build import BITSTREAM_NAMES
+
+        default = (Path(default_build_folder(board.name, board.default_config)) / "build"
+                   / BITSTREAM_NAMES[board.family])
+        if not default.exists():
+            raise UsageError(f"no bitstream given and none at {default}: run npugen build "
+                             f"--board {board.name} first, or give the bitstream's path")
+        bitstream = str(default)
     if not Path(bitstream).exists():
         raise UsageError(f"bitstream {bitstream!r} does not exist")
     from .boards.build import tool_path
@@ -456,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     program = commands.add_parser("program", help="load a bitstream onto a board")
     program.add_argument("--board", required=True, metavar="NAME")
-    program.add_argument("bitstream", nargs="?", metavar="BITSTREAM")
+    program.add_argument("bitstream", nargs="?", metavar="BITSTREAM",
+                         help="default: what npugen build --board NAME wrote")
     program.set_defaults(handler=cmd_program)
 
     demo = commands.add_parser(

@@ -21,10 +21,13 @@ def test_list_and_unknown_boards(capsys):
     assert "unknown board 'nope'; known boards: " + ", ".join(BOARDS) in error
 
 
-def test_program_errors(tmp_path, capsys):
+def test_program_errors(tmp_path, capsys, monkeypatch):
     assert main(["program", "--board", "nope", "x.bin"]) == 2
     assert main(["program", "--board", "icebreaker", str(tmp_path / "none.bin")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # no build folder here
+    assert main(["program", "--board", "icebreaker"]) == 2
+    assert "run npugen build --board icebreaker first" in capsys.readouterr().err
 
 
 def test_impossible_config_is_refused_before_synthesis(tmp_path, capsys):
