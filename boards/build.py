@@ -187,8 +187,6 @@ def build_board(board: Board, config: NpuConfig, directory: str | Path, *,
         # Multipliers into SB_MAC16 DSPs (the design has no hand-placed DSP, so -dsp is safe).
         options["synth_opts"] = "-dsp"
     else:
-        # router2: routes the 12x12 array in minutes where router1 takes far longer.
-        options["nextpnr_opts"] += " --router router2"
         options["ecppack_opts"] = "--compress"
     plan = platform.prepare(top, name="top", **options)
     plan.extract(products_dir)

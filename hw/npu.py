@@ -18,7 +18,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig
-from ..isa import FORMATS, OPCODE_WIDTH, Opcode
+from ..isa import FORMATS, INSTRUCTION_WIDTH, OPCODE_WIDTH, Opcode
 from ..memory_map import COUNTER_NAMES, REGION_SHIFT, Reg, Region, identity_words, memories
 from .array import SystolicArray
 from .hostbus import HostBus
@@ -72,7 +72,6 @@ class Npu(wiring.Component):
         m.submodules.array = array = SystolicArray(c)
 
         running = Signal()
-        fetched = Signal()
         m.d.comb += self.running.eq(running)
 
         # -- Host port: decode ---------------------------------------------------------
@@ -171,7 +170,13 @@ class Npu(wiring.Component):
 
         # -- Unit state ------------------------------------------------------------------
         rows, cols, lanes = c.rows, c.cols, c.requant_lanes
-        instruction = reads[Region.INSTRUCTIONS].data
+        # The instruction register holds the instruction at `pc`; the memory's output
+        # holds the next one (read ahead), so decoding starts from a register and the
+        # memory's slow clock-to-output stays off the dispatch path.
+        instruction = Signal(INSTRUCTION_WIDTH)
+        fill = Signal(range(3))       # 0: read the first instruction, 1: it arrives, 2: ready
+        ready = fill[1]
+        fetch_addr = Signal(range(c.instruction_depth))
         opcode = instruction[0:OPCODE_WIDTH]
 
         load_busy = Signal()
@@ -292,14 +297,22 @@ class Npu(wiring.Component):
             with m.Default():
                 m.d.comb += can_issue.eq(1)
         dispatch = Signal()
-        m.d.comb += dispatch.eq(running & fetched & ~requant_active & can_issue)
+        m.d.comb += dispatch.eq(running & ready & ~requant_active & can_issue)
         # Host owns the instruction port only outside runs.
+        instruction_read = reads[Region.INSTRUCTIONS]
         with m.If(running):
-            m.d.comb += reads[Region.INSTRUCTIONS].addr.eq(pc + (dispatch & advance))
+            m.d.comb += [instruction_read.addr.eq(fetch_addr),
+                         instruction_read.en.eq(~ready | (dispatch & advance))]
+            with m.If(instruction_read.en):
+                m.d.sync += fetch_addr.eq(fetch_addr + 1)
+            with m.If((fill == 1) | (dispatch & advance)):
+                m.d.sync += instruction.eq(instruction_read.data)
+            with m.If(~ready):
+                m.d.sync += fill.eq(fill + 1)
 
         with m.If(running):
-            m.d.sync += [fetched.eq(1), counters["cycles"].eq(counters["cycles"] + 1)]
-            with m.If(fetched & ~dispatch):
+            m.d.sync += counters["cycles"].eq(counters["cycles"] + 1)
+            with m.If(ready & ~dispatch):
                 m.d.sync += counters["stall_cycles"].eq(counters["stall_cycles"] + 1)
         with m.If(dispatch & advance):
             m.d.sync += pc.eq(pc + 1)
@@ -495,8 +508,8 @@ class Npu(wiring.Component):
         # -- Start, abort --------------------------------------------------------------------
         with m.If(start):
             m.d.sync += [gemm_started.eq(0), gemm_matmul_next.eq(0), gemm_kt.eq(0)]
-            m.d.sync += [running.eq(1), fetched.eq(0), pc.eq(start_pc), done.eq(0),
-                         aborted.eq(0), illegal.eq(0), host_conflict.eq(0)]
+            m.d.sync += [running.eq(1), fill.eq(0), fetch_addr.eq(start_pc), pc.eq(start_pc),
+                         done.eq(0), aborted.eq(0), illegal.eq(0), host_conflict.eq(0)]
             m.d.sync += [counter.eq(0) for counter in counters.values()]
         with m.If(abort):
             m.d.sync += [running.eq(0), aborted.eq(1), load_busy.eq(0), feed_busy.eq(0),

@@ -53,10 +53,11 @@ class Counters:
 @dataclass
 class CycleModel:
     """The sequencer's timing: one dispatch a cycle, in order, with the hazard waits
-    of the hardware. Cycle 0 fetches the first instruction."""
+    of the hardware. Cycles 0 and 1 fetch the first instruction into the instruction
+    register; cycle 2 may dispatch it."""
 
     config: NpuConfig
-    next_cycle: int = 1
+    next_cycle: int = 2
     load_free_at: int = 0          # first cycle the weight loader is idle
     load_bank: int = 0
     feeder_last_issue: int = -1    # last cycle the feeder issues a row
