@@ -195,7 +195,7 @@ class Npu(wiring.Component):
         feed_accumulate = Signal()
         feeder_ready = ~feed_busy | (feed_remaining == 1)
         inflight = Array(Signal(range(rows + cols + 2), name=f"inflight{b}") for b in range(2))
-        drain = Signal(range(array.latency + 3))
+        drain = Signal(range(array.latency + 4))
 
         groups = cols // lanes
         rq_busy = Signal()
@@ -386,7 +386,7 @@ class Npu(wiring.Component):
             with m.Elif(inflight[b] != 0):
                 m.d.sync += inflight[b].eq(inflight[b] - 1)
         with m.If(issue):
-            m.d.sync += drain.eq(array.latency + 2)
+            m.d.sync += drain.eq(array.latency + 3)
         with m.Elif(drain != 0):
             m.d.sync += drain.eq(drain - 1)
         with m.If(issue):
@@ -416,18 +416,31 @@ class Npu(wiring.Component):
             delayed = Signal(tag_layout, name=f"tag_d{i + 1}")
             m.d.sync += delayed.eq(tag)
             tag = delayed
+        # Read, then register what was read, then add and write: the memory's slow
+        # clock-to-output and the adders sit in different cycles. A row written in the
+        # cycle its successor's read data is registered is forwarded; older writes reach
+        # the read through the port's transparency.
         acc_read, acc_write = reads[Region.ACCUMULATORS], writes[Region.ACCUMULATORS]
-        rmw_tag = Signal(tag_layout)
-        rmw_row = Signal(data.ArrayLayout(signed(c.accumulator_width), cols))
-        m.d.sync += [rmw_tag.eq(tag), rmw_row.eq(array.result)]
+        row_layout = data.ArrayLayout(signed(c.accumulator_width), cols)
+        read_tag, add_tag = Signal(tag_layout), Signal(tag_layout)
+        read_row, add_row = Signal(row_layout), Signal(row_layout)
+        add_old = Signal(row_layout)
+        m.d.sync += [read_tag.eq(tag), read_row.eq(array.result),
+                     add_tag.eq(read_tag), add_row.eq(read_row)]
         with m.If(tag.valid):
             m.d.comb += acc_read.addr.eq(tag.addr)
-        old = data.View(data.ArrayLayout(signed(c.accumulator_width), cols), acc_read.data)
-        summed = Cat(*[Mux(rmw_tag.accumulate, old[k] + rmw_row[k], rmw_row[k])[
-            0:c.accumulator_width] for k in range(cols)])
+        summed = Signal(row_layout)
+        m.d.comb += summed.eq(Cat(*[Mux(add_tag.accumulate, add_old[k] + add_row[k],
+                                        add_row[k])[0:c.accumulator_width]
+                                    for k in range(cols)]))
         # Gated by running: an aborted run leaves nothing behind (HALT waits for drain).
-        with m.If(rmw_tag.valid & running):
-            m.d.comb += [acc_write.addr.eq(rmw_tag.addr), acc_write.data.eq(summed),
+        writing = add_tag.valid & running
+        with m.If(writing & (add_tag.addr == read_tag.addr)):
+            m.d.sync += add_old.eq(summed)
+        with m.Else():
+            m.d.sync += add_old.eq(acc_read.data)
+        with m.If(writing):
+            m.d.comb += [acc_write.addr.eq(add_tag.addr), acc_write.data.eq(summed),
                          acc_write.en.eq(-1)]
 
         # -- Requantization unit -------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from npugen.config import NpuConfig
-from npugen.isa import Instruction, Opcode, encode_program
+from npugen.isa import Instruction, Opcode, assemble, encode_program
 from npugen.job import Job
 from npugen.matmul import matmul_job
 from npugen.memory_map import Region
@@ -106,4 +106,31 @@ def layer_chain_job(config: NpuConfig, rng: np.random.Generator, *, m: int, k: i
     job.read("activations", Region.ACTIVATIONS, out_base, second.activation_words)
     job.read("first", Region.ACCUMULATORS, 0, first.accumulator_words)
     job.read("second", Region.ACCUMULATORS, second.acc_base, second.accumulator_words)
+    return job
+
+
+def back_to_back_accumulate_job(config: NpuConfig, rng: np.random.Generator) -> Job:
+    """One-row MATMULs issued on consecutive cycles into the same accumulator entry (and
+    with one and two cycles between them): each must add onto the row written just
+    before it, which is still in the accumulate pipeline."""
+    program = assemble("""
+        LOADW bank=0 weight_addr=0
+        MATMUL bank=0 act_addr=0 acc_addr=5 count=1 accumulate=1
+        MATMUL bank=0 act_addr=1 acc_addr=5 count=1 accumulate=1
+        MATMUL bank=0 act_addr=2 acc_addr=5 count=2 accumulate=1
+        MATMUL bank=0 act_addr=3 acc_addr=5 count=1 accumulate=1
+        MATMUL bank=0 act_addr=0 acc_addr=7 count=3 accumulate=1
+        MATMUL bank=0 act_addr=1 acc_addr=9 count=1 accumulate=0
+        MATMUL bank=0 act_addr=2 acc_addr=7 count=1 accumulate=1
+        HALT
+    """)
+    job = Job(config)
+    job.write(Region.INSTRUCTIONS, 0, encode_program(program))
+    low_a, high_a = -(1 << (config.input_width - 1)), 1 << (config.input_width - 1)
+    job.write(Region.ACTIVATIONS, 0, rng.integers(low_a, high_a, (4, config.rows)))
+    low_w, high_w = -(1 << (config.weight_width - 1)), 1 << (config.weight_width - 1)
+    job.write(Region.WEIGHTS, 0, rng.integers(low_w, high_w, (config.rows, config.cols)))
+    span = 1 << (config.accumulator_width - 4)
+    job.write(Region.ACCUMULATORS, 0, rng.integers(-span, span, (12, config.cols)))
+    job.read("accumulators", Region.ACCUMULATORS, 0, 12)
     return job

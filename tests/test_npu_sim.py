@@ -10,7 +10,7 @@ from npugen.config import NpuConfig
 from npugen.job import run_golden
 from npugen.matmul import matmul_output
 from npugen.sim.runner import simulate
-from programs import gemm_jobs, layer_chain_job, wrap_job
+from programs import back_to_back_accumulate_job, gemm_jobs, layer_chain_job, wrap_job
 
 SMALL = dict(activation_depth=1024, weight_depth=1024, accumulator_depth=512,
              instruction_depth=512, param_depth=64)
@@ -46,7 +46,8 @@ def test_npu_matches_golden(name, simulator):
                               zero_point=zp, clamp=clamp)
               for zp, clamp in zero_point_cases(config)]
     wrap, wrap_plan = wrap_job(config, rng)
-    jobs = [job for job, _, _ in gemms] + chains + [wrap]
+    jobs = [job for job, _, _ in gemms] + chains + [back_to_back_accumulate_job(config, rng),
+                                                     wrap]
     results = simulate(jobs, simulator=simulator)
     for (job, plan, expected), result in zip(gemms, results, strict=False):
         golden = run_golden(job)
