@@ -5,7 +5,7 @@ from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig
-from ..golden import array_latency
+from ..golden import ARRAY_INPUT_STAGES, array_latency
 from .pe import ProcessingElement
 
 __all__ = ["SystolicArray"]
@@ -21,9 +21,10 @@ def _delay(m: Module, value, cycles: int, name: str):
 
 
 class SystolicArray(wiring.Component):
-    """``rows`` × ``cols`` PEs. An activation word (one input per row) enters per cycle;
-    row r sees it r cycles later (skew). Column c's sum leaves the bottom and is delayed
-    ``cols - 1 - c`` cycles (deskew), so a whole result row appears at once,
+    """``rows`` × ``cols`` PEs. An activation word (one input per row) enters per cycle
+    into a register; row r sees it r cycles after that (skew). Column c's sum leaves the
+    bottom and is delayed ``cols - 1 - c`` cycles (deskew), so a whole result row appears
+    at once,
     ``latency`` cycles after its activation word.
 
     ``weight_row`` with ``load`` shifts one row of weights into the top of bank
@@ -57,9 +58,10 @@ class SystolicArray(wiring.Component):
                 m.submodules[f"pe_{r}_{col}"] = pe
                 m.d.comb += [pe.load.eq(self.load), pe.load_bank.eq(self.load_bank)]
                 if col == 0:
+                    skew = r + ARRAY_INPUT_STAGES
                     m.d.comb += [
-                        pe.act_in.eq(_delay(m, self.act[r], r, f"skew{r}")),
-                        pe.bank_in.eq(_delay(m, self.bank, r, f"skew_bank{r}")),
+                        pe.act_in.eq(_delay(m, self.act[r], skew, f"skew{r}")),
+                        pe.bank_in.eq(_delay(m, self.bank, skew, f"skew_bank{r}")),
                     ]
                 else:
                     left = pes[r][col - 1]

@@ -18,6 +18,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig
+from ..golden import weight_use_cycles
 from ..isa import FORMATS, INSTRUCTION_WIDTH, OPCODE_WIDTH, Opcode
 from ..memory_map import COUNTER_NAMES, REGION_SHIFT, Reg, Region, identity_words, memories
 from .array import SystolicArray
@@ -194,7 +195,8 @@ class Npu(wiring.Component):
         feed_bank = Signal()
         feed_accumulate = Signal()
         feeder_ready = ~feed_busy | (feed_remaining == 1)
-        inflight = Array(Signal(range(rows + cols + 2), name=f"inflight{b}") for b in range(2))
+        inflight = Array(Signal(range(weight_use_cycles(rows, cols) + 1), name=f"inflight{b}")
+                         for b in range(2))
         drain = Signal(range(array.latency + 4))
 
         groups = cols // lanes
@@ -382,7 +384,7 @@ class Npu(wiring.Component):
         m.d.comb += [array.act.eq(act_read.data), array.bank.eq(array_bank)]
         for b in range(2):
             with m.If(issue & (feed_bank == b)):
-                m.d.sync += inflight[b].eq(rows + cols - 2)
+                m.d.sync += inflight[b].eq(weight_use_cycles(rows, cols) - 1)
             with m.Elif(inflight[b] != 0):
                 m.d.sync += inflight[b].eq(inflight[b] - 1)
         with m.If(issue):

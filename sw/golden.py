@@ -25,11 +25,18 @@ REQUANT_PIPELINE_STAGES = 5
 # Registers between a PE's multiplier and its adder (they let the multiply and the
 # accumulate each take a whole clock period on the FPGA).
 PRODUCT_PIPELINE_STAGES = 1
+# Registers on the array's activation input (the memory's output goes no further).
+ARRAY_INPUT_STAGES = 1
 
 
 def array_latency(rows: int, cols: int) -> int:
     """Cycles from an activation word entering the array to its whole result row."""
-    return rows + cols - 1 + PRODUCT_PIPELINE_STAGES
+    return rows + cols - 1 + PRODUCT_PIPELINE_STAGES + ARRAY_INPUT_STAGES
+
+
+def weight_use_cycles(rows: int, cols: int) -> int:
+    """Cycles after a word's issue during which the last PE may still read its weight."""
+    return rows + cols - 1 + ARRAY_INPUT_STAGES
 #: Cycles from a REQUANT's dispatch to the cycle the next instruction may dispatch,
 #: beyond one cycle per channel group: issue, memory read, then the lane's pipeline.
 REQUANT_TAIL_CYCLES = 2 + REQUANT_PIPELINE_STAGES
@@ -96,7 +103,7 @@ class CycleModel:
             last = cycle + count
             self.feeder_last_issue = last
             self.feeder_bank = instruction["bank"]
-            self.inflight_clear_at[instruction["bank"]] = last + rows + cols - 1
+            self.inflight_clear_at[instruction["bank"]] = last + weight_use_cycles(rows, cols)
             self.drain_clear_at = last + array_latency(rows, cols) + 4
             self.counters.busy_cycles += count
             self.counters.macs += count * rows * cols

@@ -253,7 +253,7 @@ def test_array_result_rows_arrive_after_latency(config):
     with idle gaps between bursts, on bank 0 and on bank 1."""
     rng = np.random.default_rng(2)
     array = SystolicArray(config)
-    assert array.latency == config.rows + config.cols
+    assert array.latency == config.rows + config.cols + 1
     schedule = ArraySchedule(config, rng)
     lowest = signed_range(config.input_width)[0]
     extreme_tile = schedule.random_tile()
