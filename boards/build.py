@@ -76,6 +76,21 @@ def ecp5_pll_parameters(input_mhz: float, output_mhz: float) -> dict[str, int]:
             "output_mhz": float(found["clkout0 frequency"])}
 
 
+def ice40_pll_parameters(input_mhz: float, output_mhz: float) -> dict[str, int | float]:
+    """SB_PLL40 dividers for ``output_mhz``, as IceStorm's icepll computes them."""
+    with tempfile.TemporaryDirectory() as folder:
+        run = subprocess.run(["yowasp-icepll", "-i", f"{input_mhz:g}", "-o", f"{output_mhz:g}"],
+                             capture_output=True, text=True, cwd=folder,
+                             env=dict(os.environ, PATH=tool_path()))
+    found = dict(re.findall(r"^(DIVR|DIVF|DIVQ|FILTER_RANGE):\s+(\d+)", run.stdout, re.M))
+    achieved = re.search(r"^F_PLLOUT:\s+([0-9.]+) MHz \(achieved\)", run.stdout, re.M)
+    if len(found) != 4 or not achieved:
+        raise BuildFailed(f"icepll found no PLL setting for {output_mhz:g} MHz from "
+                          f"{input_mhz:g} MHz: {run.stdout.strip() or run.stderr.strip()}")
+    return {**{name: int(value) for name, value in found.items()},
+            "output_mhz": float(achieved.group(1))}
+
+
 class BoardTop(Elaboratable):
     """The SoC on a board: its clock from the oscillator or a PLL, its UART on the board's
     USB-serial pins, running/error LEDs."""
@@ -86,14 +101,33 @@ class BoardTop(Elaboratable):
         self.pll = None
         clock_hz = board.clock_hz
         if board.pll_mhz:
-            if board.family != "ecp5":
+            parameters = {"ecp5": ecp5_pll_parameters, "ice40": ice40_pll_parameters}
+            if board.family not in parameters:
                 raise BuildFailed(f"no PLL support for {board.family} yet")
-            self.pll = ecp5_pll_parameters(board.clock_hz / 1e6, board.pll_mhz)
+            self.pll = parameters[board.family](board.clock_hz / 1e6, board.pll_mhz)
             clock_hz = self.pll["output_mhz"] * 1e6
         self.clock_hz = clock_hz
         self.divisor = uart_divisor(clock_hz, board.baud)
 
+    def _ice40_pll_domain(self, m: Module, platform) -> None:
+        pll = self.pll
+        m.domains.sync = sync = ClockDomain("sync")
+        # The oscillator's pin is the PLL's input pad.
+        pad = platform.request(platform.default_clk, dir="-")
+        locked = Signal()
+        m.submodules.pll = Instance(
+            "SB_PLL40_PAD",
+            p_FEEDBACK_PATH="SIMPLE", p_DIVR=pll["DIVR"], p_DIVF=pll["DIVF"],
+            p_DIVQ=pll["DIVQ"], p_FILTER_RANGE=pll["FILTER_RANGE"],
+            i_PACKAGEPIN=pad.io, i_RESETB=1, i_BYPASS=0,
+            o_PLLOUTGLOBAL=sync.clk, o_LOCK=locked)
+        m.submodules.reset = ResetSynchronizer(~locked, domain="sync")
+        platform.add_clock_constraint(sync.clk, self.clock_hz)
+
     def _pll_domain(self, m: Module, platform) -> None:
+        if self.board.family == "ice40":
+            self._ice40_pll_domain(m, platform)
+            return
         pll = self.pll
         m.domains.sync = sync = ClockDomain("sync")
         clock_in = platform.request(platform.default_clk, dir="i").i

@@ -14,9 +14,10 @@ class Requantizer(wiring.Component):
     rounding right shift → + zero point → clamp → saturate to ``output_width``.
 
     Bit-exact with :func:`npugen.arith.requantize`. ``latency`` registers from input to
-    ``out`` (one stage each: bias; multiply; round and divide by 2**31; rounding shift;
-    zero point, clamp and saturation); ``zero_point`` and the clamp bounds are read in the
-    last stage.
+    ``out`` (one stage each: bias; multiply; nudge; divide by 2**31; the rounding shift's
+    operands; round; zero point; clamp and saturation), so that no stage chains more than
+    one wide carry; ``zero_point`` is read in the seventh stage, the clamp bounds in the
+    last.
     """
 
     latency = REQUANT_PIPELINE_STAGES
@@ -57,38 +58,56 @@ class Requantizer(wiring.Component):
         m.d.sync += [product.eq(total * multiplier1),
                      overflow.eq((total == int32_min) & (multiplier1 == int32_min)),
                      shift2.eq(shift1), valid2.eq(valid1)]
-        # Stage 3: round to nearest (nudge), divide by 2**31 truncating toward zero.
+        # Stage 3: round to nearest (nudge).
         nudge = Mux(product[63], Const(1 - (1 << 30), signed(32)), Const(1 << 30, signed(32)))
         nudged = Signal(signed(66))
-        m.d.comb += nudged.eq(product + nudge)
+        overflow3 = Signal()
+        shift3 = Signal(5)
+        valid3 = Signal()
+        m.d.sync += [nudged.eq(product + nudge), overflow3.eq(overflow), shift3.eq(shift2),
+                     valid3.eq(valid2)]
+        # Stage 4: divide by 2**31, truncating toward zero.
         floor = nudged >> 31
         inexact = nudged[0:31].any()
         quotient = Signal(signed(35))
         m.d.comb += quotient.eq(floor + (nudged[65] & inexact))
         high = Signal(signed(32))
-        shift3 = Signal(5)
-        valid3 = Signal()
-        m.d.sync += [high.eq(Mux(overflow, (1 << 31) - 1, quotient[0:32].as_signed())),
-                     shift3.eq(shift2), valid3.eq(valid2)]
-        # Stage 4: rounding right shift.
-        mask = Signal(32)
-        m.d.comb += mask.eq((Const(1, 33) << shift3) - 1)
-        remainder = high.as_unsigned() & mask
-        threshold = Signal(32)
-        m.d.comb += threshold.eq((mask >> 1) + high[31])
-        shifted = Signal(signed(33))
+        shift4 = Signal(5)
         valid4 = Signal()
-        m.d.sync += [shifted.eq((high >> shift3) + (remainder > threshold)), valid4.eq(valid3)]
-        # Stage 5: zero point, clamp, saturate.
+        m.d.sync += [high.eq(Mux(overflow3, (1 << 31) - 1, quotient[0:32].as_signed())),
+                     shift4.eq(shift3), valid4.eq(valid3)]
+        # Stage 5: rounding right shift, its operands (shifted value, remainder, threshold).
+        mask = Signal(32)
+        m.d.comb += mask.eq((Const(1, 33) << shift4) - 1)
+        truncated = Signal(signed(32))
+        remainder = Signal(32)
+        threshold = Signal(32)
+        valid5 = Signal()
+        m.d.sync += [truncated.eq(high >> shift4), remainder.eq(high.as_unsigned() & mask),
+                     threshold.eq((mask >> 1) + high[31]), valid5.eq(valid4)]
+        # Stage 6: round.
+        shifted = Signal(signed(33))
+        valid6 = Signal()
+        m.d.sync += [shifted.eq(truncated + (remainder > threshold)), valid6.eq(valid5)]
+        # Stage 7: zero point.
         with_zero = Signal(signed(34))
-        m.d.comb += with_zero.eq(shifted + self.zero_point)
-        # max, then min: like np.clip, even if the bounds are inverted.
-        raised = Mux(with_zero < self.clamp_min, self.clamp_min, with_zero)
-        clamped = Signal(signed(34))
-        m.d.comb += clamped.eq(Mux(raised > self.clamp_max, self.clamp_max, raised))
+        valid7 = Signal()
+        m.d.sync += [with_zero.eq(shifted + self.zero_point), valid7.eq(valid6)]
+        # Stage 8: clamp (max, then min: like np.clip, even if the bounds are inverted) and
+        # saturate. Every comparison of with_zero runs in parallel; the bounds' own
+        # comparisons and saturated values do not depend on the data.
         low, high_bound = -(1 << (self._out_width - 1)), (1 << (self._out_width - 1)) - 1
+
+        def saturate(value):
+            return Mux(value < low, low, Mux(value > high_bound, high_bound, value))
+
+        below_min = with_zero < self.clamp_min
+        above_max = with_zero > self.clamp_max
+        # After max(with_zero, clamp_min): is it above clamp_max?
+        raised_above_max = Mux(below_min, self.clamp_min > self.clamp_max, above_max)
         m.d.sync += [
-            self.out.eq(Mux(clamped < low, low, Mux(clamped > high_bound, high_bound, clamped))),
-            self.out_valid.eq(valid4),
+            self.out.eq(Mux(raised_above_max, saturate(self.clamp_max),
+                            Mux(below_min, saturate(self.clamp_min), saturate(with_zero)))),
+            self.out_valid.eq(valid7),
         ]
         return m

@@ -378,12 +378,15 @@ def requant_random_cases(rng: np.random.Generator, accumulator_width: int,
 def run_requantizer(cases: np.ndarray, valid: np.ndarray, *, accumulator_width: int,
                     output_width: int) -> tuple[np.ndarray, list[int]]:
     """Feed ``cases`` (rows of REQUANT_FIELDS) one a cycle; return ``out`` and ``out_valid``
-    in every cycle. Zero point and clamps go in at the last stage, as documented, so they
-    are presented ``latency - 1`` cycles after the accumulator."""
+    in every cycle. The zero point goes in at the stage before last and the clamps at the
+    last, as documented, so they are presented ``latency - 2`` and ``latency - 1`` cycles
+    after the accumulator."""
     rq = Requantizer(accumulator_width=accumulator_width, output_width=output_width)
     latency = Requantizer.latency
     columns = {name: cases[:, i] for i, name in enumerate(REQUANT_FIELDS)}
-    first_stage, last_stage = REQUANT_FIELDS[:4], REQUANT_FIELDS[4:]
+    first_stage = REQUANT_FIELDS[:4]
+    late_stages = {"zero_point": latency - 2, "clamp_min": latency - 1,
+                   "clamp_max": latency - 1}
     n = len(cases)
     outs, out_valids = [], []
 
@@ -395,10 +398,9 @@ def run_requantizer(cases: np.ndarray, valid: np.ndarray, *, accumulator_width: 
                 for name in first_stage:
                     ctx.set(getattr(rq, name), int(columns[name][t]))
             ctx.set(rq.valid, int(valid[t]) if t < n else 0)
-            late = t - (latency - 1)
-            if 0 <= late < n:
-                for name in last_stage:
-                    ctx.set(getattr(rq, name), int(columns[name][late]))
+            for name, stage in late_stages.items():
+                if 0 <= t - stage < n:
+                    ctx.set(getattr(rq, name), int(columns[name][t - stage]))
             await ctx.tick()
 
     simulate(rq, testbench)
