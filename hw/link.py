@@ -89,6 +89,9 @@ class LinkEngine(wiring.Component):
         command = Signal(8)
         seq = Signal(8)
         length = Signal(16)
+        # Precomputed when the length arrives, so no subtraction sits in a compare's path.
+        last_byte = Signal(16)        # length - 1
+        last_write = Signal(14)       # words to write - 1: (length >> 2) - 2
         count = Signal(16)           # payload bytes received, or words handled
         word = Signal(32)
         crc = Signal(16)
@@ -160,7 +163,8 @@ class LinkEngine(wiring.Component):
                             m.next = "LENGTH1"
                         elif state == "LENGTH1":
                             full = Cat(length[0:8], byte)
-                            m.d.sync += [length.eq(full), count.eq(0), word.eq(0)]
+                            m.d.sync += [length.eq(full), count.eq(0), word.eq(0),
+                                         last_byte.eq(full - 1), last_write.eq((full >> 2) - 2)]
                             with m.If(full > MAX_PAYLOAD_BYTES):
                                 m.d.sync += count_error("oversize")
                                 m.next = "HUNT"
@@ -176,7 +180,7 @@ class LinkEngine(wiring.Component):
                                 for k in range(4):
                                     with m.Case(k):
                                         m.d.comb += new_word[8 * k:8 * k + 8].eq(byte)
-                            last = count == length - 1
+                            last = count == last_byte
                             m.d.comb += [buffer_write.addr.eq(count >> 2),
                                          buffer_write.data.eq(new_word),
                                          buffer_write.en.eq((lane == 3) | last)]
@@ -271,11 +275,11 @@ class LinkEngine(wiring.Component):
             with m.State("WRITE"):
                 # buffer_read.data holds payload word count + 1 (addressed last cycle).
                 m.d.comb += [bus.valid.eq(1), bus.write.eq(1),
-                             bus.addr.eq(read_address + count),
+                             bus.addr.eq(read_address),
                              bus.wdata.eq(buffer_read.data),
                              buffer_read.addr.eq(count + 2)]
-                m.d.sync += count.eq(count + 1)
-                with m.If(count == (length >> 2) - 2):
+                m.d.sync += [count.eq(count + 1), read_address.eq(read_address + 1)]
+                with m.If(count == last_write):
                     m.d.sync += respond(LinkStatus.OK)
                     m.next = "RESPOND"
 
@@ -298,7 +302,7 @@ class LinkEngine(wiring.Component):
 
             with m.State("FETCH"):
                 with m.If(~from_counters):
-                    m.d.comb += [bus.valid.eq(1), bus.addr.eq(read_address + count)]
+                    m.d.comb += [bus.valid.eq(1), bus.addr.eq(read_address)]
                 m.next = "CAPTURE"
 
             with m.State("CAPTURE"):
@@ -315,7 +319,7 @@ class LinkEngine(wiring.Component):
                     m.d.sync += [crc.eq(crc16_step(crc, tx.payload)),
                                  byte_index.eq(byte_index + 1)]
                     with m.If(byte_index == 3):
-                        m.d.sync += count.eq(count + 1)
+                        m.d.sync += [count.eq(count + 1), read_address.eq(read_address + 1)]
                         with m.If(count == response_words - 1):
                             m.d.sync += crc_high.eq(0)
                             m.next = "SEND_CRC"
