@@ -14,10 +14,10 @@ class Requantizer(wiring.Component):
     rounding right shift → + zero point → clamp → saturate to ``output_width``.
 
     Bit-exact with :func:`npugen.arith.requantize`. ``latency`` registers from input to
-    ``out`` (one stage each: bias; four 16 × 16 products; their two sums; nudge; divide
-    by 2**31; the rounding shift's operands; round; zero point; clamp and saturation), so
-    that no stage chains more than one wide carry; ``zero_point`` is read in the stage
-    before last, the clamp bounds in the last.
+    ``out`` (one stage each: bias; four 16 × 16 products; their sum; nudge and divide by
+    2**31; the rounding shift; round and zero point; clamp and saturation), so that no
+    stage chains more than two carries; ``zero_point`` is read in the stage before last,
+    the clamp bounds in the last.
     """
 
     latency = REQUANT_PIPELINE_STAGES
@@ -50,7 +50,7 @@ class Requantizer(wiring.Component):
         valid1 = Signal()
         m.d.sync += [total.eq(self.acc + self.bias), multiplier1.eq(self.multiplier),
                      shift1.eq(self.shift), valid1.eq(self.valid)]
-        # Stages 2-4: the 32 × 32 product from four 16 × 16 products of one signedness each
+        # Stages 2-3: the 32 × 32 product from four 16 × 16 products of one signedness each
         # (one DSP block apiece on iCE40 and ECP5): with a = a1·2^16 + a0 (a0 unsigned),
         # a1·b0 = a1·(b0 − 2^15) + a1·2^15, likewise a0·b1, so
         # a·b = a1·b1·2^32 + a0·b0 + (a1·(b0 − 2^15) + (a0 − 2^15)·b1 + (a1 + b1)·2^15)·2^16.
@@ -64,60 +64,53 @@ class Requantizer(wiring.Component):
         overflow2 = Signal()
         shift2 = Signal(5)
         valid2 = Signal()
+        # x − 2^15 for an unsigned 16-bit x is x with its top bit flipped, read as signed.
+        a0_centred = Cat(a0[0:15], ~a0[15]).as_signed()
+        b0_centred = Cat(b0[0:15], ~b0[15]).as_signed()
         m.d.sync += [
             p11.eq(a1 * b1),
-            p10.eq(a1 * (b0 - (1 << 15)).as_signed()[0:16].as_signed()),
-            p01.eq((a0 - (1 << 15)).as_signed()[0:16].as_signed() * b1),
+            p10.eq(a1 * b0_centred),
+            p01.eq(a0_centred * b1),
             p00.eq(a0 * b0),
             cross.eq(a1 + b1),
             overflow2.eq((a == int32_min) & (b == int32_min)),
             shift2.eq(shift1), valid2.eq(valid1),
         ]
-        middle = Signal(signed(34))
-        outer = Signal(signed(64))    # a1·b1·2^32 + a0·b0: the two do not overlap
-        overflow3, shift3, valid3 = Signal(), Signal(5), Signal()
-        m.d.sync += [middle.eq(p10 + p01 + (cross << 15)), outer.eq(Cat(p00, p11)),
-                     overflow3.eq(overflow2), shift3.eq(shift2), valid3.eq(valid2)]
+        # Stage 3: the product; the middle terms are summed first (two carry chains).
+        middle = p10 + p01 + (cross << 15)
         product = Signal(signed(64))
-        overflow, shift4, valid4 = Signal(), Signal(5), Signal()
-        m.d.sync += [product.eq(outer + (middle << 16)), overflow.eq(overflow3),
-                     shift4.eq(shift3), valid4.eq(valid3)]
-        # Stage 5: round to nearest (nudge).
+        overflow, shift3, valid3 = Signal(), Signal(5), Signal()
+        m.d.sync += [product.eq(Cat(p00, p11).as_signed() + (middle << 16)),
+                     overflow.eq(overflow2), shift3.eq(shift2), valid3.eq(valid2)]
+        # Stage 4: round to nearest (nudge), divide by 2**31 truncating toward zero.
         nudge = Mux(product[63], Const(1 - (1 << 30), signed(32)), Const(1 << 30, signed(32)))
         nudged = Signal(signed(66))
-        overflow5 = Signal()
-        shift5 = Signal(5)
-        valid5 = Signal()
-        m.d.sync += [nudged.eq(product + nudge), overflow5.eq(overflow), shift5.eq(shift4),
-                     valid5.eq(valid4)]
-        # Stage 6: divide by 2**31, truncating toward zero.
+        m.d.comb += nudged.eq(product + nudge)
         floor = nudged >> 31
         inexact = nudged[0:31].any()
         quotient = Signal(signed(35))
         m.d.comb += quotient.eq(floor + (nudged[65] & inexact))
         high = Signal(signed(32))
-        shift6 = Signal(5)
-        valid6 = Signal()
-        m.d.sync += [high.eq(Mux(overflow5, (1 << 31) - 1, quotient[0:32].as_signed())),
-                     shift6.eq(shift5), valid6.eq(valid5)]
-        # Stage 7: rounding right shift, its operands (shifted value, remainder, threshold).
+        shift4 = Signal(5)
+        valid4 = Signal()
+        m.d.sync += [high.eq(Mux(overflow, (1 << 31) - 1, quotient[0:32].as_signed())),
+                     shift4.eq(shift3), valid4.eq(valid3)]
+        # Stage 5: rounding right shift: the truncated value and whether to round up.
         mask = Signal(32)
-        m.d.comb += mask.eq((Const(1, 33) << shift6) - 1)
-        truncated = Signal(signed(32))
-        remainder = Signal(32)
+        m.d.comb += mask.eq((Const(1, 33) << shift4) - 1)
+        remainder = high.as_unsigned() & mask
         threshold = Signal(32)
-        valid7 = Signal()
-        m.d.sync += [truncated.eq(high >> shift6), remainder.eq(high.as_unsigned() & mask),
-                     threshold.eq((mask >> 1) + high[31]), valid7.eq(valid6)]
-        # Stage 8: round.
-        shifted = Signal(signed(33))
-        valid8 = Signal()
-        m.d.sync += [shifted.eq(truncated + (remainder > threshold)), valid8.eq(valid7)]
-        # Stage 9: zero point.
+        m.d.comb += threshold.eq((mask >> 1) + high[31])
+        truncated = Signal(signed(32))
+        round_up = Signal()
+        valid5 = Signal()
+        m.d.sync += [truncated.eq(high >> shift4), round_up.eq(remainder > threshold),
+                     valid5.eq(valid4)]
+        # Stage 6: round and add the zero point (one carry chain, rounding as carry-in).
         with_zero = Signal(signed(34))
-        valid9 = Signal()
-        m.d.sync += [with_zero.eq(shifted + self.zero_point), valid9.eq(valid8)]
-        # Stage 10: clamp (max, then min: like np.clip, even if the bounds are inverted) and
+        valid6 = Signal()
+        m.d.sync += [with_zero.eq(truncated + self.zero_point + round_up), valid6.eq(valid5)]
+        # Stage 7: clamp (max, then min: like np.clip, even if the bounds are inverted) and
         # saturate. Every comparison of with_zero runs in parallel; the bounds' own
         # comparisons and saturated values do not depend on the data.
         low, high_bound = -(1 << (self._out_width - 1)), (1 << (self._out_width - 1)) - 1
@@ -132,6 +125,6 @@ class Requantizer(wiring.Component):
         m.d.sync += [
             self.out.eq(Mux(raised_above_max, saturate(self.clamp_max),
                             Mux(below_min, saturate(self.clamp_min), saturate(with_zero)))),
-            self.out_valid.eq(valid9),
+            self.out_valid.eq(valid6),
         ]
         return m

@@ -21,7 +21,7 @@ __all__ = ["GoldenNpu", "Counters", "CycleModel", "ProgramError", "check_program
            "expand_program", "GemmState"]
 
 #: Registers in each requantization lane (hw/requant.py builds exactly this many).
-REQUANT_PIPELINE_STAGES = 10
+REQUANT_PIPELINE_STAGES = 7
 # Registers between a PE's multiplier and its adder (they let the multiply and the
 # accumulate each take a whole clock period on the FPGA).
 PRODUCT_PIPELINE_STAGES = 1
