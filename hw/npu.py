@@ -73,7 +73,6 @@ class Npu(wiring.Component):
         m.submodules.array = array = SystolicArray(c)
 
         running = Signal()
-        m.d.comb += self.running.eq(running)
 
         # -- Host port: decode ---------------------------------------------------------
         # Every address bit is decoded: no region or register answers at two addresses.
@@ -127,7 +126,10 @@ class Npu(wiring.Component):
         done = Signal()
         aborted = Signal()
         illegal = Signal()
-        m.d.comb += self.done.eq(done)
+        start = Signal()   # pulses the cycle after a CONTROL write asks for a run
+        abort = Signal()
+        # Seen from the host, a run begins with the write: no stale `done` in between.
+        m.d.comb += [self.running.eq(running | start), self.done.eq(done & ~start)]
         counters = {name: Signal(64, name=f"counter_{name}") for name in COUNTER_NAMES}
         uptime = Signal(64)
         m.d.sync += uptime.eq(uptime + 1)
@@ -137,8 +139,8 @@ class Npu(wiring.Component):
                 with m.Case(Reg.MAGIC + index):
                     m.d.comb += register_value.eq(word)
             with m.Case(Reg.STATUS):
-                m.d.comb += register_value.eq(Cat(running, done, host_conflict, aborted,
-                                                  illegal))
+                m.d.comb += register_value.eq(Cat(running | start, done & ~start,
+                                                  host_conflict, aborted, illegal))
             with m.Case(Reg.START_PC):
                 m.d.comb += register_value.eq(start_pc)
             with m.Case(Reg.PC):
@@ -158,13 +160,14 @@ class Npu(wiring.Component):
         with m.If(read_region == Region.REGISTERS):
             m.d.comb += host_read_data.eq(register_read)
 
-        start = Signal()
-        abort = Signal()
+        # A CONTROL write takes effect the cycle after it: start and abort fan out to much
+        # of the NPU, and the host's write data may come straight from a block RAM.
+        m.d.sync += [start.eq(0), abort.eq(0)]
         register_write = host.valid & host.write & (region == Region.REGISTERS)
         with m.If(register_write):
             with m.Switch(offset):
                 with m.Case(Reg.CONTROL):
-                    m.d.comb += [start.eq(host.wdata[0] & ~running),
+                    m.d.sync += [start.eq(host.wdata[0] & ~running),
                                  abort.eq(host.wdata[1])]
                 with m.Case(Reg.START_PC):
                     m.d.sync += start_pc.eq(host.wdata)

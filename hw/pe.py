@@ -47,7 +47,7 @@ class ProcessingElement(wiring.Component):
                 m.d.sync += weight[0].eq(self.weight_in)
         # The product is registered (PRODUCT_PIPELINE_STAGES); every PE has the same
         # delay, so the partial sums of a column stay aligned.
-        product = Signal(signed(len(self.act_in) + self._weight_width))
+        product = Signal(signed(len(self.act_in) + self._weight_width), reset_less=True)
         m.d.sync += product.eq(self.act_in * Mux(self.bank_in, weight[1], weight[0]))
         # Assigning to the narrower psum_out wraps, like the golden model.
         m.d.sync += [

@@ -58,6 +58,8 @@ class Requantizer(wiring.Component):
         m.d.comb += a.eq(total)
         b = multiplier1
         a1, a0, b1, b0 = a[16:32].as_signed(), a[0:16], b[16:32].as_signed(), b[0:16]
+        # With reset (unlike the PE's product): yosys's iCE40 mapping that moves reset-less
+        # registers into the SB_MAC16s computes wrong products here (tests/test_gate_level.py).
         p11, p10, p01 = (Signal(signed(32), name=name) for name in ("p11", "p10", "p01"))
         p00 = Signal(32)
         cross = Signal(signed(17))
