@@ -188,7 +188,9 @@ def memory_map_markdown(config: NpuConfig | None = None) -> str:
         "",
         "CONTROL.START clears the counters and STATUS and runs from START_PC until HALT; "
         "it is ignored during a run. CONTROL.ABORT stops a run at once and sets "
-        "STATUS.ABORTED. An unknown opcode stops the run with STATUS.ILLEGAL_INSTRUCTION.",
+        "STATUS.ABORTED. Both act inside the NPU the cycle after the write; STATUS and the "
+        "running/done outputs show the run as started from the write on. An unknown opcode "
+        "stops the run with STATUS.ILLEGAL_INSTRUCTION.",
         "",
         "Counters: `cycles` counts every cycle of a run, from the first fetch to HALT; "
         "`busy_cycles` the cycles in which the array takes an activation word; `macs` "
