@@ -200,7 +200,7 @@ class Npu(wiring.Component):
         feeder_ready = ~feed_busy | (feed_remaining == 1)
         inflight = Array(Signal(range(weight_use_cycles(rows, cols) + 1), name=f"inflight{b}")
                          for b in range(2))
-        drain = Signal(range(array.latency + 4))
+        drain = Signal(range(array.latency + 3))
 
         groups = cols // lanes
         rq_busy = Signal()
@@ -391,7 +391,7 @@ class Npu(wiring.Component):
             with m.Elif(inflight[b] != 0):
                 m.d.sync += inflight[b].eq(inflight[b] - 1)
         with m.If(issue):
-            m.d.sync += drain.eq(array.latency + 3)
+            m.d.sync += drain.eq(array.latency + 2)
         with m.Elif(drain != 0):
             m.d.sync += drain.eq(drain - 1)
         with m.If(issue):
@@ -417,30 +417,32 @@ class Npu(wiring.Component):
         tag = Signal(tag_layout)
         m.d.comb += [tag.valid.eq(issue), tag.accumulate.eq(feed_accumulate),
                      tag.addr.eq(feed_acc_addr)]
+        tags = [tag]
         for i in range(array.latency + 1):
             delayed = Signal(tag_layout, name=f"tag_d{i + 1}")
-            m.d.sync += delayed.eq(tag)
-            tag = delayed
-        # Read, then register what was read, then add and write: the memory's slow
-        # clock-to-output and the adders sit in different cycles. A row written in the
-        # cycle its successor's read data is registered is forwarded; older writes reach
-        # the read through the port's transparency.
+            m.d.sync += delayed.eq(tags[-1])
+            tags.append(delayed)
+        # `tag` arrives with its result row; the accumulator memory was read for it the
+        # cycle before, so what the memory returns and the row are registered side by side
+        # and added the cycle after: the memory's slow clock-to-output and the adders sit
+        # in different cycles. A row written in the cycle its successor's read data is
+        # registered is forwarded; older writes reach the read through the port's
+        # transparency.
+        read_tag, tag = tags[-2], tags[-1]
         acc_read, acc_write = reads[Region.ACCUMULATORS], writes[Region.ACCUMULATORS]
         row_layout = data.ArrayLayout(signed(c.accumulator_width), cols)
-        read_tag, add_tag = Signal(tag_layout), Signal(tag_layout)
-        read_row, add_row = Signal(row_layout), Signal(row_layout)
-        add_old = Signal(row_layout)
-        m.d.sync += [read_tag.eq(tag), read_row.eq(array.result),
-                     add_tag.eq(read_tag), add_row.eq(read_row)]
-        with m.If(tag.valid):
-            m.d.comb += acc_read.addr.eq(tag.addr)
+        add_tag = Signal(tag_layout)
+        add_row, add_old = Signal(row_layout), Signal(row_layout)
+        m.d.sync += [add_tag.eq(tag), add_row.eq(array.result)]
+        with m.If(read_tag.valid):
+            m.d.comb += acc_read.addr.eq(read_tag.addr)
         summed = Signal(row_layout)
         m.d.comb += summed.eq(Cat(*[Mux(add_tag.accumulate, add_old[k] + add_row[k],
                                         add_row[k])[0:c.accumulator_width]
                                     for k in range(cols)]))
         # Gated by running: an aborted run leaves nothing behind (HALT waits for drain).
         writing = add_tag.valid & running
-        with m.If(writing & (add_tag.addr == read_tag.addr)):
+        with m.If(writing & (add_tag.addr == tag.addr)):
             m.d.sync += add_old.eq(summed)
         with m.Else():
             m.d.sync += add_old.eq(acc_read.data)

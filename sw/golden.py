@@ -104,7 +104,7 @@ class CycleModel:
             self.feeder_last_issue = last
             self.feeder_bank = instruction["bank"]
             self.inflight_clear_at[instruction["bank"]] = last + weight_use_cycles(rows, cols)
-            self.drain_clear_at = last + array_latency(rows, cols) + 4
+            self.drain_clear_at = last + array_latency(rows, cols) + 3
             self.counters.busy_cycles += count
             self.counters.macs += count * rows * cols
         elif op is Opcode.REQUANT:
