@@ -82,9 +82,12 @@ class LinkEngine(wiring.Component):
 
         counters = {name: Signal(32, name=f"link_{name}") for name in LINK_COUNTERS}
         counter_array = Array(counters[name] for name in LINK_COUNTERS)
-        m.d.comb += self.error.eq(Cat(*counters.values()).any())
+        # Set with any error count, cleared with them by RESET (a flag, not a wide OR).
+        error = Signal()
+        m.d.comb += self.error.eq(error)
         with m.If(self.framing_error):
-            m.d.sync += counters["framing_errors"].eq(counters["framing_errors"] + 1)
+            m.d.sync += [counters["framing_errors"].eq(counters["framing_errors"] + 1),
+                         error.eq(1)]
 
         command = Signal(8)
         seq = Signal(8)
@@ -110,13 +113,17 @@ class LinkEngine(wiring.Component):
         crc_high = Signal()
 
         def count_error(name):
-            return counters[name].eq(counters[name] + 1)
+            return [counters[name].eq(counters[name] + 1), error.eq(1)]
 
         rx = self.rx
         byte = rx.payload
         taken = rx.valid & rx.ready
-        bus = self.bus
-        m.d.comb += bus.write.eq(0)
+        # Requests leave through registers: the frame buffer's slow output drives no path
+        # into the NPU. Reads are answered two cycles after the request (FETCH, WAIT).
+        bus = HostBus().flip().create(path=("request",))
+        m.d.sync += [self.bus.valid.eq(bus.valid), self.bus.write.eq(bus.write),
+                     self.bus.addr.eq(bus.addr), self.bus.wdata.eq(bus.wdata)]
+        m.d.comb += [bus.write.eq(0), bus.rdata.eq(self.bus.rdata)]
 
         def respond(result, words=0, source=None, counters_source=False):
             """Begin a response: status, payload length in words, where words come from."""
@@ -251,11 +258,12 @@ class LinkEngine(wiring.Component):
                                      bus.addr.eq(address(Region.REGISTERS, Reg.CONTROL)),
                                      bus.wdata.eq(Control.ABORT)]
                         m.d.sync += [counter.eq(0) for counter in counters.values()]
+                        m.d.sync += error.eq(0)
                         m.d.sync += [respond(LinkStatus.OK), last_start_valid.eq(0)]
                     with m.Case(Command.LINK_STATUS):
                         m.d.sync += respond(LinkStatus.OK, len(LINK_COUNTERS), 0, True)
                     with m.Default():
-                        m.d.sync += [count_error("unknown_command"),
+                        m.d.sync += [*count_error("unknown_command"),
                                      respond(LinkStatus.UNKNOWN_COMMAND)]
 
             with m.State("START"):
@@ -303,6 +311,9 @@ class LinkEngine(wiring.Component):
             with m.State("FETCH"):
                 with m.If(~from_counters):
                     m.d.comb += [bus.valid.eq(1), bus.addr.eq(read_address)]
+                m.next = "WAIT"
+
+            with m.State("WAIT"):
                 m.next = "CAPTURE"
 
             with m.State("CAPTURE"):

@@ -130,7 +130,11 @@ class Npu(wiring.Component):
         abort = Signal()
         # Seen from the host, a run begins with the write: no stale `done` in between.
         m.d.comb += [self.running.eq(running | start), self.done.eq(done & ~start)]
-        counters = {name: Signal(64, name=f"counter_{name}") for name in COUNTER_NAMES}
+        counters = {name: Signal(64, name=f"counter_{name}") for name in COUNTER_NAMES
+                    if name != "macs"}
+        # Every busy cycle adds rows × cols MACs: the count is derived, not stored.
+        macs = Signal(64)
+        m.d.comb += macs.eq(counters["busy_cycles"] * (c.rows * c.cols))
         uptime = Signal(64)
         m.d.sync += uptime.eq(uptime + 1)
         register_value = Signal(32)
@@ -150,10 +154,11 @@ class Npu(wiring.Component):
             with m.Case(Reg.UPTIME + 1):
                 m.d.comb += register_value.eq(uptime[32:64])
             for index, name in enumerate(COUNTER_NAMES):
+                value = macs if name == "macs" else counters[name]
                 with m.Case(Reg.COUNTERS + 2 * index):
-                    m.d.comb += register_value.eq(counters[name][0:32])
+                    m.d.comb += register_value.eq(value[0:32])
                 with m.Case(Reg.COUNTERS + 2 * index + 1):
-                    m.d.comb += register_value.eq(counters[name][32:64])
+                    m.d.comb += register_value.eq(value[32:64])
         register_read = Signal(32)
         with m.If(host.valid & ~host.write & (region == Region.REGISTERS)):
             m.d.sync += register_read.eq(register_value)
@@ -239,7 +244,7 @@ class Npu(wiring.Component):
         # A step is the instruction itself or, inside a GEMM, the LOADW or MATMUL it stands
         # for (npugen.golden.GemmState is the reference for the expansion).
         gemm_weight = Signal(16)      # SETGEMM weight pointer (advances after each GEMM)
-        gemm_k_tiles = Signal(16)
+        gemm_last_kt = Signal(16)     # SETGEMM's k_tiles - 1, kept ready for the compare
         gemm_started = Signal()
         gemm_matmul_next = Signal()   # 0: the K tile's LOADW is next, 1: its MATMUL
         gemm_kt = Signal(16)
@@ -249,10 +254,9 @@ class Npu(wiring.Component):
         gemm_weight_now = Mux(gemm_started, gemm_weight_run, gemm_weight)
         gemm_act_now = Mux(gemm_started, gemm_act_run,
                            _field(instruction, Opcode.GEMM, "act_addr"))
-        gemm_empty = Signal()
+        gemm_empty = Signal(init=1)   # SETGEMM's k_tiles == 0 (no SETGEMM yet: 0 tiles)
         gemm_last = Signal()
-        m.d.comb += [gemm_empty.eq(gemm_k_tiles == 0),
-                     gemm_last.eq(gemm_matmul_next & (gemm_kt == gemm_k_tiles - 1))]
+        m.d.comb += gemm_last.eq(gemm_matmul_next & (gemm_kt == gemm_last_kt))
 
         step_op = Signal(OPCODE_WIDTH)
         step_bank = Signal()
@@ -352,7 +356,8 @@ class Npu(wiring.Component):
                 with m.Case(Opcode.SETGEMM):
                     m.d.sync += [
                         gemm_weight.eq(_field(instruction, Opcode.SETGEMM, "weight_addr")),
-                        gemm_k_tiles.eq(_field(instruction, Opcode.SETGEMM, "k_tiles")),
+                        gemm_last_kt.eq(_field(instruction, Opcode.SETGEMM, "k_tiles") - 1),
+                        gemm_empty.eq(_field(instruction, Opcode.SETGEMM, "k_tiles") == 0),
                     ]
                 with m.Case(Opcode.LOADW, Opcode.MATMUL, Opcode.REQUANT):
                     pass  # handled by the units below
@@ -400,7 +405,6 @@ class Npu(wiring.Component):
                 feed_act_addr.eq(feed_act_addr + 1), feed_acc_addr.eq(feed_acc_addr + 1),
                 feed_remaining.eq(feed_remaining - 1),
                 counters["busy_cycles"].eq(counters["busy_cycles"] + 1),
-                counters["macs"].eq(counters["macs"] + rows * cols),
             ]
             with m.If(feed_remaining == 1):
                 m.d.sync += feed_busy.eq(0)
