@@ -38,9 +38,9 @@ def _platform(module: str, cls: str) -> Callable[[], object]:
     return make
 
 
-# The default configurations are what fits and meets timing on the board's oscillator
-# clock with the generic design (LUT multipliers, block RAM); docs/BOARDS.md has their
-# reports. Platform-specific DSP/SPRAM mapping and a PLL raise them (work in progress).
+# The default configurations are what fits and meets timing, measured with
+# `npugen build --board NAME` (docs/BOARDS.md has the reports): DSP multipliers, block
+# RAM, and a PLL at the clock the design reaches on the board.
 _SMALL = dict(activation_depth=256, weight_depth=256, accumulator_depth=128,
               instruction_depth=128, param_depth=16, requant_lanes=1)
 
@@ -60,12 +60,12 @@ def _orangecrab_25f() -> object:
 BOARDS: dict[str, Board] = {board.name: board for board in (
     Board("icebreaker", _platform("icebreaker", "ICEBreakerPlatform"), "ice40", 12e6,
           NpuConfig(rows=2, cols=2, **_SMALL), description="1BitSquared iCEBreaker, iCE40UP5K",
-          loader_name="ice40_generic", device="ice40up5k"),
+          loader_name="ice40_generic", device="ice40up5k", pll_mhz=22.0),
     *(Board(f"ulx3s-{size}f", _platform("ulx3s", f"ULX3S_{size}F_Platform"), "ecp5", 25e6,
             NpuConfig(rows=array, cols=array, **_SMALL),
             description=f"Radiona ULX3S, LFE5U-{size}F", loader_name="ulx3s", pll_mhz=pll,
             device=f"lfe5u-{size}f")
-      for size, array, pll in ((12, 4, None), (25, 4, None), (45, 8, None), (85, 8, 50.0))),
+      for size, array, pll in ((12, 4, 60.0), (25, 4, 60.0), (45, 8, 60.0), (85, 8, 60.0))),
     Board("tang-nano-9k", _platform("tang_nano_9k", "TangNano9kPlatform"), "gowin", 27e6,
           NpuConfig(rows=4, cols=4, **_SMALL),
           description="Sipeed Tang Nano 9K, GW1NR-9C (Apicula flow)", loader_name="tangnano9k",

@@ -312,7 +312,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .boards.build import BuildFailed, build_board
 
     config = config_from_args(args)
-    output = args.output or default_build_folder(board.name, config)
+    if args.clock_mhz is not None:
+        import dataclasses
+
+        if not 1 <= args.clock_mhz <= 400:
+            raise UsageError(f"--clock-mhz must be between 1 and 400, not {args.clock_mhz:g}")
+        if board.family == "gowin":
+            raise UsageError(f"{board.name}: no PLL support for Gowin yet; it runs at "
+                             f"{board.clock_hz / 1e6:g} MHz")
+        board = dataclasses.replace(board, pll_mhz=args.clock_mhz)
+    output = args.output or (default_build_folder(board.name, config)
+                             + (f"-{args.clock_mhz:g}mhz" if args.clock_mhz else ""))
 
     def progress(stage: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {board.name}: {stage}", file=sys.stderr,
@@ -461,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("-o", "--output", metavar="DIR", help="build folder")
     build.add_argument("--toolchain", choices=("yowasp", "system"), default="yowasp")
     build.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
+    build.add_argument("--clock-mhz", type=float, metavar="MHZ",
+                       help="run the SoC at MHZ from the board's PLL (default: the board's "
+                            "clock, as --list-boards shows)")
     build.add_argument("--json", action="store_true", help="print the report last")
     add_config_flags(build)
     build.set_defaults(handler=cmd_build)

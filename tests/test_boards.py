@@ -21,6 +21,13 @@ def test_list_and_unknown_boards(capsys):
     assert "unknown board 'nope'; known boards: " + ", ".join(BOARDS) in error
 
 
+def test_clock_errors(capsys):
+    assert main(["build", "--board", "icebreaker", "--clock-mhz", "1000"]) == 2
+    assert "--clock-mhz must be between 1 and 400, not 1000" in capsys.readouterr().err
+    assert main(["build", "--board", "tang-nano-9k", "--clock-mhz", "50"]) == 2
+    assert "no PLL support for Gowin yet" in capsys.readouterr().err
+
+
 def test_program_errors(tmp_path, capsys, monkeypatch):
     assert main(["program", "--board", "nope", "x.bin"]) == 2
     assert main(["program", "--board", "icebreaker", str(tmp_path / "none.bin")]) == 2
