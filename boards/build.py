@@ -260,7 +260,8 @@ _STAGES = (
     (re.compile(r"^Info: Packing "), "packing cells (nextpnr)"),
     (re.compile(r"^Info: (Running main analytical placer|Creating initial placement|"
                 r"Placed \d+ cells based on constraints)"), "placement (nextpnr)"),
-    (re.compile(r"^Info: Routing globals|^Info: Router2"), "routing (nextpnr)"),
+    (re.compile(r"^Info: (Routing globals|Routing\.\.|Setting up routing queue|"
+                r"Running router2)"), "routing (nextpnr)"),
     (re.compile(r"^Info: Program finished normally"), "writing the bitstream"),
 )
 
