@@ -43,6 +43,10 @@ def _platform(module: str, cls: str) -> Callable[[], object]:
 # RAM, and a PLL at the clock the design reaches on the board.
 _SMALL = dict(activation_depth=256, weight_depth=256, accumulator_depth=128,
               instruction_depth=128, param_depth=16, requant_lanes=1)
+# Enough for the demo MLP (64-64-32-10) and models of its size; the iCEBreaker's EBR
+# cannot hold them (its SPRAM could, once the NPU uses it).
+_MEDIUM = dict(activation_depth=1024, weight_depth=2048, accumulator_depth=512,
+               instruction_depth=512, param_depth=128, requant_lanes=1)
 
 def _orangecrab_25f() -> object:
     """The OrangeCrab r0.2 (25F) has no USB-serial bridge: the UART goes on the Feather
@@ -62,16 +66,16 @@ BOARDS: dict[str, Board] = {board.name: board for board in (
           NpuConfig(rows=2, cols=2, **_SMALL), description="1BitSquared iCEBreaker, iCE40UP5K",
           loader_name="ice40_generic", device="ice40up5k", pll_mhz=22.0),
     *(Board(f"ulx3s-{size}f", _platform("ulx3s", f"ULX3S_{size}F_Platform"), "ecp5", 25e6,
-            NpuConfig(rows=array, cols=array, **_SMALL),
+            NpuConfig(rows=array, cols=array, **_MEDIUM),
             description=f"Radiona ULX3S, LFE5U-{size}F", loader_name="ulx3s", pll_mhz=pll,
             device=f"lfe5u-{size}f")
       for size, array, pll in ((12, 4, 60.0), (25, 4, 60.0), (45, 8, 60.0), (85, 8, 60.0))),
     Board("tang-nano-9k", _platform("tang_nano_9k", "TangNano9kPlatform"), "gowin", 27e6,
-          NpuConfig(rows=4, cols=4, **_SMALL),
+          NpuConfig(rows=4, cols=4, **_MEDIUM),
           description="Sipeed Tang Nano 9K, GW1NR-9C (Apicula flow)", loader_name="tangnano9k",
           device="gw1nr-9c"),
     Board("orangecrab-25f", _orangecrab_25f, "ecp5", 48e6,
-          NpuConfig(rows=4, cols=4, **_SMALL),
+          NpuConfig(rows=4, cols=4, **_MEDIUM),
           description="1BitSquared OrangeCrab r0.2, LFE5U-25F (UART on header pins 0/1)",
           loader_name="orangecrab", device="lfe5u-25f"),
 )}

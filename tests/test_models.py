@@ -334,3 +334,23 @@ def test_demo_golden_cli():
     assert run_.returncode == 0, run_.stderr
     record = json.loads(run_.stdout.strip().splitlines()[-1])
     assert abs(record["float_accuracy"] - record["int8_accuracy"]) <= 0.01
+
+
+def test_demo_model_compiles_for_the_boards(tmp_path, data, trained, capsys):
+    """The README's board flow: the demo MLP compiles for each board's default NPU; the
+    iCEBreaker's (block RAM only) is refused with what does not fit."""
+    from npugen.boards import BOARDS
+
+    x_train = data[0]
+    model = tmp_path / "mlp.onnx"
+    mlp_to_onnx(trained, model)
+    np.save(tmp_path / "calib.npy", x_train[:64].astype(np.float32))
+    for name in BOARDS:
+        status = main(["compile", str(model), "--calib", str(tmp_path / "calib.npy"),
+                       "--board", name, "-o", str(tmp_path / f"{name}.npu")])
+        error = capsys.readouterr().err
+        if name == "icebreaker":
+            assert status == 2 and "weights need 3232 words, weight_depth is 256" in error
+        else:
+            assert status == 0, (name, error)
+            assert Program.load(tmp_path / f"{name}.npu").config == BOARDS[name].default_config
