@@ -202,6 +202,19 @@ class Npu(wiring.Component):
         feed_acc_addr = Signal(range(c.accumulator_depth))
         feed_bank = Signal()
         feed_accumulate = Signal()
+        feed_max = Signal()
+        # The activation walk (SETWIN), latched at dispatch: a SETWIN may follow a MATMUL
+        # while it still streams.
+        feed_col = Signal(16)
+        feed_row_addr = Signal(range(c.activation_depth))
+        feed_last_col = Signal(16)
+        feed_row_step = Signal(16)
+        feed_col_step = Signal(8)
+        feed_reduce = Signal()
+        win_last_col = Signal(16, init=0xFFFF)   # SETWIN row_length - 1
+        win_row_step = Signal(16)
+        win_col_step = Signal(8, init=1)
+        win_reduce = Signal()
         feeder_ready = ~feed_busy | (feed_remaining == 1)
         inflight = Array(Signal(range(weight_use_cycles(rows, cols) + 1), name=f"inflight{b}")
                          for b in range(2))
@@ -219,6 +232,10 @@ class Npu(wiring.Component):
         rq_param_addr = Signal(range(c.param_depth))
         param_addr = Signal(range(c.param_depth))
         out_stride = Signal(16)
+        out_last_col = Signal(16, init=0xFFFF)   # SETOUT row_length - 1
+        out_row_step = Signal(16)
+        rq_out_col = Signal(16)
+        rq_line_addr = Signal(range(c.activation_depth))
         zero_point = Signal(signed(16))
         clamp_min = Signal(signed(16))
         clamp_max = Signal(signed(16))
@@ -249,11 +266,23 @@ class Npu(wiring.Component):
         gemm_matmul_next = Signal()   # 0: the K tile's LOADW is next, 1: its MATMUL
         gemm_kt = Signal(16)
         gemm_weight_run = Signal(16)
-        gemm_act_run = Signal(16)
+        # The K-tile walk (SETGEMM tile_step, SETKERN): tap x, y; the activation word of
+        # the tap, of its kernel row and of its channel tile.
+        gemm_tile_step = Signal(16)
+        kernel_last_x = Signal(8)
+        kernel_last_y = Signal(8)
+        kernel_row_step = Signal(16)
+        gemm_x = Signal(8)
+        gemm_y = Signal(8)
+        gemm_tap_run = Signal(16)
+        gemm_row_run = Signal(16)
+        gemm_tile_run = Signal(16)
         is_gemm = opcode == Opcode.GEMM
         gemm_weight_now = Mux(gemm_started, gemm_weight_run, gemm_weight)
-        gemm_act_now = Mux(gemm_started, gemm_act_run,
-                           _field(instruction, Opcode.GEMM, "act_addr"))
+        gemm_act_field = _field(instruction, Opcode.GEMM, "act_addr")
+        gemm_act_now = Mux(gemm_started, gemm_tap_run, gemm_act_field)
+        gemm_row_now = Mux(gemm_started, gemm_row_run, gemm_act_field)
+        gemm_tile_now = Mux(gemm_started, gemm_tile_run, gemm_act_field)
         gemm_empty = Signal(init=1)   # SETGEMM's k_tiles == 0 (no SETGEMM yet: 0 tiles)
         gemm_last = Signal()
         m.d.comb += gemm_last.eq(gemm_matmul_next & (gemm_kt == gemm_last_kt))
@@ -265,6 +294,7 @@ class Npu(wiring.Component):
         step_acc_addr = Signal(16)
         step_count = Signal(16)
         step_accumulate = Signal()
+        step_combine = Signal()
         with m.If(is_gemm):
             m.d.comb += [
                 step_op.eq(Mux(gemm_matmul_next, Opcode.MATMUL, Opcode.LOADW)),
@@ -275,6 +305,7 @@ class Npu(wiring.Component):
                 step_count.eq(_field(instruction, Opcode.GEMM, "count")),
                 step_accumulate.eq(_field(instruction, Opcode.GEMM, "accumulate")
                                    | (gemm_kt != 0)),
+                step_combine.eq(_field(instruction, Opcode.GEMM, "combine")),
             ]
             with m.If(gemm_empty):  # nothing to expand: stop as illegal
                 m.d.comb += step_op.eq(Opcode.GEMM)
@@ -287,6 +318,7 @@ class Npu(wiring.Component):
                 step_acc_addr.eq(_field(instruction, Opcode.MATMUL, "acc_addr")),
                 step_count.eq(_field(instruction, Opcode.MATMUL, "count")),
                 step_accumulate.eq(_field(instruction, Opcode.MATMUL, "accumulate")),
+                step_combine.eq(_field(instruction, Opcode.MATMUL, "combine")),
             ]
         advance = Signal()  # the step completes its instruction: the PC moves on
         m.d.comb += advance.eq(~is_gemm | gemm_last | gemm_empty)
@@ -328,16 +360,28 @@ class Npu(wiring.Component):
         with m.If(dispatch & is_gemm):
             with m.If(~gemm_matmul_next):
                 m.d.sync += [gemm_matmul_next.eq(1), gemm_started.eq(1),
-                             gemm_weight_run.eq(gemm_weight_now), gemm_act_run.eq(gemm_act_now)]
+                             gemm_weight_run.eq(gemm_weight_now), gemm_tap_run.eq(gemm_act_now),
+                             gemm_row_run.eq(gemm_row_now), gemm_tile_run.eq(gemm_tile_now)]
             with m.Else():
                 m.d.sync += [
                     gemm_matmul_next.eq(0), gemm_kt.eq(gemm_kt + 1),
                     gemm_weight_run.eq(gemm_weight_now + rows),
-                    gemm_act_run.eq(gemm_act_now + step_count),
                 ]
+                # Next tap: along the kernel row, else the next kernel row, else the
+                # next channel tile.
+                with m.If(gemm_x != kernel_last_x):
+                    m.d.sync += [gemm_x.eq(gemm_x + 1), gemm_tap_run.eq(gemm_act_now + 1)]
+                with m.Elif(gemm_y != kernel_last_y):
+                    next_row = gemm_row_now + kernel_row_step
+                    m.d.sync += [gemm_x.eq(0), gemm_y.eq(gemm_y + 1),
+                                 gemm_row_run.eq(next_row), gemm_tap_run.eq(next_row)]
+                with m.Else():
+                    next_tile = gemm_tile_now + gemm_tile_step
+                    m.d.sync += [gemm_x.eq(0), gemm_y.eq(0), gemm_tile_run.eq(next_tile),
+                                 gemm_row_run.eq(next_tile), gemm_tap_run.eq(next_tile)]
                 with m.If(gemm_last):
-                    m.d.sync += [gemm_started.eq(0), gemm_kt.eq(0),
-                                 gemm_weight.eq(gemm_weight_now + rows)]
+                    m.d.sync += [gemm_started.eq(0), gemm_kt.eq(0), gemm_x.eq(0),
+                                 gemm_y.eq(0), gemm_weight.eq(gemm_weight_now + rows)]
         with m.If(dispatch):
             with m.Switch(step_op):
                 with m.Case(Opcode.HALT):
@@ -358,6 +402,26 @@ class Npu(wiring.Component):
                         gemm_weight.eq(_field(instruction, Opcode.SETGEMM, "weight_addr")),
                         gemm_last_kt.eq(_field(instruction, Opcode.SETGEMM, "k_tiles") - 1),
                         gemm_empty.eq(_field(instruction, Opcode.SETGEMM, "k_tiles") == 0),
+                        gemm_tile_step.eq(_field(instruction, Opcode.SETGEMM, "tile_step")),
+                    ]
+                with m.Case(Opcode.SETKERN):
+                    m.d.sync += [
+                        kernel_last_x.eq(_field(instruction, Opcode.SETKERN, "kernel_w") - 1),
+                        kernel_last_y.eq(_field(instruction, Opcode.SETKERN, "kernel_h") - 1),
+                        kernel_row_step.eq(
+                            _field(instruction, Opcode.SETKERN, "kernel_row_step")),
+                    ]
+                with m.Case(Opcode.SETWIN):
+                    m.d.sync += [
+                        win_last_col.eq(_field(instruction, Opcode.SETWIN, "row_length") - 1),
+                        win_row_step.eq(_field(instruction, Opcode.SETWIN, "row_step")),
+                        win_col_step.eq(_field(instruction, Opcode.SETWIN, "col_step")),
+                        win_reduce.eq(_field(instruction, Opcode.SETWIN, "reduce")),
+                    ]
+                with m.Case(Opcode.SETOUT):
+                    m.d.sync += [
+                        out_last_col.eq(_field(instruction, Opcode.SETOUT, "row_length") - 1),
+                        out_row_step.eq(_field(instruction, Opcode.SETOUT, "row_step")),
                     ]
                 with m.Case(Opcode.LOADW, Opcode.MATMUL, Opcode.REQUANT):
                     pass  # handled by the units below
@@ -402,10 +466,20 @@ class Npu(wiring.Component):
         with m.If(issue):
             m.d.comb += act_read.addr.eq(feed_act_addr)
             m.d.sync += [
-                feed_act_addr.eq(feed_act_addr + 1), feed_acc_addr.eq(feed_acc_addr + 1),
                 feed_remaining.eq(feed_remaining - 1),
                 counters["busy_cycles"].eq(counters["busy_cycles"] + 1),
             ]
+            with m.If(feed_col == feed_last_col):
+                next_row = feed_row_addr + feed_row_step
+                m.d.sync += [feed_col.eq(0), feed_row_addr.eq(next_row),
+                             feed_act_addr.eq(next_row)]
+            with m.Else():
+                m.d.sync += [feed_col.eq(feed_col + 1),
+                             feed_act_addr.eq(feed_act_addr + feed_col_step)]
+            with m.If(feed_reduce):  # every row after the first combines into one word
+                m.d.sync += feed_accumulate.eq(1)
+            with m.Else():
+                m.d.sync += feed_acc_addr.eq(feed_acc_addr + 1)
             with m.If(feed_remaining == 1):
                 m.d.sync += feed_busy.eq(0)
         with m.If(dispatch & (step_op == Opcode.MATMUL)):
@@ -413,14 +487,17 @@ class Npu(wiring.Component):
                 feed_busy.eq(1), feed_remaining.eq(step_count),
                 feed_act_addr.eq(step_act_addr), feed_acc_addr.eq(step_acc_addr),
                 feed_bank.eq(step_bank), feed_accumulate.eq(step_accumulate),
+                feed_max.eq(step_combine), feed_col.eq(0), feed_row_addr.eq(step_act_addr),
+                feed_last_col.eq(win_last_col), feed_row_step.eq(win_row_step),
+                feed_col_step.eq(win_col_step), feed_reduce.eq(win_reduce),
             ]
 
         # -- Result tags travel beside the data; accumulate on write ------------------------
         tag_layout = data.StructLayout({
-            "valid": 1, "accumulate": 1, "addr": range(c.accumulator_depth)})
+            "valid": 1, "accumulate": 1, "max": 1, "addr": range(c.accumulator_depth)})
         tag = Signal(tag_layout)
         m.d.comb += [tag.valid.eq(issue), tag.accumulate.eq(feed_accumulate),
-                     tag.addr.eq(feed_acc_addr)]
+                     tag.max.eq(feed_max), tag.addr.eq(feed_acc_addr)]
         tags = [tag]
         for i in range(array.latency + 1):
             delayed = Signal(tag_layout, name=f"tag_d{i + 1}")
@@ -441,7 +518,10 @@ class Npu(wiring.Component):
         with m.If(read_tag.valid):
             m.d.comb += acc_read.addr.eq(read_tag.addr)
         summed = Signal(row_layout)
-        m.d.comb += summed.eq(Cat(*[Mux(add_tag.accumulate, add_old[k] + add_row[k],
+        combined = [Mux(add_tag.max,
+                        Mux(add_old[k] > add_row[k], add_old[k], add_row[k]),
+                        add_old[k] + add_row[k])[0:c.accumulator_width] for k in range(cols)]
+        m.d.comb += summed.eq(Cat(*[Mux(add_tag.accumulate, combined[k],
                                         add_row[k])[0:c.accumulator_width]
                                     for k in range(cols)]))
         # Gated by running: an aborted run leaves nothing behind (HALT waits for drain).
@@ -472,9 +552,16 @@ class Npu(wiring.Component):
             with m.If(last_group):
                 m.d.sync += [
                     rq_group.eq(0), rq_lane.eq(rq_first_lane), rq_param_addr.eq(param_addr),
-                    rq_word.eq(rq_row_addr + 1), rq_row_addr.eq(rq_row_addr + 1),
                     rq_acc_addr.eq(rq_acc_addr + 1), rq_remaining.eq(rq_remaining - 1),
                 ]
+                # The output walk (SETOUT): along the output row, else the next row.
+                with m.If(rq_out_col == out_last_col):
+                    next_line = rq_line_addr + out_row_step
+                    m.d.sync += [rq_out_col.eq(0), rq_line_addr.eq(next_line),
+                                 rq_row_addr.eq(next_line), rq_word.eq(next_line)]
+                with m.Else():
+                    m.d.sync += [rq_out_col.eq(rq_out_col + 1),
+                                 rq_row_addr.eq(rq_row_addr + 1), rq_word.eq(rq_row_addr + 1)]
                 with m.If(rq_remaining == 1):
                     m.d.sync += rq_busy.eq(0)
         with m.Else():
@@ -486,8 +573,8 @@ class Npu(wiring.Component):
                 rq_busy.eq(1), rq_group.eq(0), rq_param_addr.eq(param_addr),
                 rq_remaining.eq(_field(instruction, Opcode.REQUANT, "count")),
                 rq_acc_addr.eq(_field(instruction, Opcode.REQUANT, "acc_addr")),
-                rq_row_addr.eq(out_addr), rq_word.eq(out_addr),
-                rq_lane.eq(first_lane), rq_first_lane.eq(first_lane),
+                rq_row_addr.eq(out_addr), rq_word.eq(out_addr), rq_line_addr.eq(out_addr),
+                rq_out_col.eq(0), rq_lane.eq(first_lane), rq_first_lane.eq(first_lane),
             ]
         # One group selector feeding every lane (slicing a shared expression per lane
         # would emit one selector per lane).
@@ -531,7 +618,12 @@ class Npu(wiring.Component):
 
         # -- Start, abort --------------------------------------------------------------------
         with m.If(start):
-            m.d.sync += [gemm_started.eq(0), gemm_matmul_next.eq(0), gemm_kt.eq(0)]
+            m.d.sync += [gemm_started.eq(0), gemm_matmul_next.eq(0), gemm_kt.eq(0),
+                         gemm_x.eq(0), gemm_y.eq(0)]
+            # SETKERN, SETWIN and SETOUT start from their defaults in every run.
+            m.d.sync += [kernel_last_x.eq(0), kernel_last_y.eq(0), kernel_row_step.eq(0),
+                         win_last_col.eq(0xFFFF), win_row_step.eq(0), win_col_step.eq(1),
+                         win_reduce.eq(0), out_last_col.eq(0xFFFF), out_row_step.eq(0)]
             m.d.sync += [running.eq(1), fill.eq(0), fetch_addr.eq(start_pc), pc.eq(start_pc),
                          done.eq(0), aborted.eq(0), illegal.eq(0), host_conflict.eq(0)]
             m.d.sync += [counter.eq(0) for counter in counters.values()]

@@ -18,7 +18,7 @@ from .isa import Instruction, Opcode, decode_program
 from .memory_map import Region
 
 __all__ = ["GoldenNpu", "Counters", "CycleModel", "ProgramError", "check_program",
-           "expand_program", "GemmState"]
+           "expand_program", "GemmState", "Walk"]
 
 #: Registers in each requantization lane (hw/requant.py builds exactly this many).
 REQUANT_PIPELINE_STAGES = 7
@@ -115,20 +115,60 @@ class CycleModel:
             self.counters.cycles = cycle + 1
 
 
+@dataclass
+class Walk:
+    """An address walk: ``row_length`` words a row (0: one endless row), ``col_step``
+    apart, rows ``row_step`` apart (SETWIN for activations, SETOUT for outputs)."""
+
+    row_length: int = 0
+    row_step: int = 0
+    col_step: int = 1
+
+    def offsets(self, count: int) -> np.ndarray:
+        i = np.arange(count, dtype=np.int64)
+        if self.row_length == 0:
+            return i * self.col_step
+        return (i // self.row_length) * self.row_step + (i % self.row_length) * self.col_step
+
+
 class GemmState:
-    """The SETGEMM registers and the expansion of GEMM into LOADW/MATMUL steps."""
+    """The registers of the sequencer that shape a step (SETGEMM, SETKERN, SETWIN,
+    SETOUT) and the expansion of GEMM into LOADW/MATMUL steps. A start resets them."""
 
     def __init__(self, rows: int) -> None:
         self.rows = rows
         self.weight_addr = 0
         self.k_tiles = 0
+        self.tile_step = 0
+        self.kernel_w = self.kernel_h = 1
+        self.kernel_row_step = 0
+        self.window = Walk()
+        self.reduce = False
+        self.out = Walk()
+
+    def tap_offset(self, kt: int) -> int:
+        """Activation offset of K tile ``kt``: kernel tap (x, y), then channel tile."""
+        x = kt % self.kernel_w
+        y = (kt // self.kernel_w) % self.kernel_h
+        tile = kt // (self.kernel_w * self.kernel_h)
+        return tile * self.tile_step + y * self.kernel_row_step + x
 
     def expand(self, ins: Instruction) -> list[Instruction]:
         """The steps an instruction dispatches as (itself, unless it is a GEMM); updates
         the registers as the hardware does."""
-        if ins.opcode is Opcode.SETGEMM:
+        op = ins.opcode
+        if op is Opcode.SETGEMM:
             self.weight_addr, self.k_tiles = ins["weight_addr"], ins["k_tiles"]
-        if ins.opcode is not Opcode.GEMM:
+            self.tile_step = ins["tile_step"]
+        elif op is Opcode.SETKERN:
+            self.kernel_w, self.kernel_h = ins["kernel_w"], ins["kernel_h"]
+            self.kernel_row_step = ins["kernel_row_step"]
+        elif op is Opcode.SETWIN:
+            self.window = Walk(ins["row_length"], ins["row_step"], ins["col_step"])
+            self.reduce = bool(ins["reduce"])
+        elif op is Opcode.SETOUT:
+            self.out = Walk(ins["row_length"], ins["row_step"], 1)
+        if op is not Opcode.GEMM:
             return [ins]
         steps = []
         for kt in range(self.k_tiles):
@@ -137,7 +177,8 @@ class GemmState:
                 "bank": bank, "weight_addr": (self.weight_addr + kt * self.rows) & 0xFFFF}))
             steps.append(Instruction(Opcode.MATMUL, {
                 "bank": bank, "accumulate": int(ins["accumulate"] or kt > 0),
-                "act_addr": (ins["act_addr"] + kt * ins["count"]) & 0xFFFF,
+                "combine": ins["combine"],
+                "act_addr": (ins["act_addr"] + self.tap_offset(kt)) & 0xFFFF,
                 "acc_addr": ins["acc_addr"], "count": ins["count"]}))
         self.weight_addr = (self.weight_addr + self.k_tiles * self.rows) & 0xFFFF
         return steps
@@ -163,36 +204,44 @@ def check_program(config: NpuConfig, program: list[Instruction]) -> None:
         raise ProgramError(
             f"program has {len(program)} instructions, instruction memory holds "
             f"{config.instruction_depth} (instruction_depth)")
-    lanes = config.requant_lanes
     state = GemmState(config.rows)
     for index, instruction in enumerate(program):
-        if instruction.opcode is Opcode.GEMM:
+        op = instruction.opcode
+        if op is Opcode.GEMM:
             need(state.k_tiles >= 1, index, instruction, "k_tiles (SETGEMM) must be at least 1")
             need(instruction["count"] >= 1, index, instruction, "count must be at least 1")
             end = state.weight_addr + state.k_tiles * config.rows
             need(end <= config.weight_depth, index, instruction,
                  f"weight tiles end at word {end}, weight_depth is {config.weight_depth}")
+        elif op is Opcode.SETKERN:
+            need(instruction["kernel_w"] >= 1 and instruction["kernel_h"] >= 1, index,
+                 instruction, "kernel_w and kernel_h must be at least 1")
         for ins in state.expand(instruction):
-            _check_step(config, lanes, index, ins, need)
+            _check_step(config, state, index, ins, need)
 
 
-def _check_step(config: NpuConfig, lanes: int, index: int, ins: Instruction, need) -> None:
-    def within(start: str, count: int, depth_name: str, what: str) -> None:
-        end, depth = ins[start] + count, getattr(config, depth_name)
+def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instruction,
+                need) -> None:
+    def within(what: str, end: int, depth_name: str) -> None:
+        depth = getattr(config, depth_name)
         need(end <= depth, index, ins, f"{what} end at word {end}, {depth_name} is {depth}")
 
     op = ins.opcode
     if op is Opcode.LOADW:
-        within("weight_addr", config.rows, "weight_depth", "weight tile rows")
+        within("weight tile rows", ins["weight_addr"] + config.rows, "weight_depth")
     elif op in (Opcode.MATMUL, Opcode.REQUANT):
         need(ins["count"] >= 1, index, ins, "count must be at least 1")
-        within("acc_addr", ins["count"], "accumulator_depth", "accumulator words")
+        reduce = op is Opcode.MATMUL and state.reduce
+        within("accumulator words", ins["acc_addr"] + (1 if reduce else ins["count"]),
+               "accumulator_depth")
     if op is Opcode.MATMUL:
-        within("act_addr", ins["count"], "activation_depth", "activations")
+        last = ins["act_addr"] + int(state.window.offsets(ins["count"]).max())
+        within("activations", last + 1, "activation_depth")
     elif op is Opcode.SETPP:
         need(ins["clamp_min"] <= ins["clamp_max"], index, ins,
              "clamp_min must not exceed clamp_max")
     elif op is Opcode.REQUANT:
+        lanes = config.requant_lanes
         need(ins["out_lane"] < config.rows and ins["out_lane"] % lanes == 0, index, ins,
              f"out_lane must be a multiple of requant_lanes ({lanes}) below rows "
              f"({config.rows})")
@@ -212,6 +261,7 @@ class GoldenNpu:
         self.banks = np.zeros((2, c.rows, c.cols), dtype=np.int64)
         self.zero_point = self.clamp_min = self.clamp_max = 0
         self.param_addr = self.out_stride = 0
+        self.state = GemmState(c.rows)
 
     def memory(self, region: Region) -> np.ndarray:
         return {
@@ -243,9 +293,11 @@ class GoldenNpu:
         program = program[:halt + 1]
         check_program(self.config, program)
         timing = CycleModel(self.config)
-        for ins in expand_program(self.config, program):
-            self.execute(ins)
-            timing.dispatch(ins)
+        self.state = GemmState(self.config.rows)
+        for instruction in program:
+            for ins in self.state.expand(instruction):
+                self.execute(ins)
+                timing.dispatch(ins)
         return timing.counters
 
     def execute(self, ins: Instruction) -> None:
@@ -255,12 +307,7 @@ class GoldenNpu:
             base = ins["weight_addr"]
             self.banks[ins["bank"]] = self.weights[base:base + c.rows]
         elif op is Opcode.MATMUL:
-            rows = self.activations[ins["act_addr"]:ins["act_addr"] + ins["count"]]
-            products = rows @ self.banks[ins["bank"]]
-            target = slice(ins["acc_addr"], ins["acc_addr"] + ins["count"])
-            if ins["accumulate"]:
-                products = products + self.accumulators[target]
-            self.accumulators[target] = wrap(products, c.accumulator_width)
+            self._matmul(ins)
         elif op is Opcode.REQUANT:
             self._requant(ins)
         elif op is Opcode.SETPP:
@@ -270,6 +317,20 @@ class GoldenNpu:
         elif op is Opcode.SETREQ:
             self.param_addr = ins["param_addr"]
             self.out_stride = ins["out_stride"]
+
+    def _matmul(self, ins: Instruction) -> None:
+        c, state = self.config, self.state
+        words = ins["act_addr"] + state.window.offsets(ins["count"])
+        products = wrap(self.activations[words] @ self.banks[ins["bank"]], c.accumulator_width)
+        combine = np.maximum if ins["combine"] else np.add
+        if state.reduce:  # every row into one word, each after the first combined
+            products = combine.reduce(products, axis=0, keepdims=True)
+            target = slice(ins["acc_addr"], ins["acc_addr"] + 1)
+        else:
+            target = slice(ins["acc_addr"], ins["acc_addr"] + ins["count"])
+        if ins["accumulate"]:
+            products = combine(products, self.accumulators[target])
+        self.accumulators[target] = wrap(products, c.accumulator_width)
 
     def _requant(self, ins: Instruction) -> None:
         c = self.config
@@ -284,5 +345,5 @@ class GoldenNpu:
             accumulator_width=c.accumulator_width, output_width=c.input_width)
         lanes = ins["out_lane"] + np.arange(c.cols)
         words = (ins["out_addr"] + (lanes // c.rows) * self.out_stride) % c.activation_depth
-        for i in range(count):
-            self.activations[(words + i) % c.activation_depth, lanes % c.rows] = out[i]
+        for i, offset in enumerate(self.state.out.offsets(count)):
+            self.activations[(words + offset) % c.activation_depth, lanes % c.rows] = out[i]

@@ -20,7 +20,7 @@ __all__ = [
     "isa_markdown",
 ]
 
-ISA_VERSION = 1
+ISA_VERSION = 2
 INSTRUCTION_WIDTH = 64
 OPCODE_WIDTH = 4
 
@@ -34,6 +34,9 @@ class Opcode(enum.IntEnum):
     SETREQ = 5
     SETGEMM = 6
     GEMM = 7
+    SETKERN = 8
+    SETWIN = 9
+    SETOUT = 10
 
 
 @dataclass(frozen=True)
@@ -61,29 +64,48 @@ DESCRIPTIONS: dict[Opcode, str] = {
         "`bank` of the array, through the shadow registers: it runs while a MATMUL on "
         "the other bank streams. Waits until no activation using `bank` is in flight."),
     Opcode.MATMUL: (
-        "Stream `count` activation words (`act_addr`, `act_addr`+1, ...) through the "
-        "array, using weight bank `bank`. Result row i goes to accumulator word "
-        "`acc_addr`+i, added to it when `accumulate` is 1, written over it when 0. "
-        "Issues one row a cycle; the next MATMUL may start while this one drains."),
+        "Stream `count` activation words through the array, using weight bank `bank`. "
+        "Word i is read from `act_addr` + (i div L)·`row_step` + (i mod L)·`col_step`, "
+        "with L, `row_step` and `col_step` from SETWIN (L = 0: `act_addr` + i·`col_step`). "
+        "Result row i goes to accumulator word `acc_addr`+i (`acc_addr` itself when SETWIN "
+        "set `reduce`) and is combined with it when `accumulate` is 1 (in reduce mode, "
+        "also for every row after the first): added, or the larger kept lane by lane when "
+        "`combine` is 1 (max); written over it otherwise. Issues one row a cycle; the "
+        "next MATMUL may start while this one drains."),
     Opcode.REQUANT: (
         "Post-process `count` accumulator words from `acc_addr` on: + bias, "
         "requantize (rounding doubling high multiply by the Q31 multiplier, rounding "
         "right shift), + zero point, clamp, saturate; write the `cols` results of "
         "accumulator word i to activation lanes `out_lane`, `out_lane`+1, ... of word "
-        "`out_addr`+i, moving to the next word block (+`out_stride`) past the last lane. "
+        "`out_addr` + (i div L)·`row_step` + (i mod L), with L and `row_step` from SETOUT "
+        "(L = 0: `out_addr`+i), moving to the next word block (+`out_stride`) past the last lane. "
         "Parameters come from SETREQ/SETPP. Waits for the array to drain; blocks until done."),
     Opcode.SETPP: "Set the post-processing zero point and clamp bounds used by REQUANT.",
     Opcode.SETREQ: (
         "Set the parameter-memory address of the first channel group and the "
         "output word stride used by REQUANT."),
     Opcode.SETGEMM: (
-        "Set the weight pointer and the number of K tiles used by GEMM."),
+        "Set the weight pointer, the number of K tiles and the activation words between "
+        "input-channel tiles, used by GEMM."),
     Opcode.GEMM: (
-        "One output tile of a GEMM: for kt = 0 .. k_tiles−1, LOADW into bank "
-        "`bank` xor (kt mod 2) from the weight pointer + kt·rows, then MATMUL on that bank "
-        "of `count` words from `act_addr` + kt·`count` into `acc_addr` (accumulating when "
-        "`accumulate` is 1 or kt > 0). Each step is dispatched like the instruction it "
-        "stands for. Afterwards the weight pointer has advanced by k_tiles·rows."),
+        "One output tile of a GEMM or convolution: for kt = 0 .. k_tiles−1, LOADW into "
+        "bank `bank` xor (kt mod 2) from the weight pointer + kt·rows, then MATMUL on that "
+        "bank of `count` words into `acc_addr` (combining when `accumulate` is 1 or kt > 0), "
+        "starting at `act_addr` + t·`tile_step` + y·`kernel_row_step` + x, where kt walks "
+        "the kernel taps x = kt mod kernel_w, y = (kt div kernel_w) mod kernel_h, then the "
+        "channel tiles t = kt div (kernel_w·kernel_h) (SETKERN; 1×1 after a start). Each "
+        "step is dispatched like the instruction it stands for. Afterwards the weight "
+        "pointer has advanced by k_tiles·rows."),
+    Opcode.SETKERN: (
+        "Set the kernel GEMM walks over (implicit im2col): taps per row, rows, and the "
+        "activation words between kernel rows (the input's row pitch). A start sets 1×1."),
+    Opcode.SETWIN: (
+        "Set the activation walk of MATMUL (and of GEMM's steps): output pixels per row "
+        "(0: one endless row), words between rows and between pixels (the stride), and "
+        "reduce mode. A start sets 0, 0, 1, 0: consecutive words."),
+    Opcode.SETOUT: (
+        "Set where REQUANT writes: accumulator words per output row (0: one endless row) "
+        "and the activation words between output rows. A start sets 0, 0."),
 }
 
 _A16 = 16
@@ -99,6 +121,7 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
         Field("act_addr", 8, _A16, doc="first activation word"),
         Field("acc_addr", 24, _A16, doc="first accumulator word"),
         Field("count", 40, _A16, doc="activation words to stream (1 or more)"),
+        Field("combine", 6, 1, doc="0: accumulate adds; 1: keeps the larger value (max)"),
     ),
     Opcode.REQUANT: (
         Field("acc_addr", 8, _A16, doc="first accumulator word"),
@@ -118,6 +141,7 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
     Opcode.SETGEMM: (
         Field("weight_addr", 8, _A16, doc="weight pointer: first row of the first tile"),
         Field("k_tiles", 24, _A16, doc="weight tiles (of rows words) per GEMM, 1 or more"),
+        Field("tile_step", 40, _A16, doc="activation words between input-channel tiles"),
     ),
     Opcode.GEMM: (
         Field("bank", 4, 1, doc="weight bank of the first K tile"),
@@ -125,6 +149,22 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
         Field("act_addr", 8, _A16, doc="activation word of the first K tile"),
         Field("acc_addr", 24, _A16, doc="first accumulator word"),
         Field("count", 40, _A16, doc="activation words per K tile (1 or more)"),
+        Field("combine", 6, 1, doc="0: accumulate adds; 1: keeps the larger value (max)"),
+    ),
+    Opcode.SETKERN: (
+        Field("kernel_w", 8, 8, doc="kernel taps per row (1 or more)"),
+        Field("kernel_h", 16, 8, doc="kernel rows (1 or more)"),
+        Field("kernel_row_step", 24, _A16, doc="activation words between kernel rows"),
+    ),
+    Opcode.SETWIN: (
+        Field("row_length", 8, _A16, doc="words per row of the walk (0: one endless row)"),
+        Field("row_step", 24, _A16, doc="activation words from one row's start to the next"),
+        Field("col_step", 40, 8, doc="activation words between words of a row (stride)"),
+        Field("reduce", 48, 1, doc="1: every row goes to accumulator word acc_addr"),
+    ),
+    Opcode.SETOUT: (
+        Field("row_length", 8, _A16, doc="accumulator words per output row (0: one row)"),
+        Field("row_step", 24, _A16, doc="activation words from one output row to the next"),
     ),
 }
 

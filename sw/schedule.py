@@ -106,7 +106,7 @@ def gemm_instructions(plan: GemmPlan, *, accumulate_first: bool = False,
     """SETGEMM, then one GEMM per N-tile (each expands into LOADW/MATMUL per K-tile, the
     banks alternating so each weight load runs under the previous stream); no HALT."""
     program = [Instruction(Opcode.SETGEMM, {"weight_addr": plan.weight_addr(0, 0),
-                                            "k_tiles": plan.k_tiles})]
+                                            "k_tiles": plan.k_tiles, "tile_step": plan.m})]
     for n_tile in range(plan.n_tiles):
         program.append(Instruction(Opcode.GEMM, {
             "bank": first_bank ^ ((n_tile * plan.k_tiles) & 1),

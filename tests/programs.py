@@ -134,3 +134,159 @@ def back_to_back_accumulate_job(config: NpuConfig, rng: np.random.Generator) -> 
     job.write(Region.ACCUMULATORS, 0, rng.integers(-span, span, (12, config.cols)))
     job.read("accumulators", Region.ACCUMULATORS, 0, 12)
     return job
+
+
+# -- Feature-map operators ------------------------------------------------------------------
+
+def reference_conv(x: np.ndarray, weight: np.ndarray, stride: int,
+                   pads: tuple[int, int, int, int], fill: int) -> np.ndarray:
+    """Direct convolution of x (C, H, W) by weight (kh, kw, C_in, C_out), padding with
+    ``fill``: the accumulators (C_out, OH, OW), by definition, not by the NPU's method."""
+    kh, kw, _, c_out = weight.shape
+    top, left, bottom, right = pads
+    padded = np.pad(x, ((0, 0), (top, bottom), (left, right)), constant_values=fill)
+    out_h = (padded.shape[1] - kh) // stride + 1
+    out_w = (padded.shape[2] - kw) // stride + 1
+    acc = np.zeros((c_out, out_h, out_w), dtype=np.int64)
+    for y in range(out_h):
+        for xx in range(out_w):
+            window = padded[:, y * stride:y * stride + kh, xx * stride:xx * stride + kw]
+            acc[:, y, xx] = np.einsum("chw,hwcn->n", window, weight)
+    return acc
+
+
+def reference_pool(x: np.ndarray, kernel: int, stride: int, pads, fill: int,
+                   reduce) -> np.ndarray:
+    """Per-channel reduction (np.sum or np.max) over each window, padding with ``fill``."""
+    top, left, bottom, right = pads
+    padded = np.pad(x, ((0, 0), (top, bottom), (left, right)), constant_values=fill)
+    out_h = (padded.shape[1] - kernel) // stride + 1
+    out_w = (padded.shape[2] - kernel) // stride + 1
+    out = np.zeros((x.shape[0], out_h, out_w), dtype=np.int64)
+    for y in range(out_h):
+        for xx in range(out_w):
+            window = padded[:, y * stride:y * stride + kernel, xx * stride:xx * stride + kernel]
+            out[:, y, xx] = reduce(window.reshape(len(x), -1), axis=1)
+    return out
+
+
+def feature_map_job(config: NpuConfig, rng: np.random.Generator, kind: str):
+    """A random operator on a random feature map, lowered by npugen.lowering, and the
+    expected output computed directly: (job, expected (C, OH, OW), output map).
+
+    ``kind``: conv, depthwise, maxpool, avgpool or globalpool. Shapes are odd sizes,
+    channels not a multiple of the array and 1-channel inputs, kernels 1×1 to 7×7,
+    strides 1 and 2, padding up to the kernel's size − 1 on each side.
+    """
+    from npugen.arith import requantize
+    from npugen.featuremap import FeatureMap
+    from npugen.lowering import Lowering, Requant
+
+    rows, cols = config.rows, config.cols
+    channels = int(rng.choice([1, rows + 1, 2 * cols + 1, max(1, rows - 1)]))
+    c_out = int(rng.integers(1, 2 * cols + 3))
+    if kind == "conv":
+        kernel = int(rng.integers(1, 8))
+    elif kind in ("maxpool", "avgpool"):
+        kernel = int(rng.choice([2, 3]))
+    elif kind == "depthwise":
+        kernel = int(rng.choice([1, 3, 5]))
+    else:
+        kernel = 1
+    stride = int(rng.choice([1, 2])) if kind != "globalpool" else 1
+    height, width = int(rng.integers(kernel, kernel + 6)), int(rng.integers(kernel, kernel + 6))
+    pads = tuple(int(rng.integers(0, kernel)) for _ in range(4)) if kind != "globalpool" else (
+        0, 0, 0, 0)
+    fill = int(rng.integers(-128, 128)) if kind != "maxpool" else -128
+    x = rng.integers(-128, 128, (channels, height, width))
+    src = FeatureMap(0, channels, height, width, rows, cols, halo=pads, fill=fill)
+    if kind == "globalpool":
+        out_h = out_w = 1
+    else:
+        out_h = (height + pads[0] + pads[2] - kernel) // stride + 1
+        out_w = (width + pads[1] + pads[3] - kernel) // stride + 1
+    out_channels = c_out if kind == "conv" else channels
+    # The output map has a halo of its own, which the operator must leave alone.
+    dst = FeatureMap(src.end, out_channels, out_h, out_w, rows, cols, halo=(1, 2, 0, 1),
+                     fill=int(rng.integers(-128, 128)))
+    bias = rng.integers(-2000, 2000, out_channels)
+    multiplier = rng.integers(1 << 30, (1 << 31) - 1, out_channels)
+    shift = rng.integers(0, 10, out_channels)
+    zero_point = int(rng.integers(-20, 20))
+    clamp = (-128, 127) if rng.random() < 0.5 else (zero_point, 127)
+    if kind == "maxpool":  # values pass through: identity scale, no bias
+        bias[:], multiplier[:], shift[:] = 0, (1 << 31) - 1, 0
+    requant = Requant(bias, multiplier, shift, zero_point, *clamp)
+    lowering = Lowering(config)
+    if kind == "conv":
+        weight = rng.integers(-128, 128, (kernel, kernel, channels, c_out))
+        lowering.conv(src, dst, weight, requant, stride, pads)
+        acc = reference_conv(x, weight, stride, pads, fill)
+    elif kind == "depthwise":
+        weight = rng.integers(-128, 128, (kernel, kernel, channels))
+        lowering.depthwise(src, dst, weight, requant, stride, pads)
+        full = np.zeros((kernel, kernel, channels, channels), dtype=np.int64)
+        for channel in range(channels):
+            full[:, :, channel, channel] = weight[:, :, channel]
+        acc = reference_conv(x, full, stride, pads, fill)
+    elif kind in ("maxpool", "avgpool"):
+        ones = np.ones((kernel, kernel, channels), dtype=np.int64)
+        lowering.depthwise(src, dst, ones, requant, stride, pads,
+                           combine_max=kind == "maxpool")
+        acc = reference_pool(x, kernel, stride, pads, fill,
+                             np.max if kind == "maxpool" else np.sum)
+    else:
+        lowering.global_sum(src, dst, requant)
+        acc = x.reshape(channels, -1).sum(axis=1).reshape(channels, 1, 1)
+    program = lowering.instructions + [Instruction(Opcode.HALT)]
+    expected = requantize(acc.transpose(1, 2, 0), bias, multiplier, shift, zero_point,
+                          *clamp, accumulator_width=config.accumulator_width,
+                          output_width=config.input_width).transpose(2, 0, 1)
+    job = Job(config)
+    job.write(Region.INSTRUCTIONS, 0, encode_program(program))
+    job.write(Region.ACTIVATIONS, 0, src.pack(x))
+    job.write(Region.ACTIVATIONS, dst.base, dst.pack(rng.integers(-128, 128, (
+        out_channels, out_h, out_w))))
+    job.write(Region.WEIGHTS, 0, lowering.weights())
+    job.write(Region.PARAMS, 0, lowering.params())
+    job.read("output", Region.ACTIVATIONS, dst.base, dst.words)
+    return job, expected, dst
+
+
+def walk_change_job(config: NpuConfig, rng: np.random.Generator) -> Job:
+    """SETWIN, SETKERN and SETOUT issued while the previous MATMUL still streams or the
+    previous GEMM drains: each stream keeps the walk it was dispatched with. Also reduce
+    mode with max, and a REQUANT along a two-row output walk."""
+    program = assemble("""
+        SETWIN row_length=3 row_step=7 col_step=2
+        LOADW bank=0 weight_addr=0
+        MATMUL bank=0 act_addr=1 acc_addr=0 count=8
+        SETWIN row_length=2 row_step=5 col_step=1 reduce=1
+        MATMUL bank=0 act_addr=2 acc_addr=8 count=5 combine=1
+        SETWIN
+        MATMUL bank=0 act_addr=30 acc_addr=9 count=3 accumulate=1 combine=1
+        SETKERN kernel_w=2 kernel_h=2 kernel_row_step=6
+        SETGEMM weight_addr=0 k_tiles=8 tile_step=13
+        SETWIN row_length=2 row_step=4 col_step=1
+        GEMM bank=1 act_addr=3 acc_addr=12 count=4
+        SETKERN kernel_w=1 kernel_h=1
+        SETPP zero_point=-3 clamp_min=-100 clamp_max=100
+        SETREQ param_addr=0 out_stride=11
+        SETOUT row_length=2 row_step=5
+        REQUANT acc_addr=0 count=6 out_addr=40 out_lane=0
+        SETOUT
+        REQUANT acc_addr=8 count=2 out_addr=60 out_lane=0
+        HALT
+    """)
+    job = Job(config)
+    job.write(Region.INSTRUCTIONS, 0, encode_program(program))
+    a_low, w_low = -(1 << (config.input_width - 1)), -(1 << (config.weight_width - 1))
+    job.write(Region.ACTIVATIONS, 0, rng.integers(a_low, -a_low, (120, config.rows)))
+    job.write(Region.WEIGHTS, 0, rng.integers(w_low, -w_low, (8 * config.rows, config.cols)))
+    lanes = config.requant_lanes
+    job.write(Region.PARAMS, 0,
+              random_params(config, rng, 4 * config.cols).reshape(-1, lanes, 3))
+    job.write(Region.ACCUMULATORS, 0, rng.integers(-3000, 3000, (16, config.cols)))
+    job.read("accumulators", Region.ACCUMULATORS, 0, 16)
+    job.read("activations", Region.ACTIVATIONS, 0, 120)
+    return job

@@ -39,7 +39,7 @@ def test_gemm_equals_its_loadw_matmul_expansion():
     m, k, n = 9, 11, 6
     a, w = rng.integers(-128, 128, (m, k)), rng.integers(-128, 128, (k, n))
     plan = plan_gemm(CONFIG, m, k, n)
-    gemm = assemble(f"SETGEMM k_tiles={plan.k_tiles}\n"
+    gemm = assemble(f"SETGEMM k_tiles={plan.k_tiles} tile_step={m}\n"
                     f"GEMM count={m} acc_addr=0\nGEMM bank=1 count={m} acc_addr={m}\nHALT")
     explicit = [step for step in expand_program(CONFIG, gemm)]
     counters = []

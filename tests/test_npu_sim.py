@@ -10,7 +10,14 @@ from npugen.config import NpuConfig
 from npugen.job import run_golden
 from npugen.matmul import matmul_output
 from npugen.sim.runner import simulate
-from programs import back_to_back_accumulate_job, gemm_jobs, layer_chain_job, wrap_job
+from programs import (
+    back_to_back_accumulate_job,
+    feature_map_job,
+    gemm_jobs,
+    layer_chain_job,
+    walk_change_job,
+    wrap_job,
+)
 
 SMALL = dict(activation_depth=1024, weight_depth=1024, accumulator_depth=512,
              instruction_depth=512, param_depth=64)
@@ -47,7 +54,7 @@ def test_npu_matches_golden(name, simulator):
               for zp, clamp in zero_point_cases(config)]
     wrap, wrap_plan = wrap_job(config, rng)
     jobs = [job for job, _, _ in gemms] + chains + [back_to_back_accumulate_job(config, rng),
-                                                     wrap]
+                                                     walk_change_job(config, rng), wrap]
     results = simulate(jobs, simulator=simulator)
     for (job, plan, expected), result in zip(gemms, results, strict=False):
         golden = run_golden(job)
@@ -62,3 +69,32 @@ def test_npu_matches_golden(name, simulator):
     wrapped = matmul_output(wrap_plan, results[-1])
     assert np.array_equal(wrapped, matmul_output(wrap_plan, run_golden(wrap)))
     assert (wrapped < 0).all(), "the accumulators did not wrap around"
+
+
+MAPS = dict(activation_depth=2048, weight_depth=8192, accumulator_depth=256,
+            instruction_depth=1024, param_depth=256)
+MAP_CONFIGS = {
+    "2x3": NpuConfig(rows=2, cols=3, **MAPS),
+    "4x8": NpuConfig(rows=4, cols=8, requant_lanes=2, **MAPS),
+    "8x4": NpuConfig(rows=8, cols=4, **MAPS),
+    "8x8": NpuConfig(rows=8, cols=8, requant_lanes=4, **MAPS),
+}
+MAP_KINDS = ("conv", "depthwise", "maxpool", "avgpool", "globalpool")
+
+
+@pytest.mark.parametrize("simulator", available_simulators())
+@pytest.mark.parametrize("name", MAP_CONFIGS)
+def test_feature_map_operators_match_golden(name, simulator):
+    """Convolutions (implicit im2col), depthwise convolutions and pooling on seeded random
+    maps: the RTL equals the golden model (outputs, halo and counters), which equals a
+    direct computation of the operator."""
+    config = MAP_CONFIGS[name]
+    rng = np.random.default_rng(sum(map(ord, name)) + 6)
+    cases = [(kind, *feature_map_job(config, rng, kind)) for kind in MAP_KINDS * 2]
+    results = simulate([job for _, job, _, _ in cases], simulator=simulator)
+    for (kind, job, expected, dst), result in zip(cases, results, strict=True):
+        golden = run_golden(job)
+        shape = f"{kind} {dst.channels}×{dst.height}×{dst.width}"
+        assert np.array_equal(dst.unpack(golden.outputs["output"]), expected), shape
+        assert np.array_equal(result.outputs["output"], golden.outputs["output"]), shape
+        assert result.counters == golden.counters, shape

@@ -1,0 +1,94 @@
+"""How a feature map lives in the activation memory (documented in docs/LAYOUT.md).
+
+A C×H×W int8 map is cut into channel tiles of ``rows`` channels (one activation word
+holds one pixel of one tile, channel ``c`` in lane ``c mod rows``). Each tile is a block of
+``(top + H + bottom) × (left + W + right)`` words, row-major, so a tap of a convolution
+is a fixed offset and a whole output row is a strided walk. The halo around the pixels
+holds the value that padding stands for (the zero point for a convolution, the lowest
+int8 for max pooling); it is written with the program and never overwritten, because
+outputs are only written inside a map.
+
+A layer's output is written ``cols`` channels at a time, so a map keeps room for
+``cols`` channels past its last whole tile: the spill of the last output tile lands in
+spare lanes, never in another map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["FeatureMap"]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class FeatureMap:
+    """A map of ``channels`` × ``height`` × ``width`` at activation word ``base``."""
+
+    base: int
+    channels: int
+    height: int
+    width: int
+    rows: int
+    cols: int
+    halo: tuple[int, int, int, int] = (0, 0, 0, 0)   # top, left, bottom, right
+    fill: int = 0
+
+    @property
+    def pitch(self) -> int:
+        """Words from one row of the map to the next."""
+        return self.halo[1] + self.width + self.halo[3]
+
+    @property
+    def padded_height(self) -> int:
+        return self.halo[0] + self.height + self.halo[2]
+
+    @property
+    def tile_words(self) -> int:
+        return self.padded_height * self.pitch
+
+    @property
+    def tiles(self) -> int:
+        """Channel tiles allocated, spare lanes for a ``cols``-wide spill included."""
+        return _ceil_div(_ceil_div(self.channels, self.rows) * self.rows + self.cols - 1,
+                         self.rows)
+
+    @property
+    def words(self) -> int:
+        return self.tiles * self.tile_words
+
+    @property
+    def end(self) -> int:
+        return self.base + self.words
+
+    def word(self, tile: int, y: int, x: int) -> int:
+        """Activation word of pixel (y, x) of channel tile ``tile``; the halo is at
+        negative coordinates and past the map's size."""
+        return self.base + tile * self.tile_words + (y + self.halo[0]) * self.pitch + (
+            x + self.halo[1])
+
+    def pack(self, values: np.ndarray) -> np.ndarray:
+        """A (C, H, W) int array as the map's words (halo filled), shape (words, rows)."""
+        values = np.asarray(values)
+        if values.shape != (self.channels, self.height, self.width):
+            raise ValueError(f"a {self.channels}×{self.height}×{self.width} map cannot hold "
+                             f"an array of shape {values.shape}")
+        top, left = self.halo[0], self.halo[1]
+        image = np.full((self.tiles * self.rows, self.padded_height, self.pitch), self.fill,
+                        dtype=np.int64)
+        image[:self.channels, top:top + self.height, left:left + self.width] = values
+        tiles = image.reshape(self.tiles, self.rows, self.padded_height, self.pitch)
+        return tiles.transpose(0, 2, 3, 1).reshape(-1, self.rows)
+
+    def unpack(self, words: np.ndarray) -> np.ndarray:
+        """The map's words (from ``base`` on) back to a (C, H, W) array."""
+        words = np.asarray(words)[:self.words]
+        tiles = words.reshape(self.tiles, self.padded_height, self.pitch, self.rows)
+        image = tiles.transpose(0, 3, 1, 2).reshape(-1, self.padded_height, self.pitch)
+        top, left = self.halo[0], self.halo[1]
+        return image[:self.channels, top:top + self.height, left:left + self.width]

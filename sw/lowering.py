@@ -1,0 +1,273 @@
+"""Feature-map operators as NPU instructions: convolution (implicit im2col), depthwise
+convolution, max and average pooling, global average pooling.
+
+Every operator is a set of *output tiles*: ``cols`` output channels, each a GEMM whose K
+tiles walk kernel taps (SETKERN) and input-channel tiles (SETGEMM ``tile_step``) over the
+input map in place, with a strided walk over the output pixels (SETWIN), followed by a
+REQUANT that writes the tile into the output map (SETOUT). No im2col copy is made.
+
+- A convolution's output tile ``n`` holds channels ``n·cols ...``; its K tiles are every
+  tap of every input-channel tile, and the array is fully used.
+- A per-channel operator (depthwise convolution, pooling) maps channel ``c`` of the input
+  to column ``c`` of a diagonal weight tile: output tile (t, j) holds the ``cols``
+  channels from ``t·rows + j·cols`` on, and only one product per column is useful, so the
+  array runs at 1/max(rows, cols) of its MACs. Max pooling keeps the larger value
+  (MATMUL ``combine``), global average pooling sums every pixel into one accumulator
+  word (SETWIN ``reduce``).
+
+Output pixels are processed in chunks of whole rows that fit the accumulator memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import NpuConfig
+from .featuremap import FeatureMap
+from .isa import Instruction, Opcode
+from .schedule import DoesNotFit, ceil_div
+
+__all__ = ["Requant", "Lowering", "conv_output_size"]
+
+
+@dataclass(frozen=True)
+class Requant:
+    """Post-processing of one operator: per output channel bias, Q31 multiplier and right
+    shift; the output zero point and clamp bounds."""
+
+    bias: np.ndarray
+    multiplier: np.ndarray
+    shift: np.ndarray
+    zero_point: int
+    clamp_min: int = -128
+    clamp_max: int = 127
+
+    def lanes(self, channels: np.ndarray) -> np.ndarray:
+        """(bias, multiplier, shift) for each channel index (zeros past the last)."""
+        out = np.zeros((len(channels), 3), dtype=np.int64)
+        valid = channels < len(self.bias)
+        for index, values in enumerate((self.bias, self.multiplier, self.shift)):
+            out[valid, index] = np.asarray(values, dtype=np.int64)[channels[valid]]
+        return out
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad_before: int,
+                     pad_after: int) -> int:
+    return (size + pad_before + pad_after - kernel) // stride + 1
+
+
+@dataclass
+class _OutTile:
+    weights: np.ndarray     # (k_tiles · rows, cols)
+    channels: np.ndarray    # output channel of each column (≥ C: unused)
+    src_tile: int           # input-channel tile the K walk starts at
+    dst_channel: int        # output channel of column 0
+
+
+@dataclass
+class Lowering:
+    """Emits the instructions, weight words and parameter words of a sequence of
+    operators; tracks the weight bank the next K tile uses."""
+
+    config: NpuConfig
+    weight_base: int = 0
+    param_base: int = 0
+    instructions: list[Instruction] = field(default_factory=list)
+    weight_words: list[np.ndarray] = field(default_factory=list)
+    param_words: list[np.ndarray] = field(default_factory=list)
+    bank: int = 0
+    weight_end: int = 0
+    param_end: int = 0
+
+    def __post_init__(self) -> None:
+        self.weight_end, self.param_end = self.weight_base, self.param_base
+
+    # -- operators ---------------------------------------------------------------------
+
+    def conv(self, src: FeatureMap, dst: FeatureMap, weight: np.ndarray, requant: Requant,
+             stride: int = 1, pads: tuple[int, int, int, int] = (0, 0, 0, 0)) -> None:
+        """``dst = requant(conv(src, weight))``; weight is (kh, kw, C_in, C_out) int."""
+        c = self.config
+        kh, kw, c_in, c_out = weight.shape
+        self._check_maps(src, dst, c_in, c_out, (kh, kw), stride, pads)
+        in_tiles = ceil_div(c_in, c.rows)
+        padded = np.zeros((kh, kw, in_tiles * c.rows, ceil_div(c_out, c.cols) * c.cols),
+                          dtype=np.int64)
+        padded[:, :, :c_in, :c_out] = weight
+        # K tile order: tap x fastest, then tap y, then input-channel tile.
+        k_major = padded.reshape(kh, kw, in_tiles, c.rows, -1).transpose(2, 0, 1, 3, 4)
+        k_major = k_major.reshape(in_tiles * kh * kw * c.rows, -1)
+        tiles = [_OutTile(k_major[:, n * c.cols:(n + 1) * c.cols],
+                          n * c.cols + np.arange(c.cols), 0, n * c.cols)
+                 for n in range(ceil_div(c_out, c.cols))]
+        self._emit(src, dst, tiles, requant, (kh, kw), stride, pads,
+                   k_tiles=in_tiles * kh * kw)
+
+    def depthwise(self, src: FeatureMap, dst: FeatureMap, weight: np.ndarray,
+                  requant: Requant, stride: int = 1,
+                  pads: tuple[int, int, int, int] = (0, 0, 0, 0), *,
+                  combine_max: bool = False) -> None:
+        """Per-channel ``dst = requant(Σ_taps src · weight)`` (max over the taps when
+        ``combine_max``); weight is (kh, kw, C) int. Pooling is this with weights 1."""
+        c = self.config
+        kh, kw, channels = weight.shape
+        self._check_maps(src, dst, channels, channels, (kh, kw), stride, pads)
+        tiles = []
+        for tile in range(ceil_div(channels, c.rows)):
+            for first in range(0, c.rows, c.cols):
+                if tile * c.rows + first >= channels:
+                    break
+                diagonal = np.zeros((kh * kw, c.rows, c.cols), dtype=np.int64)
+                for col in range(c.cols):
+                    lane, channel = first + col, tile * c.rows + first + col
+                    if lane < c.rows and channel < channels:
+                        diagonal[:, lane, col] = weight[:, :, channel].reshape(-1)
+                tiles.append(_OutTile(diagonal.reshape(-1, c.cols),
+                                      tile * c.rows + first + np.arange(c.cols), tile,
+                                      tile * c.rows + first))
+        self._emit(src, dst, tiles, requant, (kh, kw), stride, pads, k_tiles=kh * kw,
+                   combine_max=combine_max)
+
+    def global_sum(self, src: FeatureMap, dst: FeatureMap, requant: Requant) -> None:
+        """Per channel, ``dst = requant(Σ_pixels src)`` into a 1×1 map: global average
+        pooling when the multiplier includes 1/(H·W)."""
+        c = self.config
+        channels = src.channels
+        self._check_maps(src, dst, channels, channels, (src.height, src.width), 1,
+                         (0, 0, 0, 0))
+        tiles = []
+        for tile in range(ceil_div(channels, c.rows)):
+            for first in range(0, c.rows, c.cols):
+                if tile * c.rows + first >= channels:
+                    break
+                diagonal = np.zeros((c.rows, c.cols), dtype=np.int64)
+                for col in range(min(c.cols, c.rows - first)):
+                    diagonal[first + col, col] = 1
+                tiles.append(_OutTile(diagonal, tile * c.rows + first + np.arange(c.cols),
+                                      tile, tile * c.rows + first))
+        self._emit(src, dst, tiles, requant, (1, 1), 1, (0, 0, 0, 0), k_tiles=1,
+                   reduce=True)
+
+    # -- the common schedule -------------------------------------------------------------
+
+    def _check_maps(self, src: FeatureMap, dst: FeatureMap, c_in: int, c_out: int,
+                    kernel: tuple[int, int], stride: int,
+                    pads: tuple[int, int, int, int]) -> None:
+        c = self.config
+        for name, fmap in (("input", src), ("output", dst)):
+            if (fmap.rows, fmap.cols) != (c.rows, c.cols):
+                raise ValueError(f"the {name} map is laid out for {fmap.rows}×{fmap.cols}, "
+                                 f"the NPU is {c.rows}×{c.cols}")
+        if src.channels != c_in:
+            raise ValueError(f"the input map has {src.channels} channels, the weights "
+                             f"take {c_in}")
+        kh, kw = kernel
+        if not 1 <= kh <= 255 or not 1 <= kw <= 255:
+            raise DoesNotFit(f"kernel {kh}×{kw}: the NPU walks kernels up to 255×255")
+        if not 1 <= stride <= 255:
+            raise DoesNotFit(f"stride {stride}: the NPU steps 1 to 255 words")
+        top, left, bottom, right = pads
+        if any(p < 0 for p in pads):
+            raise ValueError(f"pads must not be negative, not {pads}")
+        halo = src.halo
+        if top > halo[0] or left > halo[1] or bottom > halo[2] or right > halo[3]:
+            raise ValueError(f"pads {pads} (top, left, bottom, right) exceed the input "
+                             f"map's halo {halo}")
+        out_h = conv_output_size(src.height, kh, stride, top, bottom)
+        out_w = conv_output_size(src.width, kw, stride, left, right)
+        if out_h < 1 or out_w < 1:
+            raise ValueError(f"a {kh}×{kw} kernel does not fit a padded "
+                             f"{src.height}×{src.width} map")
+        if (dst.channels, dst.height, dst.width) != (c_out, out_h, out_w):
+            raise ValueError(f"the output map is {dst.channels}×{dst.height}×{dst.width}, "
+                             f"the operator makes {c_out}×{out_h}×{out_w}")
+
+    def _emit(self, src: FeatureMap, dst: FeatureMap, tiles: list[_OutTile],
+              requant: Requant, kernel: tuple[int, int], stride: int,
+              pads: tuple[int, int, int, int], *, k_tiles: int, combine_max: bool = False,
+              reduce: bool = False) -> None:
+        c = self.config
+        kh, kw = kernel
+        top, left = pads[0], pads[1]
+        out_h, out_w = dst.height, dst.width
+        groups = c.cols // c.requant_lanes
+        # Weights and parameters of every output tile, stored once.
+        weight_at, param_at = [], []
+        for tile in tiles:
+            weight_at.append(self._store_weights(tile.weights))
+            param_at.append(self._store_params(
+                requant.lanes(tile.channels).reshape(groups, c.requant_lanes, 3)))
+        # Pixels per accumulator word run, and how many output tiles share the memory.
+        words_per_row = 1 if reduce else out_w
+        capacity = c.accumulator_depth
+        if words_per_row > capacity:
+            raise DoesNotFit(f"an output row of {out_w} pixels needs more than the "
+                             f"{capacity} accumulator words (accumulator_depth)")
+        per_block = min(len(tiles), capacity // words_per_row)
+        chunk_rows = 1 if reduce else max(1, min(out_h, capacity // (per_block * out_w)))
+        ins = self.instructions
+        ins.append(Instruction(Opcode.SETPP, {
+            "zero_point": requant.zero_point, "clamp_min": requant.clamp_min,
+            "clamp_max": requant.clamp_max}))
+        ins.append(Instruction(Opcode.SETKERN, {
+            "kernel_w": 1 if reduce else kw, "kernel_h": 1 if reduce else kh,
+            "kernel_row_step": src.pitch}))
+        if reduce:
+            ins.append(Instruction(Opcode.SETWIN, {
+                "row_length": src.width, "row_step": src.pitch, "col_step": 1, "reduce": 1}))
+        else:
+            ins.append(Instruction(Opcode.SETWIN, {
+                "row_length": out_w, "row_step": stride * src.pitch, "col_step": stride}))
+        ins.append(Instruction(Opcode.SETOUT, {"row_length": out_w, "row_step": dst.pitch}))
+        for y0 in range(0, out_h, chunk_rows):
+            rows_here = min(chunk_rows, out_h - y0)
+            count = src.height * src.width if reduce else rows_here * out_w
+            acc_words = 1 if reduce else count
+            for first in range(0, len(tiles), per_block):
+                block = range(first, min(first + per_block, len(tiles)))
+                for slot, index in enumerate(block):
+                    tile = tiles[index]
+                    ins.append(Instruction(Opcode.SETGEMM, {
+                        "weight_addr": weight_at[index], "k_tiles": k_tiles,
+                        "tile_step": src.tile_words}))
+                    ins.append(Instruction(Opcode.GEMM, {
+                        "bank": self.bank, "accumulate": 0, "combine": int(combine_max),
+                        "act_addr": src.word(tile.src_tile, y0 * stride - top, -left),
+                        "acc_addr": slot * acc_words, "count": count}))
+                    self.bank ^= k_tiles & 1
+                for slot, index in enumerate(block):
+                    tile = tiles[index]
+                    ins.append(Instruction(Opcode.SETREQ, {
+                        "param_addr": param_at[index], "out_stride": dst.tile_words}))
+                    ins.append(Instruction(Opcode.REQUANT, {
+                        "acc_addr": slot * acc_words, "count": acc_words,
+                        "out_addr": dst.word(tile.dst_channel // c.rows, y0, 0),
+                        "out_lane": tile.dst_channel % c.rows}))
+
+    def _store_weights(self, words: np.ndarray) -> int:
+        at = self.weight_end
+        self.weight_words.append(words)
+        self.weight_end += len(words)
+        if self.weight_end > self.config.weight_depth:
+            raise DoesNotFit(f"weights need {self.weight_end} words, weight_depth is "
+                             f"{self.config.weight_depth}")
+        return at
+
+    def _store_params(self, words: np.ndarray) -> int:
+        at = self.param_end
+        self.param_words.append(words)
+        self.param_end += len(words)
+        if self.param_end > self.config.param_depth:
+            raise DoesNotFit(f"parameters need {self.param_end} words, param_depth is "
+                             f"{self.config.param_depth}")
+        return at
+
+    def weights(self) -> np.ndarray:
+        return np.concatenate(self.weight_words) if self.weight_words else np.zeros(
+            (0, self.config.cols), dtype=np.int64)
+
+    def params(self) -> np.ndarray:
+        return np.concatenate(self.param_words) if self.param_words else np.zeros(
+            (0, self.config.requant_lanes, 3), dtype=np.int64)
