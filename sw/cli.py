@@ -261,7 +261,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     try:
         record = run_demo(target=args.target, simulator=args.sim, config=config,
-                          workdir=args.workdir)
+                          workdir=args.workdir, model_kind=args.model)
     except DeviceError as error:
         raise UsageError(str(error)) from None
     if args.json:
@@ -483,7 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     program.set_defaults(handler=cmd_program)
 
     demo = commands.add_parser(
-        "demo", help="train an MLP on the bundled digits and run it on the NPU")
+        "demo", help="train an MLP or a CNN on the bundled digits and run it on the NPU")
+    demo.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
+                      help="the network to train: an MLP (default) or a small CNN")
     demo.add_argument("--target", default="sim", metavar="TARGET", help=TARGET_HELP)
     demo.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
     demo.add_argument("--workdir", default="build/demo", help="where the model and program go")

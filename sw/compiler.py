@@ -1,10 +1,18 @@
 """Compiler: a quantized model → an NPU program (instructions + data image).
 
-Layers run back to back on chip. Each dense layer is a GEMM scheduled by
-:mod:`npugen.schedule` (the scheduler of ``npugen matmul``), followed by REQUANT of each
-output tile straight into the next layer's activation buffer. Activation buffers
-alternate between two areas of the activation memory; accumulators are reused by every
-layer; weights and parameters stay resident.
+Layers run back to back on chip, with no host work between them.
+
+- A chain of dense layers (an MLP) runs ``batch`` rows a run. Each layer is a GEMM
+  scheduled by :mod:`npugen.schedule` (the scheduler of ``npugen matmul``), followed by
+  REQUANT of each output tile straight into the next layer's activation buffer.
+  Activation buffers alternate between two areas of the activation memory.
+- A model with feature maps (a CNN) runs one image a run. Every tensor is a
+  :class:`~npugen.featuremap.FeatureMap` of its own, with the halo its consumer's
+  padding needs; layers are lowered by :mod:`npugen.lowering` (convolutions as implicit
+  im2col GEMMs, pooling on the array). A dense layer on a map is a convolution whose
+  kernel covers the whole map.
+
+Accumulators are reused by every layer; weights and parameters stay resident.
 """
 
 from __future__ import annotations
@@ -16,9 +24,11 @@ from typing import Any
 import numpy as np
 
 from .config import NpuConfig
-from .golden import CycleModel, check_program, expand_program
-from .graph import Model
+from .featuremap import FeatureMap
+from .golden import CycleModel, GemmState, check_program, expand_program
+from .graph import Conv, Dense, Model, Pool
 from .isa import Instruction, Opcode, encode_program
+from .lowering import Lowering, Requant
 from .memory_map import Region
 from .program import Program, TensorLayout
 from .quantize import QuantizedModel, quantize_model
@@ -134,6 +144,12 @@ def compile_quantized(model: QuantizedModel, config: NpuConfig,
                              f"{config.accumulator_width}-bit accumulators")
     if config.input_width != 8 or config.weight_width != 8:
         raise DoesNotFit(f"models compile to int8 NPUs; this one is {config.describe()}")
+    if len(model.input_shape) == 3 or any(
+            not isinstance(layer.source, Dense | None) for layer in model.layers):
+        if batch not in (None, 1):
+            raise ValueError(f"a model with feature maps runs one image a run, not batch "
+                             f"{batch}")
+        return _compile_maps(model, config)
     errors = []
     placements = None
     for candidate in ([batch] if batch else BATCH_CHOICES):
@@ -191,3 +207,134 @@ def compile_model(model: Model | str | Path | Any, config: NpuConfig | None = No
         model = load_onnx(model)
     config = config or NpuConfig()
     return compile_quantized(quantize_model(model, calibration), config, batch)
+
+
+# -- Models with feature maps ------------------------------------------------------------
+
+def _map_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """A tensor's shape as a map: vectors are 1×1 maps of their features."""
+    return tuple(shape) if len(shape) == 3 else (int(np.prod(shape)), 1, 1)
+
+
+def _halo(layer, zero_point: int) -> tuple[tuple[int, int, int, int], int]:
+    """The halo the input of ``layer`` needs and its fill: the zero point (real 0) for
+    convolutions and average pooling, the lowest int8 for max pooling."""
+    source = layer.source
+    if isinstance(source, Conv) or (isinstance(source, Pool) and source.kind == "avg"):
+        return tuple(source.pads), zero_point
+    if isinstance(source, Pool) and source.kind == "max":
+        return tuple(source.pads), -128
+    return (0, 0, 0, 0), zero_point
+
+
+def _requant(layer) -> Requant:
+    return Requant(layer.bias, layer.multiplier, layer.shift, layer.output_zero_point,
+                   layer.clamp_min, layer.clamp_max)
+
+
+def _lower(lowering: Lowering, layer, src: FeatureMap, dst: FeatureMap) -> dict:
+    """Emit one layer; returns its row of the layer table."""
+    source, requant = layer.source, _requant(layer)
+    kind = type(source).__name__.lower() if source is not None else "dense"
+    macs = ops = 0
+    if isinstance(source, Conv) and source.depthwise:
+        kind = "depthwise"
+        lowering.depthwise(src, dst, layer.weight, requant, source.stride, source.pads)
+        macs = dst.channels * dst.height * dst.width * layer.weight.shape[0] * \
+            layer.weight.shape[1]
+    elif isinstance(source, Conv):
+        lowering.conv(src, dst, layer.weight, requant, source.stride, source.pads)
+        macs = dst.height * dst.width * int(np.prod(layer.weight.shape))
+    elif isinstance(source, Pool) and source.kind == "global":
+        kind = "globalavgpool"
+        lowering.global_sum(src, dst, requant)
+        ops = src.channels * src.height * src.width   # one per element the array adds
+    elif isinstance(source, Pool):
+        kind = f"{source.kind}pool"
+        ones = np.ones((source.kernel, source.kernel, src.channels), dtype=np.int64)
+        lowering.depthwise(src, dst, ones, requant, source.stride, source.pads,
+                           combine_max=source.kind == "max")
+        ops = dst.channels * dst.height * dst.width * source.kernel ** 2
+    else:  # dense: a convolution whose kernel is the whole map (C·H·W flatten order)
+        weight = layer.weight.reshape(src.channels, src.height, src.width, -1)
+        lowering.conv(src, dst, weight.transpose(1, 2, 0, 3), requant)
+        macs = int(np.prod(layer.weight.shape))
+    return {"name": layer.name, "kind": kind,
+            "input": [src.channels, src.height, src.width],
+            "output": [dst.channels, dst.height, dst.width], "macs": macs,
+            "ops": ops or macs,
+            "clamp": [layer.clamp_min, layer.clamp_max]}
+
+
+def _compile_maps(model: QuantizedModel, config: NpuConfig) -> Program:
+    shapes = [_map_shape(model.input_shape)]
+    for layer in model.layers:
+        shape = shapes[-1]
+        source = layer.source
+        if isinstance(source, Conv | Pool):
+            from .graph import output_shape
+
+            shapes.append(output_shape(source, shape))
+        else:
+            shapes.append((layer.out_features, 1, 1))
+    # Every tensor gets a map of its own, so halos written with the program stay intact.
+    maps, base = [], 0
+    for index, shape in enumerate(shapes):
+        quant = model.layers[index].input_quant if index < len(model.layers) else \
+            model.output_quant
+        halo, fill = ((0, 0, 0, 0), quant.zero_point) if index == len(model.layers) else \
+            _halo(model.layers[index], quant.zero_point)
+        fmap = FeatureMap(base, *shape, config.rows, config.cols, halo, fill)
+        maps.append(fmap)
+        base = fmap.end
+    if base > config.activation_depth:
+        raise DoesNotFit(f"the model does not fit a {config.describe()} NPU: its feature "
+                         f"maps need {base} activation words, activation_depth is "
+                         f"{config.activation_depth}")
+    lowering = Lowering(config)
+    layers, starts = [], []
+    try:
+        for index, layer in enumerate(model.layers):
+            starts.append(len(lowering.instructions))
+            layers.append(_lower(lowering, layer, maps[index], maps[index + 1]))
+    except DoesNotFit as error:
+        raise DoesNotFit(f"the model does not fit a {config.describe()} NPU: {error}") from None
+    instructions = lowering.instructions + [Instruction(Opcode.HALT)]
+    if len(instructions) > config.instruction_depth:
+        raise DoesNotFit(f"the model does not fit a {config.describe()} NPU: "
+                         f"{len(instructions)} instructions, instruction_depth is "
+                         f"{config.instruction_depth}")
+    check_program(config, instructions)
+    # Per-layer cycles from the cycle model (which the RTL's counters equal): from a
+    # layer's first dispatch to the next layer's.
+    timing, state = CycleModel(config), GemmState(config.rows)
+    first_dispatch: dict[int, int] = {}
+    for index, instruction in enumerate(instructions):
+        for step in state.expand(instruction):
+            timing.dispatch(step)
+            first_dispatch.setdefault(index, timing.next_cycle - 1)
+    bounds = [first_dispatch[start] for start in starts] + [timing.counters.cycles]
+    for row, start, end in zip(layers, bounds, bounds[1:], strict=False):
+        row["cycles"] = end - start
+        # Pooling does no MACs; its utilization counts one operation per window element.
+        row["utilization"] = round(row["ops"] / (config.macs_per_cycle * (end - start)), 4)
+    segments = [(Region.INSTRUCTIONS, 0, encode_program(instructions)),
+                (Region.WEIGHTS, 0, lowering.weights()),
+                (Region.PARAMS, 0, lowering.params())]
+    # Halos (and the spare lanes) start out as their fill; runs only write pixels.
+    for fmap in maps[1:]:
+        if any(fmap.halo):
+            segments.append((Region.ACTIVATIONS, fmap.base, np.full(
+                (fmap.words, config.rows), fmap.fill, dtype=np.int64)))
+
+    def layout(fmap: FeatureMap, shape, quant) -> TensorLayout:
+        return TensorLayout(fmap.base, int(np.prod(shape)), tuple(shape), quant.scale,
+                            quant.zero_point, (fmap.channels, fmap.height, fmap.width),
+                            fmap.halo, fmap.fill)
+
+    return Program(
+        config=config, batch=1, segments=segments,
+        input=layout(maps[0], model.input_shape, model.input_quant),
+        output=layout(maps[-1], model.output_shape, model.output_quant),
+        layers=layers, estimated_cycles=timing.counters.cycles,
+        instruction_count=len(instructions))

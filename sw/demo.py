@@ -1,8 +1,9 @@
 """``npugen demo``: a trained network on the NPU, end to end.
 
-Trains an MLP on scikit-learn's bundled 8×8 digits (no download), exports it to ONNX,
-quantizes it with calibration images, compiles it, and runs the held-out images on the
-golden model and on the simulated NPU.
+Trains a network on scikit-learn's bundled 8×8 digits (no download): an MLP
+(scikit-learn) or, with ``--model cnn``, a small CNN (:mod:`npugen.train`, NumPy). Exports
+it to ONNX, quantizes it with calibration images, compiles it, and runs the held-out
+images on the golden model and on the simulated NPU.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import numpy as np
 
 from .config import NpuConfig
 
-__all__ = ["digits", "train_mlp", "mlp_to_onnx", "run_demo"]
+__all__ = ["digits", "train_mlp", "mlp_to_onnx", "run_demo", "MODELS"]
+
+MODELS = ("mlp", "cnn")
 
 
 def digits(seed: int = 0):
-    """(x_train, y_train, x_test, y_test): 8×8 digits scaled to [0, 1], 80/20 split."""
+    """(x_train, x_test, y_train, y_test): 8×8 digits scaled to [0, 1], 80/20 split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -81,34 +84,60 @@ def _progress(label: str):
     return show
 
 
+def _describe_layers(model) -> str:
+    from .graph import Conv, Dense, Pool
+
+    parts = []
+    for layer in model.layers:
+        if isinstance(layer, Conv):
+            kh, kw = layer.kernel
+            parts.append(f"{'dw' if layer.depthwise else ''}conv{kh}×{kw}({layer.out_features})")
+        elif isinstance(layer, Pool):
+            parts.append("gap" if layer.kind == "global" else f"{layer.kind}pool{layer.kernel}")
+        elif isinstance(layer, Dense):
+            parts.append(f"dense({layer.out_features})")
+    return "-".join(parts)
+
+
 def run_demo(*, target: str = "sim", simulator: str = "verilator",
              config: NpuConfig | None = None, workdir: str | Path = "build/demo",
-             hidden: tuple[int, ...] = (64, 32)) -> dict:
+             hidden: tuple[int, ...] = (64, 32), model_kind: str = "mlp") -> dict:
     """Train, export, compile, run; print the figures and return them."""
     from .compiler import compile_model
     from .importers import load_onnx
     from .runtime import run
 
+    if model_kind not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}, not {model_kind!r}")
     config = config or NpuConfig()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     x_train, x_test, y_train, y_test = digits()
-    classifier = train_mlp(x_train, y_train, hidden)
-    onnx_path = workdir / "mlp.onnx"
-    mlp_to_onnx(classifier, onnx_path)
+    onnx_path = workdir / f"{model_kind}.onnx"
+    if model_kind == "cnn":
+        from .train import cnn_to_onnx, train_cnn
+
+        cnn_to_onnx(train_cnn(x_train, y_train), onnx_path)
+        x_train, x_test = x_train.reshape(-1, 1, 8, 8), x_test.reshape(-1, 1, 8, 8)
+    else:
+        mlp_to_onnx(train_mlp(x_train, y_train, hidden), onnx_path)
     model = load_onnx(onnx_path)
     float_accuracy = float(np.mean(model.forward(x_test).argmax(1) == y_test))
     program = compile_model(model, config, calibration=x_train[:256])
-    program_path = workdir / "mlp.npu"
+    program_path = workdir / f"{model_kind}.npu"
     program.save(program_path)
-    shape = "-".join(str(d) for d in (model.layers[0].in_features,
-                                      *(layer.out_features for layer in model.layers)))
-    print(f"trained MLP {shape} on {len(x_train)} digits; exported {onnx_path}; "
-          f"compiled {program_path} for a {config.describe()} NPU (batch {program.batch})")
+    if model_kind == "cnn":
+        shape = _describe_layers(model)
+    else:
+        shape = "-".join(str(d) for d in (model.layers[0].in_features,
+                                          *(layer.out_features for layer in model.layers)))
+    print(f"trained {model_kind.upper()} {shape} on {len(x_train)} digits; exported "
+          f"{onnx_path}; compiled {program_path} for a {config.describe()} NPU "
+          f"(batch {program.batch})")
     golden = run(program, x_test, target="golden")
     int8_accuracy = float(np.mean(golden.output.argmax(1) == y_test))
-    record = {"model": f"MLP {shape}", "test_images": len(x_test),
+    record = {"model": f"{model_kind.upper()} {shape}", "test_images": len(x_test),
               "float_accuracy": float_accuracy, "int8_accuracy": int8_accuracy,
               **golden.stats(program)}
     if target != "golden":
@@ -131,4 +160,13 @@ def run_demo(*, target: str = "sim", simulator: str = "verilator",
     print(f"cycles per inference {record['cycles']:.1f} (batch {program.batch}, "
           f"{record['macs']} MACs, utilization {record['utilization']:.3f}); "
           f"{record['seconds']} s")
+    if "cycles" in program.layers[0]:
+        record["layers"] = [{k: layer[k] for k in ("name", "kind", "output", "macs", "cycles",
+                                                   "utilization")}
+                            for layer in program.layers]
+        for layer in record["layers"]:
+            shape_text = "×".join(map(str, layer["output"]))
+            print(f"  {layer['name']:<10} {layer['kind']:<14} → {shape_text:<9} "
+                  f"{layer['cycles']:>7} cycles  {layer['macs']:>7} MACs  "
+                  f"utilization {layer['utilization']:.3f}")
     return record

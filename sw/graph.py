@@ -1,8 +1,11 @@
-"""The model as the compiler sees it: a chain of dense layers with clamp activations.
+"""The model as the compiler sees it: a chain of layers with clamp activations.
 
-Importers (ONNX, ``.npz``) produce a :class:`Model`; layers may carry float weights (to be
-quantized from calibration data) or pre-quantized ones (QDQ models), and tensors may carry
-the quantization an imported model prescribes.
+Layers: :class:`Dense` (on a vector, or on a feature map it flattens in C·H·W order),
+:class:`Conv` (2-D convolution, or depthwise with one filter per channel) and
+:class:`Pool` (max, average, global average). Importers (ONNX, ``.npz``) produce a
+:class:`Model`; layers may carry float weights (to be quantized from calibration data) or
+pre-quantized ones (QDQ models), and tensors may carry the quantization an imported model
+prescribes.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["QuantParams", "Dense", "Model", "ModelError"]
+__all__ = ["QuantParams", "Dense", "Conv", "Pool", "Layer", "Model", "ModelError",
+           "output_shape"]
 
 
 class ModelError(ValueError):
@@ -68,19 +72,125 @@ class Dense(WeightShape):
     quantized_bias: np.ndarray | None = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        x = x.reshape(len(x), -1)
         y = x.astype(np.float64) @ self.weight.astype(np.float64) + self.bias
         return np.clip(y, self.low, self.high).astype(np.float32)
 
 
+def _windows(x: np.ndarray, kernel: tuple[int, int], stride: int,
+             pads: tuple[int, int, int, int], fill: float) -> np.ndarray:
+    """(N, C, H, W) → (N, C, OH, OW, kh, kw) views of the padded input's windows."""
+    top, left, bottom, right = pads
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=fill)
+    views = np.lib.stride_tricks.sliding_window_view(padded, kernel, axis=(2, 3))
+    return views[:, :, ::stride, ::stride]
+
+
+@dataclass
+class Conv:
+    """``y = clamp(conv2d(x, weight) + bias, low, high)`` on a C×H×W map.
+
+    ``weight`` is (kh, kw, C_in, C_out), or (kh, kw, C) for a depthwise convolution (one
+    filter per channel). ``pads`` are (top, left, bottom, right); dilation is 1.
+    """
+
+    name: str
+    weight: np.ndarray
+    bias: np.ndarray
+    stride: int = 1
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    depthwise: bool = False
+    low: float = -np.inf
+    high: float = np.inf
+    quantized_weight: np.ndarray | None = None
+    weight_quant: QuantParams | None = None
+    quantized_bias: np.ndarray | None = None
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        return self.weight.shape[0], self.weight.shape[1]
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[2]
+
+    @property
+    def out_features(self) -> int:
+        """Output channels."""
+        return self.weight.shape[2] if self.depthwise else self.weight.shape[3]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        windows = _windows(x.astype(np.float64), self.kernel, self.stride, self.pads, 0.0)
+        spec = "ncyxhw,hwc->ncyx" if self.depthwise else "ncyxhw,hwcd->ndyx"
+        y = np.einsum(spec, windows, self.weight.astype(np.float64))
+        y = y + self.bias.reshape(1, -1, 1, 1)
+        return np.clip(y, self.low, self.high).astype(np.float32)
+
+
+@dataclass
+class Pool:
+    """Max or average pooling over ``kernel``×``kernel`` windows, or ``global`` average
+    pooling (a 1×1 output). Average pooling counts the padding (count_include_pad)."""
+
+    name: str
+    kind: str                      # "max", "avg" or "global"
+    kernel: int = 1
+    stride: int = 1
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        if self.kind == "global":
+            return x.mean(axis=(2, 3), keepdims=True).astype(np.float32)
+        fill = -np.inf if self.kind == "max" else 0.0
+        windows = _windows(x, (self.kernel, self.kernel), self.stride, self.pads, fill)
+        reduce = np.max if self.kind == "max" else np.mean
+        return reduce(windows, axis=(4, 5)).astype(np.float32)
+
+
+Layer = Dense | Conv | Pool
+
+
+def output_shape(layer: Layer, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a layer makes from an input of ``shape`` (no batch dimension); raises
+    :class:`ModelError` if the layer cannot take it."""
+    if isinstance(layer, Dense):
+        if layer.in_features != int(np.prod(shape)):
+            raise ModelError(f"layer {layer.name!r} takes {layer.in_features} features but "
+                             f"receives {int(np.prod(shape))} (shape {shape})")
+        return (layer.out_features,)
+    if len(shape) != 3:
+        raise ModelError(f"layer {layer.name!r} needs a C×H×W feature map, not shape {shape}")
+    channels, height, width = shape
+    if isinstance(layer, Pool) and layer.kind == "global":
+        return (channels, 1, 1)
+    if isinstance(layer, Conv):
+        (kh, kw), stride = layer.kernel, layer.stride
+        if layer.in_channels != channels:
+            raise ModelError(f"layer {layer.name!r} takes {layer.in_channels} channels but "
+                             f"receives {channels}")
+        channels = layer.out_features
+    else:
+        kh = kw = layer.kernel
+        stride = layer.stride
+    top, left, bottom, right = layer.pads
+    out_h = (height + top + bottom - kh) // stride + 1
+    out_w = (width + left + right - kw) // stride + 1
+    if out_h < 1 or out_w < 1:
+        raise ModelError(f"layer {layer.name!r}: a {kh}×{kw} window does not fit its "
+                         f"{height}×{width} input")
+    return (channels, out_h, out_w)
+
+
 @dataclass
 class Model:
-    """A chain of dense layers from one input to one output.
+    """A chain of layers from one input to one output.
 
     ``tensor_quant`` holds the quantization a QDQ model prescribes for the input
     (key ``"input"``) and for each layer's output (key: the layer's name).
     """
 
-    layers: list[Dense]
+    layers: list[Layer]
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     input_name: str = "input"
@@ -91,26 +201,35 @@ class Model:
     def prequantized(self) -> bool:
         return bool(self.tensor_quant)
 
+    @property
+    def has_maps(self) -> bool:
+        """Whether any layer works on feature maps (so the model compiles as a CNN)."""
+        return any(not isinstance(layer, Dense) for layer in self.layers)
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """The input shape, then each layer's output shape."""
+        shapes = [tuple(self.input_shape)]
+        for layer in self.layers:
+            shapes.append(output_shape(layer, shapes[-1]))
+        return shapes
+
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Float inference: x has a leading batch dimension and ``input_shape``."""
-        x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+        x = np.asarray(x, dtype=np.float32).reshape(len(x), *self.input_shape)
         for layer in self.layers:
             x = layer.forward(x)
         return x.reshape((len(x), *self.output_shape))
 
     def check(self) -> None:
         """Shapes chain, values are finite."""
-        features = int(np.prod(self.input_shape))
-        for layer in self.layers:
-            if layer.in_features != features:
-                raise ModelError(f"layer {layer.name!r} takes {layer.in_features} features but "
-                                 f"receives {features}")
-            for what, values in (("weights", layer.weight), ("bias", layer.bias)):
-                if not np.all(np.isfinite(values)):
-                    raise ModelError(f"layer {layer.name!r} has NaN or infinite {what}")
-            features = layer.out_features
         if not self.layers:
-            raise ModelError("the model has no layer the NPU computes (Gemm or MatMul)")
-        if int(np.prod(self.output_shape)) != features:
+            raise ModelError("the model has no layer the NPU computes (Gemm, MatMul or Conv)")
+        shapes = self.shapes()
+        for layer in self.layers:
+            for what in ("weight", "bias"):
+                values = getattr(layer, what, None)
+                if values is not None and not np.all(np.isfinite(values)):
+                    raise ModelError(f"layer {layer.name!r} has NaN or infinite {what}s")
+        if int(np.prod(self.output_shape)) != int(np.prod(shapes[-1])):
             raise ModelError(f"the model's output shape {self.output_shape} does not match "
-                             f"its last layer's {features} features")
+                             f"its last layer's {shapes[-1]}")

@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from .graph import Dense, Model, ModelError, QuantParams
+from .graph import Conv, Dense, Model, ModelError, Pool, QuantParams, output_shape
 
 __all__ = ["load_model", "load_onnx", "load_npz", "SUPPORTED_ONNX_OPS", "NPZ_LAYOUT"]
 
-SUPPORTED_ONNX_OPS = ("Gemm", "MatMul", "Add", "Relu", "Clip", "Flatten", "Reshape",
-                      "Identity", "Constant", "QuantizeLinear", "DequantizeLinear")
+SUPPORTED_ONNX_OPS = ("Gemm", "MatMul", "Conv", "BatchNormalization", "MaxPool",
+                      "AveragePool", "GlobalAveragePool", "Add", "Relu", "Clip", "Flatten",
+                      "Reshape", "Identity", "Constant", "QuantizeLinear", "DequantizeLinear")
 MIN_OPSET = 13
 
 NPZ_LAYOUT = """\
@@ -83,13 +84,17 @@ def load_npz(path: str | Path) -> Model:
 
 @dataclass
 class _Activation:
-    """The running activation tensor: its features and the tensor whose quantization
-    applies (``"input"`` or the producing layer's name)."""
+    """The running activation tensor: its shape (no batch dimension) and the tensor whose
+    quantization applies (``"input"`` or the producing layer's name)."""
 
-    features: int
+    shape: tuple[int, ...]
     owner: str = "input"
-    layer: Dense | None = None
+    layer: Dense | Conv | Pool | None = None
     after_layer_ops: list[str] = field(default_factory=list)
+
+    @property
+    def features(self) -> int:
+        return int(np.prod(self.shape))
 
 
 @dataclass
@@ -154,7 +159,7 @@ def load_onnx(source: Any) -> Model:
                          f"other dimensions, not {[d.dim_param or d.dim_value for d in dims]}")
     layers: list[Dense] = []
     tensor_quant: dict[str, QuantParams] = {}
-    values[inputs[0].name] = _Activation(int(np.prod(input_shape)))
+    values[inputs[0].name] = _Activation(input_shape)
 
     def constant(node, index: int, what: str) -> np.ndarray:
         if index >= len(node.input) or node.input[index] == "":
@@ -202,13 +207,13 @@ def load_onnx(source: Any) -> Model:
                 np.broadcast_to(quantized.zero_point.astype(np.int64),
                                 (weight.shape[1],)).copy())
         layers.append(layer)
-        return _Activation(weight.shape[1], owner=name, layer=layer)
+        return _Activation((weight.shape[1],), owner=name, layer=layer)
 
     def set_bias(node, act: _Activation, bias) -> None:
         layer = act.layer
-        if layer is None or act.after_layer_ops:
+        if not isinstance(layer, Dense) or act.after_layer_ops:
             raise ModelError(f"{_describe(node)}: a bias Add must directly follow a Gemm or "
-                             f"MatMul")
+                             f"MatMul (adding two activations is not supported yet)")
         if isinstance(bias, _QuantizedConstant):
             layer.quantized_bias = bias.values.reshape(-1).astype(np.int64)
             bias = bias.dequantize()
@@ -221,17 +226,137 @@ def load_onnx(source: Any) -> Model:
         layer.bias = layer.bias + bias
 
     def clamp(node, act: _Activation, low: float, high: float) -> _Activation:
-        if act.layer is None:
-            raise ModelError(f"{_describe(node)}: an activation must follow a Gemm or MatMul")
+        if not isinstance(act.layer, Dense | Conv):
+            raise ModelError(f"{_describe(node)}: an activation must follow a Gemm, MatMul "
+                             f"or Conv (put it before the pooling: they commute)")
         act.layer.low = max(act.layer.low, low)
         act.layer.high = min(act.layer.high, high)
-        return _Activation(act.features, act.owner, act.layer, [*act.after_layer_ops, "clamp"])
+        return _Activation(act.shape, act.owner, act.layer, [*act.after_layer_ops, "clamp"])
 
     def attribute(node, name: str, default):
         for a in node.attribute:
             if a.name == name:
                 return onnx.helper.get_attribute_value(a)
         return default
+
+    def window(node, act: _Activation, kernel: tuple[int, int]) -> tuple[int, tuple]:
+        """Stride and (top, left, bottom, right) pads of a Conv or pooling node."""
+        if len(act.shape) != 3:
+            raise ModelError(f"{_describe(node)}: needs a C×H×W feature map, not shape "
+                             f"{act.shape}")
+        strides = list(attribute(node, "strides", [1, 1]))
+        if len(set(strides)) != 1:
+            raise ModelError(f"{_describe(node)}: strides {strides} differ; the NPU takes "
+                             f"one stride for both axes")
+        if any(d != 1 for d in attribute(node, "dilations", [1, 1])):
+            raise ModelError(f"{_describe(node)}: dilations other than 1 are not supported")
+        if attribute(node, "ceil_mode", 0):
+            raise ModelError(f"{_describe(node)}: ceil_mode=1 is not supported")
+        stride = int(strides[0])
+        auto_pad = attribute(node, "auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            before, after = [], []
+            for size, k in zip(act.shape[1:], kernel, strict=True):
+                total = max((-(-size // stride) - 1) * stride + k - size, 0)
+                small = total // 2
+                first = small if auto_pad == "SAME_UPPER" else total - small
+                before.append(first)
+                after.append(total - first)
+            return stride, (before[0], before[1], after[0], after[1])
+        if auto_pad == "VALID":
+            return stride, (0, 0, 0, 0)
+        pads = [int(p) for p in attribute(node, "pads", [0, 0, 0, 0])]
+        return stride, (pads[0], pads[1], pads[2], pads[3])
+
+    def map_layer(node, act: _Activation, layer) -> _Activation:
+        try:
+            shape = output_shape(layer, act.shape)
+        except ModelError as error:
+            raise ModelError(f"{_describe(node)}: {error}") from None
+        layers.append(layer)
+        return _Activation(shape, owner=layer.name, layer=layer)
+
+    def conv(node) -> _Activation:
+        act = activation(node)
+        value = values.get(node.input[1])
+        quantized = value if isinstance(value, _QuantizedConstant) else None
+        real = value.dequantize() if quantized else value
+        if not isinstance(real, np.ndarray) or real.ndim != 4:
+            raise ModelError(f"{_describe(node)}: its weights must be a 4-D constant "
+                             f"(O, I, kh, kw)")
+        kernel = (real.shape[2], real.shape[3])
+        if not all(1 <= k <= 255 for k in kernel):
+            raise ModelError(f"{_describe(node)}: kernel {kernel} is not supported")
+        stride, pads = window(node, act, kernel)
+        groups = int(attribute(node, "group", 1))
+        channels = act.shape[0]
+        name = node.name or node.output[0]
+        if groups == 1:
+            order = (2, 3, 1, 0)      # (O, I, kh, kw) → (kh, kw, I, O)
+        elif groups == channels and real.shape[:2] == (channels, 1):
+            order = (2, 3, 0)         # depthwise: (C, 1, kh, kw) → (kh, kw, C)
+        else:
+            raise ModelError(f"{_describe(node)}: group={groups} is not supported (1, or "
+                             f"the channel count {channels} with one filter per channel)")
+        depthwise = groups != 1
+        weight = real[:, 0] if depthwise else real
+        layer = Conv(name, weight.transpose(order).astype(np.float32),
+                     np.zeros(real.shape[0], np.float32), stride, pads, depthwise)
+        if quantized is not None:
+            if quantized.scale.size > 1 and quantized.axis != 0:
+                raise ModelError(f"{_describe(node)}: per-channel weight scales must be along "
+                                 f"the output channels (axis 0)")
+            q = quantized.values[:, 0] if depthwise else quantized.values
+            layer.quantized_weight = q.transpose(order).astype(np.int64)
+            out = real.shape[0]
+            layer.weight_quant = QuantParams(
+                np.broadcast_to(quantized.scale.astype(np.float64), (out,)).copy(),
+                np.broadcast_to(quantized.zero_point.astype(np.int64), (out,)).copy())
+        new = map_layer(node, act, layer)
+        if len(node.input) > 2 and node.input[2]:
+            bias = values.get(node.input[2])
+            if isinstance(bias, _QuantizedConstant):
+                layer.quantized_bias = bias.values.reshape(-1).astype(np.int64)
+                bias = bias.dequantize()
+            if not isinstance(bias, np.ndarray) or bias.size != layer.out_features:
+                raise ModelError(f"{_describe(node)}: its bias must be a constant of "
+                                 f"{layer.out_features} values")
+            layer.bias = bias.astype(np.float32).reshape(-1)
+        return new
+
+    def batch_norm(node) -> _Activation:
+        act = activation(node)
+        layer = act.layer
+        if not isinstance(layer, Conv) or act.after_layer_ops or layer.quantized_weight \
+                is not None:
+            raise ModelError(f"{_describe(node)}: BatchNormalization must directly follow a "
+                             f"float Conv (it is folded into it)")
+        gamma, beta, mean, var = (np.asarray(constant(node, i, what), np.float64) for i, what
+                                  in ((1, "scale"), (2, "bias"), (3, "mean"), (4, "var")))
+        factor = gamma / np.sqrt(var + float(attribute(node, "epsilon", 1e-5)))
+        layer.weight = (layer.weight * factor).astype(np.float32)   # output channel last
+        layer.bias = ((layer.bias - mean) * factor + beta).astype(np.float32)
+        return act
+
+    def pool(node, kind: str) -> _Activation:
+        act = activation(node)
+        name = node.name or node.output[0]
+        if kind == "global":
+            if len(act.shape) != 3:
+                raise ModelError(f"{_describe(node)}: needs a C×H×W feature map")
+            return map_layer(node, act, Pool(name, "global"))
+        kernel = [int(k) for k in attribute(node, "kernel_shape", [])]
+        if len(kernel) != 2 or kernel[0] != kernel[1]:
+            raise ModelError(f"{_describe(node)}: only square 2-D kernels are supported, "
+                             f"not {kernel}")
+        if len(node.output) > 1 and node.output[1]:
+            raise ModelError(f"{_describe(node)}: the Indices output is not supported")
+        stride, pads = window(node, act, (kernel[0], kernel[1]))
+        if kind == "avg" and any(pads) and not attribute(node, "count_include_pad", 0):
+            raise ModelError(f"{_describe(node)}: padded average pooling needs "
+                             f"count_include_pad=1 (one divisor for every window)")
+        return map_layer(node, act, Pool(name, kind, kernel[0], stride, pads))
 
     for node in graph.node:
         op = node.op_type
@@ -308,6 +433,12 @@ def load_onnx(source: Any) -> Model:
                                  f"is supported")
             set_bias(node, act, bias)
             values[out] = act
+        elif op == "Conv":
+            values[out] = conv(node)
+        elif op == "BatchNormalization":
+            values[out] = batch_norm(node)
+        elif op in ("MaxPool", "AveragePool", "GlobalAveragePool"):
+            values[out] = pool(node, {"MaxPool": "max", "AveragePool": "avg"}.get(op, "global"))
         elif op == "Relu":
             values[out] = clamp(node, activation(node), 0.0, np.inf)
         elif op == "Clip":
@@ -320,7 +451,9 @@ def load_onnx(source: Any) -> Model:
             if attribute(node, "axis", 1) != 1:
                 raise ModelError(f"{_describe(node)}: only axis=1 (keep the batch) is "
                                  f"supported")
-            values[out] = activation(node)
+            act = activation(node)
+            values[out] = _Activation((act.features,), act.owner, act.layer,
+                                      act.after_layer_ops)
         elif op == "Reshape":
             act = activation(node)
             shape = constant(node, 1, "shape")
@@ -328,14 +461,15 @@ def load_onnx(source: Any) -> Model:
             if len(target) != 2 or target[1] not in (act.features, -1):
                 raise ModelError(f"{_describe(node)}: only a reshape to (batch, "
                                  f"{act.features}) is supported, not {target}")
-            values[out] = act
+            values[out] = _Activation((act.features,), act.owner, act.layer,
+                                      act.after_layer_ops)
     result = values.get(graph.output[0].name)
     if not isinstance(result, _Activation):
         raise ModelError(f"{label}: the output {graph.output[0].name!r} is not computed from "
                          f"the input by supported operators")
     if layers and result.layer is not layers[-1]:
         raise ModelError(f"{label}: the output must come from the last layer")
-    model = Model(layers, input_shape, (result.features,), inputs[0].name,
+    model = Model(layers, input_shape, result.shape, inputs[0].name,
                   graph.output[0].name, tensor_quant)
     model.check()
     return model

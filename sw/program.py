@@ -44,8 +44,11 @@ class ProgramFormatError(ValueError):
 class TensorLayout:
     """Where a model input or output lives, and how it is quantized.
 
-    Row m, feature f is activation word ``base + (f // rows)·batch + m``, lane
-    ``f % rows``; ``real = scale · (q − zero_point)``.
+    Vectors (``map_shape`` None): row m, feature f is activation word
+    ``base + (f // rows)·batch + m``, lane ``f % rows``. Feature maps (a CNN's tensors,
+    batch 1): a :class:`~npugen.featuremap.FeatureMap` of ``map_shape`` (C, H, W) with
+    ``halo`` filled with ``fill``; features are numbered in C·H·W order.
+    ``real = scale · (q − zero_point)``.
     """
 
     base: int
@@ -53,15 +56,31 @@ class TensorLayout:
     shape: tuple[int, ...]
     scale: float
     zero_point: int
+    map_shape: tuple[int, int, int] | None = None
+    halo: tuple[int, int, int, int] = (0, 0, 0, 0)
+    fill: int = 0
+
+    def feature_map(self, config: NpuConfig):
+        from .featuremap import FeatureMap
+
+        return FeatureMap(self.base, *self.map_shape, config.rows, config.cols,
+                          self.halo, self.fill)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"base": self.base, "features": self.features, "shape": list(self.shape),
+        data = {"base": self.base, "features": self.features, "shape": list(self.shape),
                 "scale": float(self.scale), "zero_point": int(self.zero_point)}
+        if self.map_shape is not None:
+            data.update(map_shape=list(self.map_shape), halo=list(self.halo), fill=self.fill)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TensorLayout:
+        map_shape = data.get("map_shape")
         return cls(int(data["base"]), int(data["features"]), tuple(data["shape"]),
-                   float(data["scale"]), int(data["zero_point"]))
+                   float(data["scale"]), int(data["zero_point"]),
+                   None if map_shape is None else tuple(int(d) for d in map_shape),
+                   tuple(int(d) for d in data.get("halo", (0, 0, 0, 0))),
+                   int(data.get("fill", 0)))
 
 
 @dataclass

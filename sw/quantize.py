@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .arith import quantize_multiplier
-from .graph import Dense, Model, ModelError, QuantParams, WeightShape
+from .graph import Conv, Dense, Layer, Model, ModelError, Pool, QuantParams, WeightShape
 
 __all__ = ["QuantizedLayer", "QuantizedModel", "quantize_model", "activation_quant"]
 
@@ -23,10 +23,11 @@ INT8_MIN, INT8_MAX = -128, 127
 
 @dataclass
 class QuantizedLayer(WeightShape):
-    """Everything the NPU needs for one dense layer, in integers."""
+    """Everything the NPU needs for one layer, in integers. ``source`` is the float layer
+    (its geometry: kernel, stride, pads); pooling layers have no weights."""
 
     name: str
-    weight: np.ndarray        # int8 (K, N)
+    weight: np.ndarray        # int8: (K, N) dense, (kh, kw, C_in, C_out) conv, (kh, kw, C)
     bias: np.ndarray          # int32 (N), input zero point folded in
     multiplier: np.ndarray    # int32 Q31 (N)
     shift: np.ndarray         # right shift 0..31 (N)
@@ -35,6 +36,7 @@ class QuantizedLayer(WeightShape):
     clamp_max: int
     input_quant: QuantParams
     output_quant: QuantParams
+    source: Layer | None = None
 
 
 @dataclass
@@ -74,13 +76,15 @@ def _check_calibration(model: Model, calibration: np.ndarray) -> np.ndarray:
         raise ValueError("calibration data is empty")
     if not np.all(np.isfinite(calibration)):
         raise ValueError("calibration data contains NaN or infinite values")
-    return calibration.astype(np.float32).reshape(len(calibration), -1)
+    return calibration.astype(np.float32)
 
 
-def _weight_quant(layer: Dense, input_scale: float) -> tuple[np.ndarray, QuantParams]:
+def _weight_quant(layer: Dense | Conv, input_scale: float) -> tuple[np.ndarray, QuantParams]:
     if layer.quantized_weight is not None and layer.weight_quant is not None:
         return layer.quantized_weight.astype(np.int64), layer.weight_quant
-    peak = np.max(np.abs(layer.weight), axis=0).astype(np.float64)
+    # Per output channel (the last axis): the peak over everything else.
+    inner = tuple(range(layer.weight.ndim - 1))
+    peak = np.max(np.abs(layer.weight), axis=inner).astype(np.float64)
     # A channel whose weights are (nearly) zero would get so small a scale that its bias,
     # at scale s_in·s_w, overflows int32: keep the bias within 2**30.
     bias_floor = np.abs(layer.bias.astype(np.float64)) / (input_scale * (1 << 30))
@@ -91,7 +95,7 @@ def _weight_quant(layer: Dense, input_scale: float) -> tuple[np.ndarray, QuantPa
     return weight, quant
 
 
-def _clamp(layer: Dense, out: QuantParams) -> tuple[int, int]:
+def _clamp(layer: Dense | Conv, out: QuantParams) -> tuple[int, int]:
     def bound(value: float, default: int) -> int:
         if not np.isfinite(value):
             return default
@@ -112,6 +116,7 @@ def quantize_model(model: Model, calibration: np.ndarray | None = None) -> Quant
             raise ValueError("a float model needs calibration data (--calib X.npy) to "
                              "choose activation ranges")
         x = _check_calibration(model, calibration)
+        x = x.reshape(len(x), *model.input_shape)
         ranges.append((float(x.min()), float(x.max())))
         for layer in model.layers:
             x = layer.forward(x)
@@ -127,9 +132,18 @@ def quantize_model(model: Model, calibration: np.ndarray | None = None) -> Quant
         return activation_quant(*ranges[index])
 
     layers = []
+    shapes = model.shapes()
     input_quant = tensor_quant(0, "input")
     for index, layer in enumerate(model.layers, start=1):
-        output_quant = tensor_quant(index, layer.name)
+        if isinstance(layer, Pool) and layer.kind == "max" and (
+                not model.prequantized or layer.name not in model.tensor_quant):
+            output_quant = input_quant   # max pooling passes values through
+        else:
+            output_quant = tensor_quant(index, layer.name)
+        if isinstance(layer, Pool):
+            layers.append(_quantize_pool(layer, shapes[index - 1], input_quant, output_quant))
+            input_quant = output_quant
+            continue
         weight, weight_quant = _weight_quant(layer, input_quant.scale)
         weight_scale = np.broadcast_to(np.asarray(weight_quant.scale, dtype=np.float64),
                                        (layer.out_features,))
@@ -143,7 +157,9 @@ def quantize_model(model: Model, calibration: np.ndarray | None = None) -> Quant
             bias = layer.quantized_bias.astype(np.int64)
         else:
             bias = np.round(layer.bias / bias_scale).astype(np.int64)
-        bias = bias - input_quant.zero_point * weight.sum(axis=0)
+        # The zero point is folded into the bias: the array multiplies raw int8 values,
+        # and a convolution's padding holds the zero point too.
+        bias = bias - input_quant.zero_point * weight.sum(axis=tuple(range(weight.ndim - 1)))
         if np.any(np.abs(bias) >= 1 << 31):
             raise ModelError(f"layer {layer.name!r}: a bias does not fit int32")
         multipliers, shifts = [], []
@@ -161,6 +177,37 @@ def quantize_model(model: Model, calibration: np.ndarray | None = None) -> Quant
         layers.append(QuantizedLayer(
             layer.name, weight, bias, np.array(multipliers, dtype=np.int64),
             np.array(shifts, dtype=np.int64), output_quant.zero_point, clamp_min, clamp_max,
-            input_quant, output_quant))
+            input_quant, output_quant, layer))
         input_quant = output_quant
     return QuantizedModel(layers, tuple(model.input_shape), tuple(model.output_shape))
+
+
+#: The Q31 multiplier closest to 1: x · (2**31 − 1) with rounding returns x for any
+#: |x| < 2**30, so it passes values through exactly.
+IDENTITY_MULTIPLIER = (1 << 31) - 1
+
+
+def _quantize_pool(layer: Pool, shape: tuple[int, ...], input_quant: QuantParams,
+                   output_quant: QuantParams) -> QuantizedLayer:
+    """Pooling as the NPU runs it: the array passes each channel's values through (max) or
+    sums them (average) and the requantizer rescales: out = (acc − count·z_in) ·
+    s_in / (s_out · count) + z_out."""
+    channels = shape[0]
+    count = 1 if layer.kind == "max" else (
+        shape[1] * shape[2] if layer.kind == "global" else layer.kernel * layer.kernel)
+    same = (np.isclose(input_quant.scale, output_quant.scale, rtol=0, atol=0)
+            and input_quant.zero_point == output_quant.zero_point)
+    if layer.kind == "max" and same:
+        bias, multiplier, shift, zero_point = 0, IDENTITY_MULTIPLIER, 0, 0
+    else:
+        scale = input_quant.scale / (output_quant.scale * count)
+        try:
+            multiplier, shift = quantize_multiplier(float(scale))
+        except ValueError:
+            raise ModelError(f"layer {layer.name!r}: its rescale s_in/(s_out·{count}) = "
+                             f"{scale:.4g} is not in (0, 1)") from None
+        bias, zero_point = -count * input_quant.zero_point, output_quant.zero_point
+    full = np.full(channels, 1, dtype=np.int64)
+    return QuantizedLayer(
+        layer.name, np.zeros((0, channels), dtype=np.int64), full * bias, full * multiplier,
+        full * shift, zero_point, INT8_MIN, INT8_MAX, input_quant, output_quant, layer)

@@ -75,6 +75,8 @@ def quantize_input(program: Program, x: np.ndarray) -> np.ndarray:
 
 
 def _words(program: Program, features: int) -> int:
+    if program.output.map_shape is not None:
+        return program.output.feature_map(program.config).words
     return -(-features // program.config.rows) * program.batch
 
 
@@ -85,17 +87,27 @@ def program_job(program: Program, rows: np.ndarray, *, load_program: bool = True
     if load_program:
         for region, entry, values in program.segments:
             job.write(region, entry, values)
-    padded = np.zeros((program.batch, -(-program.input.features // config.rows) * config.rows),
-                      dtype=np.int64)
-    padded[:len(rows), :program.input.features] = rows
-    tiles = padded.reshape(program.batch, -1, config.rows).transpose(1, 0, 2)
-    job.write(Region.ACTIVATIONS, program.input.base, tiles.reshape(-1, config.rows))
+    if program.input.map_shape is not None:
+        fmap = program.input.feature_map(config)
+        job.write(Region.ACTIVATIONS, fmap.base, fmap.pack(rows.reshape(fmap.channels,
+                                                                        fmap.height,
+                                                                        fmap.width)))
+    else:
+        padded = np.zeros((program.batch,
+                           -(-program.input.features // config.rows) * config.rows),
+                          dtype=np.int64)
+        padded[:len(rows), :program.input.features] = rows
+        tiles = padded.reshape(program.batch, -1, config.rows).transpose(1, 0, 2)
+        job.write(Region.ACTIVATIONS, program.input.base, tiles.reshape(-1, config.rows))
     job.read("output", Region.ACTIVATIONS, program.output.base,
              _words(program, program.output.features))
     return job
 
 
 def _decode(program: Program, words: np.ndarray, count: int) -> np.ndarray:
+    if program.output.map_shape is not None:
+        fmap = program.output.feature_map(program.config)
+        return fmap.unpack(words).reshape(1, -1)[:count, :program.output.features]
     rows = program.config.rows
     tiles = np.asarray(words).reshape(-1, program.batch, rows).transpose(1, 0, 2)
     return tiles.reshape(program.batch, -1)[:count, :program.output.features]
