@@ -229,6 +229,22 @@ class Npu(wiring.Component):
         rq_word = Signal(range(c.activation_depth))
         rq_lane = Signal(range(rows + 1))
         rq_first_lane = Signal(range(rows))
+        # REQUANT to_acc: 32-bit results go back into the accumulators through the
+        # accumulate path. Source reads then take every other cycle, so the read of each
+        # result's destination word has the memory's read port to itself.
+        rq_to_acc = Signal()
+        rq_acc_accumulate = Signal()
+        rq_left_shift = Signal()
+        rq_phase = Signal()
+        rq_advance = Signal()
+        m.d.comb += rq_advance.eq(rq_busy & ~(rq_to_acc & rq_phase))
+        raw_group = Signal(range(cols // lanes))
+        raw_dest = Signal(range(c.accumulator_depth))
+        inject_layout = data.StructLayout({
+            "valid": 1, "accumulate": 1, "addr": range(c.accumulator_depth)})
+        inject_read = Signal(inject_layout)    # the destination word is read
+        inject_data = Signal(inject_layout)    # the result row joins the accumulate path
+        inject_write = Signal()                # ... and is written
         rq_param_addr = Signal(range(c.param_depth))
         param_addr = Signal(range(c.param_depth))
         out_stride = Signal(16)
@@ -243,7 +259,8 @@ class Npu(wiring.Component):
         # -- Requantization pipeline (declared early: its activity gates dispatch) --------
         requantizers = []
         for lane in range(lanes):
-            rq = Requantizer(accumulator_width=c.accumulator_width, output_width=c.input_width)
+            rq = Requantizer(accumulator_width=c.accumulator_width, output_width=c.input_width,
+                             rounding=c.rounding)
             m.submodules[f"requant{lane}"] = rq
             requantizers.append(rq)
         stage_valid = Signal()
@@ -255,7 +272,8 @@ class Npu(wiring.Component):
         pipe_lane = [Signal(range(rows), name=f"rq_lane_p{i}")
                      for i in range(Requantizer.latency)]
         pipe_valid = [Signal(name=f"rq_valid_p{i}") for i in range(Requantizer.latency)]
-        requant_active = rq_busy | stage_valid | Cat(*pipe_valid).any()
+        requant_active = (rq_busy | stage_valid | Cat(*pipe_valid).any() | inject_read.valid
+                          | inject_data.valid | inject_write)
 
         # -- Sequencer: the step dispatched this cycle ------------------------------------
         # A step is the instruction itself or, inside a GEMM, the LOADW or MATMUL it stands
@@ -514,9 +532,24 @@ class Npu(wiring.Component):
         row_layout = data.ArrayLayout(signed(c.accumulator_width), cols)
         add_tag = Signal(tag_layout)
         add_row, add_old = Signal(row_layout), Signal(row_layout)
-        m.d.sync += [add_tag.eq(tag), add_row.eq(array.result)]
+        raw_row = Signal(row_layout)        # REQUANT to_acc results, a group at a time
+        arriving_tag = Signal(tag_layout)   # the row that arrives now: the array's or REQUANT's
+        arriving_row = Signal(row_layout)
+        # Plain multiplexers, not If/Else: a process whose inputs settle at time 0 could
+        # stay undefined in an event-driven simulator (Icarus).
+        injected = Signal(tag_layout)
+        m.d.comb += [injected.valid.eq(1), injected.accumulate.eq(inject_data.accumulate),
+                     injected.addr.eq(inject_data.addr)]
+        m.d.comb += [
+            arriving_tag.eq(Mux(inject_data.valid, injected.as_value(), tag.as_value())),
+            arriving_row.eq(Mux(inject_data.valid, raw_row.as_value(), array.result.as_value())),
+        ]
+        m.d.sync += [add_tag.eq(arriving_tag), add_row.eq(arriving_row),
+                     inject_write.eq(inject_data.valid)]
         with m.If(read_tag.valid):
             m.d.comb += acc_read.addr.eq(read_tag.addr)
+        with m.If(inject_read.valid):
+            m.d.comb += acc_read.addr.eq(inject_read.addr)
         summed = Signal(row_layout)
         combined = [Mux(add_tag.max,
                         Mux(add_old[k] > add_row[k], add_old[k], add_row[k]),
@@ -526,7 +559,7 @@ class Npu(wiring.Component):
                                     for k in range(cols)]))
         # Gated by running: an aborted run leaves nothing behind (HALT waits for drain).
         writing = add_tag.valid & running
-        with m.If(writing & (add_tag.addr == tag.addr)):
+        with m.If(writing & (add_tag.addr == arriving_tag.addr)):
             m.d.sync += add_old.eq(summed)
         with m.Else():
             m.d.sync += add_old.eq(acc_read.data)
@@ -536,7 +569,9 @@ class Npu(wiring.Component):
 
         # -- Requantization unit -------------------------------------------------------------
         param_read = reads[Region.PARAMS]
-        with m.If(rq_busy):
+        with m.If(rq_busy & rq_to_acc):
+            m.d.sync += rq_phase.eq(~rq_phase)
+        with m.If(rq_advance):
             m.d.comb += [acc_read.addr.eq(rq_acc_addr), param_read.addr.eq(rq_param_addr)]
             last_group = rq_group == groups - 1
             next_lane = rq_lane + lanes
@@ -575,6 +610,10 @@ class Npu(wiring.Component):
                 rq_acc_addr.eq(_field(instruction, Opcode.REQUANT, "acc_addr")),
                 rq_row_addr.eq(out_addr), rq_word.eq(out_addr), rq_line_addr.eq(out_addr),
                 rq_out_col.eq(0), rq_lane.eq(first_lane), rq_first_lane.eq(first_lane),
+                rq_to_acc.eq(_field(instruction, Opcode.REQUANT, "to_acc")),
+                rq_acc_accumulate.eq(_field(instruction, Opcode.REQUANT, "accumulate")),
+                rq_left_shift.eq(_field(instruction, Opcode.REQUANT, "left_shift")),
+                rq_phase.eq(0), raw_group.eq(0), raw_dest.eq(out_addr),
             ]
         # One group selector feeding every lane (slicing a shared expression per lane
         # would emit one selector per lane).
@@ -592,6 +631,7 @@ class Npu(wiring.Component):
                 rq.zero_point.eq(zero_point),
                 rq.clamp_min.eq(clamp_min),
                 rq.clamp_max.eq(clamp_max),
+                rq.left_shift.eq(rq_left_shift),
             ]
         previous = (stage_valid, stage_word, stage_lane)
         for i in range(Requantizer.latency):
@@ -608,7 +648,19 @@ class Npu(wiring.Component):
         block_hit = Signal(blocks)
         out_block = out_lane // lanes
         m.d.comb += block_hit.eq(Cat(*[out_block == block for block in range(blocks)]))
-        with m.If(out_valid & running):
+        # to_acc: collect a word's groups, then send it down the accumulate path.
+        m.d.sync += [inject_read.valid.eq(0), inject_data.eq(inject_read)]
+        with m.If(out_valid & rq_to_acc):
+            m.d.sync += raw_row.as_value().word_select(raw_group, lanes * c.accumulator_width).eq(
+                Cat(*[rq.raw for rq in requantizers]))
+            with m.If(raw_group == groups - 1):
+                m.d.sync += [raw_group.eq(0), raw_dest.eq(raw_dest + 1),
+                             inject_read.valid.eq(running),
+                             inject_read.accumulate.eq(rq_acc_accumulate),
+                             inject_read.addr.eq(raw_dest)]
+            with m.Else():
+                m.d.sync += raw_group.eq(raw_group + 1)
+        with m.If(out_valid & running & ~rq_to_acc):
             m.d.comb += [
                 act_write.addr.eq(out_word),
                 act_write.data.eq(Cat(*[chunk] * blocks)),

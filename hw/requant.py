@@ -4,6 +4,7 @@ from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from ..arith import ADD_LEFT_SHIFT
 from ..golden import REQUANT_PIPELINE_STAGES
 
 __all__ = ["Requantizer"]
@@ -22,11 +23,14 @@ class Requantizer(wiring.Component):
 
     latency = REQUANT_PIPELINE_STAGES
 
-    def __init__(self, *, accumulator_width: int, output_width: int):
+    def __init__(self, *, accumulator_width: int, output_width: int, rounding: str = "double"):
         if not 16 <= accumulator_width <= 32:
             raise ValueError(f"accumulator_width must be 16 to 32, not {accumulator_width!r}")
+        if rounding not in ("double", "single"):
+            raise ValueError(f"rounding must be 'double' or 'single', not {rounding!r}")
         self._acc_width = accumulator_width
         self._out_width = output_width
+        self._rounding = rounding
         super().__init__({
             "valid": In(1),
             "acc": In(signed(accumulator_width)),
@@ -36,8 +40,10 @@ class Requantizer(wiring.Component):
             "zero_point": In(signed(16)),
             "clamp_min": In(signed(16)),
             "clamp_max": In(signed(16)),
+            "left_shift": In(1),
             "out_valid": Out(1),
             "out": Out(signed(output_width)),
+            "raw": Out(signed(accumulator_width)),
         })
 
     def elaborate(self, platform):
@@ -48,14 +54,16 @@ class Requantizer(wiring.Component):
         multiplier1 = Signal(signed(32))
         shift1 = Signal(5)
         valid1 = Signal()
+        left_shift1 = Signal()
         m.d.sync += [total.eq(self.acc + self.bias), multiplier1.eq(self.multiplier),
-                     shift1.eq(self.shift), valid1.eq(self.valid)]
+                     shift1.eq(self.shift), valid1.eq(self.valid),
+                     left_shift1.eq(self.left_shift)]
         # Stages 2-3: the 32 × 32 product from four 16 × 16 products of one signedness each
         # (one DSP block apiece on iCE40 and ECP5): with a = a1·2^16 + a0 (a0 unsigned),
         # a1·b0 = a1·(b0 − 2^15) + a1·2^15, likewise a0·b1, so
         # a·b = a1·b1·2^32 + a0·b0 + (a1·(b0 − 2^15) + (a0 − 2^15)·b1 + (a1 + b1)·2^15)·2^16.
         a = Signal(signed(32))
-        m.d.comb += a.eq(total)
+        m.d.comb += a.eq(Mux(left_shift1, (total << ADD_LEFT_SHIFT)[0:32], total))
         b = multiplier1
         a1, a0, b1, b0 = a[16:32].as_signed(), a[0:16], b[16:32].as_signed(), b[0:16]
         # With reset (unlike the PE's product): yosys's iCE40 mapping that moves reset-less
@@ -84,30 +92,43 @@ class Requantizer(wiring.Component):
         overflow, shift3, valid3 = Signal(), Signal(5), Signal()
         m.d.sync += [product.eq(Cat(p00, p11).as_signed() + (middle << 16)),
                      overflow.eq(overflow2), shift3.eq(shift2), valid3.eq(valid2)]
-        # Stage 4: round to nearest (nudge), divide by 2**31 truncating toward zero.
-        nudge = Mux(product[63], Const(1 - (1 << 30), signed(32)), Const(1 << 30, signed(32)))
-        nudged = Signal(signed(66))
-        m.d.comb += nudged.eq(product + nudge)
-        floor = nudged >> 31
-        inexact = nudged[0:31].any()
-        quotient = Signal(signed(35))
-        m.d.comb += quotient.eq(floor + (nudged[65] & inexact))
-        high = Signal(signed(32))
+        # The single-rounding quotient needs 33 bits (the product of two −2**31 is 2**62).
+        high = Signal(signed(32 if self._rounding == "double" else 33))
+        half = Signal()   # single rounding: the product's bit 30 (the rounding bit at shift 0)
         shift4 = Signal(5)
         valid4 = Signal()
-        m.d.sync += [high.eq(Mux(overflow, (1 << 31) - 1, quotient[0:32].as_signed())),
-                     shift4.eq(shift3), valid4.eq(valid3)]
-        # Stage 5: rounding right shift: the truncated value and whether to round up.
+        m.d.sync += [shift4.eq(shift3), valid4.eq(valid3)]
+        if self._rounding == "double":
+            # Stage 4: round to nearest (nudge), divide by 2**31 truncating toward zero.
+            nudge = Mux(product[63], Const(1 - (1 << 30), signed(32)),
+                        Const(1 << 30, signed(32)))
+            nudged = Signal(signed(66))
+            m.d.comb += nudged.eq(product + nudge)
+            floor = nudged >> 31
+            inexact = nudged[0:31].any()
+            quotient = Signal(signed(35))
+            m.d.comb += quotient.eq(floor + (nudged[65] & inexact))
+            m.d.sync += high.eq(Mux(overflow, (1 << 31) - 1, quotient[0:32].as_signed()))
+        else:
+            # Stage 4: floor(product / 2**31); the single rounding happens in stage 5:
+            # floor((p + 2**(30+s)) / 2**(31+s)) = (q >> s) + (s ? q[s−1] : p[30]).
+            m.d.sync += [high.eq(product[31:64].as_signed()), half.eq(product[30])]
+        # Stage 5: rounding right shift: the truncated value and whether to round up
+        # (double: half away from zero; single: half up).
         mask = Signal(32)
         m.d.comb += mask.eq((Const(1, 33) << shift4) - 1)
-        remainder = high.as_unsigned() & mask
+        remainder = high.as_unsigned()[0:32] & mask
         threshold = Signal(32)
-        m.d.comb += threshold.eq((mask >> 1) + high[31])
         truncated = Signal(signed(32))
         round_up = Signal()
         valid5 = Signal()
-        m.d.sync += [truncated.eq(high >> shift4), round_up.eq(remainder > threshold),
-                     valid5.eq(valid4)]
+        if self._rounding == "double":
+            m.d.comb += threshold.eq((mask >> 1) + high[31])
+            m.d.sync += round_up.eq(remainder > threshold)
+        else:
+            m.d.comb += threshold.eq(mask >> 1)
+            m.d.sync += round_up.eq((remainder > threshold) | ((shift4 == 0) & half))
+        m.d.sync += [truncated.eq((high >> shift4)[0:32].as_signed()), valid5.eq(valid4)]
         # Stage 6: round and add the zero point (one carry chain, rounding as carry-in).
         with_zero = Signal(signed(34))
         valid6 = Signal()
@@ -127,6 +148,7 @@ class Requantizer(wiring.Component):
         m.d.sync += [
             self.out.eq(Mux(raised_above_max, saturate(self.clamp_max),
                             Mux(below_min, saturate(self.clamp_min), saturate(with_zero)))),
+            self.raw.eq(with_zero[0:self._acc_width]),
             self.out_valid.eq(valid6),
         ]
         return m

@@ -180,10 +180,13 @@ def run_test(config: NpuConfig, *, simulator: str, design: str, test_module: str
 
     build_dir = build(config, simulator, build_root, design)
     runner = _runner(simulator)
-    results_xml = runner.test(
-        hdl_toplevel=f"{design}_tb", hdl_toplevel_lang="verilog", test_module=test_module,
-        build_dir=build_dir, test_dir=work_dir, results_xml=str(work_dir / "results.xml"),
-        extra_env=extra_env, log_file=work_dir / "sim.log")
+    try:
+        results_xml = runner.test(
+            hdl_toplevel=f"{design}_tb", hdl_toplevel_lang="verilog", test_module=test_module,
+            build_dir=build_dir, test_dir=work_dir, results_xml=str(work_dir / "results.xml"),
+            extra_env=extra_env, log_file=work_dir / "sim.log")
+    except SystemExit:   # cocotb's runner exits when a test fails: report it with the log
+        return False
     _, failures = get_results(Path(results_xml))
     return failures == 0
 

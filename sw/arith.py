@@ -9,6 +9,7 @@ import numpy as np
 
 __all__ = [
     "wrap", "saturate", "rounding_doubling_high_mul", "rounding_divide_by_pot",
+    "single_rounding_multiply", "requantize_raw", "ADD_LEFT_SHIFT",
     "requantize", "quantize_multiplier",
 ]
 
@@ -51,11 +52,52 @@ def rounding_divide_by_pot(x, shift) -> np.ndarray:
     return (x >> shift) + (remainder > threshold)
 
 
-def requantize(acc, bias, multiplier, shift, zero_point: int, clamp_min: int,
-               clamp_max: int, *, accumulator_width: int, output_width: int) -> np.ndarray:
-    """Accumulator to output: + bias (wrapping), requantize, + zero point, clamp, saturate."""
+def single_rounding_multiply(x, multiplier, shift) -> np.ndarray:
+    """TFLite's ``MultiplyByQuantizedMultiplier`` with TFLITE_SINGLE_ROUNDING:
+    (x·multiplier + 2**(30+shift)) >> (31+shift), one rounding (half up), wrapped to 32 bits."""
+    x = np.asarray(x, dtype=np.int64)
+    multiplier = np.asarray(multiplier, dtype=np.int64)
+    total_shift = 31 + np.asarray(shift, dtype=np.int64)
+    # |x·multiplier| <= 2**62, so the sum fits int64.
+    rounded = (x * multiplier + (np.int64(1) << (total_shift - 1))) >> total_shift
+    return wrap(rounded, 32)
+
+
+#: TFLite's int8 Add scales its inputs by 2**20 before rescaling them (``left_shift``).
+ADD_LEFT_SHIFT = 20
+
+
+def requantize_raw(acc, bias, multiplier, shift, zero_point: int, *, accumulator_width: int,
+                   rounding: str = "double", left_shift=0) -> np.ndarray:
+    """The requantized value before clamping: + bias (wrapping), times 2**20 when
+    ``left_shift`` (wrapping to 32 bits), rescale, + zero point, wrapped to the
+    accumulator width."""
     total = wrap(np.asarray(acc, dtype=np.int64) + bias, accumulator_width)
-    scaled = rounding_divide_by_pot(rounding_doubling_high_mul(total, multiplier), shift)
+    total = np.where(np.asarray(left_shift, dtype=bool),
+                     wrap(total * (np.int64(1) << ADD_LEFT_SHIFT), 32), total)
+    if rounding == "single":
+        scaled = single_rounding_multiply(total, multiplier, shift)
+    else:
+        scaled = rounding_divide_by_pot(rounding_doubling_high_mul(total, multiplier), shift)
+    return wrap(scaled + zero_point, accumulator_width)
+
+
+def requantize(acc, bias, multiplier, shift, zero_point: int, clamp_min: int,
+               clamp_max: int, *, accumulator_width: int, output_width: int,
+               rounding: str = "double", left_shift=0) -> np.ndarray:
+    """Accumulator to output: + bias (wrapping), requantize, + zero point, clamp, saturate.
+
+    ``rounding``: ``double`` (gemmlowp: rounding doubling high multiply, rounding shift) or
+    ``single`` (one rounding of the exact product, see :func:`single_rounding_multiply`).
+    ``left_shift``: first multiply the biased accumulator by 2**20 (TFLite's Add).
+    """
+    total = wrap(np.asarray(acc, dtype=np.int64) + bias, accumulator_width)
+    total = np.where(np.asarray(left_shift, dtype=bool),
+                     wrap(total * (np.int64(1) << ADD_LEFT_SHIFT), 32), total)
+    if rounding == "single":
+        scaled = single_rounding_multiply(total, multiplier, shift)
+    else:
+        scaled = rounding_divide_by_pot(rounding_doubling_high_mul(total, multiplier), shift)
     out = np.clip(scaled + zero_point, clamp_min, clamp_max)
     return saturate(out, output_width)
 

@@ -44,7 +44,7 @@ def add_config_flags(parser: argparse.ArgumentParser, *, board: bool = True) -> 
     defaults = NpuConfig()
     for f in dataclasses.fields(NpuConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = str if f.name == "dataflow" else int
+        kind = str if f.name in ("dataflow", "rounding") else int
         group.add_argument(flag, dest=f"config_{f.name}", type=kind, metavar=f.name.upper(),
                            help=f"default {getattr(defaults, f.name)!r}")
 
@@ -78,8 +78,9 @@ def load_npy(path: str, what: str) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise UsageError(f"{what} file {path!r} does not exist") from None
-    except (ValueError, OSError) as error:
-        raise UsageError(f"{what} file {path!r} is not a readable .npy array: {error}") from None
+    except (ValueError, OSError, EOFError) as error:   # EOFError: an empty file
+        raise UsageError(f"{what} file {path!r} is not a readable .npy array: "
+                         f"{error or 'it is empty'}") from None
 
 
 def emit_json(record: dict[str, Any]) -> None:

@@ -26,9 +26,9 @@ import numpy as np
 from .config import NpuConfig
 from .featuremap import FeatureMap
 from .golden import CycleModel, GemmState, check_program, expand_program
-from .graph import Conv, Dense, Model, Pool
+from .graph import Add, Conv, Dense, Model, Pool, output_shape
 from .isa import Instruction, Opcode, encode_program
-from .lowering import Lowering, Requant
+from .lowering import Lowering, Requant, Rescale
 from .memory_map import Region
 from .program import Program, TensorLayout
 from .quantize import QuantizedModel, quantize_model
@@ -232,9 +232,10 @@ def _requant(layer) -> Requant:
                    layer.clamp_min, layer.clamp_max)
 
 
-def _lower(lowering: Lowering, layer, src: FeatureMap, dst: FeatureMap) -> dict:
+def _lower(lowering: Lowering, layer, maps: dict[str, FeatureMap]) -> dict:
     """Emit one layer; returns its row of the layer table."""
     source, requant = layer.source, _requant(layer)
+    src, dst = maps[layer.inputs[0]], maps[layer.name]
     kind = type(source).__name__.lower() if source is not None else "dense"
     macs = ops = 0
     if isinstance(source, Conv) and source.depthwise:
@@ -255,48 +256,66 @@ def _lower(lowering: Lowering, layer, src: FeatureMap, dst: FeatureMap) -> dict:
         lowering.depthwise(src, dst, ones, requant, source.stride, source.pads,
                            combine_max=source.kind == "max")
         ops = dst.channels * dst.height * dst.width * source.kernel ** 2
+    elif isinstance(source, Add):
+        first, second = (Rescale(*values) for values in layer.rescales)
+        lowering.add(src, maps[layer.inputs[1]], dst, first, second, requant)
+        ops = 2 * dst.channels * dst.height * dst.width   # both inputs pass the array
     else:  # dense: a convolution whose kernel is the whole map (C·H·W flatten order)
         weight = layer.weight.reshape(src.channels, src.height, src.width, -1)
         lowering.conv(src, dst, weight.transpose(1, 2, 0, 3), requant)
         macs = int(np.prod(layer.weight.shape))
-    return {"name": layer.name, "kind": kind,
+    return {"name": layer.name, "kind": kind, "inputs": list(layer.inputs),
             "input": [src.channels, src.height, src.width],
             "output": [dst.channels, dst.height, dst.width], "macs": macs,
-            "ops": ops or macs,
-            "clamp": [layer.clamp_min, layer.clamp_max]}
+            "ops": ops or macs, "clamp": [layer.clamp_min, layer.clamp_max]}
 
 
-def _compile_maps(model: QuantizedModel, config: NpuConfig) -> Program:
-    shapes = [_map_shape(model.input_shape)]
+def _allocate_maps(model: QuantizedModel, config: NpuConfig) -> dict[str, FeatureMap]:
+    """A feature map for every tensor, each with the halo its consumers' padding needs."""
+    shapes = {"input": _map_shape(model.input_shape)}
+    quants = {"input": model.input_quant}
     for layer in model.layers:
-        shape = shapes[-1]
         source = layer.source
         if isinstance(source, Conv | Pool):
-            from .graph import output_shape
-
-            shapes.append(output_shape(source, shape))
+            shapes[layer.name] = output_shape(source, shapes[layer.inputs[0]])
+        elif isinstance(source, Add):
+            shapes[layer.name] = shapes[layer.inputs[0]]
         else:
-            shapes.append((layer.out_features, 1, 1))
-    # Every tensor gets a map of its own, so halos written with the program stay intact.
-    maps, base = [], 0
-    for index, shape in enumerate(shapes):
-        quant = model.layers[index].input_quant if index < len(model.layers) else \
-            model.output_quant
-        halo, fill = ((0, 0, 0, 0), quant.zero_point) if index == len(model.layers) else \
-            _halo(model.layers[index], quant.zero_point)
-        fmap = FeatureMap(base, *shape, config.rows, config.cols, halo, fill)
-        maps.append(fmap)
+            shapes[layer.name] = (layer.out_features, 1, 1)
+        quants[layer.name] = layer.output_quant
+    halos: dict[str, tuple[tuple[int, int, int, int], int | None]] = {
+        name: ((0, 0, 0, 0), None) for name in shapes}
+    for layer in model.layers:
+        name = layer.inputs[0]
+        pads, fill = _halo(layer, quants[name].zero_point)
+        old_pads, old_fill = halos[name]
+        if any(pads) and any(old_pads) and old_fill != fill:
+            raise DoesNotFit(f"tensor {name!r} is padded with {old_fill} for one consumer and "
+                             f"with {fill} for {layer.name!r}; one map has one halo value")
+        merged = tuple(max(a, b) for a, b in zip(pads, old_pads, strict=True))
+        halos[name] = (merged, fill if any(pads) else old_fill)
+    maps, base = {}, 0
+    for name, shape in shapes.items():
+        pads, fill = halos[name]
+        fmap = FeatureMap(base, *shape, config.rows, config.cols, pads,
+                          quants[name].zero_point if fill is None else fill)
+        maps[name] = fmap
         base = fmap.end
     if base > config.activation_depth:
         raise DoesNotFit(f"the model does not fit a {config.describe()} NPU: its feature "
                          f"maps need {base} activation words, activation_depth is "
                          f"{config.activation_depth}")
+    return maps
+
+
+def _compile_maps(model: QuantizedModel, config: NpuConfig) -> Program:
+    maps = _allocate_maps(model, config)
     lowering = Lowering(config)
     layers, starts = [], []
     try:
-        for index, layer in enumerate(model.layers):
+        for layer in model.layers:
             starts.append(len(lowering.instructions))
-            layers.append(_lower(lowering, layer, maps[index], maps[index + 1]))
+            layers.append(_lower(lowering, layer, maps))
     except DoesNotFit as error:
         raise DoesNotFit(f"the model does not fit a {config.describe()} NPU: {error}") from None
     instructions = lowering.instructions + [Instruction(Opcode.HALT)]
@@ -313,7 +332,8 @@ def _compile_maps(model: QuantizedModel, config: NpuConfig) -> Program:
         for step in state.expand(instruction):
             timing.dispatch(step)
             first_dispatch.setdefault(index, timing.next_cycle - 1)
-    bounds = [first_dispatch[start] for start in starts] + [timing.counters.cycles]
+    # The first layer also counts the run's start (the first instruction's fetch).
+    bounds = [0] + [first_dispatch[start] for start in starts[1:]] + [timing.counters.cycles]
     for row, start, end in zip(layers, bounds, bounds[1:], strict=False):
         row["cycles"] = end - start
         # Pooling does no MACs; its utilization counts one operation per window element.
@@ -322,8 +342,8 @@ def _compile_maps(model: QuantizedModel, config: NpuConfig) -> Program:
                 (Region.WEIGHTS, 0, lowering.weights()),
                 (Region.PARAMS, 0, lowering.params())]
     # Halos (and the spare lanes) start out as their fill; runs only write pixels.
-    for fmap in maps[1:]:
-        if any(fmap.halo):
+    for name, fmap in maps.items():
+        if name != "input" and any(fmap.halo):
             segments.append((Region.ACTIVATIONS, fmap.base, np.full(
                 (fmap.words, config.rows), fmap.fill, dtype=np.int64)))
 
@@ -334,7 +354,7 @@ def _compile_maps(model: QuantizedModel, config: NpuConfig) -> Program:
 
     return Program(
         config=config, batch=1, segments=segments,
-        input=layout(maps[0], model.input_shape, model.input_quant),
-        output=layout(maps[-1], model.output_shape, model.output_quant),
+        input=layout(maps["input"], model.input_shape, model.input_quant),
+        output=layout(maps[model.layers[-1].name], model.output_shape, model.output_quant),
         layers=layers, estimated_cycles=timing.counters.cycles,
         instruction_count=len(instructions))

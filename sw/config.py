@@ -12,10 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NpuConfig", "DATAFLOWS"]
+__all__ = ["NpuConfig", "DATAFLOWS", "ROUNDINGS"]
 
 #: Supported dataflows, in the order of their identity-block code.
 DATAFLOWS = ("ws",)
+#: Requantization rounding, in the order of their identity-block code: ``double`` is the
+#: TFLite/gemmlowp reference (a rounding doubling high multiply, then a rounding shift);
+#: ``single`` rounds once (TFLite's TFLITE_SINGLE_ROUNDING), as onnxruntime's float
+#: requantization does.
+ROUNDINGS = ("double", "single")
 
 #: Widest memory address the 16-bit ISA address fields can name.
 MAX_DEPTH = 1 << 16
@@ -52,6 +57,7 @@ class NpuConfig:
     param_depth: int = 256
     requant_lanes: int | None = None  # None: gcd(rows, cols), at most 8
     dataflow: str = "ws"
+    rounding: str = "double"
 
     def __post_init__(self) -> None:
         _check_int("rows", self.rows, 1, 64)
@@ -86,6 +92,10 @@ class NpuConfig:
             raise ValueError(
                 f"dataflow must be one of {', '.join(map(repr, DATAFLOWS))}, "
                 f"not {self.dataflow!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(
+                f"rounding must be one of {', '.join(map(repr, ROUNDINGS))}, "
+                f"not {self.rounding!r}")
 
     # Derived quantities -------------------------------------------------------------
 
@@ -160,5 +170,6 @@ class NpuConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def describe(self) -> str:
-        return (f"{self.rows}x{self.cols} {self.dataflow}, int{self.input_width} x "
+        text = (f"{self.rows}x{self.cols} {self.dataflow}, int{self.input_width} x "
                 f"int{self.weight_width} -> int{self.accumulator_width}")
+        return text + (", single rounding" if self.rounding == "single" else "")

@@ -8,9 +8,8 @@ holds the value that padding stands for (the zero point for a convolution, the l
 int8 for max pooling); it is written with the program and never overwritten, because
 outputs are only written inside a map.
 
-A layer's output is written ``cols`` channels at a time, so a map keeps room for
-``cols`` channels past its last whole tile: the spill of the last output tile lands in
-spare lanes, never in another map.
+A layer's output is written ``cols`` channels at a time, so a map keeps room for the
+last output tile's spill: it lands in spare lanes, never in another map.
 """
 
 from __future__ import annotations
@@ -54,13 +53,23 @@ class FeatureMap:
 
     @property
     def tiles(self) -> int:
-        """Channel tiles allocated, spare lanes for a ``cols``-wide spill included."""
-        return _ceil_div(_ceil_div(self.channels, self.rows) * self.rows + self.cols - 1,
-                         self.rows)
+        """Channel tiles allocated: room for every lane an output writes, ``cols`` at a
+        time, either as whole output tiles (a convolution's channels ``n·cols ...``) or
+        per input tile (a per-channel operator's channels ``t·rows + j·cols ...``)."""
+        whole = _ceil_div(self.channels, self.cols) * self.cols
+        last_tile = (self.channels - 1) // self.rows
+        last_group = (self.channels - 1 - last_tile * self.rows) // self.cols * self.cols
+        per_tile = last_tile * self.rows + last_group + self.cols
+        return _ceil_div(max(whole, per_tile), self.rows)
 
     @property
     def words(self) -> int:
         return self.tiles * self.tile_words
+
+    @property
+    def data_words(self) -> int:
+        """Words of the tiles that hold channels (the spare tiles left out)."""
+        return _ceil_div(self.channels, self.rows) * self.tile_words
 
     @property
     def end(self) -> int:
@@ -86,8 +95,12 @@ class FeatureMap:
         return tiles.transpose(0, 2, 3, 1).reshape(-1, self.rows)
 
     def unpack(self, words: np.ndarray) -> np.ndarray:
-        """The map's words (from ``base`` on) back to a (C, H, W) array."""
+        """The map's words (from ``base`` on, at least :attr:`data_words`) back to a
+        (C, H, W) array."""
         words = np.asarray(words)[:self.words]
+        if len(words) < self.words:
+            words = np.concatenate([words, np.zeros((self.words - len(words), self.rows),
+                                                    dtype=words.dtype)])
         tiles = words.reshape(self.tiles, self.padded_height, self.pitch, self.rows)
         image = tiles.transpose(0, 3, 1, 2).reshape(-1, self.padded_height, self.pitch)
         top, left = self.halo[0], self.halo[1]

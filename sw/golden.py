@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .arith import requantize, wrap
+from .arith import requantize, requantize_raw, wrap
 from .config import NpuConfig
 from .isa import Instruction, Opcode, decode_program
 from .memory_map import Region
@@ -40,6 +40,9 @@ def weight_use_cycles(rows: int, cols: int) -> int:
 #: Cycles from a REQUANT's dispatch to the cycle the next instruction may dispatch,
 #: beyond one cycle per channel group: issue, memory read, then the lane's pipeline.
 REQUANT_TAIL_CYCLES = 2 + REQUANT_PIPELINE_STAGES
+#: The same for REQUANT to_acc (two cycles per group): the results then take the
+#: accumulate path (destination read, add, write).
+REQUANT_TO_ACC_TAIL_CYCLES = REQUANT_TAIL_CYCLES + 2
 
 
 class ProgramError(ValueError):
@@ -109,7 +112,10 @@ class CycleModel:
             self.counters.macs += count * rows * cols
         elif op is Opcode.REQUANT:
             groups = instruction["count"] * (cols // self.config.requant_lanes)
-            self.requant_free_at = cycle + groups + REQUANT_TAIL_CYCLES
+            if instruction["to_acc"]:
+                self.requant_free_at = cycle + 2 * groups + REQUANT_TO_ACC_TAIL_CYCLES
+            else:
+                self.requant_free_at = cycle + groups + REQUANT_TAIL_CYCLES
         self.next_cycle = cycle + 1
         if op is Opcode.HALT:
             self.counters.cycles = cycle + 1
@@ -240,6 +246,12 @@ def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instructio
     elif op is Opcode.SETPP:
         need(ins["clamp_min"] <= ins["clamp_max"], index, ins,
              "clamp_min must not exceed clamp_max")
+    elif op is Opcode.REQUANT and ins["to_acc"]:
+        source, target = ins["acc_addr"], ins["out_addr"]
+        within("accumulator words written", target + ins["count"], "accumulator_depth")
+        need(target == source or target + ins["count"] <= source
+             or source + ins["count"] <= target, index, ins,
+             "to_acc output words must be the source words or not overlap them")
     elif op is Opcode.REQUANT:
         lanes = config.requant_lanes
         need(ins["out_lane"] < config.rows and ins["out_lane"] % lanes == 0, index, ins,
@@ -339,10 +351,20 @@ class GoldenNpu:
         param_words = (self.param_addr + np.arange(groups)) % c.param_depth
         params = self.params[param_words].reshape(c.cols, 3)
         acc = self.accumulators[ins["acc_addr"]:ins["acc_addr"] + count]
+        if ins["to_acc"]:
+            raw = requantize_raw(acc, params[:, 0], params[:, 1], params[:, 2] & 31,
+                                 self.zero_point, accumulator_width=c.accumulator_width,
+                                 rounding=c.rounding, left_shift=ins["left_shift"])
+            target = slice(ins["out_addr"], ins["out_addr"] + count)
+            if ins["accumulate"]:
+                raw = raw + self.accumulators[target]
+            self.accumulators[target] = wrap(raw, c.accumulator_width)
+            return
         out = requantize(
             acc, params[:, 0], params[:, 1], params[:, 2] & 31, self.zero_point,
             self.clamp_min, self.clamp_max,
-            accumulator_width=c.accumulator_width, output_width=c.input_width)
+            accumulator_width=c.accumulator_width, output_width=c.input_width,
+            rounding=c.rounding, left_shift=ins["left_shift"])
         lanes = ins["out_lane"] + np.arange(c.cols)
         words = (ins["out_addr"] + (lanes // c.rows) * self.out_stride) % c.activation_depth
         for i, offset in enumerate(self.state.out.offsets(count)):

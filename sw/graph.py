@@ -1,11 +1,13 @@
-"""The model as the compiler sees it: a chain of layers with clamp activations.
+"""The model as the compiler sees it: layers in execution order, with clamp activations.
 
 Layers: :class:`Dense` (on a vector, or on a feature map it flattens in C·H·W order),
-:class:`Conv` (2-D convolution, or depthwise with one filter per channel) and
-:class:`Pool` (max, average, global average). Importers (ONNX, ``.npz``) produce a
-:class:`Model`; layers may carry float weights (to be quantized from calibration data) or
-pre-quantized ones (QDQ models), and tensors may carry the quantization an imported model
-prescribes.
+:class:`Conv` (2-D convolution, or depthwise with one filter per channel),
+:class:`Pool` (max, average, global average) and :class:`Add` (two tensors, a residual
+connection). A layer's output tensor is named after the layer; ``inputs`` names the
+tensors it reads (``"input"`` is the model's input; empty: the previous layer's output).
+Importers (ONNX, ``.npz``) produce a :class:`Model`; layers may carry float weights (to
+be quantized from calibration data) or pre-quantized ones (QDQ models), and tensors may
+carry the quantization an imported model prescribes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["QuantParams", "Dense", "Conv", "Pool", "Layer", "Model", "ModelError",
+__all__ = ["QuantParams", "Dense", "Conv", "Pool", "Add", "Layer", "Model", "ModelError",
            "output_shape"]
 
 
@@ -70,6 +72,7 @@ class Dense(WeightShape):
     quantized_weight: np.ndarray | None = None
     weight_quant: QuantParams | None = None
     quantized_bias: np.ndarray | None = None
+    inputs: tuple[str, ...] = ()
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = x.reshape(len(x), -1)
@@ -105,6 +108,7 @@ class Conv:
     quantized_weight: np.ndarray | None = None
     weight_quant: QuantParams | None = None
     quantized_bias: np.ndarray | None = None
+    inputs: tuple[str, ...] = ()
 
     @property
     def kernel(self) -> tuple[int, int]:
@@ -137,6 +141,7 @@ class Pool:
     kernel: int = 1
     stride: int = 1
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    inputs: tuple[str, ...] = ()
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = x.astype(np.float64)
@@ -148,12 +153,32 @@ class Pool:
         return reduce(windows, axis=(4, 5)).astype(np.float32)
 
 
-Layer = Dense | Conv | Pool
+@dataclass
+class Add:
+    """``y = clamp(a + b, low, high)`` of two tensors of one shape (``inputs`` names them)."""
+
+    name: str
+    inputs: tuple[str, ...]
+    low: float = -np.inf
+    high: float = np.inf
+
+    def forward(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        y = a.astype(np.float64) + b.astype(np.float64)
+        return np.clip(y, self.low, self.high).astype(np.float32)
 
 
-def output_shape(layer: Layer, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape a layer makes from an input of ``shape`` (no batch dimension); raises
-    :class:`ModelError` if the layer cannot take it."""
+Layer = Dense | Conv | Pool | Add
+
+
+def output_shape(layer: Layer, shape: tuple[int, ...],
+                 other: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The shape a layer makes from an input of ``shape`` (no batch dimension; ``other``:
+    an Add's second input); raises :class:`ModelError` if the layer cannot take it."""
+    if isinstance(layer, Add):
+        if other is not None and tuple(other) != tuple(shape):
+            raise ModelError(f"layer {layer.name!r} adds tensors of shapes {shape} and "
+                             f"{other}; they must be equal (no broadcasting)")
+        return tuple(shape)
     if isinstance(layer, Dense):
         if layer.in_features != int(np.prod(shape)):
             raise ModelError(f"layer {layer.name!r} takes {layer.in_features} features but "
@@ -206,19 +231,41 @@ class Model:
         """Whether any layer works on feature maps (so the model compiles as a CNN)."""
         return any(not isinstance(layer, Dense) for layer in self.layers)
 
+    def input_names(self, index: int) -> tuple[str, ...]:
+        """The tensors layer ``index`` reads."""
+        layer = self.layers[index]
+        if layer.inputs:
+            return tuple(layer.inputs)
+        return ("input",) if index == 0 else (self.layers[index - 1].name,)
+
+    def evaluate(self, x, apply) -> list:
+        """Run ``apply(layer, *inputs)`` over the layers from ``x``; each layer's result,
+        the model's input first."""
+        values = {"input": x}
+        results = [x]
+        for index, layer in enumerate(self.layers):
+            names = self.input_names(index)
+            missing = [name for name in names if name not in values]
+            if missing:
+                raise ModelError(f"layer {layer.name!r} reads {', '.join(missing)}, which no "
+                                 f"earlier layer makes")
+            values[layer.name] = apply(layer, *(values[name] for name in names))
+            results.append(values[layer.name])
+        return results
+
     def shapes(self) -> list[tuple[int, ...]]:
         """The input shape, then each layer's output shape."""
-        shapes = [tuple(self.input_shape)]
-        for layer in self.layers:
-            shapes.append(output_shape(layer, shapes[-1]))
-        return shapes
+        return self.evaluate(tuple(self.input_shape),
+                             lambda layer, *shapes: output_shape(layer, *shapes))
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Float inference: x has a leading batch dimension and ``input_shape``."""
+    def forward(self, x: np.ndarray, *, every: bool = False):
+        """Float inference: x has a leading batch dimension and ``input_shape``; with
+        ``every``, every layer's output (the input first)."""
         x = np.asarray(x, dtype=np.float32).reshape(len(x), *self.input_shape)
-        for layer in self.layers:
-            x = layer.forward(x)
-        return x.reshape((len(x), *self.output_shape))
+        results = self.evaluate(x, lambda layer, *values: layer.forward(*values))
+        if every:
+            return results
+        return results[-1].reshape((len(x), *self.output_shape))
 
     def check(self) -> None:
         """Shapes chain, values are finite."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .graph import Conv, Dense, Model, ModelError, Pool, QuantParams, output_shape
+from .graph import Add, Conv, Dense, Model, ModelError, Pool, QuantParams, output_shape
 
 __all__ = ["load_model", "load_onnx", "load_npz", "SUPPORTED_ONNX_OPS", "NPZ_LAYOUT"]
 
@@ -89,7 +89,7 @@ class _Activation:
 
     shape: tuple[int, ...]
     owner: str = "input"
-    layer: Dense | Conv | Pool | None = None
+    layer: Dense | Conv | Pool | Add | None = None
     after_layer_ops: list[str] = field(default_factory=list)
 
     @property
@@ -194,7 +194,8 @@ def load_onnx(source: Any) -> Model:
             raise ModelError(f"{_describe(node)}: weights of shape {weight.shape} do not take "
                              f"{act.features} input features")
         name = node.name or node.output[0]
-        layer = Dense(name, weight.astype(np.float32), np.zeros(weight.shape[1], np.float32))
+        layer = Dense(name, weight.astype(np.float32), np.zeros(weight.shape[1], np.float32),
+                      inputs=(act.owner,))
         if quantized is not None:
             q = quantized.values.T if transpose else quantized.values
             channel_axis = 0 if transpose else 1
@@ -226,9 +227,10 @@ def load_onnx(source: Any) -> Model:
         layer.bias = layer.bias + bias
 
     def clamp(node, act: _Activation, low: float, high: float) -> _Activation:
-        if not isinstance(act.layer, Dense | Conv):
-            raise ModelError(f"{_describe(node)}: an activation must follow a Gemm, MatMul "
-                             f"or Conv (put it before the pooling: they commute)")
+        fused(node)
+        if not isinstance(act.layer, Dense | Conv | Add) or act.owner != act.layer.name:
+            raise ModelError(f"{_describe(node)}: an activation must follow a Gemm, MatMul, "
+                             f"Conv or Add (put it before a pooling: they commute)")
         act.layer.low = max(act.layer.low, low)
         act.layer.high = min(act.layer.high, high)
         return _Activation(act.shape, act.owner, act.layer, [*act.after_layer_ops, "clamp"])
@@ -238,6 +240,19 @@ def load_onnx(source: Any) -> Model:
             if a.name == name:
                 return onnx.helper.get_attribute_value(a)
         return default
+
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+
+    def fused(node) -> None:
+        """Activations and BatchNormalization fold into the layer before them: the tensor
+        they read must have no other reader."""
+        if consumers.get(node.input[0], 0) > 1:
+            raise ModelError(f"{_describe(node)}: its input {node.input[0]!r} is also read by "
+                             f"another node, but the NPU folds this node into the layer that "
+                             f"makes it")
 
     def window(node, act: _Activation, kernel: tuple[int, int]) -> tuple[int, tuple]:
         """Stride and (top, left, bottom, right) pads of a Conv or pooling node."""
@@ -274,6 +289,7 @@ def load_onnx(source: Any) -> Model:
             shape = output_shape(layer, act.shape)
         except ModelError as error:
             raise ModelError(f"{_describe(node)}: {error}") from None
+        layer.inputs = (act.owner,)
         layers.append(layer)
         return _Activation(shape, owner=layer.name, layer=layer)
 
@@ -295,7 +311,7 @@ def load_onnx(source: Any) -> Model:
         if groups == 1:
             order = (2, 3, 1, 0)      # (O, I, kh, kw) → (kh, kw, I, O)
         elif groups == channels and real.shape[:2] == (channels, 1):
-            order = (2, 3, 0)         # depthwise: (C, 1, kh, kw) → (kh, kw, C)
+            order = (1, 2, 0)         # depthwise: (C, 1, kh, kw)[:, 0] → (kh, kw, C)
         else:
             raise ModelError(f"{_describe(node)}: group={groups} is not supported (1, or "
                              f"the channel count {channels} with one filter per channel)")
@@ -326,6 +342,7 @@ def load_onnx(source: Any) -> Model:
         return new
 
     def batch_norm(node) -> _Activation:
+        fused(node)
         act = activation(node)
         layer = act.layer
         if not isinstance(layer, Conv) or act.after_layer_ops or layer.quantized_weight \
@@ -427,10 +444,18 @@ def load_onnx(source: Any) -> Model:
             values[out] = add_layer(node, act, weight, quantized, False)
         elif op == "Add":
             first, second = (values.get(name) for name in node.input[:2])
+            if isinstance(first, _Activation) and isinstance(second, _Activation):
+                # Two tensors: a residual connection, computed on chip.
+                if first.shape != second.shape:
+                    raise ModelError(f"{_describe(node)}: adds shapes {first.shape} and "
+                                     f"{second.shape}; they must be equal (no broadcasting)")
+                add = Add(node.name or out, (first.owner, second.owner))
+                layers.append(add)
+                values[out] = _Activation(first.shape, owner=add.name, layer=add)
+                continue
             act, bias = (first, second) if isinstance(first, _Activation) else (second, first)
             if not isinstance(act, _Activation) or isinstance(bias, _Activation):
-                raise ModelError(f"{_describe(node)}: only a bias Add (activation + constant) "
-                                 f"is supported")
+                raise ModelError(f"{_describe(node)}: an Add needs an activation input")
             set_bias(node, act, bias)
             values[out] = act
         elif op == "Conv":

@@ -79,7 +79,11 @@ DESCRIPTIONS: dict[Opcode, str] = {
         "accumulator word i to activation lanes `out_lane`, `out_lane`+1, ... of word "
         "`out_addr` + (i div L)·`row_step` + (i mod L), with L and `row_step` from SETOUT "
         "(L = 0: `out_addr`+i), moving to the next word block (+`out_stride`) past the last lane. "
-        "Parameters come from SETREQ/SETPP. Waits for the array to drain; blocks until done."),
+        "With `to_acc`, the results before clamping (accumulator-wide) go instead to "
+        "accumulator word `out_addr`+i, added to it when `accumulate` is 1, at one channel "
+        "group every two cycles; `left_shift` first multiplies acc + bias by 2^20 (TFLite's "
+        "Add). Parameters come from SETREQ/SETPP. Waits for the array to drain; blocks "
+        "until done."),
     Opcode.SETPP: "Set the post-processing zero point and clamp bounds used by REQUANT.",
     Opcode.SETREQ: (
         "Set the parameter-memory address of the first channel group and the "
@@ -128,6 +132,9 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
         Field("out_addr", 24, _A16, doc="activation word of the first output row"),
         Field("count", 40, _A16, doc="accumulator words to process (1 or more)"),
         Field("out_lane", 56, 6, doc="activation lane of the first output channel"),
+        Field("to_acc", 4, 1, doc="1: write the unclamped results to accumulator words"),
+        Field("accumulate", 5, 1, doc="with to_acc: add to the accumulator words"),
+        Field("left_shift", 6, 1, doc="1: multiply acc + bias by 2^20 before rescaling"),
     ),
     Opcode.SETPP: (
         Field("zero_point", 8, 16, signed=True, doc="output zero point"),

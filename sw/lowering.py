@@ -1,5 +1,6 @@
 """Feature-map operators as NPU instructions: convolution (implicit im2col), depthwise
-convolution, max and average pooling, global average pooling.
+convolution, max and average pooling, global average pooling, and the elementwise add of
+two maps (residual connections) in TFLite's int8 arithmetic.
 
 Every operator is a set of *output tiles*: ``cols`` output channels, each a GEMM whose K
 tiles walk kernel taps (SETKERN) and input-channel tiles (SETGEMM ``tile_step``) over the
@@ -15,6 +16,10 @@ REQUANT that writes the tile into the output map (SETOUT). No im2col copy is mad
   (MATMUL ``combine``), global average pooling sums every pixel into one accumulator
   word (SETWIN ``reduce``).
 
+The add passes each input through the array (identity weights), rescales it into the
+accumulators (REQUANT ``to_acc`` with ``left_shift``: (q − z)·2^20 times the input's
+multiplier, as TFLite does), sums the two there and requantizes the sum.
+
 Output pixels are processed in chunks of whole rows that fit the accumulator memory.
 """
 
@@ -29,7 +34,7 @@ from .featuremap import FeatureMap
 from .isa import Instruction, Opcode
 from .schedule import DoesNotFit, ceil_div
 
-__all__ = ["Requant", "Lowering", "conv_output_size"]
+__all__ = ["Requant", "Rescale", "Lowering", "conv_output_size"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,16 @@ class Requant:
         for index, values in enumerate((self.bias, self.multiplier, self.shift)):
             out[valid, index] = np.asarray(values, dtype=np.int64)[channels[valid]]
         return out
+
+
+@dataclass(frozen=True)
+class Rescale:
+    """One input of an add: its zero point and the Q31 multiplier and right shift that
+    bring (q − zero_point)·2^20 to the common scale."""
+
+    zero_point: int
+    multiplier: int
+    shift: int
 
 
 def conv_output_size(size: int, kernel: int, stride: int, pad_before: int,
@@ -149,6 +164,80 @@ class Lowering:
                                       tile, tile * c.rows + first))
         self._emit(src, dst, tiles, requant, (1, 1), 1, (0, 0, 0, 0), k_tiles=1,
                    reduce=True)
+
+    def add(self, first: FeatureMap, second: FeatureMap, dst: FeatureMap,
+            first_scale: Rescale, second_scale: Rescale, requant: Requant) -> None:
+        """``dst = requant(rescale(first) + rescale(second))``, elementwise (TFLite's int8
+        Add); ``requant`` rescales the sum (its bias is usually 0)."""
+        c = self.config
+        shape = (first.channels, first.height, first.width)
+        for name, fmap in (("second input", second), ("output", dst)):
+            if (fmap.channels, fmap.height, fmap.width) != shape:
+                raise ValueError(f"the {name} map is {fmap.channels}×{fmap.height}×"
+                                 f"{fmap.width}, the first input {'×'.join(map(str, shape))}")
+        self._check_maps(first, dst, first.channels, first.channels, (1, 1), 1, (0, 0, 0, 0))
+        groups = c.cols // c.requant_lanes
+        channels, height, width = shape
+        if 2 * width > c.accumulator_depth:
+            raise DoesNotFit(f"an add of {width}-pixel rows needs {2 * width} accumulator "
+                             f"words, accumulator_depth is {c.accumulator_depth}")
+        chunk_rows = min(height, c.accumulator_depth // (2 * width))
+
+        def constant_params(bias: int, multiplier: int, shift: int) -> int:
+            lanes = np.tile([bias, multiplier, shift], (c.cols, 1)).astype(np.int64)
+            return self._store_params(lanes.reshape(groups, c.requant_lanes, 3))
+
+        inputs = [(first, constant_params(-first_scale.zero_point, first_scale.multiplier,
+                                          first_scale.shift)),
+                  (second, constant_params(-second_scale.zero_point, second_scale.multiplier,
+                                           second_scale.shift))]
+        identity_at, sum_params = {}, {}
+        ins = self.instructions
+        ins.append(Instruction(Opcode.SETKERN, {"kernel_w": 1, "kernel_h": 1,
+                                                "kernel_row_step": 0}))
+        for tile in range(ceil_div(channels, c.rows)):
+            for lane in range(0, c.rows, c.cols):
+                if tile * c.rows + lane >= channels:
+                    break
+                if lane not in identity_at:
+                    diagonal = np.zeros((c.rows, c.cols), dtype=np.int64)
+                    for col in range(min(c.cols, c.rows - lane)):
+                        diagonal[lane + col, col] = 1
+                    identity_at[lane] = self._store_weights(diagonal)
+                channels_here = tile * c.rows + lane + np.arange(c.cols)
+                key = (tile, lane)
+                sum_params[key] = self._store_params(requant.lanes(channels_here).reshape(
+                    groups, c.requant_lanes, 3))
+                for y0 in range(0, height, chunk_rows):
+                    count = min(chunk_rows, height - y0) * width
+                    ins.append(Instruction(Opcode.SETPP, {
+                        "zero_point": 0, "clamp_min": -(1 << 15), "clamp_max": (1 << 15) - 1}))
+                    for which, (fmap, params_at) in enumerate(inputs):
+                        # The input through the array into accumulators [0, count), then
+                        # rescaled into [count, 2·count), the second added to the first.
+                        ins.append(Instruction(Opcode.SETWIN, {
+                            "row_length": width, "row_step": fmap.pitch, "col_step": 1}))
+                        ins.append(Instruction(Opcode.SETGEMM, {
+                            "weight_addr": identity_at[lane], "k_tiles": 1, "tile_step": 0}))
+                        ins.append(Instruction(Opcode.GEMM, {
+                            "bank": self.bank, "act_addr": fmap.word(tile, y0, 0),
+                            "acc_addr": 0, "count": count}))
+                        self.bank ^= 1
+                        ins.append(Instruction(Opcode.SETREQ, {
+                            "param_addr": params_at, "out_stride": 0}))
+                        ins.append(Instruction(Opcode.REQUANT, {
+                            "acc_addr": 0, "count": count, "out_addr": count, "to_acc": 1,
+                            "accumulate": which, "left_shift": 1}))
+                    ins.append(Instruction(Opcode.SETPP, {
+                        "zero_point": requant.zero_point, "clamp_min": requant.clamp_min,
+                        "clamp_max": requant.clamp_max}))
+                    ins.append(Instruction(Opcode.SETOUT, {"row_length": width,
+                                                           "row_step": dst.pitch}))
+                    ins.append(Instruction(Opcode.SETREQ, {
+                        "param_addr": sum_params[key], "out_stride": dst.tile_words}))
+                    ins.append(Instruction(Opcode.REQUANT, {
+                        "acc_addr": count, "count": count, "out_addr": dst.word(tile, y0, 0),
+                        "out_lane": lane}))
 
     # -- the common schedule -------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .config import DATAFLOWS, NpuConfig
+from .config import DATAFLOWS, ROUNDINGS, NpuConfig
 from .isa import INSTRUCTION_WIDTH, ISA_VERSION
 
 __all__ = [
@@ -111,7 +111,8 @@ def identity_words(config: NpuConfig) -> list[int]:
     """The read-only identity block: magic, ISA version, then every config field."""
     words = [MAGIC, ISA_VERSION]
     for name, value in config.to_dict().items():
-        words.append(DATAFLOWS.index(value) if name == "dataflow" else int(value))
+        words.append(DATAFLOWS.index(value) if name == "dataflow" else
+                     ROUNDINGS.index(value) if name == "rounding" else int(value))
     return words
 
 
@@ -125,6 +126,7 @@ def config_from_identity(words: list[int]) -> NpuConfig:
     names = NpuConfig.field_names()
     values = dict(zip(names, words[2:2 + len(names)], strict=True))
     values["dataflow"] = DATAFLOWS[values["dataflow"]]
+    values["rounding"] = ROUNDINGS[values["rounding"]]
     return NpuConfig(**values)
 
 
@@ -168,7 +170,8 @@ def memory_map_markdown(config: NpuConfig | None = None) -> str:
         f"| {Reg.ISA_VERSION:#04x} | ISA_VERSION | read | {ISA_VERSION} |",
     ]
     for index, name in enumerate(NpuConfig.field_names()):
-        meaning = ("index into " + ", ".join(DATAFLOWS)) if name == "dataflow" else "value"
+        meaning = ("index into " + ", ".join(DATAFLOWS)) if name == "dataflow" else (
+            "index into " + ", ".join(ROUNDINGS)) if name == "rounding" else "value"
         lines.append(f"| {Reg.CONFIG + index:#04x} | CONFIG.{name} | read | {meaning} |")
     lines += [
         f"| {Reg.CONTROL:#04x} | CONTROL | write | "

@@ -196,12 +196,24 @@ class Program:
                  f"input {self.input.shape} scale {self.input.scale:.6g} zero point "
                  f"{self.input.zero_point}; output {self.output.shape} scale "
                  f"{self.output.scale:.6g} zero point {self.output.zero_point}",
-                 "", "layer            in -> out   tiles (K x N)   weight words   MACs/inference"]
-        for layer in self.layers:
-            lines.append(f"{layer['name'][:14]:<14} {layer['in_features']:>5} -> "
-                         f"{layer['out_features']:<5} {layer['k_tiles']:>5} x "
-                         f"{layer['n_tiles']:<7} {layer['weight_words']:>12} "
-                         f"{layer['macs']:>16}")
+                 ""]
+        if self.layers and "kind" in self.layers[0]:   # feature maps: per-layer cycles
+            lines.append("layer          kind           input -> output        MACs/inference"
+                         "     cycles  utilization")
+            for layer in self.layers:
+                shape_in = "×".join(map(str, layer["input"]))
+                shape_out = "×".join(map(str, layer["output"]))
+                lines.append(f"{layer['name'][:14]:<14} {layer['kind']:<14} "
+                             f"{shape_in:>8} -> {shape_out:<9} {layer['macs']:>12} "
+                             f"{layer['cycles']:>10}  {layer['utilization']:>11.3f}")
+        else:
+            lines.append("layer            in -> out   tiles (K x N)   weight words   "
+                         "MACs/inference")
+            for layer in self.layers:
+                lines.append(f"{layer['name'][:14]:<14} {layer['in_features']:>5} -> "
+                             f"{layer['out_features']:<5} {layer['k_tiles']:>5} x "
+                             f"{layer['n_tiles']:<7} {layer['weight_words']:>12} "
+                             f"{layer['macs']:>16}")
         lines.append("")
         for info in memories(c).values():
             used = self.memory_words().get(info.name)

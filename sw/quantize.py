@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .arith import quantize_multiplier
-from .graph import Conv, Dense, Layer, Model, ModelError, Pool, QuantParams, WeightShape
+from .graph import Add, Conv, Dense, Layer, Model, ModelError, Pool, QuantParams, WeightShape
 
 __all__ = ["QuantizedLayer", "QuantizedModel", "quantize_model", "activation_quant"]
 
@@ -37,6 +37,10 @@ class QuantizedLayer(WeightShape):
     input_quant: QuantParams
     output_quant: QuantParams
     source: Layer | None = None
+    inputs: tuple[str, ...] = ()     # the tensors it reads ("input": the model's input)
+    # An Add: (zero point, multiplier, shift) bringing each input's (q − z)·2^20 to the
+    # common scale (TFLite); multiplier and shift then rescale the sum.
+    rescales: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
 
 
 @dataclass
@@ -95,7 +99,7 @@ def _weight_quant(layer: Dense | Conv, input_scale: float) -> tuple[np.ndarray, 
     return weight, quant
 
 
-def _clamp(layer: Dense | Conv, out: QuantParams) -> tuple[int, int]:
+def _clamp(layer: Dense | Conv | Add, out: QuantParams) -> tuple[int, int]:
     def bound(value: float, default: int) -> int:
         if not np.isfinite(value):
             return default
@@ -116,11 +120,8 @@ def quantize_model(model: Model, calibration: np.ndarray | None = None) -> Quant
             raise ValueError("a float model needs calibration data (--calib X.npy) to "
                              "choose activation ranges")
         x = _check_calibration(model, calibration)
-        x = x.reshape(len(x), *model.input_shape)
-        ranges.append((float(x.min()), float(x.max())))
-        for layer in model.layers:
-            x = layer.forward(x)
-            ranges.append((float(x.min()), float(x.max())))
+        for values in model.forward(x, every=True):
+            ranges.append((float(values.min()), float(values.max())))
 
     def tensor_quant(index: int, key: str) -> QuantParams:
         if model.prequantized:
@@ -132,17 +133,28 @@ def quantize_model(model: Model, calibration: np.ndarray | None = None) -> Quant
         return activation_quant(*ranges[index])
 
     layers = []
-    shapes = model.shapes()
-    input_quant = tensor_quant(0, "input")
+    shapes = dict(zip(["input"] + [layer.name for layer in model.layers], model.shapes(),
+                      strict=True))
+    quants = {"input": tensor_quant(0, "input")}
     for index, layer in enumerate(model.layers, start=1):
+        names = model.input_names(index - 1)
+        input_quant = quants[names[0]]
         if isinstance(layer, Pool) and layer.kind == "max" and (
                 not model.prequantized or layer.name not in model.tensor_quant):
             output_quant = input_quant   # max pooling passes values through
         else:
             output_quant = tensor_quant(index, layer.name)
+        quants[layer.name] = output_quant
         if isinstance(layer, Pool):
-            layers.append(_quantize_pool(layer, shapes[index - 1], input_quant, output_quant))
-            input_quant = output_quant
+            quantized = _quantize_pool(layer, shapes[names[0]], input_quant, output_quant)
+        elif isinstance(layer, Add):
+            quantized = _quantize_add(layer, shapes[names[0]], input_quant,
+                                      quants[names[1]], output_quant)
+        else:
+            quantized = None
+        if quantized is not None:
+            quantized.inputs = names
+            layers.append(quantized)
             continue
         weight, weight_quant = _weight_quant(layer, input_quant.scale)
         weight_scale = np.broadcast_to(np.asarray(weight_quant.scale, dtype=np.float64),
@@ -177,8 +189,7 @@ def quantize_model(model: Model, calibration: np.ndarray | None = None) -> Quant
         layers.append(QuantizedLayer(
             layer.name, weight, bias, np.array(multipliers, dtype=np.int64),
             np.array(shifts, dtype=np.int64), output_quant.zero_point, clamp_min, clamp_max,
-            input_quant, output_quant, layer))
-        input_quant = output_quant
+            input_quant, output_quant, layer, names))
     return QuantizedModel(layers, tuple(model.input_shape), tuple(model.output_shape))
 
 
@@ -211,3 +222,26 @@ def _quantize_pool(layer: Pool, shape: tuple[int, ...], input_quant: QuantParams
     return QuantizedLayer(
         layer.name, np.zeros((0, channels), dtype=np.int64), full * bias, full * multiplier,
         full * shift, zero_point, INT8_MIN, INT8_MAX, input_quant, output_quant, layer)
+
+
+def _quantize_add(layer: Add, shape: tuple[int, ...], first: QuantParams, second: QuantParams,
+                  output: QuantParams) -> QuantizedLayer:
+    """TFLite's int8 Add: each input as (q − z)·2^20 times s_i / (2·max(s_1, s_2)), the sum
+    times 2·max(s_1, s_2) / (2^20·s_out), + z_out, clamped."""
+    twice = 2.0 * max(first.scale, second.scale)
+    rescales = []
+    for quant in (first, second):
+        multiplier, shift = quantize_multiplier(quant.scale / twice)
+        rescales.append((quant.zero_point, multiplier, shift))
+    try:
+        multiplier, shift = quantize_multiplier(twice / ((1 << 20) * output.scale))
+    except ValueError:
+        raise ModelError(f"layer {layer.name!r}: its output scale {output.scale:.4g} is too "
+                         f"small for its inputs' ({first.scale:.4g}, {second.scale:.4g})") from None
+    channels = shape[0]
+    clamp_min, clamp_max = _clamp(layer, output)
+    full = np.ones(channels, dtype=np.int64)
+    return QuantizedLayer(
+        layer.name, np.zeros((0, channels), dtype=np.int64), 0 * full, full * multiplier,
+        full * shift, output.zero_point, clamp_min, clamp_max, first, output, layer,
+        rescales=tuple(rescales))

@@ -76,7 +76,7 @@ def quantize_input(program: Program, x: np.ndarray) -> np.ndarray:
 
 def _words(program: Program, features: int) -> int:
     if program.output.map_shape is not None:
-        return program.output.feature_map(program.config).words
+        return program.output.feature_map(program.config).data_words
     return -(-features // program.config.rows) * program.batch
 
 

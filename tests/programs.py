@@ -174,13 +174,18 @@ def feature_map_job(config: NpuConfig, rng: np.random.Generator, kind: str):
     """A random operator on a random feature map, lowered by npugen.lowering, and the
     expected output computed directly: (job, expected (C, OH, OW), output map).
 
-    ``kind``: conv, depthwise, maxpool, avgpool or globalpool. Shapes are odd sizes,
+    ``kind``: conv, depthwise, maxpool, avgpool, globalpool or add (two maps with their
+    own scales, TFLite's arithmetic). Shapes are odd sizes,
     channels not a multiple of the array and 1-channel inputs, kernels 1×1 to 7×7,
     strides 1 and 2, padding up to the kernel's size − 1 on each side.
     """
-    from npugen.arith import requantize
+    from npugen.arith import quantize_multiplier, requantize, requantize_raw
     from npugen.featuremap import FeatureMap
-    from npugen.lowering import Lowering, Requant
+    from npugen.lowering import Lowering, Requant, Rescale
+
+    if kind == "add":
+        return _add_job(config, rng, FeatureMap, Lowering, Requant, Rescale,
+                        quantize_multiplier, requantize, requantize_raw)
 
     rows, cols = config.rows, config.cols
     channels = int(rng.choice([1, rows + 1, 2 * cols + 1, max(1, rows - 1)]))
@@ -250,7 +255,18 @@ def feature_map_job(config: NpuConfig, rng: np.random.Generator, kind: str):
     job.write(Region.WEIGHTS, 0, lowering.weights())
     job.write(Region.PARAMS, 0, lowering.params())
     job.read("output", Region.ACTIVATIONS, dst.base, dst.words)
+    _guard(job, dst)
     return job, expected, dst
+
+
+#: The value of the words just past an operator's output map: it must not write there.
+GUARD_VALUE = 77
+
+
+def _guard(job: Job, dst) -> None:
+    words = min(dst.tile_words + 4, job.config.activation_depth - dst.end)
+    job.write(Region.ACTIVATIONS, dst.end, np.full((words, job.config.rows), GUARD_VALUE))
+    job.read("guard", Region.ACTIVATIONS, dst.end, words)
 
 
 def walk_change_job(config: NpuConfig, rng: np.random.Generator) -> Job:
@@ -290,3 +306,48 @@ def walk_change_job(config: NpuConfig, rng: np.random.Generator) -> Job:
     job.read("accumulators", Region.ACCUMULATORS, 0, 16)
     job.read("activations", Region.ACTIVATIONS, 0, 120)
     return job
+
+
+def _add_job(config, rng, FeatureMap, Lowering, Requant, Rescale, quantize_multiplier,
+             requantize, requantize_raw):
+    """Two random maps (different halos) added with their own scales."""
+    rows, cols = config.rows, config.cols
+    channels = int(rng.choice([1, rows + 1, 2 * cols + 1, max(1, rows - 1)]))
+    height, width = int(rng.integers(1, 7)), int(rng.integers(1, 9))
+    first = FeatureMap(0, channels, height, width, rows, cols, halo=(1, 1, 1, 1), fill=3)
+    second = FeatureMap(first.end, channels, height, width, rows, cols)
+    dst = FeatureMap(second.end, channels, height, width, rows, cols, halo=(0, 1, 2, 0),
+                     fill=-7)
+    x1 = rng.integers(-128, 128, (channels, height, width))
+    x2 = rng.integers(-128, 128, (channels, height, width))
+    scales = rng.uniform(0.005, 0.2, 3)
+    twice = 2 * max(scales[0], scales[1])
+    zeros = [int(z) for z in rng.integers(-128, 128, 3)]
+    rescales = []
+    for scale, zero in ((scales[0], zeros[0]), (scales[1], zeros[1])):
+        rescales.append(Rescale(zero, *quantize_multiplier(scale / twice)))
+    out_multiplier, out_shift = quantize_multiplier(twice / ((1 << 20) * scales[2]))
+    clamp = (-128, 127) if rng.random() < 0.5 else (zeros[2], 127)
+    requant = Requant(np.zeros(channels, dtype=np.int64), np.full(channels, out_multiplier),
+                      np.full(channels, out_shift), zeros[2], *clamp)
+    lowering = Lowering(config)
+    lowering.add(first, second, dst, rescales[0], rescales[1], requant)
+    program = lowering.instructions + [Instruction(Opcode.HALT)]
+    # TFLite's int8 Add, term by term.
+    raws = [requantize_raw(x.transpose(1, 2, 0), -r.zero_point, r.multiplier, r.shift, 0,
+                           accumulator_width=32, rounding=config.rounding, left_shift=1)
+            for x, r in ((x1, rescales[0]), (x2, rescales[1]))]
+    expected = requantize(raws[0] + raws[1], 0, out_multiplier, out_shift, zeros[2], *clamp,
+                          accumulator_width=32, output_width=8,
+                          rounding=config.rounding).transpose(2, 0, 1)
+    job = Job(config)
+    job.write(Region.INSTRUCTIONS, 0, encode_program(program))
+    job.write(Region.ACTIVATIONS, 0, first.pack(x1))
+    job.write(Region.ACTIVATIONS, second.base, second.pack(x2))
+    job.write(Region.ACTIVATIONS, dst.base, dst.pack(rng.integers(-128, 128, (
+        channels, height, width))))
+    job.write(Region.WEIGHTS, 0, lowering.weights())
+    job.write(Region.PARAMS, 0, lowering.params())
+    job.read("output", Region.ACTIVATIONS, dst.base, dst.words)
+    _guard(job, dst)
+    return job, expected, dst

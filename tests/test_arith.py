@@ -46,6 +46,24 @@ def test_divide_by_pot_rounds_half_away_from_zero():
     assert rounding_divide_by_pot(x, s).tolist() == expected
 
 
+def test_single_rounding_rounds_the_exact_product_once():
+    """single: round(x·m / 2**(31+s)) half up, computed exactly with Python integers;
+    double rounding differs from it on some inputs (that is why both exist)."""
+    rng = np.random.default_rng(7)
+    x = rng.integers(-(1 << 31), 1 << 31, 20000)
+    m = rng.integers(1 << 30, 1 << 31, 20000)
+    s = rng.integers(0, 12, 20000)
+    exact = [(int(a) * int(b) + (1 << (30 + int(c)))) >> (31 + int(c))
+             for a, b, c in zip(x, m, s, strict=True)]
+    single = requantize(x, 0, m, s, 0, -(1 << 40), 1 << 40, accumulator_width=32,
+                        output_width=40, rounding="single")
+    double = requantize(x, 0, m, s, 0, -(1 << 40), 1 << 40, accumulator_width=32,
+                        output_width=40)
+    assert np.array_equal(single, exact)
+    assert 0 < np.count_nonzero(single != double) < 0.1 * len(x)
+    assert np.abs(single - double).max() == 1
+
+
 def test_requantize_saturates_and_clamps():
     acc = np.array([1 << 20, -(1 << 20), 0, 100])
     out = requantize(acc, 0, (1 << 31) - 1, 0, 0, -128, 127, accumulator_width=32,

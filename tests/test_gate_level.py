@@ -142,11 +142,17 @@ def test_requantizer_netlist_matches_arith(family, tmp_path):
                             requant_random_cases(rng, 32, 1500)])
     ports = [("acc", 32), ("bias", 32), ("multiplier", 32), ("shift", 5), ("zero_point", 16),
              ("clamp_min", 16), ("clamp_max", 16)]
-    stimulus = np.concatenate([cases, np.ones((len(cases), 1), dtype=np.int64)], axis=1)
+    # TFLite's Add pre-shift on every third case, on small values as the Add uses it.
+    left_shift = (np.arange(len(cases)) % 3 == 2).astype(np.int64)
+    cases[left_shift == 1, 0] %= 512
+    stimulus = np.concatenate([cases, left_shift[:, None],
+                               np.ones((len(cases), 1), dtype=np.int64)], axis=1)
     got = simulate_netlist(tmp_path, family, Requantizer(accumulator_width=32, output_width=8),
-                           ports + [("valid", 1)], [("out", 8), ("out_valid", 1)], stimulus,
+                           ports + [("left_shift", 1), ("valid", 1)],
+                           [("out", 8), ("out_valid", 1)], stimulus,
                            hold=Requantizer.latency + 1)
-    expected = requantize(*cases.T, accumulator_width=32, output_width=8)
+    expected = requantize(*cases.T, accumulator_width=32, output_width=8,
+                          left_shift=left_shift)
     out = np.array([_signed(value, 8) for value, _ in got])
     mismatches = np.flatnonzero(out != expected)
     assert not len(mismatches), (f"{len(mismatches)} of {len(cases)} differ, e.g. "

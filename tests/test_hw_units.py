@@ -376,12 +376,14 @@ def requant_random_cases(rng: np.random.Generator, accumulator_width: int,
 
 
 def run_requantizer(cases: np.ndarray, valid: np.ndarray, *, accumulator_width: int,
-                    output_width: int) -> tuple[np.ndarray, list[int]]:
+                    output_width: int, rounding: str = "double",
+                    left_shift: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
     """Feed ``cases`` (rows of REQUANT_FIELDS) one a cycle; return ``out`` and ``out_valid``
     in every cycle. The zero point goes in at the stage before last and the clamps at the
     last, as documented, so they are presented ``latency - 2`` and ``latency - 1`` cycles
     after the accumulator."""
-    rq = Requantizer(accumulator_width=accumulator_width, output_width=output_width)
+    rq = Requantizer(accumulator_width=accumulator_width, output_width=output_width,
+                     rounding=rounding)
     latency = Requantizer.latency
     columns = {name: cases[:, i] for i, name in enumerate(REQUANT_FIELDS)}
     first_stage = REQUANT_FIELDS[:4]
@@ -397,6 +399,8 @@ def run_requantizer(cases: np.ndarray, valid: np.ndarray, *, accumulator_width: 
             if t < n:
                 for name in first_stage:
                     ctx.set(getattr(rq, name), int(columns[name][t]))
+                if left_shift is not None:
+                    ctx.set(rq.left_shift, int(left_shift[t]))
             ctx.set(rq.valid, int(valid[t]) if t < n else 0)
             for name, stage in late_stages.items():
                 if 0 <= t - stage < n:
@@ -408,15 +412,18 @@ def run_requantizer(cases: np.ndarray, valid: np.ndarray, *, accumulator_width: 
 
 
 def check_requantizer(cases: np.ndarray, *, accumulator_width: int, output_width: int,
-                      valid: np.ndarray | None = None) -> None:
+                      valid: np.ndarray | None = None, rounding: str = "double",
+                      left_shift: np.ndarray | None = None) -> None:
     """The requantizer's outputs, ``latency`` cycles after each input, equal
     ``npugen.arith.requantize`` bit for bit; ``out_valid`` follows ``valid``."""
     n = len(cases)
     valid = np.ones(n, dtype=int) if valid is None else valid
     expected = requantize(*cases.T, accumulator_width=accumulator_width,
-                          output_width=output_width)
+                          output_width=output_width, rounding=rounding,
+                          left_shift=0 if left_shift is None else left_shift)
     outs, out_valids = run_requantizer(cases, valid, accumulator_width=accumulator_width,
-                                       output_width=output_width)
+                                       output_width=output_width, rounding=rounding,
+                                       left_shift=left_shift)
     latency = Requantizer.latency
     got = outs[latency:latency + n]
     mismatches = np.flatnonzero(got != expected)
@@ -429,7 +436,8 @@ def check_requantizer(cases: np.ndarray, *, accumulator_width: int, output_width
 
 @pytest.mark.parametrize(("accumulator_width", "output_width"),
                          [(32, 8), (16, 8), (32, 4), (16, 4)])
-def test_requantizer_matches_arith_bit_for_bit(accumulator_width, output_width):
+@pytest.mark.parametrize("rounding", ["double", "single"])
+def test_requantizer_matches_arith_bit_for_bit(accumulator_width, output_width, rounding):
     """Edge cases and random inputs, pipelined one a cycle, against ``arith.requantize``."""
     rng = np.random.default_rng(4 + accumulator_width + output_width)
     cases = np.concatenate([
@@ -439,7 +447,19 @@ def test_requantizer_matches_arith_bit_for_bit(accumulator_width, output_width):
     cases = cases[rng.permutation(len(cases))]
     valid = (rng.random(len(cases)) < 0.9).astype(int)
     check_requantizer(cases, accumulator_width=accumulator_width, output_width=output_width,
-                      valid=valid)
+                      valid=valid, rounding=rounding)
+
+
+@pytest.mark.parametrize("rounding", ["double", "single"])
+def test_requantizer_left_shift_matches_arith(rounding):
+    """TFLite's Add pre-shift ((acc + bias)·2**20, wrapping at 32 bits), mixed with plain
+    cases one a cycle."""
+    rng = np.random.default_rng(11)
+    cases = requant_random_cases(rng, 32, 800)
+    cases[::2, 0] %= 1024
+    left_shift = (rng.random(len(cases)) < 0.6).astype(np.int64)
+    check_requantizer(cases, accumulator_width=32, output_width=8, rounding=rounding,
+                      left_shift=left_shift)
 
 
 def test_requantizer_inverted_clamp_bounds_match_arith():

@@ -11,6 +11,7 @@ from npugen.job import run_golden
 from npugen.matmul import matmul_output
 from npugen.sim.runner import simulate
 from programs import (
+    GUARD_VALUE,
     back_to_back_accumulate_job,
     feature_map_job,
     gemm_jobs,
@@ -26,6 +27,7 @@ CONFIGS = {
     "1x1": NpuConfig(rows=1, cols=1, **SMALL),
     "2x3": NpuConfig(rows=2, cols=3, **SMALL),
     "4x4": NpuConfig(rows=4, cols=4, requant_lanes=2, **SMALL),
+    "4x4-single-rounding": NpuConfig(rows=4, cols=4, rounding="single", **SMALL),
     "4x8": NpuConfig(rows=4, cols=8, requant_lanes=4, **SMALL),
     "8x4": NpuConfig(rows=8, cols=4, **SMALL),
     "8x8": NpuConfig(rows=8, cols=8, requant_lanes=8, **SMALL),
@@ -79,7 +81,7 @@ MAP_CONFIGS = {
     "8x4": NpuConfig(rows=8, cols=4, **MAPS),
     "8x8": NpuConfig(rows=8, cols=8, requant_lanes=4, **MAPS),
 }
-MAP_KINDS = ("conv", "depthwise", "maxpool", "avgpool", "globalpool")
+MAP_KINDS = ("conv", "depthwise", "maxpool", "avgpool", "globalpool", "add")
 
 
 @pytest.mark.parametrize("simulator", available_simulators())
@@ -96,5 +98,7 @@ def test_feature_map_operators_match_golden(name, simulator):
         golden = run_golden(job)
         shape = f"{kind} {dst.channels}×{dst.height}×{dst.width}"
         assert np.array_equal(dst.unpack(golden.outputs["output"]), expected), shape
+        assert (golden.outputs["guard"] == GUARD_VALUE).all(), f"{shape} wrote past its map"
         assert np.array_equal(result.outputs["output"], golden.outputs["output"]), shape
+        assert np.array_equal(result.outputs["guard"], golden.outputs["guard"]), shape
         assert result.counters == golden.counters, shape

@@ -1,0 +1,384 @@
+"""Convolutional networks end to end: ONNX import (float, QDQ, PyTorch), BatchNorm folding,
+quantization, compilation to feature maps, runs on the golden model and the RTL."""
+
+import json
+import re
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import available_simulators
+from npugen import NpuConfig
+from npugen.cli import main
+from npugen.compiler import compile_model
+from npugen.demo import digits
+from npugen.graph import ModelError
+from npugen.importers import load_onnx
+from npugen.runtime import run
+from npugen.train import cnn_to_onnx, train_cnn
+
+SMALL = NpuConfig(rows=4, cols=4, activation_depth=2048, weight_depth=4096,
+                  accumulator_depth=256, instruction_depth=1024, param_depth=128,
+                  requant_lanes=2)
+
+
+@pytest.fixture(scope="module")
+def data():
+    x_train, x_test, y_train, y_test = digits()
+    return x_train.reshape(-1, 1, 8, 8), x_test.reshape(-1, 1, 8, 8), y_train, y_test
+
+
+@pytest.fixture(scope="module")
+def cnn_path(data, tmp_path_factory):
+    x_train, _, y_train, _ = data
+    path = tmp_path_factory.mktemp("cnn") / "cnn.onnx"
+    cnn_to_onnx(train_cnn(x_train.reshape(len(x_train), -1), y_train, epochs=10), path)
+    return path
+
+
+def test_cnn_int8_accuracy_within_one_point_of_float(data, cnn_path):
+    x_train, x_test, _, y_test = data
+    model = load_onnx(cnn_path)
+    program = compile_model(model, NpuConfig(), calibration=x_train[:256])
+    float_accuracy = np.mean(model.forward(x_test).argmax(1) == y_test)
+    int8_accuracy = np.mean(run(program, x_test).output.argmax(1) == y_test)
+    assert float_accuracy > 0.95
+    assert abs(float_accuracy - int8_accuracy) <= 0.01, (float_accuracy, int8_accuracy)
+    kinds = [layer["kind"] for layer in program.layers]
+    assert kinds == ["conv", "conv", "maxpool", "dense"]
+    assert sum(layer["cycles"] for layer in program.layers) == program.estimated_cycles
+
+
+@pytest.mark.parametrize("rounding", ["double", "single"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qdq_cnn_matches_onnxruntime(tmp_path, data, cnn_path, per_channel, rounding):
+    """onnxruntime requantizes in float, rounding once: with single rounding npugen agrees
+    on every element. TFLite's double rounding differs by one step where the first
+    rounding crosses a half, and three layers compound it: ≥ 96 % identical, never more
+    than one step."""
+    import onnxruntime
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    x_train, x_test, _, _ = data
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input": x_train[i:i + 1]} for i in range(200)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    qdq_path = tmp_path / "q.onnx"
+    quantize_static(str(cnn_path), str(qdq_path), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    per_channel=per_channel)
+    program = compile_model(load_onnx(qdq_path), NpuConfig(rounding=rounding))
+    ours = run(program, x_test).quantized_output.astype(np.int64)
+    session = onnxruntime.InferenceSession(str(qdq_path), providers=["CPUExecutionProvider"])
+    reference = session.run(None, {"input": x_test})[0]
+    theirs = np.round(reference / program.output.scale).astype(np.int64) + \
+        program.output.zero_point
+    difference = np.abs(ours - theirs)
+    assert difference.max() <= 1
+    assert np.mean(difference == 0) >= (0.99 if rounding == "single" else 0.96)
+
+
+def _initializer(name, values):
+    return numpy_helper.from_array(np.asarray(values, dtype=np.float32), name)
+
+
+def mixed_cnn(rng) -> onnx.ModelProto:
+    """Every supported map operator, built with onnx.helper: a SAME_UPPER stride-2 conv
+    with BatchNormalization, a depthwise 3×3 conv, a padded average pool
+    (count_include_pad), a VALID 1×1 conv, max pooling with padding, global average
+    pooling, Flatten and Gemm."""
+    c0, c1, c2 = 6, 6, 5
+    values = {
+        "w0": rng.normal(0, 0.4, (c0, 3, 3, 3)), "b0": rng.normal(0, 0.1, c0),
+        "bn_scale": rng.uniform(0.5, 1.5, c0), "bn_bias": rng.normal(0, 0.1, c0),
+        "bn_mean": rng.normal(0, 0.1, c0), "bn_var": rng.uniform(0.5, 2, c0),
+        "w1": rng.normal(0, 0.4, (c1, 1, 3, 3)), "b1": rng.normal(0, 0.1, c1),
+        "w2": rng.normal(0, 0.4, (c2, c1, 1, 1)), "b2": rng.normal(0, 0.1, c2),
+        "fc_w": rng.normal(0, 0.4, (4, c2)), "fc_b": rng.normal(0, 0.1, 4),
+    }
+    inits = [_initializer(name, value) for name, value in values.items()]
+    nodes = [
+        helper.make_node("Conv", ["input", "w0", "b0"], ["c0"], name="conv0", strides=[2, 2],
+                         auto_pad="SAME_UPPER", kernel_shape=[3, 3]),
+        helper.make_node("BatchNormalization", ["c0", "bn_scale", "bn_bias", "bn_mean",
+                                                "bn_var"], ["n0"], name="bn0", epsilon=1e-3),
+        helper.make_node("Relu", ["n0"], ["r0"], name="relu0"),
+        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], name="dw1", group=c1,
+                         pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("AveragePool", ["r1"], ["p1"], name="avg1", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1], count_include_pad=1),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], name="pw2", auto_pad="VALID"),
+        helper.make_node("MaxPool", ["c2"], ["p2"], name="max2", kernel_shape=[2, 2],
+                         pads=[0, 0, 1, 1], strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["p2"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "mixed",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 9, 11])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("simulator", available_simulators())
+def test_every_operator_imports_like_onnxruntime_and_runs_bit_exact(tmp_path, simulator):
+    import onnxruntime
+
+    rng = np.random.default_rng(3)
+    proto = mixed_cnn(rng)
+    path = tmp_path / "mixed.onnx"
+    onnx.save(proto, str(path))
+    model = load_onnx(path)
+    x = rng.uniform(-1, 1, (24, 3, 9, 11)).astype(np.float32)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    reference = session.run(None, {"input": x})[0]
+    np.testing.assert_allclose(model.forward(x), reference, atol=1e-4)
+    program = compile_model(model, SMALL, calibration=x)
+    assert [layer["kind"] for layer in program.layers] == [
+        "conv", "depthwise", "avgpool", "conv", "maxpool", "globalavgpool", "dense"]
+    golden = run(program, x[:3])
+    rtl = run(program, x[:3], target="rtl", simulator=simulator)
+    assert np.array_equal(rtl.quantized_output, golden.quantized_output)
+    assert rtl.counters == golden.counters
+    # int8 follows float within a few output steps.
+    scale = program.output.scale
+    assert np.abs(golden.output - reference[:3]).max() <= 4 * scale + 0.05
+
+
+def test_pytorch_cnn_export(tmp_path, data):
+    torch = pytest.importorskip("torch")
+    x_train = data[0]
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+        torch.nn.Conv2d(6, 6, 3, padding=1, groups=6), torch.nn.ReLU6(),
+        torch.nn.MaxPool2d(2), torch.nn.Conv2d(6, 8, 3, stride=2, padding=1),
+        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(8, 10)).eval()
+    with torch.no_grad():   # non-trivial BatchNorm statistics to fold
+        net[1].running_mean.uniform_(-0.2, 0.2)
+        net[1].running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "torch_cnn.onnx"
+    torch.onnx.export(net, torch.zeros(1, 1, 8, 8), str(path), input_names=["input"],
+                      output_names=["y"], dynamic_axes={"input": {0: "b"}, "y": {0: "b"}},
+                      opset_version=17, dynamo=False)
+    model = load_onnx(path)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x_train[:32])).numpy()
+    np.testing.assert_allclose(model.forward(x_train[:32]), expected, atol=1e-4)
+    program = compile_model(model, NpuConfig(), calibration=x_train[:128])
+    out = run(program, x_train[:32]).output
+    assert np.abs(out - expected).max() < 0.1 * np.abs(expected).max()
+
+
+def _conv_graph(**attributes) -> onnx.ModelProto:
+    nodes = [helper.make_node("Conv", ["input", "w"], ["y"], name="badconv", **attributes)]
+    channels = 4
+    groups = attributes.get("group", 1)
+    inits = [_initializer("w", np.ones((4, channels // groups, 3, 3)))]
+    graph = helper.make_graph(
+        nodes, "bad",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["b", channels, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4, 6, 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("attributes, message", [
+    ({"group": 2}, "node 'badconv' (Conv): group=2 is not supported"),
+    ({"dilations": [2, 2]}, "node 'badconv' (Conv): dilations other than 1"),
+    ({"strides": [1, 2]}, "node 'badconv' (Conv): strides [1, 2] differ"),
+])
+def test_unsupported_conv_attributes_are_named(attributes, message):
+    with pytest.raises(ModelError, match=re.escape(message)):
+        load_onnx(_conv_graph(**attributes))
+
+
+def _single_node_graph(node, shape=(2, 6, 6), inits=()) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [node], "one",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["b", *shape])],
+        [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
+        list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_padded_average_pool_without_count_include_pad_is_refused():
+    node = helper.make_node("AveragePool", ["input"], ["y"], name="avg", kernel_shape=[3, 3],
+                            pads=[1, 1, 1, 1])
+    with pytest.raises(ModelError, match="node 'avg' .AveragePool.: padded average pooling "
+                                         "needs count_include_pad=1"):
+        load_onnx(_single_node_graph(node))
+
+
+def test_batch_norm_must_follow_a_conv():
+    inits = [_initializer(n, np.ones(2)) for n in ("s", "b", "m", "v")]
+    node = helper.make_node("BatchNormalization", ["input", "s", "b", "m", "v"], ["y"],
+                            name="bn")
+    with pytest.raises(ModelError, match="node 'bn' .BatchNormalization.: "
+                                         "BatchNormalization must directly follow"):
+        load_onnx(_single_node_graph(node, inits=inits))
+
+
+def test_pooling_needs_a_feature_map():
+    node = helper.make_node("MaxPool", ["input"], ["y"], name="pool", kernel_shape=[2, 2])
+    with pytest.raises(ModelError, match="node 'pool' .MaxPool.: needs a C×H×W feature map"):
+        load_onnx(_single_node_graph(node, shape=(12,)))
+
+
+def test_cnn_that_does_not_fit_names_the_memory(cnn_path, data):
+    tiny = NpuConfig(rows=4, cols=4, activation_depth=128, weight_depth=4096,
+                     accumulator_depth=256, instruction_depth=1024, param_depth=128)
+    with pytest.raises(ValueError, match="feature maps need .* activation words, "
+                                         "activation_depth is 128"):
+        compile_model(load_onnx(cnn_path), tiny, calibration=data[0][:32])
+
+
+def test_cli_compiles_and_runs_a_cnn(tmp_path, cnn_path, data, capsys):
+    x_train, x_test, _, _ = data
+    np.save(tmp_path / "calib.npy", x_train[:64])
+    np.save(tmp_path / "x.npy", x_test[:5])
+    program = tmp_path / "cnn.npu"
+    assert main(["compile", str(cnn_path), "--calib", str(tmp_path / "calib.npy"),
+                 "-o", str(program), "--json"]) == 0
+    compiled = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert compiled["batch"] == 1
+    assert main(["run", str(program), "--input", str(tmp_path / "x.npy"),
+                 "-o", str(tmp_path / "y.npy"), "--target", "golden", "--json"]) == 0
+    ran = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ran["inferences"] == 5
+    assert np.load(tmp_path / "y.npy").shape == (5, 10)
+    assert main(["compile", str(cnn_path), "--calib", str(tmp_path / "calib.npy"),
+                 "-o", str(program), "--batch", "4"]) == 2
+    assert "one image a run" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_empty_calibration_file(tmp_path, cnn_path, capsys):
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    assert main(["compile", str(cnn_path), "--calib", str(empty), "-o",
+                 str(tmp_path / "x.npu")]) == 2
+    assert "calibration file" in capsys.readouterr().err
+
+
+def residual_cnn(rng, *, relu_before_add: bool = True) -> onnx.ModelProto:
+    """input → conv3×3 → ReLU → conv3×3 → Add(first ReLU's output) → ReLU → Add(the model's
+    input, via a 1×1 conv to its channels) → global average pool → Gemm."""
+    c = 5
+    values = {
+        "w0": rng.normal(0, 0.4, (c, 3, 3, 3)), "b0": rng.normal(0, 0.1, c),
+        "w1": rng.normal(0, 0.3, (c, c, 3, 3)), "b1": rng.normal(0, 0.1, c),
+        "w2": rng.normal(0, 0.4, (3, c, 1, 1)), "b2": rng.normal(0, 0.1, 3),
+        "fc_w": rng.normal(0, 0.4, (4, 3)), "fc_b": rng.normal(0, 0.1, 4),
+    }
+    inits = [_initializer(name, value) for name, value in values.items()]
+    skip = "r0" if relu_before_add else "c0"
+    nodes = [
+        helper.make_node("Conv", ["input", "w0", "b0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+        helper.make_node("Conv", [skip, "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", [skip, "c1"], ["s1"], name="residual1"),
+        helper.make_node("Relu", ["s1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="project2"),
+        helper.make_node("Add", ["c2", "input"], ["s2"], name="residual2"),
+        helper.make_node("GlobalAveragePool", ["s2"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "residual",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 7, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("simulator", available_simulators())
+def test_residual_adds_run_on_chip_bit_exact(tmp_path, simulator):
+    import onnxruntime
+
+    rng = np.random.default_rng(8)
+    path = tmp_path / "residual.onnx"
+    onnx.save(residual_cnn(rng), str(path))
+    model = load_onnx(path)
+    x = rng.uniform(-1, 1, (32, 3, 7, 6)).astype(np.float32)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    reference = session.run(None, {"input": x})[0]
+    np.testing.assert_allclose(model.forward(x), reference, atol=1e-4)
+    program = compile_model(model, SMALL, calibration=x)
+    kinds = [layer["kind"] for layer in program.layers]
+    assert kinds == ["conv", "conv", "add", "conv", "add", "globalavgpool", "dense"]
+    assert program.layers[4]["inputs"] == ["project2", "input"]
+    golden = run(program, x[:3])
+    rtl = run(program, x[:3], target="rtl", simulator=simulator)
+    assert np.array_equal(rtl.quantized_output, golden.quantized_output)
+    assert rtl.counters == golden.counters
+    assert np.abs(run(program, x).output - reference).max() <= 6 * program.output.scale
+
+
+def test_qdq_residual_matches_onnxruntime(tmp_path):
+    import onnxruntime
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    rng = np.random.default_rng(9)
+    float_path, qdq_path = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(residual_cnn(rng), str(float_path))
+    x = rng.uniform(-1, 1, (300, 3, 7, 6)).astype(np.float32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input": x[i:i + 1]} for i in range(100)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(float_path), str(qdq_path), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    per_channel=True)
+    program = compile_model(load_onnx(qdq_path), NpuConfig(rounding="single"))
+    assert "add" in [layer["kind"] for layer in program.layers]
+    ours = run(program, x[100:]).quantized_output.astype(np.int64)
+    session = onnxruntime.InferenceSession(str(qdq_path), providers=["CPUExecutionProvider"])
+    reference = session.run(None, {"input": x[100:]})[0]
+    theirs = np.round(reference / program.output.scale).astype(np.int64) + \
+        program.output.zero_point
+    difference = np.abs(ours - theirs)
+    assert difference.max() <= 1
+    assert np.mean(difference == 0) >= 0.99
+
+
+def test_a_tensor_read_before_its_fused_activation_is_refused():
+    """Add reads conv0's output before ReLU, but ReLU is folded into conv0."""
+    with pytest.raises(ModelError, match="node 'relu0' .Relu.: its input 'c0' is also read"):
+        load_onnx(residual_cnn(np.random.default_rng(1), relu_before_add=False))
+
+
+def test_cnn_runs_on_the_virtual_board(cnn_path, data):
+    """Through the UART link and the driver, as on a board: equal to the golden model."""
+    x_train, x_test, _, _ = data
+    program = compile_model(load_onnx(cnn_path), NpuConfig(), calibration=x_train[:256])
+    golden = run(program, x_test[:3])
+    board = run(program, x_test[:3], target="sim")
+    assert np.array_equal(board.quantized_output, golden.quantized_output)
+    assert board.counters == golden.counters
