@@ -43,6 +43,8 @@ def _platform(module: str, cls: str) -> Callable[[], object]:
 # RAM, and a PLL at the clock the design reaches on the board.
 _SMALL = dict(activation_depth=256, weight_depth=256, accumulator_depth=128,
               instruction_depth=128, param_depth=16, requant_lanes=1)
+# The iCEBreaker's NPU leaves out the feature-map hardware (address walks, max, add: about
+# 880 of its 5280 LCs) to fit.
 # Enough for the demo MLP (64-64-32-10) and models of its size; the iCEBreaker's EBR
 # cannot hold them (its SPRAM could, once the NPU uses it).
 _MEDIUM = dict(activation_depth=1024, weight_depth=2048, accumulator_depth=512,
@@ -63,7 +65,8 @@ def _orangecrab_25f() -> object:
 
 BOARDS: dict[str, Board] = {board.name: board for board in (
     Board("icebreaker", _platform("icebreaker", "ICEBreakerPlatform"), "ice40", 12e6,
-          NpuConfig(rows=2, cols=2, **_SMALL), description="1BitSquared iCEBreaker, iCE40UP5K",
+          NpuConfig(rows=2, cols=2, feature_maps=False, **_SMALL),
+          description="1BitSquared iCEBreaker, iCE40UP5K",
           loader_name="ice40_generic", device="ice40up5k", pll_mhz=22.0),
     *(Board(f"ulx3s-{size}f", _platform("ulx3s", f"ULX3S_{size}F_Platform"), "ecp5", 25e6,
             NpuConfig(rows=array, cols=array, **_MEDIUM),

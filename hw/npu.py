@@ -179,6 +179,9 @@ class Npu(wiring.Component):
 
         # -- Unit state ------------------------------------------------------------------
         rows, cols, lanes = c.rows, c.cols, c.requant_lanes
+        # The feature-map hardware (address walks, max combine, REQUANT to_acc) is left
+        # out of NPUs generated without it; their SETKERN/SETWIN/SETOUT stop as illegal.
+        fm = c.feature_maps
         # The instruction register holds the instruction at `pc`; the memory's output
         # holds the next one (read ahead), so decoding starts from a register and the
         # memory's slow clock-to-output stays off the dispatch path.
@@ -237,7 +240,7 @@ class Npu(wiring.Component):
         rq_left_shift = Signal()
         rq_phase = Signal()
         rq_advance = Signal()
-        m.d.comb += rq_advance.eq(rq_busy & ~(rq_to_acc & rq_phase))
+        m.d.comb += rq_advance.eq(rq_busy & ~(rq_to_acc & rq_phase) if fm else rq_busy)
         raw_group = Signal(range(cols // lanes))
         raw_dest = Signal(range(c.accumulator_depth))
         inject_layout = data.StructLayout({
@@ -260,7 +263,7 @@ class Npu(wiring.Component):
         requantizers = []
         for lane in range(lanes):
             rq = Requantizer(accumulator_width=c.accumulator_width, output_width=c.input_width,
-                             rounding=c.rounding)
+                             rounding=c.rounding, left_shift=c.feature_maps)
             m.submodules[f"requant{lane}"] = rq
             requantizers.append(rq)
         stage_valid = Signal()
@@ -272,8 +275,9 @@ class Npu(wiring.Component):
         pipe_lane = [Signal(range(rows), name=f"rq_lane_p{i}")
                      for i in range(Requantizer.latency)]
         pipe_valid = [Signal(name=f"rq_valid_p{i}") for i in range(Requantizer.latency)]
-        requant_active = (rq_busy | stage_valid | Cat(*pipe_valid).any() | inject_read.valid
-                          | inject_data.valid | inject_write)
+        requant_active = rq_busy | stage_valid | Cat(*pipe_valid).any()
+        if fm:
+            requant_active = requant_active | inject_read.valid | inject_data.valid | inject_write
 
         # -- Sequencer: the step dispatched this cycle ------------------------------------
         # A step is the instruction itself or, inside a GEMM, the LOADW or MATMUL it stands
@@ -387,16 +391,20 @@ class Npu(wiring.Component):
                 ]
                 # Next tap: along the kernel row, else the next kernel row, else the
                 # next channel tile.
-                with m.If(gemm_x != kernel_last_x):
-                    m.d.sync += [gemm_x.eq(gemm_x + 1), gemm_tap_run.eq(gemm_act_now + 1)]
-                with m.Elif(gemm_y != kernel_last_y):
-                    next_row = gemm_row_now + kernel_row_step
-                    m.d.sync += [gemm_x.eq(0), gemm_y.eq(gemm_y + 1),
-                                 gemm_row_run.eq(next_row), gemm_tap_run.eq(next_row)]
-                with m.Else():
-                    next_tile = gemm_tile_now + gemm_tile_step
-                    m.d.sync += [gemm_x.eq(0), gemm_y.eq(0), gemm_tile_run.eq(next_tile),
-                                 gemm_row_run.eq(next_tile), gemm_tap_run.eq(next_tile)]
+                if fm:
+                    with m.If(gemm_x != kernel_last_x):
+                        m.d.sync += [gemm_x.eq(gemm_x + 1),
+                                     gemm_tap_run.eq(gemm_act_now + 1)]
+                    with m.Elif(gemm_y != kernel_last_y):
+                        next_row = gemm_row_now + kernel_row_step
+                        m.d.sync += [gemm_x.eq(0), gemm_y.eq(gemm_y + 1),
+                                     gemm_row_run.eq(next_row), gemm_tap_run.eq(next_row)]
+                    with m.Else():
+                        next_tile = gemm_tile_now + gemm_tile_step
+                        m.d.sync += [gemm_x.eq(0), gemm_y.eq(0), gemm_tile_run.eq(next_tile),
+                                     gemm_row_run.eq(next_tile), gemm_tap_run.eq(next_tile)]
+                else:
+                    m.d.sync += gemm_tap_run.eq(gemm_act_now + gemm_tile_step)
                 with m.If(gemm_last):
                     m.d.sync += [gemm_started.eq(0), gemm_kt.eq(0), gemm_x.eq(0),
                                  gemm_y.eq(0), gemm_weight.eq(gemm_weight_now + rows)]
@@ -422,25 +430,26 @@ class Npu(wiring.Component):
                         gemm_empty.eq(_field(instruction, Opcode.SETGEMM, "k_tiles") == 0),
                         gemm_tile_step.eq(_field(instruction, Opcode.SETGEMM, "tile_step")),
                     ]
-                with m.Case(Opcode.SETKERN):
-                    m.d.sync += [
-                        kernel_last_x.eq(_field(instruction, Opcode.SETKERN, "kernel_w") - 1),
-                        kernel_last_y.eq(_field(instruction, Opcode.SETKERN, "kernel_h") - 1),
-                        kernel_row_step.eq(
-                            _field(instruction, Opcode.SETKERN, "kernel_row_step")),
-                    ]
-                with m.Case(Opcode.SETWIN):
-                    m.d.sync += [
-                        win_last_col.eq(_field(instruction, Opcode.SETWIN, "row_length") - 1),
-                        win_row_step.eq(_field(instruction, Opcode.SETWIN, "row_step")),
-                        win_col_step.eq(_field(instruction, Opcode.SETWIN, "col_step")),
-                        win_reduce.eq(_field(instruction, Opcode.SETWIN, "reduce")),
-                    ]
-                with m.Case(Opcode.SETOUT):
-                    m.d.sync += [
-                        out_last_col.eq(_field(instruction, Opcode.SETOUT, "row_length") - 1),
-                        out_row_step.eq(_field(instruction, Opcode.SETOUT, "row_step")),
-                    ]
+                if fm:
+                    with m.Case(Opcode.SETKERN):
+                        m.d.sync += [
+                            kernel_last_x.eq(_field(instruction, Opcode.SETKERN, "kernel_w") - 1),
+                            kernel_last_y.eq(_field(instruction, Opcode.SETKERN, "kernel_h") - 1),
+                            kernel_row_step.eq(
+                                _field(instruction, Opcode.SETKERN, "kernel_row_step")),
+                        ]
+                    with m.Case(Opcode.SETWIN):
+                        m.d.sync += [
+                            win_last_col.eq(_field(instruction, Opcode.SETWIN, "row_length") - 1),
+                            win_row_step.eq(_field(instruction, Opcode.SETWIN, "row_step")),
+                            win_col_step.eq(_field(instruction, Opcode.SETWIN, "col_step")),
+                            win_reduce.eq(_field(instruction, Opcode.SETWIN, "reduce")),
+                        ]
+                    with m.Case(Opcode.SETOUT):
+                        m.d.sync += [
+                            out_last_col.eq(_field(instruction, Opcode.SETOUT, "row_length") - 1),
+                            out_row_step.eq(_field(instruction, Opcode.SETOUT, "row_step")),
+                        ]
                 with m.Case(Opcode.LOADW, Opcode.MATMUL, Opcode.REQUANT):
                     pass  # handled by the units below
                 with m.Default():
@@ -487,17 +496,21 @@ class Npu(wiring.Component):
                 feed_remaining.eq(feed_remaining - 1),
                 counters["busy_cycles"].eq(counters["busy_cycles"] + 1),
             ]
-            with m.If(feed_col == feed_last_col):
-                next_row = feed_row_addr + feed_row_step
-                m.d.sync += [feed_col.eq(0), feed_row_addr.eq(next_row),
-                             feed_act_addr.eq(next_row)]
-            with m.Else():
-                m.d.sync += [feed_col.eq(feed_col + 1),
-                             feed_act_addr.eq(feed_act_addr + feed_col_step)]
-            with m.If(feed_reduce):  # every row after the first combines into one word
-                m.d.sync += feed_accumulate.eq(1)
-            with m.Else():
-                m.d.sync += feed_acc_addr.eq(feed_acc_addr + 1)
+            if fm:
+                with m.If(feed_col == feed_last_col):
+                    next_row = feed_row_addr + feed_row_step
+                    m.d.sync += [feed_col.eq(0), feed_row_addr.eq(next_row),
+                                 feed_act_addr.eq(next_row)]
+                with m.Else():
+                    m.d.sync += [feed_col.eq(feed_col + 1),
+                                 feed_act_addr.eq(feed_act_addr + feed_col_step)]
+                with m.If(feed_reduce):  # every row after the first combines into one word
+                    m.d.sync += feed_accumulate.eq(1)
+                with m.Else():
+                    m.d.sync += feed_acc_addr.eq(feed_acc_addr + 1)
+            else:
+                m.d.sync += [feed_act_addr.eq(feed_act_addr + 1),
+                             feed_acc_addr.eq(feed_acc_addr + 1)]
             with m.If(feed_remaining == 1):
                 m.d.sync += feed_busy.eq(0)
         with m.If(dispatch & (step_op == Opcode.MATMUL)):
@@ -505,10 +518,13 @@ class Npu(wiring.Component):
                 feed_busy.eq(1), feed_remaining.eq(step_count),
                 feed_act_addr.eq(step_act_addr), feed_acc_addr.eq(step_acc_addr),
                 feed_bank.eq(step_bank), feed_accumulate.eq(step_accumulate),
-                feed_max.eq(step_combine), feed_col.eq(0), feed_row_addr.eq(step_act_addr),
-                feed_last_col.eq(win_last_col), feed_row_step.eq(win_row_step),
-                feed_col_step.eq(win_col_step), feed_reduce.eq(win_reduce),
             ]
+            if fm:
+                m.d.sync += [
+                    feed_max.eq(step_combine), feed_col.eq(0), feed_row_addr.eq(step_act_addr),
+                    feed_last_col.eq(win_last_col), feed_row_step.eq(win_row_step),
+                    feed_col_step.eq(win_col_step), feed_reduce.eq(win_reduce),
+                ]
 
         # -- Result tags travel beside the data; accumulate on write ------------------------
         tag_layout = data.StructLayout({
@@ -540,20 +556,28 @@ class Npu(wiring.Component):
         injected = Signal(tag_layout)
         m.d.comb += [injected.valid.eq(1), injected.accumulate.eq(inject_data.accumulate),
                      injected.addr.eq(inject_data.addr)]
-        m.d.comb += [
-            arriving_tag.eq(Mux(inject_data.valid, injected.as_value(), tag.as_value())),
-            arriving_row.eq(Mux(inject_data.valid, raw_row.as_value(), array.result.as_value())),
-        ]
+        if fm:
+            m.d.comb += [
+                arriving_tag.eq(Mux(inject_data.valid, injected.as_value(), tag.as_value())),
+                arriving_row.eq(Mux(inject_data.valid, raw_row.as_value(),
+                                    array.result.as_value())),
+            ]
+        else:
+            m.d.comb += [arriving_tag.eq(tag), arriving_row.eq(array.result)]
         m.d.sync += [add_tag.eq(arriving_tag), add_row.eq(arriving_row),
                      inject_write.eq(inject_data.valid)]
         with m.If(read_tag.valid):
             m.d.comb += acc_read.addr.eq(read_tag.addr)
-        with m.If(inject_read.valid):
-            m.d.comb += acc_read.addr.eq(inject_read.addr)
+        if fm:
+            with m.If(inject_read.valid):
+                m.d.comb += acc_read.addr.eq(inject_read.addr)
         summed = Signal(row_layout)
-        combined = [Mux(add_tag.max,
-                        Mux(add_old[k] > add_row[k], add_old[k], add_row[k]),
-                        add_old[k] + add_row[k])[0:c.accumulator_width] for k in range(cols)]
+        if fm:
+            combined = [Mux(add_tag.max,
+                            Mux(add_old[k] > add_row[k], add_old[k], add_row[k]),
+                            add_old[k] + add_row[k])[0:c.accumulator_width] for k in range(cols)]
+        else:
+            combined = [(add_old[k] + add_row[k])[0:c.accumulator_width] for k in range(cols)]
         m.d.comb += summed.eq(Cat(*[Mux(add_tag.accumulate, combined[k],
                                         add_row[k])[0:c.accumulator_width]
                                     for k in range(cols)]))
@@ -569,8 +593,9 @@ class Npu(wiring.Component):
 
         # -- Requantization unit -------------------------------------------------------------
         param_read = reads[Region.PARAMS]
-        with m.If(rq_busy & rq_to_acc):
-            m.d.sync += rq_phase.eq(~rq_phase)
+        if fm:
+            with m.If(rq_busy & rq_to_acc):
+                m.d.sync += rq_phase.eq(~rq_phase)
         with m.If(rq_advance):
             m.d.comb += [acc_read.addr.eq(rq_acc_addr), param_read.addr.eq(rq_param_addr)]
             last_group = rq_group == groups - 1
@@ -590,13 +615,17 @@ class Npu(wiring.Component):
                     rq_acc_addr.eq(rq_acc_addr + 1), rq_remaining.eq(rq_remaining - 1),
                 ]
                 # The output walk (SETOUT): along the output row, else the next row.
-                with m.If(rq_out_col == out_last_col):
-                    next_line = rq_line_addr + out_row_step
-                    m.d.sync += [rq_out_col.eq(0), rq_line_addr.eq(next_line),
-                                 rq_row_addr.eq(next_line), rq_word.eq(next_line)]
-                with m.Else():
-                    m.d.sync += [rq_out_col.eq(rq_out_col + 1),
-                                 rq_row_addr.eq(rq_row_addr + 1), rq_word.eq(rq_row_addr + 1)]
+                if fm:
+                    with m.If(rq_out_col == out_last_col):
+                        next_line = rq_line_addr + out_row_step
+                        m.d.sync += [rq_out_col.eq(0), rq_line_addr.eq(next_line),
+                                     rq_row_addr.eq(next_line), rq_word.eq(next_line)]
+                    with m.Else():
+                        m.d.sync += [rq_out_col.eq(rq_out_col + 1),
+                                     rq_row_addr.eq(rq_row_addr + 1),
+                                     rq_word.eq(rq_row_addr + 1)]
+                else:
+                    m.d.sync += [rq_row_addr.eq(rq_row_addr + 1), rq_word.eq(rq_row_addr + 1)]
                 with m.If(rq_remaining == 1):
                     m.d.sync += rq_busy.eq(0)
         with m.Else():
@@ -610,11 +639,14 @@ class Npu(wiring.Component):
                 rq_acc_addr.eq(_field(instruction, Opcode.REQUANT, "acc_addr")),
                 rq_row_addr.eq(out_addr), rq_word.eq(out_addr), rq_line_addr.eq(out_addr),
                 rq_out_col.eq(0), rq_lane.eq(first_lane), rq_first_lane.eq(first_lane),
-                rq_to_acc.eq(_field(instruction, Opcode.REQUANT, "to_acc")),
-                rq_acc_accumulate.eq(_field(instruction, Opcode.REQUANT, "accumulate")),
-                rq_left_shift.eq(_field(instruction, Opcode.REQUANT, "left_shift")),
-                rq_phase.eq(0), raw_group.eq(0), raw_dest.eq(out_addr),
             ]
+            if fm:
+                m.d.sync += [
+                    rq_to_acc.eq(_field(instruction, Opcode.REQUANT, "to_acc")),
+                    rq_acc_accumulate.eq(_field(instruction, Opcode.REQUANT, "accumulate")),
+                    rq_left_shift.eq(_field(instruction, Opcode.REQUANT, "left_shift")),
+                    rq_phase.eq(0), raw_group.eq(0), raw_dest.eq(out_addr),
+                ]
         # One group selector feeding every lane (slicing a shared expression per lane
         # would emit one selector per lane).
         m.d.comb += Cat(*[rq.acc for rq in requantizers]).eq(
@@ -650,7 +682,7 @@ class Npu(wiring.Component):
         m.d.comb += block_hit.eq(Cat(*[out_block == block for block in range(blocks)]))
         # to_acc: collect a word's groups, then send it down the accumulate path.
         m.d.sync += [inject_read.valid.eq(0), inject_data.eq(inject_read)]
-        with m.If(out_valid & rq_to_acc):
+        with m.If(out_valid & rq_to_acc & fm):
             m.d.sync += raw_row.as_value().word_select(raw_group, lanes * c.accumulator_width).eq(
                 Cat(*[rq.raw for rq in requantizers]))
             with m.If(raw_group == groups - 1):
@@ -673,9 +705,10 @@ class Npu(wiring.Component):
             m.d.sync += [gemm_started.eq(0), gemm_matmul_next.eq(0), gemm_kt.eq(0),
                          gemm_x.eq(0), gemm_y.eq(0)]
             # SETKERN, SETWIN and SETOUT start from their defaults in every run.
-            m.d.sync += [kernel_last_x.eq(0), kernel_last_y.eq(0), kernel_row_step.eq(0),
-                         win_last_col.eq(0xFFFF), win_row_step.eq(0), win_col_step.eq(1),
-                         win_reduce.eq(0), out_last_col.eq(0xFFFF), out_row_step.eq(0)]
+            if fm:
+                m.d.sync += [kernel_last_x.eq(0), kernel_last_y.eq(0), kernel_row_step.eq(0),
+                             win_last_col.eq(0xFFFF), win_row_step.eq(0), win_col_step.eq(1),
+                             win_reduce.eq(0), out_last_col.eq(0xFFFF), out_row_step.eq(0)]
             m.d.sync += [running.eq(1), fill.eq(0), fetch_addr.eq(start_pc), pc.eq(start_pc),
                          done.eq(0), aborted.eq(0), illegal.eq(0), host_conflict.eq(0)]
             m.d.sync += [counter.eq(0) for counter in counters.values()]

@@ -12,7 +12,10 @@ __all__ = ["Requantizer"]
 
 class Requantizer(wiring.Component):
     """acc + bias (wrapping) → rounding doubling high multiply by a Q31 multiplier →
-    rounding right shift → + zero point → clamp → saturate to ``output_width``.
+    rounding right shift → + zero point → clamp → saturate to ``output_width``; ``raw``
+    is the value before the clamp (REQUANT to_acc). With ``left_shift`` (when built with
+    it), acc + bias is first multiplied by 2**20 (TFLite's Add). ``rounding``: ``double``
+    (gemmlowp) or ``single`` (one rounding of the exact product).
 
     Bit-exact with :func:`npugen.arith.requantize`. ``latency`` registers from input to
     ``out`` (one stage each: bias; four 16 × 16 products; their sum; nudge and divide by
@@ -23,7 +26,8 @@ class Requantizer(wiring.Component):
 
     latency = REQUANT_PIPELINE_STAGES
 
-    def __init__(self, *, accumulator_width: int, output_width: int, rounding: str = "double"):
+    def __init__(self, *, accumulator_width: int, output_width: int, rounding: str = "double",
+                 left_shift: bool = True):
         if not 16 <= accumulator_width <= 32:
             raise ValueError(f"accumulator_width must be 16 to 32, not {accumulator_width!r}")
         if rounding not in ("double", "single"):
@@ -31,6 +35,7 @@ class Requantizer(wiring.Component):
         self._acc_width = accumulator_width
         self._out_width = output_width
         self._rounding = rounding
+        self._left_shift = left_shift
         super().__init__({
             "valid": In(1),
             "acc": In(signed(accumulator_width)),
@@ -63,7 +68,10 @@ class Requantizer(wiring.Component):
         # a1·b0 = a1·(b0 − 2^15) + a1·2^15, likewise a0·b1, so
         # a·b = a1·b1·2^32 + a0·b0 + (a1·(b0 − 2^15) + (a0 − 2^15)·b1 + (a1 + b1)·2^15)·2^16.
         a = Signal(signed(32))
-        m.d.comb += a.eq(Mux(left_shift1, (total << ADD_LEFT_SHIFT)[0:32], total))
+        if self._left_shift:
+            m.d.comb += a.eq(Mux(left_shift1, (total << ADD_LEFT_SHIFT)[0:32], total))
+        else:
+            m.d.comb += a.eq(total)
         b = multiplier1
         a1, a0, b1, b0 = a[16:32].as_signed(), a[0:16], b[16:32].as_signed(), b[0:16]
         # With reset (unlike the PE's product): yosys's iCE40 mapping that moves reset-less

@@ -44,9 +44,19 @@ def add_config_flags(parser: argparse.ArgumentParser, *, board: bool = True) -> 
     defaults = NpuConfig()
     for f in dataclasses.fields(NpuConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = str if f.name in ("dataflow", "rounding") else int
+        kind = (str if f.name in ("dataflow", "rounding") else
+                parse_bool if f.name == "feature_maps" else int)
         group.add_argument(flag, dest=f"config_{f.name}", type=kind, metavar=f.name.upper(),
                            help=f"default {getattr(defaults, f.name)!r}")
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
 def config_from_args(args: argparse.Namespace) -> NpuConfig:

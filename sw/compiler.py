@@ -149,6 +149,10 @@ def compile_quantized(model: QuantizedModel, config: NpuConfig,
         if batch not in (None, 1):
             raise ValueError(f"a model with feature maps runs one image a run, not batch "
                              f"{batch}")
+        if not config.feature_maps:
+            raise DoesNotFit(f"the model has feature maps (convolutions, pooling or adds); "
+                             f"this {config.describe()} NPU was generated without them "
+                             f"(feature_maps = false)")
         return _compile_maps(model, config)
     errors = []
     placements = None

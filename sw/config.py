@@ -58,6 +58,7 @@ class NpuConfig:
     requant_lanes: int | None = None  # None: gcd(rows, cols), at most 8
     dataflow: str = "ws"
     rounding: str = "double"
+    feature_maps: bool = True   # address walks, max pooling, add: what CNNs need
 
     def __post_init__(self) -> None:
         _check_int("rows", self.rows, 1, 64)
@@ -92,6 +93,8 @@ class NpuConfig:
             raise ValueError(
                 f"dataflow must be one of {', '.join(map(repr, DATAFLOWS))}, "
                 f"not {self.dataflow!r}")
+        if not isinstance(self.feature_maps, bool):
+            raise TypeError(f"feature_maps must be true or false, not {self.feature_maps!r}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(
                 f"rounding must be one of {', '.join(map(repr, ROUNDINGS))}, "
@@ -172,4 +175,5 @@ class NpuConfig:
     def describe(self) -> str:
         text = (f"{self.rows}x{self.cols} {self.dataflow}, int{self.input_width} x "
                 f"int{self.weight_width} -> int{self.accumulator_width}")
-        return text + (", single rounding" if self.rounding == "single" else "")
+        text += ", single rounding" if self.rounding == "single" else ""
+        return text + ("" if self.feature_maps else ", no feature maps")

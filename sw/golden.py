@@ -213,6 +213,13 @@ def check_program(config: NpuConfig, program: list[Instruction]) -> None:
     state = GemmState(config.rows)
     for index, instruction in enumerate(program):
         op = instruction.opcode
+        if not config.feature_maps:
+            uses = [name for name in ("combine", "to_acc", "left_shift")
+                    if instruction.args.get(name)]
+            if op in (Opcode.SETKERN, Opcode.SETWIN, Opcode.SETOUT) or uses:
+                what = op.name if not uses else f"{op.name} {', '.join(uses)}"
+                need(False, index, instruction,
+                     f"{what} needs an NPU generated with feature_maps (this one has none)")
         if op is Opcode.GEMM:
             need(state.k_tiles >= 1, index, instruction, "k_tiles (SETGEMM) must be at least 1")
             need(instruction["count"] >= 1, index, instruction, "count must be at least 1")

@@ -127,6 +127,7 @@ def config_from_identity(words: list[int]) -> NpuConfig:
     values = dict(zip(names, words[2:2 + len(names)], strict=True))
     values["dataflow"] = DATAFLOWS[values["dataflow"]]
     values["rounding"] = ROUNDINGS[values["rounding"]]
+    values["feature_maps"] = bool(values["feature_maps"])
     return NpuConfig(**values)
 
 

@@ -382,3 +382,9 @@ def test_cnn_runs_on_the_virtual_board(cnn_path, data):
     board = run(program, x_test[:3], target="sim")
     assert np.array_equal(board.quantized_output, golden.quantized_output)
     assert board.counters == golden.counters
+
+
+def test_a_cnn_needs_an_npu_with_feature_maps(cnn_path, data):
+    with pytest.raises(ValueError, match="generated without them .feature_maps = false."):
+        compile_model(load_onnx(cnn_path), NpuConfig(feature_maps=False),
+                      calibration=data[0][:32])

@@ -69,3 +69,15 @@ def test_cycle_model_hides_weight_loads():
     folds = plan.k_tiles * plan.n_tiles
     assert counters.busy_cycles == m * folds
     assert counters.cycles - m * folds <= 2 * (plan.config.rows + plan.config.cols) + 8
+
+
+def test_feature_map_instructions_need_an_npu_generated_with_them():
+    config = CONFIG.replace(feature_maps=False)
+    check_program(config, assemble("SETGEMM k_tiles=1 tile_step=4\nGEMM count=4\nHALT"))
+    for text, what in (("SETWIN row_length=3", "SETWIN"), ("SETKERN kernel_w=3 kernel_h=3",
+                                                          "SETKERN"),
+                       ("MATMUL count=2 combine=1", "MATMUL combine"),
+                       ("REQUANT count=1 to_acc=1", "REQUANT to_acc")):
+        with pytest.raises(ProgramError, match=f"{what} needs an NPU generated with "
+                                               f"feature_maps"):
+            check_program(config, assemble(f"{text}\nHALT"))

@@ -623,12 +623,18 @@ def test_npu_same_bank_reload_waits_for_its_stream():
     assert result.counters == golden.counters
 
 
-def test_npu_illegal_opcode_stops_the_run_and_identity_reads_back():
-    """Opcode 15 at address 0 stops the run with ILLEGAL_INSTRUCTION (no DONE); the
-    identity block reads back as ``identity_words``."""
-    npu = Npu(TINY)
+@pytest.mark.parametrize("word, config", [
+    (15, TINY),
+    # SETWIN on an NPU generated without the feature-map hardware.
+    (Instruction(Opcode.SETWIN, {"row_length": 3}).encode(), TINY.replace(feature_maps=False)),
+], ids=["opcode-15", "setwin-without-feature-maps"])
+def test_npu_illegal_opcode_stops_the_run_and_identity_reads_back(word, config):
+    """An unknown opcode (or one the NPU was generated without) at address 0 stops the run
+    with ILLEGAL_INSTRUCTION (no DONE); the identity block reads back as
+    ``identity_words``."""
+    npu = Npu(config)
     seen = {}
-    identity = identity_words(TINY)
+    identity = identity_words(config)
 
     async def testbench(ctx):
         bus = AmaranthBus(ctx, npu)
@@ -638,7 +644,7 @@ def test_npu_illegal_opcode_stops_the_run_and_identity_reads_back():
             np.array([address(Region.INSTRUCTIONS, 0), address(Region.INSTRUCTIONS, 1),
                       address(Region.REGISTERS, Reg.START_PC),
                       address(Region.REGISTERS, Reg.CONTROL)]),
-            np.array([15, 0, 0, 1]))
+            np.array([word & 0xFFFFFFFF, word >> 32, 0, 1]))
         seen["running_after_start"] = ctx.get(npu.running)
         await ctx.tick().repeat(20)
         seen["running"], seen["done"] = ctx.get(npu.running), ctx.get(npu.done)

@@ -28,6 +28,7 @@ CONFIGS = {
     "2x3": NpuConfig(rows=2, cols=3, **SMALL),
     "4x4": NpuConfig(rows=4, cols=4, requant_lanes=2, **SMALL),
     "4x4-single-rounding": NpuConfig(rows=4, cols=4, rounding="single", **SMALL),
+    "2x2-no-feature-maps": NpuConfig(rows=2, cols=2, feature_maps=False, **SMALL),
     "4x8": NpuConfig(rows=4, cols=8, requant_lanes=4, **SMALL),
     "8x4": NpuConfig(rows=8, cols=4, **SMALL),
     "8x8": NpuConfig(rows=8, cols=8, requant_lanes=8, **SMALL),
@@ -55,8 +56,9 @@ def test_npu_matches_golden(name, simulator):
                               zero_point=zp, clamp=clamp)
               for zp, clamp in zero_point_cases(config)]
     wrap, wrap_plan = wrap_job(config, rng)
+    walks = [walk_change_job(config, rng)] if config.feature_maps else []
     jobs = [job for job, _, _ in gemms] + chains + [back_to_back_accumulate_job(config, rng),
-                                                     walk_change_job(config, rng), wrap]
+                                                     *walks, wrap]
     results = simulate(jobs, simulator=simulator)
     for (job, plan, expected), result in zip(gemms, results, strict=False):
         golden = run_golden(job)
