@@ -67,18 +67,24 @@ def single_rounding_multiply(x, multiplier, shift) -> np.ndarray:
 ADD_LEFT_SHIFT = 20
 
 
-def requantize_raw(acc, bias, multiplier, shift, zero_point: int, *, accumulator_width: int,
-                   rounding: str = "double", left_shift=0) -> np.ndarray:
-    """The requantized value before clamping: + bias (wrapping), times 2**20 when
-    ``left_shift`` (wrapping to 32 bits), rescale, + zero point, wrapped to the
-    accumulator width."""
+def _rescale(acc, bias, multiplier, shift, *, accumulator_width: int, rounding: str,
+             left_shift) -> np.ndarray:
+    """+ bias (wrapping), times 2**20 when ``left_shift`` (wrapping to 32 bits), then the
+    multiplier and right shift with ``rounding``."""
     total = wrap(np.asarray(acc, dtype=np.int64) + bias, accumulator_width)
     total = np.where(np.asarray(left_shift, dtype=bool),
                      wrap(total * (np.int64(1) << ADD_LEFT_SHIFT), 32), total)
     if rounding == "single":
-        scaled = single_rounding_multiply(total, multiplier, shift)
-    else:
-        scaled = rounding_divide_by_pot(rounding_doubling_high_mul(total, multiplier), shift)
+        return single_rounding_multiply(total, multiplier, shift)
+    return rounding_divide_by_pot(rounding_doubling_high_mul(total, multiplier), shift)
+
+
+def requantize_raw(acc, bias, multiplier, shift, zero_point: int, *, accumulator_width: int,
+                   rounding: str = "double", left_shift=0) -> np.ndarray:
+    """The requantized value before clamping (REQUANT to_acc): rescaled as in
+    :func:`requantize`, + zero point, wrapped to the accumulator width."""
+    scaled = _rescale(acc, bias, multiplier, shift, accumulator_width=accumulator_width,
+                      rounding=rounding, left_shift=left_shift)
     return wrap(scaled + zero_point, accumulator_width)
 
 
@@ -91,13 +97,8 @@ def requantize(acc, bias, multiplier, shift, zero_point: int, clamp_min: int,
     ``single`` (one rounding of the exact product, see :func:`single_rounding_multiply`).
     ``left_shift``: first multiply the biased accumulator by 2**20 (TFLite's Add).
     """
-    total = wrap(np.asarray(acc, dtype=np.int64) + bias, accumulator_width)
-    total = np.where(np.asarray(left_shift, dtype=bool),
-                     wrap(total * (np.int64(1) << ADD_LEFT_SHIFT), 32), total)
-    if rounding == "single":
-        scaled = single_rounding_multiply(total, multiplier, shift)
-    else:
-        scaled = rounding_divide_by_pot(rounding_doubling_high_mul(total, multiplier), shift)
+    scaled = _rescale(acc, bias, multiplier, shift, accumulator_width=accumulator_width,
+                      rounding=rounding, left_shift=left_shift)
     out = np.clip(scaled + zero_point, clamp_min, clamp_max)
     return saturate(out, output_width)
 

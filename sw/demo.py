@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import NpuConfig
 
-__all__ = ["digits", "train_mlp", "mlp_to_onnx", "run_demo", "MODELS"]
+__all__ = ["digits", "train_mlp", "mlp_to_onnx", "save_classifier_onnx", "run_demo", "MODELS"]
 
 MODELS = ("mlp", "cnn")
 
@@ -43,8 +43,7 @@ def train_mlp(x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...] = (64, 32), 
 
 def mlp_to_onnx(classifier, path: str | Path, opset: int = 17):
     """Export a trained MLPClassifier as Gemm/Relu ONNX (logits out, no softmax)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     nodes, initializers = [], []
     previous = "input"
@@ -62,9 +61,19 @@ def mlp_to_onnx(classifier, path: str | Path, opset: int = 17):
         previous = out
     features = classifier.coefs_[0].shape[0]
     classes = classifier.coefs_[-1].shape[1]
+    return save_classifier_onnx(nodes, initializers, "mlp", ["batch", features], classes,
+                                path, opset)
+
+
+def save_classifier_onnx(nodes: list, initializers: list, name: str, input_shape: list,
+                         classes: int, path: str | Path, opset: int = 17):
+    """A graph from ``input`` (float, ``input_shape``) to ``logits`` (batch, classes):
+    checked, saved to ``path`` and returned."""
+    import onnx
+    from onnx import TensorProto, helper
+
     graph = helper.make_graph(
-        nodes, "mlp",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
+        nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape)],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
         initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])

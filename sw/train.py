@@ -181,8 +181,7 @@ def train_cnn(x: np.ndarray, y: np.ndarray, *, channels: tuple[int, int] = (8, 1
 
 def cnn_to_onnx(params: dict, path: str | Path, opset: int = 17):
     """Export trained CNN params as Conv/Relu/MaxPool/Flatten/Gemm ONNX (logits out)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     initializers = [numpy_helper.from_array(np.asarray(params[f"{name}.{kind}"], np.float32),
                                             f"{name}.{kind}")
@@ -203,13 +202,7 @@ def cnn_to_onnx(params: dict, path: str | Path, opset: int = 17):
         helper.make_node("Gemm", ["flatten", "fc.weight", "fc.bias"], ["logits"], name="fc",
                          transB=1),
     ]
-    classes = params["fc.weight"].shape[0]
-    graph = helper.make_graph(
-        nodes, "cnn",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, _SIDE, _SIDE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
-        initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return model
+    from .demo import save_classifier_onnx
+
+    return save_classifier_onnx(nodes, initializers, "cnn", ["batch", 1, _SIDE, _SIDE],
+                                params["fc.weight"].shape[0], path, opset)

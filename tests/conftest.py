@@ -16,3 +16,39 @@ def available_simulators() -> list:
             pytest.mark.skip(reason=f"{name} is not installed")]
         params.append(pytest.param(name, marks=marks, id=name))
     return params
+
+
+def quantize_with_onnxruntime(float_path, qdq_path, samples, *, per_channel: bool) -> None:
+    """onnxruntime's quantize_static (QDQ, int8), calibrated one sample at a time."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input": samples[i:i + 1]} for i in range(len(samples))])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(float_path), str(qdq_path), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    per_channel=per_channel)
+
+
+def steps_from_onnxruntime(program, qdq_path, x):
+    """|npugen's int8 outputs − onnxruntime's on the QDQ model|, in output steps."""
+    import numpy as np
+    import onnxruntime
+
+    from npugen.runtime import run
+
+    ours = run(program, x).quantized_output.astype(np.int64)
+    session = onnxruntime.InferenceSession(str(qdq_path), providers=["CPUExecutionProvider"])
+    reference = session.run(None, {"input": x})[0]
+    theirs = np.round(reference / program.output.scale).astype(np.int64) + \
+        program.output.zero_point
+    return np.abs(ours - theirs)

@@ -243,30 +243,33 @@ def feature_map_job(config: NpuConfig, rng: np.random.Generator, kind: str):
     else:
         lowering.global_sum(src, dst, requant)
         acc = x.reshape(channels, -1).sum(axis=1).reshape(channels, 1, 1)
-    program = lowering.instructions + [Instruction(Opcode.HALT)]
     expected = requantize(acc.transpose(1, 2, 0), bias, multiplier, shift, zero_point,
                           *clamp, accumulator_width=config.accumulator_width,
                           output_width=config.input_width).transpose(2, 0, 1)
-    job = Job(config)
-    job.write(Region.INSTRUCTIONS, 0, encode_program(program))
-    job.write(Region.ACTIVATIONS, 0, src.pack(x))
-    job.write(Region.ACTIVATIONS, dst.base, dst.pack(rng.integers(-128, 128, (
-        out_channels, out_h, out_w))))
-    job.write(Region.WEIGHTS, 0, lowering.weights())
-    job.write(Region.PARAMS, 0, lowering.params())
-    job.read("output", Region.ACTIVATIONS, dst.base, dst.words)
-    _guard(job, dst)
-    return job, expected, dst
+    return _map_job(config, rng, lowering, [(src, x)], dst), expected, dst
 
 
 #: The value of the words just past an operator's output map: it must not write there.
 GUARD_VALUE = 77
 
 
-def _guard(job: Job, dst) -> None:
-    words = min(dst.tile_words + 4, job.config.activation_depth - dst.end)
-    job.write(Region.ACTIVATIONS, dst.end, np.full((words, job.config.rows), GUARD_VALUE))
+def _map_job(config: NpuConfig, rng: np.random.Generator, lowering, inputs, dst) -> Job:
+    """The lowered program with its input maps, junk where the output goes (the operator
+    must overwrite it) and a guard past the output map (it must not write there)."""
+    job = Job(config)
+    job.write(Region.INSTRUCTIONS, 0, encode_program(lowering.instructions
+                                                     + [Instruction(Opcode.HALT)]))
+    for fmap, values in inputs:
+        job.write(Region.ACTIVATIONS, fmap.base, fmap.pack(values))
+    job.write(Region.ACTIVATIONS, dst.base, dst.pack(rng.integers(-128, 128, (
+        dst.channels, dst.height, dst.width))))
+    job.write(Region.WEIGHTS, 0, lowering.weights())
+    job.write(Region.PARAMS, 0, lowering.params())
+    job.read("output", Region.ACTIVATIONS, dst.base, dst.words)
+    words = min(dst.tile_words + 4, config.activation_depth - dst.end)
+    job.write(Region.ACTIVATIONS, dst.end, np.full((words, config.rows), GUARD_VALUE))
     job.read("guard", Region.ACTIVATIONS, dst.end, words)
+    return job
 
 
 def walk_change_job(config: NpuConfig, rng: np.random.Generator) -> Job:
@@ -332,7 +335,6 @@ def _add_job(config, rng, FeatureMap, Lowering, Requant, Rescale, quantize_multi
                       np.full(channels, out_shift), zeros[2], *clamp)
     lowering = Lowering(config)
     lowering.add(first, second, dst, rescales[0], rescales[1], requant)
-    program = lowering.instructions + [Instruction(Opcode.HALT)]
     # TFLite's int8 Add, term by term.
     raws = [requantize_raw(x.transpose(1, 2, 0), -r.zero_point, r.multiplier, r.shift, 0,
                            accumulator_width=32, rounding=config.rounding, left_shift=1)
@@ -340,14 +342,4 @@ def _add_job(config, rng, FeatureMap, Lowering, Requant, Rescale, quantize_multi
     expected = requantize(raws[0] + raws[1], 0, out_multiplier, out_shift, zeros[2], *clamp,
                           accumulator_width=32, output_width=8,
                           rounding=config.rounding).transpose(2, 0, 1)
-    job = Job(config)
-    job.write(Region.INSTRUCTIONS, 0, encode_program(program))
-    job.write(Region.ACTIVATIONS, 0, first.pack(x1))
-    job.write(Region.ACTIVATIONS, second.base, second.pack(x2))
-    job.write(Region.ACTIVATIONS, dst.base, dst.pack(rng.integers(-128, 128, (
-        channels, height, width))))
-    job.write(Region.WEIGHTS, 0, lowering.weights())
-    job.write(Region.PARAMS, 0, lowering.params())
-    job.read("output", Region.ACTIVATIONS, dst.base, dst.words)
-    _guard(job, dst)
-    return job, expected, dst
+    return _map_job(config, rng, lowering, [(first, x1), (second, x2)], dst), expected, dst

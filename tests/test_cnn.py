@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import available_simulators
+from conftest import available_simulators, quantize_with_onnxruntime, steps_from_onnxruntime
 from npugen import NpuConfig
 from npugen.cli import main
 from npugen.compiler import compile_model
@@ -58,40 +58,28 @@ def test_qdq_cnn_matches_onnxruntime(tmp_path, data, cnn_path, per_channel, roun
     on every element. TFLite's double rounding differs by one step where the first
     rounding crosses a half, and three layers compound it: ≥ 96 % identical, never more
     than one step."""
-    import onnxruntime
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
     x_train, x_test, _, _ = data
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{"input": x_train[i:i + 1]} for i in range(200)])
-
-        def get_next(self):
-            return next(self.items, None)
-
     qdq_path = tmp_path / "q.onnx"
-    quantize_static(str(cnn_path), str(qdq_path), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    per_channel=per_channel)
+    quantize_with_onnxruntime(cnn_path, qdq_path, x_train[:200], per_channel=per_channel)
     program = compile_model(load_onnx(qdq_path), NpuConfig(rounding=rounding))
-    ours = run(program, x_test).quantized_output.astype(np.int64)
-    session = onnxruntime.InferenceSession(str(qdq_path), providers=["CPUExecutionProvider"])
-    reference = session.run(None, {"input": x_test})[0]
-    theirs = np.round(reference / program.output.scale).astype(np.int64) + \
-        program.output.zero_point
-    difference = np.abs(ours - theirs)
+    difference = steps_from_onnxruntime(program, qdq_path, x_test)
     assert difference.max() <= 1
     assert np.mean(difference == 0) >= (0.99 if rounding == "single" else 0.96)
 
 
 def _initializer(name, values):
     return numpy_helper.from_array(np.asarray(values, dtype=np.float32), name)
+
+
+def _classifier(nodes, inits, name: str, shape: tuple[int, ...]) -> onnx.ModelProto:
+    """A checked graph from ``input`` (batch, *shape) to 4 ``logits``."""
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
 
 
 def mixed_cnn(rng) -> onnx.ModelProto:
@@ -127,38 +115,39 @@ def mixed_cnn(rng) -> onnx.ModelProto:
         helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "mixed",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 9, 11])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    return model
+    return _classifier(nodes, inits, "mixed", (3, 9, 11))
 
 
-@pytest.mark.parametrize("simulator", available_simulators())
-def test_every_operator_imports_like_onnxruntime_and_runs_bit_exact(tmp_path, simulator):
+def check_against_onnxruntime_and_rtl(tmp_path, proto, x, simulator):
+    """The imported model computes what onnxruntime does in float; compiled, its RTL run
+    equals the golden model on three inputs. Returns the program, the golden run and
+    onnxruntime's outputs."""
     import onnxruntime
 
-    rng = np.random.default_rng(3)
-    proto = mixed_cnn(rng)
-    path = tmp_path / "mixed.onnx"
+    path = tmp_path / "model.onnx"
     onnx.save(proto, str(path))
     model = load_onnx(path)
-    x = rng.uniform(-1, 1, (24, 3, 9, 11)).astype(np.float32)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     reference = session.run(None, {"input": x})[0]
     np.testing.assert_allclose(model.forward(x), reference, atol=1e-4)
     program = compile_model(model, SMALL, calibration=x)
-    assert [layer["kind"] for layer in program.layers] == [
-        "conv", "depthwise", "avgpool", "conv", "maxpool", "globalavgpool", "dense"]
     golden = run(program, x[:3])
     rtl = run(program, x[:3], target="rtl", simulator=simulator)
     assert np.array_equal(rtl.quantized_output, golden.quantized_output)
     assert rtl.counters == golden.counters
+    return program, golden, reference
+
+
+@pytest.mark.parametrize("simulator", available_simulators())
+def test_every_operator_imports_like_onnxruntime_and_runs_bit_exact(tmp_path, simulator):
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1, 1, (24, 3, 9, 11)).astype(np.float32)
+    program, golden, reference = check_against_onnxruntime_and_rtl(
+        tmp_path, mixed_cnn(rng), x, simulator)
+    assert [layer["kind"] for layer in program.layers] == [
+        "conv", "depthwise", "avgpool", "conv", "maxpool", "globalavgpool", "dense"]
     # int8 follows float within a few output steps.
-    scale = program.output.scale
-    assert np.abs(golden.output - reference[:3]).max() <= 4 * scale + 0.05
+    assert np.abs(golden.output - reference[:3]).max() <= 4 * program.output.scale + 0.05
 
 
 def test_pytorch_cnn_export(tmp_path, data):
@@ -300,70 +289,30 @@ def residual_cnn(rng, *, relu_before_add: bool = True) -> onnx.ModelProto:
         helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "residual",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 7, 6])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    return model
+    return _classifier(nodes, inits, "residual", (3, 7, 6))
 
 
 @pytest.mark.parametrize("simulator", available_simulators())
 def test_residual_adds_run_on_chip_bit_exact(tmp_path, simulator):
-    import onnxruntime
-
     rng = np.random.default_rng(8)
-    path = tmp_path / "residual.onnx"
-    onnx.save(residual_cnn(rng), str(path))
-    model = load_onnx(path)
+    proto = residual_cnn(rng)
     x = rng.uniform(-1, 1, (32, 3, 7, 6)).astype(np.float32)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    reference = session.run(None, {"input": x})[0]
-    np.testing.assert_allclose(model.forward(x), reference, atol=1e-4)
-    program = compile_model(model, SMALL, calibration=x)
+    program, _, reference = check_against_onnxruntime_and_rtl(tmp_path, proto, x, simulator)
     kinds = [layer["kind"] for layer in program.layers]
     assert kinds == ["conv", "conv", "add", "conv", "add", "globalavgpool", "dense"]
     assert program.layers[4]["inputs"] == ["project2", "input"]
-    golden = run(program, x[:3])
-    rtl = run(program, x[:3], target="rtl", simulator=simulator)
-    assert np.array_equal(rtl.quantized_output, golden.quantized_output)
-    assert rtl.counters == golden.counters
     assert np.abs(run(program, x).output - reference).max() <= 6 * program.output.scale
 
 
 def test_qdq_residual_matches_onnxruntime(tmp_path):
-    import onnxruntime
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
     rng = np.random.default_rng(9)
     float_path, qdq_path = tmp_path / "f.onnx", tmp_path / "q.onnx"
     onnx.save(residual_cnn(rng), str(float_path))
     x = rng.uniform(-1, 1, (300, 3, 7, 6)).astype(np.float32)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{"input": x[i:i + 1]} for i in range(100)])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    quantize_static(str(float_path), str(qdq_path), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    per_channel=True)
+    quantize_with_onnxruntime(float_path, qdq_path, x[:100], per_channel=True)
     program = compile_model(load_onnx(qdq_path), NpuConfig(rounding="single"))
     assert "add" in [layer["kind"] for layer in program.layers]
-    ours = run(program, x[100:]).quantized_output.astype(np.int64)
-    session = onnxruntime.InferenceSession(str(qdq_path), providers=["CPUExecutionProvider"])
-    reference = session.run(None, {"input": x[100:]})[0]
-    theirs = np.round(reference / program.output.scale).astype(np.int64) + \
-        program.output.zero_point
-    difference = np.abs(ours - theirs)
+    difference = steps_from_onnxruntime(program, qdq_path, x[100:])
     assert difference.max() <= 1
     assert np.mean(difference == 0) >= 0.99
 

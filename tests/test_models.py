@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import available_simulators
+from conftest import available_simulators, quantize_with_onnxruntime, steps_from_onnxruntime
 from npugen import NpuConfig
 from npugen.cli import main
 from npugen.compiler import compile_model
@@ -185,35 +185,12 @@ def test_int8_accuracy_within_one_point(data, trained):
 
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_qdq_matches_onnxruntime(tmp_path, data, trained, per_channel):
-    import onnxruntime
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
     x_train, x_test, _, _ = data
     float_path, qdq_path = tmp_path / "f.onnx", tmp_path / "q.onnx"
     mlp_to_onnx(trained, float_path)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{"input": x_train[i:i + 1]} for i in range(200)])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    quantize_static(str(float_path), str(qdq_path), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    per_channel=per_channel)
+    quantize_with_onnxruntime(float_path, qdq_path, x_train[:200], per_channel=per_channel)
     program = compile_model(load_onnx(qdq_path), NpuConfig())
-    ours = run(program, x_test).quantized_output.astype(np.int64)
-    session = onnxruntime.InferenceSession(str(qdq_path), providers=["CPUExecutionProvider"])
-    reference = session.run(None, {"input": x_test})[0]
-    theirs = np.round(reference / program.output.scale).astype(np.int64) + \
-        program.output.zero_point
-    difference = np.abs(ours - theirs)
+    difference = steps_from_onnxruntime(program, qdq_path, x_test)
     assert difference.max() <= 1
     assert np.mean(difference == 0) >= 0.99
 
