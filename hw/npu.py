@@ -572,14 +572,21 @@ class Npu(wiring.Component):
             with m.If(inject_read.valid):
                 m.d.comb += acc_read.addr.eq(inject_read.addr)
         summed = Signal(row_layout)
+        width = c.accumulator_width
         if fm:
-            combined = [Mux(add_tag.max,
-                            Mux(add_old[k] > add_row[k], add_old[k], add_row[k]),
-                            add_old[k] + add_row[k])[0:c.accumulator_width] for k in range(cols)]
+            # One carry chain per lane does both: old + row, or old − row for max, whose
+            # sign picks the larger.
+            combined = []
+            for k in range(cols):
+                operand = Mux(add_tag.max, ~add_row[k], add_row[k])
+                total = Signal(signed(width + 2), name=f"combine{k}")
+                m.d.comb += total.eq(add_old[k] + operand + add_tag.max)
+                combined.append(Mux(add_tag.max,
+                                    Mux(total[width + 1], add_row[k], add_old[k]),
+                                    total)[0:width])
         else:
-            combined = [(add_old[k] + add_row[k])[0:c.accumulator_width] for k in range(cols)]
-        m.d.comb += summed.eq(Cat(*[Mux(add_tag.accumulate, combined[k],
-                                        add_row[k])[0:c.accumulator_width]
+            combined = [(add_old[k] + add_row[k])[0:width] for k in range(cols)]
+        m.d.comb += summed.eq(Cat(*[Mux(add_tag.accumulate, combined[k], add_row[k])[0:width]
                                     for k in range(cols)]))
         # Gated by running: an aborted run leaves nothing behind (HALT waits for drain).
         writing = add_tag.valid & running
