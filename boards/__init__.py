@@ -43,8 +43,9 @@ def _platform(module: str, cls: str) -> Callable[[], object]:
 # RAM, and a PLL at the clock the design reaches on the board.
 _SMALL = dict(activation_depth=256, weight_depth=256, accumulator_depth=128,
               instruction_depth=128, param_depth=16, requant_lanes=1)
-# The iCEBreaker's NPU leaves out the feature-map hardware (address walks, max, add: about
-# 880 of its 5280 LCs) to fit.
+# The iCEBreaker's and the Tang Nano 9K's NPUs leave out the feature-map hardware (address
+# walks, max, add): with it, the iCEBreaker's 2x2 needs 6110 of 5280 LCs, and the Tang's
+# 4x4 (6685 LUT4 + 2100 ALU of 8640) does not place.
 # Enough for the demo MLP (64-64-32-10) and models of its size; the iCEBreaker's EBR
 # cannot hold them (its SPRAM could, once the NPU uses it).
 _MEDIUM = dict(activation_depth=1024, weight_depth=2048, accumulator_depth=512,
@@ -74,7 +75,7 @@ BOARDS: dict[str, Board] = {board.name: board for board in (
             device=f"lfe5u-{size}f")
       for size, array, pll in ((12, 4, 60.0), (25, 4, 60.0), (45, 8, 60.0), (85, 8, 60.0))),
     Board("tang-nano-9k", _platform("tang_nano_9k", "TangNano9kPlatform"), "gowin", 27e6,
-          NpuConfig(rows=4, cols=4, **_MEDIUM),
+          NpuConfig(rows=4, cols=4, feature_maps=False, **_MEDIUM),
           description="Sipeed Tang Nano 9K, GW1NR-9C (Apicula flow)", loader_name="tangnano9k",
           device="gw1nr-9c"),
     Board("orangecrab-25f", _orangecrab_25f, "ecp5", 48e6,
