@@ -134,8 +134,10 @@ def _param_words(config: NpuConfig, model: QuantizedModel,
 
 
 def compile_quantized(model: QuantizedModel, config: NpuConfig,
-                      batch: int | None = None) -> Program:
-    """Compile for ``batch`` rows a run (default: the largest of 64, 32, ... that fits)."""
+                      batch: int | None = None, *, input_im2col: bool = True) -> Program:
+    """Compile for ``batch`` rows a run (default: the largest of 64, 32, ... that fits).
+    ``input_im2col``: let the host prepare a CNN's input by im2col when that saves the
+    first convolution K tiles."""
     if batch is not None and not 1 <= batch <= 0xFFFF:
         raise ValueError(f"batch must be between 1 and 65535, not {batch}")
     for layer in model.layers:
@@ -153,7 +155,7 @@ def compile_quantized(model: QuantizedModel, config: NpuConfig,
             raise DoesNotFit(f"the model has feature maps (convolutions, pooling or adds); "
                              f"this {config.describe()} NPU was generated without them "
                              f"(feature_maps = false)")
-        return _compile_maps(model, config)
+        return _compile_maps(model, config, input_im2col)
     errors = []
     placements = None
     for candidate in ([batch] if batch else BATCH_CHOICES):
@@ -236,12 +238,20 @@ def _requant(layer) -> Requant:
                    layer.clamp_min, layer.clamp_max)
 
 
-def _lower(lowering: Lowering, layer, maps: dict[str, FeatureMap]) -> dict:
-    """Emit one layer; returns its row of the layer table."""
+def _lower(lowering: Lowering, layer, maps: dict[str, FeatureMap],
+           input_im2col: bool = False) -> dict:
+    """Emit one layer; returns its row of the layer table. ``input_im2col``: the layer's
+    input was prepared by im2col, so it runs as a 1×1 convolution over every tap."""
     source, requant = layer.source, _requant(layer)
     src, dst = maps[layer.inputs[0]], maps[layer.name]
     kind = type(source).__name__.lower() if source is not None else "dense"
     macs = ops = 0
+    if input_im2col:
+        kind = "conv (im2col input)"
+        taps = layer.weight.reshape(1, 1, -1, layer.weight.shape[-1])
+        lowering.conv(src, dst, taps, requant)
+        macs = dst.height * dst.width * int(np.prod(layer.weight.shape))
+        return _layer_row(layer, kind, src, dst, macs, macs)
     if isinstance(source, Conv) and source.depthwise:
         kind = "depthwise"
         lowering.depthwise(src, dst, layer.weight, requant, source.stride, source.pads)
@@ -268,13 +278,35 @@ def _lower(lowering: Lowering, layer, maps: dict[str, FeatureMap]) -> dict:
         weight = layer.weight.reshape(src.channels, src.height, src.width, -1)
         lowering.conv(src, dst, weight.transpose(1, 2, 0, 3), requant)
         macs = int(np.prod(layer.weight.shape))
+    return _layer_row(layer, kind, src, dst, macs, ops or macs)
+
+
+def _layer_row(layer, kind: str, src: FeatureMap, dst: FeatureMap, macs: int,
+               ops: int) -> dict:
     return {"name": layer.name, "kind": kind, "inputs": list(layer.inputs),
             "input": [src.channels, src.height, src.width],
             "output": [dst.channels, dst.height, dst.width], "macs": macs,
-            "ops": ops or macs, "clamp": [layer.clamp_min, layer.clamp_max]}
+            "ops": ops, "clamp": [layer.clamp_min, layer.clamp_max]}
 
 
-def _allocate_maps(model: QuantizedModel, config: NpuConfig) -> dict[str, FeatureMap]:
+def _input_im2col(model: QuantizedModel, config: NpuConfig) -> tuple[int, ...] | None:
+    """(kh, kw, stride, *pads) when the host should prepare the input by im2col: the first
+    layer is a convolution, the only reader of the input, whose kernel taps packed into
+    lanes take fewer K tiles than one tap a tile (few input channels)."""
+    first = model.layers[0]
+    source = first.source
+    if not isinstance(source, Conv) or source.depthwise or first.inputs != ("input",):
+        return None
+    if any("input" in layer.inputs for layer in model.layers[1:]):
+        return None
+    (kh, kw), channels = source.kernel, source.in_channels
+    if ceil_div(kh * kw * channels, config.rows) >= ceil_div(channels, config.rows) * kh * kw:
+        return None
+    return (kh, kw, source.stride, *source.pads)
+
+
+def _allocate_maps(model: QuantizedModel, config: NpuConfig,
+                   input_im2col: tuple[int, ...] | None) -> dict[str, FeatureMap]:
     """A feature map for every tensor, each with the halo its consumers' padding needs."""
     shapes = {"input": _map_shape(model.input_shape)}
     quants = {"input": model.input_quant}
@@ -287,10 +319,16 @@ def _allocate_maps(model: QuantizedModel, config: NpuConfig) -> dict[str, Featur
         else:
             shapes[layer.name] = (layer.out_features, 1, 1)
         quants[layer.name] = layer.output_quant
+    if input_im2col is not None:   # every tap of every input channel, per output pixel
+        first = model.layers[0]
+        kh, kw = first.source.kernel
+        shapes["input"] = (first.source.in_channels * kh * kw, *shapes[first.name][1:])
     halos: dict[str, tuple[tuple[int, int, int, int], int | None]] = {
         name: ((0, 0, 0, 0), None) for name in shapes}
-    for layer in model.layers:
+    for index, layer in enumerate(model.layers):
         name = layer.inputs[0]
+        if index == 0 and input_im2col is not None:
+            continue   # its input is prepared with the padding in it
         pads, fill = _halo(layer, quants[name].zero_point)
         old_pads, old_fill = halos[name]
         if any(pads) and any(old_pads) and old_fill != fill:
@@ -312,14 +350,17 @@ def _allocate_maps(model: QuantizedModel, config: NpuConfig) -> dict[str, Featur
     return maps
 
 
-def _compile_maps(model: QuantizedModel, config: NpuConfig) -> Program:
-    maps = _allocate_maps(model, config)
+def _compile_maps(model: QuantizedModel, config: NpuConfig, allow_im2col: bool) -> Program:
+    input_im2col = _input_im2col(model, config) if allow_im2col else None
+    maps = _allocate_maps(model, config, input_im2col)
     lowering = Lowering(config)
     layers, starts = [], []
     try:
-        for layer in model.layers:
+        for index, layer in enumerate(model.layers):
             starts.append(len(lowering.instructions))
-            layers.append(_lower(lowering, layer, maps))
+            layers.append(_lower(lowering, layer, maps,
+                                 input_im2col=index == 0 and input_im2col is not None))
+        layers[0]["input"] = list(_map_shape(model.input_shape))   # before any im2col
     except DoesNotFit as error:
         raise DoesNotFit(f"the model does not fit a {config.describe()} NPU: {error}") from None
     instructions = lowering.instructions + [Instruction(Opcode.HALT)]
@@ -351,14 +392,14 @@ def _compile_maps(model: QuantizedModel, config: NpuConfig) -> Program:
             segments.append((Region.ACTIVATIONS, fmap.base, np.full(
                 (fmap.words, config.rows), fmap.fill, dtype=np.int64)))
 
-    def layout(fmap: FeatureMap, shape, quant) -> TensorLayout:
+    def layout(fmap: FeatureMap, shape, quant, im2col=None) -> TensorLayout:
         return TensorLayout(fmap.base, int(np.prod(shape)), tuple(shape), quant.scale,
                             quant.zero_point, (fmap.channels, fmap.height, fmap.width),
-                            fmap.halo, fmap.fill)
+                            fmap.halo, fmap.fill, im2col)
 
     return Program(
         config=config, batch=1, segments=segments,
-        input=layout(maps["input"], model.input_shape, model.input_quant),
+        input=layout(maps["input"], model.input_shape, model.input_quant, input_im2col),
         output=layout(maps[model.layers[-1].name], model.output_shape, model.output_quant),
         layers=layers, estimated_cycles=timing.counters.cycles,
         instruction_count=len(instructions))

@@ -175,7 +175,7 @@ def run_demo(*, target: str = "sim", simulator: str = "verilator",
                             for layer in program.layers]
         for layer in record["layers"]:
             shape_text = "×".join(map(str, layer["output"]))
-            print(f"  {layer['name']:<10} {layer['kind']:<14} → {shape_text:<9} "
+            print(f"  {layer['name']:<10} {layer['kind']:<19} → {shape_text:<9} "
                   f"{layer['cycles']:>7} cycles  {layer['macs']:>7} MACs  "
                   f"utilization {layer['utilization']:.3f}")
     return record

@@ -18,7 +18,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FeatureMap"]
+__all__ = ["FeatureMap", "im2col"]
+
+
+def im2col(values: np.ndarray, kernel: tuple[int, int], stride: int,
+           pads: tuple[int, int, int, int], fill: int) -> np.ndarray:
+    """A (C, H, W) map as (kh·kw·C, OH, OW): channel (dy·kw + dx)·C + c of output pixel
+    (y, x) is input (c, y·stride + dy − top, x·stride + dx − left), ``fill`` outside.
+
+    The host prepares a CNN's input this way when its first convolution has few input
+    channels: the convolution then runs as a 1×1 convolution whose K tiles hold every
+    tap, instead of one K tile per tap with most lanes empty."""
+    kh, kw = kernel
+    top, left, bottom, right = pads
+    padded = np.pad(np.asarray(values), ((0, 0), (top, bottom), (left, right)),
+                    constant_values=fill)
+    out_h = (padded.shape[1] - kh) // stride + 1
+    out_w = (padded.shape[2] - kw) // stride + 1
+    taps = [padded[:, dy:dy + stride * (out_h - 1) + 1:stride,
+                   dx:dx + stride * (out_w - 1) + 1:stride]
+            for dy in range(kh) for dx in range(kw)]
+    return np.concatenate(taps, axis=0)
 
 
 def _ceil_div(a: int, b: int) -> int:

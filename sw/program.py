@@ -59,6 +59,19 @@ class TensorLayout:
     map_shape: tuple[int, int, int] | None = None
     halo: tuple[int, int, int, int] = (0, 0, 0, 0)
     fill: int = 0
+    # The input prepared by im2col on the host: kernel h, w, stride, pads (t, l, b, r).
+    im2col: tuple[int, ...] | None = None
+
+    def pack(self, config: NpuConfig, values: np.ndarray) -> np.ndarray:
+        """One input (features in C·H·W order) as the words of its feature map."""
+        from .featuremap import im2col
+
+        fmap = self.feature_map(config)
+        values = np.asarray(values).reshape(self.shape)
+        if self.im2col is not None:
+            kh, kw, stride, *pads = self.im2col
+            values = im2col(values, (kh, kw), stride, tuple(pads), self.zero_point)
+        return fmap.pack(values.reshape(fmap.channels, fmap.height, fmap.width))
 
     def feature_map(self, config: NpuConfig):
         from .featuremap import FeatureMap
@@ -71,6 +84,8 @@ class TensorLayout:
                 "scale": float(self.scale), "zero_point": int(self.zero_point)}
         if self.map_shape is not None:
             data.update(map_shape=list(self.map_shape), halo=list(self.halo), fill=self.fill)
+        if self.im2col is not None:
+            data["im2col"] = list(self.im2col)
         return data
 
     @classmethod
@@ -80,7 +95,8 @@ class TensorLayout:
                    float(data["scale"]), int(data["zero_point"]),
                    None if map_shape is None else tuple(int(d) for d in map_shape),
                    tuple(int(d) for d in data.get("halo", (0, 0, 0, 0))),
-                   int(data.get("fill", 0)))
+                   int(data.get("fill", 0)),
+                   None if "im2col" not in data else tuple(int(d) for d in data["im2col"]))
 
 
 @dataclass

@@ -88,10 +88,7 @@ def program_job(program: Program, rows: np.ndarray, *, load_program: bool = True
         for region, entry, values in program.segments:
             job.write(region, entry, values)
     if program.input.map_shape is not None:
-        fmap = program.input.feature_map(config)
-        job.write(Region.ACTIVATIONS, fmap.base, fmap.pack(rows.reshape(fmap.channels,
-                                                                        fmap.height,
-                                                                        fmap.width)))
+        job.write(Region.ACTIVATIONS, program.input.base, program.input.pack(config, rows))
     else:
         padded = np.zeros((program.batch,
                            -(-program.input.features // config.rows) * config.rows),

@@ -47,7 +47,7 @@ def test_cnn_int8_accuracy_within_one_point_of_float(data, cnn_path):
     assert float_accuracy > 0.95
     assert abs(float_accuracy - int8_accuracy) <= 0.01, (float_accuracy, int8_accuracy)
     kinds = [layer["kind"] for layer in program.layers]
-    assert kinds == ["conv", "conv", "maxpool", "dense"]
+    assert kinds == ["conv (im2col input)", "conv", "maxpool", "dense"]
     assert sum(layer["cycles"] for layer in program.layers) == program.estimated_cycles
 
 
@@ -145,7 +145,8 @@ def test_every_operator_imports_like_onnxruntime_and_runs_bit_exact(tmp_path, si
     program, golden, reference = check_against_onnxruntime_and_rtl(
         tmp_path, mixed_cnn(rng), x, simulator)
     assert [layer["kind"] for layer in program.layers] == [
-        "conv", "depthwise", "avgpool", "conv", "maxpool", "globalavgpool", "dense"]
+        "conv (im2col input)", "depthwise", "avgpool", "conv", "maxpool", "globalavgpool",
+        "dense"]
     # int8 follows float within a few output steps.
     assert np.abs(golden.output - reference[:3]).max() <= 4 * program.output.scale + 0.05
 
@@ -337,3 +338,22 @@ def test_a_cnn_needs_an_npu_with_feature_maps(cnn_path, data):
     with pytest.raises(ValueError, match="generated without them .feature_maps = false."):
         compile_model(load_onnx(cnn_path), NpuConfig(feature_maps=False),
                       calibration=data[0][:32])
+
+
+def test_input_im2col_saves_cycles_and_changes_no_output(cnn_path, data):
+    """The demo's first convolution has one input channel: with the input prepared by
+    im2col on the host, its nine taps share two K tiles instead of taking nine."""
+    from npugen.compiler import compile_quantized
+    from npugen.quantize import quantize_model
+
+    x_train, x_test, _, _ = data
+    quantized = quantize_model(load_onnx(cnn_path), x_train[:256])
+    packed = compile_quantized(quantized, NpuConfig())
+    plain = compile_quantized(quantized, NpuConfig(), input_im2col=False)
+    assert packed.input.im2col == (3, 3, 1, 1, 1, 1, 1) and plain.input.im2col is None
+    assert packed.layers[0]["kind"] == "conv (im2col input)"
+    assert packed.layers[0]["cycles"] < plain.layers[0]["cycles"] / 2
+    assert np.array_equal(run(packed, x_test).quantized_output,
+                          run(plain, x_test).quantized_output)
+    reloaded = type(packed).from_bytes(packed.to_bytes())
+    assert reloaded.input == packed.input
