@@ -213,7 +213,10 @@ def _quantize_pool(layer: Pool, shape: tuple[int, ...], input_quant: QuantParams
     else:
         scale = input_quant.scale / (output_quant.scale * count)
         try:
-            multiplier, shift = quantize_multiplier(float(scale))
+            # A scale of exactly 1 (a 1×1 map, or a range that shrinks exactly by the
+            # count) passes values through.
+            multiplier, shift = ((IDENTITY_MULTIPLIER, 0) if abs(scale - 1.0) < 1e-9
+                                 else quantize_multiplier(float(scale)))
         except ValueError:
             raise ModelError(f"layer {layer.name!r}: its rescale s_in/(s_out·{count}) = "
                              f"{scale:.4g} is not in (0, 1)") from None

@@ -357,3 +357,88 @@ def test_input_im2col_saves_cycles_and_changes_no_output(cnn_path, data):
                           run(plain, x_test).quantized_output)
     reloaded = type(packed).from_bytes(packed.to_bytes())
     assert reloaded.input == packed.input
+
+
+def random_cnn(rng) -> onnx.ModelProto:
+    """A random chain of map operators (conv with random kernel, stride and padding,
+    depthwise conv, pooling, residual add) on a random input, ending in GAP and Gemm."""
+    channels = int(rng.integers(1, 6))
+    shape = (channels, int(rng.integers(5, 10)), int(rng.integers(5, 10)))
+    nodes, inits, previous, count = [], [], "input", 0
+
+    def fresh(prefix):
+        nonlocal count
+        count += 1
+        return f"{prefix}{count}"
+
+    for _ in range(int(rng.integers(2, 5))):
+        kind = rng.choice(["conv", "conv", "depthwise", "maxpool", "avgpool", "add"])
+        out = fresh(kind)
+        if kind in ("conv", "depthwise"):
+            kernel = int(rng.integers(1, 4))
+            stride = int(rng.choice([1, 1, 2]))
+            pad = int(rng.integers(0, kernel))
+            groups = channels if kind == "depthwise" else 1
+            out_channels = channels if kind == "depthwise" else int(rng.integers(1, 9))
+            w, b = fresh("w"), fresh("b")
+            inits += [_initializer(w, rng.normal(0, 0.5, (out_channels, channels // groups,
+                                                          kernel, kernel))),
+                      _initializer(b, rng.normal(0, 0.1, out_channels))]
+            nodes.append(helper.make_node("Conv", [previous, w, b], [out], name=out,
+                                          strides=[stride, stride], pads=[pad] * 4,
+                                          group=groups, kernel_shape=[kernel, kernel]))
+            relu = fresh("relu")
+            nodes.append(helper.make_node("Relu", [out], [relu], name=relu))
+            previous, channels = relu, out_channels
+        elif kind in ("maxpool", "avgpool"):
+            op = "MaxPool" if kind == "maxpool" else "AveragePool"
+            nodes.append(helper.make_node(op, [previous], [out], name=out, kernel_shape=[2, 2],
+                                          strides=[1, 1]))
+            previous = out
+        else:
+            w, b = fresh("w"), fresh("b")
+            inits += [_initializer(w, rng.normal(0, 0.5, (channels, channels, 3, 3))),
+                      _initializer(b, rng.normal(0, 0.1, channels))]
+            branch = fresh("branch")
+            nodes.append(helper.make_node("Conv", [previous, w, b], [branch], name=branch,
+                                          pads=[1, 1, 1, 1], kernel_shape=[3, 3]))
+            nodes.append(helper.make_node("Add", [previous, branch], [out], name=out))
+            previous = out
+    inits += [_initializer("fc_w", rng.normal(0, 0.5, (4, channels))),
+              _initializer("fc_b", rng.normal(0, 0.1, 4))]
+    nodes += [helper.make_node("GlobalAveragePool", [previous], ["g"], name="gap"),
+              helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+              helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], name="fc",
+                               transB=1)]
+    return _classifier(nodes, inits, "random", shape)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_cnns_compile_and_run_bit_exact(tmp_path, seed):
+    """Random operator chains: the importer agrees with onnxruntime in float, and the
+    compiled program runs on the RTL exactly as on the golden model."""
+    rng = np.random.default_rng(100 + seed)
+    proto = random_cnn(rng)
+    shape = tuple(d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:])
+    x = rng.uniform(-1, 1, (16, *shape)).astype(np.float32)
+    check_against_onnxruntime_and_rtl(tmp_path, proto, x, "verilator")
+
+
+def test_global_pooling_of_a_one_pixel_map_passes_values_through():
+    """Its rescale is exactly 1, which a right shift alone cannot apply: the identity
+    multiplier (2**31 − 1) does."""
+    rng = np.random.default_rng(5)
+    inits = [_initializer("w", rng.normal(0, 0.5, (3, 2, 3, 3))),
+             _initializer("b", rng.normal(0, 0.1, 3)),
+             _initializer("fc_w", rng.normal(0, 0.5, (4, 3))),
+             _initializer("fc_b", rng.normal(0, 0.1, 4))]
+    nodes = [helper.make_node("Conv", ["input", "w", "b"], ["c"], name="conv"),
+             helper.make_node("GlobalAveragePool", ["c"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], name="fc",
+                              transB=1)]
+    model = load_onnx(_classifier(nodes, inits, "one_pixel", (2, 3, 3)))
+    x = rng.uniform(-1, 1, (64, 2, 3, 3)).astype(np.float32)
+    program = compile_model(model, SMALL, calibration=x)
+    out = run(program, x).output
+    assert np.abs(out - model.forward(x)).max() < 4 * program.output.scale
