@@ -18,7 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FeatureMap", "im2col"]
+__all__ = ["FeatureMap", "im2col", "conv_output_size"]
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad_before: int,
+                     pad_after: int) -> int:
+    """Output pixels along one axis of a window of ``kernel`` stepping by ``stride``."""
+    return (size + pad_before + pad_after - kernel) // stride + 1
 
 
 def im2col(values: np.ndarray, kernel: tuple[int, int], stride: int,
@@ -31,10 +37,10 @@ def im2col(values: np.ndarray, kernel: tuple[int, int], stride: int,
     tap, instead of one K tile per tap with most lanes empty."""
     kh, kw = kernel
     top, left, bottom, right = pads
-    padded = np.pad(np.asarray(values), ((0, 0), (top, bottom), (left, right)),
-                    constant_values=fill)
-    out_h = (padded.shape[1] - kh) // stride + 1
-    out_w = (padded.shape[2] - kw) // stride + 1
+    values = np.asarray(values)
+    padded = np.pad(values, ((0, 0), (top, bottom), (left, right)), constant_values=fill)
+    out_h = conv_output_size(values.shape[1], kh, stride, top, bottom)
+    out_w = conv_output_size(values.shape[2], kw, stride, left, right)
     taps = [padded[:, dy:dy + stride * (out_h - 1) + 1:stride,
                    dx:dx + stride * (out_w - 1) + 1:stride]
             for dy in range(kh) for dx in range(kw)]

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .featuremap import conv_output_size
+
 __all__ = ["QuantParams", "Dense", "Conv", "Pool", "Add", "Layer", "Model", "ModelError",
            "output_shape"]
 
@@ -199,8 +201,8 @@ def output_shape(layer: Layer, shape: tuple[int, ...],
         kh = kw = layer.kernel
         stride = layer.stride
     top, left, bottom, right = layer.pads
-    out_h = (height + top + bottom - kh) // stride + 1
-    out_w = (width + left + right - kw) // stride + 1
+    out_h = conv_output_size(height, kh, stride, top, bottom)
+    out_w = conv_output_size(width, kw, stride, left, right)
     if out_h < 1 or out_w < 1:
         raise ModelError(f"layer {layer.name!r}: a {kh}×{kw} window does not fit its "
                          f"{height}×{width} input")

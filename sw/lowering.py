@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import NpuConfig
-from .featuremap import FeatureMap
+from .featuremap import FeatureMap, conv_output_size
 from .isa import Instruction, Opcode
 from .schedule import DoesNotFit, ceil_div
 
-__all__ = ["Requant", "Rescale", "Lowering", "conv_output_size"]
+__all__ = ["Requant", "Rescale", "Lowering"]
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,6 @@ class Rescale:
     zero_point: int
     multiplier: int
     shift: int
-
-
-def conv_output_size(size: int, kernel: int, stride: int, pad_before: int,
-                     pad_after: int) -> int:
-    return (size + pad_before + pad_after - kernel) // stride + 1
 
 
 @dataclass

@@ -442,3 +442,26 @@ def test_global_pooling_of_a_one_pixel_map_passes_values_through():
     program = compile_model(model, SMALL, calibration=x)
     out = run(program, x).output
     assert np.abs(out - model.forward(x)).max() < 4 * program.output.scale
+
+
+def test_cli_bad_cnn_inputs_exit_2(tmp_path, cnn_path, data, capsys):
+    """Each is refused with exit 2 and a message naming the problem."""
+    np.save(tmp_path / "calib.npy", data[0][:16])
+    base = ["compile", str(cnn_path), "--calib", str(tmp_path / "calib.npy"),
+            "-o", str(tmp_path / "x.npu")]
+    bad_conv = tmp_path / "bad.onnx"
+    onnx.save(_conv_graph(group=2), str(bad_conv))
+    cases = [
+        (base + ["--feature-maps", "false"], "generated without them"),
+        (base + ["--feature-maps", "maybe"], "expected true or false, not 'maybe'"),
+        (base + ["--rounding", "triple"], "rounding must be one of 'double', 'single'"),
+        (["compile", str(bad_conv), "--calib", str(tmp_path / "calib.npy"), "-o",
+          str(tmp_path / "y.npu")], "node 'badconv' (Conv): group=2 is not supported"),
+    ]
+    for argv, message in cases:
+        try:
+            status = main(argv)
+        except SystemExit as exit:   # argparse refuses a flag's value itself
+            status = exit.code
+        assert status == 2, argv
+        assert message in capsys.readouterr().err, argv
