@@ -399,6 +399,59 @@ def cmd_program(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import SweepError, load_grid, main_progress, run_sweep
+
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, not {args.jobs}")
+    try:
+        points = load_grid(args.grid)
+        if args.dry_run:
+            for point in points:
+                print(f"{point.key()}  {point.label()}")
+            return EXIT_OK
+        records = run_sweep(points, args.output, jobs=args.jobs, scheduler=args.scheduler,
+                            retry_failed=args.retry_failed, keep_builds=args.keep_builds,
+                            progress=main_progress)
+    except SweepError as error:
+        raise UsageError(str(error)) from None
+    built = sum(r["status"] == "ok" for r in records)
+    print(f"{len(records)} point(s), {built} built and met timing; "
+          f"{args.output}/sweep.csv, {args.output}/pareto.png")
+    for record in records:
+        if record["pareto"]:
+            print(f"  Pareto: {record['board']} {record['rows']}x{record['cols']}: "
+                  f"{record['achieved_gmacs']:.3f} GMAC/s, {record['logic_used']} "
+                  f"{record['logic_name']}, {record['dsp_used']} DSP")
+    if args.json:
+        emit_json({"output": str(args.output), "points": records})
+    return EXIT_OK if built else EXIT_CHECK_FAILED
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import SECTIONS, run_bench
+    from .sweep import main_progress
+
+    sections = args.only.split(",") if args.only else None
+    for name in sections or []:
+        if name not in SECTIONS:
+            raise UsageError(f"unknown bench section {name!r}; sections: {', '.join(SECTIONS)}")
+    started = time.perf_counter()
+    results = run_bench(quick=args.quick, sections=sections, results_dir=args.results,
+                        docs_path=None if args.no_docs else args.docs,
+                        recorded_dir=args.recorded, progress=main_progress)
+    failures = [name for name, result in results.items()
+                if result.get("all_bit_exact") is False
+                or any(r.get("bit_exact") is False for r in result.get("records", []))]
+    print(f"bench: {', '.join(results)} in {time.perf_counter() - started:.0f} s; results in "
+          f"{args.results}" + ("" if args.no_docs else f", report {args.docs}"))
+    if args.json:
+        emit_json(results)
+    if failures:
+        raise CheckFailed(f"a result was not bit-exact in: {', '.join(failures)}")
+    return EXIT_OK
+
+
 TARGET_HELP = ("golden (the NumPy model), rtl (the RTL in a testbench), sim (a virtual board "
                "through the UART link) or a device URL (/dev/ttyUSB1, socket://HOST:PORT); "
                "default %(default)s")
@@ -492,6 +545,43 @@ def build_parser() -> argparse.ArgumentParser:
     program.add_argument("bitstream", nargs="?", metavar="BITSTREAM",
                          help="default: what npugen build --board NAME wrote")
     program.set_defaults(handler=cmd_program)
+
+    bench = commands.add_parser(
+        "bench", help="measure: GEMM vs SCALE-Sim, simulators, models, link, boards")
+    bench.add_argument("--quick", action="store_true",
+                       help="small workloads (a few minutes); recorded board builds and sweep")
+    bench.add_argument("--only", metavar="SECTION[,SECTION]",
+                       help="run these sections only: gemm, simspeed, e2e, cnn, compile, "
+                            "link, boards, sweep (the report keeps the others' results)")
+    bench.add_argument("--results", default="benchmarks/results", metavar="DIR",
+                       help="where the JSON goes (default %(default)s)")
+    bench.add_argument("--recorded", default="benchmarks/results", metavar="DIR",
+                       help="recorded boards.json and sweep.json for --quick "
+                            "(default %(default)s)")
+    bench.add_argument("--docs", default="docs/BENCHMARKS.md", metavar="FILE",
+                       help="the report to regenerate, plots in img/ beside it "
+                            "(default %(default)s)")
+    bench.add_argument("--no-docs", action="store_true", help="leave the report alone")
+    bench.add_argument("--json", action="store_true", help="print every result last")
+    bench.set_defaults(handler=cmd_bench)
+
+    sweep = commands.add_parser(
+        "sweep", help="build and time a grid of configurations on boards (Pareto plot, CSV)")
+    sweep.add_argument("grid", metavar="GRID.toml",
+                       help="boards and NpuConfig values to combine (see benchmarks/sweep.toml)")
+    sweep.add_argument("-o", "--output", default="build/sweep", metavar="DIR",
+                       help="results, cache and plot (default %(default)s); rerun to resume")
+    sweep.add_argument("--jobs", type=int, metavar="N",
+                       help="parallel builds (default: the number of cores)")
+    sweep.add_argument("--scheduler", metavar="ADDRESS",
+                       help="run on Dask: 'local' for a local cluster, or tcp://HOST:PORT")
+    sweep.add_argument("--retry-failed", action="store_true",
+                       help="rerun cached points that failed or missed timing")
+    sweep.add_argument("--keep-builds", action="store_true",
+                       help="keep each point's netlists and bitstream")
+    sweep.add_argument("--dry-run", action="store_true", help="list the points and stop")
+    sweep.add_argument("--json", action="store_true", help="print the records last")
+    sweep.set_defaults(handler=cmd_sweep)
 
     demo = commands.add_parser(
         "demo", help="train an MLP or a CNN on the bundled digits and run it on the NPU")

@@ -1,0 +1,99 @@
+"""``npugen bench``: the project's measurements, written to ``benchmarks/results/*.json``
+and to ``docs/BENCHMARKS.md`` (tables and PNG plots).
+
+Each section is a function ``run(quick, progress) -> dict`` in a module of this package;
+:func:`run_bench` runs the chosen sections, saves one JSON file each (with the command,
+date and machine), and regenerates the document from every saved section, so running
+one section (``--only``) updates its part and keeps the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SECTIONS", "run_bench", "machine", "load_results"]
+
+#: Section name → (module, what it measures).
+SECTIONS: dict[str, tuple[str, str]] = {
+    "gemm": ("gemm", "GEMM cycles on the RTL beside SCALE-Sim, for a grid of shapes and arrays"),
+    "simspeed": ("gemm", "simulation speed: Verilator, Icarus, Amaranth's simulator"),
+    # Before e2e, which reports latency at each board's Fmax.
+    "boards": ("boards", "each board's default config: resources, Fmax, GMAC/s"),
+    "sweep": ("boards", "the design-space sweep of benchmarks/sweep.toml (Pareto plot)"),
+    "e2e": ("models", "the demo MLP and CNN end to end, latency at each board's Fmax"),
+    "cnn": ("models", "convolution operators on the RTL"),
+    "compile": ("models", "compile time of a 784-128-10 MLP"),
+    "link": ("link", "host link upload throughput against the line rate"),
+}
+
+
+def machine() -> dict[str, Any]:
+    """The machine a measurement ran on."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "arch": platform.machine(),
+            "python": platform.python_version(), "system": platform.system()}
+
+
+def load_results(results_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every saved section under ``results_dir``, by name."""
+    found = {}
+    for name in SECTIONS:
+        path = results_dir / f"{name}.json"
+        if path.exists():
+            found[name] = json.loads(path.read_text())
+    return found
+
+
+def run_bench(*, quick: bool, sections: list[str] | None = None,
+              results_dir: str | Path = "benchmarks/results",
+              docs_path: str | Path | None = "docs/BENCHMARKS.md",
+              recorded_dir: str | Path = "benchmarks/results",
+              progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """Run ``sections`` (default: all), save their JSON, regenerate ``docs_path``; return
+    ``{section: result}``. ``recorded_dir`` holds the recorded board builds and sweep
+    that ``--quick`` reports instead of rebuilding."""
+    import importlib
+
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    chosen = sections or list(SECTIONS)
+    command = "npugen " + shlex.join(["bench", *sys.argv[2:]]) \
+        if Path(sys.argv[0]).name == "npugen" else "npugen bench" + (" --quick" * quick)
+    results: dict[str, Any] = {}
+    chosen = [name for name in SECTIONS if name in chosen]
+    for name in chosen:
+        # Boards just rebuilt here are the ones e2e's latencies use.
+        recorded = results_dir if name == "e2e" and "boards" in results and not quick \
+            else Path(recorded_dir)
+        module = importlib.import_module(f".{SECTIONS[name][0]}", __name__)
+        progress(f"{name}: {SECTIONS[name][1]}")
+        started = time.perf_counter()
+        body = getattr(module, f"run_{name}")(quick=quick, progress=progress,
+                                              recorded_dir=recorded)
+        result = {"section": name, "command": command, "quick": quick,
+                  "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                  "seconds": round(time.perf_counter() - started, 1), **body}
+        (results_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        results[name] = result
+        progress(f"{name}: done in {result['seconds']} s")
+    if docs_path is not None:
+        from .report import write_report
+
+        write_report(load_results(results_dir), Path(docs_path))
+        progress(f"wrote {docs_path} and its plots")
+    return results
