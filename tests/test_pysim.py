@@ -1,0 +1,76 @@
+"""Jobs on Amaranth's own simulator (``simulate(..., simulator="amaranth")``): results
+and cycle counters equal NumPy's and the golden model's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+
+from npugen.config import NpuConfig
+from npugen.hostops import bus_program, execute
+from npugen.hw import Npu
+from npugen.job import run_golden
+from npugen.matmul import matmul_job, matmul_output
+from npugen.sim.pysim import CLOCK_PERIOD_S, AmaranthBus
+from npugen.sim.runner import SIMULATORS, SimulationError, build, simulate, simulator_available
+
+SMALL = NpuConfig(rows=2, cols=3, activation_depth=64, weight_depth=64, accumulator_depth=64,
+                  instruction_depth=64, param_depth=16)
+
+
+def test_amaranth_is_a_simulator_and_always_available():
+    assert "amaranth" in SIMULATORS
+    assert simulator_available("amaranth")
+
+
+def test_gemm_jobs_match_numpy_and_golden_counters():
+    """Two GEMMs in one simulation (the second with bias, on the state the first left):
+    outputs, whole golden outputs and every counter agree."""
+    rng = np.random.default_rng(11)
+    a, w = rng.integers(-128, 128, (7, 5)), rng.integers(-128, 128, (5, 4))
+    a2, w2 = rng.integers(-128, 128, (3, 4)), rng.integers(-128, 128, (4, 5))
+    bias = rng.integers(-(1 << 20), 1 << 20, 5)
+    (job, plan), (job2, plan2) = matmul_job(SMALL, a, w), matmul_job(SMALL, a2, w2, bias)
+    results = simulate([job, job2], simulator="amaranth")
+    for result, job_, plan_, want in ((results[0], job, plan, a @ w),
+                                      (results[1], job2, plan2, a2 @ w2 + bias)):
+        golden = run_golden(job_)
+        np.testing.assert_array_equal(matmul_output(plan_, result), want)
+        np.testing.assert_array_equal(result.outputs["y"], golden.outputs["y"])
+        assert result.counters == golden.counters
+        assert result.counters.cycles > 0
+        assert result.run_seconds is not None and result.run_seconds > 0
+
+
+def test_jobs_must_share_one_config():
+    job, _ = matmul_job(SMALL, np.ones((2, 2), int), np.ones((2, 2), int))
+    other, _ = matmul_job(SMALL.replace(cols=2), np.ones((2, 2), int), np.ones((2, 2), int))
+    with pytest.raises(ValueError, match="must share one NpuConfig"):
+        simulate([job, other], simulator="amaranth")
+
+
+def test_unknown_simulator_and_amaranth_build_are_refused():
+    job, _ = matmul_job(SMALL, np.ones((2, 2), int), np.ones((2, 2), int))
+    with pytest.raises(ValueError, match="simulator must be one of verilator, icarus, amaranth, "
+                                         "not 'modelsim'"):
+        simulate([job], simulator="modelsim")
+    with pytest.raises(ValueError, match=r"one of verilator, icarus \(amaranth needs no build\)"):
+        build(SMALL, "amaranth")
+
+
+def test_timeout_raises_simulation_error():
+    """A run longer than the program's timeout stops the simulation with a clear error."""
+    rng = np.random.default_rng(12)
+    job, _ = matmul_job(SMALL, rng.integers(-128, 128, (8, 6)), rng.integers(-128, 128, (6, 6)))
+    assert run_golden(job).counters.cycles > 10
+    npu = Npu(SMALL)
+
+    async def testbench(ctx):
+        await execute(AmaranthBus(ctx, npu), bus_program(job, timeout_cycles=10))
+
+    sim = Simulator(npu)
+    sim.add_clock(CLOCK_PERIOD_S)
+    sim.add_testbench(testbench)
+    with pytest.raises(SimulationError, match="did not reach HALT within 10 cycles"):
+        sim.run()
