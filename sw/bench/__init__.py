@@ -49,6 +49,21 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "system": platform.system()}
 
 
+def source_revision() -> str | None:
+    """The git commit the measurement ran on (``+dirty`` with uncommitted changes)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def load_results(results_dir: Path) -> dict[str, dict[str, Any]]:
     """Every saved section under ``results_dir``, by name."""
     found = {}
@@ -87,6 +102,7 @@ def run_bench(*, quick: bool, sections: list[str] | None = None,
                                               recorded_dir=recorded)
         result = {"section": name, "command": command, "quick": quick,
                   "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                  "revision": source_revision(),
                   "seconds": round(time.perf_counter() - started, 1), **body}
         (results_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
         results[name] = result

@@ -23,7 +23,7 @@ def _recorded(name: str, recorded_dir: Path) -> dict[str, Any]:
         return {"records": [], "missing": f"no recorded {path}: run npugen bench --only {name}"}
     saved = json.loads(path.read_text())
     origin = saved.get("recorded_from") or {k: saved.get(k) for k in ("command", "date",
-                                                                      "machine")}
+                                                                      "machine", "revision")}
     return {"records": saved["records"], "recorded_from": origin}
 
 

@@ -19,7 +19,7 @@ SHAPES = ((64, 64, 64), (128, 128, 128), (256, 256, 256), (512, 64, 64), (16, 25
 #: --quick: SCALE-Sim simulates 20–35 k cycles a second, so the largest shapes stay out.
 QUICK_SHAPES = ((64, 64, 64), (128, 128, 128), (512, 64, 64), (16, 256, 256), (100, 30, 50))
 #: The one workload every simulator runs, on 4x4 and 8x8.
-SPEED_WORKLOAD = (128, 64, 64)
+SPEED_WORKLOAD = (64, 64, 64)
 
 
 def bench_config(rows: int, cols: int) -> NpuConfig:
@@ -126,7 +126,7 @@ def run_simspeed(*, quick: bool, progress: Callable[[str], None], recorded_dir: 
             build_seconds = time.perf_counter() - started
             # Verilator finishes the workload in milliseconds: repeat it for a steadier
             # timing (the rate is per run; each repetition is the same GEMM).
-            repeat = 20 if simulator == "verilator" else 1
+            repeat = (5 if quick else 20) if simulator == "verilator" else 1
             record = run_on_rtl(config, [SPEED_WORKLOAD], simulator, repeat)[0]
             record["build_seconds"] = round(build_seconds, 1)
             records.append(record)

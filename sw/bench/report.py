@@ -27,7 +27,9 @@ def _origin(result: dict[str, Any]) -> str:
                  f"({machine.get('cpu', 'unknown CPU')}), Python {machine.get('python', '?')}")
     else:
         where = str(machine)
-    return f"Command: `{origin.get('command')}`, run on {origin.get('date')} on a {where}."
+    revision = f" at commit {origin['revision']}" if origin.get("revision") else ""
+    return (f"Command: `{origin.get('command')}`, run on {origin.get('date')}{revision} on a "
+            f"{where}.")
 
 
 def _plt():
@@ -108,7 +110,8 @@ def _simspeed(result: dict[str, Any], images: Path) -> list[str]:
              "memories loaded over the host port, then the NPU runs free; `cycles/s` is "
              "simulated clock cycles per wall-clock second while it runs (loading and "
              "readback excluded). Verilator's run is repeated 20 times for a steadier "
-             "timing. Build: seconds to compile the simulation (0 when cached).", "",
+             "timing (5 times with --quick). Build: seconds to compile or check the "
+             "simulation.", "",
              "| array | simulator | cycles | runs | cycles/s | build (s) | bit-exact |",
              "|---|---|---|---|---|---|---|"]
     for r in records:
@@ -195,7 +198,8 @@ def _e2e(result: dict[str, Any], images: Path) -> list[str]:
     axis.set_xticks([i + 0.2 for i in range(len(boards))], boards, rotation=30, ha="right",
                     fontsize=8)
     axis.set_ylabel("batch-1 latency (µs) at Fmax")
-    axis.set_yscale("log")
+    if any(b.get("batch1_latency_us") for r in models for b in r["boards"]):
+        axis.set_yscale("log")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(images / "latency.png", dpi=110)

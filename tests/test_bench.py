@@ -1,0 +1,76 @@
+"""``npugen bench --quick``: every comparison the benchmark report promises is in its JSON,
+measured, and the report and its plots are written. The figures themselves are
+benchmarks, not test targets; here only their presence and their checks (bit-exact,
+cycles equal to the model, SCALE-Sim equal to its formula) are asserted."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import available_simulators
+from npugen.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quick(tmp_path):
+    results, docs = tmp_path / "results", tmp_path / "BENCHMARKS.md"
+    run = subprocess.run(
+        [sys.executable, "-m", "npugen", "bench", "--quick", "--json", "--results",
+         str(results), "--docs", str(docs), "--recorded", str(ROOT / "benchmarks" / "results")],
+        capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(report) == {"gemm", "simspeed", "boards", "sweep", "e2e", "cnn", "compile",
+                           "link"}
+    for name, section in report.items():
+        assert section["quick"] and section["date"] and section["machine"]["cores"], name
+        assert json.loads((results / f"{name}.json").read_text())["section"] == name
+
+    gemm = report["gemm"]["records"]
+    assert {(r["rows"], r["cols"]) for r in gemm} == {(4, 4), (8, 8)} and len(gemm) >= 8
+    for r in gemm:
+        assert r["bit_exact"] and r["cycles"] == r["model_cycles"]
+        assert r["scalesim_cycles"] == r["scalesim_formula_cycles"]  # the package ran
+        assert r["ratio_to_scalesim"] == round(r["cycles"] / r["scalesim_cycles"], 4)
+
+    speeds = report["simspeed"]["records"]
+    simulators = {r["simulator"] for r in speeds}
+    assert {"verilator", "amaranth", *available_simulators()} <= simulators
+    assert len({(r["m"], r["k"], r["n"]) for r in speeds}) == 1  # the same workload
+    assert all(r["bit_exact"] and r["cycles_per_second"] > 0 for r in speeds)
+
+    models = {r["model"]: r for r in report["e2e"]["records"]}
+    assert set(models) == {"mlp", "cnn"}
+    for r in models.values():
+        assert r["bit_exact"] and r["cycles_equal_model"]
+        assert r["int8_accuracy"] > 0.9 and r["float_accuracy"] > 0.9
+        boards = {b["board"]: b for b in r["boards"]}
+        assert boards["ulx3s-85f"]["fits"]
+        assert boards["ulx3s-85f"]["batch1_latency_us"] > 0  # at the recorded Fmax
+    assert not models["cnn"]["boards"][0]["fits"]  # the iCEBreaker runs MLPs only
+
+    assert all(r["bit_exact"] for r in report["cnn"]["records"])
+    assert report["compile"]["compile_seconds_best_of_3"] > 0
+    assert 0.5 < report["link"]["fraction_of_line_rate"] <= 1
+
+    boards = report["boards"]["records"]
+    assert {r["board"] for r in boards} >= {"icebreaker", "ulx3s-85f"}
+    assert report["boards"]["recorded_from"]["command"].startswith("npugen bench")
+    for r in boards:
+        assert r["peak_gmacs_at_fmax"] >= r["achieved_gmacs"] > 0
+    assert len(report["sweep"]["records"]) >= 6
+
+    text = docs.read_text()
+    for heading in ("## GEMM on the RTL beside SCALE-Sim", "## Simulation speed",
+                    "## End to end", "## Boards", "## Design-space sweep"):
+        assert heading in text
+    for image in ("gemm_utilization", "simulation_speed", "latency", "boards", "pareto"):
+        assert f"img/{image}.png" in text
+        assert (tmp_path / "img" / f"{image}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_unknown_bench_section_is_exit_2(capsys):
+    assert main(["bench", "--only", "gemm,nope"]) == 2
+    assert "unknown bench section 'nope'" in capsys.readouterr().err
