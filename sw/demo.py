@@ -16,7 +16,8 @@ import numpy as np
 
 from .config import NpuConfig
 
-__all__ = ["digits", "train_mlp", "mlp_to_onnx", "save_classifier_onnx", "run_demo", "MODELS"]
+__all__ = ["digits", "train_mlp", "mlp_to_onnx", "save_classifier_onnx", "train_demo_model",
+           "run_demo", "MODELS"]
 
 MODELS = ("mlp", "cnn")
 
@@ -108,6 +109,21 @@ def _describe_layers(model) -> str:
     return "-".join(parts)
 
 
+def train_demo_model(kind: str, folder: Path, hidden: tuple[int, ...] = (64, 32)):
+    """Train the demo ``kind`` ("mlp" or "cnn") and export it to ``folder/KIND.onnx``;
+    return (onnx path, x_train, x_test, y_test), the inputs shaped for the model."""
+    x_train, x_test, y_train, y_test = digits()
+    path = Path(folder) / f"{kind}.onnx"
+    if kind == "cnn":
+        from .train import cnn_to_onnx, train_cnn
+
+        cnn_to_onnx(train_cnn(x_train, y_train), path)
+        x_train, x_test = x_train.reshape(-1, 1, 8, 8), x_test.reshape(-1, 1, 8, 8)
+    else:
+        mlp_to_onnx(train_mlp(x_train, y_train, hidden), path)
+    return path, x_train, x_test, y_test
+
+
 def run_demo(*, target: str = "sim", simulator: str = "verilator",
              config: NpuConfig | None = None, workdir: str | Path = "build/demo",
              hidden: tuple[int, ...] = (64, 32), model_kind: str = "mlp") -> dict:
@@ -122,15 +138,7 @@ def run_demo(*, target: str = "sim", simulator: str = "verilator",
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    x_train, x_test, y_train, y_test = digits()
-    onnx_path = workdir / f"{model_kind}.onnx"
-    if model_kind == "cnn":
-        from .train import cnn_to_onnx, train_cnn
-
-        cnn_to_onnx(train_cnn(x_train, y_train), onnx_path)
-        x_train, x_test = x_train.reshape(-1, 1, 8, 8), x_test.reshape(-1, 1, 8, 8)
-    else:
-        mlp_to_onnx(train_mlp(x_train, y_train, hidden), onnx_path)
+    onnx_path, x_train, x_test, y_test = train_demo_model(model_kind, workdir, hidden)
     model = load_onnx(onnx_path)
     float_accuracy = float(np.mean(model.forward(x_test).argmax(1) == y_test))
     program = compile_model(model, config, calibration=x_train[:256])

@@ -114,6 +114,22 @@ def test_sweep_on_a_local_dask_cluster(tmp_path):
     assert all(r["status"] == "does not fit" and not r["cached"] for r in records)
 
 
+def test_sweep_through_a_dask_scheduler_address(tmp_path, capsys):
+    """The path a farm takes: a scheduler at tcp://HOST:PORT; its workers evaluate in their
+    own temporary folders and the cache is written here."""
+    distributed = pytest.importorskip("dask.distributed")
+    path = write(tmp_path, REFUSED_GRID)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://")
+        status = main(["sweep", str(path), "-o", str(tmp_path / "out"), "--scheduler",
+                       cluster.scheduler_address, "--json"])
+    assert status == 1  # nothing built: every point was refused by the estimate
+    records = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["points"]
+    assert len(records) == 8 and all(r["status"] == "does not fit" for r in records)
+    assert len(list((tmp_path / "out" / "points").glob("*/result.json"))) == 8
+
+
 def test_unreachable_dask_scheduler_is_exit_2(tmp_path, capsys):
     pytest.importorskip("dask.distributed")
     path = write(tmp_path, REFUSED_GRID)

@@ -27,26 +27,18 @@ def board_fmax(recorded_dir: Path) -> dict[str, dict[str, Any]]:
     return {r["board"]: r for r in json.loads(path.read_text())["records"]}
 
 
-def train_demo_model(kind: str, folder: Path):
-    """Train the demo ``kind`` as ``npugen demo`` does; (onnx path, x_train, x_test,
-    y_test), inputs shaped for the model."""
-    from ..demo import digits, mlp_to_onnx, train_mlp
-    from ..train import cnn_to_onnx, train_cnn
-
-    x_train, x_test, y_train, y_test = digits()
-    path = folder / f"{kind}.onnx"
-    if kind == "cnn":
-        cnn_to_onnx(train_cnn(x_train, y_train), path)
-        x_train, x_test = x_train.reshape(-1, 1, 8, 8), x_test.reshape(-1, 1, 8, 8)
-    else:
-        mlp_to_onnx(train_mlp(x_train, y_train), path)
-    return path, x_train, x_test, y_test
+def short_config(config: NpuConfig) -> str:
+    """``8×8, 1 lane, no FM``: the array, requantizer lanes and feature-map hardware."""
+    lanes = config.requant_lanes
+    return (f"{config.rows}×{config.cols}, {lanes} lane{'s' if lanes > 1 else ''}"
+            + ("" if config.feature_maps else ", no FM"))
 
 
 def model_record(kind: str, quick: bool, boards: dict[str, dict[str, Any]],
                  progress: Callable[[str], None]) -> dict[str, Any]:
     from ..boards import BOARDS
     from ..compiler import compile_model
+    from ..demo import train_demo_model
     from ..importers import load_onnx
     from ..runtime import run
 
@@ -65,7 +57,7 @@ def model_record(kind: str, quick: bool, boards: dict[str, dict[str, Any]],
         npu_seconds = time.perf_counter() - started
         reference = run(program, x_test[:count], target="golden")
         record: dict[str, Any] = {
-            "model": kind, "config": config.describe(), "batch": program.batch,
+            "model": kind, "config": short_config(config), "batch": program.batch,
             "float_accuracy": float(np.mean(model.forward(x_test).argmax(1) == y_test)),
             "int8_accuracy": float(np.mean(golden.output.argmax(1) == y_test)),
             "test_images": len(x_test), "npu_target": target, "npu_images": count,
@@ -80,7 +72,7 @@ def model_record(kind: str, quick: bool, boards: dict[str, dict[str, Any]],
                                 for layer in program.layers]
         for board in BOARDS.values():
             entry: dict[str, Any] = {"board": board.name,
-                                     "config": board.default_config.describe()}
+                                     "config": short_config(board.default_config)}
             try:
                 batched = compile_model(model, board.default_config, calibration=calibration)
                 single = compile_model(model, board.default_config, calibration=calibration,
