@@ -16,6 +16,7 @@ Grid format::
     seeds = [1]                    # nextpnr placement seeds
     workload = [256, 256, 256]     # GEMM M, K, N timed on each point
     toolchain = "yowasp"
+    simulate = "verilator"         # also run the workload on the RTL (default "none")
 
     [grid]                         # every board: each NpuConfig field, a list of values
     feature_maps = [false]
@@ -53,7 +54,8 @@ __all__ = ["SweepPoint", "SweepError", "load_grid", "run_sweep", "evaluate_point
 CSV_COLUMNS = ("board", "rows", "cols", "requant_lanes", "feature_maps", "seed", "status",
                "macs_per_cycle", "target_mhz", "fmax_mhz", "timing_met", "logic_used",
                "logic_available", "logic_name", "dsp_used", "dsp_available", "block_ram_used",
-               "workload", "workload_cycles", "utilization", "peak_gmacs_at_fmax",
+               "workload", "workload_cycles", "utilization", "rtl_cycles", "rtl_bit_exact",
+               "peak_gmacs_at_fmax",
                "achieved_gmacs", "pareto", "build_seconds", "key", "reason")
 
 
@@ -71,13 +73,16 @@ class SweepPoint:
     workload: tuple[int, int, int]
     toolchain: str
     design: str  # digest of the generator's sources and tool versions (see design_digest)
+    simulate: str = "none"  # "verilator" or "icarus": run the workload on the RTL too
 
     def key(self) -> str:
         """The cache key: a hash of everything that determines the result."""
-        text = json.dumps({"board": self.board, "config": self.config.to_dict(),
-                           "seed": self.seed, "workload": list(self.workload),
-                           "toolchain": self.toolchain, "design": self.design},
-                          sort_keys=True)
+        fields = {"board": self.board, "config": self.config.to_dict(), "seed": self.seed,
+                  "workload": list(self.workload), "toolchain": self.toolchain,
+                  "design": self.design}
+        if self.simulate != "none":
+            fields["simulate"] = self.simulate
+        text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def label(self) -> str:
@@ -122,10 +127,11 @@ def load_grid(path: str | Path) -> list[SweepPoint]:
         raise SweepError(f"{path}: unknown table(s) {', '.join(unknown)}; "
                          f"a grid has [sweep] and [grid]")
     settings = data.get("sweep", {})
-    unknown = sorted(set(settings) - {"boards", "seeds", "workload", "toolchain"})
+    known = ("boards", "seeds", "workload", "toolchain", "simulate")
+    unknown = sorted(set(settings) - set(known))
     if unknown:
         raise SweepError(f"{path}: unknown [sweep] key(s) {', '.join(unknown)}; "
-                         f"known: boards, seeds, workload, toolchain")
+                         f"known: {', '.join(known)}")
     boards = settings.get("boards")
     if not isinstance(boards, list) or not boards:
         raise SweepError(f"{path}: [sweep] boards must be a non-empty list of board names, "
@@ -147,6 +153,10 @@ def load_grid(path: str | Path) -> list[SweepPoint]:
     if toolchain not in ("yowasp", "system"):
         raise SweepError(f"{path}: [sweep] toolchain must be 'yowasp' or 'system', "
                          f"not {toolchain!r}")
+    simulate = settings.get("simulate", "none")
+    if simulate not in ("none", "verilator", "icarus"):
+        raise SweepError(f"{path}: [sweep] simulate must be 'none', 'verilator' or 'icarus', "
+                         f"not {simulate!r}")
     grid = data.get("grid", {})
     common = {k: v for k, v in grid.items() if not isinstance(v, dict)}
     per_board = {k: v for k, v in grid.items() if isinstance(v, dict)}
@@ -176,33 +186,50 @@ def load_grid(path: str | Path) -> list[SweepPoint]:
                     from None
             for seed in seeds:
                 points.append(SweepPoint(board_name, config, seed, tuple(workload), toolchain,
-                                         design))
+                                         design, simulate))
     unique = list(dict.fromkeys(points))
     return unique
 
 
 # -- One point --------------------------------------------------------------------------
 
-def workload_cycles(config: NpuConfig, m: int, k: int, n: int) -> tuple[int, float]:
-    """Cycles and utilization of an M×K×N GEMM on ``config``, from the cycle model.
+def workload_cycles(config: NpuConfig, m: int, k: int, n: int,
+                    simulator: str = "none") -> dict[str, Any]:
+    """Cycles and utilization of an M×K×N GEMM on ``config``, from the cycle model, and
+    with ``simulator`` also on the RTL (its cycles and bit-exactness).
 
-    The memories are made deep enough to hold the whole GEMM: the cycles depend on the
-    array and the lanes, not on the memory depths.
+    When the GEMM does not fit the config's memories, they are deepened for the workload
+    (``deepened`` in the result): the cycles depend on the array and the lanes, not on
+    the memory depths.
     """
     import numpy as np
 
     from .job import run_golden
-    from .matmul import matmul_job
+    from .matmul import matmul_job, matmul_output
+    from .schedule import DoesNotFit
 
-    deep = config.replace(activation_depth=max(config.activation_depth, 1 << 16),
-                          weight_depth=max(config.weight_depth, 1 << 16),
-                          accumulator_depth=max(config.accumulator_depth, 1 << 16),
-                          instruction_depth=max(config.instruction_depth, 1 << 14))
     rng = np.random.default_rng(0)
-    job, plan = matmul_job(deep, rng.integers(-128, 128, (m, k)),
-                           rng.integers(-128, 128, (k, n)))
+    a, w = rng.integers(-128, 128, (m, k)), rng.integers(-128, 128, (k, n))
+    try:
+        job, plan = matmul_job(config, a, w)
+        deepened = False
+    except DoesNotFit:
+        deep = config.replace(activation_depth=max(config.activation_depth, 1 << 16),
+                              weight_depth=max(config.weight_depth, 1 << 16),
+                              accumulator_depth=max(config.accumulator_depth, 1 << 16),
+                              instruction_depth=max(config.instruction_depth, 1 << 14))
+        job, plan = matmul_job(deep, a, w)
+        deepened = True
     cycles = run_golden(job).counters.cycles
-    return cycles, plan.ideal_cycles / cycles
+    found: dict[str, Any] = {"workload_cycles": cycles, "deepened": deepened,
+                             "utilization": round(plan.ideal_cycles / cycles, 4)}
+    if simulator != "none":
+        from .sim.runner import simulate
+
+        result = simulate([job], simulator=simulator)[0]
+        found.update(rtl_simulator=simulator, rtl_cycles=result.counters.cycles,
+                     rtl_bit_exact=bool(np.array_equal(matmul_output(plan, result), a @ w)))
+    return found
 
 
 def evaluate_point(point: SweepPoint, build_dir: str | None = None,
@@ -221,8 +248,8 @@ def evaluate_point(point: SweepPoint, build_dir: str | None = None,
         "feature_maps": config.feature_maps, "seed": point.seed,
         "macs_per_cycle": config.macs_per_cycle, "workload": "x".join(map(str, point.workload)),
         "host": os.uname().nodename}
-    cycles, utilization = workload_cycles(config, *point.workload)
-    record.update(workload_cycles=cycles, utilization=round(utilization, 4))
+    record.update(workload_cycles(config, *point.workload, simulator=point.simulate))
+    utilization = record["utilization"]
     problems = estimate(config, DEVICES[board.device]).problems(DEVICES[board.device])
     if problems:
         record.update(status="does not fit", reason="estimate: " + "; ".join(problems))

@@ -57,6 +57,7 @@ def test_grid_is_the_product_over_boards_and_seeds(tmp_path):
     ('[sweep]\nboards = ["icebreaker"]\n[grid]\nrows = [0]', ["rows must be", "0"]),
     ('[sweep]\nboards = ["icebreaker"]\nworkload = [1, 2]', ["workload must be [M, K, N]"]),
     ('[sweep]\nboards = ["icebreaker"]\nseeds = [-1]', ["seeds must be a list"]),
+    ('[sweep]\nboards = ["icebreaker"]\nsimulate = "spice"', ["simulate must be", "'spice'"]),
     ('[sweep]\nboards = ["icebreaker"]\n[grid.ulx3s-85f]\nrows = [2]',
      ["[grid.ulx3s-85f] names a board that is not in [sweep] boards"]),
     ('[sweep]\nboards = ["icebreaker"]\n[extra]', ["unknown table(s) extra"]),
@@ -104,6 +105,17 @@ def test_sweep_caches_and_resumes(tmp_path):
     assert rows[0]["status"] == "does not fit" and rows[0]["board"] == "icebreaker"
     assert json.loads((out / "sweep.json").read_text())["points"][0]["key"] == points[0].key()
     assert (out / "pareto.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_sweep_simulates_the_workload_on_the_rtl(tmp_path):
+    grid = write(tmp_path, '[sweep]\nboards = ["icebreaker"]\nworkload = [9, 8, 7]\n'
+                           'simulate = "verilator"\n[grid]\nrows = [4]\ncols = [4]\n')
+    (point,) = load_grid(grid)
+    assert point.simulate == "verilator"
+    (record,) = run_sweep([point], tmp_path / "out", jobs=1)
+    assert record["status"] == "does not fit"  # 16 products on 8 DSPs: no build
+    assert not record["deepened"]  # the board's own memories hold this GEMM
+    assert record["rtl_cycles"] == record["workload_cycles"] and record["rtl_bit_exact"]
 
 
 def test_sweep_on_a_local_dask_cluster(tmp_path):
