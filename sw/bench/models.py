@@ -84,12 +84,15 @@ def model_record(kind: str, quick: bool, boards: dict[str, dict[str, Any]],
                 continue
             entry.update(fits=True, batch=batched.batch,
                          cycles_per_inference=batched.estimated_cycles / batched.batch,
-                         batch1_cycles=single.estimated_cycles)
+                         batch1_cycles=single.estimated_cycles,
+                         macs_per_cycle=round(batched.macs_per_inference * batched.batch
+                                              / batched.estimated_cycles, 2))
             build = boards.get(board.name)
             if build:
                 fmax = build["fmax_mhz"]
                 entry.update(fmax_mhz=fmax, clock_mhz=build["target_mhz"],
                              us_per_inference=round(entry["cycles_per_inference"] / fmax, 3),
+                             achieved_gmacs=round(entry["macs_per_cycle"] * fmax / 1e3, 4),
                              batch1_latency_us=round(single.estimated_cycles / fmax, 3),
                              batch1_latency_us_at_clock=round(
                                  single.estimated_cycles / build["target_mhz"], 3))

@@ -170,19 +170,23 @@ def _e2e(result: dict[str, Any], images: Path) -> list[str]:
     lines += ["", "On each board's default configuration, at the Fmax nextpnr reports for "
               "its default build (section *Boards*; the board's clock may be lower). Cycles "
               "from the cycle model for that configuration; `batch-1 latency` is one input "
-              "alone, `µs / inference` the throughput at the compiled batch.", "",
-              "| board | config | model | batch | cycles / inference | µs / inference | "
-              "batch-1 cycles | batch-1 latency (µs) at Fmax | at the board clock |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "alone, `µs / inference` the throughput at the compiled batch; `MAC/cycle` is what "
+              "the array delivers on the model at that batch. `no FM`: generated without the "
+              "feature-map hardware, so MLPs only.", "",
+              "| board | config | model | batch | cycles / inference | MAC/cycle | "
+              "GMAC/s at Fmax | µs / inference | batch-1 cycles | batch-1 latency (µs) at "
+              "Fmax | at the board clock |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["records"]:
         for b in r["boards"]:
             if not b["fits"]:
                 lines.append(f"| {b['board']} | {b['config']} | {r['model'].upper()} | | "
-                             f"does not fit: {b['reason']} | | | | |")
+                             f"does not fit: {b['reason']} | | | | | | |")
                 continue
             lines.append(
                 f"| {b['board']} | {b['config']} | {r['model'].upper()} | {b['batch']} | "
-                f"{b['cycles_per_inference']:,.1f} | {b.get('us_per_inference', '–')} | "
+                f"{b['cycles_per_inference']:,.1f} | {b['macs_per_cycle']} | "
+                f"{b.get('achieved_gmacs', '–')} | {b.get('us_per_inference', '–')} | "
                 f"{_n(b['batch1_cycles'])} | {b.get('batch1_latency_us', '–')} "
                 f"({b.get('fmax_mhz', '–')} MHz) | {b.get('batch1_latency_us_at_clock', '–')} "
                 f"({b.get('clock_mhz', '–')} MHz) |")
