@@ -47,7 +47,8 @@ def _n(value: float, digits: int = 0) -> str:
 
 # -- Sections ---------------------------------------------------------------------------
 
-def _gemm(result: dict[str, Any], images: Path) -> list[str]:
+def _gemm(result: dict[str, Any], images: Path,
+          everything: dict[str, dict[str, Any]]) -> list[str]:
     records = result["records"]
     lines = ["## GEMM on the RTL beside SCALE-Sim", "", _origin(result), "",
              "Each GEMM (A: M×K int8, W: K×N int8) runs on the NPU's RTL (Verilator) with "
@@ -103,7 +104,8 @@ def _gemm(result: dict[str, Any], images: Path) -> list[str]:
     return lines
 
 
-def _simspeed(result: dict[str, Any], images: Path) -> list[str]:
+def _simspeed(result: dict[str, Any], images: Path,
+              everything: dict[str, dict[str, Any]]) -> list[str]:
     records = result["records"]
     lines = ["## Simulation speed", "", _origin(result), "",
              f"The same GEMM ({result['workload']}, M×K×N) on the whole NPU in each simulator, "
@@ -141,7 +143,8 @@ def _simspeed(result: dict[str, Any], images: Path) -> list[str]:
     return lines + ["", "![Simulation speed](img/simulation_speed.png)", ""]
 
 
-def _e2e(result: dict[str, Any], images: Path) -> list[str]:
+def _e2e(result: dict[str, Any], images: Path,
+         everything: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["## End to end: the demo MLP and CNN", "", _origin(result), "",
              "The networks `npugen demo` trains on scikit-learn's 8×8 digits (1,437 training, "
              "360 held-out images), quantized with 256 calibration images and compiled for "
@@ -212,7 +215,8 @@ def _e2e(result: dict[str, Any], images: Path) -> list[str]:
                     "configuration.", "", "![Batch-1 latency per board](img/latency.png)", ""]
 
 
-def _cnn(result: dict[str, Any], images: Path) -> list[str]:
+def _cnn(result: dict[str, Any], images: Path,
+         everything: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["## Convolution operators", "", _origin(result), "",
              "Each operator runs on the RTL of the default 8×8 NPU with seeded random int8 "
              "data; its output is compared with a direct NumPy convolution and its cycles "
@@ -229,7 +233,8 @@ def _cnn(result: dict[str, Any], images: Path) -> list[str]:
                     "tile (1/8 at best on 8×8).", ""]
 
 
-def _compile(result: dict[str, Any], images: Path) -> list[str]:
+def _compile(result: dict[str, Any], images: Path,
+             everything: dict[str, dict[str, Any]]) -> list[str]:
     return ["## Model compilation", "", _origin(result), "",
             f"{result['model']} (float ONNX, 256 calibration rows) for {result['config']} "
             f"with weight_depth {result['weight_depth']}: import, quantize, schedule and "
@@ -239,7 +244,8 @@ def _compile(result: dict[str, Any], images: Path) -> list[str]:
             f"(ideal {result['ideal_cycles_per_inference']:,.0f}).", ""]
 
 
-def _link(result: dict[str, Any], images: Path) -> list[str]:
+def _link(result: dict[str, Any], images: Path,
+          everything: dict[str, dict[str, Any]]) -> list[str]:
     return ["## Host link: upload throughput", "", _origin(result), "",
             f"{result['payload_bytes'] // 1024} KiB of WRITEs through the virtual board (the "
             f"SoC's real UART at {result['divisor']} clock cycles a bit), timed by the "
@@ -274,7 +280,8 @@ def _board_table(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _boards(result: dict[str, Any], images: Path) -> list[str]:
+def _boards(result: dict[str, Any], images: Path,
+            everything: dict[str, dict[str, Any]]) -> list[str]:
     records = result["records"]
     lines = ["## Boards: each default configuration", "", _origin(result), ""]
     if not records:
@@ -290,20 +297,34 @@ def _boards(result: dict[str, Any], images: Path) -> list[str]:
     built = [r for r in records if r.get("fmax_mhz") is not None]
     figure, axis = plt.subplots(figsize=(7, 3.5))
     x = range(len(built))
-    axis.bar([i - 0.2 for i in x], [r["peak_gmacs_at_fmax"] for r in built], 0.4, label="peak")
-    axis.bar([i + 0.2 for i in x], [r["achieved_gmacs"] for r in built], 0.4,
-             label="achieved (GEMM)")
+    # The demo MLP on each board's default NPU, when the e2e section has run.
+    mlp = {b["board"]: b.get("achieved_gmacs") or 0
+           for r in everything.get("e2e", {}).get("records", []) if r["model"] == "mlp"
+           for b in r["boards"]}
+    series = [("peak", [r["peak_gmacs_at_fmax"] for r in built]),
+              ("GEMM 256³", [r["achieved_gmacs"] for r in built])]
+    if mlp:
+        series.append(("demo MLP", [mlp.get(r["board"], 0) for r in built]))
+    width = 0.8 / len(series)
+    for index, (label, values) in enumerate(series):
+        axis.bar([i + (index - (len(series) - 1) / 2) * width for i in x], values, width,
+                 label=label)
     axis.set_xticks(list(x), [f"{r['board']}\n{r['rows']}×{r['cols']}" for r in built],
                     fontsize=7)
     axis.set_ylabel("GMAC/s at Fmax")
+    axis.set_yscale("log")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(images / "boards.png", dpi=110)
     plt.close(figure)
-    return lines + ["![Peak and achieved GMAC/s per board](img/boards.png)", ""]
+    return lines + ["![Peak and achieved GMAC/s per board](img/boards.png)", "",
+                    "The demo MLP's bars (when the e2e section has run) are what each "
+                    "board's default NPU delivers on it at its batch, at Fmax; the iCEBreaker "
+                    "has none because the MLP does not fit its memories.", ""]
 
 
-def _sweep(result: dict[str, Any], images: Path) -> list[str]:
+def _sweep(result: dict[str, Any], images: Path,
+           everything: dict[str, dict[str, Any]]) -> list[str]:
     from ..sweep import mark_pareto, plot_pareto
 
     records = result["records"]
@@ -326,7 +347,8 @@ def _sweep(result: dict[str, Any], images: Path) -> list[str]:
     return lines
 
 
-_SECTIONS: dict[str, Callable[[dict[str, Any], Path], list[str]]] = {
+_SECTIONS: dict[str, Callable[[dict[str, Any], Path, dict[str, dict[str, Any]]],
+                               list[str]]] = {
     "gemm": _gemm, "simspeed": _simspeed, "e2e": _e2e, "cnn": _cnn, "compile": _compile,
     "link": _link, "boards": _boards, "sweep": _sweep}
 
@@ -338,7 +360,7 @@ def write_report(results: dict[str, dict[str, Any]], docs_path: Path) -> None:
     lines = [HEADER]
     for name, render in _SECTIONS.items():
         if name in results:
-            lines += render(results[name], images)
+            lines += render(results[name], images, results)
         else:
             lines += [f"## {name}", "", f"Not measured yet: `npugen bench --only {name}`.", ""]
     docs_path.write_text("\n".join(lines).rstrip() + "\n")
