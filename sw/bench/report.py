@@ -260,23 +260,27 @@ def _board_table(records: list[dict[str, Any]]) -> list[str]:
     lines = ["| board | array | MAC/cycle | clock | Fmax | timing | logic | DSP | block RAM "
              "| peak GMAC/s at Fmax | achieved GMAC/s | build (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    failures = []
     for r in records:
+        features = "" if r.get("feature_maps", True) else ", no FM"
         if r.get("fmax_mhz") is None:
-            lines.append(f"| {r['board']} | {r['rows']}×{r['cols']} | {r['macs_per_cycle']} | "
-                         f"| | {r['status']} | | | | | | |")
+            lines.append(f"| {r['board']} | {r['rows']}×{r['cols']}{features} | "
+                         f"{r['macs_per_cycle']} | | | {r['status']} | | | | | | |")
+            failures.append(f"- {r['board']} {r['rows']}×{r['cols']}: {r.get('reason', '')}")
             continue
         res = r.get("resources", {})
 
         def used(key: str, res: dict = res) -> str:
             return f"{res[key]['used']}/{res[key]['available']}" if key in res else "–"
 
-        features = "" if r.get("feature_maps", True) else ", no FM"
         lines.append(
             f"| {r['board']} | {r['rows']}×{r['cols']}{features} | {r['macs_per_cycle']} | "
             f"{r['target_mhz']:g} MHz | {r['fmax_mhz']:.1f} MHz | {r['status']} | "
             f"{r['logic_used']} {r['logic_name']} | {used('dsp')} | {used('block_ram')} | "
             f"{r['peak_gmacs_at_fmax']:.3f} | {r['achieved_gmacs']:.3f} | "
             f"{r.get('build_seconds', '–')} |")
+    if failures:
+        lines += ["", "Not built:", "", *failures]
     return lines
 
 
@@ -290,8 +294,9 @@ def _boards(result: dict[str, Any], images: Path,
               "0.70 and nextpnr 0.11 (YoWASP), seed 1; resources and Fmax from nextpnr's "
               "report. Peak = MAC/cycle × Fmax; achieved = peak × the utilization of a "
               f"{records[0]['workload']} GEMM on that config (cycle model, which the RTL's "
-              "counters equal; the memories are deepened for the workload only). `clock` is "
-              "what the board top runs the SoC at; docs/BOARDS.md has the details.", "",
+              "counters equal; where the GEMM does not fit the board's memories, they are "
+              "deepened for the workload only). `clock` is what the board top runs the SoC "
+              "at; docs/BOARDS.md has the details.", "",
               *_board_table(records), ""]
     plt = _plt()
     built = [r for r in records if r.get("fmax_mhz") is not None]
