@@ -415,6 +415,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                             progress=main_progress)
     except SweepError as error:
         raise UsageError(str(error)) from None
+    except KeyboardInterrupt:
+        print(f"npugen sweep: interrupted; finished points are cached under {args.output}; "
+              f"run the same command again to resume", file=sys.stderr)
+        return 130
     built = sum(r["status"] == "ok" for r in records)
     print(f"{len(records)} point(s), {built} built and met timing; "
           f"{args.output}/sweep.csv, {args.output}/pareto.png")
@@ -425,30 +429,52 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                   f"{record['logic_name']}, {record['dsp_used']} DSP")
     if args.json:
         emit_json({"output": str(args.output), "points": records})
-    return EXIT_OK if built else EXIT_CHECK_FAILED
+    if not built:
+        raise CheckFailed("no point built and met timing; the reasons are in "
+                          f"{args.output}/sweep.csv")
+    return EXIT_OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import SECTIONS, run_bench
+    import shlex
+
+    from .bench import SECTIONS, BenchError, project_root, run_bench
     from .sweep import main_progress
 
     sections = args.only.split(",") if args.only else None
     for name in sections or []:
         if name not in SECTIONS:
             raise UsageError(f"unknown bench section {name!r}; sections: {', '.join(SECTIONS)}")
+    # The full run updates the project's results and report; --quick writes beside them.
+    root = project_root()
+    out = root / "build" / "bench-quick" if args.quick else root
+    results_dir = Path(args.results) if args.results else (
+        out / "results" if args.quick else root / "benchmarks" / "results")
+    docs = Path(args.docs) if args.docs else (
+        out / "BENCHMARKS.md" if args.quick else root / "docs" / "BENCHMARKS.md")
+    recorded = Path(args.recorded) if args.recorded else root / "benchmarks" / "results"
     started = time.perf_counter()
-    results = run_bench(quick=args.quick, sections=sections, results_dir=args.results,
-                        docs_path=None if args.no_docs else args.docs,
-                        recorded_dir=args.recorded, progress=main_progress)
+    try:
+        results = run_bench(quick=args.quick, sections=sections, results_dir=results_dir,
+                            docs_path=None if args.no_docs else docs, recorded_dir=recorded,
+                            command=shlex.join(["npugen", *args.argv]),
+                            progress=main_progress)
+    except BenchError as error:
+        raise CheckFailed(str(error)) from None
     failures = [name for name, result in results.items()
                 if result.get("all_bit_exact") is False
-                or any(r.get("bit_exact") is False for r in result.get("records", []))]
+                or result.get("all_cycles_equal_model") is False
+                or any(r.get(key) is False for r in result.get("records", [])
+                       for key in ("bit_exact", "cycles_equal_model"))
+                or any("model_cycles" in r and r["cycles"] != r["model_cycles"]
+                       for r in result.get("records", []))]
     print(f"bench: {', '.join(results)} in {time.perf_counter() - started:.0f} s; results in "
-          f"{args.results}" + ("" if args.no_docs else f", report {args.docs}"))
+          f"{results_dir}" + ("" if args.no_docs else f", report {docs}"))
     if args.json:
         emit_json(results)
     if failures:
-        raise CheckFailed(f"a result was not bit-exact in: {', '.join(failures)}")
+        raise CheckFailed(f"a result was not bit-exact or its cycles differ from the model "
+                          f"in: {', '.join(failures)}")
     return EXIT_OK
 
 
@@ -553,14 +579,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", metavar="SECTION[,SECTION]",
                        help="run these sections only: gemm, simspeed, e2e, cnn, compile, "
                             "link, boards, sweep (the report keeps the others' results)")
-    bench.add_argument("--results", default="benchmarks/results", metavar="DIR",
-                       help="where the JSON goes (default %(default)s)")
-    bench.add_argument("--recorded", default="benchmarks/results", metavar="DIR",
+    bench.add_argument("--results", metavar="DIR",
+                       help="where the JSON goes (default benchmarks/results; with --quick "
+                            "build/bench-quick/results)")
+    bench.add_argument("--recorded", metavar="DIR",
                        help="recorded boards.json and sweep.json for --quick "
-                            "(default %(default)s)")
-    bench.add_argument("--docs", default="docs/BENCHMARKS.md", metavar="FILE",
-                       help="the report to regenerate, plots in img/ beside it "
-                            "(default %(default)s)")
+                            "(default benchmarks/results)")
+    bench.add_argument("--docs", metavar="FILE",
+                       help="the report to regenerate, plots in img/ beside it (default "
+                            "docs/BENCHMARKS.md; with --quick build/bench-quick/BENCHMARKS.md)")
     bench.add_argument("--no-docs", action="store_true", help="leave the report alone")
     bench.add_argument("--json", action="store_true", help="print every result last")
     bench.set_defaults(handler=cmd_bench)
@@ -599,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for the records
     try:
         return args.handler(args)
     except UsageError as error:

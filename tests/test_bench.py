@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import available_simulators
 from npugen.cli import main
+from npugen.sim.runner import COCOTB_SIMULATORS, simulator_available
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,8 @@ def test_bench_quick(tmp_path):
 
     speeds = report["simspeed"]["records"]
     simulators = {r["simulator"] for r in speeds}
-    assert {"verilator", "amaranth", *available_simulators()} <= simulators
+    installed = {name for name in COCOTB_SIMULATORS if simulator_available(name)}
+    assert {"verilator", "amaranth"} | installed <= simulators
     assert len({(r["m"], r["k"], r["n"]) for r in speeds}) == 1  # the same workload
     assert all(r["bit_exact"] and r["cycles_per_second"] > 0 for r in speeds)
 

@@ -12,14 +12,23 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SECTIONS", "run_bench", "machine", "load_results"]
+__all__ = ["SECTIONS", "run_bench", "machine", "load_results", "project_root", "BenchError"]
+
+
+class BenchError(RuntimeError):
+    """A section could not measure (a tool missing, a simulation failing): the message
+    names the section."""
+
+
+def project_root() -> Path:
+    """The checkout npugen runs from (where ``benchmarks/`` is), else the current folder."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "benchmarks").is_dir() else Path.cwd()
 
 #: Section name → (module, what it measures).
 SECTIONS: dict[str, tuple[str, str]] = {
@@ -77,7 +86,7 @@ def load_results(results_dir: Path) -> dict[str, dict[str, Any]]:
 def run_bench(*, quick: bool, sections: list[str] | None = None,
               results_dir: str | Path = "benchmarks/results",
               docs_path: str | Path | None = "docs/BENCHMARKS.md",
-              recorded_dir: str | Path = "benchmarks/results",
+              recorded_dir: str | Path = "benchmarks/results", command: str | None = None,
               progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Run ``sections`` (default: all), save their JSON, regenerate ``docs_path``; return
     ``{section: result}``. ``recorded_dir`` holds the recorded board builds and sweep
@@ -87,10 +96,18 @@ def run_bench(*, quick: bool, sections: list[str] | None = None,
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     chosen = sections or list(SECTIONS)
-    command = "npugen " + shlex.join(["bench", *sys.argv[2:]]) \
-        if Path(sys.argv[0]).name == "npugen" else "npugen bench" + (" --quick" * quick)
+    command = command or "npugen bench" + (" --quick" * quick) + (
+        f" --only {','.join(sections)}" if sections else "")
     results: dict[str, Any] = {}
     chosen = [name for name in SECTIONS if name in chosen]
+    if "sweep" in chosen and not quick:
+        from ..sweep import load_grid
+        from .boards import sweep_grid
+
+        try:
+            load_grid(sweep_grid())  # fail now, not after the board builds
+        except ValueError as error:
+            raise BenchError(f"section sweep: {error}") from None
     for name in chosen:
         # Boards just rebuilt here are the ones e2e's latencies use.
         recorded = results_dir if name == "e2e" and "boards" in results and not quick \
@@ -98,8 +115,11 @@ def run_bench(*, quick: bool, sections: list[str] | None = None,
         module = importlib.import_module(f".{SECTIONS[name][0]}", __name__)
         progress(f"{name}: {SECTIONS[name][1]}")
         started = time.perf_counter()
-        body = getattr(module, f"run_{name}")(quick=quick, progress=progress,
-                                              recorded_dir=recorded)
+        try:
+            body = getattr(module, f"run_{name}")(quick=quick, progress=progress,
+                                                  recorded_dir=recorded)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise BenchError(f"section {name}: {type(error).__name__}: {error}") from error
         result = {"section": name, "command": command, "quick": quick,
                   "date": time.strftime("%Y-%m-%d"), "machine": machine(),
                   "revision": source_revision(),

@@ -12,25 +12,38 @@ from typing import Any
 
 #: The GEMM whose cycles (cycle model) turn peak into achieved GMAC/s.
 WORKLOAD = (256, 256, 256)
-SWEEP_GRID = Path("benchmarks/sweep.toml")
-#: Shared by the board builds and the sweep: the same point is built once.
-POINT_CACHE = Path("build/sweep/points")
+def _root() -> Path:
+    from . import project_root
+
+    return project_root()
+
+
+def sweep_grid() -> Path:
+    return _root() / "benchmarks" / "sweep.toml"
+
+
+def point_cache() -> Path:
+    """Shared by the board builds and the sweep: the same point is built once."""
+    return _root() / "build" / "sweep" / "points"
 
 
 def _recorded(name: str, recorded_dir: Path) -> dict[str, Any]:
     path = recorded_dir / f"{name}.json"
     if not path.exists():
-        return {"records": [], "missing": f"no recorded {path}: run npugen bench --only {name}"}
+        raise FileNotFoundError(f"no recorded {path} for --quick: give --recorded DIR, or "
+                                f"measure it with npugen bench --only {name}")
     saved = json.loads(path.read_text())
     origin = saved.get("recorded_from") or {k: saved.get(k) for k in ("command", "date",
                                                                       "machine", "revision")}
-    return {"records": saved["records"], "recorded_from": origin}
+    wrapper = ("section", "command", "quick", "date", "machine", "revision", "seconds",
+               "recorded_from")
+    return {**{k: v for k, v in saved.items() if k not in wrapper}, "recorded_from": origin}
 
 
 def _sweep_records(points, out: Path, progress: Callable[[str], None]) -> list[dict]:
     from ..sweep import run_sweep
 
-    records = run_sweep(points, out, jobs=os.cpu_count(), cache_dir=POINT_CACHE,
+    records = run_sweep(points, out, jobs=os.cpu_count(), cache_dir=point_cache(),
                         progress=progress)
     return [{k: v for k, v in r.items() if k != "cached"} for r in records]
 
@@ -45,7 +58,7 @@ def run_boards(*, quick: bool, progress: Callable[[str], None], recorded_dir: Pa
     design = design_digest()
     points = [SweepPoint(board.name, board.default_config, 1, WORKLOAD, "yowasp", design)
               for board in BOARDS.values()]
-    return {"records": _sweep_records(points, Path("build/bench-boards"), progress),
+    return {"records": _sweep_records(points, _root() / "build" / "bench-boards", progress),
             "workload": "x".join(map(str, WORKLOAD))}
 
 
@@ -55,5 +68,7 @@ def run_sweep(*, quick: bool, progress: Callable[[str], None], recorded_dir: Pat
         return _recorded("sweep", recorded_dir)
     from ..sweep import load_grid
 
-    return {"grid": str(SWEEP_GRID), "grid_text": SWEEP_GRID.read_text(),
-            "records": _sweep_records(load_grid(SWEEP_GRID), Path("build/sweep"), progress)}
+    grid = sweep_grid()
+    points = load_grid(grid)  # a missing or bad grid fails here, before any build
+    return {"grid": "benchmarks/sweep.toml", "grid_text": grid.read_text(),
+            "records": _sweep_records(points, _root() / "build" / "sweep", progress)}

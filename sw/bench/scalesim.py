@@ -282,13 +282,17 @@ def scalesim_gemm_cycles(shapes: list[tuple[int, int, int]], rows: int, cols: in
     for s in shapes:
         if len(s) != 3 or min(s) < 1:
             raise ValueError(f"each shape must be (m, k, n) of positive integers, not {s}")
-    python = scalesim_python()
-    version = _scalesim_version(python)
+    # The environment npugen creates has the pinned version: a fully cached request needs
+    # no environment at all (no network on a machine that has the cache).
+    pinned = SCALESIM_REQUIREMENTS[0].split("==")[1]
+    python = scalesim_python() if os.environ.get("NPUGEN_SCALESIM_PYTHON") else None
+    version = _scalesim_version(python) if python else pinned
     keys = [_cache_key(version, rows, cols, dataflow, s) for s in shapes]
     known = _read_cache(_cache_path()) if cache else {}
     todo = list(dict.fromkeys(s for s, key in zip(shapes, keys, strict=True)
                               if key not in known))
     if todo:
+        python = python or scalesim_python()
         # Measured: 20k-35k simulated cycles a second (256x256x256 on 8x8: 284,672 in 14 s).
         guess = sum(closed_form_cycles(*s, rows, cols, dataflow) for s in todo) / 25_000
         print(f"npugen: running SCALE-Sim {version} on {len(todo)} GEMM shape(s), {rows}x{cols} "
