@@ -75,3 +75,24 @@ def test_bench_quick(tmp_path):
 def test_unknown_bench_section_is_exit_2(capsys):
     assert main(["bench", "--only", "gemm,nope"]) == 2
     assert "unknown bench section 'nope'" in capsys.readouterr().err
+
+
+def test_quick_without_a_recording_is_an_error_naming_it(tmp_path, capsys):
+    status = main(["bench", "--quick", "--only", "boards", "--recorded", str(tmp_path),
+                   "--results", str(tmp_path / "results"), "--no-docs"])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "section boards" in err and f"no recorded {tmp_path / 'boards.json'}" in err
+
+
+def test_one_section_keeps_the_others_in_the_report(tmp_path, capsys):
+    results, docs = tmp_path / "results", tmp_path / "B.md"
+    results.mkdir()
+    recorded = ROOT / "benchmarks" / "results"
+    (results / "link.json").write_text((recorded / "link.json").read_text())
+    assert main(["bench", "--only", "compile", "--results", str(results), "--docs",
+                 str(docs)]) == 0
+    text = docs.read_text()
+    assert "## Model compilation" in text and "## Host link: upload throughput" in text
+    assert "Command: `npugen bench --only compile --results" in text  # as typed
+    assert "Not measured yet: `npugen bench --only gemm`" in text

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from npugen.cli import main
-from npugen.sweep import SweepError, load_grid, pareto_front, run_sweep
+from npugen.sweep import (
+    RECORD_VERSION,
+    SweepError,
+    evaluate_point,
+    load_grid,
+    pareto_front,
+    run_sweep,
+)
 
 REFUSED_GRID = """
 [sweep]
@@ -166,3 +173,57 @@ def test_pareto_front():
 def test_project_grid_loads():
     points = load_grid(Path(__file__).parents[1] / "benchmarks" / "sweep.toml")
     assert len(points) >= 6 and len({p.board for p in points}) == 2
+
+
+def fitting_point(tmp_path):
+    """A point the estimate lets through, so evaluate_point reaches the build."""
+    grid = write(tmp_path, '[sweep]\nboards = ["orangecrab-25f"]\nworkload = [8, 8, 8]\n'
+                           '[grid]\nrows = [2]\ncols = [2]\n', "fits.toml")
+    (point,) = load_grid(grid)
+    return point
+
+
+def test_an_unexpected_error_is_the_points_result(tmp_path, monkeypatch):
+    import npugen.boards.build as build
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the tool vanished")
+
+    monkeypatch.setattr(build, "build_board", broken)
+    record = evaluate_point(fitting_point(tmp_path), str(tmp_path / "point"))
+    assert record["status"] == "error"
+    assert record["reason"] == "RuntimeError: the tool vanished"
+    assert record["record_version"] == RECORD_VERSION
+
+
+def test_a_failed_retry_does_not_read_the_earlier_report(tmp_path, monkeypatch):
+    import npugen.boards.build as build
+
+    folder = tmp_path / "point"
+    folder.mkdir()
+    (folder / "report.json").write_text(json.dumps({"fmax_mhz": 99.0, "timing_met": True}))
+
+    def failing(board, config, directory, **kwargs):
+        raise build.BuildFailed(f"the build failed: see {directory}/build.log")
+
+    monkeypatch.setattr(build, "build_board", failing)
+    record = evaluate_point(fitting_point(tmp_path), str(folder))
+    assert record["status"] == "failed" and "fmax_mhz" not in record
+    assert record["reason"] == "the build failed: see build.log"  # no local folder
+
+
+def test_damaged_or_older_cached_results_are_redone(tmp_path):
+    points = load_grid(write(tmp_path, REFUSED_GRID))[:3]
+    out = tmp_path / "out"
+    run_sweep(points, out, jobs=1)
+    (out / "points" / points[0].key() / "result.json").write_text("{not json")
+    older = out / "points" / points[1].key() / "result.json"
+    older.write_text(json.dumps({**json.loads(older.read_text()), "record_version": 1}))
+    records = run_sweep(points, out, jobs=1)
+    assert [r["cached"] for r in records] == [False, False, True]
+
+
+def test_a_workload_no_memory_holds_is_refused(tmp_path):
+    path = write(tmp_path, '[sweep]\nboards = ["icebreaker"]\nworkload = [70000, 8, 8]\n')
+    with pytest.raises(SweepError, match=r"workload \[70000, 8, 8\] is too large"):
+        load_grid(path)
