@@ -109,7 +109,8 @@ def _simspeed(result: dict[str, Any], images: Path,
               everything: dict[str, dict[str, Any]]) -> list[str]:
     records = result["records"]
     lines = ["## Simulation speed", "", _origin(result), "",
-             f"The same GEMM ({result['workload']}, M×K×N) on the whole NPU in each simulator, "
+             f"The same GEMM ({result['workload']}, M×K×N) on the whole NPU in each simulator "
+             "(4×4 and 8×8; 4×4 only with --quick), "
              "memories loaded over the host port, then the NPU runs free; `cycles/s` is "
              "simulated clock cycles per wall-clock second while it runs (loading and "
              "readback excluded). Verilator's run is repeated 20 times for a steadier "
