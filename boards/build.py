@@ -294,9 +294,15 @@ def _run_script(products_dir: Path, env: dict[str, str],
 
 def _failure_reason(log: str, placer_log: str = "") -> str:
     """The tool's error line, and any resource used beyond 100 % (nextpnr's words)."""
+    last = log.strip().splitlines()[-1] if log.strip() else "no output"
     error = next((line.strip() for line in reversed(log.splitlines())
-                  if "ERROR" in line or "Error" in line),
-                 log.strip().splitlines()[-1] if log.strip() else "no output")
+                  if "ERROR" in line or "Error" in line), last)
+    if error == last and last.startswith("Running ABC command"):
+        # YoWASP's WebAssembly ABC ends without a word where a native one prints the
+        # assertion it hit (seen on ULX3S 2x4 and 2x8; docs/BOARDS.md).
+        error = ("yosys stopped inside ABC (technology mapping) without a message, a "
+                 "failure of YoWASP's ABC on some netlists; another array shape, or "
+                 "--toolchain system with a native yosys, may get past it")
     overflows = []
     for line in placer_log.splitlines():
         if "%" in line and "/" in line and "Info:" in line:

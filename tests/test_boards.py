@@ -84,3 +84,15 @@ def test_loader_names_are_openfpgaloader_boards():
                             timeout=60).stdout.split()
     assert [board.loader_name for board in BOARDS.values()
             if board.loader_name not in listed] == []
+
+
+def test_failure_reasons_quote_the_tools():
+    from npugen.boards.build import _failure_reason
+
+    placer = "Info:      ICESTORM_LC:  5747/ 5280   108%\nInfo:      ICESTORM_RAM:  20/ 30    66%"
+    reason = _failure_reason("...\nERROR: Failed to expand region\n", placer)
+    assert reason.startswith("ERROR: Failed to expand region")
+    assert "over capacity: ICESTORM_LC: 5747/ 5280 108%" in reason
+    # YoWASP's ABC stops without a word: say what happened instead of quoting the command.
+    silent = '2.46.15.5. Executing ABC9.\nRunning ABC command: "/yosys-abc" -s -f x 2>&1\n'
+    assert "yosys stopped inside ABC" in _failure_reason(silent)
