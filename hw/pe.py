@@ -4,6 +4,8 @@ from amaranth import Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from .dsp import registered_product
+
 __all__ = ["ProcessingElement"]
 
 
@@ -46,9 +48,10 @@ class ProcessingElement(wiring.Component):
             with m.Else():
                 m.d.sync += weight[0].eq(self.weight_in)
         # The product is registered (PRODUCT_PIPELINE_STAGES); every PE has the same
-        # delay, so the partial sums of a column stay aligned.
-        product = Signal(signed(len(self.act_in) + self._weight_width), reset_less=True)
-        m.d.sync += product.eq(self.act_in * Mux(self.bank_in, weight[1], weight[0]))
+        # delay, so the partial sums of a column stay aligned. On ECP5 the register is
+        # the DSP block's input register (hw/dsp.py).
+        product = registered_product(m, platform, self.act_in,
+                                     Mux(self.bank_in, weight[1], weight[0]), name="product")
         # Assigning to the narrower psum_out wraps, like the golden model.
         m.d.sync += [
             self.psum_out.eq(self.psum_in + product),

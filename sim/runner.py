@@ -142,9 +142,13 @@ def _runner(simulator: str):
 
 
 def build(config: NpuConfig, simulator: str = "verilator",
-          build_root: Path | None = None, design: str = "npu") -> Path:
+          build_root: Path | None = None, design: str = "npu",
+          primitives: str | None = None) -> Path:
     """Generate the Verilog of ``design`` and build the simulator for ``config``; return
-    the build folder (cached per simulator, design and config digest)."""
+    the build folder (cached per simulator, design, primitives and config digest).
+
+    ``primitives``: a family (``"ecp5"``) whose hand-instantiated primitives (hw/dsp.py)
+    the design uses, as on its boards, simulated with their models; None: generic."""
     if simulator not in COCOTB_SIMULATORS:
         raise ValueError(f"simulator must be one of {', '.join(COCOTB_SIMULATORS)} (amaranth "
                          f"needs no build), not {simulator!r}")
@@ -154,14 +158,18 @@ def build(config: NpuConfig, simulator: str = "verilator",
         raise SimulationError(f"simulator {simulator!r} is not available: {hint}")
     from amaranth.back import verilog
 
+    from ..hw.dsp import PrimitiveFamily, simulation_models
+
+    platform = PrimitiveFamily(primitives) if primitives else None
     _prepare_environment(simulator)
     build_dir = (build_root or default_build_root()).resolve() / "sim" / (
-        f"{simulator}-{design}-{config.digest()}")
+        f"{simulator}-{design}-{primitives + '-' if primitives else ''}{config.digest()}")
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = []
     texts = {f"{design}.v": verilog.convert(_design(config, design), name=design,
-                                            emit_src=False),
+                                            platform=platform, emit_src=False),
              f"{design}_tb.v": testbench_top_verilog(config, design)}
+    texts.update({f"{module}.v": text for module, text in simulation_models(primitives).items()})
     for name, text in texts.items():
         source = build_dir / name
         if not source.exists() or source.read_text() != text:
@@ -181,11 +189,11 @@ def build(config: NpuConfig, simulator: str = "verilator",
 
 def run_test(config: NpuConfig, *, simulator: str, design: str, test_module: str,
              extra_env: dict[str, str], work_dir: Path,
-             build_root: Path | None = None) -> bool:
+             build_root: Path | None = None, primitives: str | None = None) -> bool:
     """Run a cocotb test module on a built design; True if every test passed."""
     from cocotb_tools.check_results import get_results
 
-    build_dir = build(config, simulator, build_root, design)
+    build_dir = build(config, simulator, build_root, design, primitives)
     runner = _runner(simulator)
     try:
         results_xml = runner.test(
@@ -207,17 +215,21 @@ def job_config(jobs: list[Job]) -> NpuConfig:
 
 
 def simulate(jobs: list[Job], *, simulator: str = "verilator",
-             build_root: Path | None = None) -> list[JobResult]:
+             build_root: Path | None = None, primitives: str | None = None) -> list[JobResult]:
     """Run ``jobs`` (one config) in one simulation; return their results in order.
 
     ``simulator`` is one of :data:`SIMULATORS`; ``amaranth`` runs in this process and
-    ignores ``build_root``."""
+    ignores ``build_root``; it simulates the generic design only. ``primitives``: see
+    :func:`build`."""
     if not jobs:
         return []
     config = job_config(jobs)
     if simulator not in SIMULATORS:
         raise ValueError(f"simulator must be one of {', '.join(SIMULATORS)}, not {simulator!r}")
     if simulator == "amaranth":
+        if primitives:
+            raise ValueError("the amaranth simulator runs the generic design only; "
+                             "simulate primitives with verilator or icarus")
         from .pysim import simulate_amaranth
 
         return simulate_amaranth(jobs)
@@ -235,7 +247,8 @@ def simulate(jobs: list[Job], *, simulator: str = "verilator",
         np.savez(jobs_path, **arrays)
         passed = run_test(config, simulator=simulator, design="npu",
                           test_module="npugen.sim.tb_npu", work_dir=scratch,
-                          build_root=build_root, extra_env={"NPUGEN_JOBS": str(jobs_path),
+                          build_root=build_root, primitives=primitives,
+                          extra_env={"NPUGEN_JOBS": str(jobs_path),
                                      "NPUGEN_RESULTS": str(results_path)})
         if not passed or not results_path.exists():
             log = (scratch / "sim.log").read_text() if (scratch / "sim.log").exists() else ""

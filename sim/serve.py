@@ -18,10 +18,13 @@ STARTUP_TIMEOUT_SECONDS = 600.0
 
 
 def serve(config: NpuConfig, *, port: int = 0, simulator: str = "verilator",
+          primitives: str | None = None,
           on_listening: Callable[[int], None] = lambda port: None) -> None:
     """Build and run the virtual board until SIGINT or SIGTERM; call ``on_listening``
-    with the TCP port once it accepts connections."""
-    build(config, simulator, design="board")
+    with the TCP port once it accepts connections. ``primitives``: a family whose
+    hand-instantiated primitives the SoC uses, as on that family's boards (see
+    :func:`npugen.sim.runner.build`)."""
+    build(config, simulator, design="board", primitives=primitives)
     with tempfile.TemporaryDirectory(prefix="npugen-board-") as scratch:
         scratch = Path(scratch)
         port_file, stop_file = scratch / "port", scratch / "stop"
@@ -31,7 +34,7 @@ def serve(config: NpuConfig, *, port: int = 0, simulator: str = "verilator",
             try:
                 outcome["passed"] = run_test(
                     config, simulator=simulator, design="board",
-                    test_module="npugen.sim.tb_board", work_dir=scratch,
+                    test_module="npugen.sim.tb_board", work_dir=scratch, primitives=primitives,
                     extra_env={"NPUGEN_PORT": str(port), "NPUGEN_PORT_FILE": str(port_file),
                                "NPUGEN_STOP_FILE": str(stop_file)})
             except Exception as error:  # reported by the main thread

@@ -284,18 +284,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_serve_sim(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    from .hw.dsp import PRIMITIVE_FAMILIES
     from .sim.runner import SimulationError
     from .sim.serve import serve
 
     def listening(port: int) -> None:
         print(f"listening on socket://127.0.0.1:{port}", flush=True)
         print(f"virtual board: {config.describe()} NPU, UART through the simulated 8N1 link "
-              f"({args.sim}); stop with Ctrl-C", file=sys.stderr, flush=True)
+              f"({args.sim}, {primitives or 'generic'} primitives); stop with Ctrl-C",
+              file=sys.stderr, flush=True)
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, not {args.port}")
+    primitives = args.primitives
+    if primitives is None and args.board:
+        from .boards import board_named
+
+        primitives = board_named(args.board).family
+    if primitives not in PRIMITIVE_FAMILIES:
+        primitives = None
     try:
-        serve(config, port=args.port, simulator=args.sim, on_listening=listening)
+        serve(config, port=args.port, simulator=args.sim, primitives=primitives,
+              on_listening=listening)
     except (SimulationError, OSError) as error:
         raise UsageError(str(error)) from None
     return EXIT_OK
@@ -487,6 +497,7 @@ TARGET_HELP = ("golden (the NumPy model), rtl (the RTL in a testbench), sim (a v
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .hw.dsp import PRIMITIVE_FAMILIES
 
     parser = argparse.ArgumentParser(
         prog="npugen", description="Generate, verify and run a systolic-array NPU.")
@@ -551,6 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_sim.add_argument("--port", type=int, default=0,
                            help="TCP port on 127.0.0.1 (default 0: any free port)")
     serve_sim.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
+    serve_sim.add_argument(
+        "--primitives", choices=("generic", *PRIMITIVE_FAMILIES),
+        help="simulate the SoC with a family's hand-instantiated DSP blocks, as its boards "
+             "build it (default: the --board's family if it has any, else generic)")
     add_config_flags(serve_sim)
     serve_sim.set_defaults(handler=cmd_serve_sim)
 

