@@ -119,7 +119,7 @@ class LinkEngine(wiring.Component):
         byte = rx.payload
         taken = rx.valid & rx.ready
         # Requests leave through registers: the frame buffer's slow output drives no path
-        # into the NPU. Reads are answered two cycles after the request (FETCH, WAIT).
+        # into the NPU. A read's answer is taken when rvalid comes (CAPTURE).
         bus = HostBus().flip().create(path=("request",))
         m.d.sync += [self.bus.valid.eq(bus.valid), self.bus.write.eq(bus.write),
                      self.bus.addr.eq(bus.addr), self.bus.wdata.eq(bus.wdata)]
@@ -272,8 +272,14 @@ class LinkEngine(wiring.Component):
                              bus.wdata.eq(Control.START)]
                 m.next = "RESPOND"
 
+            # The count is registered before it is checked: the frame buffer's slow
+            # output then feeds only a register.
+            requested = Signal(16)
             with m.State("READ_COUNT"):
-                requested = buffer_read.data[0:16]
+                m.d.sync += requested.eq(buffer_read.data[0:16])
+                m.next = "READ_CHECK"
+
+            with m.State("READ_CHECK"):
                 with m.If((requested == 0) | (requested > MAX_PAYLOAD_WORDS)):
                     m.d.sync += respond(LinkStatus.BAD_LENGTH)
                 with m.Else():
@@ -311,18 +317,17 @@ class LinkEngine(wiring.Component):
             with m.State("FETCH"):
                 with m.If(~from_counters):
                     m.d.comb += [bus.valid.eq(1), bus.addr.eq(read_address)]
-                m.next = "WAIT"
-
-            with m.State("WAIT"):
                 m.next = "CAPTURE"
 
             with m.State("CAPTURE"):
+                # The NPU answers with rvalid (two cycles after the registered request).
                 m.d.sync += byte_index.eq(0)
                 with m.If(from_counters):
                     m.d.sync += word.eq(counter_array[count])
-                with m.Else():
+                    m.next = "SEND_WORD"
+                with m.Elif(self.bus.rvalid):
                     m.d.sync += word.eq(bus.rdata)
-                m.next = "SEND_WORD"
+                    m.next = "SEND_WORD"
 
             with m.State("SEND_WORD"):
                 m.d.comb += [tx.valid.eq(1), tx.payload.eq(word.word_select(byte_index, 8))]

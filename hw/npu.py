@@ -82,7 +82,12 @@ class Npu(wiring.Component):
         read_offset = Signal(REGION_SHIFT)
         read_blocked = Signal()
         host_conflict = Signal()
-        m.d.sync += host.rvalid.eq(host.valid & ~host.write)
+        # A read is answered two cycles after its request: the memories' outputs go
+        # through the read multiplexer into a register (ECP5 block RAM has a 5.6 ns
+        # clock-to-output), so the host's side starts from a register.
+        read_selected = Signal()
+        m.d.sync += [read_selected.eq(host.valid & ~host.write),
+                     host.rvalid.eq(read_selected)]
         with m.If(host.valid & ~host.write):
             m.d.sync += [read_region.eq(region), read_offset.eq(offset),
                          read_blocked.eq(running)]
@@ -99,7 +104,7 @@ class Npu(wiring.Component):
             m.d.sync += host_conflict.eq(1)
 
         host_read_data = Signal(32)
-        m.d.comb += host.rdata.eq(host_read_data)
+        m.d.sync += host.rdata.eq(host_read_data)
         for reg_region, info in infos.items():
             stride_bits = (info.stride - 1).bit_length()
             entry = offset >> stride_bits

@@ -44,14 +44,15 @@ class AmaranthBus:
         ctx.set(request, 0)
 
     async def read_many(self, addresses: np.ndarray) -> list[int]:
-        # Pipelined: after each edge, the previous request's data is out and the next
-        # request goes in.
+        # Pipelined: one request each cycle; after each edge, take the answer rvalid
+        # marks (two cycles after its request).
         ctx, request, host = self.ctx, self._request, self.npu.host
-        words = []
-        for addr in np.asarray(addresses).tolist():
-            ctx.set(request, 0b01 | addr << 2)
+        pending, words = np.asarray(addresses).tolist(), []
+        while len(words) < len(addresses):
+            ctx.set(request, 0b01 | pending.pop(0) << 2 if pending else 0)
             await ctx.tick()
-            words.append(ctx.get(host.rdata))
+            if ctx.get(host.rvalid):
+                words.append(ctx.get(host.rdata))
         ctx.set(request, 0)
         return words
 

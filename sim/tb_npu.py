@@ -36,19 +36,19 @@ class CocotbBus:
         dut.host__write.value = 0
 
     async def read_many(self, addresses):
-        # Pipelined: each falling edge samples the previous answer and sets the next read.
+        # Pipelined: at each falling edge, take the answer rvalid marks and set the next
+        # read; answers come two cycles after their requests, in order.
         dut = self.dut
         words = []
         dut.host__write.value = 0
-        for count, addr in enumerate(addresses.tolist()):
+        pending = addresses.tolist()
+        while len(words) < len(addresses):
             await FallingEdge(dut.clk)
-            if count:
+            if int(dut.host__rvalid.value):
                 words.append(int(dut.host__rdata.value))
-            dut.host__valid.value = 1
-            dut.host__addr.value = addr
-        await FallingEdge(dut.clk)
-        if len(addresses):
-            words.append(int(dut.host__rdata.value))
+            dut.host__valid.value = 1 if pending else 0
+            if pending:
+                dut.host__addr.value = pending.pop(0)
         dut.host__valid.value = 0
         return words
 

@@ -518,7 +518,9 @@ class AmaranthBus:
             ctx.set(host.addr, addr)
             await ctx.tick()
             ctx.set(host.valid, 0)
-            assert ctx.get(host.rvalid), f"no rvalid the cycle after reading {addr:#x}"
+            assert not ctx.get(host.rvalid), f"rvalid one cycle after reading {addr:#x}"
+            await ctx.tick()
+            assert ctx.get(host.rvalid), f"no rvalid two cycles after reading {addr:#x}"
             words.append(ctx.get(host.rdata))
         return words
 
