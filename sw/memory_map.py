@@ -142,8 +142,9 @@ def memory_map_markdown(config: NpuConfig | None = None) -> str:
         "checks that it is current.",
         "",
         "The host port carries 32-bit words. A word address is `region << "
-        f"{REGION_SHIFT} | offset`. Requests are taken one a cycle; a read answers the next "
-        "cycle. Every address bit is decoded: an address outside the regions, registers "
+        f"{REGION_SHIFT} | offset`. Requests are taken one a cycle; a read answers two "
+        "cycles later, with `rvalid` (reads pipeline: one may be requested every cycle). "
+        "Every address bit is decoded: an address outside the regions, registers "
         "and memory depths below reads 0 and ignores writes. Memories are reachable only "
         "while no run is on: during a run a memory access is dropped (reads give 0) and "
         "STATUS.HOST_CONFLICT is set.",
