@@ -104,6 +104,9 @@ class LinkEngine(wiring.Component):
         last_start_valid = Signal()
 
         status = Signal(8)
+        # Payload words of the response still to send: the header gives it in full, then
+        # each word sent counts it down (an equality against 1 ends the payload: no
+        # subtraction on that path).
         response_words = Signal(16)
         read_address = Signal(32)
         from_counters = Signal()
@@ -335,8 +338,9 @@ class LinkEngine(wiring.Component):
                     m.d.sync += [crc.eq(crc16_step(crc, tx.payload)),
                                  byte_index.eq(byte_index + 1)]
                     with m.If(byte_index == 3):
-                        m.d.sync += [count.eq(count + 1), read_address.eq(read_address + 1)]
-                        with m.If(count == response_words - 1):
+                        m.d.sync += [count.eq(count + 1), read_address.eq(read_address + 1),
+                                     response_words.eq(response_words - 1)]
+                        with m.If(response_words == 1):
                             m.d.sync += crc_high.eq(0)
                             m.next = "SEND_CRC"
                         with m.Else():
