@@ -21,6 +21,7 @@ from npugen.importers import load_onnx
 from npugen.memory_map import Region, address, identity_words
 from npugen.protocol import Command, LinkStatus, encode_request, encode_response
 from npugen.runtime import run
+from npugen.sim.runner import default_build_root
 
 CONFIG = NpuConfig(rows=4, cols=4, activation_depth=1024, weight_depth=2048,
                    accumulator_depth=512, instruction_depth=256, param_depth=64)
@@ -51,7 +52,14 @@ def any_board(request, board):
     if request.param == "generic":
         yield board
     else:
-        yield from serve_sim("--primitives", request.param)
+        served = serve_sim("--primitives", request.param)
+        url = next(served)
+        # The board that answers was built with the family's primitives and their models.
+        folder = default_build_root() / "sim" / f"verilator-board-{request.param}-{CONFIG.digest()}"
+        assert "MULT18X18D #(" in (folder / "board.v").read_text()
+        assert (folder / "MULT18X18D.v").exists()
+        yield url
+        yield from served
 
 
 def raw_connection(url: str) -> socket.socket:

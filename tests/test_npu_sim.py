@@ -9,7 +9,7 @@ from conftest import available_simulators
 from npugen.config import NpuConfig
 from npugen.job import run_golden
 from npugen.matmul import matmul_output
-from npugen.sim.runner import simulate
+from npugen.sim.runner import build, simulate
 from programs import (
     GUARD_VALUE,
     back_to_back_accumulate_job,
@@ -113,3 +113,24 @@ def test_feature_map_operators_match_golden(name, simulator):
         assert np.array_equal(result.outputs["output"], golden.outputs["output"]), shape
         assert np.array_equal(result.outputs["guard"], golden.outputs["guard"]), shape
         assert result.counters == golden.counters, shape
+
+
+@pytest.mark.parametrize("simulator", available_simulators())
+def test_ecp5_primitives_are_in_the_simulated_design(simulator):
+    """simulate(..., primitives="ecp5") builds the NPU with one hand-instantiated
+    MULT18X18D per PE and compiles the model beside it (the generic build has none)."""
+    config = CONFIGS["2x3"]
+    ecp5 = build(config, simulator, primitives="ecp5")
+    assert (ecp5 / "npu.v").read_text().count("MULT18X18D #(") == config.rows * config.cols
+    assert "module MULT18X18D(" in (ecp5 / "MULT18X18D.v").read_text()
+    generic = build(config, simulator)
+    assert generic != ecp5 and "MULT18X18D" not in (generic / "npu.v").read_text()
+
+
+def test_primitives_are_refused_where_they_cannot_run():
+    config = CONFIGS["1x1"]
+    job = gemm_jobs(config, np.random.default_rng(0), count=1)[0][0]
+    with pytest.raises(ValueError, match="the amaranth simulator runs the generic design"):
+        simulate([job], simulator="amaranth", primitives="ecp5")
+    with pytest.raises(ValueError, match="primitives must be one of ecp5, not 'ice40'"):
+        build(config, "verilator", primitives="ice40")
