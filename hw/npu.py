@@ -18,7 +18,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig
-from ..golden import weight_use_cycles
+from ..golden import REQUANT_INPUT_STAGES, weight_use_cycles
 from ..isa import FORMATS, INSTRUCTION_WIDTH, OPCODE_WIDTH, Opcode
 from ..memory_map import COUNTER_NAMES, REGION_SHIFT, Reg, Region, identity_words, memories
 from .array import SystolicArray
@@ -253,6 +253,8 @@ class Npu(wiring.Component):
         inject_read = Signal(inject_layout)    # the destination word is read
         inject_data = Signal(inject_layout)    # the result row joins the accumulate path
         inject_write = Signal()                # ... and is written
+        raw_valid = Signal()                   # a lane's raw result to collect (to_acc)
+        raw_values = Signal(lanes * c.accumulator_width)
         rq_param_addr = Signal(range(c.param_depth))
         param_addr = Signal(range(c.param_depth))
         out_stride = Signal(16)
@@ -275,14 +277,16 @@ class Npu(wiring.Component):
         stage_group = Signal(range(groups))
         stage_word = Signal(range(c.activation_depth))
         stage_lane = Signal(range(rows))
+        rq_stages = REQUANT_INPUT_STAGES + Requantizer.latency
         pipe_word = [Signal(range(c.activation_depth), name=f"rq_word_p{i}")
-                     for i in range(Requantizer.latency)]
-        pipe_lane = [Signal(range(rows), name=f"rq_lane_p{i}")
-                     for i in range(Requantizer.latency)]
-        pipe_valid = [Signal(name=f"rq_valid_p{i}") for i in range(Requantizer.latency)]
+                     for i in range(rq_stages)]
+        pipe_lane = [Signal(range(rows), name=f"rq_lane_p{i}") for i in range(rq_stages)]
+        pipe_valid = [Signal(name=f"rq_valid_p{i}") for i in range(rq_stages)]
         requant_active = rq_busy | stage_valid | Cat(*pipe_valid).any()
         if fm:
-            requant_active = requant_active | inject_read.valid | inject_data.valid | inject_write
+            requant_active = (requant_active | (raw_valid & rq_to_acc) | inject_read.valid
+                              | inject_data.valid
+                              | inject_write)
 
         # -- Sequencer: the step dispatched this cycle ------------------------------------
         # A step is the instruction itself or, inside a GEMM, the LOADW or MATMUL it stands
@@ -608,8 +612,17 @@ class Npu(wiring.Component):
         if fm:
             with m.If(rq_busy & rq_to_acc):
                 m.d.sync += rq_phase.eq(~rq_phase)
+        # The accumulator word is registered before the requantizer (REQUANT_INPUT_STAGES):
+        # a block RAM's slow output then feeds only the group multiplexer and a register.
+        # The parameters are read a cycle later instead, to arrive with it.
+        param_next = Signal.like(rq_param_addr)
+        param_next_valid = Signal()
+        m.d.sync += param_next_valid.eq(rq_advance)
+        with m.If(param_next_valid):
+            m.d.comb += param_read.addr.eq(param_next)
         with m.If(rq_advance):
-            m.d.comb += [acc_read.addr.eq(rq_acc_addr), param_read.addr.eq(rq_param_addr)]
+            m.d.comb += acc_read.addr.eq(rq_acc_addr)
+            m.d.sync += param_next.eq(rq_param_addr)
             last_group = rq_group == groups - 1
             next_lane = rq_lane + lanes
             m.d.sync += [
@@ -661,14 +674,18 @@ class Npu(wiring.Component):
                 ]
         # One group selector feeding every lane (slicing a shared expression per lane
         # would emit one selector per lane).
-        m.d.comb += Cat(*[rq.acc for rq in requantizers]).eq(
-            acc_read.data.word_select(stage_group, lanes * c.accumulator_width))
+        input_valid = Signal()
+        input_acc = Signal(lanes * c.accumulator_width)
+        m.d.sync += [input_valid.eq(stage_valid),
+                     input_acc.eq(acc_read.data.word_select(stage_group,
+                                                            lanes * c.accumulator_width))]
+        m.d.comb += Cat(*[rq.acc for rq in requantizers]).eq(input_acc)
         lane_bits = c.param_lane_width
         for lane, rq in enumerate(requantizers):
             params = param_read.data[lane * lane_bits:(lane + 1) * lane_bits]
             acc_bits = c.accumulator_width
             m.d.comb += [
-                rq.valid.eq(stage_valid),
+                rq.valid.eq(input_valid),
                 rq.bias.eq(params[0:acc_bits]),
                 rq.multiplier.eq(params[acc_bits:acc_bits + 32]),
                 rq.shift.eq(params[acc_bits + 32:acc_bits + 37]),
@@ -678,7 +695,7 @@ class Npu(wiring.Component):
                 rq.left_shift.eq(rq_left_shift),
             ]
         previous = (stage_valid, stage_word, stage_lane)
-        for i in range(Requantizer.latency):
+        for i in range(rq_stages):
             m.d.sync += [pipe_valid[i].eq(previous[0]), pipe_word[i].eq(previous[1]),
                          pipe_lane[i].eq(previous[2])]
             previous = (pipe_valid[i], pipe_word[i], pipe_lane[i])
@@ -692,11 +709,15 @@ class Npu(wiring.Component):
         block_hit = Signal(blocks)
         out_block = out_lane // lanes
         m.d.comb += block_hit.eq(Cat(*[out_block == block for block in range(blocks)]))
-        # to_acc: collect a word's groups, then send it down the accumulate path.
+        # to_acc: collect a word's groups, then send it down the accumulate path. The
+        # requantizer reads the accumulators every other cycle and the injected row's
+        # destination read must fall between: with the input register's one cycle, the
+        # raw results are taken a cycle later to keep that parity.
+        m.d.sync += [raw_valid.eq(out_valid), raw_values.eq(Cat(*[rq.raw for rq in requantizers]))]
         m.d.sync += [inject_read.valid.eq(0), inject_data.eq(inject_read)]
-        with m.If(out_valid & rq_to_acc & fm):
+        with m.If(raw_valid & rq_to_acc & fm):
             m.d.sync += raw_row.as_value().word_select(raw_group, lanes * c.accumulator_width).eq(
-                Cat(*[rq.raw for rq in requantizers]))
+                raw_values)
             with m.If(raw_group == groups - 1):
                 m.d.sync += [raw_group.eq(0), raw_dest.eq(raw_dest + 1),
                              inject_read.valid.eq(running),

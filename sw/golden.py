@@ -37,12 +37,15 @@ def array_latency(rows: int, cols: int) -> int:
 def weight_use_cycles(rows: int, cols: int) -> int:
     """Cycles after a word's issue during which the last PE may still read its weight."""
     return rows + cols - 1 + ARRAY_INPUT_STAGES
+#: Registers between the accumulator memory's output and a requantization lane.
+REQUANT_INPUT_STAGES = 1
 #: Cycles from a REQUANT's dispatch to the cycle the next instruction may dispatch,
-#: beyond one cycle per channel group: issue, memory read, then the lane's pipeline.
-REQUANT_TAIL_CYCLES = 2 + REQUANT_PIPELINE_STAGES
+#: beyond one cycle per channel group: issue, memory read, the input register, then the
+#: lane's pipeline.
+REQUANT_TAIL_CYCLES = 2 + REQUANT_INPUT_STAGES + REQUANT_PIPELINE_STAGES
 #: The same for REQUANT to_acc (two cycles per group): the results then take the
 #: accumulate path (destination read, add, write).
-REQUANT_TO_ACC_TAIL_CYCLES = REQUANT_TAIL_CYCLES + 2
+REQUANT_TO_ACC_TAIL_CYCLES = REQUANT_TAIL_CYCLES + 3
 
 
 class ProgramError(ValueError):
