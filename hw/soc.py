@@ -1,6 +1,6 @@
 """The SoC: the NPU behind the UART host link. Board tops and the virtual board wrap it."""
 
-from amaranth import Module
+from amaranth import Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
@@ -49,9 +49,16 @@ class Soc(wiring.Component):
         # so a host may send the next frame without waiting.
         m.submodules.rx_fifo = fifo = SyncFIFOBuffered(width=8, depth=RX_FIFO_BYTES)
         m.d.comb += [fifo.w_data.eq(rx.data.payload), fifo.w_en.eq(rx.data.valid),
-                     rx.data.ready.eq(fifo.w_rdy),
-                     link.rx.payload.eq(fifo.r_data), link.rx.valid.eq(fifo.r_rdy),
-                     fifo.r_en.eq(link.rx.ready)]
+                     rx.data.ready.eq(fifo.w_rdy)]
+        # The FIFO's byte comes from a block RAM late in the cycle (an ECP5 DP16KD: 5.8 ns
+        # from the clock), too late to decode the frame in the same cycle: the link
+        # engine takes it from a register, refilled whenever it is taken or empty.
+        rx_byte, rx_held = Signal(8), Signal()
+        refill = link.rx.ready | ~rx_held
+        with m.If(refill):
+            m.d.sync += [rx_byte.eq(fifo.r_data), rx_held.eq(fifo.r_rdy)]
+        m.d.comb += [fifo.r_en.eq(refill), link.rx.payload.eq(rx_byte),
+                     link.rx.valid.eq(rx_held)]
         wiring.connect(m, link.tx, tx.data)
         wiring.connect(m, link.bus, npu.host)
         m.d.comb += [
