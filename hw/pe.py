@@ -17,14 +17,19 @@ class ProcessingElement(wiring.Component):
     (with its bank bit) moves right one cell. Weights shift down the column into bank
     ``load_bank`` while ``load`` is high; the other bank keeps computing, so the next
     weight tile loads under the current one.
+
+    ``shared_multiplier``: the PE multiplies outside itself. It presents its operands on
+    ``mul_act`` and ``mul_weight`` and takes their product, registered one cycle, on
+    ``product``; the array packs such PEs two per DSP block (hw/dsp.py).
     """
 
-    def __init__(self, *, input_width: int, weight_width: int, accumulator_width: int):
+    def __init__(self, *, input_width: int, weight_width: int, accumulator_width: int,
+                 shared_multiplier: bool = False):
         for name, value in (("input_width", input_width), ("weight_width", weight_width),
                             ("accumulator_width", accumulator_width)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
-        super().__init__({
+        members = {
             "act_in": In(signed(input_width)),
             "bank_in": In(1),
             "psum_in": In(signed(accumulator_width)),
@@ -35,8 +40,14 @@ class ProcessingElement(wiring.Component):
             "weight_out": Out(signed(weight_width)),
             "load": In(1),
             "load_bank": In(1),
-        })
+        }
+        if shared_multiplier:
+            members |= {"mul_act": Out(signed(input_width)),
+                        "mul_weight": Out(signed(weight_width)),
+                        "product": In(signed(input_width + weight_width))}
+        super().__init__(members)
         self._weight_width = weight_width
+        self._shared_multiplier = shared_multiplier
 
     def elaborate(self, platform):
         m = Module()
@@ -49,9 +60,15 @@ class ProcessingElement(wiring.Component):
                 m.d.sync += weight[0].eq(self.weight_in)
         # The product is registered (PRODUCT_PIPELINE_STAGES); every PE has the same
         # delay, so the partial sums of a column stay aligned. On ECP5 the register is
-        # the DSP block's input register (hw/dsp.py).
-        product = registered_product(m, platform, self.act_in,
-                                     Mux(self.bank_in, weight[1], weight[0]), name="product")
+        # the DSP block's input register (hw/dsp.py). With a shared multiplier the operands
+        # leave the PE and the array returns their registered product (two PEs per iCE40
+        # DSP block).
+        operand = Mux(self.bank_in, weight[1], weight[0])
+        if self._shared_multiplier:
+            m.d.comb += [self.mul_act.eq(self.act_in), self.mul_weight.eq(operand)]
+            product = self.product
+        else:
+            product = registered_product(m, platform, self.act_in, operand, name="product")
         # Assigning to the narrower psum_out wraps, like the golden model.
         m.d.sync += [
             self.psum_out.eq(self.psum_in + product),

@@ -17,6 +17,7 @@ from npugen.compiler import compile_model
 from npugen.config import NpuConfig
 from npugen.demo import digits, mlp_to_onnx, train_mlp
 from npugen.driver import Device, DeviceError
+from npugen.hw.dsp import ICE40_MAC_STANDIN
 from npugen.importers import load_onnx
 from npugen.memory_map import Region, address, identity_words
 from npugen.protocol import Command, LinkStatus, encode_request, encode_response
@@ -46,9 +47,13 @@ def board():
     yield from serve_sim()
 
 
-@pytest.fixture(scope="module", params=["generic", "ecp5"])
+# The primitive each family's mapping instantiates (hw/dsp.py).
+MAPPED_PRIMITIVES = {"ecp5": "MULT18X18D", "ice40": ICE40_MAC_STANDIN}
+
+
+@pytest.fixture(scope="module", params=["generic", *MAPPED_PRIMITIVES])
 def any_board(request, board):
-    """The generic virtual board, and the one with the ECP5 boards' DSP mapping."""
+    """The generic virtual board, and those with the ECP5 and the iCE40 DSP mappings."""
     if request.param == "generic":
         yield board
     else:
@@ -56,8 +61,9 @@ def any_board(request, board):
         url = next(served)
         # The board that answers was built with the family's primitives and their models.
         folder = default_build_root() / "sim" / f"verilator-board-{request.param}-{CONFIG.digest()}"
-        assert "MULT18X18D #(" in (folder / "board.v").read_text()
-        assert (folder / "MULT18X18D.v").exists()
+        primitive = MAPPED_PRIMITIVES[request.param]
+        assert f"{primitive} #(" in (folder / "board.v").read_text()
+        assert (folder / f"{primitive}.v").exists()
         yield url
         yield from served
 

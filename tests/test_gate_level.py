@@ -11,11 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from amaranth import Module, signed
 from amaranth.back import verilog
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
 
 from npugen.arith import requantize
 from npugen.boards.build import tool_path
-from npugen.hw.dsp import simulation_models
+from npugen.hw.dsp import PrimitiveFamily, registered_products, simulation_models, synthesis_support
 from npugen.hw.pe import ProcessingElement
 from npugen.hw.requant import Requantizer
 from test_hw_units import requant_edge_cases, requant_random_cases
@@ -61,9 +64,14 @@ def simulate_netlist(folder: Path, family: str, component, ports: list[tuple[str
     spec = FAMILIES[family]
     (folder / "dut.v").write_text(verilog.convert(component, name="dut", platform=platform,
                                                   emit_src=False))
+    # What a board build adds to the synthesis (hw/dsp.py): declarations, then renames.
+    files, after_synth = synthesis_support(family)
+    for name, text in files.items():
+        (folder / name).write_text(text)
     # Undriven cell inputs are tied low on the chip (nextpnr leaves them unconnected);
     # setundef -zero does the same for the simulation instead of propagating x.
-    subprocess.run([YOSYS, "-q", "-p", f"read_verilog dut.v; {spec['synth']} -top dut; "
+    subprocess.run([YOSYS, "-q", "-p", f"read_verilog dut.v {' '.join(files)}; "
+                    f"{spec['synth']} -top dut; {after_synth}; "
                     "setundef -zero; write_verilog -noattr netlist.v"], cwd=folder, check=True,
                    env=dict(os.environ, PATH=tool_path()), capture_output=True)
     width = sum(w for _, w in ports)
@@ -159,14 +167,13 @@ def pe_reference(rows) -> list[int]:
     return outputs
 
 
-@pytest.mark.parametrize("family, mapped", [("ice40", False), ("ecp5", False), ("ecp5", True)],
-                         ids=["ice40", "ecp5", "ecp5-mult18x18d-registered"])
-def test_pe_netlist_matches_products(family, mapped, tmp_path):
-    """A new input every cycle: weights into either bank while the other computes, every
-    int8 extreme against every other and random values. ``psum_out`` equals the cycle
-    model of the PE on every cycle, wrapped at 32 bits. ``mapped``: elaborated for the
-    ULX3S, so the product is hw/dsp.py's hand-instantiated MULT18X18D."""
-    rng = np.random.default_rng(6)
+PE_PORTS = [("act_in", 8), ("bank_in", 1), ("psum_in", 32), ("weight_in", 8), ("load", 1),
+            ("load_bank", 1)]
+
+
+def pe_stimulus(rng) -> list[tuple]:
+    """A new PE input every cycle: weights into either bank while the other computes, every
+    int8 extreme against every other, then random values."""
     extremes = np.array([-128, -127, -1, 0, 1, 127])
     rows = []
     for a, w in [(a, w) for a in extremes for w in extremes]:
@@ -179,20 +186,79 @@ def test_pe_netlist_matches_products(family, mapped, tmp_path):
                            else rng.integers(-128, 128))
         rows.append((pick(), int(rng.integers(2)), int(rng.integers(-(1 << 31), 1 << 31)),
                      pick(), int(rng.random() < 0.4), int(rng.integers(2))))
-    ports = [("act_in", 8), ("bank_in", 1), ("psum_in", 32), ("weight_in", 8), ("load", 1),
-             ("load_bank", 1)]
+    return rows
+
+
+def _first_difference(out: list[int], expected: list[int], what: str) -> str:
+    mismatches = [i for i, (o, e) in enumerate(zip(out, expected, strict=True)) if o != e]
+    return "" if not mismatches else (
+        f"{what}: {len(mismatches)} of {len(out)} cycles differ, first at {mismatches[0]}: "
+        f"expected {expected[mismatches[0]]}, got {out[mismatches[0]]}")
+
+
+@pytest.mark.parametrize("family, mapped", [("ice40", False), ("ecp5", False), ("ecp5", True)],
+                         ids=["ice40", "ecp5", "ecp5-mult18x18d-registered"])
+def test_pe_netlist_matches_products(family, mapped, tmp_path):
+    """``psum_out`` equals the cycle model of the PE on every cycle, wrapped at 32 bits.
+    ``mapped``: elaborated for the ULX3S, so the product is hw/dsp.py's hand-instantiated
+    MULT18X18D."""
+    rows = pe_stimulus(np.random.default_rng(6))
     platform = None
     if mapped:
         from amaranth_boards.ulx3s import ULX3S_85F_Platform
         platform = ULX3S_85F_Platform()
     got = simulate_netlist(tmp_path, family, ProcessingElement(
-        input_width=8, weight_width=8, accumulator_width=32), ports, [("psum_out", 32)],
+        input_width=8, weight_width=8, accumulator_width=32), PE_PORTS, [("psum_out", 32)],
         np.array(rows, dtype=np.int64), hold=1, platform=platform)
     if mapped:
         assert "MULT18X18D" in (tmp_path / "dut.v").read_text()
-    out = [_signed(value, 32) for (value,) in got]
-    expected = pe_reference(rows)
-    mismatches = [i for i, (o, e) in enumerate(zip(out, expected, strict=True)) if o != e]
-    assert not mismatches, (f"{len(mismatches)} of {len(rows)} cycles differ, first at "
-                            f"{mismatches[0]}: expected {expected[mismatches[0]]}, "
-                            f"got {out[mismatches[0]]}")
+    difference = _first_difference([_signed(value, 32) for (value,) in got],
+                                    pe_reference(rows), "psum_out")
+    assert not difference, difference
+
+
+class SharedMultiplierPair(wiring.Component):
+    """Two PEs whose products come from one ``registered_products`` call, as the array
+    pairs neighbouring columns where a DSP block holds two products."""
+
+    def __init__(self):
+        members = {}
+        for i in range(2):
+            members |= {f"{port}{i}": In(signed(width) if width > 1 else 1)
+                        for port, width in PE_PORTS}
+            members[f"psum_out{i}"] = Out(signed(32))
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        m = Module()
+        pes = [ProcessingElement(input_width=8, weight_width=8, accumulator_width=32,
+                                 shared_multiplier=True) for _ in range(2)]
+        for i, pe in enumerate(pes):
+            m.submodules[f"pe{i}"] = pe
+            m.d.comb += [getattr(pe, port).eq(getattr(self, f"{port}{i}")) for port, _ in PE_PORTS]
+            m.d.comb += getattr(self, f"psum_out{i}").eq(pe.psum_out)
+        products = registered_products(m, platform, [(pe.mul_act, pe.mul_weight) for pe in pes],
+                                       name="product")
+        m.d.comb += [pe.product.eq(product) for pe, product in zip(pes, products, strict=True)]
+        return m
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["generic", "sb_mac16-8x8-pair"])
+def test_pe_pair_netlist_matches_products(mapped, tmp_path):
+    """Two PEs with independent inputs every cycle, synthesized for iCE40. ``mapped``: both
+    products from one hand-instantiated SB_MAC16 in its 8×8 mode (hw/dsp.py), simulated
+    with yosys's model of it; generic: one block per product, as yosys maps them. Each
+    ``psum_out`` equals the PE's cycle model on every cycle."""
+    streams = [pe_stimulus(np.random.default_rng(seed)) for seed in (7, 8)]
+    rows = [first + second for first, second in zip(*streams, strict=True)]
+    ports = [(f"{port}{i}", width) for i in range(2) for port, width in PE_PORTS]
+    got = simulate_netlist(tmp_path, "ice40", SharedMultiplierPair(), ports,
+                           [("psum_out0", 32), ("psum_out1", 32)],
+                           np.array(rows, dtype=np.int64), hold=1,
+                           platform=PrimitiveFamily("ice40") if mapped else None)
+    blocks = (tmp_path / "netlist.v").read_text().count("SB_MAC16 ")
+    assert blocks == (1 if mapped else 2), f"{blocks} SB_MAC16 in the netlist"
+    for i, stream in enumerate(streams):
+        difference = _first_difference([_signed(values[i], 32) for values in got],
+                                        pe_reference(stream), f"psum_out{i}")
+        assert not difference, difference

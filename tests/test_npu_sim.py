@@ -7,6 +7,7 @@ import pytest
 
 from conftest import available_simulators
 from npugen.config import NpuConfig
+from npugen.hw.dsp import ICE40_MAC_STANDIN
 from npugen.job import run_golden
 from npugen.matmul import matmul_output
 from npugen.sim.runner import build, simulate
@@ -43,13 +44,15 @@ def zero_point_cases(config: NpuConfig) -> list[tuple[int, tuple[int, int]]]:
             (0, (-300, 300))]
 
 
-# Every config generic, and two with the ECP5 boards' mapping (hand-instantiated MULT18X18D
-# with input registers, hw/dsp.py) simulated with its model: the same golden results.
+# Every config generic, and some with the boards' mappings (hw/dsp.py) simulated with the
+# primitives' models: the same golden results. ECP5: a MULT18X18D with input registers per
+# product. iCE40: two products per SB_MAC16 (yosys's model), with an odd last column alone
+# (2x3) and narrower operands (int4).
 PRIMITIVE_CASES = [
     pytest.param(name, simulator.values[0], primitives, marks=simulator.marks,
                  id=f"{name}-{simulator.id}{'-' + primitives if primitives else ''}")
     for name, primitives in [*((name, None) for name in CONFIGS), ("2x3", "ecp5"),
-                             ("8x8", "ecp5")]
+                             ("8x8", "ecp5"), ("2x3", "ice40"), ("4x4-int4-acc16", "ice40")]
     for simulator in available_simulators()]
 
 
@@ -116,15 +119,19 @@ def test_feature_map_operators_match_golden(name, simulator):
 
 
 @pytest.mark.parametrize("simulator", available_simulators())
-def test_ecp5_primitives_are_in_the_simulated_design(simulator):
-    """simulate(..., primitives="ecp5") builds the NPU with one hand-instantiated
-    MULT18X18D per PE and compiles the model beside it (the generic build has none)."""
+@pytest.mark.parametrize("family, primitive, per_row", [("ecp5", "MULT18X18D", 3),
+                                                         ("ice40", ICE40_MAC_STANDIN, 1)])
+def test_primitives_are_in_the_simulated_design(simulator, family, primitive, per_row):
+    """simulate(..., primitives=family) builds the 2×3 NPU with the hand-instantiated
+    blocks (ECP5: one MULT18X18D per PE; iCE40: one SB_MAC16 per pair of columns, the
+    third column left to yosys) and compiles their model beside it (the generic build has
+    none)."""
     config = CONFIGS["2x3"]
-    ecp5 = build(config, simulator, primitives="ecp5")
-    assert (ecp5 / "npu.v").read_text().count("MULT18X18D #(") == config.rows * config.cols
-    assert "module MULT18X18D(" in (ecp5 / "MULT18X18D.v").read_text()
+    mapped = build(config, simulator, primitives=family)
+    assert (mapped / "npu.v").read_text().count(f"{primitive} #(") == config.rows * per_row
+    assert f"module {primitive}" in (mapped / f"{primitive}.v").read_text()
     generic = build(config, simulator)
-    assert generic != ecp5 and "MULT18X18D" not in (generic / "npu.v").read_text()
+    assert generic != mapped and primitive not in (generic / "npu.v").read_text()
 
 
 def test_primitives_are_refused_where_they_cannot_run():
@@ -132,5 +139,5 @@ def test_primitives_are_refused_where_they_cannot_run():
     job = gemm_jobs(config, np.random.default_rng(0), count=1)[0][0]
     with pytest.raises(ValueError, match="the amaranth simulator runs the generic design"):
         simulate([job], simulator="amaranth", primitives="ecp5")
-    with pytest.raises(ValueError, match="primitives must be one of ecp5, not 'ice40'"):
-        build(config, "verilator", primitives="ice40")
+    with pytest.raises(ValueError, match="primitives must be one of ecp5, ice40, not 'gowin'"):
+        build(config, "verilator", primitives="gowin")
