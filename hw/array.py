@@ -79,12 +79,12 @@ class SystolicArray(wiring.Component):
                     above = pes[r - 1][col]
                     m.d.comb += [pe.psum_in.eq(above.psum_out),
                                  pe.weight_in.eq(above.weight_out)]
-            for col in range(0, paired_cols, 2):
-                pair = pes[r][col:col + 2]
+            if paired_cols:
+                shared = pes[r][:paired_cols]
                 products = registered_products(
-                    m, platform, [(pe.mul_act, pe.mul_weight) for pe in pair],
+                    m, platform, [(pe.mul_act, pe.mul_weight) for pe in shared],
                     name=f"product_{r}")
-                m.d.comb += [pe.product.eq(p) for pe, p in zip(pair, products, strict=True)]
+                m.d.comb += [pe.product.eq(p) for pe, p in zip(shared, products, strict=True)]
         for col in range(c.cols):
             bottom = pes[c.rows - 1][col].psum_out
             m.d.comb += self.result[col].eq(_delay(m, bottom, c.cols - 1 - col, f"deskew{col}"))
