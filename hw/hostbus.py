@@ -1,5 +1,6 @@
-"""The NPU's host port: a 32-bit word bus, one request a cycle, reads answered two cycles
-later. The UART bridge and the testbenches drive it; ``npugen.memory_map`` is its map."""
+"""The NPU's host port: a 32-bit word bus, one request a cycle, reads answered three
+cycles later. The UART bridge and the testbenches drive it; ``npugen.memory_map`` is its
+map (and ``HOST_READ_LATENCY``)."""
 
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
@@ -9,8 +10,9 @@ __all__ = ["HostBus"]
 
 class HostBus(wiring.Signature):
     """Seen from the host: ``valid`` with ``write``, ``addr`` and ``wdata`` makes a
-    request, taken the same cycle; a read's ``rdata`` comes with ``rvalid`` two cycles
-    later (reads are pipelined: one may be requested every cycle). Memory accesses during
+    request, taken the same cycle; a read's ``rdata`` comes with ``rvalid``
+    ``HOST_READ_LATENCY`` cycles later (reads are pipelined: one may be requested every
+    cycle). Memory accesses during
     a run are refused (reads give 0) and flagged in STATUS.HOST_CONFLICT."""
 
     def __init__(self):

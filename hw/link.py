@@ -323,7 +323,7 @@ class LinkEngine(wiring.Component):
                 m.next = "CAPTURE"
 
             with m.State("CAPTURE"):
-                # The NPU answers with rvalid (two cycles after the registered request).
+                # The NPU answers with rvalid (HOST_READ_LATENCY cycles after the request).
                 m.d.sync += byte_index.eq(0)
                 with m.If(from_counters):
                     m.d.sync += word.eq(counter_array[count])

@@ -20,7 +20,15 @@ from amaranth.lib.wiring import In, Out
 from ..config import NpuConfig
 from ..golden import REQUANT_INPUT_STAGES, weight_use_cycles
 from ..isa import FORMATS, INSTRUCTION_WIDTH, OPCODE_WIDTH, Opcode
-from ..memory_map import COUNTER_NAMES, REGION_SHIFT, Reg, Region, identity_words, memories
+from ..memory_map import (
+    COUNTER_NAMES,
+    HOST_READ_LATENCY,
+    REGION_SHIFT,
+    Reg,
+    Region,
+    identity_words,
+    memories,
+)
 from .array import SystolicArray
 from .hostbus import HostBus
 from .requant import Requantizer
@@ -82,12 +90,15 @@ class Npu(wiring.Component):
         read_offset = Signal(REGION_SHIFT)
         read_blocked = Signal()
         host_conflict = Signal()
-        # A read is answered two cycles after its request: the memories' outputs go
-        # through the read multiplexer into a register (ECP5 block RAM has a 5.6 ns
-        # clock-to-output), so the host's side starts from a register.
-        read_selected = Signal()
-        m.d.sync += [read_selected.eq(host.valid & ~host.write),
-                     host.rvalid.eq(read_selected)]
+        # A read is answered HOST_READ_LATENCY (3) cycles after its request: the memories
+        # answer a cycle after it, late in the cycle (ECP5 block RAM: 5.8 ns from the
+        # clock), so each source's word is registered on its own, zero unless read; the
+        # next cycle ORs them into the answer's register.
+        read_stage = [Signal(name=f"read_stage{i}") for i in range(HOST_READ_LATENCY)]
+        m.d.sync += [read_stage[0].eq(host.valid & ~host.write),
+                     *[later.eq(earlier)
+                       for earlier, later in zip(read_stage, read_stage[1:], strict=False)]]
+        m.d.comb += host.rvalid.eq(read_stage[-1])
         with m.If(host.valid & ~host.write):
             m.d.sync += [read_region.eq(region), read_offset.eq(offset),
                          read_blocked.eq(running)]
@@ -103,8 +114,7 @@ class Npu(wiring.Component):
         with m.If(host.valid & running & Cat(*[region == r for r in infos]).any()):
             m.d.sync += host_conflict.eq(1)
 
-        host_read_data = Signal(32)
-        m.d.sync += host.rdata.eq(host_read_data)
+        source_words = []   # each read source's word, registered; zero unless it is read
         for reg_region, info in infos.items():
             stride_bits = (info.stride - 1).bit_length()
             entry = offset >> stride_bits
@@ -121,8 +131,11 @@ class Npu(wiring.Component):
                 m.d.comb += write.en.eq(Cat(*lanes_en))
             padded = Cat(read.data, Const(0, info.stride * 32 - info.width))
             read_chunk = read_offset[0:stride_bits] if stride_bits else Const(0)
-            with m.If((read_region == reg_region) & read_in_memory & ~read_blocked):
-                m.d.comb += host_read_data.eq(padded.word_select(read_chunk, 32))
+            source_word = Signal(32, name=f"read_word_{info.name}")
+            m.d.sync += source_word.eq(Mux(
+                (read_region == reg_region) & read_in_memory & ~read_blocked,
+                padded.word_select(read_chunk, 32), 0))
+            source_words.append(source_word)
 
         # -- Registers -----------------------------------------------------------------
         identity = identity_words(c)
@@ -167,8 +180,12 @@ class Npu(wiring.Component):
         register_read = Signal(32)
         with m.If(host.valid & ~host.write & (region == Region.REGISTERS)):
             m.d.sync += register_read.eq(register_value)
-        with m.If(read_region == Region.REGISTERS):
-            m.d.comb += host_read_data.eq(register_read)
+        register_word = Signal(32)
+        m.d.sync += register_word.eq(Mux(read_region == Region.REGISTERS, register_read, 0))
+        answer = register_word
+        for word in source_words:
+            answer = answer | word
+        m.d.sync += host.rdata.eq(answer)
 
         # A CONTROL write takes effect the cycle after it: start and abort fan out to much
         # of the NPU, and the host's write data may come straight from a block RAM.

@@ -45,7 +45,7 @@ class AmaranthBus:
 
     async def read_many(self, addresses: np.ndarray) -> list[int]:
         # Pipelined: one request each cycle; after each edge, take the answer rvalid
-        # marks (two cycles after its request).
+        # marks (HOST_READ_LATENCY cycles after its request).
         ctx, request, host = self.ctx, self._request, self.npu.host
         pending, words = np.asarray(addresses).tolist(), []
         while len(words) < len(addresses):

@@ -37,7 +37,7 @@ class CocotbBus:
 
     async def read_many(self, addresses):
         # Pipelined: at each falling edge, take the answer rvalid marks and set the next
-        # read; answers come two cycles after their requests, in order.
+        # read; answers come HOST_READ_LATENCY cycles after their requests, in order.
         dut = self.dut
         words = []
         dut.host__write.value = 0

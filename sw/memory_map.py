@@ -14,12 +14,14 @@ from .config import DATAFLOWS, ROUNDINGS, NpuConfig
 from .isa import INSTRUCTION_WIDTH, ISA_VERSION
 
 __all__ = [
-    "MAGIC", "REGION_SHIFT", "Region", "Reg", "Control", "Status", "MemoryInfo",
-    "memories", "identity_words", "config_from_identity", "COUNTER_NAMES", "address",
+    "MAGIC", "REGION_SHIFT", "HOST_READ_LATENCY", "Region", "Reg", "Control", "Status",
+    "MemoryInfo", "memories", "identity_words", "config_from_identity", "COUNTER_NAMES", "address",
 ]
 
 MAGIC = 0x4E505547  # "NPUG"
 REGION_SHIFT = 24
+#: Cycles from a host read request to its answer (``rvalid`` with ``rdata``).
+HOST_READ_LATENCY = 3
 HOST_WORD_BITS = 32
 
 
@@ -142,8 +144,9 @@ def memory_map_markdown(config: NpuConfig | None = None) -> str:
         "checks that it is current.",
         "",
         "The host port carries 32-bit words. A word address is `region << "
-        f"{REGION_SHIFT} | offset`. Requests are taken one a cycle; a read answers two "
-        "cycles later, with `rvalid` (reads pipeline: one may be requested every cycle). "
+        f"{REGION_SHIFT} | offset`. Requests are taken one a cycle; a read answers "
+        f"{HOST_READ_LATENCY} cycles later, with `rvalid` (reads pipeline: one may be "
+        "requested every cycle). "
         "Every address bit is decoded: an address outside the regions, registers "
         "and memory depths below reads 0 and ignores writes. Memories are reachable only "
         "while no run is on: during a run a memory access is dropped (reads give 0) and "

@@ -21,7 +21,7 @@ from npugen.hw.requant import Requantizer
 from npugen.isa import Instruction, Opcode, encode_program
 from npugen.job import Job, run_golden
 from npugen.matmul import matmul_job, matmul_output
-from npugen.memory_map import Reg, Region, Status, address, identity_words
+from npugen.memory_map import HOST_READ_LATENCY, Reg, Region, Status, address, identity_words
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
@@ -518,9 +518,11 @@ class AmaranthBus:
             ctx.set(host.addr, addr)
             await ctx.tick()
             ctx.set(host.valid, 0)
-            assert not ctx.get(host.rvalid), f"rvalid one cycle after reading {addr:#x}"
-            await ctx.tick()
-            assert ctx.get(host.rvalid), f"no rvalid two cycles after reading {addr:#x}"
+            for cycle in range(1, HOST_READ_LATENCY):
+                assert not ctx.get(host.rvalid), f"rvalid {cycle} cycles after reading {addr:#x}"
+                await ctx.tick()
+            assert ctx.get(host.rvalid), (f"no rvalid {HOST_READ_LATENCY} cycles after reading "
+                                          f"{addr:#x}")
             words.append(ctx.get(host.rdata))
         return words
 
