@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
-from amaranth import Cat, ClockSignal, Const, Module, Signal, signed
+from amaranth import Cat, ClockSignal, Const, Module, ResetSignal, Signal, signed
 from amaranth.hdl import Instance, Value
 
 __all__ = ["ECP5_MULT_WIDTH", "ICE40_MAC_8X8_WIDTH", "ICE40_MAC_STANDIN", "PRIMITIVE_FAMILIES",
@@ -117,8 +117,11 @@ def _sb_mac16_8x8_pair(m: Module, a0: Value, b0: Value, a1: Value, b1: Value, *,
     return products
 
 
-def registered_product(m: Module, platform, a: Value, b: Value, *, name: str) -> Signal:
-    """``a * b`` (both signed) one clock cycle later, in the ``sync`` domain, reset-less.
+def registered_product(m: Module, platform, a: Value, b: Value, *, name: str,
+                       reset: bool = False) -> Signal:
+    """``a * b`` one clock cycle later, in the ``sync`` domain; reset-less unless ``reset``
+    (then the ``sync`` reset clears it). An unsigned operand counts as its value (the ECP5
+    block sign-extends 18 bits, so it fits when at most 17 bits wide).
 
     On ECP5 (``platform.family == "ecp5"``) this is a MULT18X18D with its A and B input
     registers: the register sits in front of the multiplier inside the DSP block, so the
@@ -128,8 +131,9 @@ def registered_product(m: Module, platform, a: Value, b: Value, *, name: str) ->
     product.
     """
     width = len(a) + len(b)
-    product = Signal(signed(width), name=name, reset_less=True)
-    if _family(platform) != "ecp5" or max(len(a), len(b)) > ECP5_MULT_WIDTH:
+    product = Signal(signed(width), name=name, reset_less=not reset)
+    fits = all(len(x) + (not x.shape().signed) <= ECP5_MULT_WIDTH for x in (a, b))
+    if _family(platform) != "ecp5" or not fits:
         m.d.sync += product.eq(a * b)
         return product
     a18, b18 = Signal(signed(ECP5_MULT_WIDTH)), Signal(signed(ECP5_MULT_WIDTH))
@@ -152,7 +156,8 @@ def registered_product(m: Module, platform, a: Value, b: Value, *, name: str) ->
         p_RESETMODE="SYNC",
         i_SIGNEDA=Const(1, 1), i_SIGNEDB=Const(1, 1),
         i_SOURCEA=Const(0, 1), i_SOURCEB=Const(0, 1),
-        i_CLK0=ClockSignal("sync"), i_CE0=Const(1, 1), i_RST0=Const(0, 1),
+        i_CLK0=ClockSignal("sync"), i_CE0=Const(1, 1),
+        i_RST0=ResetSignal("sync") if reset else Const(0, 1),
         **ports,
     )
     return product

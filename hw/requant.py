@@ -6,6 +6,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..arith import ADD_LEFT_SHIFT
 from ..golden import REQUANT_PIPELINE_STAGES
+from .dsp import registered_product
 
 __all__ = ["Requantizer"]
 
@@ -74,10 +75,6 @@ class Requantizer(wiring.Component):
             m.d.comb += a.eq(total)
         b = multiplier1
         a1, a0, b1, b0 = a[16:32].as_signed(), a[0:16], b[16:32].as_signed(), b[0:16]
-        # With reset (unlike the PE's product): yosys's iCE40 mapping that moves reset-less
-        # registers into the SB_MAC16s computes wrong products here (tests/test_gate_level.py).
-        p11, p10, p01 = (Signal(signed(32), name=name) for name in ("p11", "p10", "p01"))
-        p00 = Signal(32)
         cross = Signal(signed(17))
         overflow2 = Signal()
         shift2 = Signal(5)
@@ -85,11 +82,14 @@ class Requantizer(wiring.Component):
         # x − 2^15 for an unsigned 16-bit x is x with its top bit flipped, read as signed.
         a0_centred = Cat(a0[0:15], ~a0[15]).as_signed()
         b0_centred = Cat(b0[0:15], ~b0[15]).as_signed()
+        # Registered products (hw/dsp.py: on ECP5 a MULT18X18D with its input registers).
+        # With reset (unlike the PE's product): yosys's iCE40 mapping that moves reset-less
+        # registers into the SB_MAC16s computes wrong products here (tests/test_gate_level.py).
+        p11, p10, p01, p00 = (
+            registered_product(m, platform, x, y, name=name, reset=True)
+            for name, x, y in (("p11", a1, b1), ("p10", a1, b0_centred),
+                               ("p01", a0_centred, b1), ("p00", a0, b0)))
         m.d.sync += [
-            p11.eq(a1 * b1),
-            p10.eq(a1 * b0_centred),
-            p01.eq(a0_centred * b1),
-            p00.eq(a0 * b0),
             cross.eq(a1 + b1),
             overflow2.eq((a == int32_min) & (b == int32_min)),
             shift2.eq(shift1), valid2.eq(valid1),

@@ -128,8 +128,16 @@ def _signed(value: int, width: int) -> int:
     return value - (1 << width) if value >> (width - 1) else value
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_requantizer_netlist_matches_arith(family, tmp_path):
+def _ulx3s():
+    from amaranth_boards.ulx3s import ULX3S_85F_Platform
+    return ULX3S_85F_Platform()
+
+
+@pytest.mark.parametrize("family, mapped", [("ice40", False), ("ecp5", False), ("ecp5", True)],
+                         ids=["ice40", "ecp5", "ecp5-mult18x18d-registered"])
+def test_requantizer_netlist_matches_arith(family, mapped, tmp_path):
+    """``mapped``: elaborated for the ULX3S, so the four 16×16 products are hw/dsp.py's
+    MULT18X18Ds with input registers (reset by the sync reset)."""
     rng = np.random.default_rng(5)
     cases = np.concatenate([np.array(requant_edge_cases(32), dtype=np.int64),
                             requant_random_cases(rng, 32, 1500)])
@@ -143,7 +151,9 @@ def test_requantizer_netlist_matches_arith(family, tmp_path):
     got = simulate_netlist(tmp_path, family, Requantizer(accumulator_width=32, output_width=8),
                            ports + [("left_shift", 1), ("valid", 1)],
                            [("out", 8), ("out_valid", 1)], stimulus,
-                           hold=Requantizer.latency + 1)
+                           hold=Requantizer.latency + 1, platform=_ulx3s() if mapped else None)
+    if mapped:
+        assert (tmp_path / "dut.v").read_text().count("MULT18X18D #(") == 4
     expected = requantize(*cases.T, accumulator_width=32, output_width=8,
                           left_shift=left_shift)
     out = np.array([_signed(value, 8) for value, _ in got])
@@ -203,10 +213,7 @@ def test_pe_netlist_matches_products(family, mapped, tmp_path):
     ``mapped``: elaborated for the ULX3S, so the product is hw/dsp.py's hand-instantiated
     MULT18X18D."""
     rows = pe_stimulus(np.random.default_rng(6))
-    platform = None
-    if mapped:
-        from amaranth_boards.ulx3s import ULX3S_85F_Platform
-        platform = ULX3S_85F_Platform()
+    platform = _ulx3s() if mapped else None
     got = simulate_netlist(tmp_path, family, ProcessingElement(
         input_width=8, weight_width=8, accumulator_width=32), PE_PORTS, [("psum_out", 32)],
         np.array(rows, dtype=np.int64), hold=1, platform=platform)

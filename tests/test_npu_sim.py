@@ -119,16 +119,18 @@ def test_feature_map_operators_match_golden(name, simulator):
 
 
 @pytest.mark.parametrize("simulator", available_simulators())
-@pytest.mark.parametrize("family, primitive, per_row", [("ecp5", "MULT18X18D", 3),
-                                                         ("ice40", ICE40_MAC_STANDIN, 1)])
-def test_primitives_are_in_the_simulated_design(simulator, family, primitive, per_row):
+@pytest.mark.parametrize("family, primitive, per_row, per_lane", [
+    ("ecp5", "MULT18X18D", 3, 4), ("ice40", ICE40_MAC_STANDIN, 1, 0)])
+def test_primitives_are_in_the_simulated_design(simulator, family, primitive, per_row,
+                                                per_lane):
     """simulate(..., primitives=family) builds the 2×3 NPU with the hand-instantiated
-    blocks (ECP5: one MULT18X18D per PE; iCE40: one SB_MAC16 per pair of columns, the
-    third column left to yosys) and compiles their model beside it (the generic build has
-    none)."""
+    blocks (ECP5: one MULT18X18D per PE and four per requantizer lane; iCE40: one SB_MAC16
+    per pair of columns, the third column and the requantizer left to yosys) and compiles
+    their model beside it (the generic build has none)."""
     config = CONFIGS["2x3"]
     mapped = build(config, simulator, primitives=family)
-    assert (mapped / "npu.v").read_text().count(f"{primitive} #(") == config.rows * per_row
+    assert (mapped / "npu.v").read_text().count(f"{primitive} #(") == (
+        config.rows * per_row + config.requant_lanes * per_lane)
     assert f"module {primitive}" in (mapped / f"{primitive}.v").read_text()
     generic = build(config, simulator)
     assert generic != mapped and primitive not in (generic / "npu.v").read_text()
