@@ -73,7 +73,7 @@ BOARDS: dict[str, Board] = {board.name: board for board in (
             NpuConfig(rows=array, cols=array, **_MEDIUM),
             description=f"Radiona ULX3S, LFE5U-{size}F", loader_name="ulx3s", pll_mhz=pll,
             device=f"lfe5u-{size}f")
-      for size, array, pll in ((12, 4, 70.0), (25, 4, 70.0), (45, 8, 70.0), (85, 8, 65.0))),
+      for size, array, pll in ((12, 4, 80.0), (25, 4, 80.0), (45, 8, 75.0), (85, 8, 75.0))),
     Board("tang-nano-9k", _platform("tang_nano_9k", "TangNano9kPlatform"), "gowin", 27e6,
           NpuConfig(rows=4, cols=4, feature_maps=False, **_MEDIUM),
           description="Sipeed Tang Nano 9K, GW1NR-9C (Apicula flow)", loader_name="tangnano9k",
