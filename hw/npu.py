@@ -148,11 +148,20 @@ class Npu(wiring.Component):
         abort = Signal()
         # Seen from the host, a run begins with the write: no stale `done` in between.
         m.d.comb += [self.running.eq(running | start), self.done.eq(done & ~start)]
+        # Every busy cycle adds rows × cols MACs. For a power of two the count is
+        # busy_cycles shifted (no logic); otherwise it is counted on its own, since the
+        # product would put a 64-bit multiplier on the register read path (12×8: 51 MHz on
+        # the ULX3S-85F).
+        macs_per_cycle = c.rows * c.cols
+        macs_derived = (macs_per_cycle & (macs_per_cycle - 1)) == 0
         counters = {name: Signal(64, name=f"counter_{name}") for name in COUNTER_NAMES
-                    if name != "macs"}
-        # Every busy cycle adds rows × cols MACs: the count is derived, not stored.
-        macs = Signal(64)
-        m.d.comb += macs.eq(counters["busy_cycles"] * (c.rows * c.cols))
+                    if name != "macs" or not macs_derived}
+        if macs_derived:
+            counters_read = dict(counters, macs=Signal(64))
+            m.d.comb += counters_read["macs"].eq(
+                counters["busy_cycles"] << (macs_per_cycle.bit_length() - 1))
+        else:
+            counters_read = counters
         uptime = Signal(64)
         m.d.sync += uptime.eq(uptime + 1)
         register_value = Signal(32)
@@ -172,7 +181,7 @@ class Npu(wiring.Component):
             with m.Case(Reg.UPTIME + 1):
                 m.d.comb += register_value.eq(uptime[32:64])
             for index, name in enumerate(COUNTER_NAMES):
-                value = macs if name == "macs" else counters[name]
+                value = counters_read[name]
                 with m.Case(Reg.COUNTERS + 2 * index):
                     m.d.comb += register_value.eq(value[0:32])
                 with m.Case(Reg.COUNTERS + 2 * index + 1):
@@ -522,6 +531,8 @@ class Npu(wiring.Component):
                 feed_remaining.eq(feed_remaining - 1),
                 counters["busy_cycles"].eq(counters["busy_cycles"] + 1),
             ]
+            if not macs_derived:
+                m.d.sync += counters["macs"].eq(counters["macs"] + macs_per_cycle)
             if fm:
                 with m.If(feed_col == feed_last_col):
                     next_row = feed_row_addr + feed_row_step
