@@ -157,7 +157,7 @@ def registered_product(m: Module, platform, a: Value, b: Value, *, name: str,
         i_SIGNEDA=Const(1, 1), i_SIGNEDB=Const(1, 1),
         i_SOURCEA=Const(0, 1), i_SOURCEB=Const(0, 1),
         i_CLK0=ClockSignal("sync"), i_CE0=Const(1, 1),
-        i_RST0=ResetSignal("sync") if reset else Const(0, 1),
+        i_RST0=ResetSignal("sync", allow_reset_less=True) if reset else Const(0, 1),
         **ports,
     )
     return product

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from npugen.boards import BOARDS, soc_clock_hz
-from npugen.boards.build import find_loader, tool_path
+from npugen.boards.build import BoardTop, find_loader, tool_path
 from npugen.boards.estimate import DEVICES, estimate
 from npugen.cli import main
 from npugen.config import NpuConfig
@@ -49,6 +49,16 @@ def test_impossible_config_is_refused_before_synthesis(tmp_path, capsys):
     assert main(["build", "--board", "ulx3s-85f", "--activation-depth", "65536",
                  "--rows", "16", "--cols", "8", "-o", str(tmp_path)]) == 1
     assert "Kbit of block RAM needed, the LFE5U-85F has 3744 Kbit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", BOARDS)
+def test_every_board_top_elaborates(name):
+    """Each board's top with its default NPU elaborates for its platform, with the
+    family's hand-instantiated primitives, as the build's first step does (the OrangeCrab's
+    clock domain has no reset: a primitive asking for the reset must cope)."""
+    board = BOARDS[name]
+    plan = board.platform().prepare(BoardTop(board, board.default_config), name="top")
+    assert plan.files
 
 
 @pytest.mark.parametrize("rows, cols, width, slots", [
