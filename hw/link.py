@@ -98,6 +98,11 @@ class LinkEngine(wiring.Component):
         count = Signal(16)           # payload bytes received, or words handled
         word = Signal(32)
         crc = Signal(16)
+        # One CRC step for the frame received and the response sent (never both at once):
+        # the byte it takes is the state's.
+        crc_byte = Signal(8)
+        crc_next = Signal(16)
+        m.d.comb += crc_next.eq(crc16_step(crc, crc_byte))
         crc_received = Signal(16)
         idle = Signal(range(self._timeout + 1))
         last_start_seq = Signal(8)
@@ -155,7 +160,8 @@ class LinkEngine(wiring.Component):
                     with m.If(taken):
                         m.d.sync += idle.eq(0)
                         if state not in ("CRC0", "CRC1"):
-                            m.d.sync += crc.eq(crc16_step(crc, byte))
+                            m.d.comb += crc_byte.eq(byte)
+                            m.d.sync += crc.eq(crc_next)
                     with m.Elif(idle == self._timeout):
                         m.d.sync += count_error("truncated")
                         m.next = "HUNT"
@@ -308,7 +314,8 @@ class LinkEngine(wiring.Component):
                 m.d.comb += [tx.valid.eq(1), tx.payload.eq(header.word_select(header_index, 8))]
                 with m.If(tx.ready):
                     with m.If(header_index != 0):
-                        m.d.sync += crc.eq(crc16_step(crc, tx.payload))
+                        m.d.comb += crc_byte.eq(tx.payload)
+                        m.d.sync += crc.eq(crc_next)
                     m.d.sync += header_index.eq(header_index + 1)
                     with m.If(header_index == 5):
                         with m.If(response_words == 0):
@@ -335,8 +342,8 @@ class LinkEngine(wiring.Component):
             with m.State("SEND_WORD"):
                 m.d.comb += [tx.valid.eq(1), tx.payload.eq(word.word_select(byte_index, 8))]
                 with m.If(tx.ready):
-                    m.d.sync += [crc.eq(crc16_step(crc, tx.payload)),
-                                 byte_index.eq(byte_index + 1)]
+                    m.d.comb += crc_byte.eq(tx.payload)
+                    m.d.sync += [crc.eq(crc_next), byte_index.eq(byte_index + 1)]
                     with m.If(byte_index == 3):
                         m.d.sync += [count.eq(count + 1), read_address.eq(read_address + 1),
                                      response_words.eq(response_words - 1)]
