@@ -118,18 +118,22 @@ def _sb_mac16_8x8_pair(m: Module, a0: Value, b0: Value, a1: Value, b1: Value, *,
 
 
 def registered_product(m: Module, platform, a: Value, b: Value, *, name: str,
-                       reset: bool = False) -> Signal:
+                       reset: bool = False, register: str = "input") -> Signal:
     """``a * b`` one clock cycle later, in the ``sync`` domain; reset-less unless ``reset``
     (then the ``sync`` reset clears it). An unsigned operand counts as its value (the ECP5
     block sign-extends 18 bits, so it fits when at most 17 bits wide).
 
     On ECP5 (``platform.family == "ecp5"``) this is a MULT18X18D with its A and B input
-    registers: the register sits in front of the multiplier inside the DSP block, so the
-    multiplier's delay starts at the block instead of lying between fabric registers,
-    and nextpnr times it as such (its ``MULT18X18D_REGS_INPUT`` timing). yosys maps plain
+    registers (``register="input"``): the register sits in front of the multiplier inside
+    the DSP block, so the multiplier's delay starts at the block instead of lying between
+    fabric registers, and nextpnr times it as such (its ``MULT18X18D_REGS_INPUT`` timing).
+    ``register="output"`` uses the block's output register instead: the multiplier's delay
+    ends in the block, for products whose sum follows in the next cycle. yosys maps plain
     operators only to a combinational MULT18X18D. Everywhere else: a plain registered
     product.
     """
+    if register not in ("input", "output"):
+        raise ValueError(f"register must be 'input' or 'output', not {register!r}")
     width = len(a) + len(b)
     product = Signal(signed(width), name=name, reset_less=not reset)
     fits = all(len(x) + (not x.shape().signed) <= ECP5_MULT_WIDTH for x in (a, b))
@@ -146,11 +150,14 @@ def registered_product(m: Module, platform, a: Value, b: Value, *, name: str,
         ports[f"i_C{i}"] = Const(0, 1)
     for i in range(2 * ECP5_MULT_WIDTH):
         ports[f"o_P{i}"] = p36[i]
+    input_clock = "CLK0" if register == "input" else "NONE"
+    output_clock = "CLK0" if register == "output" else "NONE"
     m.submodules[f"{name}_mult18x18d"] = Instance(
         "MULT18X18D",
-        p_REG_INPUTA_CLK="CLK0", p_REG_INPUTA_CE="CE0", p_REG_INPUTA_RST="RST0",
-        p_REG_INPUTB_CLK="CLK0", p_REG_INPUTB_CE="CE0", p_REG_INPUTB_RST="RST0",
-        p_REG_INPUTC_CLK="NONE", p_REG_PIPELINE_CLK="NONE", p_REG_OUTPUT_CLK="NONE",
+        p_REG_INPUTA_CLK=input_clock, p_REG_INPUTA_CE="CE0", p_REG_INPUTA_RST="RST0",
+        p_REG_INPUTB_CLK=input_clock, p_REG_INPUTB_CE="CE0", p_REG_INPUTB_RST="RST0",
+        p_REG_INPUTC_CLK="NONE", p_REG_PIPELINE_CLK="NONE",
+        p_REG_OUTPUT_CLK=output_clock, p_REG_OUTPUT_CE="CE0", p_REG_OUTPUT_RST="RST0",
         p_CLK0_DIV="ENABLED", p_HIGHSPEED_CLK="NONE", p_GSR="DISABLED",
         p_CAS_MATCH_REG="FALSE", p_SOURCEB_MODE="B_SHIFT", p_MULT_BYPASS="DISABLED",
         p_RESETMODE="SYNC",
@@ -164,10 +171,10 @@ def registered_product(m: Module, platform, a: Value, b: Value, *, name: str,
 
 
 # Behavioural model of the MULT18X18D as hw/dsp.py and yosys's dsp_map_18x18.v instantiate it:
-# combinational, or with the A and B input registers on CLK0 (clock enable CE0, synchronous
-# reset RST0), per Lattice's ECP5 sysDSP usage guide. yosys ships no model of it. The
-# pipeline and output registers, C and the cascades are not modelled (not used); a
-# configuration that needs them stops the simulation.
+# combinational, or with the A and B input registers and/or the output register on CLK0
+# (clock enable CE0, synchronous reset RST0), per Lattice's ECP5 sysDSP usage guide. yosys
+# ships no model of it. The pipeline register, C and the cascades are not modelled (not
+# used); a configuration that needs them stops the simulation.
 _MULT18X18D_MODEL = """\
 module MULT18X18D(input A0, A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, A11, A12, A13, A14,
     A15, A16, A17, B0, B1, B2, B3, B4, B5, B6, B7, B8, B9, B10, B11, B12, B13, B14, B15, B16,
@@ -178,12 +185,14 @@ module MULT18X18D(input A0, A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, A11, A12, A
   parameter REG_INPUTA_CLK = "NONE", REG_INPUTA_CE = "CE0", REG_INPUTA_RST = "RST0";
   parameter REG_INPUTB_CLK = "NONE", REG_INPUTB_CE = "CE0", REG_INPUTB_RST = "RST0";
   parameter REG_INPUTC_CLK = "NONE", REG_PIPELINE_CLK = "NONE", REG_OUTPUT_CLK = "NONE";
+  parameter REG_OUTPUT_CE = "CE0", REG_OUTPUT_RST = "RST0";
   parameter CLK0_DIV = "ENABLED", HIGHSPEED_CLK = "NONE", GSR = "ENABLED";
   parameter CAS_MATCH_REG = "FALSE", SOURCEB_MODE = "B_SHIFT", MULT_BYPASS = "DISABLED";
   parameter RESETMODE = "SYNC";
   initial if (!(REG_INPUTA_CLK == "NONE" || REG_INPUTA_CLK == "CLK0")
               || !(REG_INPUTB_CLK == "NONE" || REG_INPUTB_CLK == "CLK0")
-              || REG_PIPELINE_CLK != "NONE" || REG_OUTPUT_CLK != "NONE"
+              || !(REG_OUTPUT_CLK == "NONE" || REG_OUTPUT_CLK == "CLK0")
+              || REG_PIPELINE_CLK != "NONE"
               || RESETMODE != "SYNC" || MULT_BYPASS != "DISABLED")
     $fatal(1, "MULT18X18D model: register configuration not modelled");
   wire [17:0] a_in = {A17, A16, A15, A14, A13, A12, A11, A10, A9, A8, A7, A6, A5, A4, A3, A2,
@@ -199,7 +208,10 @@ module MULT18X18D(input A0, A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, A11, A12, A
   wire [17:0] b = REG_INPUTB_CLK == "NONE" ? b_in : b_reg;
   wire signed [36:0] ea = SIGNEDA ? {{19{a[17]}}, a} : {19'b0, a};
   wire signed [36:0] eb = SIGNEDB ? {{19{b[17]}}, b} : {19'b0, b};
-  wire [73:0] p = ea * eb;
+  wire [73:0] product = ea * eb;
+  reg [35:0] p_reg = 0;
+  always @(posedge CLK0) if (CE0) p_reg <= RST0 ? 36'b0 : product[35:0];
+  wire [35:0] p = REG_OUTPUT_CLK == "NONE" ? product[35:0] : p_reg;
   assign {P35, P34, P33, P32, P31, P30, P29, P28, P27, P26, P25, P24, P23, P22, P21, P20,
           P19, P18, P17, P16, P15, P14, P13, P12, P11, P10, P9, P8, P7, P6, P5, P4, P3, P2,
           P1, P0} = p[35:0];

@@ -82,11 +82,12 @@ class Requantizer(wiring.Component):
         # x − 2^15 for an unsigned 16-bit x is x with its top bit flipped, read as signed.
         a0_centred = Cat(a0[0:15], ~a0[15]).as_signed()
         b0_centred = Cat(b0[0:15], ~b0[15]).as_signed()
-        # Registered products (hw/dsp.py: on ECP5 a MULT18X18D with its input registers).
+        # Registered products (hw/dsp.py: on ECP5 a MULT18X18D with its output register, so
+        # the multiplier ends in the block and only routing precedes the sum below).
         # With reset (unlike the PE's product): yosys's iCE40 mapping that moves reset-less
         # registers into the SB_MAC16s computes wrong products here (tests/test_gate_level.py).
         p11, p10, p01, p00 = (
-            registered_product(m, platform, x, y, name=name, reset=True)
+            registered_product(m, platform, x, y, name=name, reset=True, register="output")
             for name, x, y in (("p11", a1, b1), ("p10", a1, b0_centred),
                                ("p01", a0_centred, b1), ("p00", a0, b0)))
         m.d.sync += [

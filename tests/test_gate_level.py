@@ -136,8 +136,12 @@ def _ulx3s():
 @pytest.mark.parametrize("family, mapped", [("ice40", False), ("ecp5", False), ("ecp5", True)],
                          ids=["ice40", "ecp5", "ecp5-mult18x18d-registered"])
 def test_requantizer_netlist_matches_arith(family, mapped, tmp_path):
-    """``mapped``: elaborated for the ULX3S, so the four 16×16 products are hw/dsp.py's
-    MULT18X18Ds with input registers (reset by the sync reset)."""
+    """A new case every cycle; each result leaves exactly ``Requantizer.latency`` cycles
+    after its case and equals the golden arithmetic. The zero point and clamps are read
+    late in the pipeline and hold for a whole REQUANT in the NPU, so cases stream in runs
+    of equal settings, each run followed by idle cycles while it drains. ``mapped``:
+    elaborated for the ULX3S, so the four 16×16 products are hw/dsp.py's MULT18X18Ds with
+    their output registers (reset by the sync reset)."""
     rng = np.random.default_rng(5)
     cases = np.concatenate([np.array(requant_edge_cases(32), dtype=np.int64),
                             requant_random_cases(rng, 32, 1500)])
@@ -146,22 +150,33 @@ def test_requantizer_netlist_matches_arith(family, mapped, tmp_path):
     # TFLite's Add pre-shift on every third case, on small values as the Add uses it.
     left_shift = (np.arange(len(cases)) % 3 == 2).astype(np.int64)
     cases[left_shift == 1, 0] %= 512
-    stimulus = np.concatenate([cases, left_shift[:, None],
-                               np.ones((len(cases), 1), dtype=np.int64)], axis=1)
+    cases = np.concatenate([cases, left_shift[:, None]], axis=1)
+    cases = cases[np.lexsort(cases[:, 6:3:-1].T)]   # runs of equal settings (a stable sort)
+    latency = Requantizer.latency
+    rows = []
+    for k, case in enumerate(cases):
+        rows.append([*case, 1])
+        if k + 1 == len(cases) or (cases[k + 1, 4:7] != case[4:7]).any():
+            rows += [[0, 0, 0, 0, *case[4:7], 0, 0]] * latency
+    stimulus = np.array(rows, dtype=np.int64)
     got = simulate_netlist(tmp_path, family, Requantizer(accumulator_width=32, output_width=8),
                            ports + [("left_shift", 1), ("valid", 1)],
                            [("out", 8), ("out_valid", 1)], stimulus,
-                           hold=Requantizer.latency + 1, platform=_ulx3s() if mapped else None)
+                           hold=1, platform=_ulx3s() if mapped else None)
     if mapped:
         assert (tmp_path / "dut.v").read_text().count("MULT18X18D #(") == 4
-    expected = requantize(*cases.T, accumulator_width=32, output_width=8,
-                          left_shift=left_shift)
-    out = np.array([_signed(value, 8) for value, _ in got])
+    # Sampled after each clock edge: row i's result is there after edge i + latency.
+    valid_in = [i for i, row in enumerate(rows) if row[-1]]
+    valid_at = [i for i, (_, valid) in enumerate(got) if valid]
+    assert valid_at == [i + latency - 1 for i in valid_in], (
+        f"results at samples {valid_at[:3]}..., expected {latency} cycles after each case")
+    expected = requantize(*cases[:, :7].T, accumulator_width=32, output_width=8,
+                          left_shift=cases[:, 7])
+    out = np.array([_signed(got[i][0], 8) for i in valid_at])
     mismatches = np.flatnonzero(out != expected)
     assert not len(mismatches), (f"{len(mismatches)} of {len(cases)} differ, e.g. "
                                  f"{cases[mismatches[0]].tolist()}: expected "
                                  f"{expected[mismatches[0]]}, got {out[mismatches[0]]}")
-    assert all(valid == 1 for _, valid in got)
 
 
 def pe_reference(rows) -> list[int]:
