@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import NpuConfig
-from ..hw.dsp import ICE40_MAC_8X8_WIDTH
+from ..hw.dsp import PrimitiveFamily, paired_columns
 from ..memory_map import memories
 from ..protocol import RX_FIFO_BYTES
 
@@ -72,12 +72,11 @@ def estimate(config: NpuConfig, device: Device) -> Estimate:
     every memory's bits take block RAM."""
     bits = sum(info.depth * info.width for info in memories(config).values())
     product_bits = config.input_width + config.weight_width
-    alone = config.rows * config.cols
-    pairs = 0
-    if (device.paired_products
-            and max(config.input_width, config.weight_width) <= ICE40_MAC_8X8_WIDTH):
-        pairs, alone = config.rows * (config.cols // 2), config.rows * (config.cols % 2)
-    products = pairs + (alone if product_bits >= device.min_product_bits else 0)
+    paired = (paired_columns(PrimitiveFamily("ice40"), config.cols, config.input_width,
+                             config.weight_width) if device.paired_products else 0)
+    alone = config.rows * (config.cols - paired)
+    products = config.rows * paired // 2 + (alone if product_bits >= device.min_product_bits
+                                            else 0)
     return Estimate(
         multipliers=products + config.requant_lanes * device.wide_product_slots,
         block_ram_bits=bits + RX_FIFO_BYTES * 8)

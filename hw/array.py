@@ -6,7 +6,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig
 from ..golden import ARRAY_INPUT_STAGES, array_latency
-from .dsp import products_per_block, registered_products
+from .dsp import paired_columns, registered_products
 from .pe import ProcessingElement
 
 __all__ = ["SystolicArray"]
@@ -52,9 +52,7 @@ class SystolicArray(wiring.Component):
         m = Module()
         # Where a DSP block holds two products (iCE40), neighbouring PEs of a row share
         # one: columns 2k and 2k + 1 (an odd last column multiplies alone).
-        paired_cols = (c.cols // 2 * 2
-                       if products_per_block(platform, c.input_width, c.weight_width) == 2
-                       else 0)
+        paired_cols = paired_columns(platform, c.cols, c.input_width, c.weight_width)
         pes = [[ProcessingElement(input_width=c.input_width, weight_width=c.weight_width,
                                   accumulator_width=c.accumulator_width,
                                   shared_multiplier=col < paired_cols)

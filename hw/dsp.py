@@ -15,8 +15,8 @@ from amaranth import Cat, ClockSignal, Const, Module, ResetSignal, Signal, signe
 from amaranth.hdl import Instance, Value
 
 __all__ = ["ECP5_MULT_WIDTH", "ICE40_MAC_8X8_WIDTH", "ICE40_MAC_STANDIN", "PRIMITIVE_FAMILIES",
-           "PrimitiveFamily", "products_per_block", "registered_product", "registered_products",
-           "simulation_models", "synthesis_support"]
+           "PrimitiveFamily", "paired_columns", "products_per_block", "registered_product",
+           "registered_products", "simulation_models", "synthesis_support"]
 
 #: Operand width of the ECP5 MULT18X18D.
 ECP5_MULT_WIDTH = 18
@@ -55,6 +55,12 @@ def products_per_block(platform, a_width: int, b_width: int) -> int:
     return 1
 
 
+def paired_columns(platform, cols: int, a_width: int, b_width: int) -> int:
+    """How many of an array's ``cols`` columns share DSP blocks two by two on ``platform``
+    (the array pairs columns 2k and 2k + 1; an odd last column multiplies alone)."""
+    return cols // 2 * 2 if products_per_block(platform, a_width, b_width) == 2 else 0
+
+
 def registered_products(m: Module, platform, operands: Sequence[tuple[Value, Value]], *,
                         name: str) -> list[Signal]:
     """Each ``a * b`` of ``operands`` (all signed) one clock cycle later, in the ``sync``
@@ -68,6 +74,9 @@ def registered_products(m: Module, platform, operands: Sequence[tuple[Value, Val
     products.
     """
     operands = list(operands)
+    if not all(x.shape().signed for pair in operands for x in pair):
+        raise ValueError("registered_products takes signed operands (the SB_MAC16 pairs "
+                         "are configured signed)")
     a_width = max((len(a) for a, _ in operands), default=0)
     b_width = max((len(b) for _, b in operands), default=0)
     pairs = len(operands) // 2 if products_per_block(platform, a_width, b_width) == 2 else 0

@@ -12,8 +12,8 @@ class HostBus(wiring.Signature):
     """Seen from the host: ``valid`` with ``write``, ``addr`` and ``wdata`` makes a
     request, taken the same cycle; a read's ``rdata`` comes with ``rvalid``
     ``HOST_READ_LATENCY`` cycles later (reads are pipelined: one may be requested every
-    cycle). Memory accesses during
-    a run are refused (reads give 0) and flagged in STATUS.HOST_CONFLICT."""
+    cycle). Memory accesses during a run are refused (reads give 0) and flagged in
+    STATUS.HOST_CONFLICT."""
 
     def __init__(self):
         super().__init__({

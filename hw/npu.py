@@ -35,6 +35,14 @@ from .requant import Requantizer
 
 __all__ = ["Npu"]
 
+# The cycle model's constants for registers this file builds by hand: the host read path
+# (request, memory or register read, per-source word, answer) and the requantizer's input
+# register (with the parameter read a cycle later to match). Changing a constant means
+# changing the registers here.
+if HOST_READ_LATENCY != 3 or REQUANT_INPUT_STAGES != 1:
+    raise ImportError("hw/npu.py builds a 3-cycle host read and one requantizer input "
+                      "register; update it with HOST_READ_LATENCY / REQUANT_INPUT_STAGES")
+
 
 def _field(word, opcode: Opcode, name: str):
     """Slice of an instruction word holding field ``name`` of ``opcode``."""

@@ -37,6 +37,8 @@ def array_latency(rows: int, cols: int) -> int:
 def weight_use_cycles(rows: int, cols: int) -> int:
     """Cycles after a word's issue during which the last PE may still read its weight."""
     return rows + cols - 1 + ARRAY_INPUT_STAGES
+
+
 #: Registers between the accumulator memory's output and a requantization lane.
 REQUANT_INPUT_STAGES = 1
 #: Cycles from a REQUANT's dispatch to the cycle the next instruction may dispatch,
