@@ -687,3 +687,19 @@ def test_npu_decodes_every_address_bit():
     simulate(npu, testbench)
     assert seen["running"] == 0
     assert seen["words"] == [0x1234, 0, 0, 0, identity_words(TINY)[0], 0]
+
+
+def test_dsp_mapping_refuses_what_it_cannot_build():
+    """The hand mappings say what is wrong instead of building a wrong product: an
+    unsigned operand for the signed SB_MAC16 pairs, an unknown DSP register."""
+    from amaranth import Module, Signal, signed
+
+    from npugen.hw.dsp import PrimitiveFamily, registered_product, registered_products
+
+    with pytest.raises(ValueError, match="takes signed operands"):
+        registered_products(Module(), PrimitiveFamily("ice40"),
+                            [(Signal(8), Signal(signed(8))), (Signal(signed(8)),) * 2],
+                            name="p")
+    with pytest.raises(ValueError, match="register must be 'input' or 'output', not 'both'"):
+        registered_product(Module(), PrimitiveFamily("ecp5"), Signal(signed(8)),
+                           Signal(signed(8)), name="p", register="both")
