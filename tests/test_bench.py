@@ -59,8 +59,13 @@ def test_bench_quick(tmp_path):
     boards = report["boards"]["records"]
     assert {r["board"] for r in boards} >= {"icebreaker", "ulx3s-85f"}
     assert report["boards"]["recorded_from"]["command"].startswith("npugen bench")
+    assert all(r["status"] == "ok" for r in boards
+               if r["board"] in ("icebreaker", "ulx3s-85f"))   # the boards CI builds
     for r in boards:
-        assert r["peak_gmacs_at_fmax"] >= r["achieved_gmacs"] > 0
+        if r["status"] == "ok":
+            assert r["peak_gmacs_at_fmax"] >= r["achieved_gmacs"] > 0
+        else:  # a recorded build that failed keeps the tool's reason
+            assert r["reason"]
     assert len(report["sweep"]["records"]) >= 6
 
     text = docs.read_text()
