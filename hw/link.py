@@ -14,6 +14,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..memory_map import Control, Reg, Region, address
 from ..protocol import (
+    LINK_COUNTER_BITS,
     LINK_COUNTERS,
     MAX_PAYLOAD_BYTES,
     MAX_PAYLOAD_WORDS,
@@ -80,7 +81,7 @@ class LinkEngine(wiring.Component):
         buffer_write = buffer.write_port()
         buffer_read = buffer.read_port()
 
-        counters = {name: Signal(32, name=f"link_{name}") for name in LINK_COUNTERS}
+        counters = {name: Signal(LINK_COUNTER_BITS, name=f"link_{name}") for name in LINK_COUNTERS}
         counter_array = Array(counters[name] for name in LINK_COUNTERS)
         # Set with any error count, cleared with them by RESET (a flag, not a wide OR).
         error = Signal()

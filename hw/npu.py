@@ -21,6 +21,7 @@ from ..config import NpuConfig
 from ..golden import REQUANT_INPUT_STAGES, weight_use_cycles
 from ..isa import FORMATS, INSTRUCTION_WIDTH, OPCODE_WIDTH, Opcode
 from ..memory_map import (
+    COUNTER_BITS,
     COUNTER_NAMES,
     HOST_READ_LATENCY,
     REGION_SHIFT,
@@ -162,15 +163,15 @@ class Npu(wiring.Component):
         # the ULX3S-85F).
         macs_per_cycle = c.rows * c.cols
         macs_derived = (macs_per_cycle & (macs_per_cycle - 1)) == 0
-        counters = {name: Signal(64, name=f"counter_{name}") for name in COUNTER_NAMES
+        counters = {name: Signal(COUNTER_BITS, name=f"counter_{name}") for name in COUNTER_NAMES
                     if name != "macs" or not macs_derived}
         if macs_derived:
-            counters_read = dict(counters, macs=Signal(64))
+            counters_read = dict(counters, macs=Signal(COUNTER_BITS))
             m.d.comb += counters_read["macs"].eq(
                 counters["busy_cycles"] << (macs_per_cycle.bit_length() - 1))
         else:
             counters_read = counters
-        uptime = Signal(64)
+        uptime = Signal(COUNTER_BITS)
         m.d.sync += uptime.eq(uptime + 1)
         register_value = Signal(32)
         with m.Switch(offset):

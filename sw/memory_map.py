@@ -15,7 +15,8 @@ from .isa import INSTRUCTION_WIDTH, ISA_VERSION
 
 __all__ = [
     "MAGIC", "REGION_SHIFT", "HOST_READ_LATENCY", "Region", "Reg", "Control", "Status",
-    "MemoryInfo", "memories", "identity_words", "config_from_identity", "COUNTER_NAMES", "address",
+    "MemoryInfo", "memories", "identity_words", "config_from_identity", "COUNTER_NAMES",
+    "COUNTER_BITS", "address",
 ]
 
 MAGIC = 0x4E505547  # "NPUG"
@@ -34,7 +35,11 @@ class Region(enum.IntEnum):
     PARAMS = 5
 
 
-#: Performance counters, 64 bits each, at COUNTERS + 2·i (low word) and +1 (high word).
+#: Width of the performance counters and UPTIME. Each reads as two words, low then high;
+#: the high word's upper bits read 0. 2**48 cycles is 38 days at 85 MHz; narrower than 64
+#: bits, the four counters and UPTIME save some 80 iCE40 logic cells.
+COUNTER_BITS = 48
+#: Performance counters, COUNTER_BITS each, at COUNTERS + 2·i (low word) and +1 (high word).
 COUNTER_NAMES = ("cycles", "busy_cycles", "macs", "stall_cycles")
 
 
@@ -49,7 +54,7 @@ class Reg(enum.IntEnum):
     START_PC = 0x42
     PC = 0x43
     COUNTERS = 0x50
-    UPTIME = 0x58  # 64-bit free-running cycle counter (low word, then high word)
+    UPTIME = 0x58  # free-running cycle counter, COUNTER_BITS wide (low word, then high word)
 
 
 class Control(enum.IntFlag):
@@ -189,9 +194,11 @@ def memory_map_markdown(config: NpuConfig | None = None) -> str:
     for index, name in enumerate(COUNTER_NAMES):
         offset = Reg.COUNTERS + 2 * index
         lines.append(f"| {offset:#04x}, {offset + 1:#04x} | {name.upper()} | read | "
-                     f"counter `{name}`, low word then high word (cleared by START) |")
+                     f"counter `{name}`, {COUNTER_BITS} bits: low word then high word (cleared "
+                     f"by START) |")
     lines.append(f"| {Reg.UPTIME:#04x}, {Reg.UPTIME + 1:#04x} | UPTIME | read | clock "
-                 f"cycles since reset, low word then high word (never cleared) |")
+                 f"cycles since reset, {COUNTER_BITS} bits: low word then high word (never "
+                 f"cleared; it wraps after 2^{COUNTER_BITS} cycles) |")
     lines += [
         "",
         "CONTROL.START clears the counters and STATUS and runs from START_PC until HALT; "

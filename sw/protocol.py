@@ -18,10 +18,13 @@ import enum
 import struct
 from dataclasses import dataclass
 
+from .memory_map import COUNTER_BITS
+
 __all__ = [
     "REQUEST_SYNC", "RESPONSE_SYNC", "MAX_PAYLOAD_WORDS", "MAX_PAYLOAD_BYTES", "RX_FIFO_BYTES",
     "TRUNCATION_BYTE_TIMES", "Command",
-    "LinkStatus", "LINK_COUNTERS", "crc16", "encode_request", "encode_response", "Response",
+    "LinkStatus", "LINK_COUNTERS", "LINK_COUNTER_BITS", "crc16", "encode_request",
+    "encode_response", "Response",
     "ResponseParser",
     "FrameError", "uart_divisor",
 ]
@@ -62,6 +65,8 @@ class LinkStatus(enum.IntEnum):
 #: The engine's error counters, as LINK_STATUS returns them.
 LINK_COUNTERS = ("noise_bytes", "bad_crc", "oversize", "truncated", "unknown_command",
                  "framing_errors")
+#: Width of each link error counter: it counts modulo 2**16 (LINK_STATUS words read 0 above).
+LINK_COUNTER_BITS = 16
 
 
 class FrameError(ValueError):
@@ -171,11 +176,12 @@ COMMAND_DOCS: dict[Command, tuple[str, str, str]] = {
                     "does not restart the NPU."),
     Command.STATUS: ("(empty)", "STATUS, START_PC, PC", "Poll STATUS.RUNNING until clear."),
     Command.COUNTERS: ("(empty)", "8 words: cycles, busy_cycles, macs, stall_cycles "
-                       "(64-bit each, low word first)", ""),
+                       f"({COUNTER_BITS} bits each, low word first)", ""),
     Command.RESET: ("(empty)", "(empty)",
                     "Abort any run (CONTROL ← ABORT) and clear the link's error counters."),
     Command.LINK_STATUS: ("(empty)", f"{len(LINK_COUNTERS)} words: "
-                          + ", ".join(LINK_COUNTERS), "The link's error counters."),
+                          + ", ".join(LINK_COUNTERS),
+                          f"The link's error counters, modulo 2^{LINK_COUNTER_BITS}."),
 }
 
 
