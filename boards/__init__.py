@@ -41,13 +41,14 @@ def _platform(module: str, cls: str) -> Callable[[], object]:
 # The default configurations are what fits and meets timing, measured with
 # `npugen build --board NAME` (docs/BOARDS.md has the reports): DSP multipliers, block
 # RAM, and a PLL at the clock the design reaches on the board.
-_SMALL = dict(activation_depth=256, weight_depth=256, accumulator_depth=128,
-              instruction_depth=128, param_depth=16, requant_lanes=1)
+# The iCEBreaker's weights go to SPRAM (hw/ram.py): one SB_SPRAM256KA holds 16K words of a
+# 2-column array, which with 256 instructions and 128 parameter words takes the demo MLP.
+_ICEBREAKER = dict(activation_depth=256, weight_depth=16384, accumulator_depth=128,
+                   instruction_depth=256, param_depth=128, requant_lanes=1)
 # The iCEBreaker's and the Tang Nano 9K's NPUs leave out the feature-map hardware (address
 # walks, max, add): with it, the iCEBreaker's 2x2 needs 6110 of 5280 LCs, and the Tang's
 # 4x4 (6685 LUT4 + 2100 ALU of 8640) does not place.
-# Enough for the demo MLP (64-64-32-10) and models of its size; the iCEBreaker's EBR
-# cannot hold them (its SPRAM could, once the NPU uses it).
+# Enough for the demo MLP (64-64-32-10) and models of its size.
 _MEDIUM = dict(activation_depth=1024, weight_depth=2048, accumulator_depth=512,
                instruction_depth=512, param_depth=128, requant_lanes=1)
 
@@ -66,7 +67,7 @@ def _orangecrab_25f() -> object:
 
 BOARDS: dict[str, Board] = {board.name: board for board in (
     Board("icebreaker", _platform("icebreaker", "ICEBreakerPlatform"), "ice40", 12e6,
-          NpuConfig(rows=2, cols=2, feature_maps=False, **_SMALL),
+          NpuConfig(rows=2, cols=2, feature_maps=False, **_ICEBREAKER),
           description="1BitSquared iCEBreaker, iCE40UP5K",
           loader_name="ice40_generic", device="ice40up5k", pll_mhz=22.0),
     *(Board(f"ulx3s-{size}f", _platform("ulx3s", f"ULX3S_{size}F_Platform"), "ecp5", 25e6,

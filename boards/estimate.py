@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..config import NpuConfig
 from ..hw.dsp import PrimitiveFamily, paired_columns
+from ..hw.ram import SPRAM_BLOCKS, spram_blocks
 from ..memory_map import memories
 from ..protocol import RX_FIFO_BYTES
 
@@ -28,13 +29,14 @@ class Device:
     logic_name: str
     min_product_bits: int = 0   # narrower products stay in logic
     paired_products: bool = False  # two int8 products per slot, as hw/dsp.py pairs them
+    spram_blocks: int = 0          # iCE40UP5K SPRAM, which hw/ram.py maps the weights to
 
 
 DEVICES = {
     # The array's products go two per SB_MAC16 (hw/dsp.py); -dsp maps any other multiply
     # with a product of 11 bits or more to a whole SB_MAC16.
     "ice40up5k": Device("iCE40UP5K", 8, "SB_MAC16", 4, 30 * 4096, "EBR", 30, 5280, "LC",
-                         min_product_bits=11, paired_products=True),
+                         min_product_bits=11, paired_products=True, spram_blocks=SPRAM_BLOCKS),
     "lfe5u-12f": Device("LFE5U-12F", 28, "MULT18X18D", 4, 32 * 18432, "DP16KD", 32, 12288,
                         "LUT"),
     "lfe5u-25f": Device("LFE5U-25F", 28, "MULT18X18D", 4, 56 * 18432, "DP16KD", 56, 24288,
@@ -52,6 +54,7 @@ DEVICES = {
 class Estimate:
     multipliers: int
     block_ram_bits: int
+    spram_blocks: int = 0
 
     def problems(self, device: Device) -> list[str]:
         """What cannot fit on ``device``, in words; empty when nothing is known to overflow."""
@@ -69,8 +72,12 @@ class Estimate:
 def estimate(config: NpuConfig, device: Device) -> Estimate:
     """Lower bounds: every product of the array (or pair of products, where the device
     pairs them) and each requantizer lane's 32x32 product takes hard multipliers, and
-    every memory's bits take block RAM."""
-    bits = sum(info.depth * info.width for info in memories(config).values())
+    every memory's bits take block RAM, or SPRAM where hw/ram.py maps it there."""
+    family = PrimitiveFamily("ice40") if device.spram_blocks else None
+    in_spram = {region: spram_blocks(family, info)
+                for region, info in memories(config).items()}
+    bits = sum(info.depth * info.width for region, info in memories(config).items()
+               if not in_spram[region])
     product_bits = config.input_width + config.weight_width
     paired = (paired_columns(PrimitiveFamily("ice40"), config.cols, config.input_width,
                              config.weight_width) if device.paired_products else 0)
@@ -79,4 +86,4 @@ def estimate(config: NpuConfig, device: Device) -> Estimate:
                                             else 0)
     return Estimate(
         multipliers=products + config.requant_lanes * device.wide_product_slots,
-        block_ram_bits=bits + RX_FIFO_BYTES * 8)
+        block_ram_bits=bits + RX_FIFO_BYTES * 8, spram_blocks=sum(in_spram.values()))

@@ -4,6 +4,9 @@ The generic design multiplies with plain operators and lets yosys map the produc
 blocks. Where yosys cannot use a DSP block well (its own registers on ECP5, two products
 per block on iCE40), the products are instantiated by hand here, behind the same
 functions, so the Verilog for simulation and for other flows stays generic.
+
+``PRIMITIVE_FAMILIES`` lists every primitive hw/ instantiates by hand (here and in
+hw/ram.py) with its simulation model.
 """
 
 import re
@@ -252,7 +255,8 @@ def _ice40_mac_standin(*, blackbox: bool) -> str:
 #: come from: hw/dsp.py's own (yosys ships none of the MULT18X18D) or yosys's.
 PRIMITIVE_FAMILIES = {
     "ecp5": {"MULT18X18D": lambda: _MULT18X18D_MODEL},
-    "ice40": {ICE40_MAC_STANDIN: lambda: _ice40_mac_standin(blackbox=False)},
+    "ice40": {ICE40_MAC_STANDIN: lambda: _ice40_mac_standin(blackbox=False),
+              "SB_SPRAM256KA": lambda: _yosys_cell_model("ice40", "SB_SPRAM256KA")},
 }
 
 

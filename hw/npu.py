@@ -12,9 +12,8 @@ mirrors them cycle for cycle):
   has drained and blocks dispatch until its last write.
 """
 
-from amaranth import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth import Array, Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
-from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig
@@ -32,6 +31,7 @@ from ..memory_map import (
 )
 from .array import SystolicArray
 from .hostbus import HostBus
+from .ram import memory_ports
 from .requant import Requantizer
 
 __all__ = ["Npu"]
@@ -79,13 +79,10 @@ class Npu(wiring.Component):
         host = self.host
 
         # -- Memories -----------------------------------------------------------------
-        mems, reads, writes = {}, {}, {}
+        reads, writes = {}, {}
         for region, info in infos.items():
-            mem = Memory(shape=unsigned(info.width), depth=info.depth, init=[])
-            m.submodules[info.name] = mems[region] = mem
-            writes[region] = mem.write_port(granularity=info.granularity)
-            transparent = (writes[region],) if region is Region.ACCUMULATORS else ()
-            reads[region] = mem.read_port(transparent_for=transparent)
+            writes[region], reads[region] = memory_ports(
+                m, platform, info, transparent=region is Region.ACCUMULATORS)
 
         m.submodules.array = array = SystolicArray(c)
 

@@ -53,7 +53,8 @@ MAPPED_PRIMITIVES = {"ecp5": "MULT18X18D", "ice40": ICE40_MAC_STANDIN}
 
 @pytest.fixture(scope="module", params=["generic", *MAPPED_PRIMITIVES])
 def any_board(request, board):
-    """The generic virtual board, and those with the ECP5 and the iCE40 DSP mappings."""
+    """The generic virtual board, and those with the ECP5 and the iCE40 mappings (DSP
+    blocks; on iCE40 also the weights in SPRAM)."""
     if request.param == "generic":
         yield board
     else:
@@ -64,6 +65,9 @@ def any_board(request, board):
         primitive = MAPPED_PRIMITIVES[request.param]
         assert f"{primitive} #(" in (folder / "board.v").read_text()
         assert (folder / f"{primitive}.v").exists()
+        if request.param == "ice40":  # and the weights in SPRAM (hw/ram.py)
+            assert "SB_SPRAM256KA " in (folder / "board.v").read_text()
+            assert (folder / "SB_SPRAM256KA.v").exists()
         yield url
         yield from served
 

