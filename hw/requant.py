@@ -122,22 +122,31 @@ class Requantizer(wiring.Component):
             # Stage 4: floor(product / 2**31); the single rounding happens in stage 5:
             # floor((p + 2**(30+s)) / 2**(31+s)) = (q >> s) + (s ? q[s−1] : p[30]).
             m.d.sync += [high.eq(product[31:64].as_signed()), half.eq(product[30])]
-        # Stage 5: rounding right shift: the truncated value and whether to round up
-        # (double: half away from zero; single: half up).
-        mask = Signal(32)
-        m.d.comb += mask.eq((Const(1, 33) << shift4) - 1)
-        remainder = high.as_unsigned()[0:32] & mask
-        threshold = Signal(32)
+        # Stage 5: rounding right shift by s: the truncated value and whether to round up.
+        # The remainder r = high mod 2**s against gemmlowp's threshold 2**(s-1) - 1 (+ 1 when
+        # high < 0) reduces to bits of high, with no mask, adder or compare: r reaches
+        # 2**(s-1) when bit s-1 (the half) is set, and passes it when a bit below is set too.
+        # So double rounds up on the half, if high is negative only with a bit below it set
+        # (half away from zero); single on the half (half up), at s = 0 on the product's
+        # bit 30. One shift gives the truncated value above the half.
         truncated = Signal(signed(32))
         round_up = Signal()
         valid5 = Signal()
+        half_in = Const(0, 1) if self._rounding == "double" else half
+        shifted = Cat(half_in, high).as_signed() >> shift4
         if self._rounding == "double":
-            m.d.comb += threshold.eq((mask >> 1) + high[31])
-            m.d.sync += round_up.eq(remainder > threshold)
+            # Bit i of `below` is set when i < s (a decoder: yosys would give each
+            # comparison with a constant a carry chain).
+            below = Signal(32)
+            with m.Switch(shift4):
+                for k in range(32):
+                    with m.Case(k):
+                        m.d.comb += below.eq((1 << k) - 1)
+            below_half = (high[0:31] & below[1:32]).any()
+            m.d.sync += round_up.eq(shifted[0] & (~high[31] | below_half))
         else:
-            m.d.comb += threshold.eq(mask >> 1)
-            m.d.sync += round_up.eq((remainder > threshold) | ((shift4 == 0) & half))
-        m.d.sync += [truncated.eq((high >> shift4)[0:32].as_signed()), valid5.eq(valid4)]
+            m.d.sync += round_up.eq(shifted[0])
+        m.d.sync += [truncated.eq(shifted[1:33].as_signed()), valid5.eq(valid4)]
         # Stage 6: round and add the zero point (one carry chain, rounding as carry-in).
         with_zero = Signal(signed(34))
         valid6 = Signal()
