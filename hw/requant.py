@@ -108,15 +108,12 @@ class Requantizer(wiring.Component):
         valid4 = Signal()
         m.d.sync += [shift4.eq(shift3), valid4.eq(valid3)]
         if self._rounding == "double":
-            # Stage 4: round to nearest (nudge), divide by 2**31 truncating toward zero.
-            nudge = Mux(product[63], Const(1 - (1 << 30), signed(32)),
-                        Const(1 << 30, signed(32)))
-            nudged = Signal(signed(66))
-            m.d.comb += nudged.eq(product + nudge)
-            floor = nudged >> 31
-            inexact = nudged[0:31].any()
-            quotient = Signal(signed(35))
-            m.d.comb += quotient.eq(floor + (nudged[65] & inexact))
+            # Stage 4: gemmlowp's nudge (2**30, or 1 - 2**30 below zero) and division by
+            # 2**31 truncating toward zero. With p = q·2**31 + r (0 <= r < 2**31), both signs
+            # come to q + 1 exactly when r >= 2**30, so it is q plus bit 30 of the product:
+            # one incrementer instead of a 66-bit sum and a correction.
+            quotient = Signal(signed(33))
+            m.d.comb += quotient.eq((product >> 31) + product[30])
             m.d.sync += high.eq(Mux(overflow, (1 << 31) - 1, quotient[0:32].as_signed()))
         else:
             # Stage 4: floor(product / 2**31); the single rounding happens in stage 5:
