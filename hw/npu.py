@@ -170,8 +170,18 @@ class Npu(wiring.Component):
             counters_read = counters
         uptime = Signal(COUNTER_BITS)
         m.d.sync += uptime.eq(uptime + 1)
+        # A register read is decoded over two cycles: the region and the offset's high bits
+        # with the request, the register's index from the registered offset the cycle after
+        # (the values are those of that cycle).
+        register_top = max(len(identity) - 1, Reg.STATUS, Reg.START_PC, Reg.PC, Reg.UPTIME + 1,
+                           Reg.COUNTERS + 2 * len(COUNTER_NAMES) - 1)
+        register_bits = register_top.bit_length()
+        read_is_register = Signal()
+        with m.If(host.valid & ~host.write):
+            m.d.sync += read_is_register.eq((region == Region.REGISTERS)
+                                            & ((offset >> register_bits) == 0))
         register_value = Signal(32)
-        with m.Switch(offset):
+        with m.Switch(read_offset[0:register_bits]):
             for index, word in enumerate(identity):
                 with m.Case(Reg.MAGIC + index):
                     m.d.comb += register_value.eq(word)
@@ -192,11 +202,8 @@ class Npu(wiring.Component):
                     m.d.comb += register_value.eq(value[0:32])
                 with m.Case(Reg.COUNTERS + 2 * index + 1):
                     m.d.comb += register_value.eq(value[32:64])
-        register_read = Signal(32)
-        with m.If(host.valid & ~host.write & (region == Region.REGISTERS)):
-            m.d.sync += register_read.eq(register_value)
         register_word = Signal(32)
-        m.d.sync += register_word.eq(Mux(read_region == Region.REGISTERS, register_read, 0))
+        m.d.sync += register_word.eq(Mux(read_is_register, register_value, 0))
         answer = register_word
         for word in source_words:
             answer = answer | word
@@ -255,10 +262,15 @@ class Npu(wiring.Component):
         win_row_step = Signal(16)
         win_col_step = Signal(8, init=1)
         win_reduce = Signal()
-        feeder_ready = ~feed_busy | (feed_remaining == 1)
+        # Flags the dispatch decision reads, kept in registers (set below from the values
+        # their counters take next) so that no counter compare lengthens it.
+        feed_last = Signal()          # feed_remaining == 1
+        feeder_ready = ~feed_busy | feed_last
         inflight = Array(Signal(range(weight_use_cycles(rows, cols) + 1), name=f"inflight{b}")
                          for b in range(2))
         drain = Signal(range(array.latency + 3))
+        inflight_idle = [Signal(init=1, name=f"inflight{b}_idle") for b in range(2)]  # == 0
+        drain_idle = Signal(init=1)   # drain == 0
 
         groups = cols // lanes
         rq_busy = Signal()
@@ -314,7 +326,10 @@ class Npu(wiring.Component):
                      for i in range(rq_stages)]
         pipe_lane = [Signal(range(rows), name=f"rq_lane_p{i}") for i in range(rq_stages)]
         pipe_valid = [Signal(name=f"rq_valid_p{i}") for i in range(rq_stages)]
-        requant_active = rq_busy | stage_valid | Cat(*pipe_valid).any()
+        # rq_busy | stage_valid | any(pipe_valid), kept in a register (set below from the
+        # values these take next) so that the OR does not lengthen the dispatch decision.
+        rq_active = Signal()
+        requant_active = rq_active
         if fm:
             requant_active = (requant_active | (raw_valid & rq_to_acc) | inject_read.valid
                               | inject_data.valid
@@ -389,15 +404,15 @@ class Npu(wiring.Component):
         can_issue = Signal()
         with m.Switch(step_op):
             with m.Case(Opcode.LOADW):
-                m.d.comb += can_issue.eq(~load_active & (inflight[step_bank] == 0)
+                m.d.comb += can_issue.eq(~load_active & Array(inflight_idle)[step_bank]
                                          & ~(feed_busy & (feed_bank == step_bank)))
             with m.Case(Opcode.MATMUL):
                 m.d.comb += can_issue.eq(feeder_ready
                                          & ~(load_active & (load_bank == step_bank)))
             with m.Case(Opcode.REQUANT):
-                m.d.comb += can_issue.eq(~feed_busy & (drain == 0))
+                m.d.comb += can_issue.eq(~feed_busy & drain_idle)
             with m.Case(Opcode.HALT):
-                m.d.comb += can_issue.eq(~feed_busy & (drain == 0) & ~load_active)
+                m.d.comb += can_issue.eq(~feed_busy & drain_idle & ~load_active)
             with m.Default():
                 m.d.comb += can_issue.eq(1)
         dispatch = Signal()
@@ -522,15 +537,18 @@ class Npu(wiring.Component):
         array_bank = Signal()
         m.d.sync += array_bank.eq(feed_bank)
         m.d.comb += [array.act.eq(act_read.data), array.bank.eq(array_bank)]
+        use_cycles = weight_use_cycles(rows, cols)
         for b in range(2):
             with m.If(issue & (feed_bank == b)):
-                m.d.sync += inflight[b].eq(weight_use_cycles(rows, cols) - 1)
+                m.d.sync += [inflight[b].eq(use_cycles - 1),
+                             inflight_idle[b].eq(use_cycles == 1)]
             with m.Elif(inflight[b] != 0):
-                m.d.sync += inflight[b].eq(inflight[b] - 1)
+                m.d.sync += [inflight[b].eq(inflight[b] - 1),
+                             inflight_idle[b].eq(inflight[b] == 1)]
         with m.If(issue):
-            m.d.sync += drain.eq(array.latency + 2)
+            m.d.sync += [drain.eq(array.latency + 2), drain_idle.eq(0)]
         with m.Elif(drain != 0):
-            m.d.sync += drain.eq(drain - 1)
+            m.d.sync += [drain.eq(drain - 1), drain_idle.eq(drain == 1)]
         with m.If(issue):
             m.d.comb += act_read.addr.eq(feed_act_addr)
             m.d.sync += [
@@ -554,11 +572,12 @@ class Npu(wiring.Component):
             else:
                 m.d.sync += [feed_act_addr.eq(feed_act_addr + 1),
                              feed_acc_addr.eq(feed_acc_addr + 1)]
-            with m.If(feed_remaining == 1):
+            m.d.sync += feed_last.eq(feed_remaining == 2)
+            with m.If(feed_last):
                 m.d.sync += feed_busy.eq(0)
         with m.If(dispatch & (step_op == Opcode.MATMUL)):
             m.d.sync += [
-                feed_busy.eq(1), feed_remaining.eq(step_count),
+                feed_busy.eq(1), feed_remaining.eq(step_count), feed_last.eq(step_count == 1),
                 feed_act_addr.eq(step_act_addr), feed_acc_addr.eq(step_acc_addr),
                 feed_bank.eq(step_bank), feed_accumulate.eq(step_accumulate),
             ]
@@ -689,16 +708,21 @@ class Npu(wiring.Component):
                     m.d.sync += rq_busy.eq(0)
         with m.Else():
             m.d.sync += stage_valid.eq(0)
-        with m.If(dispatch & (step_op == Opcode.REQUANT)):
-            out_addr = _field(instruction, Opcode.REQUANT, "out_addr")
-            first_lane = _field(instruction, Opcode.REQUANT, "out_lane")
+        # The walk's registers load while the unit is idle, when nothing reads them, rather
+        # than on the REQUANT's dispatch: the dispatch decision ends the sequencer's longest
+        # path, and only rq_busy (and the fields the draining pipeline still reads) need it.
+        out_addr = _field(instruction, Opcode.REQUANT, "out_addr")
+        first_lane = _field(instruction, Opcode.REQUANT, "out_lane")
+        with m.If(~rq_busy):
             m.d.sync += [
-                rq_busy.eq(1), rq_group.eq(0), rq_param_addr.eq(param_addr),
+                rq_group.eq(0), rq_param_addr.eq(param_addr),
                 rq_remaining.eq(_field(instruction, Opcode.REQUANT, "count")),
                 rq_acc_addr.eq(_field(instruction, Opcode.REQUANT, "acc_addr")),
                 rq_row_addr.eq(out_addr), rq_word.eq(out_addr), rq_line_addr.eq(out_addr),
                 rq_out_col.eq(0), rq_lane.eq(first_lane), rq_first_lane.eq(first_lane),
             ]
+        with m.If(dispatch & (step_op == Opcode.REQUANT)):
+            m.d.sync += rq_busy.eq(1)
             if fm:
                 m.d.sync += [
                     rq_to_acc.eq(_field(instruction, Opcode.REQUANT, "to_acc")),
@@ -728,6 +752,10 @@ class Npu(wiring.Component):
                 rq.clamp_max.eq(clamp_max),
                 rq.left_shift.eq(rq_left_shift),
             ]
+        # Next cycle: rq_busy unless aborted (while finishing, the last advance keeps
+        # stage_valid up), stage_valid after an advance, the pipeline shifted by one.
+        m.d.sync += rq_active.eq((~abort & ((dispatch & (step_op == Opcode.REQUANT)) | rq_busy))
+                                 | rq_advance | stage_valid | Cat(*pipe_valid[:-1]).any())
         previous = (stage_valid, stage_word, stage_lane)
         for i in range(rq_stages):
             m.d.sync += [pipe_valid[i].eq(previous[0]), pipe_word[i].eq(previous[1]),
@@ -781,5 +809,6 @@ class Npu(wiring.Component):
             m.d.sync += [counter.eq(0) for counter in counters.values()]
         with m.If(abort):
             m.d.sync += [running.eq(0), aborted.eq(1), load_busy.eq(0), feed_busy.eq(0),
-                         rq_busy.eq(0), drain.eq(0), inflight[0].eq(0), inflight[1].eq(0)]
+                         rq_busy.eq(0), drain.eq(0), inflight[0].eq(0), inflight[1].eq(0),
+                         drain_idle.eq(1), inflight_idle[0].eq(1), inflight_idle[1].eq(1)]
         return m
