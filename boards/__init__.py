@@ -69,7 +69,7 @@ BOARDS: dict[str, Board] = {board.name: board for board in (
     Board("icebreaker", _platform("icebreaker", "ICEBreakerPlatform"), "ice40", 12e6,
           NpuConfig(rows=2, cols=2, feature_maps=False, **_ICEBREAKER),
           description="1BitSquared iCEBreaker, iCE40UP5K",
-          loader_name="ice40_generic", device="ice40up5k", pll_mhz=22.0),
+          loader_name="ice40_generic", device="ice40up5k", pll_mhz=24.0),
     *(Board(f"ulx3s-{size}f", _platform("ulx3s", f"ULX3S_{size}F_Platform"), "ecp5", 25e6,
             NpuConfig(rows=array, cols=array, **_MEDIUM),
             description=f"Radiona ULX3S, LFE5U-{size}F", loader_name="ulx3s", pll_mhz=pll,
