@@ -28,10 +28,11 @@ CONFIG = NpuConfig(rows=4, cols=4, activation_depth=1024, weight_depth=2048,
                    accumulator_depth=512, instruction_depth=256, param_depth=64)
 
 
-def serve_sim(*extra: str):
-    """A running ``npugen serve-sim`` of CONFIG; yields its URL."""
+def serve_sim(*extra: str, config: NpuConfig | None = CONFIG):
+    """A running ``npugen serve-sim`` of ``config`` (none: ``extra`` names it); yields its
+    URL."""
     flags = []
-    for name, value in CONFIG.to_dict().items():
+    for name, value in (config.to_dict().items() if config else ()):
         flags += [f"--{name.replace('_', '-')}", str(value)]
     server = subprocess.Popen([sys.executable, "-m", "npugen", "serve-sim", "--port", "0",
                                *flags, *extra], stdout=subprocess.PIPE, text=True)
@@ -181,3 +182,27 @@ def test_answers_read_together_are_all_kept():
             device._port.write(encode_response(Command.WRITE, seq, LinkStatus.OK))
         answers = device.requests(Command.WRITE, [struct.pack("<I", 0)] * 2)
     assert [a.seq for a in answers] == [1, 2] and device.retried == 0
+
+
+def test_icebreaker_default_runs_the_demo_mlp():
+    """The iCEBreaker's default NPU (2x2, 16K weight words), simulated as its build maps it
+    (SB_MAC16 pairs, the weights in SPRAM), runs the demo MLP 64-64-32-10 through the UART:
+    the golden output and cycles."""
+    from npugen.boards import BOARDS
+
+    config = BOARDS["icebreaker"].default_config
+    x_train, x_test, y_train, _ = digits()
+    classifier = train_mlp(x_train, y_train, (64, 32))
+    program = compile_model(load_onnx(mlp_to_onnx(classifier, "/dev/null")), config,
+                            calibration=x_train[:256])
+    golden = run(program, x_test[:24])
+    served = serve_sim("--board", "icebreaker", config=None)
+    url = next(served)
+    folder = default_build_root() / "sim" / f"verilator-board-ice40-{config.digest()}"
+    assert "SB_SPRAM256KA " in (folder / "board.v").read_text()
+    with Device.open(url) as device:
+        assert device.identify() == config
+        result = device.run(program, x_test[:24])
+    assert np.array_equal(result.quantized_output, golden.quantized_output)
+    assert result.counters == golden.counters
+    next(served, None)
