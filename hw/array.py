@@ -9,7 +9,7 @@ from ..golden import ARRAY_INPUT_STAGES, array_latency
 from .dsp import paired_columns, registered_products
 from .pe import ProcessingElement
 
-__all__ = ["SystolicArray"]
+__all__ = ["SystolicArray", "psum_width"]
 
 
 def _delay(m: Module, value, cycles: int, name: str):
@@ -21,12 +21,22 @@ def _delay(m: Module, value, cycles: int, name: str):
     return value
 
 
+def psum_width(config: NpuConfig, products: int) -> int:
+    """Bits that hold a sum of ``products`` products exactly (or the accumulator width, if
+    fewer: the accumulators wrap anyway, and a sum wrapped first wraps to the same value).
+    A column's sum after row r has r + 1 products, so the partial sums, their adders and
+    the deskew registers are only as wide as the rows above them need (int8, 2 rows: 17
+    bits, 8 rows: 19, instead of 32)."""
+    most = products << (config.input_width + config.weight_width - 2)  # |a·b| <= 2**(a+b-2)
+    return min(config.accumulator_width, most.bit_length() + 1)
+
+
 class SystolicArray(wiring.Component):
     """``rows`` × ``cols`` PEs. An activation word (one input per row) enters per cycle
     into a register; row r sees it r cycles after that (skew). Column c's sum leaves the
     bottom and is delayed ``cols - 1 - c`` cycles (deskew), so a whole result row appears
-    at once,
-    ``latency`` cycles after its activation word.
+    at once, ``latency`` cycles after its activation word, sign-extended from the width
+    the column's sums can reach (``psum_width``) to the accumulators'.
 
     ``weight_row`` with ``load`` shifts one row of weights into the top of bank
     ``load_bank``; ``rows`` such cycles load a tile (last row first).
@@ -54,9 +64,9 @@ class SystolicArray(wiring.Component):
         # one: columns 2k and 2k + 1 (an odd last column multiplies alone).
         paired_cols = paired_columns(platform, c.cols, c.input_width, c.weight_width)
         pes = [[ProcessingElement(input_width=c.input_width, weight_width=c.weight_width,
-                                  accumulator_width=c.accumulator_width,
+                                  psum_width=psum_width(c, r + 1),
                                   shared_multiplier=col < paired_cols)
-                for col in range(c.cols)] for _ in range(c.rows)]
+                for col in range(c.cols)] for r in range(c.rows)]
         for r in range(c.rows):
             for col in range(c.cols):
                 pe = pes[r][col]

@@ -18,24 +18,27 @@ class ProcessingElement(wiring.Component):
     ``load_bank`` while ``load`` is high; the other bank keeps computing, so the next
     weight tile loads under the current one.
 
+    ``psum_width``: the partial sums it takes and passes on; a sum that does not fit wraps,
+    as the accumulators do (the array gives each row what its sums can reach).
+
     ``shared_multiplier``: the PE multiplies outside itself. It presents its operands on
     ``mul_act`` and ``mul_weight`` and takes their product, registered one cycle, on
     ``product``; the array packs such PEs two per DSP block (hw/dsp.py).
     """
 
-    def __init__(self, *, input_width: int, weight_width: int, accumulator_width: int,
+    def __init__(self, *, input_width: int, weight_width: int, psum_width: int,
                  shared_multiplier: bool = False):
         for name, value in (("input_width", input_width), ("weight_width", weight_width),
-                            ("accumulator_width", accumulator_width)):
+                            ("psum_width", psum_width)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
         members = {
             "act_in": In(signed(input_width)),
             "bank_in": In(1),
-            "psum_in": In(signed(accumulator_width)),
+            "psum_in": In(signed(psum_width)),
             "act_out": Out(signed(input_width)),
             "bank_out": Out(1),
-            "psum_out": Out(signed(accumulator_width)),
+            "psum_out": Out(signed(psum_width)),
             "weight_in": In(signed(weight_width)),
             "weight_out": Out(signed(weight_width)),
             "load": In(1),

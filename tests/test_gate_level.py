@@ -233,7 +233,7 @@ def test_pe_netlist_matches_products(family, mapped, tmp_path):
     rows = pe_stimulus(np.random.default_rng(6))
     platform = _ulx3s() if mapped else None
     got = simulate_netlist(tmp_path, family, ProcessingElement(
-        input_width=8, weight_width=8, accumulator_width=32), PE_PORTS, [("psum_out", 32)],
+        input_width=8, weight_width=8, psum_width=32), PE_PORTS, [("psum_out", 32)],
         np.array(rows, dtype=np.int64), hold=1, platform=platform)
     if mapped:
         assert "MULT18X18D" in (tmp_path / "dut.v").read_text()
@@ -256,7 +256,7 @@ class SharedMultiplierPair(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        pes = [ProcessingElement(input_width=8, weight_width=8, accumulator_width=32,
+        pes = [ProcessingElement(input_width=8, weight_width=8, psum_width=32,
                                  shared_multiplier=True) for _ in range(2)]
         for i, pe in enumerate(pes):
             m.submodules[f"pe{i}"] = pe

@@ -45,7 +45,7 @@ def signed_range(width: int) -> tuple[int, int]:
 
 # -- Processing element --------------------------------------------------------------------
 
-PE_WIDTHS = {"input_width": 8, "weight_width": 8, "accumulator_width": 16}
+PE_WIDTHS = {"input_width": 8, "weight_width": 8, "psum_width": 16}
 
 
 def test_pe_banks_products_and_wraparound():
