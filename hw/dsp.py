@@ -18,8 +18,8 @@ from amaranth import Cat, ClockSignal, Const, Module, ResetSignal, Signal, signe
 from amaranth.hdl import Instance, Value
 
 __all__ = ["ECP5_MULT_WIDTH", "ICE40_MAC_8X8_WIDTH", "ICE40_MAC_STANDIN", "PRIMITIVE_FAMILIES",
-           "PrimitiveFamily", "paired_columns", "products_per_block", "registered_product",
-           "registered_products", "simulation_models", "synthesis_support"]
+           "PrimitiveFamily", "paired_columns", "platform_family", "products_per_block",
+           "registered_product", "registered_products", "simulation_models", "synthesis_support"]
 
 #: Operand width of the ECP5 MULT18X18D.
 ECP5_MULT_WIDTH = 18
@@ -44,7 +44,7 @@ class PrimitiveFamily:
         self.family = family
 
 
-def _family(platform) -> str:
+def platform_family(platform) -> str:
     """The FPGA family of ``platform`` in lower case (Amaranth spells iCE40 "iCE40"), or ""
     for the generic design."""
     return str(getattr(platform, "family", "")).lower()
@@ -53,7 +53,7 @@ def _family(platform) -> str:
 def products_per_block(platform, a_width: int, b_width: int) -> int:
     """How many ``a_width`` × ``b_width`` products hw/dsp.py packs into one DSP block of
     ``platform``: two in an iCE40 SB_MAC16 (its 8×8 mode) when both fit 8 bits, else one."""
-    if _family(platform) == "ice40" and max(a_width, b_width) <= ICE40_MAC_8X8_WIDTH:
+    if platform_family(platform) == "ice40" and max(a_width, b_width) <= ICE40_MAC_8X8_WIDTH:
         return 2
     return 1
 
@@ -149,7 +149,7 @@ def registered_product(m: Module, platform, a: Value, b: Value, *, name: str,
     width = len(a) + len(b)
     product = Signal(signed(width), name=name, reset_less=not reset)
     fits = all(len(x) + (not x.shape().signed) <= ECP5_MULT_WIDTH for x in (a, b))
-    if _family(platform) != "ecp5" or not fits:
+    if platform_family(platform) != "ecp5" or not fits:
         m.d.sync += product.eq(a * b)
         return product
     a18, b18 = Signal(signed(ECP5_MULT_WIDTH)), Signal(signed(ECP5_MULT_WIDTH))

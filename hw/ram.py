@@ -11,6 +11,7 @@ from amaranth.hdl import Instance
 from amaranth.lib.memory import Memory, ReadPort, WritePort
 
 from ..memory_map import MemoryInfo, Region
+from .dsp import platform_family
 
 __all__ = ["SPRAM_WIDTH", "SPRAM_DEPTH", "SPRAM_BLOCKS", "spram_blocks", "memory_ports"]
 
@@ -25,15 +26,11 @@ _SPRAM_MASK_BITS = 4
 _SPRAM_REGIONS = (Region.WEIGHTS,)
 
 
-def _family(platform) -> str:
-    return str(getattr(platform, "family", "")).lower()
-
-
 def spram_blocks(platform, info: MemoryInfo) -> int:
     """How many SB_SPRAM256KA hold memory ``info`` on ``platform``; 0 when it stays a
     generic memory (not iCE40, not a SPRAM region, write lanes that are not whole mask
     lanes, or more blocks than the chip has)."""
-    if (_family(platform) != "ice40" or info.region not in _SPRAM_REGIONS
+    if (platform_family(platform) != "ice40" or info.region not in _SPRAM_REGIONS
             or info.granularity % _SPRAM_MASK_BITS):
         return 0
     blocks = -(-info.width // SPRAM_WIDTH) * -(-info.depth // SPRAM_DEPTH)
