@@ -75,11 +75,11 @@ BOARDS: dict[str, Board] = {board.name: board for board in (
             description=f"Radiona ULX3S, LFE5U-{size}F", loader_name="ulx3s", pll_mhz=pll,
             device=f"lfe5u-{size}f")
       for size, array, pll in ((12, 4, 80.0), (25, 4, 80.0), (45, 8, 75.0), (85, 8, 75.0))),
-    # 4×4 no longer places (2026-11-29: 5689 LUT4 + 1940 ALU of 8640 positions and 4144
-    # flip-flops, nextpnr finds no legal placement); 2×4 keeps the demo MLP's weights in
-    # 2048 words, which 4×2 would not.
+    # 4×4 places again since the narrower counters, requantizer and partial sums
+    # (2026-11-29: 5704 LUT4 + 1556 ALU of 8640 positions, 3659 flip-flops, 75.3 MHz; it
+    # had found no legal placement at 5689 + 1940 and 4144 flip-flops).
     Board("tang-nano-9k", _platform("tang_nano_9k", "TangNano9kPlatform"), "gowin", 27e6,
-          NpuConfig(rows=2, cols=4, feature_maps=False, **_MEDIUM),
+          NpuConfig(rows=4, cols=4, feature_maps=False, **_MEDIUM),
           description="Sipeed Tang Nano 9K, GW1NR-9C (Apicula flow)", loader_name="tangnano9k",
           device="gw1nr-9c"),
     Board("orangecrab-25f", _orangecrab_25f, "ecp5", 48e6,
