@@ -46,8 +46,9 @@ def _platform(module: str, cls: str) -> Callable[[], object]:
 _ICEBREAKER = dict(activation_depth=256, weight_depth=16384, accumulator_depth=128,
                    instruction_depth=256, param_depth=128, requant_lanes=1)
 # The iCEBreaker's and the Tang Nano 9K's NPUs leave out the feature-map hardware (address
-# walks, max, add): with it, the iCEBreaker's 2x2 needs 6110 of 5280 LCs, and the Tang's
-# 4x4 (6685 LUT4 + 2100 ALU of 8640) does not place.
+# walks, max, add): with it, the iCEBreaker's 2x2 needed 6110 of 5280 LCs, and the Tang's
+# 4x4 (6685 LUT4 + 2100 ALU of 8640) did not place (before 2026-11-29's savings of some
+# 500 LCs).
 # Enough for the demo MLP (64-64-32-10) and models of its size.
 _MEDIUM = dict(activation_depth=1024, weight_depth=2048, accumulator_depth=512,
                instruction_depth=512, param_depth=128, requant_lanes=1)

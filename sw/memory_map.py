@@ -37,7 +37,7 @@ class Region(enum.IntEnum):
 
 #: Width of the performance counters and UPTIME. Each reads as two words, low then high;
 #: the high word's upper bits read 0. 2**48 cycles is 38 days at 85 MHz; narrower than 64
-#: bits, the four counters and UPTIME save some 80 iCE40 logic cells.
+#: bits, they leave room on the iCE40UP5K (docs/BOARDS.md).
 COUNTER_BITS = 48
 #: Performance counters, COUNTER_BITS each, at COUNTERS + 2·i (low word) and +1 (high word).
 COUNTER_NAMES = ("cycles", "busy_cycles", "macs", "stall_cycles")
