@@ -75,7 +75,9 @@ BOARDS: dict[str, Board] = {board.name: board for board in (
             NpuConfig(rows=array, cols=array, **_MEDIUM),
             description=f"Radiona ULX3S, LFE5U-{size}F", loader_name="ulx3s", pll_mhz=pll,
             device=f"lfe5u-{size}f")
-      for size, array, pll in ((12, 4, 80.0), (25, 4, 80.0), (45, 8, 75.0), (85, 8, 75.0))),
+      # The 85F's 12×12 has 96 products in MULT18X18Ds and 48 in logic (hw/dsp.py,
+      # ECP5_DSP_PRODUCTS): nextpnr does not route 144 MULT18X18Ds.
+      for size, array, pll in ((12, 4, 80.0), (25, 4, 80.0), (45, 8, 75.0), (85, 12, 75.0))),
     # 4×4 places again since the narrower counters, requantizer and partial sums
     # (2026-11-29: 5704 LUT4 + 1556 ALU of 8640 positions, 3659 flip-flops, 75.3 MHz; it
     # had found no legal placement at 5689 + 1940 and 4144 flip-flops).

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import NpuConfig
-from ..hw.dsp import PrimitiveFamily, paired_columns
+from ..hw.dsp import PrimitiveFamily, dsp_rows, paired_columns
 from ..hw.ram import SPRAM_BLOCKS, spram_blocks
 from ..memory_map import memories
 from ..protocol import RX_FIFO_BYTES
@@ -30,21 +30,23 @@ class Device:
     min_product_bits: int = 0   # narrower products stay in logic
     paired_products: bool = False  # two int8 products per slot, as hw/dsp.py pairs them
     spram_blocks: int = 0          # iCE40UP5K SPRAM, which hw/ram.py maps the weights to
+    family: str = ""               # whose mapping (hw/dsp.py, hw/ram.py) the build uses
 
 
 DEVICES = {
     # The array's products go two per SB_MAC16 (hw/dsp.py); -dsp maps any other multiply
     # with a product of 11 bits or more to a whole SB_MAC16.
     "ice40up5k": Device("iCE40UP5K", 8, "SB_MAC16", 4, 30 * 4096, "EBR", 30, 5280, "LC",
-                         min_product_bits=11, paired_products=True, spram_blocks=SPRAM_BLOCKS),
+                         min_product_bits=11, paired_products=True, spram_blocks=SPRAM_BLOCKS,
+                         family="ice40"),
     "lfe5u-12f": Device("LFE5U-12F", 28, "MULT18X18D", 4, 32 * 18432, "DP16KD", 32, 12288,
-                        "LUT"),
+                        "LUT", family="ecp5"),
     "lfe5u-25f": Device("LFE5U-25F", 28, "MULT18X18D", 4, 56 * 18432, "DP16KD", 56, 24288,
-                        "LUT"),
+                        "LUT", family="ecp5"),
     "lfe5u-45f": Device("LFE5U-45F", 72, "MULT18X18D", 4, 108 * 18432, "DP16KD", 108, 43848,
-                        "LUT"),
+                        "LUT", family="ecp5"),
     "lfe5u-85f": Device("LFE5U-85F", 156, "MULT18X18D", 4, 208 * 18432, "DP16KD", 208, 83640,
-                        "LUT"),
+                        "LUT", family="ecp5"),
     # Two MULT9X9 per MULT18X18; a MULT36X36 takes four MULT18X18, eight 9x9 slots.
     "gw1nr-9c": Device("GW1NR-9C", 40, "MULT9X9", 8, 26 * 18432, "BSRAM", 26, 8640, "LUT4"),
 }
@@ -70,20 +72,22 @@ class Estimate:
 
 
 def estimate(config: NpuConfig, device: Device) -> Estimate:
-    """Lower bounds: every product of the array (or pair of products, where the device
-    pairs them) and each requantizer lane's 32x32 product takes hard multipliers, and
-    every memory's bits take block RAM, or SPRAM where hw/ram.py maps it there."""
-    family = PrimitiveFamily("ice40") if device.spram_blocks else None
+    """Lower bounds: every product of the array's rows in DSP blocks (or pair of products,
+    where the device pairs them; rows past the family's DSP budget multiply in logic) and
+    each requantizer lane's 32x32 product takes hard multipliers, and every memory's bits
+    take block RAM, or SPRAM where hw/ram.py maps it there."""
+    family = PrimitiveFamily(device.family) if device.family else None
     in_spram = {region: spram_blocks(family, info)
                 for region, info in memories(config).items()}
     bits = sum(info.depth * info.width for region, info in memories(config).items()
                if not in_spram[region])
     product_bits = config.input_width + config.weight_width
-    paired = (paired_columns(PrimitiveFamily("ice40"), config.cols, config.input_width,
-                             config.weight_width) if device.paired_products else 0)
-    alone = config.rows * (config.cols - paired)
-    products = config.rows * paired // 2 + (alone if product_bits >= device.min_product_bits
-                                            else 0)
+    paired = (paired_columns(family, config.cols, config.input_width, config.weight_width)
+              if device.paired_products else 0)
+    rows = dsp_rows(family, config.rows, config.cols)
+    alone = rows * (config.cols - paired)
+    products = rows * paired // 2 + (alone if product_bits >= device.min_product_bits
+                                     else 0)
     return Estimate(
         multipliers=products + config.requant_lanes * device.wide_product_slots,
         block_ram_bits=bits + RX_FIFO_BYTES * 8, spram_blocks=sum(in_spram.values()))

@@ -6,7 +6,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig
 from ..golden import ARRAY_INPUT_STAGES, array_latency
-from .dsp import paired_columns, registered_products
+from .dsp import dsp_rows, paired_columns, registered_products
 from .pe import ProcessingElement
 
 __all__ = ["SystolicArray", "psum_width"]
@@ -62,10 +62,13 @@ class SystolicArray(wiring.Component):
         m = Module()
         # Where a DSP block holds two products (iCE40), neighbouring PEs of a row share
         # one: columns 2k and 2k + 1 (an odd last column multiplies alone).
+        # Rows past the platform's DSP budget multiply in logic (hw/dsp.py, dsp_rows).
         paired_cols = paired_columns(platform, c.cols, c.input_width, c.weight_width)
+        in_dsp = dsp_rows(platform, c.rows, c.cols)
         pes = [[ProcessingElement(input_width=c.input_width, weight_width=c.weight_width,
                                   psum_width=psum_width(c, r + 1),
-                                  shared_multiplier=col < paired_cols)
+                                  shared_multiplier=r < in_dsp and col < paired_cols,
+                                  fabric_multiplier=r >= in_dsp)
                 for col in range(c.cols)] for r in range(c.rows)]
         for r in range(c.rows):
             for col in range(c.cols):
@@ -87,7 +90,7 @@ class SystolicArray(wiring.Component):
                     above = pes[r - 1][col]
                     m.d.comb += [pe.psum_in.eq(above.psum_out),
                                  pe.weight_in.eq(above.weight_out)]
-            if paired_cols:
+            if paired_cols and r < in_dsp:
                 shared = pes[r][:paired_cols]
                 products = registered_products(
                     m, platform, [(pe.mul_act, pe.mul_weight) for pe in shared],

@@ -14,12 +14,13 @@ from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
-from amaranth import Cat, ClockSignal, Const, Module, ResetSignal, Signal, signed
+from amaranth import Cat, ClockSignal, Const, Module, Mux, ResetSignal, Signal, signed
 from amaranth.hdl import Instance, Value
 
-__all__ = ["ECP5_MULT_WIDTH", "ICE40_MAC_8X8_WIDTH", "ICE40_MAC_STANDIN", "PRIMITIVE_FAMILIES",
-           "PrimitiveFamily", "paired_columns", "platform_family", "products_per_block",
-           "registered_product", "registered_products", "simulation_models", "synthesis_support"]
+__all__ = ["ECP5_DSP_PRODUCTS", "ECP5_MULT_WIDTH", "ICE40_MAC_8X8_WIDTH", "ICE40_MAC_STANDIN",
+           "PRIMITIVE_FAMILIES", "PrimitiveFamily", "dsp_rows", "fabric_product",
+           "paired_columns", "platform_family", "products_per_block", "registered_product",
+           "registered_products", "simulation_models", "synthesis_support"]
 
 #: Operand width of the ECP5 MULT18X18D.
 ECP5_MULT_WIDTH = 18
@@ -33,21 +34,50 @@ ICE40_MAC_8X8_WIDTH = 8
 ICE40_MAC_STANDIN = "npugen_SB_MAC16"
 
 
+#: On ECP5 at most this many of the array's products go to MULT18X18Ds, in whole rows from
+#: the top; the rows below multiply in logic (``fabric_product``). nextpnr 0.11 does not
+#: route a 12×12 array with all 144 products in MULT18X18Ds (148 of the LFE5U-85F's 156,
+#: with the requantizer's four): 55,000 of 74,000 arcs were left after 12 minutes of
+#: routing. With 96 in MULT18X18Ds and 48 in logic it routes in 6 minutes (docs/BOARDS.md).
+ECP5_DSP_PRODUCTS = 96
+
+
 class PrimitiveFamily:
     """Stands in for a board's platform when the design is elaborated for simulation with
-    that family's hand-instantiated primitives (only ``family`` is read)."""
+    that family's hand-instantiated primitives (only ``family`` and ``dsp_products`` are
+    read). ``dsp_products``: at most so many of the array's products in DSP blocks (see
+    ``dsp_rows``); None: the family's own limit."""
 
-    def __init__(self, family: str):
+    def __init__(self, family: str, dsp_products: int | None = None):
         if family not in PRIMITIVE_FAMILIES:
             raise ValueError(f"primitives must be one of {', '.join(PRIMITIVE_FAMILIES)}, "
                              f"not {family!r}")
+        if dsp_products is not None and (not isinstance(dsp_products, int) or dsp_products < 0):
+            raise ValueError(f"dsp_products must be a non-negative integer or None, not "
+                             f"{dsp_products!r}")
         self.family = family
+        self.dsp_products = dsp_products
+
+    @property
+    def name(self) -> str:
+        """``family``, with the product limit when one is given: ``ecp5-dsp40``."""
+        return self.family + ("" if self.dsp_products is None else f"-dsp{self.dsp_products}")
 
 
 def platform_family(platform) -> str:
     """The FPGA family of ``platform`` in lower case (Amaranth spells iCE40 "iCE40"), or ""
     for the generic design."""
     return str(getattr(platform, "family", "")).lower()
+
+
+def dsp_rows(platform, rows: int, cols: int) -> int:
+    """How many of an array's ``rows``, from the top, multiply in DSP blocks on
+    ``platform``; the rows below multiply in logic (``fabric_product``). All of them, unless
+    the platform's ``dsp_products`` (or on ECP5, ``ECP5_DSP_PRODUCTS``) is fewer products."""
+    limit = getattr(platform, "dsp_products", None)
+    if limit is None and platform_family(platform) == "ecp5":
+        limit = ECP5_DSP_PRODUCTS
+    return rows if limit is None else min(rows, limit // cols)
 
 
 def products_per_block(platform, a_width: int, b_width: int) -> int:
@@ -152,9 +182,15 @@ def registered_product(m: Module, platform, a: Value, b: Value, *, name: str,
     if platform_family(platform) != "ecp5" or not fits:
         m.d.sync += product.eq(a * b)
         return product
-    a18, b18 = Signal(signed(ECP5_MULT_WIDTH)), Signal(signed(ECP5_MULT_WIDTH))
+    # Each operand goes to the top of its 18-bit input with zeros below, not sign-extended:
+    # nextpnr ties constant DSP inputs in the bitstream, so an int8 operand is 8 routed
+    # wires instead of 18 (its sign bit fanned out to ten pins), and the product is the
+    # top of P.
+    a18, b18 = (Signal(signed(ECP5_MULT_WIDTH)) for _ in range(2))
+    shifts = [ECP5_MULT_WIDTH - len(x) - (not x.shape().signed) for x in (a, b)]
     p36 = Signal(2 * ECP5_MULT_WIDTH)
-    m.d.comb += [a18.eq(a), b18.eq(b), product.eq(p36[:width])]
+    m.d.comb += [a18.eq(a << shifts[0]), b18.eq(b << shifts[1]),
+                 product.eq(p36[sum(shifts):sum(shifts) + width])]
     ports = {}
     for i in range(ECP5_MULT_WIDTH):
         ports[f"i_A{i}"] = a18[i]
@@ -180,6 +216,20 @@ def registered_product(m: Module, platform, a: Value, b: Value, *, name: str,
         **ports,
     )
     return product
+
+
+def fabric_product(a: Value, b: Value) -> Value:
+    """``a * b`` (both signed) in logic, never in a DSP block: the partial products
+    ``a · b[i] · 2^i`` (the sign bit's subtracted), summed.
+
+    yosys takes the sum for one multi-operand adder and builds it mostly from LUTs (an 8×8
+    product on ECP5: 298 LUT4s, 110 PFUMX and 13 CCU2C). A balanced tree with each sum
+    kept as a carry chain takes 41 CCU2C and 66 LUT4s, but a 12×12 array with 48 such
+    products routed far slower on the LFE5U-85F (docs/BOARDS.md)."""
+    width = len(a) + len(b)
+    terms = [Mux(b[i], a, 0).as_signed() << i for i in range(len(b) - 1)]
+    terms.append((-Mux(b[-1], a, 0).as_signed()) << (len(b) - 1))
+    return sum(terms[1:], terms[0])[:width].as_signed()
 
 
 # Behavioural model of the MULT18X18D as hw/dsp.py and yosys's dsp_map_18x18.v instantiate it:

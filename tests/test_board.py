@@ -22,7 +22,7 @@ from npugen.importers import load_onnx
 from npugen.memory_map import Region, address, identity_words
 from npugen.protocol import Command, LinkStatus, encode_request, encode_response
 from npugen.runtime import run
-from npugen.sim.runner import default_build_root
+from npugen.sim.runner import build_folder
 
 CONFIG = NpuConfig(rows=4, cols=4, activation_depth=1024, weight_depth=2048,
                    accumulator_depth=512, instruction_depth=256, param_depth=64)
@@ -62,7 +62,7 @@ def any_board(request, board):
         served = serve_sim("--primitives", request.param)
         url = next(served)
         # The board that answers was built with the family's primitives and their models.
-        folder = default_build_root() / "sim" / f"verilator-board-{request.param}-{CONFIG.digest()}"
+        folder = build_folder(CONFIG, "verilator", "board", request.param)
         primitive = MAPPED_PRIMITIVES[request.param]
         assert f"{primitive} #(" in (folder / "board.v").read_text()
         assert (folder / f"{primitive}.v").exists()
@@ -198,7 +198,7 @@ def test_icebreaker_default_runs_the_demo_mlp():
     golden = run(program, x_test[:24])
     served = serve_sim("--board", "icebreaker", config=None)
     url = next(served)
-    folder = default_build_root() / "sim" / f"verilator-board-ice40-{config.digest()}"
+    folder = build_folder(config, "verilator", "board", "ice40")
     assert "SB_SPRAM256KA " in (folder / "board.v").read_text()
     with Device.open(url) as device:
         assert device.identify() == config

@@ -224,18 +224,25 @@ def _first_difference(out: list[int], expected: list[int], what: str) -> str:
         f"expected {expected[mismatches[0]]}, got {out[mismatches[0]]}")
 
 
-@pytest.mark.parametrize("family, mapped", [("ice40", False), ("ecp5", False), ("ecp5", True)],
-                         ids=["ice40", "ecp5", "ecp5-mult18x18d-registered"])
-def test_pe_netlist_matches_products(family, mapped, tmp_path):
+@pytest.mark.parametrize("family, mapped, fabric", [
+    ("ice40", False, False), ("ecp5", False, False), ("ecp5", True, False),
+    ("ecp5", True, True), ("ice40", False, True)],
+    ids=["ice40", "ecp5", "ecp5-mult18x18d-registered", "ecp5-fabric", "ice40-fabric"])
+def test_pe_netlist_matches_products(family, mapped, fabric, tmp_path):
     """``psum_out`` equals the cycle model of the PE on every cycle, wrapped at 32 bits.
     ``mapped``: elaborated for the ULX3S, so the product is hw/dsp.py's hand-instantiated
-    MULT18X18D."""
+    MULT18X18D. ``fabric``: the product in logic (``fabric_product``, the rows past the
+    DSP budget), with no DSP block in the netlist."""
     rows = pe_stimulus(np.random.default_rng(6))
     platform = _ulx3s() if mapped else None
     got = simulate_netlist(tmp_path, family, ProcessingElement(
-        input_width=8, weight_width=8, psum_width=32), PE_PORTS, [("psum_out", 32)],
-        np.array(rows, dtype=np.int64), hold=1, platform=platform)
-    if mapped:
+        input_width=8, weight_width=8, psum_width=32, fabric_multiplier=fabric), PE_PORTS,
+        [("psum_out", 32)], np.array(rows, dtype=np.int64), hold=1, platform=platform)
+    netlist = (tmp_path / "netlist.v").read_text()
+    if fabric:
+        assert "MULT18X18D" not in netlist and "SB_MAC16" not in netlist
+        assert ("CCU2C" if family == "ecp5" else "SB_CARRY") in netlist
+    elif mapped:
         assert "MULT18X18D" in (tmp_path / "dut.v").read_text()
     difference = _first_difference([_signed(value, 32) for (value,) in got],
                                     pe_reference(rows), "psum_out")

@@ -703,3 +703,51 @@ def test_dsp_mapping_refuses_what_it_cannot_build():
     with pytest.raises(ValueError, match="register must be 'input' or 'output', not 'both'"):
         registered_product(Module(), PrimitiveFamily("ecp5"), Signal(signed(8)),
                            Signal(signed(8)), name="p", register="both")
+    with pytest.raises(ValueError, match="dsp_products must be a non-negative integer"):
+        PrimitiveFamily("ecp5", dsp_products=-1)
+    with pytest.raises(ValueError, match="not both"):
+        ProcessingElement(input_width=8, weight_width=8, psum_width=17,
+                          shared_multiplier=True, fabric_multiplier=True)
+
+
+def test_dsp_rows_follow_the_budget():
+    """ECP5 puts at most ECP5_DSP_PRODUCTS of the array's products in MULT18X18Ds, in
+    whole rows; a platform's own budget overrides it; elsewhere every row is in DSPs."""
+    from npugen.hw.dsp import ECP5_DSP_PRODUCTS, PrimitiveFamily, dsp_rows
+
+    ecp5 = PrimitiveFamily("ecp5")
+    assert dsp_rows(ecp5, 8, 8) == 8
+    assert dsp_rows(ecp5, 12, 12) == ECP5_DSP_PRODUCTS // 12 == 8
+    assert dsp_rows(PrimitiveFamily("ecp5", dsp_products=3), 2, 3) == 1
+    assert dsp_rows(PrimitiveFamily("ecp5", dsp_products=0), 2, 3) == 0
+    assert dsp_rows(PrimitiveFamily("ice40"), 64, 64) == 64
+    assert dsp_rows(None, 64, 64) == 64
+
+
+@pytest.mark.parametrize("a_width, b_width", [(8, 8), (4, 4), (8, 3), (2, 8)])
+def test_fabric_product_is_the_signed_product(a_width, b_width):
+    """``fabric_product`` (the products past the DSP budget, in logic) over every pair of
+    operands."""
+    from amaranth import Module, Signal, signed
+    from amaranth.sim import Simulator
+
+    from npugen.hw.dsp import fabric_product
+
+    a, b = Signal(signed(a_width)), Signal(signed(b_width))
+    product = Signal(signed(a_width + b_width))
+    m = Module()
+    m.d.comb += product.eq(fabric_product(a, b))
+    simulator = Simulator(m)
+    wrong = []
+
+    async def testbench(ctx):
+        for x in range(-(1 << a_width - 1), 1 << a_width - 1):
+            for y in range(-(1 << b_width - 1), 1 << b_width - 1):
+                ctx.set(a, x)
+                ctx.set(b, y)
+                if ctx.get(product) != x * y:
+                    wrong.append((x, y, ctx.get(product)))
+
+    simulator.add_testbench(testbench)
+    simulator.run()
+    assert not wrong, wrong[:5]

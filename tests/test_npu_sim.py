@@ -7,10 +7,10 @@ import pytest
 
 from conftest import available_simulators
 from npugen.config import NpuConfig
-from npugen.hw.dsp import ICE40_MAC_STANDIN
+from npugen.hw.dsp import ICE40_MAC_STANDIN, PrimitiveFamily
 from npugen.job import run_golden
 from npugen.matmul import matmul_output
-from npugen.sim.runner import build, simulate
+from npugen.sim.runner import build, build_folder, simulate
 from programs import (
     GUARD_VALUE,
     back_to_back_accumulate_job,
@@ -46,12 +46,15 @@ def zero_point_cases(config: NpuConfig) -> list[tuple[int, tuple[int, int]]]:
 
 # Every config generic, and some with the boards' mappings (hw/dsp.py) simulated with the
 # primitives' models: the same golden results. ECP5: a MULT18X18D with input registers per
-# product. iCE40: two products per SB_MAC16 (yosys's model), with an odd last column alone
-# (2x3) and narrower operands (int4).
+# product (8x8); with a DSP budget of one row (2x3), the second row's products in logic.
+# iCE40: two products per SB_MAC16 (yosys's model), with an odd last column alone (2x3) and
+# narrower operands (int4).
+ECP5_ONE_DSP_ROW = PrimitiveFamily("ecp5", dsp_products=3)
 PRIMITIVE_CASES = [
     pytest.param(name, simulator.values[0], primitives, marks=simulator.marks,
-                 id=f"{name}-{simulator.id}{'-' + primitives if primitives else ''}")
-    for name, primitives in [*((name, None) for name in CONFIGS), ("2x3", "ecp5"),
+                 id=f"{name}-{simulator.id}-{getattr(primitives, 'name', primitives)}"
+                 if primitives else f"{name}-{simulator.id}")
+    for name, primitives in [*((name, None) for name in CONFIGS), ("2x3", ECP5_ONE_DSP_ROW),
                              ("8x8", "ecp5"), ("2x3", "ice40"), ("4x4-int4-acc16", "ice40")]
     for simulator in available_simulators()]
 
@@ -119,18 +122,22 @@ def test_feature_map_operators_match_golden(name, simulator):
 
 
 @pytest.mark.parametrize("simulator", available_simulators())
-@pytest.mark.parametrize("family, primitive, per_row, per_lane", [
-    ("ecp5", "MULT18X18D", 3, 4), ("ice40", ICE40_MAC_STANDIN, 1, 0)])
-def test_primitives_are_in_the_simulated_design(simulator, family, primitive, per_row,
+@pytest.mark.parametrize("family, primitive, in_array, per_lane", [
+    (ECP5_ONE_DSP_ROW, "MULT18X18D", 3, 4), ("ice40", ICE40_MAC_STANDIN, 2, 0)],
+    ids=["ecp5", "ice40"])
+def test_primitives_are_in_the_simulated_design(simulator, family, primitive, in_array,
                                                 per_lane):
     """simulate(..., primitives=family) builds the 2×3 NPU with the hand-instantiated
-    blocks (ECP5: one MULT18X18D per PE and four per requantizer lane; iCE40: one SB_MAC16
+    blocks (ECP5 with a budget of three products: one MULT18X18D per PE of the first row,
+    the second row's products in logic, and four per requantizer lane; iCE40: one SB_MAC16
     per pair of columns, the third column and the requantizer left to yosys) and compiles
     their model beside it (the generic build has none)."""
     config = CONFIGS["2x3"]
     mapped = build(config, simulator, primitives=family)
-    assert (mapped / "npu.v").read_text().count(f"{primitive} #(") == (
-        config.rows * per_row + config.requant_lanes * per_lane)
+    verilog = (mapped / "npu.v").read_text()
+    assert verilog.count(f"{primitive} #(") == in_array + config.requant_lanes * per_lane
+    if family is ECP5_ONE_DSP_ROW:
+        assert verilog.count("product_mult18x18d") == in_array  # row 1 multiplies in logic
     assert f"module {primitive}" in (mapped / f"{primitive}.v").read_text()
     generic = build(config, simulator)
     assert generic != mapped and primitive not in (generic / "npu.v").read_text()
@@ -143,3 +150,17 @@ def test_primitives_are_refused_where_they_cannot_run():
         simulate([job], simulator="amaranth", primitives="ecp5")
     with pytest.raises(ValueError, match="primitives must be one of ecp5, ice40, not 'gowin'"):
         build(config, "verilator", primitives="gowin")
+
+
+def test_build_folder_is_per_toolchain(monkeypatch, tmp_path):
+    """A cached simulator build keeps absolute paths into cocotb; one made with another
+    environment's cocotb (since deleted) is not reused."""
+    import cocotb
+
+    config = NpuConfig(rows=2, cols=2)
+    here = build_folder(config, "verilator", "npu", None, tmp_path)
+    assert here == build_folder(config, "verilator", "npu", None, tmp_path)
+    assert here.parent == tmp_path.resolve() / "sim"
+    assert config.digest() in here.name
+    monkeypatch.setattr(cocotb, "__file__", "/elsewhere/venv/cocotb/__init__.py")
+    assert build_folder(config, "verilator", "npu", None, tmp_path) != here
