@@ -41,9 +41,13 @@ def _platform(module: str, cls: str) -> Callable[[], object]:
 # The default configurations are what fits and meets timing, measured with
 # `npugen build --board NAME` (docs/BOARDS.md has the reports): DSP multipliers, block
 # RAM, and a PLL at the clock the design reaches on the board.
-# The iCEBreaker's weights go to SPRAM (hw/ram.py): one SB_SPRAM256KA holds 16K words of a
-# 2-column array, which with 256 instructions and 128 parameter words takes the demo MLP.
-_ICEBREAKER = dict(activation_depth=256, weight_depth=16384, accumulator_depth=128,
+# The iCEBreaker's weights go to SPRAM (hw/ram.py): two SB_SPRAM256KA side by side hold 16K
+# words of its 3-column array, which with 256 instructions and 128 parameter words takes
+# the demo MLP; 512 activation words let it run at batch 4 (at 256, batch 2: 3410 cycles
+# per inference instead of 2040). Its 2x3 uses all 8 DSPs (one SB_MAC16 per row for
+# columns 0-1, one per row for column 2, four for the requantizer) and 5157 of the 5280
+# LCs (2026-11-29, docs/BOARDS.md).
+_ICEBREAKER = dict(activation_depth=512, weight_depth=16384, accumulator_depth=128,
                    instruction_depth=256, param_depth=128, requant_lanes=1)
 # The iCEBreaker's and the Tang Nano 9K's NPUs leave out the feature-map hardware (address
 # walks, max, add): with it, the iCEBreaker's 2x2 needed 6110 of 5280 LCs, and the Tang's
@@ -68,7 +72,7 @@ def _orangecrab_25f() -> object:
 
 BOARDS: dict[str, Board] = {board.name: board for board in (
     Board("icebreaker", _platform("icebreaker", "ICEBreakerPlatform"), "ice40", 12e6,
-          NpuConfig(rows=2, cols=2, feature_maps=False, **_ICEBREAKER),
+          NpuConfig(rows=2, cols=3, feature_maps=False, **_ICEBREAKER),
           description="1BitSquared iCEBreaker, iCE40UP5K",
           loader_name="ice40_generic", device="ice40up5k", pll_mhz=24.0),
     *(Board(f"ulx3s-{size}f", _platform("ulx3s", f"ULX3S_{size}F_Platform"), "ecp5", 25e6,

@@ -18,6 +18,7 @@ from amaranth import Cat, ClockSignal, Const, Module, Mux, ResetSignal, Signal, 
 from amaranth.hdl import Instance, Value
 
 __all__ = ["ECP5_DSP_PRODUCTS", "ECP5_MULT_WIDTH", "ICE40_MAC_8X8_WIDTH", "ICE40_MAC_STANDIN",
+           "ICE40_MAC_WIDTH", "ICE40_MIN_DSP_PRODUCT_BITS",
            "PRIMITIVE_FAMILIES", "PrimitiveFamily", "dsp_rows", "fabric_product",
            "paired_columns", "platform_family", "products_per_block", "registered_product",
            "registered_products", "simulation_models", "synthesis_support"]
@@ -26,6 +27,11 @@ __all__ = ["ECP5_DSP_PRODUCTS", "ECP5_MULT_WIDTH", "ICE40_MAC_8X8_WIDTH", "ICE40
 ECP5_MULT_WIDTH = 18
 #: Operand width of each of the two products of an iCE40 SB_MAC16 in its 8×8 mode.
 ICE40_MAC_8X8_WIDTH = 8
+#: Operand width of an iCE40 SB_MAC16 in its 16×16 mode.
+ICE40_MAC_WIDTH = 16
+#: The narrowest product yosys's iCE40 flow (``synth_ice40 -dsp``) gives an SB_MAC16;
+#: hw/dsp.py hand-maps the same products, so the DSP count does not change.
+ICE40_MIN_DSP_PRODUCT_BITS = 11
 #: The name the design gives its SB_MAC16s until synthesis is over. yosys's ice40_dsp pass
 #: (``synth_ice40 -dsp``) takes every SB_MAC16 it finds for a 16×16 multiplier and rewrites
 #: its configuration (its help: "only the 16x16 multiply mode is supported"), which would
@@ -135,28 +141,55 @@ def _sb_mac16_8x8_pair(m: Module, a0: Value, b0: Value, a1: Value, b1: Value, *,
                 for i, (a, b) in enumerate(((a0, b0), (a1, b1)))]
     m.d.comb += [operand[0].eq(a0), operand[1].eq(b0), operand[2].eq(a1), operand[3].eq(b1),
                  products[0].eq(out[:width]), products[1].eq(out[width:])]
+    m.submodules[f"{name}_sb_mac16"] = _sb_mac16(
+        a=Cat(operand[0], operand[2]), b=Cat(operand[1], operand[3]), out=out,
+        MODE_8x8=1, TOP_8x8_MULT_REG=1, BOT_8x8_MULT_REG=1, TOPOUTPUT_SELECT=2,
+        BOTOUTPUT_SELECT=2, A_SIGNED=1, B_SIGNED=1)
+    return products
+
+
+def _sb_mac16(*, a: Value, b: Value, out: Value, reset: Value | int = 0,
+              **parameters: int) -> Instance:
+    """The stand-in for an SB_MAC16 with ``parameters`` set and every other parameter 0:
+    no adder, accumulator or hold; ``reset`` on IRSTBOT (the 16×16 product register's)."""
+    widths = dict(TOPOUTPUT_SELECT=2, BOTOUTPUT_SELECT=2, TOPADDSUB_LOWERINPUT=2,
+                  TOPADDSUB_CARRYSELECT=2, BOTADDSUB_LOWERINPUT=2, BOTADDSUB_CARRYSELECT=2)
+    names = ("NEG_TRIGGER", "C_REG", "A_REG", "B_REG", "D_REG", "TOP_8x8_MULT_REG",
+             "BOT_8x8_MULT_REG", "PIPELINE_16x16_MULT_REG1", "PIPELINE_16x16_MULT_REG2",
+             "TOPOUTPUT_SELECT", "TOPADDSUB_LOWERINPUT", "TOPADDSUB_UPPERINPUT",
+             "TOPADDSUB_CARRYSELECT", "BOTOUTPUT_SELECT", "BOTADDSUB_LOWERINPUT",
+             "BOTADDSUB_UPPERINPUT", "BOTADDSUB_CARRYSELECT", "MODE_8x8", "A_SIGNED",
+             "B_SIGNED")
+    unknown = set(parameters) - set(names)
+    if unknown:
+        raise ValueError(f"SB_MAC16 has no parameter {', '.join(sorted(unknown))}")
     zero = Const(0, 1)
-    m.submodules[f"{name}_sb_mac16"] = Instance(
+    return Instance(
         ICE40_MAC_STANDIN,
-        p_NEG_TRIGGER=Const(0, 1), p_C_REG=Const(0, 1), p_A_REG=Const(0, 1),
-        p_B_REG=Const(0, 1), p_D_REG=Const(0, 1),
-        p_TOP_8x8_MULT_REG=Const(1, 1), p_BOT_8x8_MULT_REG=Const(1, 1),
-        p_PIPELINE_16x16_MULT_REG1=Const(0, 1), p_PIPELINE_16x16_MULT_REG2=Const(0, 1),
-        p_TOPOUTPUT_SELECT=Const(2, 2), p_TOPADDSUB_LOWERINPUT=Const(0, 2),
-        p_TOPADDSUB_UPPERINPUT=Const(0, 1), p_TOPADDSUB_CARRYSELECT=Const(0, 2),
-        p_BOTOUTPUT_SELECT=Const(2, 2), p_BOTADDSUB_LOWERINPUT=Const(0, 2),
-        p_BOTADDSUB_UPPERINPUT=Const(0, 1), p_BOTADDSUB_CARRYSELECT=Const(0, 2),
-        p_MODE_8x8=Const(1, 1), p_A_SIGNED=Const(1, 1), p_B_SIGNED=Const(1, 1),
-        i_CLK=ClockSignal("sync"), i_CE=Const(1, 1),
-        i_A=Cat(operand[0], operand[2]), i_B=Cat(operand[1], operand[3]),
+        **{f"p_{key}": Const(parameters.get(key, 0), widths.get(key, 1)) for key in names},
+        i_CLK=ClockSignal("sync"), i_CE=Const(1, 1), i_A=a, i_B=b,
         i_C=Const(0, 16), i_D=Const(0, 16),
         i_AHOLD=zero, i_BHOLD=zero, i_CHOLD=zero, i_DHOLD=zero,
-        i_IRSTTOP=zero, i_IRSTBOT=zero, i_ORSTTOP=zero, i_ORSTBOT=zero,
+        i_IRSTTOP=zero, i_IRSTBOT=reset, i_ORSTTOP=zero, i_ORSTBOT=zero,
         i_OLOADTOP=zero, i_OLOADBOT=zero, i_ADDSUBTOP=zero, i_ADDSUBBOT=zero,
         i_OHOLDTOP=zero, i_OHOLDBOT=zero, i_CI=zero, i_ACCUMCI=zero, i_SIGNEXTIN=zero,
         o_O=out,
     )
-    return products
+
+
+def _sb_mac16_16x16(m: Module, a: Value, b: Value, product: Signal, *, name: str,
+                    reset: bool) -> None:
+    """``product`` = ``a * b`` (each at most 16 bits, either signedness) from one
+    SB_MAC16 in its 16×16 mode through its product register (PIPELINE_16x16_MULT_REG2),
+    cleared by the ``sync`` reset on IRSTBOT when ``reset``."""
+    a16, b16 = Signal(16, name=f"{name}_a"), Signal(16, name=f"{name}_b")
+    out = Signal(32, name=f"{name}_o")
+    m.d.comb += [a16.eq(a), b16.eq(b), product.eq(out[:len(product)])]
+    m.submodules[f"{name}_sb_mac16"] = _sb_mac16(
+        a=a16, b=b16, out=out,
+        reset=ResetSignal("sync", allow_reset_less=True) if reset else 0,
+        PIPELINE_16x16_MULT_REG2=1, TOPOUTPUT_SELECT=3, BOTOUTPUT_SELECT=3,
+        A_SIGNED=int(a.shape().signed), B_SIGNED=int(b.shape().signed))
 
 
 def registered_product(m: Module, platform, a: Value, b: Value, *, name: str,
@@ -171,13 +204,21 @@ def registered_product(m: Module, platform, a: Value, b: Value, *, name: str,
     fabric registers, and nextpnr times it as such (its ``MULT18X18D_REGS_INPUT`` timing).
     ``register="output"`` uses the block's output register instead: the multiplier's delay
     ends in the block, for products whose sum follows in the next cycle. yosys maps plain
-    operators only to a combinational MULT18X18D. Everywhere else: a plain registered
-    product.
+    operators only to a combinational MULT18X18D.
+
+    On iCE40, a product yosys would give an SB_MAC16 (operands of at most 16 bits, a
+    product of at least ``ICE40_MIN_DSP_PRODUCT_BITS``) is one in its 16×16 mode with the
+    register inside the block (``register`` does not apply): in the fabric each of its bits
+    took a logic cell of its own. Everywhere else: a plain registered product.
     """
     if register not in ("input", "output"):
         raise ValueError(f"register must be 'input' or 'output', not {register!r}")
     width = len(a) + len(b)
     product = Signal(signed(width), name=name, reset_less=not reset)
+    if (platform_family(platform) == "ice40" and max(len(a), len(b)) <= ICE40_MAC_WIDTH
+            and width >= ICE40_MIN_DSP_PRODUCT_BITS):
+        _sb_mac16_16x16(m, a, b, product, name=name, reset=reset)
+        return product
     fits = all(len(x) + (not x.shape().signed) <= ECP5_MULT_WIDTH for x in (a, b))
     if platform_family(platform) != "ecp5" or not fits:
         m.d.sync += product.eq(a * b)

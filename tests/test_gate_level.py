@@ -18,7 +18,13 @@ from amaranth.lib.wiring import In, Out
 
 from npugen.arith import requantize
 from npugen.boards.build import tool_path
-from npugen.hw.dsp import PrimitiveFamily, registered_products, simulation_models, synthesis_support
+from npugen.hw.dsp import (
+    ICE40_MAC_STANDIN,
+    PrimitiveFamily,
+    registered_products,
+    simulation_models,
+    synthesis_support,
+)
 from npugen.hw.pe import ProcessingElement
 from npugen.hw.ram import memory_ports, spram_blocks
 from npugen.hw.requant import Requantizer
@@ -136,15 +142,26 @@ def _ulx3s():
     return ULX3S_85F_Platform()
 
 
-@pytest.mark.parametrize("family, mapped", [("ice40", False), ("ecp5", False), ("ecp5", True)],
-                         ids=["ice40", "ecp5", "ecp5-mult18x18d-registered"])
+def _board_platform(family: str):
+    """A board of ``family``, for elaborating with its hand-mapped primitives."""
+    if family == "ecp5":
+        return _ulx3s()
+    from amaranth_boards.icebreaker import ICEBreakerPlatform
+    return ICEBreakerPlatform()
+
+
+@pytest.mark.parametrize("family, mapped", [("ice40", False), ("ecp5", False), ("ecp5", True),
+                                            ("ice40", True)],
+                         ids=["ice40", "ecp5", "ecp5-mult18x18d-registered",
+                              "ice40-sb_mac16-16x16-registered"])
 def test_requantizer_netlist_matches_arith(family, mapped, tmp_path):
     """A new case every cycle; each result leaves exactly ``Requantizer.latency`` cycles
     after its case and equals the golden arithmetic. The zero point and clamps are read
     late in the pipeline and hold for a whole REQUANT in the NPU, so cases stream in runs
     of equal settings, each run followed by idle cycles while it drains. ``mapped``:
-    elaborated for the ULX3S, so the four 16×16 products are hw/dsp.py's MULT18X18Ds with
-    their output registers (reset by the sync reset)."""
+    elaborated for the ULX3S or the iCEBreaker, so the four 16×16 products are hw/dsp.py's
+    MULT18X18Ds with their output registers, or SB_MAC16s in their 16×16 mode with their
+    product registers (reset by the sync reset)."""
     rng = np.random.default_rng(5)
     cases = np.concatenate([np.array(requant_edge_cases(32), dtype=np.int64),
                             requant_random_cases(rng, 32, 1500)])
@@ -165,9 +182,10 @@ def test_requantizer_netlist_matches_arith(family, mapped, tmp_path):
     got = simulate_netlist(tmp_path, family, Requantizer(accumulator_width=32, output_width=8),
                            ports + [("left_shift", 1), ("valid", 1)],
                            [("out", 8), ("out_valid", 1)], stimulus,
-                           hold=1, platform=_ulx3s() if mapped else None)
+                           hold=1, platform=_board_platform(family) if mapped else None)
     if mapped:
-        assert (tmp_path / "dut.v").read_text().count("MULT18X18D #(") == 4
+        primitive = "MULT18X18D" if family == "ecp5" else ICE40_MAC_STANDIN
+        assert (tmp_path / "dut.v").read_text().count(f"{primitive} #(") == 4
     # Sampled after each clock edge: row i's result is there after edge i + latency.
     valid_in = [i for i, row in enumerate(rows) if row[-1]]
     valid_at = [i for i, (_, valid) in enumerate(got) if valid]
@@ -226,15 +244,17 @@ def _first_difference(out: list[int], expected: list[int], what: str) -> str:
 
 @pytest.mark.parametrize("family, mapped, fabric", [
     ("ice40", False, False), ("ecp5", False, False), ("ecp5", True, False),
-    ("ecp5", True, True), ("ice40", False, True)],
-    ids=["ice40", "ecp5", "ecp5-mult18x18d-registered", "ecp5-fabric", "ice40-fabric"])
+    ("ice40", True, False), ("ecp5", True, True), ("ice40", False, True)],
+    ids=["ice40", "ecp5", "ecp5-mult18x18d-registered", "ice40-sb_mac16-16x16-registered",
+         "ecp5-fabric", "ice40-fabric"])
 def test_pe_netlist_matches_products(family, mapped, fabric, tmp_path):
     """``psum_out`` equals the cycle model of the PE on every cycle, wrapped at 32 bits.
-    ``mapped``: elaborated for the ULX3S, so the product is hw/dsp.py's hand-instantiated
-    MULT18X18D. ``fabric``: the product in logic (``fabric_product``, the rows past the
-    DSP budget), with no DSP block in the netlist."""
+    ``mapped``: elaborated for the ULX3S or the iCEBreaker, so the product is hw/dsp.py's
+    hand-instantiated MULT18X18D, or SB_MAC16 in its 16×16 mode (a PE that multiplies
+    alone: an odd last column). ``fabric``: the product in logic (``fabric_product``, the
+    rows past the DSP budget), with no DSP block in the netlist."""
     rows = pe_stimulus(np.random.default_rng(6))
-    platform = _ulx3s() if mapped else None
+    platform = _board_platform(family) if mapped else None
     got = simulate_netlist(tmp_path, family, ProcessingElement(
         input_width=8, weight_width=8, psum_width=32, fabric_multiplier=fabric), PE_PORTS,
         [("psum_out", 32)], np.array(rows, dtype=np.int64), hold=1, platform=platform)
@@ -243,7 +263,8 @@ def test_pe_netlist_matches_products(family, mapped, fabric, tmp_path):
         assert "MULT18X18D" not in netlist and "SB_MAC16" not in netlist
         assert ("CCU2C" if family == "ecp5" else "SB_CARRY") in netlist
     elif mapped:
-        assert "MULT18X18D" in (tmp_path / "dut.v").read_text()
+        primitive = "MULT18X18D" if family == "ecp5" else ICE40_MAC_STANDIN
+        assert f"{primitive} #(" in (tmp_path / "dut.v").read_text()
     difference = _first_difference([_signed(value, 32) for (value,) in got],
                                     pe_reference(rows), "psum_out")
     assert not difference, difference
