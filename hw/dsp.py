@@ -108,9 +108,9 @@ def registered_products(m: Module, platform, operands: Sequence[tuple[Value, Val
     On iCE40 (``platform.family == "ice40"``, operands of at most 8 bits) the products
     are packed two per SB_MAC16 in its 8×8 mode, with the block's product registers, so
     16 products use the iCE40UP5K's 8 DSP blocks; yosys maps each product to a block of
-    its own. An odd last product is left to yosys. On ECP5 each product is a MULT18X18D
-    with its input registers (``registered_product``). Everywhere else: plain registered
-    products.
+    its own. An odd last product takes a block alone (``registered_product``: the 16×16
+    mode). On ECP5 each product is a MULT18X18D with its input registers
+    (``registered_product``). Everywhere else: plain registered products.
     """
     operands = list(operands)
     if not all(x.shape().signed for pair in operands for x in pair):
