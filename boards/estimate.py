@@ -34,8 +34,9 @@ class Device:
 
 
 DEVICES = {
-    # The array's products go two per SB_MAC16 (hw/dsp.py); -dsp maps any other multiply
-    # with a product of 11 bits or more to a whole SB_MAC16.
+    # The array's products go two per SB_MAC16 (hw/dsp.py); any other multiply with a
+    # product of 11 bits or more takes a whole SB_MAC16 (hw/dsp.py's 16×16 mode, where
+    # synth_ice40 -dsp would put it too).
     "ice40up5k": Device("iCE40UP5K", 8, "SB_MAC16", 4, 30 * 4096, "EBR", 30, 5280, "LC",
                          min_product_bits=11, paired_products=True, spram_blocks=SPRAM_BLOCKS,
                          family="ice40"),
