@@ -44,7 +44,8 @@ ICE40_MAC_STANDIN = "npugen_SB_MAC16"
 #: the top; the rows below multiply in logic (``fabric_product``). nextpnr 0.11 does not
 #: route a 12×12 array with all 144 products in MULT18X18Ds (148 of the LFE5U-85F's 156,
 #: with the requantizer's four): 55,000 of 74,000 arcs were left after 12 minutes of
-#: routing. With 96 in MULT18X18Ds and 48 in logic it routes in 6 minutes (docs/BOARDS.md).
+#: routing. With 96 in MULT18X18Ds and 48 in logic it routed in 14 minutes beside two other
+#: builds, and met 75 MHz (docs/BOARDS.md).
 ECP5_DSP_PRODUCTS = 96
 
 
