@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import NpuConfig
-from ..hw.dsp import PrimitiveFamily, dsp_rows, paired_columns
+from ..hw.dsp import ICE40_MIN_DSP_PRODUCT_BITS, PrimitiveFamily, dsp_rows, paired_columns
 from ..hw.ram import SPRAM_BLOCKS, spram_blocks
 from ..memory_map import memories
 from ..protocol import RX_FIFO_BYTES
@@ -38,8 +38,8 @@ DEVICES = {
     # product of 11 bits or more takes a whole SB_MAC16 (hw/dsp.py's 16×16 mode, where
     # synth_ice40 -dsp would put it too).
     "ice40up5k": Device("iCE40UP5K", 8, "SB_MAC16", 4, 30 * 4096, "EBR", 30, 5280, "LC",
-                         min_product_bits=11, paired_products=True, spram_blocks=SPRAM_BLOCKS,
-                         family="ice40"),
+                         min_product_bits=ICE40_MIN_DSP_PRODUCT_BITS, paired_products=True,
+                         spram_blocks=SPRAM_BLOCKS, family="ice40"),
     "lfe5u-12f": Device("LFE5U-12F", 28, "MULT18X18D", 4, 32 * 18432, "DP16KD", 32, 12288,
                         "LUT", family="ecp5"),
     "lfe5u-25f": Device("LFE5U-25F", 28, "MULT18X18D", 4, 56 * 18432, "DP16KD", 56, 24288,
