@@ -29,7 +29,7 @@ from ..memory_map import (
     identity_words,
     memories,
 )
-from .array import SystolicArray
+from .array import SystolicArray, psum_width
 from .hostbus import HostBus
 from .ram import memory_ports
 from .requant import Requantizer
@@ -355,7 +355,13 @@ class Npu(wiring.Component):
         gemm_tap_run = Signal(16)
         gemm_row_run = Signal(16)
         gemm_tile_run = Signal(16)
-        is_gemm = opcode == Opcode.GEMM
+        # The opcodes the dispatch decision tells apart, decoded when the instruction is
+        # loaded (below) and kept in registers beside it: the decision, the sequencer's
+        # longest path, then starts from them rather than from a compare.
+        decoded_ops = (Opcode.GEMM, Opcode.LOADW, Opcode.MATMUL, Opcode.REQUANT, Opcode.HALT)
+        op_is = {op: Signal(init=int(op == 0), name=f"op_is_{op.name.lower()}")
+                 for op in decoded_ops}
+        is_gemm = op_is[Opcode.GEMM]
         gemm_weight_now = Mux(gemm_started, gemm_weight_run, gemm_weight)
         gemm_act_field = _field(instruction, Opcode.GEMM, "act_addr")
         gemm_act_now = Mux(gemm_started, gemm_tap_run, gemm_act_field)
@@ -401,20 +407,25 @@ class Npu(wiring.Component):
         advance = Signal()  # the step completes its instruction: the PC moves on
         m.d.comb += advance.eq(~is_gemm | gemm_last | gemm_empty)
 
+        # The step's kind from the decoded flags (step_op spelt out): a GEMM stands for its
+        # LOADW or MATMUL, or for nothing (illegal) when it has no K tiles.
+        gemm_step = is_gemm & ~gemm_empty
+        step_is_loadw = Signal()
+        step_is_matmul = Signal()
+        m.d.comb += [
+            step_is_loadw.eq(Mux(is_gemm, gemm_step & ~gemm_matmul_next, op_is[Opcode.LOADW])),
+            step_is_matmul.eq(Mux(is_gemm, gemm_step & gemm_matmul_next, op_is[Opcode.MATMUL])),
+        ]
+        step_is_requant, step_is_halt = op_is[Opcode.REQUANT], op_is[Opcode.HALT]
+        step_waits = step_is_loadw | step_is_matmul | step_is_requant | step_is_halt
         can_issue = Signal()
-        with m.Switch(step_op):
-            with m.Case(Opcode.LOADW):
-                m.d.comb += can_issue.eq(~load_active & Array(inflight_idle)[step_bank]
-                                         & ~(feed_busy & (feed_bank == step_bank)))
-            with m.Case(Opcode.MATMUL):
-                m.d.comb += can_issue.eq(feeder_ready
-                                         & ~(load_active & (load_bank == step_bank)))
-            with m.Case(Opcode.REQUANT):
-                m.d.comb += can_issue.eq(~feed_busy & drain_idle)
-            with m.Case(Opcode.HALT):
-                m.d.comb += can_issue.eq(~feed_busy & drain_idle & ~load_active)
-            with m.Default():
-                m.d.comb += can_issue.eq(1)
+        m.d.comb += can_issue.eq(
+            (step_is_loadw & ~load_active & Array(inflight_idle)[step_bank]
+             & ~(feed_busy & (feed_bank == step_bank)))
+            | (step_is_matmul & feeder_ready & ~(load_active & (load_bank == step_bank)))
+            | (step_is_requant & ~feed_busy & drain_idle)
+            | (step_is_halt & ~feed_busy & drain_idle & ~load_active)
+            | ~step_waits)
         dispatch = Signal()
         m.d.comb += dispatch.eq(running & ready & ~requant_active & can_issue)
         # Host owns the instruction port only outside runs.
@@ -426,6 +437,8 @@ class Npu(wiring.Component):
                 m.d.sync += fetch_addr.eq(fetch_addr + 1)
             with m.If((fill == 1) | (dispatch & advance)):
                 m.d.sync += instruction.eq(instruction_read.data)
+                m.d.sync += [flag.eq(instruction_read.data[0:OPCODE_WIDTH] == op)
+                             for op, flag in op_is.items()]
             with m.If(~ready):
                 m.d.sync += fill.eq(fill + 1)
 
@@ -519,7 +532,7 @@ class Npu(wiring.Component):
             m.d.sync += [load_addr.eq(load_addr - 1), load_count.eq(load_count + 1)]
             with m.If(load_count == rows - 1):
                 m.d.sync += load_busy.eq(0)
-        with m.If(dispatch & (step_op == Opcode.LOADW)):
+        with m.If(dispatch & step_is_loadw):
             m.d.sync += [
                 load_busy.eq(1), load_count.eq(0), load_bank.eq(step_bank),
                 load_addr.eq(step_weight_addr + rows - 1),
@@ -575,7 +588,7 @@ class Npu(wiring.Component):
             m.d.sync += feed_last.eq(feed_remaining == 2)
             with m.If(feed_last):
                 m.d.sync += feed_busy.eq(0)
-        with m.If(dispatch & (step_op == Opcode.MATMUL)):
+        with m.If(dispatch & step_is_matmul):
             m.d.sync += [
                 feed_busy.eq(1), feed_remaining.eq(step_count), feed_last.eq(step_count == 1),
                 feed_act_addr.eq(step_act_addr), feed_acc_addr.eq(step_acc_addr),
@@ -609,7 +622,12 @@ class Npu(wiring.Component):
         acc_read, acc_write = reads[Region.ACCUMULATORS], writes[Region.ACCUMULATORS]
         row_layout = data.ArrayLayout(signed(c.accumulator_width), cols)
         add_tag = Signal(tag_layout)
-        add_row, add_old = Signal(row_layout), Signal(row_layout)
+        # Without REQUANT to_acc only array rows arrive, each sum no wider than the array's
+        # last row makes it (psum_width), and that is all the register keeps: on iCE40
+        # each of its bits is a logic cell (it is fed by a register, so shares none).
+        arriving_width = c.accumulator_width if fm else psum_width(c, rows)
+        add_row = Signal(data.ArrayLayout(signed(arriving_width), cols))
+        add_old = Signal(row_layout)
         raw_row = Signal(row_layout)        # REQUANT to_acc results, a group at a time
         arriving_tag = Signal(tag_layout)   # the row that arrives now: the array's or REQUANT's
         arriving_row = Signal(row_layout)
@@ -626,7 +644,8 @@ class Npu(wiring.Component):
             ]
         else:
             m.d.comb += [arriving_tag.eq(tag), arriving_row.eq(array.result)]
-        m.d.sync += [add_tag.eq(arriving_tag), add_row.eq(arriving_row),
+        m.d.sync += [add_tag.eq(arriving_tag),
+                     *[add_row[k].eq(arriving_row[k]) for k in range(cols)],
                      inject_write.eq(inject_data.valid)]
         with m.If(read_tag.valid):
             m.d.comb += acc_read.addr.eq(read_tag.addr)
@@ -721,7 +740,7 @@ class Npu(wiring.Component):
                 rq_row_addr.eq(out_addr), rq_word.eq(out_addr), rq_line_addr.eq(out_addr),
                 rq_out_col.eq(0), rq_lane.eq(first_lane), rq_first_lane.eq(first_lane),
             ]
-        with m.If(dispatch & (step_op == Opcode.REQUANT)):
+        with m.If(dispatch & step_is_requant):
             m.d.sync += rq_busy.eq(1)
             if fm:
                 m.d.sync += [
@@ -754,7 +773,7 @@ class Npu(wiring.Component):
             ]
         # Next cycle: rq_busy unless aborted (while finishing, the last advance keeps
         # stage_valid up), stage_valid after an advance, the pipeline shifted by one.
-        m.d.sync += rq_active.eq((~abort & ((dispatch & (step_op == Opcode.REQUANT)) | rq_busy))
+        m.d.sync += rq_active.eq((~abort & ((dispatch & step_is_requant) | rq_busy))
                                  | rq_advance | stage_valid | Cat(*pipe_valid[:-1]).any())
         previous = (stage_valid, stage_word, stage_lane)
         for i in range(rq_stages):

@@ -185,7 +185,7 @@ def test_answers_read_together_are_all_kept():
 
 
 def test_icebreaker_default_runs_the_demo_mlp():
-    """The iCEBreaker's default NPU (2x2, 16K weight words), simulated as its build maps it
+    """The iCEBreaker's default NPU (4x2, 16K weight words), simulated as its build maps it
     (SB_MAC16 pairs, the weights in SPRAM), runs the demo MLP 64-64-32-10 through the UART:
     the golden output and cycles."""
     from npugen.boards import BOARDS

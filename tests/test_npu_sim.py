@@ -29,7 +29,9 @@ CONFIGS = {
     "2x3": NpuConfig(rows=2, cols=3, **SMALL),
     "4x4": NpuConfig(rows=4, cols=4, requant_lanes=2, **SMALL),
     "4x4-single-rounding": NpuConfig(rows=4, cols=4, rounding="single", **SMALL),
-    "2x2-no-feature-maps": NpuConfig(rows=2, cols=2, feature_maps=False, **SMALL),
+    # The iCEBreaker's shape: four rows, two columns (one SB_MAC16 per row), one lane.
+    "4x2-no-feature-maps": NpuConfig(rows=4, cols=2, feature_maps=False, requant_lanes=1,
+                                     **SMALL),
     "4x8": NpuConfig(rows=4, cols=8, requant_lanes=4, **SMALL),
     "8x4": NpuConfig(rows=8, cols=4, **SMALL),
     "8x8": NpuConfig(rows=8, cols=8, requant_lanes=8, **SMALL),
@@ -47,15 +49,16 @@ def zero_point_cases(config: NpuConfig) -> list[tuple[int, tuple[int, int]]]:
 # Every config generic, and some with the boards' mappings (hw/dsp.py) simulated with the
 # primitives' models: the same golden results. ECP5: a MULT18X18D with input registers per
 # product (8x8); with a DSP budget of one row (2x3), the second row's products in logic.
-# iCE40: two products per SB_MAC16 (yosys's model), with an odd last column alone (2x3) and
-# narrower operands (int4).
+# iCE40: two products per SB_MAC16 (yosys's model), with an odd last column alone (2x3),
+# narrower operands (int4), and the iCEBreaker's 4x2 without feature maps.
 ECP5_ONE_DSP_ROW = PrimitiveFamily("ecp5", dsp_products=3)
 PRIMITIVE_CASES = [
     pytest.param(name, simulator.values[0], primitives, marks=simulator.marks,
                  id=f"{name}-{simulator.id}-{getattr(primitives, 'name', primitives)}"
                  if primitives else f"{name}-{simulator.id}")
     for name, primitives in [*((name, None) for name in CONFIGS), ("2x3", ECP5_ONE_DSP_ROW),
-                             ("8x8", "ecp5"), ("2x3", "ice40"), ("4x4-int4-acc16", "ice40")]
+                             ("8x8", "ecp5"), ("2x3", "ice40"), ("4x4-int4-acc16", "ice40"),
+                             ("4x2-no-feature-maps", "ice40")]
     for simulator in available_simulators()]
 
 
