@@ -44,10 +44,10 @@ def _platform(module: str, cls: str) -> Callable[[], object]:
 # The iCEBreaker's weights go to SPRAM (hw/ram.py): one SB_SPRAM256KA holds 16K words of
 # its 2-column array, which with 256 instructions and 128 parameter words takes the demo
 # MLP. Its 4x2 uses all 8 DSPs (one SB_MAC16 per row for the two columns, four for the
-# requantizer) and 5070 of the 5280 LCs, at 25.5 MHz (26.9 achieved; 2026-11-29,
-# docs/BOARDS.md). 256 accumulator words (the same four EBRs as 128) let the demo MLP run
-# at batch 8: 1193.8 cycles per inference instead of 1876.8 at batch 4.
-_ICEBREAKER = dict(activation_depth=512, weight_depth=16384, accumulator_depth=256,
+# requantizer), 5111 of the 5280 LCs and 29 of the 30 EBRs, at 27 MHz (28.5 achieved;
+# 2026-11-29, docs/BOARDS.md). 512 accumulator words let the demo MLP run at batch 16:
+# 953.6 cycles per inference (1193.8 at 256 words, batch 8; 1876.8 at 128, batch 4).
+_ICEBREAKER = dict(activation_depth=512, weight_depth=16384, accumulator_depth=512,
                    instruction_depth=256, param_depth=128, requant_lanes=1)
 # The iCEBreaker's and the Tang Nano 9K's NPUs leave out the feature-map hardware (address
 # walks, max, add): with it, the iCEBreaker's 2x2 needed 6110 of 5280 LCs, and the Tang's
@@ -74,7 +74,7 @@ BOARDS: dict[str, Board] = {board.name: board for board in (
     Board("icebreaker", _platform("icebreaker", "ICEBreakerPlatform"), "ice40", 12e6,
           NpuConfig(rows=4, cols=2, feature_maps=False, **_ICEBREAKER),
           description="1BitSquared iCEBreaker, iCE40UP5K",
-          loader_name="ice40_generic", device="ice40up5k", pll_mhz=25.5),
+          loader_name="ice40_generic", device="ice40up5k", pll_mhz=27.0),
     *(Board(f"ulx3s-{size}f", _platform("ulx3s", f"ULX3S_{size}F_Platform"), "ecp5", 25e6,
             NpuConfig(rows=array, cols=array, **_MEDIUM),
             description=f"Radiona ULX3S, LFE5U-{size}F", loader_name="ulx3s", pll_mhz=pll,

@@ -83,6 +83,27 @@ def test_identify_write_read():
     assert responses[2].words() == [11, 22, 33, 44]
 
 
+def test_length_rules():
+    """Each command's payload length is checked before it runs: a wrong one is answered
+    BAD_LENGTH and does nothing (the write of an address alone is an empty write)."""
+    base = address(Region.ACTIVATIONS, 0)
+    responses, dropped = run_session([
+        ("send", encode_request(Command.WRITE, 1, words(base))),
+        ("send", encode_request(Command.WRITE, 2, words(base, 5)[:7])),
+        ("send", encode_request(Command.WRITE, 3)),
+        ("send", encode_request(Command.READ, 4, words(base))),
+        ("send", encode_request(Command.START, 5, b"\x00\x00")),
+        ("send", encode_request(Command.IDENTIFY, 6)),
+        ("send", encode_request(Command.READ, 7, struct.pack("<IH", base, 1))),
+    ])
+    assert dropped == 0
+    assert [(r.seq, r.status) for r in responses] == [
+        (1, LinkStatus.OK), (2, LinkStatus.BAD_LENGTH), (3, LinkStatus.BAD_LENGTH),
+        (4, LinkStatus.BAD_LENGTH), (5, LinkStatus.BAD_LENGTH), (6, LinkStatus.OK),
+        (7, LinkStatus.OK)]
+    assert responses[-1].words() == [0], "the refused write must not have written"
+
+
 def test_errors_are_dropped_counted_and_survived():
     base = address(Region.ACTIVATIONS, 0)
     good = encode_request(Command.WRITE, 1, words(base, 7, 8))
