@@ -202,7 +202,7 @@ def build_board(board: Board, config: NpuConfig, directory: str | Path, *,
     """
     if toolchain not in TOOLCHAINS:
         raise ValueError(f"toolchain must be one of {', '.join(TOOLCHAINS)}, not {toolchain!r}")
-    from .estimate import DEVICES, estimate
+    from .estimate import DEVICES, array_dsp_products, estimate
 
     device = DEVICES[board.device]
     problems = estimate(config, device).problems(device)
@@ -213,6 +213,9 @@ def build_board(board: Board, config: NpuConfig, directory: str | Path, *,
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     platform = board.platform()
+    # Where the device's DSP blocks end, the array's lower rows multiply in logic
+    # (hw/dsp.py, dsp_rows); the estimate above counted the same rows.
+    platform.dsp_products = array_dsp_products(config, device)
     top = BoardTop(board, config)
     products_dir = directory / "build"
     # Relative: YoWASP's tools see only their working folder.

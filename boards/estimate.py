@@ -6,12 +6,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import NpuConfig
-from ..hw.dsp import ICE40_MIN_DSP_PRODUCT_BITS, PrimitiveFamily, dsp_rows, paired_columns
+from ..hw.dsp import (
+    ECP5_DSP_PRODUCTS,
+    ICE40_MIN_DSP_PRODUCT_BITS,
+    PrimitiveFamily,
+    dsp_rows,
+    paired_columns,
+)
 from ..hw.ram import SPRAM_BLOCKS, spram_blocks
 from ..memory_map import memories
 from ..protocol import RX_FIFO_BYTES
 
-__all__ = ["Device", "DEVICES", "Estimate", "estimate"]
+__all__ = ["Device", "DEVICES", "Estimate", "array_dsp_products", "board_primitives", "estimate"]
 
 
 @dataclass(frozen=True)
@@ -72,12 +78,32 @@ class Estimate:
         return found
 
 
+def array_dsp_products(config: NpuConfig, device: Device) -> int | None:
+    """At most how many of the array's products the build gives DSP blocks on ``device``
+    (whole rows from the top, hw/dsp.py's ``dsp_rows``; the rows below multiply in logic):
+    on ECP5, ``ECP5_DSP_PRODUCTS`` and no more than the MULT18X18Ds the requantizer lanes
+    leave. None elsewhere: every product goes to DSP blocks, as the family maps them."""
+    if device.family != "ecp5":
+        return None
+    spare = device.multiplier_slots - config.requant_lanes * device.wide_product_slots
+    return max(0, min(ECP5_DSP_PRODUCTS, spare))
+
+
+def board_primitives(config: NpuConfig, device: Device) -> PrimitiveFamily | None:
+    """The primitives the build for ``device`` elaborates ``config`` with (None: generic),
+    for a simulation with the same mapping."""
+    if not device.family:
+        return None
+    return PrimitiveFamily(device.family, dsp_products=array_dsp_products(config, device))
+
+
 def estimate(config: NpuConfig, device: Device) -> Estimate:
     """Lower bounds: every product of the array's rows in DSP blocks (or pair of products,
-    where the device pairs them; rows past the family's DSP budget multiply in logic) and
+    where the device pairs them; rows past the device's DSP budget, ``array_dsp_products``,
+    multiply in logic) and
     each requantizer lane's 32x32 product takes hard multipliers, and every memory's bits
     take block RAM, or SPRAM where hw/ram.py maps it there."""
-    family = PrimitiveFamily(device.family) if device.family else None
+    family = board_primitives(config, device)
     in_spram = {region: spram_blocks(family, info)
                 for region, info in memories(config).items()}
     bits = sum(info.depth * info.width for region, info in memories(config).items()

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import NpuConfig
+from ..hw.dsp import PrimitiveFamily
 from .runner import SimulationError, build, run_test
 
 __all__ = ["serve"]
@@ -18,12 +19,12 @@ STARTUP_TIMEOUT_SECONDS = 600.0
 
 
 def serve(config: NpuConfig, *, port: int = 0, simulator: str = "verilator",
-          primitives: str | None = None,
+          primitives: str | PrimitiveFamily | None = None,
           on_listening: Callable[[int], None] = lambda port: None) -> None:
     """Build and run the virtual board until SIGINT or SIGTERM; call ``on_listening``
     with the TCP port once it accepts connections. ``primitives``: a family whose
-    hand-instantiated primitives the SoC uses, as on that family's boards (see
-    :func:`npugen.sim.runner.build`)."""
+    hand-instantiated primitives the SoC uses, as on that family's boards, or a
+    ``PrimitiveFamily`` with a board's DSP budget (see :func:`npugen.sim.runner.build`)."""
     build(config, simulator, design="board", primitives=primitives)
     with tempfile.TemporaryDirectory(prefix="npugen-board-") as scratch:
         scratch = Path(scratch)

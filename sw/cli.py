@@ -291,17 +291,20 @@ def cmd_serve_sim(args: argparse.Namespace) -> int:
     def listening(port: int) -> None:
         print(f"listening on socket://127.0.0.1:{port}", flush=True)
         print(f"virtual board: {config.describe()} NPU, UART through the simulated 8N1 link "
-              f"({args.sim}, {primitives or 'generic'} primitives); stop with Ctrl-C",
+              f"({args.sim}, {getattr(primitives, 'family', primitives) or 'generic'} "
+              f"primitives); stop with Ctrl-C",
               file=sys.stderr, flush=True)
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, not {args.port}")
     primitives = args.primitives
     if primitives is None and args.board:
+        # The board build's mapping, with its DSP budget.
         from .boards import board_named
+        from .boards.estimate import DEVICES, board_primitives
 
-        primitives = board_named(args.board).family
-    if primitives not in PRIMITIVE_FAMILIES:
+        primitives = board_primitives(config, DEVICES[board_named(args.board).device])
+    elif primitives not in PRIMITIVE_FAMILIES:
         primitives = None
     try:
         serve(config, port=args.port, simulator=args.sim, primitives=primitives,

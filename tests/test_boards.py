@@ -9,9 +9,10 @@ import pytest
 
 from npugen.boards import BOARDS, soc_clock_hz
 from npugen.boards.build import BoardTop, find_loader, tool_path
-from npugen.boards.estimate import DEVICES, estimate
+from npugen.boards.estimate import DEVICES, array_dsp_products, board_primitives, estimate
 from npugen.cli import main
 from npugen.config import NpuConfig
+from npugen.hw.dsp import dsp_rows
 
 
 def test_list_and_unknown_boards(capsys):
@@ -85,6 +86,24 @@ def test_ecp5_estimate_counts_the_rows_in_dsps(rows, cols, slots):
     assert found.multipliers == slots
     assert not [problem for problem in found.problems(DEVICES["lfe5u-85f"])
                 if "multiplier" in problem]
+
+
+@pytest.mark.parametrize("device, rows, cols, in_dsps, slots", [
+    ("lfe5u-45f", 8, 8, 8, 64 + 4),     # the 45F's default: every row in MULT18X18Ds
+    ("lfe5u-45f", 8, 12, 5, 60 + 4),    # 68 MULT18X18Ds beside the requantizer's: 5 rows
+    ("lfe5u-12f", 4, 8, 3, 24 + 4),     # 24 beside the requantizer's: 3 rows of 8
+    ("lfe5u-85f", 12, 12, 8, 96 + 4),   # ECP5_DSP_PRODUCTS
+])
+def test_ecp5_dsp_budget_is_per_device(device, rows, cols, in_dsps, slots):
+    """Rows past the device's MULT18X18Ds multiply in logic, so a config with more products
+    than DSP blocks is built, not refused; the build and the estimate use the same rows."""
+    config = NpuConfig(rows=rows, cols=cols, requant_lanes=1)
+    budget = array_dsp_products(config, DEVICES[device])
+    assert dsp_rows(board_primitives(config, DEVICES[device]), rows, cols) == in_dsps
+    assert budget // cols == in_dsps
+    found = estimate(config, DEVICES[device])
+    assert found.multipliers == slots
+    assert not [p for p in found.problems(DEVICES[device]) if "multiplier" in p]
 
 
 @pytest.mark.parametrize("rows, cols, weight_depth, spram", [
