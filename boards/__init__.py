@@ -76,12 +76,15 @@ BOARDS: dict[str, Board] = {board.name: board for board in (
           description="1BitSquared iCEBreaker, iCE40UP5K",
           loader_name="ice40_generic", device="ice40up5k", pll_mhz=27.0),
     *(Board(f"ulx3s-{size}f", _platform("ulx3s", f"ULX3S_{size}F_Platform"), "ecp5", 25e6,
-            NpuConfig(rows=array, cols=array, **_MEDIUM),
+            NpuConfig(rows=rows, cols=cols, **_MEDIUM),
             description=f"Radiona ULX3S, LFE5U-{size}F", loader_name="ulx3s", pll_mhz=pll,
             device=f"lfe5u-{size}f")
-      # The 85F's 12×12 has 96 products in MULT18X18Ds and 48 in logic (hw/dsp.py,
-      # ECP5_DSP_PRODUCTS): nextpnr does not route 144 MULT18X18Ds.
-      for size, array, pll in ((12, 4, 80.0), (25, 4, 80.0), (45, 8, 75.0), (85, 12, 75.0))),
+      # The rows past the device's MULT18X18Ds multiply in logic (boards/estimate.py,
+      # array_dsp_products): the 25F's 8×8 has 3 rows in DSPs and 5 in logic (19888 LUTs),
+      # the 45F's 12×8 8 and 4, the 85F's 12×12 8 and 4 (nextpnr does not route 144
+      # MULT18X18Ds). The 12F keeps its 4×4 (the 25F's 8×8 takes more than its 12K LUTs).
+      for size, rows, cols, pll in ((12, 4, 4, 80.0), (25, 8, 8, 75.0), (45, 12, 8, 75.0),
+                                    (85, 12, 12, 75.0))),
     # 4×4 places again since the narrower counters, requantizer and partial sums
     # (2026-11-29: 5704 LUT4 + 1556 ALU of 8640 positions, 3659 flip-flops, 75.3 MHz; it
     # had found no legal placement at 5689 + 1940 and 4144 flip-flops).
@@ -89,8 +92,9 @@ BOARDS: dict[str, Board] = {board.name: board for board in (
           NpuConfig(rows=4, cols=4, feature_maps=False, **_MEDIUM),
           description="Sipeed Tang Nano 9K, GW1NR-9C (Apicula flow)", loader_name="tangnano9k",
           device="gw1nr-9c"),
+    # The 25F's 8×8 as on the ULX3S-25F (3 rows in DSPs), at the 48 MHz oscillator.
     Board("orangecrab-25f", _orangecrab_25f, "ecp5", 48e6,
-          NpuConfig(rows=4, cols=4, **_MEDIUM),
+          NpuConfig(rows=8, cols=8, **_MEDIUM),
           description="1BitSquared OrangeCrab r0.2, LFE5U-25F (UART on header pins 0/1)",
           loader_name="orangeCrab", device="lfe5u-25f"),
 )}
