@@ -153,7 +153,12 @@ class BoardTop(Elaboratable):
         platform.add_clock_constraint(sync.clk, self.clock_hz)
 
     def elaborate(self, platform):
+        from .estimate import DEVICES, array_dsp_products
+
         m = Module()
+        # Where the device's DSP blocks end, the array's lower rows multiply in logic
+        # (hw/dsp.py, dsp_rows, reads it from the platform); the estimate counts the same.
+        platform.dsp_products = array_dsp_products(self.config, DEVICES[self.board.device])
         if self.pll:
             self._pll_domain(m, platform)
         m.submodules.soc = soc = Soc(self.config, divisor=self.divisor)
@@ -202,7 +207,7 @@ def build_board(board: Board, config: NpuConfig, directory: str | Path, *,
     """
     if toolchain not in TOOLCHAINS:
         raise ValueError(f"toolchain must be one of {', '.join(TOOLCHAINS)}, not {toolchain!r}")
-    from .estimate import DEVICES, array_dsp_products, estimate
+    from .estimate import DEVICES, estimate
 
     device = DEVICES[board.device]
     problems = estimate(config, device).problems(device)
@@ -213,9 +218,6 @@ def build_board(board: Board, config: NpuConfig, directory: str | Path, *,
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     platform = board.platform()
-    # Where the device's DSP blocks end, the array's lower rows multiply in logic
-    # (hw/dsp.py, dsp_rows); the estimate above counted the same rows.
-    platform.dsp_products = array_dsp_products(config, device)
     top = BoardTop(board, config)
     products_dir = directory / "build"
     # Relative: YoWASP's tools see only their working folder.
