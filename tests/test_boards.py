@@ -190,3 +190,35 @@ def test_failure_reasons_quote_the_tools():
     # YoWASP's ABC stops without a word: say what happened instead of quoting the command.
     silent = '2.46.15.5. Executing ABC9.\nRunning ABC command: "/yosys-abc" -s -f x 2>&1\n'
     assert "yosys stopped inside ABC" in _failure_reason(silent)
+
+
+def _logic_breakdown():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "logic_breakdown.py"
+    spec = importlib.util.spec_from_file_location("logic_breakdown", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_logic_breakdown(capsys, tmp_path):
+    """benchmarks/logic_breakdown.py counts the iCEBreaker build's cells by block: its DSPs
+    and memories are the build's, and the blocks add up to the total."""
+    breakdown = _logic_breakdown()
+    assert breakdown.main(["--board", "icebreaker", "--keep", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[1].split()
+    assert header == ["block", "LUT4", "carry", "FF", "DSP", "EBR", "SPRAM"]
+    rows = {line[:44].strip(): [int(v) for v in line[44:].split()] for line in lines[2:]}
+    total = rows.pop("total")
+    assert [sum(column) for column in zip(*rows.values(), strict=True)] == total
+    # 8 SB_MAC16 (4 array pairs, 4 requantizer), 29 EBR, 1 SPRAM: what the default's
+    # build report says (docs/BOARDS.md).
+    assert total[3:] == [8, 29, 1]
+    assert rows["npu: array (PEs, skew registers)"][3] == 4
+    assert rows["npu: requant"][3] == 4
+    assert all(rows[block][0] > 0 for block in ("link: frame engine", "npu: requant",
+                                                 "npu: sequencer, memories, accumulate path"))
+    assert breakdown.main(["--board", "ulx3s-12f"]) == 2
+    assert "breakdowns are for iCE40 boards only" in capsys.readouterr().err
