@@ -186,14 +186,21 @@ def test_int8_accuracy_within_one_point(data, trained):
 
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_qdq_matches_onnxruntime(tmp_path, data, trained, per_channel):
+    """Rounding once, as onnxruntime does, npugen's outputs equal onnxruntime's; with the
+    default double rounding (TFLite's) they differ by one step where the first rounding
+    crosses a half. How often that happens depends on the weights, which the float
+    training makes slightly differently on different CPUs (98.7 % identical seen),
+    so only a loose floor is checked for it."""
     x_train, x_test, _, _ = data
     float_path, qdq_path = tmp_path / "f.onnx", tmp_path / "q.onnx"
     mlp_to_onnx(trained, float_path)
     quantize_with_onnxruntime(float_path, qdq_path, x_train[:200], per_channel=per_channel)
-    program = compile_model(load_onnx(qdq_path), NpuConfig())
-    difference = steps_from_onnxruntime(program, qdq_path, x_test)
+    single = compile_model(load_onnx(qdq_path), NpuConfig(rounding="single"))
+    assert steps_from_onnxruntime(single, qdq_path, x_test).max() == 0
+    double = compile_model(load_onnx(qdq_path), NpuConfig())
+    difference = steps_from_onnxruntime(double, qdq_path, x_test)
     assert difference.max() <= 1
-    assert np.mean(difference == 0) >= 0.99
+    assert np.mean(difference == 0) >= 0.97
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
