@@ -27,9 +27,10 @@ import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from npugen.boards import UnknownBoard, board_named
+from npugen.boards import Board, UnknownBoard, board_named
 from npugen.boards.build import tool_path, write_build_files
 from npugen.cli import UsageError, add_config_flags, config_from_args
+from npugen.config import NpuConfig
 
 # The columns: (name, the prefixes of the yosys cell types counted in it).
 _COLUMNS = (("LUT4", ("SB_LUT4",)), ("carry", ("SB_CARRY",)), ("FF", ("SB_DFF",)),
@@ -51,9 +52,8 @@ def _block(module: str) -> str:
         parts[2], f"link: {parts[2].split('$')[0]}")
 
 
-def breakdown(board_name: str, config, folder: Path) -> dict[str, Counter]:
+def breakdown(board: Board, config: NpuConfig, folder: Path) -> dict[str, Counter]:
     """Synthesize with the hierarchy kept; cell counts per block."""
-    board = board_named(board_name)
     if board.family != "ice40":
         raise UsageError(f"{board.name}: breakdowns are for iCE40 boards only (icebreaker)")
     write_build_files(board, config, folder)
@@ -97,21 +97,19 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as scratch:
             folder = Path(args.keep or scratch).resolve()
             folder.mkdir(parents=True, exist_ok=True)
-            counts = breakdown(board.name, config, folder)
+            counts = breakdown(board, config, folder)
     except (UsageError, UnknownBoard) as error:
         print(f"logic_breakdown: {error}", file=sys.stderr)
         return 2
-    columns = _COLUMNS
     print(f"{board.name}, {config.describe()}: yosys cells by block (before packing)")
-    header = f"{'block':<44}" + "".join(f"{name:>8}" for name, _ in columns)
-    print(header)
+    print(f"{'block':<44}" + "".join(f"{name:>8}" for name, _ in _COLUMNS))
     totals = Counter()
     for block in sorted(counts, key=lambda b: (b.split(":")[0], b)):
         row = [sum(n for cell, n in counts[block].items() if cell.startswith(prefixes))
-               for _, prefixes in columns]
+               for _, prefixes in _COLUMNS]
         totals.update(dict(enumerate(row)))
         print(f"{block:<44}" + "".join(f"{value:>8}" for value in row))
-    print(f"{'total':<44}" + "".join(f"{totals[i]:>8}" for i in range(len(columns))))
+    print(f"{'total':<44}" + "".join(f"{totals[i]:>8}" for i in range(len(_COLUMNS))))
     return 0
 
 

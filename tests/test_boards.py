@@ -220,5 +220,11 @@ def test_logic_breakdown(capsys, tmp_path):
     assert rows["npu: requant"][3] == 4
     assert all(rows[block][0] > 0 for block in ("link: frame engine", "npu: requant",
                                                  "npu: sequencer, memories, accumulate path"))
+    # Bad input, refused before any synthesis: another family, an unknown board, a bad
+    # parameter.
     assert breakdown.main(["--board", "ulx3s-12f"]) == 2
     assert "breakdowns are for iCE40 boards only" in capsys.readouterr().err
+    assert breakdown.main(["--board", "nope"]) == 2
+    assert "unknown board 'nope'; known boards: " in capsys.readouterr().err
+    assert breakdown.main(["--board", "icebreaker", "--rows", "0"]) == 2
+    assert "bad configuration" in capsys.readouterr().err
