@@ -35,13 +35,19 @@ from .protocol import (
     encode_request,
 )
 
-__all__ = ["Device", "DeviceError"]
+__all__ = ["Device", "DeviceError", "DeviceLost"]
 
 DEFAULT_BAUD = 115200
 
 
 class DeviceError(RuntimeError):
-    """The device did not answer, answered wrongly, or is not the NPU expected."""
+    """The device cannot be used: it cannot be opened, refused a request, or is not the
+    NPU expected (bad input: exit status 2 on the command line)."""
+
+
+class DeviceLost(DeviceError):
+    """The device stopped answering, closed the connection, or lost the run (a lost
+    board: exit status 1 on the command line)."""
 
 
 class Device:
