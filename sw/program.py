@@ -1,20 +1,24 @@
 """The ``.npu`` program file: what a compiled model needs to run on one NPU configuration.
 
-Layout (little-endian)::
+Layout (little-endian; format version 2, documented in docs/MODELS.md)::
 
     8 bytes   magic b"NPUGPROG"
     4 bytes   format version (uint32)
     4 bytes   header length H (uint32)
-    H bytes   header, UTF-8 JSON (see docs/PROGRAM_FORMAT.md)
+    32 bytes  SHA-256 of every other byte of the file (these 16 before it, all after it)
+    H bytes   header, UTF-8 JSON
     ...       segments: packed host-port words (uint32), at the offsets the header gives
 
 The header records the NpuConfig the program was compiled for, the ISA version, the batch
 (rows a run), input and output layout and quantization, the layer table and, per
-segment, its memory region, first entry, word count and CRC-32.
+segment, its memory region, first entry, word count and CRC-32. The file's checksum
+covers the header too, so no changed byte goes unnoticed; the segments' CRC-32s say
+where damage is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import zlib
@@ -32,8 +36,10 @@ from .memory_map import Region, memories
 __all__ = ["Program", "TensorLayout", "ProgramFormatError", "MAGIC", "FORMAT_VERSION"]
 
 MAGIC = b"NPUGPROG"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _PREAMBLE = struct.Struct("<8sII")
+_DIGEST_BYTES = hashlib.sha256().digest_size
+_BODY = _PREAMBLE.size + _DIGEST_BYTES   # where the header starts
 
 
 class ProgramFormatError(ValueError):
@@ -143,13 +149,21 @@ class Program:
             "instruction_count": self.instruction_count, "segments": table,
         }
         text = json.dumps(header, sort_keys=True).encode()
-        return _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(text)) + text + b"".join(blobs)
+        preamble = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(text))
+        rest = text + b"".join(blobs)
+        return preamble + _digest(preamble, rest) + rest
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self.to_bytes())
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "program") -> Program:
+        """Decode a program file's bytes; ``source`` names it in errors.
+
+        Raises :class:`ProgramFormatError` saying what is wrong: not a program, an older or
+        unknown format version, truncated or corrupt (any changed byte fails the file's
+        SHA-256 checksum).
+        """
         if len(data) < _PREAMBLE.size:
             raise ProgramFormatError(f"{source}: {len(data)} bytes is too short for an npugen "
                                      f"program (truncated?)")
@@ -157,31 +171,29 @@ class Program:
         if magic != MAGIC:
             raise ProgramFormatError(f"{source}: not an npugen program (magic {magic!r}, "
                                      f"expected {MAGIC!r})")
+        if version == 1:
+            raise ProgramFormatError(f"{source} was written by an older npugen (format "
+                                     f"version 1); recompile the model")
         if version != FORMAT_VERSION:
-            raise ProgramFormatError(f"{source}: program format version {version}; this npugen "
-                                     f"reads version {FORMAT_VERSION} (recompile the model)")
-        body = _PREAMBLE.size + header_length
-        if len(data) < body:
-            raise ProgramFormatError(f"{source}: truncated header ({len(data) - _PREAMBLE.size}"
-                                     f" of {header_length} bytes)")
+            raise ProgramFormatError(f"{source}: unknown program format version {version} "
+                                     f"(this npugen reads version {FORMAT_VERSION}): the file "
+                                     f"is corrupt or from a newer npugen; recompile the model")
+        body = _BODY + header_length
+        recorded = data[_PREAMBLE.size:_BODY]
+        if len(data) < body or recorded != _digest(data[:_PREAMBLE.size], data[_BODY:]):
+            raise ProgramFormatError(f"{source} is corrupt: checksum mismatch"
+                                     f"{_damage(data, body)}; recompile the model or copy "
+                                     f"the file again")
         try:
-            header = json.loads(data[_PREAMBLE.size:body])
+            header = json.loads(data[_BODY:body])
             config = NpuConfig.from_dict(header["config"])
             if header["isa_version"] != ISA_VERSION:
                 raise ProgramFormatError(f"{source}: compiled for ISA version "
                                          f"{header['isa_version']}, this npugen speaks "
                                          f"{ISA_VERSION}")
             segments = []
-            for seg in header["segments"]:
+            for seg, blob in _segments(header, data, body):
                 region = Region[seg["region"].upper()]
-                start, end = body + seg["offset"], body + seg["offset"] + seg["bytes"]
-                if end > len(data):
-                    raise ProgramFormatError(f"{source}: truncated: segment {seg['region']} "
-                                             f"ends at byte {end}, the file has {len(data)}")
-                blob = data[start:end]
-                if zlib.crc32(blob) != seg["crc32"]:
-                    raise ProgramFormatError(f"{source}: segment {seg['region']} is corrupt "
-                                             f"(CRC-32 mismatch)")
                 stride = memories(config)[region].stride
                 words = np.frombuffer(blob, dtype="<u4").reshape(seg["entries"], stride)
                 segments.append((region, int(seg["entry"]),
@@ -197,11 +209,19 @@ class Program:
 
     @classmethod
     def load(cls, path: str | Path) -> Program:
+        """Read a ``.npu`` file; raises :class:`ProgramFormatError` for a file that cannot
+        be read (missing, a directory, no permission) or is not a valid program."""
         path = Path(path)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             raise ProgramFormatError(f"program file {str(path)!r} does not exist") from None
+        except IsADirectoryError:
+            raise ProgramFormatError(f"program file {str(path)!r} is a directory; give the "
+                                     f".npu file npugen compile wrote") from None
+        except OSError as error:   # permissions, a device that cannot be read
+            raise ProgramFormatError(f"cannot read program file {str(path)!r}: "
+                                     f"{error.strerror or error}") from None
         return cls.from_bytes(data, source=repr(str(path)))
 
     def describe(self) -> str:
@@ -242,3 +262,36 @@ class Program:
                      f"({per_inference:.1f} per inference, ideal {ideal:.1f}, "
                      f"utilization {ideal / per_inference:.3f})")
         return "\n".join(lines)
+
+
+def _digest(preamble: bytes, rest: bytes) -> bytes:
+    return hashlib.sha256(preamble + rest).digest()
+
+
+def _segments(header: dict[str, Any], data: bytes, body: int):
+    """(segment entry, its bytes) per segment of the header's table; raises
+    ProgramFormatError for a segment past the end of the file or failing its CRC-32."""
+    for seg in header["segments"]:
+        start, end = body + seg["offset"], body + seg["offset"] + seg["bytes"]
+        if end > len(data):
+            raise ProgramFormatError(f"the file is truncated: segment {seg['region']} ends "
+                                     f"at byte {end}, the file has {len(data)}")
+        blob = data[start:end]
+        if zlib.crc32(blob) != seg["crc32"]:
+            raise ProgramFormatError(f"segment {seg['region']} is corrupt (CRC-32 mismatch)")
+        yield seg, blob
+
+
+def _damage(data: bytes, body: int) -> str:
+    """Where a file that failed its checksum is damaged, as far as its parts tell."""
+    if len(data) < body:
+        return (f"; the file is truncated: its header has {max(len(data) - _BODY, 0)} of "
+                f"{body - _BODY} bytes")
+    try:
+        for _ in _segments(json.loads(data[_BODY:body]), data, body):
+            pass
+    except ProgramFormatError as error:
+        return f"; {error}"
+    except (ValueError, KeyError, TypeError):
+        return " (the header is damaged)"
+    return " (in the header or the checksum itself)"

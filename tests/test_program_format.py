@@ -1,0 +1,103 @@
+"""The ``.npu`` file: every changed byte is refused, older formats are named, and a path
+that cannot be read says why."""
+
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from npugen import NpuConfig, compile_model
+from npugen.graph import Dense, Model
+from npugen.program import FORMAT_VERSION, MAGIC, Program, ProgramFormatError
+
+
+def tiny_program() -> Program:
+    """A two-layer MLP on a 2×2 NPU: a file of a few kilobytes."""
+    rng = np.random.default_rng(3)
+    layers = [Dense("fc0", rng.normal(size=(5, 4)).astype(np.float32),
+                    rng.normal(size=4).astype(np.float32), 0.0),
+              Dense("fc1", rng.normal(size=(4, 3)).astype(np.float32),
+                    np.zeros(3, np.float32))]
+    model = Model(layers, (5,), (3,))
+    return compile_model(model, NpuConfig(rows=2, cols=2), rng.normal(size=(16, 5)), batch=2)
+
+
+@pytest.fixture(scope="module")
+def blob() -> bytes:
+    return tiny_program().to_bytes()
+
+
+def test_round_trip(blob):
+    program = Program.from_bytes(blob)
+    assert program.to_bytes() == blob
+    assert struct.unpack_from("<I", blob, 8)[0] == FORMAT_VERSION == 2
+
+
+def test_every_changed_byte_is_refused(blob):
+    """One flipped byte anywhere (preamble, checksum, header, segments) is refused."""
+    assert len(blob) < 20_000
+    for position in range(len(blob)):
+        for flip in (0x01, 0xFF):
+            changed = bytearray(blob)
+            changed[position] ^= flip
+            with pytest.raises(ProgramFormatError) as error:
+                Program.from_bytes(bytes(changed), source="'p.npu'")
+            message = str(error.value)
+            assert "'p.npu'" in message
+            if position >= 16:
+                assert "is corrupt: checksum mismatch" in message, (position, message)
+
+
+def test_header_change_is_named_corrupt(blob):
+    """A changed digit in the header's input scale, which only the checksum catches."""
+    text = blob.decode("latin-1")
+    at = text.index('"scale": ') + len('"scale": ') + 2
+    changed = bytearray(blob)
+    changed[at] = ord("7") if changed[at] != ord("7") else ord("3")
+    with pytest.raises(ProgramFormatError, match="is corrupt: checksum mismatch"):
+        Program.from_bytes(bytes(changed))
+
+
+def test_segment_damage_is_located(blob):
+    changed = bytearray(blob)
+    changed[-3] ^= 0x10
+    with pytest.raises(ProgramFormatError, match=r"checksum mismatch; segment \w+ is corrupt "
+                       r"\(CRC-32 mismatch\)"):
+        Program.from_bytes(bytes(changed))
+
+
+@pytest.mark.parametrize("cut, message", [
+    (10, "too short for an npugen program"),
+    (60, "checksum mismatch; the file is truncated: its header has"),
+    (-4, "the file is truncated: segment"),
+])
+def test_truncated(blob, cut, message):
+    with pytest.raises(ProgramFormatError, match=message):
+        Program.from_bytes(blob[:cut])
+
+
+def test_older_and_unknown_versions(blob):
+    version_1 = MAGIC + struct.pack("<II", 1, 2) + b"{}"
+    with pytest.raises(ProgramFormatError, match=r"written by an older npugen \(format "
+                       r"version 1\); recompile the model"):
+        Program.from_bytes(version_1)
+    version_9 = bytearray(blob)
+    version_9[8:12] = struct.pack("<I", 9)
+    with pytest.raises(ProgramFormatError, match="unknown program format version 9"):
+        Program.from_bytes(bytes(version_9))
+    with pytest.raises(ProgramFormatError, match="not an npugen program"):
+        Program.from_bytes(b"NOTANNPU" + blob[8:])
+
+
+def test_unreadable_paths(tmp_path):
+    with pytest.raises(ProgramFormatError, match="is a directory"):
+        Program.load(tmp_path)
+    with pytest.raises(ProgramFormatError, match="does not exist"):
+        Program.load(tmp_path / "missing.npu")
+    if os.geteuid() != 0:   # root reads anything
+        locked = tmp_path / "locked.npu"
+        locked.write_bytes(b"")
+        locked.chmod(0)
+        with pytest.raises(ProgramFormatError, match="cannot read program file"):
+            Program.load(locked)
