@@ -4,15 +4,18 @@ Frames are defined in :mod:`npugen.protocol`. A request's payload is buffered an
 CRC checked before anything is executed, so a corrupted WRITE never touches a memory.
 Line noise, bad CRCs, oversize lengths, truncated frames (no byte for ``timeout_cycles``)
 and unknown commands are dropped and counted; the engine then hunts for the next sync
-byte, so the next valid frame always works.
+byte, so the next valid frame always works. A READ or WRITE that reaches past a region is
+refused before any word moves, and counted. A START names its run with a token: a START
+with the token of the last run is a retry and does not restart, and STATUS reports the
+token, so a host never takes another run's outputs for its own.
 """
 
-from amaranth import Array, Cat, Const, Module, Signal
+from amaranth import Array, Cat, Const, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from ..memory_map import Control, Reg, Region, address
+from ..memory_map import REGION_SHIFT, Control, Reg, Region, address
 from ..protocol import (
     LINK_COUNTER_BITS,
     LINK_COUNTERS,
@@ -20,6 +23,8 @@ from ..protocol import (
     MAX_PAYLOAD_WORDS,
     REQUEST_SYNC,
     RESPONSE_SYNC,
+    RUN_TOKEN_BITS,
+    STATUS_WORDS,
     Command,
     LinkStatus,
 )
@@ -58,21 +63,30 @@ def crc16_step(crc, byte):
 class LinkEngine(wiring.Component):
     """Parses request frames from ``rx``, drives ``bus``, sends responses on ``tx``.
 
-    ``identity_words``: how many words IDENTIFY returns. ``error`` is high once any
+    ``identity_words``: how many words IDENTIFY returns. ``region_words``: the host words
+    each region spans, a power of two (``npugen.memory_map.region_words``). ``running``:
+    the NPU is running (a START then is refused as BUSY). ``error`` is high once any
     error counter is non-zero (for a status LED).
     """
 
     rx: In(stream.Signature(8))
     tx: Out(stream.Signature(8))
     bus: Out(HostBus())
+    running: In(1)
     framing_error: In(1)
     error: Out(1)
 
-    def __init__(self, *, identity_words: int, timeout_cycles: int):
+    def __init__(self, *, identity_words: int, timeout_cycles: int,
+                 region_words: dict[int, int]):
         if timeout_cycles < 16:
             raise ValueError(f"timeout_cycles must be at least 16, not {timeout_cycles!r}")
+        for region, words in region_words.items():
+            if words < 1 or words & (words - 1) or words > 1 << REGION_SHIFT:
+                raise ValueError(f"region {int(region)} must span a power of two of words "
+                                 f"up to 2**{REGION_SHIFT}, not {words!r}")
         self._identity_words = identity_words
         self._timeout = timeout_cycles
+        self._region_words = {int(region): words for region, words in region_words.items()}
         super().__init__()
 
     def elaborate(self, platform):
@@ -106,8 +120,13 @@ class LinkEngine(wiring.Component):
         m.d.comb += crc_next.eq(crc16_step(crc, crc_byte))
         crc_received = Signal(16)
         idle = Signal(range(self._timeout + 1))
-        last_start_seq = Signal(8)
-        last_start_valid = Signal()
+        # The token of the last run started (0: none since reset).
+        run_token = Signal(RUN_TOKEN_BITS)
+        start_token = Signal(32)
+        # A READ or WRITE's last address, offset + span: checked against its region.
+        span = Signal(16)
+        last_offset = Signal(REGION_SHIFT + 1)
+        requested = Signal(16)
 
         status = Signal(8)
         # Payload words of the response still to send: the header gives it in full, then
@@ -116,6 +135,7 @@ class LinkEngine(wiring.Component):
         response_words = Signal(16)
         read_address = Signal(32)
         from_counters = Signal()
+        with_token = Signal()      # the answer's last word is the run token (STATUS, START)
         header = Signal(6 * 8)
         header_index = Signal(range(6))
         byte_index = Signal(2)
@@ -134,11 +154,11 @@ class LinkEngine(wiring.Component):
                      self.bus.addr.eq(bus.addr), self.bus.wdata.eq(bus.wdata)]
         m.d.comb += [bus.write.eq(0), bus.rdata.eq(self.bus.rdata)]
 
-        def respond(result, words=0, source=None, counters_source=False):
+        def respond(result, words=0, source=None, counters_source=False, token=False):
             """Begin a response: status, payload length in words, where words come from."""
             statements = [status.eq(result), response_words.eq(words), count.eq(0),
-                          from_counters.eq(counters_source), header_index.eq(0),
-                          crc.eq(0xFFFF)]
+                          from_counters.eq(counters_source), with_token.eq(token),
+                          header_index.eq(0), crc.eq(0xFFFF)]
             if source is not None:
                 statements.append(read_address.eq(source))
             return statements
@@ -232,9 +252,10 @@ class LinkEngine(wiring.Component):
                         with m.If(length == 4):  # an address and no words: nothing to do
                             m.d.sync += respond(LinkStatus.OK)
                         with m.Elif((length > 4) & (length[0:2] == 0)):
-                            m.d.sync += [read_address.eq(first), count.eq(0)]
+                            m.d.sync += [read_address.eq(first), count.eq(0),
+                                         span.eq(last_write)]
                             m.d.comb += buffer_read.addr.eq(1)
-                            m.next = "WRITE"
+                            m.next = "RANGE"
                         with m.Else():
                             m.d.sync += respond(LinkStatus.BAD_LENGTH)
                     with m.Case(Command.READ):
@@ -245,21 +266,15 @@ class LinkEngine(wiring.Component):
                         with m.Else():
                             m.d.sync += respond(LinkStatus.BAD_LENGTH)
                     with m.Case(Command.START):
-                        with m.If(length == 4):
-                            repeat = last_start_valid & (last_start_seq == seq)
-                            with m.If(~repeat):
-                                m.d.comb += [bus.valid.eq(1), bus.write.eq(1),
-                                             bus.addr.eq(address(Region.REGISTERS,
-                                                                 Reg.START_PC)),
-                                             bus.wdata.eq(first)]
-                                m.d.sync += [last_start_seq.eq(seq), last_start_valid.eq(1)]
-                                m.next = "START"
-                            m.d.sync += respond(LinkStatus.OK)
+                        with m.If(length == 8):
+                            m.d.comb += buffer_read.addr.eq(1)
+                            m.d.sync += read_address.eq(first)   # the pc
+                            m.next = "START_TOKEN"
                         with m.Else():
                             m.d.sync += respond(LinkStatus.BAD_LENGTH)
                     with m.Case(Command.STATUS):
-                        m.d.sync += respond(LinkStatus.OK, 3,
-                                            address(Region.REGISTERS, Reg.STATUS))
+                        m.d.sync += respond(LinkStatus.OK, STATUS_WORDS,
+                                            address(Region.REGISTERS, Reg.STATUS), token=True)
                     with m.Case(Command.COUNTERS):
                         m.d.sync += respond(LinkStatus.OK, 8,
                                             address(Region.REGISTERS, Reg.COUNTERS))
@@ -269,32 +284,79 @@ class LinkEngine(wiring.Component):
                                      bus.wdata.eq(Control.ABORT)]
                         m.d.sync += [counter.eq(0) for counter in counters.values()]
                         m.d.sync += error.eq(0)
-                        m.d.sync += [respond(LinkStatus.OK), last_start_valid.eq(0)]
+                        m.d.sync += [respond(LinkStatus.OK), run_token.eq(0)]
                     with m.Case(Command.LINK_STATUS):
                         m.d.sync += respond(LinkStatus.OK, len(LINK_COUNTERS), 0, True)
                     with m.Default():
                         m.d.sync += [*count_error("unknown_command"),
                                      respond(LinkStatus.UNKNOWN_COMMAND)]
 
+            # The token is registered before it is compared: the frame buffer's slow
+            # output then feeds only a register.
+            with m.State("START_TOKEN"):
+                m.d.sync += start_token.eq(buffer_read.data)
+                m.next = "START_CHECK"
+
+            answer_status = respond(LinkStatus.OK, STATUS_WORDS,
+                                    address(Region.REGISTERS, Reg.STATUS), token=True)
+            with m.State("START_CHECK"):
+                m.next = "RESPOND"
+                with m.If((start_token == 0) | (start_token >> RUN_TOKEN_BITS != 0)):
+                    m.d.sync += respond(LinkStatus.BAD_TOKEN)
+                with m.Elif(start_token == run_token):
+                    # A retry of the run already started: answer its state.
+                    m.d.sync += answer_status
+                with m.Elif(self.running):
+                    m.d.sync += respond(LinkStatus.BUSY)
+                with m.Else():
+                    m.d.comb += [bus.valid.eq(1), bus.write.eq(1),
+                                 bus.addr.eq(address(Region.REGISTERS, Reg.START_PC)),
+                                 bus.wdata.eq(read_address)]
+                    m.d.sync += run_token.eq(start_token)
+                    m.next = "START"
+
             with m.State("START"):
                 m.d.comb += [bus.valid.eq(1), bus.write.eq(1),
                              bus.addr.eq(address(Region.REGISTERS, Reg.CONTROL)),
                              bus.wdata.eq(Control.START)]
+                m.d.sync += answer_status
                 m.next = "RESPOND"
 
             # The count is registered before it is checked: the frame buffer's slow
             # output then feeds only a register.
-            requested = Signal(16)
             with m.State("READ_COUNT"):
-                m.d.sync += requested.eq(buffer_read.data[0:16])
+                m.d.sync += [requested.eq(buffer_read.data[0:16]),
+                             span.eq(buffer_read.data[0:16] - 1)]
                 m.next = "READ_CHECK"
 
             with m.State("READ_CHECK"):
                 with m.If((requested == 0) | (requested > MAX_PAYLOAD_WORDS)):
                     m.d.sync += respond(LinkStatus.BAD_LENGTH)
+                    m.next = "RESPOND"
+                with m.Else():
+                    m.next = "RANGE"
+
+            # A READ or WRITE of words offset … offset + span must stay inside its region
+            # (each spans a power of two of words): the last offset is added in one cycle
+            # and checked in the next. The write's first word stays on the buffer's output.
+            with m.State("RANGE"):
+                m.d.comb += buffer_read.addr.eq(1)
+                m.d.sync += last_offset.eq(read_address[0:REGION_SHIFT] + span)
+                m.next = "RANGE_CHECK"
+
+            with m.State("RANGE_CHECK"):
+                m.d.comb += buffer_read.addr.eq(1)
+                region = read_address[REGION_SHIFT:]
+                inside = Cat(*[(region == number) & (last_offset >> words.bit_length() - 1 == 0)
+                               for number, words in self._region_words.items()]).any()
+                with m.If(~inside):
+                    m.d.sync += [*count_error("bad_address"), respond(LinkStatus.BAD_ADDRESS)]
+                    m.next = "RESPOND"
+                with m.Elif(command == Command.WRITE):
+                    m.next = "WRITE"
                 with m.Else():
                     m.d.sync += respond(LinkStatus.OK, requested)
-                m.next = "RESPOND"
+                    m.next = "RESPOND"
 
             with m.State("WRITE"):
                 # buffer_read.data holds payload word count + 1 (addressed last cycle).
@@ -337,7 +399,8 @@ class LinkEngine(wiring.Component):
                     m.d.sync += word.eq(counter_array[count])
                     m.next = "SEND_WORD"
                 with m.Elif(self.bus.rvalid):
-                    m.d.sync += word.eq(bus.rdata)
+                    m.d.sync += word.eq(Mux(with_token & (response_words == 1), run_token,
+                                            bus.rdata))
                     m.next = "SEND_WORD"
 
             with m.State("SEND_WORD"):

@@ -28,6 +28,7 @@ from ..memory_map import (
     Region,
     identity_words,
     memories,
+    register_bits,
 )
 from .array import SystolicArray, psum_width
 from .hostbus import HostBus
@@ -173,15 +174,13 @@ class Npu(wiring.Component):
         # A register read is decoded over two cycles: the region and the offset's high bits
         # with the request, the register's index from the registered offset the cycle after
         # (the values are those of that cycle).
-        register_top = max(len(identity) - 1, Reg.STATUS, Reg.START_PC, Reg.PC, Reg.UPTIME + 1,
-                           Reg.COUNTERS + 2 * len(COUNTER_NAMES) - 1)
-        register_bits = register_top.bit_length()
+        offset_bits = register_bits(c)
         read_is_register = Signal()
         with m.If(host.valid & ~host.write):
             m.d.sync += read_is_register.eq((region == Region.REGISTERS)
-                                            & ((offset >> register_bits) == 0))
+                                            & ((offset >> offset_bits) == 0))
         register_value = Signal(32)
-        with m.Switch(read_offset[0:register_bits]):
+        with m.Switch(read_offset[0:offset_bits]):
             for index, word in enumerate(identity):
                 with m.Case(Reg.MAGIC + index):
                     m.d.comb += register_value.eq(word)

@@ -6,7 +6,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig
-from ..memory_map import identity_words
+from ..memory_map import identity_words, region_words
 from ..protocol import RX_FIFO_BYTES, TRUNCATION_BYTE_TIMES
 from .link import LinkEngine
 from .npu import Npu
@@ -44,7 +44,7 @@ class Soc(wiring.Component):
         m.submodules.uart_tx = tx = UartTx(divisor=self._divisor)
         m.submodules.link = link = LinkEngine(
             identity_words=len(identity_words(self._config)),
-            timeout_cycles=self._timeout_cycles)
+            timeout_cycles=self._timeout_cycles, region_words=region_words(self._config))
         # Room for a whole request while the engine executes or answers the previous one,
         # so a host may send the next frame without waiting.
         m.submodules.rx_fifo = fifo = SyncFIFOBuffered(width=8, depth=RX_FIFO_BYTES)
@@ -63,7 +63,7 @@ class Soc(wiring.Component):
         wiring.connect(m, link.bus, npu.host)
         m.d.comb += [
             rx.rx.eq(self.uart_rx), self.uart_tx.eq(tx.tx),
-            link.framing_error.eq(rx.framing_error),
+            link.framing_error.eq(rx.framing_error), link.running.eq(npu.running),
             self.running.eq(npu.running), self.done.eq(npu.done),
             self.link_error.eq(link.error),
         ]

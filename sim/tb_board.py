@@ -1,8 +1,9 @@
 """cocotb bridge of the virtual board: UART bytes ⇄ a TCP socket on 127.0.0.1.
 
 Bytes from the client go into the board's host-side FIFO and cross the SoC's UART as
-bit streams; bytes the SoC sends come back the same way. One client at a time; a
-disconnect just waits for the next. Environment: NPUGEN_PORT (0: any free port),
+bit streams; bytes the SoC sends come back the same way. One client at a time: another
+that connects meanwhile gets a BUSY answer (command 0) and is closed; a disconnect just
+waits for the next. Environment: NPUGEN_PORT (0: any free port),
 NPUGEN_PORT_FILE (where the bound port is written), NPUGEN_STOP_FILE (created to stop).
 """
 
@@ -13,7 +14,7 @@ import socket
 import cocotb
 from cocotb.triggers import ClockCycles, FallingEdge, Timer
 
-from npugen.protocol import TRUNCATION_BYTE_TIMES
+from npugen.protocol import TRUNCATION_BYTE_TIMES, LinkStatus, encode_response
 from npugen.sim.board import SIM_DIVISOR
 from npugen.sim.runner import CLOCK_PERIOD_NS
 
@@ -22,6 +23,8 @@ POLL_CYCLES = 2000
 # truncated frame is always dropped.
 IDLE_POLLS = TRUNCATION_BYTE_TIMES * 10 * SIM_DIVISOR // POLL_CYCLES + 20
 CHUNK = 4096
+#: What a client that connects while another is served reads before its connection closes.
+BUSY_ANSWER = encode_response(0, 0, LinkStatus.BUSY)
 
 
 def _listen(port: int) -> socket.socket:
@@ -58,6 +61,34 @@ async def _pull(dut) -> bytes:
     return bytes(out)
 
 
+def _turn_away(listener: socket.socket, waiting: list[socket.socket]) -> None:
+    """Answer a client that connects while another is served with BUSY."""
+    try:
+        extra, _ = listener.accept()
+        extra.setblocking(False)
+        extra.sendall(BUSY_ANSWER)
+        waiting.append(extra)
+    except OSError:
+        pass
+
+
+def _answer_turned_away(waiting: list[socket.socket]) -> None:
+    """BUSY to each request of the clients turned away, until they close (closing first
+    would lose the answer in a connection reset)."""
+    for extra in list(waiting):
+        try:
+            data = extra.recv(CHUNK)
+            if data:
+                extra.sendall(BUSY_ANSWER)
+                continue
+        except BlockingIOError:
+            continue
+        except OSError:
+            pass
+        extra.close()
+        waiting.remove(extra)
+
+
 @cocotb.test()
 async def serve(dut):
     listener = _listen(int(os.environ.get("NPUGEN_PORT", "0")))
@@ -74,6 +105,7 @@ async def serve(dut):
     os.replace(port_file + ".tmp", port_file)
 
     client = None
+    turned_away: list[socket.socket] = []
     pending = bytearray()
     quiet = 0
     while not os.path.exists(stop_file) and os.getppid() == parent:
@@ -84,6 +116,9 @@ async def serve(dut):
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except BlockingIOError:
                 pass
+        else:
+            _turn_away(listener, turned_away)
+        _answer_turned_away(turned_away)
         moved = False
         if client is not None:
             try:
@@ -119,6 +154,7 @@ async def serve(dut):
             await Timer(10 * CLOCK_PERIOD_NS, unit="ns")
         else:
             await Timer(POLL_CYCLES * CLOCK_PERIOD_NS, unit="ns")
-    if client is not None:
-        client.close()
+    for extra in [client, *turned_away]:
+        if extra is not None:
+            extra.close()
     listener.close()

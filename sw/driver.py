@@ -21,12 +21,15 @@ import numpy as np
 
 from .config import NpuConfig
 from .golden import Counters
+from .hostops import NpuRunError
 from .job import Job, JobResult, counters_from_words
-from .memory_map import Reg, Region, Status, address, config_from_identity, memories
+from .memory_map import Control, Reg, Region, Status, address, config_from_identity, memories
 from .program import Program
 from .protocol import (
     LINK_COUNTERS,
     MAX_PAYLOAD_WORDS,
+    RUN_TOKEN_BITS,
+    STATUS_WORDS,
     Command,
     LinkStatus,
     Response,
@@ -38,6 +41,16 @@ from .protocol import (
 __all__ = ["Device", "DeviceError", "DeviceLost"]
 
 DEFAULT_BAUD = 115200
+
+#: What each refusal means, for the error message.
+REFUSALS = {
+    LinkStatus.UNKNOWN_COMMAND: "the device does not know this command (an older bitstream?)",
+    LinkStatus.BAD_LENGTH: "the payload length does not fit the command (a bitstream of "
+                           "another npugen version?)",
+    LinkStatus.BAD_ADDRESS: "the addresses reach past the memory or the registers",
+    LinkStatus.BUSY: "a run is on",
+    LinkStatus.BAD_TOKEN: "the run token is 0 or too wide",
+}
 
 
 class DeviceError(RuntimeError):
@@ -64,6 +77,8 @@ class Device:
         self._early: dict[int, Response] = {}  # answers parsed, not yet claimed
         self._seq = 0
         self._config: NpuConfig | None = None
+        # The device's run token as last seen; None until the session synchronizes.
+        self._run_token: int | None = None
         self.retried = 0  # requests sent again after a lost or corrupt answer
 
     # -- opening and closing ---------------------------------------------------------
@@ -82,6 +97,7 @@ class Device:
             server, url = _start_virtual_board(config or NpuConfig(), simulator)
         try:
             port = serial.serial_for_url(url, baudrate=baud, timeout=0.05)
+            port.reset_input_buffer()   # nothing a previous session left is an answer
         except (serial.SerialException, ValueError, OSError) as error:
             if server is not None:
                 _stop(server)
@@ -109,19 +125,37 @@ class Device:
         self._seq = (self._seq + 1) & 0xFF
         return self._seq
 
+    def _lost(self, error: Exception) -> DeviceLost:
+        return DeviceLost(f"lost the connection to {self.url} ({error}): the board was "
+                          f"unplugged or the virtual board stopped; nothing more was read")
+
+    def _send(self, frame: bytes) -> None:
+        try:
+            self._port.write(frame)
+        except Exception as error:   # pyserial raises SerialException, sockets OSError
+            raise self._lost(error) from None
+
     def _receive(self, seq: int, command: Command) -> Response | None:
         """The answer to request ``seq``, or None after ``timeout`` seconds."""
         deadline = time.monotonic() + self.timeout
         while seq not in self._early:
             if time.monotonic() > deadline:
                 return None
+            try:
+                data = self._port.read(4096)
+            except Exception as error:
+                raise self._lost(error) from None
             # One read may hold several answers: keep them all.
-            for response in self._parser.feed(self._port.read(4096)):
+            for response in self._parser.feed(data):
+                if response.command == 0 and response.status is LinkStatus.BUSY:
+                    raise DeviceError(f"{self.url} is busy: another client holds the virtual "
+                                      f"board; try again when it has finished")
                 if response.command == int(command):
                     self._early[response.seq] = response
         response = self._early.pop(seq)
         if response.status is not LinkStatus.OK:
-            raise DeviceError(f"{command.name} refused by {self.url}: {response.status.name}")
+            raise DeviceError(f"{command.name} refused by {self.url}: {response.status.name} "
+                              f"({REFUSALS.get(response.status, 'unknown status')})")
         return response
 
     def _transact(self, command: Command, seq: int, frame: bytes,
@@ -130,13 +164,13 @@ class Device:
             if attempt or not first_try_sent:
                 if attempt:
                     self.retried += 1
-                self._port.write(frame)
+                self._send(frame)
             response = self._receive(seq, command)
             if response is not None:
                 return response
-        raise DeviceError(f"no answer to {command.name} from {self.url} after "
-                          f"{self.retries + 1} tries of {self.timeout:g} s; is it an npugen "
-                          f"NPU, powered, and at this baud rate?")
+        raise DeviceLost(f"no answer to {command.name} from {self.url} after "
+                         f"{self.retries + 1} tries of {self.timeout:g} s; is it an npugen "
+                         f"NPU, powered, and at this baud rate?")
 
     def request(self, command: Command, payload: bytes = b"") -> Response:
         """Send a request and return its answer; resend on timeout or a corrupt answer."""
@@ -154,7 +188,7 @@ class Device:
         for payload in payloads:
             seq = self._next_seq()
             frame = encode_request(command, seq, payload)
-            self._port.write(frame)
+            self._send(frame)
             in_flight.append((seq, frame))
             if len(in_flight) >= window:
                 answers.append(self._transact(command, *in_flight.popleft(), True))
@@ -196,7 +230,17 @@ class Device:
         return low | high << 32
 
     def status(self) -> Status:
-        return Status(self.request(Command.STATUS).words()[0])
+        return self.run_state()[0]
+
+    def run_state(self) -> tuple[Status, int]:
+        """STATUS and the token of the device's current (or last) run; 0: none since
+        its reset."""
+        words = self.request(Command.STATUS).words()
+        if len(words) != STATUS_WORDS:
+            raise DeviceError(f"{self.url} answers STATUS with {len(words)} words, not "
+                              f"{STATUS_WORDS}: its bitstream speaks an older protocol; "
+                              f"rebuild it (npugen build) or restart serve-sim")
+        return Status(words[0]), words[3]
 
     def counters(self) -> Counters:
         return counters_from_words(self.request(Command.COUNTERS).words())
@@ -205,8 +249,34 @@ class Device:
         return dict(zip(LINK_COUNTERS, self.request(Command.LINK_STATUS).words(), strict=True))
 
     def reset(self) -> None:
-        """Abort any run and clear the link's error counters."""
+        """Abort any run and clear the link's error counters and run token."""
         self.request(Command.RESET)
+        self._run_token = 0
+
+    def _synchronize(self) -> None:
+        """Once a session, before its first upload or run: learn the device's run token,
+        and abort a run that a host gone before this one left on."""
+        if self._run_token is not None:
+            return
+        status, token = self.run_state()
+        if Status.RUNNING in status:
+            self.write(address(Region.REGISTERS, Reg.CONTROL), [int(Control.ABORT)])
+            status, token = self.run_state()
+            if Status.RUNNING in status:
+                raise DeviceLost(f"{self.url} keeps running after ABORT (status {status!r})")
+        self._run_token = token
+
+    def _new_token(self) -> int:
+        """A run token the device has not got as its last: the one after it, never 0."""
+        self._run_token = self._run_token % ((1 << RUN_TOKEN_BITS) - 1) + 1
+        return self._run_token
+
+    def _check_token(self, token: int, seen: int) -> None:
+        if seen != token:
+            self._run_token = seen
+            raise DeviceLost(f"the run on {self.url} was lost: the device reports run token "
+                             f"{seen}, this run's is {token} (it was reset, or another host "
+                             f"started a run); its outputs were not read")
 
     # -- programs --------------------------------------------------------------------
 
@@ -236,6 +306,7 @@ class Device:
     def load(self, program: Program, *, verify: bool = True) -> None:
         """Upload instructions, weights and parameters; read back and compare CRCs."""
         self.check_program(program)
+        self._synchronize()
         job = Job(program.config)
         for region, entry, values in program.segments:
             job.write(region, entry, values)
@@ -246,16 +317,23 @@ class Device:
         """Load ``job``'s writes, run from its start address, read its results back."""
         from .hostops import decode_result
 
+        self._synchronize()
         self._write_job(job, verify=False)
-        self.request(Command.START, struct.pack("<I", job.start_pc))
+        token = self._new_token()
+        # A START whose answer is lost is resent with the same token: the device does not
+        # start that run twice, and answers its state.
+        answer = self.request(Command.START, struct.pack("<II", job.start_pc, token)).words()
+        self._check_token(token, answer[-1])
         deadline = time.monotonic() + timeout
         while True:
-            status = self.status()
+            status, seen = self.run_state()
+            self._check_token(token, seen)
             if Status.RUNNING not in status:
                 break
             if time.monotonic() > deadline:
                 self.reset()
-                raise DeviceError(f"the run on {self.url} did not finish in {timeout:g} s")
+                raise DeviceLost(f"the run on {self.url} did not finish in {timeout:g} s; "
+                                 f"it was aborted")
             time.sleep(poll_seconds)
         counter_words = self.request(Command.COUNTERS).words()
         words: list[int] = []
@@ -263,7 +341,19 @@ class Device:
         for name, (region, _, count) in job.reads.items():
             stride = infos[Region(region)].stride
             words += self.read(int(job.read_addresses(name)[0]), count * stride)
-        return decode_result(job, int(status), counter_words, words)
+        # Still this run's state: nothing reset or restarted the NPU while it was read.
+        after, seen = self.run_state()
+        self._check_token(token, seen)
+        if after != status:
+            raise DeviceLost(f"the state of the run on {self.url} changed while its outputs "
+                             f"were read ({status!r}, then {after!r}); they were discarded")
+        try:
+            return decode_result(job, int(status), counter_words, words)
+        except NpuRunError:
+            if Status.ABORTED in status:
+                raise DeviceLost(f"the run on {self.url} was aborted (by another host's "
+                                 f"RESET?); its outputs were discarded") from None
+            raise
 
     def run(self, program: Program, x: np.ndarray,
             progress: Callable[[int, int], None] | None = None):

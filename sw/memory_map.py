@@ -16,7 +16,7 @@ from .isa import INSTRUCTION_WIDTH, ISA_VERSION
 __all__ = [
     "MAGIC", "REGION_SHIFT", "HOST_READ_LATENCY", "Region", "Reg", "Control", "Status",
     "MemoryInfo", "memories", "identity_words", "config_from_identity", "COUNTER_NAMES",
-    "COUNTER_BITS", "address",
+    "COUNTER_BITS", "address", "register_bits", "region_words",
 ]
 
 MAGIC = 0x4E505547  # "NPUG"
@@ -114,6 +114,22 @@ def address(region: Region, offset: int = 0) -> int:
     return (int(region) << REGION_SHIFT) | offset
 
 
+def register_bits(config: NpuConfig) -> int:
+    """Offset bits the register block decodes: it spans ``2**register_bits`` words."""
+    top = max(len(identity_words(config)) - 1, *[int(reg) for reg in Reg],
+              Reg.UPTIME + 1, Reg.COUNTERS + 2 * len(COUNTER_NAMES) - 1)
+    return top.bit_length()
+
+
+def region_words(config: NpuConfig) -> dict[Region, int]:
+    """Host words each region spans (a power of two): the registers' block, and each
+    memory's depth × stride. A READ or WRITE past them is refused (BAD_ADDRESS)."""
+    sizes = {Region.REGISTERS: 1 << register_bits(config)}
+    sizes.update({region: info.depth * info.stride
+                  for region, info in memories(config).items()})
+    return sizes
+
+
 def identity_words(config: NpuConfig) -> list[int]:
     """The read-only identity block: magic, ISA version, then every config field."""
     words = [MAGIC, ISA_VERSION]
@@ -153,7 +169,8 @@ def memory_map_markdown(config: NpuConfig | None = None) -> str:
         f"{HOST_READ_LATENCY} cycles later, with `rvalid` (reads pipeline: one may be "
         "requested every cycle). "
         "Every address bit is decoded: an address outside the regions, registers "
-        "and memory depths below reads 0 and ignores writes. Memories are reachable only "
+        "and memory depths below reads 0 and ignores writes on the host port, and the "
+        "host link refuses it (BAD_ADDRESS, PROTOCOL.md). Memories are reachable only "
         "while no run is on: during a run a memory access is dropped (reads give 0) and "
         "STATUS.HOST_CONFLICT is set.",
         "",
@@ -166,6 +183,9 @@ def memory_map_markdown(config: NpuConfig | None = None) -> str:
     for region, info in memories(config).items():
         lines.append(f"| {info.name} | {int(region)} | {info.width} bits | {info.stride} |")
     lines += [
+        "",
+        f"The registers' block spans {region_words(config)[Region.REGISTERS]} words; a "
+        "memory region spans its depth × host words per entry.",
         "",
         "An entry wider than 32 bits spans a power-of-two number of consecutive addresses, "
         "least significant word first; lane i of an entry holds bits [i·w, (i+1)·w). "

@@ -22,7 +22,7 @@ from .memory_map import COUNTER_BITS
 
 __all__ = [
     "REQUEST_SYNC", "RESPONSE_SYNC", "MAX_PAYLOAD_WORDS", "MAX_PAYLOAD_BYTES", "RX_FIFO_BYTES",
-    "TRUNCATION_BYTE_TIMES", "Command",
+    "TRUNCATION_BYTE_TIMES", "RUN_TOKEN_BITS", "STATUS_WORDS", "Command",
     "LinkStatus", "LINK_COUNTERS", "LINK_COUNTER_BITS", "crc16", "encode_request",
     "encode_response", "Response",
     "ResponseParser",
@@ -41,6 +41,12 @@ RX_FIFO_BYTES = 2048
 #: (USB-serial bridges and the virtual board deliver bytes in bursts with gaps).
 TRUNCATION_BYTE_TIMES = 2000
 MAX_BAUD_ERROR = 0.02
+#: A START names its run with a token of this many bits (1 to 2**bits − 1; 0 names no run).
+#: The device keeps the token of the last run it started: STATUS reports it, a START with
+#: the same token is a retry and does not restart, RESET sets it to 0.
+RUN_TOKEN_BITS = 16
+#: Words of a STATUS answer (and of START's): STATUS, START_PC, PC, RUN_TOKEN.
+STATUS_WORDS = 4
 
 
 class Command(enum.IntEnum):
@@ -49,10 +55,10 @@ class Command(enum.IntEnum):
     IDENTIFY = 0x01    # → identity block words
     WRITE = 0x02       # address u32, words... → (nothing)
     READ = 0x03        # address u32, count u16 → words
-    START = 0x04       # pc u32 → (nothing); a repeat with the same seq does not restart
-    STATUS = 0x05      # → STATUS register, PC
+    START = 0x04       # pc u32, run token u32 → STATUS words; a repeated token: no restart
+    STATUS = 0x05      # → STATUS, START_PC, PC, RUN_TOKEN
     COUNTERS = 0x06    # → performance counters (64-bit each, low word first)
-    RESET = 0x07       # → (nothing): abort any run, clear the link's error counters
+    RESET = 0x07       # → (nothing): abort any run, clear the link's counters and token
     LINK_STATUS = 0x08  # → the link's error counters (LINK_COUNTERS order)
 
 
@@ -60,11 +66,14 @@ class LinkStatus(enum.IntEnum):
     OK = 0
     UNKNOWN_COMMAND = 1
     BAD_LENGTH = 2      # payload length wrong for the command, or READ count 0 or too large
+    BAD_ADDRESS = 3     # READ or WRITE reaches past a memory or the registers, or no region
+    BUSY = 4            # START while a run is on; the virtual board serving another client
+    BAD_TOKEN = 5       # START with run token 0 or wider than RUN_TOKEN_BITS
 
 
 #: The engine's error counters, as LINK_STATUS returns them.
 LINK_COUNTERS = ("noise_bytes", "bad_crc", "oversize", "truncated", "unknown_command",
-                 "framing_errors")
+                 "framing_errors", "bad_address")
 #: Width of each link error counter: it counts modulo 2**16 (LINK_STATUS words read 0 above).
 LINK_COUNTER_BITS = 16
 
@@ -168,17 +177,24 @@ COMMAND_DOCS: dict[Command, tuple[str, str, str]] = {
     Command.IDENTIFY: ("(empty)", "the identity block: MAGIC, ISA_VERSION, every NpuConfig "
                        "field (see MEMORY_MAP.md)", "Compare with the program's config."),
     Command.WRITE: ("address u32, then 1 to 256 words u32", "(empty)",
-                    "Words go to address, address+1, ... (host-port word addresses)."),
+                    "Words go to address, address+1, ... (host-port word addresses). "
+                    "BAD_ADDRESS if they reach past the region: nothing is written."),
     Command.READ: ("address u32, count u16 (1 to 256)", "count words",
-                   "From address, address+1, ..."),
-    Command.START: ("pc u32", "(empty)",
-                    "START_PC ← pc, CONTROL ← START. A repeat with the same seq (a retry) "
-                    "does not restart the NPU."),
-    Command.STATUS: ("(empty)", "STATUS, START_PC, PC", "Poll STATUS.RUNNING until clear."),
+                   "From address, address+1, ... BAD_ADDRESS if they reach past the region."),
+    Command.START: (f"pc u32, run token u32 (1 to 2^{RUN_TOKEN_BITS} − 1)",
+                    f"{STATUS_WORDS} words, as STATUS",
+                    "START_PC ← pc, CONTROL ← START, RUN_TOKEN ← token. A START with the "
+                    "token of the last run is a retry: it does not restart, it answers the "
+                    "run's state. BUSY during another run; BAD_TOKEN for token 0 or a wider "
+                    "one."),
+    Command.STATUS: ("(empty)", "STATUS, START_PC, PC, RUN_TOKEN",
+                     "Poll STATUS.RUNNING until clear; RUN_TOKEN names the run it describes "
+                     "(0: none since RESET)."),
     Command.COUNTERS: ("(empty)", "8 words: cycles, busy_cycles, macs, stall_cycles "
                        f"({COUNTER_BITS} bits each, low word first)", ""),
     Command.RESET: ("(empty)", "(empty)",
-                    "Abort any run (CONTROL ← ABORT) and clear the link's error counters."),
+                    "Abort any run (CONTROL ← ABORT), clear the link's error counters, "
+                    "RUN_TOKEN ← 0."),
     Command.LINK_STATUS: ("(empty)", f"{len(LINK_COUNTERS)} words: "
                           + ", ".join(LINK_COUNTERS),
                           f"The link's error counters, modulo 2^{LINK_COUNTER_BITS}."),
@@ -250,6 +266,13 @@ def protocol_markdown() -> str:
         f"| {LinkStatus.UNKNOWN_COMMAND} | UNKNOWN_COMMAND | the command code is not above |",
         f"| {LinkStatus.BAD_LENGTH} | BAD_LENGTH | the payload length does not fit the "
         "command, or a READ count is 0 or above 256 |",
+        f"| {LinkStatus.BAD_ADDRESS} | BAD_ADDRESS | a READ or WRITE reaches past the "
+        "registers' block or a memory's depth, or names no region (MEMORY_MAP.md); nothing "
+        "moves and `bad_address` counts it |",
+        f"| {LinkStatus.BUSY} | BUSY | START while a run is on; from the virtual board, with "
+        "command 0 and seq 0: another client holds it |",
+        f"| {LinkStatus.BAD_TOKEN} | BAD_TOKEN | START's run token is 0 or wider than "
+        f"{RUN_TOKEN_BITS} bits |",
         "",
         "## Errors and recovery",
         "",
@@ -266,8 +289,24 @@ def protocol_markdown() -> str:
         "UNKNOWN_COMMAND. After any of these the next valid frame is handled normally.",
         "",
         "A host resends a request it got no valid answer to (the driver waits 5 s, three "
-        "times). WRITE and READ are idempotent; START is not, so the device skips a START "
-        "whose seq equals the last START's. Use a new seq for each new request.",
+        "times). WRITE and READ are idempotent; START is not, so each START names its run "
+        f"with a token ({RUN_TOKEN_BITS} bits, not 0) and the device keeps the token of the "
+        "last run it started: a START with that token is the retry of a START whose answer "
+        "was lost, and the device answers it with the run's state instead of starting again.",
+        "",
+        "## Run identity",
+        "",
+        "A run's outputs must never be taken for another's: the sequence number (8 bits, it "
+        "wraps; every host starts from 1) cannot tell runs apart, the run token does. The "
+        "driver:",
+        "",
+        "1. before its first upload or run, reads STATUS: the device's last token, and "
+        "RUNNING (a run left by a host gone before: it is aborted);",
+        "2. starts each run with the token after the last one the device had (never 0, never "
+        "the device's last), and checks that START's answer carries it;",
+        "3. checks the token in every STATUS it polls, and once more after reading the "
+        "outputs: a different token means the device was reset (RESET sets it to 0) or "
+        "another host started a run, and the outputs are discarded with an error.",
         "",
         "## Flow control",
         "",
@@ -281,9 +320,10 @@ def protocol_markdown() -> str:
         "1. IDENTIFY; check MAGIC, ISA_VERSION and the config against the program's.",
         "2. WRITE the program's segments (instructions, weights, parameters), READ them back "
         "and compare (the driver compares CRCs).",
-        "3. For each batch: WRITE the input activations; START (pc 0); poll STATUS until "
-        "RUNNING is clear (DONE set; ILLEGAL_INSTRUCTION or HOST_CONFLICT mean an error); "
-        "READ the output activations and COUNTERS.",
+        "3. For each batch: WRITE the input activations; START (pc 0, a new run token); "
+        "poll STATUS until RUNNING is clear (DONE set; ILLEGAL_INSTRUCTION or HOST_CONFLICT "
+        "mean an error), checking the token; READ the output activations and COUNTERS; "
+        "STATUS once more: the same token and state.",
         "",
     ]
     return "\n".join(lines)

@@ -13,7 +13,7 @@ from npugen.hw.link import LinkEngine
 from npugen.hw.npu import Npu
 from npugen.job import run_golden
 from npugen.matmul import matmul_job, matmul_output
-from npugen.memory_map import COUNTER_NAMES, Region, Status, address, identity_words
+from npugen.memory_map import COUNTER_NAMES, Region, Status, address, identity_words, region_words
 from npugen.protocol import LINK_COUNTERS, Command, LinkStatus, ResponseParser, encode_request
 
 CONFIG = NpuConfig(rows=2, cols=2, activation_depth=32, weight_depth=32, accumulator_depth=32,
@@ -27,8 +27,10 @@ def run_session(steps):
     m = Module()
     m.submodules.npu = npu = Npu(CONFIG)
     m.submodules.link = link = LinkEngine(identity_words=len(identity_words(CONFIG)),
-                                          timeout_cycles=TIMEOUT)
+                                          timeout_cycles=TIMEOUT,
+                                          region_words=region_words(CONFIG))
     wiring.connect(m, link.bus, npu.host)
+    m.d.comb += link.running.eq(npu.running)
     received = bytearray()
     finished = {}
 
@@ -92,7 +94,7 @@ def test_length_rules():
         ("send", encode_request(Command.WRITE, 2, words(base, 5)[:7])),
         ("send", encode_request(Command.WRITE, 3)),
         ("send", encode_request(Command.READ, 4, words(base))),
-        ("send", encode_request(Command.START, 5, b"\x00\x00")),
+        ("send", encode_request(Command.START, 5, words(0))),
         ("send", encode_request(Command.IDENTIFY, 6)),
         ("send", encode_request(Command.READ, 7, struct.pack("<IH", base, 1))),
     ])
@@ -130,7 +132,7 @@ def test_errors_are_dropped_counted_and_survived():
     counts = dict(zip(LINK_COUNTERS, by_seq[7].words(), strict=True))
     # The oversize frame's 8 trailing bytes are noise, too.
     assert counts == {"noise_bytes": 18, "bad_crc": 1, "oversize": 1, "truncated": 1,
-                      "unknown_command": 1, "framing_errors": 0}
+                      "unknown_command": 1, "framing_errors": 0, "bad_address": 0}
     assert by_seq[9].words() == [0] * len(LINK_COUNTERS)
 
 
@@ -147,8 +149,8 @@ def test_a_matmul_through_the_link():
         seq += 1
         steps.append(("send", encode_request(
             Command.WRITE, seq, words(int(addresses[run[0]]), *map(int, data[run])))))
-    steps += [("send", encode_request(Command.START, 100, words(0))),
-              ("send", encode_request(Command.START, 100, words(0))),  # a retry: no restart
+    steps += [("send", encode_request(Command.START, 100, words(0, 7))),
+              ("send", encode_request(Command.START, 99, words(0, 7))),  # a retry: no restart
               ("idle", 400),
               ("send", encode_request(Command.STATUS, 101)),
               ("send", encode_request(Command.COUNTERS, 102))]
@@ -158,8 +160,9 @@ def test_a_matmul_through_the_link():
     responses, _ = run_session(steps)
     by_seq = {r.seq: r for r in responses}
     assert all(r.status == LinkStatus.OK for r in responses)
-    status, _, pc = by_seq[101].words()
-    assert Status(status) == Status.DONE
+    status, _, pc, token = by_seq[101].words()
+    assert Status(status) == Status.DONE and token == 7
+    assert by_seq[100].words()[3] == by_seq[99].words()[3] == 7
     counter_words = by_seq[102].words()
     counters = [counter_words[2 * i] | counter_words[2 * i + 1] << 32
                 for i in range(len(COUNTER_NAMES))]
@@ -167,3 +170,78 @@ def test_a_matmul_through_the_link():
     result = job.decode_read("y", np.array(by_seq[103].words()))
     y = matmul_output(plan, type(golden)(outputs={"y": result}, counters=golden.counters))
     assert np.array_equal(y, a @ w)
+
+
+def test_addresses_past_a_region_are_refused_and_counted():
+    """A READ or WRITE that reaches past a memory, past the registers' block or into no
+    region is answered BAD_ADDRESS, counted, and moves no word; one that ends exactly at
+    a region's end is fine."""
+    sizes = region_words(CONFIG)
+    weights_end = address(Region.WEIGHTS, sizes[Region.WEIGHTS])
+    registers_end = address(Region.REGISTERS, sizes[Region.REGISTERS])
+    responses, dropped = run_session([
+        ("send", encode_request(Command.WRITE, 1, words(weights_end - 2, 1, 2))),
+        ("send", encode_request(Command.WRITE, 2, words(weights_end - 2, 3, 4, 5))),
+        ("send", encode_request(Command.READ, 3, struct.pack("<IH", weights_end - 2, 3))),
+        ("send", encode_request(Command.READ, 4, struct.pack("<IH", weights_end - 2, 2))),
+        ("send", encode_request(Command.READ, 5, struct.pack("<IH", 0xFF000000, 1))),
+        ("send", encode_request(Command.WRITE, 6, words(0x06000000, 9))),
+        ("send", encode_request(Command.READ, 7, struct.pack("<IH", registers_end - 1, 1))),
+        ("send", encode_request(Command.READ, 8, struct.pack("<IH", registers_end, 1))),
+        ("send", encode_request(Command.READ, 9, struct.pack("<IH", 0x02FFFFFF, 2))),
+        ("send", encode_request(Command.LINK_STATUS, 10)),
+    ])
+    assert dropped == 0
+    assert [(r.seq, r.status) for r in responses] == [
+        (1, LinkStatus.OK), (2, LinkStatus.BAD_ADDRESS), (3, LinkStatus.BAD_ADDRESS),
+        (4, LinkStatus.OK), (5, LinkStatus.BAD_ADDRESS), (6, LinkStatus.BAD_ADDRESS),
+        (7, LinkStatus.OK), (8, LinkStatus.BAD_ADDRESS), (9, LinkStatus.BAD_ADDRESS),
+        (10, LinkStatus.OK)]
+    assert responses[3].words() == [1, 2], "the refused write must not have written"
+    counts = dict(zip(LINK_COUNTERS, responses[-1].words(), strict=True))
+    assert counts["bad_address"] == 6
+
+
+def job_writes(job, first_seq=1):
+    """WRITE frames that load ``job``: one per run of consecutive host addresses."""
+    addresses, data = job.host_writes()
+    runs = np.split(np.arange(len(addresses)), np.where(np.diff(addresses) != 1)[0] + 1)
+    return [("send", encode_request(Command.WRITE, first_seq + i,
+                                    words(int(addresses[run[0]]), *map(int, data[run]))))
+            for i, run in enumerate(runs)]
+
+
+def test_start_tokens():
+    """A START names its run: token 0 or a too-wide one is refused, a repeated token does
+    not restart (its answer is the run's state), a START during a run is BUSY, RESET
+    forgets the token."""
+    rng = np.random.default_rng(4)
+    job, _ = matmul_job(CONFIG, rng.integers(-128, 128, (10, 6)), rng.integers(-128, 128, (6, 6)))
+    steps = job_writes(job, 1)
+    responses, _ = run_session(steps + [
+        ("send", encode_request(Command.START, 100, words(0, 0))),
+        ("send", encode_request(Command.START, 101, words(0, 1 << 16))),
+        ("send", encode_request(Command.START, 102, words(0, 5))),
+        ("send", encode_request(Command.START, 103, words(0, 6))),   # during the run
+        ("send", encode_request(Command.START, 104, words(0, 5))),   # a retry
+        ("idle", 600),
+        ("send", encode_request(Command.STATUS, 105)),
+        ("send", encode_request(Command.RESET, 106)),
+        ("send", encode_request(Command.STATUS, 107)),
+        ("send", encode_request(Command.START, 108, words(0, 5))),
+        ("idle", 600),
+        ("send", encode_request(Command.STATUS, 109)),
+    ])
+    by_seq = {r.seq: r for r in responses}
+    assert by_seq[100].status == by_seq[101].status == LinkStatus.BAD_TOKEN
+    assert by_seq[102].status == LinkStatus.OK
+    status, _, _, token = by_seq[102].words()
+    assert Status.RUNNING in Status(status) and token == 5
+    assert by_seq[103].status == LinkStatus.BUSY
+    assert by_seq[104].status == LinkStatus.OK and by_seq[104].words()[3] == 5
+    status, _, _, token = by_seq[105].words()
+    assert Status(status) == Status.DONE and token == 5
+    assert by_seq[107].words()[3] == 0, "RESET forgets the last run's token"
+    assert by_seq[108].status == LinkStatus.OK, "after RESET the same token starts a run"
+    status, _, _, token = by_seq[109].words()
+    assert Status(status) == Status.DONE and token == 5
