@@ -6,7 +6,9 @@ The demo CNN (10 epochs, as tests/test_cnn.py trains it) is quantized by onnxrun
 quantize_static (per-tensor and per-channel, 200 calibration digits), compiled for the
 default 8×8 NPU with double and with single rounding, and run on the golden model over
 the 360 held-out digits; prints the largest difference in output steps and the share of
-identical outputs. Uses the comparison helpers of tests/conftest.py.
+identical outputs. Uses the comparison helpers of tests/conftest.py, whose onnxruntime
+session has graph optimizations off (ORT_DISABLE_ALL): the default fuses the QDQ nodes into
+int8 kernels whose results depend on the CPU (issue 19).
 """
 
 from __future__ import annotations

@@ -41,16 +41,30 @@ def quantize_with_onnxruntime(float_path, qdq_path, samples, *, per_channel: boo
                     per_channel=per_channel)
 
 
-def steps_from_onnxruntime(program, qdq_path, x):
-    """|npugen's int8 outputs − onnxruntime's on the QDQ model|, in output steps."""
-    import numpy as np
+def reference_session(path):
+    """The onnxruntime session every reference comparison uses: CPU, graph optimizations
+    off (ORT_DISABLE_ALL). The default level fuses QDQ nodes into int8 kernels (QGemm,
+    QLinearConv) whose results depend on the CPU: on x86 with AVX2 but no VNNI they
+    saturate 16-bit pair sums and are up to 12 output steps off (issue 19). Unoptimized,
+    onnxruntime runs each node as its ONNX definition (DequantizeLinear, float Gemm/Conv,
+    QuantizeLinear rounding once), which is the same on every CPU."""
     import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return onnxruntime.InferenceSession(str(path), sess_options=options,
+                                        providers=["CPUExecutionProvider"])
+
+
+def steps_from_onnxruntime(program, qdq_path, x):
+    """|npugen's int8 outputs − onnxruntime's on the QDQ model|, in output steps
+    (onnxruntime through reference_session: each node as defined, on any CPU)."""
+    import numpy as np
 
     from npugen.runtime import run
 
     ours = run(program, x).quantized_output.astype(np.int64)
-    session = onnxruntime.InferenceSession(str(qdq_path), providers=["CPUExecutionProvider"])
-    reference = session.run(None, {"input": x})[0]
+    reference = reference_session(qdq_path).run(None, {"input": x})[0]
     theirs = np.round(reference / program.output.scale).astype(np.int64) + \
         program.output.zero_point
     return np.abs(ours - theirs)

@@ -4,6 +4,7 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import reference_session
 from npugen.demo import digits
 from npugen.train import cnn_forward, cnn_loss_and_grads, cnn_to_onnx, train_cnn
 
@@ -20,7 +21,7 @@ def random_params(rng, channels=(3, 5), dtype=np.float32):
 
 
 def test_forward_matches_onnxruntime(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     rng = np.random.default_rng(1)
     params = random_params(rng)
     x = rng.random((7, 1, 8, 8), dtype=np.float32)
@@ -30,9 +31,7 @@ def test_forward_matches_onnxruntime(tmp_path):
     assert [node.name for node in model.graph.node if node.op_type in ("Conv", "Gemm")] == [
         "conv0", "conv1", "fc"]
     onnx.checker.check_model(onnx.load(tmp_path / "cnn.onnx"))
-    session = ort.InferenceSession(str(tmp_path / "cnn.onnx"),
-                                   providers=["CPUExecutionProvider"])
-    (expected,) = session.run(["logits"], {"input": x})
+    (expected,) = reference_session(tmp_path / "cnn.onnx").run(["logits"], {"input": x})
     assert expected.shape == (7, 10)
     np.testing.assert_allclose(cnn_forward(params, x), expected, atol=1e-4, rtol=1e-4)
     # Flat (N, 64) inputs are the same images.
