@@ -45,9 +45,10 @@ def reference_session(path):
     """The onnxruntime session every reference comparison uses: CPU, graph optimizations
     off (ORT_DISABLE_ALL). The default level fuses QDQ nodes into int8 kernels (QGemm,
     QLinearConv) whose results depend on the CPU: on x86 with AVX2 but no VNNI they
-    saturate 16-bit pair sums and are up to 12 output steps off (issue 19). Unoptimized,
-    onnxruntime runs each node as its ONNX definition (DequantizeLinear, float Gemm/Conv,
-    QuantizeLinear rounding once), which is the same on every CPU."""
+    saturate 16-bit pair sums and are up to 12 output steps off (issue 19; 35 on the demo
+    CNN under `qemu-x86_64 -cpu Haswell`). Unoptimized, onnxruntime runs each node as its
+    ONNX definition (DequantizeLinear, float Gemm/Conv, QuantizeLinear rounding once),
+    which differs between CPUs at most in float32 summation order."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
