@@ -130,10 +130,11 @@ def run_demo(*, target: str = "sim", simulator: str = "verilator",
     """Train, export, compile, run; print the figures and return them."""
     from .compiler import compile_model
     from .importers import load_onnx
-    from .runtime import run
+    from .runtime import check_target, run
 
     if model_kind not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, not {model_kind!r}")
+    check_target(target)   # before the training, which takes a while
     config = config or NpuConfig()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -174,9 +175,15 @@ def run_demo(*, target: str = "sim", simulator: str = "verilator",
     if target != "golden":
         print(f"NPU ({label}) bit-exact with golden: {record['bit_exact']}; "
               f"accuracy {record['npu_accuracy']:.4f}")
-    print(f"cycles per inference {record['cycles']:.1f} (batch {program.batch}, "
-          f"{record['macs']} MACs, utilization {record['utilization']:.3f}); "
-          f"{record['seconds']} s")
+    if record["inferences"] == record["runs"] * program.batch:
+        print(f"cycles per inference {record['cycles']:.1f} (batch {program.batch}, "
+              f"{record['macs']} MACs, utilization {record['utilization']:.3f}); "
+              f"{record['seconds']} s")
+    else:   # a last run with fewer inputs than the batch costs a whole run
+        print(f"cycles per inference {record['cycles']:.1f} over {record['inferences']} "
+              f"inputs in {record['runs']} runs of batch {program.batch} "
+              f"({record['cycles_full_batch']:.1f} at a full batch: {record['macs']} MACs, "
+              f"utilization {record['utilization_full_batch']:.3f}); {record['seconds']} s")
     if "cycles" in program.layers[0]:
         record["layers"] = [{k: layer[k] for k in ("name", "kind", "output", "macs", "cycles",
                                                    "utilization")}

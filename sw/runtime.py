@@ -15,7 +15,8 @@ from .job import Job, JobResult, run_golden
 from .memory_map import Region
 from .program import Program
 
-__all__ = ["RunResult", "run", "program_job", "quantize_input", "ConfigMismatch", "TARGETS"]
+__all__ = ["RunResult", "run", "program_job", "quantize_input", "ConfigMismatch", "TARGETS",
+           "check_target", "check_config"]
 
 TARGETS = ("golden", "rtl", "sim")  # or a device URL
 
@@ -37,19 +38,65 @@ class RunResult:
         return self.counters.cycles / self.inferences
 
     def stats(self, program: Program) -> dict:
+        """Figures of this result: ``cycles`` and ``utilization`` over the inferences
+        actually run (a last run with fewer inputs than the batch costs a whole run);
+        ``cycles_full_batch`` and ``utilization_full_batch`` as if every run were full;
+        ``cycles_per_run``; the summed counters as ``total_*``."""
         ideal = program.macs_per_inference / program.config.macs_per_cycle
-        per_run_cycles = self.counters.cycles / self.runs
+        total_cycles = self.counters.cycles
+        per_run_cycles = total_cycles / self.runs if self.runs else 0.0
         return {
             "inferences": self.inferences, "runs": self.runs, "batch": program.batch,
-            "cycles": per_run_cycles / program.batch,
+            "cycles": total_cycles / self.inferences if self.inferences else 0.0,
+            "utilization": ideal * self.inferences / total_cycles if total_cycles else 0.0,
             "cycles_per_run": per_run_cycles,
+            "cycles_full_batch": per_run_cycles / program.batch,
+            "utilization_full_batch": (ideal * program.batch / per_run_cycles
+                                       if per_run_cycles else 0.0),
             "macs": program.macs_per_inference,
-            "utilization": ideal * program.batch / per_run_cycles,
             **{f"total_{k}": v for k, v in self.counters.as_dict().items()},
         }
 
 
+#: pyserial's URL schemes (serial.serial_for_url), which a device target may use.
+SERIAL_URL_SCHEMES = ("socket", "rfc2217", "loop", "spy", "alt", "hwgrep", "cp2110")
+
+
+def check_target(target: str) -> None:
+    """Refuse a target that is not golden, rtl, sim or a device URL, before any work.
+
+    Device URLs: a serial port (``/dev/ttyUSB1``, ``COM3``, or an existing character
+    device), ``socket://HOST:PORT`` or another of pyserial's URLs (``loop://``...).
+    Raises ``ValueError`` echoing the target.
+    """
+    import os
+    import re
+    import stat
+
+    if target in TARGETS:
+        return
+    scheme, separator, rest = target.partition("://")
+    if separator and scheme in SERIAL_URL_SCHEMES:
+        if scheme in ("socket", "rfc2217"):
+            host, _, port = rest.split("/")[0].rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"target {target!r}: a {scheme}:// URL needs HOST:PORT with "
+                                 f"a port from 1 to 65535, e.g. {scheme}://127.0.0.1:5555")
+        return
+    if target.startswith("/dev/") or re.fullmatch(r"COM\d+", target):
+        return
+    try:
+        if stat.S_ISCHR(os.stat(target).st_mode):   # e.g. a socat pty's link
+            return
+    except (OSError, ValueError):
+        pass
+    raise ValueError(f"target {target!r} is not golden, rtl, sim or a device URL (a serial "
+                     f"port such as /dev/ttyUSB1, socket://HOST:PORT, loop://)")
+
+
 def check_config(program: Program, config: NpuConfig | None) -> None:
+    """Raise :class:`ConfigMismatch` listing the fields that differ if ``config`` (the
+    target NPU's, when known) is not the one ``program`` was compiled for."""
     if config is not None and config != program.config:
         differences = ", ".join(
             f"{name}: program {getattr(program.config, name)!r}, NPU {getattr(config, name)!r}"
@@ -66,6 +113,9 @@ def quantize_input(program: Program, x: np.ndarray) -> np.ndarray:
     if x.ndim < 1 or tuple(x.shape[1:]) != expected:
         raise ValueError(f"input must have shape (batch, {', '.join(map(str, expected))}), "
                          f"not {x.shape}")
+    if len(x) == 0:
+        raise ValueError(f"input has no rows (shape {x.shape}): give at least one input of "
+                         f"shape ({', '.join(map(str, expected))})")
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"input must be floating point (float32), not {x.dtype}")
     if not np.all(np.isfinite(x)):
@@ -124,6 +174,8 @@ def run(program: Program, x: np.ndarray, *, target: Any = "golden",
     """
     from .driver import Device
 
+    if isinstance(target, str):
+        check_target(target)
     check_config(program, config)
     q = quantize_input(program, x)
     chunks = [q[i:i + program.batch] for i in range(0, len(q), program.batch)]
