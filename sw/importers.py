@@ -28,6 +28,10 @@ An .npz for npugen holds, for layers i = 0, 1, ... in order:
   layers.{i}.activation  'none', 'relu' or 'relu6'        optional, 'none' if absent
 and optionally input_shape (ints; default (in_features of layer 0,))."""
 
+#: ONNX element types of a float model input (onnx.TensorProto FLOAT, DOUBLE, FLOAT16,
+#: BFLOAT16); an INT8 input is taken too, read by a DequantizeLinear.
+FLOAT_INPUT_TYPES = (1, 11, 10, 16)
+
 ACTIVATION_BOUNDS = {"none": (-np.inf, np.inf), "relu": (0.0, np.inf), "relu6": (0.0, 6.0)}
 
 
@@ -36,6 +40,9 @@ def load_model(path: str | Path) -> Model:
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ModelError(f"model file {str(path)!r} is a directory; give a .onnx or .npz "
+                         f"file")
     if path.suffix.lower() == ".npz":
         return load_npz(path)
     if path.suffix.lower() == ".onnx":
@@ -157,9 +164,16 @@ def load_onnx(source: Any) -> Model:
     if not dims or any(d <= 0 for d in input_shape):
         raise ModelError(f"input {inputs[0].name!r} needs a leading batch dimension and fixed "
                          f"other dimensions, not {[d.dim_param or d.dim_value for d in dims]}")
+    input_name = inputs[0].name
+    input_type = inputs[0].type.tensor_type.elem_type
+    if input_type not in FLOAT_INPUT_TYPES + (onnx.TensorProto.INT8,):
+        raise ModelError(f"{label}: input {input_name!r} is "
+                         f"{onnx.helper.tensor_dtype_to_np_dtype(input_type)}; npugen takes a "
+                         f"float input, or an int8 input read by a DequantizeLinear (whose "
+                         f"scale and zero point it keeps)")
     layers: list[Dense] = []
     tensor_quant: dict[str, QuantParams] = {}
-    values[inputs[0].name] = _Activation(input_shape)
+    values[input_name] = _Activation(input_shape)
 
     def constant(node, index: int, what: str) -> np.ndarray:
         if index >= len(node.input) or node.input[index] == "":
@@ -407,6 +421,17 @@ def load_onnx(source: Any) -> Model:
         elif op == "DequantizeLinear":
             value = values.get(node.input[0])
             if isinstance(value, _Activation):
+                if node.input[0] == input_name and input_type == onnx.TensorProto.INT8:
+                    # An int8 graph input (as tf2onnx writes): this node's scale and zero
+                    # point are the input's quantization.
+                    scale = np.asarray(constant(node, 1, "scale"))
+                    zero = constant(node, 2, "zero point")
+                    if scale.size != 1:
+                        raise ModelError(f"{_describe(node)}: the int8 input {input_name!r} "
+                                         f"needs a per-tensor scale, not {scale.size}")
+                    tensor_quant["input"] = QuantParams(
+                        float(scale.reshape(-1)[0]),
+                        0 if zero is None else int(np.asarray(zero).reshape(-1)[0]))
                 values[out] = value
             else:
                 scale = np.asarray(constant(node, 1, "scale"), dtype=np.float64)
@@ -488,6 +513,10 @@ def load_onnx(source: Any) -> Model:
                                  f"{act.features}) is supported, not {target}")
             values[out] = _Activation((act.features,), act.owner, act.layer,
                                       act.after_layer_ops)
+    if input_type == onnx.TensorProto.INT8 and "input" not in tensor_quant:
+        raise ModelError(f"{label}: input {input_name!r} is int8 but no DequantizeLinear "
+                         f"reads it, so its scale and zero point are unknown; npugen takes "
+                         f"a float input, or an int8 input read by a DequantizeLinear")
     result = values.get(graph.output[0].name)
     if not isinstance(result, _Activation):
         raise ModelError(f"{label}: the output {graph.output[0].name!r} is not computed from "

@@ -126,7 +126,14 @@ def quantize_model(model: Model, calibration: np.ndarray | None = None) -> Quant
     def tensor_quant(index: int, key: str) -> QuantParams:
         if model.prequantized:
             if key not in model.tensor_quant:
-                raise ModelError(f"the QDQ model has no quantization for tensor {key!r}")
+                if key == "input":
+                    raise ModelError(
+                        f"the QDQ model's input {model.input_name!r} has no quantization: "
+                        f"npugen needs a QuantizeLinear after a float input, or a "
+                        f"DequantizeLinear reading an int8 input")
+                raise ModelError(f"the QDQ model has no quantization for the output of "
+                                 f"layer {key!r}: put a QuantizeLinear/DequantizeLinear pair "
+                                 f"after it")
             quant = model.tensor_quant[key]
             return QuantParams(float(np.asarray(quant.scale).reshape(-1)[0]),
                                int(np.asarray(quant.zero_point).reshape(-1)[0]))
