@@ -13,4 +13,13 @@ from .runtime import run
 
 __version__ = "0.1.0"
 __all__ = ["NpuConfig", "GoldenNpu", "ISA_VERSION", "Program", "compile_model", "run",
-           "__version__"]
+           "Device", "__version__"]
+
+
+def __getattr__(name: str):
+    # npugen.Device imports the driver (and pyserial) on first use only.
+    if name == "Device":
+        from .driver import Device
+
+        return Device
+    raise AttributeError(f"module 'npugen' has no attribute {name!r}")

@@ -1,14 +1,17 @@
 """The ``npugen`` command line.
 
-Exit status: 0 on success, 1 on a failed check (a mismatch), 2 on bad input, with the
-reason on stderr. ``--json`` prints one JSON object as the last line of stdout.
+Exit status: 0 on success, 1 on a failed check (a mismatch, a lost board or run), 2 on bad
+input, with the reason on one line of stderr. Arguments (targets, paths, sizes) are checked
+before any long work. ``--json`` prints one JSON object as the last line of stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -88,9 +91,57 @@ def load_npy(path: str, what: str) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise UsageError(f"{what} file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} file {path!r} is a directory; give a .npy file") from None
     except (ValueError, OSError, EOFError) as error:   # EOFError: an empty file
         raise UsageError(f"{what} file {path!r} is not a readable .npy array: "
                          f"{error or 'it is empty'}") from None
+
+
+def output_file(path: str, flag: str = "-o") -> None:
+    """Refuse, before any work, an output file that cannot be written: a directory in its
+    place, or a folder that does not exist or cannot be written. Output files' folders
+    are not created (a mistyped folder would otherwise be made silently)."""
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise UsageError(f"{flag} {path!r} is a directory; give a file name")
+    if not folder.exists():
+        raise UsageError(f"{flag} {path!r}: folder {str(folder)!r} does not exist; create it "
+                         f"first")
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path!r}: {str(folder)!r} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK) or (
+            target.exists() and not os.access(target, os.W_OK)):
+        raise UsageError(f"{flag} {path!r} cannot be written (permission denied); give "
+                         f"another path")
+
+
+def output_folder(path: str, flag: str = "-o") -> Path:
+    """Create an output folder (and its parents) before any work; refuse a file in its
+    place or a folder that cannot be created or written."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {path!r} is a file, not a folder; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"{flag} {path!r}: cannot create the folder: "
+                         f"{error.strerror or error}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path!r} cannot be written (permission denied); give "
+                         f"another folder")
+    return folder
+
+
+def check_target(target: str) -> None:
+    """Refuse a --target that is not golden, rtl, sim or a device URL, before any work."""
+    from .runtime import check_target as check
+
+    try:
+        check(target)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def emit_json(record: dict[str, Any]) -> None:
@@ -122,6 +173,7 @@ def random_operands(config: NpuConfig, shape: tuple[int, int, int], seed: int):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    output_folder(args.output)
     from .hw.generate import generate
 
     verilog_path, json_path = generate(config, args.output)
@@ -136,8 +188,21 @@ def cmd_matmul(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     from .job import run_golden
     from .matmul import matmul_job, matmul_output
+    from .schedule import plan_gemm
 
+    if args.output:
+        output_file(args.output)
     if args.random:
+        if args.seed < 0:
+            raise UsageError(f"--seed must be a non-negative integer, not {args.seed}")
+        if min(args.random) >= 1:
+            # Before allocating the operands: a shape too large for the memories would
+            # otherwise ask for gigabytes first.
+            try:
+                plan_gemm(config, *args.random)
+            except ValueError as error:
+                raise UsageError(f"--random {'x'.join(map(str, args.random))}: "
+                                 f"{error}") from None
         a, w, bias = random_operands(config, args.random, args.seed)
     elif args.a and args.w:
         a = load_npy(args.a, "A")
@@ -193,8 +258,8 @@ def cmd_matmul(args: argparse.Namespace) -> int:
 
 
 def _config_given(args: argparse.Namespace) -> bool:
-    return bool(args.config) or any(getattr(args, f"config_{f.name}") is not None
-                                    for f in dataclasses.fields(NpuConfig))
+    return bool(getattr(args, "board", None) or args.config) or any(
+        getattr(args, f"config_{f.name}") is not None for f in dataclasses.fields(NpuConfig))
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -204,10 +269,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from .schedule import DoesNotFit
 
     config = config_from_args(args)
+    output_file(args.output)
     started = time.perf_counter()
-    calibration = load_npy(args.calib, "calibration") if args.calib else None
     try:
         model = load_model(args.model)
+    except ModelError as error:
+        raise UsageError(str(error)) from None
+    if args.calib and model.prequantized:
+        raise UsageError(f"{args.model!r} is already quantized (QDQ): its own scales are "
+                         f"used and --calib is not; leave --calib out")
+    calibration = load_npy(args.calib, "calibration") if args.calib else None
+    try:
         program = compile_model(model, config, calibration, args.batch)
     except (ModelError, DoesNotFit, ValueError) as error:
         raise UsageError(str(error)) from None
@@ -243,18 +315,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .driver import DeviceError
-    from .runtime import ConfigMismatch, run
+    from .runtime import ConfigMismatch, check_config, run
 
     program = _load_program(args.program)
+    check_target(args.target)
+    output_file(args.output)
+    if _config_given(args):
+        try:
+            check_config(program, config_from_args(args))
+        except ConfigMismatch as error:
+            raise UsageError(f"{args.program!r}: {error}") from None
     x = load_npy(args.input, "input")
-    target_config = config_from_args(args) if _config_given(args) else None
     started = time.perf_counter()
-    try:
-        result = run(program, x, target=args.target, simulator=args.sim,
-                     config=target_config)
-    except (ConfigMismatch, ValueError, DeviceError) as error:
-        raise UsageError(str(error)) from None
+    with device_errors():
+        try:
+            result = run(program, x, target=args.target, simulator=args.sim)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     np.save(args.output, result.output)
     stats = result.stats(program)
     print(f"{result.inferences} inferences on {args.target} -> {args.output}: "
@@ -267,19 +344,48 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    from .driver import DeviceError
 
     config = config_from_args(args)
-    try:
-        record = run_demo(target=args.target, simulator=args.sim, config=config,
-                          workdir=args.workdir, model_kind=args.model)
-    except DeviceError as error:
-        raise UsageError(str(error)) from None
+    check_target(args.target)
+    output_folder(args.workdir, "--workdir")
+    with device_errors():
+        try:
+            record = run_demo(target=args.target, simulator=args.sim, config=config,
+                              workdir=args.workdir, model_kind=args.model)
+        except ValueError as error:   # ModelError, DoesNotFit: the model and the NPU
+            raise UsageError(str(error)) from None
     if args.json:
         emit_json(record)
     if args.target != "golden" and not (record["bit_exact"] and record["cycles_match_model"]):
         raise CheckFailed("the simulated NPU differs from the golden model")
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def device_errors():
+    """A lost board or run is a failed check (exit 1); a device that cannot be used, bad
+    input (exit 2)."""
+    from .driver import DeviceError, DeviceLost
+    from .hostops import NpuRunError
+
+    try:
+        yield
+    except (DeviceLost, NpuRunError) as error:
+        raise CheckFailed(str(error)) from None
+    except DeviceError as error:
+        raise UsageError(str(error)) from None
+
+
+def check_port_free(port: int) -> None:
+    """Refuse a TCP port already in use on 127.0.0.1, before building a simulator."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise UsageError(f"port {port} is in use on 127.0.0.1 ({error.strerror}); give "
+                             f"another --port, or 0 for any free one") from None
 
 
 def cmd_serve_sim(args: argparse.Namespace) -> int:
@@ -297,6 +403,8 @@ def cmd_serve_sim(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, not {args.port}")
+    if args.port:
+        check_port_free(args.port)
     primitives = args.primitives
     if primitives is None and args.board:
         # The board build's mapping, with its DSP budget.
@@ -347,6 +455,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         board = dataclasses.replace(board, pll_mhz=args.clock_mhz)
     output = args.output or (default_build_folder(board.name, config)
                              + (f"-{args.clock_mhz:g}mhz" if args.clock_mhz else ""))
+    output_folder(output)
 
     def progress(stage: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {board.name}: {stage}", file=sys.stderr,
@@ -403,13 +512,44 @@ def cmd_program(args: argparse.Namespace) -> int:
         return EXIT_CHECK_FAILED
     if run.returncode != 0:
         detail = (run.stderr or run.stdout).strip().splitlines()
-        print(f"npugen program: no {board.name} programmed: "
-              f"{detail[-1] if detail else 'openFPGALoader failed'} (is the board plugged "
-              f"in?)", file=sys.stderr)
+        missing = missing_library(run.stderr or "")
+        if missing:
+            fix = LIBRARY_PACKAGES.get(missing.split(".so")[0],
+                                       "install it with your package manager")
+            raise UsageError(f"openFPGALoader ({loader}) cannot start: the shared library "
+                             f"{missing} is missing: {fix}")
+        reason = detail[-1] if detail else "openFPGALoader failed"
+        no_device = any(hint in (run.stderr + run.stdout).lower() for hint in NO_DEVICE_HINTS)
+        print(f"npugen program: no {board.name} programmed: {reason}"
+              f"{' (is the board plugged in?)' if no_device else ''}", file=sys.stderr)
         return EXIT_CHECK_FAILED
     print(f"programmed {board.name} with {bitstream}; its UART is the board's USB serial "
           f"port (usually /dev/ttyUSB1): npugen run PROG.npu --target /dev/ttyUSB1 ...")
     return EXIT_OK
+
+
+#: What installs each shared library openFPGALoader may miss (Debian and Ubuntu).
+LIBRARY_PACKAGES = {
+    "libusb-1.0": "sudo apt-get install libusb-1.0-0",
+    "libftdi1": "sudo apt-get install libftdi1-2",
+    "libhidapi-hidraw": "sudo apt-get install libhidapi-hidraw0",
+    "libudev": "sudo apt-get install libudev1",
+    "libz": "sudo apt-get install zlib1g",
+}
+
+
+#: openFPGALoader's words when it finds no board on the USB bus.
+NO_DEVICE_HINTS = ("device not found", "unable to open", "no device", "cable not found",
+                   "jtag init failed", "no cable")
+
+
+def missing_library(stderr: str) -> str | None:
+    """The library named by the dynamic loader's "error while loading shared libraries:
+    libusb-1.0.so.0: cannot open shared object file", if that is why a tool failed."""
+    import re
+
+    found = re.search(r"error while loading shared libraries: ([^\s:]+)", stderr)
+    return found.group(1) if found else None
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -423,6 +563,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             for point in points:
                 print(f"{point.key()}  {point.label()}")
             return EXIT_OK
+        output_folder(args.output)
         records = run_sweep(points, args.output, jobs=args.jobs, scheduler=args.scheduler,
                             retry_failed=args.retry_failed, keep_builds=args.keep_builds,
                             progress=main_progress)

@@ -158,6 +158,12 @@ class NpuConfig:
             data = tomllib.loads(path.read_text())
         except FileNotFoundError:
             raise ValueError(f"config file {str(path)!r} does not exist") from None
+        except IsADirectoryError:
+            raise ValueError(f"config file {str(path)!r} is a directory; give a .toml "
+                             f"file") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"cannot read config file {str(path)!r}: "
+                             f"{getattr(error, 'strerror', None) or error}") from None
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"config file {str(path)!r} is not valid TOML: {error}") from None
         if "npu" in data and isinstance(data["npu"], dict):

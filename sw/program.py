@@ -164,13 +164,14 @@ class Program:
         unknown format version, truncated or corrupt (any changed byte fails the file's
         SHA-256 checksum).
         """
+        magic = bytes(data[:len(MAGIC)])
+        if magic != MAGIC[:len(magic)] or not magic:
+            raise ProgramFormatError(f"{source}: not an npugen program (magic {magic!r}, "
+                                     f"expected {MAGIC!r})")
         if len(data) < _PREAMBLE.size:
             raise ProgramFormatError(f"{source}: {len(data)} bytes is too short for an npugen "
                                      f"program (truncated?)")
-        magic, version, header_length = _PREAMBLE.unpack_from(data)
-        if magic != MAGIC:
-            raise ProgramFormatError(f"{source}: not an npugen program (magic {magic!r}, "
-                                     f"expected {MAGIC!r})")
+        _, version, header_length = _PREAMBLE.unpack_from(data)
         if version == 1:
             raise ProgramFormatError(f"{source} was written by an older npugen (format "
                                      f"version 1); recompile the model")
@@ -257,7 +258,6 @@ class Program:
                 lines.append(f"{info.name:<13} {used:>6} of {info.depth} words")
         per_inference = self.estimated_cycles / self.batch
         ideal = self.macs_per_inference / c.macs_per_cycle
-        lines.append(f"instructions  {self.instruction_count:>6} of {c.instruction_depth}")
         lines.append(f"estimated cycles per run {self.estimated_cycles} "
                      f"({per_inference:.1f} per inference, ideal {ideal:.1f}, "
                      f"utilization {ideal / per_inference:.3f})")

@@ -134,6 +134,12 @@ def load_grid(path: str | Path) -> list[SweepPoint]:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise SweepError(f"sweep grid {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise SweepError(f"sweep grid {str(path)!r} is a directory; give a .toml file "
+                         f"(benchmarks/sweep.toml is an example)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise SweepError(f"cannot read sweep grid {str(path)!r}: "
+                         f"{getattr(error, 'strerror', None) or error}") from None
     except tomllib.TOMLDecodeError as error:
         raise SweepError(f"sweep grid {str(path)!r} is not valid TOML: {error}") from None
     unknown = sorted(set(data) - {"sweep", "grid"})
