@@ -206,3 +206,180 @@ def test_icebreaker_default_runs_the_demo_mlp():
     assert np.array_equal(result.quantized_output, golden.quantized_output)
     assert result.counters == golden.counters
     next(served, None)
+
+
+@pytest.fixture(scope="module")
+def small_program():
+    """A 64-16-10 MLP for CONFIG, 8 inputs a run, and the digits to feed it."""
+    x_train, x_test, y_train, _ = digits()
+    program = compile_model(load_onnx(mlp_to_onnx(train_mlp(x_train, y_train, (16,)),
+                                                   "/dev/null")),
+                            CONFIG, calibration=x_train[:64], batch=8)
+    return program, x_test
+
+
+def assert_golden(program, x, result):
+    golden = run(program, x)
+    assert np.array_equal(result.quantized_output, golden.quantized_output)
+    assert result.counters == golden.counters
+
+
+def test_consecutive_cli_runs_return_their_own_outputs(board, small_program, tmp_path):
+    """Each `npugen run` opens a new session that starts at seq 1; each must return its
+    own inputs' outputs, whatever ran before (same sizes, smaller, larger)."""
+    program, x_test = small_program
+    path = tmp_path / "p.npu"
+    program.save(path)
+    for index, (start, count) in enumerate([(0, 8), (8, 8), (16, 3), (19, 13), (40, 8),
+                                            (60, 1)]):
+        x = x_test[start:start + count]
+        x_path, y_path = tmp_path / f"x{index}.npy", tmp_path / f"y{index}.npy"
+        np.save(x_path, x)
+        command = [sys.executable, "-m", "npugen", "run", str(path), "--input", str(x_path),
+                   "-o", str(y_path), "--target", board]
+        if index < 2:   # two as separate processes, as a user types them
+            finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            assert finished.returncode == 0, finished.stderr
+        else:
+            assert main(command[3:]) == 0
+        assert np.array_equal(np.load(y_path), run(program, x).output), f"run {index}"
+
+
+def test_one_session_longer_than_the_sequence_space(board, small_program):
+    """Sequence numbers wrap after 255 frames (here 390 STATUS polls and the runs' frames:
+    they wrap twice); runs before and after each wrap return their own outputs."""
+    program, x_test = small_program
+    with Device.open(board) as device:
+        device.load(program)
+        for round_ in range(3):
+            for _ in range(130):
+                device.status()
+            x = x_test[8 * round_:8 * round_ + 8 + round_]
+            assert_golden(program, x, run(program, x, target=device))
+
+
+def test_a_reset_behind_the_drivers_back(board, small_program):
+    """RESET from elsewhere between runs: the next run works. RESET during a run: the
+    driver sees the token change and refuses the outputs (DeviceLost), and the run after
+    that works."""
+    from npugen.driver import DeviceLost
+
+    program, x_test = small_program
+    with Device.open(board) as device:
+        device.load(program)
+        assert_golden(program, x_test[:8], run(program, x_test[:8], target=device))
+        device.request(Command.RESET)       # the driver's own bookkeeping is not told
+        assert_golden(program, x_test[8:16], run(program, x_test[8:16], target=device))
+        real_run_state = device.run_state
+
+        def reset_while_polled():
+            device.request(Command.RESET)
+            return real_run_state()
+
+        device.run_state = reset_while_polled
+        with pytest.raises(DeviceLost, match="was lost: the device reports run token 0"):
+            run(program, x_test[16:24], target=device)
+        device.run_state = real_run_state
+        assert_golden(program, x_test[24:32], run(program, x_test[24:32], target=device))
+
+
+def test_a_second_client_is_told_the_board_is_busy(board):
+    with Device.open(board) as first:
+        first.identify()
+        started = time.monotonic()
+        with Device.open(board, timeout=5.0) as second:
+            with pytest.raises(DeviceError, match="busy: another client holds the virtual"):
+                second.identify()
+        assert time.monotonic() - started < 3.0, "told at once, not after time-outs"
+        assert first.identify() == CONFIG, "the first client keeps the board"
+    with Device.open(board) as later:
+        assert later.identify() == CONFIG
+
+
+def test_addresses_past_the_memories_are_refused(board):
+    end = address(Region.WEIGHTS, CONFIG.weight_depth)   # weights: one word per entry
+    with Device.open(board) as device:
+        device.reset()
+        with pytest.raises(DeviceError, match="BAD_ADDRESS"):
+            device.read(end - 1, 2)
+        with pytest.raises(DeviceError, match="BAD_ADDRESS"):
+            device.write(0xFF000000, [1])
+        assert device.read(end - 1, 1) == [device.read(end - 1, 1)[0]]
+        assert device.link_status()["bad_address"] == 2
+
+
+def abuse_garbage(junk, url):
+    junk.sendall(b"\x00\xff\x13garbage\x5a" * 50)
+
+
+def abuse_bad_crc(junk, url):
+    for seq in range(20):
+        frame = bytearray(encode_request(Command.WRITE, seq, struct.pack(
+            "<I4I", address(Region.INSTRUCTIONS, 0), 9, 9, 9, 9)))
+        frame[8 + seq % 8] ^= 1 << (seq % 8)
+        junk.sendall(bytes(frame))
+
+
+def abuse_truncated_and_oversize(junk, url):
+    junk.sendall(encode_request(Command.WRITE, 1, struct.pack(
+        "<I3I", address(Region.WEIGHTS, 0), 1, 2, 3))[:9])
+    time.sleep(0.5)
+    junk.sendall(bytes([0xA5, Command.WRITE, 2]) + struct.pack("<H", 60000) + b"\x11" * 64)
+
+
+def abuse_disconnect_mid_upload(junk, url):
+    frame = encode_request(Command.WRITE, 3, struct.pack(
+        "<I256I", address(Region.WEIGHTS, 0), *range(256)))
+    junk.sendall(frame[:500])
+
+
+def abuse_start_without_program(junk, url):
+    """A bare START with a foreign token, and a RESET: the next session must cope."""
+    junk.sendall(encode_request(Command.START, 1, struct.pack("<II", 0, 4242)))
+    time.sleep(0.2)
+    junk.sendall(encode_request(Command.RESET, 2))
+
+
+@pytest.mark.parametrize("abuse", [abuse_garbage, abuse_bad_crc, abuse_truncated_and_oversize,
+                                   abuse_disconnect_mid_upload, abuse_start_without_program])
+def test_after_link_abuse_a_run_is_still_exact(board, small_program, abuse):
+    """After each kind of abuse on a connection of its own, the next session's run
+    returns exactly the golden outputs (the program is loaded before the abuse: a write
+    that the abuse corrupted would show)."""
+    program, x_test = small_program
+    with Device.open(board) as device:
+        device.load(program)
+    junk = raw_connection(board)
+    abuse(junk, board)
+    junk.close()
+    time.sleep(0.6)   # a truncated frame times out on the board
+    with Device.open(board) as device:
+        assert_golden(program, x_test[:8], run(program, x_test[:8], target=device))
+        device.load(program)   # and a fresh upload verifies
+        assert_golden(program, x_test[8:16], run(program, x_test[8:16], target=device))
+
+
+def test_virtual_board_killed_mid_run(small_program, tmp_path):
+    """The board dies while `npugen run` waits on it: exit 1 and one line saying the
+    board was lost, no traceback; a new board then runs exactly."""
+    program, x_test = small_program
+    path, x_path, y_path = tmp_path / "p.npu", tmp_path / "x.npy", tmp_path / "y.npy"
+    program.save(path)
+    np.save(x_path, x_test[:200])      # 25 runs: long enough to be killed during one
+    flags = [item for name, value in CONFIG.to_dict().items()
+             for item in (f"--{name.replace('_', '-')}", str(value))]
+    server = subprocess.Popen([sys.executable, "-m", "npugen", "serve-sim", "--port", "0",
+                               *flags], stdout=subprocess.PIPE, text=True)
+    url = server.stdout.readline().strip().removeprefix("listening on ")
+    client = subprocess.Popen([sys.executable, "-m", "npugen", "run", str(path), "--input",
+                               str(x_path), "-o", str(y_path), "--target", url],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)
+    assert client.poll() is None, "the run must still be on when the board dies"
+    server.kill()   # the simulator follows its parent (sim/tb_board.py)
+    server.wait()
+    _, stderr = client.communicate(timeout=120)
+    assert client.returncode == 1, stderr
+    assert "Traceback" not in stderr and "lost" in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert not y_path.exists(), "no outputs written for a lost run"
