@@ -361,7 +361,7 @@ def test_after_link_abuse_a_run_is_still_exact(board, small_program, abuse):
 
 def test_virtual_board_killed_mid_run(small_program, tmp_path):
     """The board dies while `npugen run` waits on it: exit 1 and one line saying the
-    board was lost, no traceback; a new board then runs exactly."""
+    board was lost, no traceback, no output file."""
     program, x_test = small_program
     path, x_path, y_path = tmp_path / "p.npu", tmp_path / "x.npy", tmp_path / "y.npy"
     program.save(path)
