@@ -165,12 +165,15 @@ class Program:
         SHA-256 checksum).
         """
         magic = bytes(data[:len(MAGIC)])
-        if magic != MAGIC[:len(magic)] or not magic:
+        if len(data) < _PREAMBLE.size:
+            truncated = magic == MAGIC[:len(magic)] and magic
+            raise ProgramFormatError(
+                f"{source}: {len(data)} bytes is too short for an npugen program "
+                + ("(truncated?)" if truncated else
+                   f"and does not begin with its magic {MAGIC!r}: not an npugen program"))
+        if magic != MAGIC:
             raise ProgramFormatError(f"{source}: not an npugen program (magic {magic!r}, "
                                      f"expected {MAGIC!r})")
-        if len(data) < _PREAMBLE.size:
-            raise ProgramFormatError(f"{source}: {len(data)} bytes is too short for an npugen "
-                                     f"program (truncated?)")
         _, version, header_length = _PREAMBLE.unpack_from(data)
         if version == 1:
             raise ProgramFormatError(f"{source} was written by an older npugen (format "
