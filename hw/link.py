@@ -106,11 +106,12 @@ class LinkEngine(wiring.Component):
 
         command = Signal(8)
         seq = Signal(8)
-        length = Signal(16)
+        # As narrow as a frame that is not oversize needs.
+        length = Signal(range(MAX_PAYLOAD_BYTES + 1))
         # Precomputed when the length arrives, so no subtraction sits in a compare's path.
-        last_byte = Signal(16)        # length - 1
-        last_write = Signal(14)       # words to write - 1: (length >> 2) - 2
-        count = Signal(16)           # payload bytes received, or words handled
+        last_byte = Signal.like(length)   # length - 1
+        last_write = Signal(8)            # words to write - 1: (length >> 2) - 2
+        count = Signal.like(length)       # payload bytes received, or words handled
         word = Signal(32)
         crc = Signal(16)
         # One CRC step for the frame received and the response sent (never both at once):
@@ -122,17 +123,19 @@ class LinkEngine(wiring.Component):
         idle = Signal(range(self._timeout + 1))
         # The token of the last run started (0: none since reset).
         run_token = Signal(RUN_TOKEN_BITS)
-        start_token = Signal(32)
-        # A READ or WRITE's last address, offset + span: checked against its region.
-        span = Signal(16)
-        last_offset = Signal(REGION_SHIFT + 1)
-        requested = Signal(16)
+        start_token = Signal(RUN_TOKEN_BITS)
+        start_token_wide = Signal()   # bits set above RUN_TOKEN_BITS
+        # A READ or WRITE moves words offset … offset + span (span < 256).
+        span = Signal(8)
+        low_sum = Signal(9)           # offset[0:8] + span
+        requested = Signal(range(MAX_PAYLOAD_WORDS + 1))
+        requested_too_many = Signal()     # count bits above those of `requested` set
 
         status = Signal(8)
         # Payload words of the response still to send: the header gives it in full, then
         # each word sent counts it down (an equality against 1 ends the payload: no
         # subtraction on that path).
-        response_words = Signal(16)
+        response_words = Signal(range(MAX_PAYLOAD_WORDS + 1))
         read_address = Signal(32)
         from_counters = Signal()
         with_token = Signal()      # the answer's last word is the run token (STATUS, START)
@@ -140,6 +143,9 @@ class LinkEngine(wiring.Component):
         header_index = Signal(range(6))
         byte_index = Signal(2)
         crc_high = Signal()
+
+        # The next word's address: the range check keeps it inside the region.
+        next_offset = read_address[0:REGION_SHIFT].eq(read_address[0:REGION_SHIFT] + 1)
 
         def count_error(name):
             return [counters[name].eq(counters[name] + 1), error.eq(1)]
@@ -294,14 +300,15 @@ class LinkEngine(wiring.Component):
             # The token is registered before it is compared: the frame buffer's slow
             # output then feeds only a register.
             with m.State("START_TOKEN"):
-                m.d.sync += start_token.eq(buffer_read.data)
+                m.d.sync += [start_token.eq(buffer_read.data[0:RUN_TOKEN_BITS]),
+                             start_token_wide.eq(buffer_read.data[RUN_TOKEN_BITS:].any())]
                 m.next = "START_CHECK"
 
             answer_status = respond(LinkStatus.OK, STATUS_WORDS,
                                     address(Region.REGISTERS, Reg.STATUS), token=True)
             with m.State("START_CHECK"):
                 m.next = "RESPOND"
-                with m.If((start_token == 0) | (start_token >> RUN_TOKEN_BITS != 0)):
+                with m.If((start_token == 0) | start_token_wide):
                     m.d.sync += respond(LinkStatus.BAD_TOKEN)
                 with m.Elif(start_token == run_token):
                     # A retry of the run already started: answer its state.
@@ -325,29 +332,47 @@ class LinkEngine(wiring.Component):
             # The count is registered before it is checked: the frame buffer's slow
             # output then feeds only a register.
             with m.State("READ_COUNT"):
-                m.d.sync += [requested.eq(buffer_read.data[0:16]),
-                             span.eq(buffer_read.data[0:16] - 1)]
+                requested_bits = len(requested)
+                m.d.sync += [requested.eq(buffer_read.data[0:requested_bits]),
+                             requested_too_many.eq(buffer_read.data[requested_bits:16].any()),
+                             span.eq(buffer_read.data[0:8] - 1)]
                 m.next = "READ_CHECK"
 
             with m.State("READ_CHECK"):
-                with m.If((requested == 0) | (requested > MAX_PAYLOAD_WORDS)):
+                with m.If((requested == 0) | (requested > MAX_PAYLOAD_WORDS)
+                          | requested_too_many):
                     m.d.sync += respond(LinkStatus.BAD_LENGTH)
                     m.next = "RESPOND"
                 with m.Else():
                     m.next = "RANGE"
 
-            # A READ or WRITE of words offset … offset + span must stay inside its region
-            # (each spans a power of two of words): the last offset is added in one cycle
-            # and checked in the next. The write's first word stays on the buffer's output.
+            # A READ or WRITE of words offset … offset + span must stay inside its region,
+            # 2**k words. With span < 256 only the low byte needs adding: the words stay
+            # inside if offset < 2**k and, for k <= 8, offset[0:8] + span < 2**k; for
+            # k > 8, unless that sum carries into offset[8:k] when those bits are all ones.
+            # The sum is registered in one cycle and checked in the next; the write's
+            # first word stays on the buffer's output meanwhile.
             with m.State("RANGE"):
                 m.d.comb += buffer_read.addr.eq(1)
-                m.d.sync += last_offset.eq(read_address[0:REGION_SHIFT] + span)
+                m.d.sync += low_sum.eq(read_address[0:8] + span)
                 m.next = "RANGE_CHECK"
 
             with m.State("RANGE_CHECK"):
                 m.d.comb += buffer_read.addr.eq(1)
                 region = read_address[REGION_SHIFT:]
-                inside = Cat(*[(region == number) & (last_offset >> words.bit_length() - 1 == 0)
+                offset = read_address[0:REGION_SHIFT]
+
+                widest = max(words.bit_length() - 1 for words in self._region_words.values())
+                above_every_region = offset[widest:] == 0
+
+                def fits(words):
+                    k = words.bit_length() - 1
+                    below = above_every_region & (offset[k:widest] == 0)
+                    if k <= 8:
+                        return below & (low_sum >> k == 0)
+                    return below & ~(low_sum[8] & offset[8:k].all())
+
+                inside = Cat(*[(region == number) & fits(words)
                                for number, words in self._region_words.items()]).any()
                 with m.If(~inside):
                     m.d.sync += [*count_error("bad_address"), respond(LinkStatus.BAD_ADDRESS)]
@@ -364,7 +389,7 @@ class LinkEngine(wiring.Component):
                              bus.addr.eq(read_address),
                              bus.wdata.eq(buffer_read.data),
                              buffer_read.addr.eq(count + 2)]
-                m.d.sync += [count.eq(count + 1), read_address.eq(read_address + 1)]
+                m.d.sync += [count.eq(count + 1), next_offset]
                 with m.If(count == last_write):
                     m.d.sync += respond(LinkStatus.OK)
                     m.next = "RESPOND"
@@ -409,7 +434,7 @@ class LinkEngine(wiring.Component):
                     m.d.comb += crc_byte.eq(tx.payload)
                     m.d.sync += [crc.eq(crc_next), byte_index.eq(byte_index + 1)]
                     with m.If(byte_index == 3):
-                        m.d.sync += [count.eq(count + 1), read_address.eq(read_address + 1),
+                        m.d.sync += [count.eq(count + 1), next_offset,
                                      response_words.eq(response_words - 1)]
                         with m.If(response_words == 1):
                             m.d.sync += crc_high.eq(0)

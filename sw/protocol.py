@@ -44,7 +44,7 @@ MAX_BAUD_ERROR = 0.02
 #: A START names its run with a token of this many bits (1 to 2**bits − 1; 0 names no run).
 #: The device keeps the token of the last run it started: STATUS reports it, a START with
 #: the same token is a retry and does not restart, RESET sets it to 0.
-RUN_TOKEN_BITS = 16
+RUN_TOKEN_BITS = 8
 #: Words of a STATUS answer (and of START's): STATUS, START_PC, PC, RUN_TOKEN.
 STATUS_WORDS = 4
 

@@ -14,7 +14,14 @@ from npugen.hw.npu import Npu
 from npugen.job import run_golden
 from npugen.matmul import matmul_job, matmul_output
 from npugen.memory_map import COUNTER_NAMES, Region, Status, address, identity_words, region_words
-from npugen.protocol import LINK_COUNTERS, Command, LinkStatus, ResponseParser, encode_request
+from npugen.protocol import (
+    LINK_COUNTERS,
+    RUN_TOKEN_BITS,
+    Command,
+    LinkStatus,
+    ResponseParser,
+    encode_request,
+)
 
 CONFIG = NpuConfig(rows=2, cols=2, activation_depth=32, weight_depth=32, accumulator_depth=32,
                    instruction_depth=16, param_depth=16)
@@ -220,7 +227,7 @@ def test_start_tokens():
     steps = job_writes(job, 1)
     responses, _ = run_session(steps + [
         ("send", encode_request(Command.START, 100, words(0, 0))),
-        ("send", encode_request(Command.START, 101, words(0, 1 << 16))),
+        ("send", encode_request(Command.START, 101, words(0, 1 << RUN_TOKEN_BITS))),
         ("send", encode_request(Command.START, 102, words(0, 5))),
         ("send", encode_request(Command.START, 103, words(0, 6))),   # during the run
         ("send", encode_request(Command.START, 104, words(0, 5))),   # a retry
