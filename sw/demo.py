@@ -17,7 +17,7 @@ import numpy as np
 from .config import NpuConfig
 
 __all__ = ["digits", "train_mlp", "mlp_to_onnx", "save_classifier_onnx", "train_demo_model",
-           "run_demo", "MODELS"]
+           "check_demo_fits", "run_demo", "MODELS"]
 
 MODELS = ("mlp", "cnn")
 
@@ -124,6 +124,34 @@ def train_demo_model(kind: str, folder: Path, hidden: tuple[int, ...] = (64, 32)
     return path, x_train, x_test, y_test
 
 
+def check_demo_fits(kind: str, config: NpuConfig, hidden: tuple[int, ...] = (64, 32)) -> None:
+    """Compile an untrained network of the demo's shapes for ``config``: a config too
+    small for it raises :class:`~npugen.schedule.DoesNotFit` before any training."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from .compiler import compile_model
+    from .importers import load_onnx
+
+    rng = np.random.default_rng(0)
+    x = digits()[0][:16]
+    with tempfile.TemporaryDirectory(prefix="npugen-demo-") as folder:
+        path = Path(folder) / f"{kind}.onnx"
+        if kind == "cnn":
+            from .train import cnn_to_onnx, init_cnn_params
+
+            cnn_to_onnx(init_cnn_params(rng=rng), path)
+            x = x.reshape(-1, 1, 8, 8)
+        else:
+            sizes = (x.shape[1], *hidden, 10)
+            shapes = list(zip(sizes, sizes[1:], strict=False))
+            untrained = SimpleNamespace(
+                coefs_=[rng.standard_normal(shape) / 8 for shape in shapes],
+                intercepts_=[np.zeros(shape[1]) for shape in shapes])
+            mlp_to_onnx(untrained, path)
+        compile_model(load_onnx(path), config, calibration=x)
+
+
 def run_demo(*, target: str = "sim", simulator: str = "verilator",
              config: NpuConfig | None = None, workdir: str | Path = "build/demo",
              hidden: tuple[int, ...] = (64, 32), model_kind: str = "mlp") -> dict:
@@ -136,6 +164,7 @@ def run_demo(*, target: str = "sim", simulator: str = "verilator",
         raise ValueError(f"model must be one of {', '.join(MODELS)}, not {model_kind!r}")
     check_target(target)   # before the training, which takes a while
     config = config or NpuConfig()
+    check_demo_fits(model_kind, config, hidden)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

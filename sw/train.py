@@ -17,11 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["train_cnn", "cnn_forward", "cnn_loss_and_grads", "cnn_to_onnx"]
+__all__ = ["train_cnn", "init_cnn_params", "cnn_forward", "cnn_loss_and_grads", "cnn_to_onnx",
+           "DEFAULT_CHANNELS"]
 
 _SIDE = 8        # input images are 8×8, one channel
 _CLASSES = 10
 _LAYERS = ("conv0", "conv1", "fc")
+#: The demo CNN's channels: conv3×3(8), conv3×3(16).
+DEFAULT_CHANNELS = (8, 16)
 
 
 # --- building blocks (NHWC activations, OIHW weights) ------------------------------------
@@ -132,8 +135,10 @@ def cnn_loss_and_grads(params: dict, x: np.ndarray,
     return loss, grads
 
 
-def _init_params(channels: tuple[int, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """He-normal weights, zero biases, float32, ONNX layouts."""
+def init_cnn_params(channels: tuple[int, int] = DEFAULT_CHANNELS,
+                    rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """Untrained CNN params: He-normal weights, zero biases, float32, ONNX layouts."""
+    rng = rng or np.random.default_rng(0)
     c0, c1 = channels
     shapes = {"conv0": (c0, 1, 3, 3), "conv1": (c1, c0, 3, 3),
               "fc": (_CLASSES, c1 * (_SIDE // 2) ** 2)}
@@ -147,7 +152,7 @@ def _init_params(channels: tuple[int, int], rng: np.random.Generator) -> dict[st
     return params
 
 
-def train_cnn(x: np.ndarray, y: np.ndarray, *, channels: tuple[int, int] = (8, 16),
+def train_cnn(x: np.ndarray, y: np.ndarray, *, channels: tuple[int, int] = DEFAULT_CHANNELS,
               epochs: int = 30, seed: int = 0, batch_size: int = 32,
               learning_rate: float = 0.01) -> dict[str, np.ndarray]:
     """Train the tiny CNN with Adam on (N, 64) images in [0, 1]; returns float32 params.
@@ -160,7 +165,7 @@ def train_cnn(x: np.ndarray, y: np.ndarray, *, channels: tuple[int, int] = (8, 1
     if len(x) != len(y):
         raise ValueError(f"{len(x)} images but {len(y)} labels")
     rng = np.random.default_rng(seed)
-    params = _init_params(channels, rng)
+    params = init_cnn_params(channels, rng)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     m = {k: np.zeros_like(v) for k, v in params.items()}
     v = {k: np.zeros_like(p) for k, p in params.items()}

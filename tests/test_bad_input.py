@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -200,15 +201,16 @@ def test_program_no_board_asks_if_plugged_in(work):
     check_refusal(run, 1, "is the board plugged in?")
 
 
-@pytest.mark.slow
-def test_demo_that_does_not_fit(work):
-    """The demo MLP on a 64-word weight memory: DoesNotFit's message, exit 2 (trains first,
-    since the fit depends on the trained model's compilation)."""
-    run = npugen(work, ["demo", "--target", "golden", "--weight-depth", "64", "--workdir",
-                        "demo"])
-    assert "Traceback" not in run.stderr, run.stderr
-    assert run.returncode == 2, run.stderr
-    assert "weight_depth is 64" in run.stderr.strip().splitlines()[-1]
+@pytest.mark.parametrize("model, flag, word", [("mlp", "--weight-depth", "weight_depth is 64"),
+                                               ("cnn", "--activation-depth", "activation_depth")])
+def test_demo_that_does_not_fit(work, model, flag, word):
+    """A demo network too large for the memories is refused before any training (an
+    untrained network of its shapes is compiled first): DoesNotFit's message, exit 2."""
+    started = time.monotonic()
+    run = npugen(work, ["demo", "--model", model, "--target", "golden", flag, "64",
+                        "--workdir", "demo"])
+    check_refusal(run, 2, word)
+    assert time.monotonic() - started < 30, "refused before training"
 
 
 def test_run_json_counts_the_inferences_run(work):
