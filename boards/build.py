@@ -24,7 +24,7 @@ from ..protocol import uart_divisor
 from . import Board
 
 __all__ = ["BoardTop", "build_board", "write_build_files", "BuildFailed", "BITSTREAM_NAMES",
-           "TOOLCHAINS", "find_loader", "tool_path"]
+           "TOOLCHAINS", "SYNTH_OPTIONS", "find_loader", "tool_path"]
 
 TOOLCHAINS = ("yowasp", "system")
 
@@ -56,6 +56,10 @@ _RESOURCES = {
               "dsp18": "MULT18X18", "dsp36": "MULT36X36", "block_ram": "BSRAM"},
 }
 BITSTREAM_NAMES = {"ice40": "top.bin", "ecp5": "top.bit", "gowin": "top.fs"}
+#: Options of ``synth_<family>`` in the board build, by family. iCE40: the remaining
+#: multipliers into SB_MAC16 DSPs; the array's pairs are instantiated (hw/dsp.py) under a
+#: stand-in name that ``-dsp`` leaves alone.
+SYNTH_OPTIONS = {"ice40": "-dsp"}
 
 
 class BuildFailed(RuntimeError):
@@ -187,12 +191,10 @@ def write_build_files(board: Board, config: NpuConfig, products_dir: Path, *, se
     if board.family == "gowin":
         # The Apicula template passes no clock constraint to nextpnr.
         options["nextpnr_opts"] += f" --freq {top.clock_hz / 1e6:g}"
-    elif board.family == "ice40":
-        # The remaining multipliers into SB_MAC16 DSPs; the array's pairs are instantiated
-        # (hw/dsp.py) under a stand-in name that -dsp leaves alone.
-        options["synth_opts"] = "-dsp"
-    else:
+    elif board.family == "ecp5":
         options["ecppack_opts"] = "--compress"
+    if board.family in SYNTH_OPTIONS:
+        options["synth_opts"] = SYNTH_OPTIONS[board.family]
     files, after_synth = synthesis_support(board.family)
     for name, text in files.items():
         platform.add_file(name, text)

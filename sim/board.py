@@ -22,20 +22,27 @@ FIFO_DEPTH = 4096
 
 
 class VirtualBoard(wiring.Component):
+    """The SoC of ``config`` (UART ``divisor`` clock cycles a bit) with its host side.
+    ``soc``: a component with the SoC's ports to use instead, such as the synthesized
+    netlist (:class:`npugen.sim.netlist.SocNetlist`)."""
+
     to_device: In(stream.Signature(8))
     from_device: Out(stream.Signature(8))
     from_device_level: Out(range(FIFO_DEPTH + 1))
     running: Out(1)
     link_error: Out(1)
 
-    def __init__(self, config: NpuConfig, *, divisor: int = SIM_DIVISOR):
+    def __init__(self, config: NpuConfig, *, divisor: int = SIM_DIVISOR,
+                 soc: wiring.Component | None = None):
         self._config = config
         self._divisor = divisor
+        self._soc = soc
         super().__init__()
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.soc = soc = Soc(self._config, divisor=self._divisor)
+        soc = self._soc if self._soc is not None else Soc(self._config, divisor=self._divisor)
+        m.submodules.soc = soc
         m.submodules.host_tx = host_tx = UartTx(divisor=self._divisor)
         m.submodules.host_rx = host_rx = UartRx(divisor=self._divisor)
         m.submodules.tx_fifo = tx_fifo = SyncFIFO(width=8, depth=FIFO_DEPTH)
