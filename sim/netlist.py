@@ -406,23 +406,28 @@ def netlist_board(netlist: Netlist, simulator: str = "verilator") -> Iterator[st
             thread.join(60)
 
 
-def demo_mlp_program(config: NpuConfig):
-    """The demo MLP (``npugen demo``: 64-64-32-10 on the 8×8 digits) compiled for
-    ``config``; returns (program, held-out inputs)."""
+def demo_mlp_program(config: NpuConfig, hidden: tuple[int, ...] = (64, 32),
+                     batch: int | None = None):
+    """The demo MLP (``npugen demo``: 64-64-32-10 on the 8×8 digits, or other ``hidden``
+    layers) compiled for ``config`` (at ``batch`` inputs a run; None: the compiler's
+    choice); returns (program, held-out inputs)."""
     from ..compiler import compile_model
     from ..demo import digits, mlp_to_onnx, train_mlp
     from ..importers import load_onnx
 
     x_train, x_test, y_train, _ = digits()
-    model = load_onnx(mlp_to_onnx(train_mlp(x_train, y_train, (64, 32)), os.devnull))
-    return compile_model(model, config, calibration=x_train[:256]), x_test
+    model = load_onnx(mlp_to_onnx(train_mlp(x_train, y_train, hidden), os.devnull))
+    return compile_model(model, config, calibration=x_train[:256], batch=batch), x_test
 
 
-def run_demo_mlp(board: Board, *, inputs: int | None = None, simulator: str = "verilator",
-                 build_root: Path | None = None) -> dict:
-    """Run the demo MLP on ``inputs`` held-out digits (None: all 360) on the synthesized
-    SoC of ``board``'s default config, through its UART, and on the golden model; return
-    what was compared and how long each stage took."""
+def run_demo_mlp(board: Board, *, inputs: int | None = None,
+                 hidden: tuple[int, ...] = (64, 32), batch: int | None = None,
+                 simulator: str = "verilator", build_root: Path | None = None) -> dict:
+    """Run the demo MLP (with ``hidden`` layers, ``batch`` inputs a run) on ``inputs``
+    held-out digits (None: all 360) on the synthesized SoC of ``board``'s default config,
+    through its UART, and on the golden model; return what was compared and how long each
+    stage took. A run sends a whole batch: the UART's bytes, not the NPU's cycles, take
+    most of the simulated time."""
     import numpy as np
 
     from ..driver import Device
@@ -435,7 +440,7 @@ def run_demo_mlp(board: Board, *, inputs: int | None = None, simulator: str = "v
     mark = time.perf_counter()
     build_netlist_board(netlist, simulator)
     times["build_seconds"] = round(time.perf_counter() - mark, 1)
-    program, x_test = demo_mlp_program(netlist.config)
+    program, x_test = demo_mlp_program(netlist.config, hidden, batch)
     x = x_test[:inputs]
     golden = run(program, x)
     mark = time.perf_counter()
@@ -452,6 +457,7 @@ def run_demo_mlp(board: Board, *, inputs: int | None = None, simulator: str = "v
     return {
         "board": board.name, "config": netlist.config.describe(), "simulator": simulator,
         "netlist": str(netlist.path), "cells": netlist.cells, "inputs": len(x),
+        "model": "-".join(map(str, (64, *hidden, 10))),
         "batch": program.batch, "identified": identified == netlist.config,
         "bit_exact": bool(np.array_equal(result.quantized_output, golden.quantized_output)),
         "counters_match": result.counters == golden.counters,
@@ -469,9 +475,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--board", required=True)
     parser.add_argument("--inputs", type=int, default=None,
                         help="held-out digits to run (default: all 360)")
+    parser.add_argument("--hidden", default="64,32",
+                        help="hidden layer widths (default: the demo's 64,32)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="inputs a run (default: the compiler's choice)")
     parser.add_argument("--sim", choices=COCOTB_SIMULATORS, default="verilator")
     args = parser.parse_args(argv)
-    record = run_demo_mlp(board_named(args.board), inputs=args.inputs, simulator=args.sim)
+    hidden = tuple(int(width) for width in args.hidden.split(","))
+    record = run_demo_mlp(board_named(args.board), inputs=args.inputs, hidden=hidden,
+                          batch=args.batch, simulator=args.sim)
     print(json.dumps(record))
     return 0 if record["bit_exact"] and record["counters_match"] else 1
 
