@@ -55,8 +55,8 @@ __all__ = ["SOC_MODULE", "Netlist", "SocNetlist", "synthesize_soc", "build_netli
 SOC_MODULE = "soc"
 #: g++ optimization of the Verilator model of a netlist: thousands of cell instances that
 #: Verilator inlines into megabytes of C++. On the iCEBreaker's (48 inputs of the demo MLP,
-#: two busy cores): -O2 compiled in 270 s and ran in 28 s, -O1 115 s and 21 s, -O0 43 s and
-#: 40 s.
+#: beside another build): -O2 compiled in 270 s and ran in 28 s, -O1 115 s and 21 s, -O0
+#: 43 s and 40 s. -O1 on 2 idle cores: the iCEBreaker's 43 s, the 85F's 4 minutes.
 VERILATOR_CXX_OPT = "-O1"
 STARTUP_TIMEOUT_SECONDS = 120.0
 #: The driver's answer timeout for a netlist board (a board's is 5 s).

@@ -25,7 +25,7 @@ pytestmark = [
 
 # What runs, per board: hidden layers, held-out digits, inputs a run (None: the compiler's
 # batch). The iCEBreaker: the demo MLP 64-64-32-10, four runs of its batch of 16. The
-# 85F's netlist (31,700 cells) simulates about 3,500 cycles a second and a run's UART
+# 85F's netlist (31,700 cells) simulates about 3,100 cycles a second and a run's UART
 # bytes, mostly the weights, take most of them: the demo MLP took 1.22 million cycles at
 # batch 4 (5 minutes), 1.46 million at its batch of 64, so it runs a 64-16-10 MLP (0.4
 # million cycles). `python -m npugen.sim.netlist --board NAME` runs the demo MLP on all 360.
