@@ -24,8 +24,10 @@ from ..memory_map import (
     COUNTER_NAMES,
     HOST_READ_LATENCY,
     REGION_SHIFT,
+    WIDE_READ_STRIDE,
     Reg,
     Region,
+    host_read_latency,
     identity_words,
     memories,
     register_bits,
@@ -41,7 +43,7 @@ __all__ = ["Npu"]
 # (request, memory or register read, per-source word, answer) and the requantizer's input
 # register (with the parameter read a cycle later to match). Changing a constant means
 # changing the registers here.
-if HOST_READ_LATENCY != 3 or REQUANT_INPUT_STAGES != 1:
+if HOST_READ_LATENCY != 3 or WIDE_READ_STRIDE < 2 or REQUANT_INPUT_STAGES != 1:
     raise ImportError("hw/npu.py builds a 3-cycle host read and one requantizer input "
                       "register; update it with HOST_READ_LATENCY / REQUANT_INPUT_STAGES")
 
@@ -100,8 +102,13 @@ class Npu(wiring.Component):
         # A read is answered HOST_READ_LATENCY (3) cycles after its request: the memories
         # answer a cycle after it, late in the cycle (ECP5 block RAM: 5.8 ns from the
         # clock), so each source's word is registered on its own, zero unless read; the
-        # next cycle ORs them into the answer's register.
-        read_stage = [Signal(name=f"read_stage{i}") for i in range(HOST_READ_LATENCY)]
+        # next cycle ORs them into the answer's register. A memory whose entries span
+        # WIDE_READ_STRIDE words or more registers the whole entry first and selects the
+        # word a cycle later (a 16:1 select behind the block RAM missed 75 MHz on the
+        # ULX3S-85F's 12×12); the other sources' words wait a cycle, ORed, and the read
+        # is answered a cycle later (host_read_latency).
+        latency = host_read_latency(c)
+        read_stage = [Signal(name=f"read_stage{i}") for i in range(latency)]
         m.d.sync += [read_stage[0].eq(host.valid & ~host.write),
                      *[later.eq(earlier)
                        for earlier, later in zip(read_stage, read_stage[1:], strict=False)]]
@@ -122,6 +129,7 @@ class Npu(wiring.Component):
             m.d.sync += host_conflict.eq(1)
 
         source_words = []   # each read source's word, registered; zero unless it is read
+        late_words = []     # the same, a cycle later: the wide memories' words
         for reg_region, info in infos.items():
             stride_bits = (info.stride - 1).bit_length()
             entry = offset >> stride_bits
@@ -139,10 +147,22 @@ class Npu(wiring.Component):
             padded = Cat(read.data, Const(0, info.stride * 32 - info.width))
             read_chunk = read_offset[0:stride_bits] if stride_bits else Const(0)
             source_word = Signal(32, name=f"read_word_{info.name}")
-            m.d.sync += source_word.eq(Mux(
-                (read_region == reg_region) & read_in_memory & ~read_blocked,
-                padded.word_select(read_chunk, 32), 0))
-            source_words.append(source_word)
+            selected_read = (read_region == reg_region) & read_in_memory & ~read_blocked
+            if info.stride < WIDE_READ_STRIDE:
+                m.d.sync += source_word.eq(Mux(selected_read,
+                                               padded.word_select(read_chunk, 32), 0))
+                source_words.append(source_word)
+                continue
+            # The entry goes straight into its register (the enable comes from registers).
+            entry_held = Signal(info.width, name=f"read_entry_{info.name}")
+            chunk_held = Signal.like(read_chunk, name=f"read_chunk_{info.name}")
+            selected_held = Signal(name=f"read_selected_{info.name}")
+            with m.If(selected_read):
+                m.d.sync += entry_held.eq(read.data)
+            m.d.sync += [chunk_held.eq(read_chunk), selected_held.eq(selected_read)]
+            held = Cat(entry_held, Const(0, info.stride * 32 - info.width))
+            m.d.sync += source_word.eq(Mux(selected_held, held.word_select(chunk_held, 32), 0))
+            late_words.append(source_word)
 
         # -- Registers -----------------------------------------------------------------
         identity = identity_words(c)
@@ -206,6 +226,12 @@ class Npu(wiring.Component):
         answer = register_word
         for word in source_words:
             answer = answer | word
+        if late_words:
+            early_answer = Signal(32)
+            m.d.sync += early_answer.eq(answer)
+            answer = early_answer
+            for word in late_words:
+                answer = answer | word
         m.d.sync += host.rdata.eq(answer)
 
         # A CONTROL write takes effect the cycle after it: start and abort fan out to much

@@ -16,13 +16,18 @@ from .isa import INSTRUCTION_WIDTH, ISA_VERSION
 __all__ = [
     "MAGIC", "REGION_SHIFT", "HOST_READ_LATENCY", "Region", "Reg", "Control", "Status",
     "MemoryInfo", "memories", "identity_words", "config_from_identity", "COUNTER_NAMES",
-    "COUNTER_BITS", "address", "register_bits", "region_words",
+    "COUNTER_BITS", "address", "register_bits", "region_words", "WIDE_READ_STRIDE",
+    "host_read_latency",
 ]
 
 MAGIC = 0x4E505547  # "NPUG"
 REGION_SHIFT = 24
-#: Cycles from a host read request to its answer (``rvalid`` with ``rdata``).
+#: Cycles from a host read request to its answer (``rvalid`` with ``rdata``), one more
+#: when a memory's entries span WIDE_READ_STRIDE host words or more (host_read_latency).
 HOST_READ_LATENCY = 3
+#: From this many host words an entry, a read registers the whole entry before it
+#: selects the word: a block RAM's slow output then drives only that register.
+WIDE_READ_STRIDE = 8
 HOST_WORD_BITS = 32
 
 
@@ -114,6 +119,12 @@ def address(region: Region, offset: int = 0) -> int:
     return (int(region) << REGION_SHIFT) | offset
 
 
+def host_read_latency(config: NpuConfig) -> int:
+    """Cycles from a host read request to its answer on an NPU of ``config``."""
+    wide = any(info.stride >= WIDE_READ_STRIDE for info in memories(config).values())
+    return HOST_READ_LATENCY + wide
+
+
 def register_bits(config: NpuConfig) -> int:
     """Offset bits the register block decodes: it spans ``2**register_bits`` words."""
     top = max(len(identity_words(config)) - 1, *[int(reg) for reg in Reg],
@@ -166,7 +177,9 @@ def memory_map_markdown(config: NpuConfig | None = None) -> str:
         "",
         "The host port carries 32-bit words. A word address is `region << "
         f"{REGION_SHIFT} | offset`. Requests are taken one a cycle; a read answers "
-        f"{HOST_READ_LATENCY} cycles later, with `rvalid` (reads pipeline: one may be "
+        f"{HOST_READ_LATENCY} cycles later, or {HOST_READ_LATENCY + 1} when a memory's "
+        f"entries span {WIDE_READ_STRIDE} or more host words (this configuration: "
+        f"{host_read_latency(config)}), with `rvalid` (reads pipeline: one may be "
         "requested every cycle). "
         "Every address bit is decoded: an address outside the regions, registers "
         "and memory depths below reads 0 and ignores writes on the host port, and the "

@@ -21,7 +21,7 @@ from npugen.hw.requant import Requantizer
 from npugen.isa import Instruction, Opcode, encode_program
 from npugen.job import Job, run_golden
 from npugen.matmul import matmul_job, matmul_output
-from npugen.memory_map import HOST_READ_LATENCY, Reg, Region, Status, address, identity_words
+from npugen.memory_map import Reg, Region, Status, address, host_read_latency, identity_words
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
@@ -518,10 +518,11 @@ class AmaranthBus:
             ctx.set(host.addr, addr)
             await ctx.tick()
             ctx.set(host.valid, 0)
-            for cycle in range(1, HOST_READ_LATENCY):
+            latency = host_read_latency(self.npu.config)
+            for cycle in range(1, latency):
                 assert not ctx.get(host.rvalid), f"rvalid {cycle} cycles after reading {addr:#x}"
                 await ctx.tick()
-            assert ctx.get(host.rvalid), (f"no rvalid {HOST_READ_LATENCY} cycles after reading "
+            assert ctx.get(host.rvalid), (f"no rvalid {latency} cycles after reading "
                                           f"{addr:#x}")
             words.append(ctx.get(host.rdata))
         return words
@@ -566,6 +567,26 @@ def test_npu_matmul_job_matches_numpy_and_golden_counters():
         np.testing.assert_array_equal(matmul_output(plan_, result), want)
         np.testing.assert_array_equal(result.outputs["y"], golden.outputs["y"])
         assert result.counters == golden.counters
+
+
+def test_npu_wide_entries_are_read_a_cycle_later():
+    """Accumulator entries of 8 host words (2×8, 32-bit sums): the host reads them a cycle
+    later (the entry registered before the word select, ``host_read_latency``), and every
+    read, the GEMM's sums and narrow activation words, comes back exact."""
+    wide = TINY.replace(cols=8)
+    assert host_read_latency(TINY) == 3 and host_read_latency(wide) == 4
+    rng = np.random.default_rng(7)
+    a, w = rng.integers(-128, 128, (5, 4)), rng.integers(-128, 128, (4, 8))
+    bias = rng.integers(-(1 << 20), 1 << 20, 8)
+    job, plan = matmul_job(wide, a, w, bias)
+    spare = rng.integers(-128, 128, (4, wide.rows))   # narrow entries, read as well
+    job.write(Region.ACTIVATIONS, 24, spare)
+    job.read("spare", Region.ACTIVATIONS, 24, 4)
+    ((status, counters, words),) = run_jobs_on_npu(wide, [job])
+    result = decode_result(job, status, counters, words)
+    np.testing.assert_array_equal(matmul_output(plan, result), a @ w + bias)
+    np.testing.assert_array_equal(result.outputs["spare"], spare)
+    assert result.counters == run_golden(job).counters
 
 
 def test_npu_requant_job_matches_golden():
