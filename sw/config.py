@@ -12,7 +12,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NpuConfig", "DATAFLOWS", "ROUNDINGS"]
+__all__ = ["NpuConfig", "DATAFLOWS", "ROUNDINGS", "read_toml"]
+
+
+def read_toml(path: str | Path, what: str, example: str = "") -> dict[str, Any]:
+    """A TOML file's contents; ``ValueError`` naming ``what`` and the path if it is missing,
+    a directory, unreadable or not TOML (``example``: a file to point at)."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{what} {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {str(path)!r} is a directory; give a .toml file"
+                         f"{f' ({example} is an example)' if example else ''}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {what} {str(path)!r}: "
+                         f"{getattr(error, 'strerror', None) or error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{what} {str(path)!r} is not valid TOML: {error}") from None
 
 #: Supported dataflows, in the order of their identity-block code.
 DATAFLOWS = ("ws",)
@@ -153,19 +171,7 @@ class NpuConfig:
     @staticmethod
     def toml_values(path: str | Path) -> dict[str, Any]:
         """The raw parameters of a TOML config file (not yet validated)."""
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ValueError(f"config file {str(path)!r} does not exist") from None
-        except IsADirectoryError:
-            raise ValueError(f"config file {str(path)!r} is a directory; give a .toml "
-                             f"file") from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise ValueError(f"cannot read config file {str(path)!r}: "
-                             f"{getattr(error, 'strerror', None) or error}") from None
-        except tomllib.TOMLDecodeError as error:
-            raise ValueError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+        data = read_toml(path, "config file")
         if "npu" in data and isinstance(data["npu"], dict):
             data = data["npu"]
         return dict(data)

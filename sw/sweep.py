@@ -37,7 +37,6 @@ import shutil
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .config import NpuConfig
+from .config import NpuConfig, read_toml
 
 __all__ = ["SweepPoint", "SweepError", "load_grid", "run_sweep", "evaluate_point",
            "pareto_front", "design_digest"]
@@ -131,17 +130,9 @@ def load_grid(path: str | Path) -> list[SweepPoint]:
 
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise SweepError(f"sweep grid {str(path)!r} does not exist") from None
-    except IsADirectoryError:
-        raise SweepError(f"sweep grid {str(path)!r} is a directory; give a .toml file "
-                         f"(benchmarks/sweep.toml is an example)") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise SweepError(f"cannot read sweep grid {str(path)!r}: "
-                         f"{getattr(error, 'strerror', None) or error}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise SweepError(f"sweep grid {str(path)!r} is not valid TOML: {error}") from None
+        data = read_toml(path, "sweep grid", "benchmarks/sweep.toml")
+    except ValueError as error:
+        raise SweepError(str(error)) from None
     unknown = sorted(set(data) - {"sweep", "grid"})
     if unknown:
         raise SweepError(f"{path}: unknown table(s) {', '.join(unknown)}; "
