@@ -18,16 +18,17 @@ demo: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 
-# The two default board builds (several minutes of place-and-route on one core) run beside
-# the rest of the suite; their output follows it.
-BOARD_TESTS := tests/test_boards.py::test_default_build_meets_timing
+# The two default board builds (several minutes of place-and-route on one core) and the
+# post-synthesis runs of the same two SoCs run beside the rest of the suite; their output
+# follows it.
+BOARD_TESTS := tests/test_boards.py::test_default_build_meets_timing tests/test_post_synthesis.py
 
 test: lint
 	@mkdir -p build
 	@$(BIN)/pytest -q -ra $(BOARD_TESTS) > build/board-tests.log 2>&1 & boards=$$!; \
-	$(BIN)/pytest -q -ra --deselect $(BOARD_TESTS); rest=$$?; \
+	$(BIN)/pytest -q -ra $(addprefix --deselect ,$(BOARD_TESTS)); rest=$$?; \
 	wait $$boards; built=$$?; \
-	echo "--- default board builds ($(BOARD_TESTS)) ---"; cat build/board-tests.log; \
+	echo "--- board builds and post-synthesis runs ($(BOARD_TESTS)) ---"; cat build/board-tests.log; \
 	exit $$(( rest || built ))
 
 clean:
