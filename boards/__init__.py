@@ -44,8 +44,8 @@ def _platform(module: str, cls: str) -> Callable[[], object]:
 # The iCEBreaker's weights go to SPRAM (hw/ram.py): one SB_SPRAM256KA holds 16K words of
 # its 2-column array, which with 256 instructions and 128 parameter words takes the demo
 # MLP. Its 4x2 uses all 8 DSPs (one SB_MAC16 per row for the two columns, four for the
-# requantizer), 5111 of the 5280 LCs and 29 of the 30 EBRs, at 27 MHz (28.5 achieved;
-# 2026-11-29, docs/BOARDS.md). 512 accumulator words let the demo MLP run at batch 16:
+# requantizer), 5211 of the 5280 LCs and 29 of the 30 EBRs, at 27 MHz (28.0 achieved;
+# 2026-12-02, docs/BOARDS.md). 512 accumulator words let the demo MLP run at batch 16:
 # 953.6 cycles per inference (1193.8 at 256 words, batch 8; 1876.8 at 128, batch 4).
 _ICEBREAKER = dict(activation_depth=512, weight_depth=16384, accumulator_depth=512,
                    instruction_depth=256, param_depth=128, requant_lanes=1)
