@@ -23,7 +23,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from .runner import (
     simulator_available,
     testbench_top_verilog,
 )
+from .serve import start_bridge
 
 __all__ = ["NETLIST_SIMULATORS", "SOC_MODULE", "Netlist", "SocNetlist", "synthesize_soc",
            "build_netlist_board", "netlist_board", "run_demo_mlp"]
@@ -60,7 +60,6 @@ SOC_MODULE = "soc"
 #: beside another build): -O2 compiled in 270 s and ran in 28 s, -O1 115 s and 21 s, -O0
 #: 43 s and 40 s. -O1 on 2 idle cores: the iCEBreaker's 43 s, the 85F's 4 minutes.
 VERILATOR_CXX_OPT = "-O1"
-STARTUP_TIMEOUT_SECONDS = 120.0
 #: The driver's answer timeout for a netlist board (a board's is 5 s).
 DEVICE_TIMEOUT_SECONDS = 120.0
 
@@ -370,34 +369,19 @@ def netlist_board(netlist: Netlist, simulator: str = "verilator") -> Iterator[st
     (``socket://127.0.0.1:PORT``, for :meth:`npugen.driver.Device.open`), stops it after."""
     build_dir = build_netlist_board(netlist, simulator)
     runner = _runner(simulator)
+
+    def simulate(environment: dict[str, str], scratch: Path) -> None:
+        runner.test(hdl_toplevel="board_tb", hdl_toplevel_lang="verilog",
+                    test_module="npugen.sim.tb_board", build_dir=build_dir, test_dir=scratch,
+                    results_xml=str(scratch / "results.xml"),
+                    extra_env={"NPUGEN_PORT": "0", **environment},
+                    log_file=scratch / "sim.log")
+
     with tempfile.TemporaryDirectory(prefix="npugen-netlist-") as scratch:
-        scratch = Path(scratch)
-        port_file, stop_file = scratch / "port", scratch / "stop"
-        outcome: dict[str, object] = {}
-
-        def simulate() -> None:
-            try:
-                runner.test(hdl_toplevel="board_tb", hdl_toplevel_lang="verilog",
-                            test_module="npugen.sim.tb_board", build_dir=build_dir,
-                            test_dir=scratch, results_xml=str(scratch / "results.xml"),
-                            extra_env={"NPUGEN_PORT": "0", "NPUGEN_PORT_FILE": str(port_file),
-                                       "NPUGEN_STOP_FILE": str(stop_file)},
-                            log_file=scratch / "sim.log")
-            except BaseException as error:  # SystemExit from cocotb's runner included
-                outcome["error"] = error
-
-        thread = threading.Thread(target=simulate, daemon=True)
-        thread.start()
+        thread, port, stop_file = start_bridge(
+            simulate, Path(scratch), f"the {netlist.board.name} netlist board")
         try:
-            started = time.monotonic()
-            while not port_file.exists():
-                if not thread.is_alive() or time.monotonic() - started > STARTUP_TIMEOUT_SECONDS:
-                    log = scratch / "sim.log"
-                    detail = log.read_text()[-3000:] if log.exists() else ""
-                    raise SimulationError(f"the {netlist.board.name} netlist board did not "
-                                          f"start: {outcome.get('error', '')}\n{detail}")
-                time.sleep(0.05)
-            yield f"socket://127.0.0.1:{int(port_file.read_text())}"
+            yield f"socket://127.0.0.1:{port}"
         finally:
             stop_file.touch()
             thread.join(60)
