@@ -312,6 +312,7 @@ class Npu(wiring.Component):
         rq_to_acc = Signal()
         rq_acc_accumulate = Signal()
         rq_left_shift = Signal()
+        rq_single = Signal()   # REQUANT single_rounding (read with rounding "both" only)
         rq_phase = Signal()
         rq_advance = Signal()
         m.d.comb += rq_advance.eq(rq_busy & ~(rq_to_acc & rq_phase) if fm else rq_busy)
@@ -767,6 +768,8 @@ class Npu(wiring.Component):
             ]
         with m.If(dispatch & step_is_requant):
             m.d.sync += rq_busy.eq(1)
+            if c.rounding == "both":
+                m.d.sync += rq_single.eq(_field(instruction, Opcode.REQUANT, "single_rounding"))
             if fm:
                 m.d.sync += [
                     rq_to_acc.eq(_field(instruction, Opcode.REQUANT, "to_acc")),
@@ -795,6 +798,7 @@ class Npu(wiring.Component):
                 rq.clamp_min.eq(clamp_min),
                 rq.clamp_max.eq(clamp_max),
                 rq.left_shift.eq(rq_left_shift),
+                rq.single.eq(rq_single),
             ]
         # Next cycle: rq_busy unless aborted (while finishing, the last advance keeps
         # stage_valid up), stage_valid after an advance, the pipeline shifted by one.

@@ -5,6 +5,7 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from ..arith import ADD_LEFT_SHIFT
+from ..config import ROUNDINGS
 from ..golden import REQUANT_PIPELINE_STAGES
 from .dsp import registered_product
 
@@ -16,7 +17,8 @@ class Requantizer(wiring.Component):
     rounding right shift → + zero point → clamp → saturate to ``output_width``; ``raw``
     is the value before the clamp (REQUANT to_acc). With ``left_shift`` (when built with
     it), acc + bias is first multiplied by 2**20 (TFLite's Add). ``rounding``: ``double``
-    (gemmlowp) or ``single`` (one rounding of the exact product).
+    (gemmlowp), ``single`` (one rounding of the exact product), or ``both``: each sample's
+    ``single`` input chooses (read only by that build).
 
     Bit-exact with :func:`npugen.arith.requantize`. ``latency`` registers from input to
     ``out`` (one stage each: bias; four 16 × 16 products; their sum; nudge and divide by
@@ -31,8 +33,9 @@ class Requantizer(wiring.Component):
                  left_shift: bool = True):
         if not 16 <= accumulator_width <= 32:
             raise ValueError(f"accumulator_width must be 16 to 32, not {accumulator_width!r}")
-        if rounding not in ("double", "single"):
-            raise ValueError(f"rounding must be 'double' or 'single', not {rounding!r}")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(map(repr, ROUNDINGS))}, "
+                             f"not {rounding!r}")
         self._acc_width = accumulator_width
         self._out_width = output_width
         self._rounding = rounding
@@ -47,6 +50,7 @@ class Requantizer(wiring.Component):
             "clamp_min": In(signed(16)),
             "clamp_max": In(signed(16)),
             "left_shift": In(1),
+            "single": In(1),
             "out_valid": Out(1),
             "out": Out(signed(output_width)),
             "raw": Out(signed(accumulator_width)),
@@ -64,6 +68,12 @@ class Requantizer(wiring.Component):
         m.d.sync += [total.eq(self.acc + self.bias), multiplier1.eq(self.multiplier),
                      shift1.eq(self.shift), valid1.eq(self.valid),
                      left_shift1.eq(self.left_shift)]
+        # Built with both roundings: the sample's choice, kept beside it up to stage 5
+        # (single_at[i] is read by stage i + 1).
+        both = self._rounding == "both"
+        single_at = [self.single, *(Signal(name=f"single{i}") for i in range(1, 5))]
+        if both:
+            m.d.sync += [single_at[i].eq(single_at[i - 1]) for i in range(1, 5)]
         # Stages 2-3: the 32 × 32 product from four 16 × 16 products of one signedness each
         # (one DSP block apiece on iCE40 and ECP5): with a = a1·2^16 + a0 (a0 unsigned),
         # a1·b0 = a1·(b0 − 2^15) + a1·2^15, likewise a0·b1, so
@@ -115,23 +125,37 @@ class Requantizer(wiring.Component):
             quotient = Signal(signed(33))
             m.d.comb += quotient.eq((product >> 31) + product[30])
             m.d.sync += high.eq(Mux(overflow, (1 << 31) - 1, quotient[0:32].as_signed()))
-        else:
+        elif self._rounding == "single":
             # Stage 4: floor(product / 2**31); the single rounding happens in stage 5:
             # floor((p + 2**(30+s)) / 2**(31+s)) = (q >> s) + (s ? q[s−1] : p[30]).
             m.d.sync += [high.eq(product[31:64].as_signed()), half.eq(product[30])]
+        else:
+            # Stage 4, both: the two differ only in where bit 30 of the product goes, so
+            # one incrementer serves both. Double: high = q + p[30] (INT32_MAX on overflow),
+            # half = 0. Single: high = q, half = p[30]. q + p[30] <= 2**31 (q = 2**31 only
+            # for p = 2**62, whose bit 30 is 0), so 33 bits hold it, and double's value,
+            # in int32 unless it overflows, is its 32-bit high sign-extended.
+            double3 = ~single_at[3]
+            quotient = Signal(signed(33))
+            m.d.comb += quotient.eq((product >> 31) + (product[30] & double3))
+            m.d.sync += [high.eq(Mux(overflow & double3, (1 << 31) - 1, quotient)),
+                         half.eq(product[30] & single_at[3])]
         # Stage 5: rounding right shift by s: the truncated value and whether to round up.
         # The remainder r = high mod 2**s against gemmlowp's threshold 2**(s-1) - 1 (+ 1 when
         # high < 0) reduces to bits of high, with no mask, adder or compare: r reaches
         # 2**(s-1) when bit s-1 (the half) is set, and passes it when a bit below is set too.
         # So double rounds up on the half, if high is negative only with a bit below it set
         # (half away from zero); single on the half (half up), at s = 0 on the product's
-        # bit 30. One shift gives the truncated value above the half.
+        # bit 30 (both: double's half is 0, so at s = 0 neither rounds up). One shift gives
+        # the truncated value above the half.
         truncated = Signal(signed(32))
         round_up = Signal()
         valid5 = Signal()
         half_in = Const(0, 1) if self._rounding == "double" else half
         shifted = Cat(half_in, high).as_signed() >> shift4
-        if self._rounding == "double":
+        if self._rounding == "single":
+            m.d.sync += round_up.eq(shifted[0])
+        else:
             # Bit i of `below` is set when i < s (a decoder: yosys would give each
             # comparison with a constant a carry chain).
             below = Signal(32)
@@ -140,9 +164,11 @@ class Requantizer(wiring.Component):
                     with m.Case(k):
                         m.d.comb += below.eq((1 << k) - 1)
             below_half = (high[0:31] & below[1:32]).any()
-            m.d.sync += round_up.eq(shifted[0] & (~high[31] | below_half))
-        else:
-            m.d.sync += round_up.eq(shifted[0])
+            # high[-1]: the sign (both: of double's value, sign-extended to 33 bits).
+            away = ~high[-1] | below_half
+            if both:  # single rounds up on the half, whatever the sign
+                away = away | single_at[4]
+            m.d.sync += round_up.eq(shifted[0] & away)
         m.d.sync += [truncated.eq(shifted[1:33].as_signed()), valid5.eq(valid4)]
         # Stage 6: round and add the zero point (one carry chain, rounding as carry-in).
         with_zero = Signal(signed(34))

@@ -34,11 +34,13 @@ def read_toml(path: str | Path, what: str, example: str = "") -> dict[str, Any]:
 
 #: Supported dataflows, in the order of their identity-block code.
 DATAFLOWS = ("ws",)
-#: Requantization rounding, in the order of their identity-block code: ``double`` is the
-#: TFLite/gemmlowp reference (a rounding doubling high multiply, then a rounding shift);
-#: ``single`` rounds once (TFLite's TFLITE_SINGLE_ROUNDING), as onnxruntime's float
-#: requantization does.
-ROUNDINGS = ("double", "single")
+#: The requantizer's roundings, in the order of their identity-block code. Each REQUANT
+#: chooses one (its ``single_rounding`` field): double is the TFLite/gemmlowp reference (a
+#: rounding doubling high multiply, then a rounding shift), single rounds once (TFLite's
+#: TFLITE_SINGLE_ROUNDING, its FULLY_CONNECTED; onnxruntime's float requantization).
+#: ``both`` builds a requantizer that does either; ``double`` and ``single`` a leaner one
+#: that does only that one, and programs asking for the other are refused.
+ROUNDINGS = ("double", "single", "both")
 
 #: Widest memory address the 16-bit ISA address fields can name.
 MAX_DEPTH = 1 << 16
@@ -75,7 +77,7 @@ class NpuConfig:
     param_depth: int = 256
     requant_lanes: int | None = None  # None: gcd(rows, cols), at most 8
     dataflow: str = "ws"
-    rounding: str = "double"
+    rounding: str = "both"    # what REQUANT's single_rounding may ask for (ROUNDINGS)
     feature_maps: bool = True   # address walks, max pooling, add: what CNNs need
 
     def __post_init__(self) -> None:
@@ -187,5 +189,6 @@ class NpuConfig:
     def describe(self) -> str:
         text = (f"{self.rows}x{self.cols} {self.dataflow}, int{self.input_width} x "
                 f"int{self.weight_width} -> int{self.accumulator_width}")
-        text += ", single rounding" if self.rounding == "single" else ""
+        if self.rounding != "both":
+            text += f", {self.rounding} rounding only"
         return text + ("" if self.feature_maps else ", no feature maps")

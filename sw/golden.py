@@ -18,7 +18,7 @@ from .isa import Instruction, Opcode, decode_program
 from .memory_map import Region
 
 __all__ = ["GoldenNpu", "Counters", "CycleModel", "ProgramError", "check_program",
-           "expand_program", "GemmState", "Walk"]
+           "expand_program", "requant_rounding", "GemmState", "Walk"]
 
 #: Registers in each requantization lane (hw/requant.py builds exactly this many).
 REQUANT_PIPELINE_STAGES = 7
@@ -201,9 +201,15 @@ def expand_program(config: NpuConfig, program: list[Instruction]) -> list[Instru
     return [step for ins in program for step in state.expand(ins)]
 
 
+def requant_rounding(instruction: Instruction) -> str:
+    """The rounding a REQUANT asks for (a name in :data:`npugen.config.ROUNDINGS`)."""
+    return "single" if instruction["single_rounding"] else "double"
+
+
 def check_program(config: NpuConfig, program: list[Instruction]) -> None:
     """Raise :class:`ProgramError` if an instruction reaches outside the memories or
-    uses a count or lane the hardware cannot run; the message names the instruction."""
+    uses a count, lane or rounding the hardware cannot run; the message names the
+    instruction."""
 
     def need(ok: bool, index: int, instruction: Instruction, why: str) -> None:
         if not ok:
@@ -252,6 +258,13 @@ def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instructio
         reduce = op is Opcode.MATMUL and state.reduce
         within("accumulator words", ins["acc_addr"] + (1 if reduce else ins["count"]),
                "accumulator_depth")
+    if op is Opcode.REQUANT and config.rounding != "both":
+        asked = requant_rounding(ins)
+        need(asked == config.rounding, index, ins,
+             f"single_rounding={ins['single_rounding']} asks for {asked} rounding, but this NPU "
+             f"was generated with rounding = {config.rounding!r} only; regenerate the NPU with "
+             f"rounding = 'both' (or set single_rounding to "
+             f"{int(config.rounding == 'single')})")
     if op is Opcode.MATMUL:
         last = ins["act_addr"] + int(state.window.offsets(ins["count"]).max())
         within("activations", last + 1, "activation_depth")
@@ -366,7 +379,7 @@ class GoldenNpu:
         if ins["to_acc"]:
             raw = requantize_raw(acc, params[:, 0], params[:, 1], params[:, 2] & 31,
                                  self.zero_point, accumulator_width=c.accumulator_width,
-                                 rounding=c.rounding, left_shift=ins["left_shift"])
+                                 rounding=requant_rounding(ins), left_shift=ins["left_shift"])
             target = slice(ins["out_addr"], ins["out_addr"] + count)
             if ins["accumulate"]:
                 raw = raw + self.accumulators[target]
@@ -376,7 +389,7 @@ class GoldenNpu:
             acc, params[:, 0], params[:, 1], params[:, 2] & 31, self.zero_point,
             self.clamp_min, self.clamp_max,
             accumulator_width=c.accumulator_width, output_width=c.input_width,
-            rounding=c.rounding, left_shift=ins["left_shift"])
+            rounding=requant_rounding(ins), left_shift=ins["left_shift"])
         lanes = ins["out_lane"] + np.arange(c.cols)
         words = (ins["out_addr"] + (lanes // c.rows) * self.out_stride) % c.activation_depth
         for i, offset in enumerate(self.state.out.offsets(count)):

@@ -20,7 +20,7 @@ __all__ = [
     "isa_markdown",
 ]
 
-ISA_VERSION = 2
+ISA_VERSION = 3
 INSTRUCTION_WIDTH = 64
 OPCODE_WIDTH = 4
 
@@ -74,9 +74,11 @@ DESCRIPTIONS: dict[Opcode, str] = {
         "next MATMUL may start while this one drains."),
     Opcode.REQUANT: (
         "Post-process `count` accumulator words from `acc_addr` on: + bias, "
-        "requantize (rounding doubling high multiply by the Q31 multiplier, rounding "
-        "right shift), + zero point, clamp, saturate; write the `cols` results of "
-        "accumulator word i to activation lanes `out_lane`, `out_lane`+1, ... of word "
+        "requantize by the Q31 multiplier and the right shift, rounding twice (gemmlowp: "
+        "rounding doubling high multiply, rounding right shift) or, with `single_rounding`, "
+        "once (the exact product, rounded half up; an NPU generated with rounding 'double' "
+        "or 'single' runs only that one), + zero point, clamp, saturate; write the `cols` "
+        "results of accumulator word i to activation lanes `out_lane`, `out_lane`+1, ... of word "
         "`out_addr` + (i div L)·`row_step` + (i mod L), with L and `row_step` from SETOUT "
         "(L = 0: `out_addr`+i), moving to the next word block (+`out_stride`) past the last lane. "
         "With `to_acc`, the results before clamping (accumulator-wide) go instead to "
@@ -135,6 +137,9 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
         Field("to_acc", 4, 1, doc="1: write the unclamped results to accumulator words"),
         Field("accumulate", 5, 1, doc="with to_acc: add to the accumulator words"),
         Field("left_shift", 6, 1, doc="1: multiply acc + bias by 2^20 before rescaling"),
+        Field("single_rounding", 7, 1,
+              doc="1: round the product once (TFLite's FULLY_CONNECTED, ONNX); "
+                  "0: round twice (gemmlowp)"),
     ),
     Opcode.SETPP: (
         Field("zero_point", 8, 16, signed=True, doc="output zero point"),

@@ -66,9 +66,15 @@ def random_params(config: NpuConfig, rng: np.random.Generator, channels: int) ->
     return np.stack([bias, multiplier, shift], axis=1)
 
 
+def single_rounding_values(config: NpuConfig) -> list[int]:
+    """The REQUANT single_rounding values an NPU runs: both with rounding "both"."""
+    return {"double": [0], "single": [1], "both": [0, 1]}[config.rounding]
+
+
 def layer_chain_job(config: NpuConfig, rng: np.random.Generator, *, m: int, k: int, n: int,
                     n2: int, zero_point: int, clamp: tuple[int, int]) -> Job:
     """GEMM → REQUANT into activation memory → second GEMM reading those activations.
+    Each REQUANT takes one of the NPU's roundings at random.
 
     Reads back the requantized activations and both layers' accumulators.
     """
@@ -90,7 +96,8 @@ def layer_chain_job(config: NpuConfig, rng: np.random.Generator, *, m: int, k: i
         program.append(Instruction(Opcode.REQUANT, {
             "acc_addr": first.acc_addr(n_tile), "count": m,
             "out_addr": out_base + (channel // config.rows) * m,
-            "out_lane": channel % config.rows}))
+            "out_lane": channel % config.rows,
+            "single_rounding": int(rng.choice(single_rounding_values(config)))}))
     program += gemm_instructions(second)
     program.append(Instruction(Opcode.HALT))
     job = Job(config)
@@ -107,6 +114,46 @@ def layer_chain_job(config: NpuConfig, rng: np.random.Generator, *, m: int, k: i
     job.read("first", Region.ACCUMULATORS, 0, first.accumulator_words)
     job.read("second", Region.ACCUMULATORS, second.acc_base, second.accumulator_words)
     return job
+
+
+#: Accumulator words each REQUANT of :func:`rounding_job` requantizes.
+ROUNDING_JOB_ROWS = 24
+
+
+def rounding_job(config: NpuConfig, rng: np.random.Generator) -> Job:
+    """The same accumulators requantized by back-to-back REQUANTs with each rounding the NPU
+    runs, twice (alternating, with both), at right shifts of 1 to 3, where the two roundings
+    disagree on many values: each REQUANT's results must follow its own choice. Reads back
+    the outputs, one block of ``rounding_job_words`` words per REQUANT."""
+    roundings = single_rounding_values(config) * 2
+    count, words = ROUNDING_JOB_ROWS, rounding_job_words(config)
+    low, high = -(1 << (config.input_width - 1)), (1 << (config.input_width - 1)) - 1
+    program = [Instruction(Opcode.SETPP, {"zero_point": 0, "clamp_min": low,
+                                          "clamp_max": high}),
+               Instruction(Opcode.SETREQ, {"param_addr": 0, "out_stride": count})]
+    program += [Instruction(Opcode.REQUANT, {"acc_addr": 0, "count": count,
+                                             "out_addr": i * words, "single_rounding": single})
+                for i, single in enumerate(roundings)]
+    program.append(Instruction(Opcode.HALT))
+    job = Job(config)
+    job.write(Region.INSTRUCTIONS, 0, encode_program(program))
+    # Multipliers of 0.5 to 1 and shifts of 1 to 3: results mostly within the output range.
+    channels = config.cols
+    params = np.stack([np.zeros(channels, dtype=np.int64),
+                       rng.integers(1 << 30, 1 << 31, channels), rng.integers(1, 4, channels)],
+                      axis=1)
+    job.write(Region.PARAMS, 0, params.reshape(-1, config.requant_lanes, 3))
+    job.write(Region.ACCUMULATORS, 0, rng.integers(2 * low, 2 * high, (count, config.cols)))
+    # The same junk where each REQUANT's outputs go (lanes past the last column keep it).
+    junk = rng.integers(low, high, (words, config.rows))
+    job.write(Region.ACTIVATIONS, 0, np.tile(junk, (len(roundings), 1)))
+    job.read("outputs", Region.ACTIVATIONS, 0, len(roundings) * words)
+    return job
+
+
+def rounding_job_words(config: NpuConfig) -> int:
+    """Activation words each REQUANT of :func:`rounding_job` writes."""
+    return ROUNDING_JOB_ROWS * -(-config.cols // config.rows)
 
 
 def back_to_back_accumulate_job(config: NpuConfig, rng: np.random.Generator) -> Job:
@@ -275,8 +322,10 @@ def _map_job(config: NpuConfig, rng: np.random.Generator, lowering, inputs, dst)
 def walk_change_job(config: NpuConfig, rng: np.random.Generator) -> Job:
     """SETWIN, SETKERN and SETOUT issued while the previous MATMUL still streams or the
     previous GEMM drains: each stream keeps the walk it was dispatched with. Also reduce
-    mode with max, and a REQUANT along a two-row output walk."""
-    program = assemble("""
+    mode with max, and a REQUANT along a two-row output walk (each REQUANT with one of
+    the NPU's roundings: with both, one each)."""
+    roundings = single_rounding_values(config)
+    program = assemble(f"""
         SETWIN row_length=3 row_step=7 col_step=2
         LOADW bank=0 weight_addr=0
         MATMUL bank=0 act_addr=1 acc_addr=0 count=8
@@ -292,9 +341,9 @@ def walk_change_job(config: NpuConfig, rng: np.random.Generator) -> Job:
         SETPP zero_point=-3 clamp_min=-100 clamp_max=100
         SETREQ param_addr=0 out_stride=11
         SETOUT row_length=2 row_step=5
-        REQUANT acc_addr=0 count=6 out_addr=40 out_lane=0
+        REQUANT acc_addr=0 count=6 out_addr=40 out_lane=0 single_rounding={roundings[0]}
         SETOUT
-        REQUANT acc_addr=8 count=2 out_addr=60 out_lane=0
+        REQUANT acc_addr=8 count=2 out_addr=60 out_lane=0 single_rounding={roundings[-1]}
         HALT
     """)
     job = Job(config)
@@ -335,11 +384,12 @@ def _add_job(config, rng, FeatureMap, Lowering, Requant, Rescale, quantize_multi
                       np.full(channels, out_shift), zeros[2], *clamp)
     lowering = Lowering(config)
     lowering.add(first, second, dst, rescales[0], rescales[1], requant)
-    # TFLite's int8 Add, term by term.
+    # TFLite's int8 Add, term by term: rounding twice, unless the NPU rounds only once.
+    rounding = "single" if config.rounding == "single" else "double"
     raws = [requantize_raw(x.transpose(1, 2, 0), -r.zero_point, r.multiplier, r.shift, 0,
-                           accumulator_width=32, rounding=config.rounding, left_shift=1)
+                           accumulator_width=32, rounding=rounding, left_shift=1)
             for x, r in ((x1, rescales[0]), (x2, rescales[1]))]
     expected = requantize(raws[0] + raws[1], 0, out_multiplier, out_shift, zeros[2], *clamp,
                           accumulator_width=32, output_width=8,
-                          rounding=config.rounding).transpose(2, 0, 1)
+                          rounding=rounding).transpose(2, 0, 1)
     return _map_job(config, rng, lowering, [(first, x1), (second, x2)], dst), expected, dst

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import available_simulators
 from npugen.cli import main
+from npugen.isa import ISA_VERSION
 
 
 @pytest.fixture
@@ -59,7 +60,7 @@ def test_generate(tmp_path, capsys):
     text = (tmp_path / "npu.v").read_text()
     assert "module npu(" in text
     description = json.loads((tmp_path / "npu.json").read_text())
-    assert description["config"]["cols"] == 3 and description["isa_version"] == 2
+    assert description["config"]["cols"] == 3 and description["isa_version"] == ISA_VERSION
     assert last_json(capsys)["macs_per_cycle"] == 6
 
 

@@ -25,10 +25,19 @@ def test_defaults_are_valid_and_hashable():
     ({"requant_lanes": 3}, ValueError,
      r"requant_lanes must divide both rows \(8\) and cols \(8\), not 3"),
     ({"dataflow": "os"}, ValueError, r"dataflow must be one of 'ws', not 'os'"),
+    ({"rounding": "triple"}, ValueError,
+     r"rounding must be one of 'double', 'single', 'both', not 'triple'"),
 ])
 def test_invalid_parameters_are_named(changes, error, message):
     with pytest.raises(error, match=message):
         NpuConfig(**changes)
+
+
+def test_rounding_defaults_to_both_and_a_lean_build_says_so():
+    assert NpuConfig().rounding == "both"
+    assert NpuConfig().describe() == "8x8 ws, int8 x int8 -> int32"
+    assert NpuConfig(rounding="double").describe().endswith(", double rounding only")
+    assert NpuConfig(rounding="single").describe().endswith(", single rounding only")
 
 
 def test_frozen():

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from npugen.arith import requantize
 from npugen.config import NpuConfig
 from npugen.golden import GoldenNpu, ProgramError, check_program, expand_program
 from npugen.isa import Instruction, Opcode, assemble, encode_program
@@ -26,6 +27,44 @@ CONFIG = NpuConfig(rows=4, cols=4, activation_depth=256, weight_depth=256,
 def test_program_errors_name_the_instruction(text, message):
     with pytest.raises(ProgramError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_program(CONFIG, assemble(text))
+
+
+def test_requant_rounding_must_be_one_the_npu_was_generated_with():
+    """A lean NPU runs only its own rounding; with both, each REQUANT chooses."""
+    for single in (0, 1):
+        check_program(CONFIG, assemble(f"REQUANT count=1 single_rounding={single}\nHALT"))
+    for rounding, single, asked in (("double", 1, "single"), ("single", 0, "double")):
+        text = f"SETPP\nREQUANT count=1 single_rounding={single}\nHALT"
+        check_program(CONFIG.replace(rounding=rounding),
+                      assemble(f"SETPP\nREQUANT count=1 single_rounding={1 - single}\nHALT"))
+        with pytest.raises(ProgramError, match=(
+                f"instruction 1 .*: single_rounding={single} asks for {asked} rounding, but "
+                f"this NPU was generated with rounding = '{rounding}' only; regenerate the NPU "
+                f"with rounding = 'both'")):
+            check_program(CONFIG.replace(rounding=rounding), assemble(text))
+
+
+def test_requant_follows_its_own_rounding():
+    """The same accumulators, requantized by REQUANTs with single_rounding 0 and 1, equal
+    arith.requantize with double and single rounding, which disagree on some of them."""
+    rng = np.random.default_rng(3)
+    acc = rng.integers(-300, 300, (16, 4))
+    params = np.stack([np.zeros(4, dtype=np.int64), rng.integers(1 << 30, 1 << 31, 4),
+                       rng.integers(1, 4, 4)], axis=1)
+    npu = GoldenNpu(CONFIG)
+    npu.write(Region.ACCUMULATORS, 0, acc)
+    npu.write(Region.PARAMS, 0, params.reshape(1, 4, 3))
+    npu.write(Region.INSTRUCTIONS, 0, encode_program(assemble(
+        "SETPP clamp_min=-128 clamp_max=127\n"
+        "REQUANT count=16 out_addr=0\nREQUANT count=16 out_addr=16 single_rounding=1\nHALT")))
+    npu.run()
+    got = {mode: npu.read(Region.ACTIVATIONS, 16 * index, 16)
+           for index, mode in enumerate(("double", "single"))}
+    for mode, values in got.items():
+        assert np.array_equal(values, requantize(
+            acc, 0, params[:, 1], params[:, 2], 0, -128, 127, accumulator_width=32,
+            output_width=8, rounding=mode)), mode
+    assert not np.array_equal(got["double"], got["single"])
 
 
 def test_too_many_instructions():

@@ -12,7 +12,7 @@ import pytest
 from amaranth.sim import Simulator
 
 from npugen.arith import requantize, wrap
-from npugen.config import NpuConfig
+from npugen.config import ROUNDINGS, NpuConfig
 from npugen.hostops import bus_program, decode_result, execute
 from npugen.hw.array import SystolicArray
 from npugen.hw.npu import Npu
@@ -377,11 +377,13 @@ def requant_random_cases(rng: np.random.Generator, accumulator_width: int,
 
 def run_requantizer(cases: np.ndarray, valid: np.ndarray, *, accumulator_width: int,
                     output_width: int, rounding: str = "double",
-                    left_shift: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
-    """Feed ``cases`` (rows of REQUANT_FIELDS) one a cycle; return ``out`` and ``out_valid``
-    in every cycle. The zero point goes in at the stage before last and the clamps at the
-    last, as documented, so they are presented ``latency - 2`` and ``latency - 1`` cycles
-    after the accumulator."""
+                    left_shift: np.ndarray | None = None,
+                    single: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
+    """Feed ``cases`` (rows of REQUANT_FIELDS) one a cycle, with ``left_shift`` and
+    ``single`` per case when given; return ``out`` and ``out_valid`` in every cycle. The
+    zero point goes in at the stage before last and the clamps at the last, as documented,
+    so they are presented ``latency - 2`` and ``latency - 1`` cycles after the
+    accumulator."""
     rq = Requantizer(accumulator_width=accumulator_width, output_width=output_width,
                      rounding=rounding)
     latency = Requantizer.latency
@@ -401,6 +403,8 @@ def run_requantizer(cases: np.ndarray, valid: np.ndarray, *, accumulator_width: 
                     ctx.set(getattr(rq, name), int(columns[name][t]))
                 if left_shift is not None:
                     ctx.set(rq.left_shift, int(left_shift[t]))
+                if single is not None:
+                    ctx.set(rq.single, int(single[t]))
             ctx.set(rq.valid, int(valid[t]) if t < n else 0)
             for name, stage in late_stages.items():
                 if 0 <= t - stage < n:
@@ -413,17 +417,25 @@ def run_requantizer(cases: np.ndarray, valid: np.ndarray, *, accumulator_width: 
 
 def check_requantizer(cases: np.ndarray, *, accumulator_width: int, output_width: int,
                       valid: np.ndarray | None = None, rounding: str = "double",
-                      left_shift: np.ndarray | None = None) -> None:
+                      left_shift: np.ndarray | None = None,
+                      rng: np.random.Generator | None = None) -> None:
     """The requantizer's outputs, ``latency`` cycles after each input, equal
-    ``npugen.arith.requantize`` bit for bit; ``out_valid`` follows ``valid``."""
+    ``npugen.arith.requantize`` bit for bit; ``out_valid`` follows ``valid``. Built with
+    ``both`` roundings, each case asks for one at random (``rng``)."""
     n = len(cases)
     valid = np.ones(n, dtype=int) if valid is None else valid
-    expected = requantize(*cases.T, accumulator_width=accumulator_width,
-                          output_width=output_width, rounding=rounding,
+    single = (rng.random(n) < 0.5).astype(np.int64) if rounding == "both" else None
+    per_case = np.full(n, int(rounding == "single")) if single is None else single
+
+    def reference(mode: str) -> np.ndarray:
+        return requantize(*cases.T, accumulator_width=accumulator_width,
+                          output_width=output_width, rounding=mode,
                           left_shift=0 if left_shift is None else left_shift)
+
+    expected = np.where(per_case, reference("single"), reference("double"))
     outs, out_valids = run_requantizer(cases, valid, accumulator_width=accumulator_width,
                                        output_width=output_width, rounding=rounding,
-                                       left_shift=left_shift)
+                                       left_shift=left_shift, single=single)
     latency = Requantizer.latency
     got = outs[latency:latency + n]
     mismatches = np.flatnonzero(got != expected)
@@ -436,9 +448,10 @@ def check_requantizer(cases: np.ndarray, *, accumulator_width: int, output_width
 
 @pytest.mark.parametrize(("accumulator_width", "output_width"),
                          [(32, 8), (16, 8), (32, 4), (16, 4)])
-@pytest.mark.parametrize("rounding", ["double", "single"])
+@pytest.mark.parametrize("rounding", ROUNDINGS)
 def test_requantizer_matches_arith_bit_for_bit(accumulator_width, output_width, rounding):
-    """Edge cases and random inputs, pipelined one a cycle, against ``arith.requantize``."""
+    """Edge cases and random inputs, pipelined one a cycle, against ``arith.requantize``
+    (both roundings: each case's chosen at random, so the two mix in the pipeline)."""
     rng = np.random.default_rng(4 + accumulator_width + output_width)
     cases = np.concatenate([
         np.array(requant_edge_cases(accumulator_width), dtype=np.int64),
@@ -447,10 +460,10 @@ def test_requantizer_matches_arith_bit_for_bit(accumulator_width, output_width, 
     cases = cases[rng.permutation(len(cases))]
     valid = (rng.random(len(cases)) < 0.9).astype(int)
     check_requantizer(cases, accumulator_width=accumulator_width, output_width=output_width,
-                      valid=valid, rounding=rounding)
+                      valid=valid, rounding=rounding, rng=rng)
 
 
-@pytest.mark.parametrize("rounding", ["double", "single"])
+@pytest.mark.parametrize("rounding", ROUNDINGS)
 def test_requantizer_left_shift_matches_arith(rounding):
     """TFLite's Add pre-shift ((acc + bias)·2**20, wrapping at 32 bits), mixed with plain
     cases one a cycle."""
@@ -459,7 +472,7 @@ def test_requantizer_left_shift_matches_arith(rounding):
     cases[::2, 0] %= 1024
     left_shift = (rng.random(len(cases)) < 0.6).astype(np.int64)
     check_requantizer(cases, accumulator_width=32, output_width=8, rounding=rounding,
-                      left_shift=left_shift)
+                      left_shift=left_shift, rng=rng)
 
 
 def test_requantizer_inverted_clamp_bounds_match_arith():

@@ -39,6 +39,12 @@ def test_fields_land_where_the_table_says():
     assert (word >> 40) & 0xFFFF == 3 and (word >> 24) & 0xFFFF == 0xABCD and (word >> 4) & 1
 
 
+def test_requant_single_rounding_is_bit_7():
+    word = Instruction(Opcode.REQUANT, {"count": 1, "single_rounding": 1}).encode()
+    assert (word >> 7) & 1 and not (word >> 4) & 0b111
+    assert not (Instruction(Opcode.REQUANT, {"count": 1}).encode() >> 7) & 1
+
+
 def test_signed_fields():
     ins = Instruction(Opcode.SETPP, {"zero_point": -128, "clamp_min": -32768})
     assert Instruction.decode(ins.encode()) == ins

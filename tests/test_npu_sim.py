@@ -17,6 +17,8 @@ from programs import (
     feature_map_job,
     gemm_jobs,
     layer_chain_job,
+    rounding_job,
+    rounding_job_words,
     walk_change_job,
     wrap_job,
 )
@@ -29,9 +31,10 @@ CONFIGS = {
     "2x3": NpuConfig(rows=2, cols=3, **SMALL),
     "4x4": NpuConfig(rows=4, cols=4, requant_lanes=2, **SMALL),
     "4x4-single-rounding": NpuConfig(rows=4, cols=4, rounding="single", **SMALL),
-    # The iCEBreaker's shape: four rows, two columns (one SB_MAC16 per row), one lane.
+    # The iCEBreaker's shape: four rows, two columns (one SB_MAC16 per row), one lane,
+    # double rounding only.
     "4x2-no-feature-maps": NpuConfig(rows=4, cols=2, feature_maps=False, requant_lanes=1,
-                                     **SMALL),
+                                     rounding="double", **SMALL),
     "4x8": NpuConfig(rows=4, cols=8, requant_lanes=4, **SMALL),
     "8x4": NpuConfig(rows=8, cols=4, **SMALL),
     "8x8": NpuConfig(rows=8, cols=8, requant_lanes=8, **SMALL),
@@ -76,7 +79,7 @@ def test_npu_matches_golden(name, simulator, primitives):
     wrap, wrap_plan = wrap_job(config, rng)
     walks = [walk_change_job(config, rng)] if config.feature_maps else []
     jobs = [job for job, _, _ in gemms] + chains + [back_to_back_accumulate_job(config, rng),
-                                                     *walks, wrap]
+                                                     rounding_job(config, rng), *walks, wrap]
     results = simulate(jobs, simulator=simulator, primitives=primitives)
     for (job, plan, expected), result in zip(gemms, results, strict=False):
         golden = run_golden(job)
@@ -91,6 +94,19 @@ def test_npu_matches_golden(name, simulator, primitives):
     wrapped = matmul_output(wrap_plan, results[-1])
     assert np.array_equal(wrapped, matmul_output(wrap_plan, run_golden(wrap)))
     assert (wrapped < 0).all(), "the accumulators did not wrap around"
+
+
+@pytest.mark.parametrize("name", [name for name, config in CONFIGS.items()
+                                  if config.rounding == "both"])
+def test_rounding_job_tells_the_roundings_apart(name):
+    """On an NPU with both roundings, rounding_job's REQUANTs alternate double and single,
+    and the two give different outputs (so a lane that ignored the choice would fail)."""
+    config = CONFIGS[name]
+    outputs = run_golden(rounding_job(config, np.random.default_rng(0))).outputs["outputs"]
+    double, single, double_again, single_again = outputs.reshape(
+        4, rounding_job_words(config), config.rows)
+    assert np.array_equal(double, double_again) and np.array_equal(single, single_again)
+    assert not np.array_equal(double, single)
 
 
 MAPS = dict(activation_depth=2048, weight_depth=8192, accumulator_depth=256,
