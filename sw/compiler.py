@@ -1,23 +1,25 @@
 """Compiler: a quantized model → an NPU program (instructions + data image).
 
-Layers run back to back on chip, with no host work between them.
+Layers run back to back on chip, with no host work between them (a final softmax of a
+TFLite model runs on the host: ``Program.host_ops``).
 
 - A chain of dense layers (an MLP) runs ``batch`` rows a run. Each layer is a GEMM
   scheduled by :mod:`npugen.schedule` (the scheduler of ``npugen matmul``), followed by
   REQUANT of each output tile straight into the next layer's activation buffer.
   Activation buffers alternate between two areas of the activation memory.
 - A model with feature maps (a CNN) runs one image a run. Every tensor is a
-  :class:`~npugen.featuremap.FeatureMap` of its own, with the halo its consumer's
-  padding needs; layers are lowered by :mod:`npugen.lowering` (convolutions as implicit
-  im2col GEMMs, pooling on the array). A dense layer on a map is a convolution whose
-  kernel covers the whole map.
+  :class:`~npugen.featuremap.FeatureMap` with the halo its consumers' padding needs
+  (written by the NPU before the layer that makes it); maps whose lifetimes do not
+  overlap share activation words. Layers are lowered by :mod:`npugen.lowering`
+  (convolutions as implicit im2col GEMMs, pooling on the array). A dense layer on a map
+  is a convolution whose kernel covers the whole map.
 
 Accumulators are reused by every layer; weights and parameters stay resident.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from .isa import Instruction, Opcode, encode_program
 from .lowering import Lowering, Requant, Rescale
 from .memory_map import Region
 from .program import Program, TensorLayout
-from .quantize import QuantizedModel, quantize_model
+from .quantize import POOL_SUM_WEIGHT, QuantizedModel, quantize_model
 from .schedule import (
     DoesNotFit,
     GemmPlan,
@@ -115,7 +117,8 @@ def _instructions(config: NpuConfig, model: QuantizedModel,
             program.append(Instruction(Opcode.REQUANT, {
                 "acc_addr": plan.acc_addr(n_tile), "count": plan.m,
                 "out_addr": placed.out_base + (channel // config.rows) * plan.m,
-                "out_lane": channel % config.rows}))
+                "out_lane": channel % config.rows,
+                "single_rounding": int(layer.rounding == "single")}))
     program.append(Instruction(Opcode.HALT))
     return program
 
@@ -146,6 +149,13 @@ def compile_quantized(model: QuantizedModel, config: NpuConfig,
                              f"{config.accumulator_width}-bit accumulators")
     if config.input_width != 8 or config.weight_width != 8:
         raise DoesNotFit(f"models compile to int8 NPUs; this one is {config.describe()}")
+    for layer in model.layers:
+        if config.rounding not in ("both", layer.rounding):
+            raise DoesNotFit(
+                f"layer {layer.name!r} requantizes with {layer.rounding} rounding (the "
+                f"arithmetic of its {_io(model).framework} model), but this NPU was "
+                f"generated with rounding = {config.rounding!r} only; use rounding = 'both' "
+                f"(the default)")
     if len(model.input_shape) == 3 or any(
             not isinstance(layer.source, Dense | None) for layer in model.layers):
         if batch not in (None, 1):
@@ -189,14 +199,31 @@ def compile_quantized(model: QuantizedModel, config: NpuConfig,
         "macs": layer.in_features * layer.out_features,
         "clamp": [layer.clamp_min, layer.clamp_max],
     } for layer, p in zip(model.layers, placements, strict=True)]
+    source = _io(model)
     return Program(
         config=config, batch=batch, segments=segments,
         input=TensorLayout(first.act_base, model.layers[0].in_features, model.input_shape,
-                           model.input_quant.scale, model.input_quant.zero_point),
+                           model.input_quant.scale, model.input_quant.zero_point,
+                           dtype=source.input_dtype),
         output=TensorLayout(placements[-1].out_base, last.n, model.output_shape,
-                            model.output_quant.scale, model.output_quant.zero_point),
+                            model.output_quant.scale, model.output_quant.zero_point,
+                            dtype=source.output_dtype),
         layers=layers, estimated_cycles=timing.counters.cycles,
-        instruction_count=len(instructions))
+        instruction_count=len(instructions), framework=source.framework,
+        host_ops=source.host_ops)
+
+
+def _io(model: QuantizedModel) -> Model:
+    """The model a quantized model came from, for its layouts, types and host operators
+    (a plain float model's defaults when it was built directly)."""
+    return model.source if model.source is not None else Model(
+        [], model.input_shape, model.output_shape)
+
+
+def _user_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    """A C×H×W shape in the model's own layout (H×W×C for ``hwc``)."""
+    shape = tuple(shape)
+    return (shape[1], shape[2], shape[0]) if layout == "hwc" and len(shape) == 3 else shape
 
 
 def compile_model(model: Model | str | Path | Any, config: NpuConfig | None = None,
@@ -235,7 +262,7 @@ def _halo(layer, zero_point: int) -> tuple[tuple[int, int, int, int], int]:
 
 def _requant(layer) -> Requant:
     return Requant(layer.bias, layer.multiplier, layer.shift, layer.output_zero_point,
-                   layer.clamp_min, layer.clamp_max)
+                   layer.clamp_min, layer.clamp_max, int(layer.rounding == "single"))
 
 
 def _lower(lowering: Lowering, layer, maps: dict[str, FeatureMap],
@@ -262,14 +289,16 @@ def _lower(lowering: Lowering, layer, maps: dict[str, FeatureMap],
         macs = dst.height * dst.width * int(np.prod(layer.weight.shape))
     elif isinstance(source, Pool) and source.kind == "global":
         kind = "globalavgpool"
-        lowering.global_sum(src, dst, requant)
+        lowering.global_sum(src, dst, requant,
+                            POOL_SUM_WEIGHT if layer.exact_average else 1)
         ops = src.channels * src.height * src.width   # one per element the array adds
     elif isinstance(source, Pool):
         kind = f"{source.kind}pool"
-        ones = np.ones((source.kernel, source.kernel, src.channels), dtype=np.int64)
+        ones = np.full((*source.window, src.channels),
+                       POOL_SUM_WEIGHT if layer.exact_average else 1, dtype=np.int64)
         lowering.depthwise(src, dst, ones, requant, source.stride, source.pads,
                            combine_max=source.kind == "max")
-        ops = dst.channels * dst.height * dst.width * source.kernel ** 2
+        ops = dst.channels * dst.height * dst.width * int(np.prod(source.window))
     elif isinstance(source, Add):
         first, second = (Rescale(*values) for values in layer.rescales)
         lowering.add(src, maps[layer.inputs[1]], dst, first, second, requant)
@@ -301,6 +330,8 @@ def _input_im2col(model: QuantizedModel, config: NpuConfig) -> tuple[int, ...] |
         return None
     (kh, kw), channels = source.kernel, source.in_channels
     if ceil_div(kh * kw * channels, config.rows) >= ceil_div(channels, config.rows) * kh * kw:
+        return None
+    if not isinstance(source.stride, int):   # the host's im2col takes one stride
         return None
     return (kh, kw, source.stride, *source.pads)
 
@@ -336,18 +367,66 @@ def _allocate_maps(model: QuantizedModel, config: NpuConfig,
                              f"with {fill} for {layer.name!r}; one map has one halo value")
         merged = tuple(max(a, b) for a, b in zip(pads, old_pads, strict=True))
         halos[name] = (merged, fill if any(pads) else old_fill)
-    maps, base = {}, 0
+    unplaced = {}
     for name, shape in shapes.items():
         pads, fill = halos[name]
-        fmap = FeatureMap(base, *shape, config.rows, config.cols, pads,
-                          quants[name].zero_point if fill is None else fill)
-        maps[name] = fmap
-        base = fmap.end
-    if base > config.activation_depth:
+        unplaced[name] = FeatureMap(0, *shape, config.rows, config.cols, pads,
+                                    quants[name].zero_point if fill is None else fill)
+    maps, end = _place_maps(model, unplaced)
+    if end > config.activation_depth:
+        spans = _lifetimes(model)
+        live = [sum(fmap.words for name, fmap in unplaced.items()
+                    if spans[name][0] <= step <= spans[name][1])
+                for step in range(1, len(model.layers) + 1)]
+        peak = int(np.argmax(live))
         raise DoesNotFit(f"the model does not fit a {config.describe()} NPU: its feature "
-                         f"maps need {base} activation words, activation_depth is "
-                         f"{config.activation_depth}")
+                         f"maps need {end} activation words, activation_depth is "
+                         f"{config.activation_depth} (most at layer "
+                         f"{model.layers[peak].name!r}, where maps of {live[peak]} words are "
+                         f"live at once)")
     return maps
+
+
+def _lifetimes(model: QuantizedModel) -> dict[str, tuple[int, int]]:
+    """(first, last) step each tensor is live: the input from step 0, layer k's output from
+    step k + 1, each to the last step that reads it (the model's output to the end)."""
+    spans = {"input": (0, 0)}
+    for step, layer in enumerate(model.layers, start=1):
+        spans[layer.name] = (step, step)
+        for name in layer.inputs:
+            spans[name] = (spans[name][0], step)
+    last = model.layers[-1].name
+    spans[last] = (spans[last][0], len(model.layers) + 1)
+    return spans
+
+
+def _place_maps(model: QuantizedModel,
+                maps: dict[str, FeatureMap]) -> tuple[dict[str, FeatureMap], int]:
+    """Activation addresses for every map, sharing space between maps whose lifetimes do
+    not overlap (halos are written at run time, :meth:`Lowering.fill_halo`); returns the
+    maps at their bases and the words used. Largest first, each at the lowest address
+    free for its lifetime."""
+    spans = _lifetimes(model)
+
+    def overlaps(a: str, b: str) -> bool:
+        return spans[a][0] <= spans[b][1] and spans[b][0] <= spans[a][1]
+
+    bases: dict[str, int] = {}
+    end = 0
+    placed: list[str] = []
+    for name in sorted(maps, key=lambda n: (-maps[n].words, spans[n][0])):
+        size = maps[name].words
+        busy = sorted((bases[o], bases[o] + maps[o].words) for o in placed
+                      if overlaps(name, o))
+        at = 0
+        for start, stop in busy:
+            if at + size <= start:
+                break
+            at = max(at, stop)
+        bases[name] = at
+        placed.append(name)
+        end = max(end, at + size)
+    return {name: replace(fmap, base=bases[name]) for name, fmap in maps.items()}, end
 
 
 def _compile_maps(model: QuantizedModel, config: NpuConfig, allow_im2col: bool) -> Program:
@@ -358,6 +437,7 @@ def _compile_maps(model: QuantizedModel, config: NpuConfig, allow_im2col: bool) 
     try:
         for index, layer in enumerate(model.layers):
             starts.append(len(lowering.instructions))
+            lowering.fill_halo(maps[layer.name])
             layers.append(_lower(lowering, layer, maps,
                                  input_im2col=index == 0 and input_im2col is not None))
         layers[0]["input"] = list(_map_shape(model.input_shape))   # before any im2col
@@ -387,19 +467,22 @@ def _compile_maps(model: QuantizedModel, config: NpuConfig, allow_im2col: bool) 
                 (Region.WEIGHTS, 0, lowering.weights()),
                 (Region.PARAMS, 0, lowering.params())]
     # Halos (and the spare lanes) start out as their fill; runs only write pixels.
-    for name, fmap in maps.items():
-        if name != "input" and any(fmap.halo):
-            segments.append((Region.ACTIVATIONS, fmap.base, np.full(
-                (fmap.words, config.rows), fmap.fill, dtype=np.int64)))
 
-    def layout(fmap: FeatureMap, shape, quant, im2col=None) -> TensorLayout:
-        return TensorLayout(fmap.base, int(np.prod(shape)), tuple(shape), quant.scale,
-                            quant.zero_point, (fmap.channels, fmap.height, fmap.width),
-                            fmap.halo, fmap.fill, im2col)
+    source = _io(model)
+
+    def layout(fmap: FeatureMap, shape, quant, order: str, dtype: str,
+               im2col=None) -> TensorLayout:
+        return TensorLayout(fmap.base, int(np.prod(shape)), _user_shape(shape, order),
+                            quant.scale, quant.zero_point,
+                            (fmap.channels, fmap.height, fmap.width), fmap.halo, fmap.fill,
+                            im2col, order, dtype)
 
     return Program(
         config=config, batch=1, segments=segments,
-        input=layout(maps["input"], model.input_shape, model.input_quant, input_im2col),
-        output=layout(maps[model.layers[-1].name], model.output_shape, model.output_quant),
+        input=layout(maps["input"], model.input_shape, model.input_quant,
+                     source.input_layout, source.input_dtype, input_im2col),
+        output=layout(maps[model.layers[-1].name], model.output_shape, model.output_quant,
+                      source.output_layout, source.output_dtype),
         layers=layers, estimated_cycles=timing.counters.cycles,
-        instruction_count=len(instructions))
+        instruction_count=len(instructions), framework=source.framework,
+        host_ops=source.host_ops)

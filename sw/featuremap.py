@@ -5,8 +5,8 @@ holds one pixel of one tile, channel ``c`` in lane ``c mod rows``). Each tile is
 ``(top + H + bottom) × (left + W + right)`` words, row-major, so a tap of a convolution
 is a fixed offset and a whole output row is a strided walk. The halo around the pixels
 holds the value that padding stands for (the zero point for a convolution, the lowest
-int8 for max pooling); it is written with the program and never overwritten, because
-outputs are only written inside a map.
+int8 for max pooling); the NPU writes it before the layer that makes the map
+(:meth:`~npugen.lowering.Lowering.fill_halo`), and layers only write inside a map.
 
 A layer's output is written ``cols`` channels at a time, so a map keeps room for the
 last output tile's spill: it lands in spare lanes, never in another map.
@@ -18,7 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FeatureMap", "im2col", "conv_output_size"]
+__all__ = ["FeatureMap", "im2col", "conv_output_size", "stride_pair"]
+
+
+def stride_pair(stride: int | tuple[int, int]) -> tuple[int, int]:
+    """A window's (vertical, horizontal) stride from one stride or a pair."""
+    if isinstance(stride, tuple | list):
+        return int(stride[0]), int(stride[1])
+    return int(stride), int(stride)
 
 
 def conv_output_size(size: int, kernel: int, stride: int, pad_before: int,

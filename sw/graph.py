@@ -5,9 +5,11 @@ Layers: :class:`Dense` (on a vector, or on a feature map it flattens in C·H·W 
 :class:`Pool` (max, average, global average) and :class:`Add` (two tensors, a residual
 connection). A layer's output tensor is named after the layer; ``inputs`` names the
 tensors it reads (``"input"`` is the model's input; empty: the previous layer's output).
-Importers (ONNX, ``.npz``) produce a :class:`Model`; layers may carry float weights (to
-be quantized from calibration data) or pre-quantized ones (QDQ models), and tensors may
-carry the quantization an imported model prescribes.
+Importers (ONNX, TFLite, ``.npz``) produce a :class:`Model`; layers may carry float
+weights (to be quantized from calibration data) or pre-quantized ones (QDQ and TFLite
+models), and tensors may carry the quantization an imported model prescribes. A model
+also says whose arithmetic it follows (:attr:`Model.framework`), how its input and output
+are laid out and typed, and which operators after the NPU's last layer run on the host.
 """
 
 from __future__ import annotations
@@ -16,10 +18,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .featuremap import conv_output_size
+from .featuremap import conv_output_size, stride_pair
 
 __all__ = ["QuantParams", "Dense", "Conv", "Pool", "Add", "Layer", "Model", "ModelError",
-           "output_shape"]
+           "output_shape", "FRAMEWORKS"]
+
+#: Whose integer arithmetic a model's layers follow: ``npugen`` (models npugen quantizes
+#: itself), ``onnx`` (QDQ: one rounding of the rescaled product) or ``tflite`` (LiteRT's
+#: reference kernels: two roundings in convolutions and adds, one in FULLY_CONNECTED, and
+#: average pooling as a rounded integer division).
+FRAMEWORKS = ("npugen", "onnx", "tflite")
 
 
 class ModelError(ValueError):
@@ -63,7 +71,8 @@ class Dense(WeightShape):
 
     ``low``/``high`` are the activation's float bounds (ReLU: 0, ∞; ReLU6: 0, 6).
     Pre-quantized layers also carry ``quantized_weight`` (int8, K×N), ``weight_quant``
-    (per-channel scales, zero points 0) and ``quantized_bias`` (int32).
+    (per-channel scales, zero points 0) and ``quantized_bias`` (int32); ``clamp``, when
+    set, gives the int8 output bounds as the model's framework computed them.
     """
 
     name: str
@@ -75,6 +84,7 @@ class Dense(WeightShape):
     weight_quant: QuantParams | None = None
     quantized_bias: np.ndarray | None = None
     inputs: tuple[str, ...] = ()
+    clamp: tuple[int, int] | None = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = x.reshape(len(x), -1)
@@ -82,13 +92,14 @@ class Dense(WeightShape):
         return np.clip(y, self.low, self.high).astype(np.float32)
 
 
-def _windows(x: np.ndarray, kernel: tuple[int, int], stride: int,
+def _windows(x: np.ndarray, kernel: tuple[int, int], stride: int | tuple[int, int],
              pads: tuple[int, int, int, int], fill: float) -> np.ndarray:
     """(N, C, H, W) → (N, C, OH, OW, kh, kw) views of the padded input's windows."""
     top, left, bottom, right = pads
     padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=fill)
     views = np.lib.stride_tricks.sliding_window_view(padded, kernel, axis=(2, 3))
-    return views[:, :, ::stride, ::stride]
+    step_y, step_x = stride_pair(stride)
+    return views[:, :, ::step_y, ::step_x]
 
 
 @dataclass
@@ -96,13 +107,14 @@ class Conv:
     """``y = clamp(conv2d(x, weight) + bias, low, high)`` on a C×H×W map.
 
     ``weight`` is (kh, kw, C_in, C_out), or (kh, kw, C) for a depthwise convolution (one
-    filter per channel). ``pads`` are (top, left, bottom, right); dilation is 1.
+    filter per channel). ``stride``: one, or (vertical, horizontal); ``pads`` are (top,
+    left, bottom, right); dilation is 1.
     """
 
     name: str
     weight: np.ndarray
     bias: np.ndarray
-    stride: int = 1
+    stride: int | tuple[int, int] = 1
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
     depthwise: bool = False
     low: float = -np.inf
@@ -111,6 +123,7 @@ class Conv:
     weight_quant: QuantParams | None = None
     quantized_bias: np.ndarray | None = None
     inputs: tuple[str, ...] = ()
+    clamp: tuple[int, int] | None = None
 
     @property
     def kernel(self) -> tuple[int, int]:
@@ -135,22 +148,32 @@ class Conv:
 
 @dataclass
 class Pool:
-    """Max or average pooling over ``kernel``×``kernel`` windows, or ``global`` average
-    pooling (a 1×1 output). Average pooling counts the padding (count_include_pad)."""
+    """Max or average pooling over ``kernel`` windows (an int for a square one, or
+    (height, width)), or ``global`` average pooling (a 1×1 output). Average pooling counts
+    the padding (count_include_pad) except in TFLite models, whose reference kernel divides
+    by the number of input pixels under the window. ``clamp``: int8 output bounds."""
 
     name: str
     kind: str                      # "max", "avg" or "global"
-    kernel: int = 1
-    stride: int = 1
+    kernel: int | tuple[int, int] = 1
+    stride: int | tuple[int, int] = 1
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
     inputs: tuple[str, ...] = ()
+    clamp: tuple[int, int] | None = None
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """(height, width) of the window."""
+        if isinstance(self.kernel, tuple):
+            return int(self.kernel[0]), int(self.kernel[1])
+        return int(self.kernel), int(self.kernel)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = x.astype(np.float64)
         if self.kind == "global":
             return x.mean(axis=(2, 3), keepdims=True).astype(np.float32)
         fill = -np.inf if self.kind == "max" else 0.0
-        windows = _windows(x, (self.kernel, self.kernel), self.stride, self.pads, fill)
+        windows = _windows(x, self.window, self.stride, self.pads, fill)
         reduce = np.max if self.kind == "max" else np.mean
         return reduce(windows, axis=(4, 5)).astype(np.float32)
 
@@ -163,6 +186,7 @@ class Add:
     inputs: tuple[str, ...]
     low: float = -np.inf
     high: float = np.inf
+    clamp: tuple[int, int] | None = None
 
     def forward(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         y = a.astype(np.float64) + b.astype(np.float64)
@@ -198,11 +222,11 @@ def output_shape(layer: Layer, shape: tuple[int, ...],
                              f"receives {channels}")
         channels = layer.out_features
     else:
-        kh = kw = layer.kernel
-        stride = layer.stride
+        (kh, kw), stride = layer.window, layer.stride
     top, left, bottom, right = layer.pads
-    out_h = conv_output_size(height, kh, stride, top, bottom)
-    out_w = conv_output_size(width, kw, stride, left, right)
+    step_y, step_x = stride_pair(stride)
+    out_h = conv_output_size(height, kh, step_y, top, bottom)
+    out_w = conv_output_size(width, kw, step_x, left, right)
     if out_h < 1 or out_w < 1:
         raise ModelError(f"layer {layer.name!r}: a {kh}×{kw} window does not fit its "
                          f"{height}×{width} input")
@@ -213,8 +237,13 @@ def output_shape(layer: Layer, shape: tuple[int, ...],
 class Model:
     """A chain of layers from one input to one output.
 
-    ``tensor_quant`` holds the quantization a QDQ model prescribes for the input
-    (key ``"input"``) and for each layer's output (key: the layer's name).
+    ``tensor_quant`` holds the quantization a QDQ or TFLite model prescribes for the
+    input (key ``"input"``) and for each layer's output (key: the layer's name).
+    ``input_shape`` is C×H×W for feature maps, as the NPU computes; ``input_layout``
+    ``"hwc"`` says the user gives them H×W×C (TFLite's NHWC), and ``output_layout`` the
+    same for a map output. ``input_dtype``/``output_dtype``: ``float32`` or ``int8``, the
+    types of the model's own graph input and output. ``host_ops``: operators after the
+    last layer that the host computes (e.g. ``{"op": "softmax", ...}``), in order.
     """
 
     layers: list[Layer]
@@ -223,6 +252,12 @@ class Model:
     input_name: str = "input"
     output_name: str = "output"
     tensor_quant: dict[str, QuantParams] = field(default_factory=dict)
+    framework: str = "npugen"
+    input_layout: str = "chw"
+    output_layout: str = "chw"
+    input_dtype: str = "float32"
+    output_dtype: str = "float32"
+    host_ops: list[dict] = field(default_factory=list)
 
     @property
     def prequantized(self) -> bool:

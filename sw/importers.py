@@ -36,18 +36,22 @@ ACTIVATION_BOUNDS = {"none": (-np.inf, np.inf), "relu": (0.0, np.inf), "relu6": 
 
 
 def load_model(path: str | Path) -> Model:
-    """Load an ``.onnx`` or ``.npz`` model by its suffix."""
+    """Load an ``.onnx``, ``.tflite`` or ``.npz`` model by its suffix."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model file {str(path)!r} does not exist")
     if path.is_dir():
-        raise ModelError(f"model file {str(path)!r} is a directory; give a .onnx or .npz "
-                         f"file")
+        raise ModelError(f"model file {str(path)!r} is a directory; give a .onnx, .tflite "
+                         f"or .npz file")
     if path.suffix.lower() == ".npz":
         return load_npz(path)
     if path.suffix.lower() == ".onnx":
         return load_onnx(path)
-    raise ModelError(f"model file {str(path)!r}: expected a .onnx or .npz file")
+    if path.suffix.lower() == ".tflite":
+        from .tflite_import import load_tflite
+
+        return load_tflite(path)
+    raise ModelError(f"model file {str(path)!r}: expected a .onnx, .tflite or .npz file")
 
 
 # -- .npz --------------------------------------------------------------------------------
@@ -523,7 +527,10 @@ def load_onnx(source: Any) -> Model:
                          f"the input by supported operators")
     if layers and result.layer is not layers[-1]:
         raise ModelError(f"{label}: the output must come from the last layer")
+    # A QDQ model prescribes ONNX's arithmetic (one rounding); a float one npugen
+    # quantizes itself.
     model = Model(layers, input_shape, result.shape, inputs[0].name,
-                  graph.output[0].name, tensor_quant)
+                  graph.output[0].name, tensor_quant,
+                  framework="onnx" if tensor_quant else "npugen")
     model.check()
     return model

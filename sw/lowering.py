@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import NpuConfig
-from .featuremap import FeatureMap, conv_output_size
+from .featuremap import FeatureMap, conv_output_size, stride_pair
 from .isa import Instruction, Opcode
 from .schedule import DoesNotFit, ceil_div
 
@@ -48,6 +48,7 @@ class Requant:
     zero_point: int
     clamp_min: int = -128
     clamp_max: int = 127
+    single_rounding: int = 0   # REQUANT single_rounding: 1 rounds once, 0 twice
 
     def lanes(self, channels: np.ndarray) -> np.ndarray:
         """(bias, multiplier, shift) for each channel index (zeros past the last)."""
@@ -90,6 +91,7 @@ class Lowering:
     bank: int = 0
     weight_end: int = 0
     param_end: int = 0
+    _zero_params: int | None = None   # parameter words of multiplier 0 (fill_halo)
 
     def __post_init__(self) -> None:
         self.weight_end, self.param_end = self.weight_base, self.param_base
@@ -97,7 +99,8 @@ class Lowering:
     # -- operators ---------------------------------------------------------------------
 
     def conv(self, src: FeatureMap, dst: FeatureMap, weight: np.ndarray, requant: Requant,
-             stride: int = 1, pads: tuple[int, int, int, int] = (0, 0, 0, 0)) -> None:
+             stride: int | tuple[int, int] = 1,
+             pads: tuple[int, int, int, int] = (0, 0, 0, 0)) -> None:
         """``dst = requant(conv(src, weight))``; weight is (kh, kw, C_in, C_out) int."""
         c = self.config
         kh, kw, c_in, c_out = weight.shape
@@ -116,7 +119,7 @@ class Lowering:
                    k_tiles=in_tiles * kh * kw)
 
     def depthwise(self, src: FeatureMap, dst: FeatureMap, weight: np.ndarray,
-                  requant: Requant, stride: int = 1,
+                  requant: Requant, stride: int | tuple[int, int] = 1,
                   pads: tuple[int, int, int, int] = (0, 0, 0, 0), *,
                   combine_max: bool = False) -> None:
         """Per-channel ``dst = requant(Σ_taps src · weight)`` (max over the taps when
@@ -140,9 +143,10 @@ class Lowering:
         self._emit(src, dst, tiles, requant, (kh, kw), stride, pads, k_tiles=kh * kw,
                    combine_max=combine_max)
 
-    def global_sum(self, src: FeatureMap, dst: FeatureMap, requant: Requant) -> None:
-        """Per channel, ``dst = requant(Σ_pixels src)`` into a 1×1 map: global average
-        pooling when the multiplier includes 1/(H·W)."""
+    def global_sum(self, src: FeatureMap, dst: FeatureMap, requant: Requant,
+                   weight: int = 1) -> None:
+        """Per channel, ``dst = requant(weight · Σ_pixels src)`` into a 1×1 map: global
+        average pooling when the multiplier includes 1/(H·W)."""
         c = self.config
         channels = src.channels
         self._check_maps(src, dst, channels, channels, (src.height, src.width), 1,
@@ -154,7 +158,7 @@ class Lowering:
                     break
                 diagonal = np.zeros((c.rows, c.cols), dtype=np.int64)
                 for col in range(min(c.cols, c.rows - first)):
-                    diagonal[first + col, col] = 1
+                    diagonal[first + col, col] = weight
                 tiles.append(_OutTile(diagonal, tile * c.rows + first + np.arange(c.cols),
                                       tile, tile * c.rows + first))
         self._emit(src, dst, tiles, requant, (1, 1), 1, (0, 0, 0, 0), k_tiles=1,
@@ -222,7 +226,8 @@ class Lowering:
                             "param_addr": params_at, "out_stride": 0}))
                         ins.append(Instruction(Opcode.REQUANT, {
                             "acc_addr": 0, "count": count, "out_addr": count, "to_acc": 1,
-                            "accumulate": which, "left_shift": 1}))
+                            "accumulate": which, "left_shift": 1,
+                            "single_rounding": requant.single_rounding}))
                     ins.append(Instruction(Opcode.SETPP, {
                         "zero_point": requant.zero_point, "clamp_min": requant.clamp_min,
                         "clamp_max": requant.clamp_max}))
@@ -232,12 +237,60 @@ class Lowering:
                         "param_addr": sum_params[key], "out_stride": dst.tile_words}))
                     ins.append(Instruction(Opcode.REQUANT, {
                         "acc_addr": count, "count": count, "out_addr": dst.word(tile, y0, 0),
-                        "out_lane": lane}))
+                        "out_lane": lane, "single_rounding": requant.single_rounding}))
+
+    def fill_halo(self, fmap: FeatureMap) -> None:
+        """Write ``fmap``'s halo (its padding value) around the pixels of every channel
+        tile: REQUANTs whose multiplier is 0 turn any accumulator into the zero point,
+        set to the fill. A map's words are shared with other maps at other times, so its
+        halo is written before its layer makes it, on every run."""
+        c = self.config
+        if not any(fmap.halo):
+            return
+        if self._zero_params is None:
+            groups = c.cols // c.requant_lanes
+            self._zero_params = self._store_params(
+                np.zeros((groups, c.requant_lanes, 3), dtype=np.int64))
+        top, left, bottom, right = fmap.halo
+        pitch, height, width = fmap.pitch, fmap.height, fmap.width
+        tiles = -(-fmap.channels // c.rows)
+        # Three runs cover a tile's halo: the top rows and the first row's left; the right
+        # of each row with the left of the next; the last row's right and the bottom rows.
+        first_run = (0, top * pitch + left)
+        last_run = ((top + height - 1) * pitch + left + width, right + bottom * pitch)
+        ins = self.instructions
+        ins.append(Instruction(Opcode.SETPP, {"zero_point": fmap.fill, "clamp_min": -128,
+                                              "clamp_max": 127}))
+        ins.append(Instruction(Opcode.SETREQ, {"param_addr": self._zero_params,
+                                               "out_stride": fmap.tile_words}))
+
+        def requant(out_addr: int, count: int, lane: int) -> None:
+            for start in range(0, count, c.accumulator_depth):
+                ins.append(Instruction(Opcode.REQUANT, {
+                    "acc_addr": 0, "count": min(c.accumulator_depth, count - start),
+                    "out_addr": out_addr + start, "out_lane": lane,
+                    # Either rounding of a zero product gives the zero point.
+                    "single_rounding": int(c.rounding == "single")}))
+
+        for offset, length in (first_run, last_run):
+            if length == 0:
+                continue
+            # The same run in every tile: runs of `length` words, a tile apart.
+            ins.append(Instruction(Opcode.SETOUT, {"row_length": length,
+                                                   "row_step": fmap.tile_words}))
+            for lane in range(0, c.rows, c.cols):
+                requant(fmap.base + offset, length * tiles, lane)
+        if height > 1 and left + right:
+            ins.append(Instruction(Opcode.SETOUT, {"row_length": left + right,
+                                                   "row_step": pitch}))
+            for tile in range(tiles):
+                for lane in range(0, c.rows, c.cols):
+                    requant(fmap.word(tile, 0, width), (height - 1) * (left + right), lane)
 
     # -- the common schedule -------------------------------------------------------------
 
     def _check_maps(self, src: FeatureMap, dst: FeatureMap, c_in: int, c_out: int,
-                    kernel: tuple[int, int], stride: int,
+                    kernel: tuple[int, int], stride: int | tuple[int, int],
                     pads: tuple[int, int, int, int]) -> None:
         c = self.config
         for name, fmap in (("input", src), ("output", dst)):
@@ -250,7 +303,8 @@ class Lowering:
         kh, kw = kernel
         if not 1 <= kh <= 255 or not 1 <= kw <= 255:
             raise DoesNotFit(f"kernel {kh}×{kw}: the NPU walks kernels up to 255×255")
-        if not 1 <= stride <= 255:
+        step_y, step_x = stride_pair(stride)
+        if not (1 <= step_y <= 255 and 1 <= step_x <= 255):
             raise DoesNotFit(f"stride {stride}: the NPU steps 1 to 255 words")
         top, left, bottom, right = pads
         if any(p < 0 for p in pads):
@@ -259,8 +313,8 @@ class Lowering:
         if top > halo[0] or left > halo[1] or bottom > halo[2] or right > halo[3]:
             raise ValueError(f"pads {pads} (top, left, bottom, right) exceed the input "
                              f"map's halo {halo}")
-        out_h = conv_output_size(src.height, kh, stride, top, bottom)
-        out_w = conv_output_size(src.width, kw, stride, left, right)
+        out_h = conv_output_size(src.height, kh, step_y, top, bottom)
+        out_w = conv_output_size(src.width, kw, step_x, left, right)
         if out_h < 1 or out_w < 1:
             raise ValueError(f"a {kh}×{kw} kernel does not fit a padded "
                              f"{src.height}×{src.width} map")
@@ -269,11 +323,12 @@ class Lowering:
                              f"the operator makes {c_out}×{out_h}×{out_w}")
 
     def _emit(self, src: FeatureMap, dst: FeatureMap, tiles: list[_OutTile],
-              requant: Requant, kernel: tuple[int, int], stride: int,
+              requant: Requant, kernel: tuple[int, int], stride: int | tuple[int, int],
               pads: tuple[int, int, int, int], *, k_tiles: int, combine_max: bool = False,
               reduce: bool = False) -> None:
         c = self.config
         kh, kw = kernel
+        step_y, step_x = stride_pair(stride)
         top, left = pads[0], pads[1]
         out_h, out_w = dst.height, dst.width
         groups = c.cols // c.requant_lanes
@@ -303,7 +358,7 @@ class Lowering:
                 "row_length": src.width, "row_step": src.pitch, "col_step": 1, "reduce": 1}))
         else:
             ins.append(Instruction(Opcode.SETWIN, {
-                "row_length": out_w, "row_step": stride * src.pitch, "col_step": stride}))
+                "row_length": out_w, "row_step": step_y * src.pitch, "col_step": step_x}))
         ins.append(Instruction(Opcode.SETOUT, {"row_length": out_w, "row_step": dst.pitch}))
         for y0 in range(0, out_h, chunk_rows):
             rows_here = min(chunk_rows, out_h - y0)
@@ -318,7 +373,7 @@ class Lowering:
                         "tile_step": src.tile_words}))
                     ins.append(Instruction(Opcode.GEMM, {
                         "bank": self.bank, "accumulate": 0, "combine": int(combine_max),
-                        "act_addr": src.word(tile.src_tile, y0 * stride - top, -left),
+                        "act_addr": src.word(tile.src_tile, y0 * step_y - top, -left),
                         "acc_addr": slot * acc_words, "count": count}))
                     self.bank ^= k_tiles & 1
                 for slot, index in enumerate(block):
@@ -328,7 +383,8 @@ class Lowering:
                     ins.append(Instruction(Opcode.REQUANT, {
                         "acc_addr": slot * acc_words, "count": acc_words,
                         "out_addr": dst.word(tile.dst_channel // c.rows, y0, 0),
-                        "out_lane": tile.dst_channel % c.rows}))
+                        "out_lane": tile.dst_channel % c.rows,
+                        "single_rounding": requant.single_rounding}))
 
     def _store_weights(self, words: np.ndarray) -> int:
         at = self.weight_end

@@ -54,7 +54,9 @@ class TensorLayout:
     ``base + (f // rows)·batch + m``, lane ``f % rows``. Feature maps (a CNN's tensors,
     batch 1): a :class:`~npugen.featuremap.FeatureMap` of ``map_shape`` (C, H, W) with
     ``halo`` filled with ``fill``; features are numbered in C·H·W order.
-    ``real = scale · (q − zero_point)``.
+    ``real = scale · (q − zero_point)``. ``shape`` is the model's own (no batch);
+    ``layout`` ``"hwc"``: the model gives a map as H×W×C (TFLite's NHWC), which the host
+    turns to C·H·W. ``dtype``: the type of the model's own tensor, ``float32`` or ``int8``.
     """
 
     base: int
@@ -67,17 +69,40 @@ class TensorLayout:
     fill: int = 0
     # The input prepared by im2col on the host: kernel h, w, stride, pads (t, l, b, r).
     im2col: tuple[int, ...] | None = None
+    layout: str = "chw"
+    dtype: str = "float32"
+
+    def to_npu_order(self, values: np.ndarray) -> np.ndarray:
+        """(batch, *shape) in the model's layout → (batch, features) in C·H·W order."""
+        values = np.asarray(values).reshape(len(values), *self.shape)
+        if self.layout == "hwc" and len(self.shape) == 3:
+            values = values.transpose(0, 3, 1, 2)
+        return values.reshape(len(values), -1)
+
+    def from_npu_order(self, values: np.ndarray) -> np.ndarray:
+        """(batch, features) in C·H·W order → (batch, *shape) in the model's layout."""
+        values = np.asarray(values)
+        if self.layout == "hwc" and len(self.shape) == 3:
+            height, width, channels = self.shape
+            return values.reshape(len(values), channels, height, width).transpose(0, 2, 3, 1)
+        return values.reshape(len(values), *self.shape)
 
     def pack(self, config: NpuConfig, values: np.ndarray) -> np.ndarray:
         """One input (features in C·H·W order) as the words of its feature map."""
         from .featuremap import im2col
 
         fmap = self.feature_map(config)
-        values = np.asarray(values).reshape(self.shape)
+        values = np.asarray(values)
         if self.im2col is not None:
             kh, kw, stride, *pads = self.im2col
-            values = im2col(values, (kh, kw), stride, tuple(pads), self.zero_point)
+            values = im2col(values.reshape(self.map_shape_before_im2col()), (kh, kw), stride,
+                            tuple(pads), self.zero_point)
         return fmap.pack(values.reshape(fmap.channels, fmap.height, fmap.width))
+
+    def map_shape_before_im2col(self) -> tuple[int, int, int]:
+        """The input map's (C, H, W) as the model gives it (before the host's im2col)."""
+        shape = tuple(self.shape)
+        return (shape[2], shape[0], shape[1]) if self.layout == "hwc" else shape
 
     def feature_map(self, config: NpuConfig):
         from .featuremap import FeatureMap
@@ -92,6 +117,7 @@ class TensorLayout:
             data.update(map_shape=list(self.map_shape), halo=list(self.halo), fill=self.fill)
         if self.im2col is not None:
             data["im2col"] = list(self.im2col)
+        data.update(layout=self.layout, dtype=self.dtype)
         return data
 
     @classmethod
@@ -102,7 +128,8 @@ class TensorLayout:
                    None if map_shape is None else tuple(int(d) for d in map_shape),
                    tuple(int(d) for d in data.get("halo", (0, 0, 0, 0))),
                    int(data.get("fill", 0)),
-                   None if "im2col" not in data else tuple(int(d) for d in data["im2col"]))
+                   None if "im2col" not in data else tuple(int(d) for d in data["im2col"]),
+                   str(data.get("layout", "chw")), str(data.get("dtype", "float32")))
 
 
 @dataclass
@@ -117,6 +144,10 @@ class Program:
     layers: list[dict[str, Any]] = field(default_factory=list)
     estimated_cycles: int = 0
     instruction_count: int = 0
+    # Whose arithmetic the program follows (npugen, onnx, tflite) and the operators the
+    # host applies to the NPU's output, in order (e.g. TFLite's int8 softmax).
+    framework: str = "npugen"
+    host_ops: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def macs_per_inference(self) -> int:
@@ -147,6 +178,7 @@ class Program:
             "input": self.input.to_dict(), "output": self.output.to_dict(),
             "layers": self.layers, "estimated_cycles": self.estimated_cycles,
             "instruction_count": self.instruction_count, "segments": table,
+            "framework": self.framework, "host_ops": self.host_ops,
         }
         text = json.dumps(header, sort_keys=True).encode()
         preamble = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(text))
@@ -205,7 +237,9 @@ class Program:
             return cls(config, int(header["batch"]), segments,
                        TensorLayout.from_dict(header["input"]),
                        TensorLayout.from_dict(header["output"]), header["layers"],
-                       int(header["estimated_cycles"]), int(header["instruction_count"]))
+                       int(header["estimated_cycles"]), int(header["instruction_count"]),
+                       str(header.get("framework", "npugen")),
+                       list(header.get("host_ops", [])))
         except ProgramFormatError:
             raise
         except (ValueError, KeyError, TypeError) as error:

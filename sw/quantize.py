@@ -41,6 +41,12 @@ class QuantizedLayer(WeightShape):
     # An Add: (zero point, multiplier, shift) bringing each input's (q − z)·2^20 to the
     # common scale (TFLite); multiplier and shift then rescale the sum.
     rescales: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
+    # How the requantizer rounds (REQUANT single_rounding): "double" (gemmlowp, TFLite's
+    # convolutions and adds) or "single" (TFLite's FULLY_CONNECTED, ONNX).
+    rounding: str = "double"
+    # Average pooling as TFLite's reference kernel computes it: the array sums the raw
+    # values times POOL_SUM_WEIGHT, the requantizer divides by the window's pixel count.
+    exact_average: bool = False
 
 
 @dataclass
@@ -48,6 +54,7 @@ class QuantizedModel:
     layers: list[QuantizedLayer]
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
+    source: Model | None = None   # the model it came from (layouts, types, host operators)
 
     @property
     def input_quant(self) -> QuantParams:
@@ -100,6 +107,9 @@ def _weight_quant(layer: Dense | Conv, input_scale: float) -> tuple[np.ndarray, 
 
 
 def _clamp(layer: Dense | Conv | Add, out: QuantParams) -> tuple[int, int]:
+    if layer.clamp is not None:
+        return int(layer.clamp[0]), int(layer.clamp[1])
+
     def bound(value: float, default: int) -> int:
         if not np.isfinite(value):
             return default
@@ -152,7 +162,10 @@ def quantize_model(model: Model, calibration: np.ndarray | None = None) -> Quant
         else:
             output_quant = tensor_quant(index, layer.name)
         quants[layer.name] = output_quant
-        if isinstance(layer, Pool):
+        if isinstance(layer, Pool) and model.framework == "tflite":
+            quantized = _quantize_tflite_pool(layer, shapes[names[0]], input_quant,
+                                              output_quant)
+        elif isinstance(layer, Pool):
             quantized = _quantize_pool(layer, shapes[names[0]], input_quant, output_quant)
         elif isinstance(layer, Add):
             quantized = _quantize_add(layer, shapes[names[0]], input_quant,
@@ -161,6 +174,7 @@ def quantize_model(model: Model, calibration: np.ndarray | None = None) -> Quant
             quantized = None
         if quantized is not None:
             quantized.inputs = names
+            quantized.rounding = _rounding(model, layer)
             layers.append(quantized)
             continue
         weight, weight_quant = _weight_quant(layer, input_quant.scale)
@@ -196,8 +210,15 @@ def quantize_model(model: Model, calibration: np.ndarray | None = None) -> Quant
         layers.append(QuantizedLayer(
             layer.name, weight, bias, np.array(multipliers, dtype=np.int64),
             np.array(shifts, dtype=np.int64), output_quant.zero_point, clamp_min, clamp_max,
-            input_quant, output_quant, layer, names))
-    return QuantizedModel(layers, tuple(model.input_shape), tuple(model.output_shape))
+            input_quant, output_quant, layer, names, rounding=_rounding(model, layer)))
+    return QuantizedModel(layers, tuple(model.input_shape), tuple(model.output_shape), model)
+
+
+def _rounding(model: Model, layer: Layer) -> str:
+    """The rounding of a layer's requantization in its framework's arithmetic."""
+    if model.framework == "onnx" or (model.framework == "tflite" and isinstance(layer, Dense)):
+        return "single"
+    return "double"
 
 
 #: The Q31 multiplier closest to 1: x · (2**31 − 1) with rounding returns x for any
@@ -212,7 +233,7 @@ def _quantize_pool(layer: Pool, shape: tuple[int, ...], input_quant: QuantParams
     s_in / (s_out · count) + z_out."""
     channels = shape[0]
     count = 1 if layer.kind == "max" else (
-        shape[1] * shape[2] if layer.kind == "global" else layer.kernel * layer.kernel)
+        shape[1] * shape[2] if layer.kind == "global" else int(np.prod(layer.window)))
     same = (np.isclose(input_quant.scale, output_quant.scale, rtol=0, atol=0)
             and input_quant.zero_point == output_quant.zero_point)
     if layer.kind == "max" and same:
@@ -255,3 +276,52 @@ def _quantize_add(layer: Add, shape: tuple[int, ...], first: QuantParams, second
         layer.name, np.zeros((0, channels), dtype=np.int64), 0 * full, full * multiplier,
         full * shift, output.zero_point, clamp_min, clamp_max, first, output, layer,
         rescales=tuple(rescales))
+
+
+#: Average pooling of TFLite models: the array sums each window's raw values times this
+#: weight, so that the requantizer's first rounding (to a Q31 product) is exact enough for
+#: its second to be the reference kernel's rounded division (see average_divisor).
+POOL_SUM_WEIGHT = 64
+
+
+def average_divisor(count: int) -> tuple[int, int]:
+    """(multiplier, shift) with which the requantizer (double rounding, bias 0, zero point
+    0) turns ``POOL_SUM_WEIGHT``·S into S / ``count`` rounded half away from zero, as
+    TFLite's reference AVERAGE_POOL_2D does, for every sum S of ``count`` int8 values.
+
+    With 2**t ≥ 2·count and M = round(2**(31+t) / (64·count)): the high multiply gives
+    y = S·2**t/count + e, |e| ≤ 1/2 + |S|/2**26 < 1 (count < 2**17). Where S/count is a
+    half, S·2**t/count is an integer and y equals it, so the rounding shift by t rounds the
+    half away from zero exactly; elsewhere S/count is at least 1/(2·count) from a half and
+    y/2**t at most (1/2 + 2**-19)/2**t < 1/(2·count) from S/count, so both round alike."""
+    if not 1 <= count < 1 << 17:
+        raise ModelError(f"average pooling over {count} values: the NPU divides sums of up "
+                         f"to {(1 << 17) - 1} values")
+    t = int(np.ceil(np.log2(count))) + 1
+    multiplier = int(round((1 << (31 + t)) / (POOL_SUM_WEIGHT * count)))
+    return multiplier, t
+
+
+def _quantize_tflite_pool(layer: Pool, shape: tuple[int, ...], input_quant: QuantParams,
+                          output_quant: QuantParams) -> QuantizedLayer:
+    """TFLite's int8 pooling: input and output share one quantization; max passes values
+    through, average divides the sum of the raw values by the pixels under the window
+    (padding not counted) rounding half away from zero; then the activation's clamp."""
+    if (not np.isclose(input_quant.scale, output_quant.scale, rtol=1e-6, atol=0)
+            or input_quant.zero_point != output_quant.zero_point):
+        raise ModelError(f"layer {layer.name!r}: TFLite pooling keeps the quantization, but "
+                         f"its input has scale {input_quant.scale:.6g}, zero point "
+                         f"{input_quant.zero_point} and its output {output_quant.scale:.6g}, "
+                         f"{output_quant.zero_point}")
+    channels = shape[0]
+    full = np.ones(channels, dtype=np.int64)
+    clamp_min, clamp_max = layer.clamp if layer.clamp is not None else (INT8_MIN, INT8_MAX)
+    if layer.kind == "max":
+        multiplier, shift = IDENTITY_MULTIPLIER, 0
+    else:
+        count = shape[1] * shape[2] if layer.kind == "global" else int(np.prod(layer.window))
+        multiplier, shift = average_divisor(count)
+    return QuantizedLayer(
+        layer.name, np.zeros((0, channels), dtype=np.int64), 0 * full, full * multiplier,
+        full * shift, 0, int(clamp_min), int(clamp_max), input_quant, output_quant, layer,
+        exact_average=layer.kind != "max")

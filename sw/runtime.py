@@ -16,7 +16,7 @@ from .memory_map import Region
 from .program import Program
 
 __all__ = ["RunResult", "run", "program_job", "quantize_input", "ConfigMismatch", "TARGETS",
-           "check_target", "check_config"]
+           "check_target", "check_config", "apply_host_ops"]
 
 TARGETS = ("golden", "rtl", "sim")  # or a device URL
 
@@ -27,8 +27,8 @@ class ConfigMismatch(ValueError):
 
 @dataclass
 class RunResult:
-    output: np.ndarray            # float32, batch-first, the model's output shape
-    quantized_output: np.ndarray  # int8 as the NPU wrote it, (batch, features)
+    output: np.ndarray            # float32, batch-first, the model's output shape and layout
+    quantized_output: np.ndarray  # int8 (batch, features), after any host operators
     counters: Counters            # summed over all runs
     runs: int
     inferences: int
@@ -107,7 +107,10 @@ def check_config(program: Program, config: NpuConfig | None) -> None:
 
 
 def quantize_input(program: Program, x: np.ndarray) -> np.ndarray:
-    """Float input (batch, *shape) → int8 (batch, features); checks shape and values."""
+    """Input (batch, *shape) in the model's type and layout → int8 (batch, features) in
+    the NPU's C·H·W order. Float values are quantized with the input's scale and zero
+    point (as the model's framework does: TFLite rounds half away from zero, in float32);
+    integer values are taken as they are where the model's input is int8."""
     x = np.asarray(x)
     expected = tuple(program.input.shape)
     if x.ndim < 1 or tuple(x.shape[1:]) != expected:
@@ -116,12 +119,44 @@ def quantize_input(program: Program, x: np.ndarray) -> np.ndarray:
     if len(x) == 0:
         raise ValueError(f"input has no rows (shape {x.shape}): give at least one input of "
                          f"shape ({', '.join(map(str, expected))})")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"input must be floating point (float32), not {x.dtype}")
-    if not np.all(np.isfinite(x)):
+    if np.issubdtype(x.dtype, np.integer):
+        if program.input.dtype != "int8":
+            raise ValueError(f"the model's input is {program.input.dtype}; give floating "
+                             f"point values, not {x.dtype}")
+        if x.min() < -128 or x.max() > 127:
+            bad = int(x[(x < -128) | (x > 127)].flat[0])
+            raise ValueError(f"int8 input value {bad} is outside -128 to 127")
+        q = x.astype(np.int64)
+    elif not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"input must be floating point (float32), or int8 for a model with "
+                         f"an int8 input, not {x.dtype}")
+    elif not np.all(np.isfinite(x)):
         raise ValueError("input contains NaN or infinite values")
-    q = np.round(x.reshape(len(x), -1).astype(np.float64) / program.input.scale)
-    return np.clip(q + program.input.zero_point, -128, 127).astype(np.int64)
+    elif program.framework == "tflite":
+        from .tflite_kernels import quantize
+
+        q = quantize(x, program.input.scale, program.input.zero_point).astype(np.int64)
+    else:
+        q = np.round(x.astype(np.float64) / program.input.scale) + program.input.zero_point
+        q = np.clip(q, -128, 127).astype(np.int64)
+    return program.input.to_npu_order(q).astype(np.int64)
+
+
+def apply_host_ops(program: Program, quantized: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """The NPU's int8 output (batch, features, model layout) through the program's host
+    operators; returns the result and its scale and zero point."""
+    scale, zero_point = program.output.scale, program.output.zero_point
+    for op in program.host_ops:
+        if op["op"] != "softmax":
+            raise ValueError(f"the program asks the host for operator {op['op']!r}, which "
+                             f"this npugen does not know; recompile the model")
+        from .tflite_kernels import softmax_int8
+
+        quantized = softmax_int8(quantized.reshape(len(quantized), -1).astype(np.int8),
+                                 op["input_scale"],
+                                 op["beta"]).reshape(quantized.shape)
+        scale, zero_point = op["output_scale"], op["output_zero_point"]
+    return quantized, scale, zero_point
 
 
 def _words(program: Program, features: int) -> int:
@@ -215,6 +250,8 @@ def run(program: Program, x: np.ndarray, *, target: Any = "golden",
     for r in results:
         for key, value in r.counters.as_dict().items():
             setattr(total, key, getattr(total, key) + value)
-    real = ((quantized - program.output.zero_point) * program.output.scale).astype(np.float32)
-    return RunResult(real.reshape((len(q), *program.output.shape)), quantized.astype(np.int8),
-                     total, len(results), len(q))
+    shaped = program.output.from_npu_order(quantized)
+    shaped, scale, zero_point = apply_host_ops(program, shaped)
+    real = ((shaped.astype(np.float64) - zero_point) * scale).astype(np.float32)
+    return RunResult(real, shaped.reshape(len(q), -1).astype(np.int8), total, len(results),
+                     len(q))

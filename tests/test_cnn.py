@@ -22,6 +22,7 @@ from npugen.demo import digits
 from npugen.graph import ModelError
 from npugen.importers import load_onnx
 from npugen.runtime import run
+from npugen.schedule import DoesNotFit
 from npugen.train import cnn_to_onnx, train_cnn
 
 SMALL = NpuConfig(rows=4, cols=4, activation_depth=2048, weight_depth=4096,
@@ -56,24 +57,21 @@ def test_cnn_int8_accuracy_within_one_point_of_float(data, cnn_path):
     assert sum(layer["cycles"] for layer in program.layers) == program.estimated_cycles
 
 
-@pytest.mark.parametrize("rounding", ["double", "single"])
+@pytest.mark.parametrize("rounding", ["both", "single"])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_qdq_cnn_matches_onnxruntime(tmp_path, data, cnn_path, per_channel, rounding):
     """onnxruntime, running each QDQ node as defined (reference_session), requantizes in
-    float, rounding once: with single rounding npugen agrees on every element. TFLite's
-    double rounding differs by one step where the first rounding crosses a half, and three
-    layers compound it: ≥ 96 % identical (97.8 % per-tensor, 98.0 % per-channel seen),
-    never more than one step."""
+    float, rounding once: so does npugen for an ONNX model (REQUANT single_rounding), and
+    it agrees on every element. An NPU generated with TFLite's double rounding only
+    refuses the model, naming a layer."""
     x_train, x_test, _, _ = data
     qdq_path = tmp_path / "q.onnx"
     quantize_with_onnxruntime(cnn_path, qdq_path, x_train[:200], per_channel=per_channel)
     program = compile_model(load_onnx(qdq_path), NpuConfig(rounding=rounding))
-    difference = steps_from_onnxruntime(program, qdq_path, x_test)
-    if rounding == "single":
-        assert difference.max() == 0
-    else:
-        assert difference.max() <= 1
-        assert np.mean(difference == 0) >= 0.96
+    assert steps_from_onnxruntime(program, qdq_path, x_test).max() == 0
+    with pytest.raises(DoesNotFit, match="requantizes with single rounding .* rounding = "
+                                         "'double' only"):
+        compile_model(load_onnx(qdq_path), NpuConfig(rounding="double"))
 
 
 def _initializer(name, values):

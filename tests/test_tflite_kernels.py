@@ -1,22 +1,14 @@
 """npugen.tflite_kernels equals LiteRT's reference (BUILTIN_REF) kernels bit for bit."""
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 from test_tflite_builder import run_reference
 from tflite_builder import TfliteBuilder
 
+from conftest import MLPERF_TINY
 from npugen.tflite_kernels import SoftmaxParams, dequantize, quantize, softmax_int8
 
-MLPERF_TINY = Path(
-    os.environ.get(
-        "NPUGEN_MLPERF_TINY",
-        Path(__file__).resolve().parents[2] / "shared" / "models" / "mlperf-tiny",
-    )
-)
 # Softmax input scales of the MLPerf Tiny models (resnet, kws, vww).
 MLPERF_SCALES = [0.17185351252555847, 0.14469251036643982, 0.014636218547821045]
 
@@ -134,8 +126,6 @@ def test_dequantize_equals_litert(scale, zero_point):
 )
 def test_softmax_of_mlperf_tiny_models(model):
     path = MLPERF_TINY / f"{model}.tflite"
-    if not path.exists():
-        pytest.skip(f"{path} is not available (set NPUGEN_MLPERF_TINY)")
     interpreter = Interpreter(
         model_path=str(path),
         experimental_op_resolver_type=OpResolverType.BUILTIN_REF,

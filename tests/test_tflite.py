@@ -1,0 +1,192 @@
+"""The TFLite front end: int8 .tflite models compiled by npugen give the outputs of
+LiteRT's reference kernels bit for bit, the four MLPerf Tiny reference models first."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import MLPERF_TINY, litert_reference
+from npugen.cli import main
+from npugen.compiler import compile_model
+from npugen.config import NpuConfig
+from npugen.graph import ModelError
+from npugen.runtime import run
+from npugen.tflite_import import load_tflite
+
+#: Memories large enough for any of the four models on an 8×8 array.
+LARGE = NpuConfig(activation_depth=16384, weight_depth=65536, accumulator_depth=1024,
+                  instruction_depth=4096, param_depth=512)
+
+MODELS = {"kws": "kws_ref_model.tflite", "resnet": "pretrainedResnet_quant.tflite",
+          "ad": "ad01_int8.tflite", "vww": "vww_96_int8.tflite"}
+
+
+def random_input(path, count: int, seed: int) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter
+
+    detail = Interpreter(model_path=str(path)).get_input_details()[0]
+    shape = tuple(detail["shape"][1:])
+    return np.random.default_rng(seed).integers(-128, 128, size=(count, *shape), dtype=np.int8)
+
+
+@pytest.mark.parametrize("name", ["kws", "resnet", "ad",
+                                  pytest.param("vww", marks=pytest.mark.slow)])
+def test_mlperf_tiny_models_equal_litert_reference(name):
+    """Every output of every input equals LiteRT's reference kernels (int8, after the
+    host's softmax where the model ends in one)."""
+    path = MLPERF_TINY / MODELS[name]
+    program = compile_model(path, LARGE)
+    x = random_input(path, 2 if name == "vww" else 4, seed=len(name))
+    ours = run(program, x).quantized_output
+    reference = litert_reference(path)(x).reshape(len(x), -1)
+    assert ours.dtype == np.int8
+    np.testing.assert_array_equal(ours, reference)
+
+
+def test_float_input_is_quantized_as_tflite_does():
+    """A float input given to an int8 model is quantized with the model's input scale,
+    rounding half away from zero as TFLite's QUANTIZE does."""
+    path = MLPERF_TINY / MODELS["kws"]
+    program = compile_model(path, LARGE)
+    scale, zero = program.input.scale, program.input.zero_point
+    q = random_input(path, 2, seed=3).astype(np.int64)
+    # Values exactly halfway between two steps, both signs, and values past the range.
+    x = ((np.clip(q, -127, 126) - zero + 0.5) * np.float32(scale)).astype(np.float32)
+    x[:, 0, 0, 0] = 1e6
+    x[:, 1, 0, 0] = -1e6
+    expected = np.sign(x / np.float32(scale)) * np.floor(np.abs(x / np.float32(scale)) + 0.5)
+    from npugen.runtime import quantize_input
+
+    got = quantize_input(program, x)
+    want = program.input.to_npu_order(np.clip(expected + zero, -128, 127)).astype(np.int64)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_nhwc_layout_and_per_layer_table():
+    program = compile_model(MLPERF_TINY / MODELS["kws"], LARGE)
+    assert program.input.shape == (49, 10, 1) and program.input.layout == "hwc"
+    assert program.input.dtype == "int8" and program.framework == "tflite"
+    assert [op["op"] for op in program.host_ops] == ["softmax"]
+    kinds = [layer["kind"] for layer in program.layers]
+    assert kinds.count("depthwise") == 4 and kinds[-2:] == ["globalavgpool", "dense"]
+    assert sum(layer["cycles"] for layer in program.layers) == program.estimated_cycles
+
+
+def test_cli_compile_and_run_kws(tmp_path, capsys):
+    path = MLPERF_TINY / MODELS["kws"]
+    x = random_input(path, 3, seed=7)
+    np.save(tmp_path / "x.npy", x)
+    program = tmp_path / "kws.npu"
+    assert main(["compile", str(path), "-o", str(program),
+                 "--activation-depth", "4096", "--weight-depth", "8192"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(program), "--input", str(tmp_path / "x.npy"), "-o",
+                 str(tmp_path / "y.npy"),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    y = np.load(tmp_path / "y.npy")
+    assert y.dtype == np.int8 and y.shape == (3, 12)
+    np.testing.assert_array_equal(y, litert_reference(path)(x).reshape(3, -1))
+    assert report["cycles_per_inference"] > 0 and len(report["layers"]) == 11
+    assert all(layer["cycles"] > 0 for layer in report["layers"])
+
+
+def test_unsupported_and_corrupt_models_are_named(tmp_path):
+    data = (MLPERF_TINY / MODELS["kws"]).read_bytes()
+    with pytest.raises(ModelError, match="not a TFLite flatbuffer"):
+        load_tflite(b"garbage" * 10)
+    with pytest.raises(ModelError, match="not a readable TFLite model"):
+        load_tflite(data[:1000])
+    (tmp_path / "bad.tflite").write_bytes(b"x")
+    assert main(["compile", str(tmp_path / "bad.tflite"), "-o", str(tmp_path / "o.npu")]) == 2
+
+
+def build(ops, *, shape=(1, 12, 12, 4), seed=0, float_io=False) -> bytes:
+    """A model of ``ops(builder, x, rng)`` written by tests/tflite_builder.py."""
+    from tflite_builder import TfliteBuilder
+
+    rng = np.random.default_rng(seed)
+    b = TfliteBuilder(seed=seed)
+    x = b.input("input", shape, scale=0.05, zero_point=-3,
+                dtype="float32" if float_io else "int8")
+    b.output(ops(b, x, rng), dtype="float32" if float_io else "int8")
+    return b.finish()
+
+
+#: Models of every supported operator, each compared with LiteRT's reference kernels.
+OPERATOR_MODELS = {
+    "conv_same_relu": lambda b, x, r: b.conv2d(x, filters=6, kernel=3, padding="SAME",
+                                               activation="RELU", rng=r),
+    "conv_valid_stride2_relu6": lambda b, x, r: b.conv2d(
+        x, filters=10, kernel=(3, 3), stride=2, padding="VALID", activation="RELU6", rng=r),
+    "conv_5x5_same_stride2": lambda b, x, r: b.conv2d(x, filters=8, kernel=5, stride=2,
+                                                      padding="SAME", rng=r),
+    "conv_strides_2x1": lambda b, x, r: b.conv2d(x, filters=9, kernel=(3, 2), stride=(2, 1),
+                                                 padding="SAME", rng=r),
+    "depthwise_same": lambda b, x, r: b.depthwise_conv2d(x, kernel=3, padding="SAME",
+                                                         activation="RELU6", rng=r),
+    "depthwise_multiplier2_stride2": lambda b, x, r: b.depthwise_conv2d(
+        x, kernel=3, depth_multiplier=2, stride=2, padding="VALID", rng=r),
+    "average_pool_valid": lambda b, x, r: b.average_pool2d(
+        b.conv2d(x, filters=12, kernel=1, rng=r), pool=2),
+    "average_pool_3x3_stride3": lambda b, x, r: b.average_pool2d(x, pool=3, stride=3),
+    "global_average_pool": lambda b, x, r: b.average_pool2d(
+        b.conv2d(x, filters=16, kernel=3, padding="SAME", rng=r), pool=(12, 12)),
+    "max_pool_same": lambda b, x, r: b.max_pool2d(x, pool=3, stride=2, padding="SAME"),
+    "max_pool_valid_2x3": lambda b, x, r: b.max_pool2d(x, pool=(2, 3), stride=(2, 3)),
+    "residual_add_relu": lambda b, x, r: b.add(
+        b.conv2d(x, filters=8, kernel=1, rng=r), b.conv2d(x, filters=8, kernel=3, rng=r),
+        activation="RELU"),
+    "pad_then_conv": lambda b, x, r: b.conv2d(b.pad(x, [[0, 0], [1, 2], [2, 1], [0, 0]]),
+                                              filters=5, kernel=3, padding="VALID", rng=r),
+    "flatten_fully_connected": lambda b, x, r: b.fully_connected(
+        b.reshape(b.conv2d(x, filters=6, kernel=3, stride=2, rng=r), (1, -1)), units=10,
+        activation="RELU", rng=r),
+    "classifier_softmax": lambda b, x, r: b.softmax(b.fully_connected(
+        b.reshape(b.average_pool2d(b.depthwise_conv2d(
+            b.conv2d(x, filters=16, kernel=3, stride=2, padding="SAME", activation="RELU",
+                     rng=r), kernel=3, padding="SAME", activation="RELU", rng=r),
+            pool=(6, 6)), (1, -1)), units=7, rng=r)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPERATOR_MODELS))
+def test_operator_models_equal_litert_reference(name):
+    data = build(OPERATOR_MODELS[name], seed=sorted(OPERATOR_MODELS).index(name))
+    from npugen.compiler import compile_quantized
+    from npugen.quantize import quantize_model
+
+    program = compile_quantized(quantize_model(load_tflite(data)), LARGE)
+    x = np.random.default_rng(1).integers(-128, 128, size=(3, 12, 12, 4), dtype=np.int8)
+    reference = litert_reference(data)(x).reshape(3, -1)
+    np.testing.assert_array_equal(run(program, x).quantized_output, reference)
+
+
+def test_mlp_with_float_io_equals_litert_reference():
+    """A float graph input (QUANTIZE) and output (DEQUANTIZE) around dense layers: the MLP
+    path, several inputs a run."""
+    def mlp(b, x, r):
+        return b.fully_connected(b.fully_connected(x, units=24, activation="RELU", rng=r),
+                                 units=5, rng=r)
+
+    data = build(mlp, shape=(1, 40), seed=4, float_io=True)
+    from npugen.compiler import compile_quantized
+    from npugen.quantize import quantize_model
+
+    program = compile_quantized(quantize_model(load_tflite(data)), NpuConfig())
+    assert program.batch > 1 and program.output.dtype == "float32"
+    x = np.random.default_rng(2).normal(0, 2, (9, 40)).astype(np.float32)
+    result = run(program, x)
+    np.testing.assert_array_equal(result.output, litert_reference(data)(x).reshape(9, -1))
+
+
+def test_padded_average_pool_is_refused_with_the_operator():
+    data = build(lambda b, x, r: b.average_pool2d(x, pool=3, stride=2, padding="SAME"))
+    with pytest.raises(ModelError, match=r"operator 0 \(AVERAGE_POOL_2D.*padding"):
+        load_tflite(data)
+    data = build(lambda b, x, r: b.mean(x, axes=(1, 2)))
+    with pytest.raises(ModelError, match=r"unsupported operator.*\(MEAN"):
+        load_tflite(data)
