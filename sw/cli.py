@@ -332,32 +332,44 @@ def cmd_run(args: argparse.Namespace) -> int:
             result = run(program, x, target=args.target, simulator=args.sim)
         except ValueError as error:
             raise UsageError(str(error)) from None
-    np.save(args.output, result.output)
+    # The output in the model's own type: int8 where its graph output is int8.
+    np.save(args.output, result.quantized_output.reshape(result.output.shape)
+            if program.output.dtype == "int8" else result.output)
     stats = result.stats(program)
     print(f"{result.inferences} inferences on {args.target} -> {args.output}: "
           f"{stats['cycles']:.1f} cycles per inference, utilization {stats['utilization']:.3f}")
     if args.json:
+        layers = [{key: layer[key] for key in ("name", "kind", "macs", "cycles", "utilization")
+                   if key in layer} for layer in program.layers]
         emit_json({"target": args.target, **stats,
+                   "cycles_per_inference": stats["cycles"], "layers": layers,
                    "seconds": round(time.perf_counter() - started, 3)})
     return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import MLPERF_MODELS, run_demo, run_mlperf_demo
 
     config = config_from_args(args)
     check_target(args.target)
     output_folder(args.workdir, "--workdir")
     with device_errors():
         try:
-            record = run_demo(target=args.target, simulator=args.sim, config=config,
-                              workdir=args.workdir, model_kind=args.model)
+            if args.model in MLPERF_MODELS:
+                record = run_mlperf_demo(args.model, target=args.target, simulator=args.sim,
+                                         config=config if _config_given(args) else None,
+                                         workdir=args.workdir)
+            else:
+                record = run_demo(target=args.target, simulator=args.sim, config=config,
+                                  workdir=args.workdir, model_kind=args.model)
         except ValueError as error:   # ModelError, DoesNotFit: the model and the NPU
             raise UsageError(str(error)) from None
     if args.json:
         emit_json(record)
     if args.target != "golden" and not (record["bit_exact"] and record["cycles_match_model"]):
         raise CheckFailed("the simulated NPU differs from the golden model")
+    if record.get("equal_to_litert_reference") is False:
+        raise CheckFailed("the NPU's outputs differ from LiteRT's reference kernels")
     return EXIT_OK
 
 
@@ -674,7 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     matmul.set_defaults(handler=cmd_matmul)
 
     compile_ = commands.add_parser("compile", help="quantize and compile a model to a program")
-    compile_.add_argument("model", metavar="MODEL", help="an .onnx (float or QDQ) or .npz model")
+    compile_.add_argument("model", metavar="MODEL",
+                          help="an int8 .tflite, an .onnx (float or QDQ) or an .npz model")
     compile_.add_argument("--calib", metavar="X.npy",
                           help="float calibration inputs (batch, *input shape)")
     compile_.add_argument("--batch", type=int, help="inferences a run (default: the largest "
@@ -770,9 +783,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(handler=cmd_sweep)
 
     demo = commands.add_parser(
-        "demo", help="train an MLP or a CNN on the bundled digits and run it on the NPU")
-    demo.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
-                      help="the network to train: an MLP (default) or a small CNN")
+        "demo", help="train an MLP or a CNN on the bundled digits, or take an MLPerf Tiny "
+                     "model, and run it on the NPU")
+    demo.add_argument("--model", choices=("mlp", "cnn", "kws", "resnet", "vww", "ad"),
+                      default="mlp",
+                      help="the network: an MLP (default) or a small CNN trained on the "
+                           "digits, or an MLPerf Tiny reference model (kws, resnet, vww, ad)")
     demo.add_argument("--target", default="sim", metavar="TARGET", help=TARGET_HELP)
     demo.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
     demo.add_argument("--workdir", default="build/demo", help="where the model and program go")

@@ -4,6 +4,11 @@ Trains a network on scikit-learn's bundled 8×8 digits (no download): an MLP
 (scikit-learn) or, with ``--model cnn``, a small CNN (:mod:`npugen.train`, NumPy). Exports
 it to ONNX, quantizes it with calibration images, compiles it, and runs the held-out
 images on the golden model and on the simulated NPU.
+
+``--model kws`` (or ``resnet``, ``vww``, ``ad``) runs one of the MLPerf Tiny reference int8
+TFLite models (benchmarks/models/mlperf-tiny/) instead: compiled as it is, run on random
+int8 inputs (the data sets are not bundled) on the golden model and the simulated NPU, and
+checked against LiteRT's reference kernels where LiteRT is installed.
 """
 
 from __future__ import annotations
@@ -17,9 +22,17 @@ import numpy as np
 from .config import NpuConfig
 
 __all__ = ["digits", "train_mlp", "mlp_to_onnx", "save_classifier_onnx", "train_demo_model",
-           "check_demo_fits", "run_demo", "MODELS"]
+           "check_demo_fits", "run_demo", "run_mlperf_demo", "MODELS", "MLPERF_MODELS",
+           "MLPERF_CONFIG"]
 
-MODELS = ("mlp", "cnn")
+#: The MLPerf Tiny reference models (benchmarks/models/mlperf-tiny/) by demo name.
+MLPERF_MODELS = {"kws": "kws_ref_model.tflite", "resnet": "pretrainedResnet_quant.tflite",
+                 "vww": "vww_96_int8.tflite", "ad": "ad01_int8.tflite"}
+MODELS = ("mlp", "cnn", *MLPERF_MODELS)
+#: The NPU of the MLPerf Tiny demos when no configuration is given: the default 8×8 with
+#: memories for all four models.
+MLPERF_CONFIG = NpuConfig(activation_depth=16384, weight_depth=65536, instruction_depth=4096,
+                          param_depth=512)
 
 
 def digits(seed: int = 0):
@@ -222,4 +235,89 @@ def run_demo(*, target: str = "sim", simulator: str = "verilator",
             print(f"  {layer['name']:<10} {layer['kind']:<19} → {shape_text:<9} "
                   f"{layer['cycles']:>7} cycles  {layer['macs']:>7} MACs  "
                   f"utilization {layer['utilization']:.3f}")
+    return record
+
+
+def mlperf_model_path(name: str) -> Path:
+    """The bundled .tflite file of MLPerf Tiny model ``name`` (kws, resnet, vww, ad)."""
+    from .bench import project_root
+
+    if name not in MLPERF_MODELS:
+        raise ValueError(f"model must be one of {', '.join(MLPERF_MODELS)}, not {name!r}")
+    path = project_root() / "benchmarks" / "models" / "mlperf-tiny" / MLPERF_MODELS[name]
+    if not path.exists():
+        raise ValueError(f"{path} is missing: the MLPerf Tiny models come with npugen's "
+                         f"source tree (git clone); run the demo from a checkout")
+    return path
+
+
+def litert_outputs(path: Path, x: np.ndarray) -> np.ndarray | None:
+    """``x`` through LiteRT's reference kernels (BUILTIN_REF), or None where LiteRT is not
+    installed (it comes with npugen's test extras)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    except ImportError:
+        return None
+    interpreter = Interpreter(model_path=str(path),
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
+    interpreter.allocate_tensors()
+    (given,), (wanted,) = interpreter.get_input_details(), interpreter.get_output_details()
+    outputs = []
+    for row in x:
+        interpreter.set_tensor(given["index"], row[None].astype(given["dtype"]))
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(wanted["index"])[0].reshape(-1))
+    return np.stack(outputs)
+
+
+def run_mlperf_demo(name: str, *, target: str = "sim", simulator: str = "verilator",
+                    config: NpuConfig | None = None, workdir: str | Path = "build/demo",
+                    inputs: int = 4, seed: int = 0) -> dict:
+    """Compile MLPerf Tiny model ``name`` and run ``inputs`` random int8 inputs on the golden
+    model and on ``target``; print the figures and return them."""
+    from .compiler import compile_model
+    from .runtime import check_target, run
+
+    check_target(target)
+    path = mlperf_model_path(name)
+    config = config or MLPERF_CONFIG
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    program = compile_model(path, config)
+    program_path = workdir / f"{name}.npu"
+    program.save(program_path)
+    print(f"compiled {path.name} ({len(program.layers)} layers on the NPU, "
+          f"{program.macs_per_inference} MACs; "
+          f"{', '.join(op['op'] for op in program.host_ops) or 'nothing'} on the host) to "
+          f"{program_path} for a {config.describe()} NPU")
+    shape = program.input.shape
+    x = np.random.default_rng(seed).integers(-128, 128, size=(inputs, *shape), dtype=np.int8)
+    golden = run(program, x, target="golden")
+    reference = litert_outputs(path, x)
+    record = {"model": f"MLPerf Tiny {name} ({path.name})", "inputs": inputs,
+              "input": f"random int8 (seed {seed})",
+              "equal_to_litert_reference": None if reference is None else bool(
+                  np.array_equal(golden.quantized_output, reference)),
+              **golden.stats(program)}
+    if target != "golden":
+        label = (f"virtual board ({simulator})" if target == "sim" else
+                 f"RTL ({simulator})" if target == "rtl" else target)
+        npu = run(program, x, target=target, simulator=simulator,
+                  progress=_progress(f"running on {label}"))
+        record["bit_exact"] = bool(np.array_equal(npu.quantized_output,
+                                                  golden.quantized_output))
+        record["cycles_match_model"] = npu.counters == golden.counters
+        record.update(npu.stats(program))
+        print(f"NPU ({label}) bit-exact with golden: {record['bit_exact']}")
+    record["target"] = target
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    agreement = {None: "not checked (LiteRT is not installed)", True: "equal",
+                 False: "DIFFERENT"}[record["equal_to_litert_reference"]]
+    print(f"outputs against LiteRT's reference kernels: {agreement}")
+    print(f"cycles per inference {record['cycles']:.1f} ({record['macs']} MACs, utilization "
+          f"{record['utilization']:.3f}); {record['seconds']} s")
+    record["layers"] = [{k: layer[k] for k in ("name", "kind", "macs", "cycles",
+                                               "utilization") if k in layer}
+                        for layer in program.layers]
     return record
