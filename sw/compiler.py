@@ -337,8 +337,10 @@ def _input_im2col(model: QuantizedModel, config: NpuConfig) -> tuple[int, ...] |
 
 
 def _allocate_maps(model: QuantizedModel, config: NpuConfig,
-                   input_im2col: tuple[int, ...] | None) -> dict[str, FeatureMap]:
-    """A feature map for every tensor, each with the halo its consumers' padding needs."""
+                   input_im2col: tuple[int, ...] | None
+                   ) -> tuple[dict[str, FeatureMap], str | None]:
+    """A feature map for every tensor, each with the halo its consumers' padding needs,
+    and what is wrong if they do not fit the activation memory."""
     shapes = {"input": _map_shape(model.input_shape)}
     quants = {"input": model.input_quant}
     for layer in model.layers:
@@ -373,18 +375,17 @@ def _allocate_maps(model: QuantizedModel, config: NpuConfig,
         unplaced[name] = FeatureMap(0, *shape, config.rows, config.cols, pads,
                                     quants[name].zero_point if fill is None else fill)
     maps, end = _place_maps(model, unplaced)
+    problem = None
     if end > config.activation_depth:
         spans = _lifetimes(model)
         live = [sum(fmap.words for name, fmap in unplaced.items()
                     if spans[name][0] <= step <= spans[name][1])
                 for step in range(1, len(model.layers) + 1)]
         peak = int(np.argmax(live))
-        raise DoesNotFit(f"the model does not fit a {config.describe()} NPU: its feature "
-                         f"maps need {end} activation words, activation_depth is "
-                         f"{config.activation_depth} (most at layer "
-                         f"{model.layers[peak].name!r}, where maps of {live[peak]} words are "
-                         f"live at once)")
-    return maps
+        problem = (f"its feature maps need {end} activation words, activation_depth is "
+                   f"{config.activation_depth} (most at layer {model.layers[peak].name!r}, "
+                   f"where maps of {live[peak]} words are live at once)")
+    return maps, problem
 
 
 def _lifetimes(model: QuantizedModel) -> dict[str, tuple[int, int]]:
@@ -431,8 +432,8 @@ def _place_maps(model: QuantizedModel,
 
 def _compile_maps(model: QuantizedModel, config: NpuConfig, allow_im2col: bool) -> Program:
     input_im2col = _input_im2col(model, config) if allow_im2col else None
-    maps = _allocate_maps(model, config, input_im2col)
-    lowering = Lowering(config)
+    maps, map_problem = _allocate_maps(model, config, input_im2col)
+    lowering = Lowering(config, check_depths=False)
     layers, starts = [], []
     try:
         for index, layer in enumerate(model.layers):
@@ -444,10 +445,17 @@ def _compile_maps(model: QuantizedModel, config: NpuConfig, allow_im2col: bool) 
     except DoesNotFit as error:
         raise DoesNotFit(f"the model does not fit a {config.describe()} NPU: {error}") from None
     instructions = lowering.instructions + [Instruction(Opcode.HALT)]
-    if len(instructions) > config.instruction_depth:
+    # Every memory that is too small, with what it needs.
+    problems = [map_problem] if map_problem else []
+    problems += [f"{what} need {used} words, {name} is {getattr(config, name)}"
+                 for what, used, name in (
+                     ("weights", lowering.weight_end, "weight_depth"),
+                     ("parameters", lowering.param_end, "param_depth"),
+                     ("instructions", len(instructions), "instruction_depth"))
+                 if used > getattr(config, name)]
+    if problems:
         raise DoesNotFit(f"the model does not fit a {config.describe()} NPU: "
-                         f"{len(instructions)} instructions, instruction_depth is "
-                         f"{config.instruction_depth}")
+                         + "; ".join(problems))
     check_program(config, instructions)
     # Per-layer cycles from the cycle model (which the RTL's counters equal): from a
     # layer's first dispatch to the next layer's.

@@ -92,6 +92,7 @@ class Lowering:
     weight_end: int = 0
     param_end: int = 0
     _zero_params: int | None = None   # parameter words of multiplier 0 (fill_halo)
+    check_depths: bool = True   # False: go on past full memories (to report every need)
 
     def __post_init__(self) -> None:
         self.weight_end, self.param_end = self.weight_base, self.param_base
@@ -390,7 +391,7 @@ class Lowering:
         at = self.weight_end
         self.weight_words.append(words)
         self.weight_end += len(words)
-        if self.weight_end > self.config.weight_depth:
+        if self.check_depths and self.weight_end > self.config.weight_depth:
             raise DoesNotFit(f"weights need {self.weight_end} words, weight_depth is "
                              f"{self.config.weight_depth}")
         return at
@@ -399,7 +400,7 @@ class Lowering:
         at = self.param_end
         self.param_words.append(words)
         self.param_end += len(words)
-        if self.param_end > self.config.param_depth:
+        if self.check_depths and self.param_end > self.config.param_depth:
             raise DoesNotFit(f"parameters need {self.param_end} words, param_depth is "
                              f"{self.config.param_depth}")
         return at

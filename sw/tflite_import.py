@@ -135,7 +135,7 @@ class _Builder:
         return tensor
 
     def name_for(self, op: _Operator) -> str:
-        base = self.tensors[op.outputs[0]].name or f"{op.name.lower()}_{op.index}"
+        base = _layer_name(self.tensors[op.outputs[0]].name) or f"{op.name.lower()}_{op.index}"
         name = base
         while name in self.names:
             name = f"{base}#{op.index}"
@@ -163,6 +163,16 @@ class _Builder:
         self.layers.append(layer)
         self.tensor_quant[layer.name] = out.quant()
         self.values[op.outputs[0]] = _Value(layer.name, shape)
+
+
+def _layer_name(tensor_name: str) -> str:
+    """A short layer name from a converter's tensor name, which joins the names of the
+    fused ops with ';': the scope of the ``.../BiasAdd`` among them, else the last."""
+    parts = [part for part in tensor_name.split(";") if part]
+    for part in parts:
+        if part.endswith("/BiasAdd"):
+            return part[:-len("/BiasAdd")]
+    return parts[-1] if parts else ""
 
 
 def _npu_shape(shape: tuple[int, ...]) -> tuple[int, ...]:

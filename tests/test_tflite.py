@@ -190,3 +190,14 @@ def test_padded_average_pool_is_refused_with_the_operator():
     data = build(lambda b, x, r: b.mean(x, axes=(1, 2)))
     with pytest.raises(ModelError, match=r"unsupported operator.*\(MEAN"):
         load_tflite(data)
+
+
+def test_a_model_too_large_names_every_memory_it_needs():
+    small = NpuConfig(activation_depth=1024, weight_depth=4096, instruction_depth=256)
+    with pytest.raises(ValueError) as error:
+        compile_model(MLPERF_TINY / MODELS["vww"], small)
+    message = str(error.value)
+    for needed in ("feature maps need 11716 activation words, activation_depth is 1024",
+                   "weights need 36232 words, weight_depth is 4096",
+                   "instruction_depth is 256", "most at layer"):
+        assert needed in message, message
