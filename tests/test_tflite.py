@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import MLPERF_TINY, litert_reference
+from conftest import MLPERF_TINY, available_simulators, litert_reference
 from npugen.cli import main
 from npugen.compiler import compile_model
 from npugen.config import NpuConfig
@@ -201,3 +201,32 @@ def test_a_model_too_large_names_every_memory_it_needs():
                    "weights need 36232 words, weight_depth is 4096",
                    "instruction_depth is 256", "most at layer"):
         assert needed in message, message
+
+
+@pytest.mark.parametrize("simulator", available_simulators())
+def test_tflite_model_on_the_rtl_equals_litert(simulator):
+    """A small TFLite classifier with both roundings in one program (convolutions round
+    twice, FULLY_CONNECTED once), a residual ADD, exact average pooling and halos written
+    by the NPU, on a 4×4 NPU's RTL: equal to the golden model (outputs and counters) and
+    to LiteRT's reference kernels."""
+    def classifier(b, x, r):
+        y = b.conv2d(x, filters=8, kernel=3, padding="SAME", activation="RELU", rng=r)
+        y = b.add(y, b.depthwise_conv2d(y, kernel=3, padding="SAME", rng=r),
+                  activation="RELU")
+        y = b.average_pool2d(b.max_pool2d(y, pool=2, stride=2), pool=(3, 3))
+        return b.softmax(b.fully_connected(b.reshape(y, (1, -1)), units=6, rng=r))
+
+    data = build(classifier, shape=(1, 6, 6, 3), seed=11)
+    from npugen.compiler import compile_quantized
+    from npugen.quantize import quantize_model
+
+    config = NpuConfig(rows=4, cols=4, activation_depth=1024, weight_depth=1024,
+                       accumulator_depth=256, instruction_depth=512, param_depth=64)
+    program = compile_quantized(quantize_model(load_tflite(data)), config)
+    x = np.random.default_rng(5).integers(-128, 128, size=(3, 6, 6, 3), dtype=np.int8)
+    golden = run(program, x)
+    rtl = run(program, x, target="rtl", simulator=simulator)
+    np.testing.assert_array_equal(rtl.quantized_output, golden.quantized_output)
+    assert rtl.counters == golden.counters
+    np.testing.assert_array_equal(golden.quantized_output,
+                                  litert_reference(data)(x).reshape(3, -1))
