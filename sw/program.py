@@ -226,7 +226,7 @@ class Program:
             if header["isa_version"] != ISA_VERSION:
                 raise ProgramFormatError(f"{source}: compiled for ISA version "
                                          f"{header['isa_version']}, this npugen speaks "
-                                         f"{ISA_VERSION}")
+                                         f"{ISA_VERSION}; recompile the model")
             segments = []
             for seg, blob in _segments(header, data, body):
                 region = Region[seg["region"].upper()]
