@@ -33,7 +33,7 @@ from .isa import Instruction, Opcode, encode_program
 from .lowering import Lowering, Requant, Rescale
 from .memory_map import Region
 from .program import Program, TensorLayout
-from .quantize import POOL_SUM_WEIGHT, QuantizedModel, quantize_model
+from .quantize import POOL_SUM_WEIGHT, QuantizedModel, average_divisor, quantize_model
 from .schedule import (
     DoesNotFit,
     GemmPlan,
@@ -253,6 +253,8 @@ def _halo(layer, zero_point: int) -> tuple[tuple[int, int, int, int], int]:
     """The halo the input of ``layer`` needs and its fill: the zero point (real 0) for
     convolutions and average pooling, the lowest int8 for max pooling."""
     source = layer.source
+    if layer.exact_average:
+        return tuple(source.pads), 0   # TFLite sums the pixels present: padding adds 0
     if isinstance(source, Conv) or (isinstance(source, Pool) and source.kind == "avg"):
         return tuple(source.pads), zero_point
     if isinstance(source, Pool) and source.kind == "max":
@@ -296,8 +298,11 @@ def _lower(lowering: Lowering, layer, maps: dict[str, FeatureMap],
         kind = f"{source.kind}pool"
         ones = np.full((*source.window, src.channels),
                        POOL_SUM_WEIGHT if layer.exact_average else 1, dtype=np.int64)
+        pixel_requants = None
+        if layer.exact_average and any(source.pads):
+            pixel_requants = _window_divisors(layer, src, dst, requant)
         lowering.depthwise(src, dst, ones, requant, source.stride, source.pads,
-                           combine_max=source.kind == "max")
+                           combine_max=source.kind == "max", pixel_requants=pixel_requants)
         ops = dst.channels * dst.height * dst.width * int(np.prod(source.window))
     elif isinstance(source, Add):
         first, second = (Rescale(*values) for values in layer.rescales)
@@ -308,6 +313,30 @@ def _lower(lowering: Lowering, layer, maps: dict[str, FeatureMap],
         lowering.conv(src, dst, weight.transpose(1, 2, 0, 3), requant)
         macs = int(np.prod(layer.weight.shape))
     return _layer_row(layer, kind, src, dst, macs, ops or macs)
+
+
+def _window_divisors(layer, src: FeatureMap, dst: FeatureMap,
+                     requant: Requant) -> tuple[np.ndarray, dict[int, Requant]]:
+    """TFLite's padded average pooling divides each window's sum by the input pixels under
+    it: the count of every output pixel, and the requantization dividing by each count."""
+    from .featuremap import stride_pair
+
+    (kh, kw), (step_y, step_x) = layer.source.window, stride_pair(layer.source.stride)
+    top, left = layer.source.pads[0], layer.source.pads[1]
+
+    def inside(size: int, outputs: int, kernel: int, step: int, before: int) -> np.ndarray:
+        start = np.arange(outputs) * step - before
+        return np.minimum(start + kernel, size) - np.maximum(start, 0)
+
+    counts = np.outer(inside(src.height, dst.height, kh, step_y, top),
+                      inside(src.width, dst.width, kw, step_x, left))
+    by_count = {}
+    for count in np.unique(counts):
+        multiplier, shift = average_divisor(int(count))
+        channels = len(requant.bias)
+        by_count[int(count)] = replace(requant, multiplier=np.full(channels, multiplier),
+                                       shift=np.full(channels, shift))
+    return counts, by_count
 
 
 def _layer_row(layer, kind: str, src: FeatureMap, dst: FeatureMap, macs: int,

@@ -122,9 +122,14 @@ class Lowering:
     def depthwise(self, src: FeatureMap, dst: FeatureMap, weight: np.ndarray,
                   requant: Requant, stride: int | tuple[int, int] = 1,
                   pads: tuple[int, int, int, int] = (0, 0, 0, 0), *,
-                  combine_max: bool = False) -> None:
+                  combine_max: bool = False,
+                  pixel_requants: tuple[np.ndarray, dict[int, Requant]] | None = None
+                  ) -> None:
         """Per-channel ``dst = requant(Σ_taps src · weight)`` (max over the taps when
-        ``combine_max``); weight is (kh, kw, C) int. Pooling is this with weights 1."""
+        ``combine_max``); weight is (kh, kw, C) int. Pooling is this with weights 1.
+        ``pixel_requants``: (key of each output pixel (H, W), requant of each key), for
+        outputs whose requantization differs by pixel (average pooling whose border
+        windows hold fewer pixels)."""
         c = self.config
         kh, kw, channels = weight.shape
         self._check_maps(src, dst, channels, channels, (kh, kw), stride, pads)
@@ -142,7 +147,7 @@ class Lowering:
                                       tile * c.rows + first + np.arange(c.cols), tile,
                                       tile * c.rows + first))
         self._emit(src, dst, tiles, requant, (kh, kw), stride, pads, k_tiles=kh * kw,
-                   combine_max=combine_max)
+                   combine_max=combine_max, pixel_requants=pixel_requants)
 
     def global_sum(self, src: FeatureMap, dst: FeatureMap, requant: Requant,
                    weight: int = 1) -> None:
@@ -326,7 +331,8 @@ class Lowering:
     def _emit(self, src: FeatureMap, dst: FeatureMap, tiles: list[_OutTile],
               requant: Requant, kernel: tuple[int, int], stride: int | tuple[int, int],
               pads: tuple[int, int, int, int], *, k_tiles: int, combine_max: bool = False,
-              reduce: bool = False) -> None:
+              reduce: bool = False,
+              pixel_requants: tuple[np.ndarray, dict[int, Requant]] | None = None) -> None:
         c = self.config
         kh, kw = kernel
         step_y, step_x = stride_pair(stride)
@@ -339,6 +345,13 @@ class Lowering:
             weight_at.append(self._store_weights(tile.weights))
             param_at.append(self._store_params(
                 requant.lanes(tile.channels).reshape(groups, c.requant_lanes, 3)))
+        # Per-pixel requantization: parameters of every key for every output tile.
+        keys, key_params = None, {}
+        if pixel_requants is not None:
+            keys, by_key = pixel_requants
+            for key, each in by_key.items():
+                key_params[key] = [self._store_params(each.lanes(tile.channels).reshape(
+                    groups, c.requant_lanes, 3)) for tile in tiles]
         # Pixels per accumulator word run, and how many output tiles share the memory.
         words_per_row = 1 if reduce else out_w
         capacity = c.accumulator_depth
@@ -379,12 +392,27 @@ class Lowering:
                     self.bank ^= k_tiles & 1
                 for slot, index in enumerate(block):
                     tile = tiles[index]
+                    out_tile, lane = tile.dst_channel // c.rows, tile.dst_channel % c.rows
+                    if keys is not None:
+                        # One REQUANT per run of pixels of one key along each row.
+                        for y in range(y0, y0 + rows_here):
+                            runs = np.flatnonzero(np.diff(keys[y]) != 0) + 1
+                            for x0, x1 in zip([0, *runs], [*runs, out_w], strict=True):
+                                ins.append(Instruction(Opcode.SETREQ, {
+                                    "param_addr": key_params[int(keys[y, x0])][index],
+                                    "out_stride": dst.tile_words}))
+                                ins.append(Instruction(Opcode.REQUANT, {
+                                    "acc_addr": slot * acc_words + (y - y0) * out_w + x0,
+                                    "count": int(x1 - x0),
+                                    "out_addr": dst.word(out_tile, y, int(x0)),
+                                    "out_lane": lane,
+                                    "single_rounding": requant.single_rounding}))
+                        continue
                     ins.append(Instruction(Opcode.SETREQ, {
                         "param_addr": param_at[index], "out_stride": dst.tile_words}))
                     ins.append(Instruction(Opcode.REQUANT, {
                         "acc_addr": slot * acc_words, "count": acc_words,
-                        "out_addr": dst.word(tile.dst_channel // c.rows, y0, 0),
-                        "out_lane": tile.dst_channel % c.rows,
+                        "out_addr": dst.word(out_tile, y0, 0), "out_lane": lane,
                         "single_rounding": requant.single_rounding}))
 
     def _store_weights(self, words: np.ndarray) -> int:

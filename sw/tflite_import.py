@@ -371,10 +371,6 @@ def _pool(kind: str) -> Callable[[_Builder, _Operator], None]:
         if kind == "avg" and kernel == (height, width) and not any(pads):
             layer = Pool(name, "global", inputs=(source.owner,), clamp=clamp)
         else:
-            if kind == "avg" and any(pads):
-                raise b.fail(op, "average pooling with padding divides border windows by "
-                                 "fewer pixels; npugen does not support it yet (use VALID "
-                                 "padding)")
             layer = Pool(name, kind, kernel, stride, pads, inputs=(source.owner,),
                          clamp=clamp)
         b.add_layer(op, layer, source)
