@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from npugen.cli import main
 from npugen.sim.runner import COCOTB_SIMULATORS, simulator_available
 
@@ -22,8 +24,8 @@ def test_bench_quick(tmp_path):
         capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
-    assert set(report) == {"gemm", "simspeed", "boards", "sweep", "e2e", "cnn", "compile",
-                           "link"}
+    assert set(report) == {"gemm", "simspeed", "boards", "sweep", "e2e", "mlperf", "cnn",
+                           "compile", "link"}
     for name, section in report.items():
         assert section["quick"] and section["date"] and section["machine"]["cores"], name
         assert json.loads((results / f"{name}.json").read_text())["section"] == name
@@ -101,3 +103,52 @@ def test_one_section_keeps_the_others_in_the_report(tmp_path, capsys):
     assert "## Model compilation" in text and "## Host link: upload throughput" in text
     assert "Command: `npugen bench --only compile --results" in text  # as typed
     assert "Not measured yet: `npugen bench --only gemm`" in text
+
+
+def test_mlperf_quick_checks_every_fitting_model_against_litert(tmp_path):
+    """``--only mlperf --quick``: a record for each of the four models, with a row for
+    every board's default NPU and the reference 8×8; where a model fits, its golden-model
+    outputs equal LiteRT's reference kernels and its counters the cycle model; where it
+    does not, the reason names the memory. The report section and its plot are written."""
+    from npugen.bench import run_bench
+    from npugen.boards import BOARDS
+
+    docs = tmp_path / "BENCHMARKS.md"
+    result = run_bench(quick=True, sections=["mlperf"], results_dir=tmp_path / "results",
+                       docs_path=docs, recorded_dir=ROOT / "benchmarks" / "results")["mlperf"]
+    records = {r["model"]: r for r in result["records"]}
+    assert set(records) == {"ad", "ic", "kws", "vww"}
+    for r in records.values():
+        assert r["reference"] == "LiteRT BUILTIN_REF"
+        assert [t["name"] for t in r["targets"]] == [*BOARDS, "reference 8×8"]
+        assert r["targets"][-1]["fits"]  # every model has a row on the reference 8×8
+        for t in r["targets"]:
+            assert t["physical_limit_ms"] > 0
+            if not t["fits"]:
+                assert t["reason"]  # DoesNotFit's message: which memory, how much
+                continue
+            assert t["bit_exact"] is True and t["cycles_equal_model"]
+            assert 0 < t["utilization"] <= 1
+            assert t["latency_ms"] >= t["physical_limit_ms"]
+        assert r["layers"] and r["virtual_board"] == {"skipped": "not run with --quick"}
+    assert records["ad"]["targets"][-1]["batch"] > 1  # per inference at its batch
+    assert result["published_ms"]["Cortex-M85 480 MHz, TFLite Micro"]["kws"] == 3.47
+    text = docs.read_text()
+    assert "## MLPerf Tiny" in text and "### Beside published results" in text
+    assert "Produced by `npugen bench --quick --only mlperf`" in text
+    assert (tmp_path / "img" / "mlperf.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not simulator_available("verilator"), reason="verilator is not installed")
+def test_mlperf_kws_on_the_virtual_board_equals_litert_and_the_golden_model():
+    """The full section's run of one model: KWS on the virtual board (the SoC in Verilator,
+    through its UART) gives LiteRT's outputs, and the board's counters the golden model's."""
+    from npugen.bench.mlperf import bench_targets, model_record
+
+    record = model_record("kws", False, bench_targets(ROOT / "benchmarks" / "results"),
+                          lambda line: None)
+    board = record["virtual_board"]
+    assert "error" not in board, board.get("error")
+    assert board["inputs"] == 2 and board["bit_exact"] and board["equal_golden"]
+    assert board["cycles_equal_golden"] and board["cycles"] == board["golden_cycles"] > 0

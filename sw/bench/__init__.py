@@ -38,6 +38,8 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "boards": ("boards", "each board's default config: resources, Fmax, GMAC/s"),
     "sweep": ("boards", "the design-space sweep of benchmarks/sweep.toml (Pareto plot)"),
     "e2e": ("models", "the demo MLP and CNN end to end, latency at each board's Fmax"),
+    # After boards, like e2e: latency at each board's clock beside its recorded Fmax.
+    "mlperf": ("mlperf", "the four MLPerf Tiny models on each board's default NPU"),
     "cnn": ("models", "convolution operators on the RTL"),
     "compile": ("models", "compile time of a 784-128-10 MLP"),
     "link": ("link", "host link upload throughput against the line rate"),
@@ -109,8 +111,9 @@ def run_bench(*, quick: bool, sections: list[str] | None = None,
         except ValueError as error:
             raise BenchError(f"section sweep: {error}") from None
     for name in chosen:
-        # Boards just rebuilt here are the ones e2e's latencies use.
-        recorded = results_dir if name == "e2e" and "boards" in results and not quick \
+        # Boards just rebuilt here are the ones e2e's and mlperf's latencies use.
+        recorded = results_dir if name in ("e2e", "mlperf") and "boards" in results \
+            and not quick \
             else Path(recorded_dir)
         module = importlib.import_module(f".{SECTIONS[name][0]}", __name__)
         progress(f"{name}: {SECTIONS[name][1]}")

@@ -3,6 +3,7 @@ figure, the command, date and machine that produced it."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -368,10 +369,159 @@ def _sweep(result: dict[str, Any], images: Path,
     return lines
 
 
+_MLPERF_NAMES = {"ad": "AD", "ic": "IC", "kws": "KWS", "vww": "VWW"}
+
+
+def _does_not_fit(reason: str) -> str:
+    """Why a model does not fit, for a table cell: a DoesNotFit message without its NPU
+    description and layer, other messages with TFLite's fused layer names shortened."""
+    if "feature_maps = false" in reason:
+        return "no feature-map hardware (feature_maps = false)"
+    reason = reason.split("NPU: ", 1)[-1].split(" (most at layer")[0]
+    reason = re.sub(r"'([^'\s]*;[^'\s]*)'", lambda m: f"'{_short_layer(m.group(1))}'", reason)
+    return reason.replace("|", "/")
+
+
+def _short_layer(name: str) -> str:
+    """TFLite names a fused layer by all its tensors (``a;b;c``): the first says enough."""
+    return name.split(";")[0]
+
+
+def _best(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The board default with the lowest single-stream latency at its clock."""
+    fitting = [t for t in record["targets"] if t["fits"] and t["board"]]
+    return min(fitting, key=_single_ms, default=None)
+
+
+def _single_ms(target: dict[str, Any]) -> float:
+    return target.get("batch1_latency_ms", target["latency_ms"])
+
+
+def _yes(value: bool | None, missing: str = "not checked") -> str:
+    return missing if value is None else ("yes" if value else "NO")
+
+
+def _mlperf(result: dict[str, Any], images: Path,
+            everything: dict[str, dict[str, Any]]) -> list[str]:
+    records = result["records"]
+    reference = next(t for t in records[0]["targets"] if not t["board"])
+    lines = ["## MLPerf Tiny", "", _origin(result), "",
+             "The four closed-division reference models of MLPerf Tiny (int8 TFLite, "
+             "`benchmarks/models/mlperf-tiny/`, README there) compiled for each board's "
+             "default NPU and for a reference 8×8 with large memories "
+             f"({reference['config']}; activation_depth "
+             f"{result['reference_config']['activation_depth']}, weight_depth "
+             f"{result['reference_config']['weight_depth']}, accumulator_depth "
+             f"{result['reference_config']['accumulator_depth']}), reported at the "
+             f"{result['reference_clock_board']}'s clock. Each runs seeded random int8 "
+             "inputs on the golden model (a whole batch: the autoencoder compiles to a "
+             "batch > 1 and its cycles are per inference at that batch); `bit-exact` "
+             "compares the int8 outputs (after the host's softmax) with LiteRT's reference "
+             "kernels (`BUILTIN_REF`). Utilization = MACs / (cycles · rows · cols); latency "
+             "at the board's SoC clock; physical limit = MACs / (rows · cols) cycles at the "
+             "same clock. The JSON also has each latency at the Fmax of the board's "
+             "recorded build (section *Boards*).", ""]
+    for r in records:
+        lines += [f"### {_MLPERF_NAMES[r['model']]}: {r['task']}, {r['macs']:,} MACs", "",
+                  "| target | config | clock MHz | cycles / inference | utilization | "
+                  "latency ms | physical limit ms | bit-exact vs LiteRT |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t in r["targets"]:
+            head = f"| {t['name']} | {t['config']} | {t['clock_mhz']:g} |"
+            if not t["fits"]:
+                lines.append(f"{head} does not fit: {_does_not_fit(t['reason'])} | | | "
+                             f"{t['physical_limit_ms']} | |")
+                continue
+            batch = f" (batch {t['batch']})" if t["batch"] > 1 else ""
+            single = (f" ({t['batch1_latency_ms']} at batch 1)"
+                      if "batch1_latency_ms" in t else "")
+            lines.append(f"{head} {t['cycles_per_inference']:,.1f}{batch} | "
+                         f"{t['utilization']:.3f} | {t['latency_ms']}{single} | "
+                         f"{t['physical_limit_ms']} | {_yes(t['bit_exact'])} |")
+        board = r["virtual_board"]
+        if "skipped" in board:
+            lines += ["", f"Virtual board: {board['skipped']}."]
+        elif "error" in board:
+            lines += ["", f"Virtual board ({board['on']}, {board['config']}): FAILED, "
+                      f"{board['error']}"]
+        else:
+            lines += ["", f"Virtual board ({board['on']}, {board['config']}; the SoC in "
+                      f"Verilator through its UART), {board['inputs']} inputs in "
+                      f"{board['seconds']} s: bit-exact vs LiteRT "
+                      f"{_yes(board['bit_exact'])}, board counters {board['cycles']:,} "
+                      f"cycles in {board['runs']} run{'s' if board['runs'] > 1 else ''}, "
+                      "equal to the golden model's: "
+                      f"{_yes(board['cycles_equal_golden'])}."]
+        lines.append("")
+    lines += ["### Beside published results", "",
+              "Published latencies (ms per inference, MLPerf Tiny results v0.5–v1.3, from "
+              "the models' README) and npugen's best board default at its clock, single "
+              "stream (batch 1). `–`: not published, or no board's default NPU holds the "
+              "model (the reference 8×8's figure in brackets).", "",
+              "| system | " + " | ".join(_MLPERF_NAMES[r["model"]] for r in records) + " |",
+              "|---|" + "---|" * len(records)]
+    published = result["published_ms"]
+    for system, values in published.items():
+        cells = [values.get(r["model"]) for r in records]
+        lines.append(f"| {system} | " + " | ".join("–" if v is None else f"{v:g}"
+                                                  for v in cells) + " |")
+    cells = []
+    for r in records:
+        best = _best(r)
+        ref = next(t for t in r["targets"] if not t["board"])
+        cells.append(f"{_single_ms(best)} ({best['name']})" if best
+                     else f"– ({_single_ms(ref)})")
+    lines += ["| **npugen, best board default** | " + " | ".join(cells) + " |", ""]
+    for r in records:
+        lines += [f"{_MLPERF_NAMES[r['model']]} layers on {r['layers_on']} (cycle model, "
+                  "which the golden model's counters equal):", "",
+                  "| layer | kind | MACs | cycles | utilization |", "|---|---|---|---|---|"]
+        for layer in r["layers"]:
+            cycles = "–" if layer["cycles"] is None else _n(layer["cycles"])
+            utilization = ("–" if layer["utilization"] is None
+                           else f"{layer['utilization']:.3f}")
+            lines.append(f"| {_short_layer(layer['name'])} | {layer['kind']} | "
+                         f"{_n(layer['macs'])} | {cycles} | {utilization} |")
+        if all(layer["cycles"] is None for layer in r["layers"]):
+            lines += ["", "A fully connected model compiles to one schedule of GEMMs "
+                      "without per-layer cycles; its total is in the table above."]
+        lines.append("")
+    plt = _plt()
+    figure, axis = plt.subplots(figsize=(7.5, 4))
+    # Only targets that hold at least one model get a bar and a legend entry.
+    names = list(dict.fromkeys(t["name"] for r in records for t in r["targets"] if t["fits"]))
+    width = 0.8 / len(names)
+    for index, name in enumerate(names):
+        bars = [(i + (index - (len(names) - 1) / 2) * width, _single_ms(t))
+                for i, r in enumerate(records) for t in r["targets"]
+                if t["name"] == name and t["fits"]]
+        axis.bar(*zip(*bars, strict=True), width, label=name)
+    for system, marker in (("Cortex-M85", "v"), ("fpgaConvNet, ZedBoard", "D")):
+        row = next((v for k, v in published.items() if k.startswith(system)), {})
+        points = [(i, row[r["model"]]) for i, r in enumerate(records) if row.get(r["model"])]
+        if points:
+            axis.scatter(*zip(*points, strict=True), marker=marker, color="black", s=40,
+                         zorder=3, label=system)
+    axis.set_xticks(range(len(records)), [_MLPERF_NAMES[r["model"]] for r in records])
+    axis.set_yscale("log")
+    axis.set_ylabel("latency (ms), batch 1, at the board clock")
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(images / "mlperf.png", dpi=110)
+    plt.close(figure)
+    return lines + ["![MLPerf Tiny latency per board and model](img/mlperf.png)", "",
+                    f"Produced by `{result['command']}`. Bars: latency at batch 1 at the "
+                    "board's clock (the reference 8×8 at the "
+                    f"{result['reference_clock_board']}'s); a board is missing where its "
+                    "default NPU holds none of the models, a bar where it does not hold that "
+                    "model. Markers: the published Cortex-M85 and fpgaConvNet (ZedBoard) "
+                    "latencies.", ""]
+
+
 _SECTIONS: dict[str, Callable[[dict[str, Any], Path, dict[str, dict[str, Any]]],
                                list[str]]] = {
-    "gemm": _gemm, "simspeed": _simspeed, "e2e": _e2e, "cnn": _cnn, "compile": _compile,
-    "link": _link, "boards": _boards, "sweep": _sweep}
+    "gemm": _gemm, "simspeed": _simspeed, "e2e": _e2e, "mlperf": _mlperf, "cnn": _cnn,
+    "compile": _compile, "link": _link, "boards": _boards, "sweep": _sweep}
 
 
 def write_report(results: dict[str, dict[str, Any]], docs_path: Path) -> None:
