@@ -28,6 +28,7 @@ class Board:
     loader_name: str = ""  # openFPGALoader's -b name
     pll_mhz: float | None = None  # the SoC's clock from the PLL; None: the oscillator
     device: str = ""       # a key of boards.estimate.DEVICES
+    seed: int = 1          # nextpnr's placement seed for the default build
 
 
 def _platform(module: str, cls: str) -> Callable[[], object]:

@@ -227,15 +227,17 @@ def _environment(toolchain: str) -> dict[str, str]:
 
 
 def build_board(board: Board, config: NpuConfig, directory: str | Path, *,
-                toolchain: str = "yowasp", seed: int = 1,
+                toolchain: str = "yowasp", seed: int | None = None,
                 progress=lambda stage: None) -> dict:
     """Build the bitstream; return the report (also written to ``report.json``).
+    ``seed``: nextpnr's placement seed (default: the board's, :attr:`Board.seed`).
 
     Raises :class:`BuildFailed` with the tool's reason when a stage fails, and when the
     achieved clock is below the board clock (the report is written either way).
     """
     if toolchain not in TOOLCHAINS:
         raise ValueError(f"toolchain must be one of {', '.join(TOOLCHAINS)}, not {toolchain!r}")
+    seed = board.seed if seed is None else seed
     from .estimate import DEVICES, estimate
 
     device = DEVICES[board.device]
@@ -274,6 +276,7 @@ def build_board(board: Board, config: NpuConfig, directory: str | Path, *,
                      top.clock_hz)
     bitstream = products_dir / BITSTREAM_NAMES[board.family]
     report["bitstream"] = str(bitstream) if bitstream.exists() else None
+    report["seed"] = seed
     (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if not report["timing_met"]:
         raise BuildFailed(f"timing missed on {board.name}: {report['fmax_mhz']:.1f} MHz "

@@ -730,7 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--list-boards", action="store_true", help="list the boards")
     build.add_argument("-o", "--output", metavar="DIR", help="build folder")
     build.add_argument("--toolchain", choices=("yowasp", "system"), default="yowasp")
-    build.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
+    build.add_argument("--seed", type=int, default=None,
+                       help="nextpnr placement seed (default: the board's, 1 for most)")
     build.add_argument("--clock-mhz", type=float, metavar="MHZ",
                        help="run the SoC at MHZ from the board's PLL (default: the board's "
                             "clock, as --list-boards shows)")

@@ -251,25 +251,6 @@ def mlperf_model_path(name: str) -> Path:
     return path
 
 
-def litert_outputs(path: Path, x: np.ndarray) -> np.ndarray | None:
-    """``x`` through LiteRT's reference kernels (BUILTIN_REF), or None where LiteRT is not
-    installed (it comes with npugen's test extras)."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter, OpResolverType
-    except ImportError:
-        return None
-    interpreter = Interpreter(model_path=str(path),
-                              experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
-    interpreter.allocate_tensors()
-    (given,), (wanted,) = interpreter.get_input_details(), interpreter.get_output_details()
-    outputs = []
-    for row in x:
-        interpreter.set_tensor(given["index"], row[None].astype(given["dtype"]))
-        interpreter.invoke()
-        outputs.append(interpreter.get_tensor(wanted["index"])[0].reshape(-1))
-    return np.stack(outputs)
-
-
 def run_mlperf_demo(name: str, *, target: str = "sim", simulator: str = "verilator",
                     config: NpuConfig | None = None, workdir: str | Path = "build/demo",
                     inputs: int = 4, seed: int = 0) -> dict:
@@ -277,6 +258,7 @@ def run_mlperf_demo(name: str, *, target: str = "sim", simulator: str = "verilat
     model and on ``target``; print the figures and return them."""
     from .compiler import compile_model
     from .runtime import check_target, run
+    from .tflite_kernels import litert_reference
 
     check_target(target)
     path = mlperf_model_path(name)
@@ -294,7 +276,8 @@ def run_mlperf_demo(name: str, *, target: str = "sim", simulator: str = "verilat
     shape = program.input.shape
     x = np.random.default_rng(seed).integers(-128, 128, size=(inputs, *shape), dtype=np.int8)
     golden = run(program, x, target="golden")
-    reference = litert_outputs(path, x)
+    reference_of = litert_reference(path)
+    reference = None if reference_of is None else reference_of(x)
     record = {"model": f"MLPerf Tiny {name} ({path.name})", "inputs": inputs,
               "input": f"random int8 (seed {seed})",
               "equal_to_litert_reference": None if reference is None else bool(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -296,3 +297,31 @@ def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     """TFLite's reference DEQUANTIZE: float32(double(scale) * (q - zero_point))."""
     difference = np.asarray(q).astype(np.int64) - int(zero_point)
     return (float(np.float32(scale)) * difference.astype(np.float64)).astype(np.float32)
+
+
+def litert_reference(model: str | Path | bytes):
+    """A function from inputs (batch, *input shape) to the outputs (batch, features) of a
+    .tflite model (a path or its bytes) in LiteRT's reference kernels
+    (``OpResolverType.BUILTIN_REF``), one input at a time; None where ``ai-edge-litert``
+    (a test dependency) is not installed. LiteRT's default kernels (XNNPACK) are
+    optimized, differ from the reference and are not used."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    except ImportError:
+        return None
+    source = ({"model_content": bytes(model)} if isinstance(model, bytes | bytearray)
+              else {"model_path": str(model)})
+    interpreter = Interpreter(**source,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
+    interpreter.allocate_tensors()
+    (given,), (wanted,) = interpreter.get_input_details(), interpreter.get_output_details()
+
+    def outputs(x: np.ndarray) -> np.ndarray:
+        results = []
+        for row in np.asarray(x):
+            interpreter.set_tensor(given["index"], row[None].astype(given["dtype"]))
+            interpreter.invoke()
+            results.append(interpreter.get_tensor(wanted["index"])[0].copy())
+        return np.stack(results).reshape(len(results), -1)
+
+    return outputs

@@ -75,25 +75,11 @@ MLPERF_TINY = Path(__file__).resolve().parents[1] / "benchmarks" / "models" / "m
 
 
 def litert_reference(model):
-    """Outputs of a .tflite model (a path or its bytes) in LiteRT's reference kernels
-    (OpResolverType.BUILTIN_REF), one input at a time: the arithmetic npugen reproduces.
-    LiteRT's default kernels (XNNPACK) are optimized and differ from it."""
-    import numpy as np
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    """LiteRT's reference kernels for a .tflite model (a path or its bytes): the arithmetic
+    npugen reproduces (npugen.tflite_kernels.litert_reference; LiteRT is a test
+    dependency, so it must be there)."""
+    from npugen.tflite_kernels import litert_reference as reference
 
-    source = {"model_content": bytes(model)} if isinstance(model, bytes | bytearray) else {
-        "model_path": str(model)}
-    interpreter = Interpreter(**source,
-                              experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
-    interpreter.allocate_tensors()
-    (given,), (wanted,) = interpreter.get_input_details(), interpreter.get_output_details()
-
-    def outputs(x):
-        results = []
-        for row in np.asarray(x):
-            interpreter.set_tensor(given["index"], row[None].astype(given["dtype"]))
-            interpreter.invoke()
-            results.append(interpreter.get_tensor(wanted["index"])[0].copy())
-        return np.stack(results)
-
+    outputs = reference(model)
+    assert outputs is not None, "ai-edge-litert is not installed (pip install -e '.[test]')"
     return outputs

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..config import NpuConfig
+from ..tflite_kernels import litert_reference
 from .models import board_fmax, short_config
 
 #: Model key → (file, task). The keys are the README's column names, lower case.
@@ -63,31 +64,6 @@ def published_latencies(readme: Path) -> dict[str, dict[str, float | None]]:
         table[system] = {key: None if cell in ("–", "-", "") else float(cell)
                          for key, cell in zip(keys, cells, strict=True)}
     return table
-
-
-def litert_reference(path: Path) -> Callable[[np.ndarray], np.ndarray] | None:
-    """Outputs of the .tflite model at ``path`` in LiteRT's reference kernels
-    (``OpResolverType.BUILTIN_REF``), one input at a time, as int8 (inputs, features);
-    None where ``ai-edge-litert`` (a test dependency) is not installed. LiteRT's default
-    kernels (XNNPACK) are optimized and differ from the reference."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter, OpResolverType
-    except ImportError:
-        return None
-    interpreter = Interpreter(model_path=str(path),
-                              experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
-    interpreter.allocate_tensors()
-    (given,), (wanted,) = interpreter.get_input_details(), interpreter.get_output_details()
-
-    def outputs(x: np.ndarray) -> np.ndarray:
-        results = []
-        for row in x:
-            interpreter.set_tensor(given["index"], row[None].astype(given["dtype"]))
-            interpreter.invoke()
-            results.append(interpreter.get_tensor(wanted["index"])[0].copy())
-        return np.stack(results).reshape(len(x), -1)
-
-    return outputs
 
 
 def bench_targets(recorded_dir: Path) -> list[dict[str, Any]]:
