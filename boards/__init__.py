@@ -45,8 +45,9 @@ def _platform(module: str, cls: str) -> Callable[[], object]:
 # The iCEBreaker's weights go to SPRAM (hw/ram.py): one SB_SPRAM256KA holds 16K words of
 # its 2-column array, which with 256 instructions and 128 parameter words takes the demo
 # MLP. Its 4x2 uses all 8 DSPs (one SB_MAC16 per row for the two columns, four for the
-# requantizer), 5211 of the 5280 LCs and 29 of the 30 EBRs, at 27 MHz (28.0 achieved;
-# 2026-12-02, docs/BOARDS.md). 512 accumulator words let the demo MLP run at batch 16:
+# requantizer), 5212 of the 5280 LCs and 29 of the 30 EBRs, at 24 MHz (25.97 achieved at
+# seed 1; at 27 MHz seeds 1-6 reached 23.3-25.0 MHz after ISA version 3, against 28.0
+# before: docs/BOARDS.md). 512 accumulator words let the demo MLP run at batch 16:
 # 953.6 cycles per inference (1193.8 at 256 words, batch 8; 1876.8 at 128, batch 4).
 _ICEBREAKER = dict(activation_depth=512, weight_depth=16384, accumulator_depth=512,
                    instruction_depth=256, param_depth=128, requant_lanes=1)
@@ -73,10 +74,12 @@ def _orangecrab_25f() -> object:
 
 BOARDS: dict[str, Board] = {board.name: board for board in (
     Board("icebreaker", _platform("icebreaker", "ICEBreakerPlatform"), "ice40", 12e6,
-          # rounding="double": both roundings take 52 more LCs (5263 of 5280), 24.5 MHz.
+          # rounding="double": both roundings take 52 more LCs (5263 of 5280, 24.5 MHz at a
+          # 27 MHz constraint). It runs models whose layers round twice (npugen-quantized,
+          # TFLite convolutions) and refuses ONNX QDQ ones, which round once.
           NpuConfig(rows=4, cols=2, feature_maps=False, rounding="double", **_ICEBREAKER),
           description="1BitSquared iCEBreaker, iCE40UP5K",
-          loader_name="ice40_generic", device="ice40up5k", pll_mhz=27.0),
+          loader_name="ice40_generic", device="ice40up5k", pll_mhz=24.0),
     *(Board(f"ulx3s-{size}f", _platform("ulx3s", f"ULX3S_{size}F_Platform"), "ecp5", 25e6,
             NpuConfig(rows=rows, cols=cols, **_MEDIUM),
             description=f"Radiona ULX3S, LFE5U-{size}F", loader_name="ulx3s", pll_mhz=pll,
