@@ -310,7 +310,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         emit_json({"config": program.config.to_dict(), "batch": program.batch,
                    "layers": program.layers, "estimated_cycles": program.estimated_cycles,
                    "instructions": program.instruction_count,
-                   "memory_words": program.memory_words()})
+                   "memory_words": program.memory_words(), "framework": program.framework,
+                   "host_ops": [op["op"] for op in program.host_ops]})
     return EXIT_OK
 
 

@@ -288,6 +288,9 @@ class Program:
                              f"{layer['out_features']:<5} {layer['k_tiles']:>5} x "
                              f"{layer['n_tiles']:<7} {layer['weight_words']:>12} "
                              f"{layer['macs']:>16}")
+        for op in self.host_ops:
+            lines.append(f"then on the host: {op['op']} (the {self.framework} reference "
+                         f"kernel's integer arithmetic)")
         lines.append("")
         for info in memories(c).values():
             used = self.memory_words().get(info.name)

@@ -92,6 +92,11 @@ def test_cli_compile_and_run_kws(tmp_path, capsys):
     np.testing.assert_array_equal(y, litert_reference(path)(x).reshape(3, -1))
     assert report["cycles_per_inference"] > 0 and len(report["layers"]) == 11
     assert all(layer["cycles"] > 0 for layer in report["layers"])
+    assert main(["inspect", str(program), "--json"]) == 0
+    text = capsys.readouterr().out
+    assert "then on the host: softmax" in text
+    inspected = json.loads(text.strip().splitlines()[-1])
+    assert inspected["host_ops"] == ["softmax"] and inspected["framework"] == "tflite"
 
 
 def test_unsupported_and_corrupt_models_are_named(tmp_path):
