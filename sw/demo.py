@@ -165,6 +165,22 @@ def check_demo_fits(kind: str, config: NpuConfig, hidden: tuple[int, ...] = (64,
         compile_model(load_onnx(path), config, calibration=x)
 
 
+def _run_on_target(program, x: np.ndarray, golden, target: str, simulator: str,
+                   record: dict):
+    """Run ``x`` on ``target`` and add to ``record`` whether it is bit-exact with the
+    golden run and its counters equal the cycle model's; returns (label, result)."""
+    from .runtime import run
+
+    label = (f"virtual board ({simulator})" if target == "sim" else
+             f"RTL ({simulator})" if target == "rtl" else target)
+    npu = run(program, x, target=target, simulator=simulator,
+              progress=_progress(f"running on {label}"))
+    record["bit_exact"] = bool(np.array_equal(npu.quantized_output, golden.quantized_output))
+    record["cycles_match_model"] = npu.counters == golden.counters
+    record.update(npu.stats(program))
+    return label, npu
+
+
 def run_demo(*, target: str = "sim", simulator: str = "verilator",
              config: NpuConfig | None = None, workdir: str | Path = "build/demo",
              hidden: tuple[int, ...] = (64, 32), model_kind: str = "mlp") -> dict:
@@ -201,15 +217,8 @@ def run_demo(*, target: str = "sim", simulator: str = "verilator",
               "float_accuracy": float_accuracy, "int8_accuracy": int8_accuracy,
               **golden.stats(program)}
     if target != "golden":
-        label = (f"virtual board ({simulator})" if target == "sim" else
-                 f"RTL ({simulator})" if target == "rtl" else target)
-        npu = run(program, x_test, target=target, simulator=simulator,
-                  progress=_progress(f"running on {label}"))
-        record["bit_exact"] = bool(np.array_equal(npu.quantized_output,
-                                                  golden.quantized_output))
+        label, npu = _run_on_target(program, x_test, golden, target, simulator, record)
         record["npu_accuracy"] = float(np.mean(npu.output.argmax(1) == y_test))
-        record["cycles_match_model"] = npu.counters == golden.counters
-        record.update({k: v for k, v in npu.stats(program).items()})
     record["target"] = target
     record["seconds"] = round(time.perf_counter() - started, 1)
     print(f"accuracy on {len(x_test)} held-out digits: float {float_accuracy:.4f}, "
@@ -284,14 +293,7 @@ def run_mlperf_demo(name: str, *, target: str = "sim", simulator: str = "verilat
                   np.array_equal(golden.quantized_output, reference)),
               **golden.stats(program)}
     if target != "golden":
-        label = (f"virtual board ({simulator})" if target == "sim" else
-                 f"RTL ({simulator})" if target == "rtl" else target)
-        npu = run(program, x, target=target, simulator=simulator,
-                  progress=_progress(f"running on {label}"))
-        record["bit_exact"] = bool(np.array_equal(npu.quantized_output,
-                                                  golden.quantized_output))
-        record["cycles_match_model"] = npu.counters == golden.counters
-        record.update(npu.stats(program))
+        label, _ = _run_on_target(program, x, golden, target, simulator, record)
         print(f"NPU ({label}) bit-exact with golden: {record['bit_exact']}")
     record["target"] = target
     record["seconds"] = round(time.perf_counter() - started, 1)
