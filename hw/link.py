@@ -64,7 +64,8 @@ class LinkEngine(wiring.Component):
     """Parses request frames from ``rx``, drives ``bus``, sends responses on ``tx``.
 
     ``identity_words``: how many words IDENTIFY returns. ``region_words``: the host words
-    each region spans, a power of two (``npugen.memory_map.region_words``). ``running``:
+    each region spans (``npugen.memory_map.region_words``; a power of two costs the least
+    logic, other spans add one comparator). ``running``:
     the NPU is running (a START then is refused as BUSY). ``error`` is high once any
     error counter is non-zero (for a status LED).
     """
@@ -81,9 +82,9 @@ class LinkEngine(wiring.Component):
         if timeout_cycles < 16:
             raise ValueError(f"timeout_cycles must be at least 16, not {timeout_cycles!r}")
         for region, words in region_words.items():
-            if words < 1 or words & (words - 1) or words > 1 << REGION_SHIFT:
-                raise ValueError(f"region {int(region)} must span a power of two of words "
-                                 f"up to 2**{REGION_SHIFT}, not {words!r}")
+            if words < 1 or words > 1 << REGION_SHIFT:
+                raise ValueError(f"region {int(region)} must span 1 to 2**{REGION_SHIFT} "
+                                 f"words, not {words!r}")
         self._identity_words = identity_words
         self._timeout = timeout_cycles
         self._region_words = {int(region): words for region, words in region_words.items()}
@@ -128,6 +129,9 @@ class LinkEngine(wiring.Component):
         # A READ or WRITE moves words offset … offset + span (span < 256).
         span = Signal(8)
         low_sum = Signal(9)           # offset[0:8] + span
+        # offset + span, for the regions whose span is not a power of two.
+        uneven = any(words & (words - 1) for words in self._region_words.values())
+        full_sum = Signal(REGION_SHIFT + 1)
         requested = Signal(range(MAX_PAYLOAD_WORDS + 1))
         requested_too_many = Signal()     # count bits above those of `requested` set
 
@@ -350,11 +354,14 @@ class LinkEngine(wiring.Component):
             # 2**k words. With span < 256 only the low byte needs adding: the words stay
             # inside if offset < 2**k and, for k <= 8, offset[0:8] + span < 2**k; for
             # k > 8, unless that sum carries into offset[8:k] when those bits are all ones.
+            # A region of any other size compares the whole offset + span with it.
             # The sum is registered in one cycle and checked in the next; the write's
             # first word stays on the buffer's output meanwhile.
             with m.State("RANGE"):
                 m.d.comb += buffer_read.addr.eq(1)
                 m.d.sync += low_sum.eq(read_address[0:8] + span)
+                if uneven:
+                    m.d.sync += full_sum.eq(read_address[0:REGION_SHIFT] + span)
                 m.next = "RANGE_CHECK"
 
             with m.State("RANGE_CHECK"):
@@ -362,10 +369,12 @@ class LinkEngine(wiring.Component):
                 region = read_address[REGION_SHIFT:]
                 offset = read_address[0:REGION_SHIFT]
 
-                widest = max(words.bit_length() - 1 for words in self._region_words.values())
+                widest = max((words - 1).bit_length() for words in self._region_words.values())
                 above_every_region = offset[widest:] == 0
 
                 def fits(words):
+                    if words & (words - 1):   # the last word, offset + span, below words
+                        return full_sum < words
                     k = words.bit_length() - 1
                     below = above_every_region & (offset[k:widest] == 0)
                     if k <= 8:

@@ -120,7 +120,11 @@ class Npu(wiring.Component):
         in_memory = {}
         for mem_region, info in infos.items():
             stride_bits = (info.stride - 1).bit_length()
-            in_memory[mem_region] = (offset >> (stride_bits + (info.depth - 1).bit_length())) == 0
+            entry = offset >> stride_bits
+            if info.depth & (info.depth - 1):
+                in_memory[mem_region] = entry < info.depth
+            else:
+                in_memory[mem_region] = (entry >> (info.depth - 1).bit_length()) == 0
         read_in_memory = Signal()
         with m.If(host.valid & ~host.write):
             m.d.sync += read_in_memory.eq(Cat(*[

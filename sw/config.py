@@ -44,6 +44,10 @@ ROUNDINGS = ("double", "single", "both")
 
 #: Widest memory address the 16-bit ISA address fields can name.
 MAX_DEPTH = 1 << 16
+#: A memory depth that is not a power of two is a multiple of this: whole block RAMs of
+#: the common shapes (ECP5 DP16KD 512×36, iCE40 EBR 256×16), and no address decoding of
+#: odd sizes. It lets a memory hold a model's 4,228 words in 4,352 rather than 8,192.
+DEPTH_STEP = 256
 
 
 def _check_int(name: str, value: Any, low: int, high: int, rule: str = "") -> None:
@@ -94,10 +98,11 @@ class NpuConfig:
         for name in ("activation_depth", "weight_depth", "accumulator_depth",
                      "instruction_depth", "param_depth"):
             value = getattr(self, name)
-            _check_int(name, value, 2, MAX_DEPTH, f"a power of two from 2 to {MAX_DEPTH}")
-            if value & (value - 1):
-                raise ValueError(
-                    f"{name} must be a power of two from 2 to {MAX_DEPTH}, not {value}")
+            rule = (f"a power of two from 2 to {MAX_DEPTH}, or a multiple of "
+                    f"{DEPTH_STEP} up to it")
+            _check_int(name, value, 2, MAX_DEPTH, rule)
+            if value & (value - 1) and value % DEPTH_STEP:
+                raise ValueError(f"{name} must be {rule}, not {value}")
         if self.weight_depth < self.rows:
             raise ValueError(
                 f"weight_depth must hold one weight tile of rows={self.rows} words, "

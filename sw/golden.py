@@ -29,6 +29,12 @@ PRODUCT_PIPELINE_STAGES = 1
 ARRAY_INPUT_STAGES = 1
 
 
+def address_span(depth: int) -> int:
+    """The addresses a memory of ``depth`` words decodes: the hardware's address counters
+    wrap at this power of two; words from ``depth`` up do not exist."""
+    return 1 << (depth - 1).bit_length()
+
+
 def array_latency(rows: int, cols: int) -> int:
     """Cycles from an activation word entering the array to its whole result row."""
     return rows + cols - 1 + PRODUCT_PIPELINE_STAGES + ARRAY_INPUT_STAGES
@@ -373,7 +379,7 @@ class GoldenNpu:
         c = self.config
         count = ins["count"]
         groups = c.cols // c.requant_lanes
-        param_words = (self.param_addr + np.arange(groups)) % c.param_depth
+        param_words = (self.param_addr + np.arange(groups)) % address_span(c.param_depth)
         params = self.params[param_words].reshape(c.cols, 3)
         acc = self.accumulators[ins["acc_addr"]:ins["acc_addr"] + count]
         if ins["to_acc"]:
@@ -391,6 +397,7 @@ class GoldenNpu:
             accumulator_width=c.accumulator_width, output_width=c.input_width,
             rounding=requant_rounding(ins), left_shift=ins["left_shift"])
         lanes = ins["out_lane"] + np.arange(c.cols)
-        words = (ins["out_addr"] + (lanes // c.rows) * self.out_stride) % c.activation_depth
+        span = address_span(c.activation_depth)
+        words = (ins["out_addr"] + (lanes // c.rows) * self.out_stride) % span
         for i, offset in enumerate(self.state.out.offsets(count)):
-            self.activations[(words + offset) % c.activation_depth, lanes % c.rows] = out[i]
+            self.activations[(words + offset) % span, lanes % c.rows] = out[i]

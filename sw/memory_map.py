@@ -133,8 +133,9 @@ def register_bits(config: NpuConfig) -> int:
 
 
 def region_words(config: NpuConfig) -> dict[Region, int]:
-    """Host words each region spans (a power of two): the registers' block, and each
-    memory's depth × stride. A READ or WRITE past them is refused (BAD_ADDRESS)."""
+    """Host words each region spans: the registers' block (a power of two), and each
+    memory's depth × stride (a power of two unless the depth is not). A READ or WRITE
+    past them is refused (BAD_ADDRESS)."""
     sizes = {Region.REGISTERS: 1 << register_bits(config)}
     sizes.update({region: info.depth * info.stride
                   for region, info in memories(config).items()})

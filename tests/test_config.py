@@ -20,7 +20,8 @@ def test_defaults_are_valid_and_hashable():
     ({"input_width": 16, "weight_width": 16, "accumulator_width": 24}, ValueError,
      r"accumulator_width must be at least input_width \+ weight_width \(32\), not 24"),
     ({"activation_depth": 1000}, ValueError,
-     r"activation_depth must be a power of two from 2 to 65536, not 1000"),
+     r"activation_depth must be a power of two from 2 to 65536, or a multiple of 256 up "
+     r"to it, not 1000"),
     ({"weight_depth": 4}, ValueError, r"weight_depth must hold one weight tile of rows=8"),
     ({"requant_lanes": 3}, ValueError,
      r"requant_lanes must divide both rows \(8\) and cols \(8\), not 3"),

@@ -4,6 +4,7 @@ and recovery from noise, bad CRCs, oversize lengths, truncated frames, unknown c
 import struct
 
 import numpy as np
+import pytest
 from amaranth import Module
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
@@ -28,14 +29,19 @@ CONFIG = NpuConfig(rows=2, cols=2, activation_depth=32, weight_depth=32, accumul
 TIMEOUT = 64
 
 
-def run_session(steps):
+#: Memories whose depths are not powers of two (multiples of DEPTH_STEP).
+UNEVEN_CONFIG = NpuConfig(rows=2, cols=2, activation_depth=768, weight_depth=768,
+                          accumulator_depth=32, instruction_depth=16, param_depth=16)
+
+
+def run_session(steps, config=CONFIG):
     """Run ``steps``: a list of ("send", bytes) and ("idle", cycles); return every
     response frame the engine sent, in order, and the parser's dropped-byte count."""
     m = Module()
-    m.submodules.npu = npu = Npu(CONFIG)
-    m.submodules.link = link = LinkEngine(identity_words=len(identity_words(CONFIG)),
+    m.submodules.npu = npu = Npu(config)
+    m.submodules.link = link = LinkEngine(identity_words=len(identity_words(config)),
                                           timeout_cycles=TIMEOUT,
-                                          region_words=region_words(CONFIG))
+                                          region_words=region_words(config))
     wiring.connect(m, link.bus, npu.host)
     m.d.comb += link.running.eq(npu.running)
     received = bytearray()
@@ -179,11 +185,12 @@ def test_a_matmul_through_the_link():
     assert np.array_equal(y, a @ w)
 
 
-def test_addresses_past_a_region_are_refused_and_counted():
+@pytest.mark.parametrize("config", [CONFIG, UNEVEN_CONFIG], ids=["power-of-two", "uneven"])
+def test_addresses_past_a_region_are_refused_and_counted(config):
     """A READ or WRITE that reaches past a memory, past the registers' block or into no
     region is answered BAD_ADDRESS, counted, and moves no word; one that ends exactly at
-    a region's end is fine."""
-    sizes = region_words(CONFIG)
+    a region's end is fine, also where the memory's depth is not a power of two."""
+    sizes = region_words(config)
     weights_end = address(Region.WEIGHTS, sizes[Region.WEIGHTS])
     registers_end = address(Region.REGISTERS, sizes[Region.REGISTERS])
     responses, dropped = run_session([
@@ -197,7 +204,7 @@ def test_addresses_past_a_region_are_refused_and_counted():
         ("send", encode_request(Command.READ, 8, struct.pack("<IH", registers_end, 1))),
         ("send", encode_request(Command.READ, 9, struct.pack("<IH", 0x02FFFFFF, 2))),
         ("send", encode_request(Command.LINK_STATUS, 10)),
-    ])
+    ], config)
     assert dropped == 0
     assert [(r.seq, r.status) for r in responses] == [
         (1, LinkStatus.OK), (2, LinkStatus.BAD_ADDRESS), (3, LinkStatus.BAD_ADDRESS),

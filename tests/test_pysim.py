@@ -74,3 +74,17 @@ def test_timeout_raises_simulation_error():
     sim.add_testbench(testbench)
     with pytest.raises(SimulationError, match="did not reach HALT within 10 cycles"):
         sim.run()
+
+
+def test_memories_whose_depth_is_not_a_power_of_two():
+    """Depths that are multiples of DEPTH_STEP but not powers of two: a GEMM whose
+    activations reach past the power of two below the depth runs as on the golden model."""
+    config = SMALL.replace(activation_depth=768, weight_depth=768, accumulator_depth=768)
+    rng = np.random.default_rng(5)
+    a, w = rng.integers(-128, 128, (700, 2)), rng.integers(-128, 128, (2, 3))
+    job, plan = matmul_job(config, a, w)
+    [result] = simulate([job], simulator="amaranth")
+    golden = run_golden(job)
+    np.testing.assert_array_equal(matmul_output(plan, result), a @ w)
+    np.testing.assert_array_equal(result.outputs["y"], golden.outputs["y"])
+    assert result.counters == golden.counters
