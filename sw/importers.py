@@ -17,8 +17,17 @@ from .graph import Add, Conv, Dense, Model, ModelError, Pool, QuantParams, outpu
 __all__ = ["load_model", "load_onnx", "load_npz", "SUPPORTED_ONNX_OPS", "NPZ_LAYOUT"]
 
 SUPPORTED_ONNX_OPS = ("Gemm", "MatMul", "Conv", "BatchNormalization", "MaxPool",
-                      "AveragePool", "GlobalAveragePool", "Add", "Relu", "Clip", "Flatten",
-                      "Reshape", "Identity", "Constant", "QuantizeLinear", "DequantizeLinear")
+                      "AveragePool", "GlobalAveragePool", "ReduceMean", "Add", "Relu", "Clip",
+                      "Flatten",
+                      "Reshape", "Identity", "Constant", "QuantizeLinear", "DequantizeLinear",
+                      "Transpose", "Softmax")
+#: Operators that make or finish a layer the NPU computes.
+LAYER_OPS = ("Gemm", "MatMul", "Conv", "BatchNormalization", "MaxPool", "AveragePool",
+             "GlobalAveragePool", "ReduceMean", "Add", "Relu", "Clip")
+#: Operators that move no value: a Softmax's input is traced back through them to a layer.
+PASS_THROUGH_OPS = ("QuantizeLinear", "DequantizeLinear", "Identity", "Flatten", "Reshape")
+#: What may follow a final Softmax (its output's quantization).
+AFTER_SOFTMAX_OPS = ("QuantizeLinear", "DequantizeLinear", "Identity")
 MIN_OPSET = 13
 
 NPZ_LAYOUT = """\
@@ -96,16 +105,30 @@ def load_npz(path: str | Path) -> Model:
 @dataclass
 class _Activation:
     """The running activation tensor: its shape (no batch dimension) and the tensor whose
-    quantization applies (``"input"`` or the producing layer's name)."""
+    quantization applies (``"input"`` or the producing layer's name).
+
+    ``edge``: ``"raw_input"`` for the graph input as declared (its layout not yet known),
+    ``"hwc_output"`` for a map a layout Transpose turned to NHWC (only Q/DQ may follow).
+    ``host_op``: the final Softmax this value comes from, run on the host."""
 
     shape: tuple[int, ...]
     owner: str = "input"
     layer: Dense | Conv | Pool | Add | None = None
     after_layer_ops: list[str] = field(default_factory=list)
+    edge: str = ""
+    host_op: dict | None = None
 
     @property
     def features(self) -> int:
         return int(np.prod(self.shape))
+
+    def reshaped(self, shape: tuple[int, ...]) -> _Activation:
+        return _Activation(shape, self.owner, self.layer, self.after_layer_ops)
+
+    def transposed_output(self) -> _Activation:
+        """The same map, given to the user as H×W×C (the NPU keeps C×H×W)."""
+        return _Activation(self.shape, self.owner, self.layer, self.after_layer_ops,
+                           edge="hwc_output")
 
 
 @dataclass
@@ -126,6 +149,45 @@ class _QuantizedConstant:
 
 def _describe(node) -> str:
     return f"node {node.name or node.output[0]!r} ({node.op_type})"
+
+
+def _reshape_target(node, target: list[int], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A Reshape's target shape without the batch: 0 copies the input's dimension (the
+    input is (batch, *shape)), one -1 is inferred."""
+    source = (-1, *shape)
+    dims = [source[i] if d == 0 and i < len(source) else d for i, d in enumerate(target)]
+    rest = dims[1:]
+    if rest.count(-1) > 1 or (dims[0] == -1 and -1 in rest) or any(d < -1 for d in rest):
+        raise ModelError(f"{_describe(node)}: cannot reshape {shape} to {target} (the batch "
+                         f"first, at most one -1)")
+    known = int(np.prod([d for d in rest if d != -1]))
+    if -1 in rest:
+        rest[rest.index(-1)] = int(np.prod(shape)) // max(known, 1)
+    return tuple(rest)
+
+
+def _tf2onnx_layer_name(node_name: str) -> str:
+    """A short layer name from a tf2onnx node name, which joins the names of the fused
+    TensorFlow ops with ';' and ends in '_prequant': as the TFLite front end names it."""
+    from .tflite_import import _layer_name
+
+    return _layer_name(node_name.removesuffix("_prequant")) or node_name
+
+
+def _unsupported(graph) -> list[str]:
+    """The nodes npugen cannot take, described: unknown operators, and a Softmax that does
+    not follow a layer (npugen runs a Softmax on the host, after the NPU's last layer)."""
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def after_layer(node) -> bool:
+        source = producers.get(node.input[0])
+        while source is not None and source.op_type in PASS_THROUGH_OPS:
+            source = producers.get(source.input[0])
+        return source is not None and source.op_type in LAYER_OPS
+
+    return [_describe(n) for n in graph.node
+            if n.op_type not in SUPPORTED_ONNX_OPS or n.domain not in ("", "ai.onnx")
+            or (n.op_type == "Softmax" and not after_layer(n))]
 
 
 def load_onnx(source: Any) -> Model:
@@ -151,12 +213,12 @@ def load_onnx(source: Any) -> Model:
                          f"and newer (re-export it, e.g. torch.onnx.export(..., "
                          f"opset_version=17))")
     graph = proto.graph
-    unsupported = [_describe(n) for n in graph.node
-                   if n.op_type not in SUPPORTED_ONNX_OPS or n.domain not in ("", "ai.onnx")]
+    unsupported = _unsupported(graph)
     if unsupported:
         raise ModelError(
             f"{label} has {len(unsupported)} unsupported node(s): {', '.join(unsupported)}. "
-            f"Supported operators: {', '.join(SUPPORTED_ONNX_OPS)}")
+            f"Supported operators: {', '.join(SUPPORTED_ONNX_OPS)} (Softmax as the last "
+            f"operator after a layer, Transpose as a layout change of the input or output)")
 
     values: dict[str, Any] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in values]
@@ -177,7 +239,27 @@ def load_onnx(source: Any) -> Model:
                          f"scale and zero point it keeps)")
     layers: list[Dense] = []
     tensor_quant: dict[str, QuantParams] = {}
-    values[input_name] = _Activation(input_shape)
+    values[input_name] = _Activation(input_shape, edge="raw_input")
+    edges = {"input_layout": "chw", "input_shape": input_shape}
+    input_reads: set[str] = set()
+    layer_names: set[str] = {"input"}
+
+    def layer_name(node) -> str:
+        """The node's name (a tf2onnx name shortened), unique among the layers."""
+        base = node.name or node.output[0]
+        if proto.producer_name == "tf2onnx":
+            base = _tf2onnx_layer_name(base)
+        name, index = base, 1
+        while name in layer_names:
+            index += 1
+            name = f"{base}#{index}"
+        layer_names.add(name)
+        return name
+
+    def reads(act: _Activation) -> None:
+        """Note which view of the model's input a layer reads."""
+        if act.owner == "input":
+            input_reads.add("raw_input" if act.edge == "raw_input" else "layout")
 
     def constant(node, index: int, what: str) -> np.ndarray:
         if index >= len(node.input) or node.input[index] == "":
@@ -192,6 +274,10 @@ def load_onnx(source: Any) -> Model:
         if not isinstance(value, _Activation):
             raise ModelError(f"{_describe(node)}: its first input must be the model's "
                              f"activation, not a constant")
+        if value.edge == "hwc_output":
+            raise ModelError(f"{_describe(node)}: reads a map that a layout Transpose turned "
+                             f"to NHWC; npugen takes such a Transpose as the model's last "
+                             f"operator only")
         return value
 
     def weight_of(node, index: int, transpose: bool) -> tuple[np.ndarray, _QuantizedConstant]:
@@ -211,7 +297,8 @@ def load_onnx(source: Any) -> Model:
         if weight.shape[0] != act.features:
             raise ModelError(f"{_describe(node)}: weights of shape {weight.shape} do not take "
                              f"{act.features} input features")
-        name = node.name or node.output[0]
+        reads(act)
+        name = layer_name(node)
         layer = Dense(name, weight.astype(np.float32), np.zeros(weight.shape[1], np.float32),
                       inputs=(act.owner,))
         if quantized is not None:
@@ -272,26 +359,31 @@ def load_onnx(source: Any) -> Model:
                              f"another node, but the NPU folds this node into the layer that "
                              f"makes it")
 
-    def window(node, act: _Activation, kernel: tuple[int, int]) -> tuple[int, tuple]:
-        """Stride and (top, left, bottom, right) pads of a Conv or pooling node."""
+    def window(node, act: _Activation, kernel: tuple[int, int],
+               one_stride: bool = True) -> tuple[Any, tuple]:
+        """Stride (one, or (vertical, horizontal) where ``one_stride`` is false) and (top,
+        left, bottom, right) pads of a Conv or pooling node."""
         if len(act.shape) != 3:
             raise ModelError(f"{_describe(node)}: needs a C×H×W feature map, not shape "
                              f"{act.shape}")
-        strides = list(attribute(node, "strides", [1, 1]))
-        if len(set(strides)) != 1:
+        strides = [int(s) for s in attribute(node, "strides", [1, 1])]
+        if len(strides) != 2 or not all(1 <= s <= 255 for s in strides):
+            raise ModelError(f"{_describe(node)}: strides {strides} are not supported (two, "
+                             f"1 to 255)")
+        if one_stride and strides[0] != strides[1]:
             raise ModelError(f"{_describe(node)}: strides {strides} differ; the NPU takes "
                              f"one stride for both axes")
         if any(d != 1 for d in attribute(node, "dilations", [1, 1])):
             raise ModelError(f"{_describe(node)}: dilations other than 1 are not supported")
         if attribute(node, "ceil_mode", 0):
             raise ModelError(f"{_describe(node)}: ceil_mode=1 is not supported")
-        stride = int(strides[0])
+        stride = strides[0] if strides[0] == strides[1] else (strides[0], strides[1])
         auto_pad = attribute(node, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             before, after = [], []
-            for size, k in zip(act.shape[1:], kernel, strict=True):
-                total = max((-(-size // stride) - 1) * stride + k - size, 0)
+            for size, k, step in zip(act.shape[1:], kernel, strides, strict=True):
+                total = max((-(-size // step) - 1) * step + k - size, 0)
                 small = total // 2
                 first = small if auto_pad == "SAME_UPPER" else total - small
                 before.append(first)
@@ -307,6 +399,7 @@ def load_onnx(source: Any) -> Model:
             shape = output_shape(layer, act.shape)
         except ModelError as error:
             raise ModelError(f"{_describe(node)}: {error}") from None
+        reads(act)
         layer.inputs = (act.owner,)
         layers.append(layer)
         return _Activation(shape, owner=layer.name, layer=layer)
@@ -325,7 +418,7 @@ def load_onnx(source: Any) -> Model:
         stride, pads = window(node, act, kernel)
         groups = int(attribute(node, "group", 1))
         channels = act.shape[0]
-        name = node.name or node.output[0]
+        name = layer_name(node)
         if groups == 1:
             order = (2, 3, 1, 0)      # (O, I, kh, kw) → (kh, kw, I, O)
         elif groups == channels and real.shape[:2] == (channels, 1):
@@ -376,147 +469,236 @@ def load_onnx(source: Any) -> Model:
 
     def pool(node, kind: str) -> _Activation:
         act = activation(node)
-        name = node.name or node.output[0]
+        if len(act.shape) != 3:
+            raise ModelError(f"{_describe(node)}: needs a C×H×W feature map, not shape "
+                             f"{act.shape}")
         if kind == "global":
-            if len(act.shape) != 3:
-                raise ModelError(f"{_describe(node)}: needs a C×H×W feature map")
-            return map_layer(node, act, Pool(name, "global"))
+            return map_layer(node, act, Pool(layer_name(node), "global"))
         kernel = [int(k) for k in attribute(node, "kernel_shape", [])]
-        if len(kernel) != 2 or kernel[0] != kernel[1]:
-            raise ModelError(f"{_describe(node)}: only square 2-D kernels are supported, "
-                             f"not {kernel}")
+        if len(kernel) != 2:
+            raise ModelError(f"{_describe(node)}: only 2-D kernels are supported, not "
+                             f"{kernel}")
         if len(node.output) > 1 and node.output[1]:
             raise ModelError(f"{_describe(node)}: the Indices output is not supported")
-        stride, pads = window(node, act, (kernel[0], kernel[1]))
+        whole_map = kind == "avg" and tuple(kernel) == act.shape[1:]
+        stride, pads = window(node, act, (kernel[0], kernel[1]), one_stride=not whole_map)
+        if whole_map and not any(pads):
+            # One window over the whole map (as converters write a global pooling).
+            return map_layer(node, act, Pool(layer_name(node), "global"))
+        if kernel[0] != kernel[1]:
+            raise ModelError(f"{_describe(node)}: only square kernels are supported (or one "
+                             f"window over the whole {act.shape[1]}×{act.shape[2]} map), not "
+                             f"{kernel}")
         if kind == "avg" and any(pads) and not attribute(node, "count_include_pad", 0):
             raise ModelError(f"{_describe(node)}: padded average pooling needs "
                              f"count_include_pad=1 (one divisor for every window)")
-        return map_layer(node, act, Pool(name, kind, kernel[0], stride, pads))
+        return map_layer(node, act, Pool(layer_name(node), kind, kernel[0], stride, pads))
 
-    for node in graph.node:
-        op = node.op_type
-        out = node.output[0]
-        if op == "Constant":
-            values[out] = numpy_helper.to_array(attribute(node, "value", None))
-        elif op == "Identity":
-            values[out] = values[node.input[0]]
-        elif op == "QuantizeLinear":
-            value = values.get(node.input[0])
-            scale = constant(node, 1, "scale")
-            zero = constant(node, 2, "zero point")
-            zero = np.zeros((), np.int64) if zero is None else zero
-            if zero is not None and np.asarray(zero).dtype not in (np.int8, np.int64, np.int32):
-                raise ModelError(f"{_describe(node)}: only int8 quantization is supported, "
-                                 f"not {np.asarray(zero).dtype}")
-            if isinstance(value, _Activation):
-                if np.asarray(scale).size != 1:
-                    raise ModelError(f"{_describe(node)}: activations need per-tensor scales")
-                tensor_quant[value.owner] = QuantParams(float(np.asarray(scale).reshape(-1)[0]),
-                                                        int(np.asarray(zero).reshape(-1)[0]))
-                values[out] = value
-            else:
-                axis = attribute(node, "axis", 1)
-                shape = [1] * value.ndim
-                if np.asarray(scale).size > 1:
-                    shape[axis] = -1
-                q = np.round(value / np.asarray(scale).reshape(shape)) + np.asarray(
-                    zero).reshape(shape if np.asarray(zero).size > 1 else ())
-                values[out] = np.clip(q, -128, 127).astype(np.int64)
-        elif op == "DequantizeLinear":
-            value = values.get(node.input[0])
-            if isinstance(value, _Activation):
-                if node.input[0] == input_name and input_type == onnx.TensorProto.INT8:
-                    # An int8 graph input (as tf2onnx writes): this node's scale and zero
-                    # point are the input's quantization.
-                    scale = np.asarray(constant(node, 1, "scale"))
-                    zero = constant(node, 2, "zero point")
-                    if scale.size != 1:
-                        raise ModelError(f"{_describe(node)}: the int8 input {input_name!r} "
-                                         f"needs a per-tensor scale, not {scale.size}")
-                    tensor_quant["input"] = QuantParams(
-                        float(scale.reshape(-1)[0]),
-                        0 if zero is None else int(np.asarray(zero).reshape(-1)[0]))
-                values[out] = value
-            else:
-                scale = np.asarray(constant(node, 1, "scale"), dtype=np.float64)
+    def quantize_linear(node) -> Any:
+        value = values.get(node.input[0])
+        scale = constant(node, 1, "scale")
+        zero = constant(node, 2, "zero point")
+        zero = np.zeros((), np.int64) if zero is None else zero
+        if np.asarray(zero).dtype not in (np.int8, np.int64, np.int32):
+            raise ModelError(f"{_describe(node)}: only int8 quantization is supported, "
+                             f"not {np.asarray(zero).dtype}")
+        if not isinstance(value, _Activation):
+            axis = attribute(node, "axis", 1)
+            shape = [1] * value.ndim
+            if np.asarray(scale).size > 1:
+                shape[axis] = -1
+            q = np.round(value / np.asarray(scale).reshape(shape)) + np.asarray(
+                zero).reshape(shape if np.asarray(zero).size > 1 else ())
+            return np.clip(q, -128, 127).astype(np.int64)
+        if np.asarray(scale).size != 1:
+            raise ModelError(f"{_describe(node)}: activations need per-tensor scales")
+        quant = QuantParams(float(np.asarray(scale).reshape(-1)[0]),
+                            int(np.asarray(zero).reshape(-1)[0]))
+        if value.host_op is not None:      # the quantization of a final Softmax's output
+            value.host_op["output_scale"] = quant.scale
+            value.host_op["output_zero_point"] = quant.zero_point
+        else:
+            tensor_quant[value.owner] = quant
+        return value
+
+    def dequantize_linear(node) -> Any:
+        value = values.get(node.input[0])
+        if isinstance(value, _Activation):
+            if value.owner == "input" and input_type == onnx.TensorProto.INT8 \
+                    and "input" not in tensor_quant:
+                # An int8 graph input (as tf2onnx writes, maybe after a layout Transpose):
+                # this node's scale and zero point are the input's quantization.
+                scale = np.asarray(constant(node, 1, "scale"))
                 zero = constant(node, 2, "zero point")
-                zero = np.zeros(1, np.int64) if zero is None else np.asarray(zero, np.int64)
-                values[out] = _QuantizedConstant(np.asarray(value).astype(np.int64), scale,
-                                                 zero, attribute(node, "axis", 1))
-        elif op == "Gemm":
-            act = activation(node)
-            if attribute(node, "transA", 0):
-                raise ModelError(f"{_describe(node)}: transA=1 is not supported")
-            alpha, beta = attribute(node, "alpha", 1.0), attribute(node, "beta", 1.0)
-            transpose = bool(attribute(node, "transB", 0))
-            weight, quantized = weight_of(node, 1, transpose)
-            if alpha != 1.0:
-                if quantized is not None:
-                    raise ModelError(f"{_describe(node)}: alpha must be 1 with quantized "
-                                     f"weights")
-                weight = weight * alpha
-            new = add_layer(node, act, weight, quantized, transpose)
-            if len(node.input) > 2 and node.input[2]:
-                bias = values.get(node.input[2])
-                if not isinstance(bias, (np.ndarray, _QuantizedConstant)):
-                    raise ModelError(f"{_describe(node)}: its bias must be a constant")
-                if beta != 1.0:
-                    if isinstance(bias, _QuantizedConstant):
-                        raise ModelError(f"{_describe(node)}: beta must be 1 with a "
-                                         f"quantized bias")
-                    bias = bias * beta
-                set_bias(node, new, bias)
-            values[out] = new
-        elif op == "MatMul":
-            act = activation(node)
-            weight, quantized = weight_of(node, 1, False)
-            values[out] = add_layer(node, act, weight, quantized, False)
-        elif op == "Add":
-            first, second = (values.get(name) for name in node.input[:2])
-            if isinstance(first, _Activation) and isinstance(second, _Activation):
-                # Two tensors: a residual connection, computed on chip.
-                if first.shape != second.shape:
-                    raise ModelError(f"{_describe(node)}: adds shapes {first.shape} and "
-                                     f"{second.shape}; they must be equal (no broadcasting)")
-                add = Add(node.name or out, (first.owner, second.owner))
-                layers.append(add)
-                values[out] = _Activation(first.shape, owner=add.name, layer=add)
-                continue
-            act, bias = (first, second) if isinstance(first, _Activation) else (second, first)
-            if not isinstance(act, _Activation) or isinstance(bias, _Activation):
-                raise ModelError(f"{_describe(node)}: an Add needs an activation input")
-            set_bias(node, act, bias)
-            values[out] = act
-        elif op == "Conv":
-            values[out] = conv(node)
-        elif op == "BatchNormalization":
-            values[out] = batch_norm(node)
-        elif op in ("MaxPool", "AveragePool", "GlobalAveragePool"):
-            values[out] = pool(node, {"MaxPool": "max", "AveragePool": "avg"}.get(op, "global"))
-        elif op == "Relu":
-            values[out] = clamp(node, activation(node), 0.0, np.inf)
-        elif op == "Clip":
-            low = constant(node, 1, "min")
-            high = constant(node, 2, "max")
-            low = -np.inf if low is None else float(low)
-            high = np.inf if high is None else float(high)
-            values[out] = clamp(node, activation(node), low, high)
-        elif op == "Flatten":
-            if attribute(node, "axis", 1) != 1:
-                raise ModelError(f"{_describe(node)}: only axis=1 (keep the batch) is "
-                                 f"supported")
-            act = activation(node)
-            values[out] = _Activation((act.features,), act.owner, act.layer,
-                                      act.after_layer_ops)
-        elif op == "Reshape":
-            act = activation(node)
-            shape = constant(node, 1, "shape")
-            target = [int(d) for d in np.asarray(shape).reshape(-1)]
-            if len(target) != 2 or target[1] not in (act.features, -1):
-                raise ModelError(f"{_describe(node)}: only a reshape to (batch, "
-                                 f"{act.features}) is supported, not {target}")
-            values[out] = _Activation((act.features,), act.owner, act.layer,
-                                      act.after_layer_ops)
+                if scale.size != 1:
+                    raise ModelError(f"{_describe(node)}: the int8 input {input_name!r} "
+                                     f"needs a per-tensor scale, not {scale.size}")
+                tensor_quant["input"] = QuantParams(
+                    float(scale.reshape(-1)[0]),
+                    0 if zero is None else int(np.asarray(zero).reshape(-1)[0]))
+            return value
+        scale = np.asarray(constant(node, 1, "scale"), dtype=np.float64)
+        zero = constant(node, 2, "zero point")
+        zero = np.zeros(1, np.int64) if zero is None else np.asarray(zero, np.int64)
+        return _QuantizedConstant(np.asarray(value).astype(np.int64), scale, zero,
+                                  attribute(node, "axis", 1))
+
+    def gemm(node) -> _Activation:
+        act = activation(node)
+        if attribute(node, "transA", 0):
+            raise ModelError(f"{_describe(node)}: transA=1 is not supported")
+        alpha, beta = attribute(node, "alpha", 1.0), attribute(node, "beta", 1.0)
+        transpose = bool(attribute(node, "transB", 0))
+        weight, quantized = weight_of(node, 1, transpose)
+        if alpha != 1.0:
+            if quantized is not None:
+                raise ModelError(f"{_describe(node)}: alpha must be 1 with quantized weights")
+            weight = weight * alpha
+        new = add_layer(node, act, weight, quantized, transpose)
+        if len(node.input) > 2 and node.input[2]:
+            bias = values.get(node.input[2])
+            if not isinstance(bias, (np.ndarray, _QuantizedConstant)):
+                raise ModelError(f"{_describe(node)}: its bias must be a constant")
+            if beta != 1.0:
+                if isinstance(bias, _QuantizedConstant):
+                    raise ModelError(f"{_describe(node)}: beta must be 1 with a quantized bias")
+                bias = bias * beta
+            set_bias(node, new, bias)
+        return new
+
+    def add(node) -> _Activation:
+        first, second = (values.get(name) for name in node.input[:2])
+        if isinstance(first, _Activation) and isinstance(second, _Activation):
+            # Two tensors: a residual connection, computed on chip.
+            if first.shape != second.shape:
+                raise ModelError(f"{_describe(node)}: adds shapes {first.shape} and "
+                                 f"{second.shape}; they must be equal (no broadcasting)")
+            reads(first)
+            reads(second)
+            layer = Add(layer_name(node), (first.owner, second.owner))
+            layers.append(layer)
+            return _Activation(first.shape, owner=layer.name, layer=layer)
+        act, bias = (first, second) if isinstance(first, _Activation) else (second, first)
+        if not isinstance(act, _Activation) or isinstance(bias, _Activation):
+            raise ModelError(f"{_describe(node)}: an Add needs an activation input")
+        set_bias(node, act, bias)
+        return act
+
+    def clip(node) -> _Activation:
+        low = constant(node, 1, "min")
+        high = constant(node, 2, "max")
+        low = -np.inf if low is None else float(low)
+        high = np.inf if high is None else float(high)
+        return clamp(node, activation(node), low, high)
+
+    def flatten(node) -> _Activation:
+        if attribute(node, "axis", 1) != 1:
+            raise ModelError(f"{_describe(node)}: only axis=1 (keep the batch) is supported")
+        act = activation(node)
+        return act.reshaped((act.features,))
+
+    def reshape(node) -> _Activation:
+        """Reshapes that move no value: a map flattened to (batch, features), a shape
+        unchanged, or a layout change of a map with one channel at the model's edges
+        ((H, W, 1) ↔ (1, H, W), which is NHWC ↔ NCHW without moving a value)."""
+        act = activation(node)
+        shape = constant(node, 1, "shape")
+        target = _reshape_target(node, [int(d) for d in np.asarray(shape).reshape(-1)],
+                                 act.shape)
+        if target == (act.features,):
+            return act.reshaped(target)
+        if target == act.shape:
+            return act
+        if len(act.shape) == 3 and len(target) == 3:
+            if act.edge == "raw_input" and act.shape[2] == 1 \
+                    and target == (1, *act.shape[:2]):
+                return layout_input(node, act)
+            if act.edge == "" and act.shape[0] == 1 and target == (*act.shape[1:], 1):
+                return act.transposed_output()
+        raise ModelError(f"{_describe(node)}: reshapes {act.shape} to {target}; npugen takes "
+                         f"a Reshape that flattens a map to (batch, {act.features}), keeps "
+                         f"the shape, or changes the layout of a one-channel map at the "
+                         f"model's input or output")
+
+    def transpose(node) -> _Activation:
+        """A layout Transpose at the model's edges: NHWC → NCHW on the input, NCHW →
+        NHWC on the output; the host converts the user's maps."""
+        act = activation(node)
+        perm = [int(p) for p in attribute(node, "perm", [])]
+        if len(act.shape) == 3 and perm == [0, 3, 1, 2] and act.edge == "raw_input":
+            return layout_input(node, act)
+        if len(act.shape) == 3 and perm == [0, 2, 3, 1] and act.edge == "":
+            return act.transposed_output()
+        where = ("the model's input" if act.edge == "raw_input" else
+                 "an NHWC output" if act.edge == "hwc_output" else
+                 f"the output of {act.owner!r}")
+        raise ModelError(f"{_describe(node)}: transposes {where} (shape {act.shape}) with "
+                         f"perm {perm}; npugen takes a Transpose only as a layout change at "
+                         f"the model's edges: NHWC → NCHW (perm [0, 3, 1, 2]) of the input, "
+                         f"NCHW → NHWC (perm [0, 2, 3, 1]) of the output")
+
+    def reduce_mean(node) -> _Activation:
+        """The mean over a map's height and width (as PyTorch's dynamo exporter writes
+        a global average pooling)."""
+        act = activation(node)
+        axes = attribute(node, "axes", None)
+        if axes is None:
+            axes = constant(node, 1, "axes")
+        axes = sorted(int(a) % 4 for a in np.asarray(axes if axes is not None else []).reshape(-1))
+        if len(act.shape) != 3 or axes != [2, 3]:
+            raise ModelError(f"{_describe(node)}: npugen takes a ReduceMean over the height "
+                             f"and width of a map (axes [2, 3]), not axes {axes} of shape "
+                             f"{act.shape}")
+        pooled = map_layer(node, act, Pool(layer_name(node), "global"))
+        keep = attribute(node, "keepdims", 1)
+        return pooled if keep else pooled.reshaped((act.shape[0],))
+
+    def layout_input(node, act: _Activation) -> _Activation:
+        height, width, channels = act.shape
+        edges["input_layout"] = "hwc"
+        edges["input_shape"] = (channels, height, width)
+        return _Activation(edges["input_shape"], owner="input")
+
+    def softmax(node) -> _Activation:
+        act = activation(node)
+        axis = int(attribute(node, "axis", -1))
+        if len(act.shape) != 1 or axis not in (-1, 1) or act.layer is None:
+            raise ModelError(f"{_describe(node)}: npugen runs a Softmax on the host over the "
+                             f"features of the last layer's output (axis -1 of (batch, "
+                             f"features)), not axis {axis} of shape {act.shape}")
+        host_op = {"op": "float_softmax", "axis": -1}
+        host_ops.append(host_op)
+        return _Activation(act.shape, act.owner, act.layer, act.after_layer_ops,
+                           host_op=host_op)
+
+    handlers = {
+        "Constant": lambda node: numpy_helper.to_array(attribute(node, "value", None)),
+        "Identity": lambda node: values[node.input[0]],
+        "QuantizeLinear": quantize_linear,
+        "DequantizeLinear": dequantize_linear,
+        "Gemm": gemm,
+        "MatMul": lambda node: add_layer(node, activation(node),
+                                         *weight_of(node, 1, False), False),
+        "Add": add,
+        "Conv": conv,
+        "BatchNormalization": batch_norm,
+        "MaxPool": lambda node: pool(node, "max"),
+        "AveragePool": lambda node: pool(node, "avg"),
+        "GlobalAveragePool": lambda node: pool(node, "global"),
+        "ReduceMean": reduce_mean,
+        "Relu": lambda node: clamp(node, activation(node), 0.0, np.inf),
+        "Clip": clip,
+        "Flatten": flatten,
+        "Reshape": reshape,
+        "Transpose": transpose,
+        "Softmax": softmax,
+    }
+    host_ops: list[dict] = []
+    for node in graph.node:
+        if host_ops and node.op_type not in AFTER_SOFTMAX_OPS:
+            raise ModelError(f"{_describe(node)} follows the Softmax; npugen runs a Softmax "
+                             f"as the model's last operator only")
+        values[node.output[0]] = handlers[node.op_type](node)
     if input_type == onnx.TensorProto.INT8 and "input" not in tensor_quant:
         raise ModelError(f"{label}: input {input_name!r} is int8 but no DequantizeLinear "
                          f"reads it, so its scale and zero point are unknown; npugen takes "
@@ -527,10 +709,24 @@ def load_onnx(source: Any) -> Model:
                          f"the input by supported operators")
     if layers and result.layer is not layers[-1]:
         raise ModelError(f"{label}: the output must come from the last layer")
+    if input_reads == {"raw_input", "layout"}:
+        raise ModelError(f"{label}: layers read the input {input_name!r} both as it is and "
+                         f"through a layout change (Transpose); npugen takes one layout")
+    for op in host_ops:
+        # A Softmax without a QuantizeLinear after it gives probabilities at TFLite's
+        # output quantization (steps of 1/256).
+        op.setdefault("output_scale", 1.0 / 256)
+        op.setdefault("output_zero_point", -128)
+    output_type = graph.output[0].type.tensor_type.elem_type
     # A QDQ model prescribes ONNX's arithmetic (one rounding); a float one npugen
     # quantizes itself.
-    model = Model(layers, input_shape, result.shape, inputs[0].name,
+    model = Model(layers, edges["input_shape"], result.shape, inputs[0].name,
                   graph.output[0].name, tensor_quant,
-                  framework="onnx" if tensor_quant else "npugen")
+                  framework="onnx" if tensor_quant else "npugen",
+                  input_layout=edges["input_layout"],
+                  output_layout="hwc" if result.edge == "hwc_output" else "chw",
+                  input_dtype="int8" if input_type == onnx.TensorProto.INT8 else "float32",
+                  output_dtype="int8" if output_type == onnx.TensorProto.INT8 else "float32",
+                  host_ops=host_ops)
     model.check()
     return model

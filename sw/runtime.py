@@ -16,7 +16,7 @@ from .memory_map import Region
 from .program import Program
 
 __all__ = ["RunResult", "run", "program_job", "quantize_input", "ConfigMismatch", "TARGETS",
-           "check_target", "check_config", "apply_host_ops"]
+           "check_target", "check_config", "apply_host_ops", "float_softmax"]
 
 TARGETS = ("golden", "rtl", "sim")  # or a device URL
 
@@ -147,16 +147,34 @@ def apply_host_ops(program: Program, quantized: np.ndarray) -> tuple[np.ndarray,
     operators; returns the result and its scale and zero point."""
     scale, zero_point = program.output.scale, program.output.zero_point
     for op in program.host_ops:
-        if op["op"] != "softmax":
+        rows = quantized.reshape(len(quantized), -1)
+        if op["op"] == "softmax":
+            from .tflite_kernels import softmax_int8
+
+            rows = softmax_int8(rows.astype(np.int8), op["input_scale"], op["beta"])
+        elif op["op"] == "float_softmax":
+            rows = float_softmax(rows, scale, zero_point, op["output_scale"],
+                                 op["output_zero_point"])
+        else:
             raise ValueError(f"the program asks the host for operator {op['op']!r}, which "
                              f"this npugen does not know; recompile the model")
-        from .tflite_kernels import softmax_int8
-
-        quantized = softmax_int8(quantized.reshape(len(quantized), -1).astype(np.int8),
-                                 op["input_scale"],
-                                 op["beta"]).reshape(quantized.shape)
+        quantized = rows.reshape(quantized.shape)
         scale, zero_point = op["output_scale"], op["output_zero_point"]
     return quantized, scale, zero_point
+
+
+def float_softmax(q: np.ndarray, input_scale: float, input_zero_point: int,
+                  output_scale: float, output_zero_point: int) -> np.ndarray:
+    """ONNX's Softmax between a DequantizeLinear and a QuantizeLinear, over the last axis of
+    int8 ``q`` (batch, features), in float32 as onnxruntime computes it: x = (q − z)·s,
+    exp(x − max x) times the reciprocal of its sum, then rounded half to even at the
+    output's scale and zero point."""
+    x = (q.astype(np.int32) - np.int32(input_zero_point)).astype(np.float32) \
+        * np.float32(input_scale)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    y = e * (np.float32(1) / e.sum(axis=-1, keepdims=True, dtype=np.float32))
+    out = np.rint(y / np.float32(output_scale)) + output_zero_point
+    return np.clip(out, -128, 127).astype(np.int8)
 
 
 def _words(program: Program, features: int) -> int:
