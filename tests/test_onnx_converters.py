@@ -1,0 +1,341 @@
+"""ONNX as converters write it (issue 20): tf2onnx's conversions of the four MLPerf Tiny
+models and PyTorch's exports (TorchScript and dynamo) of similar float networks.
+
+The reference is onnxruntime with graph optimizations off (``reference_session``), which
+runs each QDQ node as defined: float32 Conv/MatMul/AveragePool between DequantizeLinear
+and QuantizeLinear. npugen computes the exact integer sum and rounds the rescaled value
+once. Where onnxruntime's float32 sum lands on the other side of a rounding half than the
+exact value, the two differ by a step: each layer is checked alone, fed onnxruntime's own
+input, and every difference must be such a case (within the float32 error bound of a half,
+or, for a pooling over 2^k pixels, an exact half, which onnxruntime rounds by its float32
+summation order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import MLPERF_TINY, reference_session
+from npugen.bench.mlperf import REFERENCE_CONFIG
+from npugen.compiler import compile_model
+from npugen.graph import Add, Conv, Model, ModelError, Pool
+from npugen.importers import load_onnx
+from npugen.runtime import run
+
+TF2ONNX = MLPERF_TINY / "onnx"
+TORCH = Path(__file__).resolve().parents[1] / "benchmarks" / "models" / "torch"
+#: float32's unit roundoff.
+EPSILON = 2.0 ** -24
+
+# name, inputs checked, NHWC input shape or features, classes after a Softmax (or None)
+MODELS = {
+    "ad01_int8": (32, (640,), None),
+    "kws_ref_model": (6, (49, 10, 1), 12),
+    "pretrainedResnet_quant": (3, (32, 32, 3), 10),
+    "vww_96_int8": (2, (96, 96, 3), 2),
+}
+SLOW = {"vww_96_int8"}
+
+
+def model_params():
+    return [pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else [], id=name)
+            for name in MODELS]
+
+
+def random_input(name: str, seed: int = 0) -> np.ndarray:
+    count, shape, _ = MODELS[name]
+    return np.random.default_rng(seed).integers(-128, 128, (count, *shape)).astype(np.int8)
+
+
+def onnxruntime_tensors(path: Path, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """onnxruntime's output and every QuantizeLinear's output (one per layer, in order,
+    then the Softmax's), one input at a time."""
+    proto = onnx.load(str(path))
+    names = [n.output[0] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    for name in names:
+        proto.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT8, None))
+    changed = path.parent / "_all_outputs.onnx"
+    session = _session(proto, changed)
+    runs = [session.run(None, {session.get_inputs()[0].name: x[i:i + 1]})
+            for i in range(len(x))]
+    stacked = [np.concatenate([r[j] for r in runs]) for j in range(len(runs[0]))]
+    return stacked[0], stacked[1:]
+
+
+def _session(proto, path: Path):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        target = Path(folder) / path.name
+        onnx.save(proto, str(target))
+        return reference_session(target)
+
+
+def exact_values(layer, x: np.ndarray, input_zero: int, scale: np.ndarray):
+    """A Conv's or Dense's exact rescaled value acc·s_in·s_w/s_out (before the output
+    zero point) and the float32 error bound of onnxruntime's sum, in output steps."""
+    centered = x.astype(np.float64) - input_zero
+    exact_layer = dataclasses.replace(layer, weight=layer.quantized_weight.astype(np.float64),
+                                      bias=layer.quantized_bias.astype(np.float64),
+                                      low=-np.inf, high=np.inf)
+    magnitude_layer = dataclasses.replace(exact_layer, weight=np.abs(exact_layer.weight),
+                                          bias=np.abs(exact_layer.bias))
+    if isinstance(layer, Conv):
+        acc, size = exact_layer.forward(centered), np.prod(layer.weight.shape[:-1])
+        magnitude = magnitude_layer.forward(np.abs(centered))
+        scale = scale.reshape(1, -1, 1, 1)
+    else:
+        flat = centered.reshape(len(x), -1)
+        acc, size = flat @ exact_layer.weight + exact_layer.bias, layer.in_features
+        magnitude = np.abs(flat) @ magnitude_layer.weight + magnitude_layer.bias
+    exact = (acc.astype(np.float64) * scale).reshape(len(x), -1)
+    bound = (size + 4) * EPSILON * (magnitude * scale).reshape(len(x), -1)
+    return exact, bound
+
+
+def check_layers(path: Path, x: np.ndarray) -> dict[str, tuple[int, int]]:
+    """Each single-input layer alone on the golden model, fed onnxruntime's input to it,
+    against onnxruntime's output of it. Returns {layer: (differences, outputs)}; fails on
+    a difference that float32 summation cannot explain."""
+    model = load_onnx(path)
+    _, tensors = onnxruntime_tensors(path, x)
+    shapes = model.shapes()
+    shape_of = dict(zip(["input"] + [layer.name for layer in model.layers], shapes,
+                        strict=True))
+    produced = {"input": x}
+    for index, layer in enumerate(model.layers):
+        produced[layer.name] = tensors[index]
+    found = {}
+    for index, layer in enumerate(model.layers):
+        names = model.input_names(index)
+        if isinstance(layer, Add):
+            continue    # two inputs: checked in the whole model (test_end_to_end)
+        source = names[0]
+        quant_in, quant_out = model.tensor_quant[source], model.tensor_quant[layer.name]
+        alone = dataclasses.replace(layer, inputs=())
+        single = Model([alone], shape_of[source], shapes[index + 1],
+                       tensor_quant={"input": quant_in, alone.name: quant_out},
+                       framework="onnx", input_dtype="int8", output_dtype="int8",
+                       input_layout=model.input_layout if source == "input" else "chw")
+        given = produced[source]
+        given = given.reshape(len(x), *(x.shape[1:] if source == "input" else
+                                        shape_of[source]))
+        ours = run(compile_model(single, REFERENCE_CONFIG), given).quantized_output
+        theirs = produced[layer.name].reshape(len(x), -1)
+        differ = ours.astype(np.int64) != theirs
+        found[layer.name] = (int(differ.sum()), differ.size)
+        if not differ.any():
+            continue
+        chw = given if source != "input" or model.input_layout == "chw" else \
+            np.moveaxis(given, -1, 1)
+        if isinstance(layer, Pool):
+            # ONNX rounds half to even; an exact half of (Σ(q − z))/n is left to
+            # onnxruntime's float32 sum, which rounds it either way.
+            assert layer.kind == "global", layer.name
+            pixels = int(np.prod(shape_of[source][1:]))
+            sums = (chw.reshape(len(x), shape_of[source][0], -1).astype(np.int64)
+                    - quant_in.zero_point).sum(-1)
+            assert np.all((2 * sums[differ]) % (2 * pixels) == pixels), layer.name
+            continue
+        weight_scale = np.broadcast_to(np.asarray(layer.weight_quant.scale, np.float64),
+                                       (layer.out_features,))
+        exact, bound = exact_values(layer, chw, quant_in.zero_point,
+                                    quant_in.scale * weight_scale / quant_out.scale)
+        distance = np.abs(exact - np.floor(exact) - 0.5)
+        assert np.all(distance[differ] <= bound[differ]), (layer.name, distance[differ])
+    return found
+
+
+@pytest.mark.parametrize("name", model_params())
+def test_tf2onnx_layers_match_onnxruntime(name):
+    found = check_layers(TF2ONNX / f"{name}.onnx", random_input(name, seed=1))
+    assert found
+
+
+@pytest.mark.parametrize("name", model_params())
+def test_tf2onnx_end_to_end(name):
+    """The whole model on the golden model: npugen's int8 output (after the host's
+    Softmax) equals onnxruntime's on these inputs; ResNet-8's 8×8 pooling meets exact
+    halves (about 1 output in 64), which onnxruntime rounds by its float32 summation
+    order, so there the logits before the pooling are compared."""
+    path = TF2ONNX / f"{name}.onnx"
+    model = load_onnx(path)
+    x = random_input(name)
+    program = compile_model(model, REFERENCE_CONFIG)
+    expected, tensors = onnxruntime_tensors(path, x)
+    ours = run(program, x)
+    assert ours.quantized_output.dtype == np.int8
+    if name == "pretrainedResnet_quant":
+        pooled = model.layers.index(next(la for la in model.layers if isinstance(la, Pool)))
+        before = dataclasses.replace(model, layers=model.layers[:pooled],
+                                     output_shape=model.shapes()[pooled], host_ops=[])
+        prefix = run(compile_model(before, REFERENCE_CONFIG), x).quantized_output
+        assert np.array_equal(prefix, tensors[pooled - 1].reshape(len(x), -1))
+        return
+    assert np.array_equal(ours.quantized_output, expected.reshape(len(x), -1))
+
+
+def test_tf2onnx_models_as_npugen_reads_them():
+    kws = load_onnx(TF2ONNX / "kws_ref_model.onnx")
+    assert (kws.input_shape, kws.input_layout, kws.input_dtype) == ((1, 49, 10), "hwc", "int8")
+    assert (kws.output_shape, kws.output_dtype) == ((12,), "int8")
+    assert kws.host_ops == [{"op": "float_softmax", "axis": -1, "output_scale": 1 / 256,
+                             "output_zero_point": -128}]
+    assert [layer.name for layer in kws.layers][:2] == ["functional_1/conv2d",
+                                                         "functional_1/depthwise_conv2d"]
+    assert kws.layers[-2].kind == "global"      # the 25×5 AveragePool over the whole map
+    resnet = load_onnx(TF2ONNX / "pretrainedResnet_quant.onnx")
+    assert (resnet.input_shape, resnet.input_layout) == ((3, 32, 32), "hwc")
+    ad01 = load_onnx(TF2ONNX / "ad01_int8.onnx")
+    assert (ad01.input_dtype, ad01.output_dtype, ad01.host_ops) == ("int8", "int8", [])
+
+
+def test_tf2onnx_compile_and_run_cli(tmp_path, capsys):
+    from npugen.cli import main
+
+    x = random_input("kws_ref_model")
+    np.save(tmp_path / "x.npy", x)
+    assert main(["compile", str(TF2ONNX / "kws_ref_model.onnx"), "--activation-depth",
+                 "16384", "--weight-depth", "65536", "--accumulator-depth", "1024",
+                 "--instruction-depth", "4096", "--param-depth", "512",
+                 "-o", str(tmp_path / "kws.npu")]) == 0
+    assert main(["run", str(tmp_path / "kws.npu"), "--input", str(tmp_path / "x.npy"),
+                 "-o", str(tmp_path / "y.npy")]) == 0
+    y = np.load(tmp_path / "y.npy")
+    expected = reference_session(TF2ONNX / "kws_ref_model.onnx").run(
+        None, {"input_1": x[:1]})[0]
+    assert y.dtype == np.int8 and np.array_equal(y[:1], expected)
+    capsys.readouterr()
+
+
+# -- PyTorch ------------------------------------------------------------------------------
+
+TORCH_MODELS = [pytest.param(f"{net}_{exporter}", id=f"{net}_{exporter}",
+                              marks=[pytest.mark.slow] if net == "resnet8" and
+                              exporter == "dynamo" else [])
+                for net in ("ds_cnn", "resnet8") for exporter in ("dynamo", "torchscript")]
+
+
+@pytest.mark.parametrize("name", TORCH_MODELS)
+def test_torch_exports_quantize_and_run(name):
+    """A float model exported by torch.onnx.export: npugen's float graph equals
+    onnxruntime's; quantized with npugen's calibration, the golden model's outputs agree
+    with the float ones (arg-max, and within a few output steps)."""
+    path = TORCH / f"{name}.onnx"
+    model = load_onnx(path)
+    session = reference_session(path)
+    rng = np.random.default_rng(5)
+    calibration = rng.normal(0, 1, (32, *model.input_shape)).astype(np.float32)
+    x = rng.normal(0, 1, (8, *model.input_shape)).astype(np.float32)
+    reference = session.run(None, {session.get_inputs()[0].name: x})[0]
+    if not model.host_ops:
+        assert np.allclose(model.forward(x), reference, atol=1e-4)
+    program = compile_model(model, REFERENCE_CONFIG, calibration=calibration)
+    result = run(program, x)
+    if model.host_ops:      # probabilities, in steps of 1/256
+        assert program.host_ops[0]["output_scale"] == 1 / 256
+        steps = np.abs(result.output - reference) * 256
+        assert steps.max() <= 4, steps.max()
+    else:
+        steps = np.abs(result.output - reference) / program.output.scale
+        assert steps.max() <= 8, steps.max()
+    agree = np.mean(result.output.argmax(1) == reference.argmax(1))
+    assert agree >= 0.8, agree
+
+
+def test_torch_exporters_agree():
+    """TorchScript and dynamo exports of one network are one model to npugen."""
+    for net in ("ds_cnn", "resnet8"):
+        dynamo, script = (load_onnx(TORCH / f"{net}_{e}.onnx") for e in ("dynamo",
+                                                                          "torchscript"))
+        x = np.random.default_rng(2).normal(0, 1, (4, *dynamo.input_shape))
+        assert [type(la) for la in dynamo.layers] == [type(la) for la in script.layers]
+        assert np.allclose(dynamo.forward(x), script.forward(x), atol=1e-5)
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+def _graph(nodes, input_shape, output, output_shape, inits=(), input_type=TensorProto.FLOAT):
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", input_type, ["n", *input_shape])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["n", *output_shape])],
+        list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _conv(name, source, out, channels=4):
+    weight = numpy_helper.from_array(np.ones((channels, channels, 1, 1), np.float32),
+                                     f"{name}_w")
+    return helper.make_node("Conv", [source, f"{name}_w"], [out], name=name), weight
+
+
+def test_unsupported_node_is_named_with_its_op_type():
+    conv, weight = _conv("c", "x", "y")
+    node = helper.make_node("LeakyRelu", ["y"], ["z"], name="leaky")
+    with pytest.raises(ModelError, match=r"1 unsupported node\(s\): node 'leaky' "
+                                         r"\(LeakyRelu\)"):
+        load_onnx(_graph([conv, node], (4, 5, 5), "z", (4, 5, 5), [weight]))
+
+
+def test_transpose_inside_the_model_is_refused():
+    conv, weight = _conv("c", "x", "y")
+    turn = helper.make_node("Transpose", ["y"], ["t"], name="turn", perm=[0, 2, 3, 1])
+    conv2, weight2 = _conv("c2", "t", "z")
+    with pytest.raises(ModelError, match="node 'c2' \\(Conv\\): reads a map that a layout "
+                                         "Transpose turned to NHWC"):
+        load_onnx(_graph([conv, turn, conv2], (4, 5, 5), "z", (4, 5, 5), [weight, weight2]))
+    odd = helper.make_node("Transpose", ["y"], ["t"], name="swap", perm=[0, 1, 3, 2])
+    with pytest.raises(ModelError, match=r"node 'swap' \(Transpose\): transposes the output "
+                                         r"of 'c' \(shape \(4, 5, 5\)\) with perm \[0, 1, 3, "
+                                         r"2\]; npugen takes a Transpose only as a layout "
+                                         r"change at the model's edges"):
+        load_onnx(_graph([conv, odd], (4, 5, 5), "t", (4, 5, 5), [weight]))
+    wrong = helper.make_node("Transpose", ["x"], ["t"], name="wrong", perm=[0, 2, 3, 1])
+    conv3, weight3 = _conv("c3", "t", "z", channels=5)
+    with pytest.raises(ModelError, match=r"node 'wrong' \(Transpose\): transposes the "
+                                         r"model's input"):
+        load_onnx(_graph([wrong, conv3], (4, 5, 5), "z", (5, 5, 4), [weight3]))
+
+
+def test_layout_transposes_at_both_edges():
+    """NHWC in, NHWC out: the host turns the maps; the values are the NCHW model's."""
+    into = helper.make_node("Transpose", ["x"], ["t"], name="in", perm=[0, 3, 1, 2])
+    conv, weight = _conv("c", "t", "y")
+    out = helper.make_node("Transpose", ["y"], ["z"], name="out", perm=[0, 2, 3, 1])
+    path_model = _graph([into, conv, out], (5, 6, 4), "z", (5, 6, 4), [weight])
+    model = load_onnx(path_model)
+    assert (model.input_shape, model.input_layout, model.output_layout) == \
+        ((4, 5, 6), "hwc", "hwc")
+    x = np.random.default_rng(0).normal(0, 1, (3, 5, 6, 4)).astype(np.float32)
+    # Calibration data are in the NPU's C×H×W order (the model's layout after the
+    # Transpose); inputs to run in the graph's NHWC.
+    program = compile_model(model, REFERENCE_CONFIG, calibration=np.moveaxis(x, -1, 1))
+    result = run(program, x)
+    assert result.output.shape == (3, 5, 6, 4)
+    expected = x.sum(-1, keepdims=True).repeat(4, -1)
+    assert np.abs(result.output - expected).max() <= 2 * program.output.scale
+
+
+def test_softmax_must_be_last():
+    conv, weight = _conv("c", "x", "y")
+    flat = helper.make_node("Flatten", ["y"], ["f"], name="flat")
+    soft = helper.make_node("Softmax", ["f"], ["s"], name="soft")
+    gemm_w = numpy_helper.from_array(np.ones((4, 4), np.float32), "g_w")
+    gemm = helper.make_node("Gemm", ["s", "g_w"], ["z"], name="after")
+    with pytest.raises(ModelError, match=r"node 'after' \(Gemm\) follows the Softmax"):
+        load_onnx(_graph([conv, flat, soft, gemm], (4, 1, 1), "z", (4,), [weight, gemm_w]))
+
+
+def test_reshape_that_moves_values_is_refused():
+    conv, weight = _conv("c", "x", "y")
+    shape = numpy_helper.from_array(np.array([-1, 4, 2, 8], np.int64), "shape")
+    node = helper.make_node("Reshape", ["y", "shape"], ["z"], name="fold")
+    with pytest.raises(ModelError, match=r"node 'fold' \(Reshape\): reshapes \(4, 4, 4\) "
+                                         r"to \(4, 2, 8\)"):
+        load_onnx(_graph([conv, node], (4, 4, 4), "z", (4, 2, 8), [weight, shape]))
