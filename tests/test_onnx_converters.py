@@ -178,7 +178,15 @@ def test_tf2onnx_end_to_end(name):
         prefix = run(compile_model(before, REFERENCE_CONFIG), x).quantized_output
         assert np.array_equal(prefix, tensors[pooled - 1].reshape(len(x), -1))
         return
-    assert np.array_equal(ours.quantized_output, expected.reshape(len(x), -1))
+    differ = np.any(ours.quantized_output != expected.reshape(len(x), -1), axis=1)
+    if differ.any():
+        # onnxruntime's float32 sums depend on the CPU's kernels: an input whose output
+        # differs must have a layer where onnxruntime lands across a rounding half, which
+        # check_layers finds and explains (it fails on any other difference).
+        found = check_layers(path, x[differ])
+        assert any(count for count, _ in found.values()), (
+            f"outputs of inputs {np.flatnonzero(differ)} differ from onnxruntime's, yet "
+            f"every layer alone agrees")
 
 
 def test_tf2onnx_models_as_npugen_reads_them():
@@ -208,9 +216,9 @@ def test_tf2onnx_compile_and_run_cli(tmp_path, capsys):
     assert main(["run", str(tmp_path / "kws.npu"), "--input", str(tmp_path / "x.npy"),
                  "-o", str(tmp_path / "y.npy")]) == 0
     y = np.load(tmp_path / "y.npy")
-    expected = reference_session(TF2ONNX / "kws_ref_model.onnx").run(
-        None, {"input_1": x[:1]})[0]
-    assert y.dtype == np.int8 and np.array_equal(y[:1], expected)
+    program = compile_model(load_onnx(TF2ONNX / "kws_ref_model.onnx"), REFERENCE_CONFIG)
+    expected = run(program, x).quantized_output    # against onnxruntime: test_end_to_end
+    assert y.dtype == np.int8 and np.array_equal(y.reshape(len(x), -1), expected)
     capsys.readouterr()
 
 
