@@ -21,7 +21,14 @@ import numpy as np
 from .featuremap import conv_output_size, stride_pair
 
 __all__ = ["QuantParams", "Dense", "Conv", "Pool", "Add", "Layer", "Model", "ModelError",
-           "output_shape", "FRAMEWORKS"]
+           "output_shape", "FRAMEWORKS", "HOST_OPS"]
+
+#: The operators a model may leave to the host after its last NPU layer (``Model.host_ops``),
+#: and whose arithmetic each follows (sw/runtime.py ``apply_host_ops``).
+HOST_OPS = {
+    "softmax": "TFLite's int8 reference kernel, in its fixed-point arithmetic",
+    "float_softmax": "ONNX's float Softmax between DequantizeLinear and QuantizeLinear",
+}
 
 #: Whose integer arithmetic a model's layers follow: ``npugen`` (models npugen quantizes
 #: itself), ``onnx`` (QDQ: one rounding of the rescaled product) or ``tflite`` (LiteRT's

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .config import NpuConfig
+from .graph import HOST_OPS
 from .isa import ISA_VERSION
 from .job import pack_entries, unpack_entries
 from .memory_map import Region, memories
@@ -227,6 +228,13 @@ class Program:
                 raise ProgramFormatError(f"{source}: compiled for ISA version "
                                          f"{header['isa_version']}, this npugen speaks "
                                          f"{ISA_VERSION}; recompile the model")
+            unknown = [op.get("op") for op in header.get("host_ops", [])
+                       if op.get("op") not in HOST_OPS]
+            if unknown:
+                raise ProgramFormatError(f"{source}: asks the host for operator "
+                                         f"{unknown[0]!r}, which this npugen does not know "
+                                         f"(it knows {', '.join(HOST_OPS)}); recompile the "
+                                         f"model with this npugen")
             segments = []
             for seg, blob in _segments(header, data, body):
                 region = Region[seg["region"].upper()]
@@ -289,8 +297,7 @@ class Program:
                              f"{layer['n_tiles']:<7} {layer['weight_words']:>12} "
                              f"{layer['macs']:>16}")
         for op in self.host_ops:
-            lines.append(f"then on the host: {op['op']} (the {self.framework} reference "
-                         f"kernel's integer arithmetic)")
+            lines.append(f"then on the host: {op['op']} ({HOST_OPS[op['op']]})")
         lines.append("")
         for info in memories(c).values():
             used = self.memory_words().get(info.name)

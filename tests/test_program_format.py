@@ -101,3 +101,14 @@ def test_unreadable_paths(tmp_path):
         locked.chmod(0)
         with pytest.raises(ProgramFormatError, match="cannot read program file"):
             Program.load(locked)
+
+
+def test_unknown_host_operator_is_refused():
+    """A program (from a newer npugen, say) that asks the host for an operator this one
+    does not know is refused at load, not run without it."""
+    import dataclasses
+
+    program = dataclasses.replace(tiny_program(), host_ops=[{"op": "gelu"}])
+    with pytest.raises(ProgramFormatError, match=r"asks the host for operator 'gelu', which "
+                       r"this npugen does not know \(it knows softmax, float_softmax\)"):
+        Program.from_bytes(program.to_bytes())
