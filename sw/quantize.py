@@ -76,13 +76,21 @@ def activation_quant(low: float, high: float) -> QuantParams:
 
 
 def _check_calibration(model: Model, calibration: np.ndarray) -> np.ndarray:
+    """The calibration batch in the model's own input layout (H×W×C for an NHWC model, as
+    ``npugen run`` takes its inputs), returned C×H×W as the layers compute."""
     calibration = np.asarray(calibration)
     if not np.issubdtype(calibration.dtype, np.floating):
         raise ValueError(f"calibration data must be floating point, not {calibration.dtype}")
-    if calibration.ndim < 1 or calibration.shape[1:] != tuple(model.input_shape):
+    hwc = model.input_layout == "hwc" and len(model.input_shape) == 3
+    shape = tuple(model.input_shape)
+    given_shape = (*shape[1:], shape[0]) if hwc else shape
+    if calibration.ndim < 1 or calibration.shape[1:] != given_shape:
         raise ValueError(
-            f"calibration data must have shape (batch, {', '.join(map(str, model.input_shape))})"
-            f" for input {model.input_name!r}, not {calibration.shape}")
+            f"calibration data must have shape (batch, {', '.join(map(str, given_shape))})"
+            f"{' (N×H×W×C, as the model takes its input)' if hwc else ''} for input "
+            f"{model.input_name!r}, not {calibration.shape}")
+    if hwc:
+        calibration = np.moveaxis(calibration, -1, 1)
     if len(calibration) == 0:
         raise ValueError("calibration data is empty")
     if not np.all(np.isfinite(calibration)):

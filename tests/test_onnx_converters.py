@@ -321,9 +321,11 @@ def test_layout_transposes_at_both_edges():
     assert (model.input_shape, model.input_layout, model.output_layout) == \
         ((4, 5, 6), "hwc", "hwc")
     x = np.random.default_rng(0).normal(0, 1, (3, 5, 6, 4)).astype(np.float32)
-    # Calibration data are in the NPU's C×H×W order (the model's layout after the
-    # Transpose); inputs to run in the graph's NHWC.
-    program = compile_model(model, REFERENCE_CONFIG, calibration=np.moveaxis(x, -1, 1))
+    # Calibration data, like the inputs to run, are in the graph's own NHWC.
+    program = compile_model(model, REFERENCE_CONFIG, calibration=x)
+    with pytest.raises(ValueError, match=r"calibration data must have shape \(batch, 5, 6, "
+                       r"4\) \(N×H×W×C, as the model takes its input\)"):
+        compile_model(model, REFERENCE_CONFIG, calibration=np.moveaxis(x, -1, 1))
     result = run(program, x)
     assert result.output.shape == (3, 5, 6, 4)
     expected = x.sum(-1, keepdims=True).repeat(4, -1)
