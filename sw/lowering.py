@@ -278,6 +278,13 @@ class Lowering:
                     # Either rounding of a zero product gives the zero point.
                     "single_rounding": int(c.rounding == "single")}))
 
+        # A REQUANT writes `cols` lanes from `lane`, those past `rows` in the next tile. In
+        # the last tile only the groups that hold channels are written: a group past them
+        # would spill beyond the map (FeatureMap.tiles leaves room for the groups with
+        # channels only), into words another map holds at the time.
+        def tiles_of(lane: int) -> int:
+            return tiles if (tiles - 1) * c.rows + lane < fmap.channels else tiles - 1
+
         for offset, length in (first_run, last_run):
             if length == 0:
                 continue
@@ -285,13 +292,16 @@ class Lowering:
             ins.append(Instruction(Opcode.SETOUT, {"row_length": length,
                                                    "row_step": fmap.tile_words}))
             for lane in range(0, c.rows, c.cols):
-                requant(fmap.base + offset, length * tiles, lane)
+                if tiles_of(lane):
+                    requant(fmap.base + offset, length * tiles_of(lane), lane)
         if height > 1 and left + right:
             ins.append(Instruction(Opcode.SETOUT, {"row_length": left + right,
                                                    "row_step": pitch}))
             for tile in range(tiles):
                 for lane in range(0, c.rows, c.cols):
-                    requant(fmap.word(tile, 0, width), (height - 1) * (left + right), lane)
+                    if tile < tiles_of(lane):
+                        requant(fmap.word(tile, 0, width), (height - 1) * (left + right),
+                                lane)
 
     # -- the common schedule -------------------------------------------------------------
 
