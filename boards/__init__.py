@@ -58,6 +58,21 @@ _ICEBREAKER = dict(activation_depth=512, weight_depth=16384, accumulator_depth=5
 # Enough for the demo MLP (64-64-32-10) and models of its size.
 _MEDIUM = dict(activation_depth=1024, weight_depth=2048, accumulator_depth=512,
                instruction_depth=512, param_depth=128, requant_lanes=1)
+# Room for MLPerf Tiny's keyword spotter (DS-CNN, kws_ref_model.tflite) besides the demo
+# models: on an 8×8 it needs 2,512 activation, 4,864 weight, 1,009 instruction and 664
+# parameter words, on a 12×8 1,884, 7,716, 1,189 and 784 (what `npugen compile
+# kws_ref_model.tflite --board NAME` reports short), in depths that are multiples of 256.
+# Built 2026-12-02, seed 1: the 25F's 8×8 takes 49 of its 56 DP16KD (83.6 MHz at 75), the
+# OrangeCrab's the same (106.9 at 48), the 45F's 12×8 65 of 108 (82.9 at 75).
+_KWS_8X8 = dict(activation_depth=2560, weight_depth=5120, accumulator_depth=512,
+                instruction_depth=1024, param_depth=768, requant_lanes=1)
+_KWS_12X8 = dict(activation_depth=2048, weight_depth=7936, accumulator_depth=512,
+                 instruction_depth=1280, param_depth=1024, requant_lanes=1)
+# On the 85F's 12×12: 1,884, 4,752, 557 and 744 words; these memories take 83 of 208
+# DP16KD and reach 78.9 MHz at 72 (seed 1, 2026-12-02). ResNet-8's memories did not route
+# in a CI-length build (docs/BOARDS.md).
+_KWS_12X12 = dict(activation_depth=2048, weight_depth=8192, accumulator_depth=512,
+                  instruction_depth=1024, param_depth=1024, requant_lanes=1)
 
 def _orangecrab_25f() -> object:
     """The OrangeCrab r0.2 (25F) has no USB-serial bridge: the UART goes on the Feather
@@ -81,7 +96,7 @@ BOARDS: dict[str, Board] = {board.name: board for board in (
           description="1BitSquared iCEBreaker, iCE40UP5K",
           loader_name="ice40_generic", device="ice40up5k", pll_mhz=24.0),
     *(Board(f"ulx3s-{size}f", _platform("ulx3s", f"ULX3S_{size}F_Platform"), "ecp5", 25e6,
-            NpuConfig(rows=rows, cols=cols, **_MEDIUM),
+            NpuConfig(rows=rows, cols=cols, **memories),
             description=f"Radiona ULX3S, LFE5U-{size}F", loader_name="ulx3s", pll_mhz=pll,
             device=f"lfe5u-{size}f")
       # The rows past the device's MULT18X18Ds multiply in logic (boards/estimate.py,
@@ -90,8 +105,9 @@ BOARDS: dict[str, Board] = {board.name: board for board in (
       # MULT18X18Ds; the 85F asks 72 MHz since ISA version 3: seeds 1, 3 reached 73.07 and
       # 72.9 MHz at a 75 MHz constraint, 80.3 before). The 12F keeps its 4×4 (the 25F's
       # 8×8 takes more than its 12K LUTs).
-      for size, rows, cols, pll in ((12, 4, 4, 80.0), (25, 8, 8, 75.0), (45, 12, 8, 75.0),
-                                    (85, 12, 12, 72.0))),
+      for size, rows, cols, pll, memories in (
+          (12, 4, 4, 80.0, _MEDIUM), (25, 8, 8, 75.0, _KWS_8X8), (45, 12, 8, 75.0, _KWS_12X8),
+          (85, 12, 12, 72.0, _KWS_12X12))),
     # 4×4 places again since the narrower counters, requantizer and partial sums
     # (2026-11-29: 5704 LUT4 + 1556 ALU of 8640 positions, 3659 flip-flops, 75.3 MHz; it
     # had found no legal placement at 5689 + 1940 and 4144 flip-flops).
@@ -101,7 +117,7 @@ BOARDS: dict[str, Board] = {board.name: board for board in (
           device="gw1nr-9c"),
     # The 25F's 8×8 as on the ULX3S-25F (3 rows in DSPs), at the 48 MHz oscillator.
     Board("orangecrab-25f", _orangecrab_25f, "ecp5", 48e6,
-          NpuConfig(rows=8, cols=8, **_MEDIUM),
+          NpuConfig(rows=8, cols=8, **_KWS_8X8),
           description="1BitSquared OrangeCrab r0.2, LFE5U-25F (UART on header pins 0/1)",
           loader_name="orangeCrab", device="lfe5u-25f"),
 )}

@@ -46,6 +46,18 @@ def test_mlperf_tiny_models_equal_litert_reference(name):
     np.testing.assert_array_equal(ours, reference)
 
 
+@pytest.mark.parametrize("rows, cols, lanes", [(12, 8, 4), (8, 12, 4), (16, 8, 8), (12, 12, 6),
+                                               (4, 4, 1), (16, 16, 8)])
+def test_kws_equals_litert_reference_on_every_array_shape(rows, cols, lanes):
+    """The channel tiling, halos and shared map words differ by array shape (a 12×8 once
+    gave wrong outputs where an 8×8 was exact)."""
+    path = MLPERF_TINY / MODELS["kws"]
+    config = LARGE.replace(rows=rows, cols=cols, requant_lanes=lanes, param_depth=1024)
+    x = random_input(path, 2, seed=rows * cols)
+    np.testing.assert_array_equal(run(compile_model(path, config), x).quantized_output,
+                                  litert_reference(path)(x).reshape(len(x), -1))
+
+
 def test_float_input_is_quantized_as_tflite_does():
     """A float input given to an int8 model is quantized with the model's input scale,
     rounding half away from zero as TFLite's QUANTIZE does."""
@@ -155,6 +167,13 @@ OPERATOR_MODELS = {
     "flatten_fully_connected": lambda b, x, r: b.fully_connected(
         b.reshape(b.conv2d(x, filters=6, kernel=3, stride=2, rng=r), (1, -1)), units=10,
         activation="RELU", rng=r),
+    # Three maps of 16 channels after a 3-channel input (OPERATOR_INPUTS): on a 12-row
+    # array each spans two tiles, the second with 4 channels, and the third shares the
+    # first's words (their lifetimes do not meet).
+    "conv_chain_16_channels": lambda b, x, r: b.conv2d(b.conv2d(b.conv2d(
+        x, filters=16, kernel=3, padding="SAME", activation="RELU", rng=r),
+        filters=16, kernel=3, padding="SAME", activation="RELU", rng=r),
+        filters=16, kernel=3, padding="SAME", rng=r),
     "classifier_softmax": lambda b, x, r: b.softmax(b.fully_connected(
         b.reshape(b.average_pool2d(b.depthwise_conv2d(
             b.conv2d(x, filters=16, kernel=3, stride=2, padding="SAME", activation="RELU",
@@ -163,14 +182,23 @@ OPERATOR_MODELS = {
 }
 
 
+#: Input shapes other than build()'s (1, 12, 12, 4).
+OPERATOR_INPUTS = {"conv_chain_16_channels": (1, 12, 12, 3)}
+#: A 12×8 (the ULX3S-45F's array): channel tiles of 12 lanes written 8 at a time.
+NON_SQUARE = LARGE.replace(rows=12, cols=8, requant_lanes=4)
+
+
+@pytest.mark.parametrize("config", [LARGE, NON_SQUARE], ids=["8x8", "12x8"])
 @pytest.mark.parametrize("name", sorted(OPERATOR_MODELS))
-def test_operator_models_equal_litert_reference(name):
-    data = build(OPERATOR_MODELS[name], seed=sorted(OPERATOR_MODELS).index(name))
+def test_operator_models_equal_litert_reference(name, config):
+    shape = OPERATOR_INPUTS.get(name, (1, 12, 12, 4))
+    data = build(OPERATOR_MODELS[name], shape=shape,
+                 seed=sorted(OPERATOR_MODELS).index(name))
     from npugen.compiler import compile_quantized
     from npugen.quantize import quantize_model
 
-    program = compile_quantized(quantize_model(load_tflite(data)), LARGE)
-    x = np.random.default_rng(1).integers(-128, 128, size=(3, 12, 12, 4), dtype=np.int8)
+    program = compile_quantized(quantize_model(load_tflite(data)), config)
+    x = np.random.default_rng(1).integers(-128, 128, size=(3, *shape[1:]), dtype=np.int8)
     reference = litert_reference(data)(x).reshape(3, -1)
     np.testing.assert_array_equal(run(program, x).quantized_output, reference)
 
@@ -237,3 +265,36 @@ def test_tflite_model_on_the_rtl_equals_litert(simulator):
     assert rtl.counters == golden.counters
     np.testing.assert_array_equal(golden.quantized_output,
                                   litert_reference(data)(x).reshape(3, -1))
+
+
+#: The MLPerf Tiny models each board's default NPU holds (docs/BOARDS.md says why the
+#: others cannot be held in its block RAM).
+BOARD_MODELS = {"icebreaker": set(), "ulx3s-12f": set(), "ulx3s-25f": {"kws"},
+                "ulx3s-45f": {"kws"}, "ulx3s-85f": {"kws"},
+                "tang-nano-9k": set(), "orangecrab-25f": {"kws"}}
+
+
+@pytest.mark.parametrize("board", BOARD_MODELS)
+def test_board_defaults_hold_the_models_docs_say(board, tmp_path, capsys):
+    """`npugen compile X.tflite --board NAME` succeeds for the models the board's default
+    holds and exits 2 saying why for the others; where it holds one, the
+    outputs equal LiteRT's reference kernels."""
+    from npugen.boards import BOARDS
+
+    assert set(BOARD_MODELS) == set(BOARDS)
+    for name, file in MODELS.items():
+        path = MLPERF_TINY / file
+        status = main(["compile", str(path), "--board", board, "-o", str(tmp_path / "p.npu")])
+        err = capsys.readouterr().err
+        if name in BOARD_MODELS[board]:
+            assert status == 0, err
+            program = compile_model(path, BOARDS[board].default_config)
+            x = random_input(path, 1, seed=3)
+            np.testing.assert_array_equal(run(program, x).quantized_output,
+                                          litert_reference(path)(x).reshape(1, -1))
+        else:
+            # Too little memory, or hardware the board leaves out (the iCEBreaker's
+            # feature maps and single rounding): the error says which.
+            assert status == 2 and err.startswith("npugen compile: error: "), (name, err)
+            assert any(why in err for why in ("does not fit", "this NPU was generated",
+                                              "NPU was generated without")), (name, err)
