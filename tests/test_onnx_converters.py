@@ -349,3 +349,20 @@ def test_reshape_that_moves_values_is_refused():
     with pytest.raises(ModelError, match=r"node 'fold' \(Reshape\): reshapes \(4, 4, 4\) "
                                          r"to \(4, 2, 8\)"):
         load_onnx(_graph([conv, node], (4, 4, 4), "z", (4, 2, 8), [weight, shape]))
+
+
+def test_calibration_in_the_wrong_layout_exits_2(tmp_path, capsys):
+    """`npugen compile` of an NHWC model with channel-first calibration data: exit 2 and
+    the shape expected, no program written."""
+    from npugen.cli import main
+
+    into = helper.make_node("Transpose", ["x"], ["t"], name="in", perm=[0, 3, 1, 2])
+    conv, weight = _conv("c", "t", "y")
+    onnx.save(_graph([into, conv], (5, 6, 4), "y", (4, 5, 6), [weight]),
+              str(tmp_path / "m.onnx"))
+    np.save(tmp_path / "calib.npy", np.zeros((3, 4, 5, 6), np.float32))
+    status = main(["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib.npy"),
+                   "-o", str(tmp_path / "m.npu")])
+    err = capsys.readouterr().err
+    assert status == 2 and "calibration data must have shape (batch, 5, 6, 4)" in err, err
+    assert not (tmp_path / "m.npu").exists()

@@ -112,3 +112,19 @@ def test_unknown_host_operator_is_refused():
     with pytest.raises(ProgramFormatError, match=r"asks the host for operator 'gelu', which "
                        r"this npugen does not know \(it knows softmax, float_softmax\)"):
         Program.from_bytes(program.to_bytes())
+
+
+def test_unknown_host_operator_exits_2_on_the_command_line(tmp_path, capsys):
+    import dataclasses
+
+    from npugen.cli import main
+
+    path = tmp_path / "p.npu"
+    dataclasses.replace(tiny_program(), host_ops=[{"op": "gelu"}]).save(path)
+    np.save(tmp_path / "x.npy", np.zeros((2, 5), np.float32))
+    for command in (["inspect", str(path)],
+                    ["run", str(path), "--input", str(tmp_path / "x.npy"),
+                     "-o", str(tmp_path / "y.npy")]):
+        assert main(command) == 2
+        assert "operator 'gelu', which this npugen does not know" in capsys.readouterr().err
+    assert not (tmp_path / "y.npy").exists()
