@@ -19,6 +19,7 @@ from amaranth.lib.wiring import In, Out
 from ..config import NpuConfig
 from ..golden import REQUANT_INPUT_STAGES, weight_use_cycles
 from ..isa import FORMATS, INSTRUCTION_WIDTH, OPCODE_WIDTH, Opcode
+from ..layouts import param_lane_fields
 from ..memory_map import (
     COUNTER_BITS,
     COUNTER_NAMES,
@@ -790,14 +791,14 @@ class Npu(wiring.Component):
                                                             lanes * c.accumulator_width))]
         m.d.comb += Cat(*[rq.acc for rq in requantizers]).eq(input_acc)
         lane_bits = c.param_lane_width
+        param_fields = param_lane_fields(c.accumulator_width)
         for lane, rq in enumerate(requantizers):
             params = param_read.data[lane * lane_bits:(lane + 1) * lane_bits]
-            acc_bits = c.accumulator_width
+            m.d.comb += rq.valid.eq(input_valid)
+            # Each field to the requantizer's port of its name, the bits it reads.
+            m.d.comb += [getattr(rq, f.name).eq(params[f.offset:f.offset + f.read_width])
+                         for f in param_fields]
             m.d.comb += [
-                rq.valid.eq(input_valid),
-                rq.bias.eq(params[0:acc_bits]),
-                rq.multiplier.eq(params[acc_bits:acc_bits + 32]),
-                rq.shift.eq(params[acc_bits + 32:acc_bits + 37]),
                 rq.zero_point.eq(zero_point),
                 rq.clamp_min.eq(clamp_min),
                 rq.clamp_max.eq(clamp_max),

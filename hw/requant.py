@@ -7,6 +7,7 @@ from amaranth.lib.wiring import In, Out
 from ..arith import ADD_LEFT_SHIFT
 from ..config import ROUNDINGS
 from ..golden import REQUANT_PIPELINE_STAGES
+from ..layouts import SHIFT_BITS
 from .dsp import registered_product
 
 __all__ = ["Requantizer"]
@@ -45,7 +46,7 @@ class Requantizer(wiring.Component):
             "acc": In(signed(accumulator_width)),
             "bias": In(signed(accumulator_width)),
             "multiplier": In(signed(32)),
-            "shift": In(unsigned(5)),
+            "shift": In(unsigned(SHIFT_BITS)),
             "zero_point": In(signed(16)),
             "clamp_min": In(signed(16)),
             "clamp_max": In(signed(16)),
@@ -62,7 +63,7 @@ class Requantizer(wiring.Component):
         # Stage 1: bias, wrapping at the accumulator width.
         total = Signal(signed(self._acc_width))
         multiplier1 = Signal(signed(32))
-        shift1 = Signal(5)
+        shift1 = Signal(SHIFT_BITS)
         valid1 = Signal()
         left_shift1 = Signal()
         m.d.sync += [total.eq(self.acc + self.bias), multiplier1.eq(self.multiplier),
@@ -87,7 +88,7 @@ class Requantizer(wiring.Component):
         a1, a0, b1, b0 = a[16:32].as_signed(), a[0:16], b[16:32].as_signed(), b[0:16]
         cross = Signal(signed(17))
         overflow2 = Signal()
-        shift2 = Signal(5)
+        shift2 = Signal(SHIFT_BITS)
         valid2 = Signal()
         # x − 2^15 for an unsigned 16-bit x is x with its top bit flipped, read as signed.
         a0_centred = Cat(a0[0:15], ~a0[15]).as_signed()
@@ -108,13 +109,13 @@ class Requantizer(wiring.Component):
         # Stage 3: the product; the middle terms are summed first (two carry chains).
         middle = p10 + p01 + (cross << 15)
         product = Signal(signed(64))
-        overflow, shift3, valid3 = Signal(), Signal(5), Signal()
+        overflow, shift3, valid3 = Signal(), Signal(SHIFT_BITS), Signal()
         m.d.sync += [product.eq(Cat(p00, p11).as_signed() + (middle << 16)),
                      overflow.eq(overflow2), shift3.eq(shift2), valid3.eq(valid2)]
         # The single-rounding quotient needs 33 bits (the product of two −2**31 is 2**62).
         high = Signal(signed(32 if self._rounding == "double" else 33))
         half = Signal()   # single rounding: the product's bit 30 (the rounding bit at shift 0)
-        shift4 = Signal(5)
+        shift4 = Signal(SHIFT_BITS)
         valid4 = Signal()
         m.d.sync += [shift4.eq(shift3), valid4.eq(valid3)]
         if self._rounding == "double":
@@ -160,7 +161,7 @@ class Requantizer(wiring.Component):
             # comparison with a constant a carry chain).
             below = Signal(32)
             with m.Switch(shift4):
-                for k in range(32):
+                for k in range(1 << SHIFT_BITS):
                     with m.Case(k):
                         m.d.comb += below.eq((1 << k) - 1)
             below_half = (high[0:31] & below[1:32]).any()

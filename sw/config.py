@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .layouts import param_lane_fields
+
 __all__ = ["NpuConfig", "DATAFLOWS", "ROUNDINGS", "read_toml"]
 
 
@@ -145,8 +147,8 @@ class NpuConfig:
 
     @property
     def param_lane_width(self) -> int:
-        """Bits of one channel's post-processing parameters: bias, multiplier, shift."""
-        return self.accumulator_width + 32 + 8
+        """Bits of one channel's post-processing parameters (``layouts.PARAM_LANE_FIELDS``)."""
+        return sum(f.width for f in param_lane_fields(self.accumulator_width))
 
     @property
     def param_word_width(self) -> int:

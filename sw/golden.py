@@ -15,6 +15,7 @@ import numpy as np
 from .arith import requantize, requantize_raw, wrap
 from .config import NpuConfig
 from .isa import Instruction, Opcode, decode_program
+from .layouts import PARAM_LANE_FIELDS, param_lane_fields
 from .memory_map import Region
 
 __all__ = ["GoldenNpu", "Counters", "CycleModel", "ProgramError", "check_program",
@@ -299,8 +300,9 @@ class GoldenNpu:
         self.activations = np.zeros((c.activation_depth, c.rows), dtype=np.int64)
         self.weights = np.zeros((c.weight_depth, c.cols), dtype=np.int64)
         self.accumulators = np.zeros((c.accumulator_depth, c.cols), dtype=np.int64)
-        # Parameter lanes: (bias, multiplier, shift) per channel.
-        self.params = np.zeros((c.param_depth, c.requant_lanes, 3), dtype=np.int64)
+        # Parameter lanes: one value per field of layouts.PARAM_LANE_FIELDS per channel.
+        self.params = np.zeros((c.param_depth, c.requant_lanes, len(PARAM_LANE_FIELDS)),
+                               dtype=np.int64)
         self.banks = np.zeros((2, c.rows, c.cols), dtype=np.int64)
         self.zero_point = self.clamp_min = self.clamp_max = 0
         self.param_addr = self.out_stride = 0
@@ -380,10 +382,13 @@ class GoldenNpu:
         count = ins["count"]
         groups = c.cols // c.requant_lanes
         param_words = (self.param_addr + np.arange(groups)) % address_span(c.param_depth)
-        params = self.params[param_words].reshape(c.cols, 3)
+        params = self.params[param_words].reshape(c.cols, len(PARAM_LANE_FIELDS))
+        # Each field by name, as many low bits as the requantizer reads.
+        p = {f.name: params[:, i] & ((1 << f.read_width) - 1) if f.read_width < f.width
+             else params[:, i] for i, f in enumerate(param_lane_fields(c.accumulator_width))}
         acc = self.accumulators[ins["acc_addr"]:ins["acc_addr"] + count]
         if ins["to_acc"]:
-            raw = requantize_raw(acc, params[:, 0], params[:, 1], params[:, 2] & 31,
+            raw = requantize_raw(acc, p["bias"], p["multiplier"], p["shift"],
                                  self.zero_point, accumulator_width=c.accumulator_width,
                                  rounding=requant_rounding(ins), left_shift=ins["left_shift"])
             target = slice(ins["out_addr"], ins["out_addr"] + count)
@@ -392,7 +397,7 @@ class GoldenNpu:
             self.accumulators[target] = wrap(raw, c.accumulator_width)
             return
         out = requantize(
-            acc, params[:, 0], params[:, 1], params[:, 2] & 31, self.zero_point,
+            acc, p["bias"], p["multiplier"], p["shift"], self.zero_point,
             self.clamp_min, self.clamp_max,
             accumulator_width=c.accumulator_width, output_width=c.input_width,
             rounding=requant_rounding(ins), left_shift=ins["left_shift"])

@@ -13,6 +13,7 @@ import numpy as np
 
 from .config import NpuConfig
 from .golden import Counters, GoldenNpu
+from .layouts import param_lane_fields
 from .memory_map import COUNTER_NAMES, MemoryInfo, Region, address, memories
 
 __all__ = ["Job", "JobResult", "lane_format", "pack_entries", "unpack_entries", "run_golden"]
@@ -25,7 +26,8 @@ def lane_format(config: NpuConfig, region: Region) -> tuple[tuple[int, bool], ..
         Region.ACTIVATIONS: ((config.input_width, True),),
         Region.WEIGHTS: ((config.weight_width, True),),
         Region.ACCUMULATORS: ((config.accumulator_width, True),),
-        Region.PARAMS: ((config.accumulator_width, True), (32, True), (8, False)),
+        Region.PARAMS: tuple((f.width, f.signed)
+                             for f in param_lane_fields(config.accumulator_width)),
     }[Region(region)]
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .config import DATAFLOWS, ROUNDINGS, NpuConfig
 from .isa import INSTRUCTION_WIDTH, ISA_VERSION
+from .layouts import param_lane_description
 
 __all__ = [
     "MAGIC", "REGION_SHIFT", "HOST_READ_LATENCY", "Region", "Reg", "Control", "Status",
@@ -203,8 +204,7 @@ def memory_map_markdown(config: NpuConfig | None = None) -> str:
         "",
         "An entry wider than 32 bits spans a power-of-two number of consecutive addresses, "
         "least significant word first; lane i of an entry holds bits [i·w, (i+1)·w). "
-        "A parameter lane is (bias: accumulator_width bits, multiplier: 32 bits, "
-        "shift: 8 bits, of which the low 5 are used), bias lowest.",
+        + param_lane_description(),
         "",
         "## Registers (region 0)",
         "",

@@ -1,0 +1,64 @@
+"""Layouts shared by the gateware, the golden model, the host and the docs are defined once
+(sw/layouts.py, sw/memory_map.py, sw/protocol.py, sw/timing.py); these tests hold every
+reader to them."""
+
+import numpy as np
+import pytest
+from amaranth import Shape
+
+from npugen.arith import requantize
+from npugen.config import NpuConfig
+from npugen.golden import GoldenNpu
+from npugen.hw.requant import Requantizer
+from npugen.isa import assemble, encode_program
+from npugen.job import lane_format, pack_entries, unpack_entries
+from npugen.layouts import PARAM_LANE_FIELDS, SHIFT_BITS, param_lane_fields
+from npugen.memory_map import Region
+
+
+@pytest.mark.parametrize("accumulator_width", [16, 24, 32])
+def test_param_lane_fields_tile_the_lane(accumulator_width):
+    fields = param_lane_fields(accumulator_width)
+    assert [f.name for f in fields] == [name for name, *_ in PARAM_LANE_FIELDS]
+    offset = 0
+    for f in fields:
+        assert f.offset == offset and 1 <= f.read_width <= f.width
+        assert f.read_width == f.width or not f.signed  # only an unsigned field's low bits
+        offset += f.width
+    config = NpuConfig(accumulator_width=accumulator_width)
+    assert config.param_lane_width == offset
+    assert lane_format(config, Region.PARAMS) == tuple((f.width, f.signed) for f in fields)
+
+
+def test_requantizer_ports_take_the_bits_read():
+    requantizer = Requantizer(accumulator_width=24, output_width=8)
+    for f in param_lane_fields(24):
+        shape = Shape.cast(requantizer.signature.members[f.name].shape)
+        assert (shape.width, shape.signed) == (f.read_width, f.signed), f.name
+
+
+def test_shift_field_bits_above_those_read_are_ignored():
+    """A shift with bits set above SHIFT_BITS packs into the lane (the field is wider) and
+    requantizes as its low SHIFT_BITS bits in the golden model, as in the gateware."""
+    config = NpuConfig(rows=4, cols=4, feature_maps=False, param_depth=16)
+    shift = next(f for f in param_lane_fields(config.accumulator_width) if f.name == "shift")
+    assert shift.read_width == SHIFT_BITS < shift.width
+    rng = np.random.default_rng(5)
+    acc = rng.integers(-3000, 3000, (8, 4))
+    outputs = []
+    for high in (0, 7):
+        params = np.stack([np.zeros(4, dtype=np.int64), np.full(4, 1 << 30),
+                           np.arange(4) + (high << SHIFT_BITS)], axis=1)[None]
+        words = pack_entries(config, Region.PARAMS, params)
+        assert np.array_equal(unpack_entries(config, Region.PARAMS, words), params)
+        npu = GoldenNpu(config)
+        npu.write(Region.ACCUMULATORS, 0, acc)
+        npu.write(Region.PARAMS, 0, params)
+        npu.write(Region.INSTRUCTIONS, 0, encode_program(assemble(
+            "SETPP clamp_min=-128 clamp_max=127\nREQUANT count=8\nHALT")))
+        npu.run()
+        outputs.append(npu.read(Region.ACTIVATIONS, 0, 8))
+    assert np.array_equal(outputs[0], outputs[1])
+    assert np.array_equal(outputs[0], requantize(
+        acc, 0, np.full(4, 1 << 30), np.arange(4), 0, -128, 127, accumulator_width=32,
+        output_width=8, rounding="double"))
