@@ -26,8 +26,11 @@ from ..memory_map import (
     HOST_READ_LATENCY,
     REGION_SHIFT,
     WIDE_READ_STRIDE,
+    Control,
     Reg,
     Region,
+    Status,
+    flag_bit,
     host_read_latency,
     identity_words,
     memories,
@@ -47,6 +50,16 @@ __all__ = ["Npu"]
 if HOST_READ_LATENCY != 3 or WIDE_READ_STRIDE < 2 or REQUANT_INPUT_STAGES != 1:
     raise ImportError("hw/npu.py builds a 3-cycle host read and one requantizer input "
                       "register; update it with HOST_READ_LATENCY / REQUANT_INPUT_STAGES")
+
+
+def _flags_word(flags: type[Status], values: dict):
+    """A register word of ``flags``: each flag's value at its bit (``flag_bit``), 0 in
+    the bits no flag has. Every flag must have a value."""
+    if set(values) != set(flags):
+        missing = ", ".join(flag.name for flag in flags if flag not in values)
+        raise ValueError(f"{flags.__name__} flags without a value: {missing}")
+    by_bit = {flag_bit(flag): value for flag, value in values.items()}
+    return Cat(*(by_bit.get(bit, Const(0, 1)) for bit in range(max(by_bit) + 1)))
 
 
 def _field(word, opcode: Opcode, name: str):
@@ -210,8 +223,10 @@ class Npu(wiring.Component):
                 with m.Case(Reg.MAGIC + index):
                     m.d.comb += register_value.eq(word)
             with m.Case(Reg.STATUS):
-                m.d.comb += register_value.eq(Cat(running | start, done & ~start,
-                                                  host_conflict, aborted, illegal))
+                m.d.comb += register_value.eq(_flags_word(Status, {
+                    Status.RUNNING: running | start, Status.DONE: done & ~start,
+                    Status.HOST_CONFLICT: host_conflict, Status.ABORTED: aborted,
+                    Status.ILLEGAL_INSTRUCTION: illegal}))
             with m.Case(Reg.START_PC):
                 m.d.comb += register_value.eq(start_pc)
             with m.Case(Reg.PC):
@@ -246,8 +261,8 @@ class Npu(wiring.Component):
         with m.If(register_write):
             with m.Switch(offset):
                 with m.Case(Reg.CONTROL):
-                    m.d.sync += [start.eq(host.wdata[0] & ~running),
-                                 abort.eq(host.wdata[1])]
+                    m.d.sync += [start.eq(host.wdata[flag_bit(Control.START)] & ~running),
+                                 abort.eq(host.wdata[flag_bit(Control.ABORT)])]
                 with m.Case(Reg.START_PC):
                     m.d.sync += start_pc.eq(host.wdata)
 

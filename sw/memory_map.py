@@ -18,7 +18,7 @@ __all__ = [
     "MAGIC", "REGION_SHIFT", "HOST_READ_LATENCY", "Region", "Reg", "Control", "Status",
     "MemoryInfo", "memories", "identity_words", "config_from_identity", "COUNTER_NAMES",
     "COUNTER_BITS", "address", "register_bits", "region_words", "WIDE_READ_STRIDE",
-    "host_read_latency",
+    "host_read_latency", "flag_bit",
 ]
 
 MAGIC = 0x4E505547  # "NPUG"
@@ -76,6 +76,15 @@ class Status(enum.IntFlag):
     HOST_CONFLICT = 4  # a memory was accessed by the host during a run (sticky)
     ABORTED = 8
     ILLEGAL_INSTRUCTION = 16
+
+
+def flag_bit(flag: Control | Status) -> int:
+    """The bit position of a one-bit CONTROL or STATUS flag (the gateware places and
+    decodes each by it)."""
+    value = int(flag)
+    if value <= 0 or value & (value - 1):
+        raise ValueError(f"{flag!r} is not a single bit")
+    return value.bit_length() - 1
 
 
 @dataclass(frozen=True)
@@ -219,9 +228,9 @@ def memory_map_markdown(config: NpuConfig | None = None) -> str:
         lines.append(f"| {Reg.CONFIG + index:#04x} | CONFIG.{name} | read | {meaning} |")
     lines += [
         f"| {Reg.CONTROL:#04x} | CONTROL | write | "
-        + ", ".join(f"bit {flag.bit_length() - 1}: {flag.name}" for flag in Control) + " |",
+        + ", ".join(f"bit {flag_bit(flag)}: {flag.name}" for flag in Control) + " |",
         f"| {Reg.STATUS:#04x} | STATUS | read | "
-        + ", ".join(f"bit {flag.bit_length() - 1}: {flag.name}" for flag in Status) + " |",
+        + ", ".join(f"bit {flag_bit(flag)}: {flag.name}" for flag in Status) + " |",
         f"| {Reg.START_PC:#04x} | START_PC | read/write | first instruction of the next run |",
         f"| {Reg.PC:#04x} | PC | read | the sequencer's program counter |",
     ]

@@ -2,18 +2,21 @@
 (sw/layouts.py, sw/memory_map.py, sw/protocol.py, sw/timing.py); these tests hold every
 reader to them."""
 
+import enum
+
 import numpy as np
 import pytest
-from amaranth import Shape
+from amaranth import Const, Shape
 
 from npugen.arith import requantize
 from npugen.config import NpuConfig
 from npugen.golden import GoldenNpu
+from npugen.hw.npu import _flags_word
 from npugen.hw.requant import Requantizer
 from npugen.isa import assemble, encode_program
 from npugen.job import lane_format, pack_entries, unpack_entries
 from npugen.layouts import PARAM_LANE_FIELDS, SHIFT_BITS, param_lane_fields
-from npugen.memory_map import Region
+from npugen.memory_map import Control, Region, Status, flag_bit
 
 
 @pytest.mark.parametrize("accumulator_width", [16, 24, 32])
@@ -62,3 +65,25 @@ def test_shift_field_bits_above_those_read_are_ignored():
     assert np.array_equal(outputs[0], requantize(
         acc, 0, np.full(4, 1 << 30), np.arange(4), 0, -128, 127, accumulator_width=32,
         output_width=8, rounding="double"))
+
+
+def test_flag_bits():
+    assert [flag_bit(flag) for flag in Status] == list(range(len(Status)))
+    assert [flag_bit(flag) for flag in Control] == [0, 1]
+    with pytest.raises(ValueError, match="is not a single bit"):
+        flag_bit(Status.RUNNING | Status.DONE)
+
+
+def test_status_word_places_each_flag_at_its_bit():
+    """The gateware builds STATUS by each flag's bit, whatever the order of the enum."""
+
+    class Flags(enum.IntFlag):
+        HIGH = 8
+        LOW = 1
+        MIDDLE = 2
+
+    word = _flags_word(Flags, {Flags.LOW: Const(1, 1), Flags.MIDDLE: Const(0, 1),
+                               Flags.HIGH: Const(1, 1)})
+    assert (len(word), Const.cast(word).value) == (4, 0b1001)
+    with pytest.raises(ValueError, match="Flags flags without a value: MIDDLE"):
+        _flags_word(Flags, {Flags.LOW: Const(1, 1), Flags.HIGH: Const(1, 1)})
