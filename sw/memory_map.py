@@ -8,7 +8,9 @@ bits [0:24] are the offset in it. A memory entry wider than 32 bits spans
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 from .config import DATAFLOWS, ROUNDINGS, NpuConfig
 from .isa import INSTRUCTION_WIDTH, ISA_VERSION
@@ -18,7 +20,7 @@ __all__ = [
     "MAGIC", "REGION_SHIFT", "HOST_READ_LATENCY", "Region", "Reg", "Control", "Status",
     "MemoryInfo", "memories", "identity_words", "config_from_identity", "COUNTER_NAMES",
     "COUNTER_BITS", "address", "register_bits", "region_words", "WIDE_READ_STRIDE",
-    "host_read_latency", "flag_bit",
+    "host_read_latency", "flag_bit", "register_spans", "check_register_map",
 ]
 
 MAGIC = 0x4E505547  # "NPUG"
@@ -135,11 +137,50 @@ def host_read_latency(config: NpuConfig) -> int:
     return HOST_READ_LATENCY + wide
 
 
+#: Words of each register that spans more than one (the others: one word).
+_REGISTER_WORDS = {Reg.CONFIG: len(NpuConfig.field_names()), Reg.UPTIME: 2}
+
+
+def register_spans(counter_names: Sequence[str] = COUNTER_NAMES) -> dict[str, tuple[int, int]]:
+    """Every register of the registers' block by name, as (first offset, words): each
+    ``Reg``, with COUNTERS one pair of words per name of ``counter_names``."""
+    spans = {}
+    for reg in Reg:
+        if reg is Reg.COUNTERS:
+            spans.update({name.upper(): (Reg.COUNTERS + 2 * index, 2)
+                          for index, name in enumerate(counter_names)})
+        else:
+            spans[reg.name] = (int(reg), _REGISTER_WORDS.get(reg, 1))
+    return spans
+
+
+def check_register_map(spans: Mapping[str, tuple[int, int]],
+                       words: int = 1 << REGION_SHIFT) -> None:
+    """Raise ``ValueError`` if two registers of ``spans`` (``register_spans``) overlap,
+    one reaches past ``words``, or the identity block (MAGIC, ISA_VERSION, CONFIG: what
+    ``identity_words`` lists) is not contiguous."""
+    ordered = sorted(spans.items(), key=lambda item: item[1][0])
+    for (name, (first, count)), (after, (start, _)) in pairwise(ordered):
+        if first + count > start:
+            raise ValueError(f"register {after} at {start:#04x} overlaps {name} "
+                             f"({first:#04x} to {first + count - 1:#04x}); move one of them")
+    name, (first, count) = ordered[-1]
+    if first + count > words:
+        raise ValueError(f"register {name} ({first:#04x} to {first + count - 1:#04x}) "
+                         f"reaches past the registers' {words} words")
+    identity = [spans[name] for name in ("MAGIC", "ISA_VERSION", "CONFIG")]
+    if any(a + words_a != b for (a, words_a), (b, _) in pairwise(identity)):
+        raise ValueError(f"the identity block must be contiguous: MAGIC, ISA_VERSION, "
+                         f"CONFIG at {', '.join(f'{a:#04x}' for a, _ in identity)}")
+
+
+check_register_map(register_spans())
+
+
 def register_bits(config: NpuConfig) -> int:
-    """Offset bits the register block decodes: it spans ``2**register_bits`` words."""
-    top = max(len(identity_words(config)) - 1, *[int(reg) for reg in Reg],
-              Reg.UPTIME + 1, Reg.COUNTERS + 2 * len(COUNTER_NAMES) - 1)
-    return top.bit_length()
+    """Offset bits the register block decodes: it spans ``2**register_bits`` words (the
+    same for every config)."""
+    return (max(first + words for first, words in register_spans().values()) - 1).bit_length()
 
 
 def region_words(config: NpuConfig) -> dict[Region, int]:

@@ -16,7 +16,18 @@ from npugen.hw.requant import Requantizer
 from npugen.isa import assemble, encode_program
 from npugen.job import lane_format, pack_entries, unpack_entries
 from npugen.layouts import PARAM_LANE_FIELDS, SHIFT_BITS, param_lane_fields
-from npugen.memory_map import Control, Region, Status, flag_bit
+from npugen.memory_map import (
+    COUNTER_NAMES,
+    Control,
+    Reg,
+    Region,
+    Status,
+    check_register_map,
+    flag_bit,
+    identity_words,
+    register_bits,
+    register_spans,
+)
 
 
 @pytest.mark.parametrize("accumulator_width", [16, 24, 32])
@@ -87,3 +98,25 @@ def test_status_word_places_each_flag_at_its_bit():
     assert (len(word), Const.cast(word).value) == (4, 0b1001)
     with pytest.raises(ValueError, match="Flags flags without a value: MIDDLE"):
         _flags_word(Flags, {Flags.LOW: Const(1, 1), Flags.HIGH: Const(1, 1)})
+
+
+def test_register_map_has_no_overlap():
+    spans = register_spans()
+    check_register_map(spans, 1 << register_bits(NpuConfig()))
+    assert spans["CONFIG"][1] == len(identity_words(NpuConfig())) - 2
+    assert set(spans) >= {reg.name for reg in Reg if reg is not Reg.COUNTERS}
+
+
+@pytest.mark.parametrize("spans, words, message", [
+    # A fifth counter after the last one lands on UPTIME.
+    (register_spans(COUNTER_NAMES + ("extra",)), 1 << 24,
+     "register UPTIME at 0x58 overlaps EXTRA \\(0x58 to 0x59\\)"),
+    ({**register_spans(), "CONFIG": (2, 0x40)}, 1 << 24,
+     "register CONTROL at 0x40 overlaps CONFIG \\(0x02 to 0x41\\)"),
+    (register_spans(), 0x58, "register UPTIME \\(0x58 to 0x59\\) reaches past the "
+                             "registers' 88 words"),
+    ({**register_spans(), "CONFIG": (3, 14)}, 1 << 24, "the identity block must be contiguous"),
+])
+def test_register_map_checker_refuses_overlaps(spans, words, message):
+    with pytest.raises(ValueError, match=message):
+        check_register_map(spans, words)
