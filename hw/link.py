@@ -17,22 +17,27 @@ from amaranth.lib.wiring import In, Out
 
 from ..memory_map import REGION_SHIFT, Control, Reg, Region, address
 from ..protocol import (
+    COUNTERS_WORDS,
+    CRC_INITIAL,
+    CRC_POLYNOMIAL,
     LINK_COUNTER_BITS,
     LINK_COUNTERS,
     MAX_PAYLOAD_BYTES,
     MAX_PAYLOAD_WORDS,
+    READ_PAYLOAD_BYTES,
     REQUEST_SYNC,
+    RESPONSE_HEADER_BYTES,
     RESPONSE_SYNC,
     RUN_TOKEN_BITS,
+    START_PAYLOAD_BYTES,
     STATUS_WORDS,
+    WRITE_ADDRESS_BYTES,
     Command,
     LinkStatus,
 )
 from .hostbus import HostBus
 
 __all__ = ["LinkEngine", "crc16_step"]
-
-CRC_POLYNOMIAL = 0x1021
 
 
 def _crc16_bytewise(value: int) -> int:
@@ -111,7 +116,9 @@ class LinkEngine(wiring.Component):
         length = Signal(range(MAX_PAYLOAD_BYTES + 1))
         # Precomputed when the length arrives, so no subtraction sits in a compare's path.
         last_byte = Signal.like(length)   # length - 1
-        last_write = Signal(8)            # words to write - 1: (length >> 2) - 2
+        last_write = Signal(8)            # words to write - 1
+        # It is (length >> 2) less this: the address's words and one.
+        write_words_less = WRITE_ADDRESS_BYTES // 4 + 1
         count = Signal.like(length)       # payload bytes received, or words handled
         word = Signal(32)
         crc = Signal(16)
@@ -143,8 +150,8 @@ class LinkEngine(wiring.Component):
         read_address = Signal(32)
         from_counters = Signal()
         with_token = Signal()      # the answer's last word is the run token (STATUS, START)
-        header = Signal(6 * 8)
-        header_index = Signal(range(6))
+        header = Signal(RESPONSE_HEADER_BYTES * 8)
+        header_index = Signal(range(RESPONSE_HEADER_BYTES))
         byte_index = Signal(2)
         crc_high = Signal()
 
@@ -168,7 +175,7 @@ class LinkEngine(wiring.Component):
             """Begin a response: status, payload length in words, where words come from."""
             statements = [status.eq(result), response_words.eq(words), count.eq(0),
                           from_counters.eq(counters_source), with_token.eq(token),
-                          header_index.eq(0), crc.eq(0xFFFF)]
+                          header_index.eq(0), crc.eq(CRC_INITIAL)]
             if source is not None:
                 statements.append(read_address.eq(source))
             return statements
@@ -179,7 +186,7 @@ class LinkEngine(wiring.Component):
                 m.d.comb += rx.ready.eq(1)
                 with m.If(taken):
                     with m.If(byte == REQUEST_SYNC):
-                        m.d.sync += [crc.eq(0xFFFF), idle.eq(0)]
+                        m.d.sync += [crc.eq(CRC_INITIAL), idle.eq(0)]
                         m.next = "COMMAND"
                     with m.Else():
                         m.d.sync += count_error("noise_bytes")
@@ -211,7 +218,8 @@ class LinkEngine(wiring.Component):
                         elif state == "LENGTH1":
                             full = Cat(length[0:8], byte)
                             m.d.sync += [length.eq(full), count.eq(0), word.eq(0),
-                                         last_byte.eq(full - 1), last_write.eq((full >> 2) - 2)]
+                                         last_byte.eq(full - 1),
+                                         last_write.eq((full >> 2) - write_words_less)]
                             with m.If(full > MAX_PAYLOAD_BYTES):
                                 m.d.sync += count_error("oversize")
                                 m.next = "HUNT"
@@ -259,9 +267,10 @@ class LinkEngine(wiring.Component):
                         with m.Else():
                             m.d.sync += respond(LinkStatus.BAD_LENGTH)
                     with m.Case(Command.WRITE):
-                        with m.If(length == 4):  # an address and no words: nothing to do
+                        # An address and no words: nothing to do.
+                        with m.If(length == WRITE_ADDRESS_BYTES):
                             m.d.sync += respond(LinkStatus.OK)
-                        with m.Elif((length > 4) & (length[0:2] == 0)):
+                        with m.Elif((length > WRITE_ADDRESS_BYTES) & (length[0:2] == 0)):
                             m.d.sync += [read_address.eq(first), count.eq(0),
                                          span.eq(last_write)]
                             m.d.comb += buffer_read.addr.eq(1)
@@ -269,14 +278,14 @@ class LinkEngine(wiring.Component):
                         with m.Else():
                             m.d.sync += respond(LinkStatus.BAD_LENGTH)
                     with m.Case(Command.READ):
-                        with m.If(length == 6):
+                        with m.If(length == READ_PAYLOAD_BYTES):
                             m.d.comb += buffer_read.addr.eq(1)
                             m.d.sync += read_address.eq(first)
                             m.next = "READ_COUNT"
                         with m.Else():
                             m.d.sync += respond(LinkStatus.BAD_LENGTH)
                     with m.Case(Command.START):
-                        with m.If(length == 8):
+                        with m.If(length == START_PAYLOAD_BYTES):
                             m.d.comb += buffer_read.addr.eq(1)
                             m.d.sync += read_address.eq(first)   # the pc
                             m.next = "START_TOKEN"
@@ -286,7 +295,7 @@ class LinkEngine(wiring.Component):
                         m.d.sync += respond(LinkStatus.OK, STATUS_WORDS,
                                             address(Region.REGISTERS, Reg.STATUS), token=True)
                     with m.Case(Command.COUNTERS):
-                        m.d.sync += respond(LinkStatus.OK, 8,
+                        m.d.sync += respond(LinkStatus.OK, COUNTERS_WORDS,
                                             address(Region.REGISTERS, Reg.COUNTERS))
                     with m.Case(Command.RESET):
                         m.d.comb += [bus.valid.eq(1), bus.write.eq(1),
@@ -414,7 +423,7 @@ class LinkEngine(wiring.Component):
                         m.d.comb += crc_byte.eq(tx.payload)
                         m.d.sync += crc.eq(crc_next)
                     m.d.sync += header_index.eq(header_index + 1)
-                    with m.If(header_index == 5):
+                    with m.If(header_index == RESPONSE_HEADER_BYTES - 1):
                         with m.If(response_words == 0):
                             m.d.sync += crc_high.eq(0)
                             m.next = "SEND_CRC"

@@ -18,11 +18,15 @@ import enum
 import struct
 from dataclasses import dataclass
 
-from .memory_map import COUNTER_BITS
+from .memory_map import COUNTER_BITS, COUNTER_NAMES
 
 __all__ = [
     "REQUEST_SYNC", "RESPONSE_SYNC", "MAX_PAYLOAD_WORDS", "MAX_PAYLOAD_BYTES", "RX_FIFO_BYTES",
-    "TRUNCATION_BYTE_TIMES", "RUN_TOKEN_BITS", "STATUS_WORDS", "Command",
+    "TRUNCATION_BYTE_TIMES", "RUN_TOKEN_BITS", "STATUS_WORDS", "STATUS_ANSWER",
+    "COUNTERS_WORDS", "REQUEST_HEADER_FORMAT", "RESPONSE_HEADER_FORMAT",
+    "REQUEST_HEADER_BYTES", "RESPONSE_HEADER_BYTES", "CRC_FORMAT", "CRC_BYTES",
+    "CRC_POLYNOMIAL", "CRC_INITIAL", "WRITE_ADDRESS_FORMAT", "WRITE_ADDRESS_BYTES",
+    "READ_FORMAT", "READ_PAYLOAD_BYTES", "START_FORMAT", "START_PAYLOAD_BYTES", "Command",
     "LinkStatus", "LINK_COUNTERS", "LINK_COUNTER_BITS", "crc16", "encode_request",
     "encode_response", "Response",
     "ResponseParser",
@@ -31,9 +35,29 @@ __all__ = [
 
 REQUEST_SYNC = 0xA5
 RESPONSE_SYNC = 0x5A
+#: A frame up to its payload (struct formats): sync, command, seq, length (a request);
+#: sync, command, seq, status, length (a response). Then the payload and the CRC.
+REQUEST_HEADER_FORMAT = "<BBBH"
+RESPONSE_HEADER_FORMAT = "<BBBBH"
+REQUEST_HEADER_BYTES = struct.calcsize(REQUEST_HEADER_FORMAT)
+RESPONSE_HEADER_BYTES = struct.calcsize(RESPONSE_HEADER_FORMAT)
+#: CRC-16/CCITT-FALSE (``binascii.crc_hqx``): polynomial, initial value; not reflected,
+#: no final XOR. It ends every frame.
+CRC_POLYNOMIAL = 0x1021
+CRC_INITIAL = 0xFFFF
+CRC_FORMAT = "<H"
+CRC_BYTES = struct.calcsize(CRC_FORMAT)
+#: Payloads of fixed layout (struct formats): WRITE's address (its words follow), READ's
+#: address and count, START's pc and run token.
+WRITE_ADDRESS_FORMAT = "<I"
+READ_FORMAT = "<IH"
+START_FORMAT = "<II"
+WRITE_ADDRESS_BYTES = struct.calcsize(WRITE_ADDRESS_FORMAT)
+READ_PAYLOAD_BYTES = struct.calcsize(READ_FORMAT)
+START_PAYLOAD_BYTES = struct.calcsize(START_FORMAT)
 #: The largest payload a request or response carries: the engine's frame buffer.
 MAX_PAYLOAD_WORDS = 256
-MAX_PAYLOAD_BYTES = 4 * MAX_PAYLOAD_WORDS + 4  # WRITE: address + 256 words
+MAX_PAYLOAD_BYTES = 4 * MAX_PAYLOAD_WORDS + WRITE_ADDRESS_BYTES  # WRITE: address + words
 #: The device buffers this many received bytes: a host may keep one whole request in
 #: flight beyond the one being executed.
 RX_FIFO_BYTES = 2048
@@ -45,8 +69,12 @@ MAX_BAUD_ERROR = 0.02
 #: The device keeps the token of the last run it started: STATUS reports it, a START with
 #: the same token is a retry and does not restart, RESET sets it to 0.
 RUN_TOKEN_BITS = 8
-#: Words of a STATUS answer (and of START's): STATUS, START_PC, PC, RUN_TOKEN.
-STATUS_WORDS = 4
+#: Words of a STATUS answer (and of START's): the registers STATUS, START_PC and PC (at
+#: consecutive offsets), then the link's run token.
+STATUS_ANSWER = ("STATUS", "START_PC", "PC", "RUN_TOKEN")
+STATUS_WORDS = len(STATUS_ANSWER)
+#: Words of a COUNTERS answer: every performance counter, low word then high word.
+COUNTERS_WORDS = 2 * len(COUNTER_NAMES)
 
 
 class Command(enum.IntEnum):
@@ -57,7 +85,7 @@ class Command(enum.IntEnum):
     READ = 0x03        # address u32, count u16 → words
     START = 0x04       # pc u32, run token u32 → STATUS words; a repeated token: no restart
     STATUS = 0x05      # → STATUS, START_PC, PC, RUN_TOKEN
-    COUNTERS = 0x06    # → performance counters (64-bit each, low word first)
+    COUNTERS = 0x06    # → performance counters (two words each, low word first)
     RESET = 0x07       # → (nothing): abort any run, clear the link's counters and token
     LINK_STATUS = 0x08  # → the link's error counters (LINK_COUNTERS order)
 
@@ -82,16 +110,22 @@ class FrameError(ValueError):
     """A response that is not a valid frame."""
 
 
-def crc16(data: bytes, value: int = 0xFFFF) -> int:
-    """CRC-16/CCITT-FALSE."""
+def crc16(data: bytes, value: int = CRC_INITIAL) -> int:
+    """CRC-16/CCITT-FALSE (polynomial CRC_POLYNOMIAL: ``binascii.crc_hqx``'s)."""
     return binascii.crc_hqx(bytes(data), value)
+
+
+def _frame(header: bytes, payload: bytes) -> bytes:
+    """A frame: its header and payload, then the CRC of both after the sync byte."""
+    body = header[1:] + payload
+    return header[:1] + body + struct.pack(CRC_FORMAT, crc16(body))
 
 
 def encode_request(command: Command, seq: int, payload: bytes = b"") -> bytes:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
-    body = struct.pack("<BBH", int(command), seq & 0xFF, len(payload)) + payload
-    return bytes([REQUEST_SYNC]) + body + struct.pack("<H", crc16(body))
+    return _frame(struct.pack(REQUEST_HEADER_FORMAT, REQUEST_SYNC, int(command), seq & 0xFF,
+                              len(payload)), payload)
 
 
 @dataclass(frozen=True)
@@ -107,14 +141,14 @@ class Response:
 
 
 def encode_response(command: int, seq: int, status: int, payload: bytes = b"") -> bytes:
-    body = struct.pack("<BBBH", command, seq & 0xFF, status, len(payload)) + payload
-    return bytes([RESPONSE_SYNC]) + body + struct.pack("<H", crc16(body))
+    return _frame(struct.pack(RESPONSE_HEADER_FORMAT, RESPONSE_SYNC, command, seq & 0xFF,
+                              status, len(payload)), payload)
 
 
 class ResponseParser:
     """Incremental parser of response frames; skips bytes until a valid frame."""
 
-    HEADER = 6  # sync, cmd, seq, status, len
+    HEADER = RESPONSE_HEADER_BYTES
 
     def __init__(self) -> None:
         self.buffer = bytearray()
@@ -134,16 +168,17 @@ class ResponseParser:
                 del self.buffer[:start]
             if len(self.buffer) < self.HEADER:
                 return frames
-            command, seq, status, length = struct.unpack_from("<BBBH", self.buffer, 1)
+            _, command, seq, status, length = struct.unpack_from(RESPONSE_HEADER_FORMAT,
+                                                                 self.buffer)
             if length > MAX_PAYLOAD_BYTES:
                 self.dropped += 1
                 del self.buffer[:1]
                 continue
-            end = self.HEADER + length + 2
+            end = self.HEADER + length + CRC_BYTES
             if len(self.buffer) < end:
                 return frames
             body = bytes(self.buffer[1:self.HEADER + length])
-            (crc,) = struct.unpack_from("<H", self.buffer, self.HEADER + length)
+            (crc,) = struct.unpack_from(CRC_FORMAT, self.buffer, self.HEADER + length)
             if crc != crc16(body):
                 self.dropped += 1
                 del self.buffer[:1]
@@ -152,7 +187,7 @@ class ResponseParser:
                 status = LinkStatus(status)
             except ValueError:
                 status = LinkStatus.UNKNOWN_COMMAND
-            frames.append(Response(command, seq, status, body[5:]))
+            frames.append(Response(command, seq, status, body[self.HEADER - 1:]))
             del self.buffer[:end]
 
 
@@ -176,10 +211,10 @@ def uart_divisor(clock_hz: float, baud: int) -> int:
 COMMAND_DOCS: dict[Command, tuple[str, str, str]] = {
     Command.IDENTIFY: ("(empty)", "the identity block: MAGIC, ISA_VERSION, every NpuConfig "
                        "field (see MEMORY_MAP.md)", "Compare with the program's config."),
-    Command.WRITE: ("address u32, then 1 to 256 words u32", "(empty)",
+    Command.WRITE: (f"address u32, then 1 to {MAX_PAYLOAD_WORDS} words u32", "(empty)",
                     "Words go to address, address+1, ... (host-port word addresses). "
                     "BAD_ADDRESS if they reach past the region: nothing is written."),
-    Command.READ: ("address u32, count u16 (1 to 256)", "count words",
+    Command.READ: (f"address u32, count u16 (1 to {MAX_PAYLOAD_WORDS})", "count words",
                    "From address, address+1, ... BAD_ADDRESS if they reach past the region."),
     Command.START: (f"pc u32, run token u32 (1 to 2^{RUN_TOKEN_BITS} − 1)",
                     f"{STATUS_WORDS} words, as STATUS",
@@ -187,11 +222,11 @@ COMMAND_DOCS: dict[Command, tuple[str, str, str]] = {
                     "token of the last run is a retry: it does not restart, it answers the "
                     "run's state. BUSY during another run; BAD_TOKEN for token 0 or a wider "
                     "one."),
-    Command.STATUS: ("(empty)", "STATUS, START_PC, PC, RUN_TOKEN",
+    Command.STATUS: ("(empty)", ", ".join(STATUS_ANSWER),
                      "Poll STATUS.RUNNING until clear; RUN_TOKEN names the run it describes "
                      "(0: none since RESET)."),
-    Command.COUNTERS: ("(empty)", "8 words: cycles, busy_cycles, macs, stall_cycles "
-                       f"({COUNTER_BITS} bits each, low word first)", ""),
+    Command.COUNTERS: ("(empty)", f"{COUNTERS_WORDS} words: " + ", ".join(COUNTER_NAMES)
+                       + f" ({COUNTER_BITS} bits each, low word first)", ""),
     Command.RESET: ("(empty)", "(empty)",
                     "Abort any run (CONTROL ← ABORT), clear the link's error counters, "
                     "RUN_TOKEN ← 0."),
@@ -203,7 +238,7 @@ COMMAND_DOCS: dict[Command, tuple[str, str, str]] = {
 
 def protocol_markdown() -> str:
     """``docs/PROTOCOL.md``, generated from this module."""
-    example = encode_request(Command.READ, 7, struct.pack("<IH", 0x04000000, 2))
+    example = encode_request(Command.READ, 7, struct.pack(READ_FORMAT, 0x04000000, 2))
     answer = encode_response(Command.READ, 7, LinkStatus.OK, struct.pack("<2I", 1, 2))
     lines = [
         "# Host-link protocol",
@@ -233,7 +268,8 @@ def protocol_markdown() -> str:
         f"| response | `{RESPONSE_SYNC:#04x}` · command u8 · seq u8 · status u8 · length u16 "
         "· payload · crc u16 |",
         "",
-        "`crc` is CRC-16/CCITT-FALSE (polynomial 0x1021, initial value 0xFFFF, not "
+        f"`crc` is CRC-16/CCITT-FALSE (polynomial {CRC_POLYNOMIAL:#06x}, initial value "
+        f"0x{CRC_INITIAL:04X}, not "
         "reflected, no final XOR; `crc16(b\"123456789\") == 0x29B1`) over every byte "
         "after the sync byte and before the CRC. A response echoes the request's command "
         "and seq. Words in payloads are u32.",
@@ -265,7 +301,7 @@ def protocol_markdown() -> str:
         f"| {LinkStatus.OK} | OK | done |",
         f"| {LinkStatus.UNKNOWN_COMMAND} | UNKNOWN_COMMAND | the command code is not above |",
         f"| {LinkStatus.BAD_LENGTH} | BAD_LENGTH | the payload length does not fit the "
-        "command, or a READ count is 0 or above 256 |",
+        f"command, or a READ count is 0 or above {MAX_PAYLOAD_WORDS} |",
         f"| {LinkStatus.BAD_ADDRESS} | BAD_ADDRESS | a READ or WRITE reaches past the "
         "registers' block or a memory's depth, or names no region (MEMORY_MAP.md); nothing "
         "moves and `bad_address` counts it |",

@@ -3,14 +3,17 @@
 reader to them."""
 
 import enum
+import struct
 
 import numpy as np
 import pytest
-from amaranth import Const, Shape
+from amaranth import Const, Module, Shape, Signal
+from amaranth.sim import Simulator
 
 from npugen.arith import requantize
 from npugen.config import NpuConfig
 from npugen.golden import GoldenNpu
+from npugen.hw.link import crc16_step
 from npugen.hw.npu import _flags_word
 from npugen.hw.requant import Requantizer
 from npugen.isa import assemble, encode_program
@@ -27,6 +30,22 @@ from npugen.memory_map import (
     identity_words,
     register_bits,
     register_spans,
+)
+from npugen.protocol import (
+    COUNTERS_WORDS,
+    CRC_BYTES,
+    CRC_INITIAL,
+    READ_FORMAT,
+    READ_PAYLOAD_BYTES,
+    REQUEST_HEADER_BYTES,
+    RESPONSE_HEADER_BYTES,
+    STATUS_ANSWER,
+    STATUS_WORDS,
+    Command,
+    ResponseParser,
+    crc16,
+    encode_request,
+    encode_response,
 )
 
 
@@ -120,3 +139,46 @@ def test_register_map_has_no_overlap():
 def test_register_map_checker_refuses_overlaps(spans, words, message):
     with pytest.raises(ValueError, match=message):
         check_register_map(spans, words)
+
+
+def test_status_and_counters_answers_read_the_register_map():
+    """The link answers STATUS with consecutive registers from STATUS, then its run token,
+    and COUNTERS with every counter's words from COUNTERS."""
+    registers = STATUS_ANSWER[:-1]
+    assert [Reg[name] for name in registers] == list(range(Reg.STATUS,
+                                                           Reg.STATUS + len(registers)))
+    assert STATUS_ANSWER[-1] == "RUN_TOKEN" and STATUS_WORDS == len(STATUS_ANSWER)
+    spans = register_spans()
+    counters = [spans[name.upper()] for name in COUNTER_NAMES]
+    assert counters[0][0] == Reg.COUNTERS
+    assert sum(words for _, words in counters) == COUNTERS_WORDS
+
+
+def test_frame_sizes():
+    payload = struct.pack(READ_FORMAT, 0x04000000, 2)
+    assert len(payload) == READ_PAYLOAD_BYTES
+    request = encode_request(Command.READ, 7, payload)
+    assert len(request) == REQUEST_HEADER_BYTES + len(payload) + CRC_BYTES
+    response = encode_response(Command.READ, 7, 0, b"\x01\x02\x03\x04")
+    assert len(response) == RESPONSE_HEADER_BYTES + 4 + CRC_BYTES
+    (frame,) = ResponseParser().feed(response)
+    assert frame.payload == b"\x01\x02\x03\x04"
+
+
+def test_gateware_crc_step_is_the_protocol_crc():
+    m = Module()
+    crc, byte, out = Signal(16), Signal(8), Signal(16)
+    m.d.comb += out.eq(crc16_step(crc, byte))
+    data = b"123456789"
+
+    async def testbench(ctx):
+        value = CRC_INITIAL
+        for b in data:
+            ctx.set(crc, value)
+            ctx.set(byte, b)
+            value = ctx.get(out)
+        assert value == crc16(data) == 0x29B1
+
+    sim = Simulator(m)
+    sim.add_testbench(testbench)
+    sim.run()
