@@ -25,9 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import quantize_with_onnxruntime, steps_from_onnxruntime  # noqa: E402
 from npugen import NpuConfig  # noqa: E402
 from npugen.compiler import compile_model  # noqa: E402
-from npugen.demo import digits  # noqa: E402
 from npugen.importers import load_onnx  # noqa: E402
-from npugen.train import cnn_to_onnx, train_cnn  # noqa: E402
+from npugen.train import cnn_to_onnx, digits, train_cnn  # noqa: E402
 
 
 def main() -> None:

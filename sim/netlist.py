@@ -36,8 +36,8 @@ from amaranth.lib.wiring import In, Out
 from ..boards import Board, board_named
 from ..config import NpuConfig
 from .board import SIM_DIVISOR, VirtualBoard
+from .common import SimulationError
 from .runner import (
-    SimulationError,
     _prepare_environment,
     _runner,
     _toolchain_tag,
@@ -424,8 +424,8 @@ def demo_mlp_program(config: NpuConfig, hidden: tuple[int, ...] = (64, 32),
     layers) compiled for ``config`` (at ``batch`` inputs a run; None: the compiler's
     choice); returns (program, held-out inputs)."""
     from ..compiler import compile_model
-    from ..demo import digits, mlp_to_onnx, train_mlp
     from ..importers import load_onnx
+    from ..train import digits, mlp_to_onnx, train_mlp
 
     x_train, x_test, y_train, _ = digits()
     model = load_onnx(mlp_to_onnx(train_mlp(x_train, y_train, hidden), os.devnull))
@@ -461,7 +461,8 @@ def run_demo_mlp(board: Board, *, inputs: int | None = None,
     with netlist_board(netlist, simulator) as url, \
             Device.open(url, timeout=DEVICE_TIMEOUT_SECONDS) as device:
         identified = device.identify()
-        result = device.run(program, x)
+        device.load(program)
+        result = run(program, x, target=device)
         simulated_cycles = device.uptime()
     times["run_seconds"] = round(time.perf_counter() - mark, 1)
     times["cycles_per_second"] = round(simulated_cycles / times["run_seconds"])

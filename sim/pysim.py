@@ -16,7 +16,7 @@ from amaranth.sim import Simulator
 
 from ..hostops import bus_program, decode_result, execute
 from ..job import Job, JobResult
-from .runner import CLOCK_PERIOD_NS, SimulationError, job_config
+from .common import CLOCK_PERIOD_NS, SimulationError, job_config
 
 __all__ = ["AmaranthBus", "simulate_amaranth"]
 

@@ -20,12 +20,13 @@ import numpy as np
 from ..config import NpuConfig
 from ..hostops import bus_program, decode_result
 from ..job import Job, JobResult
+from .common import CLOCK_PERIOD_NS, SimulationError, job_config
 
 if TYPE_CHECKING:
     from ..hw.dsp import PrimitiveFamily
 
-__all__ = ["SIMULATORS", "COCOTB_SIMULATORS", "simulate", "build", "SimulationError",
-           "simulator_available", "job_config", "build_folder"]
+__all__ = ["SIMULATORS", "COCOTB_SIMULATORS", "simulate", "build", "simulator_available",
+           "build_folder"]
 
 #: Simulators that run generated Verilog under cocotb (and need a build).
 COCOTB_SIMULATORS = ("verilator", "icarus")
@@ -36,10 +37,6 @@ SIMULATORS = (*COCOTB_SIMULATORS, "amaranth")
 def default_build_root() -> Path:
     """Simulator builds are cached here, per config; ``NPUGEN_BUILD`` moves them."""
     return Path(os.environ.get("NPUGEN_BUILD", Path.home() / ".cache" / "npugen"))
-
-
-class SimulationError(RuntimeError):
-    """The simulator failed to build or run."""
 
 
 def _verilator_bin() -> Path:
@@ -79,7 +76,6 @@ def simulator_available(simulator: str) -> bool:
     return False
 
 
-CLOCK_PERIOD_NS = 10
 #: Designs the runner builds: the bare NPU (jobs over the host port) and the virtual board.
 DESIGNS = ("npu", "board")
 
@@ -246,14 +242,6 @@ def run_test(config: NpuConfig, *, simulator: str, design: str, test_module: str
         return False
     _, failures = get_results(Path(results_xml))
     return failures == 0
-
-
-def job_config(jobs: list[Job]) -> NpuConfig:
-    """The one config of ``jobs`` (not empty); ``ValueError`` if they differ."""
-    config = jobs[0].config
-    if any(job.config != config for job in jobs):
-        raise ValueError("all jobs of one simulation must share one NpuConfig")
-    return config
 
 
 def simulate(jobs: list[Job], *, simulator: str = "verilator",

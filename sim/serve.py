@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ..config import NpuConfig
 from ..hw.dsp import PrimitiveFamily
-from .runner import SimulationError, build, run_test
+from .common import SimulationError
+from .runner import build, run_test
 
 __all__ = ["serve", "start_bridge"]
 

@@ -16,7 +16,7 @@ from cocotb.triggers import ClockCycles, FallingEdge, Timer
 
 from npugen.protocol import TRUNCATION_BYTE_TIMES, LinkStatus, encode_response
 from npugen.sim.board import SIM_DIVISOR
-from npugen.sim.runner import CLOCK_PERIOD_NS
+from npugen.sim.common import CLOCK_PERIOD_NS
 
 POLL_CYCLES = 2000
 # Simulate on for longer than the device's truncation timeout before idling, so a

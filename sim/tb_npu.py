@@ -13,7 +13,7 @@ import numpy as np
 from cocotb.triggers import ClockCycles, FallingEdge, First, RisingEdge, Timer
 
 from npugen.hostops import BusProgram, execute
-from npugen.sim.runner import CLOCK_PERIOD_NS as CLOCK_NS
+from npugen.sim.common import CLOCK_PERIOD_NS as CLOCK_NS
 
 
 class CocotbBus:

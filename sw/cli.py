@@ -220,7 +220,8 @@ def cmd_matmul(args: argparse.Namespace) -> int:
     if args.target == "golden":
         result = golden
     else:
-        from .sim.runner import SimulationError, simulate
+        from .sim.common import SimulationError
+        from .sim.runner import simulate
 
         try:
             result = simulate([job], simulator=args.sim)[0]
@@ -316,7 +317,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runtime import ConfigMismatch, check_config, run
+    from .runtime import run
+    from .target import ConfigMismatch, check_config
 
     program = _load_program(args.program)
     check_target(args.target)
@@ -404,7 +406,7 @@ def check_port_free(port: int) -> None:
 def cmd_serve_sim(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     from .hw.dsp import PRIMITIVE_FAMILIES
-    from .sim.runner import SimulationError
+    from .sim.common import SimulationError
     from .sim.serve import serve
 
     def listening(port: int) -> None:

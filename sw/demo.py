@@ -1,7 +1,7 @@
 """``npugen demo``: a trained network on the NPU, end to end.
 
-Trains a network on scikit-learn's bundled 8×8 digits (no download): an MLP
-(scikit-learn) or, with ``--model cnn``, a small CNN (:mod:`npugen.train`, NumPy). Exports
+Trains one of :mod:`npugen.train`'s networks on scikit-learn's bundled 8×8 digits (no
+download): an MLP (scikit-learn) or, with ``--model cnn``, a small CNN (NumPy). Exports
 it to ONNX, quantizes it with calibration images, compiles it, and runs the held-out
 images on the golden model and on the simulated NPU.
 
@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from .config import NpuConfig
+from .train import cnn_to_onnx, digits, init_cnn_params, mlp_to_onnx, train_cnn, train_mlp
 
-__all__ = ["digits", "train_mlp", "mlp_to_onnx", "save_classifier_onnx", "train_demo_model",
-           "check_demo_fits", "run_demo", "run_mlperf_demo", "MODELS", "MLPERF_MODELS",
-           "MLPERF_CONFIG"]
+__all__ = ["train_demo_model", "check_demo_fits", "run_demo", "run_mlperf_demo", "MODELS",
+           "MLPERF_MODELS", "MLPERF_CONFIG"]
 
 #: The MLPerf Tiny reference models (benchmarks/models/mlperf-tiny/) by demo name.
 MLPERF_MODELS = {"kws": "kws_ref_model.tflite", "resnet": "pretrainedResnet_quant.tflite",
@@ -33,67 +33,6 @@ MODELS = ("mlp", "cnn", *MLPERF_MODELS)
 #: memories for all four models.
 MLPERF_CONFIG = NpuConfig(activation_depth=16384, weight_depth=65536, instruction_depth=4096,
                           param_depth=512)
-
-
-def digits(seed: int = 0):
-    """(x_train, x_test, y_train, y_test): 8×8 digits scaled to [0, 1], 80/20 split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    x = (data.data / 16.0).astype(np.float32)
-    return train_test_split(x, data.target, test_size=0.2, random_state=seed,
-                            stratify=data.target)
-
-
-def train_mlp(x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...] = (64, 32), seed: int = 0):
-    from sklearn.neural_network import MLPClassifier
-
-    classifier = MLPClassifier(hidden_layer_sizes=hidden, activation="relu", max_iter=400,
-                               random_state=seed)
-    classifier.fit(x, y)
-    return classifier
-
-
-def mlp_to_onnx(classifier, path: str | Path, opset: int = 17):
-    """Export a trained MLPClassifier as Gemm/Relu ONNX (logits out, no softmax)."""
-    from onnx import helper, numpy_helper
-
-    nodes, initializers = [], []
-    previous = "input"
-    count = len(classifier.coefs_)
-    for index, (weight, bias) in enumerate(zip(classifier.coefs_, classifier.intercepts_,
-                                               strict=True)):
-        w, b = f"fc{index}.weight", f"fc{index}.bias"
-        initializers += [numpy_helper.from_array(weight.astype(np.float32), w),
-                         numpy_helper.from_array(bias.astype(np.float32), b)]
-        out = "logits" if index == count - 1 else f"fc{index}"
-        nodes.append(helper.make_node("Gemm", [previous, w, b], [out], name=f"fc{index}"))
-        if index < count - 1:
-            nodes.append(helper.make_node("Relu", [out], [f"relu{index}"], name=f"relu{index}"))
-            out = f"relu{index}"
-        previous = out
-    features = classifier.coefs_[0].shape[0]
-    classes = classifier.coefs_[-1].shape[1]
-    return save_classifier_onnx(nodes, initializers, "mlp", ["batch", features], classes,
-                                path, opset)
-
-
-def save_classifier_onnx(nodes: list, initializers: list, name: str, input_shape: list,
-                         classes: int, path: str | Path, opset: int = 17):
-    """A graph from ``input`` (float, ``input_shape``) to ``logits`` (batch, classes):
-    checked, saved to ``path`` and returned."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape)],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
-        initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return model
 
 
 def _progress(label: str):
@@ -128,8 +67,6 @@ def train_demo_model(kind: str, folder: Path, hidden: tuple[int, ...] = (64, 32)
     x_train, x_test, y_train, y_test = digits()
     path = Path(folder) / f"{kind}.onnx"
     if kind == "cnn":
-        from .train import cnn_to_onnx, train_cnn
-
         cnn_to_onnx(train_cnn(x_train, y_train), path)
         x_train, x_test = x_train.reshape(-1, 1, 8, 8), x_test.reshape(-1, 1, 8, 8)
     else:
@@ -151,8 +88,6 @@ def check_demo_fits(kind: str, config: NpuConfig, hidden: tuple[int, ...] = (64,
     with tempfile.TemporaryDirectory(prefix="npugen-demo-") as folder:
         path = Path(folder) / f"{kind}.onnx"
         if kind == "cnn":
-            from .train import cnn_to_onnx, init_cnn_params
-
             cnn_to_onnx(init_cnn_params(rng=rng), path)
             x = x.reshape(-1, 1, 8, 8)
         else:

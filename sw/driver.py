@@ -4,7 +4,10 @@ socket, or ``"sim"`` (which starts its own virtual board).
     with Device.open("socket://127.0.0.1:5555") as npu:
         npu.identify()
         npu.load(program)
-        result = npu.run(program, x)
+        result = npugen.run(program, x, target=npu)
+
+A ``Device`` is a :class:`~npugen.target.Target`: it runs jobs; :func:`npugen.run` turns a
+program's inputs into jobs and their results into outputs.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
 
 import numpy as np
 
@@ -37,6 +39,7 @@ from .protocol import (
     crc16,
     encode_request,
 )
+from .target import ConfigMismatch, check_config
 
 __all__ = ["Device", "DeviceError", "DeviceLost"]
 
@@ -64,7 +67,7 @@ class DeviceLost(DeviceError):
 
 
 class Device:
-    """An NPU behind the host link. Use :meth:`open`."""
+    """An NPU behind the host link, a :class:`~npugen.target.Target`. Use :meth:`open`."""
 
     def __init__(self, port, url: str, *, timeout: float, retries: int,
                  server: subprocess.Popen | None = None) -> None:
@@ -281,8 +284,6 @@ class Device:
     # -- programs --------------------------------------------------------------------
 
     def check_program(self, program: Program) -> None:
-        from .runtime import ConfigMismatch, check_config
-
         try:
             check_config(program, self.config)
         except ConfigMismatch as error:
@@ -354,15 +355,6 @@ class Device:
                 raise DeviceLost(f"the run on {self.url} was aborted (by another host's "
                                  f"RESET?); its outputs were discarded") from None
             raise
-
-    def run(self, program: Program, x: np.ndarray,
-            progress: Callable[[int, int], None] | None = None):
-        """Load ``program`` and run it on float inputs ``x``; a RunResult like
-        :func:`npugen.run`'s."""
-        from .runtime import run
-
-        self.load(program)
-        return run(program, x, target=self, progress=progress)
 
 
 def _start_virtual_board(config: NpuConfig, simulator: str) -> tuple[subprocess.Popen, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -14,15 +13,12 @@ from .golden import Counters
 from .job import Job, JobResult, run_golden
 from .memory_map import Region
 from .program import Program
+from .target import Target, check_config
 
-__all__ = ["RunResult", "run", "program_job", "quantize_input", "ConfigMismatch", "TARGETS",
-           "check_target", "check_config", "apply_host_ops", "float_softmax"]
+__all__ = ["RunResult", "run", "program_job", "quantize_input", "TARGETS", "check_target",
+           "apply_host_ops", "float_softmax"]
 
 TARGETS = ("golden", "rtl", "sim")  # or a device URL
-
-
-class ConfigMismatch(ValueError):
-    """A program compiled for one NpuConfig, offered to an NPU of another."""
 
 
 @dataclass
@@ -92,18 +88,6 @@ def check_target(target: str) -> None:
         pass
     raise ValueError(f"target {target!r} is not golden, rtl, sim or a device URL (a serial "
                      f"port such as /dev/ttyUSB1, socket://HOST:PORT, loop://)")
-
-
-def check_config(program: Program, config: NpuConfig | None) -> None:
-    """Raise :class:`ConfigMismatch` listing the fields that differ if ``config`` (the
-    target NPU's, when known) is not the one ``program`` was compiled for."""
-    if config is not None and config != program.config:
-        differences = ", ".join(
-            f"{name}: program {getattr(program.config, name)!r}, NPU {getattr(config, name)!r}"
-            for name in NpuConfig.field_names()
-            if getattr(program.config, name) != getattr(config, name))
-        raise ConfigMismatch(f"the program was compiled for another NPU configuration "
-                             f"({differences}); recompile it for this NPU")
 
 
 def quantize_input(program: Program, x: np.ndarray) -> np.ndarray:
@@ -213,7 +197,7 @@ def _decode(program: Program, words: np.ndarray, count: int) -> np.ndarray:
     return tiles.reshape(program.batch, -1)[:count, :program.output.features]
 
 
-def run(program: Program, x: np.ndarray, *, target: Any = "golden",
+def run(program: Program, x: np.ndarray, *, target: str | Target = "golden",
         simulator: str = "verilator", config: NpuConfig | None = None,
         progress: Callable[[int, int], None] | None = None) -> RunResult:
     """Run ``program`` on float input ``x`` (batch, *input shape).
@@ -221,12 +205,12 @@ def run(program: Program, x: np.ndarray, *, target: Any = "golden",
     ``target``: ``"golden"`` (the NumPy model), ``"rtl"`` (the NPU's RTL in a cocotb
     testbench, memories loaded over the host port), ``"sim"`` (a virtual board: the SoC
     in simulation, through the UART link), a device URL (``/dev/ttyUSB1``,
-    ``socket://HOST:PORT``) or an open :class:`~npugen.driver.Device`.
-    ``config``: the target NPU's configuration, if known; a different one is refused.
+    ``socket://HOST:PORT``) or a :class:`~npugen.target.Target` that holds the program: an
+    open :class:`~npugen.driver.Device` after ``load(program)``.
+    ``config``: the target NPU's configuration, if known; a different one is refused
+    (:class:`~npugen.target.ConfigMismatch`).
     ``progress(done, total)`` is called as batches finish.
     """
-    from .driver import Device
-
     if isinstance(target, str):
         check_target(target)
     check_config(program, config)
@@ -239,7 +223,7 @@ def run(program: Program, x: np.ndarray, *, target: Any = "golden",
         if progress:
             progress(len(results), len(chunks))
 
-    if isinstance(target, Device):
+    if isinstance(target, Target):
         for chunk in chunks:
             finished(target.execute(program_job(program, chunk, load_program=False)))
     elif target == "golden":
@@ -255,12 +239,14 @@ def run(program: Program, x: np.ndarray, *, target: Any = "golden",
             for result in simulate(jobs[start:start + step], simulator=simulator):
                 finished(result)
     elif isinstance(target, str) and target:
+        from .driver import Device
+
         with Device.open(target, config=program.config, simulator=simulator) as device:
             device.load(program)
             return run(program, x, target=device, progress=progress)
     else:
-        raise ValueError(f"target must be golden, rtl, sim, a device URL or a Device, "
-                         f"not {target!r}")
+        raise ValueError(f"target must be golden, rtl, sim, a device URL or a Target (an open "
+                         f"Device), not {target!r}")
     outputs = [_decode(program, r.outputs["output"], len(chunk))
                for r, chunk in zip(results, chunks, strict=True)]
     quantized = np.concatenate(outputs) if outputs else np.zeros((0, program.output.features))

@@ -1,6 +1,9 @@
-"""A small NumPy-only trainer for the tiny CNN used by ``npugen demo --model cnn``.
+"""The networks npugen trains itself (``npugen demo``, the tests, the benchmarks), exported
+to ONNX.
 
-The network works on scikit-learn's 8×8 digits (see :func:`npugen.demo.digits`)::
+The data is scikit-learn's bundled 8×8 digits (:func:`digits`, no download). The MLP is
+scikit-learn's ``MLPClassifier`` (:func:`train_mlp`), exported as Gemm/Relu
+(:func:`mlp_to_onnx`). The CNN (``npugen demo --model cnn``) is trained here, in NumPy only::
 
     conv3x3(1→c0, pad 1) → ReLU → conv3x3(c0→c1, pad 1) → ReLU → MaxPool 2×2/2
         → Flatten (C·H·W) → Dense(c1·4·4 → 10) → logits
@@ -10,15 +13,14 @@ deterministic for a given seed.  Internally activations are kept NHWC so that im
 plain reshape; parameters are stored in ONNX layouts (Conv weights OIHW, Gemm weights
 (out, in) for ``transB=1``) and the flatten follows NCHW order exactly as ONNX does.
 """
-
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["train_cnn", "init_cnn_params", "cnn_forward", "cnn_loss_and_grads", "cnn_to_onnx",
-           "DEFAULT_CHANNELS"]
+__all__ = ["digits", "train_mlp", "mlp_to_onnx", "train_cnn", "init_cnn_params", "cnn_forward",
+           "cnn_loss_and_grads", "cnn_to_onnx", "save_classifier_onnx", "DEFAULT_CHANNELS"]
 
 _SIDE = 8        # input images are 8×8, one channel
 _CLASSES = 10
@@ -27,7 +29,7 @@ _LAYERS = ("conv0", "conv1", "fc")
 DEFAULT_CHANNELS = (8, 16)
 
 
-# --- building blocks (NHWC activations, OIHW weights) ------------------------------------
+# --- the CNN's building blocks (NHWC activations, OIHW weights) --------------------------
 
 def _as_nhwc(x: np.ndarray, dtype) -> np.ndarray:
     """(N, 64) or (N, 1, 8, 8) → (N, 8, 8, 1) in ``dtype``."""
@@ -92,7 +94,7 @@ def _forward(params: dict, x: np.ndarray):
     return logits, cache
 
 
-# --- public API --------------------------------------------------------------------------
+# --- the CNN -----------------------------------------------------------------------------
 
 def cnn_forward(params: dict, x: np.ndarray) -> np.ndarray:
     """Float reference forward pass: x (N, 64) or (N, 1, 8, 8) → logits (N, 10)."""
@@ -207,7 +209,69 @@ def cnn_to_onnx(params: dict, path: str | Path, opset: int = 17):
         helper.make_node("Gemm", ["flatten", "fc.weight", "fc.bias"], ["logits"], name="fc",
                          transB=1),
     ]
-    from .demo import save_classifier_onnx
-
     return save_classifier_onnx(nodes, initializers, "cnn", ["batch", 1, _SIDE, _SIDE],
                                 params["fc.weight"].shape[0], path, opset)
+
+
+# --- the data, the MLP, the ONNX file ----------------------------------------------------
+
+def digits(seed: int = 0):
+    """(x_train, x_test, y_train, y_test): 8×8 digits scaled to [0, 1], 80/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = (data.data / 16.0).astype(np.float32)
+    return train_test_split(x, data.target, test_size=0.2, random_state=seed,
+                            stratify=data.target)
+
+
+def train_mlp(x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...] = (64, 32), seed: int = 0):
+    """A scikit-learn ``MLPClassifier`` with ReLU ``hidden`` layers, fitted to ``x``, ``y``."""
+    from sklearn.neural_network import MLPClassifier
+
+    classifier = MLPClassifier(hidden_layer_sizes=hidden, activation="relu", max_iter=400,
+                               random_state=seed)
+    classifier.fit(x, y)
+    return classifier
+
+
+def mlp_to_onnx(classifier, path: str | Path, opset: int = 17):
+    """Export a trained MLPClassifier as Gemm/Relu ONNX (logits out, no softmax)."""
+    from onnx import helper, numpy_helper
+
+    nodes, initializers = [], []
+    previous = "input"
+    count = len(classifier.coefs_)
+    for index, (weight, bias) in enumerate(zip(classifier.coefs_, classifier.intercepts_,
+                                               strict=True)):
+        w, b = f"fc{index}.weight", f"fc{index}.bias"
+        initializers += [numpy_helper.from_array(weight.astype(np.float32), w),
+                         numpy_helper.from_array(bias.astype(np.float32), b)]
+        out = "logits" if index == count - 1 else f"fc{index}"
+        nodes.append(helper.make_node("Gemm", [previous, w, b], [out], name=f"fc{index}"))
+        if index < count - 1:
+            nodes.append(helper.make_node("Relu", [out], [f"relu{index}"], name=f"relu{index}"))
+            out = f"relu{index}"
+        previous = out
+    features = classifier.coefs_[0].shape[0]
+    classes = classifier.coefs_[-1].shape[1]
+    return save_classifier_onnx(nodes, initializers, "mlp", ["batch", features], classes,
+                                path, opset)
+
+
+def save_classifier_onnx(nodes: list, initializers: list, name: str, input_shape: list,
+                         classes: int, path: str | Path, opset: int = 17):
+    """A graph from ``input`` (float, ``input_shape``) to ``logits`` (batch, classes):
+    checked, saved to ``path`` and returned."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return model

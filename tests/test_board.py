@@ -15,7 +15,6 @@ import pytest
 from npugen.cli import main
 from npugen.compiler import compile_model
 from npugen.config import NpuConfig
-from npugen.demo import digits, mlp_to_onnx, train_mlp
 from npugen.driver import Device, DeviceError
 from npugen.hw.dsp import ICE40_MAC_STANDIN
 from npugen.importers import load_onnx
@@ -23,6 +22,7 @@ from npugen.memory_map import Region, address, identity_words
 from npugen.protocol import Command, LinkStatus, encode_request, encode_response
 from npugen.runtime import run
 from npugen.sim.runner import build_folder
+from npugen.train import digits, mlp_to_onnx, train_mlp
 
 CONFIG = NpuConfig(rows=4, cols=4, activation_depth=1024, weight_depth=2048,
                    accumulator_depth=512, instruction_depth=256, param_depth=64)
@@ -86,7 +86,8 @@ def test_model_through_the_uart_matches_golden(any_board):
     golden = run(program, x_test[:40])
     with Device.open(any_board) as device:
         assert device.identify() == CONFIG
-        result = device.run(program, x_test[:40])
+        device.load(program)
+        result = run(program, x_test[:40], target=device)
     assert np.array_equal(result.quantized_output, golden.quantized_output)
     assert result.counters == golden.counters
 
@@ -202,7 +203,8 @@ def test_icebreaker_default_runs_the_demo_mlp():
     assert "SB_SPRAM256KA " in (folder / "board.v").read_text()
     with Device.open(url) as device:
         assert device.identify() == config
-        result = device.run(program, x_test[:24])
+        device.load(program)
+        result = run(program, x_test[:24], target=device)
     assert np.array_equal(result.quantized_output, golden.quantized_output)
     assert result.counters == golden.counters
     next(served, None)

@@ -18,12 +18,11 @@ from conftest import (
 from npugen import NpuConfig
 from npugen.cli import main
 from npugen.compiler import compile_model
-from npugen.demo import digits
 from npugen.graph import ModelError
 from npugen.importers import load_onnx
 from npugen.runtime import run
 from npugen.schedule import DoesNotFit
-from npugen.train import cnn_to_onnx, train_cnn
+from npugen.train import cnn_to_onnx, digits, train_cnn
 
 SMALL = NpuConfig(rows=4, cols=4, activation_depth=2048, weight_depth=4096,
                   accumulator_depth=256, instruction_depth=1024, param_depth=128,

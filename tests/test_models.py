@@ -19,12 +19,13 @@ from conftest import (
 from npugen import NpuConfig
 from npugen.cli import main
 from npugen.compiler import compile_model
-from npugen.demo import digits, mlp_to_onnx, train_mlp
 from npugen.graph import ModelError
 from npugen.importers import load_model, load_npz, load_onnx
 from npugen.program import Program, ProgramFormatError
 from npugen.quantize import quantize_model
-from npugen.runtime import ConfigMismatch, run
+from npugen.runtime import run
+from npugen.target import ConfigMismatch
+from npugen.train import digits, mlp_to_onnx, train_mlp
 
 SMALL = NpuConfig(rows=4, cols=4, activation_depth=1024, weight_depth=2048,
                   accumulator_depth=512, instruction_depth=1024, param_depth=64)

@@ -12,8 +12,9 @@ from npugen.hostops import bus_program, execute
 from npugen.hw import Npu
 from npugen.job import run_golden
 from npugen.matmul import matmul_job, matmul_output
+from npugen.sim.common import SimulationError
 from npugen.sim.pysim import CLOCK_PERIOD_S, AmaranthBus
-from npugen.sim.runner import SIMULATORS, SimulationError, build, simulate, simulator_available
+from npugen.sim.runner import SIMULATORS, build, simulate, simulator_available
 
 SMALL = NpuConfig(rows=2, cols=3, activation_depth=64, weight_depth=64, accumulator_depth=64,
                   instruction_depth=64, param_depth=16)

@@ -5,8 +5,7 @@ import onnx
 import pytest
 
 from conftest import reference_session
-from npugen.demo import digits
-from npugen.train import cnn_forward, cnn_loss_and_grads, cnn_to_onnx, train_cnn
+from npugen.train import cnn_forward, cnn_loss_and_grads, cnn_to_onnx, digits, train_cnn
 
 KEYS = ("conv0.weight", "conv0.bias", "conv1.weight", "conv1.bias", "fc.weight", "fc.bias")
 
