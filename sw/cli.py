@@ -607,7 +607,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import shlex
 
-    from .bench import SECTIONS, BenchError, project_root, run_bench
+    from .bench import SECTIONS, BenchError, run_bench
+    from .paths import project_root
     from .sweep import main_progress
 
     sections = args.only.split(",") if args.only else None

@@ -184,7 +184,7 @@ def run_demo(*, target: str = "sim", simulator: str = "verilator",
 
 def mlperf_model_path(name: str) -> Path:
     """The bundled .tflite file of MLPerf Tiny model ``name`` (kws, resnet, vww, ad)."""
-    from .bench import project_root
+    from .paths import project_root
 
     if name not in MLPERF_MODELS:
         raise ValueError(f"model must be one of {', '.join(MLPERF_MODELS)}, not {name!r}")

@@ -5,17 +5,9 @@ cycle rather than removing it."""
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 #: Source folder → package, as pyproject.toml maps them.
 PACKAGES = {"sw": "npugen", "hw": "npugen.hw", "sim": "npugen.sim", "boards": "npugen.boards"}
-#: Import edges that close a cycle not yet removed, and why each is there.
-KNOWN_CYCLES = {
-    ("npugen.bench.boards", "npugen.bench"):
-        "sw/bench/boards.py takes project_root from sw/bench/__init__.py, which imports "
-        "sw/bench/boards.py (issue 21: not yet layered)",
-}
 
 
 def package_modules() -> dict[str, Path]:
@@ -89,19 +81,6 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def reaches(graph: dict[str, set[str]], start: str, goal: str) -> bool:
-    """Whether a path of imports leads from ``start`` to ``goal``."""
-    seen, todo = set(), [start]
-    while todo:
-        node = todo.pop()
-        if node == goal:
-            return True
-        if node not in seen:
-            seen.add(node)
-            todo += graph[node]
-    return False
-
-
 def test_imports_found_everywhere_and_resolved():
     modules = dict.fromkeys(["npugen", "npugen.job", "npugen.hw", "npugen.hw.npu",
                              "npugen.sim", "npugen.sim.runner", "npugen.sim.pysim"])
@@ -130,17 +109,5 @@ def test_find_cycle():
 
 def test_no_import_cycles():
     graph = import_graph()
-    for source, target in KNOWN_CYCLES:
-        graph[source].discard(target)
     cycle = find_cycle(graph)
     assert cycle is None, f"modules import each other in a cycle: {' -> '.join(cycle)}"
-
-
-@pytest.mark.parametrize("edge", list(KNOWN_CYCLES), ids=" -> ".join)
-def test_known_cycles_are_still_there(edge):
-    """An edge of :data:`KNOWN_CYCLES` that closes no cycle any more leaves the list."""
-    source, target = edge
-    graph = import_graph()
-    assert target in graph[source] and reaches(graph, target, source), (
-        f"{source} -> {target} closes no cycle now ({KNOWN_CYCLES[edge]}): "
-        f"remove it from KNOWN_CYCLES")

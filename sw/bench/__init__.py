@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SECTIONS", "run_bench", "machine", "load_results", "project_root", "BenchError"]
+__all__ = ["SECTIONS", "run_bench", "machine", "load_results", "BenchError"]
 
 
 class BenchError(RuntimeError):
@@ -25,10 +25,6 @@ class BenchError(RuntimeError):
     names the section."""
 
 
-def project_root() -> Path:
-    """The checkout npugen runs from (where ``benchmarks/`` is), else the current folder."""
-    root = Path(__file__).resolve().parents[2]
-    return root if (root / "benchmarks").is_dir() else Path.cwd()
 
 #: Section name → (module, what it measures).
 SECTIONS: dict[str, tuple[str, str]] = {

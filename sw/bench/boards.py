@@ -13,7 +13,7 @@ from typing import Any
 #: The GEMM whose cycles (cycle model) turn peak into achieved GMAC/s.
 WORKLOAD = (256, 256, 256)
 def _root() -> Path:
-    from . import project_root
+    from ..paths import project_root
 
     return project_root()
 

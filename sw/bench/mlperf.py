@@ -41,7 +41,7 @@ VIRTUAL_BOARD_INPUTS = 2
 
 
 def model_folder() -> Path:
-    from . import project_root
+    from ..paths import project_root
 
     return project_root() / "benchmarks" / "models" / "mlperf-tiny"
 
