@@ -5,7 +5,7 @@ from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig
-from ..golden import ARRAY_INPUT_STAGES, array_latency
+from ..timing import ARRAY_INPUT_STAGES, array_latency
 from .dsp import dsp_rows, paired_columns, registered_products
 from .pe import ProcessingElement
 

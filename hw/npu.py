@@ -17,7 +17,6 @@ from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig
-from ..golden import REQUANT_INPUT_STAGES, weight_use_cycles
 from ..isa import FORMATS, INSTRUCTION_WIDTH, OPCODE_WIDTH, Opcode
 from ..layouts import param_lane_fields
 from ..memory_map import (
@@ -36,6 +35,7 @@ from ..memory_map import (
     memories,
     register_bits,
 )
+from ..timing import REQUANT_INPUT_STAGES, weight_use_cycles
 from .array import SystolicArray, psum_width
 from .hostbus import HostBus
 from .ram import memory_ports

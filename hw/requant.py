@@ -6,8 +6,8 @@ from amaranth.lib.wiring import In, Out
 
 from ..arith import ADD_LEFT_SHIFT
 from ..config import ROUNDINGS
-from ..golden import REQUANT_PIPELINE_STAGES
 from ..layouts import SHIFT_BITS
+from ..timing import REQUANT_PIPELINE_STAGES
 from .dsp import registered_product
 
 __all__ = ["Requantizer"]

@@ -17,44 +17,21 @@ from .config import NpuConfig
 from .isa import Instruction, Opcode, decode_program
 from .layouts import PARAM_LANE_FIELDS, param_lane_fields
 from .memory_map import Region
+from .timing import (
+    REQUANT_TAIL_CYCLES,
+    REQUANT_TO_ACC_TAIL_CYCLES,
+    results_written_cycles,
+    weight_use_cycles,
+)
 
 __all__ = ["GoldenNpu", "Counters", "CycleModel", "ProgramError", "check_program",
            "expand_program", "requant_rounding", "GemmState", "Walk"]
-
-#: Registers in each requantization lane (hw/requant.py builds exactly this many).
-REQUANT_PIPELINE_STAGES = 7
-# Registers between a PE's multiplier and its adder (they let the multiply and the
-# accumulate each take a whole clock period on the FPGA).
-PRODUCT_PIPELINE_STAGES = 1
-# Registers on the array's activation input (the memory's output goes no further).
-ARRAY_INPUT_STAGES = 1
 
 
 def address_span(depth: int) -> int:
     """The addresses a memory of ``depth`` words decodes: the hardware's address counters
     wrap at this power of two; words from ``depth`` up do not exist."""
     return 1 << (depth - 1).bit_length()
-
-
-def array_latency(rows: int, cols: int) -> int:
-    """Cycles from an activation word entering the array to its whole result row."""
-    return rows + cols - 1 + PRODUCT_PIPELINE_STAGES + ARRAY_INPUT_STAGES
-
-
-def weight_use_cycles(rows: int, cols: int) -> int:
-    """Cycles after a word's issue during which the last PE may still read its weight."""
-    return rows + cols - 1 + ARRAY_INPUT_STAGES
-
-
-#: Registers between the accumulator memory's output and a requantization lane.
-REQUANT_INPUT_STAGES = 1
-#: Cycles from a REQUANT's dispatch to the cycle the next instruction may dispatch,
-#: beyond one cycle per channel group: issue, memory read, the input register, then the
-#: lane's pipeline.
-REQUANT_TAIL_CYCLES = 2 + REQUANT_INPUT_STAGES + REQUANT_PIPELINE_STAGES
-#: The same for REQUANT to_acc (two cycles per group): the results then take the
-#: accumulate path (destination read, add, write).
-REQUANT_TO_ACC_TAIL_CYCLES = REQUANT_TAIL_CYCLES + 3
 
 
 class ProgramError(ValueError):
@@ -119,7 +96,7 @@ class CycleModel:
             self.feeder_last_issue = last
             self.feeder_bank = instruction["bank"]
             self.inflight_clear_at[instruction["bank"]] = last + weight_use_cycles(rows, cols)
-            self.drain_clear_at = last + array_latency(rows, cols) + 3
+            self.drain_clear_at = last + results_written_cycles(rows, cols)
             self.counters.busy_cycles += count
             self.counters.macs += count * rows * cols
         elif op is Opcode.REQUANT:

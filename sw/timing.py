@@ -1,0 +1,137 @@
+"""The NPU's pipeline depths and the issue timing they give, defined once.
+
+The gateware (``npugen.hw``) builds its pipelines to these depths, the cycle model
+(:class:`npugen.golden.CycleModel`) counts with them, and the timing section of
+``docs/ARCHITECTURE.md`` is generated from them:
+``python -m npugen.timing docs/ARCHITECTURE.md`` rewrites it; a test checks that it is
+current. No Amaranth here.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = [
+    "REQUANT_PIPELINE_STAGES", "PRODUCT_PIPELINE_STAGES", "ARRAY_INPUT_STAGES",
+    "REQUANT_INPUT_STAGES", "REQUANT_TAIL_CYCLES", "REQUANT_TO_ACC_TAIL_CYCLES",
+    "array_latency", "weight_use_cycles", "results_written_cycles", "timing_markdown",
+    "splice_timing",
+]
+
+#: Registers in each requantization lane (hw/requant.py builds exactly this many).
+REQUANT_PIPELINE_STAGES = 7
+#: Registers between a PE's multiplier and its adder (they let the multiply and the
+#: accumulate each take a whole clock period on the FPGA).
+PRODUCT_PIPELINE_STAGES = 1
+#: Registers on the array's activation input (the memory's output goes no further).
+ARRAY_INPUT_STAGES = 1
+#: Registers between the accumulator memory's output and a requantization lane.
+REQUANT_INPUT_STAGES = 1
+#: Cycles from a REQUANT's dispatch to the cycle the next instruction may dispatch,
+#: beyond one cycle per channel group: issue, memory read, the input register, then the
+#: lane's pipeline.
+REQUANT_TAIL_CYCLES = 2 + REQUANT_INPUT_STAGES + REQUANT_PIPELINE_STAGES
+#: The same for REQUANT to_acc (two cycles per group): the results then take the
+#: accumulate path (destination read, add, write).
+REQUANT_TO_ACC_TAIL_CYCLES = REQUANT_TAIL_CYCLES + 3
+
+
+def array_latency(rows: int, cols: int) -> int:
+    """Cycles from an activation word entering the array to its whole result row."""
+    return rows + cols - 1 + PRODUCT_PIPELINE_STAGES + ARRAY_INPUT_STAGES
+
+
+def weight_use_cycles(rows: int, cols: int) -> int:
+    """Cycles after a word's issue during which the last PE may still read its weight."""
+    return rows + cols - 1 + ARRAY_INPUT_STAGES
+
+
+def results_written_cycles(rows: int, cols: int) -> int:
+    """Cycles from the issue of a MATMUL's last row to the first cycle in which every
+    result is written to the accumulators (REQUANT and HALT wait for it): the row's
+    array latency, then the accumulate path (read, add, write)."""
+    return array_latency(rows, cols) + 3
+
+
+def _formula(cycles: Callable[[int, int], int]) -> str:
+    """A timing function of (rows, cols) as its formula, e.g. ``rows+cols+4``."""
+    constant = cycles(0, 0)
+    per_row, per_col = cycles(1, 0) - constant, cycles(0, 1) - constant
+    if cycles(5, 3) != constant + 5 * per_row + 3 * per_col:
+        raise ValueError(f"{cycles.__name__} is not linear in rows and cols")
+    terms = [name if factor == 1 else f"{factor}·{name}"
+             for factor, name in ((per_row, "rows"), (per_col, "cols")) if factor]
+    if constant or not terms:
+        terms.append(str(constant))
+    return "+".join(terms).replace("+-", "−")
+
+
+BEGIN = "<!-- timing:begin -->"
+END = "<!-- timing:end -->"
+
+
+def timing_markdown() -> str:
+    """The timing section of ``docs/ARCHITECTURE.md`` (between its markers)."""
+    lines = [
+        "Generated from `sw/timing.py` by `python -m npugen.timing docs/ARCHITECTURE.md`; a "
+        "test checks that it is current.",
+        "",
+        "| instruction | waits until |",
+        "|---|---|",
+        "| LOADW bank b | the loader is idle; no row using bank b is being issued; the last "
+        f"such row has passed every PE (`{_formula(weight_use_cycles)}` cycles after its "
+        "issue, `weight_use_cycles`) |",
+        "| MATMUL bank b | the feeder issues its last row (or is idle); the loader is not "
+        "loading bank b |",
+        "| REQUANT | the feeder is idle and every result is written "
+        f"(`{_formula(results_written_cycles)}` cycles after the last row, "
+        "`results_written_cycles`); then the next instruction waits one cycle per channel "
+        f"group + {REQUANT_TAIL_CYCLES} from the REQUANT's dispatch "
+        f"(`REQUANT_TAIL_CYCLES`; with `to_acc`, two per group + "
+        f"{REQUANT_TO_ACC_TAIL_CYCLES}, `REQUANT_TO_ACC_TAIL_CYCLES`) |",
+        "| SETKERN, SETWIN, SETOUT, SETGEMM, SETPP, SETREQ | nothing (one cycle) |",
+        "| HALT | every unit is idle and every result is written |",
+        "| every instruction | no REQUANT is in progress |",
+        "",
+        "| pipeline | cycles | name |",
+        "|---|---|---|",
+        f"| the array's activation input | {ARRAY_INPUT_STAGES} | `ARRAY_INPUT_STAGES` |",
+        f"| a PE's product, before its adder | {PRODUCT_PIPELINE_STAGES} | "
+        "`PRODUCT_PIPELINE_STAGES` |",
+        "| the array, from a word's entry to its whole result row | "
+        f"`{_formula(array_latency)}` | `array_latency` |",
+        f"| the accumulator word, before the requantization lanes | {REQUANT_INPUT_STAGES} | "
+        "`REQUANT_INPUT_STAGES` |",
+        f"| a requantization lane | {REQUANT_PIPELINE_STAGES} | `REQUANT_PIPELINE_STAGES` |",
+    ]
+    return "\n".join(lines)
+
+
+def splice_timing(text: str) -> str:
+    """``text`` (docs/ARCHITECTURE.md) with its timing section replaced by
+    :func:`timing_markdown`; raises ``ValueError`` if the markers are missing."""
+    begin, end = text.find(BEGIN), text.find(END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"no timing section: the text needs {BEGIN} and then {END}")
+    return f"{text[:begin]}{BEGIN}\n{timing_markdown()}\n{text[end:]}"
+
+
+def main(argv: list[str]) -> int:
+    """``python -m npugen.timing [ARCHITECTURE.md]``: rewrite the file's timing section,
+    or print the section."""
+    if not argv:
+        print(timing_markdown())
+        return 0
+    path = Path(argv[0])
+    try:
+        path.write_text(splice_timing(path.read_text()))
+    except (OSError, ValueError) as error:
+        print(f"error: {path}: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
