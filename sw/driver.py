@@ -30,8 +30,12 @@ from .program import Program
 from .protocol import (
     LINK_COUNTERS,
     MAX_PAYLOAD_WORDS,
+    READ_FORMAT,
     RUN_TOKEN_BITS,
+    START_FORMAT,
+    STATUS_ANSWER,
     STATUS_WORDS,
+    WRITE_ADDRESS_FORMAT,
     Command,
     LinkStatus,
     Response,
@@ -216,7 +220,7 @@ class Device:
         """Write words to consecutive host addresses, two frames in flight."""
         words = np.asarray(words, dtype=np.uint32)
         self.requests(Command.WRITE, [
-            struct.pack("<I", address + start)
+            struct.pack(WRITE_ADDRESS_FORMAT, address + start)
             + words[start:start + MAX_PAYLOAD_WORDS].astype("<u4").tobytes()
             for start in range(0, len(words), MAX_PAYLOAD_WORDS)])
 
@@ -224,7 +228,7 @@ class Device:
         out: list[int] = []
         for start in range(0, count, MAX_PAYLOAD_WORDS):
             n = min(MAX_PAYLOAD_WORDS, count - start)
-            out += self.request(Command.READ, struct.pack("<IH", address + start, n)).words()
+            out += self.request(Command.READ, struct.pack(READ_FORMAT, address + start, n)).words()
         return out
 
     def uptime(self) -> int:
@@ -243,7 +247,8 @@ class Device:
             raise DeviceError(f"{self.url} answers STATUS with {len(words)} words, not "
                               f"{STATUS_WORDS}: its bitstream speaks an older protocol; "
                               f"rebuild it (npugen build) or restart serve-sim")
-        return Status(words[0]), words[3]
+        return (Status(words[STATUS_ANSWER.index("STATUS")]),
+                words[STATUS_ANSWER.index("RUN_TOKEN")])
 
     def counters(self) -> Counters:
         return counters_from_words(self.request(Command.COUNTERS).words())
@@ -323,7 +328,7 @@ class Device:
         token = self._new_token()
         # A START whose answer is lost is resent with the same token: the device does not
         # start that run twice, and answers its state.
-        answer = self.request(Command.START, struct.pack("<II", job.start_pc, token)).words()
+        answer = self.request(Command.START, struct.pack(START_FORMAT, job.start_pc, token)).words()
         self._check_token(token, answer[-1])
         deadline = time.monotonic() + timeout
         while True:
