@@ -9,6 +9,22 @@ from npugen.sim.runner import COCOTB_SIMULATORS, simulator_available
 os.environ.setdefault("NPUGEN_BUILD", str(Path(__file__).resolve().parents[1] / "build"))
 
 
+#: Fixtures that start an RTL simulation (the virtual board on Verilator).
+RTL_FIXTURES = {"board", "any_board"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The fast tier (``pytest -m "not slow"``) is the unit and golden-model tests: a test
+    that runs the RTL on a cocotb simulator or on the virtual board is ``slow``, like those
+    marked so by hand (board builds, synthesized netlists)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_simulator = callspec is not None and callspec.params.get("simulator") in \
+            COCOTB_SIMULATORS
+        if on_simulator or RTL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def available_simulators() -> list:
     """The cocotb simulators, skipped where not installed (the Amaranth simulator is too
     slow for these tests' workloads; tests/test_pysim.py covers it)."""

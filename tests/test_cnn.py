@@ -325,6 +325,7 @@ def test_a_tensor_read_before_its_fused_activation_is_refused():
         load_onnx(residual_cnn(np.random.default_rng(1), relu_before_add=False))
 
 
+@pytest.mark.slow  # a virtual board on Verilator
 def test_cnn_runs_on_the_virtual_board(cnn_path, data):
     """Through the UART link and the driver, as on a board: equal to the golden model."""
     x_train, x_test, _, _ = data

