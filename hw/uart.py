@@ -11,11 +11,15 @@ __all__ = ["UartRx", "UartTx"]
 class _Uart(wiring.Component):
     """Common to both directions: ``divisor`` clock cycles a bit (at least 4)."""
 
-    def __init__(self, *, divisor: int):
+    def __new__(cls, *, divisor: int, src_loc_at: int = 0):
+        # Checked before the object exists: a component refused in __init__ would still
+        # warn that it was never elaborated.
         if not isinstance(divisor, int) or divisor < 4:
-            self._MustUse__silence = True  # never built: no "unused" warning
             raise ValueError(f"divisor (clock cycles a bit) must be an integer of at least "
                              f"4, not {divisor!r}")
+        return super().__new__(cls, src_loc_at=src_loc_at + 1)
+
+    def __init__(self, *, divisor: int, src_loc_at: int = 0):
         self._divisor = divisor
         super().__init__()
 

@@ -38,6 +38,7 @@ from ..config import NpuConfig
 from .board import SIM_DIVISOR, VirtualBoard
 from .common import SimulationError
 from .runner import (
+    VERILATOR_BUILD_ARGS,
     _prepare_environment,
     _runner,
     _toolchain_tag,
@@ -375,15 +376,15 @@ def build_netlist_board(netlist: Netlist, simulator: str = "verilator") -> Path:
     _prepare_environment(simulator)
     build_dir = netlist.folder / f"{simulator}-{_toolchain_tag()}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    texts = {"board.v": verilog.convert(VirtualBoard(netlist.config, soc=SocNetlist()),
-                                        name="board", emit_src=False),
-             "board_tb.v": testbench_top_verilog(netlist.config, "board")}
+    board = VirtualBoard(netlist.config, soc=SocNetlist())
+    texts = {"board.v": verilog.convert(board, name="board", emit_src=False),
+             "board_tb.v": testbench_top_verilog(board.signature, "board")}
     sources = []
     for name, text in texts.items():
         sources.append(_write(build_dir / name, text))
     models, includes = _models(netlist, build_dir)
     sources += [netlist.path, *models]
-    build_args = ["-Wno-fatal", "-O3", "--timing", "-CFLAGS", VERILATOR_CXX_OPT, *includes]
+    build_args = [*VERILATOR_BUILD_ARGS, "-CFLAGS", VERILATOR_CXX_OPT, *includes]
     try:
         _runner(simulator).build(sources=sources, hdl_toplevel="board_tb", build_dir=build_dir,
                                  timescale=("1ns", "1ps"), build_args=build_args,

@@ -92,15 +92,15 @@ def _design(config: NpuConfig, design: str):
     raise ValueError(f"design must be one of {', '.join(DESIGNS)}, not {design!r}")
 
 
-def testbench_top_verilog(config: NpuConfig, design: str = "npu") -> str:
-    """A wrapper ``<design>_tb`` that clocks the design from inside the simulation and
-    passes its other ports through: cocotb then runs no Python per clock edge."""
+def testbench_top_verilog(signature, design: str = "npu") -> str:
+    """A wrapper ``<design>_tb`` around the module ``design`` whose ports are those of
+    the component ``signature`` (an amaranth ``wiring.Signature``): it clocks the design
+    from inside the simulation and passes the other ports through, so cocotb runs no
+    Python per clock edge."""
     from amaranth import Shape
 
-    component = _design(config, design)
-    component._MustUse__silence = True  # only its signature is needed here
     ports = []
-    for path, member in component.signature.members.flatten():
+    for path, member in signature.members.flatten():
         if member.is_port:
             width = Shape.cast(member.shape).width
             direction = "input" if member.flow.name == "In" else "output"
@@ -126,21 +126,15 @@ def testbench_top_verilog(config: NpuConfig, design: str = "npu") -> str:
 def _runner(simulator: str):
     from cocotb_tools.runner import get_runner
 
-    runner = get_runner(simulator)
-    if simulator == "verilator":
-        # cocotb's runner makes every signal public (--public-flat-rw), which keeps
-        # Verilator from optimizing (measured: 1.4x slower); the testbench needs only the
-        # wrapper's ports and clock. Pinned cocotb 2.1.0 builds its command here.
-        original = runner._build_command
+    return get_runner(simulator)
 
-        def build_command():
-            commands = original()
-            commands[0] = [arg for arg in commands[0] if arg != "--public-flat-rw"]
-            commands[0] += ["--public-depth", "1"]
-            return commands
 
-        runner._build_command = build_command
-    return runner
+#: cocotb's runner makes every Verilator signal public (--public-flat-rw), which keeps
+#: Verilator from optimizing (measured: 1.4x slower); the testbench needs only the
+#: wrapper's ports and clock. Verilator takes the last of --public-flat-rw and its
+#: --no- form, and cocotb puts the build arguments after its own.
+VERILATOR_BUILD_ARGS = ["-Wno-fatal", "-O3", "--timing", "--no-public-flat-rw",
+                        "--public-depth", "1"]
 
 
 def _toolchain_tag() -> str:
@@ -202,9 +196,10 @@ def build(config: NpuConfig, simulator: str = "verilator",
     build_dir = build_folder(config, simulator, design, platform, build_root)
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = []
-    texts = {f"{design}.v": verilog.convert(_design(config, design), name=design,
-                                            platform=platform, emit_src=False),
-             f"{design}_tb.v": testbench_top_verilog(config, design)}
+    component = _design(config, design)
+    texts = {f"{design}.v": verilog.convert(component, name=design, platform=platform,
+                                            emit_src=False),
+             f"{design}_tb.v": testbench_top_verilog(component.signature, design)}
     models = simulation_models(platform.family if platform else None)
     texts.update({f"{module}.v": text for module, text in models.items()})
     for name, text in texts.items():
@@ -213,7 +208,7 @@ def build(config: NpuConfig, simulator: str = "verilator",
             source.write_text(text)
         sources.append(source)
     runner = _runner(simulator)
-    build_args = ["-Wno-fatal", "-O3", "--timing"] if simulator == "verilator" else []
+    build_args = VERILATOR_BUILD_ARGS if simulator == "verilator" else []
     try:
         runner.build(sources=sources, hdl_toplevel=f"{design}_tb", build_dir=build_dir,
                      timescale=("1ns", "1ps"), build_args=build_args, always=False,
