@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .bench import SECTIONS as BENCH_SECTIONS
 from .config import NpuConfig
 
 __all__ = ["main"]
@@ -754,8 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true",
                        help="small workloads (a few minutes); recorded board builds and sweep")
     bench.add_argument("--only", metavar="SECTION[,SECTION]",
-                       help="run these sections only: gemm, simspeed, e2e, cnn, compile, "
-                            "link, boards, sweep (the report keeps the others' results)")
+                       help=f"run these sections only: {', '.join(BENCH_SECTIONS)} (the "
+                            "report keeps the others' results)")
     bench.add_argument("--results", metavar="DIR",
                        help="where the JSON goes (default benchmarks/results; with --quick "
                             "build/bench-quick/results)")
