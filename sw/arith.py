@@ -25,6 +25,8 @@ def wrap(values, width: int) -> np.ndarray:
 
 
 def saturate(values, width: int) -> np.ndarray:
+    """Clamp to the range of a signed ``width``-bit integer, −2**(width−1) to
+    2**(width−1) − 1."""
     values = np.asarray(values, dtype=np.int64)
     return np.clip(values, -(1 << (width - 1)), (1 << (width - 1)) - 1)
 

@@ -805,6 +805,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``npugen`` command on ``argv`` (default ``sys.argv[1:]``) and return its exit
+    status: 0 on success, 1 when a check fails (:class:`CheckFailed`), 2 for bad input
+    (:class:`UsageError`), with the reason on one line of stderr. Arguments argparse
+    itself refuses, and ``--help``, end in ``SystemExit`` (2 and 0), as argparse does."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for the records

@@ -1,7 +1,7 @@
 """Compiler: a quantized model → an NPU program (instructions + data image).
 
-Layers run back to back on chip, with no host work between them (a final softmax of a
-TFLite model runs on the host: ``Program.host_ops``).
+Layers run back to back on chip, with no host work between them (a model's final softmax
+runs on the host: ``Program.host_ops``).
 
 - A chain of dense layers (an MLP) runs ``batch`` rows a run. Each layer is a GEMM
   scheduled by :mod:`npugen.schedule` (the scheduler of ``npugen matmul``), followed by

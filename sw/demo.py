@@ -3,11 +3,11 @@
 Trains one of :mod:`npugen.train`'s networks on scikit-learn's bundled 8×8 digits (no
 download): an MLP (scikit-learn) or, with ``--model cnn``, a small CNN (NumPy). Exports
 it to ONNX, quantizes it with calibration images, compiles it, and runs the held-out
-images on the golden model and on the simulated NPU.
+images on the golden model and on a target (by default the virtual board).
 
 ``--model kws`` (or ``resnet``, ``vww``, ``ad``) runs one of the MLPerf Tiny reference int8
 TFLite models (benchmarks/models/mlperf-tiny/) instead: compiled as it is, run on random
-int8 inputs (the data sets are not bundled) on the golden model and the simulated NPU, and
+int8 inputs (the data sets are not bundled) on the golden model and the target, and
 checked against LiteRT's reference kernels where LiteRT is installed.
 """
 

@@ -40,12 +40,16 @@ class ProgramError(ValueError):
 
 @dataclass
 class Counters:
-    cycles: int = 0
-    busy_cycles: int = 0
-    macs: int = 0
-    stall_cycles: int = 0
+    """The performance counters of a run, as the NPU reports them (the COUNTERS registers,
+    :data:`npugen.memory_map.COUNTER_NAMES`, in the same order)."""
+
+    cycles: int = 0        # every cycle of the run, from the first fetch to HALT
+    busy_cycles: int = 0   # cycles in which the array takes an activation word
+    macs: int = 0          # rows × cols per busy cycle (padding included)
+    stall_cycles: int = 0  # cycles in which a fetched instruction waits for a unit
 
     def as_dict(self) -> dict[str, int]:
+        """The counters by name."""
         return dict(self.__dict__)
 
 

@@ -1,9 +1,11 @@
 """Running a job over the NPU's host port, independent of what carries the bus.
 
-A *bus* has ``async write_many(addresses, words)``, ``async read_many(addresses)`` and
-``async wait_done(timeout_cycles)``. The cocotb testbench, the Amaranth testbench and
-(over the UART) the driver provide one; this module is the one place that knows the
-order of operations.
+A *bus* (:class:`Bus`) has ``async write_many(addresses, words)``, ``async
+read_many(addresses)`` and ``async wait_done(timeout_cycles)``. The cocotb testbench
+(sim/tb_npu.py) and the Amaranth testbench (sim/pysim.py) provide one; :func:`execute` is
+the one order of operations both follow. The driver runs a job over the host link its own
+way (START with a run token, STATUS polled) and reads the answers with
+:func:`decode_result`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ class NpuRunError(RuntimeError):
 
 
 class Bus(Protocol):
+    """The NPU's host port, as a testbench drives it (sim/tb_npu.py, sim/pysim.py).
+
+    ``write_many`` writes each word to its address, in order; ``read_many`` returns the
+    words at ``addresses``, in order; ``wait_done`` waits until the NPU signals ``done`` or
+    ``timeout_cycles`` clock cycles have passed, and returns whether it is done (the
+    Amaranth testbench's raises :class:`~npugen.sim.common.SimulationError` instead of
+    returning False)."""
+
     async def write_many(self, addresses: np.ndarray, words: np.ndarray) -> None: ...
     async def read_many(self, addresses: np.ndarray) -> list[int]: ...
     async def wait_done(self, timeout_cycles: int) -> bool: ...
@@ -48,6 +58,12 @@ class BusProgram:
 
 
 def bus_program(job: Job, timeout_cycles: int = 50_000_000) -> BusProgram:
+    """``job`` as bus operations: every host write that loads it, its start address, the
+    addresses it reads back (``job.reads`` in order), and ``timeout_cycles``, the clock
+    cycles :func:`execute` waits for HALT before it aborts the run.
+
+    Raises ``ValueError`` if a value written does not fit its lane
+    (:func:`~npugen.job.pack_entries`)."""
     addresses, words = job.host_writes()
     reads = [job.read_addresses(name) for name in job.reads]
     reads = np.concatenate(reads) if reads else np.zeros(0, np.uint32)
@@ -73,6 +89,12 @@ async def execute(bus: Bus, program: BusProgram) -> tuple[int, list[int], list[i
 
 def decode_result(job: Job, status: int, counter_words: list[int],
                   words: list[int]) -> JobResult:
+    """The :class:`~npugen.job.JobResult` of ``job`` from a run's answers: the STATUS word,
+    the counter words (two a counter, low word first) and the words read back, in the
+    order :func:`bus_program` reads them.
+
+    Raises :class:`NpuRunError` if STATUS lacks DONE (the run stopped before HALT: it was
+    aborted, timed out or met an illegal instruction) or has HOST_CONFLICT."""
     status = Status(status)
     if Status.DONE not in status:
         raise NpuRunError(f"the NPU did not reach HALT (status {status!r})")

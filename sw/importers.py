@@ -1,6 +1,8 @@
-"""Model importers: ONNX (float or QDQ) and a plain ``.npz`` of layer weights.
+"""Model importers: ONNX (float or QDQ) and a plain ``.npz`` of layer weights;
+:func:`load_model` picks one by the file's suffix, and ``.tflite`` files go to
+:func:`npugen.tflite_import.load_tflite`.
 
-Both return a :class:`~npugen.graph.Model`. Errors are :class:`~npugen.graph.ModelError`
+All return a :class:`~npugen.graph.Model`. Errors are :class:`~npugen.graph.ModelError`
 and name the node (by name and op type) or the file.
 """
 
@@ -66,6 +68,14 @@ def load_model(path: str | Path) -> Model:
 # -- .npz --------------------------------------------------------------------------------
 
 def load_npz(path: str | Path) -> Model:
+    """A float model of dense layers from an ``.npz`` laid out as :data:`NPZ_LAYOUT` says;
+    layers are read from ``layers.0`` up to the first index with no weight.
+
+    Raises :class:`~npugen.graph.ModelError` if the file is not a readable ``.npz``, a
+    weight is not 2-D, a bias has the wrong length, an activation is unknown, there is no
+    ``layers.0.weight``, an entry is neither ``layers.*`` nor ``input_shape``, or the
+    layers do not chain or hold NaN or infinite values (:meth:`~npugen.graph.Model.check`).
+    """
     try:
         archive = np.load(path, allow_pickle=False)
         arrays = {name: archive[name] for name in archive.files}

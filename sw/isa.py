@@ -26,6 +26,9 @@ OPCODE_WIDTH = 4
 
 
 class Opcode(enum.IntEnum):
+    """The operations, by the code in bits [0:4] of an instruction word; what each does
+    is in :data:`DESCRIPTIONS`, its fields in :data:`FORMATS`."""
+
     HALT = 0
     LOADW = 1
     MATMUL = 2
@@ -41,6 +44,10 @@ class Opcode(enum.IntEnum):
 
 @dataclass(frozen=True)
 class Field:
+    """A field of an instruction word: bits [offset, offset + width), two's complement
+    when ``signed``; ``doc`` is its meaning in docs/ISA.md. :attr:`low` and :attr:`high`
+    are the least and greatest values it holds."""
+
     name: str
     offset: int
     width: int
@@ -257,10 +264,14 @@ class Instruction:
 
 
 def encode_program(instructions: Iterable[Instruction]) -> np.ndarray:
+    """Instructions as words of the instruction memory (uint64), in order. An
+    :class:`Instruction` checks its values when it is made, so encoding does not fail."""
     return np.array([i.encode() for i in instructions], dtype=np.uint64)
 
 
 def decode_program(words: Iterable[int]) -> list[Instruction]:
+    """Instruction words as :class:`Instruction` objects; bits outside the opcode's fields
+    are ignored. Raises ``ValueError`` naming the word for an unknown opcode."""
     return [Instruction.decode(int(w)) for w in words]
 
 
@@ -295,6 +306,8 @@ def assemble(text: str) -> list[Instruction]:
 
 
 def disassemble(words: Iterable[int]) -> str:
+    """Instruction words as text that :func:`assemble` reads back, one instruction a line
+    with every field written out; ``ValueError`` for an unknown opcode."""
     return "\n".join(str(i) for i in decode_program(words))
 
 

@@ -139,6 +139,9 @@ class Job:
 
 @dataclass
 class JobResult:
+    """What a run of a job gives back: each of the job's reads by name (entries decoded
+    into lanes, as :func:`unpack_entries` returns them) and the performance counters."""
+
     outputs: dict[str, np.ndarray]
     counters: Counters
     run_seconds: float | None = None  # wall time of the run alone, where measured
@@ -150,6 +153,14 @@ def counters_from_words(words: list[int]) -> Counters:
 
 
 def run_golden(job: Job) -> JobResult:
+    """Run ``job`` on a fresh golden model: load its writes, run from its start address,
+    read back; the counters are the cycle model's.
+
+    Raises :class:`~npugen.golden.ProgramError` if a write overflows a memory, no HALT
+    follows the start address, or an instruction cannot run
+    (:func:`~npugen.golden.check_program`), and ``ValueError`` for an unknown opcode
+    anywhere from the start address to the end of the instruction memory, after HALT
+    too."""
     npu = GoldenNpu(job.config)
     for region, entry, values in job.writes:
         npu.write(region, entry, values)

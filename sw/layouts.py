@@ -1,5 +1,5 @@
-"""Bit layouts of memory lanes, shared by the gateware, the golden model, the host code
-and the docs.
+"""The bit layout of a parameter-memory lane (one requantizer channel's bias, multiplier
+and shift), shared by the gateware, the golden model, the host code and the docs.
 
 No Amaranth here: the host packs and unpacks words by these tables, the gateware slices
 them by the same tables.

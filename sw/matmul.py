@@ -76,4 +76,6 @@ def matmul_job(config: NpuConfig, a, w, bias=None) -> tuple[Job, GemmPlan]:
 
 
 def matmul_output(plan: GemmPlan, result: JobResult) -> np.ndarray:
+    """Y (M×N, int32) from a run of :func:`matmul_job`'s job: its accumulator words,
+    untiled by ``plan``."""
     return untile_accumulators(plan, result.outputs["y"]).astype(np.int32)

@@ -35,6 +35,10 @@ HOST_WORD_BITS = 32
 
 
 class Region(enum.IntEnum):
+    """The regions of the host port, by the number in address bits [24:28]
+    (:func:`address`): the registers (:class:`Reg`), then the NPU's memories
+    (:func:`memories`)."""
+
     REGISTERS = 0
     INSTRUCTIONS = 1
     ACTIVATIONS = 2
@@ -73,10 +77,15 @@ class Control(enum.IntFlag):
 
 
 class Status(enum.IntFlag):
-    RUNNING = 1
+    """Bits of the read-only STATUS register, each placed by :func:`flag_bit`.
+    CONTROL.START clears them and sets RUNNING."""
+
+    RUNNING = 1        # a run is on
     DONE = 2           # the last run reached HALT
     HOST_CONFLICT = 4  # a memory was accessed by the host during a run (sticky)
-    ABORTED = 8
+    ABORTED = 8        # CONTROL.ABORT was written since the last START (it stops a run)
+    # The last run stopped at an instruction it cannot execute: an unknown opcode, a GEMM
+    # with no K tiles, or (on an NPU without feature maps) SETKERN, SETWIN or SETOUT.
     ILLEGAL_INSTRUCTION = 16
 
 
@@ -91,10 +100,12 @@ def flag_bit(flag: Control | Status) -> int:
 
 @dataclass(frozen=True)
 class MemoryInfo:
-    name: str
+    """One of the NPU's memories as the host port sees it (:func:`memories`)."""
+
+    name: str         # "weights", ...: in the docs, the gateware and messages
     region: Region
-    depth: int
-    width: int
+    depth: int        # entries
+    width: int        # bits an entry
     granularity: int  # bits per write-enable lane
 
     @property
@@ -128,6 +139,9 @@ def memories(config: NpuConfig) -> dict[Region, MemoryInfo]:
 
 
 def address(region: Region, offset: int = 0) -> int:
+    """The host-port word address of ``offset`` in ``region``: ``region << 24 | offset``.
+    ``offset`` counts host words (a memory's entry is ``stride`` of them) and is not
+    checked against the region's size."""
     return (int(region) << REGION_SHIFT) | offset
 
 

@@ -91,6 +91,9 @@ class Command(enum.IntEnum):
 
 
 class LinkStatus(enum.IntEnum):
+    """The status byte of a response (meanings in docs/PROTOCOL.md). :class:`ResponseParser`
+    reads a status byte that is none of these as UNKNOWN_COMMAND."""
+
     OK = 0
     UNKNOWN_COMMAND = 1
     BAD_LENGTH = 2      # payload length wrong for the command, or READ count 0 or too large
@@ -122,6 +125,8 @@ def _frame(header: bytes, payload: bytes) -> bytes:
 
 
 def encode_request(command: Command, seq: int, payload: bytes = b"") -> bytes:
+    """A request frame: header (``seq`` taken modulo 256), ``payload`` and CRC. Raises
+    ``ValueError`` if the payload is longer than MAX_PAYLOAD_BYTES."""
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     return _frame(struct.pack(REQUEST_HEADER_FORMAT, REQUEST_SYNC, int(command), seq & 0xFF,
@@ -130,17 +135,25 @@ def encode_request(command: Command, seq: int, payload: bytes = b"") -> bytes:
 
 @dataclass(frozen=True)
 class Response:
+    """A response frame as :class:`ResponseParser` decodes it: the command code and
+    sequence number it echoes, the device's status, and the payload."""
+
     command: int
     seq: int
     status: LinkStatus
     payload: bytes
 
     def words(self) -> list[int]:
+        """The payload as 32-bit little-endian words; bytes past the last whole word are
+        dropped."""
         count = len(self.payload) // 4
         return list(struct.unpack(f"<{count}I", self.payload[:4 * count]))
 
 
 def encode_response(command: int, seq: int, status: int, payload: bytes = b"") -> bytes:
+    """A response frame as the device sends it (the virtual board's BUSY answer; tests
+    that play the device): ``seq`` is taken modulo 256; unlike :func:`encode_request`, the
+    payload's length is not checked."""
     return _frame(struct.pack(RESPONSE_HEADER_FORMAT, RESPONSE_SYNC, command, seq & 0xFF,
                               status, len(payload)), payload)
 

@@ -51,6 +51,11 @@ class QuantizedLayer(WeightShape):
 
 @dataclass
 class QuantizedModel:
+    """A model in the NPU's integers (:func:`quantize_model`): its layers in execution
+    order, its input and output shapes (no batch dimension, as the
+    :class:`~npugen.graph.Model`'s) and that model. :attr:`input_quant` is the first layer's
+    input quantization, :attr:`output_quant` the last layer's output quantization."""
+
     layers: list[QuantizedLayer]
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]

@@ -23,14 +23,17 @@ TARGETS = ("golden", "rtl", "sim")  # or a device URL
 
 @dataclass
 class RunResult:
+    """What :func:`run` returns: the outputs of every input and the runs' counters."""
+
     output: np.ndarray            # float32, batch-first, the model's output shape and layout
     quantized_output: np.ndarray  # int8 (batch, features), after any host operators
     counters: Counters            # summed over all runs
-    runs: int
-    inferences: int
+    runs: int                     # NPU runs, each of up to ``batch`` inputs
+    inferences: int               # inputs run
 
     @property
     def cycles_per_inference(self) -> float:
+        """Cycles of all runs over the inputs (a last, partial run counts whole)."""
         return self.counters.cycles / self.inferences
 
     def stats(self, program: Program) -> dict:

@@ -19,6 +19,7 @@ def _root() -> Path:
 
 
 def sweep_grid() -> Path:
+    """The grid of the ``sweep`` section: ``benchmarks/sweep.toml`` of the checkout."""
     return _root() / "benchmarks" / "sweep.toml"
 
 
@@ -50,6 +51,13 @@ def _sweep_records(points, out: Path, progress: Callable[[str], None]) -> list[d
 
 def run_boards(*, quick: bool, progress: Callable[[str], None], recorded_dir: Path
                ) -> dict[str, Any]:
+    """Section ``boards``: each board's default config built with yosys/nextpnr (seed 1,
+    the yowasp tools, builds cached under :func:`point_cache`) and :data:`WORKLOAD` timed
+    by the cycle model; returns one sweep record per board (``records``) and ``workload``.
+
+    With ``quick``, the recorded ``boards.json`` of ``recorded_dir`` instead, its origin
+    under ``recorded_from``; ``FileNotFoundError`` if there is none. ``progress`` gets
+    the sweep's lines."""
     if quick:
         return _recorded("boards", recorded_dir)
     from ..boards import BOARDS
@@ -64,6 +72,13 @@ def run_boards(*, quick: bool, progress: Callable[[str], None], recorded_dir: Pa
 
 def run_sweep(*, quick: bool, progress: Callable[[str], None], recorded_dir: Path
               ) -> dict[str, Any]:
+    """Section ``sweep``: every point of :func:`sweep_grid` built and timed
+    (:func:`npugen.sweep.run_sweep`, points cached under :func:`point_cache`); returns the
+    grid's text and the records. A missing or bad grid raises
+    :class:`~npugen.sweep.SweepError` (a ``ValueError``) before any build.
+
+    With ``quick``, the recorded ``sweep.json`` of ``recorded_dir`` instead, as
+    :func:`run_boards` does."""
     if quick:
         return _recorded("sweep", recorded_dir)
     from ..sweep import load_grid

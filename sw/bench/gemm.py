@@ -29,6 +29,8 @@ def bench_config(rows: int, cols: int) -> NpuConfig:
 
 
 def gemm_operands(m: int, k: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random int8 values (in int64 arrays) for A (m×k) and W (k×n), the same for a given
+    ``seed``."""
     rng = np.random.default_rng(seed)
     return rng.integers(-128, 128, (m, k)), rng.integers(-128, 128, (k, n))
 
@@ -72,6 +74,15 @@ def run_on_rtl(config: NpuConfig, shapes: list[tuple[int, int, int]], simulator:
 
 def run_gemm(*, quick: bool, progress: Callable[[str], None], recorded_dir: Path
              ) -> dict[str, Any]:
+    """Section ``gemm``: each shape of :data:`SHAPES` on each array of :data:`ARRAYS`
+    (``quick``: :data:`QUICK_SHAPES` on the first :data:`QUICK_ARRAYS` arrays), on the RTL
+    in Verilator and in SCALE-Sim (weight stationary). Per shape: the RTL's cycles beside
+    the cycle model's and SCALE-Sim's, and whether Y is bit-exact; shapes that do not fit
+    an array are listed under ``skipped`` with the reason. ``recorded_dir`` is not used.
+
+    Raises :class:`~npugen.sim.common.SimulationError` if Verilator cannot build or run,
+    and SCALE-Sim's errors (:class:`~npugen.bench.scalesim.ScaleSimUnavailable`,
+    :class:`~npugen.bench.scalesim.ScaleSimError`, both ``RuntimeError``)."""
     from ..matmul import matmul_job
     from ..schedule import DoesNotFit
     from .scalesim import closed_form_cycles, scalesim_gemm_cycles
@@ -110,6 +121,13 @@ def run_gemm(*, quick: bool, progress: Callable[[str], None], recorded_dir: Path
 
 def run_simspeed(*, quick: bool, progress: Callable[[str], None], recorded_dir: Path
                  ) -> dict[str, Any]:
+    """Section ``simspeed``: the :data:`SPEED_WORKLOAD` GEMM on 4×4 and 8×8 arrays
+    (``quick``: 4×4) in each simulator that is available (Verilator, Icarus, Amaranth's);
+    per run its build time and simulated cycles per wall-clock second (Verilator repeats
+    the GEMM 20 times, 5 with ``quick``). Simulators not found are listed under
+    ``unavailable``. ``recorded_dir`` is not used.
+
+    Raises :class:`~npugen.sim.common.SimulationError` if a build or a run fails."""
     from ..sim.runner import build, simulator_available
 
     records, missing = [], []

@@ -20,6 +20,14 @@ from ..config import NpuConfig
 
 def run_link(*, quick: bool, progress: Callable[[str], None], recorded_dir: Path
              ) -> dict[str, Any]:
+    """Section ``link``: 64 KiB (``quick``: 16 KiB) of random words written to the weight
+    memory of a virtual board of the default :class:`~npugen.config.NpuConfig` (built and
+    started here), timed by the device's UPTIME counter. Returns the payload bytes, the
+    device cycles they took, the fraction of the line rate reached (payload bytes only),
+    the wall time and the requests the driver had to resend. ``recorded_dir`` is not used.
+
+    Raises :class:`~npugen.driver.DeviceError` (a ``RuntimeError``) if the virtual board
+    does not start or the link fails."""
     from ..driver import Device
     from ..memory_map import Region, address
     from ..sim.board import SIM_DIVISOR

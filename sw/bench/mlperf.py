@@ -41,6 +41,7 @@ VIRTUAL_BOARD_INPUTS = 2
 
 
 def model_folder() -> Path:
+    """``benchmarks/models/mlperf-tiny/`` of the checkout: the models and their README."""
     from ..paths import project_root
 
     return project_root() / "benchmarks" / "models" / "mlperf-tiny"
@@ -239,6 +240,14 @@ def model_record(key: str, quick: bool, targets: list[dict[str, Any]],
 
 def run_mlperf(*, quick: bool, progress: Callable[[str], None], recorded_dir: Path
                ) -> dict[str, Any]:
+    """Section ``mlperf``: :func:`model_record` of each model of :data:`MODELS` on every
+    target of :func:`bench_targets` (each board's default NPU, with its Fmax from
+    ``recorded_dir``'s ``boards.json`` where there is one, then the reference 8×8), and
+    the latencies published in the models' README. ``quick``: one input per model and no
+    run on the virtual board.
+
+    Raises ``ValueError`` if a model does not compile for the reference 8×8 (a missing
+    model file included) or the README has no table of published latencies."""
     found = bench_targets(recorded_dir)
     boards_source = recorded_dir / "boards.json"
     return {"records": [model_record(key, quick, found, progress) for key in MODELS],

@@ -36,6 +36,18 @@ def short_config(config: NpuConfig) -> str:
 
 def model_record(kind: str, quick: bool, boards: dict[str, dict[str, Any]],
                  progress: Callable[[str], None]) -> dict[str, Any]:
+    """The demo network ``kind`` (``"mlp"`` or ``"cnn"``) trained, compiled for the default
+    :class:`~npugen.config.NpuConfig` and run end to end: float and int8 accuracy on the
+    held-out digits; the NPU's outputs and counters against the golden model's (``quick``:
+    the first ``QUICK_RTL_IMAGES[kind]`` images on the RTL in Verilator; otherwise all of
+    them on the virtual board); cycles and utilization at a full batch, per layer where the
+    program has layer figures; and for each board's default config whether the network
+    fits, its cycles per inference and, where ``boards`` (:func:`board_fmax`) has the
+    board's Fmax, latency and GMAC/s at it.
+
+    Raises ``ValueError`` if the network does not compile for the default config, and a
+    ``RuntimeError`` (:class:`~npugen.sim.common.SimulationError`,
+    :class:`~npugen.driver.DeviceError`) if the run on the RTL or the virtual board fails."""
     from ..boards import BOARDS
     from ..compiler import compile_model
     from ..demo import train_demo_model
@@ -105,6 +117,8 @@ def model_record(kind: str, quick: bool, boards: dict[str, dict[str, Any]],
 
 def run_e2e(*, quick: bool, progress: Callable[[str], None], recorded_dir: Path
             ) -> dict[str, Any]:
+    """Section ``e2e``: :func:`model_record` of the demo MLP and CNN, with each board's
+    Fmax from ``recorded_dir``'s ``boards.json`` (none where it is missing)."""
     boards = board_fmax(recorded_dir)
     return {"records": [model_record(kind, quick, boards, progress) for kind in ("mlp", "cnn")],
             "boards_source": str(recorded_dir / "boards.json") if boards else None}
@@ -185,6 +199,10 @@ def operator_record(config: NpuConfig, kind: str, channels: int, out_channels: i
 
 def run_cnn(*, quick: bool, progress: Callable[[str], None], recorded_dir: Path
             ) -> dict[str, Any]:
+    """Section ``cnn``: :func:`operator_record` of a 3×3 convolution (32 → 32 channels),
+    one with 3 input channels (3 → 16) and a 3×3 depthwise convolution (32 channels), on
+    16×16 maps (``quick``: 8×8), on the default NpuConfig in Verilator. ``recorded_dir``
+    is not used. Raises :class:`~npugen.sim.common.SimulationError` if Verilator fails."""
     config = NpuConfig()
     size = 8 if quick else 16
     progress(f"cnn: conv, conv with 3 input channels, depthwise at {size}×{size}")
@@ -219,6 +237,11 @@ def mlp_onnx(path: Path, sizes: list[int], seed: int = 0) -> None:
 
 def run_compile(*, quick: bool, progress: Callable[[str], None], recorded_dir: Path
                 ) -> dict[str, Any]:
+    """Section ``compile``: the best of three times to import, quantize (256 random
+    calibration rows), compile and serialize a float 784-128-10 MLP of random weights for
+    the default 8×8 with ``weight_depth`` 16384, with the program's instruction count and
+    its estimated and ideal cycles per inference. ``quick`` and ``recorded_dir`` are not
+    used."""
     from ..compiler import compile_model
     from ..importers import load_model
 
