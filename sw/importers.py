@@ -73,7 +73,8 @@ def load_npz(path: str | Path) -> Model:
 
     Raises :class:`~npugen.graph.ModelError` if the file is not a readable ``.npz``, a
     weight is not 2-D, a bias has the wrong length, an activation is unknown, there is no
-    ``layers.0.weight``, an entry is neither ``layers.*`` nor ``input_shape``, or the
+    ``layers.0.weight``, an entry is not one of those read (a misspelt field, a layer past a
+    gap in the numbering) nor ``input_shape``, or the
     layers do not chain or hold NaN or infinite values (:meth:`~npugen.graph.Model.check`).
     """
     try:
@@ -101,7 +102,12 @@ def load_npz(path: str | Path) -> Model:
         index += 1
     if not layers:
         raise ModelError(f"{str(path)!r} has no layers.0.weight\n{NPZ_LAYOUT}")
-    extra = sorted(k for k in arrays if not k.startswith("layers.") and k != "input_shape")
+    # Every entry must have been read: a misspelt field ("layers.0.wieght") or a layer
+    # past a gap in the numbering ("layers.2" after "layers.0") would otherwise be left
+    # out of the model without a word.
+    read = {f"layers.{i}.{field}" for i in range(index)
+            for field in ("weight", "bias", "activation")}
+    extra = sorted(k for k in arrays if k not in read and k != "input_shape")
     if extra:
         raise ModelError(f"{str(path)!r}: unknown entries {', '.join(extra)}\n{NPZ_LAYOUT}")
     input_shape = tuple(int(d) for d in arrays.get("input_shape", [layers[0].in_features]))

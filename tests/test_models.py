@@ -160,6 +160,13 @@ def test_npz_import_and_errors(tmp_path):
     np.savez(path, **{"layers.0.weight": np.full((2, 2), np.nan)})
     with pytest.raises(ModelError, match="NaN or infinite weights"):
         load_npz(path)
+    # Entries the reader would not use are refused, not left out of the model.
+    np.savez(path, **{"layers.0.weight": w0, "layers.0.wieght": w1})
+    with pytest.raises(ModelError, match="unknown entries layers.0.wieght"):
+        load_npz(path)
+    np.savez(path, **{"layers.0.weight": w0, "layers.2.weight": w1})
+    with pytest.raises(ModelError, match="unknown entries layers.2.weight"):
+        load_npz(path)
     path.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ModelError, match="not a readable .npz archive"):
         load_npz(path)
