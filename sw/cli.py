@@ -352,14 +352,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import MLPERF_MODELS, run_demo, run_mlperf_demo
+    from .demo import MLPERF_DEMOS, run_demo, run_mlperf_demo
 
     config = config_from_args(args)
     check_target(args.target)
     output_folder(args.workdir, "--workdir")
     with device_errors():
         try:
-            if args.model in MLPERF_MODELS:
+            if args.model in MLPERF_DEMOS:
                 record = run_mlperf_demo(args.model, target=args.target, simulator=args.sim,
                                          config=config if _config_given(args) else None,
                                          workdir=args.workdir)

@@ -20,19 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from .config import NpuConfig
+from .mlperf import MODELS as MLPERF_TINY
+from .mlperf import REFERENCE_CONFIG, model_path
 from .train import cnn_to_onnx, digits, init_cnn_params, mlp_to_onnx, train_cnn, train_mlp
 
 __all__ = ["train_demo_model", "check_demo_fits", "run_demo", "run_mlperf_demo", "MODELS",
-           "MLPERF_MODELS", "MLPERF_CONFIG"]
+           "MLPERF_DEMOS"]
 
-#: The MLPerf Tiny reference models (benchmarks/models/mlperf-tiny/) by demo name.
-MLPERF_MODELS = {"kws": "kws_ref_model.tflite", "resnet": "pretrainedResnet_quant.tflite",
-                 "vww": "vww_96_int8.tflite", "ad": "ad01_int8.tflite"}
-MODELS = ("mlp", "cnn", *MLPERF_MODELS)
-#: The NPU of the MLPerf Tiny demos when no configuration is given: the default 8×8 with
-#: memories for all four models.
-MLPERF_CONFIG = NpuConfig(activation_depth=16384, weight_depth=65536, instruction_depth=4096,
-                          param_depth=512)
+#: The MLPerf Tiny reference models by demo name (kws, resnet, vww, ad).
+MLPERF_DEMOS = {model.demo: key for key, model in MLPERF_TINY.items()}
+MODELS = ("mlp", "cnn", *MLPERF_DEMOS)
 
 
 def _progress(label: str):
@@ -182,19 +179,6 @@ def run_demo(*, target: str = "sim", simulator: str = "verilator",
     return record
 
 
-def mlperf_model_path(name: str) -> Path:
-    """The bundled .tflite file of MLPerf Tiny model ``name`` (kws, resnet, vww, ad)."""
-    from .paths import project_root
-
-    if name not in MLPERF_MODELS:
-        raise ValueError(f"model must be one of {', '.join(MLPERF_MODELS)}, not {name!r}")
-    path = project_root() / "benchmarks" / "models" / "mlperf-tiny" / MLPERF_MODELS[name]
-    if not path.exists():
-        raise ValueError(f"{path} is missing: the MLPerf Tiny models come with npugen's "
-                         f"source tree (git clone); run the demo from a checkout")
-    return path
-
-
 def run_mlperf_demo(name: str, *, target: str = "sim", simulator: str = "verilator",
                     config: NpuConfig | None = None, workdir: str | Path = "build/demo",
                     inputs: int = 4, seed: int = 0) -> dict:
@@ -205,8 +189,10 @@ def run_mlperf_demo(name: str, *, target: str = "sim", simulator: str = "verilat
     from .tflite_kernels import litert_reference
 
     check_target(target)
-    path = mlperf_model_path(name)
-    config = config or MLPERF_CONFIG
+    if name not in MLPERF_DEMOS:
+        raise ValueError(f"model must be one of {', '.join(MLPERF_DEMOS)}, not {name!r}")
+    path = model_path(MLPERF_DEMOS[name])
+    config = config or REFERENCE_CONFIG
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -22,10 +22,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import MLPERF_TINY, reference_session
-from npugen.bench.mlperf import REFERENCE_CONFIG
 from npugen.compiler import compile_model
 from npugen.graph import Add, Conv, Model, ModelError, Pool
 from npugen.importers import load_onnx
+from npugen.mlperf import REFERENCE_CONFIG
 from npugen.runtime import run
 
 TF2ONNX = MLPERF_TINY / "onnx"

@@ -13,15 +13,16 @@ from npugen.cli import main
 from npugen.compiler import compile_model
 from npugen.config import NpuConfig
 from npugen.graph import ModelError
+from npugen.mlperf import MODELS as MLPERF_MODELS
+from npugen.mlperf import REFERENCE_CONFIG
 from npugen.runtime import run
 from npugen.tflite_import import load_tflite
 
 #: Memories large enough for any of the four models on an 8×8 array.
-LARGE = NpuConfig(activation_depth=16384, weight_depth=65536, accumulator_depth=1024,
-                  instruction_depth=4096, param_depth=512)
+LARGE = REFERENCE_CONFIG
 
-MODELS = {"kws": "kws_ref_model.tflite", "resnet": "pretrainedResnet_quant.tflite",
-          "ad": "ad01_int8.tflite", "vww": "vww_96_int8.tflite"}
+#: The four MLPerf Tiny models' files by their demo names (kws, resnet, ad, vww).
+MODELS = {model.demo: model.file for model in MLPERF_MODELS.values()}
 
 
 def random_input(path, count: int, seed: int) -> np.ndarray:

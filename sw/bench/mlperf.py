@@ -13,22 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from ..config import NpuConfig
+from ..mlperf import MODELS, REFERENCE_CONFIG, model_folder, model_path
 from ..tflite_kernels import litert_reference
 from .models import board_fmax, short_config
 
-#: Model key → (file, task). The keys are the README's column names, lower case.
-MODELS = {
-    "ad": ("ad01_int8.tflite", "anomaly detection (FC autoencoder)"),
-    "ic": ("pretrainedResnet_quant.tflite", "image classification (ResNet-8)"),
-    "kws": ("kws_ref_model.tflite", "keyword spotting (DS-CNN)"),
-    "vww": ("vww_96_int8.tflite", "visual wake words (MobileNetV1 0.25)"),
-}
-
-#: An 8×8 with memories large enough for every model: a row for each model even where no
-#: board's default NPU holds it.
-REFERENCE_CONFIG = NpuConfig(activation_depth=16384, weight_depth=65536,
-                             accumulator_depth=1024, instruction_depth=4096, param_depth=512)
 REFERENCE_NAME = "reference 8×8"
 #: The board whose clock the reference 8×8 is reported at, and whose default NPU the
 #: per-layer tables show (the reference 8×8 where a model does not fit it).
@@ -38,13 +26,6 @@ REFERENCE_BOARD = "ulx3s-85f"
 #: the virtual board runs VIRTUAL_BOARD_INPUTS of them.
 INPUTS = {True: 1, False: 4}
 VIRTUAL_BOARD_INPUTS = 2
-
-
-def model_folder() -> Path:
-    """``benchmarks/models/mlperf-tiny/`` of the checkout: the models and their README."""
-    from ..paths import project_root
-
-    return project_root() / "benchmarks" / "models" / "mlperf-tiny"
 
 
 def published_latencies(readme: Path) -> dict[str, dict[str, float | None]]:
@@ -167,8 +148,8 @@ def model_record(key: str, quick: bool, targets: list[dict[str, Any]],
     Raises ``ValueError`` if the model does not compile for the reference 8×8."""
     from ..compiler import compile_model
 
-    file, task = MODELS[key]
-    path = model_folder() / file
+    file, task = MODELS[key].file, MODELS[key].task
+    path = model_path(key)
     programs: dict[str, Any] = {}
     reasons: dict[str, str] = {}
     for target in targets:
