@@ -29,14 +29,14 @@ def run_link(*, quick: bool, progress: Callable[[str], None], recorded_dir: Path
     Raises :class:`~npugen.driver.DeviceError` (a ``RuntimeError``) if the virtual board
     does not start or the link fails."""
     from ..driver import Device
-    from ..memory_map import Region, address
+    from ..memory_map import Region, address, memories
     from ..sim.board import SIM_DIVISOR
 
     kib = 16 if quick else 64
     progress(f"link: uploading {kib} KiB to the virtual board")
     config = NpuConfig()
     words = np.random.default_rng(0).integers(0, 1 << 32, kib * 256, dtype=np.uint64)
-    region_words = config.weight_depth * 2  # weight entries are two host words
+    region_words = config.weight_depth * memories(config)[Region.WEIGHTS].stride
     with Device.open("sim", config=config) as device:
         device.identify()
         started_wall = time.perf_counter()
