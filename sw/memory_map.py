@@ -140,8 +140,15 @@ def memories(config: NpuConfig) -> dict[Region, MemoryInfo]:
 
 def address(region: Region, offset: int = 0) -> int:
     """The host-port word address of ``offset`` in ``region``: ``region << 24 | offset``.
-    ``offset`` counts host words (a memory's entry is ``stride`` of them) and is not
-    checked against the region's size."""
+    ``offset`` counts host words (a memory's entry is ``stride`` of them); it is not
+    checked against the region's size (the NPU refuses what lies past it), but it must lie
+    within the region's address bits.
+
+    Raises ValueError if ``offset`` is negative or 2**24 or more: it would name another
+    region's word."""
+    if not 0 <= offset < 1 << REGION_SHIFT:
+        raise ValueError(f"offset {offset} is outside a region's {REGION_SHIFT}-bit "
+                         f"addresses (0 to {(1 << REGION_SHIFT) - 1})")
     return (int(region) << REGION_SHIFT) | offset
 
 

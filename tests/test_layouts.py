@@ -21,10 +21,12 @@ from npugen.job import lane_format, pack_entries, unpack_entries
 from npugen.layouts import PARAM_LANE_FIELDS, SHIFT_BITS, param_lane_fields
 from npugen.memory_map import (
     COUNTER_NAMES,
+    REGION_SHIFT,
     Control,
     Reg,
     Region,
     Status,
+    address,
     check_register_map,
     flag_bit,
     identity_words,
@@ -182,3 +184,11 @@ def test_gateware_crc_step_is_the_protocol_crc():
     sim = Simulator(m)
     sim.add_testbench(testbench)
     sim.run()
+
+
+def test_an_address_stays_in_its_region():
+    """An offset past the region's address bits would name another region's word."""
+    assert address(Region.WEIGHTS, (1 << REGION_SHIFT) - 1) >> REGION_SHIFT == Region.WEIGHTS
+    for offset in (1 << REGION_SHIFT, -1):
+        with pytest.raises(ValueError, match=f"offset {offset} is outside a region"):
+            address(Region.WEIGHTS, offset)
