@@ -14,7 +14,7 @@ import numpy as np
 
 from .arith import requantize, requantize_raw, wrap
 from .config import NpuConfig
-from .isa import Instruction, Opcode, decode_program
+from .isa import Instruction, Opcode
 from .layouts import PARAM_LANE_FIELDS, param_lane_fields
 from .memory_map import Region
 from .timing import (
@@ -312,11 +312,14 @@ class GoldenNpu:
 
     def run(self, start_pc: int = 0) -> Counters:
         """Run from ``start_pc`` until HALT; return the performance counters."""
-        program = decode_program(self.instructions[start_pc:])
-        halt = next((i for i, ins in enumerate(program) if ins.opcode is Opcode.HALT), None)
-        if halt is None:
+        # Decoded up to the first HALT only: the words past it never run, as on the NPU.
+        program = []
+        for word in self.instructions[start_pc:]:
+            program.append(Instruction.decode(int(word)))
+            if program[-1].opcode is Opcode.HALT:
+                break
+        else:
             raise ProgramError(f"no HALT after instruction {start_pc}")
-        program = program[:halt + 1]
         check_program(self.config, program)
         timing = CycleModel(self.config)
         self.state = GemmState(self.config.rows)

@@ -159,8 +159,7 @@ def run_golden(job: Job) -> JobResult:
     Raises :class:`~npugen.golden.ProgramError` if a write overflows a memory, no HALT
     follows the start address, or an instruction cannot run
     (:func:`~npugen.golden.check_program`), and ``ValueError`` for an unknown opcode
-    anywhere from the start address to the end of the instruction memory, after HALT
-    too."""
+    between the start address and the first HALT (the words past it never run)."""
     npu = GoldenNpu(job.config)
     for region, entry, values in job.writes:
         npu.write(region, entry, values)

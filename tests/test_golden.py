@@ -73,6 +73,19 @@ def test_too_many_instructions():
         check_program(CONFIG, assemble("SETPP\n" * 64 + "HALT"))
 
 
+
+def test_words_past_halt_are_not_decoded():
+    """As on the NPU, which never fetches them: an unknown opcode after HALT does not stop
+    the run; before HALT it does."""
+    bad = (1 << 64) - 1   # every opcode bit set: no such instruction
+    npu = GoldenNpu(CONFIG)
+    npu.write(Region.INSTRUCTIONS, 0, np.array([*encode_program(assemble("SETPP\nHALT")),
+                                                bad], dtype=np.uint64))
+    assert npu.run().cycles > 0
+    npu.write(Region.INSTRUCTIONS, 0, np.array([bad], dtype=np.uint64))
+    with pytest.raises(ValueError):
+        npu.run()
+
 def test_gemm_equals_its_loadw_matmul_expansion():
     rng = np.random.default_rng(0)
     m, k, n = 9, 11, 6
