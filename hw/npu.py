@@ -17,8 +17,7 @@ from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig
-from ..isa import FORMATS, INSTRUCTION_WIDTH, OPCODE_WIDTH, Opcode
-from ..layouts import param_lane_fields
+from ..isa import INSTRUCTION_WIDTH, OPCODE_WIDTH, Opcode
 from ..memory_map import (
     COUNTER_BITS,
     COUNTER_NAMES,
@@ -35,21 +34,22 @@ from ..memory_map import (
     memories,
     register_bits,
 )
-from ..timing import REQUANT_INPUT_STAGES, weight_use_cycles
+from ..timing import weight_use_cycles
 from .array import SystolicArray, psum_width
 from .hostbus import HostBus
+from .instruction import instruction_field as _field
+from .ports import grant_read, grant_write
 from .ram import memory_ports
-from .requant import Requantizer
+from .requant_unit import RequantUnit
 
 __all__ = ["Npu"]
 
 # The cycle model's constants for registers this file builds by hand: the host read path
-# (request, memory or register read, per-source word, answer) and the requantizer's input
-# register (with the parameter read a cycle later to match). Changing a constant means
+# (request, memory or register read, per-source word, answer). Changing a constant means
 # changing the registers here.
-if HOST_READ_LATENCY != 3 or WIDE_READ_STRIDE < 2 or REQUANT_INPUT_STAGES != 1:
-    raise ImportError("hw/npu.py builds a 3-cycle host read and one requantizer input "
-                      "register; update it with HOST_READ_LATENCY / REQUANT_INPUT_STAGES")
+if HOST_READ_LATENCY != 3 or WIDE_READ_STRIDE < 2:
+    raise ImportError("hw/npu.py builds a 3-cycle host read; update it with "
+                      "HOST_READ_LATENCY")
 
 
 def _flags_word(flags: type[Status], values: dict):
@@ -60,13 +60,6 @@ def _flags_word(flags: type[Status], values: dict):
         raise ValueError(f"{flags.__name__} flags without a value: {missing}")
     by_bit = {flag_bit(flag): value for flag, value in values.items()}
     return Cat(*(by_bit.get(bit, Const(0, 1)) for bit in range(max(by_bit) + 1)))
-
-
-def _field(word, opcode: Opcode, name: str):
-    """Slice of an instruction word holding field ``name`` of ``opcode``."""
-    f = next(f for f in FORMATS[opcode] if f.name == name)
-    value = word[f.offset:f.offset + f.width]
-    return value.as_signed() if f.signed else value
 
 
 class Npu(wiring.Component):
@@ -267,7 +260,7 @@ class Npu(wiring.Component):
                     m.d.sync += start_pc.eq(host.wdata)
 
         # -- Unit state ------------------------------------------------------------------
-        rows, cols, lanes = c.rows, c.cols, c.requant_lanes
+        rows, cols = c.rows, c.cols
         # The feature-map hardware (address walks, max combine, REQUANT to_acc) is left
         # out of NPUs generated without it; their SETKERN/SETWIN/SETOUT stop as illegal.
         fm = c.feature_maps
@@ -317,69 +310,10 @@ class Npu(wiring.Component):
         inflight_idle = [Signal(init=1, name=f"inflight{b}_idle") for b in range(2)]  # == 0
         drain_idle = Signal(init=1)   # drain == 0
 
-        groups = cols // lanes
-        rq_busy = Signal()
-        rq_remaining = Signal(16)
-        rq_group = Signal(range(groups))
-        rq_acc_addr = Signal(range(c.accumulator_depth))
-        rq_row_addr = Signal(range(c.activation_depth))
-        rq_word = Signal(range(c.activation_depth))
-        rq_lane = Signal(range(rows + 1))
-        rq_first_lane = Signal(range(rows))
-        # REQUANT to_acc: 32-bit results go back into the accumulators through the
-        # accumulate path. Source reads then take every other cycle, so the read of each
-        # result's destination word has the memory's read port to itself.
-        rq_to_acc = Signal()
-        rq_acc_accumulate = Signal()
-        rq_left_shift = Signal()
-        rq_single = Signal()   # REQUANT single_rounding (read with rounding "both" only)
-        rq_phase = Signal()
-        rq_advance = Signal()
-        m.d.comb += rq_advance.eq(rq_busy & ~(rq_to_acc & rq_phase) if fm else rq_busy)
-        raw_group = Signal(range(cols // lanes))
-        raw_dest = Signal(range(c.accumulator_depth))
-        inject_layout = data.StructLayout({
-            "valid": 1, "accumulate": 1, "addr": range(c.accumulator_depth)})
-        inject_read = Signal(inject_layout)    # the destination word is read
-        inject_data = Signal(inject_layout)    # the result row joins the accumulate path
-        inject_write = Signal()                # ... and is written
-        raw_valid = Signal()                   # a lane's raw result to collect (to_acc)
-        raw_values = Signal(lanes * c.accumulator_width)
-        rq_param_addr = Signal(range(c.param_depth))
-        param_addr = Signal(range(c.param_depth))
-        out_stride = Signal(16)
-        out_last_col = Signal(16, init=0xFFFF)   # SETOUT row_length - 1
-        out_row_step = Signal(16)
-        rq_out_col = Signal(16)
-        rq_line_addr = Signal(range(c.activation_depth))
-        zero_point = Signal(signed(16))
-        clamp_min = Signal(signed(16))
-        clamp_max = Signal(signed(16))
-
-        # -- Requantization pipeline (declared early: its activity gates dispatch) --------
-        requantizers = []
-        for lane in range(lanes):
-            rq = Requantizer(accumulator_width=c.accumulator_width, output_width=c.input_width,
-                             rounding=c.rounding, left_shift=c.feature_maps)
-            m.submodules[f"requant{lane}"] = rq
-            requantizers.append(rq)
-        stage_valid = Signal()
-        stage_group = Signal(range(groups))
-        stage_word = Signal(range(c.activation_depth))
-        stage_lane = Signal(range(rows))
-        rq_stages = REQUANT_INPUT_STAGES + Requantizer.latency
-        pipe_word = [Signal(range(c.activation_depth), name=f"rq_word_p{i}")
-                     for i in range(rq_stages)]
-        pipe_lane = [Signal(range(rows), name=f"rq_lane_p{i}") for i in range(rq_stages)]
-        pipe_valid = [Signal(name=f"rq_valid_p{i}") for i in range(rq_stages)]
-        # rq_busy | stage_valid | any(pipe_valid), kept in a register (set below from the
-        # values these take next) so that the OR does not lengthen the dispatch decision.
-        rq_active = Signal()
-        requant_active = rq_active
-        if fm:
-            requant_active = (requant_active | (raw_valid & rq_to_acc) | inject_read.valid
-                              | inject_data.valid
-                              | inject_write)
+        # The requantization unit (its activity gates dispatch); its inputs are connected
+        # once the dispatch decision is made, below.
+        m.submodules.requant = requant = RequantUnit(c)
+        requant_active = requant.active
 
         # -- Sequencer: the step dispatched this cycle ------------------------------------
         # A step is the instruction itself or, inside a GEMM, the LOADW or MATMUL it stands
@@ -528,16 +462,9 @@ class Npu(wiring.Component):
                 with m.Case(Opcode.HALT):
                     m.d.sync += [running.eq(0), done.eq(1)]
                 with m.Case(Opcode.SETPP):
-                    m.d.sync += [
-                        zero_point.eq(_field(instruction, Opcode.SETPP, "zero_point")),
-                        clamp_min.eq(_field(instruction, Opcode.SETPP, "clamp_min")),
-                        clamp_max.eq(_field(instruction, Opcode.SETPP, "clamp_max")),
-                    ]
+                    m.d.comb += requant.set_pp.eq(1)
                 with m.Case(Opcode.SETREQ):
-                    m.d.sync += [
-                        param_addr.eq(_field(instruction, Opcode.SETREQ, "param_addr")),
-                        out_stride.eq(_field(instruction, Opcode.SETREQ, "out_stride")),
-                    ]
+                    m.d.comb += requant.set_req.eq(1)
                 with m.Case(Opcode.SETGEMM):
                     m.d.sync += [
                         gemm_weight.eq(_field(instruction, Opcode.SETGEMM, "weight_addr")),
@@ -561,10 +488,7 @@ class Npu(wiring.Component):
                             win_reduce.eq(_field(instruction, Opcode.SETWIN, "reduce")),
                         ]
                     with m.Case(Opcode.SETOUT):
-                        m.d.sync += [
-                            out_last_col.eq(_field(instruction, Opcode.SETOUT, "row_length") - 1),
-                            out_row_step.eq(_field(instruction, Opcode.SETOUT, "row_step")),
-                        ]
+                        m.d.comb += requant.set_out.eq(1)
                 with m.Case(Opcode.LOADW, Opcode.MATMUL, Opcode.REQUANT):
                     pass  # handled by the units below
                 with m.Default():
@@ -674,30 +598,28 @@ class Npu(wiring.Component):
         arriving_width = c.accumulator_width if fm else psum_width(c, rows)
         add_row = Signal(data.ArrayLayout(signed(arriving_width), cols))
         add_old = Signal(row_layout)
-        raw_row = Signal(row_layout)        # REQUANT to_acc results, a group at a time
         arriving_tag = Signal(tag_layout)   # the row that arrives now: the array's or REQUANT's
         arriving_row = Signal(row_layout)
         # Plain multiplexers, not If/Else: a process whose inputs settle at time 0 could
         # stay undefined in an event-driven simulator (Icarus).
         injected = Signal(tag_layout)
-        m.d.comb += [injected.valid.eq(1), injected.accumulate.eq(inject_data.accumulate),
-                     injected.addr.eq(inject_data.addr)]
+        m.d.comb += [injected.valid.eq(1), injected.accumulate.eq(requant.inject.accumulate),
+                     injected.addr.eq(requant.inject.addr)]
         if fm:
             m.d.comb += [
-                arriving_tag.eq(Mux(inject_data.valid, injected.as_value(), tag.as_value())),
-                arriving_row.eq(Mux(inject_data.valid, raw_row.as_value(),
+                arriving_tag.eq(Mux(requant.inject.valid, injected.as_value(), tag.as_value())),
+                arriving_row.eq(Mux(requant.inject.valid, requant.inject_row.as_value(),
                                     array.result.as_value())),
             ]
         else:
             m.d.comb += [arriving_tag.eq(tag), arriving_row.eq(array.result)]
         m.d.sync += [add_tag.eq(arriving_tag),
-                     *[add_row[k].eq(arriving_row[k]) for k in range(cols)],
-                     inject_write.eq(inject_data.valid)]
+                     *[add_row[k].eq(arriving_row[k]) for k in range(cols)]]
         with m.If(read_tag.valid):
             m.d.comb += acc_read.addr.eq(read_tag.addr)
         if fm:
-            with m.If(inject_read.valid):
-                m.d.comb += acc_read.addr.eq(inject_read.addr)
+            with m.If(requant.inject_read.valid):
+                m.d.comb += acc_read.addr.eq(requant.inject_read.addr)
         summed = Signal(row_layout)
         width = c.accumulator_width
         if fm:
@@ -726,157 +648,28 @@ class Npu(wiring.Component):
                          acc_write.en.eq(-1)]
 
         # -- Requantization unit -------------------------------------------------------------
-        param_read = reads[Region.PARAMS]
-        if fm:
-            with m.If(rq_busy & rq_to_acc):
-                m.d.sync += rq_phase.eq(~rq_phase)
-        # The accumulator word is registered before the requantizer (REQUANT_INPUT_STAGES):
-        # a block RAM's slow output then feeds only the group multiplexer and a register.
-        # The parameters are read a cycle later instead, to arrive with it.
-        param_next = Signal.like(rq_param_addr)
-        param_next_valid = Signal()
-        m.d.sync += param_next_valid.eq(rq_advance)
-        with m.If(param_next_valid):
-            m.d.comb += param_read.addr.eq(param_next)
-        with m.If(rq_advance):
-            m.d.comb += acc_read.addr.eq(rq_acc_addr)
-            m.d.sync += param_next.eq(rq_param_addr)
-            last_group = rq_group == groups - 1
-            next_lane = rq_lane + lanes
-            m.d.sync += [
-                stage_valid.eq(1), stage_group.eq(rq_group), stage_word.eq(rq_word),
-                stage_lane.eq(rq_lane), rq_group.eq(rq_group + 1),
-                rq_param_addr.eq(rq_param_addr + 1),
-            ]
-            with m.If(next_lane == rows):
-                m.d.sync += [rq_lane.eq(0), rq_word.eq(rq_word + out_stride)]
-            with m.Else():
-                m.d.sync += rq_lane.eq(next_lane)
-            with m.If(last_group):
-                m.d.sync += [
-                    rq_group.eq(0), rq_lane.eq(rq_first_lane), rq_param_addr.eq(param_addr),
-                    rq_acc_addr.eq(rq_acc_addr + 1), rq_remaining.eq(rq_remaining - 1),
-                ]
-                # The output walk (SETOUT): along the output row, else the next row.
-                if fm:
-                    with m.If(rq_out_col == out_last_col):
-                        next_line = rq_line_addr + out_row_step
-                        m.d.sync += [rq_out_col.eq(0), rq_line_addr.eq(next_line),
-                                     rq_row_addr.eq(next_line), rq_word.eq(next_line)]
-                    with m.Else():
-                        m.d.sync += [rq_out_col.eq(rq_out_col + 1),
-                                     rq_row_addr.eq(rq_row_addr + 1),
-                                     rq_word.eq(rq_row_addr + 1)]
-                else:
-                    m.d.sync += [rq_row_addr.eq(rq_row_addr + 1), rq_word.eq(rq_row_addr + 1)]
-                with m.If(rq_remaining == 1):
-                    m.d.sync += rq_busy.eq(0)
-        with m.Else():
-            m.d.sync += stage_valid.eq(0)
-        # The walk's registers load while the unit is idle, when nothing reads them, rather
-        # than on the REQUANT's dispatch: the dispatch decision ends the sequencer's longest
-        # path, and only rq_busy (and the fields the draining pipeline still reads) need it.
-        out_addr = _field(instruction, Opcode.REQUANT, "out_addr")
-        first_lane = _field(instruction, Opcode.REQUANT, "out_lane")
-        with m.If(~rq_busy):
-            m.d.sync += [
-                rq_group.eq(0), rq_param_addr.eq(param_addr),
-                rq_remaining.eq(_field(instruction, Opcode.REQUANT, "count")),
-                rq_acc_addr.eq(_field(instruction, Opcode.REQUANT, "acc_addr")),
-                rq_row_addr.eq(out_addr), rq_word.eq(out_addr), rq_line_addr.eq(out_addr),
-                rq_out_col.eq(0), rq_lane.eq(first_lane), rq_first_lane.eq(first_lane),
-            ]
-        with m.If(dispatch & step_is_requant):
-            m.d.sync += rq_busy.eq(1)
-            if c.rounding == "both":
-                m.d.sync += rq_single.eq(_field(instruction, Opcode.REQUANT, "single_rounding"))
-            if fm:
-                m.d.sync += [
-                    rq_to_acc.eq(_field(instruction, Opcode.REQUANT, "to_acc")),
-                    rq_acc_accumulate.eq(_field(instruction, Opcode.REQUANT, "accumulate")),
-                    rq_left_shift.eq(_field(instruction, Opcode.REQUANT, "left_shift")),
-                    rq_phase.eq(0), raw_group.eq(0), raw_dest.eq(out_addr),
-                ]
-        # One group selector feeding every lane (slicing a shared expression per lane
-        # would emit one selector per lane).
-        input_valid = Signal()
-        input_acc = Signal(lanes * c.accumulator_width)
-        m.d.sync += [input_valid.eq(stage_valid),
-                     input_acc.eq(acc_read.data.word_select(stage_group,
-                                                            lanes * c.accumulator_width))]
-        m.d.comb += Cat(*[rq.acc for rq in requantizers]).eq(input_acc)
-        lane_bits = c.param_lane_width
-        param_fields = param_lane_fields(c.accumulator_width)
-        for lane, rq in enumerate(requantizers):
-            params = param_read.data[lane * lane_bits:(lane + 1) * lane_bits]
-            m.d.comb += rq.valid.eq(input_valid)
-            # Each field to the requantizer's port of its name, the bits it reads.
-            m.d.comb += [getattr(rq, f.name).eq(params[f.offset:f.offset + f.read_width])
-                         for f in param_fields]
-            m.d.comb += [
-                rq.zero_point.eq(zero_point),
-                rq.clamp_min.eq(clamp_min),
-                rq.clamp_max.eq(clamp_max),
-                rq.left_shift.eq(rq_left_shift),
-                rq.single.eq(rq_single),
-            ]
-        # Next cycle: rq_busy unless aborted (while finishing, the last advance keeps
-        # stage_valid up), stage_valid after an advance, the pipeline shifted by one.
-        m.d.sync += rq_active.eq((~abort & ((dispatch & step_is_requant) | rq_busy))
-                                 | rq_advance | stage_valid | Cat(*pipe_valid[:-1]).any())
-        previous = (stage_valid, stage_word, stage_lane)
-        for i in range(rq_stages):
-            m.d.sync += [pipe_valid[i].eq(previous[0]), pipe_word[i].eq(previous[1]),
-                         pipe_lane[i].eq(previous[2])]
-            previous = (pipe_valid[i], pipe_word[i], pipe_lane[i])
-        act_write = writes[Region.ACTIVATIONS]
-        out_valid, out_word, out_lane = previous
-        chunk = Cat(*[rq.out for rq in requantizers])
-        per_lane = c.input_width // infos[Region.ACTIVATIONS].granularity
-        blocks = rows // lanes
-        # One hit bit per block of `lanes` activation lanes, decoded once; the write
-        # enables of the block's lanes copy it.
-        block_hit = Signal(blocks)
-        out_block = out_lane // lanes
-        m.d.comb += block_hit.eq(Cat(*[out_block == block for block in range(blocks)]))
-        # to_acc: collect a word's groups, then send it down the accumulate path. The
-        # requantizer reads the accumulators every other cycle and the injected row's
-        # destination read must fall between: with the input register's one cycle, the
-        # raw results are taken a cycle later to keep that parity.
-        m.d.sync += [raw_valid.eq(out_valid), raw_values.eq(Cat(*[rq.raw for rq in requantizers]))]
-        m.d.sync += [inject_read.valid.eq(0), inject_data.eq(inject_read)]
-        with m.If(raw_valid & rq_to_acc & fm):
-            m.d.sync += raw_row.as_value().word_select(raw_group, lanes * c.accumulator_width).eq(
-                raw_values)
-            with m.If(raw_group == groups - 1):
-                m.d.sync += [raw_group.eq(0), raw_dest.eq(raw_dest + 1),
-                             inject_read.valid.eq(running),
-                             inject_read.accumulate.eq(rq_acc_accumulate),
-                             inject_read.addr.eq(raw_dest)]
-            with m.Else():
-                m.d.sync += raw_group.eq(raw_group + 1)
-        with m.If(out_valid & running & ~rq_to_acc):
-            m.d.comb += [
-                act_write.addr.eq(out_word),
-                act_write.data.eq(Cat(*[chunk] * blocks)),
-                act_write.en.eq(Cat(*[block_hit[block].replicate(per_lane * lanes)
-                                      for block in range(blocks)])),
-            ]
+        m.d.comb += [requant.instruction.eq(instruction),
+                     requant.dispatch.eq(dispatch & step_is_requant),
+                     requant.run_start.eq(start), requant.abort.eq(abort),
+                     requant.running.eq(running)]
+        grant_read(m, reads[Region.PARAMS], requant.param_read)
+        grant_read(m, acc_read, requant.acc_read)
+        grant_write(m, writes[Region.ACTIVATIONS], requant.act_write)
 
         # -- Start, abort --------------------------------------------------------------------
         with m.If(start):
             m.d.sync += [gemm_started.eq(0), gemm_matmul_next.eq(0), gemm_kt.eq(0),
                          gemm_x.eq(0), gemm_y.eq(0)]
-            # SETKERN, SETWIN and SETOUT start from their defaults in every run.
+            # SETKERN and SETWIN start from their defaults in every run.
             if fm:
                 m.d.sync += [kernel_last_x.eq(0), kernel_last_y.eq(0), kernel_row_step.eq(0),
                              win_last_col.eq(0xFFFF), win_row_step.eq(0), win_col_step.eq(1),
-                             win_reduce.eq(0), out_last_col.eq(0xFFFF), out_row_step.eq(0)]
+                             win_reduce.eq(0)]
             m.d.sync += [running.eq(1), fill.eq(0), fetch_addr.eq(start_pc), pc.eq(start_pc),
                          done.eq(0), aborted.eq(0), illegal.eq(0), host_conflict.eq(0)]
             m.d.sync += [counter.eq(0) for counter in counters.values()]
         with m.If(abort):
             m.d.sync += [running.eq(0), aborted.eq(1), load_busy.eq(0), feed_busy.eq(0),
-                         rq_busy.eq(0), drain.eq(0), inflight[0].eq(0), inflight[1].eq(0),
+                         drain.eq(0), inflight[0].eq(0), inflight[1].eq(0),
                          drain_idle.eq(1), inflight_idle[0].eq(1), inflight_idle[1].eq(1)]
         return m
