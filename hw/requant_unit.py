@@ -102,34 +102,9 @@ class RequantUnit(wiring.Component):
         groups = cols // lanes
         instruction = self.instruction
 
-        # SETPP, SETREQ, SETOUT.
-        zero_point = Signal(signed(16))
-        clamp_min = Signal(signed(16))
-        clamp_max = Signal(signed(16))
-        param_addr = Signal(range(c.param_depth))
-        out_stride = Signal(16)
-        out_last_col = Signal(16, init=0xFFFF)   # SETOUT row_length - 1
-        out_row_step = Signal(16)
-        with m.If(self.set_pp):
-            m.d.sync += [
-                zero_point.eq(instruction_field(instruction, Opcode.SETPP, "zero_point")),
-                clamp_min.eq(instruction_field(instruction, Opcode.SETPP, "clamp_min")),
-                clamp_max.eq(instruction_field(instruction, Opcode.SETPP, "clamp_max")),
-            ]
-        with m.If(self.set_req):
-            m.d.sync += [
-                param_addr.eq(instruction_field(instruction, Opcode.SETREQ, "param_addr")),
-                out_stride.eq(instruction_field(instruction, Opcode.SETREQ, "out_stride")),
-            ]
-        if fm:
-            with m.If(self.set_out):
-                m.d.sync += [
-                    out_last_col.eq(
-                        instruction_field(instruction, Opcode.SETOUT, "row_length") - 1),
-                    out_row_step.eq(instruction_field(instruction, Opcode.SETOUT, "row_step")),
-                ]
-            with m.If(self.run_start):   # SETOUT starts from its defaults in every run
-                m.d.sync += [out_last_col.eq(0xFFFF), out_row_step.eq(0)]
+        settings = self._settings(m)
+        param_addr, out_stride = settings["param_addr"], settings["out_stride"]
+        out_last_col, out_row_step = settings["out_last_col"], settings["out_row_step"]
 
         # The walk: accumulator word, its group, and where the group's results go.
         rq_busy = Signal()
@@ -232,35 +207,8 @@ class RequantUnit(wiring.Component):
                     rq_phase.eq(0), raw_group.eq(0), raw_dest.eq(out_addr),
                 ]
 
-        # The lanes: one group selector feeding every lane (slicing a shared expression
-        # per lane would emit one selector per lane).
-        requantizers = []
-        for lane in range(lanes):
-            rq = Requantizer(accumulator_width=c.accumulator_width, output_width=c.input_width,
-                             rounding=c.rounding, left_shift=c.feature_maps)
-            m.submodules[f"requant{lane}"] = rq
-            requantizers.append(rq)
-        input_valid = Signal()
-        input_acc = Signal(lanes * c.accumulator_width)
-        m.d.sync += [input_valid.eq(stage_valid),
-                     input_acc.eq(self.acc_read.data.word_select(stage_group,
-                                                                 lanes * c.accumulator_width))]
-        m.d.comb += Cat(*[rq.acc for rq in requantizers]).eq(input_acc)
-        lane_bits = c.param_lane_width
-        param_fields = param_lane_fields(c.accumulator_width)
-        for lane, rq in enumerate(requantizers):
-            params = self.param_read.data[lane * lane_bits:(lane + 1) * lane_bits]
-            m.d.comb += rq.valid.eq(input_valid)
-            # Each field to the requantizer's port of its name, the bits it reads.
-            m.d.comb += [getattr(rq, f.name).eq(params[f.offset:f.offset + f.read_width])
-                         for f in param_fields]
-            m.d.comb += [
-                rq.zero_point.eq(zero_point),
-                rq.clamp_min.eq(clamp_min),
-                rq.clamp_max.eq(clamp_max),
-                rq.left_shift.eq(rq_left_shift),
-                rq.single.eq(rq_single),
-            ]
+        requantizers = self._lanes(m, settings, stage_valid, stage_group, rq_left_shift,
+                                   rq_single)
 
         # Each group's place in the activations travels beside it through the lanes.
         rq_stages = REQUANT_INPUT_STAGES + Requantizer.latency
@@ -292,6 +240,79 @@ class RequantUnit(wiring.Component):
                       | self.inject.valid | inject_write)
         m.d.comb += self.active.eq(active)
         return m
+
+    def _settings(self, m) -> dict:
+        """The SETPP, SETREQ and SETOUT registers, by name."""
+        c = self._config
+        instruction = self.instruction
+        zero_point = Signal(signed(16))
+        clamp_min = Signal(signed(16))
+        clamp_max = Signal(signed(16))
+        param_addr = Signal(range(c.param_depth))
+        out_stride = Signal(16)
+        out_last_col = Signal(16, init=0xFFFF)   # SETOUT row_length - 1
+        out_row_step = Signal(16)
+        with m.If(self.set_pp):
+            m.d.sync += [
+                zero_point.eq(instruction_field(instruction, Opcode.SETPP, "zero_point")),
+                clamp_min.eq(instruction_field(instruction, Opcode.SETPP, "clamp_min")),
+                clamp_max.eq(instruction_field(instruction, Opcode.SETPP, "clamp_max")),
+            ]
+        with m.If(self.set_req):
+            m.d.sync += [
+                param_addr.eq(instruction_field(instruction, Opcode.SETREQ, "param_addr")),
+                out_stride.eq(instruction_field(instruction, Opcode.SETREQ, "out_stride")),
+            ]
+        if c.feature_maps:
+            with m.If(self.set_out):
+                m.d.sync += [
+                    out_last_col.eq(
+                        instruction_field(instruction, Opcode.SETOUT, "row_length") - 1),
+                    out_row_step.eq(instruction_field(instruction, Opcode.SETOUT, "row_step")),
+                ]
+            with m.If(self.run_start):   # SETOUT starts from its defaults in every run
+                m.d.sync += [out_last_col.eq(0xFFFF), out_row_step.eq(0)]
+
+        return {"zero_point": zero_point, "clamp_min": clamp_min, "clamp_max": clamp_max,
+                "param_addr": param_addr, "out_stride": out_stride,
+                "out_last_col": out_last_col, "out_row_step": out_row_step}
+
+    def _lanes(self, m, settings, stage_valid, stage_group, rq_left_shift, rq_single):
+        """The ``requant_lanes`` requantizers, fed the group in the input register and
+        its parameters."""
+        c = self._config
+        lanes = c.requant_lanes
+        # The lanes: one group selector feeding every lane (slicing a shared expression
+        # per lane would emit one selector per lane).
+        requantizers = []
+        for lane in range(lanes):
+            rq = Requantizer(accumulator_width=c.accumulator_width, output_width=c.input_width,
+                             rounding=c.rounding, left_shift=c.feature_maps)
+            m.submodules[f"requant{lane}"] = rq
+            requantizers.append(rq)
+        input_valid = Signal()
+        input_acc = Signal(lanes * c.accumulator_width)
+        m.d.sync += [input_valid.eq(stage_valid),
+                     input_acc.eq(self.acc_read.data.word_select(stage_group,
+                                                                 lanes * c.accumulator_width))]
+        m.d.comb += Cat(*[rq.acc for rq in requantizers]).eq(input_acc)
+        lane_bits = c.param_lane_width
+        param_fields = param_lane_fields(c.accumulator_width)
+        for lane, rq in enumerate(requantizers):
+            params = self.param_read.data[lane * lane_bits:(lane + 1) * lane_bits]
+            m.d.comb += rq.valid.eq(input_valid)
+            # Each field to the requantizer's port of its name, the bits it reads.
+            m.d.comb += [getattr(rq, f.name).eq(params[f.offset:f.offset + f.read_width])
+                         for f in param_fields]
+            m.d.comb += [
+                rq.zero_point.eq(settings["zero_point"]),
+                rq.clamp_min.eq(settings["clamp_min"]),
+                rq.clamp_max.eq(settings["clamp_max"]),
+                rq.left_shift.eq(rq_left_shift),
+                rq.single.eq(rq_single),
+            ]
+
+        return requantizers
 
     def _write_back(self, m, requantizers, out_valid, out_word, out_lane, rq_to_acc,
                     rq_acc_accumulate, raw_group, raw_dest):
