@@ -14,13 +14,14 @@ import pytest
 from amaranth.sim import Simulator
 
 from npugen.config import NpuConfig
-from npugen.golden import Counters, CycleModel, GemmState, GoldenNpu, check_program
+from npugen.golden import Counters, CycleModel, GemmState, GoldenNpu, check_program, expand_program
 from npugen.hw.accumulate import AccumulatePath
 from npugen.hw.array import psum_width
 from npugen.hw.counters import PerformanceCounters
 from npugen.hw.feeder import Feeder
 from npugen.hw.host_port import HostPort
 from npugen.hw.requant_unit import RequantUnit
+from npugen.hw.sequencer import STEP_FIELDS, Sequencer
 from npugen.hw.weight_loader import WeightLoader
 from npugen.isa import Instruction, Opcode, encode_program
 from npugen.job import pack_entries, unpack_entries
@@ -664,3 +665,124 @@ def test_feeder_streams_and_tracks_flight_as_the_cycle_model(window, count):
         assert inflight_idle == (not flying or cycle >= model.inflight_clear_at[1]), cycle
         assert drain_idle == (not flying or cycle >= model.drain_clear_at), cycle
 
+
+# -- Sequencer and GEMM expansion --------------------------------------------------------
+
+SEQUENCER_CONFIGS = {
+    "4x4": NpuConfig(rows=4, cols=4, requant_lanes=2, **SMALL),
+    "2x2-no-feature-maps": NpuConfig(rows=2, cols=2, requant_lanes=1, feature_maps=False,
+                                     **SMALL),
+}
+
+
+def run_sequencer(config: NpuConfig, program: list[Instruction] | list[int], *,
+                  start_pc: int = 0, busy_until: int = 0, cycles: int = 60):
+    """Run ``program`` (from ``start_pc``) on a Sequencer whose units are all free, but
+    for the feeder, busy until cycle ``busy_until``. Returns each dispatch as (cycle,
+    strobe or opcode name, fields), the stall cycles, and the final flags and PC."""
+    seq = Sequencer(config)
+    words = [w if isinstance(w, int) else encode(w) for w in program]
+    words += [0] * (config.instruction_depth - len(words))
+    dispatches, result = [], {"stalls": 0}
+    strobes = ("loadw", "matmul", "requant", "set_pp", "set_req", "set_out", "set_win")
+
+    async def testbench(ctx):
+        ctx.set(seq.inflight_idle, 0b11)
+        ctx.set(seq.drain_idle, 1)
+        ctx.set(seq.feed_ready, 1)
+        ctx.set(seq.start_pc, start_pc)
+        ctx.set(seq.start, 1)
+        await ctx.tick()
+        ctx.set(seq.start, 0)
+        for cycle in range(cycles):
+            ctx.set(seq.feed_busy, cycle < busy_until)
+            addr, en = ctx.get(seq.fetch_addr), ctx.get(seq.fetch_en)
+            fired = [name for name in strobes if ctx.get(getattr(seq, name))]
+            if fired:
+                fields = {name: ctx.get(getattr(seq, name)) for name in STEP_FIELDS}
+                dispatches.append((cycle, fired, fields))
+            result["stalls"] += ctx.get(seq.stall) & ctx.get(seq.running)  # counted so
+            running_before = ctx.get(seq.running)
+            pc_before = ctx.get(seq.pc)
+            await ctx.tick()
+            if running_before and not ctx.get(seq.running) and "end" not in result:
+                result["end"] = cycle
+                result["end_pc"] = pc_before
+            if en and ctx.get(seq.running):
+                ctx.set(seq.fetch_data, words[addr])
+        result.update(done=ctx.get(seq.done), illegal=ctx.get(seq.illegal),
+                      pc=ctx.get(seq.pc))
+
+    simulate(seq, testbench)
+    return dispatches, result
+
+
+@pytest.mark.parametrize("name", list(SEQUENCER_CONFIGS))
+def test_sequencer_dispatches_the_golden_steps_one_a_cycle(name):
+    """With every unit free, the steps (a GEMM expanded into its LOADW/MATMUL pairs, by
+    the golden model's GemmState) dispatch one a cycle from the run's cycle 2, in order,
+    with the golden model's fields; the run ends at HALT (``done``), with the cycle
+    model's count of cycles."""
+    c = SEQUENCER_CONFIGS[name]
+    program = [Instruction(Opcode.SETPP, {"zero_point": 1, "clamp_min": -5, "clamp_max": 5}),
+               Instruction(Opcode.SETGEMM, {"weight_addr": 8, "k_tiles": 3, "tile_step": 5})]
+    if c.feature_maps:
+        program += [Instruction(Opcode.SETKERN, {"kernel_w": 2, "kernel_h": 1,
+                                                 "kernel_row_step": 7}),
+                    Instruction(Opcode.SETWIN, {"row_length": 2, "row_step": 3,
+                                                "col_step": 1})]
+    program += [
+        Instruction(Opcode.GEMM, {"bank": 1, "act_addr": 2, "acc_addr": 4, "count": 3,
+                                  "accumulate": 0, "combine": 0}),
+        Instruction(Opcode.LOADW, {"bank": 0, "weight_addr": 30}),
+        Instruction(Opcode.MATMUL, {"bank": 0, "act_addr": 11, "acc_addr": 12, "count": 2,
+                                    "accumulate": 1}),
+        Instruction(Opcode.SETREQ, {"param_addr": 3, "out_stride": 1}),
+        Instruction(Opcode.REQUANT, {"acc_addr": 4, "out_addr": 0, "count": 3}),
+        Instruction(Opcode.HALT),
+    ]
+    dispatches, result = run_sequencer(c, program, start_pc=0)
+    expanded = expand_program(c, program)
+    unseen = (Opcode.SETGEMM, Opcode.SETKERN, Opcode.HALT)   # no strobe: the sequencer's
+    steps = [step for step in expanded if step.opcode not in unseen]
+    assert [cycle for cycle, *_ in dispatches] == [
+        2 + i for i, step in enumerate(expanded) if step.opcode not in unseen]
+    assert [fired for _, fired, _ in dispatches] == [
+        [{Opcode.LOADW: "loadw", Opcode.MATMUL: "matmul", Opcode.REQUANT: "requant",
+          Opcode.SETPP: "set_pp", Opcode.SETREQ: "set_req", Opcode.SETWIN: "set_win"}[
+              step.opcode]] for step in steps]
+    for (_, _, fields), step in zip(dispatches, steps, strict=True):
+        if step.opcode is Opcode.LOADW:
+            assert (fields["bank"], fields["weight_addr"]) == (step["bank"],
+                                                               step["weight_addr"])
+        elif step.opcode is Opcode.MATMUL:
+            assert fields == {name: step[name] if name != "weight_addr" else fields[name]
+                              for name in STEP_FIELDS}, step
+    assert result["done"] and not result["illegal"]
+    # HALT, the last step, dispatches in the cycle after the one before it.
+    assert result["end"] == 2 + len(expand_program(c, program)) - 1
+    assert result["stalls"] == 0
+
+
+def test_sequencer_waits_and_counts_stalls():
+    """A REQUANT waits for the feeder: ``stall`` counts the cycles it waits (the cycle
+    model's ``stall_cycles``)."""
+    c = SEQUENCER_CONFIGS["4x4"]
+    program = [Instruction(Opcode.SETPP, {}), Instruction(Opcode.REQUANT, {"count": 1}),
+               Instruction(Opcode.HALT)]
+    dispatches, result = run_sequencer(c, program, busy_until=9)
+    assert [(cycle, fired) for cycle, fired, _ in dispatches] == [(2, ["set_pp"]),
+                                                                   (9, ["requant"])]
+    assert result["stalls"] == 9 - 3
+    assert result["done"]
+
+
+@pytest.mark.parametrize("opcode", [15, int(Opcode.SETKERN)])
+def test_sequencer_stops_at_an_illegal_instruction(opcode):
+    """An opcode the NPU does not have (or SETKERN in a build without feature maps)
+    stops the run with ``illegal``, the PC past the instruction."""
+    c = SEQUENCER_CONFIGS["2x2-no-feature-maps"]
+    setpp, halt = Instruction(Opcode.SETPP, {}), Instruction(Opcode.HALT)
+    _, result = run_sequencer(c, [setpp, setpp, opcode, halt])
+    assert result["illegal"] and not result["done"]
+    assert result["pc"] == 3
