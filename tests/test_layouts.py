@@ -13,8 +13,8 @@ from amaranth.sim import Simulator
 from npugen.arith import requantize
 from npugen.config import NpuConfig
 from npugen.golden import GoldenNpu
+from npugen.hw.host_port import _flags_word
 from npugen.hw.link import crc16_step
-from npugen.hw.npu import _flags_word
 from npugen.hw.requant import Requantizer
 from npugen.isa import assemble, encode_program
 from npugen.job import lane_format, pack_entries, unpack_entries

@@ -1,0 +1,362 @@
+"""The requantization unit: REQUANT's walk over the accumulators, its parameter read, the
+``requant_lanes`` requantizers and the write of their results (to the activations, or
+with ``to_acc`` back into the accumulators through the accumulate path), and the SETPP,
+SETREQ and SETOUT registers it reads.
+
+Timing (``sw/timing.py``; the cycle model's ``requant_free_at``): a REQUANT reads one
+group of ``requant_lanes`` accumulators a cycle (every other cycle with ``to_acc``), the
+``cols // requant_lanes`` groups of each accumulator word in turn, from the cycle after
+its dispatch. Each group then takes
+
+- 1 cycle: the accumulator memory's read (the parameter read is a cycle later);
+- ``REQUANT_INPUT_STAGES`` (1): the group is selected and registered, and the
+  parameters arrive from their memory beside it;
+- ``Requantizer.latency``: the lanes' pipeline, whose output is written the cycle it
+  leaves;
+
+and ``active`` (which holds the sequencer) stays up until the last write, so the next
+instruction dispatches ``groups + REQUANT_TAIL_CYCLES`` cycles after the REQUANT.
+"""
+
+from amaranth import Cat, Module, Signal, signed
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from ..config import NpuConfig
+from ..isa import INSTRUCTION_WIDTH, Opcode
+from ..layouts import param_lane_fields
+from ..memory_map import Region, memories
+from ..timing import REQUANT_INPUT_STAGES
+from .instruction import instruction_field
+from .ports import ReadRequest, WriteRequest
+from .requant import Requantizer
+
+__all__ = ["RequantUnit", "inject_layout"]
+
+# One input register before the lanes, the parameters read a cycle later to match.
+if REQUANT_INPUT_STAGES != 1:
+    raise ImportError("hw/requant_unit.py builds one requantizer input register; update it "
+                      "with REQUANT_INPUT_STAGES")
+
+
+def inject_layout(config: NpuConfig) -> data.StructLayout:
+    """A REQUANT to_acc result row on its way into the accumulate path: its accumulator
+    word and whether it is added to what the word holds."""
+    return data.StructLayout({"valid": 1, "accumulate": 1,
+                              "addr": range(config.accumulator_depth)})
+
+
+def _field(word, name: str):
+    return instruction_field(word, Opcode.REQUANT, name)
+
+
+class RequantUnit(wiring.Component):
+    """Runs the REQUANT held in ``instruction`` from the cycle ``dispatch`` is high.
+
+    ``set_pp``, ``set_req`` and ``set_out`` load the SETPP, SETREQ and SETOUT held in
+    ``instruction``; ``run_start`` restores SETOUT's defaults. ``abort`` stops the walk
+    (the pipeline drains, its writes refused: they are gated by ``running``). ``active``
+    is high from the cycle after the dispatch until the last result is written.
+
+    With ``to_acc`` (feature-map builds), a whole result word is collected and sent with
+    ``inject_read`` (its destination word is read) and, a cycle later, ``inject`` and
+    ``inject_row`` (it joins the accumulate path).
+    """
+
+    def __init__(self, config: NpuConfig):
+        if not isinstance(config, NpuConfig):
+            raise TypeError(f"config must be an NpuConfig, not {config!r}")
+        self._config = config
+        infos = memories(config)
+        acc, params = infos[Region.ACCUMULATORS], infos[Region.PARAMS]
+        act = infos[Region.ACTIVATIONS]
+        super().__init__({
+            "instruction": In(INSTRUCTION_WIDTH),
+            "dispatch": In(1),
+            "set_pp": In(1),
+            "set_req": In(1),
+            "set_out": In(1),
+            "run_start": In(1),
+            "abort": In(1),
+            "running": In(1),
+            "active": Out(1),
+            "acc_read": Out(ReadRequest(depth=acc.depth, data_width=acc.width)),
+            "param_read": Out(ReadRequest(depth=params.depth, data_width=params.width)),
+            "act_write": Out(WriteRequest(depth=act.depth, data_width=act.width,
+                                          lanes=act.width // act.granularity)),
+            "inject_read": Out(inject_layout(config)),
+            "inject": Out(inject_layout(config)),
+            "inject_row": Out(data.ArrayLayout(signed(config.accumulator_width),
+                                               config.cols)),
+        })
+
+    @property
+    def config(self) -> NpuConfig:
+        return self._config
+
+    def elaborate(self, platform):
+        c = self._config
+        m = Module()
+        rows, cols, lanes = c.rows, c.cols, c.requant_lanes
+        fm = c.feature_maps
+        groups = cols // lanes
+        instruction = self.instruction
+
+        settings = self._settings(m)
+        param_addr, out_stride = settings["param_addr"], settings["out_stride"]
+        out_last_col, out_row_step = settings["out_last_col"], settings["out_row_step"]
+
+        # The walk: accumulator word, its group, and where the group's results go.
+        rq_busy = Signal()
+        rq_remaining = Signal(16)
+        rq_group = Signal(range(groups))
+        rq_acc_addr = Signal(range(c.accumulator_depth))
+        rq_row_addr = Signal(range(c.activation_depth))
+        rq_word = Signal(range(c.activation_depth))
+        rq_lane = Signal(range(rows + 1))
+        rq_first_lane = Signal(range(rows))
+        rq_param_addr = Signal(range(c.param_depth))
+        rq_out_col = Signal(16)
+        rq_line_addr = Signal(range(c.activation_depth))
+        # REQUANT to_acc: 32-bit results go back into the accumulators through the
+        # accumulate path. Source reads then take every other cycle, so the read of each
+        # result's destination word has the memory's read port to itself.
+        rq_to_acc = Signal()
+        rq_acc_accumulate = Signal()
+        rq_left_shift = Signal()
+        rq_single = Signal()   # REQUANT single_rounding (read with rounding "both" only)
+        rq_phase = Signal()
+        rq_advance = Signal()
+        m.d.comb += rq_advance.eq(rq_busy & ~(rq_to_acc & rq_phase) if fm else rq_busy)
+        raw_group = Signal(range(cols // lanes))
+        raw_dest = Signal(range(c.accumulator_depth))
+        # The group in the input register and its place in the activations.
+        stage_valid = Signal()
+        stage_group = Signal(range(groups))
+        stage_word = Signal(range(c.activation_depth))
+        stage_lane = Signal(range(rows))
+
+        if fm:
+            with m.If(rq_busy & rq_to_acc):
+                m.d.sync += rq_phase.eq(~rq_phase)
+        # The accumulator word is registered before the requantizer (REQUANT_INPUT_STAGES):
+        # a block RAM's slow output then feeds only the group multiplexer and a register.
+        # The parameters are read a cycle later instead, to arrive with it.
+        param_next = Signal.like(rq_param_addr)
+        param_next_valid = Signal()
+        m.d.sync += param_next_valid.eq(rq_advance)
+        m.d.comb += [self.param_read.valid.eq(param_next_valid),
+                     self.param_read.addr.eq(param_next),
+                     self.acc_read.valid.eq(rq_advance), self.acc_read.addr.eq(rq_acc_addr)]
+        with m.If(rq_advance):
+            m.d.sync += param_next.eq(rq_param_addr)
+            last_group = rq_group == groups - 1
+            next_lane = rq_lane + lanes
+            m.d.sync += [
+                stage_valid.eq(1), stage_group.eq(rq_group), stage_word.eq(rq_word),
+                stage_lane.eq(rq_lane), rq_group.eq(rq_group + 1),
+                rq_param_addr.eq(rq_param_addr + 1),
+            ]
+            with m.If(next_lane == rows):
+                m.d.sync += [rq_lane.eq(0), rq_word.eq(rq_word + out_stride)]
+            with m.Else():
+                m.d.sync += rq_lane.eq(next_lane)
+            with m.If(last_group):
+                m.d.sync += [
+                    rq_group.eq(0), rq_lane.eq(rq_first_lane), rq_param_addr.eq(param_addr),
+                    rq_acc_addr.eq(rq_acc_addr + 1), rq_remaining.eq(rq_remaining - 1),
+                ]
+                # The output walk (SETOUT): along the output row, else the next row.
+                if fm:
+                    with m.If(rq_out_col == out_last_col):
+                        next_line = rq_line_addr + out_row_step
+                        m.d.sync += [rq_out_col.eq(0), rq_line_addr.eq(next_line),
+                                     rq_row_addr.eq(next_line), rq_word.eq(next_line)]
+                    with m.Else():
+                        m.d.sync += [rq_out_col.eq(rq_out_col + 1),
+                                     rq_row_addr.eq(rq_row_addr + 1),
+                                     rq_word.eq(rq_row_addr + 1)]
+                else:
+                    m.d.sync += [rq_row_addr.eq(rq_row_addr + 1), rq_word.eq(rq_row_addr + 1)]
+                with m.If(rq_remaining == 1):
+                    m.d.sync += rq_busy.eq(0)
+        with m.Else():
+            m.d.sync += stage_valid.eq(0)
+        # The walk's registers load while the unit is idle, when nothing reads them, rather
+        # than on the REQUANT's dispatch: the dispatch decision ends the sequencer's longest
+        # path, and only rq_busy (and the fields the draining pipeline still reads) need it.
+        out_addr = _field(instruction, "out_addr")
+        first_lane = _field(instruction, "out_lane")
+        with m.If(~rq_busy):
+            m.d.sync += [
+                rq_group.eq(0), rq_param_addr.eq(param_addr),
+                rq_remaining.eq(_field(instruction, "count")),
+                rq_acc_addr.eq(_field(instruction, "acc_addr")),
+                rq_row_addr.eq(out_addr), rq_word.eq(out_addr), rq_line_addr.eq(out_addr),
+                rq_out_col.eq(0), rq_lane.eq(first_lane), rq_first_lane.eq(first_lane),
+            ]
+        with m.If(self.dispatch):
+            m.d.sync += rq_busy.eq(1)
+            if c.rounding == "both":
+                m.d.sync += rq_single.eq(_field(instruction, "single_rounding"))
+            if fm:
+                m.d.sync += [
+                    rq_to_acc.eq(_field(instruction, "to_acc")),
+                    rq_acc_accumulate.eq(_field(instruction, "accumulate")),
+                    rq_left_shift.eq(_field(instruction, "left_shift")),
+                    rq_phase.eq(0), raw_group.eq(0), raw_dest.eq(out_addr),
+                ]
+
+        requantizers = self._lanes(m, settings, stage_valid, stage_group, rq_left_shift,
+                                   rq_single)
+
+        # Each group's place in the activations travels beside it through the lanes.
+        rq_stages = REQUANT_INPUT_STAGES + Requantizer.latency
+        pipe_word = [Signal(range(c.activation_depth), name=f"rq_word_p{i}")
+                     for i in range(rq_stages)]
+        pipe_lane = [Signal(range(rows), name=f"rq_lane_p{i}") for i in range(rq_stages)]
+        pipe_valid = [Signal(name=f"rq_valid_p{i}") for i in range(rq_stages)]
+        # rq_busy | stage_valid | any(pipe_valid), kept in a register (set from the values
+        # these take next) so that the OR does not lengthen the dispatch decision. Next
+        # cycle: rq_busy unless aborted (while finishing, the last advance keeps
+        # stage_valid up), stage_valid after an advance, the pipeline shifted by one.
+        rq_active = Signal()
+        m.d.sync += rq_active.eq((~self.abort & (self.dispatch | rq_busy))
+                                 | rq_advance | stage_valid | Cat(*pipe_valid[:-1]).any())
+        previous = (stage_valid, stage_word, stage_lane)
+        for i in range(rq_stages):
+            m.d.sync += [pipe_valid[i].eq(previous[0]), pipe_word[i].eq(previous[1]),
+                         pipe_lane[i].eq(previous[2])]
+            previous = (pipe_valid[i], pipe_word[i], pipe_lane[i])
+        out_valid, out_word, out_lane = previous
+        raw_valid, inject_write = self._write_back(m, requantizers, out_valid, out_word, out_lane,
+                                     rq_to_acc, rq_acc_accumulate, raw_group, raw_dest)
+
+        with m.If(self.abort):
+            m.d.sync += rq_busy.eq(0)
+        active = rq_active
+        if fm:
+            active = (active | (raw_valid & rq_to_acc) | self.inject_read.valid
+                      | self.inject.valid | inject_write)
+        m.d.comb += self.active.eq(active)
+        return m
+
+    def _settings(self, m) -> dict:
+        """The SETPP, SETREQ and SETOUT registers, by name."""
+        c = self._config
+        instruction = self.instruction
+        zero_point = Signal(signed(16))
+        clamp_min = Signal(signed(16))
+        clamp_max = Signal(signed(16))
+        param_addr = Signal(range(c.param_depth))
+        out_stride = Signal(16)
+        out_last_col = Signal(16, init=0xFFFF)   # SETOUT row_length - 1
+        out_row_step = Signal(16)
+        with m.If(self.set_pp):
+            m.d.sync += [
+                zero_point.eq(instruction_field(instruction, Opcode.SETPP, "zero_point")),
+                clamp_min.eq(instruction_field(instruction, Opcode.SETPP, "clamp_min")),
+                clamp_max.eq(instruction_field(instruction, Opcode.SETPP, "clamp_max")),
+            ]
+        with m.If(self.set_req):
+            m.d.sync += [
+                param_addr.eq(instruction_field(instruction, Opcode.SETREQ, "param_addr")),
+                out_stride.eq(instruction_field(instruction, Opcode.SETREQ, "out_stride")),
+            ]
+        if c.feature_maps:
+            with m.If(self.set_out):
+                m.d.sync += [
+                    out_last_col.eq(
+                        instruction_field(instruction, Opcode.SETOUT, "row_length") - 1),
+                    out_row_step.eq(instruction_field(instruction, Opcode.SETOUT, "row_step")),
+                ]
+            with m.If(self.run_start):   # SETOUT starts from its defaults in every run
+                m.d.sync += [out_last_col.eq(0xFFFF), out_row_step.eq(0)]
+
+        return {"zero_point": zero_point, "clamp_min": clamp_min, "clamp_max": clamp_max,
+                "param_addr": param_addr, "out_stride": out_stride,
+                "out_last_col": out_last_col, "out_row_step": out_row_step}
+
+    def _lanes(self, m, settings, stage_valid, stage_group, rq_left_shift, rq_single):
+        """The ``requant_lanes`` requantizers, fed the group in the input register and
+        its parameters."""
+        c = self._config
+        lanes = c.requant_lanes
+        # The lanes: one group selector feeding every lane (slicing a shared expression
+        # per lane would emit one selector per lane).
+        requantizers = []
+        for lane in range(lanes):
+            rq = Requantizer(accumulator_width=c.accumulator_width, output_width=c.input_width,
+                             rounding=c.rounding, left_shift=c.feature_maps)
+            m.submodules[f"requant{lane}"] = rq
+            requantizers.append(rq)
+        input_valid = Signal()
+        input_acc = Signal(lanes * c.accumulator_width)
+        m.d.sync += [input_valid.eq(stage_valid),
+                     input_acc.eq(self.acc_read.data.word_select(stage_group,
+                                                                 lanes * c.accumulator_width))]
+        m.d.comb += Cat(*[rq.acc for rq in requantizers]).eq(input_acc)
+        lane_bits = c.param_lane_width
+        param_fields = param_lane_fields(c.accumulator_width)
+        for lane, rq in enumerate(requantizers):
+            params = self.param_read.data[lane * lane_bits:(lane + 1) * lane_bits]
+            m.d.comb += rq.valid.eq(input_valid)
+            # Each field to the requantizer's port of its name, the bits it reads.
+            m.d.comb += [getattr(rq, f.name).eq(params[f.offset:f.offset + f.read_width])
+                         for f in param_fields]
+            m.d.comb += [
+                rq.zero_point.eq(settings["zero_point"]),
+                rq.clamp_min.eq(settings["clamp_min"]),
+                rq.clamp_max.eq(settings["clamp_max"]),
+                rq.left_shift.eq(rq_left_shift),
+                rq.single.eq(rq_single),
+            ]
+
+        return requantizers
+
+    def _write_back(self, m, requantizers, out_valid, out_word, out_lane, rq_to_acc,
+                    rq_acc_accumulate, raw_group, raw_dest):
+        """The lanes' results to the activations, in the lanes of their output word; or
+        (to_acc) collected into a whole word and sent to the accumulate path. Returns
+        the raw results' valid flag and that of the injected row's write."""
+        c = self._config
+        rows, lanes = c.rows, c.requant_lanes
+        groups = c.cols // lanes
+        fm = c.feature_maps
+        chunk = Cat(*[rq.out for rq in requantizers])
+        act = memories(c)[Region.ACTIVATIONS]
+        per_lane = c.input_width // act.granularity
+        blocks = rows // lanes
+        # One hit bit per block of `lanes` activation lanes, decoded once; the write
+        # enables of the block's lanes copy it.
+        block_hit = Signal(blocks)
+        out_block = out_lane // lanes
+        m.d.comb += block_hit.eq(Cat(*[out_block == block for block in range(blocks)]))
+        # to_acc: collect a word's groups, then send it down the accumulate path. The
+        # requantizer reads the accumulators every other cycle and the injected row's
+        # destination read must fall between: with the input register's one cycle, the
+        # raw results are taken a cycle later to keep that parity.
+        raw_valid = Signal()                   # a lane's raw result to collect (to_acc)
+        raw_values = Signal(lanes * c.accumulator_width)
+        inject_write = Signal()                # the injected row is written
+        inject_read, inject = self.inject_read, self.inject
+        m.d.sync += [raw_valid.eq(out_valid), raw_values.eq(Cat(*[rq.raw for rq in requantizers]))]
+        m.d.sync += [inject_read.valid.eq(0), inject.eq(inject_read), inject_write.eq(inject.valid)]
+        with m.If(raw_valid & rq_to_acc & fm):
+            m.d.sync += self.inject_row.as_value().word_select(
+                raw_group, lanes * c.accumulator_width).eq(raw_values)
+            with m.If(raw_group == groups - 1):
+                m.d.sync += [raw_group.eq(0), raw_dest.eq(raw_dest + 1),
+                             inject_read.valid.eq(self.running),
+                             inject_read.accumulate.eq(rq_acc_accumulate),
+                             inject_read.addr.eq(raw_dest)]
+            with m.Else():
+                m.d.sync += raw_group.eq(raw_group + 1)
+        m.d.comb += [
+            self.act_write.valid.eq(out_valid & self.running & ~rq_to_acc),
+            self.act_write.addr.eq(out_word),
+            self.act_write.data.eq(Cat(*[chunk] * blocks)),
+            self.act_write.en.eq(Cat(*[block_hit[block].replicate(per_lane * lanes)
+                                       for block in range(blocks)])),
+        ]
+        return raw_valid, inject_write

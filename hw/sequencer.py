@@ -1,0 +1,152 @@
+"""The sequencer: fetches the program, dispatches at most one step a cycle, in order, when
+the units the step needs are free (the issue rules of ``sw/timing.py``, which the cycle
+model :class:`npugen.golden.CycleModel` counts with), and runs, stops and aborts the run.
+
+Fetch (the cycle model's ``next_cycle = 2``): the instruction register holds the
+instruction at ``pc``; the memory's output holds the next one (read ahead), so decoding
+starts from a register and the memory's slow clock-to-output stays off the dispatch
+path. A run's cycle 0 reads the first instruction, cycle 1 loads it, cycle 2 may
+dispatch it.
+"""
+
+from amaranth import Array, Module, Signal
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from ..config import NpuConfig
+from ..isa import INSTRUCTION_WIDTH, OPCODE_WIDTH, Opcode
+from .gemm import GemmExpander
+
+__all__ = ["Sequencer", "STEP_FIELDS"]
+
+#: The fields of a LOADW or MATMUL step, as the sequencer gives them to the units.
+STEP_FIELDS = {"bank": 1, "weight_addr": 16, "act_addr": 16, "acc_addr": 16, "count": 16,
+               "accumulate": 1, "combine": 1}
+
+#: The strobes the sequencer raises in the cycle it dispatches each kind of step.
+_STROBES = {Opcode.LOADW: "loadw", Opcode.MATMUL: "matmul", Opcode.REQUANT: "requant",
+            Opcode.SETPP: "set_pp", Opcode.SETREQ: "set_req", Opcode.SETOUT: "set_out",
+            Opcode.SETWIN: "set_win"}
+
+
+class Sequencer(wiring.Component):
+    """Runs from ``start_pc`` from the cycle ``start`` is high until HALT (``done``), an
+    illegal instruction (``illegal``) or ``abort`` (``aborted``). ``fetch_addr`` and
+    ``fetch_en`` drive the instruction memory's read port during a run; ``fetch_data`` is
+    its output.
+
+    The units' state the issue rules read: ``load_busy`` and ``loading_bank`` (weight
+    loader), ``feed_busy``, ``feed_ready``, ``feeding_bank``, ``inflight_idle`` (per bank)
+    and ``drain_idle`` (feeder), ``requant_active``. In the cycle a step dispatches, its
+    strobe (``loadw``, ``matmul``, ``requant``, ``set_pp``, ``set_req``, ``set_out``,
+    ``set_win``) is high, with ``instruction`` and the step's fields (``STEP_FIELDS``).
+    ``stall`` is high in the cycles an instruction is ready but may not dispatch.
+    """
+
+    def __init__(self, config: NpuConfig):
+        if not isinstance(config, NpuConfig):
+            raise TypeError(f"config must be an NpuConfig, not {config!r}")
+        self._config = config
+        depth = config.instruction_depth
+        super().__init__({
+            "start": In(1), "abort": In(1), "start_pc": In(range(depth)),
+            "fetch_addr": Out(range(depth)), "fetch_en": Out(1),
+            "fetch_data": In(INSTRUCTION_WIDTH),
+            "load_busy": In(1), "loading_bank": In(1),
+            "feed_busy": In(1), "feed_ready": In(1), "feeding_bank": In(1),
+            "inflight_idle": In(2), "drain_idle": In(1), "requant_active": In(1),
+            "running": Out(1), "done": Out(1), "aborted": Out(1), "illegal": Out(1),
+            "pc": Out(range(depth)), "stall": Out(1),
+            "instruction": Out(INSTRUCTION_WIDTH),
+            **{name: Out(width) for name, width in STEP_FIELDS.items()},
+            **{name: Out(1) for name in _STROBES.values()},
+        })
+
+    def elaborate(self, platform):
+        c = self._config
+        m = Module()
+        running, instruction = self.running, self.instruction
+        m.submodules.gemm = gemm = GemmExpander(c)
+        fill = Signal(range(3))       # 0: read the first instruction, 1: it arrives, 2: ready
+        ready = fill[1]
+        fetch_addr = Signal(range(c.instruction_depth))
+        # The opcodes the dispatch decision tells apart, decoded when the instruction is
+        # loaded (below) and kept in registers beside it: the decision, the sequencer's
+        # longest path, then starts from them rather than from a compare.
+        decoded_ops = (Opcode.GEMM, Opcode.LOADW, Opcode.MATMUL, Opcode.REQUANT, Opcode.HALT)
+        op_is = {op: Signal(init=int(op == 0), name=f"op_is_{op.name.lower()}")
+                 for op in decoded_ops}
+        m.d.comb += [gemm.instruction.eq(instruction), gemm.is_gemm.eq(op_is[Opcode.GEMM]),
+                     gemm.op_loadw.eq(op_is[Opcode.LOADW]),
+                     gemm.op_matmul.eq(op_is[Opcode.MATMUL]), gemm.run_start.eq(self.start),
+                     *[getattr(self, name).eq(getattr(gemm, name)) for name in STEP_FIELDS]]
+
+        # The issue rules (sw/timing.py).
+        step_is_loadw, step_is_matmul = gemm.is_loadw, gemm.is_matmul
+        step_is_requant, step_is_halt = op_is[Opcode.REQUANT], op_is[Opcode.HALT]
+        step_bank = gemm.bank
+        load_active, feed_busy = self.load_busy, self.feed_busy
+        inflight_idle = Array(self.inflight_idle[b] for b in range(2))
+        step_waits = step_is_loadw | step_is_matmul | step_is_requant | step_is_halt
+        can_issue = Signal()
+        m.d.comb += can_issue.eq(
+            (step_is_loadw & ~load_active & inflight_idle[step_bank]
+             & ~(feed_busy & (self.feeding_bank == step_bank)))
+            | (step_is_matmul & self.feed_ready
+               & ~(load_active & (self.loading_bank == step_bank)))
+            | (step_is_requant & ~feed_busy & self.drain_idle)
+            | (step_is_halt & ~feed_busy & self.drain_idle & ~load_active)
+            | ~step_waits)
+        dispatch = Signal()
+        m.d.comb += dispatch.eq(running & ready & ~self.requant_active & can_issue)
+        advance = gemm.advance   # the step completes its instruction: the PC moves on
+        m.d.comb += [gemm.dispatch.eq(dispatch), self.stall.eq(ready & ~dispatch),
+                     self.loadw.eq(dispatch & step_is_loadw),
+                     self.matmul.eq(dispatch & step_is_matmul),
+                     self.requant.eq(dispatch & step_is_requant)]
+
+        # Fetch: the memory's port is the sequencer's during a run.
+        m.d.comb += [self.fetch_addr.eq(fetch_addr),
+                     self.fetch_en.eq(~ready | (dispatch & advance))]
+        with m.If(running):
+            with m.If(self.fetch_en):
+                m.d.sync += fetch_addr.eq(fetch_addr + 1)
+            with m.If((fill == 1) | (dispatch & advance)):
+                m.d.sync += instruction.eq(self.fetch_data)
+                m.d.sync += [flag.eq(self.fetch_data[0:OPCODE_WIDTH] == op)
+                             for op, flag in op_is.items()]
+            with m.If(~ready):
+                m.d.sync += fill.eq(fill + 1)
+        with m.If(dispatch & advance):
+            m.d.sync += self.pc.eq(self.pc + 1)
+
+        with m.If(dispatch):
+            with m.Switch(gemm.op):
+                with m.Case(Opcode.HALT):
+                    m.d.sync += [running.eq(0), self.done.eq(1)]
+                with m.Case(Opcode.SETPP):
+                    m.d.comb += self.set_pp.eq(1)
+                with m.Case(Opcode.SETREQ):
+                    m.d.comb += self.set_req.eq(1)
+                with m.Case(Opcode.SETGEMM):
+                    m.d.comb += gemm.set_gemm.eq(1)
+                # The feature-map instructions stop as illegal in NPUs built without them.
+                if c.feature_maps:
+                    with m.Case(Opcode.SETKERN):
+                        m.d.comb += gemm.set_kern.eq(1)
+                    with m.Case(Opcode.SETWIN):
+                        m.d.comb += self.set_win.eq(1)
+                    with m.Case(Opcode.SETOUT):
+                        m.d.comb += self.set_out.eq(1)
+                with m.Case(Opcode.LOADW, Opcode.MATMUL, Opcode.REQUANT):
+                    pass  # their strobes, above
+                with m.Default():
+                    m.d.sync += [running.eq(0), self.illegal.eq(1)]
+
+        with m.If(self.start):
+            m.d.sync += [running.eq(1), fill.eq(0), fetch_addr.eq(self.start_pc),
+                         self.pc.eq(self.start_pc), self.done.eq(0), self.aborted.eq(0),
+                         self.illegal.eq(0)]
+        with m.If(self.abort):
+            m.d.sync += [running.eq(0), self.aborted.eq(1)]
+        return m

@@ -1,0 +1,788 @@
+"""The NPU's units, each alone in Amaranth's simulator against the golden model's view
+of it: what it computes (:class:`npugen.golden.GoldenNpu`) and how many cycles it holds
+the sequencer (:class:`npugen.golden.CycleModel`, ``sw/timing.py``).
+
+The testbenches stand in for the memories: a unit's read request is answered the cycle
+after (random words when it asks for nothing, so that a unit reading an answer it did not
+ask for fails), its write requests are applied lane by lane.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+
+from npugen.config import NpuConfig
+from npugen.golden import Counters, CycleModel, GemmState, GoldenNpu, check_program, expand_program
+from npugen.hw.accumulate import AccumulatePath
+from npugen.hw.array import psum_width
+from npugen.hw.counters import PerformanceCounters
+from npugen.hw.feeder import Feeder
+from npugen.hw.host_port import HostPort
+from npugen.hw.requant_unit import RequantUnit
+from npugen.hw.sequencer import STEP_FIELDS, Sequencer
+from npugen.hw.weight_loader import WeightLoader
+from npugen.isa import Instruction, Opcode, encode_program
+from npugen.job import pack_entries, unpack_entries
+from npugen.memory_map import (
+    COUNTER_BITS,
+    COUNTER_NAMES,
+    Control,
+    Reg,
+    Region,
+    Status,
+    address,
+    host_read_latency,
+    identity_words,
+    memories,
+)
+from npugen.timing import (
+    REQUANT_TAIL_CYCLES,
+    REQUANT_TO_ACC_TAIL_CYCLES,
+    array_latency,
+    results_written_cycles,
+)
+
+SMALL = dict(activation_depth=64, weight_depth=64, accumulator_depth=64, instruction_depth=16,
+             param_depth=32)
+
+
+def simulate(dut, testbench) -> None:
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(testbench)
+    sim.run()
+
+
+def encode(instruction: Instruction) -> int:
+    return int(encode_program([instruction])[0])
+
+
+class Memory:
+    """One of the NPU's memories as whole entries (ints), packed as the host packs them."""
+
+    def __init__(self, config: NpuConfig, region: Region, values: np.ndarray):
+        self.config, self.region = config, region
+        self.info = memories(config)[region]
+        words = pack_entries(config, region, values)
+        self.entries = [sum(int(w) << (32 * i) for i, w in enumerate(entry)) for entry in words]
+
+    def values(self) -> np.ndarray:
+        stride = self.info.stride
+        words = np.array([[(entry >> (32 * i)) & 0xFFFFFFFF for i in range(stride)]
+                          for entry in self.entries], dtype=np.uint64)
+        return unpack_entries(self.config, self.region, words)
+
+    def write(self, addr: int, data: int, en: int) -> None:
+        lane_bits = self.info.granularity
+        for lane in range(self.info.width // lane_bits):
+            if en >> lane & 1:
+                mask = ((1 << lane_bits) - 1) << (lane * lane_bits)
+                self.entries[addr] = (self.entries[addr] & ~mask) | (data & mask)
+
+
+# -- Requantization unit ---------------------------------------------------------------------
+
+def requant_state(config: NpuConfig, rng: np.random.Generator) -> GoldenNpu:
+    """A golden NPU with random accumulators, parameters and activations."""
+    golden = GoldenNpu(config)
+    c = config
+    golden.accumulators[:] = rng.integers(-(1 << 24), 1 << 24, golden.accumulators.shape)
+    shape = golden.params.shape[:2]
+    golden.params[..., 0] = rng.integers(-(1 << 16), 1 << 16, shape)           # bias
+    golden.params[..., 1] = rng.integers(1 << 30, (1 << 31) - 1, shape)        # multiplier
+    golden.params[..., 2] = rng.integers(0, 20, shape)                         # shift
+    golden.activations[:] = rng.integers(-(1 << (c.input_width - 1)),
+                                         1 << (c.input_width - 1), golden.activations.shape)
+    return golden
+
+
+def run_requant_unit(config: NpuConfig, golden: GoldenNpu, program: list[Instruction],
+                     rng: np.random.Generator):
+    """Run ``program`` (SETPP, SETREQ, SETOUT, then one REQUANT, each dispatched a cycle
+    after the last) on a RequantUnit over memories holding ``golden``'s state. Returns the
+    memories after the run, the cycles from the REQUANT's dispatch to the first in which
+    ``active`` is low again, and the rows it injected into the accumulate path."""
+    unit = RequantUnit(config)
+    acc = Memory(config, Region.ACCUMULATORS, golden.accumulators)
+    params = Memory(config, Region.PARAMS, golden.params)
+    act = Memory(config, Region.ACTIVATIONS, golden.activations)
+    injected = []
+    result = {}
+    strobes = {Opcode.SETPP: unit.set_pp, Opcode.SETREQ: unit.set_req,
+               Opcode.SETOUT: unit.set_out, Opcode.REQUANT: unit.dispatch}
+
+    async def cycle(ctx):
+        """One clock edge with the memories answering and writing."""
+        reads = [(port, memory, ctx.get(port.valid), ctx.get(port.addr))
+                 for port, memory in ((unit.acc_read, acc), (unit.param_read, params))]
+        if ctx.get(unit.act_write.valid):
+            act.write(ctx.get(unit.act_write.addr), ctx.get(unit.act_write.data),
+                      ctx.get(unit.act_write.en))
+        if ctx.get(unit.inject.valid):
+            injected.append((ctx.get(unit.inject.addr), ctx.get(unit.inject.accumulate),
+                             [ctx.get(unit.inject_row[k]) for k in range(config.cols)]))
+        await ctx.tick()
+        for port, memory, valid, addr in reads:
+            width = memory.info.width
+            garbage = int.from_bytes(rng.bytes(-(-width // 8)), "little") % (1 << width)
+            ctx.set(port.data, memory.entries[addr] if valid else garbage)
+
+    async def testbench(ctx):
+        ctx.set(unit.running, 1)
+        ctx.set(unit.run_start, 1)
+        await cycle(ctx)
+        ctx.set(unit.run_start, 0)
+        for instruction in program:
+            assert not ctx.get(unit.active)
+            ctx.set(unit.instruction, encode(instruction))
+            ctx.set(strobes[instruction.opcode], 1)
+            await cycle(ctx)
+            ctx.set(strobes[instruction.opcode], 0)
+            # The sequencer moves on to the next instruction: the unit must not need it.
+            ctx.set(unit.instruction, encode(Instruction(Opcode.HALT)) | 0xFFFF_FFFF << 32)
+        busy = 1
+        while ctx.get(unit.active):
+            await cycle(ctx)
+            busy += 1
+        for _ in range(8):  # nothing may be written once it is idle
+            await cycle(ctx)
+        result["busy"] = busy
+
+    simulate(unit, testbench)
+    return {"acc": acc, "params": params, "act": act}, result["busy"], injected
+
+
+REQUANT_CONFIGS = {
+    "2x2": NpuConfig(rows=2, cols=2, requant_lanes=1, feature_maps=False, **SMALL),
+    "4x4-lanes2": NpuConfig(rows=4, cols=4, requant_lanes=2, **SMALL),
+    "4x8-lanes4-both": NpuConfig(rows=4, cols=8, requant_lanes=4, rounding="both", **SMALL),
+}
+
+
+@pytest.mark.parametrize("name", list(REQUANT_CONFIGS))
+@pytest.mark.parametrize("seed", [1, 2])
+def test_requant_unit_matches_golden_and_cycle_model(name, seed):
+    """Random accumulators, parameters, zero point, clamps, output lane, stride and count:
+    every activation lane the unit writes (and those it must leave alone) equals the
+    golden model's, and ``active`` holds the sequencer for ``groups + REQUANT_TAIL_CYCLES``
+    cycles from the dispatch."""
+    c = REQUANT_CONFIGS[name]
+    rng = np.random.default_rng(seed)
+    golden = requant_state(c, rng)
+    count = int(rng.integers(1, 6))
+    requant = {"acc_addr": int(rng.integers(0, 20)), "out_addr": int(rng.integers(0, 20)),
+               "count": count,
+               "out_lane": c.requant_lanes * int(rng.integers(0, c.rows // c.requant_lanes))}
+    if c.rounding == "both":
+        requant["single_rounding"] = int(rng.integers(0, 2))
+    low = int(rng.integers(-128, 0))
+    program = [
+        Instruction(Opcode.SETPP, {"zero_point": int(rng.integers(-20, 20)),
+                                   "clamp_min": low, "clamp_max": int(rng.integers(low, 128))}),
+        Instruction(Opcode.SETREQ, {"param_addr": int(rng.integers(0, 8)),
+                                    "out_stride": int(rng.integers(1, 8))}),
+        Instruction(Opcode.REQUANT, requant),
+    ]
+    check_program(c, [*program, Instruction(Opcode.HALT)])
+    memories_after, busy, injected = run_requant_unit(c, golden, program, rng)
+    for instruction in program:
+        golden.execute(instruction)
+    np.testing.assert_array_equal(memories_after["act"].values(), golden.activations)
+    assert injected == []
+    groups = count * (c.cols // c.requant_lanes)
+    assert busy == groups + REQUANT_TAIL_CYCLES
+
+
+def test_requant_unit_output_walk_follows_setout():
+    """SETOUT (feature-map builds): the outputs go along rows of ``row_length`` words,
+    ``row_step`` apart, where the golden model puts them."""
+    c = REQUANT_CONFIGS["4x4-lanes2"]
+    rng = np.random.default_rng(3)
+    golden = requant_state(c, rng)
+    program = [
+        Instruction(Opcode.SETPP, {"zero_point": 3, "clamp_min": -128, "clamp_max": 127}),
+        Instruction(Opcode.SETREQ, {"param_addr": 1, "out_stride": 1}),
+        Instruction(Opcode.SETOUT, {"row_length": 2, "row_step": 5}),
+        Instruction(Opcode.REQUANT, {"acc_addr": 2, "out_addr": 3, "count": 5,
+                                     "out_lane": 0}),
+    ]
+    memories_after, busy, _ = run_requant_unit(c, golden, program, rng)
+    for instruction in program:
+        golden.execute(instruction)
+        if instruction.opcode is Opcode.SETOUT:
+            golden.state.expand(instruction)
+    np.testing.assert_array_equal(memories_after["act"].values(), golden.activations)
+    assert busy == 5 * 2 + REQUANT_TAIL_CYCLES
+
+
+@pytest.mark.parametrize("accumulate", [0, 1])
+def test_requant_unit_to_acc_injects_raw_rows(accumulate):
+    """REQUANT to_acc: each accumulator word's unclamped results leave as one row for the
+    accumulate path, addressed to the golden model's destination word, with its
+    ``accumulate`` flag; the activations are left alone; ``active`` covers the
+    accumulate path's write too (``2·groups + REQUANT_TO_ACC_TAIL_CYCLES``)."""
+    c = REQUANT_CONFIGS["4x4-lanes2"]
+    rng = np.random.default_rng(4 + accumulate)
+    golden = requant_state(c, rng)
+    count = 3
+    program = [
+        Instruction(Opcode.SETPP, {"zero_point": -2, "clamp_min": -128, "clamp_max": 127}),
+        Instruction(Opcode.SETREQ, {"param_addr": 4, "out_stride": 1}),
+        Instruction(Opcode.REQUANT, {"acc_addr": 0, "out_addr": 30, "count": count,
+                                     "out_lane": 0, "to_acc": 1, "accumulate": accumulate,
+                                     "left_shift": 1}),
+    ]
+    before = golden.accumulators.copy()
+    memories_after, busy, injected = run_requant_unit(c, golden, program, rng)
+    np.testing.assert_array_equal(memories_after["act"].values(), golden.activations)
+    for instruction in program:
+        golden.execute(instruction)
+    assert [(addr, flag) for addr, flag, _ in injected] == [
+        (30 + i, accumulate) for i in range(count)]
+    rows = np.array([row for _, _, row in injected])
+    if accumulate:
+        rows = rows + before[30:30 + count]
+    wrap = 1 << c.accumulator_width
+    rows = (rows + wrap // 2) % wrap - wrap // 2
+    np.testing.assert_array_equal(rows, golden.accumulators[30:30 + count])
+    groups = count * (c.cols // c.requant_lanes)
+    # The unit's part of the tail: the accumulate path's add and write follow the
+    # injection (two of REQUANT_TO_ACC_TAIL_CYCLES's three extra cycles are theirs).
+    assert busy == 2 * groups + REQUANT_TO_ACC_TAIL_CYCLES
+
+
+# -- Host port and performance counters ------------------------------------------------------
+
+class HostPortBench:
+    """Drives a HostPort's bus and stands in for its memories (the host's accesses only)."""
+
+    def __init__(self, ctx, port: HostPort, config: NpuConfig):
+        self.ctx, self.port, self.config = ctx, port, config
+        self.memories = {region: Memory(config, region,
+                                        np.zeros((info.depth,) + _lane_shape(config, region),
+                                                 dtype=np.int64))
+                         for region, info in memories(config).items()}
+        self.starts = []
+        self.cycle = 0
+
+    async def tick(self):
+        ctx, port = self.ctx, self.port
+        accesses = []
+        for memory in self.memories.values():
+            access = getattr(port, memory.info.name)
+            addr, data, en = ctx.get(access.addr), ctx.get(access.data), ctx.get(access.en)
+            accesses.append((access, memory, addr))
+            if en:
+                memory.write(addr, data, en)
+        await ctx.tick()
+        self.cycle += 1
+        for access, memory, addr in accesses:
+            ctx.set(access.read_data, memory.entries[addr])
+        if ctx.get(port.start):
+            self.starts.append(self.cycle)
+
+    async def write(self, addr: int, word: int):
+        ctx, host = self.ctx, self.port.host
+        ctx.set(host.valid, 1)
+        ctx.set(host.write, 1)
+        ctx.set(host.addr, addr)
+        ctx.set(host.wdata, word)
+        await self.tick()
+        ctx.set(host.valid, 0)
+        ctx.set(host.write, 0)
+
+    async def read(self, addr: int) -> int:
+        ctx, host = self.ctx, self.port.host
+        ctx.set(host.valid, 1)
+        ctx.set(host.write, 0)
+        ctx.set(host.addr, addr)
+        await self.tick()
+        ctx.set(host.valid, 0)
+        for cycle in range(1, host_read_latency(self.config)):
+            assert not ctx.get(host.rvalid), f"rvalid {cycle} cycles after the request"
+            await self.tick()
+        assert ctx.get(host.rvalid)
+        return ctx.get(host.rdata)
+
+
+def _lane_shape(config: NpuConfig, region: Region) -> tuple[int, ...]:
+    golden = GoldenNpu(config)
+    return golden.memory(region).shape[1:]
+
+
+HOST_CONFIGS = {
+    "2x2": NpuConfig(rows=2, cols=2, requant_lanes=1, **SMALL),
+    "2x8-wide": NpuConfig(rows=2, cols=8, requant_lanes=2, **SMALL),  # 8-word entries
+}
+
+
+@pytest.mark.parametrize("name", list(HOST_CONFIGS))
+def test_host_port_memories_registers_and_control(name):
+    """Each memory takes the host's words where the host's address map puts them and
+    gives them back after ``host_read_latency`` cycles; the identity block, STATUS,
+    START_PC, PC, the counters and UPTIME read back; a CONTROL write pulses ``start`` the
+    cycle after; during a run memory accesses are refused and flag HOST_CONFLICT, until
+    the next start."""
+    c = HOST_CONFIGS[name]
+    port = HostPort(c)
+    rng = np.random.default_rng(5)
+    counter_values = {n: int(rng.integers(0, 1 << COUNTER_BITS)) for n in COUNTER_NAMES}
+
+    async def testbench(ctx):
+        bench = HostPortBench(ctx, port, c)
+        for n, value in counter_values.items():
+            ctx.set(getattr(port.counters, n), value)
+        ctx.set(port.uptime, (1 << COUNTER_BITS) - 3)
+        ctx.set(port.pc, 5)
+        written = {}
+        for region, info in memories(c).items():
+            for entry in (0, info.depth - 1, int(rng.integers(0, info.depth))):
+                for word in range(info.stride):
+                    value = int(rng.integers(0, 1 << 32))
+                    await bench.write(address(region, entry * info.stride + word), value)
+                    written[address(region, entry * info.stride + word)] = value
+
+        def stored(addr: int) -> int:
+            """The word written at ``addr``, as much of it as the entry holds."""
+            info = memories(c)[Region(addr >> 24)]
+            bits = min(32, info.width - 32 * (addr % info.stride))   # padding reads 0
+            return written[addr] & ((1 << max(bits, 0)) - 1)
+
+        for addr in written:
+            assert await bench.read(addr) == stored(addr), hex(addr)
+        identity = identity_words(c)
+        for index, word in enumerate(identity):
+            assert await bench.read(address(Region.REGISTERS, Reg.MAGIC + index)) == word
+        for index, n in enumerate(COUNTER_NAMES):
+            low = await bench.read(address(Region.REGISTERS, Reg.COUNTERS + 2 * index))
+            high = await bench.read(address(Region.REGISTERS, Reg.COUNTERS + 2 * index + 1))
+            assert low | high << 32 == counter_values[n], n
+        low = await bench.read(address(Region.REGISTERS, Reg.UPTIME))
+        high = await bench.read(address(Region.REGISTERS, Reg.UPTIME + 1))
+        assert low | high << 32 == (1 << COUNTER_BITS) - 3
+        assert await bench.read(address(Region.REGISTERS, Reg.PC)) == 5
+        await bench.write(address(Region.REGISTERS, Reg.START_PC), 7)
+        assert await bench.read(address(Region.REGISTERS, Reg.START_PC)) == 7
+        assert await bench.read(address(Region.REGISTERS, Reg.STATUS)) == 0
+
+        # A run: start the cycle after the write; memories refused; HOST_CONFLICT sticks.
+        await bench.write(address(Region.REGISTERS, Reg.CONTROL), Control.START)
+        assert bench.starts == [bench.cycle]
+        assert await bench.read(address(Region.REGISTERS, Reg.STATUS)) == 0
+        ctx.set(port.running, 1)
+        assert await bench.read(address(Region.REGISTERS, Reg.STATUS)) == Status.RUNNING
+        first = address(Region.ACTIVATIONS, 0)
+        await bench.write(first, 0x12345678)
+        assert await bench.read(first) == 0
+        assert await bench.read(address(Region.REGISTERS, Reg.STATUS)) == (
+            Status.RUNNING | Status.HOST_CONFLICT)
+        await bench.write(address(Region.REGISTERS, Reg.CONTROL), Control.START)
+        assert len(bench.starts) == 1    # no start while running
+        ctx.set(port.running, 0)
+        ctx.set(port.done, 1)
+        ctx.set(port.illegal, 1)
+        ctx.set(port.aborted, 1)
+        assert await bench.read(address(Region.REGISTERS, Reg.STATUS)) == (
+            Status.DONE | Status.HOST_CONFLICT | Status.ILLEGAL_INSTRUCTION | Status.ABORTED)
+        assert await bench.read(first) == stored(first)
+        await bench.write(address(Region.REGISTERS, Reg.CONTROL), Control.START)
+        assert await bench.read(address(Region.REGISTERS, Reg.STATUS)) == (
+            Status.DONE | Status.ILLEGAL_INSTRUCTION | Status.ABORTED)
+        # Addresses past a memory or a region name nothing: reads answer 0.
+        info = memories(c)[Region.PARAMS]
+        assert await bench.read(address(Region.PARAMS, info.depth * info.stride)) == 0
+        assert await bench.read(address(Region.PARAMS + 1, 0)) == 0
+
+    simulate(port, testbench)
+
+
+@pytest.mark.parametrize("rows,cols", [(2, 2), (2, 3)])
+def test_performance_counters_count_as_the_cycle_model(rows, cols):
+    """Random run, stall and issue patterns: cycles, stall_cycles and busy_cycles count
+    them, macs is rows × cols per busy cycle (derived by a shift for a power of two,
+    counted otherwise), clear zeroes them all, UPTIME never stops."""
+    c = NpuConfig(rows=rows, cols=cols, requant_lanes=1, **SMALL)
+    counters = PerformanceCounters(c)
+    rng = np.random.default_rng(rows * 10 + cols)
+
+    async def testbench(ctx):
+        want = Counters()
+        for cycle in range(1, 300):
+            running, stall, issue = (int(bit) for bit in rng.integers(0, 2, 3))
+            clear = int(rng.random() < 0.02)
+            ctx.set(counters.running, running)
+            ctx.set(counters.stall, stall)
+            ctx.set(counters.issue, issue & running)
+            ctx.set(counters.clear, clear)
+            await ctx.tick()
+            if clear:
+                want = Counters()
+            else:
+                want.cycles += running
+                want.stall_cycles += running & stall
+                want.busy_cycles += issue & running
+                want.macs += (issue & running) * rows * cols
+            got = {n: ctx.get(getattr(counters.counters, n)) for n in COUNTER_NAMES}
+            assert got == want.as_dict()
+            assert ctx.get(counters.uptime) == cycle
+
+    simulate(counters, testbench)
+
+
+# -- Accumulate path ---------------------------------------------------------------------
+
+ACCUMULATE_CONFIGS = {
+    "2x2-no-feature-maps": NpuConfig(rows=2, cols=2, requant_lanes=1, feature_maps=False,
+                                     **SMALL),
+    "4x4": NpuConfig(rows=4, cols=4, requant_lanes=2, **SMALL),
+    "4x2-acc16": NpuConfig(rows=4, cols=2, input_width=4, weight_width=4,
+                           accumulator_width=16, requant_lanes=2, **SMALL),
+}
+
+
+def signed_wrap(values, width: int):
+    half = 1 << (width - 1)
+    return (np.asarray(values) + half) % (1 << width) - half
+
+
+def run_accumulate_path(config: NpuConfig, initial: np.ndarray, issues: dict,
+                        injections: dict, cycles: int, rng: np.random.Generator):
+    """Drive an AccumulatePath: ``issues`` maps a cycle to (addr, accumulate, max, row),
+    the row given on ``result`` ``array_latency`` cycles after the activation word
+    enters the array (the cycle after its issue: its memory read); ``injections`` maps a
+    cycle to (addr, accumulate, row), read then, injected the cycle after. Returns the
+    accumulators after ``cycles`` cycles and the cycle of each write, by address."""
+    unit = AccumulatePath(config)
+    acc = Memory(config, Region.ACCUMULATORS, initial)
+    latency = array_latency(config.rows, config.cols)
+    arriving = {cycle + 1 + latency: row for cycle, (*_, row) in issues.items()}
+    writes = []
+
+    def row_word(row) -> int:
+        return sum((int(v) % (1 << config.accumulator_width)) << (k * config.accumulator_width)
+                   for k, v in enumerate(row))
+
+    async def testbench(ctx):
+        ctx.set(unit.running, 1)
+        for cycle in range(cycles):
+            addr, accumulate, combine, _ = issues.get(cycle, (0, 0, 0, None))
+            ctx.set(unit.issue.valid, cycle in issues)
+            ctx.set(unit.issue.addr, addr)
+            ctx.set(unit.issue.accumulate, accumulate)
+            ctx.set(unit.issue.max, combine)
+            garbage = rng.integers(-100, 100, config.cols)
+            row = arriving.get(cycle, garbage)
+            for k in range(config.cols):
+                ctx.set(unit.result[k], int(row[k]))
+            read = injections.get(cycle)
+            ctx.set(unit.inject_read.valid, read is not None)
+            if read is not None:
+                ctx.set(unit.inject_read.addr, read[0])
+                ctx.set(unit.inject_read.accumulate, read[1])
+            data = injections.get(cycle - 1)
+            ctx.set(unit.inject.valid, data is not None)
+            if data is not None:
+                ctx.set(unit.inject.addr, data[0])
+                ctx.set(unit.inject.accumulate, data[1])
+                for k in range(config.cols):
+                    ctx.set(unit.inject_row[k], int(data[2][k]))
+            read_valid, read_addr = ctx.get(unit.acc_read.valid), ctx.get(unit.acc_read.addr)
+            if ctx.get(unit.acc_write.valid):
+                addr = ctx.get(unit.acc_write.addr)
+                acc.write(addr, ctx.get(unit.acc_write.data), ctx.get(unit.acc_write.en))
+                writes.append((cycle, addr))
+            await ctx.tick()
+            # The read port is transparent for the write port: this cycle's write shows.
+            ctx.set(unit.acc_read.data, acc.entries[read_addr] if read_valid
+                    else row_word(rng.integers(-100, 100, config.cols)))
+
+    simulate(unit, testbench)
+    return acc.values(), writes
+
+
+@pytest.mark.parametrize("name", list(ACCUMULATE_CONFIGS))
+@pytest.mark.parametrize("seed", [1, 2])
+def test_accumulate_path_matches_golden_and_cycle_model(name, seed):
+    """Random rows, back to back or spaced, to a few words (so that successive rows hit
+    the same word and must be forwarded): the accumulators end as the golden MATMUL's
+    (add, max with ``combine`` in feature-map builds, or overwrite, wrapping at the
+    accumulator width), and each row is written ``results_written_cycles - 1`` cycles
+    after its issue (visible to a REQUANT dispatched ``results_written_cycles`` after)."""
+    c = ACCUMULATE_CONFIGS[name]
+    rng = np.random.default_rng(seed)
+    reach = psum_width(c, c.rows)
+    initial = rng.integers(-(1 << (c.accumulator_width - 1)), 1 << (c.accumulator_width - 1),
+                           (c.accumulator_depth, c.cols))
+    issues, cycle = {}, 0
+    for _ in range(60):
+        cycle += int(rng.choice([1, 1, 1, 2, 3]))
+        issues[cycle] = (int(rng.integers(0, 4)), int(rng.integers(0, 2)),
+                         int(rng.integers(0, 2)) if c.feature_maps else 0,
+                         rng.integers(-(1 << (reach - 1)), 1 << (reach - 1), c.cols))
+    want = initial.copy()
+    for addr, accumulate, combine, row in issues.values():
+        if accumulate:
+            row = np.maximum(want[addr], row) if combine else want[addr] + row
+        want[addr] = signed_wrap(row, c.accumulator_width)
+    got, writes = run_accumulate_path(c, initial, issues, {}, cycle + 20, rng)
+    np.testing.assert_array_equal(got, want)
+    assert writes == [(cycle + results_written_cycles(c.rows, c.cols) - 1, addr)
+                      for cycle, (addr, *_) in issues.items()]
+
+
+def test_accumulate_path_takes_requant_rows():
+    """REQUANT to_acc rows (feature-map builds): read, then injected in place of the
+    array's, added to their word or written over it, back to back."""
+    c = ACCUMULATE_CONFIGS["4x4"]
+    rng = np.random.default_rng(9)
+    initial = rng.integers(-(1 << 30), 1 << 30, (c.accumulator_depth, c.cols))
+    injections = {3: (5, 1, rng.integers(-(1 << 30), 1 << 30, c.cols)),
+                  5: (5, 1, rng.integers(-(1 << 30), 1 << 30, c.cols)),
+                  7: (6, 0, rng.integers(-(1 << 30), 1 << 30, c.cols))}
+    want = initial.copy()
+    for addr, accumulate, row in injections.values():
+        want[addr] = signed_wrap(row + want[addr] if accumulate else row, c.accumulator_width)
+    got, writes = run_accumulate_path(c, initial, {}, injections, 20, rng)
+    np.testing.assert_array_equal(got, want)
+    assert writes == [(cycle + 2, addr) for cycle, (addr, *_) in injections.items()]
+
+
+# -- Weight loader and feeder ------------------------------------------------------------
+
+@pytest.mark.parametrize("rows,cols", [(2, 2), (4, 2), (3, 5)])
+def test_weight_loader_loads_a_tile_in_the_cycle_models_time(rows, cols):
+    """LOADW: the array's ``bank`` takes the tile's rows, last row first, one a cycle from
+    the memory, and ``busy`` holds until the cycle model's ``load_free_at`` (dispatch +
+    rows + 2)."""
+    c = NpuConfig(rows=rows, cols=cols, requant_lanes=1, **SMALL)
+    loader = WeightLoader(c)
+    rng = np.random.default_rng(rows * cols)
+    golden = GoldenNpu(c)
+    golden.weights[:] = rng.integers(-128, 128, golden.weights.shape)
+    weights = Memory(c, Region.WEIGHTS, golden.weights)
+    addr, bank = int(rng.integers(0, c.weight_depth - rows)), int(rng.integers(0, 2))
+    loads, busy = [], []
+
+    async def testbench(ctx):
+        ctx.set(loader.dispatch, 1)
+        ctx.set(loader.bank, bank)
+        ctx.set(loader.weight_addr, addr)
+        for cycle in range(rows + 6):
+            valid, read = ctx.get(loader.weight_read.valid), ctx.get(loader.weight_read.addr)
+            if ctx.get(loader.load):
+                loads.append((cycle, ctx.get(loader.load_bank), ctx.get(loader.weight_row)))
+            busy.append(ctx.get(loader.busy))
+            if cycle:
+                assert ctx.get(loader.loading_bank) == bank
+            await ctx.tick()
+            ctx.set(loader.dispatch, 0)
+            ctx.set(loader.bank, 1 - bank)       # the sequencer moves on
+            ctx.set(loader.weight_addr, 0)
+            ctx.set(loader.weight_read.data, weights.entries[read] if valid
+                    else int(rng.integers(0, 1 << 30)))
+
+    simulate(loader, testbench)
+    load_free_at = rows + 2
+    assert busy == [0] + [1] * (load_free_at - 1) + [0] * (len(busy) - load_free_at)
+    assert [(cycle, b) for cycle, b, _ in loads] == [(2 + i, bank) for i in range(rows)]
+    assert [word for *_, word in loads] == [weights.entries[addr + rows - 1 - i]
+                                            for i in range(rows)]
+
+
+FEEDER_WINDOWS = [
+    None,
+    {"row_length": 3, "row_step": 10, "col_step": 2, "reduce": 0},
+    {"row_length": 2, "row_step": 5, "col_step": 1, "reduce": 1},
+]
+
+
+@pytest.mark.parametrize("window", FEEDER_WINDOWS)
+@pytest.mark.parametrize("count", [1, 2, 7])
+def test_feeder_streams_and_tracks_flight_as_the_cycle_model(window, count):
+    """MATMUL: the words issue in the cycles after the dispatch from the golden model's
+    activation words (SETWIN walk), each tagged with its accumulator word (one word with
+    ``reduce``, accumulating after the first); ``ready``, ``busy``, ``inflight_idle`` of
+    the bank and ``drain_idle`` change in the cycles the cycle model says the next MATMUL,
+    LOADW of the bank, and REQUANT may dispatch."""
+    c = NpuConfig(rows=4, cols=4, requant_lanes=2, feature_maps=window is not None, **SMALL)
+    feeder = Feeder(c)
+    state = GemmState(c.rows)
+    program = []
+    if window is not None:
+        program.append(Instruction(Opcode.SETWIN, window))
+    matmul = Instruction(Opcode.MATMUL, {"bank": 1, "act_addr": 3, "acc_addr": 9,
+                                         "count": count, "accumulate": 0, "combine": 1})
+    for instruction in program:
+        state.expand(instruction)
+    model = CycleModel(c)
+    dispatch_cycle = 3
+    model.next_cycle = dispatch_cycle
+    model.dispatch(matmul)
+    seen = []
+
+    async def testbench(ctx):
+        ctx.set(feeder.running, 1)
+        ctx.set(feeder.run_start, 1)
+        await ctx.tick()
+        ctx.set(feeder.run_start, 0)
+        for instruction in program:
+            ctx.set(feeder.instruction, encode(instruction))
+            ctx.set(feeder.set_win, 1)
+            await ctx.tick()
+            ctx.set(feeder.set_win, 0)
+        for cycle in range(dispatch_cycle, dispatch_cycle + count + 30):
+            if cycle == dispatch_cycle:
+                for name in ("bank", "act_addr", "acc_addr", "count", "accumulate", "combine"):
+                    ctx.set(getattr(feeder, name), matmul[name])
+            ctx.set(feeder.dispatch, cycle == dispatch_cycle)
+            seen.append((cycle, ctx.get(feeder.issue.valid), ctx.get(feeder.act_read.valid),
+                         ctx.get(feeder.act_read.addr), ctx.get(feeder.issue.addr),
+                         ctx.get(feeder.issue.accumulate), ctx.get(feeder.issue.max),
+                         ctx.get(feeder.ready), ctx.get(feeder.busy),
+                         ctx.get(feeder.inflight_idle[1]), ctx.get(feeder.drain_idle)))
+            await ctx.tick()
+
+    simulate(feeder, testbench)
+    issued = [row for row in seen if row[1]]
+    words = 3 + state.window.offsets(count)
+    assert [row[0] for row in issued] == [dispatch_cycle + 1 + i for i in range(count)]
+    assert all(row[2] for row in issued)
+    assert [row[3] for row in issued] == [int(w) % c.activation_depth for w in words]
+    if state.reduce:
+        assert [row[4:7] for row in issued] == [(9, int(i > 0), 1) for i in range(count)]
+    else:
+        combine = int(c.feature_maps)
+        assert [row[4:7] for row in issued] == [(9 + i, 0, combine) for i in range(count)]
+    last = model.feeder_last_issue
+    for cycle, _, _, _, _, _, _, ready, busy, inflight_idle, drain_idle in seen:
+        after = cycle > dispatch_cycle
+        assert ready == (not after or cycle >= last), cycle        # the next MATMUL
+        assert busy == (after and cycle <= last), cycle            # LOADW, REQUANT, HALT
+        # From the cycle after the first issue (``busy`` covers the issue cycles).
+        flying = cycle > dispatch_cycle + 1
+        assert inflight_idle == (not flying or cycle >= model.inflight_clear_at[1]), cycle
+        assert drain_idle == (not flying or cycle >= model.drain_clear_at), cycle
+
+
+# -- Sequencer and GEMM expansion --------------------------------------------------------
+
+SEQUENCER_CONFIGS = {
+    "4x4": NpuConfig(rows=4, cols=4, requant_lanes=2, **SMALL),
+    "2x2-no-feature-maps": NpuConfig(rows=2, cols=2, requant_lanes=1, feature_maps=False,
+                                     **SMALL),
+}
+
+
+def run_sequencer(config: NpuConfig, program: list[Instruction] | list[int], *,
+                  start_pc: int = 0, busy_until: int = 0, cycles: int = 60):
+    """Run ``program`` (from ``start_pc``) on a Sequencer whose units are all free, but
+    for the feeder, busy until cycle ``busy_until``. Returns each dispatch as (cycle,
+    strobe or opcode name, fields), the stall cycles, and the final flags and PC."""
+    seq = Sequencer(config)
+    words = [w if isinstance(w, int) else encode(w) for w in program]
+    words += [0] * (config.instruction_depth - len(words))
+    dispatches, result = [], {"stalls": 0}
+    strobes = ("loadw", "matmul", "requant", "set_pp", "set_req", "set_out", "set_win")
+
+    async def testbench(ctx):
+        ctx.set(seq.inflight_idle, 0b11)
+        ctx.set(seq.drain_idle, 1)
+        ctx.set(seq.feed_ready, 1)
+        ctx.set(seq.start_pc, start_pc)
+        ctx.set(seq.start, 1)
+        await ctx.tick()
+        ctx.set(seq.start, 0)
+        for cycle in range(cycles):
+            ctx.set(seq.feed_busy, cycle < busy_until)
+            addr, en = ctx.get(seq.fetch_addr), ctx.get(seq.fetch_en)
+            fired = [name for name in strobes if ctx.get(getattr(seq, name))]
+            if fired:
+                fields = {name: ctx.get(getattr(seq, name)) for name in STEP_FIELDS}
+                dispatches.append((cycle, fired, fields))
+            result["stalls"] += ctx.get(seq.stall) & ctx.get(seq.running)  # counted so
+            running_before = ctx.get(seq.running)
+            pc_before = ctx.get(seq.pc)
+            await ctx.tick()
+            if running_before and not ctx.get(seq.running) and "end" not in result:
+                result["end"] = cycle
+                result["end_pc"] = pc_before
+            if en and ctx.get(seq.running):
+                ctx.set(seq.fetch_data, words[addr])
+        result.update(done=ctx.get(seq.done), illegal=ctx.get(seq.illegal),
+                      pc=ctx.get(seq.pc))
+
+    simulate(seq, testbench)
+    return dispatches, result
+
+
+@pytest.mark.parametrize("name", list(SEQUENCER_CONFIGS))
+def test_sequencer_dispatches_the_golden_steps_one_a_cycle(name):
+    """With every unit free, the steps (a GEMM expanded into its LOADW/MATMUL pairs, by
+    the golden model's GemmState) dispatch one a cycle from the run's cycle 2, in order,
+    with the golden model's fields; the run ends at HALT (``done``), with the cycle
+    model's count of cycles."""
+    c = SEQUENCER_CONFIGS[name]
+    program = [Instruction(Opcode.SETPP, {"zero_point": 1, "clamp_min": -5, "clamp_max": 5}),
+               Instruction(Opcode.SETGEMM, {"weight_addr": 8, "k_tiles": 3, "tile_step": 5})]
+    if c.feature_maps:
+        program += [Instruction(Opcode.SETKERN, {"kernel_w": 2, "kernel_h": 1,
+                                                 "kernel_row_step": 7}),
+                    Instruction(Opcode.SETWIN, {"row_length": 2, "row_step": 3,
+                                                "col_step": 1})]
+    program += [
+        Instruction(Opcode.GEMM, {"bank": 1, "act_addr": 2, "acc_addr": 4, "count": 3,
+                                  "accumulate": 0, "combine": 0}),
+        Instruction(Opcode.LOADW, {"bank": 0, "weight_addr": 30}),
+        Instruction(Opcode.MATMUL, {"bank": 0, "act_addr": 11, "acc_addr": 12, "count": 2,
+                                    "accumulate": 1}),
+        Instruction(Opcode.SETREQ, {"param_addr": 3, "out_stride": 1}),
+        Instruction(Opcode.REQUANT, {"acc_addr": 4, "out_addr": 0, "count": 3}),
+        Instruction(Opcode.HALT),
+    ]
+    dispatches, result = run_sequencer(c, program, start_pc=0)
+    expanded = expand_program(c, program)
+    unseen = (Opcode.SETGEMM, Opcode.SETKERN, Opcode.HALT)   # no strobe: the sequencer's
+    steps = [step for step in expanded if step.opcode not in unseen]
+    assert [cycle for cycle, *_ in dispatches] == [
+        2 + i for i, step in enumerate(expanded) if step.opcode not in unseen]
+    assert [fired for _, fired, _ in dispatches] == [
+        [{Opcode.LOADW: "loadw", Opcode.MATMUL: "matmul", Opcode.REQUANT: "requant",
+          Opcode.SETPP: "set_pp", Opcode.SETREQ: "set_req", Opcode.SETWIN: "set_win"}[
+              step.opcode]] for step in steps]
+    for (_, _, fields), step in zip(dispatches, steps, strict=True):
+        if step.opcode is Opcode.LOADW:
+            assert (fields["bank"], fields["weight_addr"]) == (step["bank"],
+                                                               step["weight_addr"])
+        elif step.opcode is Opcode.MATMUL:
+            assert fields == {name: step[name] if name != "weight_addr" else fields[name]
+                              for name in STEP_FIELDS}, step
+    assert result["done"] and not result["illegal"]
+    # HALT, the last step, dispatches in the cycle after the one before it.
+    assert result["end"] == 2 + len(expand_program(c, program)) - 1
+    assert result["stalls"] == 0
+
+
+def test_sequencer_waits_and_counts_stalls():
+    """A REQUANT waits for the feeder: ``stall`` counts the cycles it waits (the cycle
+    model's ``stall_cycles``)."""
+    c = SEQUENCER_CONFIGS["4x4"]
+    program = [Instruction(Opcode.SETPP, {}), Instruction(Opcode.REQUANT, {"count": 1}),
+               Instruction(Opcode.HALT)]
+    dispatches, result = run_sequencer(c, program, busy_until=9)
+    assert [(cycle, fired) for cycle, fired, _ in dispatches] == [(2, ["set_pp"]),
+                                                                   (9, ["requant"])]
+    assert result["stalls"] == 9 - 3
+    assert result["done"]
+
+
+@pytest.mark.parametrize("opcode", [15, int(Opcode.SETKERN)])
+def test_sequencer_stops_at_an_illegal_instruction(opcode):
+    """An opcode the NPU does not have (or SETKERN in a build without feature maps)
+    stops the run with ``illegal``, the PC past the instruction."""
+    c = SEQUENCER_CONFIGS["2x2-no-feature-maps"]
+    setpp, halt = Instruction(Opcode.SETPP, {}), Instruction(Opcode.HALT)
+    _, result = run_sequencer(c, [setpp, setpp, opcode, halt])
+    assert result["illegal"] and not result["done"]
+    assert result["pc"] == 3
