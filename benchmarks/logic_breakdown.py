@@ -4,8 +4,9 @@
 
 Runs the synthesis `npugen build` runs (the same netlist, the same yosys script and
 DSP mapping), but keeps the hierarchy (``-noflatten``), and prints one line per block:
-the link (frame engine, UART, receive FIFO), the NPU's sequencer and datapath around the
-array (``npu``), the requantizer, and the array with its PEs, each with its LUTs, carry
+the link (frame engine, UART, receive FIFO), each of the NPU's units (hw/npu.py: host
+port, counters, sequencer, loader, feeder, accumulate path, requantization unit), its
+memories and port multiplexers, and the array with its PEs, each with its LUTs, carry
 cells, flip-flops, DSPs and block RAMs. The figures are before placement: nextpnr packs
 a LUT and a flip-flop into one iCE40 logic cell when the flip-flop takes that LUT's
 output, so a build's LC count lies between the larger of the two and their sum.
@@ -44,10 +45,9 @@ def _block(module: str) -> str:
         return "board top, I/O"
     if parts[2] == "npu":
         if len(parts) == 3:
-            return "npu: sequencer, memories, accumulate path"
-        if parts[3] == "array":
-            return "npu: array (PEs, skew registers)"
-        return f"npu: {re.sub(r'[0-9]+$', '', parts[3])}"
+            return "npu: memories, port multiplexers"
+        unit = re.sub(r"[0-9]+$", "", parts[3].split("$")[0])  # yosys: "requant$12"
+        return "npu: array (PEs, skew registers)" if unit == "array" else f"npu: {unit}"
     return {"link": "link: frame engine", "rx_fifo": "link: receive FIFO"}.get(
         parts[2], f"link: {parts[2].split('$')[0]}")
 

@@ -221,7 +221,8 @@ def test_logic_breakdown(capsys, tmp_path):
     assert rows["npu: array (PEs, skew registers)"][3] == 4
     assert rows["npu: requant"][3] == 4
     assert all(rows[block][0] > 0 for block in ("link: frame engine", "npu: requant",
-                                                 "npu: sequencer, memories, accumulate path"))
+                                                 "npu: sequencer", "npu: host_port",
+                                                 "npu: accumulate"))
     # Bad input, refused before any synthesis: another family, an unknown board, a bad
     # parameter.
     assert breakdown.main(["--board", "ulx3s-12f"]) == 2
