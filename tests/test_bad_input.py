@@ -171,6 +171,21 @@ def test_refused(work, argv, status, word):
     check_refusal(npugen(work, argv), status, word)
 
 
+
+def test_npz_entries_not_read_are_refused(work):
+    """A misspelt field or a layer past a gap in the numbering: exit 2 naming the entry,
+    with the layout the reader expects, and no program written."""
+    rng = np.random.default_rng(9)
+    weight = rng.normal(size=(FEATURES, CLASSES)).astype(np.float32)
+    for name, extra in (("misspelt.npz", "layers.0.wieght"), ("gap.npz", "layers.2.weight")):
+        np.savez(work / name, **{"layers.0.weight": weight, extra: weight})
+        run = npugen(work, ["compile", name, "-o", "npz.npu"])
+        assert "Traceback" not in run.stderr, run.stderr
+        assert run.returncode == 2, run.stderr
+        assert f"unknown entries {extra}" in run.stderr
+        assert "layers.{i}.weight" in run.stderr
+        assert not (work / "npz.npu").exists()
+
 @pytest.mark.parametrize("shape, reason", [
     (BIG, "M=100000 rows exceed the 65535 rows one MATMUL can stream"),
     ("64x100000x100000", "weights need 1250000000 words, weight_depth is 4096"),
