@@ -60,6 +60,10 @@ BITSTREAM_NAMES = {"ice40": "top.bin", "ecp5": "top.bit", "gowin": "top.fs"}
 #: multipliers into SB_MAC16 DSPs; the array's pairs are instantiated (hw/dsp.py) under a
 #: stand-in name that ``-dsp`` leaves alone.
 SYNTH_OPTIONS = {"ice40": "-dsp"}
+#: ECP5: when YoWASP's ABC9 stops without a message on a netlist (docs/BOARDS.md, "Tools"),
+#: synthesis runs once more with ``abc9 -dff``, which maps the same netlist through another
+#: ABC script; the report names it (``synth_retry``).
+ABC_RETRY_OPTIONS = {"ecp5": "-dff"}
 
 
 class BuildFailed(RuntimeError):
@@ -180,9 +184,11 @@ class BoardTop(Elaboratable):
 
 
 def write_build_files(board: Board, config: NpuConfig, products_dir: Path, *, seed: int = 1,
-                      nextpnr_report: str = "nextpnr-report.json") -> BoardTop:
+                      nextpnr_report: str = "nextpnr-report.json",
+                      extra_synth_options: str = "") -> BoardTop:
     """Elaborate the board top and write Amaranth's build files (the netlist, the yosys
-    script, ``build_top.sh``) to ``products_dir``; return the top."""
+    script, ``build_top.sh``) to ``products_dir``; return the top.
+    ``extra_synth_options``: more options of ``synth_<family>``."""
     platform = board.platform()
     top = BoardTop(board, config)
     # verbose: the tools' own output, from which the progress display follows the stages.
@@ -193,8 +199,10 @@ def write_build_files(board: Board, config: NpuConfig, products_dir: Path, *, se
         options["nextpnr_opts"] += f" --freq {top.clock_hz / 1e6:g}"
     elif board.family == "ecp5":
         options["ecppack_opts"] = "--compress"
-    if board.family in SYNTH_OPTIONS:
-        options["synth_opts"] = SYNTH_OPTIONS[board.family]
+    synth_options = " ".join(filter(None, (SYNTH_OPTIONS.get(board.family, ""),
+                                           extra_synth_options)))
+    if synth_options:
+        options["synth_opts"] = synth_options
     files, after_synth = synthesis_support(board.family)
     for name, text in files.items():
         platform.add_file(name, text)
@@ -252,24 +260,36 @@ def build_board(board: Board, config: NpuConfig, directory: str | Path, *,
     # Relative: YoWASP's tools see only their working folder.
     report_path = products_dir / "nextpnr-report.json"
     started = time.perf_counter()
-    progress("elaborating and writing the netlist")
-    top = write_build_files(board, config, products_dir, seed=seed,
-                            nextpnr_report=report_path.name)
     env = _environment(toolchain)
     for tool in ("OPENFPGALOADER", "DFU_SUFFIX"):
         # Programming tools some platforms check for; building runs neither.
         env.setdefault(tool, "true")
-    if board.family == "gowin":
-        shim = products_dir / "nextpnr-gowin"
-        shim.write_text(_NEXTPNR_GOWIN_SHIM)
-        shim.chmod(0o755)
-        env.setdefault("NEXTPNR_GOWIN", str(shim))
-    returncode, log = _run_script(products_dir, env, progress)
+    synth_retry, first_log = None, ""
+    progress("elaborating and writing the netlist")
+    while True:
+        top = write_build_files(board, config, products_dir, seed=seed,
+                                nextpnr_report=report_path.name,
+                                extra_synth_options=synth_retry or "")
+        if board.family == "gowin":
+            shim = products_dir / "nextpnr-gowin"
+            shim.write_text(_NEXTPNR_GOWIN_SHIM)
+            shim.chmod(0o755)
+            env.setdefault("NEXTPNR_GOWIN", str(shim))
+        returncode, log = _run_script(products_dir, env, progress)
+        retry = ABC_RETRY_OPTIONS.get(board.family)
+        if returncode == 0 or synth_retry or not retry or not _stopped_in_abc(log):
+            break
+        synth_retry = retry
+        first_log = log + f"\n--- synthesis again with synth_{board.family} {retry} ---\n"
+        progress(f"synthesis again with synth_{board.family} {retry} (YoWASP's ABC stopped "
+                 f"without a message)")
     seconds = time.perf_counter() - started
-    (directory / "build.log").write_text(log)
+    (directory / "build.log").write_text(first_log + log)
     if returncode != 0 or not report_path.exists():
         timing_log = products_dir / "top.tim"
         reason = _failure_reason(log, timing_log.read_text() if timing_log.exists() else "")
+        if synth_retry:
+            reason += f" (also with synth_{board.family} {synth_retry})"
         raise BuildFailed(f"the {board.name} build failed: {reason}; full log in "
                           f"{directory / 'build.log'}; a smaller config may fit")
     report = _report(board, config, json.loads(report_path.read_text()), seconds,
@@ -277,6 +297,7 @@ def build_board(board: Board, config: NpuConfig, directory: str | Path, *,
     bitstream = products_dir / BITSTREAM_NAMES[board.family]
     report["bitstream"] = str(bitstream) if bitstream.exists() else None
     report["seed"] = seed
+    report["synth_retry"] = synth_retry
     (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if not report["timing_met"]:
         raise BuildFailed(f"timing missed on {board.name}: {report['fmax_mhz']:.1f} MHz "
@@ -317,12 +338,20 @@ def _run_script(products_dir: Path, env: dict[str, str],
     return process.returncode, "".join(lines)
 
 
+def _stopped_in_abc(log: str) -> bool:
+    """Whether yosys ended inside ABC without a word: the last line of its log is ABC's
+    command line, with no error line anywhere."""
+    last = log.strip().splitlines()[-1] if log.strip() else ""
+    return (last.startswith("Running ABC command")
+            and not any("ERROR" in line or "Error" in line for line in log.splitlines()))
+
+
 def _failure_reason(log: str, placer_log: str = "") -> str:
     """The tool's error line, and any resource used beyond 100 % (nextpnr's words)."""
     last = log.strip().splitlines()[-1] if log.strip() else "no output"
     error = next((line.strip() for line in reversed(log.splitlines())
                   if "ERROR" in line or "Error" in line), last)
-    if error == last and last.startswith("Running ABC command"):
+    if _stopped_in_abc(log):
         # YoWASP's WebAssembly ABC ends without a word where a native one prints the
         # assertion it hit (seen on ULX3S 2x4 and 2x8; docs/BOARDS.md).
         error = ("yosys stopped inside ABC (technology mapping) without a message, a "

@@ -193,6 +193,36 @@ def test_failure_reasons_quote_the_tools():
     assert "yosys stopped inside ABC" in _failure_reason(silent)
 
 
+def test_silent_abc_stop_retries_synthesis_once_with_dff(tmp_path, monkeypatch):
+    """YoWASP's ABC9 stops without a word on some ECP5 netlists (the ULX3S-12F's default
+    after the NPU's split into units): synthesis runs once more with ``-dff``, and the
+    failure, if it stays, says both were tried."""
+    from npugen.boards import build as board_build
+
+    silent = '2.46.15.5. Executing ABC9.\nRunning ABC command: "/yosys-abc" -s -f x 2>&1\n'
+    scripts = []
+
+    def run_script(products_dir, env, progress):
+        scripts.append((products_dir / "top.ys").read_text())
+        return 1, silent
+
+    monkeypatch.setattr(board_build, "_run_script", run_script)
+    board = BOARDS["ulx3s-12f"]
+    with pytest.raises(board_build.BuildFailed, match=r"inside ABC.*also with synth_ecp5 -dff"):
+        board_build.build_board(board, board.default_config, tmp_path)
+    assert len(scripts) == 2
+    assert "-dff" not in scripts[0] and "synth_ecp5 -dff" in scripts[1]
+    assert "synthesis again with synth_ecp5 -dff" in (tmp_path / "build.log").read_text()
+
+    # Another failure is not retried.
+    scripts.clear()
+    monkeypatch.setattr(board_build, "_run_script",
+                        lambda d, e, p: (scripts.append(1), (1, "ERROR: no route"))[1])
+    with pytest.raises(board_build.BuildFailed, match="ERROR: no route"):
+        board_build.build_board(board, board.default_config, tmp_path)
+    assert scripts == [1]
+
+
 def _logic_breakdown():
     import importlib.util
 
