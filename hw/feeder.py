@@ -11,9 +11,8 @@ memory read; the array takes it a cycle later). From a word's issue,
 - its result is written ``results_written_cycles`` cycles after (``drain_idle`` rises
   then: REQUANT and HALT wait for it).
 
-With the feature-map hardware, the words follow the SETWIN walk: ``row_length`` words
-``col_step`` apart, then the next row ``row_step`` after the row's first word; with
-``reduce``, every row after the first combines into one accumulator word.
+The words' addresses follow the feeder's walk (``feed_walk.py``): consecutive words, or
+with the feature-map hardware the SETWIN walk.
 """
 
 from amaranth import Array, Module, Signal
@@ -21,11 +20,11 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig
-from ..isa import INSTRUCTION_WIDTH, Opcode
+from ..isa import INSTRUCTION_WIDTH
 from ..memory_map import Region, memories
 from ..timing import array_latency, weight_use_cycles
 from .accumulate import tag_layout
-from .instruction import instruction_field
+from .feed_walk import feed_walk
 from .ports import ReadRequest
 
 __all__ = ["Feeder"]
@@ -75,11 +74,10 @@ class Feeder(wiring.Component):
     def elaborate(self, platform):
         c = self._config
         m = Module()
-        fm = c.feature_maps
+        # The addresses' walk: SETWIN's with the feature-map hardware, else linear.
+        m.submodules.walk = walk = feed_walk(c)
         feed_busy = Signal()
         feed_remaining = Signal(16)
-        feed_act_addr = Signal(range(c.activation_depth))
-        feed_acc_addr = Signal(range(c.accumulator_depth))
         feed_bank = Signal()
         feed_accumulate = Signal()
         feed_max = Signal()
@@ -89,52 +87,35 @@ class Feeder(wiring.Component):
         issue = Signal()
         m.d.comb += [
             issue.eq(self.running & feed_busy),
+            walk.start.eq(self.dispatch), walk.start_act_addr.eq(self.act_addr),
+            walk.start_acc_addr.eq(self.acc_addr), walk.step.eq(issue),
+            walk.instruction.eq(self.instruction), walk.set_win.eq(self.set_win),
+            walk.run_start.eq(self.run_start),
             self.issue.valid.eq(issue), self.issue.accumulate.eq(feed_accumulate),
-            self.issue.max.eq(feed_max), self.issue.addr.eq(feed_acc_addr),
-            self.act_read.valid.eq(issue), self.act_read.addr.eq(feed_act_addr),
+            self.issue.max.eq(feed_max), self.issue.addr.eq(walk.acc_addr),
+            self.act_read.valid.eq(issue), self.act_read.addr.eq(walk.act_addr),
             self.act.eq(self.act_read.data),
             self.busy.eq(feed_busy), self.ready.eq(~feed_busy | feed_last),
             self.feeding_bank.eq(feed_bank),
         ]
         m.d.sync += self.array_bank.eq(feed_bank)
         self._in_flight(m, issue, feed_bank)
-        window = self._window(m) if fm else None
 
         with m.If(issue):
-            m.d.sync += feed_remaining.eq(feed_remaining - 1)
-            if fm:
-                w = window
-                with m.If(w["col"] == w["last_col"]):
-                    next_row = w["row_addr"] + w["row_step"]
-                    m.d.sync += [w["col"].eq(0), w["row_addr"].eq(next_row),
-                                 feed_act_addr.eq(next_row)]
-                with m.Else():
-                    m.d.sync += [w["col"].eq(w["col"] + 1),
-                                 feed_act_addr.eq(feed_act_addr + w["col_step"])]
-                with m.If(w["reduce"]):  # every row after the first combines into one word
-                    m.d.sync += feed_accumulate.eq(1)
-                with m.Else():
-                    m.d.sync += feed_acc_addr.eq(feed_acc_addr + 1)
-            else:
-                m.d.sync += [feed_act_addr.eq(feed_act_addr + 1),
-                             feed_acc_addr.eq(feed_acc_addr + 1)]
-            m.d.sync += feed_last.eq(feed_remaining == 2)
+            m.d.sync += [feed_remaining.eq(feed_remaining - 1),
+                         feed_last.eq(feed_remaining == 2)]
+            with m.If(walk.reduce):  # every word after the first combines into one
+                m.d.sync += feed_accumulate.eq(1)
             with m.If(feed_last):
                 m.d.sync += feed_busy.eq(0)
         with m.If(self.dispatch):
             m.d.sync += [
                 feed_busy.eq(1), feed_remaining.eq(self.count),
-                feed_last.eq(self.count == 1), feed_act_addr.eq(self.act_addr),
-                feed_acc_addr.eq(self.acc_addr), feed_bank.eq(self.bank),
+                feed_last.eq(self.count == 1), feed_bank.eq(self.bank),
                 feed_accumulate.eq(self.accumulate),
             ]
-            if fm:
-                w = window
-                m.d.sync += [
-                    feed_max.eq(self.combine), w["col"].eq(0), w["row_addr"].eq(self.act_addr),
-                    w["last_col"].eq(w["win_last_col"]), w["row_step"].eq(w["win_row_step"]),
-                    w["col_step"].eq(w["win_col_step"]), w["reduce"].eq(w["win_reduce"]),
-                ]
+            if c.feature_maps:   # max pooling's combine
+                m.d.sync += feed_max.eq(self.combine)
         with m.If(self.abort):
             m.d.sync += feed_busy.eq(0)
         return m
@@ -162,33 +143,3 @@ class Feeder(wiring.Component):
         with m.If(self.abort):
             m.d.sync += [drain.eq(0), inflight[0].eq(0), inflight[1].eq(0),
                          drain_idle.eq(1), inflight_idle[0].eq(1), inflight_idle[1].eq(1)]
-
-    def _window(self, m) -> dict:
-        """The SETWIN registers (feature-map builds), and the walk's registers, which
-        latch them at dispatch: a SETWIN may follow a MATMUL while it still streams."""
-        c = self._config
-
-        def field(name):
-            return instruction_field(self.instruction, Opcode.SETWIN, name)
-
-        win_last_col = Signal(16, init=0xFFFF)   # SETWIN row_length - 1
-        win_row_step = Signal(16)
-        win_col_step = Signal(8, init=1)
-        win_reduce = Signal()
-        with m.If(self.set_win):
-            m.d.sync += [win_last_col.eq(field("row_length") - 1),
-                         win_row_step.eq(field("row_step")),
-                         win_col_step.eq(field("col_step")), win_reduce.eq(field("reduce"))]
-        with m.If(self.run_start):   # SETWIN starts from its defaults in every run
-            m.d.sync += [win_last_col.eq(0xFFFF), win_row_step.eq(0), win_col_step.eq(1),
-                         win_reduce.eq(0)]
-        return {
-            "win_last_col": win_last_col, "win_row_step": win_row_step,
-            "win_col_step": win_col_step, "win_reduce": win_reduce,
-            "col": Signal(16, name="feed_col"),
-            "row_addr": Signal(range(c.activation_depth), name="feed_row_addr"),
-            "last_col": Signal(16, name="feed_last_col"),
-            "row_step": Signal(16, name="feed_row_step"),
-            "col_step": Signal(8, name="feed_col_step"),
-            "reduce": Signal(name="feed_reduce"),
-        }

@@ -1,8 +1,8 @@
 """GEMM expansion: a GEMM instruction stands for a LOADW and a MATMUL per K tile, the
 steps the sequencer dispatches one at a time (:class:`npugen.golden.GemmState` is the
-reference). Holds the SETGEMM and (feature-map builds) SETKERN registers and the K-tile
-walk: weight pointer, and the activation word of the tile's kernel tap, of its kernel row
-and of its channel tile.
+reference). Holds the SETGEMM registers and the weight pointer; the K tiles' activation
+words come from its walk (``tap_walk.py``: one ``tile_step`` apart, or with the
+feature-map hardware SETKERN's kernel taps).
 """
 
 from amaranth import Module, Mux, Signal
@@ -12,6 +12,7 @@ from amaranth.lib.wiring import In, Out
 from ..config import NpuConfig
 from ..isa import INSTRUCTION_WIDTH, OPCODE_WIDTH, Opcode
 from .instruction import instruction_field
+from .tap_walk import tap_walk
 
 __all__ = ["GemmExpander"]
 
@@ -58,8 +59,11 @@ class GemmExpander(wiring.Component):
     def elaborate(self, platform):
         c = self._config
         m = Module()
-        rows, fm = c.rows, c.feature_maps
+        rows = c.rows
         instruction, is_gemm = self.instruction, self.is_gemm
+        # The K tiles' activation words: SETKERN's kernel walk with the feature-map
+        # hardware, else one tile_step apart.
+        m.submodules.walk = walk = tap_walk(c.feature_maps)
 
         def field(opcode, name):
             return instruction_field(instruction, opcode, name)
@@ -68,34 +72,30 @@ class GemmExpander(wiring.Component):
         gemm_last_kt = Signal(16)     # SETGEMM's k_tiles - 1, kept ready for the compare
         gemm_empty = Signal(init=1)   # SETGEMM's k_tiles == 0 (no SETGEMM yet: 0 tiles)
         gemm_tile_step = Signal(16)
-        kernel_last_x = Signal(8)
-        kernel_last_y = Signal(8)
-        kernel_row_step = Signal(16)
         gemm_started = Signal()
         gemm_matmul_next = Signal()   # 0: the K tile's LOADW is next, 1: its MATMUL
         gemm_kt = Signal(16)
         gemm_weight_run = Signal(16)
-        # The K-tile walk: tap x, y; the activation word of the tap, of its kernel row
-        # and of its channel tile.
-        gemm_x = Signal(8)
-        gemm_y = Signal(8)
-        gemm_tap_run = Signal(16)
-        gemm_row_run = Signal(16)
-        gemm_tile_run = Signal(16)
         gemm_weight_now = Mux(gemm_started, gemm_weight_run, gemm_weight)
-        gemm_act_field = field(Opcode.GEMM, "act_addr")
-        gemm_act_now = Mux(gemm_started, gemm_tap_run, gemm_act_field)
-        gemm_row_now = Mux(gemm_started, gemm_row_run, gemm_act_field)
-        gemm_tile_now = Mux(gemm_started, gemm_tile_run, gemm_act_field)
         gemm_last = Signal()
         m.d.comb += gemm_last.eq(gemm_matmul_next & (gemm_kt == gemm_last_kt))
+        gemm_dispatch = self.dispatch & is_gemm
+        m.d.comb += [
+            walk.gemm_act_addr.eq(field(Opcode.GEMM, "act_addr")),
+            walk.tile_step.eq(gemm_tile_step), walk.started.eq(gemm_started),
+            walk.begin.eq(gemm_dispatch & ~gemm_matmul_next),
+            walk.advance.eq(gemm_dispatch & gemm_matmul_next),
+            walk.finish.eq(gemm_dispatch & gemm_last),
+            walk.instruction.eq(instruction), walk.set_kern.eq(self.set_kern),
+            walk.run_start.eq(self.run_start),
+        ]
 
         with m.If(is_gemm):
             m.d.comb += [
                 self.op.eq(Mux(gemm_matmul_next, Opcode.MATMUL, Opcode.LOADW)),
                 self.bank.eq(field(Opcode.GEMM, "bank") ^ gemm_kt[0]),
                 self.weight_addr.eq(gemm_weight_now),
-                self.act_addr.eq(gemm_act_now),
+                self.act_addr.eq(walk.act_addr),
                 self.acc_addr.eq(field(Opcode.GEMM, "acc_addr")),
                 self.count.eq(field(Opcode.GEMM, "count")),
                 self.accumulate.eq(field(Opcode.GEMM, "accumulate") | (gemm_kt != 0)),
@@ -123,35 +123,18 @@ class GemmExpander(wiring.Component):
             self.is_matmul.eq(Mux(is_gemm, gemm_step & gemm_matmul_next, self.op_matmul)),
         ]
 
-        with m.If(self.dispatch & is_gemm):
+        with m.If(gemm_dispatch):
             with m.If(~gemm_matmul_next):
                 m.d.sync += [gemm_matmul_next.eq(1), gemm_started.eq(1),
-                             gemm_weight_run.eq(gemm_weight_now), gemm_tap_run.eq(gemm_act_now),
-                             gemm_row_run.eq(gemm_row_now), gemm_tile_run.eq(gemm_tile_now)]
+                             gemm_weight_run.eq(gemm_weight_now)]
             with m.Else():
                 m.d.sync += [
                     gemm_matmul_next.eq(0), gemm_kt.eq(gemm_kt + 1),
                     gemm_weight_run.eq(gemm_weight_now + rows),
                 ]
-                # Next tap: along the kernel row, else the next kernel row, else the
-                # next channel tile.
-                if fm:
-                    with m.If(gemm_x != kernel_last_x):
-                        m.d.sync += [gemm_x.eq(gemm_x + 1),
-                                     gemm_tap_run.eq(gemm_act_now + 1)]
-                    with m.Elif(gemm_y != kernel_last_y):
-                        next_row = gemm_row_now + kernel_row_step
-                        m.d.sync += [gemm_x.eq(0), gemm_y.eq(gemm_y + 1),
-                                     gemm_row_run.eq(next_row), gemm_tap_run.eq(next_row)]
-                    with m.Else():
-                        next_tile = gemm_tile_now + gemm_tile_step
-                        m.d.sync += [gemm_x.eq(0), gemm_y.eq(0), gemm_tile_run.eq(next_tile),
-                                     gemm_row_run.eq(next_tile), gemm_tap_run.eq(next_tile)]
-                else:
-                    m.d.sync += gemm_tap_run.eq(gemm_act_now + gemm_tile_step)
                 with m.If(gemm_last):
-                    m.d.sync += [gemm_started.eq(0), gemm_kt.eq(0), gemm_x.eq(0),
-                                 gemm_y.eq(0), gemm_weight.eq(gemm_weight_now + rows)]
+                    m.d.sync += [gemm_started.eq(0), gemm_kt.eq(0),
+                                 gemm_weight.eq(gemm_weight_now + rows)]
         with m.If(self.set_gemm):
             m.d.sync += [
                 gemm_weight.eq(field(Opcode.SETGEMM, "weight_addr")),
@@ -159,16 +142,6 @@ class GemmExpander(wiring.Component):
                 gemm_empty.eq(field(Opcode.SETGEMM, "k_tiles") == 0),
                 gemm_tile_step.eq(field(Opcode.SETGEMM, "tile_step")),
             ]
-        if fm:
-            with m.If(self.set_kern):
-                m.d.sync += [
-                    kernel_last_x.eq(field(Opcode.SETKERN, "kernel_w") - 1),
-                    kernel_last_y.eq(field(Opcode.SETKERN, "kernel_h") - 1),
-                    kernel_row_step.eq(field(Opcode.SETKERN, "kernel_row_step")),
-                ]
         with m.If(self.run_start):
-            m.d.sync += [gemm_started.eq(0), gemm_matmul_next.eq(0), gemm_kt.eq(0),
-                         gemm_x.eq(0), gemm_y.eq(0)]
-            if fm:   # SETKERN starts from its defaults in every run
-                m.d.sync += [kernel_last_x.eq(0), kernel_last_y.eq(0), kernel_row_step.eq(0)]
+            m.d.sync += [gemm_started.eq(0), gemm_matmul_next.eq(0), gemm_kt.eq(0)]
         return m

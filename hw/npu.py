@@ -16,6 +16,10 @@ constants of ``sw/timing.py``):
 - ``requant_unit.py`` (REQUANT) runs ``requant_lanes`` channels a cycle once the array
   has drained and blocks dispatch until its last write.
 
+The feature-map hardware's address walks are sub-units of the GEMM expansion, the feeder
+and the requantization unit (``tap_walk.py``, ``feed_walk.py``, ``out_walk.py``), each
+with a linear stand-in that NPUs generated without ``feature_maps`` have instead.
+
 Each memory has one read and one write port: the host's accesses are their defaults, and
 the units' requests (``ports.py``) are granted over them in a fixed order.
 """

@@ -28,6 +28,7 @@ from ..layouts import param_lane_fields
 from ..memory_map import Region, memories
 from ..timing import REQUANT_INPUT_STAGES
 from .instruction import instruction_field
+from .out_walk import out_walk
 from .ports import ReadRequest, WriteRequest
 from .requant import Requantizer
 
@@ -104,20 +105,19 @@ class RequantUnit(wiring.Component):
 
         settings = self._settings(m)
         param_addr, out_stride = settings["param_addr"], settings["out_stride"]
-        out_last_col, out_row_step = settings["out_last_col"], settings["out_row_step"]
+        # Where each accumulator word's results go: consecutive words, or with the
+        # feature-map hardware SETOUT's rows.
+        m.submodules.out_walk = walk = out_walk(c)
 
         # The walk: accumulator word, its group, and where the group's results go.
         rq_busy = Signal()
         rq_remaining = Signal(16)
         rq_group = Signal(range(groups))
         rq_acc_addr = Signal(range(c.accumulator_depth))
-        rq_row_addr = Signal(range(c.activation_depth))
         rq_word = Signal(range(c.activation_depth))
         rq_lane = Signal(range(rows + 1))
         rq_first_lane = Signal(range(rows))
         rq_param_addr = Signal(range(c.param_depth))
-        rq_out_col = Signal(16)
-        rq_line_addr = Signal(range(c.activation_depth))
         # REQUANT to_acc: 32-bit results go back into the accumulators through the
         # accumulate path. Source reads then take every other cycle, so the read of each
         # result's destination word has the memory's read port to itself.
@@ -166,18 +166,7 @@ class RequantUnit(wiring.Component):
                     rq_group.eq(0), rq_lane.eq(rq_first_lane), rq_param_addr.eq(param_addr),
                     rq_acc_addr.eq(rq_acc_addr + 1), rq_remaining.eq(rq_remaining - 1),
                 ]
-                # The output walk (SETOUT): along the output row, else the next row.
-                if fm:
-                    with m.If(rq_out_col == out_last_col):
-                        next_line = rq_line_addr + out_row_step
-                        m.d.sync += [rq_out_col.eq(0), rq_line_addr.eq(next_line),
-                                     rq_row_addr.eq(next_line), rq_word.eq(next_line)]
-                    with m.Else():
-                        m.d.sync += [rq_out_col.eq(rq_out_col + 1),
-                                     rq_row_addr.eq(rq_row_addr + 1),
-                                     rq_word.eq(rq_row_addr + 1)]
-                else:
-                    m.d.sync += [rq_row_addr.eq(rq_row_addr + 1), rq_word.eq(rq_row_addr + 1)]
+                m.d.sync += rq_word.eq(walk.next_addr)
                 with m.If(rq_remaining == 1):
                     m.d.sync += rq_busy.eq(0)
         with m.Else():
@@ -192,9 +181,14 @@ class RequantUnit(wiring.Component):
                 rq_group.eq(0), rq_param_addr.eq(param_addr),
                 rq_remaining.eq(_field(instruction, "count")),
                 rq_acc_addr.eq(_field(instruction, "acc_addr")),
-                rq_row_addr.eq(out_addr), rq_word.eq(out_addr), rq_line_addr.eq(out_addr),
-                rq_out_col.eq(0), rq_lane.eq(first_lane), rq_first_lane.eq(first_lane),
+                rq_word.eq(out_addr), rq_lane.eq(first_lane), rq_first_lane.eq(first_lane),
             ]
+        m.d.comb += [
+            walk.load.eq(~rq_busy), walk.start_addr.eq(out_addr),
+            walk.step.eq(rq_advance & (rq_group == groups - 1)),
+            walk.instruction.eq(instruction), walk.set_out.eq(self.set_out),
+            walk.run_start.eq(self.run_start),
+        ]
         with m.If(self.dispatch):
             m.d.sync += rq_busy.eq(1)
             if c.rounding == "both":
@@ -242,7 +236,7 @@ class RequantUnit(wiring.Component):
         return m
 
     def _settings(self, m) -> dict:
-        """The SETPP, SETREQ and SETOUT registers, by name."""
+        """The SETPP and SETREQ registers, by name."""
         c = self._config
         instruction = self.instruction
         zero_point = Signal(signed(16))
@@ -250,8 +244,6 @@ class RequantUnit(wiring.Component):
         clamp_max = Signal(signed(16))
         param_addr = Signal(range(c.param_depth))
         out_stride = Signal(16)
-        out_last_col = Signal(16, init=0xFFFF)   # SETOUT row_length - 1
-        out_row_step = Signal(16)
         with m.If(self.set_pp):
             m.d.sync += [
                 zero_point.eq(instruction_field(instruction, Opcode.SETPP, "zero_point")),
@@ -263,19 +255,8 @@ class RequantUnit(wiring.Component):
                 param_addr.eq(instruction_field(instruction, Opcode.SETREQ, "param_addr")),
                 out_stride.eq(instruction_field(instruction, Opcode.SETREQ, "out_stride")),
             ]
-        if c.feature_maps:
-            with m.If(self.set_out):
-                m.d.sync += [
-                    out_last_col.eq(
-                        instruction_field(instruction, Opcode.SETOUT, "row_length") - 1),
-                    out_row_step.eq(instruction_field(instruction, Opcode.SETOUT, "row_step")),
-                ]
-            with m.If(self.run_start):   # SETOUT starts from its defaults in every run
-                m.d.sync += [out_last_col.eq(0xFFFF), out_row_step.eq(0)]
-
         return {"zero_point": zero_point, "clamp_min": clamp_min, "clamp_max": clamp_max,
-                "param_addr": param_addr, "out_stride": out_stride,
-                "out_last_col": out_last_col, "out_row_step": out_row_step}
+                "param_addr": param_addr, "out_stride": out_stride}
 
     def _lanes(self, m, settings, stage_valid, stage_group, rq_left_shift, rq_single):
         """The ``requant_lanes`` requantizers, fed the group in the input register and

@@ -162,7 +162,7 @@ REQUANT_CONFIGS = {
 
 
 @pytest.mark.parametrize("name", list(REQUANT_CONFIGS))
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1, 2, 3])   # seeds 1 and 2 give the 2x2 one word, 3 five
 def test_requant_unit_matches_golden_and_cycle_model(name, seed):
     """Random accumulators, parameters, zero point, clamps, output lane, stride and count:
     every activation lane the unit writes (and those it must leave alone) equals the
@@ -786,3 +786,21 @@ def test_sequencer_stops_at_an_illegal_instruction(opcode):
     _, result = run_sequencer(c, [setpp, setpp, opcode, halt])
     assert result["illegal"] and not result["done"]
     assert result["pc"] == 3
+
+
+def test_feature_map_walks_are_sub_units_of_their_own():
+    """The feature-map hardware's walks (SETWIN, SETKERN, SETOUT) are sub-units chosen by
+    the configuration: an NPU without it has the linear walks, which decode none of them."""
+    from amaranth.hdl import Fragment
+
+    from npugen.hw.feed_walk import LinearWalk, WindowWalk, feed_walk
+    from npugen.hw.out_walk import LinearOutWalk, RowOutWalk, out_walk
+    from npugen.hw.tap_walk import KernelWalk, TileWalk, tap_walk
+
+    for feature_maps, kinds in ((True, (WindowWalk, KernelWalk, RowOutWalk)),
+                                (False, (LinearWalk, TileWalk, LinearOutWalk))):
+        c = NpuConfig(feature_maps=feature_maps, **SMALL)
+        walks = (feed_walk(c), tap_walk(feature_maps), out_walk(c))
+        for walk, kind in zip(walks, kinds, strict=True):
+            assert type(walk) is kind
+            Fragment.get(walk, None)   # and it elaborates
