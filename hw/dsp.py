@@ -17,6 +17,8 @@ from pathlib import Path
 from amaranth import Cat, ClockSignal, Const, Module, Mux, ResetSignal, Signal, signed
 from amaranth.hdl import Instance, Value
 
+from .implementation import ECP5_DSP_PRODUCTS
+
 __all__ = ["ECP5_DSP_PRODUCTS", "ECP5_MULT_WIDTH", "ICE40_MAC_8X8_WIDTH", "ICE40_MAC_STANDIN",
            "ICE40_MAC_WIDTH", "ICE40_MIN_DSP_PRODUCT_BITS",
            "PRIMITIVE_FAMILIES", "PrimitiveFamily", "dsp_rows", "fabric_product",
@@ -38,15 +40,6 @@ ICE40_MIN_DSP_PRODUCT_BITS = 11
 #: undo the 8×8 mode; the board build renames the stand-in after synthesis
 #: (``synthesis_support``).
 ICE40_MAC_STANDIN = "npugen_SB_MAC16"
-
-
-#: On ECP5 at most this many of the array's products go to MULT18X18Ds, in whole rows from
-#: the top; the rows below multiply in logic (``fabric_product``). nextpnr 0.11 does not
-#: route a 12×12 array with all 144 products in MULT18X18Ds (148 of the LFE5U-85F's 156,
-#: with the requantizer's four): 55,000 of 74,000 arcs were left after 12 minutes of
-#: routing. With 96 in MULT18X18Ds and 48 in logic it routed in 14 minutes beside two other
-#: builds, and met 75 MHz (docs/BOARDS.md).
-ECP5_DSP_PRODUCTS = 96
 
 
 class PrimitiveFamily:

@@ -785,3 +785,48 @@ def test_fabric_product_is_the_signed_product(a_width, b_width):
     simulator.add_testbench(testbench)
     simulator.run()
     assert not wrong, wrong[:5]
+
+
+def test_implementation_defaults_and_names():
+    """The family's defaults fill what is not given (ECP5's DSP budget, iCE40's SPRAM for
+    the weights); the name keys simulator builds, so it tells apart what builds apart."""
+    from npugen.hw.dsp import PRIMITIVE_FAMILIES
+    from npugen.hw.implementation import ECP5_DSP_PRODUCTS, FAMILIES, GENERIC, Implementation
+
+    assert set(FAMILIES) == set(PRIMITIVE_FAMILIES)  # every family has its models
+    assert Implementation("ecp5").dsp_budget == ECP5_DSP_PRODUCTS
+    assert Implementation("ice40").dsp_budget is None and GENERIC.dsp_budget is None
+    assert Implementation("ice40").spram_regions == {Region.WEIGHTS}
+    assert Implementation("ice40") == Implementation("ice40", spram_regions=[Region.WEIGHTS])
+    assert Implementation("ecp5").spram_regions == GENERIC.spram_regions == frozenset()
+    assert GENERIC.is_generic and not Implementation("ice40").is_generic
+    assert not Implementation(dsp_products=4).is_generic
+    assert [implementation.name for implementation in (
+        GENERIC, Implementation("ecp5"), Implementation("ecp5", dsp_products=40),
+        Implementation("ice40", spram_regions=()),
+        Implementation("ice40", spram_regions={Region.WEIGHTS, Region.ACTIVATIONS}))] == [
+        "generic", "ecp5", "ecp5-dsp40", "ice40-spram-none", "ice40-spram-activations-weights"]
+
+
+def test_implementation_refuses_what_it_cannot_build():
+    """Each bad parameter is refused with its value: an unknown family, a negative budget,
+    SPRAM regions that are not memories or not on iCE40; a component takes nothing else."""
+    from npugen.hw.implementation import Implementation, check_implementation
+
+    with pytest.raises(ValueError, match="family must be one of ecp5, ice40, or \"\" for "
+                                         "the generic design, not 'gowin'"):
+        Implementation("gowin")
+    with pytest.raises(ValueError, match="dsp_products must be a non-negative integer or "
+                                         "None, not -1"):
+        Implementation("ecp5", dsp_products=-1)
+    with pytest.raises(ValueError, match="dsp_products must be .*, not True"):
+        Implementation("ecp5", dsp_products=True)
+    with pytest.raises(ValueError, match="spram_regions must be memory regions .*REGISTERS"):
+        Implementation("ice40", spram_regions={Region.REGISTERS})
+    with pytest.raises(ValueError, match="spram_regions must be memory regions .*'weights'"):
+        Implementation("ice40", spram_regions="weights")
+    with pytest.raises(ValueError, match="only iCE40 has SPRAM: spram_regions must be empty "
+                                         "for family 'ecp5', not \\['WEIGHTS'\\]"):
+        Implementation("ecp5", spram_regions={Region.WEIGHTS})
+    with pytest.raises(TypeError, match="implementation must be an Implementation, not 'ecp5'"):
+        check_implementation("ecp5")  # what each component's constructor does with it
