@@ -1,6 +1,11 @@
 """What the gateware is implemented on: the FPGA family whose primitives hw/dsp.py and
-hw/ram.py instantiate by hand, the array's DSP budget and the memories that go to SPRAM,
-in one object to give the NPU instead of attributes of the Amaranth platform.
+hw/ram.py instantiate by hand, the array's DSP budget and the memories that go to SPRAM.
+
+The NPU and its units take an :class:`Implementation` in their constructors and decide
+their mapping from it alone, never from the Amaranth platform they are elaborated for; the
+board build derives it from the board's device (``boards/estimate.py``,
+``board_implementation``), as the resource estimate does, and a simulation can ask for
+any, to run the primitives' models.
 """
 
 from __future__ import annotations

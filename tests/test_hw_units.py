@@ -728,17 +728,16 @@ def test_dsp_mapping_refuses_what_it_cannot_build():
     unsigned operand for the signed SB_MAC16 pairs, an unknown DSP register."""
     from amaranth import Module, Signal, signed
 
-    from npugen.hw.dsp import PrimitiveFamily, registered_product, registered_products
+    from npugen.hw.dsp import registered_product, registered_products
+    from npugen.hw.implementation import Implementation
 
     with pytest.raises(ValueError, match="takes signed operands"):
-        registered_products(Module(), PrimitiveFamily("ice40"),
+        registered_products(Module(), Implementation("ice40"),
                             [(Signal(8), Signal(signed(8))), (Signal(signed(8)),) * 2],
                             name="p")
     with pytest.raises(ValueError, match="register must be 'input' or 'output', not 'both'"):
-        registered_product(Module(), PrimitiveFamily("ecp5"), Signal(signed(8)),
+        registered_product(Module(), Implementation("ecp5"), Signal(signed(8)),
                            Signal(signed(8)), name="p", register="both")
-    with pytest.raises(ValueError, match="dsp_products must be a non-negative integer"):
-        PrimitiveFamily("ecp5", dsp_products=-1)
     with pytest.raises(ValueError, match="not both"):
         ProcessingElement(input_width=8, weight_width=8, psum_width=17,
                           shared_multiplier=True, fabric_multiplier=True)
@@ -746,16 +745,18 @@ def test_dsp_mapping_refuses_what_it_cannot_build():
 
 def test_dsp_rows_follow_the_budget():
     """ECP5 puts at most ECP5_DSP_PRODUCTS of the array's products in MULT18X18Ds, in
-    whole rows; a platform's own budget overrides it; elsewhere every row is in DSPs."""
-    from npugen.hw.dsp import ECP5_DSP_PRODUCTS, PrimitiveFamily, dsp_rows
+    whole rows; an implementation's own budget overrides it; elsewhere every row is in
+    DSPs."""
+    from npugen.hw.dsp import dsp_rows
+    from npugen.hw.implementation import ECP5_DSP_PRODUCTS, GENERIC, Implementation
 
-    ecp5 = PrimitiveFamily("ecp5")
+    ecp5 = Implementation("ecp5")
     assert dsp_rows(ecp5, 8, 8) == 8
     assert dsp_rows(ecp5, 12, 12) == ECP5_DSP_PRODUCTS // 12 == 8
-    assert dsp_rows(PrimitiveFamily("ecp5", dsp_products=3), 2, 3) == 1
-    assert dsp_rows(PrimitiveFamily("ecp5", dsp_products=0), 2, 3) == 0
-    assert dsp_rows(PrimitiveFamily("ice40"), 64, 64) == 64
-    assert dsp_rows(None, 64, 64) == 64
+    assert dsp_rows(Implementation("ecp5", dsp_products=3), 2, 3) == 1
+    assert dsp_rows(Implementation("ecp5", dsp_products=0), 2, 3) == 0
+    assert dsp_rows(Implementation("ice40"), 64, 64) == 64
+    assert dsp_rows(GENERIC, 64, 64) == 64
 
 
 @pytest.mark.parametrize("a_width, b_width", [(8, 8), (4, 4), (8, 3), (2, 8)])
