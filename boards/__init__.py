@@ -42,7 +42,7 @@ def _platform(module: str, cls: str) -> Callable[[], object]:
 # Each board's default is the largest NPU that fits its device and meets its clock
 # (`npugen build --board NAME`; docs/BOARDS.md has the resources, Fmax and the models each
 # default holds). Arrays take DSP multipliers up to the device's budget
-# (boards/estimate.py, array_dsp_products), the rows past it multiply in logic.
+# (boards/estimate.py, board_implementation), the rows past it multiply in logic.
 
 # The iCEBreaker: weights in SPRAM (hw/ram.py; one SB_SPRAM256KA holds 16K words of the
 # 2-column array), the rest in EBR; 512 accumulator words let the demo MLP run at batch 16.

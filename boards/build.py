@@ -22,6 +22,7 @@ from ..hw.dsp import synthesis_support
 from ..hw.soc import Soc
 from ..protocol import uart_divisor
 from . import Board
+from .estimate import DEVICES, board_implementation
 
 __all__ = ["BoardTop", "build_board", "write_build_files", "BuildFailed", "BITSTREAM_NAMES",
            "TOOLCHAINS", "SYNTH_OPTIONS", "find_loader", "tool_path"]
@@ -103,11 +104,13 @@ def ice40_pll_parameters(input_mhz: float, output_mhz: float) -> dict[str, int |
 
 class BoardTop(Elaboratable):
     """The SoC on a board: its clock from the oscillator or a PLL, its UART on the board's
-    USB-serial pins, running/error LEDs."""
+    USB-serial pins, running/error LEDs. The NPU is built for the board's device
+    (``implementation``, as the estimate counts it: ``board_implementation``)."""
 
     def __init__(self, board: Board, config: NpuConfig):
         self.board = board
         self.config = config
+        self.implementation = board_implementation(config, DEVICES[board.device])
         self.pll = None
         clock_hz = board.clock_hz
         if board.pll_mhz:
@@ -161,15 +164,11 @@ class BoardTop(Elaboratable):
         platform.add_clock_constraint(sync.clk, self.clock_hz)
 
     def elaborate(self, platform):
-        from .estimate import DEVICES, array_dsp_products
-
         m = Module()
-        # Where the device's DSP blocks end, the array's lower rows multiply in logic
-        # (hw/dsp.py, dsp_rows, reads it from the platform); the estimate counts the same.
-        platform.dsp_products = array_dsp_products(self.config, DEVICES[self.board.device])
         if self.pll:
             self._pll_domain(m, platform)
-        m.submodules.soc = soc = Soc(self.config, divisor=self.divisor)
+        m.submodules.soc = soc = Soc(self.config, divisor=self.divisor,
+                                     implementation=self.implementation)
         uart = platform.request("uart", 0)
         m.d.comb += [soc.uart_rx.eq(uart.rx.i), uart.tx.o.eq(soc.uart_tx)]
         leds = []

@@ -1,23 +1,21 @@
 """Resources a configuration needs for certain, known before synthesis: the build refuses
-a configuration that cannot fit instead of spending minutes in place and route."""
+a configuration that cannot fit instead of spending minutes in place and route.
+
+The board build elaborates the NPU for :func:`board_implementation` (its family, DSP budget
+and SPRAM), and the estimate counts for the same, so the two cannot disagree."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..config import NpuConfig
-from ..hw.dsp import (
-    ECP5_DSP_PRODUCTS,
-    ICE40_MIN_DSP_PRODUCT_BITS,
-    PrimitiveFamily,
-    dsp_rows,
-    paired_columns,
-)
+from ..hw.dsp import ICE40_MIN_DSP_PRODUCT_BITS, dsp_rows, paired_columns
+from ..hw.implementation import ECP5_DSP_PRODUCTS, Implementation
 from ..hw.ram import SPRAM_BLOCKS, spram_blocks
 from ..memory_map import memories
 from ..protocol import RX_FIFO_BYTES
 
-__all__ = ["Device", "DEVICES", "Estimate", "array_dsp_products", "board_primitives", "estimate"]
+__all__ = ["Device", "DEVICES", "Estimate", "board_implementation", "estimate"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +34,7 @@ class Device:
     min_product_bits: int = 0   # narrower products stay in logic
     paired_products: bool = False  # two int8 products per slot, as hw/dsp.py pairs them
     spram_blocks: int = 0          # iCE40UP5K SPRAM, which hw/ram.py maps the weights to
-    family: str = ""               # whose mapping (hw/dsp.py, hw/ram.py) the build uses
+    family: str = ""               # whose primitives hw/dsp.py, hw/ram.py instantiate
 
 
 DEVICES = {
@@ -86,40 +84,35 @@ class Estimate:
         return found
 
 
-def array_dsp_products(config: NpuConfig, device: Device) -> int | None:
-    """At most how many of the array's products the build gives DSP blocks on ``device``
-    (whole rows from the top, hw/dsp.py's ``dsp_rows``; the rows below multiply in logic):
-    on ECP5, ``ECP5_DSP_PRODUCTS`` and no more than the MULT18X18Ds the requantizer lanes
-    leave. None elsewhere: every product goes to DSP blocks, as the family maps them."""
+def board_implementation(config: NpuConfig, device: Device) -> Implementation:
+    """What the build for ``device`` elaborates ``config`` for (a simulation with the same
+    mapping takes it too): the device's family (generic where hw/ instantiates none of its
+    primitives), with its default SPRAM regions, and on ECP5 a DSP budget of
+    ``ECP5_DSP_PRODUCTS`` and no more than the MULT18X18Ds the requantizer lanes leave
+    (whole rows from the top, hw/dsp.py's ``dsp_rows``; the rows below multiply in logic).
+    Elsewhere every product goes to DSP blocks, as the family maps them."""
     if device.family != "ecp5":
-        return None
+        return Implementation(device.family)
     spare = device.multiplier_slots - config.requant_lanes * device.wide_product_slots
-    return max(0, min(ECP5_DSP_PRODUCTS, spare))
-
-
-def board_primitives(config: NpuConfig, device: Device) -> PrimitiveFamily | None:
-    """The primitives the build for ``device`` elaborates ``config`` with (None: generic),
-    for a simulation with the same mapping."""
-    if not device.family:
-        return None
-    return PrimitiveFamily(device.family, dsp_products=array_dsp_products(config, device))
+    return Implementation(device.family, dsp_products=max(0, min(ECP5_DSP_PRODUCTS, spare)))
 
 
 def estimate(config: NpuConfig, device: Device) -> Estimate:
-    """Lower bounds: every product of the array's rows in DSP blocks (or pair of products,
-    where the device pairs them; rows past the device's DSP budget, ``array_dsp_products``,
-    multiply in logic) and
-    each requantizer lane's 32x32 product takes hard multipliers, and every memory's bits
-    take block RAM, or SPRAM where hw/ram.py maps it there."""
-    family = board_primitives(config, device)
-    in_spram = {region: spram_blocks(family, info)
+    """Lower bounds, for the build's :func:`board_implementation`: every product of the
+    array's rows in DSP blocks (or pair of products, where the device pairs them; rows past
+    its DSP budget multiply in logic) and each requantizer lane's 32x32 product takes hard
+    multipliers, and every memory's bits take block RAM, or SPRAM where hw/ram.py maps it
+    there."""
+    implementation = board_implementation(config, device)
+    in_spram = {region: spram_blocks(implementation, info)
                 for region, info in memories(config).items()}
     bits = sum(info.depth * info.width for region, info in memories(config).items()
                if not in_spram[region])
     product_bits = config.input_width + config.weight_width
-    paired = (paired_columns(family, config.cols, config.input_width, config.weight_width)
+    paired = (paired_columns(implementation, config.cols, config.input_width,
+                             config.weight_width)
               if device.paired_products else 0)
-    rows = dsp_rows(family, config.rows, config.cols)
+    rows = dsp_rows(implementation, config.rows, config.cols)
     alone = rows * (config.cols - paired)
     products = rows * paired // 2 + (alone if product_bits >= device.min_product_bits
                                      else 0)

@@ -7,6 +7,7 @@ from amaranth.lib.wiring import In, Out
 from ..config import NpuConfig
 from ..timing import ARRAY_INPUT_STAGES, array_latency
 from .dsp import dsp_rows, paired_columns, registered_products
+from .implementation import GENERIC, Implementation, check_implementation
 from .pe import ProcessingElement
 
 __all__ = ["SystolicArray", "psum_width"]
@@ -40,10 +41,13 @@ class SystolicArray(wiring.Component):
 
     ``weight_row`` with ``load`` shifts one row of weights into the top of bank
     ``load_bank``; ``rows`` such cycles load a tile (last row first).
+
+    ``implementation``: whose DSP blocks multiply, and how many rows they take (hw/dsp.py).
     """
 
-    def __init__(self, config: NpuConfig):
+    def __init__(self, config: NpuConfig, *, implementation: Implementation = GENERIC):
         self._config = c = config
+        self._implementation = check_implementation(implementation)
         super().__init__({
             "act": In(data.ArrayLayout(signed(c.input_width), c.rows)),
             "bank": In(1),
@@ -58,17 +62,18 @@ class SystolicArray(wiring.Component):
         return array_latency(self._config.rows, self._config.cols)
 
     def elaborate(self, platform):
-        c = self._config
+        c, implementation = self._config, self._implementation
         m = Module()
         # Where a DSP block holds two products (iCE40), neighbouring PEs of a row share
         # one: columns 2k and 2k + 1 (an odd last column multiplies alone).
-        # Rows past the platform's DSP budget multiply in logic (hw/dsp.py, dsp_rows).
-        paired_cols = paired_columns(platform, c.cols, c.input_width, c.weight_width)
-        in_dsp = dsp_rows(platform, c.rows, c.cols)
+        # Rows past the implementation's DSP budget multiply in logic (hw/dsp.py, dsp_rows).
+        paired_cols = paired_columns(implementation, c.cols, c.input_width, c.weight_width)
+        in_dsp = dsp_rows(implementation, c.rows, c.cols)
         pes = [[ProcessingElement(input_width=c.input_width, weight_width=c.weight_width,
                                   psum_width=psum_width(c, r + 1),
                                   shared_multiplier=r < in_dsp and col < paired_cols,
-                                  fabric_multiplier=r >= in_dsp)
+                                  fabric_multiplier=r >= in_dsp,
+                                  implementation=implementation)
                 for col in range(c.cols)] for r in range(c.rows)]
         for r in range(c.rows):
             for col in range(c.cols):
@@ -93,7 +98,7 @@ class SystolicArray(wiring.Component):
             if paired_cols and r < in_dsp:
                 shared = pes[r][:paired_cols]
                 products = registered_products(
-                    m, platform, [(pe.mul_act, pe.mul_weight) for pe in shared],
+                    m, implementation, [(pe.mul_act, pe.mul_weight) for pe in shared],
                     name=f"product_{r}")
                 m.d.comb += [pe.product.eq(p) for pe, p in zip(shared, products, strict=True)]
         for col in range(c.cols):

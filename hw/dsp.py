@@ -1,9 +1,11 @@
-"""Platform mapping of registered products.
+"""Family mapping of registered products.
 
 The generic design multiplies with plain operators and lets yosys map the products to DSP
 blocks. Where yosys cannot use a DSP block well (its own registers on ECP5, two products
 per block on iCE40), the products are instantiated by hand here, behind the same
-functions, so the Verilog for simulation and for other flows stays generic.
+functions, so the Verilog for simulation and for other flows stays generic. Which mapping
+applies is the :class:`~npugen.hw.implementation.Implementation`'s (its family and DSP
+budget), passed to each function.
 
 ``PRIMITIVE_FAMILIES`` lists every primitive hw/ instantiates by hand (here and in
 hw/ram.py) with its simulation model.
@@ -17,10 +19,11 @@ from pathlib import Path
 from amaranth import Cat, ClockSignal, Const, Module, Mux, ResetSignal, Signal, signed
 from amaranth.hdl import Instance, Value
 
-__all__ = ["ECP5_DSP_PRODUCTS", "ECP5_MULT_WIDTH", "ICE40_MAC_8X8_WIDTH", "ICE40_MAC_STANDIN",
-           "ICE40_MAC_WIDTH", "ICE40_MIN_DSP_PRODUCT_BITS",
-           "PRIMITIVE_FAMILIES", "PrimitiveFamily", "dsp_rows", "fabric_product",
-           "paired_columns", "platform_family", "products_per_block", "registered_product",
+from .implementation import Implementation
+
+__all__ = ["ECP5_MULT_WIDTH", "ICE40_MAC_8X8_WIDTH", "ICE40_MAC_STANDIN", "ICE40_MAC_WIDTH",
+           "ICE40_MIN_DSP_PRODUCT_BITS", "PRIMITIVE_FAMILIES", "dsp_rows", "fabric_product",
+           "paired_columns", "products_per_block", "registered_product",
            "registered_products", "simulation_models", "synthesis_support"]
 
 #: Operand width of the ECP5 MULT18X18D.
@@ -40,73 +43,37 @@ ICE40_MIN_DSP_PRODUCT_BITS = 11
 ICE40_MAC_STANDIN = "npugen_SB_MAC16"
 
 
-#: On ECP5 at most this many of the array's products go to MULT18X18Ds, in whole rows from
-#: the top; the rows below multiply in logic (``fabric_product``). nextpnr 0.11 does not
-#: route a 12×12 array with all 144 products in MULT18X18Ds (148 of the LFE5U-85F's 156,
-#: with the requantizer's four): 55,000 of 74,000 arcs were left after 12 minutes of
-#: routing. With 96 in MULT18X18Ds and 48 in logic it routed in 14 minutes beside two other
-#: builds, and met 75 MHz (docs/BOARDS.md).
-ECP5_DSP_PRODUCTS = 96
-
-
-class PrimitiveFamily:
-    """Stands in for a board's platform when the design is elaborated for simulation with
-    that family's hand-instantiated primitives (only ``family`` and ``dsp_products`` are
-    read). ``dsp_products``: at most so many of the array's products in DSP blocks (see
-    ``dsp_rows``); None: the family's own limit."""
-
-    def __init__(self, family: str, dsp_products: int | None = None):
-        if family not in PRIMITIVE_FAMILIES:
-            raise ValueError(f"primitives must be one of {', '.join(PRIMITIVE_FAMILIES)}, "
-                             f"not {family!r}")
-        if dsp_products is not None and (not isinstance(dsp_products, int) or dsp_products < 0):
-            raise ValueError(f"dsp_products must be a non-negative integer or None, not "
-                             f"{dsp_products!r}")
-        self.family = family
-        self.dsp_products = dsp_products
-
-    @property
-    def name(self) -> str:
-        """``family``, with the product limit when one is given: ``ecp5-dsp40``."""
-        return self.family + ("" if self.dsp_products is None else f"-dsp{self.dsp_products}")
-
-
-def platform_family(platform) -> str:
-    """The FPGA family of ``platform`` in lower case (Amaranth spells iCE40 "iCE40"), or ""
-    for the generic design."""
-    return str(getattr(platform, "family", "")).lower()
-
-
-def dsp_rows(platform, rows: int, cols: int) -> int:
+def dsp_rows(implementation: Implementation, rows: int, cols: int) -> int:
     """How many of an array's ``rows``, from the top, multiply in DSP blocks on
-    ``platform``; the rows below multiply in logic (``fabric_product``). All of them, unless
-    the platform's ``dsp_products`` (or on ECP5, ``ECP5_DSP_PRODUCTS``) is fewer products."""
-    limit = getattr(platform, "dsp_products", None)
-    if limit is None and platform_family(platform) == "ecp5":
-        limit = ECP5_DSP_PRODUCTS
+    ``implementation``; the rows below multiply in logic (``fabric_product``). All of them,
+    unless its ``dsp_budget`` is fewer products."""
+    limit = implementation.dsp_budget
     return rows if limit is None else min(rows, limit // cols)
 
 
-def products_per_block(platform, a_width: int, b_width: int) -> int:
+def products_per_block(implementation: Implementation, a_width: int, b_width: int) -> int:
     """How many ``a_width`` × ``b_width`` products hw/dsp.py packs into one DSP block of
-    ``platform``: two in an iCE40 SB_MAC16 (its 8×8 mode) when both fit 8 bits, else one."""
-    if platform_family(platform) == "ice40" and max(a_width, b_width) <= ICE40_MAC_8X8_WIDTH:
+    ``implementation``: two in an iCE40 SB_MAC16 (its 8×8 mode) when both fit 8 bits, else
+    one."""
+    if implementation.family == "ice40" and max(a_width, b_width) <= ICE40_MAC_8X8_WIDTH:
         return 2
     return 1
 
 
-def paired_columns(platform, cols: int, a_width: int, b_width: int) -> int:
-    """How many of an array's ``cols`` columns share DSP blocks two by two on ``platform``
-    (the array pairs columns 2k and 2k + 1; an odd last column multiplies alone)."""
-    return cols // 2 * 2 if products_per_block(platform, a_width, b_width) == 2 else 0
+def paired_columns(implementation: Implementation, cols: int, a_width: int,
+                   b_width: int) -> int:
+    """How many of an array's ``cols`` columns share DSP blocks two by two on
+    ``implementation`` (the array pairs columns 2k and 2k + 1; an odd last column
+    multiplies alone)."""
+    return cols // 2 * 2 if products_per_block(implementation, a_width, b_width) == 2 else 0
 
 
-def registered_products(m: Module, platform, operands: Sequence[tuple[Value, Value]], *,
-                        name: str) -> list[Signal]:
+def registered_products(m: Module, implementation: Implementation,
+                        operands: Sequence[tuple[Value, Value]], *, name: str) -> list[Signal]:
     """Each ``a * b`` of ``operands`` (all signed) one clock cycle later, in the ``sync``
     domain, reset-less.
 
-    On iCE40 (``platform.family == "ice40"``, operands of at most 8 bits) the products
+    On iCE40 (``implementation.family == "ice40"``, operands of at most 8 bits) the products
     are packed two per SB_MAC16 in its 8×8 mode, with the block's product registers, so
     16 products use the iCE40UP5K's 8 DSP blocks; yosys maps each product to a block of
     its own. An odd last product takes a block alone (``registered_product``: the 16×16
@@ -119,13 +86,15 @@ def registered_products(m: Module, platform, operands: Sequence[tuple[Value, Val
                          "are configured signed)")
     a_width = max((len(a) for a, _ in operands), default=0)
     b_width = max((len(b) for _, b in operands), default=0)
-    pairs = len(operands) // 2 if products_per_block(platform, a_width, b_width) == 2 else 0
+    pairs = (len(operands) // 2 if products_per_block(implementation, a_width, b_width) == 2
+             else 0)
     products = []
     for i in range(pairs):
         (a0, b0), (a1, b1) = operands[2 * i], operands[2 * i + 1]
         products += _sb_mac16_8x8_pair(m, a0, b0, a1, b1, name=f"{name}_{2 * i}_{2 * i + 1}")
     for i in range(2 * pairs, len(operands)):
-        products.append(registered_product(m, platform, *operands[i], name=f"{name}_{i}"))
+        products.append(registered_product(m, implementation, *operands[i],
+                                           name=f"{name}_{i}"))
     return products
 
 
@@ -193,13 +162,13 @@ def _sb_mac16_16x16(m: Module, a: Value, b: Value, product: Signal, *, name: str
         A_SIGNED=int(a.shape().signed), B_SIGNED=int(b.shape().signed))
 
 
-def registered_product(m: Module, platform, a: Value, b: Value, *, name: str,
-                       reset: bool = False, register: str = "input") -> Signal:
+def registered_product(m: Module, implementation: Implementation, a: Value, b: Value, *,
+                       name: str, reset: bool = False, register: str = "input") -> Signal:
     """``a * b`` one clock cycle later, in the ``sync`` domain; reset-less unless ``reset``
     (then the ``sync`` reset clears it). An unsigned operand counts as its value (the ECP5
     block sign-extends 18 bits, so it fits when at most 17 bits wide).
 
-    On ECP5 (``platform.family == "ecp5"``) this is a MULT18X18D with its A and B input
+    On ECP5 (``implementation.family == "ecp5"``) this is a MULT18X18D with its A and B input
     registers (``register="input"``): the register sits in front of the multiplier inside
     the DSP block, so the multiplier's delay starts at the block instead of lying between
     fabric registers, and nextpnr times it as such (its ``MULT18X18D_REGS_INPUT`` timing).
@@ -216,12 +185,12 @@ def registered_product(m: Module, platform, a: Value, b: Value, *, name: str,
         raise ValueError(f"register must be 'input' or 'output', not {register!r}")
     width = len(a) + len(b)
     product = Signal(signed(width), name=name, reset_less=not reset)
-    if (platform_family(platform) == "ice40" and max(len(a), len(b)) <= ICE40_MAC_WIDTH
+    if (implementation.family == "ice40" and max(len(a), len(b)) <= ICE40_MAC_WIDTH
             and width >= ICE40_MIN_DSP_PRODUCT_BITS):
         _sb_mac16_16x16(m, a, b, product, name=name, reset=reset)
         return product
     fits = all(len(x) + (not x.shape().signed) <= ECP5_MULT_WIDTH for x in (a, b))
-    if platform_family(platform) != "ecp5" or not fits:
+    if implementation.family != "ecp5" or not fits:
         m.d.sync += product.eq(a * b)
         return product
     # Each operand goes to the top of its 18-bit input with zeros below, not sign-extended:
@@ -343,8 +312,9 @@ def _ice40_mac_standin(*, blackbox: bool) -> str:
     return f"(* blackbox *)\n{model}" if blackbox else model
 
 
-#: Families whose primitives hw/ instantiates by hand, with where their simulation models
-#: come from: hw/dsp.py's own (yosys ships none of the MULT18X18D) or yosys's.
+#: The primitives each family of hw/implementation.py's ``FAMILIES`` instantiates by hand,
+#: with where their simulation models come from: hw/dsp.py's own (yosys ships none of the
+#: MULT18X18D) or yosys's.
 PRIMITIVE_FAMILIES = {
     "ecp5": {"MULT18X18D": lambda: _MULT18X18D_MODEL},
     "ice40": {ICE40_MAC_STANDIN: lambda: _ice40_mac_standin(blackbox=False),

@@ -22,6 +22,10 @@ with a linear stand-in that NPUs generated without ``feature_maps`` have instead
 
 Each memory has one read and one write port: the host's accesses are their defaults, and
 the units' requests (``ports.py``) are granted over them in a fixed order.
+
+What the NPU is implemented on (``implementation.py``: the FPGA family whose DSP blocks and
+SPRAM are instantiated by hand, the array's DSP budget) is given to its constructor and
+passed to the array, the requantization unit and the memories (``dsp.py``, ``ram.py``).
 """
 
 from amaranth import Module
@@ -36,6 +40,7 @@ from .counters import PerformanceCounters
 from .feeder import Feeder
 from .host_port import HostPort
 from .hostbus import HostBus
+from .implementation import GENERIC, Implementation, check_implementation
 from .ports import grant_read, grant_write
 from .ram import memory_ports
 from .requant_unit import RequantUnit
@@ -49,39 +54,45 @@ class Npu(wiring.Component):
     """The whole NPU behind a 32-bit memory-mapped host port (see ``memory_map``).
 
     ``running`` is high during a run; ``done`` rises when a run reaches HALT.
+    ``implementation``: what it is built for (default: the generic design).
     """
 
     host: In(HostBus())
     running: Out(1)
     done: Out(1)
 
-    def __init__(self, config: NpuConfig):
+    def __init__(self, config: NpuConfig, *, implementation: Implementation = GENERIC):
         if not isinstance(config, NpuConfig):
             raise TypeError(f"config must be an NpuConfig, not {config!r}")
         self._config = config
+        self._implementation = check_implementation(implementation)
         super().__init__()
 
     @property
     def config(self) -> NpuConfig:
         return self._config
 
+    @property
+    def implementation(self) -> Implementation:
+        return self._implementation
+
     def elaborate(self, platform):
-        c = self._config
+        c, implementation = self._config, self._implementation
         m = Module()
         infos = memories(c)
         reads, writes = {}, {}
         for region, info in infos.items():
             writes[region], reads[region] = memory_ports(
-                m, platform, info, transparent=region is Region.ACCUMULATORS)
+                m, implementation, info, transparent=region is Region.ACCUMULATORS)
 
-        m.submodules.array = array = SystolicArray(c)
+        m.submodules.array = array = SystolicArray(c, implementation=implementation)
         m.submodules.host_port = host_port = HostPort(c)
         m.submodules.counters = counters = PerformanceCounters(c)
         m.submodules.sequencer = sequencer = Sequencer(c)
         m.submodules.weight_loader = loader = WeightLoader(c)
         m.submodules.feeder = feeder = Feeder(c)
         m.submodules.accumulate = accumulate = AccumulatePath(c)
-        m.submodules.requant = requant = RequantUnit(c)
+        m.submodules.requant = requant = RequantUnit(c, implementation=implementation)
         running, instruction = sequencer.running, sequencer.instruction
         start, abort = host_port.start, host_port.abort
 

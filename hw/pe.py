@@ -5,6 +5,7 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from .dsp import fabric_product, registered_product
+from .implementation import GENERIC, Implementation, check_implementation
 
 __all__ = ["ProcessingElement"]
 
@@ -26,11 +27,15 @@ class ProcessingElement(wiring.Component):
     ``product``; the array packs such PEs two per DSP block (hw/dsp.py).
 
     ``fabric_multiplier``: the product is built in logic (``fabric_product``), never in a
-    DSP block, for the rows past a platform's DSP budget (hw/dsp.py, ``dsp_rows``).
+    DSP block, for the rows past the implementation's DSP budget (hw/dsp.py, ``dsp_rows``).
+
+    ``implementation``: whose DSP block multiplies otherwise (hw/dsp.py,
+    ``registered_product``).
     """
 
     def __init__(self, *, input_width: int, weight_width: int, psum_width: int,
-                 shared_multiplier: bool = False, fabric_multiplier: bool = False):
+                 shared_multiplier: bool = False, fabric_multiplier: bool = False,
+                 implementation: Implementation = GENERIC):
         for name, value in (("input_width", input_width), ("weight_width", weight_width),
                             ("psum_width", psum_width)):
             if not isinstance(value, int) or value < 1:
@@ -38,6 +43,7 @@ class ProcessingElement(wiring.Component):
         if shared_multiplier and fabric_multiplier:
             raise ValueError("a PE multiplies either outside itself (shared_multiplier) or in "
                              "logic (fabric_multiplier), not both")
+        self._implementation = check_implementation(implementation)
         members = {
             "act_in": In(signed(input_width)),
             "bank_in": In(1),
@@ -82,7 +88,8 @@ class ProcessingElement(wiring.Component):
                              reset_less=True)
             m.d.sync += product.eq(fabric_product(self.act_in, operand))
         else:
-            product = registered_product(m, platform, self.act_in, operand, name="product")
+            product = registered_product(m, self._implementation, self.act_in, operand,
+                                         name="product")
         # Assigning to the narrower psum_out wraps, like the golden model.
         m.d.sync += [
             self.psum_out.eq(self.psum_in + product),

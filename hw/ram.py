@@ -1,17 +1,18 @@
-"""Platform mapping of the NPU's memories.
+"""Family mapping of the NPU's memories.
 
 The generic design keeps every memory a ``lib.memory.Memory`` (block RAM on FPGAs,
-portable towards ASIC flows). On iCE40 the weight memory, the largest, goes to the
-iCE40UP5K's single-port SPRAM (four SB_SPRAM256KA, 16K words of 16 bits each) instead of
-its 30 EBR of 4 Kbit; the rest stay in EBR.
+portable towards ASIC flows). On iCE40 the memories of the implementation's
+``spram_regions`` (by default the weight memory, the largest) go to the iCE40UP5K's
+single-port SPRAM (four SB_SPRAM256KA, 16K words of 16 bits each) instead of its 30 EBR
+of 4 Kbit; the rest stay in EBR.
 """
 
 from amaranth import Array, Cat, ClockSignal, Const, Module, Mux, Signal, unsigned
 from amaranth.hdl import Instance
 from amaranth.lib.memory import Memory, ReadPort, WritePort
 
-from ..memory_map import MemoryInfo, Region
-from .dsp import platform_family
+from ..memory_map import MemoryInfo
+from .implementation import Implementation
 
 __all__ = ["SPRAM_WIDTH", "SPRAM_DEPTH", "SPRAM_BLOCKS", "spram_blocks", "memory_ports"]
 
@@ -21,23 +22,20 @@ SPRAM_DEPTH = 16384
 SPRAM_BLOCKS = 4
 #: Bits per SB_SPRAM256KA write-mask lane (MASKWREN).
 _SPRAM_MASK_BITS = 4
-#: Memories that go to SPRAM: written by the host only, when no run is on, so the single
-#: port never has to read and write in the same cycle.
-_SPRAM_REGIONS = (Region.WEIGHTS,)
 
 
-def spram_blocks(platform, info: MemoryInfo) -> int:
-    """How many SB_SPRAM256KA hold memory ``info`` on ``platform``; 0 when it stays a
-    generic memory (not iCE40, not a SPRAM region, write lanes that are not whole mask
-    lanes, or more blocks than the chip has)."""
-    if (platform_family(platform) != "ice40" or info.region not in _SPRAM_REGIONS
+def spram_blocks(implementation: Implementation, info: MemoryInfo) -> int:
+    """How many SB_SPRAM256KA hold memory ``info`` on ``implementation``; 0 when it stays
+    a generic memory (not one of its ``spram_regions``, which only iCE40 has, write lanes
+    that are not whole mask lanes, or more blocks than the chip has)."""
+    if (info.region not in implementation.spram_regions
             or info.granularity % _SPRAM_MASK_BITS):
         return 0
     blocks = -(-info.width // SPRAM_WIDTH) * -(-info.depth // SPRAM_DEPTH)
     return blocks if blocks <= SPRAM_BLOCKS else 0
 
 
-def memory_ports(m: Module, platform, info: MemoryInfo, *,
+def memory_ports(m: Module, implementation: Implementation, info: MemoryInfo, *,
                  transparent: bool = False) -> tuple[WritePort, ReadPort]:
     """A write port (lanes of ``info.granularity`` bits) and a synchronous read port of
     memory ``info``, added to ``m``. The read port is transparent for the write port when
@@ -49,7 +47,7 @@ def memory_ports(m: Module, platform, info: MemoryInfo, *,
     after a read, as with the generic memory; after a write cycle it is undefined, so the
     user must not read and write in the same cycle (the host writes the weights only when
     no run is on)."""
-    if not spram_blocks(platform, info):
+    if not spram_blocks(implementation, info):
         mem = Memory(shape=unsigned(info.width), depth=info.depth, init=[])
         m.submodules[info.name] = mem
         write = mem.write_port(granularity=info.granularity)

@@ -9,6 +9,7 @@ from ..config import ROUNDINGS
 from ..layouts import SHIFT_BITS
 from ..timing import REQUANT_PIPELINE_STAGES
 from .dsp import registered_product
+from .implementation import GENERIC, Implementation, check_implementation
 
 __all__ = ["Requantizer"]
 
@@ -26,12 +27,14 @@ class Requantizer(wiring.Component):
     2**31; the rounding shift; round and zero point; clamp and saturation), so that no
     stage chains more than two carries; ``zero_point`` is read in the stage before last,
     the clamp bounds in the last.
+
+    ``implementation``: whose DSP blocks take the four products (hw/dsp.py).
     """
 
     latency = REQUANT_PIPELINE_STAGES
 
     def __init__(self, *, accumulator_width: int, output_width: int, rounding: str = "double",
-                 left_shift: bool = True):
+                 left_shift: bool = True, implementation: Implementation = GENERIC):
         if not 16 <= accumulator_width <= 32:
             raise ValueError(f"accumulator_width must be 16 to 32, not {accumulator_width!r}")
         if rounding not in ROUNDINGS:
@@ -41,6 +44,7 @@ class Requantizer(wiring.Component):
         self._out_width = output_width
         self._rounding = rounding
         self._left_shift = left_shift
+        self._implementation = check_implementation(implementation)
         super().__init__({
             "valid": In(1),
             "acc": In(signed(accumulator_width)),
@@ -98,7 +102,8 @@ class Requantizer(wiring.Component):
         # With reset (unlike the PE's product): yosys's iCE40 mapping that moves reset-less
         # registers into the SB_MAC16s computes wrong products here (tests/test_gate_level.py).
         p11, p10, p01, p00 = (
-            registered_product(m, platform, x, y, name=name, reset=True, register="output")
+            registered_product(m, self._implementation, x, y, name=name, reset=True,
+                               register="output")
             for name, x, y in (("p11", a1, b1), ("p10", a1, b0_centred),
                                ("p01", a0_centred, b1), ("p00", a0, b0)))
         m.d.sync += [

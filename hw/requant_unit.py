@@ -27,6 +27,7 @@ from ..isa import INSTRUCTION_WIDTH, Opcode
 from ..layouts import param_lane_fields
 from ..memory_map import Region, memories
 from ..timing import REQUANT_INPUT_STAGES
+from .implementation import GENERIC, Implementation, check_implementation
 from .instruction import instruction_field
 from .out_walk import out_walk
 from .ports import ReadRequest, WriteRequest
@@ -62,12 +63,15 @@ class RequantUnit(wiring.Component):
     With ``to_acc`` (feature-map builds), a whole result word is collected and sent with
     ``inject_read`` (its destination word is read) and, a cycle later, ``inject`` and
     ``inject_row`` (it joins the accumulate path).
+
+    ``implementation``: whose DSP blocks the requantizers' products take (hw/dsp.py).
     """
 
-    def __init__(self, config: NpuConfig):
+    def __init__(self, config: NpuConfig, *, implementation: Implementation = GENERIC):
         if not isinstance(config, NpuConfig):
             raise TypeError(f"config must be an NpuConfig, not {config!r}")
         self._config = config
+        self._implementation = check_implementation(implementation)
         infos = memories(config)
         acc, params = infos[Region.ACCUMULATORS], infos[Region.PARAMS]
         act = infos[Region.ACTIVATIONS]
@@ -268,7 +272,8 @@ class RequantUnit(wiring.Component):
         requantizers = []
         for lane in range(lanes):
             rq = Requantizer(accumulator_width=c.accumulator_width, output_width=c.input_width,
-                             rounding=c.rounding, left_shift=c.feature_maps)
+                             rounding=c.rounding, left_shift=c.feature_maps,
+                             implementation=self._implementation)
             m.submodules[f"requant{lane}"] = rq
             requantizers.append(rq)
         input_valid = Signal()

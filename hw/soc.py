@@ -8,6 +8,7 @@ from amaranth.lib.wiring import In, Out
 from ..config import NpuConfig
 from ..memory_map import identity_words, region_words
 from ..protocol import RX_FIFO_BYTES, TRUNCATION_BYTE_TIMES
+from .implementation import GENERIC, Implementation, check_implementation
 from .link import LinkEngine
 from .npu import Npu
 from .uart import UartRx, UartTx
@@ -16,7 +17,8 @@ __all__ = ["Soc"]
 
 
 class Soc(wiring.Component):
-    """NPU + UART (``divisor`` clock cycles a bit) + protocol engine.
+    """NPU + UART (``divisor`` clock cycles a bit) + protocol engine; the NPU is built for
+    ``implementation`` (default: the generic design).
 
     ``running``, ``done`` and ``link_error`` are meant for status LEDs.
     """
@@ -27,9 +29,11 @@ class Soc(wiring.Component):
     done: Out(1)
     link_error: Out(1)
 
-    def __init__(self, config: NpuConfig, *, divisor: int):
+    def __init__(self, config: NpuConfig, *, divisor: int,
+                 implementation: Implementation = GENERIC):
         self._config = config
         self._divisor = divisor
+        self._implementation = check_implementation(implementation)
         self._timeout_cycles = TRUNCATION_BYTE_TIMES * 10 * divisor
         super().__init__()
 
@@ -37,9 +41,13 @@ class Soc(wiring.Component):
     def config(self) -> NpuConfig:
         return self._config
 
+    @property
+    def implementation(self) -> Implementation:
+        return self._implementation
+
     def elaborate(self, platform):
         m = Module()
-        m.submodules.npu = npu = Npu(self._config)
+        m.submodules.npu = npu = Npu(self._config, implementation=self._implementation)
         m.submodules.uart_rx = rx = UartRx(divisor=self._divisor)
         m.submodules.uart_tx = tx = UartTx(divisor=self._divisor)
         m.submodules.link = link = LinkEngine(

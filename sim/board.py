@@ -11,6 +11,7 @@ from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig
+from ..hw.implementation import GENERIC, Implementation
 from ..hw.soc import Soc
 from ..hw.uart import UartRx, UartTx
 
@@ -22,9 +23,9 @@ FIFO_DEPTH = 4096
 
 
 class VirtualBoard(wiring.Component):
-    """The SoC of ``config`` (UART ``divisor`` clock cycles a bit) with its host side.
-    ``soc``: a component with the SoC's ports to use instead, such as the synthesized
-    netlist (:class:`npugen.sim.netlist.SocNetlist`)."""
+    """The SoC of ``config`` (UART ``divisor`` clock cycles a bit), built for
+    ``implementation``, with its host side. ``soc``: a component with the SoC's ports to
+    use instead, such as the synthesized netlist (:class:`npugen.sim.netlist.SocNetlist`)."""
 
     to_device: In(stream.Signature(8))
     from_device: Out(stream.Signature(8))
@@ -33,15 +34,18 @@ class VirtualBoard(wiring.Component):
     link_error: Out(1)
 
     def __init__(self, config: NpuConfig, *, divisor: int = SIM_DIVISOR,
-                 soc: wiring.Component | None = None):
+                 soc: wiring.Component | None = None,
+                 implementation: Implementation = GENERIC):
         self._config = config
         self._divisor = divisor
         self._soc = soc
+        self._implementation = implementation
         super().__init__()
 
     def elaborate(self, platform):
         m = Module()
-        soc = self._soc if self._soc is not None else Soc(self._config, divisor=self._divisor)
+        soc = self._soc if self._soc is not None else Soc(
+            self._config, divisor=self._divisor, implementation=self._implementation)
         m.submodules.soc = soc
         m.submodules.host_tx = host_tx = UartTx(divisor=self._divisor)
         m.submodules.host_rx = host_rx = UartRx(divisor=self._divisor)

@@ -2,8 +2,8 @@
 gate by gate with yosys's cell models inside the virtual board, and reached over TCP by
 the same driver as a board.
 
-The SoC (``hw/soc.py``) is elaborated with the board build's platform mapping (its DSP
-budget, SB_MAC16 pairs, SPRAM, MULT18X18Ds: ``board_primitives``) and synthesized with the
+The SoC (``hw/soc.py``) is elaborated for the board build's implementation (its DSP
+budget, SB_MAC16 pairs, SPRAM, MULT18X18Ds: ``board_implementation``) and synthesized with the
 board build's yosys commands (``synth_<family>`` with ``SYNTH_OPTIONS``, then
 ``synthesis_support``'s), but with the virtual board's UART divisor and without the board's
 PLL and pins. The host side of the virtual board (``sim/board.py``: host UART and byte
@@ -294,14 +294,14 @@ def synthesize_soc(board: Board, config: NpuConfig | None = None, *,
     Raises :class:`SimulationError` with yosys's last words when synthesis fails."""
     from amaranth.back import rtlil
 
-    from ..boards.estimate import DEVICES, board_primitives
+    from ..boards.estimate import DEVICES, board_implementation
     from ..hw.dsp import synthesis_support
     from ..hw.soc import Soc
 
     config = config or board.default_config
-    platform = board_primitives(config, DEVICES[board.device])
-    design = rtlil.convert(Soc(config, divisor=divisor), name=SOC_MODULE, platform=platform,
-                           emit_src=False)
+    soc = Soc(config, divisor=divisor,
+              implementation=board_implementation(config, DEVICES[board.device]))
+    design = rtlil.convert(soc, name=SOC_MODULE, emit_src=False)
     files, after_synth = synthesis_support(board.family)
     script = synthesis_script(board, sorted(files), after_synth)
     digest = hashlib.sha256("\0".join(

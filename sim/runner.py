@@ -1,7 +1,7 @@
 """Run jobs on the generated Verilog in a cocotb simulation (Verilator or Icarus), or,
 with ``simulator="amaranth"``, in Amaranth's simulator (:mod:`npugen.sim.pysim`).
 
-Builds are cached per simulator, design, primitives, config digest and toolchain under
+Builds are cached per simulator, design, implementation, config digest and toolchain under
 ``sim/`` of the build root (:func:`default_build_root`); a job list runs in one simulator
 process, each job starting from the state the previous one left. :func:`build` and
 :func:`run_test` also build and run the virtual board (``design="board"``) for
@@ -26,10 +26,10 @@ from ..job import Job, JobResult
 from .common import CLOCK_PERIOD_NS, SimulationError, job_config
 
 if TYPE_CHECKING:
-    from ..hw.dsp import PrimitiveFamily
+    from ..hw.implementation import Implementation
 
 __all__ = ["SIMULATORS", "COCOTB_SIMULATORS", "simulate", "build", "simulator_available",
-           "build_folder"]
+           "build_folder", "as_implementation"]
 
 #: Simulators that run generated Verilog under cocotb (and need a build).
 COCOTB_SIMULATORS = ("verilator", "icarus")
@@ -87,15 +87,15 @@ def simulator_available(simulator: str) -> bool:
 DESIGNS = ("npu", "board")
 
 
-def _design(config: NpuConfig, design: str):
+def _design(config: NpuConfig, design: str, implementation: Implementation):
     if design == "npu":
         from ..hw import Npu
 
-        return Npu(config)
+        return Npu(config, implementation=implementation)
     if design == "board":
         from .board import VirtualBoard
 
-        return VirtualBoard(config)
+        return VirtualBoard(config, implementation=implementation)
     raise ValueError(f"design must be one of {', '.join(DESIGNS)}, not {design!r}")
 
 
@@ -159,34 +159,41 @@ def _toolchain_tag() -> str:
     return hashlib.sha256(repr(places).encode()).hexdigest()[:8]
 
 
-def _primitive_family(primitives: str | PrimitiveFamily | None) -> PrimitiveFamily | None:
-    from ..hw.dsp import PrimitiveFamily
+def as_implementation(primitives: str | Implementation | None) -> Implementation:
+    """The :class:`~npugen.hw.implementation.Implementation` a simulation's ``primitives``
+    name: itself, a family's (``"ecp5"``: its primitives with the family's defaults), or
+    the generic design's (None, ``""`` or ``"generic"``). Raises ``ValueError`` for an
+    unknown family."""
+    from ..hw.implementation import GENERIC, Implementation
 
-    if primitives is None or isinstance(primitives, PrimitiveFamily):
+    if isinstance(primitives, Implementation):
         return primitives
-    return PrimitiveFamily(primitives)
+    if primitives in (None, "", "generic"):
+        return GENERIC
+    return Implementation(primitives)
 
 
 def build_folder(config: NpuConfig, simulator: str = "verilator", design: str = "npu",
-                 primitives: str | PrimitiveFamily | None = None,
+                 primitives: str | Implementation | None = None,
                  build_root: Path | None = None) -> Path:
     """Where :func:`build` builds ``design`` for ``config``: per simulator, design,
-    primitives, config digest and simulator toolchain."""
-    family = _primitive_family(primitives)
-    name = (f"{simulator}-{design}-{family.name + '-' if family else ''}{config.digest()}"
-            f"-{_toolchain_tag()}")
+    implementation (named unless generic), config digest and simulator toolchain."""
+    implementation = as_implementation(primitives)
+    named = "" if implementation.is_generic else implementation.name + "-"
+    name = f"{simulator}-{design}-{named}{config.digest()}-{_toolchain_tag()}"
     return (build_root or default_build_root()).resolve() / "sim" / name
 
 
 def build(config: NpuConfig, simulator: str = "verilator",
           build_root: Path | None = None, design: str = "npu",
-          primitives: str | PrimitiveFamily | None = None) -> Path:
+          primitives: str | Implementation | None = None) -> Path:
     """Generate the Verilog of ``design`` and build the simulator for ``config``; return
-    the build folder (cached per simulator, design, primitives and config digest).
+    the build folder (cached per simulator, design, implementation and config digest).
 
-    ``primitives``: a family (``"ecp5"``, or a ``PrimitiveFamily`` with a DSP budget) whose
-    hand-instantiated primitives (hw/dsp.py) the design uses, as on its boards, simulated
-    with their models; None: generic."""
+    ``primitives``: what the design is built for, as :func:`as_implementation` reads it: a
+    family (``"ecp5"``) or an ``Implementation`` (a board's, with its DSP budget), whose
+    hand-instantiated primitives (hw/dsp.py, hw/ram.py) the design uses, as on its boards,
+    simulated with their models; None: generic."""
     if simulator not in COCOTB_SIMULATORS:
         raise ValueError(f"simulator must be one of {', '.join(COCOTB_SIMULATORS)} (amaranth "
                          f"needs no build), not {simulator!r}")
@@ -198,16 +205,15 @@ def build(config: NpuConfig, simulator: str = "verilator",
 
     from ..hw.dsp import simulation_models
 
-    platform = _primitive_family(primitives)
+    implementation = as_implementation(primitives)
     _prepare_environment(simulator)
-    build_dir = build_folder(config, simulator, design, platform, build_root)
+    build_dir = build_folder(config, simulator, design, implementation, build_root)
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = []
-    component = _design(config, design)
-    texts = {f"{design}.v": verilog.convert(component, name=design, platform=platform,
-                                            emit_src=False),
+    component = _design(config, design, implementation)
+    texts = {f"{design}.v": verilog.convert(component, name=design, emit_src=False),
              f"{design}_tb.v": testbench_top_verilog(component.signature, design)}
-    models = simulation_models(platform.family if platform else None)
+    models = simulation_models(implementation.family)
     texts.update({f"{module}.v": text for module, text in models.items()})
     for name, text in texts.items():
         source = build_dir / name
@@ -229,7 +235,7 @@ def build(config: NpuConfig, simulator: str = "verilator",
 def run_test(config: NpuConfig, *, simulator: str, design: str, test_module: str,
              extra_env: dict[str, str], work_dir: Path,
              build_root: Path | None = None,
-             primitives: str | PrimitiveFamily | None = None) -> bool:
+             primitives: str | Implementation | None = None) -> bool:
     """Run a cocotb test module on a built design; True if every test passed."""
     from cocotb_tools.check_results import get_results
 
@@ -248,7 +254,7 @@ def run_test(config: NpuConfig, *, simulator: str, design: str, test_module: str
 
 def simulate(jobs: list[Job], *, simulator: str = "verilator",
              build_root: Path | None = None,
-             primitives: str | PrimitiveFamily | None = None) -> list[JobResult]:
+             primitives: str | Implementation | None = None) -> list[JobResult]:
     """Run ``jobs`` (one config) in one simulation; return their results in order.
 
     ``simulator`` is one of :data:`SIMULATORS`; ``amaranth`` runs in this process and
@@ -260,7 +266,7 @@ def simulate(jobs: list[Job], *, simulator: str = "verilator",
     if simulator not in SIMULATORS:
         raise ValueError(f"simulator must be one of {', '.join(SIMULATORS)}, not {simulator!r}")
     if simulator == "amaranth":
-        if primitives:
+        if not as_implementation(primitives).is_generic:
             raise ValueError("the amaranth simulator runs the generic design only; "
                              "simulate primitives with verilator or icarus")
         from .pysim import simulate_amaranth

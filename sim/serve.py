@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import NpuConfig
-from ..hw.dsp import PrimitiveFamily
+from ..hw.implementation import Implementation
 from .common import SimulationError
 from .runner import build, run_test
 
@@ -49,12 +49,13 @@ def start_bridge(simulate: Callable[[dict[str, str], Path], None], scratch: Path
 
 
 def serve(config: NpuConfig, *, port: int = 0, simulator: str = "verilator",
-          primitives: str | PrimitiveFamily | None = None,
+          primitives: str | Implementation | None = None,
           on_listening: Callable[[int], None] = lambda port: None) -> None:
     """Build and run the virtual board until SIGINT or SIGTERM; call ``on_listening``
-    with the TCP port once it accepts connections. ``primitives``: a family whose
-    hand-instantiated primitives the SoC uses, as on that family's boards, or a
-    ``PrimitiveFamily`` with a board's DSP budget (see :func:`npugen.sim.runner.build`)."""
+    with the TCP port once it accepts connections. ``primitives``: what the SoC is built
+    for, a family whose hand-instantiated primitives it uses, as on that family's boards,
+    or an ``Implementation`` (a board's, with its DSP budget; see
+    :func:`npugen.sim.runner.build`)."""
     build(config, simulator, design="board", primitives=primitives)
     with tempfile.TemporaryDirectory(prefix="npugen-board-") as scratch:
 

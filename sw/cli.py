@@ -406,32 +406,30 @@ def check_port_free(port: int) -> None:
 
 def cmd_serve_sim(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    from .hw.dsp import PRIMITIVE_FAMILIES
     from .sim.common import SimulationError
+    from .sim.runner import as_implementation
     from .sim.serve import serve
 
     def listening(port: int) -> None:
         print(f"listening on socket://127.0.0.1:{port}", flush=True)
         print(f"virtual board: {config.describe()} NPU, UART through the simulated 8N1 link "
-              f"({args.sim}, {getattr(primitives, 'family', primitives) or 'generic'} "
-              f"primitives); stop with Ctrl-C",
-              file=sys.stderr, flush=True)
+              f"({args.sim}, {implementation.family or 'generic'} primitives); stop with "
+              f"Ctrl-C", file=sys.stderr, flush=True)
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, not {args.port}")
     if args.port:
         check_port_free(args.port)
-    primitives = args.primitives
-    if primitives is None and args.board:
-        # The board build's mapping, with its DSP budget.
+    if args.primitives is None and args.board:
+        # The board build's implementation, with its DSP budget.
         from .boards import board_named
-        from .boards.estimate import DEVICES, board_primitives
+        from .boards.estimate import DEVICES, board_implementation
 
-        primitives = board_primitives(config, DEVICES[board_named(args.board).device])
-    elif primitives not in PRIMITIVE_FAMILIES:
-        primitives = None
+        implementation = board_implementation(config, DEVICES[board_named(args.board).device])
+    else:
+        implementation = as_implementation(args.primitives)
     try:
-        serve(config, port=args.port, simulator=args.sim, primitives=primitives,
+        serve(config, port=args.port, simulator=args.sim, primitives=implementation,
               on_listening=listening)
     except (SimulationError, OSError) as error:
         raise UsageError(str(error)) from None
@@ -658,7 +656,7 @@ TARGET_HELP = ("golden (the NumPy model), rtl (the RTL in a testbench), sim (a v
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .hw.dsp import PRIMITIVE_FAMILIES
+    from .hw.implementation import FAMILIES
 
     parser = argparse.ArgumentParser(
         prog="npugen", description="Generate, verify and run a systolic-array NPU.")
@@ -725,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="TCP port on 127.0.0.1 (default 0: any free port)")
     serve_sim.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
     serve_sim.add_argument(
-        "--primitives", choices=("generic", *PRIMITIVE_FAMILIES),
+        "--primitives", choices=("generic", *FAMILIES),
         help="simulate the SoC with a family's hand-instantiated DSP blocks, as its boards "
              "build it (default: the --board's family if it has any, else generic)")
     add_config_flags(serve_sim)

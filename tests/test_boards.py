@@ -10,7 +10,7 @@ import pytest
 
 from npugen.boards import BOARDS, soc_clock_hz
 from npugen.boards.build import BoardTop, find_loader, tool_path
-from npugen.boards.estimate import DEVICES, array_dsp_products, board_primitives, estimate
+from npugen.boards.estimate import DEVICES, board_implementation, estimate
 from npugen.cli import main
 from npugen.config import NpuConfig
 from npugen.hw.dsp import ICE40_MAC_STANDIN, dsp_rows
@@ -106,9 +106,9 @@ def test_ecp5_dsp_budget_is_per_device(device, rows, cols, in_dsps, slots):
     """Rows past the device's MULT18X18Ds multiply in logic, so a config with more products
     than DSP blocks is built, not refused; the build and the estimate use the same rows."""
     config = NpuConfig(rows=rows, cols=cols, requant_lanes=1)
-    budget = array_dsp_products(config, DEVICES[device])
-    assert dsp_rows(board_primitives(config, DEVICES[device]), rows, cols) == in_dsps
-    assert budget // cols == in_dsps
+    implementation = board_implementation(config, DEVICES[device])
+    assert dsp_rows(implementation, rows, cols) == in_dsps
+    assert implementation.dsp_budget // cols == in_dsps
     found = estimate(config, DEVICES[device])
     assert found.multipliers == slots
     assert not [p for p in found.problems(DEVICES[device]) if "multiplier" in p]

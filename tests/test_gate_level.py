@@ -20,11 +20,11 @@ from npugen.arith import requantize
 from npugen.boards.build import tool_path
 from npugen.hw.dsp import (
     ICE40_MAC_STANDIN,
-    PrimitiveFamily,
     registered_products,
     simulation_models,
     synthesis_support,
 )
+from npugen.hw.implementation import GENERIC, Implementation
 from npugen.hw.pe import ProcessingElement
 from npugen.hw.ram import memory_ports, spram_blocks
 from npugen.hw.requant import Requantizer
@@ -67,14 +67,12 @@ FAMILIES = {
 
 
 def simulate_netlist(folder: Path, family: str, component, ports: list[tuple[str, int]],
-                     outputs: list[tuple[str, int]], stimulus: np.ndarray, hold: int,
-                     platform=None) -> list:
-    """Synthesize ``component`` (elaborated for ``platform``, or generic) for ``family``,
-    hold each stimulus row on ``ports`` for ``hold`` cycles and return the ``outputs``
-    sampled at the end of each row (None where undefined)."""
+                     outputs: list[tuple[str, int]], stimulus: np.ndarray, hold: int) -> list:
+    """Synthesize ``component`` (built for an implementation of ``family``, or generic) for
+    ``family``, hold each stimulus row on ``ports`` for ``hold`` cycles and return the
+    ``outputs`` sampled at the end of each row (None where undefined)."""
     spec = FAMILIES[family]
-    (folder / "dut.v").write_text(verilog.convert(component, name="dut", platform=platform,
-                                                  emit_src=False))
+    (folder / "dut.v").write_text(verilog.convert(component, name="dut", emit_src=False))
     # What a board build adds to the synthesis (hw/dsp.py): declarations, then renames.
     files, after_synth = synthesis_support(family)
     for name, text in files.items():
@@ -140,19 +138,6 @@ def _signed(value: int, width: int) -> int:
     return value - (1 << width) if value >> (width - 1) else value
 
 
-def _ulx3s():
-    from amaranth_boards.ulx3s import ULX3S_85F_Platform
-    return ULX3S_85F_Platform()
-
-
-def _board_platform(family: str):
-    """A board of ``family``, for elaborating with its hand-mapped primitives."""
-    if family == "ecp5":
-        return _ulx3s()
-    from amaranth_boards.icebreaker import ICEBreakerPlatform
-    return ICEBreakerPlatform()
-
-
 @pytest.mark.parametrize("family, mapped", [("ice40", False), ("ecp5", False), ("ecp5", True),
                                             ("ice40", True)],
                          ids=["ice40", "ecp5", "ecp5-mult18x18d-registered",
@@ -162,7 +147,7 @@ def test_requantizer_netlist_matches_arith(family, mapped, tmp_path):
     after its case and equals the golden arithmetic. The zero point and clamps are read
     late in the pipeline and hold for a whole REQUANT in the NPU, so cases stream in runs
     of equal settings, each run followed by idle cycles while it drains. ``mapped``:
-    elaborated for the ULX3S or the iCEBreaker, so the four 16×16 products are hw/dsp.py's
+    built for the family's implementation, so the four 16×16 products are hw/dsp.py's
     MULT18X18Ds with their output registers, or SB_MAC16s in their 16×16 mode with their
     product registers (reset by the sync reset)."""
     rng = np.random.default_rng(5)
@@ -182,10 +167,11 @@ def test_requantizer_netlist_matches_arith(family, mapped, tmp_path):
         if k + 1 == len(cases) or (cases[k + 1, 4:7] != case[4:7]).any():
             rows += [[0, 0, 0, 0, *case[4:7], 0, 0]] * latency
     stimulus = np.array(rows, dtype=np.int64)
-    got = simulate_netlist(tmp_path, family, Requantizer(accumulator_width=32, output_width=8),
-                           ports + [("left_shift", 1), ("valid", 1)],
-                           [("out", 8), ("out_valid", 1)], stimulus,
-                           hold=1, platform=_board_platform(family) if mapped else None)
+    implementation = Implementation(family) if mapped else GENERIC
+    got = simulate_netlist(tmp_path, family, Requantizer(
+        accumulator_width=32, output_width=8, implementation=implementation),
+        ports + [("left_shift", 1), ("valid", 1)], [("out", 8), ("out_valid", 1)], stimulus,
+        hold=1)
     if mapped:
         primitive = "MULT18X18D" if family == "ecp5" else ICE40_MAC_STANDIN
         assert (tmp_path / "dut.v").read_text().count(f"{primitive} #(") == 4
@@ -252,15 +238,15 @@ def _first_difference(out: list[int], expected: list[int], what: str) -> str:
          "ecp5-fabric", "ice40-fabric"])
 def test_pe_netlist_matches_products(family, mapped, fabric, tmp_path):
     """``psum_out`` equals the cycle model of the PE on every cycle, wrapped at 32 bits.
-    ``mapped``: elaborated for the ULX3S or the iCEBreaker, so the product is hw/dsp.py's
+    ``mapped``: built for the family's implementation, so the product is hw/dsp.py's
     hand-instantiated MULT18X18D, or SB_MAC16 in its 16×16 mode (a PE that multiplies
     alone: an odd last column). ``fabric``: the product in logic (``fabric_product``, the
     rows past the DSP budget), with no DSP block in the netlist."""
     rows = pe_stimulus(np.random.default_rng(6))
-    platform = _board_platform(family) if mapped else None
     got = simulate_netlist(tmp_path, family, ProcessingElement(
-        input_width=8, weight_width=8, psum_width=32, fabric_multiplier=fabric), PE_PORTS,
-        [("psum_out", 32)], np.array(rows, dtype=np.int64), hold=1, platform=platform)
+        input_width=8, weight_width=8, psum_width=32, fabric_multiplier=fabric,
+        implementation=Implementation(family) if mapped else GENERIC), PE_PORTS,
+        [("psum_out", 32)], np.array(rows, dtype=np.int64), hold=1)
     netlist = (tmp_path / "netlist.v").read_text()
     if fabric:
         assert "MULT18X18D" not in netlist and "SB_MAC16" not in netlist
@@ -274,10 +260,12 @@ def test_pe_netlist_matches_products(family, mapped, fabric, tmp_path):
 
 
 class SharedMultiplierPair(wiring.Component):
-    """Two PEs whose products come from one ``registered_products`` call, as the array
-    pairs neighbouring columns where a DSP block holds two products."""
+    """Two PEs whose products come from one ``registered_products`` call for
+    ``implementation``, as the array pairs neighbouring columns where a DSP block holds two
+    products."""
 
-    def __init__(self):
+    def __init__(self, implementation: Implementation):
+        self.implementation = implementation
         members = {}
         for i in range(2):
             members |= {f"{port}{i}": In(signed(width) if width > 1 else 1)
@@ -293,7 +281,8 @@ class SharedMultiplierPair(wiring.Component):
             m.submodules[f"pe{i}"] = pe
             m.d.comb += [getattr(pe, port).eq(getattr(self, f"{port}{i}")) for port, _ in PE_PORTS]
             m.d.comb += getattr(self, f"psum_out{i}").eq(pe.psum_out)
-        products = registered_products(m, platform, [(pe.mul_act, pe.mul_weight) for pe in pes],
+        products = registered_products(m, self.implementation,
+                                       [(pe.mul_act, pe.mul_weight) for pe in pes],
                                        name="product")
         m.d.comb += [pe.product.eq(product) for pe, product in zip(pes, products, strict=True)]
         return m
@@ -308,10 +297,10 @@ def test_pe_pair_netlist_matches_products(mapped, tmp_path):
     streams = [pe_stimulus(np.random.default_rng(seed)) for seed in (7, 8)]
     rows = [first + second for first, second in zip(*streams, strict=True)]
     ports = [(f"{port}{i}", width) for i in range(2) for port, width in PE_PORTS]
-    got = simulate_netlist(tmp_path, "ice40", SharedMultiplierPair(), ports,
+    pair = SharedMultiplierPair(Implementation("ice40") if mapped else GENERIC)
+    got = simulate_netlist(tmp_path, "ice40", pair, ports,
                            [("psum_out0", 32), ("psum_out1", 32)],
-                           np.array(rows, dtype=np.int64), hold=1,
-                           platform=PrimitiveFamily("ice40") if mapped else None)
+                           np.array(rows, dtype=np.int64), hold=1)
     blocks = (tmp_path / "netlist.v").read_text().count("SB_MAC16 ")
     assert blocks == (1 if mapped else 2), f"{blocks} SB_MAC16 in the netlist"
     for i, stream in enumerate(streams):
@@ -321,10 +310,11 @@ def test_pe_pair_netlist_matches_products(mapped, tmp_path):
 
 
 class MemoryUnderTest(wiring.Component):
-    """The ports of one NPU memory, as hw/ram.py maps it for ``platform``."""
+    """The ports of one NPU memory, as hw/ram.py maps it for ``implementation``."""
 
-    def __init__(self, info: MemoryInfo):
+    def __init__(self, info: MemoryInfo, implementation: Implementation):
         self.info = info
+        self.implementation = implementation
         addr = (info.depth - 1).bit_length()
         super().__init__({"waddr": In(addr), "wdata": In(info.width),
                           "wen": In(info.width // info.granularity), "raddr": In(addr),
@@ -332,7 +322,7 @@ class MemoryUnderTest(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        write, read = memory_ports(m, platform, self.info)
+        write, read = memory_ports(m, self.implementation, self.info)
         m.d.comb += [write.addr.eq(self.waddr), write.data.eq(self.wdata),
                      write.en.eq(self.wen), read.addr.eq(self.raddr)]
         # Taken at the next edge, as the NPU takes it: the address may have moved on.
@@ -361,13 +351,13 @@ def test_spram_weights_netlist_matches_memory(depth, width, granularity, tmp_pat
         else:
             rows.append((0, 0, 0, int(rng.choice(pool))))
     rows.append((0, 0, 0, 0))
-    got = simulate_netlist(tmp_path, "ice40", MemoryUnderTest(info),
+    ice40 = Implementation("ice40")
+    got = simulate_netlist(tmp_path, "ice40", MemoryUnderTest(info, ice40),
                            [("waddr", len(bin(depth - 1)) - 2), ("wdata", width),
                             ("wen", lanes), ("raddr", len(bin(depth - 1)) - 2)],
-                           [("rdata", width)], np.array(rows, dtype=object), hold=1,
-                           platform=PrimitiveFamily("ice40"))
+                           [("rdata", width)], np.array(rows, dtype=object), hold=1)
     blocks = (tmp_path / "netlist.v").read_text().count("SB_SPRAM256KA ")
-    assert blocks == spram_blocks(PrimitiveFamily("ice40"), info) == (
+    assert blocks == spram_blocks(ice40, info) == (
         -(-width // 16) * -(-depth // 16384))
     memory, expected, out = {}, [], []
     for (waddr, wdata, wen, raddr), (rdata,) in zip(rows, got[1:], strict=False):

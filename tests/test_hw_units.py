@@ -728,17 +728,16 @@ def test_dsp_mapping_refuses_what_it_cannot_build():
     unsigned operand for the signed SB_MAC16 pairs, an unknown DSP register."""
     from amaranth import Module, Signal, signed
 
-    from npugen.hw.dsp import PrimitiveFamily, registered_product, registered_products
+    from npugen.hw.dsp import registered_product, registered_products
+    from npugen.hw.implementation import Implementation
 
     with pytest.raises(ValueError, match="takes signed operands"):
-        registered_products(Module(), PrimitiveFamily("ice40"),
+        registered_products(Module(), Implementation("ice40"),
                             [(Signal(8), Signal(signed(8))), (Signal(signed(8)),) * 2],
                             name="p")
     with pytest.raises(ValueError, match="register must be 'input' or 'output', not 'both'"):
-        registered_product(Module(), PrimitiveFamily("ecp5"), Signal(signed(8)),
+        registered_product(Module(), Implementation("ecp5"), Signal(signed(8)),
                            Signal(signed(8)), name="p", register="both")
-    with pytest.raises(ValueError, match="dsp_products must be a non-negative integer"):
-        PrimitiveFamily("ecp5", dsp_products=-1)
     with pytest.raises(ValueError, match="not both"):
         ProcessingElement(input_width=8, weight_width=8, psum_width=17,
                           shared_multiplier=True, fabric_multiplier=True)
@@ -746,16 +745,18 @@ def test_dsp_mapping_refuses_what_it_cannot_build():
 
 def test_dsp_rows_follow_the_budget():
     """ECP5 puts at most ECP5_DSP_PRODUCTS of the array's products in MULT18X18Ds, in
-    whole rows; a platform's own budget overrides it; elsewhere every row is in DSPs."""
-    from npugen.hw.dsp import ECP5_DSP_PRODUCTS, PrimitiveFamily, dsp_rows
+    whole rows; an implementation's own budget overrides it; elsewhere every row is in
+    DSPs."""
+    from npugen.hw.dsp import dsp_rows
+    from npugen.hw.implementation import ECP5_DSP_PRODUCTS, GENERIC, Implementation
 
-    ecp5 = PrimitiveFamily("ecp5")
+    ecp5 = Implementation("ecp5")
     assert dsp_rows(ecp5, 8, 8) == 8
     assert dsp_rows(ecp5, 12, 12) == ECP5_DSP_PRODUCTS // 12 == 8
-    assert dsp_rows(PrimitiveFamily("ecp5", dsp_products=3), 2, 3) == 1
-    assert dsp_rows(PrimitiveFamily("ecp5", dsp_products=0), 2, 3) == 0
-    assert dsp_rows(PrimitiveFamily("ice40"), 64, 64) == 64
-    assert dsp_rows(None, 64, 64) == 64
+    assert dsp_rows(Implementation("ecp5", dsp_products=3), 2, 3) == 1
+    assert dsp_rows(Implementation("ecp5", dsp_products=0), 2, 3) == 0
+    assert dsp_rows(Implementation("ice40"), 64, 64) == 64
+    assert dsp_rows(GENERIC, 64, 64) == 64
 
 
 @pytest.mark.parametrize("a_width, b_width", [(8, 8), (4, 4), (8, 3), (2, 8)])
@@ -785,3 +786,48 @@ def test_fabric_product_is_the_signed_product(a_width, b_width):
     simulator.add_testbench(testbench)
     simulator.run()
     assert not wrong, wrong[:5]
+
+
+def test_implementation_defaults_and_names():
+    """The family's defaults fill what is not given (ECP5's DSP budget, iCE40's SPRAM for
+    the weights); the name keys simulator builds, so it tells apart what builds apart."""
+    from npugen.hw.dsp import PRIMITIVE_FAMILIES
+    from npugen.hw.implementation import ECP5_DSP_PRODUCTS, FAMILIES, GENERIC, Implementation
+
+    assert set(FAMILIES) == set(PRIMITIVE_FAMILIES)  # every family has its models
+    assert Implementation("ecp5").dsp_budget == ECP5_DSP_PRODUCTS
+    assert Implementation("ice40").dsp_budget is None and GENERIC.dsp_budget is None
+    assert Implementation("ice40").spram_regions == {Region.WEIGHTS}
+    assert Implementation("ice40") == Implementation("ice40", spram_regions=[Region.WEIGHTS])
+    assert Implementation("ecp5").spram_regions == GENERIC.spram_regions == frozenset()
+    assert GENERIC.is_generic and not Implementation("ice40").is_generic
+    assert not Implementation(dsp_products=4).is_generic
+    assert [implementation.name for implementation in (
+        GENERIC, Implementation("ecp5"), Implementation("ecp5", dsp_products=40),
+        Implementation("ice40", spram_regions=()),
+        Implementation("ice40", spram_regions={Region.WEIGHTS, Region.ACTIVATIONS}))] == [
+        "generic", "ecp5", "ecp5-dsp40", "ice40-spram-none", "ice40-spram-activations-weights"]
+
+
+def test_implementation_refuses_what_it_cannot_build():
+    """Each bad parameter is refused with its value: an unknown family, a negative budget,
+    SPRAM regions that are not memories or not on iCE40; a component takes nothing else."""
+    from npugen.hw.implementation import Implementation, check_implementation
+
+    with pytest.raises(ValueError, match="family must be one of ecp5, ice40, or \"\" for "
+                                         "the generic design, not 'gowin'"):
+        Implementation("gowin")
+    with pytest.raises(ValueError, match="dsp_products must be a non-negative integer or "
+                                         "None, not -1"):
+        Implementation("ecp5", dsp_products=-1)
+    with pytest.raises(ValueError, match="dsp_products must be .*, not True"):
+        Implementation("ecp5", dsp_products=True)
+    with pytest.raises(ValueError, match="spram_regions must be memory regions .*REGISTERS"):
+        Implementation("ice40", spram_regions={Region.REGISTERS})
+    with pytest.raises(ValueError, match="spram_regions must be memory regions .*'weights'"):
+        Implementation("ice40", spram_regions="weights")
+    with pytest.raises(ValueError, match="only iCE40 has SPRAM: spram_regions must be empty "
+                                         "for family 'ecp5', not \\['WEIGHTS'\\]"):
+        Implementation("ecp5", spram_regions={Region.WEIGHTS})
+    with pytest.raises(TypeError, match="implementation must be an Implementation, not 'ecp5'"):
+        check_implementation("ecp5")  # what each component's constructor does with it

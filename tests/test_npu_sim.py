@@ -7,7 +7,8 @@ import pytest
 
 from conftest import available_simulators
 from npugen.config import NpuConfig
-from npugen.hw.dsp import ICE40_MAC_STANDIN, PrimitiveFamily
+from npugen.hw.dsp import ICE40_MAC_STANDIN
+from npugen.hw.implementation import Implementation
 from npugen.job import run_golden
 from npugen.matmul import matmul_output
 from npugen.sim.runner import build, build_folder, simulate
@@ -54,7 +55,7 @@ def zero_point_cases(config: NpuConfig) -> list[tuple[int, tuple[int, int]]]:
 # product (8x8); with a DSP budget of one row (2x3), the second row's products in logic.
 # iCE40: two products per SB_MAC16 (yosys's model), with an odd last column alone (2x3),
 # narrower operands (int4), and the iCEBreaker's 4x2 without feature maps.
-ECP5_ONE_DSP_ROW = PrimitiveFamily("ecp5", dsp_products=3)
+ECP5_ONE_DSP_ROW = Implementation("ecp5", dsp_products=3)
 PRIMITIVE_CASES = [
     pytest.param(name, simulator.values[0], primitives, marks=simulator.marks,
                  id=f"{name}-{simulator.id}-{getattr(primitives, 'name', primitives)}"
@@ -167,7 +168,7 @@ def test_primitives_are_refused_where_they_cannot_run():
     job = gemm_jobs(config, np.random.default_rng(0), count=1)[0][0]
     with pytest.raises(ValueError, match="the amaranth simulator runs the generic design"):
         simulate([job], simulator="amaranth", primitives="ecp5")
-    with pytest.raises(ValueError, match="primitives must be one of ecp5, ice40, not 'gowin'"):
+    with pytest.raises(ValueError, match="family must be one of ecp5, ice40, .* not 'gowin'"):
         build(config, "verilator", primitives="gowin")
 
 
