@@ -18,7 +18,7 @@ from amaranth import Cat, Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from ..config import NpuConfig
+from ..config import NpuConfig, check_config_type
 from ..memory_map import Region, memories
 from ..timing import array_latency
 from .array import psum_width
@@ -43,9 +43,7 @@ class AccumulatePath(wiring.Component):
     gated by ``running``: an aborted run leaves nothing behind."""
 
     def __init__(self, config: NpuConfig):
-        if not isinstance(config, NpuConfig):
-            raise TypeError(f"config must be an NpuConfig, not {config!r}")
-        self._config = config
+        self._config = check_config_type(config)
         acc = memories(config)[Region.ACCUMULATORS]
         row = data.ArrayLayout(signed(config.accumulator_width), config.cols)
         super().__init__({

@@ -12,7 +12,7 @@ from amaranth import Module, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from ..config import NpuConfig
+from ..config import NpuConfig, check_config_type
 from ..memory_map import COUNTER_BITS, COUNTER_NAMES
 
 __all__ = ["PerformanceCounters", "counters_layout"]
@@ -29,9 +29,7 @@ class PerformanceCounters(wiring.Component):
     every cycle since configuration."""
 
     def __init__(self, config: NpuConfig):
-        if not isinstance(config, NpuConfig):
-            raise TypeError(f"config must be an NpuConfig, not {config!r}")
-        self._config = config
+        self._config = check_config_type(config)
         super().__init__({
             "clear": In(1),
             "running": In(1),

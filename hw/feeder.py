@@ -19,7 +19,7 @@ from amaranth import Array, Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from ..config import NpuConfig
+from ..config import NpuConfig, check_config_type
 from ..isa import INSTRUCTION_WIDTH
 from ..memory_map import Region, memories
 from ..timing import array_latency, weight_use_cycles
@@ -43,9 +43,7 @@ class Feeder(wiring.Component):
     """
 
     def __init__(self, config: NpuConfig):
-        if not isinstance(config, NpuConfig):
-            raise TypeError(f"config must be an NpuConfig, not {config!r}")
-        self._config = config
+        self._config = check_config_type(config)
         act = memories(config)[Region.ACTIVATIONS]
         super().__init__({
             "dispatch": In(1),

@@ -9,7 +9,7 @@ from amaranth import Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from ..config import NpuConfig
+from ..config import NpuConfig, check_config_type
 from ..isa import INSTRUCTION_WIDTH, OPCODE_WIDTH, Opcode
 from .instruction import instruction_field
 from .tap_walk import tap_walk
@@ -31,9 +31,7 @@ class GemmExpander(wiring.Component):
     """
 
     def __init__(self, config: NpuConfig):
-        if not isinstance(config, NpuConfig):
-            raise TypeError(f"config must be an NpuConfig, not {config!r}")
-        self._config = config
+        self._config = check_config_type(config)
         super().__init__({
             "instruction": In(INSTRUCTION_WIDTH),
             "is_gemm": In(1),

@@ -21,7 +21,7 @@ from amaranth import Cat, Const, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from ..config import NpuConfig
+from ..config import NpuConfig, check_config_type
 from ..memory_map import (
     COUNTER_BITS,
     COUNTER_NAMES,
@@ -87,9 +87,7 @@ class HostPort(wiring.Component):
     """
 
     def __init__(self, config: NpuConfig):
-        if not isinstance(config, NpuConfig):
-            raise TypeError(f"config must be an NpuConfig, not {config!r}")
-        self._config = config
+        self._config = check_config_type(config)
         self._infos = memories(config)
         super().__init__({
             "host": In(HostBus()),

@@ -32,7 +32,7 @@ from amaranth import Module
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from ..config import NpuConfig
+from ..config import NpuConfig, check_config_type
 from ..memory_map import Region, memories
 from .accumulate import AccumulatePath
 from .array import SystolicArray
@@ -62,9 +62,7 @@ class Npu(wiring.Component):
     done: Out(1)
 
     def __init__(self, config: NpuConfig, *, implementation: Implementation = GENERIC):
-        if not isinstance(config, NpuConfig):
-            raise TypeError(f"config must be an NpuConfig, not {config!r}")
-        self._config = config
+        self._config = check_config_type(config)
         self._implementation = check_implementation(implementation)
         super().__init__()
 

@@ -22,7 +22,7 @@ from amaranth import Cat, Module, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from ..config import NpuConfig
+from ..config import NpuConfig, check_config_type
 from ..isa import INSTRUCTION_WIDTH, Opcode
 from ..layouts import param_lane_fields
 from ..memory_map import Region, memories
@@ -68,9 +68,7 @@ class RequantUnit(wiring.Component):
     """
 
     def __init__(self, config: NpuConfig, *, implementation: Implementation = GENERIC):
-        if not isinstance(config, NpuConfig):
-            raise TypeError(f"config must be an NpuConfig, not {config!r}")
-        self._config = config
+        self._config = check_config_type(config)
         self._implementation = check_implementation(implementation)
         infos = memories(config)
         acc, params = infos[Region.ACCUMULATORS], infos[Region.PARAMS]

@@ -13,7 +13,7 @@ from amaranth import Array, Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from ..config import NpuConfig
+from ..config import NpuConfig, check_config_type
 from ..isa import INSTRUCTION_WIDTH, OPCODE_WIDTH, Opcode
 from .gemm import GemmExpander
 
@@ -44,9 +44,7 @@ class Sequencer(wiring.Component):
     """
 
     def __init__(self, config: NpuConfig):
-        if not isinstance(config, NpuConfig):
-            raise TypeError(f"config must be an NpuConfig, not {config!r}")
-        self._config = config
+        self._config = check_config_type(config)
         depth = config.instruction_depth
         super().__init__({
             "start": In(1), "abort": In(1), "start_pc": In(range(depth)),

@@ -12,7 +12,7 @@ from amaranth import Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from ..config import NpuConfig
+from ..config import NpuConfig, check_config_type
 from ..memory_map import Region, memories
 from .ports import ReadRequest
 
@@ -26,9 +26,7 @@ class WeightLoader(wiring.Component):
     loaded waits. ``abort`` stops a load at once."""
 
     def __init__(self, config: NpuConfig):
-        if not isinstance(config, NpuConfig):
-            raise TypeError(f"config must be an NpuConfig, not {config!r}")
-        self._config = config
+        self._config = check_config_type(config)
         weights = memories(config)[Region.WEIGHTS]
         super().__init__({
             "dispatch": In(1),

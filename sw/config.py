@@ -14,7 +14,7 @@ from typing import Any
 
 from .layouts import param_lane_fields
 
-__all__ = ["NpuConfig", "DATAFLOWS", "ROUNDINGS", "read_toml"]
+__all__ = ["NpuConfig", "DATAFLOWS", "ROUNDINGS", "read_toml", "check_config_type"]
 
 
 def read_toml(path: str | Path, what: str, example: str = "") -> dict[str, Any]:
@@ -199,3 +199,11 @@ class NpuConfig:
         if self.rounding != "both":
             text += f", {self.rounding} rounding only"
         return text + ("" if self.feature_maps else ", no feature maps")
+
+
+def check_config_type(config: object) -> NpuConfig:
+    """``config`` if it is an :class:`NpuConfig` (what every gateware unit is generated
+    from); raises ``TypeError`` naming what it is instead."""
+    if not isinstance(config, NpuConfig):
+        raise TypeError(f"config must be an NpuConfig, not {config!r}")
+    return config
