@@ -1,5 +1,7 @@
 """Run jobs on the generated Verilog in a cocotb simulation (Verilator or Icarus), or,
-with ``simulator="amaranth"``, in Amaranth's simulator (:mod:`npugen.sim.pysim`).
+with ``simulator="amaranth"``, in Amaranth's simulator (:mod:`npugen.sim.pysim`): one
+list of jobs at a time (:func:`simulate`), or as a :class:`~npugen.target.Target` that
+holds a program (:class:`RtlTarget`).
 
 Builds are cached per simulator, design, implementation, config digest and toolchain under
 ``sim/`` of the build root (:func:`default_build_root`); a job list runs in one simulator
@@ -15,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,13 +26,16 @@ import numpy as np
 from ..config import NpuConfig
 from ..hostops import bus_program, decode_result
 from ..job import Job, JobResult
+from ..memory_map import Region
+from ..program import Program
+from ..target import Target, check_config, check_job
 from .common import CLOCK_PERIOD_NS, SimulationError, job_config
 
 if TYPE_CHECKING:
     from ..hw.implementation import Implementation
 
-__all__ = ["SIMULATORS", "COCOTB_SIMULATORS", "simulate", "build", "simulator_available",
-           "build_folder", "as_implementation"]
+__all__ = ["SIMULATORS", "COCOTB_SIMULATORS", "simulate", "RtlTarget", "build",
+           "simulator_available", "build_folder", "as_implementation"]
 
 #: Simulators that run generated Verilog under cocotb (and need a build).
 COCOTB_SIMULATORS = ("verilator", "icarus")
@@ -300,3 +306,63 @@ def simulate(jobs: list[Job], *, simulator: str = "verilator",
             result.run_seconds = float(raw[f"run_seconds{i}"])
             results.append(result)
         return results
+
+
+class RtlTarget(Target):
+    """The NPU's RTL as a :class:`~npugen.target.Target`: jobs run in :func:`simulate`
+    (a cocotb testbench on Verilator or Icarus, memories loaded over the host port; or
+    Amaranth's simulator), the counters those the RTL reports.
+
+    A simulation is a simulator process that takes seconds to start, and its memories end
+    with it: :meth:`load` keeps the program's image and each simulation writes it before
+    its first job; what a job leaves in the memories besides the image reaches the later
+    jobs of the same simulation only. :meth:`execute_many` runs its jobs in at most
+    :attr:`SIMULATIONS` simulations, not one per job.
+
+    ``config``: the NPU simulated; ``simulator``: one of :data:`SIMULATORS`;
+    ``build_root`` and ``primitives``: as :func:`simulate` takes them. Raises
+    ``ValueError`` for an unknown simulator."""
+
+    #: The most simulations :meth:`execute_many` splits its jobs into: each costs a
+    #: simulator's start, and each one's end shows the caller progress.
+    SIMULATIONS = 8
+
+    def __init__(self, config: NpuConfig, *, simulator: str = "verilator",
+                 build_root: Path | None = None,
+                 primitives: str | Implementation | None = None) -> None:
+        if simulator not in SIMULATORS:
+            raise ValueError(f"simulator must be one of {', '.join(SIMULATORS)}, not "
+                             f"{simulator!r}")
+        self.config = config
+        self.simulator = simulator
+        self.build_root = build_root
+        self.primitives = primitives
+        self._image: list[tuple[Region, int, np.ndarray]] = []   # the loaded program's writes
+
+    def load(self, program: Program) -> None:
+        """Keep ``program``'s image for the simulations to come;
+        :class:`~npugen.target.ConfigMismatch` if it was compiled for another
+        configuration."""
+        check_config(program, self.config)
+        self._image = list(program.segments)
+
+    def execute(self, job: Job) -> JobResult:
+        """Run ``job`` in a simulation of its own, after the loaded program's image."""
+        return self._simulate([job])[0]
+
+    def execute_many(self, jobs: Sequence[Job]) -> Iterator[JobResult]:
+        """Run ``jobs`` in order, a few in each simulation (at most :attr:`SIMULATIONS`
+        of them); yield each simulation's results as it ends."""
+        jobs = list(jobs)
+        step = max(1, -(-len(jobs) // self.SIMULATIONS))
+        for start in range(0, len(jobs), step):
+            yield from self._simulate(jobs[start:start + step])
+
+    def _simulate(self, jobs: list[Job]) -> list[JobResult]:
+        for job in jobs:
+            check_job(job, self.config)
+        first = jobs[0]
+        # The image goes with the first job: the reads and results are that job's.
+        loaded = Job(first.config, [*self._image, *first.writes], first.reads, first.start_pc)
+        return simulate([loaded, *jobs[1:]], simulator=self.simulator,
+                        build_root=self.build_root, primitives=self.primitives)

@@ -189,8 +189,10 @@ def cmd_matmul(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     from .job import run_golden
     from .matmul import matmul_job, matmul_output
+    from .runtime import open_target
     from .schedule import plan_gemm
 
+    check_target(args.target)
     if args.output:
         output_file(args.output)
     if args.random:
@@ -222,12 +224,13 @@ def cmd_matmul(args: argparse.Namespace) -> int:
         result = golden
     else:
         from .sim.common import SimulationError
-        from .sim.runner import simulate
 
-        try:
-            result = simulate([job], simulator=args.sim)[0]
-        except SimulationError as error:
-            raise UsageError(str(error)) from None
+        with device_errors(), open_target(args.target, config, simulator=args.sim) as npu:
+            try:
+                result = npu.execute(job)
+            except SimulationError as error:
+                raise UsageError(str(error)) from None
+    simulated = args.target in ("rtl", "sim")
     y = matmul_output(plan, result)
     seconds = time.perf_counter() - started
     if args.output:
@@ -238,13 +241,13 @@ def cmd_matmul(args: argparse.Namespace) -> int:
     utilization = plan.ideal_cycles / counters.cycles if counters.cycles else 0.0
     where = f" -> {args.output}" if args.output else ""
     print(f"Y = A·W{' + bias' if bias is not None else ''}: M={plan.m} K={plan.k} N={plan.n}"
-          f"{where} ({args.target}{'/' + args.sim if args.target == 'sim' else ''}, "
+          f"{where} ({args.target}{'/' + args.sim if simulated else ''}, "
           f"{config.describe()})")
     print(f"cycles {counters.cycles} (ideal {plan.ideal_cycles:g}, "
           f"utilization {utilization:.3f}), bit-exact with golden: {bit_exact}")
     if args.json:
         emit_json({
-            "target": args.target, "simulator": args.sim if args.target == "sim" else None,
+            "target": args.target, "simulator": args.sim if simulated else None,
             "m": plan.m, "k": plan.k, "n": plan.n, "config": config.to_dict(),
             **counters.as_dict(), "ideal_cycles": plan.ideal_cycles,
             "utilization": utilization, "model_cycles": golden.counters.cycles,
@@ -254,7 +257,7 @@ def cmd_matmul(args: argparse.Namespace) -> int:
     if not bit_exact:
         raise CheckFailed("the NPU's result differs from the golden model")
     if not cycles_match:
-        raise CheckFailed(f"RTL counters {counters} differ from the cycle model's "
+        raise CheckFailed(f"the NPU's counters {counters} differ from the cycle model's "
                           f"{golden.counters}")
     return EXIT_OK
 
@@ -680,10 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
     matmul.add_argument("--seed", type=int, default=0, help="seed for --random (default 0)")
     matmul.add_argument("-o", "--output", metavar="Y.npy",
                         help="where to write the int32 M×N result")
-    matmul.add_argument("--target", choices=("golden", "sim"), default="golden",
-                        help="golden model or RTL simulation (default golden)")
+    matmul.add_argument("--target", default="golden", metavar="TARGET", help=TARGET_HELP)
     matmul.add_argument("--sim", choices=("verilator", "icarus"), default="verilator",
-                        help="simulator for --target sim (default verilator)")
+                        help="simulator for --target rtl or sim (default verilator)")
     matmul.add_argument("--json", action="store_true", help="print a JSON summary last")
     add_config_flags(matmul)
     matmul.set_defaults(handler=cmd_matmul)

@@ -6,8 +6,8 @@ socket, or ``"sim"`` (which starts its own virtual board).
         npu.load(program)
         result = npugen.run(program, x, target=npu)
 
-A ``Device`` is a :class:`~npugen.target.Target`: it runs jobs; :func:`npugen.run` turns a
-program's inputs into jobs and their results into outputs.
+A ``Device`` is a :class:`~npugen.target.Target`: it loads a program and runs jobs;
+:func:`npugen.run` turns a program's inputs into jobs and their results into outputs.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from .protocol import (
     crc16,
     encode_request,
 )
-from .target import ConfigMismatch, check_config
+from .target import ConfigMismatch, Target, check_config, check_job
 
 __all__ = ["Device", "DeviceError", "DeviceLost"]
 
@@ -70,7 +70,7 @@ class DeviceLost(DeviceError):
     board: exit status 1 on the command line)."""
 
 
-class Device:
+class Device(Target):
     """An NPU behind the host link, a :class:`~npugen.target.Target`. Use :meth:`open`."""
 
     def __init__(self, port, url: str, *, timeout: float, retries: int,
@@ -289,8 +289,18 @@ class Device:
     # -- programs --------------------------------------------------------------------
 
     def check_program(self, program: Program) -> None:
+        """Raise :class:`DeviceError` if ``program`` was compiled for another NPU than
+        this device's."""
         try:
             check_config(program, self.config)
+        except ConfigMismatch as error:
+            raise DeviceError(f"{self.url}: {error}") from None
+
+    def check_job(self, job: Job) -> None:
+        """Raise :class:`DeviceError` if ``job`` was made for another NPU than this
+        device's."""
+        try:
+            check_job(job, self.config)
         except ConfigMismatch as error:
             raise DeviceError(f"{self.url}: {error}") from None
 
@@ -320,9 +330,12 @@ class Device:
 
     def execute(self, job: Job, *, poll_seconds: float = 0.002,
                 timeout: float = 600.0) -> JobResult:
-        """Load ``job``'s writes, run from its start address, read its results back."""
+        """Load ``job``'s writes, run from its start address, read its results back.
+        Raises :class:`DeviceError` if the job was made for another NPU than this
+        device's."""
         from .hostops import decode_result
 
+        self.check_job(job)
         self._synchronize()
         self._write_job(job, verify=False)
         token = self._new_token()

@@ -152,15 +152,17 @@ def counters_from_words(words: list[int]) -> Counters:
     return Counters(**dict(zip(COUNTER_NAMES, values, strict=True)))
 
 
-def run_golden(job: Job) -> JobResult:
-    """Run ``job`` on a fresh golden model: load its writes, run from its start address,
-    read back; the counters are the cycle model's.
+def run_golden(job: Job, npu: GoldenNpu | None = None) -> JobResult:
+    """Run ``job`` on ``npu`` (by default a fresh golden model): load its writes, run from
+    its start address, read back; the counters are the cycle model's.
+    :class:`~npugen.target.GoldenTarget` passes its own model, which keeps its memories.
 
     Raises :class:`~npugen.golden.ProgramError` if a write overflows a memory, no HALT
     follows the start address, or an instruction cannot run
     (:func:`~npugen.golden.check_program`), and ``ValueError`` for an unknown opcode
     between the start address and the first HALT (the words past it never run)."""
-    npu = GoldenNpu(job.config)
+    if npu is None:
+        npu = GoldenNpu(job.config)
     for region, entry, values in job.writes:
         npu.write(region, entry, values)
     counters = npu.run(job.start_pc)

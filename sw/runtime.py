@@ -1,22 +1,25 @@
 """Running a compiled program: quantize the input, run batch after batch on a target,
-dequantize the output. Targets: the golden model, the RTL, a virtual board, a board."""
+dequantize the output. Targets: the golden model, the RTL, a virtual board, a board, each
+a :class:`~npugen.target.Target` that :func:`open_target` opens by name; the runtime is
+the one module that chooses among them (and so the one that imports the driver)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from .config import NpuConfig
 from .golden import Counters
-from .job import Job, JobResult, run_golden
+from .job import Job, JobResult
 from .memory_map import Region
 from .program import Program
-from .target import Target, check_config
+from .target import GoldenTarget, Target, check_config
 
 __all__ = ["RunResult", "run", "program_job", "quantize_input", "TARGETS", "check_target",
-           "apply_host_ops", "float_softmax"]
+           "open_target", "apply_host_ops", "float_softmax"]
 
 TARGETS = ("golden", "rtl", "sim")  # or a device URL
 
@@ -91,6 +94,34 @@ def check_target(target: str) -> None:
         pass
     raise ValueError(f"target {target!r} is not golden, rtl, sim or a device URL (a serial "
                      f"port such as /dev/ttyUSB1, socket://HOST:PORT, loop://)")
+
+
+@contextlib.contextmanager
+def open_target(target: str, config: NpuConfig, *,
+                simulator: str = "verilator") -> Iterator[Target]:
+    """The :class:`~npugen.target.Target` named ``target``, open for a ``with`` block
+    (a device is closed after it), nothing loaded yet:
+
+    - ``"golden"``: a :class:`~npugen.target.GoldenTarget` of ``config``;
+    - ``"rtl"``: a :class:`~npugen.sim.runner.RtlTarget` of ``config`` on ``simulator``;
+    - ``"sim"``: a virtual board of ``config`` on ``simulator``, started here and stopped
+      after, and any other device URL: an open :class:`~npugen.driver.Device` (it reports
+      its own configuration; loading a program compiled for another is refused).
+
+    Raises ``ValueError`` for a target :func:`check_target` refuses, and
+    :class:`~npugen.driver.DeviceError` if a device cannot be opened."""
+    check_target(target)
+    if target == "golden":
+        yield GoldenTarget(config)
+    elif target == "rtl":
+        from .sim.runner import RtlTarget
+
+        yield RtlTarget(config, simulator=simulator)
+    else:
+        from .driver import Device
+
+        with Device.open(target, config=config, simulator=simulator) as device:
+            yield device
 
 
 def quantize_input(program: Program, x: np.ndarray) -> np.ndarray:
@@ -170,6 +201,18 @@ def _words(program: Program, features: int) -> int:
     return -(-features // program.config.rows) * program.batch
 
 
+@contextlib.contextmanager
+def _loaded(program: Program, target: str | Target, simulator: str) -> Iterator[Target]:
+    """``target`` itself if it is a Target (the caller loaded the program), else the target
+    it names, opened with the program loaded."""
+    if not isinstance(target, str):
+        yield target
+        return
+    with open_target(target, program.config, simulator=simulator) as opened:
+        opened.load(program)
+        yield opened
+
+
 def program_job(program: Program, rows: np.ndarray, *, load_program: bool = True) -> Job:
     """One run: (optionally) the program's image, ``batch`` input rows, the output read."""
     config = program.config
@@ -206,50 +249,37 @@ def run(program: Program, x: np.ndarray, *, target: str | Target = "golden",
     """Run ``program`` on float input ``x`` (batch, *input shape).
 
     ``target``: ``"golden"`` (the NumPy model), ``"rtl"`` (the NPU's RTL in a cocotb
-    testbench, memories loaded over the host port), ``"sim"`` (a virtual board: the SoC
-    in simulation, through the UART link), a device URL (``/dev/ttyUSB1``,
-    ``socket://HOST:PORT``) or a :class:`~npugen.target.Target` that holds the program: an
-    open :class:`~npugen.driver.Device` after ``load(program)``.
+    testbench on ``simulator``, memories loaded over the host port), ``"sim"`` (a virtual
+    board: the SoC in simulation, through the UART link), a device URL (``/dev/ttyUSB1``,
+    ``socket://HOST:PORT``), each opened by :func:`open_target` and the program loaded on
+    it; or a :class:`~npugen.target.Target` that holds the program already (a
+    :class:`~npugen.target.GoldenTarget`, an open :class:`~npugen.driver.Device`... after
+    ``load(program)``): only the inputs are written to it.
     ``config``: the target NPU's configuration, if known; a different one is refused
     (:class:`~npugen.target.ConfigMismatch`).
     ``progress(done, total)`` is called as batches finish.
+
+    Raises ``ValueError`` for a target name :func:`check_target` refuses or bad input,
+    ``TypeError`` for a target that is neither a name nor a Target.
     """
     if isinstance(target, str):
         check_target(target)
+    elif not isinstance(target, Target):
+        missing = [name for name in ("load", "execute", "execute_many")
+                   if not callable(getattr(target, name, None))]
+        raise TypeError(f"target must be golden, rtl, sim, a device URL or a Target (such as "
+                        f"npugen.GoldenTarget or an open npugen.Device), not an object of "
+                        f"type {type(target).__name__}, which has no {', '.join(missing)}")
     check_config(program, config)
     q = quantize_input(program, x)
     chunks = [q[i:i + program.batch] for i in range(0, len(q), program.batch)]
+    jobs = [program_job(program, chunk, load_program=False) for chunk in chunks]
     results: list[JobResult] = []
-
-    def finished(result: JobResult) -> None:
-        results.append(result)
-        if progress:
-            progress(len(results), len(chunks))
-
-    if isinstance(target, Target):
-        for chunk in chunks:
-            finished(target.execute(program_job(program, chunk, load_program=False)))
-    elif target == "golden":
-        for chunk in chunks:
-            finished(run_golden(program_job(program, chunk)))
-    elif target == "rtl":
-        from .sim.runner import simulate
-
-        jobs = [program_job(program, chunk) for chunk in chunks]
-        # A few jobs per simulator process keeps the progress display moving.
-        step = max(1, len(jobs) // 8)
-        for start in range(0, len(jobs), step):
-            for result in simulate(jobs[start:start + step], simulator=simulator):
-                finished(result)
-    elif isinstance(target, str) and target:
-        from .driver import Device
-
-        with Device.open(target, config=program.config, simulator=simulator) as device:
-            device.load(program)
-            return run(program, x, target=device, progress=progress)
-    else:
-        raise ValueError(f"target must be golden, rtl, sim, a device URL or a Target (an open "
-                         f"Device), not {target!r}")
+    with _loaded(program, target, simulator) as npu:
+        for result in npu.execute_many(jobs):
+            results.append(result)
+            if progress:
+                progress(len(results), len(jobs))
     outputs = [_decode(program, r.outputs["output"], len(chunk))
                for r, chunk in zip(results, chunks, strict=True)]
     quantized = np.concatenate(outputs) if outputs else np.zeros((0, program.output.features))

@@ -142,9 +142,12 @@ CASES = [
                         "foo"], 2, "'foo'"),
     ("run-socket-without-port", ["run", "p.npu", "--input", "x.npy", "-o", "y.npy",
                                  "--target", "socket://localhost"], 2, "HOST:PORT"),
+    ("matmul-bad-target", ["matmul", "--random", "4x4x4", "--target", "foo"], 2, "'foo'"),
     # 6. a device that cannot be opened is bad input
     ("run-nothing-listening", ["run", "p.npu", "--input", "x.npy", "-o", "y.npy", "--target",
                                "socket://127.0.0.1:1"], 2, "cannot open"),
+    ("matmul-nothing-listening", ["matmul", "--random", "4x4x4", "--target",
+                                  "socket://127.0.0.1:1"], 2, "cannot open"),
     # 9. no input rows
     ("run-empty-input", ["run", "p.npu", "--input", "empty.npy", "-o", "y.npy"], 2,
      "no rows"),

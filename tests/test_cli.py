@@ -43,15 +43,16 @@ def test_matmul_golden(operands, capsys):
 
 
 @pytest.mark.parametrize("simulator", available_simulators())
-def test_matmul_sim_through_console_script(operands, simulator):
+def test_matmul_rtl_through_console_script(operands, simulator):
     paths, expected = operands
     run = subprocess.run(
         [sys.executable, "-m", "npugen", "matmul", "--a", str(paths["a"]), "--w",
-         str(paths["w"]), "-o", str(paths["y"]), "--target", "sim", "--sim", simulator,
+         str(paths["w"]), "-o", str(paths["y"]), "--target", "rtl", "--sim", simulator,
          "--json", "--rows", "2", "--cols", "3"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     record = json.loads(run.stdout.strip().splitlines()[-1])
     assert record["bit_exact"] and record["cycles_match_model"]
+    assert record["target"] == "rtl" and record["simulator"] == simulator
     assert np.array_equal(np.load(paths["y"]), expected - np.load(paths["bias"]))
 
 

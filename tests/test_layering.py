@@ -111,3 +111,18 @@ def test_no_import_cycles():
     graph = import_graph()
     cycle = find_cycle(graph)
     assert cycle is None, f"modules import each other in a cycle: {' -> '.join(cycle)}"
+
+
+#: The modules that may import the driver: the runtime, the one place a target is chosen
+#: by name (open_target), and what sits above it (the package's npugen.Device, the command
+#: line); the link benchmark and the netlist check drive a Device's link themselves (raw
+#: writes, UPTIME, a timeout of their own).
+DRIVER_IMPORTERS = {"npugen", "npugen.runtime", "npugen.cli", "npugen.bench.link",
+                    "npugen.sim.netlist"}
+
+
+def test_only_the_runtime_and_what_is_above_it_import_the_driver():
+    importers = {name for name, targets in import_graph().items() if "npugen.driver" in targets}
+    assert importers <= DRIVER_IMPORTERS, (
+        f"{', '.join(sorted(importers - DRIVER_IMPORTERS))} import the driver: open a device "
+        f"through npugen.runtime.open_target instead")
