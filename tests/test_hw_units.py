@@ -22,14 +22,16 @@ from npugen.isa import Instruction, Opcode, encode_program
 from npugen.job import Job, run_golden
 from npugen.matmul import matmul_job, matmul_output
 from npugen.memory_map import Reg, Region, Status, address, host_read_latency, identity_words
+from npugen.sim.pysim import CLOCK_PERIOD_S, AmaranthBus
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
 def simulate(dut, testbench) -> None:
-    """Run ``testbench`` against ``dut`` on a 1 MHz ``sync`` clock until it returns."""
+    """Run ``testbench`` against ``dut`` on the ``sync`` clock of sim/pysim.py (whose
+    host-port driver times its waits by it) until it returns."""
     sim = Simulator(dut)
-    sim.add_clock(1e-6)
+    sim.add_clock(CLOCK_PERIOD_S)
     sim.add_testbench(testbench)
     sim.run()
 
@@ -501,29 +503,12 @@ TINY = NpuConfig(rows=2, cols=2, requant_lanes=1, activation_depth=32, weight_de
                  instruction_depth=16, param_depth=16)
 
 
-class AmaranthBus:
-    """The host port driven from an Amaranth testbench (see ``npugen.hostops.Bus``):
-    one request a cycle, each valid for one cycle; a read's data the cycle after."""
-
-    def __init__(self, ctx, npu: Npu):
-        self.ctx = ctx
-        self.host = npu.host
-        self.npu = npu
-
-    async def write_many(self, addresses, words):
-        ctx, host = self.ctx, self.host
-        for addr, word in zip(np.asarray(addresses).tolist(), np.asarray(words).tolist(),
-                              strict=True):
-            ctx.set(host.valid, 1)
-            ctx.set(host.write, 1)
-            ctx.set(host.addr, addr)
-            ctx.set(host.wdata, word)
-            await ctx.tick()
-        ctx.set(host.valid, 0)
-        ctx.set(host.write, 0)
+class StrictLatencyBus(AmaranthBus):
+    """sim/pysim.py's host-port driver, reading one word at a time and checking that each
+    answer comes exactly ``host_read_latency`` cycles after its request."""
 
     async def read_many(self, addresses):
-        ctx, host = self.ctx, self.host
+        ctx, host = self.ctx, self.npu.host
         words = []
         ctx.set(host.write, 0)
         for addr in np.asarray(addresses).tolist():
@@ -540,13 +525,6 @@ class AmaranthBus:
             words.append(ctx.get(host.rdata))
         return words
 
-    async def wait_done(self, timeout_cycles):
-        for _ in range(timeout_cycles):
-            if self.ctx.get(self.npu.done):
-                return True
-            await self.ctx.tick()
-        return bool(self.ctx.get(self.npu.done))
-
 
 def run_jobs_on_npu(config: NpuConfig, jobs: list[Job]) -> list[tuple[int, list, list]]:
     """Run ``jobs`` one after the other on one simulated NPU with ``hostops.execute``."""
@@ -554,7 +532,7 @@ def run_jobs_on_npu(config: NpuConfig, jobs: list[Job]) -> list[tuple[int, list,
     results = []
 
     async def testbench(ctx):
-        bus = AmaranthBus(ctx, npu)
+        bus = StrictLatencyBus(ctx, npu)
         for job in jobs:
             results.append(await execute(bus, bus_program(job, timeout_cycles=2000)))
 
@@ -675,7 +653,7 @@ def test_npu_illegal_opcode_stops_the_run_and_identity_reads_back(word, config):
     identity = identity_words(config)
 
     async def testbench(ctx):
-        bus = AmaranthBus(ctx, npu)
+        bus = StrictLatencyBus(ctx, npu)
         seen["identity"] = await bus.read_many(
             np.array([address(Region.REGISTERS, Reg.MAGIC + i) for i in range(len(identity))]))
         await bus.write_many(
@@ -705,7 +683,7 @@ def test_npu_decodes_every_address_bit():
     depth = TINY.instruction_depth
 
     async def testbench(ctx):
-        bus = AmaranthBus(ctx, npu)
+        bus = StrictLatencyBus(ctx, npu)
         await bus.write_many(
             np.array([address(Region.INSTRUCTIONS, 0),
                       address(Region.INSTRUCTIONS, depth * stride),   # one past the end
