@@ -19,6 +19,7 @@ from conftest import (
 from npugen import NpuConfig
 from npugen.cli import main
 from npugen.compiler import compile_model
+from npugen.featuremap import FeatureMap
 from npugen.graph import ModelError
 from npugen.importers import load_model, load_npz, load_onnx
 from npugen.program import Program, ProgramFormatError
@@ -322,6 +323,18 @@ def test_model_too_large_says_what_overflows(data, trained):
     tiny = SMALL.replace(weight_depth=32)
     with pytest.raises(ValueError, match="weights need 1632 words, weight_depth is 32"):
         compile_model(model, tiny, calibration=data[0][:32])
+
+
+def test_a_map_keeps_room_for_what_writes_past_its_channels():
+    """5 channels on a 4×12 NPU: 2 tiles of data (what the host writes); a convolution
+    writes an output tile of 12 channels (3 tiles); a per-channel operator writes 12
+    channels from channel 4 (4 tiles), which a map any operator may write keeps room for."""
+    sizes = {spill: FeatureMap(0, 5, 2, 3, 4, 12, spill=spill).tiles
+             for spill in ("none", "tiles", "any")}
+    assert sizes == {"none": 2, "tiles": 3, "any": 4}
+    with pytest.raises(ValueError, match="spill must be one of 'any', 'tiles', 'none', "
+                                         "not 'some'"):
+        FeatureMap(0, 5, 2, 3, 4, 12, spill="some")
 
 
 @pytest.mark.parametrize("simulator", available_simulators())
