@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FeatureMap", "im2col", "conv_output_size", "stride_pair", "SPILLS"]
+__all__ = ["FeatureMap", "im2col", "conv_output_size", "same_pads", "stride_pair", "SPILLS"]
 
 #: What may write a map past its last channel, and so the spare lanes it keeps
 #: (:attr:`FeatureMap.spill`).
@@ -38,6 +38,20 @@ def conv_output_size(size: int, kernel: int, stride: int, pad_before: int,
                      pad_after: int) -> int:
     """Output pixels along one axis of a window of ``kernel`` stepping by ``stride``."""
     return (size + pad_before + pad_after - kernel) // stride + 1
+
+
+def same_pads(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], *,
+              odd_after: bool = True) -> tuple[int, int, int, int]:
+    """The padding that gives ceil(size / stride) outputs along each axis ("SAME"): (top,
+    left, bottom, right), an odd pixel after (TFLite's SAME, ONNX's SAME_UPPER) or before
+    (``odd_after`` false: ONNX's SAME_LOWER). Both front ends pad with it."""
+    before, after = [], []
+    for n, k, s in zip(size, kernel, stride, strict=True):
+        total = max((-(-n // s) - 1) * s + k - n, 0)
+        first = total // 2 if odd_after else total - total // 2
+        before.append(first)
+        after.append(total - first)
+    return before[0], before[1], after[0], after[1]
 
 
 def im2col(values: np.ndarray, kernel: tuple[int, int], stride: int,
