@@ -1,25 +1,28 @@
 """Compiler: a quantized model → an NPU program (instructions + data image).
 
 Layers run back to back on chip, with no host work between them (a model's final softmax
-runs on the host: ``Program.host_ops``).
+runs on the host: ``Program.host_ops``). Every model is compiled the same way: its
+tensors placed in the activation memory, its layers lowered by :mod:`npugen.lowering`,
+the memories checked, the cycles counted by the cycle model.
 
-- A chain of dense layers (an MLP) runs ``batch`` rows a run. Each layer is a GEMM
-  scheduled by :mod:`npugen.schedule` (the scheduler of ``npugen matmul``), followed by
-  REQUANT of each output tile straight into the next layer's activation buffer.
-  Activation buffers alternate between two areas of the activation memory.
-- A model with feature maps (a CNN) runs one image a run. Every tensor is a
-  :class:`~npugen.featuremap.FeatureMap` with the halo its consumers' padding needs
-  (written by the NPU before the layer that makes it); maps whose lifetimes do not
-  overlap share activation words. Layers are lowered by :mod:`npugen.lowering`
-  (convolutions as implicit im2col GEMMs, pooling on the array). A dense layer on a map
-  is a convolution whose kernel covers the whole map.
+- Every tensor is a :class:`~npugen.featuremap.FeatureMap` with the halo its consumers'
+  padding needs (written by the NPU before the layer that makes it); maps whose lifetimes
+  do not overlap share activation words. Convolutions are implicit im2col GEMMs, pooling
+  runs on the array, and a dense layer is a convolution whose kernel covers one input:
+  the whole map.
+- A chain of dense layers on vectors (an MLP) runs ``batch`` rows a run, the largest of
+  :data:`BATCH_CHOICES` that fits: its tensors are maps of one pixel per row
+  (features × 1 × batch) and each layer a 1×1 convolution over them, which the lowering
+  emits as a plain GEMM (the schedule of :mod:`npugen.schedule`, which NPUs without the
+  feature-map hardware run), followed by REQUANT of each output tile into the next
+  layer's map. Any other model runs one image a run.
 
 Accumulators are reused by every layer; weights and parameters stay resident.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,120 +30,28 @@ import numpy as np
 
 from .config import NpuConfig
 from .featuremap import FeatureMap
-from .golden import CycleModel, GemmState, check_program, expand_program
+from .golden import CycleModel, GemmState, check_program
 from .graph import Add, Conv, Dense, Model, Pool, output_shape
 from .isa import Instruction, Opcode, encode_program
 from .lowering import Lowering, Requant, Rescale
 from .memory_map import Region
 from .program import Program, TensorLayout
 from .quantize import POOL_SUM_WEIGHT, QuantizedModel, average_divisor, quantize_model
-from .schedule import (
-    DoesNotFit,
-    GemmPlan,
-    ceil_div,
-    gemm_instructions,
-    next_bank,
-    plan_gemm,
-    tile_weights,
-)
+from .schedule import DoesNotFit, ceil_div
 
 __all__ = ["compile_model", "compile_quantized", "BATCH_CHOICES"]
 
+#: The batches a chain of dense layers may run, largest first.
 BATCH_CHOICES = (64, 32, 16, 8, 4, 2, 1)
-
-
-@dataclass
-class _Placement:
-    plan: GemmPlan
-    param_base: int
-    out_base: int
-
-
-def _output_words(config: NpuConfig, plan: GemmPlan) -> int:
-    """Activation words a layer's REQUANTs write: whole output tiles, padding included."""
-    return ceil_div(plan.n_tiles * config.cols, config.rows) * plan.m
-
-
-def _place(config: NpuConfig, model: QuantizedModel, batch: int) -> list[_Placement]:
-    """Place every layer for ``batch`` rows; raise DoesNotFit naming what overflows."""
-    plans, buffer_words = [], []
-    first_k_tiles = ceil_div(model.layers[0].in_features, config.rows)
-    buffer_words.append(first_k_tiles * batch)
-    for layer in model.layers:
-        plan = GemmPlan(config, batch, layer.in_features, layer.out_features)
-        plans.append(plan)
-        buffer_words.append(_output_words(config, plan))
-    # Buffers alternate between area 0 (even) and area 1 (odd).
-    area = [max(buffer_words[0::2]), max(buffer_words[1::2])]
-    bases = [0 if i % 2 == 0 else area[0] for i in range(len(buffer_words))]
-    groups_per_tile = config.cols // config.requant_lanes
-    weight_words = sum(p.weight_words for p in plans)
-    param_words = sum(p.n_tiles * groups_per_tile for p in plans)
-    accumulator_words = max(p.accumulator_words for p in plans)
-    needs = [
-        ("activations", area[0] + area[1], config.activation_depth, "activation_depth"),
-        ("weights", weight_words, config.weight_depth, "weight_depth"),
-        ("accumulators", accumulator_words, config.accumulator_depth, "accumulator_depth"),
-        ("parameters", param_words, config.param_depth, "param_depth"),
-    ]
-    problems = [f"{what} need {used} words, {name} is {depth}"
-                for what, used, depth, name in needs if used > depth]
-    if problems:
-        raise DoesNotFit(f"batch {batch}: " + "; ".join(problems))
-    placements, weight_base, param_base = [], 0, 0
-    for index, plan in enumerate(plans):
-        placed = plan_gemm(config, batch, plan.k, plan.n, act_base=bases[index],
-                           weight_base=weight_base)
-        placements.append(_Placement(placed, param_base, bases[index + 1]))
-        weight_base += placed.weight_words
-        param_base += placed.n_tiles * groups_per_tile
-    return placements
-
-
-def _instructions(config: NpuConfig, model: QuantizedModel,
-                  placements: list[_Placement]) -> list[Instruction]:
-    program: list[Instruction] = []
-    bank = 0
-    groups_per_tile = config.cols // config.requant_lanes
-    for layer, placed in zip(model.layers, placements, strict=True):
-        plan = placed.plan
-        program += gemm_instructions(plan, first_bank=bank)
-        bank = next_bank(plan, bank)
-        program.append(Instruction(Opcode.SETPP, {
-            "zero_point": layer.output_zero_point, "clamp_min": layer.clamp_min,
-            "clamp_max": layer.clamp_max}))
-        for n_tile in range(plan.n_tiles):
-            channel = n_tile * config.cols
-            program.append(Instruction(Opcode.SETREQ, {
-                "param_addr": placed.param_base + n_tile * groups_per_tile,
-                "out_stride": plan.m}))
-            program.append(Instruction(Opcode.REQUANT, {
-                "acc_addr": plan.acc_addr(n_tile), "count": plan.m,
-                "out_addr": placed.out_base + (channel // config.rows) * plan.m,
-                "out_lane": channel % config.rows,
-                "single_rounding": int(layer.rounding == "single")}))
-    program.append(Instruction(Opcode.HALT))
-    return program
-
-
-def _param_words(config: NpuConfig, model: QuantizedModel,
-                 placements: list[_Placement]) -> np.ndarray:
-    rows = []
-    for layer, placed in zip(model.layers, placements, strict=True):
-        channels = placed.plan.n_tiles * config.cols
-        lanes = np.zeros((channels, 3), dtype=np.int64)
-        lanes[:layer.out_features, 0] = layer.bias
-        lanes[:layer.out_features, 1] = layer.multiplier
-        lanes[:layer.out_features, 2] = layer.shift
-        rows.append(lanes.reshape(-1, config.requant_lanes, 3))
-    return np.concatenate(rows)
 
 
 def compile_quantized(model: QuantizedModel, config: NpuConfig,
                       batch: int | None = None, *, input_im2col: bool = True) -> Program:
-    """Compile for ``batch`` rows a run (default: the largest of 64, 32, ... that fits).
-    ``input_im2col``: let the host prepare a CNN's input by im2col when that saves the
-    first convolution K tiles."""
+    """Compile for ``batch`` rows a run (default: the largest of 64, 32, ... that fits; a
+    model with feature maps runs one image a run). ``input_im2col``: let the host prepare
+    a CNN's input by im2col when that saves the first convolution K tiles. Raises
+    ``DoesNotFit`` naming every memory that is too small, ``ValueError`` for a batch the
+    model cannot run."""
     if batch is not None and not 1 <= batch <= 0xFFFF:
         raise ValueError(f"batch must be between 1 and 65535, not {batch}")
     for layer in model.layers:
@@ -156,8 +67,9 @@ def compile_quantized(model: QuantizedModel, config: NpuConfig,
                 f"arithmetic of its {_io(model).framework} model), but this NPU was "
                 f"generated with rounding = {config.rounding!r} only; use rounding = 'both' "
                 f"(the default)")
-    if len(model.input_shape) == 3 or any(
-            not isinstance(layer.source, Dense | None) for layer in model.layers):
+    if _dense_chain(model):
+        batches = [batch] if batch else list(BATCH_CHOICES)
+    else:
         if batch not in (None, 1):
             raise ValueError(f"a model with feature maps runs one image a run, not batch "
                              f"{batch}")
@@ -165,52 +77,24 @@ def compile_quantized(model: QuantizedModel, config: NpuConfig,
             raise DoesNotFit(f"the model has feature maps (convolutions, pooling or adds); "
                              f"this {config.describe()} NPU was generated without them "
                              f"(feature_maps = false)")
-        return _compile_maps(model, config, input_im2col)
-    errors = []
-    placements = None
-    for candidate in ([batch] if batch else BATCH_CHOICES):
+        batches = [1]
+    im2col = _input_im2col(model, config) if input_im2col else None
+    problems = []
+    for candidate in batches:
         try:
-            placements = _place(config, model, candidate)
-            instructions = _instructions(config, model, placements)
-            if len(instructions) > config.instruction_depth:
-                raise DoesNotFit(f"batch {candidate}: {len(instructions)} instructions, "
-                                 f"instruction_depth is {config.instruction_depth}")
-            batch = candidate
-            break
+            return _compile(model, config, candidate, im2col)
         except DoesNotFit as error:
-            errors.append(str(error))
-            placements = None
-    if placements is None:
-        raise DoesNotFit(f"the model does not fit a {config.describe()} NPU: {errors[-1]}")
-    check_program(config, instructions)
-    timing = CycleModel(config)
-    for step in expand_program(config, instructions):
-        timing.dispatch(step)
-    segments = [(Region.INSTRUCTIONS, 0, encode_program(instructions))]
-    weights = np.concatenate([tile_weights(p.plan, layer.weight)
-                              for layer, p in zip(model.layers, placements, strict=True)])
-    segments.append((Region.WEIGHTS, 0, weights))
-    segments.append((Region.PARAMS, 0, _param_words(config, model, placements)))
-    first, last = placements[0].plan, placements[-1].plan
-    layers = [{
-        "name": layer.name, "in_features": layer.in_features,
-        "out_features": layer.out_features, "k_tiles": p.plan.k_tiles,
-        "n_tiles": p.plan.n_tiles, "weight_words": p.plan.weight_words,
-        "macs": layer.in_features * layer.out_features,
-        "clamp": [layer.clamp_min, layer.clamp_max],
-    } for layer, p in zip(model.layers, placements, strict=True)]
-    source = _io(model)
-    return Program(
-        config=config, batch=batch, segments=segments,
-        input=TensorLayout(first.act_base, model.layers[0].in_features, model.input_shape,
-                           model.input_quant.scale, model.input_quant.zero_point,
-                           dtype=source.input_dtype),
-        output=TensorLayout(placements[-1].out_base, last.n, model.output_shape,
-                            model.output_quant.scale, model.output_quant.zero_point,
-                            dtype=source.output_dtype),
-        layers=layers, estimated_cycles=timing.counters.cycles,
-        instruction_count=len(instructions), framework=source.framework,
-        host_ops=source.host_ops)
+            problems.append(str(error))
+    raise DoesNotFit(f"the model does not fit a {config.describe()} NPU: {problems[-1]}")
+
+
+def _dense_chain(model: QuantizedModel) -> bool:
+    """Whether the model is a chain of dense layers on vectors, each reading the one
+    before (an MLP), which runs a batch of rows a run."""
+    names = ["input", *(layer.name for layer in model.layers)]
+    return len(model.input_shape) != 3 and all(
+        isinstance(layer.source, Dense | None) and tuple(layer.inputs) == (name,)
+        for layer, name in zip(model.layers, names, strict=False))
 
 
 def _io(model: QuantizedModel) -> Model:
@@ -242,11 +126,12 @@ def compile_model(model: Model | str | Path | Any, config: NpuConfig | None = No
     return compile_quantized(quantize_model(model, calibration), config, batch)
 
 
-# -- Models with feature maps ------------------------------------------------------------
+# -- Tensors as maps, layers as operators ----------------------------------------------
 
-def _map_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """A tensor's shape as a map: vectors are 1×1 maps of their features."""
-    return tuple(shape) if len(shape) == 3 else (int(np.prod(shape)), 1, 1)
+def _map_shape(shape: tuple[int, ...], batch: int = 1) -> tuple[int, int, int]:
+    """A tensor's shape as a map: a C×H×W map as it is, a vector as a row of ``batch``
+    pixels (one a row of the batch), each of its features."""
+    return tuple(shape) if len(shape) == 3 else (int(np.prod(shape)), 1, batch)
 
 
 def _halo(layer, zero_point: int) -> tuple[tuple[int, int, int, int], int]:
@@ -308,8 +193,10 @@ def _lower(lowering: Lowering, layer, maps: dict[str, FeatureMap],
         first, second = (Rescale(*values) for values in layer.rescales)
         lowering.add(src, maps[layer.inputs[1]], dst, first, second, requant)
         ops = 2 * dst.channels * dst.height * dst.width   # both inputs pass the array
-    else:  # dense: a convolution whose kernel is the whole map (C·H·W flatten order)
-        weight = layer.weight.reshape(src.channels, src.height, src.width, -1)
+    else:  # dense: a convolution whose kernel covers one input (C·H·W flatten order):
+        # the whole map, or one pixel of a batch of vectors
+        taps = (1, 1) if layer.in_features == src.channels else (src.height, src.width)
+        weight = layer.weight.reshape(src.channels, *taps, -1)
         lowering.conv(src, dst, weight.transpose(1, 2, 0, 3), requant)
         macs = int(np.prod(layer.weight.shape))
     return _layer_row(layer, kind, src, dst, macs, ops or macs)
@@ -365,12 +252,13 @@ def _input_im2col(model: QuantizedModel, config: NpuConfig) -> tuple[int, ...] |
     return (kh, kw, source.stride, *source.pads)
 
 
-def _allocate_maps(model: QuantizedModel, config: NpuConfig,
+def _allocate_maps(model: QuantizedModel, config: NpuConfig, batch: int,
                    input_im2col: tuple[int, ...] | None
-                   ) -> tuple[dict[str, FeatureMap], str | None]:
-    """A feature map for every tensor, each with the halo its consumers' padding needs,
-    and what is wrong if they do not fit the activation memory."""
-    shapes = {"input": _map_shape(model.input_shape)}
+                   ) -> tuple[dict[str, FeatureMap], list[str]]:
+    """A feature map for every tensor (vectors for ``batch`` rows), each with the halo its
+    consumers' padding needs, and what is wrong if they do not fit the activation
+    memory."""
+    shapes = {"input": _map_shape(model.input_shape, batch)}
     quants = {"input": model.input_quant}
     for layer in model.layers:
         source = layer.source
@@ -379,7 +267,7 @@ def _allocate_maps(model: QuantizedModel, config: NpuConfig,
         elif isinstance(source, Add):
             shapes[layer.name] = shapes[layer.inputs[0]]
         else:
-            shapes[layer.name] = (layer.out_features, 1, 1)
+            shapes[layer.name] = _map_shape((layer.out_features,), batch)
         quants[layer.name] = layer.output_quant
     if input_im2col is not None:   # every tap of every input channel, per output pixel
         first = model.layers[0]
@@ -398,23 +286,30 @@ def _allocate_maps(model: QuantizedModel, config: NpuConfig,
                              f"with {fill} for {layer.name!r}; one map has one halo value")
         merged = tuple(max(a, b) for a, b in zip(pads, old_pads, strict=True))
         halos[name] = (merged, fill if any(pads) else old_fill)
+    # A dense chain's maps are vectors, which only the host (the input) or a dense layer
+    # writes; any other map keeps room for any operator's spill.
+    chain = _dense_chain(model)
     unplaced = {}
     for name, shape in shapes.items():
         pads, fill = halos[name]
+        spill = ("none" if name == "input" else "tiles") if chain else "any"
         unplaced[name] = FeatureMap(0, *shape, config.rows, config.cols, pads,
-                                    quants[name].zero_point if fill is None else fill)
+                                    quants[name].zero_point if fill is None else fill,
+                                    spill)
     maps, end = _place_maps(model, unplaced)
-    problem = None
-    if end > config.activation_depth:
-        spans = _lifetimes(model)
-        live = [sum(fmap.words for name, fmap in unplaced.items()
-                    if spans[name][0] <= step <= spans[name][1])
-                for step in range(1, len(model.layers) + 1)]
-        peak = int(np.argmax(live))
-        problem = (f"its feature maps need {end} activation words, activation_depth is "
-                   f"{config.activation_depth} (most at layer {model.layers[peak].name!r}, "
-                   f"where maps of {live[peak]} words are live at once)")
-    return maps, problem
+    if end <= config.activation_depth:
+        return maps, []
+    if chain:
+        return maps, [f"activations need {end} words, activation_depth is "
+                      f"{config.activation_depth}"]
+    spans = _lifetimes(model)
+    live = [sum(fmap.words for name, fmap in unplaced.items()
+                if spans[name][0] <= step <= spans[name][1])
+            for step in range(1, len(model.layers) + 1)]
+    peak = int(np.argmax(live))
+    return maps, [f"its feature maps need {end} activation words, activation_depth is "
+                  f"{config.activation_depth} (most at layer {model.layers[peak].name!r}, "
+                  f"where maps of {live[peak]} words are live at once)"]
 
 
 def _lifetimes(model: QuantizedModel) -> dict[str, tuple[int, int]]:
@@ -435,7 +330,15 @@ def _place_maps(model: QuantizedModel,
     """Activation addresses for every map, sharing space between maps whose lifetimes do
     not overlap (halos are written at run time, :meth:`Lowering.fill_halo`); returns the
     maps at their bases and the words used. Largest first, each at the lowest address
-    free for its lifetime."""
+    free for its lifetime; a dense chain's maps alternate between two areas instead (the
+    input and the outputs of its second, fourth, ... layer from word 0, the others after
+    the largest of those), the layout its batch choice has always been made with."""
+    if _dense_chain(model):
+        names = ["input", *(layer.name for layer in model.layers)]
+        split = max(maps[name].words for name in names[0::2])
+        end = split + max(maps[name].words for name in names[1::2])
+        return {name: replace(maps[name], base=split if index % 2 else 0)
+                for index, name in enumerate(names)}, end
     spans = _lifetimes(model)
 
     def overlaps(a: str, b: str) -> bool:
@@ -459,9 +362,22 @@ def _place_maps(model: QuantizedModel,
     return {name: replace(fmap, base=bases[name]) for name, fmap in maps.items()}, end
 
 
-def _compile_maps(model: QuantizedModel, config: NpuConfig, allow_im2col: bool) -> Program:
-    input_im2col = _input_im2col(model, config) if allow_im2col else None
-    maps, map_problem = _allocate_maps(model, config, input_im2col)
+def _compile(model: QuantizedModel, config: NpuConfig, batch: int,
+             input_im2col: tuple[int, ...] | None) -> Program:
+    """The program of ``model`` for ``batch`` rows a run: tensors placed, layers lowered,
+    memories checked, cycles counted. Raises ``DoesNotFit`` naming every memory that is
+    too small (after ``batch N:`` for a dense chain)."""
+    chain = _dense_chain(model)
+    prefix = f"batch {batch}: " if chain else ""
+    maps, problems = _allocate_maps(model, config, batch, input_im2col)
+    # A dense chain's batch keeps each layer's output tiles in the accumulators at once:
+    # a plain GEMM per layer, then its REQUANTs.
+    accumulators = [("accumulators", batch * max(
+        ceil_div(layer.out_features, config.cols) for layer in model.layers),
+        "accumulator_depth")] if chain else []
+    if max(fmap.end for fmap in maps.values()) > 1 << 16:
+        # Past what the instructions address: there is no program to count the rest in.
+        raise DoesNotFit(prefix + "; ".join(problems + _overflows(config, accumulators)))
     lowering = Lowering(config, check_depths=False)
     layers, starts = [], []
     try:
@@ -470,21 +386,16 @@ def _compile_maps(model: QuantizedModel, config: NpuConfig, allow_im2col: bool) 
             lowering.fill_halo(maps[layer.name])
             layers.append(_lower(lowering, layer, maps,
                                  input_im2col=index == 0 and input_im2col is not None))
-        layers[0]["input"] = list(_map_shape(model.input_shape))   # before any im2col
-    except DoesNotFit as error:
-        raise DoesNotFit(f"the model does not fit a {config.describe()} NPU: {error}") from None
+    except DoesNotFit as error:   # an operator that no memory of this NPU can hold
+        raise DoesNotFit(prefix + "; ".join(
+            problems + _overflows(config, accumulators) + [str(error)])) from None
     instructions = lowering.instructions + [Instruction(Opcode.HALT)]
-    # Every memory that is too small, with what it needs.
-    problems = [map_problem] if map_problem else []
-    problems += [f"{what} need {used} words, {name} is {getattr(config, name)}"
-                 for what, used, name in (
-                     ("weights", lowering.weight_end, "weight_depth"),
-                     ("parameters", lowering.param_end, "param_depth"),
-                     ("instructions", len(instructions), "instruction_depth"))
-                 if used > getattr(config, name)]
+    problems += _overflows(config, [
+        ("weights", lowering.weight_end, "weight_depth"), *accumulators,
+        ("parameters", lowering.param_end, "param_depth"),
+        ("instructions", len(instructions), "instruction_depth")])
     if problems:
-        raise DoesNotFit(f"the model does not fit a {config.describe()} NPU: "
-                         + "; ".join(problems))
+        raise DoesNotFit(prefix + "; ".join(problems))
     check_program(config, instructions)
     # Per-layer cycles from the cycle model (which the RTL's counters equal): from a
     # layer's first dispatch to the next layer's.
@@ -500,26 +411,54 @@ def _compile_maps(model: QuantizedModel, config: NpuConfig, allow_im2col: bool) 
         row["cycles"] = end - start
         # Pooling does no MACs; its utilization counts one operation per window element.
         row["utilization"] = round(row["ops"] / (config.macs_per_cycle * (end - start)), 4)
+    layers[0]["input"] = list(_map_shape(model.input_shape))   # before any im2col
     segments = [(Region.INSTRUCTIONS, 0, encode_program(instructions)),
                 (Region.WEIGHTS, 0, lowering.weights()),
                 (Region.PARAMS, 0, lowering.params())]
     # Halos (and the spare lanes) start out as their fill; runs only write pixels.
-
     source = _io(model)
-
-    def layout(fmap: FeatureMap, shape, quant, order: str, dtype: str,
-               im2col=None) -> TensorLayout:
-        return TensorLayout(fmap.base, int(np.prod(shape)), _user_shape(shape, order),
-                            quant.scale, quant.zero_point,
-                            (fmap.channels, fmap.height, fmap.width), fmap.halo, fmap.fill,
-                            im2col, order, dtype)
-
+    first, last = maps["input"], maps[model.layers[-1].name]
+    if chain:   # vectors, batch-major in each channel tile (TensorLayout)
+        inputs = TensorLayout(first.base, first.channels, model.input_shape,
+                              model.input_quant.scale, model.input_quant.zero_point,
+                              dtype=source.input_dtype)
+        output = TensorLayout(last.base, last.channels, model.output_shape,
+                              model.output_quant.scale, model.output_quant.zero_point,
+                              dtype=source.output_dtype)
+        layers = [_vector_row(config, layer) for layer in model.layers]
+    else:
+        inputs = _map_layout(first, model.input_shape, model.input_quant,
+                             source.input_layout, source.input_dtype, input_im2col)
+        output = _map_layout(last, model.output_shape, model.output_quant,
+                             source.output_layout, source.output_dtype)
     return Program(
-        config=config, batch=1, segments=segments,
-        input=layout(maps["input"], model.input_shape, model.input_quant,
-                     source.input_layout, source.input_dtype, input_im2col),
-        output=layout(maps[model.layers[-1].name], model.output_shape, model.output_quant,
-                      source.output_layout, source.output_dtype),
+        config=config, batch=batch, segments=segments, input=inputs, output=output,
         layers=layers, estimated_cycles=timing.counters.cycles,
         instruction_count=len(instructions), framework=source.framework,
         host_ops=source.host_ops)
+
+
+def _overflows(config: NpuConfig, needs: list[tuple[str, int, str]]) -> list[str]:
+    """What each too small memory of ``needs`` (what, words, depth field) needs."""
+    return [f"{what} need {used} words, {name} is {getattr(config, name)}"
+            for what, used, name in needs if used > getattr(config, name)]
+
+
+def _map_layout(fmap: FeatureMap, shape: tuple[int, ...], quant, order: str, dtype: str,
+                im2col: tuple[int, ...] | None = None) -> TensorLayout:
+    """A model input or output held in ``fmap``, as the host gives or takes it."""
+    return TensorLayout(fmap.base, int(np.prod(shape)), _user_shape(shape, order),
+                        quant.scale, quant.zero_point,
+                        (fmap.channels, fmap.height, fmap.width), fmap.halo, fmap.fill,
+                        im2col, order, dtype)
+
+
+def _vector_row(config: NpuConfig, layer) -> dict:
+    """A dense chain's row of the layer table: features, tiles, weight words, MACs."""
+    k_tiles = ceil_div(layer.in_features, config.rows)
+    n_tiles = ceil_div(layer.out_features, config.cols)
+    return {"name": layer.name, "in_features": layer.in_features,
+            "out_features": layer.out_features, "k_tiles": k_tiles, "n_tiles": n_tiles,
+            "weight_words": n_tiles * k_tiles * config.rows,
+            "macs": layer.in_features * layer.out_features,
+            "clamp": [layer.clamp_min, layer.clamp_max]}

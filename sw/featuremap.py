@@ -9,7 +9,9 @@ int8 for max pooling); the NPU writes it before the layer that makes the map
 (:meth:`~npugen.lowering.Lowering.fill_halo`), and layers only write inside a map.
 
 A layer's output is written ``cols`` channels at a time, so a map keeps room for the
-last output tile's spill: it lands in spare lanes, never in another map.
+last output tile's spill: it lands in spare lanes, never in another map. A map that only
+a convolution or dense layer writes needs room for whole output tiles only, and one that
+only the host writes (a batch of vectors, the input of an MLP) none (``spill``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FeatureMap", "im2col", "conv_output_size", "stride_pair"]
+__all__ = ["FeatureMap", "im2col", "conv_output_size", "same_pads", "stride_pair", "SPILLS"]
+
+#: What may write a map past its last channel, and so the spare lanes it keeps
+#: (:attr:`FeatureMap.spill`).
+SPILLS = ("any", "tiles", "none")
 
 
 def stride_pair(stride: int | tuple[int, int]) -> tuple[int, int]:
@@ -32,6 +38,20 @@ def conv_output_size(size: int, kernel: int, stride: int, pad_before: int,
                      pad_after: int) -> int:
     """Output pixels along one axis of a window of ``kernel`` stepping by ``stride``."""
     return (size + pad_before + pad_after - kernel) // stride + 1
+
+
+def same_pads(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], *,
+              odd_after: bool = True) -> tuple[int, int, int, int]:
+    """The padding that gives ceil(size / stride) outputs along each axis ("SAME"): (top,
+    left, bottom, right), an odd pixel after (TFLite's SAME, ONNX's SAME_UPPER) or before
+    (``odd_after`` false: ONNX's SAME_LOWER). Both front ends pad with it."""
+    before, after = [], []
+    for n, k, s in zip(size, kernel, stride, strict=True):
+        total = max((-(-n // s) - 1) * s + k - n, 0)
+        first = total // 2 if odd_after else total - total // 2
+        before.append(first)
+        after.append(total - first)
+    return before[0], before[1], after[0], after[1]
 
 
 def im2col(values: np.ndarray, kernel: tuple[int, int], stride: int,
@@ -70,6 +90,14 @@ class FeatureMap:
     cols: int
     halo: tuple[int, int, int, int] = (0, 0, 0, 0)   # top, left, bottom, right
     fill: int = 0
+    # "any" operator's output tiles, "tiles": whole output tiles only (a convolution's or
+    # dense layer's), "none": nothing past the channels (only the host writes it).
+    spill: str = "any"
+
+    def __post_init__(self) -> None:
+        if self.spill not in SPILLS:
+            raise ValueError(f"spill must be one of {', '.join(map(repr, SPILLS))}, "
+                             f"not {self.spill!r}")
 
     @property
     def pitch(self) -> int:
@@ -88,8 +116,13 @@ class FeatureMap:
     def tiles(self) -> int:
         """Channel tiles allocated: room for every lane an output writes, ``cols`` at a
         time, either as whole output tiles (a convolution's channels ``n·cols ...``) or
-        per input tile (a per-channel operator's channels ``t·rows + j·cols ...``)."""
+        per input tile (a per-channel operator's channels ``t·rows + j·cols ...``), as
+        :attr:`spill` says."""
+        if self.spill == "none":
+            return _ceil_div(self.channels, self.rows)
         whole = _ceil_div(self.channels, self.cols) * self.cols
+        if self.spill == "tiles":
+            return _ceil_div(whole, self.rows)
         last_tile = (self.channels - 1) // self.rows
         last_group = (self.channels - 1 - last_tile * self.rows) // self.cols * self.cols
         per_tile = last_tile * self.rows + last_group + self.cols

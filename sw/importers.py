@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .featuremap import same_pads
 from .graph import Add, Conv, Dense, Model, ModelError, Pool, QuantParams, output_shape
 
 __all__ = ["load_model", "load_onnx", "load_npz", "SUPPORTED_ONNX_OPS", "NPZ_LAYOUT"]
@@ -397,14 +398,8 @@ def load_onnx(source: Any) -> Model:
         auto_pad = attribute(node, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            before, after = [], []
-            for size, k, step in zip(act.shape[1:], kernel, strides, strict=True):
-                total = max((-(-size // step) - 1) * step + k - size, 0)
-                small = total // 2
-                first = small if auto_pad == "SAME_UPPER" else total - small
-                before.append(first)
-                after.append(total - first)
-            return stride, (before[0], before[1], after[0], after[1])
+            return stride, same_pads(act.shape[1:], kernel, strides,
+                                     odd_after=auto_pad == "SAME_UPPER")
         if auto_pad == "VALID":
             return stride, (0, 0, 0, 0)
         pads = [int(p) for p in attribute(node, "pads", [0, 0, 0, 0])]

@@ -21,6 +21,13 @@ accumulators (REQUANT ``to_acc`` with ``left_shift``: (q − z)·2^20 times the 
 multiplier, as TFLite does), sums the two there and requantizes the sum.
 
 Output pixels are processed in chunks of whole rows that fit the accumulator memory.
+
+A 1×1 convolution whose pixels are contiguous words (stride 1, no halos) and whose output
+tiles all fit the accumulators is a plain GEMM while the walk registers hold a start's
+contiguous walks (no SETKERN, SETWIN or SETOUT before it): it is emitted as
+:func:`npugen.schedule.gemm_instructions` schedules a GEMM (one SETGEMM, a GEMM per output
+tile), then a REQUANT per tile, with none of the walk instructions that NPUs without
+feature-map hardware lack. A dense layer on a batch of vectors (an MLP's) is one.
 """
 
 from __future__ import annotations
@@ -32,9 +39,13 @@ import numpy as np
 from .config import NpuConfig
 from .featuremap import FeatureMap, conv_output_size, stride_pair
 from .isa import Instruction, Opcode
-from .schedule import DoesNotFit, ceil_div
+from .schedule import DoesNotFit, GemmPlan, ceil_div, gemm_instructions, next_bank
 
 __all__ = ["Requant", "Rescale", "Lowering"]
+
+#: The instructions that set the walks of GEMM, MATMUL and REQUANT (a start resets them to
+#: contiguous words and a 1×1 kernel).
+_WALK_OPCODES = (Opcode.SETKERN, Opcode.SETWIN, Opcode.SETOUT)
 
 
 @dataclass(frozen=True)
@@ -116,8 +127,11 @@ class Lowering:
         tiles = [_OutTile(k_major[:, n * c.cols:(n + 1) * c.cols],
                           n * c.cols + np.arange(c.cols), 0, n * c.cols)
                  for n in range(ceil_div(c_out, c.cols))]
-        self._emit(src, dst, tiles, requant, (kh, kw), stride, pads,
-                   k_tiles=in_tiles * kh * kw)
+        if self._plain_gemm(src, dst, (kh, kw), stride, pads, len(tiles)):
+            self._emit_gemm(src, dst, tiles, requant)
+        else:
+            self._emit(src, dst, tiles, requant, (kh, kw), stride, pads,
+                       k_tiles=in_tiles * kh * kw)
 
     def depthwise(self, src: FeatureMap, dst: FeatureMap, weight: np.ndarray,
                   requant: Requant, stride: int | tuple[int, int] = 1,
@@ -305,6 +319,46 @@ class Lowering:
 
     # -- the common schedule -------------------------------------------------------------
 
+    def _plain_gemm(self, src: FeatureMap, dst: FeatureMap, kernel: tuple[int, int],
+                    stride: int | tuple[int, int], pads: tuple[int, int, int, int],
+                    out_tiles: int) -> bool:
+        """Whether a convolution is a plain GEMM: 1×1, stride 1, its pixels contiguous in
+        both maps (no halos), every output tile in the accumulators at once, and the walk
+        registers still as a start sets them (no SETKERN, SETWIN or SETOUT so far)."""
+        pixels = src.height * src.width
+        return (kernel == (1, 1) and stride_pair(stride) == (1, 1) and not any(pads)
+                and not any(src.halo) and not any(dst.halo)
+                and out_tiles * pixels <= self.config.accumulator_depth
+                and not any(ins.opcode in _WALK_OPCODES for ins in self.instructions))
+
+    def _emit_gemm(self, src: FeatureMap, dst: FeatureMap, tiles: list[_OutTile],
+                   requant: Requant) -> None:
+        """A plain GEMM (:meth:`_plain_gemm`) as :mod:`npugen.schedule` schedules it: the
+        pixels are the rows of A, each output tile's weights follow the previous tile's,
+        so one SETGEMM serves every GEMM, and the banks alternate across the K tiles of
+        every output tile. Then SETPP (under the last stream) and a REQUANT per tile."""
+        c = self.config
+        groups = c.cols // c.requant_lanes
+        weight_at = [self._store_weights(tile.weights) for tile in tiles]
+        param_at = [self._store_params(requant.lanes(tile.channels).reshape(
+            groups, c.requant_lanes, 3)) for tile in tiles]
+        plan = GemmPlan(c, src.height * src.width, src.channels, dst.channels,
+                        act_base=src.base, weight_base=weight_at[0])
+        ins = self.instructions
+        ins += gemm_instructions(plan, first_bank=self.bank)
+        self.bank = next_bank(plan, self.bank)
+        ins.append(Instruction(Opcode.SETPP, {
+            "zero_point": requant.zero_point, "clamp_min": requant.clamp_min,
+            "clamp_max": requant.clamp_max}))
+        for index, tile in enumerate(tiles):
+            ins.append(Instruction(Opcode.SETREQ, {
+                "param_addr": param_at[index], "out_stride": dst.tile_words}))
+            ins.append(Instruction(Opcode.REQUANT, {
+                "acc_addr": plan.acc_addr(index), "count": plan.m,
+                "out_addr": dst.word(tile.dst_channel // c.rows, 0, 0),
+                "out_lane": tile.dst_channel % c.rows,
+                "single_rounding": requant.single_rounding}))
+
     def _check_maps(self, src: FeatureMap, dst: FeatureMap, c_in: int, c_out: int,
                     kernel: tuple[int, int], stride: int | tuple[int, int],
                     pads: tuple[int, int, int, int]) -> None:
@@ -432,7 +486,9 @@ class Lowering:
         if self.check_depths and self.weight_end > self.config.weight_depth:
             raise DoesNotFit(f"weights need {self.weight_end} words, weight_depth is "
                              f"{self.config.weight_depth}")
-        return at
+        # Past a full memory (check_depths False: the program is refused, its words only
+        # counted) an address wraps as the instructions' 16-bit address fields do.
+        return at & 0xFFFF
 
     def _store_params(self, words: np.ndarray) -> int:
         at = self.param_end
@@ -441,7 +497,9 @@ class Lowering:
         if self.check_depths and self.param_end > self.config.param_depth:
             raise DoesNotFit(f"parameters need {self.param_end} words, param_depth is "
                              f"{self.config.param_depth}")
-        return at
+        # Past a full memory (check_depths False: the program is refused, its words only
+        # counted) an address wraps as the instructions' 16-bit address fields do.
+        return at & 0xFFFF
 
     def weights(self) -> np.ndarray:
         return np.concatenate(self.weight_words) if self.weight_words else np.zeros(

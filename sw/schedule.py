@@ -5,7 +5,8 @@ tiles of ``cols``. Activation word ``kt·M + m`` holds ``A[m, kt·rows:(kt+1)·r
 weight words ``(nt·KT + kt)·rows + i`` hold row ``kt·rows + i`` of N-tile ``nt``;
 accumulator word ``nt·M + m`` receives ``Y[m, nt·cols:(nt+1)·cols]``. Weight tiles
 alternate between the two banks, so each LOADW runs under the previous MATMUL.
-The model compiler schedules its layers with the same functions.
+The model compiler's dense layers on a batch are scheduled with the same functions
+(:mod:`npugen.lowering` emits them as plain GEMMs).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .featuremap import same_pads
 from .graph import Add, Conv, Dense, Model, ModelError, Pool, QuantParams, output_shape
 
 __all__ = ["load_tflite", "SUPPORTED_TFLITE_OPS", "activation_range"]
@@ -185,18 +186,6 @@ def _npu_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return dims
 
 
-def _same_pads(size: tuple[int, int], kernel: tuple[int, int],
-               stride: tuple[int, int]) -> tuple[int, int, int, int]:
-    """TFLite's SAME padding: (top, left, bottom, right), the odd pixel after."""
-    before, after = [], []
-    for n, k, s in zip(size, kernel, stride, strict=True):
-        out = -(-n // s)
-        total = max((out - 1) * s + k - n, 0)
-        before.append(total // 2)
-        after.append(total - total // 2)
-    return before[0], before[1], after[0], after[1]
-
-
 def _window(b: _Builder, op: _Operator, source: _Value, kernel: tuple[int, int],
             padding: int, stride: tuple[int, int]
             ) -> tuple[int | tuple[int, int], tuple[int, int, int, int]]:
@@ -205,7 +194,7 @@ def _window(b: _Builder, op: _Operator, source: _Value, kernel: tuple[int, int],
     if len(source.shape) != 3:
         raise b.fail(op, f"needs a feature map (N, H, W, C), not shape {source.shape}")
     _, height, width = source.shape
-    pads = _same_pads((height, width), kernel, stride) if padding == SAME else (0, 0, 0, 0)
+    pads = same_pads((height, width), kernel, stride) if padding == SAME else (0, 0, 0, 0)
     pads = tuple(p + q for p, q in zip(pads, source.pads, strict=True))
     out_h = (height + pads[0] + pads[2] - kernel[0]) // stride[0] + 1
     out_w = (width + pads[1] + pads[3] - kernel[1]) // stride[1] + 1

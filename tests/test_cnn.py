@@ -18,6 +18,7 @@ from conftest import (
 from npugen import NpuConfig
 from npugen.cli import main
 from npugen.compiler import compile_model
+from npugen.featuremap import same_pads
 from npugen.graph import ModelError
 from npugen.importers import load_onnx
 from npugen.runtime import run
@@ -209,6 +210,14 @@ def _single_node_graph(node, shape=(2, 6, 6), inits=()) -> onnx.ModelProto:
         [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
         list(inits))
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_same_padding_puts_the_odd_pixel_after_or_before():
+    """5 rows, a 4-row kernel, stride 2: 3 outputs need 3 rows of padding, the odd one
+    after (TFLite, ONNX's SAME_UPPER) or before (SAME_LOWER); 6 columns, 3 wide, stride 1:
+    2, one each side."""
+    assert same_pads((5, 6), (4, 3), (2, 1)) == (1, 1, 2, 1)
+    assert same_pads((5, 6), (4, 3), (2, 1), odd_after=False) == (2, 1, 1, 1)
 
 
 def test_padded_average_pool_without_count_include_pad_is_refused():

@@ -19,11 +19,15 @@ from conftest import (
 from npugen import NpuConfig
 from npugen.cli import main
 from npugen.compiler import compile_model
+from npugen.featuremap import FeatureMap
 from npugen.graph import ModelError
 from npugen.importers import load_model, load_npz, load_onnx
+from npugen.isa import Instruction, Opcode
+from npugen.lowering import Lowering, Requant
 from npugen.program import Program, ProgramFormatError
 from npugen.quantize import quantize_model
 from npugen.runtime import run
+from npugen.schedule import gemm_instructions, plan_gemm, tile_weights
 from npugen.target import ConfigMismatch
 from npugen.train import digits, mlp_to_onnx, train_mlp
 
@@ -322,6 +326,50 @@ def test_model_too_large_says_what_overflows(data, trained):
     tiny = SMALL.replace(weight_depth=32)
     with pytest.raises(ValueError, match="weights need 1632 words, weight_depth is 32"):
         compile_model(model, tiny, calibration=data[0][:32])
+
+
+def test_a_dense_layer_on_a_batch_is_the_plain_gemm_schedule():
+    """A dense layer on a batch of vectors is a 1×1 convolution over a map of one pixel a
+    row, which the lowering emits as `npugen matmul`'s schedule (one SETGEMM, a GEMM a
+    tile, the banks alternating), then a REQUANT a tile, without the walk instructions
+    that NPUs without feature-map hardware lack; once an operator has set a walk, the
+    same convolution sets its own."""
+    config = NpuConfig(rows=4, cols=4, requant_lanes=2)
+    rng = np.random.default_rng(7)
+    m, k, n = 5, 9, 6
+    weight = rng.integers(-128, 128, (k, n))
+    requant = Requant(rng.integers(-99, 99, n), np.full(n, 1 << 30), np.full(n, 7), 3,
+                      single_rounding=1)
+    src = FeatureMap(8, k, 1, m, 4, 4, spill="none")
+    dst = FeatureMap(src.end, n, 1, m, 4, 4, spill="tiles")
+    lowering = Lowering(config, bank=1)
+    lowering.conv(src, dst, weight.reshape(1, 1, k, n), requant)
+    plan = plan_gemm(config, m, k, n, act_base=src.base)
+    expected = gemm_instructions(plan, first_bank=1) + [Instruction(Opcode.SETPP, {
+        "zero_point": 3, "clamp_min": -128, "clamp_max": 127})]
+    for tile in range(plan.n_tiles):
+        expected += [Instruction(Opcode.SETREQ, {"param_addr": 2 * tile, "out_stride": m}),
+                     Instruction(Opcode.REQUANT, {
+                         "acc_addr": plan.acc_addr(tile), "count": m,
+                         "out_addr": dst.base + tile * m, "single_rounding": 1})]
+    assert lowering.instructions == expected
+    assert lowering.bank == 1 ^ (plan.n_tiles * plan.k_tiles) % 2
+    np.testing.assert_array_equal(lowering.weights(), tile_weights(plan, weight))
+    walked = Lowering(config, instructions=[Instruction(Opcode.SETWIN, {"row_length": 2})])
+    walked.conv(src, dst, weight.reshape(1, 1, k, n), requant)
+    assert Opcode.SETKERN in [ins.opcode for ins in walked.instructions]
+
+
+def test_a_map_keeps_room_for_what_writes_past_its_channels():
+    """5 channels on a 4×12 NPU: 2 tiles of data (what the host writes); a convolution
+    writes an output tile of 12 channels (3 tiles); a per-channel operator writes 12
+    channels from channel 4 (4 tiles), which a map any operator may write keeps room for."""
+    sizes = {spill: FeatureMap(0, 5, 2, 3, 4, 12, spill=spill).tiles
+             for spill in ("none", "tiles", "any")}
+    assert sizes == {"none": 2, "tiles": 3, "any": 4}
+    with pytest.raises(ValueError, match="spill must be one of 'any', 'tiles', 'none', "
+                                         "not 'some'"):
+        FeatureMap(0, 5, 2, 3, 4, 12, spill="some")
 
 
 @pytest.mark.parametrize("simulator", available_simulators())

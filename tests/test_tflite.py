@@ -205,8 +205,8 @@ def test_operator_models_equal_litert_reference(name, config):
 
 
 def test_mlp_with_float_io_equals_litert_reference():
-    """A float graph input (QUANTIZE) and output (DEQUANTIZE) around dense layers: the MLP
-    path, several inputs a run."""
+    """A float graph input (QUANTIZE) and output (DEQUANTIZE) around dense layers: a dense
+    chain, several inputs a run."""
     def mlp(b, x, r):
         return b.fully_connected(b.fully_connected(x, units=24, activation="RELU", rng=r),
                                  units=5, rng=r)
