@@ -443,3 +443,21 @@ def test_demo_model_compiles_for_the_boards(tmp_path, data, trained, capsys):
                    str(tmp_path / "small.npu")])
     assert status == 2 and re.search(r"weights need \d{4} words, weight_depth is 256",
                                      capsys.readouterr().err)
+
+
+def test_dense_layers_off_the_chain_read_what_they_name():
+    """A dense-only model whose second layer reads the model's input, not the first
+    layer: it runs what it names (the MLP back end once chained every dense layer to the
+    one before, whatever its inputs, and gave d2(d1(x)) for d2(x))."""
+    from npugen.compiler import compile_model
+    from npugen.graph import Dense, Model
+    from npugen.runtime import run
+
+    rng = np.random.default_rng(3)
+    d1 = Dense("d1", rng.normal(size=(8, 8)).astype(np.float32), np.zeros(8, np.float32))
+    d2 = Dense("d2", rng.normal(size=(8, 4)).astype(np.float32), np.ones(4, np.float32),
+               inputs=("input",))
+    x = rng.normal(size=(16, 8)).astype(np.float32)
+    skipping = compile_model(Model([d1, d2], (8,), (4,)), calibration=x)
+    alone = compile_model(Model([d2], (8,), (4,)), calibration=x)
+    assert np.array_equal(run(skipping, x).quantized_output, run(alone, x).quantized_output)
