@@ -23,7 +23,7 @@ from ..memory_map import Region, memories
 from ..timing import array_latency
 from .array import psum_width
 from .ports import ReadRequest, WriteRequest
-from .requant_unit import inject_layout
+from .to_acc import inject_layout
 
 __all__ = ["AccumulatePath", "tag_layout"]
 

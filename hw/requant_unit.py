@@ -18,7 +18,7 @@ and ``active`` (which holds the sequencer) stays up until the last write, so the
 instruction dispatches ``groups + REQUANT_TAIL_CYCLES`` cycles after the REQUANT.
 """
 
-from amaranth import Cat, Module, Signal, signed
+from amaranth import Cat, Const, Module, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -32,20 +32,14 @@ from .instruction import instruction_field
 from .out_walk import out_walk
 from .ports import ReadRequest, WriteRequest
 from .requant import Requantizer
+from .to_acc import AccumulatorReturn, inject_layout
 
-__all__ = ["RequantUnit", "inject_layout"]
+__all__ = ["RequantUnit"]
 
 # One input register before the lanes, the parameters read a cycle later to match.
 if REQUANT_INPUT_STAGES != 1:
     raise ImportError("hw/requant_unit.py builds one requantizer input register; update it "
                       "with REQUANT_INPUT_STAGES")
-
-
-def inject_layout(config: NpuConfig) -> data.StructLayout:
-    """A REQUANT to_acc result row on its way into the accumulate path: its accumulator
-    word and whether it is added to what the word holds."""
-    return data.StructLayout({"valid": 1, "accumulate": 1,
-                              "addr": range(config.accumulator_depth)})
 
 
 def _field(word, name: str):
@@ -120,27 +114,24 @@ class RequantUnit(wiring.Component):
         rq_lane = Signal(range(rows + 1))
         rq_first_lane = Signal(range(rows))
         rq_param_addr = Signal(range(c.param_depth))
-        # REQUANT to_acc: 32-bit results go back into the accumulators through the
-        # accumulate path. Source reads then take every other cycle, so the read of each
-        # result's destination word has the memory's read port to itself.
-        rq_to_acc = Signal()
-        rq_acc_accumulate = Signal()
         rq_left_shift = Signal()
         rq_single = Signal()   # REQUANT single_rounding (read with rounding "both" only)
-        rq_phase = Signal()
+        # REQUANT to_acc (feature-map hardware): the raw results go back into the
+        # accumulators through the accumulate path, and the source words are read every
+        # other cycle (hw/to_acc.py).
+        if fm:
+            m.submodules.to_acc = to_acc = AccumulatorReturn(c)
+            rq_to_acc, hold = to_acc.enabled, to_acc.hold
+        else:
+            to_acc, rq_to_acc, hold = None, Const(0), Const(0)
         rq_advance = Signal()
-        m.d.comb += rq_advance.eq(rq_busy & ~(rq_to_acc & rq_phase) if fm else rq_busy)
-        raw_group = Signal(range(cols // lanes))
-        raw_dest = Signal(range(c.accumulator_depth))
+        m.d.comb += rq_advance.eq(rq_busy & ~hold)
         # The group in the input register and its place in the activations.
         stage_valid = Signal()
         stage_group = Signal(range(groups))
         stage_word = Signal(range(c.activation_depth))
         stage_lane = Signal(range(rows))
 
-        if fm:
-            with m.If(rq_busy & rq_to_acc):
-                m.d.sync += rq_phase.eq(~rq_phase)
         # The accumulator word is registered before the requantizer (REQUANT_INPUT_STAGES):
         # a block RAM's slow output then feeds only the group multiplexer and a register.
         # The parameters are read a cycle later instead, to arrive with it.
@@ -196,12 +187,7 @@ class RequantUnit(wiring.Component):
             if c.rounding == "both":
                 m.d.sync += rq_single.eq(_field(instruction, "single_rounding"))
             if fm:
-                m.d.sync += [
-                    rq_to_acc.eq(_field(instruction, "to_acc")),
-                    rq_acc_accumulate.eq(_field(instruction, "accumulate")),
-                    rq_left_shift.eq(_field(instruction, "left_shift")),
-                    rq_phase.eq(0), raw_group.eq(0), raw_dest.eq(out_addr),
-                ]
+                m.d.sync += rq_left_shift.eq(_field(instruction, "left_shift"))
 
         requantizers = self._lanes(m, settings, stage_valid, stage_group, rq_left_shift,
                                    rq_single)
@@ -225,16 +211,23 @@ class RequantUnit(wiring.Component):
                          pipe_lane[i].eq(previous[2])]
             previous = (pipe_valid[i], pipe_word[i], pipe_lane[i])
         out_valid, out_word, out_lane = previous
-        raw_valid, inject_write = self._write_back(m, requantizers, out_valid, out_word, out_lane,
-                                     rq_to_acc, rq_acc_accumulate, raw_group, raw_dest)
+        self._write_back(m, requantizers, out_valid, out_word, out_lane, rq_to_acc)
+        if to_acc is not None:
+            m.d.comb += [
+                to_acc.dispatch.eq(self.dispatch),
+                to_acc.to_acc.eq(_field(instruction, "to_acc")),
+                to_acc.accumulate.eq(_field(instruction, "accumulate")),
+                to_acc.dest.eq(out_addr), to_acc.busy.eq(rq_busy),
+                to_acc.running.eq(self.running), to_acc.out_valid.eq(out_valid),
+                to_acc.raw.eq(Cat(*[rq.raw for rq in requantizers])),
+                self.inject_read.eq(to_acc.inject_read), self.inject.eq(to_acc.inject),
+                self.inject_row.eq(to_acc.inject_row),
+            ]
 
         with m.If(self.abort):
             m.d.sync += rq_busy.eq(0)
-        active = rq_active
-        if fm:
-            active = (active | (raw_valid & rq_to_acc) | self.inject_read.valid
-                      | self.inject.valid | inject_write)
-        m.d.comb += self.active.eq(active)
+        m.d.comb += self.active.eq(rq_active | to_acc.active if to_acc is not None
+                                   else rq_active)
         return m
 
     def _settings(self, m) -> dict:
@@ -298,15 +291,11 @@ class RequantUnit(wiring.Component):
 
         return requantizers
 
-    def _write_back(self, m, requantizers, out_valid, out_word, out_lane, rq_to_acc,
-                    rq_acc_accumulate, raw_group, raw_dest):
-        """The lanes' results to the activations, in the lanes of their output word; or
-        (to_acc) collected into a whole word and sent to the accumulate path. Returns
-        the raw results' valid flag and that of the injected row's write."""
+    def _write_back(self, m, requantizers, out_valid, out_word, out_lane, rq_to_acc):
+        """The lanes' results to the activations, in the lanes of their output word,
+        unless the REQUANT goes to the accumulators (``rq_to_acc``)."""
         c = self._config
         rows, lanes = c.rows, c.requant_lanes
-        groups = c.cols // lanes
-        fm = c.feature_maps
         chunk = Cat(*[rq.out for rq in requantizers])
         act = memories(c)[Region.ACTIVATIONS]
         per_lane = c.input_width // act.granularity
@@ -316,26 +305,6 @@ class RequantUnit(wiring.Component):
         block_hit = Signal(blocks)
         out_block = out_lane // lanes
         m.d.comb += block_hit.eq(Cat(*[out_block == block for block in range(blocks)]))
-        # to_acc: collect a word's groups, then send it down the accumulate path. The
-        # requantizer reads the accumulators every other cycle and the injected row's
-        # destination read must fall between: with the input register's one cycle, the
-        # raw results are taken a cycle later to keep that parity.
-        raw_valid = Signal()                   # a lane's raw result to collect (to_acc)
-        raw_values = Signal(lanes * c.accumulator_width)
-        inject_write = Signal()                # the injected row is written
-        inject_read, inject = self.inject_read, self.inject
-        m.d.sync += [raw_valid.eq(out_valid), raw_values.eq(Cat(*[rq.raw for rq in requantizers]))]
-        m.d.sync += [inject_read.valid.eq(0), inject.eq(inject_read), inject_write.eq(inject.valid)]
-        with m.If(raw_valid & rq_to_acc & fm):
-            m.d.sync += self.inject_row.as_value().word_select(
-                raw_group, lanes * c.accumulator_width).eq(raw_values)
-            with m.If(raw_group == groups - 1):
-                m.d.sync += [raw_group.eq(0), raw_dest.eq(raw_dest + 1),
-                             inject_read.valid.eq(self.running),
-                             inject_read.accumulate.eq(rq_acc_accumulate),
-                             inject_read.addr.eq(raw_dest)]
-            with m.Else():
-                m.d.sync += raw_group.eq(raw_group + 1)
         m.d.comb += [
             self.act_write.valid.eq(out_valid & self.running & ~rq_to_acc),
             self.act_write.addr.eq(out_word),
@@ -343,4 +312,3 @@ class RequantUnit(wiring.Component):
             self.act_write.en.eq(Cat(*[block_hit[block].replicate(per_lane * lanes)
                                        for block in range(blocks)])),
         ]
-        return raw_valid, inject_write
