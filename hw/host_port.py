@@ -5,7 +5,7 @@ Every address bit is decoded: no region or register answers at two addresses. A 
 answered ``host_read_latency(config)`` cycles after its request (``HOST_READ_LATENCY``,
 one more with wide memories):
 
-- cycle 1: the memories answer, late in the cycle (ECP5 block RAM: 5.8 ns from the clock),
+- cycle 1: the memories answer, late in the cycle (ECP5 block RAM: 5.6 ns from the clock),
   and the request's region and offset are registered;
 - cycle 2: each source's word is registered on its own, zero unless read (a register's
   index is decoded from the registered offset);

@@ -58,7 +58,7 @@ class Soc(wiring.Component):
         m.submodules.rx_fifo = fifo = SyncFIFOBuffered(width=8, depth=RX_FIFO_BYTES)
         m.d.comb += [fifo.w_data.eq(rx.data.payload), fifo.w_en.eq(rx.data.valid),
                      rx.data.ready.eq(fifo.w_rdy)]
-        # The FIFO's byte comes from a block RAM late in the cycle (an ECP5 DP16KD: 5.8 ns
+        # The FIFO's byte comes from a block RAM late in the cycle (an ECP5 DP16KD: 5.6 ns
         # from the clock), too late to decode the frame in the same cycle: the link
         # engine takes it from a register, refilled whenever it is taken or empty.
         rx_byte, rx_held = Signal(8), Signal()
