@@ -1,7 +1,7 @@
 """The NPU's host port: a 32-bit word bus, one request a cycle, reads answered
 ``host_read_latency(config)`` cycles later (3, or 4 when a memory's entries span 8 or
-more host words, as the default config's accumulators do). The UART bridge and the testbenches drive it; ``npugen.memory_map`` is its
-map (and ``HOST_READ_LATENCY``)."""
+more host words, as the default config's accumulators do). The UART bridge and the
+testbenches drive it; ``npugen.memory_map`` is its map (and ``HOST_READ_LATENCY``)."""
 
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out

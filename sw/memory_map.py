@@ -1,8 +1,8 @@
 """The host port's address map: registers, the identity block and the memories.
 
 The host port is a bus of 32-bit words. Word address bits [24:32] select a region (0–5;
-any other value names none); bits [0:24] are the offset in it. A memory entry wider than 32 bits spans
-``stride`` consecutive addresses (a power of two), least significant word first.
+any other value names none); bits [0:24] are the offset in it. A memory entry wider
+than 32 bits spans ``stride`` consecutive addresses (a power of two), least significant word first.
 """
 
 from __future__ import annotations
