@@ -338,6 +338,7 @@ class RtlTarget(Target):
         self.build_root = build_root
         self.primitives = primitives
         self._image: list[tuple[Region, int, np.ndarray]] = []   # the loaded program's writes
+        self.loaded: Program | None = None
 
     def load(self, program: Program) -> None:
         """Keep ``program``'s image for the simulations to come;
@@ -345,6 +346,7 @@ class RtlTarget(Target):
         configuration."""
         check_config(program, self.config)
         self._image = list(program.segments)
+        self.loaded = program
 
     def execute(self, job: Job) -> JobResult:
         """Run ``job`` in a simulation of its own, after the loaded program's image."""

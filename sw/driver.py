@@ -87,6 +87,7 @@ class Device(Target):
         # The device's run token as last seen; None until the session synchronizes.
         self._run_token: int | None = None
         self.retried = 0  # requests sent again after a lost or corrupt answer
+        self.loaded: Program | None = None  # the program load() put on the device
 
     # -- opening and closing ---------------------------------------------------------
 
@@ -326,7 +327,9 @@ class Device(Target):
         job = Job(program.config)
         for region, entry, values in program.segments:
             job.write(region, entry, values)
+        self.loaded = None   # until the image is on the device
         self._write_job(job, verify)
+        self.loaded = program
 
     def execute(self, job: Job, *, poll_seconds: float = 0.002,
                 timeout: float = 600.0) -> JobResult:

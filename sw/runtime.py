@@ -16,7 +16,7 @@ from .golden import Counters
 from .job import Job, JobResult
 from .memory_map import Region
 from .program import Program
-from .target import GoldenTarget, Target, check_config
+from .target import GoldenTarget, Target, check_config, same_image
 
 __all__ = ["RunResult", "run", "program_job", "quantize_input", "TARGETS", "check_target",
            "open_target", "apply_host_ops", "float_softmax"]
@@ -271,6 +271,10 @@ def run(program: Program, x: np.ndarray, *, target: str | Target = "golden",
                         f"npugen.GoldenTarget or an open npugen.Device), not an object of "
                         f"type {type(target).__name__}, which has no {', '.join(missing)}")
     check_config(program, config)
+    loaded = getattr(target, "loaded", None)
+    if not isinstance(target, str) and loaded is not None and not same_image(loaded, program):
+        raise ValueError("the target holds another program than the one given to run: "
+                         "load this one on it first (target.load(program))")
     q = quantize_input(program, x)
     chunks = [q[i:i + program.batch] for i in range(0, len(q), program.batch)]
     jobs = [program_job(program, chunk, load_program=False) for chunk in chunks]

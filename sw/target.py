@@ -13,12 +13,15 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
 from .config import NpuConfig
 from .golden import GoldenNpu
 from .job import Job, JobResult, run_golden
 from .program import Program
 
-__all__ = ["Target", "GoldenTarget", "ConfigMismatch", "check_config", "check_job"]
+__all__ = ["Target", "GoldenTarget", "ConfigMismatch", "check_config", "check_job",
+           "same_image"]
 
 
 @runtime_checkable
@@ -49,6 +52,13 @@ class Target(Protocol):
         a simulator process) runs several jobs a call."""
         for job in jobs:
             yield self.execute(job)
+
+
+def same_image(a: Program, b: Program) -> bool:
+    """Whether two programs write the same image (instructions, weights, parameters)."""
+    return a is b or (a.config == b.config and len(a.segments) == len(b.segments) and all(
+        ra == rb and ea == eb and np.array_equal(va, vb)
+        for (ra, ea, va), (rb, eb, vb) in zip(a.segments, b.segments, strict=True)))
 
 
 class ConfigMismatch(ValueError):
@@ -89,6 +99,7 @@ class GoldenTarget(Target):
     def __init__(self, config: NpuConfig) -> None:
         self.config = config
         self.npu = GoldenNpu(config)
+        self.loaded: Program | None = None   # the program whose image was written last
 
     def load(self, program: Program) -> None:
         """Write ``program``'s image into the model's memories; :class:`ConfigMismatch`
@@ -96,6 +107,7 @@ class GoldenTarget(Target):
         check_config(program, self.config)
         for region, entry, values in program.segments:
             self.npu.write(region, entry, values)
+        self.loaded = program
 
     def execute(self, job: Job) -> JobResult:
         """Run ``job`` on the model (:func:`~npugen.job.run_golden`); raises

@@ -196,3 +196,24 @@ def test_rtl_target_holds_the_program_across_simulations(program, x, simulator):
     target.SIMULATIONS = 3
     target.load(program)
     assert_same(run(program, x, target=target), run(program, x, target="golden"))
+
+
+def test_a_target_holding_another_program_is_refused(program, x):
+    """A Target loaded with one program is not run with another's inputs and layouts: its
+    outputs would be the other program's, with exit 0. A copy of the loaded program is
+    the same program."""
+    import copy
+
+    rng = np.random.default_rng(11)
+    shapes = [(64, 16), (16, 10)]
+    weights = SimpleNamespace(coefs_=[rng.standard_normal(shape) / 8 for shape in shapes],
+                              intercepts_=[rng.standard_normal(shape[1]) / 8
+                                           for shape in shapes])
+    other = compile_model(load_onnx(mlp_to_onnx(weights, "/dev/null")), CONFIG,
+                          calibration=digits()[0][:64], batch=8)
+    target = GoldenTarget(program.config)
+    target.load(other)
+    with pytest.raises(ValueError, match="holds another program"):
+        run(program, x, target=target)
+    target.load(program)
+    assert_same(run(copy.deepcopy(program), x, target=target), run(program, x, target="golden"))
