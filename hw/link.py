@@ -97,374 +97,413 @@ class LinkEngine(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.buffer = buffer = Memory(shape=32, depth=MAX_PAYLOAD_WORDS + 1, init=[])
-        buffer_write = buffer.write_port()
-        buffer_read = buffer.read_port()
+        engine = _Engine(m, self, identity_words=self._identity_words, timeout=self._timeout,
+                         region_words=self._region_words)
+        with m.FSM():
+            engine.receive()
+            engine.execute()
+            engine.start()
+            engine.check_range()
+            engine.send()
+        return m
 
-        counters = {name: Signal(LINK_COUNTER_BITS, name=f"link_{name}") for name in LINK_COUNTERS}
-        counter_array = Array(counters[name] for name in LINK_COUNTERS)
+
+class _Engine:
+    """One elaboration of :class:`LinkEngine`: the registers its FSM's states share, and
+    those states in groups, each added by a method to the FSM open in ``m``."""
+
+    def __init__(self, m: Module, link: LinkEngine, *, identity_words: int, timeout: int,
+                 region_words: dict[int, int]):
+        self.m = m
+        self.link = link   # the component's ports
+        self.identity_words = identity_words
+        self.timeout = timeout
+        self.region_words = region_words
+        m.submodules.buffer = self.buffer = Memory(shape=32, depth=MAX_PAYLOAD_WORDS + 1,
+                                                   init=[])
+        self.buffer_write = self.buffer.write_port()
+        self.buffer_read = self.buffer.read_port()
+
+        self.counters = {name: Signal(LINK_COUNTER_BITS, name=f"link_{name}")
+                         for name in LINK_COUNTERS}
+        self.counter_array = Array(self.counters[name] for name in LINK_COUNTERS)
         # Set with any error count, cleared with them by RESET (a flag, not a wide OR).
-        error = Signal()
-        m.d.comb += self.error.eq(error)
-        with m.If(self.framing_error):
-            m.d.sync += [counters["framing_errors"].eq(counters["framing_errors"] + 1),
-                         error.eq(1)]
+        self.error = Signal()
+        m.d.comb += self.link.error.eq(self.error)
+        with m.If(self.link.framing_error):
+            m.d.sync += [self.counters["framing_errors"].eq(self.counters["framing_errors"] + 1),
+                         self.error.eq(1)]
 
-        command = Signal(8)
-        seq = Signal(8)
+        self.command = Signal(8)
+        self.seq = Signal(8)
         # As narrow as a frame that is not oversize needs.
-        length = Signal(range(MAX_PAYLOAD_BYTES + 1))
+        self.length = Signal(range(MAX_PAYLOAD_BYTES + 1))
         # Precomputed when the length arrives, so no subtraction sits in a compare's path.
-        last_byte = Signal.like(length)   # length - 1
-        last_write = Signal(8)            # words to write - 1
+        self.last_byte = Signal.like(self.length)   # length - 1
+        self.last_write = Signal(8)            # words to write - 1
         # It is (length >> 2) less this: the address's words and one.
-        write_words_less = WRITE_ADDRESS_BYTES // 4 + 1
-        count = Signal.like(length)       # payload bytes received, or words handled
-        word = Signal(32)
-        crc = Signal(16)
+        self.write_words_less = WRITE_ADDRESS_BYTES // 4 + 1
+        self.count = Signal.like(self.length)       # payload bytes received, or words handled
+        self.word = Signal(32)
+        self.crc = Signal(16)
         # One CRC step for the frame received and the response sent (never both at once):
         # the byte it takes is the state's.
-        crc_byte = Signal(8)
-        crc_next = Signal(16)
-        m.d.comb += crc_next.eq(crc16_step(crc, crc_byte))
-        crc_received = Signal(16)
-        idle = Signal(range(self._timeout + 1))
+        self.crc_byte = Signal(8)
+        self.crc_next = Signal(16)
+        m.d.comb += self.crc_next.eq(crc16_step(self.crc, self.crc_byte))
+        self.crc_received = Signal(16)
+        self.idle = Signal(range(self.timeout + 1))
         # The token of the last run started (0: none since reset).
-        run_token = Signal(RUN_TOKEN_BITS)
-        start_token = Signal(RUN_TOKEN_BITS)
-        start_token_wide = Signal()   # bits set above RUN_TOKEN_BITS
+        self.run_token = Signal(RUN_TOKEN_BITS)
+        self.start_token = Signal(RUN_TOKEN_BITS)
+        self.start_token_wide = Signal()   # bits set above RUN_TOKEN_BITS
         # A READ or WRITE moves words offset … offset + span (span < 256).
-        span = Signal(8)
-        low_sum = Signal(9)           # offset[0:8] + span
+        self.span = Signal(8)
+        self.low_sum = Signal(9)           # offset[0:8] + span
         # offset + span, for the regions whose span is not a power of two.
-        uneven = any(words & (words - 1) for words in self._region_words.values())
-        full_sum = Signal(REGION_SHIFT + 1)
-        requested = Signal(range(MAX_PAYLOAD_WORDS + 1))
-        requested_too_many = Signal()     # count bits above those of `requested` set
+        self.uneven = any(words & (words - 1) for words in self.region_words.values())
+        self.full_sum = Signal(REGION_SHIFT + 1)
+        self.requested = Signal(range(MAX_PAYLOAD_WORDS + 1))
+        self.requested_too_many = Signal()     # count bits above those of `requested` set
 
-        status = Signal(8)
+        self.status = Signal(8)
         # Payload words of the response still to send: the header gives it in full, then
         # each word sent counts it down (an equality against 1 ends the payload: no
         # subtraction on that path).
-        response_words = Signal(range(MAX_PAYLOAD_WORDS + 1))
-        read_address = Signal(32)
-        from_counters = Signal()
-        with_token = Signal()      # the answer's last word is the run token (STATUS, START)
-        header = Signal(RESPONSE_HEADER_BYTES * 8)
-        header_index = Signal(range(RESPONSE_HEADER_BYTES))
-        byte_index = Signal(2)
-        crc_high = Signal()
+        self.response_words = Signal(range(MAX_PAYLOAD_WORDS + 1))
+        self.read_address = Signal(32)
+        self.from_counters = Signal()
+        self.with_token = Signal()      # the answer's last word is the run token (STATUS, START)
+        self.header = Signal(RESPONSE_HEADER_BYTES * 8)
+        self.header_index = Signal(range(RESPONSE_HEADER_BYTES))
+        self.byte_index = Signal(2)
+        self.crc_high = Signal()
 
         # The next word's address: the range check keeps it inside the region.
-        next_offset = read_address[0:REGION_SHIFT].eq(read_address[0:REGION_SHIFT] + 1)
-
-        def count_error(name):
-            return [counters[name].eq(counters[name] + 1), error.eq(1)]
-
-        rx = self.rx
-        byte = rx.payload
-        taken = rx.valid & rx.ready
+        offset = self.read_address[0:REGION_SHIFT]
+        self.next_offset = offset.eq(offset + 1)
+        self.rx = self.link.rx
+        self.byte = self.rx.payload
+        self.taken = self.rx.valid & self.rx.ready
         # Requests leave through registers: the frame buffer's slow output drives no path
         # into the NPU. A read's answer is taken when rvalid comes (CAPTURE).
-        bus = HostBus().flip().create(path=("request",))
-        m.d.sync += [self.bus.valid.eq(bus.valid), self.bus.write.eq(bus.write),
-                     self.bus.addr.eq(bus.addr), self.bus.wdata.eq(bus.wdata)]
-        m.d.comb += [bus.write.eq(0), bus.rdata.eq(self.bus.rdata)]
+        self.request = request = HostBus().flip().create(path=("request",))
+        bus = link.bus
+        m.d.sync += [bus.valid.eq(request.valid), bus.write.eq(request.write),
+                     bus.addr.eq(request.addr), bus.wdata.eq(request.wdata)]
+        m.d.comb += [request.write.eq(0), request.rdata.eq(bus.rdata)]
 
-        def respond(result, words=0, source=None, counters_source=False, token=False):
-            """Begin a response: status, payload length in words, where words come from."""
-            statements = [status.eq(result), response_words.eq(words), count.eq(0),
-                          from_counters.eq(counters_source), with_token.eq(token),
-                          header_index.eq(0), crc.eq(CRC_INITIAL)]
-            if source is not None:
-                statements.append(read_address.eq(source))
-            return statements
+    def count_error(self, name):
+        return [self.counters[name].eq(self.counters[name] + 1), self.error.eq(1)]
 
-        with m.FSM():
-            # -- Receive ------------------------------------------------------------------
-            with m.State("HUNT"):
-                m.d.comb += rx.ready.eq(1)
-                with m.If(taken):
-                    with m.If(byte == REQUEST_SYNC):
-                        m.d.sync += [crc.eq(CRC_INITIAL), idle.eq(0)]
-                        m.next = "COMMAND"
-                    with m.Else():
-                        m.d.sync += count_error("noise_bytes")
+    def respond(self, result, words=0, source=None, counters_source=False, token=False):
+        """Begin a response: status, payload length in words, where words come from."""
+        statements = [self.status.eq(result), self.response_words.eq(words), self.count.eq(0),
+                      self.from_counters.eq(counters_source), self.with_token.eq(token),
+                      self.header_index.eq(0), self.crc.eq(CRC_INITIAL)]
+        if source is not None:
+            statements.append(self.read_address.eq(source))
+        return statements
 
-            receiving = ("COMMAND", "SEQ", "LENGTH0", "LENGTH1", "PAYLOAD", "CRC0", "CRC1")
-            for state in receiving:
-                with m.State(state):
-                    m.d.comb += rx.ready.eq(1)
-                    with m.If(taken):
-                        m.d.sync += idle.eq(0)
-                        if state not in ("CRC0", "CRC1"):
-                            m.d.comb += crc_byte.eq(byte)
-                            m.d.sync += crc.eq(crc_next)
-                    with m.Elif(idle == self._timeout):
-                        m.d.sync += count_error("truncated")
-                        m.next = "HUNT"
-                    with m.Else():
-                        m.d.sync += idle.eq(idle + 1)
-                    with m.If(taken):
-                        if state == "COMMAND":
-                            m.d.sync += command.eq(byte)
-                            m.next = "SEQ"
-                        elif state == "SEQ":
-                            m.d.sync += seq.eq(byte)
-                            m.next = "LENGTH0"
-                        elif state == "LENGTH0":
-                            m.d.sync += length[0:8].eq(byte)
-                            m.next = "LENGTH1"
-                        elif state == "LENGTH1":
-                            full = Cat(length[0:8], byte)
-                            m.d.sync += [length.eq(full), count.eq(0), word.eq(0),
-                                         last_byte.eq(full - 1),
-                                         last_write.eq((full >> 2) - write_words_less)]
-                            with m.If(full > MAX_PAYLOAD_BYTES):
-                                m.d.sync += count_error("oversize")
-                                m.next = "HUNT"
-                            with m.Elif(full == 0):
-                                m.next = "CRC0"
-                            with m.Else():
-                                m.next = "PAYLOAD"
-                        elif state == "PAYLOAD":
-                            lane = count[0:2]
-                            new_word = Signal(32)
-                            m.d.comb += new_word.eq(word)
-                            with m.Switch(lane):
-                                for k in range(4):
-                                    with m.Case(k):
-                                        m.d.comb += new_word[8 * k:8 * k + 8].eq(byte)
-                            last = count == last_byte
-                            m.d.comb += [buffer_write.addr.eq(count >> 2),
-                                         buffer_write.data.eq(new_word),
-                                         buffer_write.en.eq((lane == 3) | last)]
-                            m.d.sync += [word.eq(new_word), count.eq(count + 1)]
-                            with m.If(lane == 3):
-                                m.d.sync += word.eq(0)
-                            with m.If(last):
-                                m.next = "CRC0"
-                        elif state == "CRC0":
-                            m.d.sync += crc_received[0:8].eq(byte)
-                            m.next = "CRC1"
-                        else:
-                            with m.If(Cat(crc_received[0:8], byte) == crc):
-                                m.d.comb += buffer_read.addr.eq(0)
-                                m.next = "EXECUTE"
-                            with m.Else():
-                                m.d.sync += count_error("bad_crc")
-                                m.next = "HUNT"
-
-            # -- Execute (buffer word 0 is on buffer_read.data) --------------------------------
-            first = buffer_read.data
-            with m.State("EXECUTE"):
-                m.next = "RESPOND"
-                with m.Switch(command):
-                    with m.Case(Command.IDENTIFY):
-                        with m.If(length == 0):
-                            m.d.sync += respond(LinkStatus.OK, self._identity_words,
-                                                address(Region.REGISTERS, Reg.MAGIC))
-                        with m.Else():
-                            m.d.sync += respond(LinkStatus.BAD_LENGTH)
-                    with m.Case(Command.WRITE):
-                        # An address and no words: nothing to do.
-                        with m.If(length == WRITE_ADDRESS_BYTES):
-                            m.d.sync += respond(LinkStatus.OK)
-                        with m.Elif((length > WRITE_ADDRESS_BYTES) & (length[0:2] == 0)):
-                            m.d.sync += [read_address.eq(first), count.eq(0),
-                                         span.eq(last_write)]
-                            m.d.comb += buffer_read.addr.eq(1)
-                            m.next = "RANGE"
-                        with m.Else():
-                            m.d.sync += respond(LinkStatus.BAD_LENGTH)
-                    with m.Case(Command.READ):
-                        with m.If(length == READ_PAYLOAD_BYTES):
-                            m.d.comb += buffer_read.addr.eq(1)
-                            m.d.sync += read_address.eq(first)
-                            m.next = "READ_COUNT"
-                        with m.Else():
-                            m.d.sync += respond(LinkStatus.BAD_LENGTH)
-                    with m.Case(Command.START):
-                        with m.If(length == START_PAYLOAD_BYTES):
-                            m.d.comb += buffer_read.addr.eq(1)
-                            m.d.sync += read_address.eq(first)   # the pc
-                            m.next = "START_TOKEN"
-                        with m.Else():
-                            m.d.sync += respond(LinkStatus.BAD_LENGTH)
-                    with m.Case(Command.STATUS):
-                        m.d.sync += respond(LinkStatus.OK, STATUS_WORDS,
-                                            address(Region.REGISTERS, Reg.STATUS), token=True)
-                    with m.Case(Command.COUNTERS):
-                        m.d.sync += respond(LinkStatus.OK, COUNTERS_WORDS,
-                                            address(Region.REGISTERS, Reg.COUNTERS))
-                    with m.Case(Command.RESET):
-                        m.d.comb += [bus.valid.eq(1), bus.write.eq(1),
-                                     bus.addr.eq(address(Region.REGISTERS, Reg.CONTROL)),
-                                     bus.wdata.eq(Control.ABORT)]
-                        m.d.sync += [counter.eq(0) for counter in counters.values()]
-                        m.d.sync += error.eq(0)
-                        m.d.sync += [respond(LinkStatus.OK), run_token.eq(0)]
-                    with m.Case(Command.LINK_STATUS):
-                        m.d.sync += respond(LinkStatus.OK, len(LINK_COUNTERS), 0, True)
-                    with m.Default():
-                        m.d.sync += [*count_error("unknown_command"),
-                                     respond(LinkStatus.UNKNOWN_COMMAND)]
-
-            # The token is registered before it is compared: the frame buffer's slow
-            # output then feeds only a register.
-            with m.State("START_TOKEN"):
-                m.d.sync += [start_token.eq(buffer_read.data[0:RUN_TOKEN_BITS]),
-                             start_token_wide.eq(buffer_read.data[RUN_TOKEN_BITS:].any())]
-                m.next = "START_CHECK"
-
-            answer_status = respond(LinkStatus.OK, STATUS_WORDS,
-                                    address(Region.REGISTERS, Reg.STATUS), token=True)
-            with m.State("START_CHECK"):
-                m.next = "RESPOND"
-                with m.If((start_token == 0) | start_token_wide):
-                    m.d.sync += respond(LinkStatus.BAD_TOKEN)
-                with m.Elif(start_token == run_token):
-                    # A retry of the run already started: answer its state.
-                    m.d.sync += answer_status
-                with m.Elif(self.running):
-                    m.d.sync += respond(LinkStatus.BUSY)
+    def receive(self) -> None:
+        """HUNT for the sync byte, then take the frame into the buffer and check its CRC."""
+        m = self.m
+        with m.State("HUNT"):
+            m.d.comb += self.rx.ready.eq(1)
+            with m.If(self.taken):
+                with m.If(self.byte == REQUEST_SYNC):
+                    m.d.sync += [self.crc.eq(CRC_INITIAL), self.idle.eq(0)]
+                    m.next = "COMMAND"
                 with m.Else():
-                    m.d.comb += [bus.valid.eq(1), bus.write.eq(1),
-                                 bus.addr.eq(address(Region.REGISTERS, Reg.START_PC)),
-                                 bus.wdata.eq(read_address)]
-                    m.d.sync += run_token.eq(start_token)
-                    m.next = "START"
+                    m.d.sync += self.count_error("noise_bytes")
 
-            with m.State("START"):
-                m.d.comb += [bus.valid.eq(1), bus.write.eq(1),
-                             bus.addr.eq(address(Region.REGISTERS, Reg.CONTROL)),
-                             bus.wdata.eq(Control.START)]
+        receiving = ("COMMAND", "SEQ", "LENGTH0", "LENGTH1", "PAYLOAD", "CRC0", "CRC1")
+        for state in receiving:
+            with m.State(state):
+                m.d.comb += self.rx.ready.eq(1)
+                with m.If(self.taken):
+                    m.d.sync += self.idle.eq(0)
+                    if state not in ("CRC0", "CRC1"):
+                        m.d.comb += self.crc_byte.eq(self.byte)
+                        m.d.sync += self.crc.eq(self.crc_next)
+                with m.Elif(self.idle == self.timeout):
+                    m.d.sync += self.count_error("truncated")
+                    m.next = "HUNT"
+                with m.Else():
+                    m.d.sync += self.idle.eq(self.idle + 1)
+                with m.If(self.taken):
+                    if state == "COMMAND":
+                        m.d.sync += self.command.eq(self.byte)
+                        m.next = "SEQ"
+                    elif state == "SEQ":
+                        m.d.sync += self.seq.eq(self.byte)
+                        m.next = "LENGTH0"
+                    elif state == "LENGTH0":
+                        m.d.sync += self.length[0:8].eq(self.byte)
+                        m.next = "LENGTH1"
+                    elif state == "LENGTH1":
+                        full = Cat(self.length[0:8], self.byte)
+                        m.d.sync += [self.length.eq(full), self.count.eq(0), self.word.eq(0),
+                                     self.last_byte.eq(full - 1),
+                                     self.last_write.eq((full >> 2) - self.write_words_less)]
+                        with m.If(full > MAX_PAYLOAD_BYTES):
+                            m.d.sync += self.count_error("oversize")
+                            m.next = "HUNT"
+                        with m.Elif(full == 0):
+                            m.next = "CRC0"
+                        with m.Else():
+                            m.next = "PAYLOAD"
+                    elif state == "PAYLOAD":
+                        lane = self.count[0:2]
+                        new_word = Signal(32)
+                        m.d.comb += new_word.eq(self.word)
+                        with m.Switch(lane):
+                            for k in range(4):
+                                with m.Case(k):
+                                    m.d.comb += new_word[8 * k:8 * k + 8].eq(self.byte)
+                        last = self.count == self.last_byte
+                        m.d.comb += [self.buffer_write.addr.eq(self.count >> 2),
+                                     self.buffer_write.data.eq(new_word),
+                                     self.buffer_write.en.eq((lane == 3) | last)]
+                        m.d.sync += [self.word.eq(new_word), self.count.eq(self.count + 1)]
+                        with m.If(lane == 3):
+                            m.d.sync += self.word.eq(0)
+                        with m.If(last):
+                            m.next = "CRC0"
+                    elif state == "CRC0":
+                        m.d.sync += self.crc_received[0:8].eq(self.byte)
+                        m.next = "CRC1"
+                    else:
+                        with m.If(Cat(self.crc_received[0:8], self.byte) == self.crc):
+                            m.d.comb += self.buffer_read.addr.eq(0)
+                            m.next = "EXECUTE"
+                        with m.Else():
+                            m.d.sync += self.count_error("bad_crc")
+                            m.next = "HUNT"
+
+    def execute(self) -> None:
+        """EXECUTE a request whose CRC held (the buffer's word 0 on its read port): answer
+        it, or go on to the states it needs."""
+        m = self.m
+        first = self.buffer_read.data
+        with m.State("EXECUTE"):
+            m.next = "RESPOND"
+            with m.Switch(self.command):
+                with m.Case(Command.IDENTIFY):
+                    with m.If(self.length == 0):
+                        m.d.sync += self.respond(LinkStatus.OK, self.identity_words,
+                                                 address(Region.REGISTERS, Reg.MAGIC))
+                    with m.Else():
+                        m.d.sync += self.respond(LinkStatus.BAD_LENGTH)
+                with m.Case(Command.WRITE):
+                    # An address and no words: nothing to do.
+                    with m.If(self.length == WRITE_ADDRESS_BYTES):
+                        m.d.sync += self.respond(LinkStatus.OK)
+                    with m.Elif((self.length > WRITE_ADDRESS_BYTES) & (self.length[0:2] == 0)):
+                        m.d.sync += [self.read_address.eq(first), self.count.eq(0),
+                                     self.span.eq(self.last_write)]
+                        m.d.comb += self.buffer_read.addr.eq(1)
+                        m.next = "RANGE"
+                    with m.Else():
+                        m.d.sync += self.respond(LinkStatus.BAD_LENGTH)
+                with m.Case(Command.READ):
+                    with m.If(self.length == READ_PAYLOAD_BYTES):
+                        m.d.comb += self.buffer_read.addr.eq(1)
+                        m.d.sync += self.read_address.eq(first)
+                        m.next = "READ_COUNT"
+                    with m.Else():
+                        m.d.sync += self.respond(LinkStatus.BAD_LENGTH)
+                with m.Case(Command.START):
+                    with m.If(self.length == START_PAYLOAD_BYTES):
+                        m.d.comb += self.buffer_read.addr.eq(1)
+                        m.d.sync += self.read_address.eq(first)   # the pc
+                        m.next = "START_TOKEN"
+                    with m.Else():
+                        m.d.sync += self.respond(LinkStatus.BAD_LENGTH)
+                with m.Case(Command.STATUS):
+                    m.d.sync += self.respond(LinkStatus.OK, STATUS_WORDS,
+                                             address(Region.REGISTERS, Reg.STATUS), token=True)
+                with m.Case(Command.COUNTERS):
+                    m.d.sync += self.respond(LinkStatus.OK, COUNTERS_WORDS,
+                                             address(Region.REGISTERS, Reg.COUNTERS))
+                with m.Case(Command.RESET):
+                    m.d.comb += [self.request.valid.eq(1), self.request.write.eq(1),
+                                 self.request.addr.eq(address(Region.REGISTERS, Reg.CONTROL)),
+                                 self.request.wdata.eq(Control.ABORT)]
+                    m.d.sync += [counter.eq(0) for counter in self.counters.values()]
+                    m.d.sync += self.error.eq(0)
+                    m.d.sync += [self.respond(LinkStatus.OK), self.run_token.eq(0)]
+                with m.Case(Command.LINK_STATUS):
+                    m.d.sync += self.respond(LinkStatus.OK, len(LINK_COUNTERS), 0, True)
+                with m.Default():
+                    m.d.sync += [*self.count_error("unknown_command"),
+                                 self.respond(LinkStatus.UNKNOWN_COMMAND)]
+
+    def start(self) -> None:
+        """START: check the run token, then start the NPU unless it is a retry or busy."""
+        m = self.m
+        # The token is registered before it is compared: the frame buffer's slow output
+        # then feeds only a register.
+        with m.State("START_TOKEN"):
+            m.d.sync += [self.start_token.eq(self.buffer_read.data[0:RUN_TOKEN_BITS]),
+                         self.start_token_wide.eq(self.buffer_read.data[RUN_TOKEN_BITS:].any())]
+            m.next = "START_CHECK"
+
+        answer_status = self.respond(LinkStatus.OK, STATUS_WORDS,
+                                     address(Region.REGISTERS, Reg.STATUS), token=True)
+        with m.State("START_CHECK"):
+            m.next = "RESPOND"
+            with m.If((self.start_token == 0) | self.start_token_wide):
+                m.d.sync += self.respond(LinkStatus.BAD_TOKEN)
+            with m.Elif(self.start_token == self.run_token):
+                # A retry of the run already started: answer its state.
                 m.d.sync += answer_status
+            with m.Elif(self.link.running):
+                m.d.sync += self.respond(LinkStatus.BUSY)
+            with m.Else():
+                m.d.comb += [self.request.valid.eq(1), self.request.write.eq(1),
+                             self.request.addr.eq(address(Region.REGISTERS, Reg.START_PC)),
+                             self.request.wdata.eq(self.read_address)]
+                m.d.sync += self.run_token.eq(self.start_token)
+                m.next = "START"
+
+        with m.State("START"):
+            m.d.comb += [self.request.valid.eq(1), self.request.write.eq(1),
+                         self.request.addr.eq(address(Region.REGISTERS, Reg.CONTROL)),
+                         self.request.wdata.eq(Control.START)]
+            m.d.sync += answer_status
+            m.next = "RESPOND"
+
+    def check_range(self) -> None:
+        """READ's count, then the range check of a READ or WRITE, then WRITE's words."""
+        m = self.m
+        # The count is registered before it is checked: the frame buffer's slow output
+        # then feeds only a register.
+        with m.State("READ_COUNT"):
+            data = self.buffer_read.data
+            requested_bits = len(self.requested)
+            m.d.sync += [self.requested.eq(data[0:requested_bits]),
+                         self.requested_too_many.eq(data[requested_bits:16].any()),
+                         self.span.eq(data[0:8] - 1)]
+            m.next = "READ_CHECK"
+
+        with m.State("READ_CHECK"):
+            with m.If((self.requested == 0) | (self.requested > MAX_PAYLOAD_WORDS)
+                      | self.requested_too_many):
+                m.d.sync += self.respond(LinkStatus.BAD_LENGTH)
+                m.next = "RESPOND"
+            with m.Else():
+                m.next = "RANGE"
+
+        # A READ or WRITE of words offset … offset + span must stay inside its region,
+        # 2**k words. With span < 256 only the low byte needs adding: the words stay
+        # inside if offset < 2**k and, for k <= 8, offset[0:8] + span < 2**k; for
+        # k > 8, unless that sum carries into offset[8:k] when those bits are all ones.
+        # A region of any other size compares the whole offset + span with it.
+        # The sum is registered in one cycle and checked in the next; the write's
+        # first word stays on the buffer's output meanwhile.
+        with m.State("RANGE"):
+            m.d.comb += self.buffer_read.addr.eq(1)
+            m.d.sync += self.low_sum.eq(self.read_address[0:8] + self.span)
+            if self.uneven:
+                m.d.sync += self.full_sum.eq(self.read_address[0:REGION_SHIFT] + self.span)
+            m.next = "RANGE_CHECK"
+
+        with m.State("RANGE_CHECK"):
+            m.d.comb += self.buffer_read.addr.eq(1)
+            region = self.read_address[REGION_SHIFT:]
+            offset = self.read_address[0:REGION_SHIFT]
+
+            widest = max((words - 1).bit_length() for words in self.region_words.values())
+            above_every_region = offset[widest:] == 0
+
+            def fits(words):
+                if words & (words - 1):   # the last word, offset + span, below words
+                    return self.full_sum < words
+                k = words.bit_length() - 1
+                below = above_every_region & (offset[k:widest] == 0)
+                if k <= 8:
+                    return below & (self.low_sum >> k == 0)
+                return below & ~(self.low_sum[8] & offset[8:k].all())
+
+            inside = Cat(*[(region == number) & fits(words)
+                           for number, words in self.region_words.items()]).any()
+            with m.If(~inside):
+                m.d.sync += [*self.count_error("bad_address"),
+                             self.respond(LinkStatus.BAD_ADDRESS)]
+                m.next = "RESPOND"
+            with m.Elif(self.command == Command.WRITE):
+                m.next = "WRITE"
+            with m.Else():
+                m.d.sync += self.respond(LinkStatus.OK, self.requested)
                 m.next = "RESPOND"
 
-            # The count is registered before it is checked: the frame buffer's slow
-            # output then feeds only a register.
-            with m.State("READ_COUNT"):
-                requested_bits = len(requested)
-                m.d.sync += [requested.eq(buffer_read.data[0:requested_bits]),
-                             requested_too_many.eq(buffer_read.data[requested_bits:16].any()),
-                             span.eq(buffer_read.data[0:8] - 1)]
-                m.next = "READ_CHECK"
+        with m.State("WRITE"):
+            # buffer_read.data holds payload word count + 1 (addressed last cycle).
+            m.d.comb += [self.request.valid.eq(1), self.request.write.eq(1),
+                         self.request.addr.eq(self.read_address),
+                         self.request.wdata.eq(self.buffer_read.data),
+                         self.buffer_read.addr.eq(self.count + 2)]
+            m.d.sync += [self.count.eq(self.count + 1), self.next_offset]
+            with m.If(self.count == self.last_write):
+                m.d.sync += self.respond(LinkStatus.OK)
+                m.next = "RESPOND"
 
-            with m.State("READ_CHECK"):
-                with m.If((requested == 0) | (requested > MAX_PAYLOAD_WORDS)
-                          | requested_too_many):
-                    m.d.sync += respond(LinkStatus.BAD_LENGTH)
-                    m.next = "RESPOND"
-                with m.Else():
-                    m.next = "RANGE"
+    def send(self) -> None:
+        """The response: header, payload words (from the NPU or the link's counters), CRC."""
+        m = self.m
+        tx = self.link.tx
+        with m.State("RESPOND"):
+            m.d.comb += self.header.eq(Cat(Const(RESPONSE_SYNC, 8), self.command, self.seq,
+                                           self.status, (self.response_words << 2)[0:16]))
+            m.d.comb += [tx.valid.eq(1),
+                         tx.payload.eq(self.header.word_select(self.header_index, 8))]
+            with m.If(tx.ready):
+                with m.If(self.header_index != 0):
+                    m.d.comb += self.crc_byte.eq(tx.payload)
+                    m.d.sync += self.crc.eq(self.crc_next)
+                m.d.sync += self.header_index.eq(self.header_index + 1)
+                with m.If(self.header_index == RESPONSE_HEADER_BYTES - 1):
+                    with m.If(self.response_words == 0):
+                        m.d.sync += self.crc_high.eq(0)
+                        m.next = "SEND_CRC"
+                    with m.Else():
+                        m.next = "FETCH"
 
-            # A READ or WRITE of words offset … offset + span must stay inside its region,
-            # 2**k words. With span < 256 only the low byte needs adding: the words stay
-            # inside if offset < 2**k and, for k <= 8, offset[0:8] + span < 2**k; for
-            # k > 8, unless that sum carries into offset[8:k] when those bits are all ones.
-            # A region of any other size compares the whole offset + span with it.
-            # The sum is registered in one cycle and checked in the next; the write's
-            # first word stays on the buffer's output meanwhile.
-            with m.State("RANGE"):
-                m.d.comb += buffer_read.addr.eq(1)
-                m.d.sync += low_sum.eq(read_address[0:8] + span)
-                if uneven:
-                    m.d.sync += full_sum.eq(read_address[0:REGION_SHIFT] + span)
-                m.next = "RANGE_CHECK"
+        with m.State("FETCH"):
+            with m.If(~self.from_counters):
+                m.d.comb += [self.request.valid.eq(1), self.request.addr.eq(self.read_address)]
+            m.next = "CAPTURE"
 
-            with m.State("RANGE_CHECK"):
-                m.d.comb += buffer_read.addr.eq(1)
-                region = read_address[REGION_SHIFT:]
-                offset = read_address[0:REGION_SHIFT]
+        with m.State("CAPTURE"):
+            # The NPU answers with rvalid (HOST_READ_LATENCY cycles after the request).
+            m.d.sync += self.byte_index.eq(0)
+            with m.If(self.from_counters):
+                m.d.sync += self.word.eq(self.counter_array[self.count])
+                m.next = "SEND_WORD"
+            with m.Elif(self.link.bus.rvalid):
+                token_word = self.with_token & (self.response_words == 1)
+                m.d.sync += self.word.eq(Mux(token_word, self.run_token, self.request.rdata))
+                m.next = "SEND_WORD"
 
-                widest = max((words - 1).bit_length() for words in self._region_words.values())
-                above_every_region = offset[widest:] == 0
+        with m.State("SEND_WORD"):
+            m.d.comb += [tx.valid.eq(1), tx.payload.eq(self.word.word_select(self.byte_index, 8))]
+            with m.If(tx.ready):
+                m.d.comb += self.crc_byte.eq(tx.payload)
+                m.d.sync += [self.crc.eq(self.crc_next), self.byte_index.eq(self.byte_index + 1)]
+                with m.If(self.byte_index == 3):
+                    m.d.sync += [self.count.eq(self.count + 1), self.next_offset,
+                                 self.response_words.eq(self.response_words - 1)]
+                    with m.If(self.response_words == 1):
+                        m.d.sync += self.crc_high.eq(0)
+                        m.next = "SEND_CRC"
+                    with m.Else():
+                        m.next = "FETCH"
 
-                def fits(words):
-                    if words & (words - 1):   # the last word, offset + span, below words
-                        return full_sum < words
-                    k = words.bit_length() - 1
-                    below = above_every_region & (offset[k:widest] == 0)
-                    if k <= 8:
-                        return below & (low_sum >> k == 0)
-                    return below & ~(low_sum[8] & offset[8:k].all())
-
-                inside = Cat(*[(region == number) & fits(words)
-                               for number, words in self._region_words.items()]).any()
-                with m.If(~inside):
-                    m.d.sync += [*count_error("bad_address"), respond(LinkStatus.BAD_ADDRESS)]
-                    m.next = "RESPOND"
-                with m.Elif(command == Command.WRITE):
-                    m.next = "WRITE"
-                with m.Else():
-                    m.d.sync += respond(LinkStatus.OK, requested)
-                    m.next = "RESPOND"
-
-            with m.State("WRITE"):
-                # buffer_read.data holds payload word count + 1 (addressed last cycle).
-                m.d.comb += [bus.valid.eq(1), bus.write.eq(1),
-                             bus.addr.eq(read_address),
-                             bus.wdata.eq(buffer_read.data),
-                             buffer_read.addr.eq(count + 2)]
-                m.d.sync += [count.eq(count + 1), next_offset]
-                with m.If(count == last_write):
-                    m.d.sync += respond(LinkStatus.OK)
-                    m.next = "RESPOND"
-
-            # -- Respond -------------------------------------------------------------------------
-            tx = self.tx
-            with m.State("RESPOND"):
-                m.d.comb += header.eq(Cat(Const(RESPONSE_SYNC, 8), command, seq, status,
-                                          (response_words << 2)[0:16]))
-                m.d.comb += [tx.valid.eq(1), tx.payload.eq(header.word_select(header_index, 8))]
-                with m.If(tx.ready):
-                    with m.If(header_index != 0):
-                        m.d.comb += crc_byte.eq(tx.payload)
-                        m.d.sync += crc.eq(crc_next)
-                    m.d.sync += header_index.eq(header_index + 1)
-                    with m.If(header_index == RESPONSE_HEADER_BYTES - 1):
-                        with m.If(response_words == 0):
-                            m.d.sync += crc_high.eq(0)
-                            m.next = "SEND_CRC"
-                        with m.Else():
-                            m.next = "FETCH"
-
-            with m.State("FETCH"):
-                with m.If(~from_counters):
-                    m.d.comb += [bus.valid.eq(1), bus.addr.eq(read_address)]
-                m.next = "CAPTURE"
-
-            with m.State("CAPTURE"):
-                # The NPU answers with rvalid (HOST_READ_LATENCY cycles after the request).
-                m.d.sync += byte_index.eq(0)
-                with m.If(from_counters):
-                    m.d.sync += word.eq(counter_array[count])
-                    m.next = "SEND_WORD"
-                with m.Elif(self.bus.rvalid):
-                    m.d.sync += word.eq(Mux(with_token & (response_words == 1), run_token,
-                                            bus.rdata))
-                    m.next = "SEND_WORD"
-
-            with m.State("SEND_WORD"):
-                m.d.comb += [tx.valid.eq(1), tx.payload.eq(word.word_select(byte_index, 8))]
-                with m.If(tx.ready):
-                    m.d.comb += crc_byte.eq(tx.payload)
-                    m.d.sync += [crc.eq(crc_next), byte_index.eq(byte_index + 1)]
-                    with m.If(byte_index == 3):
-                        m.d.sync += [count.eq(count + 1), next_offset,
-                                     response_words.eq(response_words - 1)]
-                        with m.If(response_words == 1):
-                            m.d.sync += crc_high.eq(0)
-                            m.next = "SEND_CRC"
-                        with m.Else():
-                            m.next = "FETCH"
-
-            with m.State("SEND_CRC"):
-                m.d.comb += [tx.valid.eq(1),
-                             tx.payload.eq(crc.word_select(crc_high, 8))]
-                with m.If(tx.ready):
-                    m.d.sync += crc_high.eq(1)
-                    with m.If(crc_high):
-                        m.next = "HUNT"
-        return m
+        with m.State("SEND_CRC"):
+            m.d.comb += [tx.valid.eq(1),
+                         tx.payload.eq(self.crc.word_select(self.crc_high, 8))]
+            with m.If(tx.ready):
+                m.d.sync += self.crc_high.eq(1)
+                with m.If(self.crc_high):
+                    m.next = "HUNT"
