@@ -842,11 +842,10 @@ def _read_onnx(source: Any) -> tuple[ModelProto, str]:
 
 
 def load_onnx(source: Any) -> Model:
-    """Import an ONNX model (a path or an ``onnx.ModelProto``): a chain of Gemm/MatMul
-    layers with bias, ReLU/Clip activations, Flatten/Reshape/Identity, optionally with
-    QuantizeLinear/DequantizeLinear (QDQ) giving the quantization to use.
-
-    One handler per operator (:data:`ONNX_HANDLERS`), sharing an :class:`_OnnxBuilder`."""
+    """Import an ONNX model (a path or an ``onnx.ModelProto``), float or QDQ (its
+    QuantizeLinear/DequantizeLinear give the quantization to use): the operators of
+    :data:`ONNX_HANDLERS`, one handler each, sharing an :class:`_OnnxBuilder`
+    (docs/MODELS.md says what each takes)."""
     proto, label = _read_onnx(source)
     b = _OnnxBuilder.for_graph(proto, label)
     for node in proto.graph.node:
