@@ -162,8 +162,13 @@ class Device(Target):
                     self._early[response.seq] = response
         response = self._early.pop(seq)
         if response.status is not LinkStatus.OK:
-            raise DeviceError(f"{command.name} refused by {self.url}: {response.status.name} "
-                              f"({REFUSALS.get(response.status, 'unknown status')})")
+            status = response.status
+            if isinstance(status, LinkStatus):
+                reason = f"{status.name} ({REFUSALS[status]})"
+            else:
+                reason = (f"status {status}, which this host does not know (a bitstream of "
+                          f"a newer npugen version?)")
+            raise DeviceError(f"{command.name} refused by {self.url}: {reason}")
         return response
 
     def _transact(self, command: Command, seq: int, frame: bytes,

@@ -92,7 +92,7 @@ class Command(enum.IntEnum):
 
 class LinkStatus(enum.IntEnum):
     """The status byte of a response (meanings in docs/PROTOCOL.md). :class:`ResponseParser`
-    reads a status byte that is none of these as UNKNOWN_COMMAND."""
+    keeps a status byte that is none of these as a plain ``int``."""
 
     OK = 0
     UNKNOWN_COMMAND = 1
@@ -136,11 +136,12 @@ def encode_request(command: Command, seq: int, payload: bytes = b"") -> bytes:
 @dataclass(frozen=True)
 class Response:
     """A response frame as :class:`ResponseParser` decodes it: the command code and
-    sequence number it echoes, the device's status, and the payload."""
+    sequence number it echoes, the device's status (an ``int`` if it is none this host
+    knows), and the payload."""
 
     command: int
     seq: int
-    status: LinkStatus
+    status: LinkStatus | int
     payload: bytes
 
     def words(self) -> list[int]:
@@ -152,8 +153,12 @@ class Response:
 
 def encode_response(command: int, seq: int, status: int, payload: bytes = b"") -> bytes:
     """A response frame as the device sends it (the virtual board's BUSY answer; tests
-    that play the device): ``seq`` is taken modulo 256; unlike :func:`encode_request`, the
-    payload's length is not checked."""
+    that play the device): ``seq`` is taken modulo 256. Raises ``ValueError`` if the
+    payload is longer than MAX_PAYLOAD_BYTES or the status is not a byte."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    if not 0 <= status <= 0xFF:
+        raise ValueError(f"status {status} is not a byte (0 to 255)")
     return _frame(struct.pack(RESPONSE_HEADER_FORMAT, RESPONSE_SYNC, command, seq & 0xFF,
                               status, len(payload)), payload)
 
@@ -199,7 +204,7 @@ class ResponseParser:
             try:
                 status = LinkStatus(status)
             except ValueError:
-                status = LinkStatus.UNKNOWN_COMMAND
+                pass  # a status of a newer device: kept as the int it is
             frames.append(Response(command, seq, status, body[self.HEADER - 1:]))
             del self.buffer[:end]
 

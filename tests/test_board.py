@@ -176,6 +176,18 @@ def test_wrong_device_is_named():
             device.identify()
 
 
+@pytest.mark.parametrize("status, reason", [
+    (LinkStatus.BAD_ADDRESS, r"BAD_ADDRESS \(the addresses reach past"),
+    (0x2A, "status 42, which this host does not know"),
+])
+def test_a_refusal_names_its_status(status, reason):
+    """A refusal names the device's status; one this host does not know keeps its code."""
+    with Device.open("loop://", timeout=0.3, retries=0) as device:
+        device._port.write(encode_response(Command.WRITE, 1, status))
+        with pytest.raises(DeviceError, match=f"WRITE refused by loop://: {reason}"):
+            device.request(Command.WRITE, struct.pack("<I", 0))
+
+
 def test_answers_read_together_are_all_kept():
     """Two answers in one read: the second must not be lost (it once cost a 5 s retry)."""
     with Device.open("loop://", timeout=0.3, retries=0) as device:

@@ -37,6 +37,7 @@ from npugen.protocol import (
     COUNTERS_WORDS,
     CRC_BYTES,
     CRC_INITIAL,
+    MAX_PAYLOAD_BYTES,
     READ_FORMAT,
     READ_PAYLOAD_BYTES,
     REQUEST_HEADER_BYTES,
@@ -44,6 +45,7 @@ from npugen.protocol import (
     STATUS_ANSWER,
     STATUS_WORDS,
     Command,
+    LinkStatus,
     ResponseParser,
     crc16,
     encode_request,
@@ -165,6 +167,18 @@ def test_frame_sizes():
     assert len(response) == RESPONSE_HEADER_BYTES + 4 + CRC_BYTES
     (frame,) = ResponseParser().feed(response)
     assert frame.payload == b"\x01\x02\x03\x04"
+
+
+def test_response_frames_are_checked():
+    """encode_response refuses what no device sends; the parser keeps an unknown status."""
+    with pytest.raises(ValueError, match=f"payload of {MAX_PAYLOAD_BYTES + 1} bytes exceeds"):
+        encode_response(Command.READ, 1, 0, bytes(MAX_PAYLOAD_BYTES + 1))
+    with pytest.raises(ValueError, match="status 256 is not a byte"):
+        encode_response(Command.READ, 1, 256)
+    (frame,) = ResponseParser().feed(encode_response(Command.READ, 1, 200))
+    assert frame.status == 200 and not isinstance(frame.status, LinkStatus)
+    (frame,) = ResponseParser().feed(encode_response(Command.READ, 1, 3))
+    assert frame.status is LinkStatus.BAD_ADDRESS
 
 
 def test_gateware_crc_step_is_the_protocol_crc():
