@@ -74,7 +74,7 @@ def compile_quantized(model: QuantizedModel, config: NpuConfig,
             raise ValueError(f"a model with feature maps runs one image a run, not batch "
                              f"{batch}")
         if not config.feature_maps:
-            raise DoesNotFit(f"the model has feature maps (convolutions, pooling or adds); "
+            raise DoesNotFit(f"the model needs feature-map hardware ({_not_a_chain(model)}); "
                              f"this {config.describe()} NPU was generated without them "
                              f"(feature_maps = false)")
         batches = [1]
@@ -95,6 +95,22 @@ def _dense_chain(model: QuantizedModel) -> bool:
     return len(model.input_shape) != 3 and all(
         isinstance(layer.source, Dense | None) and tuple(layer.inputs) == (name,)
         for layer, name in zip(model.layers, names, strict=False))
+
+
+def _not_a_chain(model: QuantizedModel) -> str:
+    """Why the model is not a dense chain, for the refusal of an NPU without feature maps."""
+    if len(model.input_shape) == 3:
+        return f"its input is a {'×'.join(map(str, model.input_shape))} feature map"
+    previous = "input"
+    for layer in model.layers:
+        if not isinstance(layer.source, Dense | None):
+            kind = {Conv: "a convolution", Pool: "a pooling layer", Add: "an Add"}
+            return f"layer {layer.name!r} is {kind[type(layer.source)]}"
+        if tuple(layer.inputs) != (previous,):
+            return (f"layer {layer.name!r} reads {', '.join(layer.inputs)}, not only the "
+                    f"layer before it ({previous})")
+        previous = layer.name
+    return "it is not a chain of dense layers"
 
 
 def _io(model: QuantizedModel) -> Model:

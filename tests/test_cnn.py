@@ -19,7 +19,7 @@ from npugen import NpuConfig
 from npugen.cli import main
 from npugen.compiler import compile_model
 from npugen.featuremap import same_pads
-from npugen.graph import ModelError
+from npugen.graph import Add, Dense, Model, ModelError
 from npugen.importers import load_onnx
 from npugen.runtime import run
 from npugen.schedule import DoesNotFit
@@ -346,9 +346,21 @@ def test_cnn_runs_on_the_virtual_board(cnn_path, data):
 
 
 def test_a_cnn_needs_an_npu_with_feature_maps(cnn_path, data):
-    with pytest.raises(ValueError, match="generated without them .feature_maps = false."):
+    with pytest.raises(ValueError, match="its input is a 1×8×8 feature map.*generated "
+                                         "without them .feature_maps = false."):
         compile_model(load_onnx(cnn_path), NpuConfig(feature_maps=False),
                       calibration=data[0][:32])
+
+
+def test_a_dense_skip_connection_is_named_on_an_npu_without_feature_maps():
+    """Dense layers with an Add are no MLP chain: the refusal names the layer that is not."""
+    rng = np.random.default_rng(3)
+    model = Model([Dense("d0", rng.normal(0, 0.3, (8, 8)), np.zeros(8), inputs=("input",)),
+                   Dense("d1", rng.normal(0, 0.3, (8, 8)), np.zeros(8), inputs=("d0",)),
+                   Add("skip", ("d0", "d1"))], (8,), (8,))
+    with pytest.raises(ValueError, match="layer 'skip' is an Add.*feature_maps = false"):
+        compile_model(model, NpuConfig(feature_maps=False),
+                      calibration=rng.uniform(-1, 1, (16, 8)).astype(np.float32))
 
 
 def test_input_im2col_saves_cycles_and_changes_no_output(cnn_path, data):
