@@ -12,9 +12,9 @@ one more with wide memories):
 - cycle 3: the words are ORed into the answer's register.
 
 A memory whose entries span ``WIDE_READ_STRIDE`` words or more registers the whole entry
-first and selects the word a cycle later (a 16:1 select behind the block RAM missed 75 MHz
-on the ULX3S-85F's 12×12); the other sources' words wait a cycle, ORed, and the read is
-answered a cycle later.
+first and selects the word a cycle later (a 16:1 select behind the block RAM is too slow
+for the ECP5 boards' clocks on a 12-wide array); the other sources' words wait a cycle,
+ORed, and the read is answered a cycle later.
 """
 
 from amaranth import Cat, Const, Module, Mux, Signal

@@ -2,9 +2,10 @@
 
 Frames are defined in :mod:`npugen.protocol`. A request's payload is buffered and its
 CRC checked before anything is executed, so a corrupted WRITE never touches a memory.
-Line noise, bad CRCs, oversize lengths, truncated frames (no byte for ``timeout_cycles``)
-and unknown commands are dropped and counted; the engine then hunts for the next sync
-byte, so the next valid frame always works. A READ or WRITE that reaches past a region is
+Line noise, bad CRCs, oversize lengths and truncated frames (no byte for
+``timeout_cycles``) are dropped and counted; the engine then hunts for the next sync byte,
+so the next valid frame always works. An unknown command is counted and answered with
+UNKNOWN_COMMAND. A READ or WRITE that reaches past a region is
 refused before any word moves, and counted. A START names its run with a token: a START
 with the token of the last run is a retry and does not restart, and STATUS reports the
 token, so a host never takes another run's outputs for its own.

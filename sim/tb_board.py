@@ -2,9 +2,10 @@
 
 Bytes from the client go into the board's host-side FIFO and cross the SoC's UART as
 bit streams; bytes the SoC sends come back the same way. One client at a time: another
-that connects meanwhile gets a BUSY answer (command 0) and is closed; a disconnect just
-waits for the next. Environment: NPUGEN_PORT (0: any free port),
-NPUGEN_PORT_FILE (where the bound port is written), NPUGEN_STOP_FILE (created to stop).
+that connects meanwhile gets a BUSY answer (command 0) to each of its requests until it
+disconnects; a disconnect just waits for the next client. Environment: NPUGEN_PORT (0:
+any free port), NPUGEN_PORT_FILE (where the bound port is written), NPUGEN_STOP_FILE
+(created to stop).
 """
 
 import os

@@ -702,12 +702,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(compile_)
     compile_.set_defaults(handler=cmd_compile)
 
-    run_ = commands.add_parser("run", help="run a compiled program on float inputs")
+    run_ = commands.add_parser("run", help="run a compiled program on a batch of inputs")
     run_.add_argument("program", metavar="PROG.npu")
     run_.add_argument("--input", required=True, metavar="X.npy",
-                      help="float32 inputs, batch first")
+                      help="inputs, batch first, in the model's input type (int8 for an "
+                           "int8 model, which also takes float32 and quantizes it; else float32)")
     run_.add_argument("-o", "--output", required=True, metavar="Y.npy",
-                      help="where to write the float32 outputs")
+                      help="where to write the outputs, in the model's output type")
     run_.add_argument("--target", default="golden", metavar="TARGET", help=TARGET_HELP)
     run_.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
     run_.add_argument("--json", action="store_true", help="print a JSON summary last")

@@ -1,7 +1,8 @@
 """``npugen bench``: the project's measurements, written to ``benchmarks/results/*.json``
 and to ``docs/BENCHMARKS.md`` (tables and PNG plots).
 
-Each section is a function ``run(quick, progress) -> dict`` in a module of this package;
+Each section is a function ``run_<section>(*, quick, progress, recorded_dir) -> dict`` in a
+module of this package;
 :func:`run_bench` runs the chosen sections, saves one JSON file each (with the command,
 date and machine), and regenerates the document from every saved section, so running
 one section (``--only``) updates its part and keeps the others.
