@@ -366,7 +366,7 @@ def protocol_markdown() -> str:
         "",
         f"The device buffers {RX_FIFO_BYTES} received bytes, so a host may send the next "
         "request (at most one whole frame) before the answer to the previous one arrives; "
-        "answers come in order. With two WRITEs in flight the driver uploads at 0.95 of the "
+        "answers come in order. With two WRITEs in flight the driver uploads at about 0.96 of the "
         "line rate (`npugen bench --only link`).",
         "",
         "## A run, step by step",
