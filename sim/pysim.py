@@ -16,7 +16,7 @@ from amaranth.sim import Simulator
 
 from ..hostops import bus_program, decode_result, execute
 from ..job import Job, JobResult
-from .common import CLOCK_PERIOD_NS, SimulationError, job_config
+from .common import CLOCK_PERIOD_NS, job_config
 
 __all__ = ["AmaranthBus", "simulate_amaranth"]
 
@@ -57,27 +57,23 @@ class AmaranthBus:
         return words
 
     async def wait_done(self, timeout_cycles: int) -> bool:
-        """Wait for ``done`` without waking this testbench every cycle; raise
-        :class:`SimulationError` after ``timeout_cycles``."""
+        """Wait for ``done`` without waking this testbench every cycle, at most
+        ``timeout_cycles``; return whether the NPU is done."""
         ctx, done = self.ctx, self.npu.done
         started = time.perf_counter()
         if not ctx.get(done):
             # Half a period more: a timeout wakes between edges, never on one.
             await ctx.posedge(done).delay((timeout_cycles + 0.5) * CLOCK_PERIOD_S)
         self.run_seconds = time.perf_counter() - started
-        if not ctx.get(done):
-            raise SimulationError(
-                f"amaranth simulation: the NPU did not reach HALT within {timeout_cycles} "
-                f"cycles; raise the program's timeout_cycles if the job is that long")
-        return True
+        return bool(ctx.get(done))
 
 
 def simulate_amaranth(jobs: list[Job]) -> list[JobResult]:
     """Run ``jobs`` (one config) in one Amaranth simulation; return their results in order.
 
-    Raises ``ValueError`` if the jobs' configs differ, :class:`SimulationError` if a job
-    does not finish within its program's timeout, and
-    :class:`~npugen.hostops.NpuRunError` if it stops abnormally.
+    Raises ``ValueError`` if the jobs' configs differ, and
+    :class:`~npugen.hostops.NpuRunError` if a job does not finish within its program's
+    timeout or stops abnormally.
     """
     if not jobs:
         return []

@@ -30,9 +30,7 @@ class Bus(Protocol):
 
     ``write_many`` writes each word to its address, in order; ``read_many`` returns the
     words at ``addresses``, in order; ``wait_done`` waits until the NPU signals ``done`` or
-    ``timeout_cycles`` clock cycles have passed, and returns whether it is done (the
-    Amaranth testbench's raises :class:`~npugen.sim.common.SimulationError` instead of
-    returning False)."""
+    ``timeout_cycles`` clock cycles have passed, and returns whether it is done."""
 
     async def write_many(self, addresses: np.ndarray, words: np.ndarray) -> None: ...
     async def read_many(self, addresses: np.ndarray) -> list[int]: ...
@@ -71,7 +69,10 @@ def bus_program(job: Job, timeout_cycles: int = 50_000_000) -> BusProgram:
 
 
 async def execute(bus: Bus, program: BusProgram) -> tuple[int, list[int], list[int]]:
-    """Load, start, wait for HALT, read back. Returns (status, counter words, read words)."""
+    """Load, start, wait for HALT, read back. Returns (status, counter words, read words).
+
+    Raises :class:`NpuRunError` if the run does not finish within the program's
+    ``timeout_cycles`` (after aborting it, so the NPU is idle again)."""
     await bus.write_many(program.write_addresses, program.write_words)
     await bus.write_many(
         np.array([address(Region.REGISTERS, Reg.START_PC),
@@ -81,6 +82,9 @@ async def execute(bus: Bus, program: BusProgram) -> tuple[int, list[int], list[i
     if not finished:
         await bus.write_many(np.array([address(Region.REGISTERS, Reg.CONTROL)], np.uint32),
                              np.array([int(Control.ABORT)], np.uint32))
+        raise NpuRunError(f"the NPU did not reach HALT within {program.timeout_cycles} "
+                          f"cycles and was aborted; raise the program's timeout_cycles if "
+                          f"the job is that long")
     status = (await bus.read_many(np.array([STATUS_ADDRESS], np.uint32)))[0]
     counters = await bus.read_many(COUNTER_ADDRESSES)
     words = await bus.read_many(program.read_addresses) if len(program.read_addresses) else []

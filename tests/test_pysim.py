@@ -8,11 +8,10 @@ import pytest
 from amaranth.sim import Simulator
 
 from npugen.config import NpuConfig
-from npugen.hostops import bus_program, execute
+from npugen.hostops import NpuRunError, bus_program, execute
 from npugen.hw import Npu
 from npugen.job import run_golden
 from npugen.matmul import matmul_job, matmul_output
-from npugen.sim.common import SimulationError
 from npugen.sim.pysim import CLOCK_PERIOD_S, AmaranthBus
 from npugen.sim.runner import SIMULATORS, build, simulate, simulator_available
 
@@ -60,7 +59,7 @@ def test_unknown_simulator_and_amaranth_build_are_refused():
         build(SMALL, "amaranth")
 
 
-def test_timeout_raises_simulation_error():
+def test_timeout_raises_npu_run_error():
     """A run longer than the program's timeout stops the simulation with a clear error."""
     rng = np.random.default_rng(12)
     job, _ = matmul_job(SMALL, rng.integers(-128, 128, (8, 6)), rng.integers(-128, 128, (6, 6)))
@@ -73,7 +72,8 @@ def test_timeout_raises_simulation_error():
     sim = Simulator(npu)
     sim.add_clock(CLOCK_PERIOD_S)
     sim.add_testbench(testbench)
-    with pytest.raises(SimulationError, match="did not reach HALT within 10 cycles"):
+    with pytest.raises(NpuRunError, match="did not reach HALT within 10 cycles and was "
+                                          "aborted"):
         sim.run()
 
 
