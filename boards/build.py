@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from amaranth import ClockDomain, Elaboratable, Instance, Module, Signal
-from amaranth.lib import io
 from amaranth.lib.cdc import ResetSynchronizer
 
 from ..config import NpuConfig
@@ -144,8 +143,7 @@ class BoardTop(Elaboratable):
             return
         pll = self.pll
         m.domains.sync = sync = ClockDomain("sync")
-        m.submodules.clock_in = clock_in = io.Buffer(
-            "i", platform.request(platform.default_clk, dir="-"))
+        clock_in = platform.request(platform.default_clk, dir="i").i
         locked = Signal()
         m.submodules.pll = Instance(
             "EHXPLLL",
@@ -159,7 +157,7 @@ class BoardTop(Elaboratable):
             p_CLKI_DIV=pll["CLKI_DIV"], p_CLKOP_ENABLE="ENABLED", p_CLKOP_DIV=pll["CLKOP_DIV"],
             p_CLKOP_CPHASE=(pll["CLKOP_DIV"] - 1) // 2, p_CLKOP_FPHASE=0,
             p_FEEDBK_PATH="CLKOP", p_CLKFB_DIV=pll["CLKFB_DIV"],
-            i_RST=0, i_STDBY=0, i_CLKI=clock_in.i, o_CLKOP=sync.clk, i_CLKFB=sync.clk,
+            i_RST=0, i_STDBY=0, i_CLKI=clock_in, o_CLKOP=sync.clk, i_CLKFB=sync.clk,
             i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1,
             i_PLLWAKESYNC=0, i_ENCLKOP=0, o_LOCK=locked)
         m.submodules.reset = ResetSynchronizer(~locked, domain="sync")
@@ -171,20 +169,16 @@ class BoardTop(Elaboratable):
             self._pll_domain(m, platform)
         m.submodules.soc = soc = Soc(self.config, divisor=self.divisor,
                                      implementation=self.implementation)
-        uart = platform.request("uart", 0, dir="-")
-        m.submodules.uart_rx = uart_rx = io.Buffer("i", uart.rx)
-        m.submodules.uart_tx = uart_tx = io.Buffer("o", uart.tx)
-        m.d.comb += [soc.uart_rx.eq(uart_rx.i), uart_tx.o.eq(soc.uart_tx)]
+        uart = platform.request("uart", 0)
+        m.d.comb += [soc.uart_rx.eq(uart.rx.i), uart.tx.o.eq(soc.uart_tx)]
         leds = []
         for index in range(2):
             try:
-                leds.append(platform.request("led", index, dir="-"))
+                leds.append(platform.request("led", index))
             except Exception:  # a board with fewer LEDs
                 break
-        for index, (led, signal) in enumerate(zip(leds, (soc.running, soc.link_error),
-                                                  strict=False)):
-            m.submodules[f"led_{index}"] = buffer = io.Buffer("o", led)
-            m.d.comb += buffer.o.eq(signal)
+        for led, signal in zip(leds, (soc.running, soc.link_error), strict=False):
+            m.d.comb += led.o.eq(signal)
         return m
 
 
