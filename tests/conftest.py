@@ -73,9 +73,54 @@ def reference_session(path):
                                         providers=["CPUExecutionProvider"])
 
 
+#: How close (in float32 ulps of the value quantized) onnxruntime's float result may come
+#: to a rounding tie of a QuantizeLinear before its side of the tie is a matter of float32
+#: summation order, which ONNX leaves to the implementation (a Gemm's sum over K terms).
+NEAR_TIE_ULPS = 16
+
+
+def near_tie_samples(qdq_path, x):
+    """Per sample: whether a QuantizeLinear inside the QDQ model got a float32 value within
+    NEAR_TIE_ULPS of a rounding tie in onnxruntime (reference_session), where another
+    float32 summation order may round the other way (e.g. 56.500004 on one CPU and batch
+    size, 56.49999 on another)."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(qdq_path))
+    graph_inputs = {i.name for i in model.graph.input}
+    initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    quantized = [(n.input[0], float(initializers[n.input[1]]))
+                 for n in model.graph.node if n.op_type == "QuantizeLinear"
+                 and n.input[0] not in graph_inputs and n.input[1] in initializers
+                 and initializers[n.input[1]].size == 1]
+    existing = {o.name for o in model.graph.output}
+    for name, _ in quantized:
+        if name not in existing:
+            model.graph.output.append(helper.make_tensor_value_info(
+                name, onnx.TensorProto.FLOAT, None))
+    path = Path(str(qdq_path) + ".near-tie.onnx")
+    onnx.save(model, str(path))
+    values = reference_session(path).run([name for name, _ in quantized], {"input": x})
+    near = np.zeros(len(x), dtype=bool)
+    for (_, scale), value in zip(quantized, values, strict=True):
+        value = np.asarray(value, dtype=np.float32).reshape(len(x), -1)
+        steps = value.astype(np.float64) / scale
+        distance = np.abs(steps - np.floor(steps) - 0.5)
+        tolerance = NEAR_TIE_ULPS * np.spacing(np.abs(value)).astype(np.float64) / scale
+        near |= (distance <= tolerance).any(axis=1)
+    return near
+
+
 def steps_from_onnxruntime(program, qdq_path, x):
     """|npugen's int8 outputs − onnxruntime's on the QDQ model|, in output steps
-    (onnxruntime through reference_session: each node as defined, on any CPU)."""
+    (onnxruntime through reference_session: each node as defined, on any CPU).
+
+    A sample whose outputs differ counts as 0 only where onnxruntime's float32 value at
+    some QuantizeLinear of that sample lay within NEAR_TIE_ULPS of a rounding tie
+    (:func:`near_tie_samples`): ONNX defines no summation order, so either side is its
+    definition. At most 1 % of the samples (and at least one) may be excused so."""
     import numpy as np
 
     from npugen.runtime import run
@@ -84,7 +129,14 @@ def steps_from_onnxruntime(program, qdq_path, x):
     reference = reference_session(qdq_path).run(None, {"input": x})[0]
     theirs = np.round(reference / program.output.scale).astype(np.int64) + \
         program.output.zero_point
-    return np.abs(ours - theirs)
+    steps = np.abs(ours - theirs).reshape(len(x), -1)
+    differing = steps.max(axis=1) > 0
+    if differing.any():
+        excused = differing & near_tie_samples(qdq_path, x)
+        assert excused.sum() <= max(1, len(x) // 100), \
+            f"{excused.sum()} of {len(x)} samples differ at a float32 rounding tie"
+        steps[excused] = 0
+    return steps.reshape(ours.shape)
 
 
 MLPERF_TINY = Path(__file__).resolve().parents[1] / "benchmarks" / "models" / "mlperf-tiny"
