@@ -91,14 +91,12 @@ def compile_quantized(model: QuantizedModel, config: NpuConfig,
 def _dense_chain(model: QuantizedModel) -> bool:
     """Whether the model is a chain of dense layers on vectors, each reading the one
     before (an MLP), which runs a batch of rows a run."""
-    names = ["input", *(layer.name for layer in model.layers)]
-    return len(model.input_shape) != 3 and all(
-        isinstance(layer.source, Dense | None) and tuple(layer.inputs) == (name,)
-        for layer, name in zip(model.layers, names, strict=False))
+    return _not_a_chain(model) is None
 
 
-def _not_a_chain(model: QuantizedModel) -> str:
-    """Why the model is not a dense chain, for the refusal of an NPU without feature maps."""
+def _not_a_chain(model: QuantizedModel) -> str | None:
+    """Why the model is not a dense chain (None if it is one), for the refusal of an NPU
+    without feature maps."""
     if len(model.input_shape) == 3:
         return f"its input is a {'×'.join(map(str, model.input_shape))} feature map"
     previous = "input"
@@ -110,7 +108,7 @@ def _not_a_chain(model: QuantizedModel) -> str:
             return (f"layer {layer.name!r} reads {', '.join(layer.inputs)}, not only the "
                     f"layer before it ({previous})")
         previous = layer.name
-    return "it is not a chain of dense layers"
+    return None
 
 
 def _io(model: QuantizedModel) -> Model:
