@@ -25,8 +25,8 @@ BOARD_TESTS := tests/test_boards.py::test_default_build_meets_timing tests/test_
 
 test: lint
 	@mkdir -p build
-	@$(BIN)/pytest -q -ra $(BOARD_TESTS) > build/board-tests.log 2>&1 & boards=$$!; \
-	$(BIN)/pytest -q -ra $(addprefix --deselect ,$(BOARD_TESTS)); rest=$$?; \
+	@$(BIN)/pytest -q -ra --durations=10 $(BOARD_TESTS) > build/board-tests.log 2>&1 & boards=$$!; \
+	$(BIN)/pytest -q -ra --durations=40 $(addprefix --deselect ,$(BOARD_TESTS)); rest=$$?; \
 	wait $$boards; built=$$?; \
 	echo "--- board builds and post-synthesis runs ($(BOARD_TESTS)) ---"; cat build/board-tests.log; \
 	exit $$(( rest || built ))

@@ -279,20 +279,25 @@ class Program:
                  f"{self.input.zero_point}; output {self.output.shape} scale "
                  f"{self.output.scale:.6g} zero point {self.output.zero_point}",
                  ""]
+        # Columns as wide as their longest entry: converters' layer names share long
+        # prefixes ("functional_1/conv2d_3"), so a cut name would name nothing.
+        name_width = max([len("layer"), *(len(layer["name"]) for layer in self.layers)])
         if self.layers and "kind" in self.layers[0]:   # feature maps: per-layer cycles
-            lines.append("layer          kind           input -> output        MACs/inference"
-                         "     cycles  utilization")
+            kind_width = max(len(layer["kind"]) for layer in self.layers)
+            lines.append(f"{'layer':<{name_width}} {'kind':<{kind_width}} {'input':>8} -> "
+                         f"{'output':<9} {'MACs/inference':>14} {'cycles':>10}  "
+                         f"{'utilization':>11}")
             for layer in self.layers:
                 shape_in = "×".join(map(str, layer["input"]))
                 shape_out = "×".join(map(str, layer["output"]))
-                lines.append(f"{layer['name'][:14]:<14} {layer['kind']:<14} "
-                             f"{shape_in:>8} -> {shape_out:<9} {layer['macs']:>12} "
+                lines.append(f"{layer['name']:<{name_width}} {layer['kind']:<{kind_width}} "
+                             f"{shape_in:>8} -> {shape_out:<9} {layer['macs']:>14} "
                              f"{layer['cycles']:>10}  {layer['utilization']:>11.3f}")
         else:
-            lines.append("layer            in -> out   tiles (K x N)   weight words   "
-                         "MACs/inference")
+            lines.append(f"{'layer':<{name_width}} {'in':>5} -> {'out':<5} {'tiles (K x N)':>15} "
+                         f"{'weight words':>12} {'MACs/inference':>16}")
             for layer in self.layers:
-                lines.append(f"{layer['name'][:14]:<14} {layer['in_features']:>5} -> "
+                lines.append(f"{layer['name']:<{name_width}} {layer['in_features']:>5} -> "
                              f"{layer['out_features']:<5} {layer['k_tiles']:>5} x "
                              f"{layer['n_tiles']:<7} {layer['weight_words']:>12} "
                              f"{layer['macs']:>16}")

@@ -110,6 +110,9 @@ def test_cli_compile_and_run_kws(tmp_path, capsys):
     assert "then on the host: softmax" in text
     inspected = json.loads(text.strip().splitlines()[-1])
     assert inspected["host_ops"] == ["softmax"] and inspected["framework"] == "tflite"
+    # Every layer is named in full (the converter's names share a 13-character prefix).
+    assert [layer["name"] for layer in inspected["layers"]
+            if f"\n{layer['name']} " not in text] == []
 
 
 def test_unsupported_and_corrupt_models_are_named(tmp_path):
