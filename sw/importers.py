@@ -9,7 +9,7 @@ and name the node (by name and op type) or the file.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ import numpy as np
 
 from .featuremap import same_pads
 from .graph import Add, Conv, Dense, Model, ModelError, Pool, QuantParams, output_shape
+from .passes import Activation, BatchNorm, Graph, run_passes
 
 if TYPE_CHECKING:
     from onnx import ModelProto, NodeProto
@@ -129,8 +130,7 @@ class _Activation:
 
     shape: tuple[int, ...]
     owner: str = "input"
-    layer: Dense | Conv | Pool | Add | None = None
-    after_layer_ops: list[str] = field(default_factory=list)
+    layer: Dense | Conv | Pool | Add | Activation | BatchNorm | None = None
     edge: str = ""
     host_op: dict | None = None
 
@@ -139,12 +139,11 @@ class _Activation:
         return int(np.prod(self.shape))
 
     def reshaped(self, shape: tuple[int, ...]) -> _Activation:
-        return _Activation(shape, self.owner, self.layer, self.after_layer_ops)
+        return _Activation(shape, self.owner, self.layer)
 
     def transposed_output(self) -> _Activation:
         """The same map, given to the user as H×W×C (the NPU keeps C×H×W)."""
-        return _Activation(self.shape, self.owner, self.layer, self.after_layer_ops,
-                           edge="hwc_output")
+        return _Activation(self.shape, self.owner, self.layer, edge="hwc_output")
 
 
 @dataclass
@@ -219,7 +218,7 @@ class _OnnxBuilder:
         self.values = values
         self.input_name = input_name
         self.int8_input = int8_input
-        self.layers: list[Dense | Conv | Pool | Add] = []
+        self.layers: list[Dense | Conv | Pool | Add | Activation | BatchNorm] = []
         self.tensor_quant: dict[str, QuantParams] = {}
         values[input_name] = _Activation(input_shape, edge="raw_input")
         #: The input's layout and shape as the NPU reads it (a layout change makes it CHW).
@@ -228,10 +227,6 @@ class _OnnxBuilder:
         self.input_reads: set[str] = set()
         self.layer_names: set[str] = {"input"}
         self.host_ops: list[dict] = []
-        self.consumers: dict[str, int] = {}
-        for node in proto.graph.node:
-            for name in node.input:
-                self.consumers[name] = self.consumers.get(name, 0) + 1
 
     @classmethod
     def for_graph(cls, proto: ModelProto, label: str) -> _OnnxBuilder:
@@ -343,7 +338,7 @@ class _OnnxBuilder:
     def set_bias(self, node: NodeProto, act: _Activation, bias: Any) -> None:
         """Add ``bias`` to the Dense layer that makes ``act``."""
         layer = act.layer
-        if not isinstance(layer, Dense) or act.after_layer_ops:
+        if not isinstance(layer, Dense):
             raise ModelError(f"{_describe(node)}: a bias Add must directly follow a Gemm or "
                              f"MatMul (adding two activations is not supported yet)")
         if isinstance(bias, _QuantizedConstant):
@@ -357,16 +352,12 @@ class _OnnxBuilder:
                              f"{layer.out_features} outputs")
         layer.bias = layer.bias + bias
 
-    def clamp(self, node: NodeProto, act: _Activation, low: float,
-              high: float) -> _Activation:
-        """Fold an activation function into the layer that makes ``act``."""
-        self.fused(node)
-        if not isinstance(act.layer, Dense | Conv | Add) or act.owner != act.layer.name:
-            raise ModelError(f"{_describe(node)}: an activation must follow a Gemm, MatMul, "
-                             f"Conv or Add (put it before a pooling: they commute)")
-        act.layer.low = max(act.layer.low, low)
-        act.layer.high = min(act.layer.high, high)
-        return _Activation(act.shape, act.owner, act.layer, [*act.after_layer_ops, "clamp"])
+    def fold_later(self, act: _Activation, node: Activation | BatchNorm) -> _Activation:
+        """Append a node that the graph passes (sw/passes.py) fold into the layer that
+        makes ``act``."""
+        self.reads(act)
+        self.layers.append(node)
+        return _Activation(act.shape, owner=node.name, layer=node)
 
     @staticmethod
     def attribute(node: NodeProto, name: str, default: Any) -> Any:
@@ -378,18 +369,10 @@ class _OnnxBuilder:
                 return onnx.helper.get_attribute_value(a)
         return default
 
-    def fused(self, node: NodeProto) -> None:
-        """Activations and BatchNormalization fold into the layer before them: the tensor
-        they read must have no other reader."""
-        if self.consumers.get(node.input[0], 0) > 1:
-            raise ModelError(f"{_describe(node)}: its input {node.input[0]!r} is also read by "
-                             f"another node, but the NPU folds this node into the layer that "
-                             f"makes it")
-
-    def window(self, node: NodeProto, act: _Activation, kernel: tuple[int, int],
-               one_stride: bool = True) -> tuple[Any, tuple]:
-        """Stride (one, or (vertical, horizontal) where ``one_stride`` is false) and (top,
-        left, bottom, right) pads of a Conv or pooling node."""
+    def window(self, node: NodeProto, act: _Activation,
+               kernel: tuple[int, int]) -> tuple[Any, tuple]:
+        """Stride (one, or (vertical, horizontal)) and (top, left, bottom, right) pads of a
+        Conv or pooling node."""
         if len(act.shape) != 3:
             raise ModelError(f"{_describe(node)}: needs a C×H×W feature map, not shape "
                              f"{act.shape}")
@@ -397,9 +380,6 @@ class _OnnxBuilder:
         if len(strides) != 2 or not all(1 <= s <= 255 for s in strides):
             raise ModelError(f"{_describe(node)}: strides {strides} are not supported (two, "
                              f"1 to 255)")
-        if one_stride and strides[0] != strides[1]:
-            raise ModelError(f"{_describe(node)}: strides {strides} differ; the NPU takes "
-                             f"one stride for both axes")
         if any(d != 1 for d in self.attribute(node, "dilations", [1, 1])):
             raise ModelError(f"{_describe(node)}: dilations other than 1 are not supported")
         if self.attribute(node, "ceil_mode", 0):
@@ -460,10 +440,11 @@ class _OnnxBuilder:
             op.setdefault("output_scale", 1.0 / 256)
             op.setdefault("output_zero_point", -128)
         output_type = graph.output[0].type.tensor_type.elem_type
+        folded = run_passes(Graph(self.layers, self.input_shape, self.tensor_quant))
         # A QDQ model prescribes ONNX's arithmetic (one rounding); a float one npugen
         # quantizes itself.
-        model = Model(self.layers, self.input_shape, result.shape, input_name,
-                      graph.output[0].name, self.tensor_quant,
+        model = Model(folded.layers, self.input_shape, result.shape, input_name,
+                      graph.output[0].name, folded.tensor_quant,
                       framework="onnx" if self.tensor_quant else "npugen",
                       input_layout=self.input_layout,
                       output_layout="hwc" if result.edge == "hwc_output" else "chw",
@@ -540,20 +521,14 @@ def _conv(b: _OnnxBuilder, node: NodeProto) -> _Activation:
 
 
 def _batch_norm(b: _OnnxBuilder, node: NodeProto) -> _Activation:
-    """BatchNormalization: folded into the float Conv before it."""
-    b.fused(node)
+    """BatchNormalization: folded into the float Conv, Gemm or MatMul before it."""
+    scale, bias, mean, variance = (np.asarray(b.constant(node, i, what), np.float64)
+                                   for i, what in ((1, "scale"), (2, "bias"), (3, "mean"),
+                                                   (4, "var")))
     act = b.activation(node)
-    layer = act.layer
-    if not isinstance(layer, Conv) or act.after_layer_ops or layer.quantized_weight \
-            is not None:
-        raise ModelError(f"{_describe(node)}: BatchNormalization must directly follow a "
-                         f"float Conv (it is folded into it)")
-    gamma, beta, mean, var = (np.asarray(b.constant(node, i, what), np.float64) for i, what
-                              in ((1, "scale"), (2, "bias"), (3, "mean"), (4, "var")))
-    factor = gamma / np.sqrt(var + float(b.attribute(node, "epsilon", 1e-5)))
-    layer.weight = (layer.weight * factor).astype(np.float32)   # output channel last
-    layer.bias = ((layer.bias - mean) * factor + beta).astype(np.float32)
-    return act
+    return b.fold_later(act, BatchNorm(b.layer_name(node), (act.owner,), _describe(node),
+                                       scale, bias, mean, variance,
+                                       float(b.attribute(node, "epsilon", 1e-5))))
 
 
 def _pool(kind: str) -> Callable[[_OnnxBuilder, NodeProto], _Activation]:
@@ -571,19 +546,12 @@ def _pool(kind: str) -> Callable[[_OnnxBuilder, NodeProto], _Activation]:
                              f"{kernel}")
         if len(node.output) > 1 and node.output[1]:
             raise ModelError(f"{_describe(node)}: the Indices output is not supported")
-        whole_map = kind == "avg" and tuple(kernel) == act.shape[1:]
-        stride, pads = b.window(node, act, (kernel[0], kernel[1]), one_stride=not whole_map)
-        if whole_map and not any(pads):
-            # One window over the whole map (as converters write a global pooling).
-            return b.map_layer(node, act, Pool(b.layer_name(node), "global"))
-        if kernel[0] != kernel[1]:
-            raise ModelError(f"{_describe(node)}: only square kernels are supported (or one "
-                             f"window over the whole {act.shape[1]}×{act.shape[2]} map), not "
-                             f"{kernel}")
+        stride, pads = b.window(node, act, (kernel[0], kernel[1]))
         if kind == "avg" and any(pads) and not b.attribute(node, "count_include_pad", 0):
             raise ModelError(f"{_describe(node)}: padded average pooling needs "
                              f"count_include_pad=1 (one divisor for every window)")
-        return b.map_layer(node, act, Pool(b.layer_name(node), kind, kernel[0], stride, pads))
+        return b.map_layer(node, act, Pool(b.layer_name(node), kind, (kernel[0], kernel[1]),
+                                           stride, pads))
     return handler
 
 
@@ -694,7 +662,7 @@ def _add(b: _OnnxBuilder, node: NodeProto) -> _Activation:
 
 def _relu(b: _OnnxBuilder, node: NodeProto) -> _Activation:
     """Relu: folded into the layer before."""
-    return b.clamp(node, b.activation(node), 0.0, np.inf)
+    return _activation(b, node, 0.0, np.inf)
 
 
 def _clip(b: _OnnxBuilder, node: NodeProto) -> _Activation:
@@ -703,7 +671,13 @@ def _clip(b: _OnnxBuilder, node: NodeProto) -> _Activation:
     high = b.constant(node, 2, "max")
     low = -np.inf if low is None else float(low)
     high = np.inf if high is None else float(high)
-    return b.clamp(node, b.activation(node), low, high)
+    return _activation(b, node, low, high)
+
+
+def _activation(b: _OnnxBuilder, node: NodeProto, low: float, high: float) -> _Activation:
+    act = b.activation(node)
+    return b.fold_later(act, Activation(b.layer_name(node), (act.owner,), _describe(node),
+                                        low, high))
 
 
 def _flatten(b: _OnnxBuilder, node: NodeProto) -> _Activation:
@@ -783,7 +757,7 @@ def _softmax(b: _OnnxBuilder, node: NodeProto) -> _Activation:
                          f"features)), not axis {axis} of shape {act.shape}")
     host_op = {"op": "float_softmax", "axis": -1}
     b.host_ops.append(host_op)
-    return _Activation(act.shape, act.owner, act.layer, act.after_layer_ops,
+    return _Activation(act.shape, act.owner, act.layer,
                        host_op=host_op)
 
 
@@ -844,8 +818,8 @@ def _read_onnx(source: Any) -> tuple[ModelProto, str]:
 def load_onnx(source: Any) -> Model:
     """Import an ONNX model (a path or an ``onnx.ModelProto``), float or QDQ (its
     QuantizeLinear/DequantizeLinear give the quantization to use): the operators of
-    :data:`ONNX_HANDLERS`, one handler each, sharing an :class:`_OnnxBuilder`
-    (docs/MODELS.md says what each takes)."""
+    :data:`ONNX_HANDLERS`, one handler each, sharing an :class:`_OnnxBuilder`, then the
+    graph passes of :mod:`npugen.passes` (docs/MODELS.md says what each takes)."""
     proto, label = _read_onnx(source)
     b = _OnnxBuilder.for_graph(proto, label)
     for node in proto.graph.node:

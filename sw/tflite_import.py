@@ -7,9 +7,11 @@ and the program converts a user's NHWC input and output. The model follows TFLit
 arithmetic (``framework = "tflite"``, see :mod:`npugen.quantize`): exactly what LiteRT's
 reference kernels compute.
 
-One handler per operator (:data:`HANDLERS`). RESHAPE, SQUEEZE, QUANTIZE and DEQUANTIZE at
-the graph's edges and PAD before a convolution cost nothing on the NPU; a final SOFTMAX
-runs on the host (:mod:`npugen.tflite_kernels`).
+One handler per operator (:data:`HANDLERS`); the graph passes (:mod:`npugen.passes`)
+fold RELU, RELU6 and RELU_N1_TO_1 into the layer before them and make a whole-map average
+pooling a global one. RESHAPE, SQUEEZE, QUANTIZE and DEQUANTIZE at the graph's edges and
+PAD before a convolution cost nothing on the NPU; a final SOFTMAX runs on the host
+(:mod:`npugen.tflite_kernels`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 
 from .featuremap import same_pads
 from .graph import Add, Conv, Dense, Model, ModelError, Pool, QuantParams, output_shape
+from .passes import Activation, Graph, run_passes
 
 __all__ = ["load_tflite", "SUPPORTED_TFLITE_OPS", "activation_range"]
 
@@ -355,14 +358,27 @@ def _pool(kind: str) -> Callable[[_Builder, _Operator], None]:
         stride, pads = _window(b, op, source, kernel, options.Padding(),
                                (options.StrideH(), options.StrideW()))
         clamp = _activation_clamp(b, op, options.FusedActivationFunction())
-        _, height, width = source.shape
-        name = b.name_for(op)
-        if kind == "avg" and kernel == (height, width) and not any(pads):
-            layer = Pool(name, "global", inputs=(source.owner,), clamp=clamp)
-        else:
-            layer = Pool(name, kind, kernel, stride, pads, inputs=(source.owner,),
-                         clamp=clamp)
+        layer = Pool(b.name_for(op), kind, kernel, stride, pads, inputs=(source.owner,),
+                     clamp=clamp)
         b.add_layer(op, layer, source)
+    return handler
+
+
+def _activation(code: int) -> Callable[[_Builder, _Operator], None]:
+    """RELU, RELU6 and RELU_N1_TO_1 as operators of their own: folded into the layer
+    before them, whose output quantization they must keep."""
+    def handler(b: _Builder, op: _Operator) -> None:
+        source = b.value(op)
+        out = b.int8_output(op).quant()
+        if out != b.tensor_quant[source.owner]:
+            raise b.fail(op, "its output quantization differs from its input's; npugen "
+                             "folds an activation that keeps the quantization into the "
+                             "layer before it")
+        node = Activation(b.name_for(op), (source.owner,), f"{b.label}: "
+                          f"{op.describe(b.tensors)}", clamp=_activation_clamp(b, op, code))
+        b.layers.append(node)
+        b.tensor_quant[node.name] = out
+        b.values[op.outputs[0]] = _Value(node.name, source.shape, source.flattened_from)
     return handler
 
 
@@ -423,6 +439,9 @@ HANDLERS: dict[str, Callable[[_Builder, _Operator], None]] = {
     "ADD": _add,
     "AVERAGE_POOL_2D": _pool("avg"),
     "MAX_POOL_2D": _pool("max"),
+    "RELU": _activation(1),
+    "RELU_N1_TO_1": _activation(2),
+    "RELU6": _activation(3),
     "RESHAPE": _reshape,
     "SQUEEZE": _reshape,
     "PAD": _pad,
@@ -567,8 +586,9 @@ def load_tflite(source: str | Path | bytes) -> Model:
         raise ModelError(f"{label}: the output must be the last layer's ({b.layers[-1].name!r})")
     input_value = _npu_shape(graph_input.shape)
     out_shape = final.shape if final.flattened_from is None else (int(np.prod(final.shape)),)
-    model = Model(b.layers, input_value, tuple(out_shape), input_name=graph_input.name,
-                  output_name=tensors[outputs[0]].name, tensor_quant=b.tensor_quant,
+    folded = run_passes(Graph(b.layers, input_value, b.tensor_quant))
+    model = Model(folded.layers, input_value, tuple(out_shape), input_name=graph_input.name,
+                  output_name=tensors[outputs[0]].name, tensor_quant=folded.tensor_quant,
                   framework="tflite", input_layout="hwc" if len(input_value) == 3 else "chw",
                   output_layout="hwc" if len(out_shape) == 3 else "chw",
                   input_dtype=input_dtype, output_dtype=b.output_dtype, host_ops=b.host_ops)

@@ -129,7 +129,7 @@ def steps_from_onnxruntime(program, qdq_path, x):
     reference = reference_session(qdq_path).run(None, {"input": x})[0]
     theirs = np.round(reference / program.output.scale).astype(np.int64) + \
         program.output.zero_point
-    steps = np.abs(ours - theirs).reshape(len(x), -1)
+    steps = np.abs(ours.reshape(len(x), -1) - theirs.reshape(len(x), -1))
     differing = steps.max(axis=1) > 0
     if differing.any():
         excused = differing & near_tie_samples(qdq_path, x)

@@ -196,7 +196,8 @@ def _conv_graph(**attributes) -> onnx.ModelProto:
 @pytest.mark.parametrize("attributes, message", [
     ({"group": 2}, "node 'badconv' (Conv): group=2 is not supported"),
     ({"dilations": [2, 2]}, "node 'badconv' (Conv): dilations other than 1"),
-    ({"strides": [1, 2]}, "node 'badconv' (Conv): strides [1, 2] differ"),
+    ({"strides": [1, 300]}, "node 'badconv' (Conv): strides [1, 300] are not supported "
+                            "(two, 1 to 255)"),
 ])
 def test_unsupported_conv_attributes_are_named(attributes, message):
     with pytest.raises(ModelError, match=re.escape(message)):
@@ -232,8 +233,10 @@ def test_batch_norm_must_follow_a_conv():
     inits = [_initializer(n, np.ones(2)) for n in ("s", "b", "m", "v")]
     node = helper.make_node("BatchNormalization", ["input", "s", "b", "m", "v"], ["y"],
                             name="bn")
-    with pytest.raises(ModelError, match="node 'bn' .BatchNormalization.: "
-                                         "BatchNormalization must directly follow"):
+    with pytest.raises(ModelError, match="node 'bn' .BatchNormalization.: a "
+                                         "BatchNormalization must directly follow a float "
+                                         "Conv, Gemm or MatMul .*its input is the model's "
+                                         "input"):
         load_onnx(_single_node_graph(node, inits=inits))
 
 
@@ -329,8 +332,9 @@ def test_qdq_residual_matches_onnxruntime(tmp_path):
 
 
 def test_a_tensor_read_before_its_fused_activation_is_refused():
-    """Add reads conv0's output before ReLU, but ReLU is folded into conv0."""
-    with pytest.raises(ModelError, match="node 'relu0' .Relu.: its input 'c0' is also read"):
+    """conv1 and the Add read conv0's output before ReLU, but ReLU is folded into conv0."""
+    with pytest.raises(ModelError, match="node 'relu0' .Relu.: its input 'conv0' is also "
+                                         "read by 'conv1'"):
         load_onnx(residual_cnn(np.random.default_rng(1), relu_before_add=False))
 
 

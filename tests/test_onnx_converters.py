@@ -366,3 +366,94 @@ def test_calibration_in_the_wrong_layout_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert status == 2 and "calibration data must have shape (batch, 5, 6, 4)" in err, err
     assert not (tmp_path / "m.npu").exists()
+
+
+# -- graph passes (sw/passes.py) ------------------------------------------------------------
+
+def test_batch_norms_and_activations_fold_into_the_layers_before():
+    """Conv → BatchNormalization → Relu and Gemm → BatchNormalization → Clip: two layers,
+    whose float outputs are onnxruntime's."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+             for name, shape in (("cw", (4, 3, 3, 3)), ("gw", (36, 5)), ("gb", (5,)))]
+    for prefix, channels in (("c", 4), ("g", 5)):
+        inits += [numpy_helper.from_array(values.astype(np.float32), f"{prefix}_{what}")
+                  for what, values in (("scale", rng.uniform(0.5, 2, channels)),
+                                       ("bias", rng.normal(0, 1, channels)),
+                                       ("mean", rng.normal(0, 1, channels)),
+                                       ("var", rng.uniform(0.5, 2, channels)))]
+    six = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", 0), ("hi", 6))]
+    norm = ["scale", "bias", "mean", "var"]
+    nodes = [helper.make_node("Conv", ["input", "cw"], ["c"], name="conv"),
+             helper.make_node("BatchNormalization", ["c", *(f"c_{n}" for n in norm)], ["cn"],
+                              name="conv_bn"),
+             helper.make_node("Relu", ["cn"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "gw", "gb"], ["g"], name="dense"),
+             helper.make_node("BatchNormalization", ["g", *(f"g_{n}" for n in norm)], ["gn"],
+                              name="dense_bn"),
+             helper.make_node("Clip", ["gn", "lo", "hi"], ["y"], name="relu6")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])], inits + six)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = load_onnx(proto)
+    assert [layer.name for layer in model.layers] == ["conv", "dense"]
+    assert (model.layers[0].low, model.layers[1].low, model.layers[1].high) == (0, 0, 6)
+    x = rng.normal(0, 1, (4, 3, 5, 5)).astype(np.float32)
+    expected = _session(proto, Path("bn.onnx")).run(None, {"input": x})[0]
+    np.testing.assert_allclose(model.forward(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("node, message", [
+    (helper.make_node("Relu", ["x"], ["z"], name="first"),
+     r"node 'first' \(Relu\): an activation must follow .*its input is the model's input"),
+    (helper.make_node("BatchNormalization", ["p", "s", "s", "s", "s"], ["z"], name="bn"),
+     r"node 'bn' \(BatchNormalization\): a BatchNormalization must directly follow a float "
+     r"Conv, Gemm or MatMul .*its input is 'pool'"),
+])
+def test_what_cannot_be_folded_is_named(node, message):
+    conv, weight = _conv("c", "x", "y")
+    pool = helper.make_node("MaxPool", ["y"], ["p"], name="pool", kernel_shape=[1, 1])
+    ones = numpy_helper.from_array(np.ones(4, np.float32), "s")
+    with pytest.raises(ModelError, match=message):
+        load_onnx(_graph([conv, pool, node], (4, 5, 5), "z", (4, 5, 5), [weight, ones]))
+
+
+def test_two_strides_and_non_square_pools_match_onnxruntime(tmp_path):
+    """A Conv with strides (2, 1) and a 2×3 max pooling with strides (2, 3), quantized by
+    onnxruntime: bit-exact. (An average pooling's float32 sum in onnxruntime lands on
+    either side of a rounding half, tests/test_onnx_converters.py's layer checks.)"""
+    from conftest import quantize_with_onnxruntime, steps_from_onnxruntime
+
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (6, 3, 3, 3)).astype(np.float32),
+                                     "cw"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (6,)).astype(np.float32), "cb")]
+    nodes = [helper.make_node("Conv", ["input", "cw", "cb"], ["c"], name="conv",
+                              strides=[2, 1], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["y"], name="pool", kernel_shape=[2, 3],
+                              strides=[2, 3])]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6, 3, 4])], inits)
+    float_path, qdq_path = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              float_path)
+    x = rng.normal(0, 1, (40, 3, 12, 12)).astype(np.float32)
+    quantize_with_onnxruntime(float_path, qdq_path, x[:20], per_channel=True)
+    model = load_onnx(qdq_path)
+    assert [(layer.name, layer.stride) for layer in model.layers] == [("conv", (2, 1)),
+                                                                      ("pool", (2, 3))]
+    program = compile_model(model, REFERENCE_CONFIG)
+    assert steps_from_onnxruntime(program, qdq_path, x).max() == 0
+
+
+def test_a_whole_map_average_pooling_is_a_global_one():
+    conv, weight = _conv("c", "x", "y")
+    whole = helper.make_node("AveragePool", ["y"], ["z"], name="whole", kernel_shape=[5, 3],
+                             strides=[2, 1])
+    model = load_onnx(_graph([conv, whole], (4, 5, 3), "z", (4, 1, 1), [weight]))
+    assert (model.layers[1].kind, model.layers[1].window) == ("global", (1, 1))

@@ -178,6 +178,14 @@ OPERATOR_MODELS = {
         x, filters=16, kernel=3, padding="SAME", activation="RELU", rng=r),
         filters=16, kernel=3, padding="SAME", activation="RELU", rng=r),
         filters=16, kernel=3, padding="SAME", rng=r),
+    # Activations as operators of their own, folded by the graph passes.
+    "standalone_relu_after_conv": lambda b, x, r: b.activation(
+        b.conv2d(x, filters=7, kernel=3, padding="SAME", rng=r), "RELU"),
+    "standalone_relu6_after_add": lambda b, x, r: b.activation(b.add(
+        b.conv2d(x, filters=8, kernel=1, rng=r), b.conv2d(x, filters=8, kernel=1, rng=r)),
+        "RELU6"),
+    "standalone_relu_n1_to_1_after_dense": lambda b, x, r: b.activation(b.fully_connected(
+        b.reshape(x, (1, -1)), units=9, rng=r), "RELU_N1_TO_1"),
     "classifier_softmax": lambda b, x, r: b.softmax(b.fully_connected(
         b.reshape(b.average_pool2d(b.depthwise_conv2d(
             b.conv2d(x, filters=16, kernel=3, stride=2, padding="SAME", activation="RELU",
@@ -229,6 +237,21 @@ def test_unsupported_operator_is_refused_by_index_and_name():
     data = build(lambda b, x, r: b.mean(x, axes=(1, 2)))
     with pytest.raises(ModelError, match=r"unsupported operator.*operator 0 \(MEAN"):
         load_tflite(data)
+
+
+@pytest.mark.parametrize("ops, message", [
+    (lambda b, x, r: b.activation(b.max_pool2d(x, pool=2), "RELU"),
+     r"operator 1 \(RELU.*an activation must follow a convolution, a dense layer or an add"),
+    (lambda b, x, r: b.activation(b.conv2d(x, filters=4, kernel=1, rng=r), "RELU",
+                                  quant=(0.5, 0)),
+     r"operator 1 \(RELU.*output quantization differs from its input's"),
+    (lambda b, x, r: b.add(b.activation(y := b.conv2d(x, filters=4, kernel=1, rng=r), "RELU"),
+                           y),
+     r"operator 1 \(RELU.*is also read by"),
+])
+def test_an_activation_that_cannot_be_folded_is_named(ops, message):
+    with pytest.raises(ModelError, match=message):
+        load_tflite(build(ops))
 
 
 def test_a_model_too_large_names_every_memory_it_needs():

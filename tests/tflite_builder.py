@@ -57,6 +57,9 @@ OP_VERSIONS = {
     OP.MEAN: 2,
     OP.PAD: 2,
     OP.QUANTIZE: 2,
+    OP.RELU: 2,
+    OP.RELU6: 2,
+    OP.RELU_N1_TO_1: 1,
     OP.RESHAPE: 1,
     OP.SOFTMAX: 2,
 }
@@ -143,6 +146,8 @@ def _activate(values: np.ndarray, activation: str) -> np.ndarray:
         return np.maximum(values, 0.0)
     if activation == "RELU6":
         return np.clip(values, 0.0, 6.0)
+    if activation == "RELU_N1_TO_1":
+        return np.clip(values, -1.0, 1.0)
     return values
 
 
@@ -592,6 +597,17 @@ class TfliteBuilder:
     ) -> TensorRef:
         """MAX_POOL_2D (stride defaults to the pool size); output quantized as the input."""
         return self._pool(OP.MAX_POOL_2D, x, pool, stride, padding, activation)
+
+    def activation(self, x: TensorRef, kind: str,
+                   quant: tuple[float, int] | None = None) -> TensorRef:
+        """RELU, RELU6 or RELU_N1_TO_1 as an operator of its own (as converters write one
+        they cannot fuse); its output keeps the input's quantization unless ``quant``."""
+        self._require_int8(x, kind)
+        code = {"RELU": OP.RELU, "RELU6": OP.RELU6, "RELU_N1_TO_1": OP.RELU_N1_TO_1}[kind]
+        out = self._activation_tensor(kind, _activate(self._values(x), kind),
+                                      quant or (x.scale, x.zero_point))
+        self._add_op(code, [x.index], [out.index])
+        return out
 
     def reshape(self, x: TensorRef, shape: Sequence[int]) -> TensorRef:
         """RESHAPE (one axis may be -1), with a new_shape int32 input as converters emit."""

@@ -1,0 +1,154 @@
+"""Graph passes both front ends run: the ONNX importer (sw/importers.py) and the TFLite
+one (sw/tflite_import.py) turn each operator into one node, and these passes fold the
+nodes that the NPU computes as part of a layer, so that each folding rule, and the error
+when a node cannot be folded, is written once.
+
+:func:`run_passes` runs, in this order:
+
+1. :func:`fold_batch_norms`: a :class:`BatchNorm` (ONNX BatchNormalization) into the
+   float Conv or Dense that makes its input: weights scaled, bias shifted.
+2. :func:`fuse_activations`: an :class:`Activation` (ONNX Relu and Clip, TFLite RELU,
+   RELU6 and RELU_N1_TO_1 written as operators of their own) into the Dense, Conv or Add
+   that makes its input, as that layer's clamp.
+3. :func:`global_pools`: an average pooling whose one window covers the whole unpadded
+   map (as converters write a global average pooling) becomes a global pooling.
+
+A folded node's readers read the layer instead, the quantization of the node's output
+becomes the layer's, and :attr:`Graph.renamed` maps the node's name to the layer's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .graph import Add, Conv, Dense, Layer, ModelError, Pool, QuantParams, output_shape
+
+__all__ = ["Activation", "BatchNorm", "Graph", "run_passes", "fold_batch_norms",
+           "fuse_activations", "global_pools"]
+
+
+@dataclass
+class Activation:
+    """An activation function written as an operator of its own: bounds on the real value
+    (``low``, ``high``) and, in a TFLite model, the int8 bounds its framework computed
+    from the output quantization (``clamp``). ``where`` names the operator in errors."""
+
+    name: str
+    inputs: tuple[str, ...]
+    where: str
+    low: float = -np.inf
+    high: float = np.inf
+    clamp: tuple[int, int] | None = None
+
+
+@dataclass
+class BatchNorm:
+    """``y = scale · (x − mean) / sqrt(variance + epsilon) + bias`` per channel."""
+
+    name: str
+    inputs: tuple[str, ...]
+    where: str
+    scale: np.ndarray
+    bias: np.ndarray
+    mean: np.ndarray
+    variance: np.ndarray
+    epsilon: float
+
+
+Node = Activation | BatchNorm
+
+
+@dataclass
+class Graph:
+    """An importer's layers and nodes in execution order, each naming the tensors it
+    reads (``"input"``: the model's input), and the quantization its framework gives
+    each tensor (by the name of the layer or node that makes it)."""
+
+    layers: list[Layer | Node]
+    input_shape: tuple[int, ...]
+    tensor_quant: dict[str, QuantParams] = field(default_factory=dict)
+    renamed: dict[str, str] = field(default_factory=dict)
+
+    def resolve(self, name: str) -> str:
+        """The tensor that holds what the tensor ``name`` held before the passes."""
+        while name in self.renamed:
+            name = self.renamed[name]
+        return name
+
+    def fold(self, node: Node, fits: type | tuple[type, ...], rule: str) -> Layer:
+        """Remove ``node``; the layer that makes its input, which must be one of
+        ``fits`` (``rule`` says which, in the error) and have no other reader, takes
+        its place."""
+        (source,) = node.inputs
+        producer = next((layer for layer in self.layers if layer.name == source), None)
+        if not isinstance(producer, fits):
+            made_by = "the model's input" if producer is None else f"{source!r}"
+            raise ModelError(f"{node.where}: {rule}; its input is {made_by}")
+        others = [layer.name for layer in self.layers
+                  if layer is not node and source in layer.inputs]
+        if others:
+            raise ModelError(f"{node.where}: its input {source!r} is also read by "
+                             f"{others[0]!r}, but the NPU folds this operator into the layer "
+                             f"that makes it")
+        self.layers.remove(node)
+        for layer in self.layers:
+            layer.inputs = tuple(source if name == node.name else name
+                                 for name in layer.inputs)
+        if node.name in self.tensor_quant:
+            self.tensor_quant[source] = self.tensor_quant.pop(node.name)
+        self.renamed[node.name] = source
+        return producer
+
+
+def fold_batch_norms(graph: Graph) -> None:
+    for node in [n for n in graph.layers if isinstance(n, BatchNorm)]:
+        layer = graph.fold(node, (Conv, Dense), "a BatchNormalization must directly follow "
+                                                "a float Conv, Gemm or MatMul (it is folded "
+                                                "into it)")
+        if layer.quantized_weight is not None:
+            raise ModelError(f"{node.where}: a BatchNormalization must directly follow a "
+                             f"float layer; {layer.name!r} has quantized weights")
+        factor = np.asarray(node.scale, np.float64) / np.sqrt(
+            np.asarray(node.variance, np.float64) + node.epsilon)
+        if factor.size not in (1, layer.out_features):
+            raise ModelError(f"{node.where}: {factor.size} channels, but {layer.name!r} "
+                             f"makes {layer.out_features}")
+        # The output channel is the weights' last axis (Dense K×N, Conv kh×kw×C_in×C_out,
+        # depthwise kh×kw×C).
+        layer.weight = (layer.weight * factor).astype(np.float32)
+        layer.bias = ((layer.bias - node.mean) * factor + node.bias).astype(np.float32)
+
+
+def fuse_activations(graph: Graph) -> None:
+    for node in [n for n in graph.layers if isinstance(n, Activation)]:
+        layer = graph.fold(node, (Dense, Conv, Add), "an activation must follow a "
+                                                     "convolution, a dense layer or an add "
+                                                     "(put it before a pooling: they "
+                                                     "commute)")
+        layer.low, layer.high = max(layer.low, node.low), min(layer.high, node.high)
+        if node.clamp is not None:
+            low, high = layer.clamp or (-128, 127)
+            layer.clamp = (max(low, node.clamp[0]), min(high, node.clamp[1]))
+
+
+def global_pools(graph: Graph) -> None:
+    shapes = {"input": tuple(graph.input_shape)}
+    for layer in graph.layers:
+        shape = shapes[layer.inputs[0]]
+        if isinstance(layer, Pool) and layer.kind == "avg" and not any(layer.pads) \
+                and len(shape) == 3 and layer.window == tuple(shape[1:]):
+            layer.kind, layer.kernel, layer.stride = "global", 1, 1
+        shapes[layer.name] = output_shape(layer, shape)
+
+
+def run_passes(graph: Graph) -> Graph:
+    """Fold every node (see the module's docstring); the graph holds layers only after."""
+    for index, layer in enumerate(graph.layers):
+        if not layer.inputs:
+            layer.inputs = ("input",) if index == 0 else (graph.layers[index - 1].name,)
+    fold_batch_norms(graph)
+    fuse_activations(graph)
+    global_pools(graph)
+    return graph
