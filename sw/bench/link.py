@@ -20,7 +20,7 @@ from ..config import NpuConfig
 
 def run_link(*, quick: bool, progress: Callable[[str], None], recorded_dir: Path
              ) -> dict[str, Any]:
-    """Section ``link``: 64 KiB (``quick``: 16 KiB) of random words written to the weight
+    """Section ``link``: 64 KiB (``quick``: 4 KiB) of random words written to the weight
     memory of a virtual board of the default :class:`~npugen.config.NpuConfig` (built and
     started here), timed by the device's UPTIME counter. Returns the payload bytes, the
     device cycles they took, the fraction of the line rate reached (payload bytes only),
@@ -32,7 +32,7 @@ def run_link(*, quick: bool, progress: Callable[[str], None], recorded_dir: Path
     from ..memory_map import Region, address, memories
     from ..sim.board import SIM_DIVISOR
 
-    kib = 16 if quick else 64
+    kib = 4 if quick else 64
     progress(f"link: uploading {kib} KiB to the virtual board")
     config = NpuConfig()
     words = np.random.default_rng(0).integers(0, 1 << 32, kib * 256, dtype=np.uint64)

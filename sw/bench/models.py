@@ -16,7 +16,7 @@ from ..config import NpuConfig
 
 #: Held-out images run on the RTL in --quick mode (all 360 otherwise; the golden model
 #: always runs all of them).
-QUICK_RTL_IMAGES = {"mlp": 128, "cnn": 16}
+QUICK_RTL_IMAGES = {"mlp": 32, "cnn": 4}
 
 
 def board_fmax(recorded_dir: Path) -> dict[str, dict[str, Any]]:
