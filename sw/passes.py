@@ -13,8 +13,8 @@ when a node cannot be folded, is written once.
 3. :func:`global_pools`: an average pooling whose one window covers the whole unpadded
    map (as converters write a global average pooling) becomes a global pooling.
 
-A folded node's readers read the layer instead, the quantization of the node's output
-becomes the layer's, and :attr:`Graph.renamed` maps the node's name to the layer's.
+A folded node's readers read the layer instead, and the quantization of the node's
+output becomes the layer's.
 """
 
 from __future__ import annotations
@@ -69,13 +69,6 @@ class Graph:
     layers: list[Layer | Node]
     input_shape: tuple[int, ...]
     tensor_quant: dict[str, QuantParams] = field(default_factory=dict)
-    renamed: dict[str, str] = field(default_factory=dict)
-
-    def resolve(self, name: str) -> str:
-        """The tensor that holds what the tensor ``name`` held before the passes."""
-        while name in self.renamed:
-            name = self.renamed[name]
-        return name
 
     def fold(self, node: Node, fits: type | tuple[type, ...], rule: str) -> Layer:
         """Remove ``node``; the layer that makes its input, which must be one of
@@ -98,7 +91,6 @@ class Graph:
                                  for name in layer.inputs)
         if node.name in self.tensor_quant:
             self.tensor_quant[source] = self.tensor_quant.pop(node.name)
-        self.renamed[node.name] = source
         return producer
 
 
