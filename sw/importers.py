@@ -17,7 +17,7 @@ import numpy as np
 
 from .featuremap import same_pads
 from .graph import Add, Conv, Dense, Model, ModelError, Pool, QuantParams, output_shape
-from .passes import Activation, BatchNorm, Graph, run_passes
+from .passes import Activation, BatchNorm, Graph, Layout, run_passes
 
 if TYPE_CHECKING:
     from onnx import ModelProto, NodeProto
@@ -121,17 +121,15 @@ def load_npz(path: str | Path) -> Model:
 
 @dataclass
 class _Activation:
-    """The running activation tensor: its shape (no batch dimension) and the tensor whose
-    quantization applies (``"input"`` or the producing layer's name).
+    """The running activation tensor: its shape (no batch dimension; the graph input's as
+    declared, the others C×H×W) and the tensor whose quantization applies (``"input"`` or
+    the producing layer's or node's name).
 
-    ``edge``: ``"raw_input"`` for the graph input as declared (its layout not yet known),
-    ``"hwc_output"`` for a map a layout Transpose turned to NHWC (only Q/DQ may follow).
     ``host_op``: the final Softmax this value comes from, run on the host."""
 
     shape: tuple[int, ...]
     owner: str = "input"
-    layer: Dense | Conv | Pool | Add | Activation | BatchNorm | None = None
-    edge: str = ""
+    layer: Dense | Conv | Pool | Add | Activation | BatchNorm | Layout | None = None
     host_op: dict | None = None
 
     @property
@@ -141,9 +139,11 @@ class _Activation:
     def reshaped(self, shape: tuple[int, ...]) -> _Activation:
         return _Activation(shape, self.owner, self.layer)
 
-    def transposed_output(self) -> _Activation:
-        """The same map, given to the user as H×W×C (the NPU keeps C×H×W)."""
-        return _Activation(self.shape, self.owner, self.layer, edge="hwc_output")
+    @property
+    def is_input(self) -> bool:
+        """Whether this is the model's input, maybe through a layout change."""
+        return self.owner == "input" or (isinstance(self.layer, Layout)
+                                         and self.layer.inputs == ("input",))
 
 
 @dataclass
@@ -218,13 +218,10 @@ class _OnnxBuilder:
         self.values = values
         self.input_name = input_name
         self.int8_input = int8_input
-        self.layers: list[Dense | Conv | Pool | Add | Activation | BatchNorm] = []
+        self.layers: list[Dense | Conv | Pool | Add | Activation | BatchNorm | Layout] = []
         self.tensor_quant: dict[str, QuantParams] = {}
-        values[input_name] = _Activation(input_shape, edge="raw_input")
-        #: The input's layout and shape as the NPU reads it (a layout change makes it CHW).
-        self.input_layout = "chw"
+        values[input_name] = _Activation(input_shape)
         self.input_shape = input_shape
-        self.input_reads: set[str] = set()
         self.layer_names: set[str] = {"input"}
         self.host_ops: list[dict] = []
 
@@ -269,11 +266,6 @@ class _OnnxBuilder:
         self.layer_names.add(name)
         return name
 
-    def reads(self, act: _Activation) -> None:
-        """Note which view of the model's input a layer reads."""
-        if act.owner == "input":
-            self.input_reads.add("raw_input" if act.edge == "raw_input" else "layout")
-
     def constant(self, node: NodeProto, index: int, what: str) -> np.ndarray | None:
         """The node's input ``index`` (an initializer), or None where it is omitted."""
         if index >= len(node.input) or node.input[index] == "":
@@ -284,16 +276,11 @@ class _OnnxBuilder:
         raise ModelError(f"{_describe(node)}: its {what} must be a constant (an initializer)")
 
     def activation(self, node: NodeProto) -> _Activation:
-        """The node's first input, which must be the running activation (not an NHWC
-        output)."""
+        """The node's first input, which must be the running activation."""
         value = self.values.get(node.input[0])
         if not isinstance(value, _Activation):
             raise ModelError(f"{_describe(node)}: its first input must be the model's "
                              f"activation, not a constant")
-        if value.edge == "hwc_output":
-            raise ModelError(f"{_describe(node)}: reads a map that a layout Transpose turned "
-                             f"to NHWC; npugen takes such a Transpose as the model's last "
-                             f"operator only")
         return value
 
     def weight_of(self, node: NodeProto, index: int,
@@ -317,7 +304,6 @@ class _OnnxBuilder:
         if weight.shape[0] != act.features:
             raise ModelError(f"{_describe(node)}: weights of shape {weight.shape} do not take "
                              f"{act.features} input features")
-        self.reads(act)
         name = self.layer_name(node)
         layer = Dense(name, weight.astype(np.float32), np.zeros(weight.shape[1], np.float32),
                       inputs=(act.owner,))
@@ -355,7 +341,6 @@ class _OnnxBuilder:
     def fold_later(self, act: _Activation, node: Activation | BatchNorm) -> _Activation:
         """Append a node that the graph passes (sw/passes.py) fold into the layer that
         makes ``act``."""
-        self.reads(act)
         self.layers.append(node)
         return _Activation(act.shape, owner=node.name, layer=node)
 
@@ -402,17 +387,23 @@ class _OnnxBuilder:
             shape = output_shape(layer, act.shape)
         except ModelError as error:
             raise ModelError(f"{_describe(node)}: {error}") from None
-        self.reads(act)
         layer.inputs = (act.owner,)
         self.layers.append(layer)
         return _Activation(shape, owner=layer.name, layer=layer)
 
-    def layout_input(self, node: NodeProto, act: _Activation) -> _Activation:
-        """The model's H×W×C input read as the C×H×W map the NPU computes."""
-        height, width, channels = act.shape
-        self.input_layout = "hwc"
-        self.input_shape = (channels, height, width)
-        return _Activation(self.input_shape, owner="input")
+    def layout(self, node: NodeProto, act: _Activation, source: str,
+               target: str) -> _Activation:
+        """Append a layout change of ``act`` from ``source`` to ``target`` order, which the
+        graph passes fold at the model's edges. On the model's input it tells the map's
+        C×H×W shape; elsewhere the NPU's map stays as it is."""
+        shape = act.shape
+        if act.owner == "input" and source == "hwc":
+            shape = (shape[2], shape[0], shape[1])
+        # Named apart from the layers (it is folded away): no layer's name takes a "#2".
+        layer = Layout(f"layout {node.name or node.output[0]}", (act.owner,), _describe(node),
+                       source, target, shape)
+        self.layers.append(layer)
+        return _Activation(shape, owner=layer.name, layer=layer)
 
     def model(self) -> Model:
         """The model, once every node is read: its output must be the last layer's."""
@@ -430,24 +421,19 @@ class _OnnxBuilder:
                              f"from the input by supported operators")
         if self.layers and result.layer is not self.layers[-1]:
             raise ModelError(f"{label}: the output must come from the last layer")
-        if self.input_reads == {"raw_input", "layout"}:
-            raise ModelError(f"{label}: layers read the input {input_name!r} both as it is "
-                             f"and through a layout change (Transpose); npugen takes one "
-                             f"layout")
         for op in self.host_ops:
             # A Softmax without a QuantizeLinear after it gives probabilities at TFLite's
             # output quantization (steps of 1/256).
             op.setdefault("output_scale", 1.0 / 256)
             op.setdefault("output_zero_point", -128)
         output_type = graph.output[0].type.tensor_type.elem_type
+        framework = "onnx" if self.tensor_quant else "npugen"
         folded = run_passes(Graph(self.layers, self.input_shape, self.tensor_quant))
         # A QDQ model prescribes ONNX's arithmetic (one rounding); a float one npugen
         # quantizes itself.
-        model = Model(folded.layers, self.input_shape, result.shape, input_name,
-                      graph.output[0].name, folded.tensor_quant,
-                      framework="onnx" if self.tensor_quant else "npugen",
-                      input_layout=self.input_layout,
-                      output_layout="hwc" if result.edge == "hwc_output" else "chw",
+        model = Model(folded.layers, folded.input_shape, result.shape, input_name,
+                      graph.output[0].name, folded.tensor_quant, framework=framework,
+                      input_layout=folded.input_layout, output_layout=folded.output_layout,
                       input_dtype="int8" if self.int8_input else "float32",
                       output_dtype="int8" if output_type == TensorProto.INT8 else "float32",
                       host_ops=self.host_ops)
@@ -590,7 +576,7 @@ def _dequantize_linear(b: _OnnxBuilder, node: NodeProto) -> Any:
     after an int8 graph input gives the input's quantization)."""
     value = b.values.get(node.input[0])
     if isinstance(value, _Activation):
-        if value.owner == "input" and b.int8_input and "input" not in b.tensor_quant:
+        if value.is_input and b.int8_input and "input" not in b.tensor_quant:
             # An int8 graph input (as tf2onnx writes, maybe after a layout Transpose):
             # this node's scale and zero point are the input's quantization.
             scale = np.asarray(b.constant(node, 1, "scale"))
@@ -648,8 +634,6 @@ def _add(b: _OnnxBuilder, node: NodeProto) -> _Activation:
         if first.shape != second.shape:
             raise ModelError(f"{_describe(node)}: adds shapes {first.shape} and "
                              f"{second.shape}; they must be equal (no broadcasting)")
-        b.reads(first)
-        b.reads(second)
         layer = Add(b.layer_name(node), (first.owner, second.owner))
         b.layers.append(layer)
         return _Activation(first.shape, owner=layer.name, layer=layer)
@@ -701,11 +685,10 @@ def _reshape(b: _OnnxBuilder, node: NodeProto) -> _Activation:
     if target == act.shape:
         return act
     if len(act.shape) == 3 and len(target) == 3:
-        if act.edge == "raw_input" and act.shape[2] == 1 \
-                and target == (1, *act.shape[:2]):
-            return b.layout_input(node, act)
-        if act.edge == "" and act.shape[0] == 1 and target == (*act.shape[1:], 1):
-            return act.transposed_output()
+        if act.owner == "input" and act.shape[2] == 1 and target == (1, *act.shape[:2]):
+            return b.layout(node, act, "hwc", "chw")
+        if act.owner != "input" and act.shape[0] == 1 and target == (*act.shape[1:], 1):
+            return b.layout(node, act, "chw", "hwc")
     raise ModelError(f"{_describe(node)}: reshapes {act.shape} to {target}; npugen takes "
                      f"a Reshape that flattens a map to (batch, {act.features}), keeps "
                      f"the shape, or changes the layout of a one-channel map at the "
@@ -713,17 +696,16 @@ def _reshape(b: _OnnxBuilder, node: NodeProto) -> _Activation:
 
 
 def _transpose(b: _OnnxBuilder, node: NodeProto) -> _Activation:
-    """A layout Transpose at the model's edges: NHWC → NCHW on the input, NCHW →
-    NHWC on the output; the host converts the user's maps."""
+    """A layout change between NHWC and NCHW (the graph passes take it on the model's
+    input or as its last operator): NHWC → NCHW of the input, NCHW → NHWC of a map."""
     act = b.activation(node)
     perm = [int(p) for p in b.attribute(node, "perm", [])]
-    if len(act.shape) == 3 and perm == [0, 3, 1, 2] and act.edge == "raw_input":
-        return b.layout_input(node, act)
-    if len(act.shape) == 3 and perm == [0, 2, 3, 1] and act.edge == "":
-        return act.transposed_output()
-    where = ("the model's input" if act.edge == "raw_input" else
-             "an NHWC output" if act.edge == "hwc_output" else
-             f"the output of {act.owner!r}")
+    at_input = act.owner == "input"
+    if len(act.shape) == 3 and perm == [0, 3, 1, 2] and at_input:
+        return b.layout(node, act, "hwc", "chw")
+    if len(act.shape) == 3 and perm == [0, 2, 3, 1] and not at_input:
+        return b.layout(node, act, "chw", "hwc")
+    where = "the model's input" if at_input else f"the output of {act.owner!r}"
     raise ModelError(f"{_describe(node)}: transposes {where} (shape {act.shape}) with "
                      f"perm {perm}; npugen takes a Transpose only as a layout change at "
                      f"the model's edges: NHWC → NCHW (perm [0, 3, 1, 2]) of the input, "

@@ -5,6 +5,9 @@ when a node cannot be folded, is written once.
 
 :func:`run_passes` runs, in this order:
 
+0. :func:`fold_layouts`: a :class:`Layout` (ONNX Transpose or one-channel Reshape between
+   NCHW and NHWC, TFLite TRANSPOSE) at the model's input or output, as the order in
+   which the user gives the input or gets the output; the NPU's maps stay C×H×W.
 1. :func:`fold_batch_norms`: a :class:`BatchNorm` (ONNX BatchNormalization) into the
    float Conv or Dense that makes its input: weights scaled, bias shifted.
 2. :func:`fuse_activations`: an :class:`Activation` (ONNX Relu and Clip, TFLite RELU,
@@ -25,8 +28,8 @@ import numpy as np
 
 from .graph import Add, Conv, Dense, Layer, ModelError, Pool, QuantParams, output_shape
 
-__all__ = ["Activation", "BatchNorm", "Graph", "run_passes", "fold_batch_norms",
-           "fuse_activations", "global_pools"]
+__all__ = ["Activation", "BatchNorm", "Layout", "Graph", "run_passes", "fold_layouts",
+           "fold_batch_norms", "fuse_activations", "global_pools"]
 
 
 @dataclass
@@ -57,18 +60,44 @@ class BatchNorm:
     epsilon: float
 
 
-Node = Activation | BatchNorm
+@dataclass
+class Layout:
+    """A change of a map's order between C×H×W (``"chw"``) and H×W×C (``"hwc"``): from
+    ``source`` to ``target``. ``shape`` is the C×H×W map it makes; a layout change reading
+    the model's input is where that shape is first known (the input is declared in the
+    other order)."""
+
+    name: str
+    inputs: tuple[str, ...]
+    where: str
+    source: str
+    target: str
+    shape: tuple[int, ...]
+
+    def misplaced(self) -> ModelError:
+        """The refusal of this layout change inside the model."""
+        return ModelError(f"{self.where}: changes the order of {self.inputs[0]!r} from "
+                          f"{self.source.upper()} to {self.target.upper()} inside the model; "
+                          f"npugen takes a layout change only on the model's input or as its "
+                          f"last operator (the NPU's maps are C×H×W)")
+
+
+Node = Activation | BatchNorm | Layout
 
 
 @dataclass
 class Graph:
     """An importer's layers and nodes in execution order, each naming the tensors it
     reads (``"input"``: the model's input), and the quantization its framework gives
-    each tensor (by the name of the layer or node that makes it)."""
+    each tensor (by the name of the layer or node that makes it), and the order in which
+    the user gives the input and gets the output (``"chw"`` or ``"hwc"``: the
+    framework's own until :func:`fold_layouts`)."""
 
     layers: list[Layer | Node]
     input_shape: tuple[int, ...]
     tensor_quant: dict[str, QuantParams] = field(default_factory=dict)
+    input_layout: str = "chw"
+    output_layout: str = "chw"
 
     def fold(self, node: Node, fits: type | tuple[type, ...], rule: str) -> Layer:
         """Remove ``node``; the layer that makes its input, which must be one of
@@ -85,13 +114,40 @@ class Graph:
             raise ModelError(f"{node.where}: its input {source!r} is also read by "
                              f"{others[0]!r}, but the NPU folds this operator into the layer "
                              f"that makes it")
+        self.remove(node)
+        return producer
+
+    def remove(self, node: Node) -> None:
+        """Take ``node`` out; its readers read its input, whose quantization becomes the
+        node's output's."""
+        (source,) = node.inputs
         self.layers.remove(node)
         for layer in self.layers:
             layer.inputs = tuple(source if name == node.name else name
                                  for name in layer.inputs)
         if node.name in self.tensor_quant:
             self.tensor_quant[source] = self.tensor_quant.pop(node.name)
-        return producer
+
+
+def fold_layouts(graph: Graph) -> None:
+    input_folded = False
+    for node in [n for n in graph.layers if isinstance(n, Layout)]:
+        (source,) = node.inputs
+        readers = [layer.name for layer in graph.layers if node.name in layer.inputs]
+        if source == "input" and not input_folded:
+            input_folded = True
+            others = [layer.name for layer in graph.layers
+                      if layer is not node and "input" in layer.inputs]
+            if others:
+                raise ModelError(f"{node.where}: the model's input is read both through this "
+                                 f"layout change and as it is (by {others[0]!r}); npugen "
+                                 f"takes one order")
+            graph.input_layout, graph.input_shape = node.source, tuple(node.shape)
+        elif not readers and node is graph.layers[-1]:
+            graph.output_layout = node.target
+        else:
+            raise node.misplaced()
+        graph.remove(node)
 
 
 def fold_batch_norms(graph: Graph) -> None:
@@ -140,6 +196,7 @@ def run_passes(graph: Graph) -> Graph:
     for index, layer in enumerate(graph.layers):
         if not layer.inputs:
             layer.inputs = ("input",) if index == 0 else (graph.layers[index - 1].name,)
+    fold_layouts(graph)
     fold_batch_norms(graph)
     fuse_activations(graph)
     global_pools(graph)

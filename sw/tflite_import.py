@@ -8,10 +8,11 @@ arithmetic (``framework = "tflite"``, see :mod:`npugen.quantize`): exactly what 
 reference kernels compute.
 
 One handler per operator (:data:`HANDLERS`); the graph passes (:mod:`npugen.passes`)
-fold RELU, RELU6 and RELU_N1_TO_1 into the layer before them and make a whole-map average
-pooling a global one. RESHAPE, SQUEEZE, QUANTIZE and DEQUANTIZE at the graph's edges and
-PAD before a convolution cost nothing on the NPU; a final SOFTMAX runs on the host
-(:mod:`npugen.tflite_kernels`).
+fold RELU, RELU6 and RELU_N1_TO_1 into the layer before them, a TRANSPOSE between NCHW
+and NHWC at the graph's edges into the order of the user's input or output, and make a
+whole-map average pooling a global one. RESHAPE, SQUEEZE, QUANTIZE and DEQUANTIZE at
+the graph's edges and PAD before a convolution cost nothing on the NPU; a final SOFTMAX
+runs on the host (:mod:`npugen.tflite_kernels`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 
 from .featuremap import same_pads
 from .graph import Add, Conv, Dense, Model, ModelError, Pool, QuantParams, output_shape
-from .passes import Activation, Graph, run_passes
+from .passes import Activation, Graph, Layout, run_passes
 
 __all__ = ["load_tflite", "SUPPORTED_TFLITE_OPS", "activation_range"]
 
@@ -125,6 +126,10 @@ class _Builder:
             raise self.fail(op, f"its input {tensor.name!r} is {what}; npugen needs it to be "
                                 f"the running activation")
         value = self.values[index]
+        layout = next((layer for layer in self.layers if isinstance(layer, Layout)
+                       and layer.name == value.owner and layer.inputs != ("input",)), None)
+        if layout is not None and op.name != "DEQUANTIZE":   # its shape is in the other order
+            raise layout.misplaced()
         if any(value.pads) and op.name not in ("CONV_2D", "DEPTHWISE_CONV_2D"):
             raise self.fail(op, "it reads the output of a PAD; npugen folds a PAD into the "
                                 "convolution after it only")
@@ -415,6 +420,34 @@ def _pad(b: _Builder, op: _Operator) -> None:
                                                                       strict=True)))
 
 
+def _transpose(b: _Builder, op: _Operator) -> None:
+    """TRANSPOSE between NCHW and NHWC at the graph's edges (as converters of PyTorch
+    models write them): an NCHW input turned to NHWC, or a map turned to NCHW as the
+    model's output; the graph passes fold it into the order the user gives or gets."""
+    source = b.value(op)
+    perm = [int(p) for p in b.constant(op, 1, "permutation").data.reshape(-1)]
+    out = b.tensors[op.outputs[0]]
+    if out.quant() != b.tensor_quant[source.owner]:
+        raise b.fail(op, "its output quantization differs from its input's")
+    at_input = source.owner == "input"
+    rank = len(b.tensors[op.inputs[0]].shape)
+    if rank == 4 and perm == [0, 2, 3, 1] and at_input:
+        order, shape = ("chw", "hwc"), _npu_shape(out.shape)
+    elif rank == 4 and perm == [0, 3, 1, 2] and not at_input:
+        order, shape = ("hwc", "chw"), source.shape
+    else:
+        where = "the model's input" if at_input else f"the output of {source.owner!r}"
+        raise b.fail(op, f"transposes {where} with perm {perm}; npugen takes a TRANSPOSE "
+                         f"only as a layout change at the model's edges: NCHW → NHWC (perm "
+                         f"[0, 2, 3, 1]) of the input, NHWC → NCHW (perm [0, 3, 1, 2]) of "
+                         f"the output")
+    name = f"layout {out.name}"
+    b.layers.append(Layout(name, (source.owner,), f"{b.label}: {op.describe(b.tensors)}",
+                           *order, shape))
+    b.tensor_quant[name] = out.quant()
+    b.values[op.outputs[0]] = _Value(name, shape)
+
+
 def _softmax(b: _Builder, op: _Operator) -> None:
     source = b.value(op)
     in_quant = b.tensor_quant[source.owner]
@@ -445,6 +478,7 @@ HANDLERS: dict[str, Callable[[_Builder, _Operator], None]] = {
     "RESHAPE": _reshape,
     "SQUEEZE": _reshape,
     "PAD": _pad,
+    "TRANSPOSE": _transpose,
     "SOFTMAX": _softmax,
     "DEQUANTIZE": _dequantize,
 }
@@ -586,11 +620,13 @@ def load_tflite(source: str | Path | bytes) -> Model:
         raise ModelError(f"{label}: the output must be the last layer's ({b.layers[-1].name!r})")
     input_value = _npu_shape(graph_input.shape)
     out_shape = final.shape if final.flattened_from is None else (int(np.prod(final.shape)),)
-    folded = run_passes(Graph(b.layers, input_value, b.tensor_quant))
-    model = Model(folded.layers, input_value, tuple(out_shape), input_name=graph_input.name,
-                  output_name=tensors[outputs[0]].name, tensor_quant=folded.tensor_quant,
-                  framework="tflite", input_layout="hwc" if len(input_value) == 3 else "chw",
-                  output_layout="hwc" if len(out_shape) == 3 else "chw",
+    folded = run_passes(Graph(b.layers, input_value, b.tensor_quant,
+                              input_layout="hwc" if len(input_value) == 3 else "chw",
+                              output_layout="hwc" if len(out_shape) == 3 else "chw"))
+    model = Model(folded.layers, folded.input_shape, tuple(out_shape),
+                  input_name=graph_input.name, output_name=tensors[outputs[0]].name,
+                  tensor_quant=folded.tensor_quant, framework="tflite",
+                  input_layout=folded.input_layout, output_layout=folded.output_layout,
                   input_dtype=input_dtype, output_dtype=b.output_dtype, host_ops=b.host_ops)
     model.check()
     return model

@@ -295,8 +295,10 @@ def test_transpose_inside_the_model_is_refused():
     conv, weight = _conv("c", "x", "y")
     turn = helper.make_node("Transpose", ["y"], ["t"], name="turn", perm=[0, 2, 3, 1])
     conv2, weight2 = _conv("c2", "t", "z")
-    with pytest.raises(ModelError, match="node 'c2' \\(Conv\\): reads a map that a layout "
-                                         "Transpose turned to NHWC"):
+    with pytest.raises(ModelError, match=r"node 'turn' \(Transpose\): changes the order of "
+                                         r"'c' from CHW to HWC inside the model; npugen takes "
+                                         r"a layout change only on the model's input or as "
+                                         r"its last operator"):
         load_onnx(_graph([conv, turn, conv2], (4, 5, 5), "z", (4, 5, 5), [weight, weight2]))
     odd = helper.make_node("Transpose", ["y"], ["t"], name="swap", perm=[0, 1, 3, 2])
     with pytest.raises(ModelError, match=r"node 'swap' \(Transpose\): transposes the output "
@@ -309,6 +311,16 @@ def test_transpose_inside_the_model_is_refused():
     with pytest.raises(ModelError, match=r"node 'wrong' \(Transpose\): transposes the "
                                          r"model's input"):
         load_onnx(_graph([wrong, conv3], (4, 5, 5), "z", (5, 5, 4), [weight3]))
+
+
+def test_an_input_read_in_two_orders_is_refused():
+    into = helper.make_node("Transpose", ["x"], ["t"], name="in", perm=[0, 3, 1, 2])
+    conv, weight = _conv("c", "t", "y")
+    add = helper.make_node("Add", ["y", "x"], ["z"], name="sum")
+    with pytest.raises(ModelError, match=r"node 'in' \(Transpose\): the model's input is read "
+                                         r"both through this layout change and as it is "
+                                         r"\(by 'sum'\)"):
+        load_onnx(_graph([into, conv, add], (4, 4, 4), "z", (4, 4, 4), [weight]))
 
 
 def test_layout_transposes_at_both_edges():

@@ -186,6 +186,14 @@ OPERATOR_MODELS = {
         "RELU6"),
     "standalone_relu_n1_to_1_after_dense": lambda b, x, r: b.activation(b.fully_connected(
         b.reshape(x, (1, -1)), units=9, rng=r), "RELU_N1_TO_1"),
+    # An NCHW model's edges, as converters of PyTorch models write them: the user gives
+    # and gets C×H×W maps (OPERATOR_INPUTS).
+    "nchw_input_and_output": lambda b, x, r: b.transpose(b.conv2d(
+        b.transpose(x, [0, 2, 3, 1]), filters=6, kernel=3, padding="SAME", rng=r),
+        [0, 3, 1, 2]),
+    "nchw_input_to_dense": lambda b, x, r: b.fully_connected(b.reshape(b.conv2d(
+        b.transpose(x, [0, 2, 3, 1]), filters=5, kernel=3, stride=2, rng=r), (1, -1)),
+        units=8, rng=r),
     "classifier_softmax": lambda b, x, r: b.softmax(b.fully_connected(
         b.reshape(b.average_pool2d(b.depthwise_conv2d(
             b.conv2d(x, filters=16, kernel=3, stride=2, padding="SAME", activation="RELU",
@@ -195,7 +203,8 @@ OPERATOR_MODELS = {
 
 
 #: Input shapes other than build()'s (1, 12, 12, 4).
-OPERATOR_INPUTS = {"conv_chain_16_channels": (1, 12, 12, 3)}
+OPERATOR_INPUTS = {"conv_chain_16_channels": (1, 12, 12, 3),
+                   "nchw_input_and_output": (1, 4, 12, 10), "nchw_input_to_dense": (1, 3, 9, 11)}
 #: A 12×8 (the ULX3S-45F's array): channel tiles of 12 lanes written 8 at a time.
 NON_SQUARE = LARGE.replace(rows=12, cols=8, requant_lanes=4)
 
@@ -233,6 +242,28 @@ def test_mlp_with_float_io_equals_litert_reference():
     np.testing.assert_array_equal(result.output, litert_reference(data)(x).reshape(9, -1))
 
 
+def test_nchw_model_with_float_io_equals_litert_reference():
+    """QUANTIZE, TRANSPOSE to NHWC, ..., TRANSPOSE to NCHW, DEQUANTIZE: float C×H×W maps in
+    and out."""
+    def nchw(b, x, r):
+        y = b.conv2d(b.transpose(x, [0, 2, 3, 1]), filters=6, kernel=3, stride=2,
+                     padding="SAME", activation="RELU", rng=r)
+        return b.transpose(b.max_pool2d(y, pool=2), [0, 3, 1, 2])
+
+    data = build(nchw, shape=(1, 5, 10, 8), seed=6, float_io=True)
+    model = load_tflite(data)
+    assert (model.input_shape, model.input_layout, model.output_layout) == (
+        (5, 10, 8), "chw", "chw")
+    from npugen.compiler import compile_quantized
+    from npugen.quantize import quantize_model
+
+    program = compile_quantized(quantize_model(model), NpuConfig())
+    x = np.random.default_rng(3).normal(0, 2, (2, 5, 10, 8)).astype(np.float32)
+    output = run(program, x).output
+    assert output.shape == (2, 6, 2, 2)
+    np.testing.assert_array_equal(output.reshape(2, -1), litert_reference(data)(x))
+
+
 def test_unsupported_operator_is_refused_by_index_and_name():
     data = build(lambda b, x, r: b.mean(x, axes=(1, 2)))
     with pytest.raises(ModelError, match=r"unsupported operator.*operator 0 \(MEAN"):
@@ -250,6 +281,19 @@ def test_unsupported_operator_is_refused_by_index_and_name():
      r"operator 1 \(RELU.*is also read by"),
 ])
 def test_an_activation_that_cannot_be_folded_is_named(ops, message):
+    with pytest.raises(ModelError, match=message):
+        load_tflite(build(ops))
+
+
+@pytest.mark.parametrize("ops, message", [
+    (lambda b, x, r: b.conv2d(b.transpose(b.conv2d(x, filters=4, kernel=1, rng=r),
+                                          [0, 3, 1, 2]), filters=4, kernel=1, rng=r),
+     r"operator 1 \(TRANSPOSE.*changes the order of 'conv_2d.*' from HWC to CHW inside the "
+     r"model; npugen takes a layout change only on the model's input or as its last"),
+    (lambda b, x, r: b.transpose(x, [0, 1, 3, 2]),
+     r"operator 0 \(TRANSPOSE.*transposes the model's input with perm \[0, 1, 3, 2\]"),
+])
+def test_a_transpose_inside_the_model_is_named(ops, message):
     with pytest.raises(ModelError, match=message):
         load_tflite(build(ops))
 

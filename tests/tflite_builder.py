@@ -62,6 +62,7 @@ OP_VERSIONS = {
     OP.RELU_N1_TO_1: 1,
     OP.RESHAPE: 1,
     OP.SOFTMAX: 2,
+    OP.TRANSPOSE: 2,
 }
 CALIBRATION_SAMPLES = 16
 
@@ -636,6 +637,24 @@ class TfliteBuilder:
 
         self._add_op(OP.RESHAPE, [x.index, shape_index], [out.index],
                      tflite.BuiltinOptions.ReshapeOptions, options)
+        return out
+
+    def transpose(self, x: TensorRef, perm: Sequence[int]) -> TensorRef:
+        """TRANSPOSE with a perm int32 input (as converters of NCHW models write at the
+        graph's edges); the output keeps the input's quantization."""
+        self._require_int8(x, "TRANSPOSE")
+        perm = [int(p) for p in perm]
+        if sorted(perm) != list(range(len(x.shape))):
+            raise ValueError(f"perm {perm} is not a permutation of {len(x.shape)} axes")
+        values = np.transpose(self._values(x), [0, *(p + 1 for p in perm)])
+        perm_index = self._constant(f"transpose_{len(self._tensors)}/perm",
+                                    np.array(perm, np.int32))
+        out = self._activation_tensor("TRANSPOSE", values, (x.scale, x.zero_point))
+        self._add_op(
+            OP.TRANSPOSE, [x.index, perm_index], [out.index],
+            tflite.BuiltinOptions.TransposeOptions,
+            lambda fb: (tflite.TransposeOptionsStart(fb), tflite.TransposeOptionsEnd(fb))[1],
+        )
         return out
 
     def pad(self, x: TensorRef, paddings: Sequence[Sequence[int]]) -> TensorRef:
