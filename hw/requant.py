@@ -20,7 +20,10 @@ class Requantizer(wiring.Component):
     is the value before the clamp (REQUANT to_acc). With ``left_shift`` (when built with
     it), acc + bias is first multiplied by 2**20 (TFLite's Add). ``rounding``: ``double``
     (gemmlowp), ``single`` (one rounding of the exact product), or ``both``: each sample's
-    ``single`` input chooses (read only by that build).
+    ``single`` input chooses (read only by that build). A sample's ``even`` input takes a
+    value exactly halfway at the last rounding to the even result instead of up (single)
+    or away from zero (double): ONNX's QuantizeLinear (read by builds with ``single`` or
+    ``both``).
 
     Bit-exact with :func:`npugen.arith.requantize`. ``latency`` registers from input to
     ``out`` (one stage each: bias; four 16 × 16 products; their sum; nudge and divide by
@@ -56,6 +59,7 @@ class Requantizer(wiring.Component):
             "clamp_max": In(signed(16)),
             "left_shift": In(1),
             "single": In(1),
+            "even": In(1),
             "out_valid": Out(1),
             "out": Out(signed(output_width)),
             "raw": Out(signed(accumulator_width)),
@@ -79,6 +83,10 @@ class Requantizer(wiring.Component):
         single_at = [self.single, *(Signal(name=f"single{i}") for i in range(1, 5))]
         if both:
             m.d.sync += [single_at[i].eq(single_at[i - 1]) for i in range(1, 5)]
+        # Ties to even, likewise kept beside the sample up to stage 5.
+        even_at = [self.even, *(Signal(name=f"even{i}") for i in range(1, 5))]
+        if self._rounding != "double":
+            m.d.sync += [even_at[i].eq(even_at[i - 1]) for i in range(1, 5)]
         # Stages 2-3: the 32 × 32 product from four 16 × 16 products of one signedness each
         # (one DSP block apiece on iCE40 and ECP5): with a = a1·2^16 + a0 (a0 unsigned),
         # a1·b0 = a1·(b0 − 2^15) + a1·2^15, likewise a0·b1, so
@@ -120,9 +128,12 @@ class Requantizer(wiring.Component):
         # The single-rounding quotient needs 33 bits (the product of two −2**31 is 2**62).
         high = Signal(signed(32 if self._rounding == "double" else 33))
         half = Signal()   # single rounding: the product's bit 30 (the rounding bit at shift 0)
+        sticky = Signal()   # single rounding: any of the product's bits 0 to 29
         shift4 = Signal(SHIFT_BITS)
         valid4 = Signal()
         m.d.sync += [shift4.eq(shift3), valid4.eq(valid3)]
+        if self._rounding != "double":
+            m.d.sync += sticky.eq(product[0:30].any())
         if self._rounding == "double":
             # Stage 4: gemmlowp's nudge (2**30, or 1 - 2**30 below zero) and division by
             # 2**31 truncating toward zero. With p = q·2**31 + r (0 <= r < 2**31), both signs
@@ -152,28 +163,40 @@ class Requantizer(wiring.Component):
         # 2**(s-1) when bit s-1 (the half) is set, and passes it when a bit below is set too.
         # So double rounds up on the half, if high is negative only with a bit below it set
         # (half away from zero); single on the half (half up), at s = 0 on the product's
-        # bit 30 (both: double's half is 0, so at s = 0 neither rounds up). One shift gives
-        # the truncated value above the half.
+        # bit 30 (both: double's half is 0, so at s = 0 neither rounds up). With ties to
+        # even, either rounds up on the half only if a bit below it is set (of high; for
+        # single also the product's bit 30 when s > 0 and its bits 0 to 29) or the
+        # truncated value is odd.
+        # One shift gives the truncated value above the half.
         truncated = Signal(signed(32))
         round_up = Signal()
         valid5 = Signal()
         half_in = Const(0, 1) if self._rounding == "double" else half
         shifted = Cat(half_in, high).as_signed() >> shift4
+        # Bit i of `below` is set when i < s (a decoder: yosys would give each comparison
+        # with a constant a carry chain). Builds with single rounding register it in stage
+        # 4 (from s before its register): ties to even read its bit 0 for any value, and
+        # a combinational decoder of a register that has not changed since time 0 stays
+        # undefined in an event-driven simulator (Icarus).
+        below = Signal(32)
+        decoded = m.d.comb if self._rounding == "double" else m.d.sync
+        with m.Switch(shift4 if self._rounding == "double" else shift3):
+            for k in range(1 << SHIFT_BITS):
+                with m.Case(k):
+                    decoded += below.eq((1 << k) - 1)
+        below_half = (high[0:31] & below[1:32]).any()
+        if self._rounding != "double":
+            # Single rounding's choice at the half: up, or to the even result.
+            below_single = below_half | sticky | (half & below[0])
+            single_up = ~even_at[4] | below_single | shifted[1]
         if self._rounding == "single":
-            m.d.sync += round_up.eq(shifted[0])
+            m.d.sync += round_up.eq(shifted[0] & single_up)
         else:
-            # Bit i of `below` is set when i < s (a decoder: yosys would give each
-            # comparison with a constant a carry chain).
-            below = Signal(32)
-            with m.Switch(shift4):
-                for k in range(1 << SHIFT_BITS):
-                    with m.Case(k):
-                        m.d.comb += below.eq((1 << k) - 1)
-            below_half = (high[0:31] & below[1:32]).any()
             # high[-1]: the sign (both: of double's value, sign-extended to 33 bits).
             away = ~high[-1] | below_half
-            if both:  # single rounds up on the half, whatever the sign
-                away = away | single_at[4]
+            if both:  # single rounds up on the half, whatever the sign (or to even)
+                away = Mux(single_at[4], single_up,
+                           Mux(even_at[4], below_half | shifted[1], away))
             m.d.sync += round_up.eq(shifted[0] & away)
         m.d.sync += [truncated.eq(shifted[1:33].as_signed()), valid5.eq(valid4)]
         # Stage 6: round and add the zero point (one carry chain, rounding as carry-in).

@@ -116,6 +116,7 @@ class RequantUnit(wiring.Component):
         rq_param_addr = Signal(range(c.param_depth))
         rq_left_shift = Signal()
         rq_single = Signal()   # REQUANT single_rounding (read with rounding "both" only)
+        rq_even = Signal()     # REQUANT ties_to_even (read by builds with single rounding)
         # REQUANT to_acc (feature-map hardware): the raw results go back into the
         # accumulators through the accumulate path, and the source words are read every
         # other cycle (hw/to_acc.py).
@@ -186,11 +187,13 @@ class RequantUnit(wiring.Component):
             m.d.sync += rq_busy.eq(1)
             if c.rounding == "both":
                 m.d.sync += rq_single.eq(_field(instruction, "single_rounding"))
+            if c.rounding != "double":
+                m.d.sync += rq_even.eq(_field(instruction, "ties_to_even"))
             if fm:
                 m.d.sync += rq_left_shift.eq(_field(instruction, "left_shift"))
 
         requantizers = self._lanes(m, settings, stage_valid, stage_group, rq_left_shift,
-                                   rq_single)
+                                   rq_single, rq_even)
 
         # Each group's place in the activations travels beside it through the lanes.
         rq_stages = REQUANT_INPUT_STAGES + Requantizer.latency
@@ -253,7 +256,8 @@ class RequantUnit(wiring.Component):
         return {"zero_point": zero_point, "clamp_min": clamp_min, "clamp_max": clamp_max,
                 "param_addr": param_addr, "out_stride": out_stride}
 
-    def _lanes(self, m, settings, stage_valid, stage_group, rq_left_shift, rq_single):
+    def _lanes(self, m, settings, stage_valid, stage_group, rq_left_shift, rq_single,
+               rq_even):
         """The ``requant_lanes`` requantizers, fed the group in the input register and
         its parameters."""
         c = self._config
@@ -287,6 +291,7 @@ class RequantUnit(wiring.Component):
                 rq.clamp_max.eq(settings["clamp_max"]),
                 rq.left_shift.eq(rq_left_shift),
                 rq.single.eq(rq_single),
+                rq.even.eq(rq_even),
             ]
 
         return requantizers

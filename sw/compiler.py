@@ -61,9 +61,10 @@ def compile_quantized(model: QuantizedModel, config: NpuConfig,
     if config.input_width != 8 or config.weight_width != 8:
         raise DoesNotFit(f"models compile to int8 NPUs; this one is {config.describe()}")
     for layer in model.layers:
-        if config.rounding not in ("both", layer.rounding):
+        rounding = layer.rounding.removesuffix("_even")   # what the hardware must have
+        if config.rounding not in ("both", rounding):
             raise DoesNotFit(
-                f"layer {layer.name!r} requantizes with {layer.rounding} rounding (the "
+                f"layer {layer.name!r} requantizes with {rounding} rounding (the "
                 f"arithmetic of its {_io(model).framework} model), but this NPU was "
                 f"generated with rounding = {config.rounding!r} only; use rounding = 'both' "
                 f"(the default)")
@@ -163,7 +164,8 @@ def _halo(layer, zero_point: int) -> tuple[tuple[int, int, int, int], int]:
 
 def _requant(layer) -> Requant:
     return Requant(layer.bias, layer.multiplier, layer.shift, layer.output_zero_point,
-                   layer.clamp_min, layer.clamp_max, int(layer.rounding == "single"))
+                   layer.clamp_min, layer.clamp_max, int(layer.rounding.startswith("single")),
+                   int(layer.rounding.endswith("_even")))
 
 
 def _lower(lowering: Lowering, layer, maps: dict[str, FeatureMap],

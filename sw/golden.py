@@ -190,8 +190,9 @@ def expand_program(config: NpuConfig, program: list[Instruction]) -> list[Instru
 
 
 def requant_rounding(instruction: Instruction) -> str:
-    """The rounding a REQUANT asks for (a name in :data:`npugen.config.ROUNDINGS`)."""
-    return "single" if instruction["single_rounding"] else "double"
+    """The rounding a REQUANT asks for, one of :data:`npugen.arith.ROUNDING_MODES`."""
+    rounding = "single" if instruction["single_rounding"] else "double"
+    return rounding + "_even" if instruction["ties_to_even"] else rounding
 
 
 def check_program(config: NpuConfig, program: list[Instruction]) -> None:
@@ -246,8 +247,12 @@ def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instructio
         reduce = op is Opcode.MATMUL and state.reduce
         within("accumulator words", ins["acc_addr"] + (1 if reduce else ins["count"]),
                "accumulator_depth")
+    if op is Opcode.REQUANT and config.rounding == "double":
+        need(not ins["ties_to_even"], index, ins,
+             "ties_to_even=1, but this NPU was generated with rounding = 'double' only, "
+             "which rounds halves away from zero; regenerate the NPU with rounding = 'both'")
     if op is Opcode.REQUANT and config.rounding != "both":
-        asked = requant_rounding(ins)
+        asked = "single" if ins["single_rounding"] else "double"
         need(asked == config.rounding, index, ins,
              f"single_rounding={ins['single_rounding']} asks for {asked} rounding, but this NPU "
              f"was generated with rounding = {config.rounding!r} only; regenerate the NPU with "

@@ -20,7 +20,7 @@ __all__ = [
     "isa_markdown",
 ]
 
-ISA_VERSION = 3
+ISA_VERSION = 4
 INSTRUCTION_WIDTH = 64
 OPCODE_WIDTH = 4
 
@@ -147,6 +147,10 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
         Field("single_rounding", 7, 1,
               doc="1: round the product once (TFLite's FULLY_CONNECTED, ONNX); "
                   "0: round twice (gemmlowp)"),
+        Field("ties_to_even", 62, 1,
+              doc="1: a value exactly halfway at the last rounding goes to the even result "
+                  "(ONNX's QuantizeLinear), not up (single) or away from zero (double); "
+                  "NPUs built with rounding 'double' only do not have it"),
     ),
     Opcode.SETPP: (
         Field("zero_point", 8, 16, signed=True, doc="output zero point"),

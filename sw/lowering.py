@@ -60,6 +60,7 @@ class Requant:
     clamp_min: int = -128
     clamp_max: int = 127
     single_rounding: int = 0   # REQUANT single_rounding: 1 rounds once, 0 twice
+    ties_to_even: int = 0      # REQUANT ties_to_even: with one rounding, halves to even
 
     def lanes(self, channels: np.ndarray) -> np.ndarray:
         """(bias, multiplier, shift) for each channel index (zeros past the last)."""
@@ -247,7 +248,8 @@ class Lowering:
                         ins.append(Instruction(Opcode.REQUANT, {
                             "acc_addr": 0, "count": count, "out_addr": count, "to_acc": 1,
                             "accumulate": which, "left_shift": 1,
-                            "single_rounding": requant.single_rounding}))
+                            "single_rounding": requant.single_rounding,
+                    "ties_to_even": requant.ties_to_even}))
                     ins.append(Instruction(Opcode.SETPP, {
                         "zero_point": requant.zero_point, "clamp_min": requant.clamp_min,
                         "clamp_max": requant.clamp_max}))
@@ -257,7 +259,8 @@ class Lowering:
                         "param_addr": sum_params[key], "out_stride": dst.tile_words}))
                     ins.append(Instruction(Opcode.REQUANT, {
                         "acc_addr": count, "count": count, "out_addr": dst.word(tile, y0, 0),
-                        "out_lane": lane, "single_rounding": requant.single_rounding}))
+                        "out_lane": lane, "single_rounding": requant.single_rounding,
+                    "ties_to_even": requant.ties_to_even}))
 
     def fill_halo(self, fmap: FeatureMap) -> None:
         """Write ``fmap``'s halo (its padding value) around the pixels of every channel
@@ -357,7 +360,8 @@ class Lowering:
                 "acc_addr": plan.acc_addr(index), "count": plan.m,
                 "out_addr": dst.word(tile.dst_channel // c.rows, 0, 0),
                 "out_lane": tile.dst_channel % c.rows,
-                "single_rounding": requant.single_rounding}))
+                "single_rounding": requant.single_rounding,
+                    "ties_to_even": requant.ties_to_even}))
 
     def _check_maps(self, src: FeatureMap, dst: FeatureMap, c_in: int, c_out: int,
                     kernel: tuple[int, int], stride: int | tuple[int, int],
@@ -470,14 +474,16 @@ class Lowering:
                                     "count": int(x1 - x0),
                                     "out_addr": dst.word(out_tile, y, int(x0)),
                                     "out_lane": lane,
-                                    "single_rounding": requant.single_rounding}))
+                                    "single_rounding": requant.single_rounding,
+                    "ties_to_even": requant.ties_to_even}))
                         continue
                     ins.append(Instruction(Opcode.SETREQ, {
                         "param_addr": param_at[index], "out_stride": dst.tile_words}))
                     ins.append(Instruction(Opcode.REQUANT, {
                         "acc_addr": slot * acc_words, "count": acc_words,
                         "out_addr": dst.word(out_tile, y0, 0), "out_lane": lane,
-                        "single_rounding": requant.single_rounding}))
+                        "single_rounding": requant.single_rounding,
+                    "ties_to_even": requant.ties_to_even}))
 
     def _store_weights(self, words: np.ndarray) -> int:
         at = self.weight_end

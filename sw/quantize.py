@@ -41,8 +41,10 @@ class QuantizedLayer(WeightShape):
     # An Add: (zero point, multiplier, shift) bringing each input's (q − z)·2^20 to the
     # common scale (TFLite); multiplier and shift then rescale the sum.
     rescales: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
-    # How the requantizer rounds (REQUANT single_rounding): "double" (gemmlowp, TFLite's
-    # convolutions and adds) or "single" (TFLite's FULLY_CONNECTED, ONNX).
+    # How the requantizer rounds (REQUANT single_rounding, ties_to_even; ROUNDING_MODES):
+    # "double" (gemmlowp, TFLite's convolutions and adds), "single" (TFLite's
+    # FULLY_CONNECTED), "single_even" (ONNX: QuantizeLinear rounds halves to even), or
+    # "double_even" (an ONNX average pooling divided exactly, see average_divisor).
     rounding: str = "double"
     # Average pooling as TFLite's reference kernel computes it: the array sums the raw
     # values times POOL_SUM_WEIGHT, the requantizer divides by the window's pixel count.
@@ -179,7 +181,8 @@ def quantize_model(model: Model, calibration: np.ndarray | None = None) -> Quant
             quantized = _quantize_tflite_pool(layer, shapes[names[0]], input_quant,
                                               output_quant)
         elif isinstance(layer, Pool):
-            quantized = _quantize_pool(layer, shapes[names[0]], input_quant, output_quant)
+            quantized = _quantize_pool(layer, shapes[names[0]], input_quant, output_quant,
+                                       exact=model.framework == "onnx")
         elif isinstance(layer, Add):
             quantized = _quantize_add(layer, shapes[names[0]], input_quant,
                                       quants[names[1]], output_quant)
@@ -187,7 +190,7 @@ def quantize_model(model: Model, calibration: np.ndarray | None = None) -> Quant
             quantized = None
         if quantized is not None:
             quantized.inputs = names
-            quantized.rounding = _rounding(model, layer)
+            quantized.rounding = _rounding(model, layer, quantized.exact_average)
             layers.append(quantized)
             continue
         weight, weight_quant = _weight_quant(layer, input_quant.scale)
@@ -227,9 +230,11 @@ def quantize_model(model: Model, calibration: np.ndarray | None = None) -> Quant
     return QuantizedModel(layers, tuple(model.input_shape), tuple(model.output_shape), model)
 
 
-def _rounding(model: Model, layer: Layer) -> str:
+def _rounding(model: Model, layer: Layer, exact_average: bool = False) -> str:
     """The rounding of a layer's requantization in its framework's arithmetic."""
-    if model.framework == "onnx" or (model.framework == "tflite" and isinstance(layer, Dense)):
+    if model.framework == "onnx":
+        return "double_even" if exact_average else "single_even"
+    if model.framework == "tflite" and isinstance(layer, Dense):
         return "single"
     return "double"
 
@@ -240,17 +245,27 @@ IDENTITY_MULTIPLIER = (1 << 31) - 1
 
 
 def _quantize_pool(layer: Pool, shape: tuple[int, ...], input_quant: QuantParams,
-                   output_quant: QuantParams) -> QuantizedLayer:
+                   output_quant: QuantParams, exact: bool = False) -> QuantizedLayer:
     """Pooling as the NPU runs it: the array passes each channel's values through (max) or
     sums them (average) and the requantizer rescales: out = (acc − count·z_in) ·
-    s_in / (s_out · count) + z_out."""
+    s_in / (s_out · count) + z_out.
+
+    ``exact`` (ONNX): an unpadded average pooling whose input and output share their
+    quantization gives round-half-to-even of the exact mean of q − z, + z, as ONNX defines
+    it: the array sums the values times ``POOL_SUM_WEIGHT`` and the requantizer divides
+    exactly (:func:`average_divisor`, its last rounding taking halves to even)."""
     channels = shape[0]
     count = 1 if layer.kind == "max" else (
         shape[1] * shape[2] if layer.kind == "global" else int(np.prod(layer.window)))
     same = (np.isclose(input_quant.scale, output_quant.scale, rtol=0, atol=0)
             and input_quant.zero_point == output_quant.zero_point)
+    exact = exact and layer.kind != "max" and same and not any(layer.pads)
     if layer.kind == "max" and same:
         bias, multiplier, shift, zero_point = 0, IDENTITY_MULTIPLIER, 0, 0
+    elif exact:
+        multiplier, shift = average_divisor(count)
+        bias = -POOL_SUM_WEIGHT * count * input_quant.zero_point
+        zero_point = output_quant.zero_point
     else:
         scale = input_quant.scale / (output_quant.scale * count)
         try:
@@ -265,7 +280,8 @@ def _quantize_pool(layer: Pool, shape: tuple[int, ...], input_quant: QuantParams
     full = np.full(channels, 1, dtype=np.int64)
     return QuantizedLayer(
         layer.name, np.zeros((0, channels), dtype=np.int64), full * bias, full * multiplier,
-        full * shift, zero_point, INT8_MIN, INT8_MAX, input_quant, output_quant, layer)
+        full * shift, zero_point, INT8_MIN, INT8_MAX, input_quant, output_quant, layer,
+        exact_average=exact)
 
 
 def _quantize_add(layer: Add, shape: tuple[int, ...], first: QuantParams, second: QuantParams,
@@ -300,7 +316,9 @@ POOL_SUM_WEIGHT = 64
 def average_divisor(count: int) -> tuple[int, int]:
     """(multiplier, shift) with which the requantizer (double rounding, bias 0, zero point
     0) turns ``POOL_SUM_WEIGHT``·S into S / ``count`` rounded half away from zero, as
-    TFLite's reference AVERAGE_POOL_2D does, for every sum S of ``count`` int8 values.
+    TFLite's reference AVERAGE_POOL_2D does, for every sum S of ``count`` int8 values
+    (or, with ties to even at the rounding shift, half to even, as ONNX's QuantizeLinear
+    does; the proof holds for |S| < 255·``count``, sums of q − z).
 
     With 2**t ≥ 2·count and M = round(2**(31+t) / (64·count)): the high multiply gives
     y = S·2**t/count + e, |e| ≤ 1/2 + |S|/2**26 < 1 (count < 2**17). Where S/count is a

@@ -71,6 +71,16 @@ def single_rounding_values(config: NpuConfig) -> list[int]:
     return {"double": [0], "single": [1], "both": [0, 1]}[config.rounding]
 
 
+def rounding_modes(config: NpuConfig) -> list[dict[str, int]]:
+    """REQUANT's rounding fields for each rounding an NPU runs: double, single (half up),
+    single with ties to even."""
+    modes = [{"single_rounding": 0, "ties_to_even": 0}] if config.rounding != "single" else []
+    if config.rounding != "double":
+        modes += [{"single_rounding": 1, "ties_to_even": 0},
+                  {"single_rounding": 1, "ties_to_even": 1}]
+    return modes
+
+
 def layer_chain_job(config: NpuConfig, rng: np.random.Generator, *, m: int, k: int, n: int,
                     n2: int, zero_point: int, clamp: tuple[int, int]) -> Job:
     """GEMM → REQUANT into activation memory → second GEMM reading those activations.
@@ -97,7 +107,7 @@ def layer_chain_job(config: NpuConfig, rng: np.random.Generator, *, m: int, k: i
             "acc_addr": first.acc_addr(n_tile), "count": m,
             "out_addr": out_base + (channel // config.rows) * m,
             "out_lane": channel % config.rows,
-            "single_rounding": int(rng.choice(single_rounding_values(config)))}))
+            **rounding_modes(config)[rng.integers(len(rounding_modes(config)))]}))
     program += gemm_instructions(second)
     program.append(Instruction(Opcode.HALT))
     job = Job(config)
@@ -122,26 +132,28 @@ ROUNDING_JOB_ROWS = 24
 
 def rounding_job(config: NpuConfig, rng: np.random.Generator) -> Job:
     """The same accumulators requantized by back-to-back REQUANTs with each rounding the NPU
-    runs, twice (alternating, with both), at right shifts of 1 to 3, where the two roundings
-    disagree on many values: each REQUANT's results must follow its own choice. Reads back
-    the outputs, one block of ``rounding_job_words`` words per REQUANT."""
-    roundings = single_rounding_values(config) * 2
+    runs (:func:`rounding_modes`), twice over, at right shifts of 1 to 3, where the roundings
+    disagree on many values (half the channels multiply by exactly 0.5, so single
+    rounding's ties are frequent): each REQUANT's results must follow its own choice. Reads
+    back the outputs, one block of ``rounding_job_words`` words per REQUANT."""
+    roundings = rounding_modes(config) * 2
     count, words = ROUNDING_JOB_ROWS, rounding_job_words(config)
     low, high = -(1 << (config.input_width - 1)), (1 << (config.input_width - 1)) - 1
     program = [Instruction(Opcode.SETPP, {"zero_point": 0, "clamp_min": low,
                                           "clamp_max": high}),
                Instruction(Opcode.SETREQ, {"param_addr": 0, "out_stride": count})]
     program += [Instruction(Opcode.REQUANT, {"acc_addr": 0, "count": count,
-                                             "out_addr": i * words, "single_rounding": single})
-                for i, single in enumerate(roundings)]
+                                             "out_addr": i * words, **mode})
+                for i, mode in enumerate(roundings)]
     program.append(Instruction(Opcode.HALT))
     job = Job(config)
     job.write(Region.INSTRUCTIONS, 0, encode_program(program))
     # Multipliers of 0.5 to 1 and shifts of 1 to 3: results mostly within the output range.
     channels = config.cols
-    params = np.stack([np.zeros(channels, dtype=np.int64),
-                       rng.integers(1 << 30, 1 << 31, channels), rng.integers(1, 4, channels)],
-                      axis=1)
+    multipliers = rng.integers(1 << 30, 1 << 31, channels)
+    multipliers[::2] = 1 << 30
+    params = np.stack([np.zeros(channels, dtype=np.int64), multipliers,
+                       rng.integers(1, 4, channels)], axis=1)
     job.write(Region.PARAMS, 0, params.reshape(-1, config.requant_lanes, 3))
     job.write(Region.ACCUMULATORS, 0, rng.integers(2 * low, 2 * high, (count, config.cols)))
     # The same junk where each REQUANT's outputs go (lanes past the last column keep it).

@@ -46,6 +46,37 @@ def test_divide_by_pot_rounds_half_away_from_zero():
     assert rounding_divide_by_pot(x, s).tolist() == expected
 
 
+def test_ties_to_even_rounds_halves_to_the_even_result():
+    """With ties_to_even the last rounding takes exact halves to the even result (Python's
+    round, exactly, with Fractions) and rounds everything else as before."""
+    from fractions import Fraction
+
+    assert rounding_divide_by_pot(np.array([5, -5, 6, -6, 7, -7, 3, -3]), 1, 1).tolist() == \
+        [2, -2, 3, -3, 4, -4, 2, -2]
+    assert rounding_divide_by_pot(np.array([7, -7]), 0, 1).tolist() == [7, -7]
+    rng = np.random.default_rng(3)
+    x = rng.integers(-5000, 5000, 4000)
+    s = rng.integers(0, 4, 4000)
+    # m = 2**30 and 2**29: x·m / 2**(31+s) is x / 2**(s+1) or x / 2**(s+2), often a half.
+    m = np.where(rng.random(4000) < 0.5, 1 << 30, 1 << 29)
+    exact = [Fraction(int(a) * int(b), 1 << (31 + int(c))) for a, b, c in zip(x, m, s,
+                                                                             strict=True)]
+    wide = dict(accumulator_width=32, output_width=40)
+    single = requantize(x, 0, m, s, 0, -(1 << 40), 1 << 40, rounding="single_even", **wide)
+    assert single.tolist() == [round(value) for value in exact]
+    halves = np.array([value.denominator == 2 for value in exact])
+    assert halves.mean() > 0.1
+    up = requantize(x, 0, m, s, 0, -(1 << 40), 1 << 40, rounding="single", **wide)
+    assert np.array_equal(single[~halves], up[~halves]) and np.any(single != up)
+    # Double: the high multiply by 2**30 halves x exactly where x is even; the rounding
+    # shift then takes its halves to even.
+    even_x = 2 * x
+    double = requantize(even_x, 0, 1 << 30, s, 0, -(1 << 40), 1 << 40,
+                        rounding="double_even", **wide)
+    assert double.tolist() == [round(Fraction(int(a), 1 << int(c))) for a, c in zip(x, s,
+                                                                                   strict=True)]
+
+
 def test_single_rounding_rounds_the_exact_product_once():
     """single: round(x·m / 2**(31+s)) half up, computed exactly with Python integers;
     double rounding differs from it on some inputs (that is why both exist)."""

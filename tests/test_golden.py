@@ -42,6 +42,15 @@ def test_requant_rounding_must_be_one_the_npu_was_generated_with():
                 f"this NPU was generated with rounding = '{rounding}' only; regenerate the NPU "
                 f"with rounding = 'both'")):
             check_program(CONFIG.replace(rounding=rounding), assemble(text))
+    # Halves to even: any rounding of an NPU with single rounding; none of a double-only one.
+    for rounding in ("both", "single"):
+        check_program(CONFIG.replace(rounding=rounding), assemble(
+            "REQUANT count=1 single_rounding=1 ties_to_even=1\nHALT"))
+    check_program(CONFIG, assemble("REQUANT count=1 ties_to_even=1\nHALT"))
+    with pytest.raises(ProgramError, match=r"instruction 0 .*: ties_to_even=1, but this NPU "
+                                           r"was generated with rounding = 'double' only"):
+        check_program(CONFIG.replace(rounding="double"),
+                      assemble("REQUANT count=1 ties_to_even=1\nHALT"))
 
 
 def test_requant_follows_its_own_rounding():

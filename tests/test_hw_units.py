@@ -348,6 +348,15 @@ def requant_edge_cases(accumulator_width: int) -> list[tuple[int, ...]]:
         for acc in (low - 1, low, low + 1, high - 1, high, high + 1):
             cases.append((acc, 0, INT32_MAX, 0, 0, low, high))
             cases.append((acc - 3, 0, INT32_MAX, 0, 3, low, high))
+    # Products exactly halfway for single rounding (x·m = (2k + 1)·2**(30+s)), with odd and
+    # even results on both sides of zero, and one step off the half (a bit below it set).
+    for shift in range(5):
+        # m = 2**30 halves x·2**-s, 2**29 quarters it: x = (2k + 1)·2**s or ·2**(s+1).
+        for multiplier, unit in ((1 << 30, 1 << shift), (1 << 29, 1 << (shift + 1))):
+            for k in (0, 1, 2, 3, 6, -1, -2, -3, -7):
+                x = (2 * k + 1) * unit
+                for value in (x, x + 1, x - 1):
+                    cases.append((value, 0, multiplier, shift, 0, *wide))
     return cases
 
 
@@ -380,12 +389,13 @@ def requant_random_cases(rng: np.random.Generator, accumulator_width: int,
 def run_requantizer(cases: np.ndarray, valid: np.ndarray, *, accumulator_width: int,
                     output_width: int, rounding: str = "double",
                     left_shift: np.ndarray | None = None,
-                    single: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
-    """Feed ``cases`` (rows of REQUANT_FIELDS) one a cycle, with ``left_shift`` and
-    ``single`` per case when given; return ``out`` and ``out_valid`` in every cycle. The
-    zero point goes in at the stage before last and the clamps at the last, as documented,
-    so they are presented ``latency - 2`` and ``latency - 1`` cycles after the
-    accumulator."""
+                    single: np.ndarray | None = None,
+                    even: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
+    """Feed ``cases`` (rows of REQUANT_FIELDS) one a cycle, with ``left_shift``,
+    ``single`` and ``even`` per case when given; return ``out`` and ``out_valid`` in every
+    cycle. The zero point goes in at the stage before last and the clamps at the last, as
+    documented, so they are presented ``latency - 2`` and ``latency - 1`` cycles after
+    the accumulator."""
     rq = Requantizer(accumulator_width=accumulator_width, output_width=output_width,
                      rounding=rounding)
     latency = Requantizer.latency
@@ -407,6 +417,8 @@ def run_requantizer(cases: np.ndarray, valid: np.ndarray, *, accumulator_width: 
                     ctx.set(rq.left_shift, int(left_shift[t]))
                 if single is not None:
                     ctx.set(rq.single, int(single[t]))
+                if even is not None:
+                    ctx.set(rq.even, int(even[t]))
             ctx.set(rq.valid, int(valid[t]) if t < n else 0)
             for name, stage in late_stages.items():
                 if 0 <= t - stage < n:
@@ -423,11 +435,16 @@ def check_requantizer(cases: np.ndarray, *, accumulator_width: int, output_width
                       rng: np.random.Generator | None = None) -> None:
     """The requantizer's outputs, ``latency`` cycles after each input, equal
     ``npugen.arith.requantize`` bit for bit; ``out_valid`` follows ``valid``. Built with
-    ``both`` roundings, each case asks for one at random (``rng``)."""
+    ``both`` roundings, each case asks for one at random (``rng``); built with single
+    rounding (or both), each case also takes halves to even or not at random."""
     n = len(cases)
     valid = np.ones(n, dtype=int) if valid is None else valid
     single = (rng.random(n) < 0.5).astype(np.int64) if rounding == "both" else None
     per_case = np.full(n, int(rounding == "single")) if single is None else single
+    even = None
+    if rounding != "double":
+        rng = rng or np.random.default_rng(0)
+        even = (rng.random(n) < 0.5).astype(np.int64)
 
     def reference(mode: str) -> np.ndarray:
         return requantize(*cases.T, accumulator_width=accumulator_width,
@@ -435,9 +452,12 @@ def check_requantizer(cases: np.ndarray, *, accumulator_width: int, output_width
                           left_shift=0 if left_shift is None else left_shift)
 
     expected = np.where(per_case, reference("single"), reference("double"))
+    if even is not None:
+        expected = np.where(even, np.where(per_case, reference("single_even"),
+                                           reference("double_even")), expected)
     outs, out_valids = run_requantizer(cases, valid, accumulator_width=accumulator_width,
                                        output_width=output_width, rounding=rounding,
-                                       left_shift=left_shift, single=single)
+                                       left_shift=left_shift, single=single, even=even)
     latency = Requantizer.latency
     got = outs[latency:latency + n]
     mismatches = np.flatnonzero(got != expected)

@@ -100,14 +100,16 @@ def test_npu_matches_golden(name, simulator, primitives):
 @pytest.mark.parametrize("name", [name for name, config in CONFIGS.items()
                                   if config.rounding == "both"])
 def test_rounding_job_tells_the_roundings_apart(name):
-    """On an NPU with both roundings, rounding_job's REQUANTs alternate double and single,
-    and the two give different outputs (so a lane that ignored the choice would fail)."""
+    """On an NPU with both roundings, rounding_job's REQUANTs alternate double, single and
+    single with ties to even, and the three give different outputs (so a lane that ignored
+    the choice would fail)."""
     config = CONFIGS[name]
     outputs = run_golden(rounding_job(config, np.random.default_rng(0))).outputs["outputs"]
-    double, single, double_again, single_again = outputs.reshape(
-        4, rounding_job_words(config), config.rows)
-    assert np.array_equal(double, double_again) and np.array_equal(single, single_again)
-    assert not np.array_equal(double, single)
+    blocks = outputs.reshape(6, rounding_job_words(config), config.rows)
+    for first, again in zip(blocks[:3], blocks[3:], strict=True):
+        assert np.array_equal(first, again)
+    double, single, even = blocks[:3]
+    assert not np.array_equal(double, single) and not np.array_equal(single, even)
 
 
 MAPS = dict(activation_depth=2048, weight_depth=8192, accumulator_depth=256,

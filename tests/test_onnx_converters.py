@@ -135,13 +135,15 @@ def check_layers(path: Path, x: np.ndarray) -> dict[str, tuple[int, int]]:
         chw = given if source != "input" or model.input_layout == "chw" else \
             np.moveaxis(given, -1, 1)
         if isinstance(layer, Pool):
-            # ONNX rounds half to even; an exact half of (Σ(q − z))/n is left to
-            # onnxruntime's float32 sum, which rounds it either way.
-            assert layer.kind == "global", layer.name
+            # An exact half of (Σ(q − z))/n: npugen rounds it to even, as ONNX defines;
+            # onnxruntime's float32 sum lands on either side of it.
+            assert layer.kind == "global" and quant_in == quant_out, layer.name
             pixels = int(np.prod(shape_of[source][1:]))
             sums = (chw.reshape(len(x), shape_of[source][0], -1).astype(np.int64)
                     - quant_in.zero_point).sum(-1)
             assert np.all((2 * sums[differ]) % (2 * pixels) == pixels), layer.name
+            even = np.round(sums / pixels).astype(np.int64) + quant_out.zero_point
+            assert np.array_equal(ours[differ], even[differ]), layer.name
             continue
         weight_scale = np.broadcast_to(np.asarray(layer.weight_quant.scale, np.float64),
                                        (layer.out_features,))
@@ -461,6 +463,45 @@ def test_two_strides_and_non_square_pools_match_onnxruntime(tmp_path):
                                                                       ("pool", (2, 3))]
     program = compile_model(model, REFERENCE_CONFIG)
     assert steps_from_onnxruntime(program, qdq_path, x).max() == 0
+
+
+@pytest.mark.parametrize("kernel, strides", [((2, 2), (2, 2)), ((2, 3), (1, 1))])
+def test_average_pooling_rounds_halves_to_even_as_onnx_defines(tmp_path, kernel, strides):
+    """An AveragePool between QDQ nodes of one scale: its windows of 4 and 6 values give a
+    mean exactly halfway between two steps for a quarter and a sixth of the outputs. npugen
+    gives round-half-to-even of the exact mean (ONNX's QuantizeLinear) on every output;
+    onnxruntime's float32 mean differs from it only at those halves, where its rounding
+    error decides."""
+    scale, zero = 0.05, -3
+    quant = [numpy_helper.from_array(np.array(scale, np.float32), "s"),
+             numpy_helper.from_array(np.array(zero, np.int8), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "s", "z"], ["q"], name="quantize"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"], name="dequantize"),
+             helper.make_node("AveragePool", ["d"], ["p"], name="pool",
+                              kernel_shape=list(kernel), strides=list(strides)),
+             helper.make_node("QuantizeLinear", ["p", "s", "z"], ["pq"], name="quantize_out"),
+             helper.make_node("DequantizeLinear", ["pq", "s", "z"], ["y"], name="output")]
+    out_h, out_w = ((12 - kernel[0]) // strides[0] + 1, (12 - kernel[1]) // strides[1] + 1)
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, out_h, out_w])], quant)
+    path = tmp_path / "pool.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = np.random.default_rng(7).normal(0, 1, (24, 3, 12, 12)).astype(np.float32)
+    program = compile_model(load_onnx(path), REFERENCE_CONFIG)
+    ours = run(program, x).quantized_output.reshape(len(x), -1).astype(np.int64)
+    # The definition, exactly: the input quantized (as QuantizeLinear: float32 division,
+    # half to even), the mean of each window, rounded half to even.
+    q = np.clip(np.round(x / np.float32(scale)) + zero, -128, 127).astype(np.int64) - zero
+    windows = np.lib.stride_tricks.sliding_window_view(q, kernel, axis=(2, 3))
+    sums = windows[:, :, ::strides[0], ::strides[1]].sum(axis=(-2, -1)).reshape(len(x), -1)
+    count = kernel[0] * kernel[1]
+    halves = (2 * sums) % (2 * count) == count
+    assert halves.mean() > 0.15
+    np.testing.assert_array_equal(ours, np.round(sums / count).astype(np.int64) + zero)
+    theirs = np.round(reference_session(path).run(None, {"input": x})[0] / np.float32(scale))
+    theirs = theirs.astype(np.int64).reshape(len(x), -1) + zero
+    assert not np.any((ours != theirs) & ~halves)
 
 
 def test_a_whole_map_average_pooling_is_a_global_one():
