@@ -252,7 +252,7 @@ def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instructio
              "ties_to_even=1, but this NPU was generated with rounding = 'double' only, "
              "which rounds halves away from zero; regenerate the NPU with rounding = 'both'")
     if op is Opcode.REQUANT and config.rounding != "both":
-        asked = "single" if ins["single_rounding"] else "double"
+        asked = requant_rounding(ins).removesuffix("_even")
         need(asked == config.rounding, index, ins,
              f"single_rounding={ins['single_rounding']} asks for {asked} rounding, but this NPU "
              f"was generated with rounding = {config.rounding!r} only; regenerate the NPU with "
