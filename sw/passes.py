@@ -17,7 +17,8 @@ when a node cannot be folded, is written once.
    map (as converters write a global average pooling) becomes a global pooling.
 
 A folded node's readers read the layer instead, and the quantization of the node's
-output becomes the layer's.
+output becomes the layer's; where its input had a quantization of its own, the two must
+be equal (:meth:`Graph.remove`).
 """
 
 from __future__ import annotations
@@ -119,14 +120,32 @@ class Graph:
 
     def remove(self, node: Node) -> None:
         """Take ``node`` out; its readers read its input, whose quantization becomes the
-        node's output's."""
+        node's output's. A node between two different quantizations (its framework
+        rounds to the first, then requantizes to the second) cannot be taken out without
+        changing the result: ``ModelError`` naming it and both."""
         (source,) = node.inputs
+        before, after = self.tensor_quant.get(source), self.tensor_quant.get(node.name)
+        if before is not None and after is not None and not _same_quant(before, after):
+            raise ModelError(f"{node.where}: its output is quantized with {_describe(after)}, "
+                             f"its input {source!r} with {_describe(before)}; npugen folds "
+                             f"this operator into the layer that makes its input, which has "
+                             f"one output quantization: quantize both sides of it alike")
         self.layers.remove(node)
         for layer in self.layers:
             layer.inputs = tuple(source if name == node.name else name
                                  for name in layer.inputs)
         if node.name in self.tensor_quant:
             self.tensor_quant[source] = self.tensor_quant.pop(node.name)
+
+
+def _same_quant(a: QuantParams, b: QuantParams) -> bool:
+    return (np.array_equal(np.asarray(a.scale), np.asarray(b.scale))
+            and np.array_equal(np.asarray(a.zero_point), np.asarray(b.zero_point)))
+
+
+def _describe(quant: QuantParams) -> str:
+    return f"scale {np.asarray(quant.scale).tolist():g} and zero point " \
+           f"{np.asarray(quant.zero_point).tolist()}"
 
 
 def fold_layouts(graph: Graph) -> None:
