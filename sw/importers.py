@@ -162,6 +162,12 @@ class _QuantizedConstant:
         return ((self.values.astype(np.float64) - zero) * scale).astype(np.float32)
 
 
+def _few(values: Any) -> str:
+    """Up to three distinct values, for an error."""
+    distinct = np.unique(np.asarray(values)).tolist()
+    return ", ".join(f"{v:g}" for v in distinct[:3]) + (", …" if len(distinct) > 3 else "")
+
+
 def _describe(node) -> str:
     return f"node {node.name or node.output[0]!r} ({node.op_type})"
 
@@ -327,8 +333,17 @@ class _OnnxBuilder:
         if not isinstance(layer, Dense):
             raise ModelError(f"{_describe(node)}: a bias Add must directly follow a Gemm or "
                              f"MatMul (adding two activations is not supported yet)")
+        if act.owner in self.tensor_quant:
+            quant = self.tensor_quant[act.owner]
+            raise ModelError(
+                f"{_describe(node)}: adds a bias to the output of {act.owner!r} after it is "
+                f"quantized (scale {quant.scale:g}, zero point {quant.zero_point}), so the "
+                f"model rounds twice; npugen adds a bias in the layer's accumulator, before "
+                f"its one rounding. Fuse the MatMul and the Add into a Gemm before "
+                f"quantizing (onnxruntime's quant_pre_process does), or give npugen the "
+                f"float model")
         if isinstance(bias, _QuantizedConstant):
-            layer.quantized_bias = bias.values.reshape(-1).astype(np.int64)
+            layer.quantized_bias = self.accumulator_bias(node, layer, bias)
             bias = bias.dequantize()
         bias = np.asarray(bias, dtype=np.float32).reshape(-1)
         if bias.size == 1:
@@ -337,6 +352,43 @@ class _OnnxBuilder:
             raise ModelError(f"{_describe(node)}: bias of shape {bias.shape} does not match "
                              f"{layer.out_features} outputs")
         layer.bias = layer.bias + bias
+
+    def accumulator_bias(self, node: NodeProto, layer: Dense | Conv,
+                         bias: _QuantizedConstant) -> np.ndarray | None:
+        """A quantized bias as integers of ``layer``'s accumulator (scale input scale ×
+        weight scale, zero point 0), which the NPU adds before rounding: the constant's
+        own values when it is quantized so (as onnxruntime quantizes Conv and Gemm
+        biases), or whole multiples of them. None where the layer's input or weights
+        are float (npugen quantizes the bias with the layer). A bias between the
+        accumulator's steps cannot be added exactly: ``ModelError``."""
+        owner = layer.inputs[0]
+        layouts = {node.name: node for node in self.layers if isinstance(node, Layout)}
+        while owner not in self.tensor_quant and owner in layouts:
+            owner = layouts[owner].inputs[0]    # a layout change keeps the quantization
+        source = self.tensor_quant.get(owner)
+        if source is None or layer.weight_quant is None:
+            return None
+        step = source.scale * np.broadcast_to(
+            np.asarray(layer.weight_quant.scale, np.float64), (layer.out_features,))
+        values = bias.values.reshape(-1).astype(np.int64)
+        real = bias.dequantize().astype(np.float64).reshape(-1)
+        if values.size == 1:
+            values, real = np.full(layer.out_features, values[0]), np.full(layer.out_features,
+                                                                             real[0])
+        if values.size != layer.out_features:
+            return None     # the shape check that follows names it
+        scale = np.broadcast_to(bias.scale.astype(np.float64).reshape(-1), values.shape)
+        if np.all(bias.zero_point == 0) and np.allclose(scale, step, rtol=1e-6, atol=0):
+            return values
+        steps = real / step
+        if np.allclose(steps, np.round(steps), rtol=0, atol=1e-6):
+            return np.round(steps).astype(np.int64)
+        raise ModelError(
+            f"{_describe(node)}: its bias is quantized with scale {_few(bias.scale)} and "
+            f"zero point {_few(bias.zero_point)}, between the steps of the layer's "
+            f"accumulator (input scale × weight scale = {_few(step)}), "
+            f"where npugen adds it; quantize the bias to int32 with that scale and zero "
+            f"point 0, as onnxruntime's quantize_static does")
 
     def fold_later(self, act: _Activation, node: Activation | BatchNorm) -> _Activation:
         """Append a node that the graph passes (sw/passes.py) fold into the layer that
@@ -497,7 +549,7 @@ def _conv(b: _OnnxBuilder, node: NodeProto) -> _Activation:
     if len(node.input) > 2 and node.input[2]:
         bias = b.values.get(node.input[2])
         if isinstance(bias, _QuantizedConstant):
-            layer.quantized_bias = bias.values.reshape(-1).astype(np.int64)
+            layer.quantized_bias = b.accumulator_bias(node, layer, bias)
             bias = bias.dequantize()
         if not isinstance(bias, np.ndarray) or bias.size != layer.out_features:
             raise ModelError(f"{_describe(node)}: its bias must be a constant of "

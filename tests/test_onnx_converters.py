@@ -566,6 +566,88 @@ def test_an_activation_between_two_quantizations_is_refused(tmp_path, capsys):
         assert not (tmp_path / "m.npu").exists()
 
 
+def _dense_model(path: Path, *, fused: bool) -> Path:
+    """MatMul → Add (bias) → Relu → MatMul, quantized by onnxruntime's quantize_static;
+    ``fused``: after its quant_pre_process, which makes the MatMul and Add a Gemm."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from conftest import quantize_with_onnxruntime
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (32, 16)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 1, (16,)).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (16, 8)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["input", "w"], ["m"], name="mm"),
+             helper.make_node("Add", ["m", "b"], ["a"], name="bias"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])], inits)
+    float_path = path.with_suffix(".float.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), float_path)
+    if fused:
+        quant_pre_process(str(float_path), str(float_path), skip_symbolic_shape=True)
+    quantize_with_onnxruntime(float_path, path, rng.normal(0, 1, (50, 32)).astype(np.float32),
+                              per_channel=False)
+    return path
+
+
+def test_a_bias_added_after_quantization_is_refused(tmp_path, capsys):
+    """quantize_static quantizes a MatMul's output before the Add of its bias: the model
+    rounds twice, and the Add's int8 constant has a scale and zero point of its own.
+    npugen had taken its raw values as the accumulator's bias (97 % of the outputs off, up
+    to 58 steps, exit 0); it refuses the model, naming the Add. After quant_pre_process
+    (MatMul and Add as one Gemm) the model is bit-exact with onnxruntime."""
+    from npugen.cli import main
+
+    path = _dense_model(tmp_path / "twice.onnx", fused=False)
+    with pytest.raises(ModelError, match=r"node 'bias' \(Add\): adds a bias to the output "
+                                         r"of 'mm' after it is quantized"):
+        load_onnx(path)
+    assert main(["compile", str(path), "-o", str(tmp_path / "m.npu")]) == 2
+    assert "quant_pre_process" in capsys.readouterr().err
+    assert not (tmp_path / "m.npu").exists()
+
+    path = _dense_model(tmp_path / "fused.onnx", fused=True)
+    x = np.random.default_rng(1).normal(0, 1, (100, 32)).astype(np.float32)
+    ours = run(compile_model(load_onnx(path), REFERENCE_CONFIG), x).quantized_output
+    proto = onnx.load(path)
+    last = [node for node in proto.graph.node if node.op_type == "QuantizeLinear"][-1]
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    scale, zero = inits[last.input[1]], int(inits[last.input[2]])
+    theirs = np.round(reference_session(path).run(None, {"input": x})[0] / scale) + zero
+    np.testing.assert_array_equal(ours.reshape(theirs.shape), theirs)
+
+
+@pytest.mark.parametrize("bias, scale, zero, expected", [
+    (np.array([3, -5], np.int32), 2 * 0.02 * 0.01, 0, [6, -10]),   # whole steps: taken
+    (np.array([3, -5], np.int8), 0.001, 0, None),                  # between steps
+    (np.array([3, -5], np.int32), 0.02 * 0.01, 1, [2, -6]),        # a zero point
+    (np.array([3, -5], np.int32), 1.5 * 0.02 * 0.01, 0, None),
+])
+def test_a_quantized_bias_must_be_whole_accumulator_steps(bias, scale, zero, expected):
+    """A QDQ Gemm's bias is added in the accumulator, in steps of input scale × weight
+    scale: a bias quantized in whole steps is taken as such, one between them refused."""
+    inits = [numpy_helper.from_array(np.array(v, t), n) for n, v, t in (
+        ("s", 0.02, np.float32), ("z", 0, np.int8), ("sw", 0.01, np.float32),
+        ("sb", scale, np.float32), ("zb", zero, bias.dtype))]
+    inits += [numpy_helper.from_array(np.ones((2, 4), np.int8), "wq"),
+              numpy_helper.from_array(bias, "bq")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="d"),
+             helper.make_node("DequantizeLinear", ["wq", "sw", "z"], ["w"], name="dw"),
+             helper.make_node("DequantizeLinear", ["bq", "sb", "zb"], ["b"], name="db"),
+             helper.make_node("Gemm", ["xd", "w", "b"], ["y"], name="dense", transB=1)]
+    model = _graph(nodes, (4,), "y", (2,), inits)
+    if expected is None:
+        with pytest.raises(ModelError, match=r"node 'dense' \(Gemm\): its bias is quantized "
+                                             r"with scale .* between the steps"):
+            load_onnx(model)
+    else:
+        assert load_onnx(model).layers[0].quantized_bias.tolist() == expected
+
+
 def test_a_whole_map_average_pooling_is_a_global_one():
     conv, weight = _conv("c", "x", "y")
     whole = helper.make_node("AveragePool", ["y"], ["z"], name="whole", kernel_shape=[5, 3],
