@@ -619,6 +619,14 @@ def _quantize_linear(b: _OnnxBuilder, node: NodeProto) -> Any:
         value.host_op["output_scale"] = quant.scale
         value.host_op["output_zero_point"] = quant.zero_point
     else:
+        earlier = b.tensor_quant.get(value.owner)
+        if earlier is not None and earlier != quant:
+            raise ModelError(
+                f"{_describe(node)}: quantizes the output of {value.owner!r} again, with "
+                f"scale {quant.scale:g} and zero point {quant.zero_point}, after it was "
+                f"quantized with scale {earlier.scale:g} and zero point "
+                f"{earlier.zero_point}; the model rounds twice, npugen once per layer: "
+                f"quantize both alike")
         b.tensor_quant[value.owner] = quant
     return value
 

@@ -504,9 +504,9 @@ def test_average_pooling_rounds_halves_to_even_as_onnx_defines(tmp_path, kernel,
     assert not np.any((ours != theirs) & ~halves)
 
 
-def _requantizing_relu(after: tuple[float, int]) -> onnx.ModelProto:
+def _requantizing_relu(after: tuple[float, int], middle: str = "Relu") -> onnx.ModelProto:
     """input → QDQ → Conv → QDQ (scale 0.05, zero point 3) → Relu → QDQ ``after``: a Relu
-    that onnxruntime runs between two quantizations."""
+    that onnxruntime runs between two quantizations (or a Flatten: ``middle``)."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(np.array(v, dtype), n) for n, v, dtype in (
         ("si", 0.02, np.float32), ("z0", 0, np.int8), ("sw", 0.002, np.float32),
@@ -528,11 +528,12 @@ def _requantizing_relu(after: tuple[float, int]) -> onnx.ModelProto:
              helper.make_node("DequantizeLinear", ["bq", "sb", "zb"], ["b"], name="bias"),
              helper.make_node("Conv", ["d", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
              *qdq("c", "s1", "z1", "cd"),
-             helper.make_node("Relu", ["cd"], ["r"], name="relu"),
+             helper.make_node(middle, ["cd"], ["r"], name=middle.lower()),
              *qdq("r", "s2", "z2", "y")]
+    shape = [4, 8, 8] if middle == "Relu" else [256]
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])], inits)
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", *shape])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -564,6 +565,17 @@ def test_an_activation_between_two_quantizations_is_refused(tmp_path, capsys):
         assert main(["compile", str(path), "-o", str(tmp_path / "m.npu")]) == 2
         assert "quantize both sides of it alike" in capsys.readouterr().err
         assert not (tmp_path / "m.npu").exists()
+
+
+def test_a_map_quantized_twice_is_refused():
+    """Conv → QDQ → Flatten → QDQ of another scale: onnxruntime rounds at both, so the
+    second QuantizeLinear is refused by name (it had replaced the first: 19 % of the
+    outputs a step off, exit 0); of the same scale it is the Conv's output."""
+    with pytest.raises(ModelError, match=r"node 'y_quantize' \(QuantizeLinear\): quantizes "
+                                         r"the output of 'conv' again, with scale 0.07"):
+        load_onnx(_requantizing_relu((0.07, 3), middle="Flatten"))
+    model = load_onnx(_requantizing_relu((0.05, 3), middle="Flatten"))
+    assert [layer.name for layer in model.layers] == ["conv"]
 
 
 def _dense_model(path: Path, *, fused: bool) -> Path:
