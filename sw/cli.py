@@ -281,7 +281,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     except ModelError as error:
         raise UsageError(str(error)) from None
     if args.calib and model.prequantized:
-        raise UsageError(f"{args.model!r} is already quantized (QDQ): its own scales are "
+        kind = "an int8 TFLite model" if model.framework == "tflite" else "a QDQ model"
+        raise UsageError(f"{args.model!r} is already quantized ({kind}): its own scales are "
                          f"used and --calib is not; leave --calib out")
     calibration = load_npy(args.calib, "calibration") if args.calib else None
     try:

@@ -160,7 +160,7 @@ CASES = [
      2, "cols: program 8, NPU 4"),
     # 12, 13. QDQ models: --calib refused; graph inputs npugen cannot take are named
     ("compile-qdq-with-calib", ["compile", "qdq.onnx", "--calib", "calib.npy", "-o",
-                                "q.npu"], 2, "already quantized (QDQ)"),
+                                "q.npu"], 2, "already quantized (a QDQ model)"),
     ("compile-int8-input-no-dq", ["compile", "int8_no_dq.onnx", "-o", "q.npu"], 2,
      "input 'input' is int8 but no DequantizeLinear reads it"),
     ("compile-uint8-input", ["compile", "uint8.onnx", "-o", "q.npu"], 2,
