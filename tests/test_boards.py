@@ -178,8 +178,9 @@ def test_loader_names_are_openfpgaloader_boards():
     loader = find_loader()
     if loader is None:
         pytest.skip("openFPGALoader is not installed")
-    listed = subprocess.run([loader, "--list-boards"], capture_output=True, text=True,
-                            timeout=60).stdout.split()
+    ran = subprocess.run([loader, "--list-boards"], capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, f"openFPGALoader does not run here: {ran.stderr.strip()}"
+    listed = ran.stdout.split()
     assert [board.loader_name for board in BOARDS.values()
             if board.loader_name not in listed] == []
 
