@@ -815,13 +815,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for the records
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        sys.stdout.flush()      # here, where a closed pipe is caught below
+        return status
     except UsageError as error:
         print(f"npugen {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except CheckFailed as error:
         print(f"npugen {args.command}: check failed: {error}", file=sys.stderr)
         return EXIT_CHECK_FAILED
+    except BrokenPipeError:
+        # The reader of the output went away (`npugen inspect m.npu | head`): stop without
+        # a traceback, as other command-line tools do; nothing more reaches it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

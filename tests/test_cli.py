@@ -133,3 +133,14 @@ def test_malformed_random_shape_is_a_usage_error(capsys):
         main(["matmul", "--random", "6x"])
     assert exit_.value.code == 2
     assert "expected MxKxN such as 64x96x80, not '6x'" in capsys.readouterr().err
+
+
+def test_output_cut_short_by_its_reader_stops_without_a_traceback(tmp_path):
+    """`npugen build --list-boards | head -1`: the reader closes the pipe; npugen stops
+    with status 1 and no traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "npugen", "build", "--list-boards"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               bufsize=0)
+    process.stdout.close()
+    _, error = process.communicate(timeout=120)
+    assert process.returncode == 1 and b"Traceback" not in error, error.decode()
