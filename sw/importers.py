@@ -358,35 +358,35 @@ class _OnnxBuilder:
         """A quantized bias as integers of ``layer``'s accumulator (scale input scale ×
         weight scale, zero point 0), which the NPU adds before rounding: the constant's
         own values when it is quantized so (as onnxruntime quantizes Conv and Gemm
-        biases), or whole multiples of them. None where the layer's input or weights
-        are float (npugen quantizes the bias with the layer). A bias between the
-        accumulator's steps cannot be added exactly: ``ModelError``."""
+        biases), or converted when its scale is a whole number of those steps (its zero
+        point subtracted). None where the layer's input or weights are float (npugen
+        quantizes the bias with the layer). A bias whose scale is not a whole number of
+        the accumulator's steps cannot be added exactly: ``ModelError``."""
         owner = layer.inputs[0]
-        layouts = {node.name: node for node in self.layers if isinstance(node, Layout)}
+        layouts = {n.name: n for n in self.layers if isinstance(n, Layout)}
         while owner not in self.tensor_quant and owner in layouts:
             owner = layouts[owner].inputs[0]    # a layout change keeps the quantization
         source = self.tensor_quant.get(owner)
         if source is None or layer.weight_quant is None:
             return None
+        channels = layer.out_features
         step = source.scale * np.broadcast_to(
-            np.asarray(layer.weight_quant.scale, np.float64), (layer.out_features,))
+            np.asarray(layer.weight_quant.scale, np.float64), (channels,))
         values = bias.values.reshape(-1).astype(np.int64)
-        real = bias.dequantize().astype(np.float64).reshape(-1)
         if values.size == 1:
-            values, real = np.full(layer.out_features, values[0]), np.full(layer.out_features,
-                                                                             real[0])
-        if values.size != layer.out_features:
+            values = np.full(channels, values[0])
+        if values.size != channels:
             return None     # the shape check that follows names it
-        scale = np.broadcast_to(bias.scale.astype(np.float64).reshape(-1), values.shape)
-        if np.all(bias.zero_point == 0) and np.allclose(scale, step, rtol=1e-6, atol=0):
-            return values
-        steps = real / step
-        if np.allclose(steps, np.round(steps), rtol=0, atol=1e-6):
-            return np.round(steps).astype(np.int64)
+        scale = np.broadcast_to(bias.scale.astype(np.float64).reshape(-1), (channels,))
+        zero = np.broadcast_to(bias.zero_point.astype(np.int64).reshape(-1), (channels,))
+        # float32 scales: a whole ratio shows within float32's relative error.
+        ratio = np.round(scale / step)
+        if np.all(ratio >= 1) and np.allclose(scale, ratio * step, rtol=1e-6, atol=0):
+            return (values - zero) * ratio.astype(np.int64)
         raise ModelError(
             f"{_describe(node)}: its bias is quantized with scale {_few(bias.scale)} and "
-            f"zero point {_few(bias.zero_point)}, between the steps of the layer's "
-            f"accumulator (input scale × weight scale = {_few(step)}), "
+            f"zero point {_few(bias.zero_point)}, a scale that is not a whole number of "
+            f"the layer's accumulator steps (input scale × weight scale = {_few(step)}), "
             f"where npugen adds it; quantize the bias to int32 with that scale and zero "
             f"point 0, as onnxruntime's quantize_static does")
 

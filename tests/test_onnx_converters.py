@@ -634,13 +634,16 @@ def test_a_bias_added_after_quantization_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize("bias, scale, zero, expected", [
     (np.array([3, -5], np.int32), 2 * 0.02 * 0.01, 0, [6, -10]),   # whole steps: taken
-    (np.array([3, -5], np.int8), 0.001, 0, None),                  # between steps
+    (np.array([3, -5], np.int8), 5 * 0.02 * 0.01, 0, [15, -25]),   # int8, coarser
+    (np.array([3, -5], np.int8), 0.001 / 3, 0, None),              # between steps
+    (np.array([70000, -5], np.int32), 3 * 0.02 * 0.01, 0, [210000, -15]),
     (np.array([3, -5], np.int32), 0.02 * 0.01, 1, [2, -6]),        # a zero point
     (np.array([3, -5], np.int32), 1.5 * 0.02 * 0.01, 0, None),
 ])
 def test_a_quantized_bias_must_be_whole_accumulator_steps(bias, scale, zero, expected):
     """A QDQ Gemm's bias is added in the accumulator, in steps of input scale × weight
-    scale: a bias quantized in whole steps is taken as such, one between them refused."""
+    scale: a bias whose scale is a whole number of steps is converted (its zero point
+    subtracted), any other refused."""
     inits = [numpy_helper.from_array(np.array(v, t), n) for n, v, t in (
         ("s", 0.02, np.float32), ("z", 0, np.int8), ("sw", 0.01, np.float32),
         ("sb", scale, np.float32), ("zb", zero, bias.dtype))]
@@ -654,7 +657,7 @@ def test_a_quantized_bias_must_be_whole_accumulator_steps(bias, scale, zero, exp
     model = _graph(nodes, (4,), "y", (2,), inits)
     if expected is None:
         with pytest.raises(ModelError, match=r"node 'dense' \(Gemm\): its bias is quantized "
-                                             r"with scale .* between the steps"):
+                                             r"with scale .* not a whole number"):
             load_onnx(model)
     else:
         assert load_onnx(model).layers[0].quantized_bias.tolist() == expected
