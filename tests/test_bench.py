@@ -106,6 +106,20 @@ def test_one_section_keeps_the_others_in_the_report(tmp_path, capsys):
     assert "Not measured yet: `npugen bench --only gemm`" in text
 
 
+def test_every_section_records_the_revision_the_bench_started_on(tmp_path, monkeypatch):
+    """A section's results are tracked files: once the first is written the tree is
+    dirty, which must not make the later sections' records say "+dirty"."""
+    import npugen.bench as bench
+
+    revisions = iter(["abc1234", "abc1234+dirty", "abc1234+dirty"])
+    monkeypatch.setattr(bench, "source_revision", lambda: next(revisions))
+    results = bench.run_bench(quick=True, sections=["boards", "sweep"],
+                              results_dir=tmp_path, docs_path=None,
+                              recorded_dir=ROOT / "benchmarks" / "results")
+    assert {name: r["revision"] for name, r in results.items()} == {
+        "boards": "abc1234", "sweep": "abc1234"}
+
+
 def test_mlperf_quick_checks_every_fitting_model_against_litert(tmp_path):
     """``--only mlperf --quick``: a record for each of the four models, with a row for
     every board's default NPU and the reference 8×8; where a model fits, its golden-model

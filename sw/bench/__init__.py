@@ -98,6 +98,9 @@ def run_bench(*, quick: bool, sections: list[str] | None = None,
     command = command or "npugen bench" + (" --quick" * quick) + (
         f" --only {','.join(sections)}" if sections else "")
     results: dict[str, Any] = {}
+    # Taken before any section writes its results (tracked files): a clean tree is
+    # recorded clean in every section, not "+dirty" after the first.
+    revision = source_revision()
     chosen = [name for name in SECTIONS if name in chosen]
     if "sweep" in chosen and not quick:
         from ..sweep import load_grid
@@ -122,7 +125,7 @@ def run_bench(*, quick: bool, sections: list[str] | None = None,
             raise BenchError(f"section {name}: {type(error).__name__}: {error}") from error
         result = {"section": name, "command": command, "quick": quick,
                   "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-                  "revision": source_revision(),
+                  "revision": revision,
                   "seconds": round(time.perf_counter() - started, 1), **body}
         (results_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
         results[name] = result
