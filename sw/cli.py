@@ -313,11 +313,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     program = _load_program(args.program)
     print(program.describe())
     if args.json:
-        emit_json({"config": program.config.to_dict(), "batch": program.batch,
-                   "layers": program.layers, "estimated_cycles": program.estimated_cycles,
-                   "instructions": program.instruction_count,
-                   "memory_words": program.memory_words(), "framework": program.framework,
-                   "host_ops": [op["op"] for op in program.host_ops]})
+        emit_json(program.summary())
     return EXIT_OK
 
 

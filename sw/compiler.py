@@ -426,7 +426,9 @@ def _compile(model: QuantizedModel, config: NpuConfig, batch: int,
     for row, start, end in zip(layers, bounds, bounds[1:], strict=False):
         row["cycles"] = end - start
         # Pooling does no MACs; its utilization counts one operation per window element.
-        row["utilization"] = round(row["ops"] / (config.macs_per_cycle * (end - start)), 4)
+        # A row's ops are one inference's, its cycles a run's (a dense chain's batch).
+        row["utilization"] = round(row["ops"] * batch / (config.macs_per_cycle
+                                                         * (end - start)), 4)
     layers[0]["input"] = list(_map_shape(model.input_shape))   # before any im2col
     segments = [(Region.INSTRUCTIONS, 0, encode_program(instructions)),
                 (Region.WEIGHTS, 0, lowering.weights()),
@@ -441,7 +443,9 @@ def _compile(model: QuantizedModel, config: NpuConfig, batch: int,
         output = TensorLayout(last.base, last.channels, model.output_shape,
                               model.output_quant.scale, model.output_quant.zero_point,
                               dtype=source.output_dtype)
-        layers = [_vector_row(config, layer) for layer in model.layers]
+        layers = [{**_vector_row(config, layer), "kind": row["kind"],
+                   "cycles": row["cycles"], "utilization": row["utilization"]}
+                  for layer, row in zip(model.layers, layers, strict=True)]
     else:
         inputs = _map_layout(first, model.input_shape, model.input_quant,
                              source.input_layout, source.input_dtype, input_im2col)
@@ -474,7 +478,8 @@ def _vector_row(config: NpuConfig, layer) -> dict:
     k_tiles = ceil_div(layer.in_features, config.rows)
     n_tiles = ceil_div(layer.out_features, config.cols)
     return {"name": layer.name, "in_features": layer.in_features,
-            "out_features": layer.out_features, "k_tiles": k_tiles, "n_tiles": n_tiles,
+            "out_features": layer.out_features, "output": [layer.out_features],
+            "k_tiles": k_tiles, "n_tiles": n_tiles,
             "weight_words": n_tiles * k_tiles * config.rows,
             "macs": layer.in_features * layer.out_features,
             "clamp": [layer.clamp_min, layer.clamp_max]}

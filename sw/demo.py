@@ -171,6 +171,9 @@ def run_demo(*, target: str = "sim", simulator: str = "verilator",
         record["layers"] = [{k: layer[k] for k in ("name", "kind", "output", "macs", "cycles",
                                                    "utilization")}
                             for layer in program.layers]
+        if program.batch > 1:
+            print(f"  per layer: the cycles of a run of {program.batch} inputs, the MACs of "
+                  f"one")
         for layer in record["layers"]:
             shape_text = "×".join(map(str, layer["output"]))
             print(f"  {layer['name']:<10} {layer['kind']:<19} → {shape_text:<9} "

@@ -270,6 +270,27 @@ class Program:
                                      f"{error.strerror or error}") from None
         return cls.from_bytes(data, source=repr(str(path)))
 
+    def summary(self) -> dict[str, Any]:
+        """What ``npugen inspect --json`` prints: the configuration, every layer with
+        where it runs (``runs_on``: ``npu``, or ``host`` for the operators the host applies
+        to the NPU's output, which take no NPU cycles), its MACs per inference, cycles per
+        run and utilization; the totals ``cycles`` (per run), ``cycles_per_inference``,
+        ``macs_per_inference`` and ``utilization`` (MACs over cycles × rows × cols)."""
+        per_inference = self.estimated_cycles / self.batch
+        layers = [{**layer, "runs_on": "npu"} for layer in self.layers]
+        layers += [{"name": op["op"], "kind": op["op"], "runs_on": "host", "macs": 0,
+                    "cycles": 0, "arithmetic": HOST_OPS[op["op"]]} for op in self.host_ops]
+        return {"config": self.config.to_dict(), "batch": self.batch,
+                "framework": self.framework, "layers": layers,
+                "cycles": self.estimated_cycles, "cycles_per_inference": per_inference,
+                "macs_per_inference": self.macs_per_inference,
+                "utilization": round(self.macs_per_inference
+                                     / (per_inference * self.config.macs_per_cycle), 4)
+                if per_inference else 0.0,
+                "estimated_cycles": self.estimated_cycles,
+                "instructions": self.instruction_count, "memory_words": self.memory_words(),
+                "host_ops": [op["op"] for op in self.host_ops]}
+
     def describe(self) -> str:
         """A human-readable summary: layers, memory use, estimated cycles."""
         c = self.config
@@ -282,7 +303,7 @@ class Program:
         # Columns as wide as their longest entry: converters' layer names share long
         # prefixes ("functional_1/conv2d_3"), so a cut name would name nothing.
         name_width = max([len("layer"), *(len(layer["name"]) for layer in self.layers)])
-        if self.layers and "kind" in self.layers[0]:   # feature maps: per-layer cycles
+        if self.layers and "input" in self.layers[0]:   # feature maps: their shapes
             kind_width = max(len(layer["kind"]) for layer in self.layers)
             lines.append(f"{'layer':<{name_width}} {'kind':<{kind_width}} {'input':>8} -> "
                          f"{'output':<9} {'MACs/inference':>14} {'cycles':>10}  "
@@ -294,13 +315,19 @@ class Program:
                              f"{shape_in:>8} -> {shape_out:<9} {layer['macs']:>14} "
                              f"{layer['cycles']:>10}  {layer['utilization']:>11.3f}")
         else:
+            # A dense chain: cycles per run (its batch); programs written before
+            # per-layer cycles were kept have none.
+            timed = all("cycles" in layer for layer in self.layers)
             lines.append(f"{'layer':<{name_width}} {'in':>5} -> {'out':<5} {'tiles (K x N)':>15} "
-                         f"{'weight words':>12} {'MACs/inference':>16}")
+                         f"{'weight words':>12} {'MACs/inference':>16}"
+                         + (f" {'cycles':>10}  {'utilization':>11}" if timed else ""))
             for layer in self.layers:
                 lines.append(f"{layer['name']:<{name_width}} {layer['in_features']:>5} -> "
                              f"{layer['out_features']:<5} {layer['k_tiles']:>5} x "
                              f"{layer['n_tiles']:<7} {layer['weight_words']:>12} "
-                             f"{layer['macs']:>16}")
+                             f"{layer['macs']:>16}"
+                             + (f" {layer['cycles']:>10}  {layer['utilization']:>11.3f}"
+                                if timed else ""))
         for op in self.host_ops:
             lines.append(f"then on the host: {op['op']} ({HOST_OPS[op['op']]})")
         lines.append("")

@@ -421,8 +421,17 @@ def test_compile_run_inspect_cli(tmp_path, data, trained, capsys):
     assert main(["compile", str(onnx_path), "--calib", str(calib), "-o", str(program),
                  "--rows", "4", "--cols", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["batch"] >= 1
-    assert main(["inspect", str(program)]) == 0
-    assert "fc0" in capsys.readouterr().out
+    assert main(["inspect", str(program), "--json"]) == 0
+    text = capsys.readouterr().out
+    assert "fc0" in text and "utilization" in text.splitlines()[3]
+    inspected = json.loads(text.strip().splitlines()[-1])
+    batch, layers = inspected["batch"], inspected["layers"]
+    assert [layer["runs_on"] for layer in layers] == ["npu"] * 3
+    assert sum(layer["cycles"] for layer in layers) == inspected["cycles"]
+    for layer in layers:   # MACs per inference, cycles per run of the batch
+        assert layer["kind"] == "dense" and layer["utilization"] == round(
+            layer["macs"] * batch / (layer["cycles"] * 16), 4)
+    assert inspected["cycles_per_inference"] == inspected["cycles"] / batch
     y = tmp_path / "y.npy"
     assert main(["run", str(program), "--input", str(x_path), "-o", str(y), "--json"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -110,9 +110,19 @@ def test_cli_compile_and_run_kws(tmp_path, capsys):
     assert "then on the host: softmax" in text
     inspected = json.loads(text.strip().splitlines()[-1])
     assert inspected["host_ops"] == ["softmax"] and inspected["framework"] == "tflite"
+    # Per layer: where it runs, MACs, cycles, utilization; the totals agree with them.
+    on_npu = [layer for layer in inspected["layers"] if layer["runs_on"] == "npu"]
+    assert [layer["name"] for layer in inspected["layers"] if layer["runs_on"] == "host"] \
+        == ["softmax"] and len(on_npu) == 11
+    assert all({"name", "kind", "macs", "cycles", "utilization"} <= set(layer)
+               for layer in on_npu)
+    assert sum(layer["cycles"] for layer in on_npu) == inspected["cycles"]
+    config = inspected["config"]
+    assert inspected["utilization"] == round(
+        sum(layer["macs"] for layer in on_npu)
+        / (inspected["cycles_per_inference"] * config["rows"] * config["cols"]), 4)
     # Every layer is named in full (the converter's names share a 13-character prefix).
-    assert [layer["name"] for layer in inspected["layers"]
-            if f"\n{layer['name']} " not in text] == []
+    assert [layer["name"] for layer in on_npu if f"\n{layer['name']} " not in text] == []
 
 
 def test_unsupported_and_corrupt_models_are_named(tmp_path):

@@ -80,8 +80,8 @@ def _ms(cycles: float, mhz: float) -> float:
 
 
 def _layers(program) -> list[dict[str, Any]]:
-    """Per-layer figures; a fully connected program (no feature maps) has no per-layer
-    cycles."""
+    """Per-layer figures (programs compiled before dense chains had per-layer cycles
+    have none)."""
     rows = []
     for layer in program.layers:
         kind = layer.get("kind") or ("dense" if "in_features" in layer else "?")
