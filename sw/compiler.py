@@ -360,21 +360,29 @@ def _place_maps(model: QuantizedModel,
     def overlaps(a: str, b: str) -> bool:
         return spans[a][0] <= spans[b][1] and spans[b][0] <= spans[a][1]
 
-    bases: dict[str, int] = {}
-    end = 0
-    placed: list[str] = []
-    for name in sorted(maps, key=lambda n: (-maps[n].words, spans[n][0])):
-        size = maps[name].words
-        busy = sorted((bases[o], bases[o] + maps[o].words) for o in placed
-                      if overlaps(name, o))
-        at = 0
-        for start, stop in busy:
-            if at + size <= start:
-                break
-            at = max(at, stop)
-        bases[name] = at
-        placed.append(name)
-        end = max(end, at + size)
+    def place(order: list[str]) -> tuple[dict[str, int], int]:
+        bases: dict[str, int] = {}
+        end = 0
+        for name in order:
+            size = maps[name].words
+            busy = sorted((bases[o], bases[o] + maps[o].words) for o in bases
+                          if overlaps(name, o))
+            at = 0
+            for start, stop in busy:
+                if at + size <= start:
+                    break
+                at = max(at, stop)
+            bases[name] = at
+            end = max(end, at + size)
+        return bases, end
+
+    # The orders tried, the first kept on a tie (it was the only one before): largest
+    # first, then longest-lived first, then in the order the maps are made.
+    orders = [sorted(maps, key=key) for key in (
+        lambda n: (-maps[n].words, spans[n][0]),
+        lambda n: (spans[n][0] - spans[n][1], -maps[n].words, spans[n][0]),
+        lambda n: (spans[n][0], -maps[n].words))]
+    bases, end = min((place(order) for order in orders), key=lambda placed: placed[1])
     return {name: replace(fmap, base=bases[name]) for name, fmap in maps.items()}, end
 
 

@@ -48,7 +48,7 @@ ROUNDINGS = ("double", "single", "both")
 MAX_DEPTH = 1 << 16
 #: A memory depth that is not a power of two is a multiple of this: whole block RAMs of
 #: the common shapes (ECP5 DP16KD 512×36, iCE40 EBR 256×16), and no address decoding of
-#: odd sizes. It lets a memory hold a model's 4,228 words in 4,352 rather than 8,192.
+#: odd sizes. It lets a memory hold a model's 3,336 words in 3,584 rather than 4,096.
 DEPTH_STEP = 256
 
 
