@@ -167,3 +167,22 @@ def test_mlperf_kws_on_the_virtual_board_equals_litert_and_the_golden_model():
     assert "error" not in board, board.get("error")
     assert board["inputs"] == 2 and board["bit_exact"] and board["equal_golden"]
     assert board["cycles_equal_golden"] and board["cycles"] == board["golden_cycles"] > 0
+
+
+def test_latencies_take_the_fmax_of_a_recorded_build_of_the_same_array_only():
+    """A board's default changed since its recorded build: another array's Fmax is not
+    used (the e2e and mlperf sections then give no latency at Fmax); other memories are
+    named beside it."""
+    from npugen.bench.models import recorded_build
+    from npugen.boards import BOARDS
+
+    board = BOARDS["ulx3s-85f"]
+    config = board.default_config
+    same = {"board": board.name, "rows": config.rows, "cols": config.cols,
+            "fmax_mhz": 70.0, "config": config.to_dict()}
+    assert recorded_build(board, {board.name: same}) == (same, [])
+    deeper = {**same, "config": {**config.to_dict(), "weight_depth": 2 * config.weight_depth}}
+    assert recorded_build(board, {board.name: deeper}) == (deeper, ["weight_depth"])
+    for other in ({**same, "rows": config.rows + 4}, {**same, "fmax_mhz": None}):
+        assert recorded_build(board, {board.name: other}) == (None, [])
+    assert recorded_build(board, {}) == (None, [])

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..mlperf import MODELS, REFERENCE_CONFIG, model_folder, model_path
 from ..tflite_kernels import litert_reference
-from .models import board_fmax, short_config
+from .models import board_fmax, recorded_build, short_config
 
 REFERENCE_NAME = "reference 8×8"
 #: The board whose clock the reference 8×8 is reported at, and whose default NPU the
@@ -59,14 +59,9 @@ def bench_targets(recorded_dir: Path) -> list[dict[str, Any]]:
         config = board.default_config
         entry: dict[str, Any] = {"name": board.name, "board": board.name, "config": config,
                                  "clock_mhz": soc_clock_hz(board) / 1e6}
-        build = builds.get(board.name)
-        if build and build.get("fmax_mhz") and (build["rows"], build["cols"]) == (
-                config.rows, config.cols):
+        build, differs = recorded_build(board, builds)
+        if build:
             entry["fmax_mhz"] = build["fmax_mhz"]
-            # A build of an older default (other memories, say) gives the Fmax only
-            # approximately: name what differs.
-            differs = sorted(k for k, v in build.get("config", {}).items()
-                             if getattr(config, k, v) != v)
             if differs:
                 entry["fmax_build_differs"] = differs
         found.append(entry)

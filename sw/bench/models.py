@@ -27,6 +27,21 @@ def board_fmax(recorded_dir: Path) -> dict[str, dict[str, Any]]:
     return {r["board"]: r for r in json.loads(path.read_text())["records"]}
 
 
+def recorded_build(board, builds: dict[str, dict[str, Any]]
+                   ) -> tuple[dict[str, Any] | None, list[str]]:
+    """``board``'s recorded build in ``builds`` (:func:`board_fmax`) if it built the same
+    array as the board's default now, with the names of the config fields that differ
+    (other memories, say: its Fmax then stands for the default's only approximately);
+    ``(None, [])`` when there is none, it failed, or its array is another."""
+    build = builds.get(board.name)
+    config = board.default_config
+    if not (build and build.get("fmax_mhz")) or (build["rows"], build["cols"]) != (
+            config.rows, config.cols):
+        return None, []
+    return build, sorted(k for k, v in build.get("config", {}).items()
+                         if getattr(config, k, v) != v)
+
+
 def short_config(config: NpuConfig) -> str:
     """``8×8, 1 lane, no FM``: the array, requantizer lanes and feature-map hardware."""
     lanes = config.requant_lanes
@@ -102,8 +117,10 @@ def model_record(kind: str, quick: bool, boards: dict[str, dict[str, Any]],
                          batch1_cycles=single.estimated_cycles,
                          macs_per_cycle=round(batched.macs_per_inference * batched.batch
                                               / batched.estimated_cycles, 2))
-            build = boards.get(board.name)
-            if build and build.get("fmax_mhz"):  # a recorded build that failed has none
+            build, differs = recorded_build(board, boards)
+            if differs:
+                entry["fmax_build_differs"] = differs
+            if build:
                 fmax = build["fmax_mhz"]
                 entry.update(fmax_mhz=fmax, clock_mhz=build["target_mhz"],
                              us_per_inference=round(entry["cycles_per_inference"] / fmax, 3),

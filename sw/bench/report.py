@@ -198,8 +198,14 @@ def _e2e(result: dict[str, Any], images: Path,
                 f"{b['cycles_per_inference']:,.1f} | {b['macs_per_cycle']} | "
                 f"{b.get('achieved_gmacs', '–')} | {b.get('us_per_inference', '–')} | "
                 f"{_n(b['batch1_cycles'])} | {b.get('batch1_latency_us', '–')} "
-                f"({b.get('fmax_mhz', '–')} MHz) | {b.get('batch1_latency_us_at_clock', '–')} "
-                f"({b.get('clock_mhz', '–')} MHz) |")
+                f"({b.get('fmax_mhz', '–')} MHz{'†' if b.get('fmax_build_differs') else ''}) "
+                f"| {b.get('batch1_latency_us_at_clock', '–')} ({b.get('clock_mhz', '–')} MHz) |")
+    differing = sorted({f"{b['board']} ({', '.join(b['fmax_build_differs'])})"
+                        for r in result["records"] for b in r["boards"]
+                        if b.get("fmax_build_differs")})
+    if differing:
+        lines += ["", "†: the Fmax of the recorded build of the same array with another "
+                  f"configuration: {'; '.join(differing)} differ from today's default."]
     plt = _plt()
     figure, axis = plt.subplots(figsize=(7, 3.5))
     models = [r for r in result["records"]]
