@@ -186,3 +186,17 @@ def test_latencies_take_the_fmax_of_a_recorded_build_of_the_same_array_only():
     for other in ({**same, "rows": config.rows + 4}, {**same, "fmax_mhz": None}):
         assert recorded_build(board, {board.name: other}) == (None, [])
     assert recorded_build(board, {}) == (None, [])
+
+
+def test_mlperf_layer_tables_say_when_their_cycles_are_of_a_whole_batch(tmp_path):
+    """AD runs at batch 8: its per-layer cycles are of the run, its MACs of one inference."""
+    from npugen.bench.report import write_report
+
+    results = {"mlperf": json.loads((ROOT / "benchmarks/results/mlperf.json").read_text())}
+    docs = tmp_path / "BENCHMARKS.md"
+    write_report(results, docs)
+    text = docs.read_text()
+    ad = text[text.index("AD layers on"):].splitlines()[0]
+    assert "cycles of a run of batch 8, MACs of one inference" in ad
+    kws = text[text.index("KWS layers on"):].splitlines()[0]
+    assert "batch" not in kws

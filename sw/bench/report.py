@@ -479,8 +479,12 @@ def _mlperf(result: dict[str, Any], images: Path,
                      else f"– ({_single_ms(ref)})")
     lines += ["| **npugen, best board default** | " + " | ".join(cells) + " |", ""]
     for r in records:
+        batch = next(t for t in r["targets"] if t["name"] == r["layers_on"])["batch"]
+        per_run = ("" if batch == 1 else
+                   f"; cycles of a run of batch {batch}, MACs of one inference, utilization "
+                   "counting the batch")
         lines += [f"{_MLPERF_NAMES[r['model']]} layers on {r['layers_on']} (cycle model, "
-                  "which the golden model's counters equal):", "",
+                  f"which the golden model's counters equal{per_run}):", "",
                   "| layer | kind | MACs | cycles | utilization |", "|---|---|---|---|---|"]
         for layer in r["layers"]:
             cycles = "–" if layer["cycles"] is None else _n(layer["cycles"])
