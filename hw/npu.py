@@ -43,7 +43,7 @@ from .host_port import HostPort
 from .hostbus import HostBus
 from .implementation import GENERIC, Implementation, check_implementation
 from .ports import grant_read, grant_write
-from .ram import memory_ports
+from .ram import extra_read_port, memory_ports
 from .requant_unit import RequantUnit
 from .sequencer import Sequencer
 from .weight_loader import WeightLoader
@@ -126,6 +126,7 @@ class Npu(wiring.Component):
             sequencer.inflight_idle.eq(feeder.inflight_idle),
             sequencer.drain_idle.eq(feeder.drain_idle),
             sequencer.requant_active.eq(requant.active),
+            sequencer.requant_overlap.eq(requant.overlap),
         ]
         instruction_read = reads[Region.INSTRUCTIONS]
         m.d.comb += sequencer.fetch_data.eq(instruction_read.data)
@@ -170,6 +171,9 @@ class Npu(wiring.Component):
             requant.abort.eq(abort), requant.running.eq(running),
         ]
         grant_read(m, reads[Region.PARAMS], requant.param_read)
-        grant_read(m, reads[Region.ACCUMULATORS], requant.acc_read)
+        # With requant_overlap the requantizer reads the accumulators through a port of
+        # its own, while MATMULs go on through the first.
+        grant_read(m, extra_read_port(m, implementation, infos[Region.ACCUMULATORS])
+                   if c.requant_overlap else reads[Region.ACCUMULATORS], requant.acc_read)
         grant_write(m, writes[Region.ACTIVATIONS], requant.act_write)
         return m

@@ -14,7 +14,8 @@ from amaranth.lib.memory import Memory, ReadPort, WritePort
 from ..memory_map import MemoryInfo
 from .implementation import Implementation
 
-__all__ = ["SPRAM_WIDTH", "SPRAM_DEPTH", "SPRAM_BLOCKS", "spram_blocks", "memory_ports"]
+__all__ = ["SPRAM_WIDTH", "SPRAM_DEPTH", "SPRAM_BLOCKS", "spram_blocks", "memory_ports",
+           "extra_read_port"]
 
 #: Word width, depth and count of the iCE40UP5K's SB_SPRAM256KA.
 SPRAM_WIDTH = 16
@@ -97,3 +98,12 @@ def memory_ports(m: Module, implementation: Implementation, info: MemoryInfo, *,
     m.d.comb += read.data.eq(outputs[0] if stacks == 1 else
                              Array(outputs)[read_stack])
     return write, read
+
+
+def extra_read_port(m: Module, implementation: Implementation, info: MemoryInfo) -> ReadPort:
+    """Another synchronous read port of memory ``info``, which :func:`memory_ports` added
+    to ``m``: on FPGAs, a copy of its block RAM that every write also writes."""
+    if spram_blocks(implementation, info):
+        raise ValueError(f"memory {info.name!r}: SPRAM has one port; a second read port "
+                         f"needs it in block RAM (the implementation's spram_regions)")
+    return m.submodules[info.name].read_port()

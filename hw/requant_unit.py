@@ -52,7 +52,9 @@ class RequantUnit(wiring.Component):
     ``set_pp``, ``set_req`` and ``set_out`` load the SETPP, SETREQ and SETOUT held in
     ``instruction``; ``run_start`` restores SETOUT's defaults. ``abort`` stops the walk
     (the pipeline drains, its writes refused: they are gated by ``running``). ``active``
-    is high from the cycle after the dispatch until the last result is written.
+    is high from the cycle after the dispatch until the last result is written;
+    ``overlap`` (NPUs generated with ``requant_overlap``) holds the last REQUANT's
+    ``overlap`` bit, unless it went ``to_acc``.
 
     With ``to_acc`` (feature-map builds), a whole result word is collected and sent with
     ``inject_read`` (its destination word is read) and, a cycle later, ``inject`` and
@@ -77,6 +79,7 @@ class RequantUnit(wiring.Component):
             "abort": In(1),
             "running": In(1),
             "active": Out(1),
+            "overlap": Out(1),
             "acc_read": Out(ReadRequest(depth=acc.depth, data_width=acc.width)),
             "param_read": Out(ReadRequest(depth=params.depth, data_width=params.width)),
             "act_write": Out(WriteRequest(depth=act.depth, data_width=act.width,
@@ -185,6 +188,9 @@ class RequantUnit(wiring.Component):
         ]
         with m.If(self.dispatch):
             m.d.sync += rq_busy.eq(1)
+            if c.requant_overlap:
+                m.d.sync += self.overlap.eq(_field(instruction, "overlap")
+                                            & ~_field(instruction, "to_acc"))
             if c.rounding == "both":
                 m.d.sync += rq_single.eq(_field(instruction, "single_rounding"))
             if c.rounding != "double":

@@ -9,12 +9,12 @@ path. A run's cycle 0 reads the first instruction, cycle 1 loads it, cycle 2 may
 dispatch it.
 """
 
-from amaranth import Array, Module, Signal
+from amaranth import Array, Cat, Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig, check_config_type
-from ..isa import INSTRUCTION_WIDTH, OPCODE_WIDTH, Opcode
+from ..isa import INSTRUCTION_WIDTH, OPCODE_WIDTH, REQUANT_OVERLAPPERS, Opcode
 from .gemm import GemmExpander
 
 __all__ = ["Sequencer", "STEP_FIELDS"]
@@ -37,7 +37,8 @@ class Sequencer(wiring.Component):
 
     The units' state the issue rules read: ``load_busy`` and ``loading_bank`` (weight
     loader), ``feed_busy``, ``feed_ready``, ``feeding_bank``, ``inflight_idle`` (per bank)
-    and ``drain_idle`` (feeder), ``requant_active``. In the cycle a step dispatches, its
+    and ``drain_idle`` (feeder), ``requant_active`` and ``requant_overlap`` (the active
+    REQUANT lets ``REQUANT_OVERLAPPERS`` dispatch). In the cycle a step dispatches, its
     strobe (``loadw``, ``matmul``, ``requant``, ``set_pp``, ``set_req``, ``set_out``,
     ``set_win``) is high, with ``instruction`` and the step's fields (``STEP_FIELDS``).
     ``stall`` is high in the cycles an instruction is ready but may not dispatch.
@@ -53,6 +54,7 @@ class Sequencer(wiring.Component):
             "load_busy": In(1), "loading_bank": In(1),
             "feed_busy": In(1), "feed_ready": In(1), "feeding_bank": In(1),
             "inflight_idle": In(2), "drain_idle": In(1), "requant_active": In(1),
+            "requant_overlap": In(1),
             "running": Out(1), "done": Out(1), "aborted": Out(1), "illegal": Out(1),
             "pc": Out(range(depth)), "stall": Out(1),
             "instruction": Out(INSTRUCTION_WIDTH),
@@ -74,6 +76,9 @@ class Sequencer(wiring.Component):
         decoded_ops = (Opcode.GEMM, Opcode.LOADW, Opcode.MATMUL, Opcode.REQUANT, Opcode.HALT)
         op_is = {op: Signal(init=int(op == 0), name=f"op_is_{op.name.lower()}")
                  for op in decoded_ops}
+        # Whether the instruction may dispatch beside a REQUANT with overlap, decoded the
+        # same way.
+        may_overlap = Signal()
         m.d.comb += [gemm.instruction.eq(instruction), gemm.is_gemm.eq(op_is[Opcode.GEMM]),
                      gemm.op_loadw.eq(op_is[Opcode.LOADW]),
                      gemm.op_matmul.eq(op_is[Opcode.MATMUL]), gemm.run_start.eq(self.start),
@@ -96,7 +101,10 @@ class Sequencer(wiring.Component):
             | (step_is_halt & ~feed_busy & self.drain_idle & ~load_active)
             | ~step_waits)
         dispatch = Signal()
-        m.d.comb += dispatch.eq(running & ready & ~self.requant_active & can_issue)
+        requant_free = ~self.requant_active
+        if c.requant_overlap:
+            requant_free = requant_free | (self.requant_overlap & may_overlap)
+        m.d.comb += dispatch.eq(running & ready & requant_free & can_issue)
         advance = gemm.advance   # the step completes its instruction: the PC moves on
         m.d.comb += [gemm.dispatch.eq(dispatch), self.stall.eq(ready & ~dispatch),
                      self.loadw.eq(dispatch & step_is_loadw),
@@ -113,6 +121,10 @@ class Sequencer(wiring.Component):
                 m.d.sync += instruction.eq(self.fetch_data)
                 m.d.sync += [flag.eq(self.fetch_data[0:OPCODE_WIDTH] == op)
                              for op, flag in op_is.items()]
+                if c.requant_overlap:
+                    m.d.sync += may_overlap.eq(
+                        Cat(*[self.fetch_data[0:OPCODE_WIDTH] == op
+                              for op in REQUANT_OVERLAPPERS]).any())
             with m.If(~ready):
                 m.d.sync += fill.eq(fill + 1)
         with m.If(dispatch & advance):

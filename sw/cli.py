@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .bench import SECTIONS as BENCH_SECTIONS
-from .config import NpuConfig
+from .config import BOOL_FIELDS, NpuConfig
 
 __all__ = ["main"]
 
@@ -49,7 +49,7 @@ def add_config_flags(parser: argparse.ArgumentParser, *, board: bool = True) -> 
     for f in dataclasses.fields(NpuConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = (str if f.name in ("dataflow", "rounding") else
-                parse_bool if f.name == "feature_maps" else int)
+                parse_bool if f.name in BOOL_FIELDS else int)
         group.add_argument(flag, dest=f"config_{f.name}", type=kind, metavar=f.name.upper(),
                            help=f"default {getattr(defaults, f.name)!r}")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from .layouts import param_lane_fields
 
-__all__ = ["NpuConfig", "DATAFLOWS", "ROUNDINGS", "read_toml", "check_config_type"]
+__all__ = ["NpuConfig", "BOOL_FIELDS", "DATAFLOWS", "ROUNDINGS", "read_toml", "check_config_type"]
 
 
 def read_toml(path: str | Path, what: str, example: str = "") -> dict[str, Any]:
@@ -52,6 +52,10 @@ MAX_DEPTH = 1 << 16
 DEPTH_STEP = 256
 
 
+#: The NpuConfig fields that are true or false.
+BOOL_FIELDS = ("feature_maps", "requant_overlap")
+
+
 def _check_int(name: str, value: Any, low: int, high: int, rule: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an integer, not {value!r}")
@@ -85,6 +89,9 @@ class NpuConfig:
     dataflow: str = "ws"
     rounding: str = "both"    # what REQUANT's single_rounding may ask for (ROUNDINGS)
     feature_maps: bool = True   # address walks, max pooling, add: what CNNs need
+    # A second accumulator read port, so that a REQUANT with `overlap` runs beside the
+    # array's next steps (the compiler then alternates accumulator halves)
+    requant_overlap: bool = False
 
     def __post_init__(self) -> None:
         _check_int("rows", self.rows, 1, 64)
@@ -120,8 +127,9 @@ class NpuConfig:
             raise ValueError(
                 f"dataflow must be one of {', '.join(map(repr, DATAFLOWS))}, "
                 f"not {self.dataflow!r}")
-        if not isinstance(self.feature_maps, bool):
-            raise TypeError(f"feature_maps must be true or false, not {self.feature_maps!r}")
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, not {getattr(self, name)!r}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(
                 f"rounding must be one of {', '.join(map(repr, ROUNDINGS))}, "
@@ -198,6 +206,8 @@ class NpuConfig:
                 f"int{self.weight_width} -> int{self.accumulator_width}")
         if self.rounding != "both":
             text += f", {self.rounding} rounding only"
+        if self.requant_overlap:
+            text += ", requant overlap"
         return text + ("" if self.feature_maps else ", no feature maps")
 
 

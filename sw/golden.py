@@ -14,7 +14,7 @@ import numpy as np
 
 from .arith import requantize, requantize_raw, wrap
 from .config import NpuConfig
-from .isa import Instruction, Opcode
+from .isa import REQUANT_OVERLAPPERS, Instruction, Opcode
 from .layouts import PARAM_LANE_FIELDS, param_lane_fields
 from .memory_map import Region
 from .timing import (
@@ -68,12 +68,14 @@ class CycleModel:
     inflight_clear_at: list[int] = field(default_factory=lambda: [0, 0])
     drain_clear_at: int = 0        # first cycle every result is in the accumulators
     requant_free_at: int = 0
+    requant_overlap: bool = False  # the last REQUANT lets REQUANT_OVERLAPPERS go on
     counters: Counters = field(default_factory=Counters)
 
     def dispatch(self, instruction: Instruction) -> None:
         rows, cols = self.config.rows, self.config.cols
-        earliest = max(self.next_cycle, self.requant_free_at)
         op = instruction.opcode
+        overlaps = self.requant_overlap and op in REQUANT_OVERLAPPERS
+        earliest = self.next_cycle if overlaps else max(self.next_cycle, self.requant_free_at)
         feeder_idle_at = self.feeder_last_issue + 1
         if op is Opcode.LOADW:
             bank = instruction["bank"]
@@ -104,6 +106,8 @@ class CycleModel:
             self.counters.busy_cycles += count
             self.counters.macs += count * rows * cols
         elif op is Opcode.REQUANT:
+            self.requant_overlap = bool(self.config.requant_overlap and instruction["overlap"]
+                                        and not instruction["to_acc"])
             groups = instruction["count"] * (cols // self.config.requant_lanes)
             if instruction["to_acc"]:
                 self.requant_free_at = cycle + 2 * groups + REQUANT_TO_ACC_TAIL_CYCLES
@@ -211,6 +215,7 @@ def check_program(config: NpuConfig, program: list[Instruction]) -> None:
             f"program has {len(program)} instructions, instruction memory holds "
             f"{config.instruction_depth} (instruction_depth)")
     state = GemmState(config.rows)
+    overlap = _OverlapCheck(config)
     for index, instruction in enumerate(program):
         op = instruction.opcode
         if not config.feature_maps:
@@ -231,6 +236,7 @@ def check_program(config: NpuConfig, program: list[Instruction]) -> None:
                  instruction, "kernel_w and kernel_h must be at least 1")
         for ins in state.expand(instruction):
             _check_step(config, state, index, ins, need)
+            overlap.step(state, index, ins, need)
 
 
 def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instruction,
@@ -275,6 +281,48 @@ def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instructio
         need(ins["out_lane"] < config.rows and ins["out_lane"] % lanes == 0, index, ins,
              f"out_lane must be a multiple of requant_lanes ({lanes}) below rows "
              f"({config.rows})")
+
+
+class _OverlapCheck:
+    """The words a REQUANT with ``overlap`` still reads and writes while the steps after
+    it dispatch: an overlapping MATMUL must not write its accumulator words nor read its
+    output words (the NPU does not wait for them; the program would then depend on
+    timing, and the golden model, which runs one instruction after the other, would
+    differ from the hardware)."""
+
+    def __init__(self, config: NpuConfig) -> None:
+        self.config = config
+        self.out_stride = 0
+        self.open: tuple[int, Instruction, range, set[int]] | None = None
+
+    def step(self, state: GemmState, index: int, ins: Instruction, need) -> None:
+        c, op = self.config, ins.opcode
+        if op is Opcode.SETREQ:
+            self.out_stride = ins["out_stride"]
+        if self.open is not None and op not in REQUANT_OVERLAPPERS:
+            self.open = None
+        if op is Opcode.REQUANT and ins["overlap"]:
+            need(c.requant_overlap, index, ins,
+                 "overlap=1, but this NPU was generated with requant_overlap = false; "
+                 "regenerate it with requant_overlap = true or clear the bit")
+            need(not ins["to_acc"], index, ins, "overlap=1 cannot go with to_acc=1")
+            span = address_span(c.activation_depth)
+            blocks = {(ins["out_lane"] + lane) // c.rows for lane in range(c.cols)}
+            written = {int(ins["out_addr"] + block * self.out_stride + offset) % span
+                       for block in blocks for offset in state.out.offsets(ins["count"])}
+            self.open = (index, ins, range(ins["acc_addr"], ins["acc_addr"] + ins["count"]),
+                         written)
+        elif op is Opcode.MATMUL and self.open is not None:
+            at, requant, accumulators, written = self.open
+            last = ins["acc_addr"] + (1 if state.reduce else ins["count"])
+            need(last <= accumulators.start or ins["acc_addr"] >= accumulators.stop, index,
+                 ins, f"writes accumulator words {ins['acc_addr']} to {last - 1}, which the "
+                      f"overlapping REQUANT of instruction {at} ({requant}) reads; give them "
+                      f"other words or clear its overlap bit")
+            read = ins["act_addr"] + state.window.offsets(ins["count"])
+            need(written.isdisjoint(read.tolist()), index, ins,
+                 f"reads activation words that the overlapping REQUANT of instruction {at} "
+                 f"({requant}) writes; clear its overlap bit")
 
 
 class GoldenNpu:

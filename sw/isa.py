@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = [
-    "ISA_VERSION", "INSTRUCTION_WIDTH", "OPCODE_WIDTH", "Opcode", "Field", "FORMATS",
-    "Instruction", "assemble", "disassemble", "encode_program", "decode_program",
-    "isa_markdown",
+    "ISA_VERSION", "INSTRUCTION_WIDTH", "OPCODE_WIDTH", "Opcode", "REQUANT_OVERLAPPERS",
+    "Field", "FORMATS", "Instruction", "assemble", "disassemble", "encode_program",
+    "decode_program", "isa_markdown",
 ]
 
-ISA_VERSION = 4
+ISA_VERSION = 5
 INSTRUCTION_WIDTH = 64
 OPCODE_WIDTH = 4
 
@@ -40,6 +40,12 @@ class Opcode(enum.IntEnum):
     SETKERN = 8
     SETWIN = 9
     SETOUT = 10
+
+
+#: The instructions that may dispatch while a REQUANT with ``overlap`` runs: they use the
+#: array, the weight loader and the sequencer's walk registers, not the requantizer.
+REQUANT_OVERLAPPERS = (Opcode.LOADW, Opcode.MATMUL, Opcode.GEMM, Opcode.SETGEMM,
+                       Opcode.SETKERN, Opcode.SETWIN)
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,12 @@ DESCRIPTIONS: dict[Opcode, str] = {
         "accumulator word `out_addr`+i, added to it when `accumulate` is 1, at one channel "
         "group every two cycles; `left_shift` first multiplies acc + bias by 2^20 (TFLite's "
         "Add). Parameters come from SETREQ/SETPP. Waits for the array to drain; blocks "
-        "until done."),
+        "until done, but with `overlap` (NPUs generated with requant_overlap) only the "
+        "instructions that use the requantizer or end the run wait: "
+        + ", ".join(op.name for op in REQUANT_OVERLAPPERS) + " go on. The "
+        "program must then keep those off its accumulator words and its output words "
+        "until the next instruction that waits (the golden model refuses one that does "
+        "not)."),
     Opcode.SETPP: "Set the post-processing zero point and clamp bounds used by REQUANT.",
     Opcode.SETREQ: (
         "Set the parameter-memory address of the first channel group and the "
@@ -151,6 +162,10 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
               doc="1: a value exactly halfway at the last rounding goes to the even result "
                   "(ONNX's QuantizeLinear), not up (single) or away from zero (double); "
                   "NPUs built with rounding 'double' only do not have it"),
+        Field("overlap", 63, 1,
+              doc="1: the instructions after it that do not use the requantizer may "
+                  "dispatch while it runs (NPUs generated with requant_overlap; not with "
+                  "to_acc)"),
     ),
     Opcode.SETPP: (
         Field("zero_point", 8, 16, signed=True, doc="output zero point"),

@@ -329,6 +329,8 @@ class Lowering:
         both maps (no halos), every output tile in the accumulators at once, and the walk
         registers still as a start sets them (no SETKERN, SETWIN or SETOUT so far)."""
         pixels = src.height * src.width
+        if self.config.requant_overlap:
+            return False   # _emit_overlapped keeps the requantizer beside the array
         return (kernel == (1, 1) and stride_pair(stride) == (1, 1) and not any(pads)
                 and not any(src.halo) and not any(dst.halo)
                 and out_tiles * pixels <= self.config.accumulator_depth
@@ -442,6 +444,11 @@ class Lowering:
             ins.append(Instruction(Opcode.SETWIN, {
                 "row_length": out_w, "row_step": step_y * src.pitch, "col_step": step_x}))
         ins.append(Instruction(Opcode.SETOUT, {"row_length": out_w, "row_step": dst.pitch}))
+        if c.requant_overlap and keys is None and words_per_row <= capacity // 2:
+            self._emit_overlapped(src, dst, tiles, requant, weight_at, param_at,
+                                  stride=(step_y, step_x), top=top, left=left,
+                                  k_tiles=k_tiles, combine_max=combine_max, reduce=reduce)
+            return
         for y0 in range(0, out_h, chunk_rows):
             rows_here = min(chunk_rows, out_h - y0)
             count = src.height * src.width if reduce else rows_here * out_w
@@ -484,6 +491,54 @@ class Lowering:
                         "out_addr": dst.word(out_tile, y0, 0), "out_lane": lane,
                         "single_rounding": requant.single_rounding,
                     "ties_to_even": requant.ties_to_even}))
+
+    def _emit_overlapped(self, src: FeatureMap, dst: FeatureMap, tiles: list[_OutTile],
+                         requant: Requant, weight_at: list[int], param_at: list[int], *,
+                         stride: tuple[int, int], top: int, left: int, k_tiles: int,
+                         combine_max: bool, reduce: bool) -> None:
+        """The steps of :meth:`_emit` for an NPU with ``requant_overlap``: one output tile
+        and chunk of rows at a time, in alternate halves of the accumulators, each tile's
+        REQUANT running (``overlap``) beside the next one's GEMM."""
+        c = self.config
+        step_y, step_x = stride
+        half = c.accumulator_depth // 2
+        chunk_rows = 1 if reduce else min(dst.height, half // dst.width)
+        items = [(y0, index) for y0 in range(0, dst.height, chunk_rows)
+                 for index in range(len(tiles))]
+        ins = self.instructions
+
+        def counts(y0: int) -> tuple[int, int]:
+            """Activation words streamed and accumulator words written by a chunk."""
+            if reduce:
+                return src.height * src.width, 1
+            words = min(chunk_rows, dst.height - y0) * dst.width
+            return words, words
+
+        def gemm(k: int) -> None:
+            y0, index = items[k]
+            tile = tiles[index]
+            ins.append(Instruction(Opcode.SETGEMM, {
+                "weight_addr": weight_at[index], "k_tiles": k_tiles,
+                "tile_step": src.tile_words}))
+            ins.append(Instruction(Opcode.GEMM, {
+                "bank": self.bank, "accumulate": 0, "combine": int(combine_max),
+                "act_addr": src.word(tile.src_tile, y0 * step_y - top, -left),
+                "acc_addr": (k % 2) * half, "count": counts(y0)[0]}))
+            self.bank ^= k_tiles & 1
+
+        gemm(0)
+        for k, (y0, index) in enumerate(items):
+            tile = tiles[index]
+            ins.append(Instruction(Opcode.SETREQ, {
+                "param_addr": param_at[index], "out_stride": dst.tile_words}))
+            ins.append(Instruction(Opcode.REQUANT, {
+                "acc_addr": (k % 2) * half, "count": counts(y0)[1],
+                "out_addr": dst.word(tile.dst_channel // c.rows, y0, 0),
+                "out_lane": tile.dst_channel % c.rows,
+                "single_rounding": requant.single_rounding,
+                "ties_to_even": requant.ties_to_even, "overlap": int(k + 1 < len(items))}))
+            if k + 1 < len(items):
+                gemm(k + 1)
 
     def _store_weights(self, words: np.ndarray) -> int:
         at = self.weight_end

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
-from .config import DATAFLOWS, ROUNDINGS, NpuConfig
+from .config import BOOL_FIELDS, DATAFLOWS, ROUNDINGS, NpuConfig
 from .isa import INSTRUCTION_WIDTH, ISA_VERSION
 from .layouts import param_lane_description
 
@@ -234,7 +234,7 @@ def config_from_identity(words: list[int]) -> NpuConfig:
     values = dict(zip(names, words[2:2 + len(names)], strict=True))
     values["dataflow"] = DATAFLOWS[values["dataflow"]]
     values["rounding"] = ROUNDINGS[values["rounding"]]
-    values["feature_maps"] = bool(values["feature_maps"])
+    values.update({name: bool(values[name]) for name in BOOL_FIELDS})
     return NpuConfig(**values)
 
 

@@ -74,6 +74,8 @@ END = "<!-- timing:end -->"
 
 def timing_markdown() -> str:
     """The timing section of ``docs/ARCHITECTURE.md`` (between its markers)."""
+    from .isa import REQUANT_OVERLAPPERS
+
     lines = [
         "Generated from `sw/timing.py` by `python -m npugen.timing docs/ARCHITECTURE.md`; a "
         "test checks that it is current.",
@@ -93,7 +95,9 @@ def timing_markdown() -> str:
         f"{REQUANT_TO_ACC_TAIL_CYCLES}, `REQUANT_TO_ACC_TAIL_CYCLES`) |",
         "| SETKERN, SETWIN, SETOUT, SETGEMM, SETPP, SETREQ | nothing (one cycle) |",
         "| HALT | every unit is idle and every result is written |",
-        "| every instruction | no REQUANT is in progress |",
+        "| every instruction | no REQUANT is in progress, but for "
+        + ", ".join(op.name for op in REQUANT_OVERLAPPERS) + " after a REQUANT with "
+        "`overlap` on an NPU generated with `requant_overlap`: they dispatch beside it |",
         "",
         "| pipeline | cycles | name |",
         "|---|---|---|",

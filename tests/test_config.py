@@ -1,3 +1,5 @@
+import argparse
+
 import pytest
 
 from npugen.config import NpuConfig
@@ -28,6 +30,7 @@ def test_defaults_are_valid_and_hashable():
     ({"dataflow": "os"}, ValueError, r"dataflow must be one of 'ws', not 'os'"),
     ({"rounding": "triple"}, ValueError,
      r"rounding must be one of 'double', 'single', 'both', not 'triple'"),
+    ({"requant_overlap": 1}, TypeError, r"requant_overlap must be true or false, not 1"),
 ])
 def test_invalid_parameters_are_named(changes, error, message):
     with pytest.raises(error, match=message):
@@ -69,3 +72,18 @@ def test_bad_toml(tmp_path, text, message):
 def test_missing_toml(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         NpuConfig.from_toml(tmp_path / "nope.toml")
+
+
+def test_requant_overlap_is_read_back_from_the_npu_and_given_on_the_command_line():
+    from npugen.cli import add_config_flags, config_from_args
+    from npugen.memory_map import config_from_identity, identity_words
+
+    config = NpuConfig(rows=4, cols=8, requant_overlap=True)
+    assert config_from_identity(identity_words(config)) == config
+    assert config.describe().endswith(", requant overlap")
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    args = parser.parse_args(["--rows", "4", "--cols", "8", "--requant-overlap", "yes"])
+    assert config_from_args(args) == config
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--requant-overlap", "maybe"])

@@ -142,3 +142,55 @@ def test_feature_map_instructions_need_an_npu_generated_with_them():
         with pytest.raises(ProgramError, match=f"{what} needs an NPU generated with "
                                                f"feature_maps"):
             check_program(config, assemble(f"{text}\nHALT"))
+
+
+OVERLAP = CONFIG.replace(requant_overlap=True)
+
+
+@pytest.mark.parametrize("text, message", [
+    # The MATMUL writes accumulator word 7, which the REQUANT (words 0 to 7) reads.
+    ("REQUANT count=8 out_addr=100 overlap=1\nMATMUL acc_addr=7 count=4\nHALT",
+     "instruction 1 .*: writes accumulator words 7 to 10, which the overlapping REQUANT of "
+     "instruction 0"),
+    # The MATMUL reads activation word 103, which the REQUANT writes (words 100 to 103).
+    ("REQUANT count=4 out_addr=100 overlap=1\nSETWIN col_step=1\nMATMUL act_addr=103 "
+     "acc_addr=8 count=1\nHALT",
+     "instruction 2 .*: reads activation words that the overlapping REQUANT of instruction 0"),
+    # Through a GEMM's steps too.
+    ("SETGEMM k_tiles=1\nREQUANT count=4 out_addr=100 overlap=1\nGEMM act_addr=98 acc_addr=8 "
+     "count=3\nHALT",
+     "instruction 2 .*: reads activation words that the overlapping REQUANT of instruction 1"),
+    ("REQUANT count=1 to_acc=1 out_addr=4 overlap=1\nHALT", "overlap=1 cannot go with to_acc=1"),
+])
+def test_an_overlapping_requant_keeps_the_steps_after_it_off_its_words(text, message):
+    """The NPU does not wait for them: a program whose overlapped steps touched the
+    REQUANT's words would depend on timing, and is refused."""
+    with pytest.raises(ProgramError, match=message):
+        check_program(OVERLAP, assemble(text))
+
+
+def test_overlap_needs_an_npu_generated_with_it_and_ends_at_an_instruction_that_waits():
+    text = "REQUANT count=8 out_addr=100 overlap=1\n{between}MATMUL acc_addr=0 count=4\nHALT"
+    with pytest.raises(ProgramError, match="overlap=1, but this NPU was generated with "
+                                           "requant_overlap = false"):
+        check_program(CONFIG, assemble(text.format(between="")))
+    # SETREQ waits for the REQUANT: the MATMUL after it may use its words.
+    check_program(OVERLAP, assemble(text.format(between="SETREQ\n")))
+
+
+def test_cycle_model_runs_an_overlapped_requant_beside_the_next_steps():
+    """With overlap the MATMUL after the REQUANT dispatches the next cycle; without, it
+    waits for the REQUANT's last write. SETREQ waits either way."""
+    text = ("MATMUL acc_addr=0 count=8\nREQUANT count=8 out_addr=100 overlap={overlap}\n"
+            "LOADW bank=1\nMATMUL bank=1 acc_addr=8 count=8\n{last}HALT")
+    cycles = {}
+    for overlap in (0, 1):
+        for last in ("", "SETREQ\n"):
+            npu = GoldenNpu(OVERLAP)
+            npu.write(Region.INSTRUCTIONS, 0, encode_program(assemble(
+                text.format(overlap=overlap, last=last))))
+            cycles[overlap, last] = npu.run().cycles
+    groups = 8 * (CONFIG.cols // CONFIG.requant_lanes)
+    assert cycles[0, ""] - cycles[1, ""] >= groups
+    # SETREQ waits for the REQUANT, which then ends after the MATMUL's drain.
+    assert cycles[1, "SETREQ\n"] <= cycles[0, "SETREQ\n"]

@@ -119,6 +119,9 @@ MAP_CONFIGS = {
     "4x8": NpuConfig(rows=4, cols=8, requant_lanes=2, **MAPS),
     "8x4": NpuConfig(rows=8, cols=4, **MAPS),
     "8x8": NpuConfig(rows=8, cols=8, requant_lanes=4, **MAPS),
+    # One lane, so that each REQUANT takes eight cycles a word and runs (overlap) beside
+    # the next tile's GEMM, the accumulator halves alternating.
+    "4x8-overlap": NpuConfig(rows=4, cols=8, requant_lanes=1, requant_overlap=True, **MAPS),
 }
 MAP_KINDS = ("conv", "depthwise", "maxpool", "avgpool", "globalpool", "add")
 
