@@ -329,7 +329,7 @@ class Lowering:
         both maps (no halos), every output tile in the accumulators at once, and the walk
         registers still as a start sets them (no SETKERN, SETWIN or SETOUT so far)."""
         pixels = src.height * src.width
-        if self.config.requant_overlap:
+        if self.config.requant_overlap and self.config.feature_maps:
             return False   # _emit_overlapped keeps the requantizer beside the array
         return (kernel == (1, 1) and stride_pair(stride) == (1, 1) and not any(pads)
                 and not any(src.halo) and not any(dst.halo)
@@ -456,15 +456,9 @@ class Lowering:
             for first in range(0, len(tiles), per_block):
                 block = range(first, min(first + per_block, len(tiles)))
                 for slot, index in enumerate(block):
-                    tile = tiles[index]
-                    ins.append(Instruction(Opcode.SETGEMM, {
-                        "weight_addr": weight_at[index], "k_tiles": k_tiles,
-                        "tile_step": src.tile_words}))
-                    ins.append(Instruction(Opcode.GEMM, {
-                        "bank": self.bank, "accumulate": 0, "combine": int(combine_max),
-                        "act_addr": src.word(tile.src_tile, y0 * step_y - top, -left),
-                        "acc_addr": slot * acc_words, "count": count}))
-                    self.bank ^= k_tiles & 1
+                    self._tile_gemm(src, weight_at[index], k_tiles, combine_max,
+                                    src.word(tiles[index].src_tile, y0 * step_y - top, -left),
+                                    slot * acc_words, count)
                 for slot, index in enumerate(block):
                     tile = tiles[index]
                     out_tile, lane = tile.dst_channel // c.rows, tile.dst_channel % c.rows
@@ -516,15 +510,9 @@ class Lowering:
 
         def gemm(k: int) -> None:
             y0, index = items[k]
-            tile = tiles[index]
-            ins.append(Instruction(Opcode.SETGEMM, {
-                "weight_addr": weight_at[index], "k_tiles": k_tiles,
-                "tile_step": src.tile_words}))
-            ins.append(Instruction(Opcode.GEMM, {
-                "bank": self.bank, "accumulate": 0, "combine": int(combine_max),
-                "act_addr": src.word(tile.src_tile, y0 * step_y - top, -left),
-                "acc_addr": (k % 2) * half, "count": counts(y0)[0]}))
-            self.bank ^= k_tiles & 1
+            self._tile_gemm(src, weight_at[index], k_tiles, combine_max,
+                            src.word(tiles[index].src_tile, y0 * step_y - top, -left),
+                            (k % 2) * half, counts(y0)[0])
 
         gemm(0)
         for k, (y0, index) in enumerate(items):
@@ -539,6 +527,16 @@ class Lowering:
                 "ties_to_even": requant.ties_to_even, "overlap": int(k + 1 < len(items))}))
             if k + 1 < len(items):
                 gemm(k + 1)
+
+    def _tile_gemm(self, src: FeatureMap, weight_addr: int, k_tiles: int, combine_max: bool,
+                   act_addr: int, acc_addr: int, count: int) -> None:
+        """SETGEMM and GEMM of one output tile's K tiles, from the next weight bank."""
+        self.instructions.append(Instruction(Opcode.SETGEMM, {
+            "weight_addr": weight_addr, "k_tiles": k_tiles, "tile_step": src.tile_words}))
+        self.instructions.append(Instruction(Opcode.GEMM, {
+            "bank": self.bank, "accumulate": 0, "combine": int(combine_max),
+            "act_addr": act_addr, "acc_addr": acc_addr, "count": count}))
+        self.bank ^= k_tiles & 1
 
     def _store_weights(self, words: np.ndarray) -> int:
         at = self.weight_end
