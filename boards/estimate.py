@@ -12,7 +12,7 @@ from ..config import NpuConfig
 from ..hw.dsp import ICE40_MIN_DSP_PRODUCT_BITS, dsp_rows, paired_columns
 from ..hw.implementation import ECP5_DSP_PRODUCTS, Implementation
 from ..hw.ram import SPRAM_BLOCKS, spram_blocks
-from ..memory_map import memories
+from ..memory_map import Region, memories
 from ..protocol import RX_FIFO_BYTES
 
 __all__ = ["Device", "DEVICES", "Estimate", "board_implementation", "estimate"]
@@ -101,13 +101,16 @@ def estimate(config: NpuConfig, device: Device) -> Estimate:
     """Lower bounds, for the build's :func:`board_implementation`: every product of the
     array's rows in DSP blocks (or pair of products, where the device pairs them; rows past
     its DSP budget multiply in logic) and each requantizer lane's 32x32 product takes hard
-    multipliers, and every memory's bits take block RAM, or SPRAM where hw/ram.py maps it
-    there."""
+    multipliers, and every memory's bits take block RAM (the accumulators' twice with
+    ``requant_overlap``), or SPRAM where hw/ram.py maps it there."""
     implementation = board_implementation(config, device)
     in_spram = {region: spram_blocks(implementation, info)
                 for region, info in memories(config).items()}
     bits = sum(info.depth * info.width for region, info in memories(config).items()
                if not in_spram[region])
+    if config.requant_overlap:   # the requantizer's read port: a copy of the accumulators
+        accumulators = memories(config)[Region.ACCUMULATORS]
+        bits += accumulators.depth * accumulators.width
     product_bits = config.input_width + config.weight_width
     paired = (paired_columns(implementation, config.cols, config.input_width,
                              config.weight_width)

@@ -132,6 +132,14 @@ def test_ice40_estimate_puts_the_weights_in_spram(rows, cols, weight_depth, spra
     assert bool(found.problems(device)) == (spram == 0)
 
 
+def test_estimate_counts_the_accumulator_copy_of_requant_overlap():
+    config = NpuConfig(rows=8, cols=8, accumulator_depth=512)
+    device = DEVICES["lfe5u-25f"]
+    extra = (estimate(config.replace(requant_overlap=True), device).block_ram_bits
+             - estimate(config, device).block_ram_bits)
+    assert extra == 512 * 8 * 32
+
+
 #: The targets of the default configurations: MAC/cycle and clock (docs/BOARDS.md).
 TARGETS = {"icebreaker": (16, 30.0), "ulx3s-85f": (144, 75.0)}
 
