@@ -43,9 +43,11 @@ def recorded_build(board, builds: dict[str, dict[str, Any]]
 
 
 def short_config(config: NpuConfig) -> str:
-    """``8×8, 1 lane, no FM``: the array, requantizer lanes and feature-map hardware."""
+    """``8×8, 1 lane, no FM``: the array, requantizer lanes (``overlap``: beside the
+    array) and feature-map hardware."""
     lanes = config.requant_lanes
     return (f"{config.rows}×{config.cols}, {lanes} lane{'s' if lanes > 1 else ''}"
+            + (", overlap" if config.requant_overlap else "")
             + ("" if config.feature_maps else ", no FM"))
 
 

@@ -426,7 +426,8 @@ def _mlperf(result: dict[str, Any], images: Path,
              "kernels (`BUILTIN_REF`). Utilization = MACs / (cycles · rows · cols); latency "
              "at the board's SoC clock; physical limit = MACs / (rows · cols) cycles at the "
              "same clock. The JSON also has each latency at the Fmax of the board's "
-             "recorded build (section *Boards*).", ""]
+             "recorded build (section *Boards*). `overlap`: the requantizer runs beside "
+             "the array (`requant_overlap`, docs/ARCHITECTURE.md).", ""]
     for r in records:
         lines += [f"### {_MLPERF_NAMES[r['model']]}: {r['task']}, {r['macs']:,} MACs", "",
                   "| target | config | clock MHz | cycles / inference | utilization | "
