@@ -183,6 +183,11 @@ def test_latencies_take_the_fmax_of_a_recorded_build_of_the_same_array_only():
     assert recorded_build(board, {board.name: same}) == (same, [])
     deeper = {**same, "config": {**config.to_dict(), "weight_depth": 2 * config.weight_depth}}
     assert recorded_build(board, {board.name: deeper}) == (deeper, ["weight_depth"])
+    # A build recorded before a field existed had that field's default.
+    older = {**same, "config": {k: v for k, v in config.to_dict().items()
+                                if k != "requant_overlap"}}
+    assert config.requant_overlap
+    assert recorded_build(board, {board.name: older}) == (older, ["requant_overlap"])
     for other in ({**same, "rows": config.rows + 4}, {**same, "fmax_mhz": None}):
         assert recorded_build(board, {board.name: other}) == (None, [])
     assert recorded_build(board, {}) == (None, [])

@@ -38,8 +38,10 @@ def recorded_build(board, builds: dict[str, dict[str, Any]]
     if not (build and build.get("fmax_mhz")) or (build["rows"], build["cols"]) != (
             config.rows, config.cols):
         return None, []
-    return build, sorted(k for k, v in build.get("config", {}).items()
-                         if getattr(config, k, v) != v)
+    # A field the build's record lacks is one added since: the build had its default.
+    built = {**NpuConfig().to_dict(), **build.get("config", {})}
+    return build, sorted(k for k, v in config.to_dict().items()
+                         if "config" in build and built[k] != v)
 
 
 def short_config(config: NpuConfig) -> str:
