@@ -283,6 +283,17 @@ def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instructio
              f"({config.rows})")
 
 
+def requant_output_words(config: NpuConfig, ins: Instruction, out_stride: int,
+                         out: Walk) -> np.ndarray:
+    """The activation word each result of REQUANT ``ins`` goes to, (count, cols): lane
+    ``out_lane`` + j of word ``out_addr`` + the SETOUT walk's offset, past the last lane
+    in the next word block (+``out_stride``)."""
+    lanes = ins["out_lane"] + np.arange(config.cols)
+    offsets = out.offsets(ins["count"])[:, None]
+    return (ins["out_addr"] + (lanes // config.rows) * out_stride + offsets) % address_span(
+        config.activation_depth)
+
+
 class _OverlapCheck:
     """The words a REQUANT with ``overlap`` still reads and writes while the steps after
     it dispatch: an overlapping MATMUL must not write its accumulator words nor read its
@@ -306,10 +317,8 @@ class _OverlapCheck:
                  "overlap=1, but this NPU was generated with requant_overlap = false; "
                  "regenerate it with requant_overlap = true or clear the bit")
             need(not ins["to_acc"], index, ins, "overlap=1 cannot go with to_acc=1")
-            span = address_span(c.activation_depth)
-            blocks = {(ins["out_lane"] + lane) // c.rows for lane in range(c.cols)}
-            written = {int(ins["out_addr"] + block * self.out_stride + offset) % span
-                       for block in blocks for offset in state.out.offsets(ins["count"])}
+            written = set(requant_output_words(c, ins, self.out_stride, state.out)
+                          .ravel().tolist())
             self.open = (index, ins, range(ins["acc_addr"], ins["acc_addr"] + ins["count"]),
                          written)
         elif op is Opcode.MATMUL and self.open is not None:
@@ -438,8 +447,7 @@ class GoldenNpu:
             self.clamp_min, self.clamp_max,
             accumulator_width=c.accumulator_width, output_width=c.input_width,
             rounding=requant_rounding(ins), left_shift=ins["left_shift"])
-        lanes = ins["out_lane"] + np.arange(c.cols)
-        span = address_span(c.activation_depth)
-        words = (ins["out_addr"] + (lanes // c.rows) * self.out_stride) % span
-        for i, offset in enumerate(self.state.out.offsets(count)):
-            self.activations[(words + offset) % span, lanes % c.rows] = out[i]
+        words = requant_output_words(c, ins, self.out_stride, self.state.out)
+        lanes = (ins["out_lane"] + np.arange(c.cols)) % c.rows
+        for i in range(count):
+            self.activations[words[i], lanes] = out[i]

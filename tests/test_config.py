@@ -85,5 +85,6 @@ def test_requant_overlap_is_read_back_from_the_npu_and_given_on_the_command_line
     add_config_flags(parser)
     args = parser.parse_args(["--rows", "4", "--cols", "8", "--requant-overlap", "yes"])
     assert config_from_args(args) == config
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         parser.parse_args(["--requant-overlap", "maybe"])
+    assert stop.value.code == 2

@@ -38,10 +38,11 @@ def recorded_build(board, builds: dict[str, dict[str, Any]]
     if not (build and build.get("fmax_mhz")) or (build["rows"], build["cols"]) != (
             config.rows, config.cols):
         return None, []
+    if "config" not in build:
+        return build, []
     # A field the build's record lacks is one added since: the build had its default.
-    built = {**NpuConfig().to_dict(), **build.get("config", {})}
-    return build, sorted(k for k, v in config.to_dict().items()
-                         if "config" in build and built[k] != v)
+    built = {**NpuConfig().to_dict(), **build["config"]}
+    return build, sorted(k for k, v in config.to_dict().items() if built[k] != v)
 
 
 def short_config(config: NpuConfig) -> str:
