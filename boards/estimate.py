@@ -102,7 +102,8 @@ def estimate(config: NpuConfig, device: Device) -> Estimate:
     array's rows in DSP blocks (or pair of products, where the device pairs them; rows past
     its DSP budget multiply in logic) and each requantizer lane's 32x32 product takes hard
     multipliers, and every memory's bits take block RAM (the accumulators' twice with
-    ``requant_overlap``), or SPRAM where hw/ram.py maps it there."""
+    ``requant_overlap``, and the depthwise mode's line buffers), or SPRAM where hw/ram.py
+    maps it there."""
     implementation = board_implementation(config, device)
     in_spram = {region: spram_blocks(implementation, info)
                 for region, info in memories(config).items()}
@@ -111,6 +112,9 @@ def estimate(config: NpuConfig, device: Device) -> Estimate:
     if config.requant_overlap:   # the requantizer's read port: a copy of the accumulators
         accumulators = memories(config)[Region.ACCUMULATORS]
         bits += accumulators.depth * accumulators.width
+    # The depthwise mode's line buffers: a row of `cols` activations per word.
+    bits += (max(config.depthwise_groups - 1, 0) * config.line_buffer_depth * config.cols
+             * config.input_width)
     product_bits = config.input_width + config.weight_width
     paired = (paired_columns(implementation, config.cols, config.input_width,
                              config.weight_width)

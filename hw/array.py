@@ -8,6 +8,7 @@ from ..config import NpuConfig
 from ..timing import ARRAY_INPUT_STAGES, array_latency
 from .dsp import dsp_rows, paired_columns, registered_products
 from .implementation import GENERIC, Implementation, check_implementation
+from .line_buffer import LineBuffer
 from .pe import ProcessingElement
 
 __all__ = ["SystolicArray", "psum_width"]
@@ -43,6 +44,15 @@ class SystolicArray(wiring.Component):
     ``load_bank``; ``rows`` such cycles load a tile (last row first).
 
     ``implementation``: whose DSP blocks multiply, and how many rows they take (hw/dsp.py).
+
+    The depthwise mode (``line_buffer_depth``; words issued with ``depthwise`` high):
+    lane c of each word also enters the top of column c (with row c's skew, so the
+    deskew still lines the columns up) and moves down the column at half the partial
+    sums' speed, so row r multiplies the word r before the one whose sum it adds to. Row
+    groups of three (kernel taps) are joined by line buffers (``line_buffer.py``) that
+    hold the chain back ``line_delay`` more cycles, so group g sees the word g·(line_delay
+    + 3) before: a window of the input map with the row pitch line_delay + 3. Rows past
+    the groups see zeros. golden.py's ``_depthwise_products`` is the reference.
     """
 
     def __init__(self, config: NpuConfig, *, implementation: Implementation = GENERIC):
@@ -55,6 +65,8 @@ class SystolicArray(wiring.Component):
             "load": In(1),
             "load_bank": In(1),
             "result": Out(data.ArrayLayout(signed(c.accumulator_width), c.cols)),
+            **({"depthwise": In(1), "line_delay": In(range(c.line_buffer_depth))}
+               if c.line_buffer_depth else {}),
         })
 
     @property
@@ -69,10 +81,11 @@ class SystolicArray(wiring.Component):
         # Rows past the implementation's DSP budget multiply in logic (hw/dsp.py, dsp_rows).
         paired_cols = paired_columns(implementation, c.cols, c.input_width, c.weight_width)
         in_dsp = dsp_rows(implementation, c.rows, c.cols)
+        depthwise = bool(c.line_buffer_depth)
         pes = [[ProcessingElement(input_width=c.input_width, weight_width=c.weight_width,
                                   psum_width=psum_width(c, r + 1),
                                   shared_multiplier=r < in_dsp and col < paired_cols,
-                                  fabric_multiplier=r >= in_dsp,
+                                  fabric_multiplier=r >= in_dsp, depthwise=depthwise,
                                   implementation=implementation)
                 for col in range(c.cols)] for r in range(c.rows)]
         for r in range(c.rows):
@@ -86,9 +99,14 @@ class SystolicArray(wiring.Component):
                         pe.act_in.eq(_delay(m, self.act[r], skew, f"skew{r}")),
                         pe.bank_in.eq(_delay(m, self.bank, skew, f"skew_bank{r}")),
                     ]
+                    if depthwise:
+                        m.d.comb += pe.mode_in.eq(
+                            _delay(m, self.depthwise, skew, f"skew_mode{r}"))
                 else:
                     left = pes[r][col - 1]
                     m.d.comb += [pe.act_in.eq(left.act_out), pe.bank_in.eq(left.bank_out)]
+                    if depthwise:
+                        m.d.comb += pe.mode_in.eq(left.mode_out)
                 if r == 0:
                     m.d.comb += [pe.psum_in.eq(0), pe.weight_in.eq(self.weight_row[col])]
                 else:
@@ -101,7 +119,30 @@ class SystolicArray(wiring.Component):
                     m, implementation, [(pe.mul_act, pe.mul_weight) for pe in shared],
                     name=f"product_{r}")
                 m.d.comb += [pe.product.eq(p) for pe, p in zip(shared, products, strict=True)]
+        if depthwise:
+            self._column_chains(m, pes)
         for col in range(c.cols):
             bottom = pes[c.rows - 1][col].psum_out
             m.d.comb += self.result[col].eq(_delay(m, bottom, c.cols - 1 - col, f"deskew{col}"))
         return m
+
+    def _column_chains(self, m: Module, pes) -> None:
+        """The depthwise mode's activations down the columns: column c's top takes row
+        c's skewed input (rows == cols); each group of three rows after the first takes
+        the previous row's chain through a line buffer."""
+        c = self._config
+        groups = c.depthwise_groups
+        for col in range(c.cols):
+            m.d.comb += pes[0][col].chain_in.eq(pes[col][0].act_in)
+        for g in range(1, groups):
+            line = LineBuffer(c)
+            m.submodules[f"line_buffer{g}"] = line
+            m.d.comb += line.delay.eq(self.line_delay)
+            for col in range(c.cols):
+                m.d.comb += [line.line_in[col].eq(pes[3 * g - 1][col].chain_in),
+                             pes[3 * g][col].chain_in.eq(line.line_out[col])]
+        for r in range(1, c.rows):
+            if r % 3 or r >= 3 * groups:
+                for col in range(c.cols):
+                    m.d.comb += pes[r][col].chain_in.eq(
+                        pes[r - 1][col].chain_out if r < 3 * groups else 0)

@@ -10,7 +10,7 @@ Both load the MATMUL's addresses at ``start`` (which wins over ``step`` in the s
 cycle) and advance at each ``step`` (a word issued), so the feeder is the same for both.
 """
 
-from amaranth import Module, Signal
+from amaranth import Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -24,7 +24,10 @@ __all__ = ["FeedWalk", "LinearWalk", "WindowWalk", "feed_walk"]
 class FeedWalk(wiring.Signature):
     """Seen from the walk: ``start`` with the MATMUL's ``start_act_addr`` and
     ``start_acc_addr``; ``step`` after each word issued; ``act_addr`` and ``acc_addr`` the
-    next word's; ``reduce`` high while every word accumulates into ``acc_addr``. SETWIN
+    next word's; ``reduce`` high while every word accumulates into ``acc_addr``; in the
+    depthwise mode (``depthwise``), ``discard`` high for the words whose results are
+    dropped (the lead, and SETWIN's ``drop``: golden.depthwise_kept), and ``line_delay``
+    the line buffers' delay. SETWIN
     (``set_win`` with the ``instruction`` register) sets the walk of the next MATMULs;
     ``run_start`` restores its defaults."""
 
@@ -40,6 +43,11 @@ class FeedWalk(wiring.Signature):
             "act_addr": Out(range(config.activation_depth)),
             "acc_addr": Out(range(config.accumulator_depth)),
             "reduce": Out(1),
+            # The depthwise mode (line_buffer_depth): the MATMUL's mode, its first
+            # words' results to drop (the lead) and the line buffers' delay.
+            "depthwise": Out(1),
+            "discard": Out(1),
+            "line_delay": Out(range(max(config.line_buffer_depth, 1))),
         })
 
 
@@ -50,7 +58,8 @@ def feed_walk(config: NpuConfig) -> wiring.Component:
 
 
 class LinearWalk(wiring.Component):
-    """Consecutive activation and accumulator words (SETWIN is not decoded)."""
+    """Consecutive activation and accumulator words (SETWIN is not decoded; no
+    depthwise mode)."""
 
     def __init__(self, config: NpuConfig):
         super().__init__(FeedWalk(config))
@@ -84,13 +93,30 @@ class WindowWalk(wiring.Component):
         win_row_step = Signal(16)
         win_col_step = Signal(8, init=1)
         win_reduce = Signal()
+        depthwise = bool(c.line_buffer_depth)
+        win_depthwise = Signal()
+        win_lead = Signal(16)                    # golden.depthwise_lead
+        win_line_delay = Signal.like(self.line_delay)
+        # The results dropped in each row of `pitch` words (golden.depthwise_kept): the
+        # columns from drop_high on, and those from drop_low to 1.
+        win_pitch_last = Signal(14)
+        win_drop_low = Signal(2)
+        win_drop_high = Signal(16)
         with m.If(self.set_win):
             m.d.sync += [win_last_col.eq(field("row_length") - 1),
                          win_row_step.eq(field("row_step")),
                          win_col_step.eq(field("col_step")), win_reduce.eq(field("reduce"))]
+            if depthwise:
+                pitch = field("pitch")
+                drop = field("drop")
+                m.d.sync += [win_depthwise.eq(field("depthwise")),
+                             win_lead.eq(pitch * (c.depthwise_groups - 1) + 2),
+                             win_line_delay.eq(pitch - 3), win_pitch_last.eq(pitch - 1),
+                             win_drop_low.eq(Mux(drop >= 2, 0, 2 - drop)),
+                             win_drop_high.eq(Mux(drop == 0, 0xFFFF, pitch + 2 - drop))]
         with m.If(self.run_start):   # SETWIN starts from its defaults in every run
             m.d.sync += [win_last_col.eq(0xFFFF), win_row_step.eq(0), win_col_step.eq(1),
-                         win_reduce.eq(0)]
+                         win_reduce.eq(0), win_depthwise.eq(0)]
 
         col = Signal(16, name="feed_col")
         row_addr = Signal(range(c.activation_depth), name="feed_row_addr")
@@ -98,19 +124,38 @@ class WindowWalk(wiring.Component):
         row_step = Signal(16, name="feed_row_step")
         col_step = Signal(8, name="feed_col_step")
         reduce = Signal(name="feed_reduce")
-        m.d.comb += self.reduce.eq(reduce)
+        lead_left = Signal(16, name="feed_lead_left")
+        pitch_col = Signal(14, name="feed_pitch_col")    # the word's column: i mod pitch
+        pitch_last = Signal(14, name="feed_pitch_last")
+        drop_low = Signal(2, name="feed_drop_low")
+        drop_high = Signal(16, name="feed_drop_high")
+        dropped = ((pitch_col < 2) & (pitch_col >= drop_low)) | (pitch_col >= drop_high)
+        m.d.comb += [self.reduce.eq(reduce),
+                     self.discard.eq((lead_left != 0) | (self.depthwise & dropped))]
+        with m.If(self.step):
+            with m.If(lead_left != 0):
+                m.d.sync += lead_left.eq(lead_left - 1)
+            m.d.sync += pitch_col.eq(Mux(pitch_col == pitch_last, 0, pitch_col + 1))
         with m.If(self.step):
             with m.If(col == last_col):
                 next_row = row_addr + row_step
                 m.d.sync += [col.eq(0), row_addr.eq(next_row), self.act_addr.eq(next_row)]
             with m.Else():
                 m.d.sync += [col.eq(col + 1), self.act_addr.eq(self.act_addr + col_step)]
-            with m.If(~reduce):
+            with m.If(~reduce & ~self.discard):
                 m.d.sync += self.acc_addr.eq(self.acc_addr + 1)
         with m.If(self.start):
             m.d.sync += [
                 self.act_addr.eq(self.start_act_addr), self.acc_addr.eq(self.start_acc_addr),
                 col.eq(0), row_addr.eq(self.start_act_addr), last_col.eq(win_last_col),
                 row_step.eq(win_row_step), col_step.eq(win_col_step), reduce.eq(win_reduce),
+                self.depthwise.eq(win_depthwise), lead_left.eq(Mux(win_depthwise, win_lead, 0)),
+                pitch_col.eq(0), pitch_last.eq(win_pitch_last), drop_low.eq(win_drop_low),
+                drop_high.eq(win_drop_high),
             ]
+            if depthwise:
+                # Only a depthwise MATMUL sets the line buffers' delay: the words of the
+                # last one may still be in them (golden.check_program).
+                with m.If(win_depthwise):
+                    m.d.sync += self.line_delay.eq(win_line_delay)
         return m

@@ -36,8 +36,10 @@ class Feeder(wiring.Component):
     held in ``instruction``; ``run_start`` restores its defaults; ``abort`` stops the
     stream and forgets what is in flight.
 
-    ``issue`` is the tag of the word issued this cycle (for the accumulate path and the
-    counters), ``act`` and ``array_bank`` feed the array. ``busy``, ``ready`` (idle or
+    ``issue`` is the tag of the word issued this cycle (for the accumulate path; not
+    valid for a depthwise MATMUL's lead), ``issuing`` says a word is issued (for the
+    counters), ``act``, ``array_bank`` and in the depthwise mode ``array_depthwise`` and
+    ``line_delay`` feed the array. ``busy``, ``ready`` (idle or
     issuing its last word), ``feeding_bank``, ``inflight_idle`` (per bank) and
     ``drain_idle`` are what the sequencer's issue rules read.
     """
@@ -62,6 +64,10 @@ class Feeder(wiring.Component):
             "act_read": Out(ReadRequest(depth=act.depth, data_width=act.width)),
             "act": Out(act.width),
             "array_bank": Out(1),
+            "issuing": Out(1),
+            **({"array_depthwise": Out(1),
+                "line_delay": Out(range(config.line_buffer_depth))}
+               if config.line_buffer_depth else {}),
             "busy": Out(1),
             "ready": Out(1),
             "feeding_bank": Out(1),
@@ -84,12 +90,13 @@ class Feeder(wiring.Component):
         feed_last = Signal()
         issue = Signal()
         m.d.comb += [
-            issue.eq(self.running & feed_busy),
+            issue.eq(self.running & feed_busy), self.issuing.eq(issue),
             walk.start.eq(self.dispatch), walk.start_act_addr.eq(self.act_addr),
             walk.start_acc_addr.eq(self.acc_addr), walk.step.eq(issue),
             walk.instruction.eq(self.instruction), walk.set_win.eq(self.set_win),
             walk.run_start.eq(self.run_start),
-            self.issue.valid.eq(issue), self.issue.accumulate.eq(feed_accumulate),
+            # The depthwise mode's lead only fills the line buffers: no result.
+            self.issue.valid.eq(issue & ~walk.discard), self.issue.accumulate.eq(feed_accumulate),
             self.issue.max.eq(feed_max), self.issue.addr.eq(walk.acc_addr),
             self.act_read.valid.eq(issue), self.act_read.addr.eq(walk.act_addr),
             self.act.eq(self.act_read.data),
@@ -97,6 +104,9 @@ class Feeder(wiring.Component):
             self.feeding_bank.eq(feed_bank),
         ]
         m.d.sync += self.array_bank.eq(feed_bank)
+        if c.line_buffer_depth:
+            m.d.sync += self.array_depthwise.eq(walk.depthwise)
+            m.d.comb += self.line_delay.eq(walk.line_delay)
         self._in_flight(m, issue, feed_bank)
 
         with m.If(issue):

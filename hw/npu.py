@@ -39,6 +39,7 @@ from .accumulate import AccumulatePath
 from .array import SystolicArray
 from .counters import PerformanceCounters
 from .feeder import Feeder
+from .fill_unit import FillUnit
 from .host_port import HostPort
 from .hostbus import HostBus
 from .implementation import GENERIC, Implementation, check_implementation
@@ -105,7 +106,7 @@ class Npu(wiring.Component):
             host_port.pc.eq(sequencer.pc), host_port.counters.eq(counters.counters),
             host_port.uptime.eq(counters.uptime),
             counters.clear.eq(start), counters.running.eq(running),
-            counters.stall.eq(sequencer.stall), counters.issue.eq(feeder.issue.valid),
+            counters.stall.eq(sequencer.stall), counters.issue.eq(feeder.issuing),
         ]
         # The host owns the memories' ports outside a run: its accesses are their
         # defaults, which the units' grants (in this order, each overriding the last)
@@ -128,6 +129,16 @@ class Npu(wiring.Component):
             sequencer.requant_active.eq(requant.active),
             sequencer.requant_overlap.eq(requant.overlap),
         ]
+        # FILL (feature-map hardware) takes the requantizer's write port, like a REQUANT
+        # with overlap.
+        if c.feature_maps:
+            m.submodules.fill = fill = FillUnit(c)
+            m.d.comb += [
+                fill.instruction.eq(instruction), fill.dispatch.eq(sequencer.fill),
+                fill.abort.eq(abort), fill.running.eq(running),
+                sequencer.requant_active.eq(requant.active | fill.active),
+                sequencer.requant_overlap.eq(requant.overlap | fill.active),
+            ]
         instruction_read = reads[Region.INSTRUCTIONS]
         m.d.comb += sequencer.fetch_data.eq(instruction_read.data)
         with m.If(running):
@@ -150,6 +161,9 @@ class Npu(wiring.Component):
             feeder.abort.eq(abort), feeder.running.eq(running),
             array.act.eq(feeder.act), array.bank.eq(feeder.array_bank),
         ]
+        if c.line_buffer_depth:
+            m.d.comb += [array.depthwise.eq(feeder.array_depthwise),
+                         array.line_delay.eq(feeder.line_delay)]
         grant_read(m, reads[Region.ACTIVATIONS], feeder.act_read)
 
         # Accumulate path: the array's result rows (and REQUANT to_acc's) into the
@@ -176,4 +190,6 @@ class Npu(wiring.Component):
         grant_read(m, extra_read_port(m, implementation, infos[Region.ACCUMULATORS])
                    if c.requant_overlap else reads[Region.ACCUMULATORS], requant.acc_read)
         grant_write(m, writes[Region.ACTIVATIONS], requant.act_write)
+        if c.feature_maps:
+            grant_write(m, writes[Region.ACTIVATIONS], fill.act_write)
         return m

@@ -31,11 +31,17 @@ class ProcessingElement(wiring.Component):
 
     ``implementation``: whose DSP block multiplies otherwise (hw/dsp.py,
     ``registered_product``).
+
+    ``depthwise``: the PE also passes activations down its column (``chain_in`` to
+    ``chain_out``, two registers: half the partial sums' speed, so each row below sees the
+    word before) and multiplies ``chain_in`` instead of ``act_in`` for the words whose
+    ``mode_in`` (travelling right beside the bank bit) is high: the depthwise mode
+    (hw/array.py).
     """
 
     def __init__(self, *, input_width: int, weight_width: int, psum_width: int,
                  shared_multiplier: bool = False, fabric_multiplier: bool = False,
-                 implementation: Implementation = GENERIC):
+                 depthwise: bool = False, implementation: Implementation = GENERIC):
         for name, value in (("input_width", input_width), ("weight_width", weight_width),
                             ("psum_width", psum_width)):
             if not isinstance(value, int) or value < 1:
@@ -56,6 +62,9 @@ class ProcessingElement(wiring.Component):
             "load": In(1),
             "load_bank": In(1),
         }
+        if depthwise:
+            members |= {"chain_in": In(signed(input_width)), "chain_out": Out(signed(input_width)),
+                        "mode_in": In(1), "mode_out": Out(1)}
         if shared_multiplier:
             members |= {"mul_act": Out(signed(input_width)),
                         "mul_weight": Out(signed(weight_width)),
@@ -64,6 +73,7 @@ class ProcessingElement(wiring.Component):
         self._weight_width = weight_width
         self._shared_multiplier = shared_multiplier
         self._fabric_multiplier = fabric_multiplier
+        self._depthwise = depthwise
 
     def elaborate(self, platform):
         m = Module()
@@ -80,15 +90,21 @@ class ProcessingElement(wiring.Component):
         # leave the PE and the array returns their registered product (two PEs per iCE40
         # DSP block).
         operand = Mux(self.bank_in, weight[1], weight[0])
+        act = self.act_in
+        if self._depthwise:
+            act = Mux(self.mode_in, self.chain_in, self.act_in)
+            chain_mid = Signal.like(self.chain_in, name="chain_mid")
+            m.d.sync += [chain_mid.eq(self.chain_in), self.chain_out.eq(chain_mid),
+                         self.mode_out.eq(self.mode_in)]
         if self._shared_multiplier:
-            m.d.comb += [self.mul_act.eq(self.act_in), self.mul_weight.eq(operand)]
+            m.d.comb += [self.mul_act.eq(act), self.mul_weight.eq(operand)]
             product = self.product
         elif self._fabric_multiplier:
             product = Signal(signed(len(self.act_in) + len(operand)), name="product",
                              reset_less=True)
-            m.d.sync += product.eq(fabric_product(self.act_in, operand))
+            m.d.sync += product.eq(fabric_product(act, operand))
         else:
-            product = registered_product(m, self._implementation, self.act_in, operand,
+            product = registered_product(m, self._implementation, act, operand,
                                          name="product")
         # Assigning to the narrower psum_out wraps, like the golden model.
         m.d.sync += [

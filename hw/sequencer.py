@@ -26,7 +26,14 @@ STEP_FIELDS = {"bank": 1, "weight_addr": 16, "act_addr": 16, "acc_addr": 16, "co
 #: The strobes the sequencer raises in the cycle it dispatches each kind of step.
 _STROBES = {Opcode.LOADW: "loadw", Opcode.MATMUL: "matmul", Opcode.REQUANT: "requant",
             Opcode.SETPP: "set_pp", Opcode.SETREQ: "set_req", Opcode.SETOUT: "set_out",
-            Opcode.SETWIN: "set_win"}
+            Opcode.SETWIN: "set_win", Opcode.FILL: "fill"}
+
+
+def _overlaps(config: NpuConfig) -> bool:
+    """Whether REQUANT_OVERLAPPERS may dispatch while the requantizer's write port is
+    busy: after a REQUANT with ``overlap`` (``requant_overlap``) or a FILL (the
+    feature-map hardware)."""
+    return config.requant_overlap or config.feature_maps
 
 
 class Sequencer(wiring.Component):
@@ -38,9 +45,9 @@ class Sequencer(wiring.Component):
     The units' state the issue rules read: ``load_busy`` and ``loading_bank`` (weight
     loader), ``feed_busy``, ``feed_ready``, ``feeding_bank``, ``inflight_idle`` (per bank)
     and ``drain_idle`` (feeder), ``requant_active`` and ``requant_overlap`` (the active
-    REQUANT lets ``REQUANT_OVERLAPPERS`` dispatch). In the cycle a step dispatches, its
+    REQUANT or FILL lets ``REQUANT_OVERLAPPERS`` dispatch). In the cycle a step dispatches, its
     strobe (``loadw``, ``matmul``, ``requant``, ``set_pp``, ``set_req``, ``set_out``,
-    ``set_win``) is high, with ``instruction`` and the step's fields (``STEP_FIELDS``).
+    ``set_win``, ``fill``) is high, with ``instruction`` and the step's fields (``STEP_FIELDS``).
     ``stall`` is high in the cycles an instruction is ready but may not dispatch.
     """
 
@@ -102,7 +109,7 @@ class Sequencer(wiring.Component):
             | ~step_waits)
         dispatch = Signal()
         requant_free = ~self.requant_active
-        if c.requant_overlap:
+        if _overlaps(c):
             requant_free = requant_free | (self.requant_overlap & may_overlap)
         m.d.comb += dispatch.eq(running & ready & requant_free & can_issue)
         advance = gemm.advance   # the step completes its instruction: the PC moves on
@@ -121,7 +128,7 @@ class Sequencer(wiring.Component):
                 m.d.sync += instruction.eq(self.fetch_data)
                 m.d.sync += [flag.eq(self.fetch_data[0:OPCODE_WIDTH] == op)
                              for op, flag in op_is.items()]
-                if c.requant_overlap:
+                if _overlaps(c):
                     m.d.sync += may_overlap.eq(
                         Cat(*[self.fetch_data[0:OPCODE_WIDTH] == op
                               for op in REQUANT_OVERLAPPERS]).any())
@@ -148,6 +155,8 @@ class Sequencer(wiring.Component):
                         m.d.comb += self.set_win.eq(1)
                     with m.Case(Opcode.SETOUT):
                         m.d.comb += self.set_out.eq(1)
+                    with m.Case(Opcode.FILL):
+                        m.d.comb += self.fill.eq(1)
                 with m.Case(Opcode.LOADW, Opcode.MATMUL, Opcode.REQUANT):
                     pass  # their strobes, above
                 with m.Default():

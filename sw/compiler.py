@@ -183,8 +183,9 @@ def _lower(lowering: Lowering, layer, maps: dict[str, FeatureMap],
         macs = dst.height * dst.width * int(np.prod(layer.weight.shape))
         return _layer_row(layer, kind, src, dst, macs, macs)
     if isinstance(source, Conv) and source.depthwise:
-        kind = "depthwise"
-        lowering.depthwise(src, dst, layer.weight, requant, source.stride, source.pads)
+        in_mode = lowering.depthwise(src, dst, layer.weight, requant, source.stride,
+                                     source.pads)
+        kind = "depthwise (line buffers)" if in_mode else "depthwise"
         macs = dst.channels * dst.height * dst.width * layer.weight.shape[0] * \
             layer.weight.shape[1]
     elif isinstance(source, Conv):
@@ -413,6 +414,7 @@ def _compile(model: QuantizedModel, config: NpuConfig, batch: int,
     except DoesNotFit as error:   # an operator that no memory of this NPU can hold
         raise DoesNotFit(prefix + "; ".join(
             problems + _overflows(config, accumulators) + [str(error)])) from None
+    lowering.flush_fills()
     instructions = lowering.instructions + [Instruction(Opcode.HALT)]
     problems += _overflows(config, [
         ("weights", lowering.weight_end, "weight_depth"), *accumulators,

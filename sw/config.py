@@ -70,7 +70,7 @@ class NpuConfig:
     Memory depths count words: an activation word holds ``rows`` inputs, a weight word
     ``cols`` weights, an accumulator word ``cols`` accumulators, a parameter word
     ``requant_lanes`` channels' (bias, multiplier, shift). ``requant_lanes`` (channels
-    requantized a cycle) defaults to gcd(rows, cols), at most 8.
+    requantized a cycle) defaults to the largest divisor of gcd(rows, cols) up to 8.
 
     Raises ``TypeError``/``ValueError`` naming the parameter, its value and the rule.
     """
@@ -85,13 +85,17 @@ class NpuConfig:
     accumulator_depth: int = 1024
     instruction_depth: int = 1024
     param_depth: int = 256
-    requant_lanes: int | None = None  # None: gcd(rows, cols), at most 8
+    requant_lanes: int | None = None  # None: the largest divisor of gcd(rows, cols) <= 8
     dataflow: str = "ws"
     rounding: str = "both"    # what REQUANT's single_rounding may ask for (ROUNDINGS)
     feature_maps: bool = True   # address walks, max pooling, add: what CNNs need
     # A second accumulator read port, so that a REQUANT with `overlap` runs beside the
     # array's next steps (the compiler then alternates accumulator halves)
     requant_overlap: bool = False
+    # The depthwise mode's line buffers (docs/ARCHITECTURE.md): input rows of up to this
+    # many words (a map's pitch, halo included) stream through the array with kernel taps
+    # in the rows and channels in the columns. 0: no depthwise mode.
+    line_buffer_depth: int = 0
 
     def __post_init__(self) -> None:
         _check_int("rows", self.rows, 1, 64)
@@ -117,7 +121,9 @@ class NpuConfig:
                 f"weight_depth must hold one weight tile of rows={self.rows} words, "
                 f"not {self.weight_depth}")
         if self.requant_lanes is None:
-            object.__setattr__(self, "requant_lanes", min(math.gcd(self.rows, self.cols), 8))
+            common = math.gcd(self.rows, self.cols)
+            object.__setattr__(self, "requant_lanes",
+                               max(d for d in range(1, 9) if common % d == 0))
         _check_int("requant_lanes", self.requant_lanes, 1, 64)
         if math.gcd(self.rows, self.cols) % self.requant_lanes:
             raise ValueError(
@@ -130,12 +136,30 @@ class NpuConfig:
         for name in BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, not {getattr(self, name)!r}")
+        _check_int("line_buffer_depth", self.line_buffer_depth, 0, 4096)
+        if self.line_buffer_depth:
+            if not self.feature_maps:
+                raise ValueError(f"line_buffer_depth={self.line_buffer_depth} (the depthwise "
+                                 "mode) needs feature_maps = true")
+            if self.rows != self.cols or self.rows < 3:
+                raise ValueError(
+                    f"line_buffer_depth={self.line_buffer_depth} (the depthwise mode) needs a "
+                    f"square array of at least 3×3, not {self.rows}×{self.cols}; set it to 0")
+            if self.line_buffer_depth < 4:
+                raise ValueError(f"line_buffer_depth must be 0 or at least 4, not "
+                                 f"{self.line_buffer_depth}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(
                 f"rounding must be one of {', '.join(map(repr, ROUNDINGS))}, "
                 f"not {self.rounding!r}")
 
     # Derived quantities -------------------------------------------------------------
+
+    @property
+    def depthwise_groups(self) -> int:
+        """Kernel rows a depthwise-mode MATMUL covers (0: no depthwise mode): rows 3g to
+        3g + 2 of the array hold kernel row g's three taps, at most three such groups."""
+        return min(self.rows // 3, 3) if self.line_buffer_depth else 0
 
     @property
     def macs_per_cycle(self) -> int:
@@ -208,6 +232,8 @@ class NpuConfig:
             text += f", {self.rounding} rounding only"
         if self.requant_overlap:
             text += ", requant overlap"
+        if self.line_buffer_depth:
+            text += f", depthwise mode (rows of {self.line_buffer_depth})"
         return text + ("" if self.feature_maps else ", no feature maps")
 
 

@@ -18,6 +18,7 @@ from .isa import REQUANT_OVERLAPPERS, Instruction, Opcode
 from .layouts import PARAM_LANE_FIELDS, param_lane_fields
 from .memory_map import Region
 from .timing import (
+    FILL_TAIL_CYCLES,
     REQUANT_TAIL_CYCLES,
     REQUANT_TO_ACC_TAIL_CYCLES,
     results_written_cycles,
@@ -105,6 +106,9 @@ class CycleModel:
             self.drain_clear_at = last + results_written_cycles(rows, cols)
             self.counters.busy_cycles += count
             self.counters.macs += count * rows * cols
+        elif op is Opcode.FILL:   # the requantizer's write port, with overlap
+            self.requant_overlap = True
+            self.requant_free_at = cycle + instruction["count"] + FILL_TAIL_CYCLES
         elif op is Opcode.REQUANT:
             self.requant_overlap = bool(self.config.requant_overlap and instruction["overlap"]
                                         and not instruction["to_acc"])
@@ -147,6 +151,8 @@ class GemmState:
         self.kernel_row_step = 0
         self.window = Walk()
         self.reduce = False
+        self.depthwise = False
+        self.pitch = self.drop = 0
         self.out = Walk()
 
     def tap_offset(self, kt: int) -> int:
@@ -169,6 +175,8 @@ class GemmState:
         elif op is Opcode.SETWIN:
             self.window = Walk(ins["row_length"], ins["row_step"], ins["col_step"])
             self.reduce = bool(ins["reduce"])
+            self.depthwise, self.pitch = bool(ins["depthwise"]), ins["pitch"]
+            self.drop = ins["drop"]
         elif op is Opcode.SETOUT:
             self.out = Walk(ins["row_length"], ins["row_step"], 1)
         if op is not Opcode.GEMM:
@@ -185,6 +193,32 @@ class GemmState:
                 "acc_addr": ins["acc_addr"], "count": ins["count"]}))
         self.weight_addr = (self.weight_addr + self.k_tiles * self.rows) & 0xFFFF
         return steps
+
+
+def depthwise_lead(config: NpuConfig, pitch: int) -> int:
+    """Activation words a depthwise-mode MATMUL streams before its first result: the
+    window's first G − 1 rows and two taps."""
+    return (config.depthwise_groups - 1) * pitch + 2
+
+
+def matmul_results(config: NpuConfig, state: GemmState, ins: Instruction) -> int:
+    """Accumulator words a MATMUL writes (its first word on): one in reduce mode, its
+    count less the lead in the depthwise mode, else its count."""
+    if state.reduce:
+        return 1
+    if state.depthwise:
+        return int(depthwise_kept(config, state, ins["count"]).sum())
+    return ins["count"]
+
+
+def depthwise_kept(config: NpuConfig, state: GemmState, count: int) -> np.ndarray:
+    """Which words of a depthwise-mode MATMUL of ``count`` words give a result: those
+    past the lead, but for SETWIN's ``drop`` last results of every row."""
+    i = np.arange(count)
+    kept = i >= depthwise_lead(config, state.pitch)
+    if state.drop:
+        kept &= (i - 2) % state.pitch < state.pitch - state.drop
+    return kept
 
 
 def expand_program(config: NpuConfig, program: list[Instruction]) -> list[Instruction]:
@@ -216,12 +250,13 @@ def check_program(config: NpuConfig, program: list[Instruction]) -> None:
             f"{config.instruction_depth} (instruction_depth)")
     state = GemmState(config.rows)
     overlap = _OverlapCheck(config)
+    line_pitch = None   # the line buffers' pitch while a depthwise MATMUL may be in flight
     for index, instruction in enumerate(program):
         op = instruction.opcode
         if not config.feature_maps:
             uses = [name for name in ("combine", "to_acc", "left_shift")
                     if instruction.args.get(name)]
-            if op in (Opcode.SETKERN, Opcode.SETWIN, Opcode.SETOUT) or uses:
+            if op in (Opcode.SETKERN, Opcode.SETWIN, Opcode.SETOUT, Opcode.FILL) or uses:
                 what = op.name if not uses else f"{op.name} {', '.join(uses)}"
                 need(False, index, instruction,
                      f"{what} needs an NPU generated with feature_maps (this one has none)")
@@ -237,6 +272,14 @@ def check_program(config: NpuConfig, program: list[Instruction]) -> None:
         for ins in state.expand(instruction):
             _check_step(config, state, index, ins, need)
             overlap.step(state, index, ins, need)
+            if ins.opcode is Opcode.REQUANT:   # it waits for the array to drain
+                line_pitch = None
+            elif ins.opcode is Opcode.MATMUL and state.depthwise:
+                need(line_pitch in (None, state.pitch), index, ins,
+                     f"a depthwise MATMUL of pitch {state.pitch} may start while one of "
+                     f"pitch {line_pitch} is still in the line buffers; put a REQUANT (which "
+                     f"waits for the array to drain) between them")
+                line_pitch = state.pitch
 
 
 def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instruction,
@@ -250,9 +293,10 @@ def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instructio
         within("weight tile rows", ins["weight_addr"] + config.rows, "weight_depth")
     elif op in (Opcode.MATMUL, Opcode.REQUANT):
         need(ins["count"] >= 1, index, ins, "count must be at least 1")
-        reduce = op is Opcode.MATMUL and state.reduce
-        within("accumulator words", ins["acc_addr"] + (1 if reduce else ins["count"]),
-               "accumulator_depth")
+        if op is Opcode.MATMUL and state.depthwise:
+            _check_depthwise(config, state, index, ins, need)
+        written = matmul_results(config, state, ins) if op is Opcode.MATMUL else ins["count"]
+        within("accumulator words", ins["acc_addr"] + written, "accumulator_depth")
     if op is Opcode.REQUANT and config.rounding == "double":
         need(not ins["ties_to_even"], index, ins,
              "ties_to_even=1, but this NPU was generated with rounding = 'double' only, "
@@ -270,6 +314,12 @@ def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instructio
     elif op is Opcode.SETPP:
         need(ins["clamp_min"] <= ins["clamp_max"], index, ins,
              "clamp_min must not exceed clamp_max")
+    elif op is Opcode.FILL:
+        need(ins["count"] >= 1, index, ins, "count must be at least 1")
+        within("words filled", int(fill_words(ins).max()) + 1, "activation_depth")
+        low, high = -(1 << (config.input_width - 1)), (1 << (config.input_width - 1)) - 1
+        need(low <= ins["value"] <= high, index, ins,
+             f"value must be an int{config.input_width} ({low} to {high})")
     elif op is Opcode.REQUANT and ins["to_acc"]:
         source, target = ins["acc_addr"], ins["out_addr"]
         within("accumulator words written", target + ins["count"], "accumulator_depth")
@@ -281,6 +331,30 @@ def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instructio
         need(ins["out_lane"] < config.rows and ins["out_lane"] % lanes == 0, index, ins,
              f"out_lane must be a multiple of requant_lanes ({lanes}) below rows "
              f"({config.rows})")
+
+
+def _check_depthwise(config: NpuConfig, state: GemmState, index: int, ins: Instruction,
+                     need) -> None:
+    depth = config.line_buffer_depth
+    need(depth > 0, index, ins, "SETWIN set the depthwise mode, but this NPU was generated "
+         "without it (line_buffer_depth = 0); regenerate it with line_buffer_depth set or "
+         "clear the bit")
+    need(4 <= state.pitch <= depth, index, ins,
+         f"the depthwise mode's pitch (SETWIN) is {state.pitch}; the line buffers take 4 to "
+         f"{depth} (line_buffer_depth)")
+    need(state.drop < state.pitch, index, ins,
+         f"the depthwise mode drops {state.drop} results a row of {state.pitch} (SETWIN "
+         f"drop, pitch): it must keep at least one")
+    need(not state.reduce, index, ins, "the depthwise mode cannot go with reduce (SETWIN)")
+    lead = depthwise_lead(config, state.pitch)
+    need(matmul_results(config, state, ins) >= 1, index, ins,
+         f"count must give a result past the depthwise mode's lead of {lead} words (pitch "
+         f"{state.pitch}) and the words it drops")
+
+
+def fill_words(ins: Instruction) -> np.ndarray:
+    """The activation words FILL ``ins`` writes, in order."""
+    return ins["out_addr"] + Walk(ins["row_length"], ins["row_step"], 1).offsets(ins["count"])
 
 
 def requant_output_words(config: NpuConfig, ins: Instruction, out_stride: int,
@@ -295,8 +369,8 @@ def requant_output_words(config: NpuConfig, ins: Instruction, out_stride: int,
 
 
 class _OverlapCheck:
-    """The words a REQUANT with ``overlap`` still reads and writes while the steps after
-    it dispatch: an overlapping MATMUL must not write its accumulator words nor read its
+    """The words a REQUANT with ``overlap``, or a FILL, still reads and writes while the
+    steps after it dispatch: an overlapping MATMUL must not write its accumulator words nor read its
     output words (the NPU does not wait for them; the program would then depend on
     timing, and the golden model, which runs one instruction after the other, would
     differ from the hardware)."""
@@ -312,7 +386,9 @@ class _OverlapCheck:
             self.out_stride = ins["out_stride"]
         if self.open is not None and op not in REQUANT_OVERLAPPERS:
             self.open = None
-        if op is Opcode.REQUANT and ins["overlap"]:
+        if op is Opcode.FILL:   # always beside the steps after it
+            self.open = (index, ins, range(0), set(fill_words(ins).tolist()))
+        elif op is Opcode.REQUANT and ins["overlap"]:
             need(c.requant_overlap, index, ins,
                  "overlap=1, but this NPU was generated with requant_overlap = false; "
                  "regenerate it with requant_overlap = true or clear the bit")
@@ -323,15 +399,17 @@ class _OverlapCheck:
                          written)
         elif op is Opcode.MATMUL and self.open is not None:
             at, requant, accumulators, written = self.open
-            last = ins["acc_addr"] + (1 if state.reduce else ins["count"])
+            last = ins["acc_addr"] + matmul_results(c, state, ins)
             need(last <= accumulators.start or ins["acc_addr"] >= accumulators.stop, index,
                  ins, f"writes accumulator words {ins['acc_addr']} to {last - 1}, which the "
                       f"overlapping REQUANT of instruction {at} ({requant}) reads; give them "
                       f"other words or clear its overlap bit")
             read = ins["act_addr"] + state.window.offsets(ins["count"])
+            fix = ("clear its overlap bit" if requant.opcode is Opcode.REQUANT else
+                   "move the FILL after an instruction that waits for it")
             need(written.isdisjoint(read.tolist()), index, ins,
-                 f"reads activation words that the overlapping REQUANT of instruction {at} "
-                 f"({requant}) writes; clear its overlap bit")
+                 f"reads activation words that the overlapping {requant.opcode.name} of "
+                 f"instruction {at} ({requant}) writes; {fix}")
 
 
 class GoldenNpu:
@@ -408,20 +486,38 @@ class GoldenNpu:
         elif op is Opcode.SETREQ:
             self.param_addr = ins["param_addr"]
             self.out_stride = ins["out_stride"]
+        elif op is Opcode.FILL:
+            self.activations[fill_words(ins)] = ins["value"]
 
     def _matmul(self, ins: Instruction) -> None:
         c, state = self.config, self.state
         words = ins["act_addr"] + state.window.offsets(ins["count"])
-        products = wrap(self.activations[words] @ self.banks[ins["bank"]], c.accumulator_width)
+        bank = self.banks[ins["bank"]]
+        if state.depthwise:
+            products = self._depthwise_products(self.activations[words], bank)
+        else:
+            products = wrap(self.activations[words] @ bank, c.accumulator_width)
         combine = np.maximum if ins["combine"] else np.add
         if state.reduce:  # every row into one word, each after the first combined
             products = combine.reduce(products, axis=0, keepdims=True)
-            target = slice(ins["acc_addr"], ins["acc_addr"] + 1)
-        else:
-            target = slice(ins["acc_addr"], ins["acc_addr"] + ins["count"])
+        target = slice(ins["acc_addr"], ins["acc_addr"] + len(products))
         if ins["accumulate"]:
             products = combine(products, self.accumulators[target])
         self.accumulators[target] = wrap(products, c.accumulator_width)
+
+    def _depthwise_products(self, words: np.ndarray, bank: np.ndarray) -> np.ndarray:
+        """The depthwise mode's result rows (MATMUL in docs/ISA.md): per column c, the
+        window of weight rows 3g + j over lane c of word i − g·pitch − j."""
+        c = self.config
+        lead = depthwise_lead(c, self.state.pitch)
+        lanes = words[:, :c.cols]
+        sums = np.zeros((len(words) - lead, c.cols), dtype=np.int64)
+        for g in range(c.depthwise_groups):
+            for j in range(3):
+                back = g * self.state.pitch + j
+                sums += lanes[lead - back:len(words) - back] * bank[3 * g + j]
+        kept = depthwise_kept(c, self.state, len(words))[lead:]
+        return wrap(sums[kept], c.accumulator_width)
 
     def _requant(self, ins: Instruction) -> None:
         c = self.config

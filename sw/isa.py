@@ -20,7 +20,7 @@ __all__ = [
     "decode_program", "isa_markdown",
 ]
 
-ISA_VERSION = 5
+ISA_VERSION = 6
 INSTRUCTION_WIDTH = 64
 OPCODE_WIDTH = 4
 
@@ -40,6 +40,7 @@ class Opcode(enum.IntEnum):
     SETKERN = 8
     SETWIN = 9
     SETOUT = 10
+    FILL = 11
 
 
 #: The instructions that may dispatch while a REQUANT with ``overlap`` runs: they use the
@@ -84,7 +85,15 @@ DESCRIPTIONS: dict[Opcode, str] = {
         "set `reduce`) and is combined with it when `accumulate` is 1 (in reduce mode, "
         "also for every row after the first): added, or the larger kept lane by lane when "
         "`combine` is 1 (max); written over it otherwise. Issues one row a cycle; the "
-        "next MATMUL may start while this one drains."),
+        "next MATMUL may start while this one drains. In the depthwise mode (SETWIN "
+        "`depthwise`, NPUs generated with line buffers) lane c of word i meets column c "
+        "only: with G kernel-row groups (min(rows div 3, 3)) and P = SETWIN's `pitch`, "
+        "result row i − (G−1)·P − 2 (for i from (G−1)·P + 2 on; the words before only fill "
+        "the line buffers) is, in column c, the sum over g < G and j < 3 of weight row "
+        "3g + j times lane c of word i − g·P − j: a 3-wide, G-high window whose last tap "
+        "is word i. With SETWIN's `drop` D > 0, the results of the words i with "
+        "(i − 2) mod P ≥ P − D (windows that wrap into the next row of the map) are "
+        "dropped too, and the others go to consecutive accumulator words."),
     Opcode.REQUANT: (
         "Post-process `count` accumulator words from `acc_addr` on: + bias, "
         "requantize by the Q31 multiplier and the right shift, rounding twice (gemmlowp: "
@@ -125,8 +134,18 @@ DESCRIPTIONS: dict[Opcode, str] = {
         "activation words between kernel rows (the input's row pitch). A start sets 1×1."),
     Opcode.SETWIN: (
         "Set the activation walk of MATMUL (and of GEMM's steps): output pixels per row "
-        "(0: one endless row), words between rows and between pixels (the stride), and "
-        "reduce mode. A start sets 0, 0, 1, 0: consecutive words."),
+        "(0: one endless row), words between rows and between pixels (the stride), "
+        "reduce mode, and the depthwise mode with its row pitch and the results it drops. A "
+        "start sets 0, 0, 1, 0 and no depthwise mode: consecutive words."),
+    Opcode.FILL: (
+        "Write `value` to every lane of `count` activation words, word i at `out_addr` + "
+        "(i div L)·`row_step` + (i mod L) (L = `row_length`; 0: `out_addr` + i), one word "
+        "a cycle (feature-map NPUs: a map's halo, its padding value). It takes the "
+        "requantizer's write port, so instructions wait for it as for a REQUANT, but it "
+        "reads no accumulator and does not wait for the array, and "
+        + ", ".join(op.name for op in REQUANT_OVERLAPPERS) + " dispatch beside it: the "
+        "program must keep those off its words (the golden model refuses one that does "
+        "not)."),
     Opcode.SETOUT: (
         "Set where REQUANT writes: accumulator words per output row (0: one endless row) "
         "and the activation words between output rows. A start sets 0, 0."),
@@ -199,6 +218,21 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
         Field("row_step", 24, _A16, doc="activation words from one row's start to the next"),
         Field("col_step", 40, 8, doc="activation words between words of a row (stride)"),
         Field("reduce", 48, 1, doc="1: every row goes to accumulator word acc_addr"),
+        Field("drop", 4, 4,
+              doc="depthwise mode: the last results of every row of `pitch` words to drop "
+                  "(the windows that wrap into the next row: pitch − output width), 0: none"),
+        Field("depthwise", 49, 1,
+              doc="1: the depthwise mode (kernel taps in the rows, channels in the columns)"),
+        Field("pitch", 50, 14,
+              doc="depthwise mode: words between the window's rows (the input's row pitch, "
+                  "4 to line_buffer_depth)"),
+    ),
+    Opcode.FILL: (
+        Field("value", 4, 8, signed=True, doc="the value written (the map's padding)"),
+        Field("row_length", 12, 8, doc="words per row of the walk (0: one endless row)"),
+        Field("out_addr", 20, _A16, doc="first activation word"),
+        Field("count", 36, _A16, doc="words to write (1 or more)"),
+        Field("row_step", 52, 12, doc="activation words from one row's start to the next"),
     ),
     Opcode.SETOUT: (
         Field("row_length", 8, _A16, doc="accumulator words per output row (0: one row)"),

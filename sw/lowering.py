@@ -32,13 +32,15 @@ feature-map hardware lack. A dense layer on a batch of vectors (an MLP's) is one
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .config import NpuConfig
 from .featuremap import FeatureMap, conv_output_size, stride_pair
-from .isa import Instruction, Opcode
+from .golden import CycleModel, depthwise_lead, expand_program
+from .isa import FORMATS, Instruction, Opcode
 from .schedule import DoesNotFit, GemmPlan, ceil_div, gemm_instructions, next_bank
 
 __all__ = ["Requant", "Rescale", "Lowering"]
@@ -46,6 +48,15 @@ __all__ = ["Requant", "Rescale", "Lowering"]
 #: The instructions that set the walks of GEMM, MATMUL and REQUANT (a start resets them to
 #: contiguous words and a 1×1 kernel).
 _WALK_OPCODES = (Opcode.SETKERN, Opcode.SETWIN, Opcode.SETOUT)
+#: The most results a depthwise-mode MATMUL drops a row (SETWIN ``drop``).
+_MAX_DROP = next(f.high for f in FORMATS[Opcode.SETWIN] if f.name == "drop")
+#: FILL's fields by name.
+_FILL_FIELDS = {f.name: f for f in FORMATS[Opcode.FILL]}
+
+
+def _fill(value: int, out_addr: int, count: int, row_length: int, row_step: int) -> Instruction:
+    return Instruction(Opcode.FILL, {"value": value, "out_addr": out_addr, "count": count,
+                                     "row_length": row_length, "row_step": row_step})
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,35 @@ class Rescale:
     shift: int
 
 
+def _chunk_words(src: FeatureMap, dst: FeatureMap, rows: int, reduce: bool, depthwise: bool,
+                 lead: int) -> tuple[int, int]:
+    """Activation words a chunk of ``rows`` output rows streams, and accumulator words
+    it writes: the whole input into one word (reduce), the depthwise mode's lead and
+    ``src.pitch`` words a row but the last (a word per output pixel), or a word per
+    output pixel."""
+    if reduce:
+        return src.height * src.width, 1
+    if depthwise:   # the results of the rows' last src.pitch − dst.width words dropped
+        return lead + (rows - 1) * src.pitch + dst.width, rows * dst.width
+    return rows * dst.width, rows * dst.width
+
+
+def _spread_fills(fills: list[Instruction], parts: int) -> list[Instruction]:
+    """``fills`` cut at row boundaries into FILLs of about 1/``parts`` of their words
+    each, so that ``parts`` GEMMs can each hide one."""
+    total = sum(ins["count"] for ins in fills)
+    most = max(1, -(-total // max(parts, 1)))
+    pieces = []
+    for ins in fills:
+        length, step = ins["row_length"], ins["row_step"]
+        per = most if length == 0 else max(1, most // length) * length
+        for start in range(0, ins["count"], per):
+            offset = start if length == 0 else start // length * step
+            pieces.append(_fill(ins["value"], ins["out_addr"] + offset,
+                                min(per, ins["count"] - start), length, step))
+    return pieces
+
+
 @dataclass
 class _OutTile:
     weights: np.ndarray     # (k_tiles · rows, cols)
@@ -104,6 +144,7 @@ class Lowering:
     weight_end: int = 0
     param_end: int = 0
     _zero_params: int | None = None   # parameter words of multiplier 0 (fill_halo)
+    _pending_fills: list[Instruction] = field(default_factory=list)   # fill_halo's FILLs
     check_depths: bool = True   # False: go on past full memories (to report every need)
 
     def __post_init__(self) -> None:
@@ -139,15 +180,36 @@ class Lowering:
                   pads: tuple[int, int, int, int] = (0, 0, 0, 0), *,
                   combine_max: bool = False,
                   pixel_requants: tuple[np.ndarray, dict[int, Requant]] | None = None
-                  ) -> None:
+                  ) -> bool:
         """Per-channel ``dst = requant(Σ_taps src · weight)`` (max over the taps when
         ``combine_max``); weight is (kh, kw, C) int. Pooling is this with weights 1.
         ``pixel_requants``: (key of each output pixel (H, W), requant of each key), for
         outputs whose requantization differs by pixel (average pooling whose border
-        windows hold fewer pixels)."""
-        c = self.config
+        windows hold fewer pixels). True when it runs in the array's depthwise mode."""
         kh, kw, channels = weight.shape
         self._check_maps(src, dst, channels, channels, (kh, kw), stride, pads)
+        if (self._depthwise_mode(src, dst, (kh, kw), stride) and not combine_max
+                and pixel_requants is None):
+            # The depthwise mode makes a column's nine products a cycle, but streams
+            # src.pitch words a row and a lead: where the requantizer is the bottleneck
+            # the diagonal tiles below can be faster. The cycle model picks.
+            return self._cheaper(
+                lambda low: low._emit(src, dst, low._depthwise_mode_tiles(weight), requant,
+                                      (kh, kw), stride, pads,
+                                      k_tiles=low._depthwise_passes(), depthwise=True),
+                lambda low: low._diagonal(src, dst, weight, requant, stride, pads)) == 0
+        self._diagonal(src, dst, weight, requant, stride, pads, combine_max=combine_max,
+                       pixel_requants=pixel_requants)
+        return False
+
+    def _diagonal(self, src: FeatureMap, dst: FeatureMap, weight: np.ndarray,
+                  requant: Requant, stride: int | tuple[int, int],
+                  pads: tuple[int, int, int, int], *, combine_max: bool = False,
+                  pixel_requants: tuple[np.ndarray, dict[int, Requant]] | None = None
+                  ) -> None:
+        """A per-channel operator on diagonal weight tiles, one tap per K tile."""
+        c = self.config
+        kh, kw, channels = weight.shape
         tiles = []
         for tile in range(ceil_div(channels, c.rows)):
             for first in range(0, c.rows, c.cols):
@@ -163,6 +225,72 @@ class Lowering:
                                       tile * c.rows + first))
         self._emit(src, dst, tiles, requant, (kh, kw), stride, pads, k_tiles=kh * kw,
                    combine_max=combine_max, pixel_requants=pixel_requants)
+
+    def _cheaper(self, *emitters) -> int:
+        """Run the emitter (a function of a Lowering) whose instructions take the fewest
+        cycles in the cycle model, and return its index; the others leave no trace. One
+        that does not fit (``DoesNotFit``) is left out, unless none fits."""
+        best, best_cycles, refusal, chosen = None, None, None, -1
+        for index, emit in enumerate(emitters):
+            trial = copy.copy(self)
+            trial.instructions, trial.weight_words = [], list(self.weight_words)
+            trial.param_words = list(self.param_words)
+            trial._pending_fills = list(self._pending_fills)
+            try:
+                emit(trial)
+            except DoesNotFit as error:
+                refusal = error
+                continue
+            timing = CycleModel(self.config)
+            for step in expand_program(self.config,
+                                       [*trial.instructions, Instruction(Opcode.HALT)]):
+                timing.dispatch(step)
+            if best_cycles is None or timing.counters.cycles < best_cycles:
+                best, best_cycles, chosen = trial, timing.counters.cycles, index
+        if best is None:
+            raise refusal
+        best.instructions = self.instructions + best.instructions
+        self.__dict__.update(best.__dict__)
+        return chosen
+
+    def _depthwise_mode(self, src: FeatureMap, dst: FeatureMap, kernel: tuple[int, int],
+                        stride: int | tuple[int, int]) -> bool:
+        """Whether a per-channel operator runs in the array's depthwise mode: a 3×3
+        kernel, stride 1, on an NPU with line buffers that hold the input's rows, and no
+        more than ``_MAX_DROP`` words a row past the output's."""
+        return (bool(self.config.line_buffer_depth) and kernel == (3, 3)
+                and stride_pair(stride) == (1, 1)
+                and 4 <= src.pitch <= self.config.line_buffer_depth
+                and src.pitch - dst.width <= _MAX_DROP)
+
+    def _depthwise_passes(self) -> int:
+        """MATMULs (K tiles) a 3×3 kernel takes in the depthwise mode: G kernel rows
+        each, the last pass's window ending at the kernel's last row."""
+        return ceil_div(3, self.config.depthwise_groups)
+
+    def _depthwise_mode_tiles(self, weight: np.ndarray) -> list[_OutTile]:
+        """The depthwise mode's weight tiles: per channel tile (lane c is channel
+        t·rows + c, rows == cols), one tile per pass, row 3g + j holding the tap of
+        kernel row b − g and column 2 − j, where b is the pass's last kernel row; its
+        window starts at kernel row b − G + 1 (golden.py, ``_depthwise_products``)."""
+        c = self.config
+        groups, passes = c.depthwise_groups, self._depthwise_passes()
+        channels = weight.shape[2]
+        tiles = []
+        for tile in range(ceil_div(channels, c.rows)):
+            stacked = np.zeros((passes, c.rows, c.cols), dtype=np.int64)
+            lanes = min(c.cols, channels - tile * c.rows)
+            for p in range(passes):
+                bottom = min((p + 1) * groups, 3) - 1
+                for g in range(groups):
+                    if bottom - g < p * groups:
+                        continue   # an earlier pass has this kernel row
+                    for j in range(3):
+                        stacked[p, 3 * g + j, :lanes] = weight[
+                            bottom - g, 2 - j, tile * c.rows:tile * c.rows + lanes]
+            tiles.append(_OutTile(stacked.reshape(-1, c.cols),
+                                  tile * c.rows + np.arange(c.cols), tile, tile * c.rows))
+        return tiles
 
     def global_sum(self, src: FeatureMap, dst: FeatureMap, requant: Requant,
                    weight: int = 1) -> None:
@@ -196,6 +324,7 @@ class Lowering:
                 raise ValueError(f"the {name} map is {fmap.channels}×{fmap.height}×"
                                  f"{fmap.width}, the first input {'×'.join(map(str, shape))}")
         self._check_maps(first, dst, first.channels, first.channels, (1, 1), 1, (0, 0, 0, 0))
+        self.flush_fills()
         groups = c.cols // c.requant_lanes
         channels, height, width = shape
         if 2 * width > c.accumulator_depth:
@@ -264,11 +393,16 @@ class Lowering:
 
     def fill_halo(self, fmap: FeatureMap) -> None:
         """Write ``fmap``'s halo (its padding value) around the pixels of every channel
-        tile: REQUANTs whose multiplier is 0 turn any accumulator into the zero point,
-        set to the fill. A map's words are shared with other maps at other times, so its
-        halo is written before its layer makes it, on every run."""
+        tile. A map's words are shared with other maps at other times, so its halo is
+        written while its layer makes it (the next operator takes the FILLs and runs them
+        beside its GEMMs), on every run. A padding value past FILL's 8 bits takes
+        REQUANTs whose multiplier is 0, which turn any accumulator into the zero point."""
         c = self.config
         if not any(fmap.halo):
+            return
+        value = _FILL_FIELDS["value"]
+        if value.low <= fmap.fill <= value.high:
+            self._fill_runs(fmap)
             return
         if self._zero_params is None:
             groups = c.cols // c.requant_lanes
@@ -320,6 +454,41 @@ class Lowering:
                         requant(fmap.word(tile, 0, width), (height - 1) * (left + right),
                                 lane)
 
+    def _fill_runs(self, fmap: FeatureMap) -> None:
+        """FILLs of ``fmap``'s halo, kept for the next operator (:meth:`_take_fills`):
+        the top rows and first row's left of every tile, the last row's right and bottom
+        rows of every tile, and the right and left of each row boundary, all tiles at
+        once (their rows follow each other)."""
+        top, left, bottom, right = fmap.halo
+        pitch, height, width = fmap.pitch, fmap.height, fmap.width
+        tiles = -(-fmap.channels // self.config.rows)
+        first = top * pitch + left
+        last = right + bottom * pitch
+        runs = [(fmap.base, first * tiles, first, fmap.tile_words),
+                (fmap.word(0, height - 1, width), last * tiles, last, fmap.tile_words)]
+        if left + right:
+            rows = (tiles - 1) * fmap.padded_height + height - 1
+            runs.append((fmap.word(0, 0, width), rows * (left + right), left + right, pitch))
+        for out_addr, count, length, step in runs:
+            if count == 0:
+                continue
+            if length <= _FILL_FIELDS["row_length"].high and step <= _FILL_FIELDS[
+                    "row_step"].high:
+                self._pending_fills.append(_fill(fmap.fill, out_addr, count, length, step))
+                continue
+            for start in range(0, count, length):   # a FILL per run
+                self._pending_fills.append(_fill(fmap.fill, out_addr + start // length * step,
+                                                 min(length, count - start), 0, 0))
+
+    def _take_fills(self) -> list[Instruction]:
+        """The FILLs :meth:`fill_halo` keeps for the next operator."""
+        fills, self._pending_fills = self._pending_fills, []
+        return fills
+
+    def flush_fills(self) -> None:
+        """Emit the FILLs no operator has taken yet."""
+        self.instructions += self._take_fills()
+
     # -- the common schedule -------------------------------------------------------------
 
     def _plain_gemm(self, src: FeatureMap, dst: FeatureMap, kernel: tuple[int, int],
@@ -349,6 +518,7 @@ class Lowering:
             groups, c.requant_lanes, 3)) for tile in tiles]
         plan = GemmPlan(c, src.height * src.width, src.channels, dst.channels,
                         act_base=src.base, weight_base=weight_at[0])
+        self.flush_fills()
         ins = self.instructions
         ins += gemm_instructions(plan, first_bank=self.bank)
         self.bank = next_bank(plan, self.bank)
@@ -401,8 +571,11 @@ class Lowering:
     def _emit(self, src: FeatureMap, dst: FeatureMap, tiles: list[_OutTile],
               requant: Requant, kernel: tuple[int, int], stride: int | tuple[int, int],
               pads: tuple[int, int, int, int], *, k_tiles: int, combine_max: bool = False,
-              reduce: bool = False,
+              reduce: bool = False, depthwise: bool = False,
               pixel_requants: tuple[np.ndarray, dict[int, Requant]] | None = None) -> None:
+        """Every output tile, chunk by chunk of output rows. ``depthwise``: the tiles are
+        the depthwise mode's (:meth:`_depthwise_mode_tiles`), each chunk one stream over
+        the input's rows, the results of windows that wrap into the next row dropped."""
         c = self.config
         kh, kw = kernel
         step_y, step_x = stride_pair(stride)
@@ -434,25 +607,35 @@ class Lowering:
         ins.append(Instruction(Opcode.SETPP, {
             "zero_point": requant.zero_point, "clamp_min": requant.clamp_min,
             "clamp_max": requant.clamp_max}))
-        ins.append(Instruction(Opcode.SETKERN, {
-            "kernel_w": 1 if reduce else kw, "kernel_h": 1 if reduce else kh,
-            "kernel_row_step": src.pitch}))
-        if reduce:
+        if depthwise:   # a pass per K tile, its window a kernel row lower
+            ins.append(Instruction(Opcode.SETKERN, {
+                "kernel_w": 1, "kernel_h": k_tiles, "kernel_row_step": src.pitch}))
+        else:
+            ins.append(Instruction(Opcode.SETKERN, {
+                "kernel_w": 1 if reduce else kw, "kernel_h": 1 if reduce else kh,
+                "kernel_row_step": src.pitch}))
+        if depthwise:
+            ins.append(Instruction(Opcode.SETWIN, {
+                "row_length": 0, "row_step": 0, "col_step": 1, "depthwise": 1,
+                "pitch": src.pitch, "drop": src.pitch - out_w}))
+        elif reduce:
             ins.append(Instruction(Opcode.SETWIN, {
                 "row_length": src.width, "row_step": src.pitch, "col_step": 1, "reduce": 1}))
         else:
             ins.append(Instruction(Opcode.SETWIN, {
                 "row_length": out_w, "row_step": step_y * src.pitch, "col_step": step_x}))
         ins.append(Instruction(Opcode.SETOUT, {"row_length": out_w, "row_step": dst.pitch}))
+        lead = depthwise_lead(c, src.pitch) if depthwise else 0
         if c.requant_overlap and keys is None and words_per_row <= capacity // 2:
             self._emit_overlapped(src, dst, tiles, requant, weight_at, param_at,
                                   stride=(step_y, step_x), top=top, left=left,
-                                  k_tiles=k_tiles, combine_max=combine_max, reduce=reduce)
+                                  k_tiles=k_tiles, combine_max=combine_max, reduce=reduce,
+                                  lead=lead)
             return
+        self.flush_fills()   # beside the first GEMM
         for y0 in range(0, out_h, chunk_rows):
             rows_here = min(chunk_rows, out_h - y0)
-            count = src.height * src.width if reduce else rows_here * out_w
-            acc_words = 1 if reduce else count
+            count, acc_words = _chunk_words(src, dst, rows_here, reduce, depthwise, lead)
             for first in range(0, len(tiles), per_block):
                 block = range(first, min(first + per_block, len(tiles)))
                 for slot, index in enumerate(block):
@@ -484,12 +667,12 @@ class Lowering:
                         "acc_addr": slot * acc_words, "count": acc_words,
                         "out_addr": dst.word(out_tile, y0, 0), "out_lane": lane,
                         "single_rounding": requant.single_rounding,
-                    "ties_to_even": requant.ties_to_even}))
+                        "ties_to_even": requant.ties_to_even}))
 
     def _emit_overlapped(self, src: FeatureMap, dst: FeatureMap, tiles: list[_OutTile],
                          requant: Requant, weight_at: list[int], param_at: list[int], *,
                          stride: tuple[int, int], top: int, left: int, k_tiles: int,
-                         combine_max: bool, reduce: bool) -> None:
+                         combine_max: bool, reduce: bool, lead: int) -> None:
         """The steps of :meth:`_emit` for an NPU with ``requant_overlap``: one output tile
         and chunk of rows at a time, in alternate halves of the accumulators, each tile's
         REQUANT running (``overlap``) beside the next one's GEMM."""
@@ -503,10 +686,8 @@ class Lowering:
 
         def counts(y0: int) -> tuple[int, int]:
             """Activation words streamed and accumulator words written by a chunk."""
-            if reduce:
-                return src.height * src.width, 1
-            words = min(chunk_rows, dst.height - y0) * dst.width
-            return words, words
+            return _chunk_words(src, dst, min(chunk_rows, dst.height - y0), reduce,
+                                bool(lead), lead)
 
         def gemm(k: int) -> None:
             y0, index = items[k]
@@ -514,11 +695,15 @@ class Lowering:
                             src.word(tiles[index].src_tile, y0 * step_y - top, -left),
                             (k % 2) * half, counts(y0)[0])
 
+        # The halo FILLs of the output map, spread over the tiles: each runs beside the
+        # end of a GEMM, before its REQUANT.
+        fills = _spread_fills(self._take_fills(), len(items))
         gemm(0)
         for k, (y0, index) in enumerate(items):
-            tile = tiles[index]
+            ins += fills[k::len(items)]
             ins.append(Instruction(Opcode.SETREQ, {
                 "param_addr": param_at[index], "out_stride": dst.tile_words}))
+            tile = tiles[index]
             ins.append(Instruction(Opcode.REQUANT, {
                 "acc_addr": (k % 2) * half, "count": counts(y0)[1],
                 "out_addr": dst.word(tile.dst_channel // c.rows, y0, 0),

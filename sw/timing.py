@@ -16,6 +16,7 @@ from pathlib import Path
 __all__ = [
     "REQUANT_PIPELINE_STAGES", "PRODUCT_PIPELINE_STAGES", "ARRAY_INPUT_STAGES",
     "REQUANT_INPUT_STAGES", "REQUANT_TAIL_CYCLES", "REQUANT_TO_ACC_TAIL_CYCLES",
+    "FILL_TAIL_CYCLES",
     "array_latency", "weight_use_cycles", "results_written_cycles", "timing_markdown",
     "splice_timing",
 ]
@@ -36,6 +37,9 @@ REQUANT_TAIL_CYCLES = 2 + REQUANT_INPUT_STAGES + REQUANT_PIPELINE_STAGES
 #: The same for REQUANT to_acc (two cycles per group): the results then take the
 #: accumulate path (destination read, add, write).
 REQUANT_TO_ACC_TAIL_CYCLES = REQUANT_TAIL_CYCLES + 3
+#: Cycles from a FILL's dispatch to the cycle the next instruction that waits for it may
+#: dispatch, beyond one cycle per word (its writes start the cycle after the dispatch).
+FILL_TAIL_CYCLES = 1
 
 
 def array_latency(rows: int, cols: int) -> int:
@@ -93,11 +97,14 @@ def timing_markdown() -> str:
         f"group + {REQUANT_TAIL_CYCLES} from the REQUANT's dispatch "
         f"(`REQUANT_TAIL_CYCLES`; with `to_acc`, two per group + "
         f"{REQUANT_TO_ACC_TAIL_CYCLES}, `REQUANT_TO_ACC_TAIL_CYCLES`) |",
+        "| FILL | nothing; then the next instruction waits one cycle per word + "
+        f"{FILL_TAIL_CYCLES} from the FILL's dispatch (`FILL_TAIL_CYCLES`) |",
         "| SETKERN, SETWIN, SETOUT, SETGEMM, SETPP, SETREQ | nothing (one cycle) |",
         "| HALT | every unit is idle and every result is written |",
-        "| every instruction | no REQUANT is in progress, but for "
-        + ", ".join(op.name for op in REQUANT_OVERLAPPERS) + " after a REQUANT with "
-        "`overlap` on an NPU generated with `requant_overlap`: they dispatch beside it |",
+        "| every instruction | no REQUANT or FILL is in progress, but for "
+        + ", ".join(op.name for op in REQUANT_OVERLAPPERS) + " after a FILL, or a REQUANT "
+        "with `overlap` on an NPU generated with `requant_overlap`: they dispatch beside "
+        "it |",
         "",
         "| pipeline | cycles | name |",
         "|---|---|---|",

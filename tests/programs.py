@@ -282,6 +282,7 @@ def feature_map_job(config: NpuConfig, rng: np.random.Generator, kind: str):
         bias[:], multiplier[:], shift[:] = 0, (1 << 31) - 1, 0
     requant = Requant(bias, multiplier, shift, zero_point, *clamp)
     lowering = Lowering(config)
+    lowering.fill_halo(dst)   # FILLs, beside the operator's GEMMs
     if kind == "conv":
         weight = rng.integers(-128, 128, (kernel, kernel, channels, c_out))
         lowering.conv(src, dst, weight, requant, stride, pads)
@@ -308,20 +309,62 @@ def feature_map_job(config: NpuConfig, rng: np.random.Generator, kind: str):
     return _map_job(config, rng, lowering, [(src, x)], dst), expected, dst
 
 
+def depthwise_mode_job(config: NpuConfig, rng: np.random.Generator, *, out_halo: bool):
+    """A random 3×3 stride-1 depthwise convolution that runs in the array's depthwise
+    mode (line buffers), with the expected output computed directly: (job, expected,
+    output map). Input halos up to one word wider than the pads (the results' extra words
+    per row), output maps with a halo (a REQUANT per row) or none (one per chunk)."""
+    from npugen.arith import requantize
+    from npugen.featuremap import FeatureMap
+    from npugen.lowering import Lowering, Requant
+
+    channels = int(rng.choice([1, config.rows - 1, config.rows + 1, 2 * config.rows + 2]))
+    height, width = int(rng.integers(3, 9)), int(rng.integers(4, 9))
+    pads = (1, 1, 1, 1) if rng.random() < 0.7 else (0, 0, 0, 0)
+    halo = tuple(p + int(rng.integers(0, 2)) for p in pads)
+    fill = int(rng.integers(-128, 128))
+    src = FeatureMap(0, channels, height, width, config.rows, config.cols, halo=halo,
+                     fill=fill)
+    dst = FeatureMap(src.end, channels, height + pads[0] + pads[2] - 2,
+                     width + pads[1] + pads[3] - 2, config.rows, config.cols,
+                     halo=(1, 1, 1, 1) if out_halo else (0, 0, 0, 0),
+                     fill=int(rng.integers(-128, 128)))
+    x = rng.integers(-128, 128, (channels, height, width))
+    weight = rng.integers(-128, 128, (3, 3, channels))
+    requant = Requant(rng.integers(-2000, 2000, channels),
+                      rng.integers(1 << 30, (1 << 31) - 1, channels),
+                      rng.integers(0, 10, channels), int(rng.integers(-20, 20)))
+    lowering = Lowering(config)
+    lowering.fill_halo(dst)
+    lowering.depthwise(src, dst, weight, requant, 1, pads)
+    assert any(ins.opcode is Opcode.SETWIN and ins["depthwise"] for ins in lowering.instructions)
+    full = np.zeros((3, 3, channels, channels), dtype=np.int64)
+    for channel in range(channels):
+        full[:, :, channel, channel] = weight[:, :, channel]
+    acc = reference_conv(x, full, 1, pads, fill)
+    expected = requantize(acc.transpose(1, 2, 0), requant.bias, requant.multiplier,
+                          requant.shift, requant.zero_point, -128, 127,
+                          accumulator_width=config.accumulator_width,
+                          output_width=config.input_width).transpose(2, 0, 1)
+    return _map_job(config, rng, lowering, [(src, x)], dst), expected, dst
+
+
 #: The value of the words just past an operator's output map: it must not write there.
 GUARD_VALUE = 77
 
 
 def _map_job(config: NpuConfig, rng: np.random.Generator, lowering, inputs, dst) -> Job:
     """The lowered program with its input maps, junk where the output goes (the operator
-    must overwrite it) and a guard past the output map (it must not write there)."""
+    and its FILLs must overwrite it) and a guard past the output map (it must not write
+    there)."""
     job = Job(config)
     job.write(Region.INSTRUCTIONS, 0, encode_program(lowering.instructions
                                                      + [Instruction(Opcode.HALT)]))
     for fmap, values in inputs:
         job.write(Region.ACTIVATIONS, fmap.base, fmap.pack(values))
-    job.write(Region.ACTIVATIONS, dst.base, dst.pack(rng.integers(-128, 128, (
-        dst.channels, dst.height, dst.width))))
+    # Junk in the output map, its halo too: the operator writes the pixels and the
+    # program's FILLs (fill_halo) the halo.
+    job.write(Region.ACTIVATIONS, dst.base, rng.integers(-128, 128, (dst.words, config.rows)))
     job.write(Region.WEIGHTS, 0, lowering.weights())
     job.write(Region.PARAMS, 0, lowering.params())
     job.read("output", Region.ACTIVATIONS, dst.base, dst.words)
@@ -395,6 +438,7 @@ def _add_job(config, rng, FeatureMap, Lowering, Requant, Rescale, quantize_multi
     requant = Requant(np.zeros(channels, dtype=np.int64), np.full(channels, out_multiplier),
                       np.full(channels, out_shift), zeros[2], *clamp)
     lowering = Lowering(config)
+    lowering.fill_halo(dst)
     lowering.add(first, second, dst, rescales[0], rescales[1], requant)
     # TFLite's int8 Add, term by term: rounding twice, unless the NPU rounds only once.
     rounding = "single" if config.rounding == "single" else "double"

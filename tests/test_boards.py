@@ -49,7 +49,8 @@ def test_impossible_config_is_refused_before_synthesis(tmp_path, capsys):
     assert "12 multiplier slots (SB_MAC16) needed, the iCE40UP5K has 8" in error
     assert not (tmp_path / "build").exists(), "nothing may run for an impossible config"
     assert main(["build", "--board", "ulx3s-85f", "--activation-depth", "65536",
-                 "--rows", "16", "--cols", "8", "-o", str(tmp_path)]) == 1
+                 "--rows", "16", "--cols", "8", "--line-buffer-depth", "0",
+                 "-o", str(tmp_path)]) == 1
     assert "Kbit of block RAM needed, the LFE5U-85F has 3744 Kbit" in capsys.readouterr().err
 
 
@@ -138,6 +139,17 @@ def test_estimate_counts_the_accumulator_copy_of_requant_overlap():
     extra = (estimate(config.replace(requant_overlap=True), device).block_ram_bits
              - estimate(config, device).block_ram_bits)
     assert extra == 512 * 8 * 32
+
+
+def test_estimate_counts_the_line_buffers_of_the_depthwise_mode():
+    """Two line buffers on a 12×12 (three row groups), one on an 8×8, each a row of
+    `cols` activations per word."""
+    device = DEVICES["lfe5u-85f"]
+    for size, buffers in ((12, 2), (8, 1)):
+        config = NpuConfig(rows=size, cols=size, requant_lanes=4)
+        extra = (estimate(config.replace(line_buffer_depth=64), device).block_ram_bits
+                 - estimate(config, device).block_ram_bits)
+        assert extra == buffers * 64 * size * 8
 
 
 #: The targets of the default configurations: MAC/cycle and clock (docs/BOARDS.md).

@@ -31,6 +31,13 @@ def test_defaults_are_valid_and_hashable():
     ({"rounding": "triple"}, ValueError,
      r"rounding must be one of 'double', 'single', 'both', not 'triple'"),
     ({"requant_overlap": 1}, TypeError, r"requant_overlap must be true or false, not 1"),
+    ({"rows": 8, "cols": 4, "line_buffer_depth": 16}, ValueError,
+     r"line_buffer_depth=16 \(the depthwise mode\) needs a square array of at least 3×3, "
+     r"not 8×4; set it to 0"),
+    ({"feature_maps": False, "line_buffer_depth": 16}, ValueError,
+     r"line_buffer_depth=16 \(the depthwise mode\) needs feature_maps = true"),
+    ({"line_buffer_depth": 2}, ValueError, r"line_buffer_depth must be 0 or at least 4, not 2"),
+    ({"line_buffer_depth": 5000}, ValueError, r"line_buffer_depth must be between 0 and 4096"),
 ])
 def test_invalid_parameters_are_named(changes, error, message):
     with pytest.raises(error, match=message):
@@ -88,3 +95,14 @@ def test_requant_overlap_is_read_back_from_the_npu_and_given_on_the_command_line
     with pytest.raises(SystemExit) as stop:
         parser.parse_args(["--requant-overlap", "maybe"])
     assert stop.value.code == 2
+
+
+def test_line_buffers_are_read_back_and_the_default_lanes_divide_the_array():
+    from npugen.memory_map import config_from_identity, identity_words
+
+    config = NpuConfig(rows=12, cols=12, line_buffer_depth=64)
+    assert config.requant_lanes == 6 and config.depthwise_groups == 3
+    assert NpuConfig(rows=8, cols=8, line_buffer_depth=16).depthwise_groups == 2
+    assert NpuConfig(rows=8, cols=8).depthwise_groups == 0
+    assert config_from_identity(identity_words(config)) == config
+    assert config.describe().endswith(", depthwise mode (rows of 64)")

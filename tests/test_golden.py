@@ -194,3 +194,89 @@ def test_cycle_model_runs_an_overlapped_requant_beside_the_next_steps():
     assert cycles[0, ""] - cycles[1, ""] >= groups
     # SETREQ waits for the REQUANT, which then ends after the MATMUL's drain.
     assert cycles[1, "SETREQ\n"] <= cycles[0, "SETREQ\n"]
+
+
+DEPTHWISE = CONFIG.replace(rows=8, cols=8, requant_lanes=None, line_buffer_depth=16)
+
+
+@pytest.mark.parametrize("config, text, message", [
+    (CONFIG, "SETWIN depthwise=1 pitch=7\nMATMUL count=30", "generated without it"),
+    (DEPTHWISE, "SETWIN depthwise=1 pitch=17\nMATMUL count=40",
+     "pitch \\(SETWIN\\) is 17; the line buffers take 4 to 16"),
+    (DEPTHWISE, "SETWIN depthwise=1 pitch=7 reduce=1\nMATMUL count=30",
+     "cannot go with reduce"),
+    (DEPTHWISE, "SETWIN depthwise=1 pitch=7 drop=7\nMATMUL count=30", "keep at least one"),
+    (DEPTHWISE, "SETWIN depthwise=1 pitch=7\nMATMUL count=9", "lead of 9 words"),
+    (DEPTHWISE, "SETWIN depthwise=1 pitch=7\nMATMUL count=20\nSETWIN depthwise=1 pitch=8\n"
+                "MATMUL count=20", "still in the line buffers"),
+])
+def test_depthwise_mode_programs_it_cannot_run_are_refused(config, text, message):
+    with pytest.raises(ProgramError, match=message):
+        check_program(config, assemble(text + "\nHALT"))
+
+
+def test_depthwise_mode_pitch_may_change_after_a_requant():
+    check_program(DEPTHWISE, assemble(
+        "SETWIN depthwise=1 pitch=7\nMATMUL count=20\nREQUANT count=4 out_addr=100\n"
+        "SETWIN depthwise=1 pitch=8\nMATMUL count=20\nHALT"))
+
+
+def test_depthwise_mode_sums_a_window_and_drops_the_wrapping_results():
+    """On an 8×8 (two row groups): result k is lane c's 3×2 window whose last tap is word
+    lead + k, weight row 3g + j on the word g·pitch + j before it; with drop=2, the
+    results of windows that wrap into the next row of pitch 5 are left out."""
+    rng = np.random.default_rng(3)
+    npu = GoldenNpu(DEPTHWISE)
+    words = rng.integers(-128, 128, (40, DEPTHWISE.rows))
+    weights = rng.integers(-128, 128, (DEPTHWISE.rows, DEPTHWISE.cols))
+    npu.write(Region.ACTIVATIONS, 0, words)
+    npu.write(Region.WEIGHTS, 0, weights)
+    npu.write(Region.INSTRUCTIONS, 0, encode_program(assemble(
+        "LOADW\nSETWIN col_step=1 depthwise=1 pitch=5 drop=2\nMATMUL count=40\nHALT")))
+    npu.run()
+    lead = 5 + 2
+    expected = [sum(weights[3 * g + j] * words[i - 5 * g - j] for g in range(2)
+                    for j in range(3))
+                for i in range(lead, 40) if (i - 2) % 5 < 3]
+    np.testing.assert_array_equal(npu.read(Region.ACCUMULATORS, 0, len(expected)), expected)
+
+
+def test_fill_writes_its_value_to_every_lane_along_its_walk():
+    npu = GoldenNpu(CONFIG)
+    npu.write(Region.INSTRUCTIONS, 0, encode_program(assemble(
+        "FILL value=-7 out_addr=10 count=6 row_length=2 row_step=5\nHALT")))
+    npu.run()
+    filled = np.flatnonzero((npu.read(Region.ACTIVATIONS, 0, 40) == -7).all(axis=1))
+    assert filled.tolist() == [10, 11, 15, 16, 20, 21]
+
+
+@pytest.mark.parametrize("config, text, message", [
+    (CONFIG.replace(feature_maps=False), "FILL count=4", "FILL needs an NPU generated with "
+                                                         "feature_maps"),
+    (CONFIG, "FILL count=0", "count must be at least 1"),
+    (CONFIG, "FILL out_addr=250 count=4 row_length=2 row_step=5", "words filled end at word 257"),
+    (CONFIG.replace(input_width=4, accumulator_width=16), "FILL value=9 count=1",
+     "value must be an int4"),
+    (CONFIG, "FILL out_addr=8 count=4\nMATMUL act_addr=10 count=2",
+     "reads activation words that the overlapping FILL of instruction 0"),
+])
+def test_fills_the_npu_cannot_run_are_refused(config, text, message):
+    with pytest.raises(ProgramError, match=message):
+        check_program(config, assemble(text + "\nHALT"))
+
+
+def test_cycle_model_runs_a_fill_beside_the_array_and_waits_for_it_after():
+    """A MATMUL after a FILL dispatches the next cycle (the run ends when the longer of
+    the two does); SETREQ (the requantizer's) waits one cycle per word and
+    FILL_TAIL_CYCLES."""
+    from npugen.timing import FILL_TAIL_CYCLES
+
+    def cycles(text: str) -> int:
+        npu = GoldenNpu(CONFIG)
+        npu.write(Region.INSTRUCTIONS, 0, encode_program(assemble(text + "\nHALT")))
+        return npu.run().cycles
+
+    fill = "FILL out_addr=100 count=40\n"
+    matmul = "SETWIN reduce=1\nMATMUL count=100"
+    assert cycles(fill + matmul) == cycles(matmul) + 1
+    assert cycles(fill + "SETREQ") == 2 + 40 + FILL_TAIL_CYCLES + 1 + 1

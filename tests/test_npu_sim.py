@@ -9,12 +9,14 @@ from conftest import available_simulators
 from npugen.config import NpuConfig
 from npugen.hw.dsp import ICE40_MAC_STANDIN
 from npugen.hw.implementation import Implementation
+from npugen.isa import assemble, encode_program
 from npugen.job import run_golden
 from npugen.matmul import matmul_output
 from npugen.sim.runner import build, build_folder, simulate
 from programs import (
     GUARD_VALUE,
     back_to_back_accumulate_job,
+    depthwise_mode_job,
     feature_map_job,
     gemm_jobs,
     layer_chain_job,
@@ -123,6 +125,23 @@ MAP_CONFIGS = {
     # the next tile's GEMM, the accumulator halves alternating.
     "4x8-overlap": NpuConfig(rows=4, cols=8, requant_lanes=1, requant_overlap=True, **MAPS),
 }
+def halo_words(fmap, words: np.ndarray) -> np.ndarray:
+    """The halo words of ``fmap``'s tiles that hold channels, from its words."""
+    tiles = -(-fmap.channels // fmap.rows)
+    image = np.asarray(words)[:tiles * fmap.tile_words].reshape(
+        tiles, fmap.padded_height, fmap.pitch, fmap.rows)
+    inside = np.zeros((fmap.padded_height, fmap.pitch), dtype=bool)
+    inside[fmap.halo[0]:fmap.halo[0] + fmap.height, fmap.halo[1]:fmap.halo[1] + fmap.width] = 1
+    return image[:, ~inside]
+
+
+#: The depthwise mode: one line buffer (two row groups) and no overlap; two line buffers
+#: (three groups, the whole 3×3 kernel in one pass) with the overlap.
+DEPTHWISE_CONFIGS = {
+    "6x6-depthwise": NpuConfig(rows=6, cols=6, line_buffer_depth=16, **MAPS),
+    "9x9-depthwise-overlap": NpuConfig(rows=9, cols=9, requant_lanes=3, line_buffer_depth=12,
+                                       requant_overlap=True, **MAPS),
+}
 MAP_KINDS = ("conv", "depthwise", "maxpool", "avgpool", "globalpool", "add")
 
 
@@ -134,12 +153,61 @@ def test_feature_map_operators_match_golden(name, simulator):
     direct computation of the operator."""
     config = MAP_CONFIGS[name]
     rng = np.random.default_rng(sum(map(ord, name)) + 6)
-    cases = [(kind, *feature_map_job(config, rng, kind)) for kind in MAP_KINDS * 2]
+    assert_maps_match([(kind, *feature_map_job(config, rng, kind))
+                       for kind in MAP_KINDS * 2], simulator)
+
+
+@pytest.mark.parametrize("simulator", available_simulators())
+@pytest.mark.parametrize("name", DEPTHWISE_CONFIGS)
+def test_depthwise_mode_matches_golden(name, simulator):
+    """3×3 depthwise convolutions in the depthwise mode (kernel taps in the rows, line
+    buffers between the row groups): the RTL equals the golden model (outputs, halos,
+    counters), which equals a direct convolution; feature_map_operators' operators still
+    run beside them on the same NPU."""
+    config = DEPTHWISE_CONFIGS[name]
+    rng = np.random.default_rng(sum(map(ord, name)))
+    cases = [("depthwise-mode", *depthwise_mode_job(config, rng, out_halo=bool(i % 2)))
+             for i in range(6)]
+    assert_maps_match(cases + [(kind, *feature_map_job(config, rng, kind))
+                               for kind in MAP_KINDS], simulator)
+
+
+@pytest.mark.parametrize("simulator", available_simulators())
+def test_fill_writes_sign_extended_lanes_of_any_width(simulator):
+    """FILL's 8-bit value fills every lane of 4-, 8- and 12-bit activation words (sign
+    extended, or cut to an int4 the value fits), along a two-level walk, over junk: the
+    RTL equals the golden model."""
+    from npugen.job import Job
+    from npugen.memory_map import Region
+
+    for width, value in ((4, -3), (8, -100), (12, -77)):
+        config = NpuConfig(rows=2, cols=3, input_width=width, weight_width=8,
+                           accumulator_width=max(16, width + 8), **SMALL)
+        job = Job(config)
+        rng = np.random.default_rng(width)
+        low = -(1 << (width - 1))
+        job.write(Region.ACTIVATIONS, 0, rng.integers(low, -low, (64, config.rows)))
+        job.write(Region.INSTRUCTIONS, 0, encode_program(assemble(
+            f"FILL value={value} out_addr=3 count=10 row_length=2 row_step=7\n"
+            f"FILL value={value + 1} out_addr=40 count=5\nHALT")))
+        job.read("words", Region.ACTIVATIONS, 0, 64)
+        golden = run_golden(job)
+        assert (golden.outputs["words"][[3, 4, 10, 11, 31, 32, 40, 44]] == [
+            [value] * 2] * 6 + [[value + 1] * 2] * 2).all()
+        result, = simulate([job], simulator=simulator)
+        assert np.array_equal(result.outputs["words"], golden.outputs["words"]), width
+
+
+def assert_maps_match(cases, simulator: str) -> None:
+    """Each (kind, job, expected output, output map) on the simulator: the golden model's
+    pixels are the expected ones, its halo the map's fill, nothing past the map written,
+    and the RTL's output, guard and counters equal the golden model's."""
     results = simulate([job for _, job, _, _ in cases], simulator=simulator)
     for (kind, job, expected, dst), result in zip(cases, results, strict=True):
         golden = run_golden(job)
         shape = f"{kind} {dst.channels}×{dst.height}×{dst.width}"
         assert np.array_equal(dst.unpack(golden.outputs["output"]), expected), shape
+        assert (halo_words(dst, golden.outputs["output"]) == dst.fill).all(), shape
         assert (golden.outputs["guard"] == GUARD_VALUE).all(), f"{shape} wrote past its map"
         assert np.array_equal(result.outputs["output"], golden.outputs["output"]), shape
         assert np.array_equal(result.outputs["guard"], golden.outputs["guard"]), shape

@@ -180,7 +180,8 @@ def test_project_grid_loads():
 def fitting_point(tmp_path):
     """A point the estimate lets through, so evaluate_point reaches the build."""
     grid = write(tmp_path, '[sweep]\nboards = ["orangecrab-25f"]\nworkload = [8, 8, 8]\n'
-                           '[grid]\nrows = [2]\ncols = [2]\n', "fits.toml")
+                           '[grid]\nrows = [2]\ncols = [2]\nline_buffer_depth = [0]\n',
+                 "fits.toml")
     (point,) = load_grid(grid)
     return point
 

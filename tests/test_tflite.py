@@ -13,6 +13,8 @@ from npugen.cli import main
 from npugen.compiler import compile_model
 from npugen.config import NpuConfig
 from npugen.graph import ModelError
+from npugen.isa import Opcode, decode_program
+from npugen.memory_map import Region
 from npugen.mlperf import MODELS as MLPERF_MODELS
 from npugen.mlperf import REFERENCE_CONFIG
 from npugen.runtime import run
@@ -52,7 +54,8 @@ def test_maps_take_no_more_words_than_are_live_at_once():
     words where 3336 are live at once (its residual branches leave holes); now they take
     3336, and the outputs in those shared words still equal LiteRT's."""
     path = MLPERF_TINY / MODELS["resnet"]
-    config = LARGE.replace(rows=16, cols=8, requant_lanes=4, activation_depth=3328)
+    config = LARGE.replace(rows=16, cols=8, requant_lanes=4, activation_depth=3328,
+                           line_buffer_depth=0)
     with pytest.raises(ValueError) as error:
         compile_model(path, config)
     assert ("feature maps need 3336 activation words, activation_depth is 3328"
@@ -69,7 +72,8 @@ def test_kws_equals_litert_reference_on_every_array_shape(rows, cols, lanes):
     """The channel tiling, halos and shared map words differ by array shape (a 12×8 once
     gave wrong outputs where an 8×8 was exact)."""
     path = MLPERF_TINY / MODELS["kws"]
-    config = LARGE.replace(rows=rows, cols=cols, requant_lanes=lanes, param_depth=1024)
+    config = LARGE.replace(rows=rows, cols=cols, requant_lanes=lanes, param_depth=1024,
+                           line_buffer_depth=64 if rows == cols else 0)
     x = random_input(path, 2, seed=rows * cols)
     np.testing.assert_array_equal(run(compile_model(path, config), x).quantized_output,
                                   litert_reference(path)(x).reshape(len(x), -1))
@@ -89,6 +93,32 @@ def test_overlapped_requants_keep_kws_exact_and_take_fewer_cycles():
     for result in results.values():
         np.testing.assert_array_equal(result.quantized_output, reference)
     assert results[True].counters.cycles < 0.85 * results[False].counters.cycles
+
+
+@pytest.mark.parametrize("name, rows, lanes, overlap", [
+    ("kws", 12, 4, True), ("kws", 8, 1, True), ("kws", 6, 6, False), ("vww", 12, 4, False),
+    ("resnet", 9, 3, True)])
+def test_depthwise_mode_keeps_models_exact_and_takes_fewer_cycles(name, rows, lanes, overlap):
+    """With line buffers the 3×3 stride-1 depthwise layers run in the depthwise mode (one
+    pass on a 12×12 or 9×9, two on an 8×8 or 6×6), the others on diagonal tiles: the
+    outputs stay LiteRT's, and the run is never longer (ResNet-8 has no depthwise layer:
+    the same program)."""
+    path = MLPERF_TINY / MODELS[name]
+    config = LARGE.replace(rows=rows, cols=rows, requant_lanes=lanes, param_depth=1024,
+                           requant_overlap=overlap, line_buffer_depth=0)
+    x = random_input(path, 1 if name == "vww" else 2, seed=rows)
+    plain = compile_model(path, config)
+    lined = compile_model(path, config.replace(line_buffer_depth=64))
+    words = next(values for region, _, values in lined.segments
+                 if region is Region.INSTRUCTIONS)
+    modes = [ins for ins in decode_program(words.ravel())
+             if ins.opcode is Opcode.SETWIN and ins["depthwise"]]
+    assert bool(modes) == (name != "resnet")
+    result = run(lined, x)
+    np.testing.assert_array_equal(result.quantized_output,
+                                  litert_reference(path)(x).reshape(len(x), -1))
+    before = run(plain, x).counters.cycles
+    assert result.counters.cycles < before if modes else result.counters.cycles == before
 
 
 def test_float_input_is_quantized_as_tflite_does():
@@ -116,7 +146,7 @@ def test_nhwc_layout_and_per_layer_table():
     assert program.input.dtype == "int8" and program.framework == "tflite"
     assert [op["op"] for op in program.host_ops] == ["softmax"]
     kinds = [layer["kind"] for layer in program.layers]
-    assert kinds.count("depthwise") == 4 and kinds[-2:] == ["globalavgpool", "dense"]
+    assert kinds.count("depthwise (line buffers)") == 4 and kinds[-2:] == ["globalavgpool", "dense"]
     assert sum(layer["cycles"] for layer in program.layers) == program.estimated_cycles
 
 
@@ -248,7 +278,7 @@ OPERATOR_MODELS = {
 OPERATOR_INPUTS = {"conv_chain_16_channels": (1, 12, 12, 3),
                    "nchw_input_and_output": (1, 4, 12, 10), "nchw_input_to_dense": (1, 3, 9, 11)}
 #: A 12×8 (the ULX3S-45F's array): channel tiles of 12 lanes written 8 at a time.
-NON_SQUARE = LARGE.replace(rows=12, cols=8, requant_lanes=4)
+NON_SQUARE = LARGE.replace(rows=12, cols=8, requant_lanes=4, line_buffer_depth=0)
 
 
 @pytest.mark.parametrize("config", [LARGE, NON_SQUARE], ids=["8x8", "12x8"])

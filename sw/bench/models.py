@@ -47,10 +47,11 @@ def recorded_build(board, builds: dict[str, dict[str, Any]]
 
 def short_config(config: NpuConfig) -> str:
     """``8×8, 1 lane, no FM``: the array, requantizer lanes (``overlap``: beside the
-    array) and feature-map hardware."""
+    array), the depthwise mode's line buffers and feature-map hardware."""
     lanes = config.requant_lanes
     return (f"{config.rows}×{config.cols}, {lanes} lane{'s' if lanes > 1 else ''}"
             + (", overlap" if config.requant_overlap else "")
+            + (", line buffers" if config.line_buffer_depth else "")
             + ("" if config.feature_maps else ", no FM"))
 
 
