@@ -56,20 +56,22 @@ _MEDIUM = dict(activation_depth=1024, weight_depth=2048, accumulator_depth=512,
 # rounded up to multiples of 256 words. The one lane runs beside the array
 # (requant_overlap: KWS in 105,254 cycles against 172,490); its copy of the accumulators
 # takes the block RAM that 512 instruction words free (KWS needs 433 with it, 1,009
-# without).
+# without). The depthwise mode's line buffer (rows of up to 16 words, in LUT RAM: the
+# block RAM is full) takes KWS from 89,973 cycles to 82,841.
 _KWS_8X8 = dict(activation_depth=2560, weight_depth=5120, accumulator_depth=512,
                 instruction_depth=512, param_depth=768, requant_lanes=1,
-                requant_overlap=True)
+                requant_overlap=True, line_buffer_depth=16)
 # The 45F's 12×8 has a second requantizer lane: its products are in logic, and it
 # meets the clock (KWS: 140,219 cycles against 193,535 with one lane).
 _KWS_12X8 = dict(activation_depth=2048, weight_depth=7936, accumulator_depth=512,
                  instruction_depth=1280, param_depth=1024, requant_lanes=2)
 # The 85F's 12×12 has four lanes (16 more MULT18X18Ds): KWS in 76,215 cycles against
 # 150,852 with one. Six did not meet the clock (docs/BOARDS.md). With requant_overlap
-# (a copy of the accumulators' block RAM) the lanes run beside the array: 60,003.
+# (a copy of the accumulators' block RAM) the lanes run beside the array: 60,003. The
+# depthwise mode's line buffers (rows of up to 64 words) take KWS to 40,599.
 _KWS_12X12 = dict(activation_depth=2048, weight_depth=8192, accumulator_depth=512,
                   instruction_depth=1024, param_depth=512, requant_lanes=4,
-                  requant_overlap=True)
+                  requant_overlap=True, line_buffer_depth=64)
 
 
 def _orangecrab_25f() -> object:

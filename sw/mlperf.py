@@ -30,7 +30,8 @@ MODELS = {
 #: An 8×8 with memories large enough for every model (the demo's NPU when no
 #: configuration is given, and the benchmarks' reference row).
 REFERENCE_CONFIG = NpuConfig(activation_depth=16384, weight_depth=65536,
-                             accumulator_depth=1024, instruction_depth=4096, param_depth=512)
+                             accumulator_depth=1024, instruction_depth=4096, param_depth=512,
+                             requant_overlap=True, line_buffer_depth=128)
 
 
 def model_folder() -> Path:
