@@ -114,6 +114,10 @@ def test_bad_toml_config(operands, tmp_path, capsys):
     (["serve-sim", "--port", "70000"], "--port must be between 0 and 65535, not 70000"),
     (["serve-sim", "--board", "nope"], "unknown board 'nope'"),
     (["run", "nothing.npu", "--input", "x.npy", "-o", "y.npy"], "does not exist"),
+    (["matmul", "--random", "8x8x8", "--line-buffer-depth", "2"],
+     "line_buffer_depth must be 0 or at least 4, not 2"),
+    (["generate", "-o", "unused", "--rows", "8", "--cols", "4", "--line-buffer-depth", "16"],
+     "line_buffer_depth=16 (the depthwise mode) needs a square array"),
 ])
 def test_more_bad_input(argv, message, capsys):
     assert main(argv) == 2
