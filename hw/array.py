@@ -40,14 +40,8 @@ class SystolicArray(wiring.Component):
     at once, ``latency`` cycles after its activation word, sign-extended from the width
     the column's sums can reach (``psum_width``) to the accumulators'.
 
-    ``weight_row`` with ``load`` writes row ``load_row`` of bank ``load_bank`` (every
-    column at once); ``rows`` such cycles load a tile, row 0 first. A load written row by
-    row from cycle u on meets the activation wave: the word that enters in cycle u already
-    multiplies the whole new tile (row r is written in cycle u + r, before the word
-    reaches it), and a word that entered by cycle u − cols still multiplies the old one
-    (row r's last column takes it in cycle u + r, whose end writes the row). So a tile
-    loads right behind the last word of the one before, and the words of the new one
-    follow at once.
+    ``weight_row`` with ``load`` shifts one row of weights into the top of bank
+    ``load_bank``; ``rows`` such cycles load a tile (last row first).
 
     ``implementation``: whose DSP blocks multiply, and how many rows they take (hw/dsp.py).
 
@@ -70,7 +64,6 @@ class SystolicArray(wiring.Component):
             "weight_row": In(data.ArrayLayout(signed(c.weight_width), c.cols)),
             "load": In(1),
             "load_bank": In(1),
-            "load_row": In(range(c.rows)),
             "result": Out(data.ArrayLayout(signed(c.accumulator_width), c.cols)),
             **({"depthwise": In(1), "line_delay": In(range(c.line_buffer_depth))}
                if c.line_buffer_depth else {}),
@@ -99,9 +92,7 @@ class SystolicArray(wiring.Component):
             for col in range(c.cols):
                 pe = pes[r][col]
                 m.submodules[f"pe_{r}_{col}"] = pe
-                m.d.comb += [pe.load.eq(self.load & (self.load_row == r)),
-                             pe.load_bank.eq(self.load_bank),
-                             pe.weight_in.eq(self.weight_row[col])]
+                m.d.comb += [pe.load.eq(self.load), pe.load_bank.eq(self.load_bank)]
                 if col == 0:
                     skew = r + ARRAY_INPUT_STAGES
                     m.d.comb += [
@@ -116,7 +107,12 @@ class SystolicArray(wiring.Component):
                     m.d.comb += [pe.act_in.eq(left.act_out), pe.bank_in.eq(left.bank_out)]
                     if depthwise:
                         m.d.comb += pe.mode_in.eq(left.mode_out)
-                m.d.comb += pe.psum_in.eq(0 if r == 0 else pes[r - 1][col].psum_out)
+                if r == 0:
+                    m.d.comb += [pe.psum_in.eq(0), pe.weight_in.eq(self.weight_row[col])]
+                else:
+                    above = pes[r - 1][col]
+                    m.d.comb += [pe.psum_in.eq(above.psum_out),
+                                 pe.weight_in.eq(above.weight_out)]
             if paired_cols and r < in_dsp:
                 shared = pes[r][:paired_cols]
                 products = registered_products(

@@ -8,9 +8,8 @@ constants of ``sw/timing.py``):
   ``counters.py``: the performance counters and UPTIME;
 - ``sequencer.py``: fetch, and at most one dispatch a cycle, in order, when the step's
   units are free; ``gemm.py``: a GEMM's expansion into LOADW/MATMUL steps;
-- ``weight_loader.py`` (LOADW) writes a tile into one bank, row by row behind the last
-  word that uses its old tile, while ``feeder.py`` (MATMUL) streams activations through
-  the other, so preload is hidden;
+- ``weight_loader.py`` (LOADW) shifts a tile into one bank while ``feeder.py`` (MATMUL)
+  streams activations through the other, so preload is hidden;
 - ``accumulate.py``: results leave the array ``array_latency`` cycles after entering it
   and are added into the accumulator memory (read-modify-write, forwarded for
   back-to-back rows);
@@ -122,7 +121,7 @@ class Npu(wiring.Component):
         m.d.comb += [
             sequencer.start.eq(start), sequencer.abort.eq(abort),
             sequencer.start_pc.eq(host_port.start_pc),
-            sequencer.load_busy.eq(loader.busy),
+            sequencer.load_busy.eq(loader.busy), sequencer.loading_bank.eq(loader.loading_bank),
             sequencer.feed_busy.eq(feeder.busy), sequencer.feed_ready.eq(feeder.ready),
             sequencer.feeding_bank.eq(feeder.feeding_bank),
             sequencer.inflight_idle.eq(feeder.inflight_idle),
@@ -151,7 +150,7 @@ class Npu(wiring.Component):
             loader.dispatch.eq(sequencer.loadw), loader.bank.eq(sequencer.bank),
             loader.weight_addr.eq(sequencer.weight_addr), loader.abort.eq(abort),
             array.weight_row.eq(loader.weight_row), array.load.eq(loader.load),
-            array.load_bank.eq(loader.load_bank), array.load_row.eq(loader.load_row),
+            array.load_bank.eq(loader.load_bank),
         ]
         grant_read(m, reads[Region.WEIGHTS], loader.weight_read)
         m.d.comb += [

@@ -15,9 +15,9 @@ class ProcessingElement(wiring.Component):
 
     Each cycle: ``product <= act_in * weight[bank_in]``, ``psum_out <= psum_in + product``
     (the product of the previous cycle's activation) and the activation
-    (with its bank bit) moves right one cell. ``weight_in`` is written into bank
-    ``load_bank`` when ``load`` is high (the array raises it for one row at a time); the
-    other bank keeps computing, so the next weight tile loads under the current one.
+    (with its bank bit) moves right one cell. Weights shift down the column into bank
+    ``load_bank`` while ``load`` is high; the other bank keeps computing, so the next
+    weight tile loads under the current one.
 
     ``psum_width``: the partial sums it takes and passes on; a sum that does not fit wraps,
     as the accumulators do (the array gives each row what its sums can reach).
@@ -58,6 +58,7 @@ class ProcessingElement(wiring.Component):
             "bank_out": Out(1),
             "psum_out": Out(signed(psum_width)),
             "weight_in": In(signed(weight_width)),
+            "weight_out": Out(signed(weight_width)),
             "load": In(1),
             "load_bank": In(1),
         }
@@ -77,6 +78,7 @@ class ProcessingElement(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         weight = [Signal(signed(self._weight_width), name=f"weight{b}") for b in range(2)]
+        m.d.comb += self.weight_out.eq(Mux(self.load_bank, weight[1], weight[0]))
         with m.If(self.load):
             with m.If(self.load_bank):
                 m.d.sync += weight[1].eq(self.weight_in)

@@ -63,6 +63,7 @@ class CycleModel:
     config: NpuConfig
     next_cycle: int = 2
     load_free_at: int = 0          # first cycle the weight loader is idle
+    load_bank: int = 0
     feeder_last_issue: int = -1    # last cycle the feeder issues a row
     feeder_bank: int = 0
     inflight_clear_at: list[int] = field(default_factory=lambda: [0, 0])
@@ -83,7 +84,10 @@ class CycleModel:
             if self.feeder_bank == bank:
                 earliest = max(earliest, feeder_idle_at)
         elif op is Opcode.MATMUL:
+            bank = instruction["bank"]
             earliest = max(earliest, self.feeder_last_issue)
+            if self.load_bank == bank:
+                earliest = max(earliest, self.load_free_at)
         elif op is Opcode.REQUANT:
             earliest = max(earliest, feeder_idle_at, self.drain_clear_at)
         elif op is Opcode.HALT:
@@ -91,6 +95,7 @@ class CycleModel:
         self.counters.stall_cycles += earliest - self.next_cycle
         cycle = earliest
         if op is Opcode.LOADW:
+            self.load_bank = instruction["bank"]
             self.load_free_at = cycle + rows + 2
         elif op is Opcode.MATMUL:
             count = instruction["count"]

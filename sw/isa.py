@@ -75,10 +75,8 @@ DESCRIPTIONS: dict[Opcode, str] = {
     Opcode.HALT: "Wait until every unit is idle and every result is written, then stop.",
     Opcode.LOADW: (
         "Load one weight tile (`rows` words from `weight_addr` on) into weight bank "
-        "`bank` of the array, one row a cycle, row 0 first: it runs while a MATMUL on "
-        "the other bank streams, and a MATMUL on `bank` may follow it at once (the row "
-        "writes run ahead of the activation wave). Waits `weight_use_cycles` after the "
-        "last activation using `bank` was issued."),
+        "`bank` of the array, through the shadow registers: it runs while a MATMUL on "
+        "the other bank streams. Waits until no activation using `bank` is in flight."),
     Opcode.MATMUL: (
         "Stream `count` activation words through the array, using weight bank `bank`. "
         "Word i is read from `act_addr` + (i div L)·`row_step` + (i mod L)·`col_step`, "

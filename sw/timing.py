@@ -48,10 +48,8 @@ def array_latency(rows: int, cols: int) -> int:
 
 
 def weight_use_cycles(rows: int, cols: int) -> int:
-    """Cycles after a word's issue during which a LOADW of its bank waits: the load
-    writes row r in its (r + 1)th cycle, and row r's last column reads the word's weight
-    ``cols`` + r cycles after its issue (hw/array.py), so two cycles of margin."""
-    return cols + ARRAY_INPUT_STAGES
+    """Cycles after a word's issue during which the last PE may still read its weight."""
+    return rows + cols - 1 + ARRAY_INPUT_STAGES
 
 
 def results_written_cycles(rows: int, cols: int) -> int:
@@ -88,12 +86,11 @@ def timing_markdown() -> str:
         "",
         "| instruction | waits until |",
         "|---|---|",
-        "| LOADW bank b | the loader is idle; no row using bank b is being issued; "
-        f"`{_formula(weight_use_cycles)}` cycles have passed since the last such row's issue "
-        "(`weight_use_cycles`: the load writes the rows one a cycle, row 0 first, behind "
-        "that row's activation wave) |",
-        "| MATMUL bank b | the feeder issues its last row (or is idle); not the loader: a "
-        "load's row writes run ahead of the next words' wave |",
+        "| LOADW bank b | the loader is idle; no row using bank b is being issued; the last "
+        f"such row has passed every PE (`{_formula(weight_use_cycles)}` cycles after its "
+        "issue, `weight_use_cycles`) |",
+        "| MATMUL bank b | the feeder issues its last row (or is idle); the loader is not "
+        "loading bank b |",
         "| REQUANT | the feeder is idle and every result is written "
         f"(`{_formula(results_written_cycles)}` cycles after the last row, "
         "`results_written_cycles`); then the next instruction waits one cycle per channel "

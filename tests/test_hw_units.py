@@ -51,8 +51,8 @@ PE_WIDTHS = {"input_width": 8, "weight_width": 8, "psum_width": 16}
 
 
 def test_pe_banks_products_and_wraparound():
-    """Both banks load, psum wraps at 16 bits, and loading one bank leaves the other
-    alone; a weight is only written while ``load`` is high."""
+    """Both banks load, weight_out shows the load_bank bank, psum wraps at 16 bits, and
+    loading one bank leaves the other alone."""
     pe = ProcessingElement(**PE_WIDTHS)
     seen = {}
 
@@ -75,24 +75,25 @@ def test_pe_banks_products_and_wraparound():
         await ctx.tick()
         return ctx.get(pe.psum_out), *passed
 
-    async def weights(ctx):
-        return tuple([(await mac(ctx, 1, bank, 0))[0] for bank in (0, 1)])
+    def weight_out(ctx, bank):
+        ctx.set(pe.load_bank, bank)
+        return ctx.get(pe.weight_out)
 
     async def testbench(ctx):
         await load(ctx, 0, 127)
         await load(ctx, 1, -128)
         ctx.set(pe.weight_in, 55)  # not loaded: load is low
-        seen["weights"] = await weights(ctx)
+        seen["weights"] = (weight_out(ctx, 0), weight_out(ctx, 1))
         # -20000 + (-128 * 127) = -36256 wraps to 29280; 20000 + 16384 wraps to -29152.
         seen["bank0"] = await mac(ctx, -128, 0, -20000)
         seen["bank1"] = await mac(ctx, -128, 1, 20000)
-        seen["unloaded"] = await weights(ctx)
+        seen["unloaded"] = (weight_out(ctx, 0), weight_out(ctx, 1))
         await load(ctx, 1, 3)
-        seen["after_bank1_reload"] = await weights(ctx)
+        seen["after_bank1_reload"] = (weight_out(ctx, 0), weight_out(ctx, 1))
         seen["bank0_again"] = await mac(ctx, 100, 0, 32767)
         seen["bank1_new"] = await mac(ctx, -7, 1, -32768)
         await load(ctx, 0, -1)
-        seen["after_bank0_reload"] = await weights(ctx)
+        seen["after_bank0_reload"] = (weight_out(ctx, 0), weight_out(ctx, 1))
         seen["bank1_still"] = await mac(ctx, 5, 1, 0)
 
     simulate(pe, testbench)
@@ -131,8 +132,10 @@ def test_pe_random_stream_matches_model():
         for t in range(cycles):
             for name, values in stimulus.items():
                 ctx.set(getattr(pe, name), int(values[t]))
+            weight_out = ctx.get(pe.weight_out)
             await ctx.tick()
-            got.append((ctx.get(pe.psum_out), ctx.get(pe.act_out), ctx.get(pe.bank_out)))
+            got.append((weight_out, ctx.get(pe.psum_out), ctx.get(pe.act_out),
+                        ctx.get(pe.bank_out)))
 
     simulate(pe, testbench)
     expected, weights, product = [], [0, 0], 0
@@ -140,7 +143,7 @@ def test_pe_random_stream_matches_model():
         s = {name: int(values[t]) for name, values in stimulus.items()}
         psum = int(wrap(s["psum_in"] + product, 16))
         product = s["act_in"] * weights[s["bank_in"]]
-        expected.append((psum, s["act_in"], s["bank_in"]))
+        expected.append((weights[s["load_bank"]], psum, s["act_in"], s["bank_in"]))
         if s["load"]:
             weights[s["load_bank"]] = s["weight_in"]
     assert got == expected
@@ -161,10 +164,8 @@ ARRAY_CONFIGS = [
 class ArraySchedule:
     """Per-cycle inputs of a :class:`SystolicArray` and the results they must give.
 
-    Weight loads are modelled as documented: a load cycle writes one row of a bank, and
-    PE (r, c) multiplies the word that entered in cycle t with the weight its row held
-    at the end of cycle t + r + c (its product registers in cycle t + 1 + r + c), so a
-    word may meet rows of two tiles and the model says which.
+    Weight loads are modelled as the documented shift: each load cycle pushes a row into
+    the top of a bank. A word may only use a bank no load touches while it is in flight.
     """
 
     def __init__(self, config: NpuConfig, rng: np.random.Generator):
@@ -174,7 +175,7 @@ class ArraySchedule:
 
     def _cycle(self, t: int) -> dict:
         while len(self.cycles) <= t:
-            self.cycles.append({"act": None, "bank": 0, "load": None})
+            self.cycles.append({"act": None, "bank": 0, "load_row": None, "load_bank": 0})
         return self.cycles[t]
 
     def random_tile(self) -> np.ndarray:
@@ -182,15 +183,12 @@ class ArraySchedule:
         return self.rng.integers(lo, hi + 1, (self.config.rows, self.config.cols))
 
     def load(self, start: int, bank: int, tile: np.ndarray) -> int:
-        """Write ``tile`` into ``bank`` from cycle ``start`` on, row 0 first."""
-        for r, row in enumerate(tile):
-            self.load_row(start + r, bank, r, row)
+        """Shift ``tile`` into ``bank`` from cycle ``start`` on, last row first."""
+        for i, row in enumerate(tile[::-1]):
+            cycle = self._cycle(start + i)
+            assert cycle["load_row"] is None
+            cycle.update(load_row=row, load_bank=bank)
         return start + len(tile)
-
-    def load_row(self, cycle: int, bank: int, row_index: int, row: np.ndarray) -> None:
-        slot = self._cycle(cycle)
-        assert slot["load"] is None
-        slot["load"] = (bank, row_index, np.asarray(row))
 
     def stream(self, start: int, banks, acts=None) -> int:
         """Activation words (random unless given) from cycle ``start`` on, one a cycle."""
@@ -204,27 +202,26 @@ class ArraySchedule:
         return start + len(banks)
 
     def expected_results(self, latency: int) -> np.ndarray:
-        """``result`` in every cycle: word t's act times each PE's weight when the word
-        reaches it, ``latency`` cycles later."""
+        """``result`` in every cycle: word t's act @ bank, ``latency`` cycles later."""
         c = self.config
-        # held[t][b]: both banks at the end of cycle t (after that cycle's write).
         banks = np.zeros((2, c.rows, c.cols), dtype=np.int64)
-        held = []
-        last = len(self.cycles) + c.rows + c.cols
-        for t in range(last):
-            load = self.cycles[t]["load"] if t < len(self.cycles) else None
-            if load is not None:
-                bank, r, row = load
-                banks[bank, r] = row
-            held.append(banks.copy())
+        load_cycles = {0: set(), 1: set()}
+        for t, cycle in enumerate(self.cycles):
+            if cycle["load_row"] is not None:
+                load_cycles[cycle["load_bank"]].add(t)
         results = np.zeros((len(self.cycles) + latency, c.cols), dtype=np.int64)
         self.wrapped = 0  # words whose exact result does not fit the accumulator
         for t, cycle in enumerate(self.cycles):
             if cycle["act"] is not None:
-                exact = np.array([sum(int(cycle["act"][r]) * int(held[t + r + col][
-                    cycle["bank"], r, col]) for r in range(c.rows)) for col in range(c.cols)])
+                bank = cycle["bank"]
+                busy = load_cycles[bank] & set(range(t, t + latency))
+                assert not busy, f"schedule loads bank {bank} under the word of cycle {t}"
+                exact = cycle["act"] @ banks[bank]
                 results[t + latency] = wrap(exact, c.accumulator_width)
                 self.wrapped += int(np.any(results[t + latency] != exact))
+            if cycle["load_row"] is not None:
+                b = cycle["load_bank"]
+                banks[b] = np.vstack([cycle["load_row"][None], banks[b][:-1]])
         return results
 
 
@@ -238,14 +235,13 @@ def run_array(array: SystolicArray, schedule: ArraySchedule) -> np.ndarray:
         for t in range(total):
             cycle = schedule.cycles[t] if t < len(schedule.cycles) else None
             act = cycle and cycle["act"]
-            load = cycle and cycle["load"]
+            load_row = cycle and cycle["load_row"]
             ctx.set(array.act, [0] * c.rows if act is None else [int(v) for v in act])
             ctx.set(array.bank, cycle["bank"] if cycle else 0)
-            ctx.set(array.load, int(bool(load)))
-            bank, row_index, row = load or (0, 0, [0] * c.cols)
-            ctx.set(array.load_bank, bank)
-            ctx.set(array.load_row, row_index)
-            ctx.set(array.weight_row, [int(v) for v in row])
+            ctx.set(array.load, int(load_row is not None))
+            ctx.set(array.load_bank, cycle["load_bank"] if cycle else 0)
+            ctx.set(array.weight_row,
+                    [0] * c.cols if load_row is None else [int(v) for v in load_row])
             got.append(as_list(ctx.get(array.result)))
             await ctx.tick()
 
@@ -297,49 +293,6 @@ def test_array_loads_one_bank_while_streaming_the_other(config):
     t = schedule.stream(t, [1] * (rows + 4))
     schedule.stream(t, rng.integers(0, 2, 10))
     expected = schedule.expected_results(latency)
-    np.testing.assert_array_equal(run_array(array, schedule), expected)
-
-
-@pytest.mark.parametrize("config", ARRAY_CONFIGS, ids=lambda c: f"{c.rows}x{c.cols}")
-def test_array_load_runs_right_behind_the_old_tiles_last_word(config):
-    """A tile written into a bank from cycle u on: the words that entered by u − cols
-    multiply only the old tile, those from u on only the new one (so LOADW waits
-    ``weight_use_cycles`` after the bank's last word, and MATMUL not at all)."""
-    rng = np.random.default_rng(5)
-    array = SystolicArray(config)
-    schedule = ArraySchedule(config, rng)
-    old, new = schedule.random_tile(), schedule.random_tile()
-    t = schedule.load(0, 0, old)
-    lo, hi = signed_range(config.input_width)
-    acts = rng.integers(lo, hi + 1, (12, config.rows))
-    t = schedule.stream(t, [0] * 6, acts[:6])
-    u = t - 1 + config.cols           # the old tile's last word entered in cycle u − cols
-    schedule.load(u, 0, new)
-    schedule.stream(u, [0] * 6, acts[6:])
-    expected = schedule.expected_results(array.latency)
-    words = [*range(t - 6, t), *range(u, u + 6)]
-    assert np.array_equal(expected[[w + array.latency for w in words]],
-                          wrap(np.vstack([acts[:6] @ old, acts[6:] @ new]),
-                               config.accumulator_width))
-    np.testing.assert_array_equal(run_array(array, schedule), expected)
-
-
-@pytest.mark.parametrize("config", ARRAY_CONFIGS, ids=lambda c: f"{c.rows}x{c.cols}")
-def test_array_row_writes_under_words_in_flight(config):
-    """Rows written at random cycles under a random stream of both banks: each PE
-    multiplies the weight its row held when the word reached it, to the cycle."""
-    rng = np.random.default_rng(6)
-    array = SystolicArray(config)
-    schedule = ArraySchedule(config, rng)
-    for bank in (0, 1):
-        schedule.load(bank * config.rows, bank, schedule.random_tile())
-    start = 2 * config.rows
-    schedule.stream(start, rng.integers(0, 2, 60))
-    for cycle in range(start, start + 60):
-        if rng.random() < 0.4:
-            schedule.load_row(cycle, int(rng.integers(0, 2)), int(rng.integers(0, config.rows)),
-                              schedule.random_tile()[0])
-    expected = schedule.expected_results(array.latency)
     np.testing.assert_array_equal(run_array(array, schedule), expected)
 
 

@@ -34,7 +34,7 @@ def test_splice_needs_the_markers():
 
 
 def test_formulas():
-    assert _formula(weight_use_cycles) == "cols+1"
+    assert _formula(weight_use_cycles) == "rows+cols"
     assert _formula(array_latency) == "rows+cols+1"
     assert _formula(results_written_cycles) == "rows+cols+4"
     assert _formula(lambda rows, cols: 2 * rows - 3) == "2·rows−3"

@@ -553,9 +553,9 @@ def test_accumulate_path_takes_requant_rows():
 
 @pytest.mark.parametrize("rows,cols", [(2, 2), (4, 2), (3, 5)])
 def test_weight_loader_loads_a_tile_in_the_cycle_models_time(rows, cols):
-    """LOADW: the array's ``bank`` takes the tile's rows, row 0 first, one a cycle from the
-    memory, each with its row index, and ``busy`` holds until the cycle model's
-    ``load_free_at`` (dispatch + rows + 2)."""
+    """LOADW: the array's ``bank`` takes the tile's rows, last row first, one a cycle from
+    the memory, and ``busy`` holds until the cycle model's ``load_free_at`` (dispatch +
+    rows + 2)."""
     c = NpuConfig(rows=rows, cols=cols, requant_lanes=1, **SMALL)
     loader = WeightLoader(c)
     rng = np.random.default_rng(rows * cols)
@@ -572,9 +572,10 @@ def test_weight_loader_loads_a_tile_in_the_cycle_models_time(rows, cols):
         for cycle in range(rows + 6):
             valid, read = ctx.get(loader.weight_read.valid), ctx.get(loader.weight_read.addr)
             if ctx.get(loader.load):
-                loads.append((cycle, ctx.get(loader.load_bank), ctx.get(loader.load_row),
-                              ctx.get(loader.weight_row)))
+                loads.append((cycle, ctx.get(loader.load_bank), ctx.get(loader.weight_row)))
             busy.append(ctx.get(loader.busy))
+            if cycle:
+                assert ctx.get(loader.loading_bank) == bank
             await ctx.tick()
             ctx.set(loader.dispatch, 0)
             ctx.set(loader.bank, 1 - bank)       # the sequencer moves on
@@ -585,9 +586,9 @@ def test_weight_loader_loads_a_tile_in_the_cycle_models_time(rows, cols):
     simulate(loader, testbench)
     load_free_at = rows + 2
     assert busy == [0] + [1] * (load_free_at - 1) + [0] * (len(busy) - load_free_at)
-    assert [(cycle, b, row) for cycle, b, row, _ in loads] == [(2 + i, bank, i)
-                                                               for i in range(rows)]
-    assert [word for *_, word in loads] == [weights.entries[addr + i] for i in range(rows)]
+    assert [(cycle, b) for cycle, b, _ in loads] == [(2 + i, bank) for i in range(rows)]
+    assert [word for *_, word in loads] == [weights.entries[addr + rows - 1 - i]
+                                            for i in range(rows)]
 
 
 FEEDER_WINDOWS = [

@@ -75,11 +75,11 @@ def _gemm(result: dict[str, Any], images: Path,
               "weight-stationary formula, (2R + C + M − 2) per fold with ⌈K/R⌉·⌈N/C⌉ "
               "folds, on every row (its COMPUTE_REPORT.csv prints the last cycle's index, "
               "one less than the count used here). The NPU preloads the next weight tile "
-              "into the other bank while the current one streams, so a fold costs M cycles "
+              "into a shadow bank while the current one streams, so a fold costs M cycles "
               "plus a constant per GEMM; SCALE-Sim's model pays the 2R + C − 2 fill and "
               "drain on every fold. Where a stream is shorter than loading the next weight "
-              "tile (M below about R or C), the load shows in our cycles too; shapes whose K "
-              "or N are not multiples of the array leave PEs idle in both.", ""]
+              "tile (M below about 2R), the load shows in our cycles too; shapes whose K or "
+              "N are not multiples of the array leave PEs idle in both.", ""]
     if result.get("skipped"):
         skipped = ", ".join(f"{'×'.join(map(str, s['shape']))} on {s['rows']}×{s['cols']}"
                             for s in result["skipped"])
