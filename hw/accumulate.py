@@ -76,8 +76,9 @@ class AccumulatePath(wiring.Component):
         # last row makes it (psum_width), and that is all the register keeps: on iCE40
         # each of its bits is a logic cell (it is fed by a register, so shares none).
         arriving_width = width if fm else psum_width(c, c.rows)
-        add_row = Signal(data.ArrayLayout(signed(arriving_width), cols))
-        add_old = Signal(row_layout)
+        # The rows are data (reset-less: add_tag.valid says when they count).
+        add_row = Signal(data.ArrayLayout(signed(arriving_width), cols), reset_less=True)
+        add_old = Signal(row_layout, reset_less=True)
         arriving_tag = Signal(layout)   # the row that arrives now: the array's or REQUANT's
         arriving_row = Signal(row_layout)
         # Plain multiplexers, not If/Else: a process whose inputs settle at time 0 could

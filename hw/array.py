@@ -15,9 +15,10 @@ __all__ = ["SystolicArray", "psum_width"]
 
 
 def _delay(m: Module, value, cycles: int, name: str):
-    """``value`` delayed by ``cycles`` registers (0: the value itself)."""
+    """``value`` delayed by ``cycles`` reset-less registers (0: the value itself): the
+    array's skew and deskew carry data, as its PEs do (hw/pe.py)."""
     for i in range(cycles):
-        stage = Signal.like(value, name=f"{name}_d{i + 1}")
+        stage = Signal.like(value, name=f"{name}_d{i + 1}", reset_less=True)
         m.d.sync += stage.eq(value)
         value = stage
     return value

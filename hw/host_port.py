@@ -185,7 +185,7 @@ class HostPort(wiring.Component):
                 m.d.comb += access.en.eq(Cat(*lanes_en))
             padded = Cat(access.read_data, Const(0, info.stride * 32 - info.width))
             read_chunk = read_offset[0:stride_bits] if stride_bits else Const(0)
-            source_word = Signal(32, name=f"read_word_{info.name}")
+            source_word = Signal(32, name=f"read_word_{info.name}", reset_less=True)
             selected_read = (read_region == mem_region) & read_in_memory & ~read_blocked
             if info.stride < WIDE_READ_STRIDE:
                 m.d.sync += source_word.eq(Mux(selected_read,
@@ -193,7 +193,7 @@ class HostPort(wiring.Component):
                 source_words.append(source_word)
                 continue
             # The entry goes straight into its register (the enable comes from registers).
-            entry_held = Signal(info.width, name=f"read_entry_{info.name}")
+            entry_held = Signal(info.width, name=f"read_entry_{info.name}", reset_less=True)
             chunk_held = Signal.like(read_chunk, name=f"read_chunk_{info.name}")
             selected_held = Signal(name=f"read_selected_{info.name}")
             with m.If(selected_read):

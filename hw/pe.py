@@ -15,7 +15,13 @@ class ProcessingElement(wiring.Component):
 
     Each cycle: ``product <= act_in * weight[bank_in]``, ``psum_out <= psum_in + product``
     (the product of the previous cycle's activation) and the activation
-    (with its bank bit) moves right one cell. Weights shift down the column into bank
+    (with its bank bit) moves right one cell.
+
+    Its registers are reset-less: everything in them is data, which a new weight tile or
+    the words behind replace (the feeder, the loader and the accumulate path, which say
+    when a word or a sum counts, are reset). A reset line to every PE's flip-flops is a
+    net of ten thousand loads on a 12×12, and flip-flops with and without a reset cannot
+    share an ECP5 slice. Weights shift down the column into bank
     ``load_bank`` while ``load`` is high; the other bank keeps computing, so the next
     weight tile loads under the current one.
 
@@ -77,7 +83,8 @@ class ProcessingElement(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        weight = [Signal(signed(self._weight_width), name=f"weight{b}") for b in range(2)]
+        weight = [Signal(signed(self._weight_width), name=f"weight{b}", reset_less=True)
+                  for b in range(2)]
         m.d.comb += self.weight_out.eq(Mux(self.load_bank, weight[1], weight[0]))
         with m.If(self.load):
             with m.If(self.load_bank):
@@ -93,9 +100,11 @@ class ProcessingElement(wiring.Component):
         act = self.act_in
         if self._depthwise:
             act = Mux(self.mode_in, self.chain_in, self.act_in)
-            chain_mid = Signal.like(self.chain_in, name="chain_mid")
-            m.d.sync += [chain_mid.eq(self.chain_in), self.chain_out.eq(chain_mid),
-                         self.mode_out.eq(self.mode_in)]
+            chain_mid = Signal.like(self.chain_in, name="chain_mid", reset_less=True)
+            chain_out, mode_out = _registers(m, self.chain_out, self.mode_out,
+                                             names=("chain", "mode"))
+            m.d.sync += [chain_mid.eq(self.chain_in), chain_out.eq(chain_mid),
+                         mode_out.eq(self.mode_in)]
         if self._shared_multiplier:
             m.d.comb += [self.mul_act.eq(act), self.mul_weight.eq(operand)]
             product = self.product
@@ -107,9 +116,22 @@ class ProcessingElement(wiring.Component):
             product = registered_product(m, self._implementation, act, operand,
                                          name="product")
         # Assigning to the narrower psum_out wraps, like the golden model.
+        psum_out, act_out, bank_out = _registers(
+            m, self.psum_out, self.act_out, self.bank_out, names=("psum", "act", "bank"))
         m.d.sync += [
-            self.psum_out.eq(self.psum_in + product),
-            self.act_out.eq(self.act_in),
-            self.bank_out.eq(self.bank_in),
+            psum_out.eq(self.psum_in + product),
+            act_out.eq(self.act_in),
+            bank_out.eq(self.bank_in),
         ]
         return m
+
+
+def _registers(m: Module, *outputs: Signal, names: tuple[str, ...]) -> list[Signal]:
+    """A reset-less register driving each of ``outputs`` (component ports, which
+    cannot be reset-less themselves)."""
+    registers = []
+    for output, name in zip(outputs, names, strict=True):
+        register = Signal.like(output, name=f"{name}_reg", reset_less=True)
+        m.d.comb += output.eq(register)
+        registers.append(register)
+    return registers

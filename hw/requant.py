@@ -69,22 +69,27 @@ class Requantizer(wiring.Component):
         m = Module()
         int32_min = -(1 << 31)
         # Stage 1: bias, wrapping at the accumulator width.
+        # Past the multipliers' operands only the valid bits are reset: the rest is data
+        # that they say when to use, and a reset line to each lane's few hundred
+        # flip-flops costs routing (hw/pe.py). The operands keep theirs: yosys's iCE40
+        # mapping would move reset-less registers into the SB_MAC16s (see below).
         total = Signal(signed(self._acc_width))
         multiplier1 = Signal(signed(32))
-        shift1 = Signal(SHIFT_BITS)
+        shift1 = Signal(SHIFT_BITS, reset_less=True)
         valid1 = Signal()
-        left_shift1 = Signal()
+        left_shift1 = Signal(reset_less=True)
         m.d.sync += [total.eq(self.acc + self.bias), multiplier1.eq(self.multiplier),
                      shift1.eq(self.shift), valid1.eq(self.valid),
                      left_shift1.eq(self.left_shift)]
         # Built with both roundings: the sample's choice, kept beside it up to stage 5
         # (single_at[i] is read by stage i + 1).
         both = self._rounding == "both"
-        single_at = [self.single, *(Signal(name=f"single{i}") for i in range(1, 5))]
+        single_at = [self.single, *(Signal(name=f"single{i}", reset_less=True)
+                                    for i in range(1, 5))]
         if both:
             m.d.sync += [single_at[i].eq(single_at[i - 1]) for i in range(1, 5)]
         # Ties to even, likewise kept beside the sample up to stage 5.
-        even_at = [self.even, *(Signal(name=f"even{i}") for i in range(1, 5))]
+        even_at = [self.even, *(Signal(name=f"even{i}", reset_less=True) for i in range(1, 5))]
         if self._rounding != "double":
             m.d.sync += [even_at[i].eq(even_at[i - 1]) for i in range(1, 5)]
         # Stages 2-3: the 32 × 32 product from four 16 × 16 products of one signedness each
@@ -98,9 +103,9 @@ class Requantizer(wiring.Component):
             m.d.comb += a.eq(total)
         b = multiplier1
         a1, a0, b1, b0 = a[16:32].as_signed(), a[0:16], b[16:32].as_signed(), b[0:16]
-        cross = Signal(signed(17))
-        overflow2 = Signal()
-        shift2 = Signal(SHIFT_BITS)
+        cross = Signal(signed(17), reset_less=True)
+        overflow2 = Signal(reset_less=True)
+        shift2 = Signal(SHIFT_BITS, reset_less=True)
         valid2 = Signal()
         # x − 2^15 for an unsigned 16-bit x is x with its top bit flipped, read as signed.
         a0_centred = Cat(a0[0:15], ~a0[15]).as_signed()
@@ -121,15 +126,17 @@ class Requantizer(wiring.Component):
         ]
         # Stage 3: the product; the middle terms are summed first (two carry chains).
         middle = p10 + p01 + (cross << 15)
-        product = Signal(signed(64))
-        overflow, shift3, valid3 = Signal(), Signal(SHIFT_BITS), Signal()
+        product = Signal(signed(64), reset_less=True)
+        overflow, shift3 = Signal(reset_less=True), Signal(SHIFT_BITS, reset_less=True)
+        valid3 = Signal()
         m.d.sync += [product.eq(Cat(p00, p11).as_signed() + (middle << 16)),
                      overflow.eq(overflow2), shift3.eq(shift2), valid3.eq(valid2)]
         # The single-rounding quotient needs 33 bits (the product of two −2**31 is 2**62).
-        high = Signal(signed(32 if self._rounding == "double" else 33))
-        half = Signal()   # single rounding: the product's bit 30 (the rounding bit at shift 0)
-        sticky = Signal()   # single rounding: any of the product's bits 0 to 29
-        shift4 = Signal(SHIFT_BITS)
+        high = Signal(signed(32 if self._rounding == "double" else 33), reset_less=True)
+        # single rounding: the product's bit 30 (the rounding bit at shift 0)
+        half = Signal(reset_less=True)
+        sticky = Signal(reset_less=True)   # single rounding: any of the product's bits 0 to 29
+        shift4 = Signal(SHIFT_BITS, reset_less=True)
         valid4 = Signal()
         m.d.sync += [shift4.eq(shift3), valid4.eq(valid3)]
         if self._rounding != "double":
@@ -168,8 +175,8 @@ class Requantizer(wiring.Component):
         # single also the product's bit 30 when s > 0 and its bits 0 to 29) or the
         # truncated value is odd.
         # One shift gives the truncated value above the half.
-        truncated = Signal(signed(32))
-        round_up = Signal()
+        truncated = Signal(signed(32), reset_less=True)
+        round_up = Signal(reset_less=True)
         valid5 = Signal()
         half_in = Const(0, 1) if self._rounding == "double" else half
         shifted = Cat(half_in, high).as_signed() >> shift4
@@ -178,7 +185,7 @@ class Requantizer(wiring.Component):
         # 4 (from s before its register): ties to even read its bit 0 for any value, and
         # a combinational decoder of a register that has not changed since time 0 stays
         # undefined in an event-driven simulator (Icarus).
-        below = Signal(32)
+        below = Signal(32, reset_less=True)
         decoded = m.d.comb if self._rounding == "double" else m.d.sync
         with m.Switch(shift4 if self._rounding == "double" else shift3):
             for k in range(1 << SHIFT_BITS):
@@ -200,7 +207,7 @@ class Requantizer(wiring.Component):
             m.d.sync += round_up.eq(shifted[0] & away)
         m.d.sync += [truncated.eq(shifted[1:33].as_signed()), valid5.eq(valid4)]
         # Stage 6: round and add the zero point (one carry chain, rounding as carry-in).
-        with_zero = Signal(signed(34))
+        with_zero = Signal(signed(34), reset_less=True)
         valid6 = Signal()
         m.d.sync += [with_zero.eq(truncated + self.zero_point + round_up), valid6.eq(valid5)]
         # Stage 7: clamp (max, then min: like np.clip, even if the bounds are inverted) and

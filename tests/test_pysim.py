@@ -89,3 +89,60 @@ def test_memories_whose_depth_is_not_a_power_of_two():
     np.testing.assert_array_equal(matmul_output(plan, result), a @ w)
     np.testing.assert_array_equal(result.outputs["y"], golden.outputs["y"])
     assert result.counters == golden.counters
+
+
+def test_a_reset_in_the_middle_of_a_run_does_not_reach_the_next_runs():
+    """The PEs, the array's skew, and the requantizer's and accumulate path's data
+    registers have no reset (hw/pe.py). A reset while a run streams data through all of
+    them, then jobs that read every kind of result (depthwise mode, GEMM, REQUANT, a
+    second GEMM on its output): outputs and counters equal the golden model's."""
+    from amaranth import ClockDomain, Module
+
+    from npugen.hostops import decode_result
+    from npugen.memory_map import Control, Reg, Region, address
+    from programs import depthwise_mode_job, layer_chain_job
+
+    config = NpuConfig(rows=6, cols=6, requant_lanes=3, line_buffer_depth=16,
+                       requant_overlap=True, activation_depth=2048, weight_depth=2048,
+                       accumulator_depth=256, instruction_depth=1024, param_depth=256)
+    rng = np.random.default_rng(21)
+    interrupted = [layer_chain_job(config, rng, m=40, k=20, n=14, n2=9, zero_point=3,
+                                   clamp=(-128, 127)),
+                   depthwise_mode_job(config, rng, out_halo=True)[0]]
+    after = [depthwise_mode_job(config, rng, out_halo=False)[0],
+             layer_chain_job(config, rng, m=9, k=13, n=8, n2=7, zero_point=-5,
+                             clamp=(-100, 90))]
+    npu = Npu(config)
+    top = Module()
+    top.domains.sync = domain = ClockDomain("sync")
+    top.submodules.npu = npu
+    results = []
+
+    async def testbench(ctx):
+        bus = AmaranthBus(ctx, npu)
+        for stopped, job in zip(interrupted, after, strict=True):
+            program = bus_program(stopped)
+            await bus.write_many(program.write_addresses, program.write_words)
+            await bus.write_many(
+                np.array([address(Region.REGISTERS, Reg.START_PC),
+                          address(Region.REGISTERS, Reg.CONTROL)], np.uint32),
+                np.array([program.start_pc, int(Control.START)], np.uint32))
+            await ctx.tick().repeat(run_golden(stopped).counters.cycles // 2)
+            assert ctx.get(npu.running)
+            ctx.set(domain.rst, 1)
+            for _ in range(3):
+                await ctx.tick()   # one tick at a time: repeat() raises DomainReset
+            ctx.set(domain.rst, 0)
+            await ctx.tick()
+            assert not ctx.get(npu.running)
+            results.append(decode_result(job, *await execute(bus, bus_program(job))))
+
+    sim = Simulator(top)
+    sim.add_clock(CLOCK_PERIOD_S)
+    sim.add_testbench(testbench)
+    sim.run()
+    for job, result in zip(after, results, strict=True):
+        golden = run_golden(job)
+        for key, value in golden.outputs.items():
+            np.testing.assert_array_equal(result.outputs[key], value, err_msg=key)
+        assert result.counters == golden.counters
