@@ -829,3 +829,63 @@ def test_implementation_refuses_what_it_cannot_build():
         Implementation("ecp5", spram_regions={Region.WEIGHTS})
     with pytest.raises(TypeError, match="implementation must be an Implementation, not 'ecp5'"):
         check_implementation("ecp5")  # what each component's constructor does with it
+
+
+# -- Memories -------------------------------------------------------------------------------
+
+def test_power_of_two_parts_are_the_binary_digits():
+    from npugen.hw.ram import power_of_two_parts
+
+    assert power_of_two_parts(9216) == [8192, 1024]
+    assert power_of_two_parts(7936) == [4096, 2048, 1024, 512, 256]
+    assert power_of_two_parts(4096) == [4096]
+
+
+@pytest.mark.parametrize("depth", [768, 1280, 1792])
+def test_stacked_memory_reads_what_it_wrote(depth):
+    """A memory whose depth is not a power of two (hw/ram.py's StackedMemory: 768 = 512 +
+    256, 1280 = 1024 + 256, 1792 = 1024 + 512 + 256) against a list: random lane writes,
+    a transparent read port and a plain one (the accumulators' copy), each address of
+    every part, reads held while their port is disabled."""
+    from amaranth import Module
+
+    from npugen.hw.ram import StackedMemory
+    from npugen.memory_map import MemoryInfo
+
+    info = MemoryInfo(name="mem", region=Region.ACTIVATIONS, depth=depth, width=16,
+                      granularity=8)
+    memory = StackedMemory(info)
+    write = memory.write_port(granularity=8)
+    transparent = memory.read_port(transparent_for=(write,))
+    plain = memory.read_port()
+    top = Module()
+    top.submodules.mem = memory
+    rng = np.random.default_rng(depth)
+    model = [0] * depth
+
+    async def testbench(ctx):
+        held = None
+        for _ in range(3000):
+            addr, read_addr = (int(a) for a in rng.integers(0, depth, 2))
+            lanes, word = int(rng.integers(0, 4)), int(rng.integers(0, 1 << 16))
+            enabled = bool(rng.random() < 0.8)
+            ctx.set(write.addr, addr)
+            ctx.set(write.data, word)
+            ctx.set(write.en, lanes)
+            ctx.set(transparent.addr, addr)
+            ctx.set(plain.addr, read_addr)
+            ctx.set(plain.en, enabled)
+            old = model[read_addr]
+            await ctx.tick()
+            for lane in range(2):
+                if lanes >> lane & 1:
+                    mask = 0xFF << 8 * lane
+                    model[addr] = model[addr] & ~mask | word & mask
+            assert ctx.get(transparent.data) == model[addr]
+            if enabled:
+                held = old   # not transparent: a word written in the read's cycle is new
+            if held is not None:
+                assert ctx.get(plain.data) == held
+        assert any(model[k] for k in range(depth - 256, depth))
+
+    simulate(top, testbench)
