@@ -13,8 +13,10 @@ one more with wide memories):
 
 A memory whose entries span ``WIDE_READ_STRIDE`` words or more registers the whole entry
 first and selects the word a cycle later (a 16:1 select behind the block RAM is too slow
-for the ECP5 boards' clocks on a 12-wide array); the other sources' words wait a cycle,
-ORed, and the read is answered a cycle later.
+for the ECP5 boards' clocks on a 12-wide array), and the read is answered a cycle later.
+Then every memory does the same, as the read takes the extra cycle anyway: a block RAM
+across the die from the host port drives only its register (the 85F's weights, 147
+DP16KD in use, missed 71.875 MHz by their word select at d875772: 67.6 MHz).
 """
 
 from amaranth import Cat, Const, Module, Mux, Signal
@@ -168,7 +170,8 @@ class HostPort(wiring.Component):
             m.d.sync += host_conflict.eq(0)
 
         source_words = []   # each read source's word, registered; zero unless it is read
-        late_words = []     # the same, a cycle later: the wide memories' words
+        late_words = []     # the same, a cycle later: the memories' words, if one is wide
+        late = host_read_latency(self._config) > HOST_READ_LATENCY
         for mem_region, info in self._infos.items():
             access = getattr(self, info.name)
             stride_bits = (info.stride - 1).bit_length()
@@ -187,7 +190,7 @@ class HostPort(wiring.Component):
             read_chunk = read_offset[0:stride_bits] if stride_bits else Const(0)
             source_word = Signal(32, name=f"read_word_{info.name}", reset_less=True)
             selected_read = (read_region == mem_region) & read_in_memory & ~read_blocked
-            if info.stride < WIDE_READ_STRIDE:
+            if not late:
                 m.d.sync += source_word.eq(Mux(selected_read,
                                                padded.word_select(read_chunk, 32), 0))
                 source_words.append(source_word)
