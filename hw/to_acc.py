@@ -6,10 +6,11 @@ into the accumulators, where the elementwise add sums its two inputs. A sub-unit
 The unit collects the groups of each accumulator word as they leave the requantizers,
 then sends the word down the accumulate path: ``inject_read`` (its destination word is
 read) and, a cycle later, ``inject`` with ``inject_row`` (it joins the path, added to the
-word or written over it). The requantization unit then reads its source words every
-other cycle (``hold``), so that the destination read has the memory's read port to
-itself; the raw results are taken a cycle after they leave the lanes to keep that
-parity (the requantizer's input register is the other cycle).
+word or written over it). On an NPU without ``requant_overlap`` the requantization unit
+and the accumulate path share the accumulators' read port: the unit then reads its source
+words every other cycle (``hold``), so that the destination read (in the cycle a word's
+last group leaves the lanes) has the port to itself. With ``requant_overlap`` the unit
+reads through a port of its own and takes a group every cycle.
 """
 
 from amaranth import Module, Signal, signed
@@ -65,13 +66,13 @@ class AccumulatorReturn(wiring.Component):
         phase = Signal(name="rq_phase")
         raw_group = Signal(range(groups))
         raw_dest = Signal(range(c.accumulator_depth))
-        raw_valid = Signal()                   # a group's raw results to collect
-        raw_values = Signal(lanes * c.accumulator_width)
         inject_write = Signal()                # the injected row is written
         inject_read, inject = self.inject_read, self.inject
-        m.d.comb += [self.enabled.eq(to_acc), self.hold.eq(to_acc & phase),
-                     self.active.eq((raw_valid & to_acc) | inject_read.valid | inject.valid
-                                    | inject_write)]
+        # With requant_overlap the source reads have a port of their own: no hold.
+        shared_port = not c.requant_overlap
+        collecting = self.out_valid & to_acc
+        m.d.comb += [self.enabled.eq(to_acc), self.hold.eq(to_acc & phase if shared_port else 0),
+                     self.active.eq(inject_read.valid | inject.valid | inject_write)]
 
         with m.If(self.busy & to_acc):
             m.d.sync += phase.eq(~phase)
@@ -79,17 +80,19 @@ class AccumulatorReturn(wiring.Component):
             m.d.sync += [to_acc.eq(self.to_acc), accumulate.eq(self.accumulate),
                          phase.eq(0), raw_group.eq(0), raw_dest.eq(self.dest)]
 
-        m.d.sync += [raw_valid.eq(self.out_valid), raw_values.eq(self.raw)]
-        m.d.sync += [inject_read.valid.eq(0), inject.eq(inject_read),
-                     inject_write.eq(inject.valid)]
-        with m.If(raw_valid & to_acc):
+        # A word's last group leaves the lanes: its destination word is read in that cycle
+        # and the whole row, registered, joins the path in the next (before the next
+        # word's first group, a cycle later at the earliest, replaces it). Without the
+        # port of its own this is a cycle in which the requantizer does not read.
+        m.d.comb += [inject_read.valid.eq(collecting & (raw_group == groups - 1)
+                                          & self.running),
+                     inject_read.accumulate.eq(accumulate), inject_read.addr.eq(raw_dest)]
+        m.d.sync += [inject.eq(inject_read), inject_write.eq(inject.valid)]
+        with m.If(collecting):
             m.d.sync += self.inject_row.as_value().word_select(
-                raw_group, lanes * c.accumulator_width).eq(raw_values)
+                raw_group, lanes * c.accumulator_width).eq(self.raw)
             with m.If(raw_group == groups - 1):
-                m.d.sync += [raw_group.eq(0), raw_dest.eq(raw_dest + 1),
-                             inject_read.valid.eq(self.running),
-                             inject_read.accumulate.eq(accumulate),
-                             inject_read.addr.eq(raw_dest)]
+                m.d.sync += [raw_group.eq(0), raw_dest.eq(raw_dest + 1)]
             with m.Else():
                 m.d.sync += raw_group.eq(raw_group + 1)
         return m

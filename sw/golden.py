@@ -114,7 +114,9 @@ class CycleModel:
                                         and not instruction["to_acc"])
             groups = instruction["count"] * (cols // self.config.requant_lanes)
             if instruction["to_acc"]:
-                self.requant_free_at = cycle + 2 * groups + REQUANT_TO_ACC_TAIL_CYCLES
+                # Reads every other cycle, unless the requantizer has a port of its own.
+                last_read = groups if self.config.requant_overlap else 2 * groups - 1
+                self.requant_free_at = cycle + last_read + REQUANT_TO_ACC_TAIL_CYCLES
             else:
                 self.requant_free_at = cycle + groups + REQUANT_TAIL_CYCLES
         self.next_cycle = cycle + 1

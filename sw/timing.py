@@ -34,9 +34,12 @@ REQUANT_INPUT_STAGES = 1
 #: beyond one cycle per channel group: issue, memory read, the input register, then the
 #: lane's pipeline.
 REQUANT_TAIL_CYCLES = 2 + REQUANT_INPUT_STAGES + REQUANT_PIPELINE_STAGES
-#: The same for REQUANT to_acc (two cycles per group): the results then take the
-#: accumulate path (destination read, add, write).
-REQUANT_TO_ACC_TAIL_CYCLES = REQUANT_TAIL_CYCLES + 3
+#: The same for REQUANT to_acc, counted from its last source read instead of from one
+#: cycle per group (the reads are every cycle with ``requant_overlap``, else every other
+#: cycle: the last ``2·groups − 1`` cycles after the first): each word's results then
+#: take the accumulate path (the destination is read in the cycle they leave the lanes;
+#: add, write).
+REQUANT_TO_ACC_TAIL_CYCLES = REQUANT_TAIL_CYCLES + 2
 #: Cycles from a FILL's dispatch to the cycle the next instruction that waits for it may
 #: dispatch, beyond one cycle per word (its writes start the cycle after the dispatch).
 FILL_TAIL_CYCLES = 1
@@ -95,8 +98,9 @@ def timing_markdown() -> str:
         f"(`{_formula(results_written_cycles)}` cycles after the last row, "
         "`results_written_cycles`); then the next instruction waits one cycle per channel "
         f"group + {REQUANT_TAIL_CYCLES} from the REQUANT's dispatch "
-        f"(`REQUANT_TAIL_CYCLES`; with `to_acc`, two per group + "
-        f"{REQUANT_TO_ACC_TAIL_CYCLES}, `REQUANT_TO_ACC_TAIL_CYCLES`) |",
+        f"(`REQUANT_TAIL_CYCLES`; with `to_acc`, {REQUANT_TO_ACC_TAIL_CYCLES} from its last "
+        "source read, `REQUANT_TO_ACC_TAIL_CYCLES`: the reads take one cycle per group "
+        "with `requant_overlap`, else every other cycle) |",
         "| FILL | nothing; then the next instruction waits one cycle per word + "
         f"{FILL_TAIL_CYCLES} from the FILL's dispatch (`FILL_TAIL_CYCLES`) |",
         "| SETKERN, SETWIN, SETOUT, SETGEMM, SETPP, SETREQ | nothing (one cycle) |",

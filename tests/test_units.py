@@ -217,13 +217,16 @@ def test_requant_unit_output_walk_follows_setout():
     assert busy == 5 * 2 + REQUANT_TAIL_CYCLES
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("accumulate", [0, 1])
-def test_requant_unit_to_acc_injects_raw_rows(accumulate):
+def test_requant_unit_to_acc_injects_raw_rows(accumulate, overlap):
     """REQUANT to_acc: each accumulator word's unclamped results leave as one row for the
     accumulate path, addressed to the golden model's destination word, with its
     ``accumulate`` flag; the activations are left alone; ``active`` covers the
-    accumulate path's write too (``2·groups + REQUANT_TO_ACC_TAIL_CYCLES``)."""
-    c = REQUANT_CONFIGS["4x4-lanes2"]
+    accumulate path's write too (``REQUANT_TO_ACC_TAIL_CYCLES`` after the last source
+    read: every cycle with ``requant_overlap``, whose read port is the unit's own, else
+    every other cycle)."""
+    c = REQUANT_CONFIGS["4x4-lanes2"].replace(requant_overlap=overlap)
     rng = np.random.default_rng(4 + accumulate)
     golden = requant_state(c, rng)
     count = 3
@@ -248,9 +251,8 @@ def test_requant_unit_to_acc_injects_raw_rows(accumulate):
     rows = (rows + wrap // 2) % wrap - wrap // 2
     np.testing.assert_array_equal(rows, golden.accumulators[30:30 + count])
     groups = count * (c.cols // c.requant_lanes)
-    # The unit's part of the tail: the accumulate path's add and write follow the
-    # injection (two of REQUANT_TO_ACC_TAIL_CYCLES's three extra cycles are theirs).
-    assert busy == 2 * groups + REQUANT_TO_ACC_TAIL_CYCLES
+    last_read = groups if overlap else 2 * groups - 1
+    assert busy == last_read + REQUANT_TO_ACC_TAIL_CYCLES
 
 
 # -- Host port and performance counters ------------------------------------------------------
