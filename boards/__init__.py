@@ -65,13 +65,14 @@ _KWS_8X8 = dict(activation_depth=2560, weight_depth=5120, accumulator_depth=512,
 # meets the clock (KWS: 140,219 cycles against 193,535 with one lane).
 _KWS_12X8 = dict(activation_depth=2048, weight_depth=7936, accumulator_depth=512,
                  instruction_depth=1280, param_depth=1024, requant_lanes=2)
-# The 85F's 12×12 has four lanes (16 more MULT18X18Ds): KWS in 76,215 cycles against
-# 150,852 with one. Six did not meet the clock (docs/BOARDS.md). With requant_overlap
-# (a copy of the accumulators' block RAM) the lanes run beside the array: 60,003. The
-# depthwise mode's line buffers (rows of up to 64 words) take KWS to 40,599.
-_KWS_12X12 = dict(activation_depth=2048, weight_depth=8192, accumulator_depth=512,
-                  instruction_depth=1024, param_depth=512, requant_lanes=4,
-                  requant_overlap=True, line_buffer_depth=64)
+# The 85F's 16×16 holds ResNet-8 (3,336 activation words, 4,976 weight words) and KWS,
+# with four requantizer lanes (16 MULT18X18Ds) beside the array (requant_overlap: a copy
+# of the accumulators' block RAM) and the depthwise mode's line buffers (rows of up to 64
+# words). ResNet-8 in 87,704 cycles, KWS in 23,799 (the 12×12 it replaced: 194,633 with
+# these memories, 35,651).
+_RESNET_16X16 = dict(activation_depth=3584, weight_depth=5120, accumulator_depth=512,
+                     instruction_depth=1024, param_depth=512, requant_lanes=4,
+                     requant_overlap=True, line_buffer_depth=64)
 
 
 def _orangecrab_25f() -> object:
@@ -102,11 +103,11 @@ BOARDS: dict[str, Board] = {board.name: board for board in (
             description=f"Radiona ULX3S, LFE5U-{size}F", loader_name="ulx3s", pll_mhz=pll,
             device=f"lfe5u-{size}f")
       # Rows in MULT18X18Ds and in logic: the 25F's 8×8 3 and 5, the 45F's 12×8 8 and 4,
-      # the 85F's 12×12 8 and 4 (nextpnr does not route 144 MULT18X18Ds). The 12F keeps
-      # a 4×4: an 8×8 takes more than its 12K LUTs.
+      # the 85F's 16×16 6 and 10 (ECP5_DSP_PRODUCTS). The 12F keeps a 4×4: an 8×8 takes
+      # more than its 12K LUTs.
       for size, rows, cols, pll, memories in (
           (12, 4, 4, 80.0, _MEDIUM), (25, 8, 8, 75.0, _KWS_8X8), (45, 12, 8, 75.0, _KWS_12X8),
-          (85, 12, 12, 72.0, _KWS_12X12))),
+          (85, 16, 16, 65.0, _RESNET_16X16))),
     # Without the feature-map hardware, like the iCEBreaker (with it, neither board's
     # array placed when it was last tried: docs/CHANGELOG.md, 2026-11-28).
     Board("tang-nano-9k", _platform("tang_nano_9k", "TangNano9kPlatform"), "gowin", 27e6,

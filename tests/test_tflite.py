@@ -80,7 +80,7 @@ def test_kws_equals_litert_reference_on_every_array_shape(rows, cols, lanes):
 
 
 def test_overlapped_requants_keep_kws_exact_and_take_fewer_cycles():
-    """On the ULX3S-85F's 12×12 with four lanes, requant_overlap runs each output tile's
+    """On the ULX3S-85F's 16×16 with four lanes, requant_overlap runs each output tile's
     REQUANT beside the next tile's GEMM: the outputs stay LiteRT's, the run is shorter."""
     from npugen.boards import board_named
 
@@ -413,7 +413,7 @@ def test_tflite_model_on_the_rtl_equals_litert(simulator):
 #: The MLPerf Tiny models each board's default NPU holds (docs/BOARDS.md says why the
 #: others cannot be held in its block RAM).
 BOARD_MODELS = {"icebreaker": set(), "ulx3s-12f": set(), "ulx3s-25f": {"kws"},
-                "ulx3s-45f": {"kws"}, "ulx3s-85f": {"kws"},
+                "ulx3s-45f": {"kws"}, "ulx3s-85f": {"kws", "resnet"},
                 "tang-nano-9k": set(), "orangecrab-25f": {"kws"}}
 
 
