@@ -4,7 +4,8 @@ with ``to_acc`` back into the accumulators through the accumulate path), and the
 SETREQ and SETOUT registers it reads.
 
 Timing (``sw/timing.py``; the cycle model's ``requant_free_at``): a REQUANT reads one
-group of ``requant_lanes`` accumulators a cycle (every other cycle with ``to_acc``), the
+group of ``requant_lanes`` accumulators a cycle (with ``to_acc`` on an NPU without
+``requant_overlap``, every other cycle), the
 ``cols // requant_lanes`` groups of each accumulator word in turn, from the cycle after
 its dispatch. Each group then takes
 
@@ -121,8 +122,8 @@ class RequantUnit(wiring.Component):
         rq_single = Signal()   # REQUANT single_rounding (read with rounding "both" only)
         rq_even = Signal()     # REQUANT ties_to_even (read by builds with single rounding)
         # REQUANT to_acc (feature-map hardware): the raw results go back into the
-        # accumulators through the accumulate path, and the source words are read every
-        # other cycle (hw/to_acc.py).
+        # accumulators through the accumulate path; without requant_overlap the source
+        # words are read every other cycle (hw/to_acc.py).
         if fm:
             m.submodules.to_acc = to_acc = AccumulatorReturn(c)
             rq_to_acc, hold = to_acc.enabled, to_acc.hold
