@@ -30,7 +30,7 @@ import numpy as np
 
 from .config import NpuConfig
 from .featuremap import FeatureMap
-from .golden import CycleModel, GemmState, check_program
+from .golden import CycleModel, GemmState, check_program, overlap_requants
 from .graph import Add, Conv, Dense, Model, Pool, output_shape
 from .isa import Instruction, Opcode, encode_program
 from .lowering import Lowering, Requant, Rescale
@@ -422,6 +422,7 @@ def _compile(model: QuantizedModel, config: NpuConfig, batch: int,
         ("instructions", len(instructions), "instruction_depth")])
     if problems:
         raise DoesNotFit(prefix + "; ".join(problems))
+    instructions = overlap_requants(config, instructions)
     check_program(config, instructions)
     # Per-layer cycles from the cycle model (which the RTL's counters equal): from a
     # layer's first dispatch to the next layer's.

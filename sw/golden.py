@@ -8,6 +8,7 @@ model of the sequencer's issue rules (tests hold the RTL's counters against it).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +27,7 @@ from .timing import (
 )
 
 __all__ = ["GoldenNpu", "Counters", "CycleModel", "ProgramError", "check_program",
-           "expand_program", "requant_rounding", "GemmState", "Walk"]
+           "overlap_requants", "expand_program", "requant_rounding", "GemmState", "Walk"]
 
 
 def address_span(depth: int) -> int:
@@ -412,6 +413,43 @@ class _OverlapCheck:
             need(written.isdisjoint(read.tolist()), index, ins,
                  f"reads activation words that the overlapping {requant.opcode.name} of "
                  f"instruction {at} ({requant}) writes; {fix}")
+
+
+def overlap_requants(config: NpuConfig, program: list[Instruction]) -> list[Instruction]:
+    """``program`` with the ``overlap`` bit set on every REQUANT (not ``to_acc``) that the
+    steps after it may run beside, by the rules :func:`check_program` enforces: an
+    add's next chunk, or a layer that neither reads the REQUANT's output nor writes the
+    accumulator words it reads. Unchanged on an NPU without ``requant_overlap``."""
+    if not config.requant_overlap:
+        return list(program)
+    program = list(program)
+    state, out_stride = GemmState(config.rows), 0
+
+    def refuse(ok: bool, *_) -> None:
+        if not ok:
+            raise ProgramError
+
+    for index, instruction in enumerate(program):
+        if (instruction.opcode is Opcode.REQUANT and not instruction["overlap"]
+                and not instruction["to_acc"] and index + 1 < len(program)
+                and program[index + 1].opcode in REQUANT_OVERLAPPERS):
+            trial = Instruction(Opcode.REQUANT, {**instruction.args, "overlap": 1})
+            check, ahead = _OverlapCheck(config), copy.deepcopy(state)
+            check.out_stride = out_stride
+            try:
+                for at, step in enumerate([trial, *program[index + 1:]], index):
+                    if at > index and step.opcode not in REQUANT_OVERLAPPERS:
+                        break
+                    for ins in ahead.expand(step):
+                        check.step(ahead, at, ins, refuse)
+            except ProgramError:
+                pass
+            else:
+                program[index] = instruction = trial
+        if instruction.opcode is Opcode.SETREQ:
+            out_stride = instruction["out_stride"]
+        state.expand(instruction)
+    return program
 
 
 class GoldenNpu:

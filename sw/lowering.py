@@ -344,6 +344,7 @@ class Lowering:
         ins = self.instructions
         ins.append(Instruction(Opcode.SETKERN, {"kernel_w": 1, "kernel_h": 1,
                                                 "kernel_row_step": 0}))
+        chunks = []   # (tile, lane, first row, words) in the order they run
         for tile in range(ceil_div(channels, c.rows)):
             for lane in range(0, c.rows, c.cols):
                 if tile * c.rows + lane >= channels:
@@ -354,42 +355,47 @@ class Lowering:
                         diagonal[lane + col, col] = 1
                     identity_at[lane] = self._store_weights(diagonal)
                 channels_here = tile * c.rows + lane + np.arange(c.cols)
-                key = (tile, lane)
-                sum_params[key] = self._store_params(requant.lanes(channels_here).reshape(
-                    groups, c.requant_lanes, 3))
-                for y0 in range(0, height, chunk_rows):
-                    count = min(chunk_rows, height - y0) * width
+                sum_params[tile, lane] = self._store_params(requant.lanes(
+                    channels_here).reshape(groups, c.requant_lanes, 3))
+                chunks += [(tile, lane, y0, min(chunk_rows, height - y0) * width)
+                           for y0 in range(0, height, chunk_rows)]
+
+        for tile, lane, y0, count in chunks:
+            for which, (fmap, params_at) in enumerate(inputs):
+                # The input through the array into accumulators [0, count), then
+                # rescaled into [count, 2·count), the second added to the first. The
+                # first GEMM may run beside the previous chunk's output REQUANT
+                # (the compiler's overlap_requants sets its overlap bit where safe).
+                ins.append(Instruction(Opcode.SETWIN, {
+                    "row_length": width, "row_step": fmap.pitch, "col_step": 1}))
+                ins.append(Instruction(Opcode.SETGEMM, {
+                    "weight_addr": identity_at[lane], "k_tiles": 1, "tile_step": 0}))
+                ins.append(Instruction(Opcode.GEMM, {
+                    "bank": self.bank, "act_addr": fmap.word(tile, y0, 0),
+                    "acc_addr": 0, "count": count}))
+                self.bank ^= 1
+                if which == 0:
                     ins.append(Instruction(Opcode.SETPP, {
-                        "zero_point": 0, "clamp_min": -(1 << 15), "clamp_max": (1 << 15) - 1}))
-                    for which, (fmap, params_at) in enumerate(inputs):
-                        # The input through the array into accumulators [0, count), then
-                        # rescaled into [count, 2·count), the second added to the first.
-                        ins.append(Instruction(Opcode.SETWIN, {
-                            "row_length": width, "row_step": fmap.pitch, "col_step": 1}))
-                        ins.append(Instruction(Opcode.SETGEMM, {
-                            "weight_addr": identity_at[lane], "k_tiles": 1, "tile_step": 0}))
-                        ins.append(Instruction(Opcode.GEMM, {
-                            "bank": self.bank, "act_addr": fmap.word(tile, y0, 0),
-                            "acc_addr": 0, "count": count}))
-                        self.bank ^= 1
-                        ins.append(Instruction(Opcode.SETREQ, {
-                            "param_addr": params_at, "out_stride": 0}))
-                        ins.append(Instruction(Opcode.REQUANT, {
-                            "acc_addr": 0, "count": count, "out_addr": count, "to_acc": 1,
-                            "accumulate": which, "left_shift": 1,
-                            "single_rounding": requant.single_rounding,
+                        "zero_point": 0, "clamp_min": -(1 << 15),
+                        "clamp_max": (1 << 15) - 1}))
+                ins.append(Instruction(Opcode.SETREQ, {
+                    "param_addr": params_at, "out_stride": 0}))
+                ins.append(Instruction(Opcode.REQUANT, {
+                    "acc_addr": 0, "count": count, "out_addr": count, "to_acc": 1,
+                    "accumulate": which, "left_shift": 1,
+                    "single_rounding": requant.single_rounding,
                     "ties_to_even": requant.ties_to_even}))
-                    ins.append(Instruction(Opcode.SETPP, {
-                        "zero_point": requant.zero_point, "clamp_min": requant.clamp_min,
-                        "clamp_max": requant.clamp_max}))
-                    ins.append(Instruction(Opcode.SETOUT, {"row_length": width,
-                                                           "row_step": dst.pitch}))
-                    ins.append(Instruction(Opcode.SETREQ, {
-                        "param_addr": sum_params[key], "out_stride": dst.tile_words}))
-                    ins.append(Instruction(Opcode.REQUANT, {
-                        "acc_addr": count, "count": count, "out_addr": dst.word(tile, y0, 0),
-                        "out_lane": lane, "single_rounding": requant.single_rounding,
-                    "ties_to_even": requant.ties_to_even}))
+            ins.append(Instruction(Opcode.SETPP, {
+                "zero_point": requant.zero_point, "clamp_min": requant.clamp_min,
+                "clamp_max": requant.clamp_max}))
+            ins.append(Instruction(Opcode.SETOUT, {"row_length": width,
+                                                   "row_step": dst.pitch}))
+            ins.append(Instruction(Opcode.SETREQ, {
+                "param_addr": sum_params[tile, lane], "out_stride": dst.tile_words}))
+            ins.append(Instruction(Opcode.REQUANT, {
+                "acc_addr": count, "count": count, "out_addr": dst.word(tile, y0, 0),
+                "out_lane": lane, "single_rounding": requant.single_rounding,
+                "ties_to_even": requant.ties_to_even}))
 
     def fill_halo(self, fmap: FeatureMap) -> None:
         """Write ``fmap``'s halo (its padding value) around the pixels of every channel

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from npugen.config import NpuConfig
+from npugen.golden import overlap_requants
 from npugen.isa import Instruction, Opcode, assemble, encode_program
 from npugen.job import Job
 from npugen.matmul import matmul_job
@@ -358,8 +359,9 @@ def _map_job(config: NpuConfig, rng: np.random.Generator, lowering, inputs, dst)
     and its FILLs must overwrite it) and a guard past the output map (it must not write
     there)."""
     job = Job(config)
-    job.write(Region.INSTRUCTIONS, 0, encode_program(lowering.instructions
-                                                     + [Instruction(Opcode.HALT)]))
+    # As the compiler does: each REQUANT beside the steps after it where they allow.
+    job.write(Region.INSTRUCTIONS, 0, encode_program(overlap_requants(
+        config, lowering.instructions + [Instruction(Opcode.HALT)])))
     for fmap, values in inputs:
         job.write(Region.ACTIVATIONS, fmap.base, fmap.pack(values))
     # Junk in the output map, its halo too: the operator writes the pixels and the

@@ -5,7 +5,7 @@ import pytest
 
 from npugen.arith import requantize
 from npugen.config import NpuConfig
-from npugen.golden import GoldenNpu, ProgramError, check_program, expand_program
+from npugen.golden import GoldenNpu, ProgramError, check_program, expand_program, overlap_requants
 from npugen.isa import Instruction, Opcode, assemble, encode_program
 from npugen.memory_map import Region
 from npugen.schedule import gemm_instructions, plan_gemm, tile_activations, tile_weights
@@ -194,6 +194,35 @@ def test_cycle_model_runs_an_overlapped_requant_beside_the_next_steps():
     assert cycles[0, ""] - cycles[1, ""] >= groups
     # SETREQ waits for the REQUANT, which then ends after the MATMUL's drain.
     assert cycles[1, "SETREQ\n"] <= cycles[0, "SETREQ\n"]
+
+
+@pytest.mark.parametrize("after, overlaps", [
+    ("LOADW bank=1\nMATMUL bank=1 act_addr=0 acc_addr=8 count=8", True),
+    # Reads activation word 103, which the REQUANT writes.
+    ("LOADW bank=1\nMATMUL bank=1 act_addr=96 acc_addr=8 count=8", False),
+    # Writes accumulator word 7, which the REQUANT reads.
+    ("LOADW bank=1\nMATMUL bank=1 act_addr=0 acc_addr=7 count=8", False),
+    # SETREQ waits for the REQUANT anyway.
+    ("SETREQ\nMATMUL bank=0 act_addr=0 acc_addr=8 count=8", False),
+])
+def test_overlap_requants_sets_the_bit_where_the_steps_after_allow(after, overlaps):
+    """The compiler's pass: a REQUANT runs beside the steps after it only where
+    check_program allows it, fewer cycles; never with to_acc, nor on an NPU without
+    requant_overlap."""
+    program = assemble(f"MATMUL acc_addr=0 count=8\nREQUANT count=8 out_addr=100\n{after}\n"
+                       "REQUANT count=1 to_acc=1 out_addr=20\nMATMUL acc_addr=0 count=1\nHALT")
+    overlapped = overlap_requants(OVERLAP, program)
+    check_program(OVERLAP, overlapped)
+    assert [ins["overlap"] for ins in overlapped if ins.opcode is Opcode.REQUANT] == [
+        int(overlaps), 0]
+    assert overlap_requants(CONFIG, program) == program
+
+    def cycles(instructions):
+        npu = GoldenNpu(OVERLAP)
+        npu.write(Region.INSTRUCTIONS, 0, encode_program(instructions))
+        return npu.run().cycles
+
+    assert (cycles(overlapped) < cycles(program)) is overlaps
 
 
 DEPTHWISE = CONFIG.replace(rows=8, cols=8, requant_lanes=None, line_buffer_depth=16)
