@@ -324,7 +324,6 @@ class Lowering:
                 raise ValueError(f"the {name} map is {fmap.channels}×{fmap.height}×"
                                  f"{fmap.width}, the first input {'×'.join(map(str, shape))}")
         self._check_maps(first, dst, first.channels, first.channels, (1, 1), 1, (0, 0, 0, 0))
-        self.flush_fills()
         groups = c.cols // c.requant_lanes
         channels, height, width = shape
         if 2 * width > c.accumulator_depth:
@@ -375,6 +374,7 @@ class Lowering:
                     "acc_addr": 0, "count": count}))
                 self.bank ^= 1
                 if which == 0:
+                    self.flush_fills()   # the output's halo, beside the first GEMM
                     ins.append(Instruction(Opcode.SETPP, {
                         "zero_point": 0, "clamp_min": -(1 << 15),
                         "clamp_max": (1 << 15) - 1}))
