@@ -39,8 +39,11 @@ class LineBuffer(wiring.Component):
         m.d.sync += pointer.eq(Mux(pointer == depth - 1, 0, pointer + 1))
         m.d.comb += [write.addr.eq(pointer), write.data.eq(self.line_in.as_value()),
                      write.en.eq(1)]
-        # The block RAM's output is slow (5.6 ns on ECP5): registered before the PEs.
-        m.d.sync += self.line_out.eq(read.data)
+        # The block RAM's output is slow (5.6 ns on ECP5): registered before the PEs, in
+        # a register without reset (data: a MATMUL's lead drops what it holds first).
+        line_out = Signal.like(self.line_out, reset_less=True)
+        m.d.sync += line_out.eq(read.data)
+        m.d.comb += self.line_out.eq(line_out)
         # Read (pointer − delay) mod depth: the word written delay cycles ago.
         with m.If(pointer >= self.delay):
             m.d.comb += read.addr.eq(pointer - self.delay)

@@ -67,6 +67,9 @@ class AccumulatorReturn(wiring.Component):
         raw_group = Signal(range(groups))
         raw_dest = Signal(range(c.accumulator_depth))
         inject_write = Signal()                # the injected row is written
+        # Data only, qualified by inject: no reset (512 flip-flops on a 16×16).
+        inject_row = Signal.like(self.inject_row, reset_less=True)
+        m.d.comb += self.inject_row.eq(inject_row)
         inject_read, inject = self.inject_read, self.inject
         # With requant_overlap the source reads have a port of their own: no hold.
         shared_port = not c.requant_overlap
@@ -89,7 +92,7 @@ class AccumulatorReturn(wiring.Component):
                      inject_read.accumulate.eq(accumulate), inject_read.addr.eq(raw_dest)]
         m.d.sync += [inject.eq(inject_read), inject_write.eq(inject.valid)]
         with m.If(collecting):
-            m.d.sync += self.inject_row.as_value().word_select(
+            m.d.sync += inject_row.as_value().word_select(
                 raw_group, lanes * c.accumulator_width).eq(self.raw)
             with m.If(raw_group == groups - 1):
                 m.d.sync += [raw_group.eq(0), raw_dest.eq(raw_dest + 1)]
