@@ -11,11 +11,15 @@ memory read; the array takes it a cycle later). From a word's issue,
 - its result is written ``results_written_cycles`` cycles after (``drain_idle`` rises
   then: REQUANT and HALT wait for it).
 
+``drain_wait`` counts the cycles until every word issued or still to issue in the
+current stream has its result written: a REQUANT dispatched beside the stream
+(``requant_overlap``) starts reading that many cycles later.
+
 The words' addresses follow the feeder's walk (``feed_walk.py``): consecutive words, or
 with the feature-map hardware the SETWIN walk.
 """
 
-from amaranth import Array, Module, Signal
+from amaranth import Array, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -41,7 +45,9 @@ class Feeder(wiring.Component):
     counters), ``act``, ``array_bank`` and in the depthwise mode ``array_depthwise`` and
     ``line_delay`` feed the array. ``busy``, ``ready`` (idle or
     issuing its last word), ``feeding_bank``, ``inflight_idle`` (per bank) and
-    ``drain_idle`` are what the sequencer's issue rules read.
+    ``drain_idle`` are what the sequencer's issue rules read; ``drain_wait`` (the cycles
+    until ``drain_idle`` would rise if no MATMUL followed) is what a REQUANT dispatched
+    beside the stream waits.
     """
 
     def __init__(self, config: NpuConfig):
@@ -73,6 +79,7 @@ class Feeder(wiring.Component):
             "feeding_bank": Out(1),
             "inflight_idle": Out(2, init=0b11),
             "drain_idle": Out(1, init=1),
+            "drain_wait": Out(range((1 << 16) + array_latency(config.rows, config.cols) + 3)),
         })
 
     def elaborate(self, platform):
@@ -107,7 +114,11 @@ class Feeder(wiring.Component):
         if c.line_buffer_depth:
             m.d.sync += self.array_depthwise.eq(walk.depthwise)
             m.d.comb += self.line_delay.eq(walk.line_delay)
-        self._in_flight(m, issue, feed_bank)
+        drain = self._in_flight(m, issue, feed_bank)
+        # A stream's last word issues feed_remaining − 1 cycles from now; its result is
+        # written latency + 3 cycles after (drain_idle rises as drain reaches 0).
+        latency = array_latency(c.rows, c.cols)
+        m.d.comb += self.drain_wait.eq(Mux(feed_busy, feed_remaining + latency + 2, drain))
 
         with m.If(issue):
             m.d.sync += [feed_remaining.eq(feed_remaining - 1),
@@ -130,7 +141,7 @@ class Feeder(wiring.Component):
 
     def _in_flight(self, m, issue, feed_bank):
         """Count down, per bank, the cycles its last word may still read it, and the
-        cycles until the last result is written."""
+        cycles until the last result is written (returned: 0 when ``drain_idle``)."""
         c = self._config
         use_cycles = weight_use_cycles(c.rows, c.cols)
         latency = array_latency(c.rows, c.cols)
@@ -151,3 +162,4 @@ class Feeder(wiring.Component):
         with m.If(self.abort):
             m.d.sync += [drain.eq(0), inflight[0].eq(0), inflight[1].eq(0),
                          drain_idle.eq(1), inflight_idle[0].eq(1), inflight_idle[1].eq(1)]
+        return drain

@@ -184,6 +184,9 @@ class Npu(wiring.Component):
             requant.set_out.eq(sequencer.set_out), requant.run_start.eq(start),
             requant.abort.eq(abort), requant.running.eq(running),
         ]
+        if c.requant_overlap:   # a REQUANT may dispatch beside the feeder's stream
+            m.d.comb += [requant.drain_wait.eq(feeder.drain_wait),
+                         requant.drained.eq(~feeder.busy & feeder.drain_idle)]
         grant_read(m, reads[Region.PARAMS], requant.param_read)
         # With requant_overlap the requantizer reads the accumulators through a port of
         # its own, while MATMULs go on through the first.

@@ -17,6 +17,11 @@ its dispatch. Each group then takes
 
 and ``active`` (which holds the sequencer) stays up until the last write, so the next
 instruction dispatches ``groups + REQUANT_TAIL_CYCLES`` cycles after the REQUANT.
+
+With ``requant_overlap`` a REQUANT (but to_acc) dispatches while the feeder still streams
+or its results drain: it then waits ``drain_wait`` cycles (the feeder's count, latched at
+the dispatch) before it starts, as if dispatched then, and the MATMULs after it stream
+meanwhile (``sw/timing.py``).
 """
 
 from amaranth import Cat, Const, Module, Signal, signed
@@ -27,7 +32,7 @@ from ..config import NpuConfig, check_config_type
 from ..isa import INSTRUCTION_WIDTH, Opcode
 from ..layouts import param_lane_fields
 from ..memory_map import Region, memories
-from ..timing import REQUANT_INPUT_STAGES
+from ..timing import REQUANT_INPUT_STAGES, array_latency
 from .implementation import GENERIC, Implementation, check_implementation
 from .instruction import instruction_field
 from .out_walk import out_walk
@@ -55,7 +60,9 @@ class RequantUnit(wiring.Component):
     (the pipeline drains, its writes refused: they are gated by ``running``). ``active``
     is high from the cycle after the dispatch until the last result is written;
     ``overlap`` (NPUs generated with ``requant_overlap``) holds the last REQUANT's
-    ``overlap`` bit, unless it went ``to_acc``.
+    ``overlap`` bit, unless it went ``to_acc``. ``drain_wait`` (the feeder's) is how many
+    cycles after the dispatch the REQUANT starts: 0 unless it dispatched beside a stream;
+    ``drained`` says it is 0 (from the feeder's registers).
 
     With ``to_acc`` (feature-map builds), a whole result word is collected and sent with
     ``inject_read`` (its destination word is read) and, a cycle later, ``inject`` and
@@ -79,6 +86,8 @@ class RequantUnit(wiring.Component):
             "run_start": In(1),
             "abort": In(1),
             "running": In(1),
+            "drain_wait": In(range((1 << 16) + array_latency(config.rows, config.cols) + 3)),
+            "drained": In(1, init=1),
             "active": Out(1),
             "overlap": Out(1),
             "acc_read": Out(ReadRequest(depth=acc.depth, data_width=acc.width)),
@@ -174,7 +183,26 @@ class RequantUnit(wiring.Component):
         # path, and only rq_busy (and the fields the draining pipeline still reads) need it.
         out_addr = _field(instruction, "out_addr")
         first_lane = _field(instruction, "out_lane")
-        with m.If(~rq_busy):
+        # A REQUANT dispatched beside the feeder's stream waits (rq_wait counts down from
+        # drain_wait) until the stream's results are written, and starts as if dispatched
+        # in the cycle rq_wait is 1. Its fields were latched in the dispatch cycle; the
+        # instruction register has moved on since.
+        # From registers only, as the dispatch decision ends the sequencer's longest path:
+        # ``drained`` (the feeder idle and drain_idle) says drain_wait is 0, and
+        # ``rq_wait_last`` that rq_wait is 1.
+        rq_wait = Signal.like(self.drain_wait)
+        rq_wait_last = Signal()
+        rq_pending = Signal()
+        start = Signal()
+        m.d.comb += start.eq((self.dispatch & self.drained) | (rq_pending & rq_wait_last))
+        with m.If(self.dispatch):
+            m.d.sync += [rq_wait.eq(self.drain_wait), rq_pending.eq(~self.drained),
+                         rq_wait_last.eq(self.drain_wait == 1)]
+        with m.Elif(rq_pending):
+            m.d.sync += [rq_wait.eq(rq_wait - 1), rq_wait_last.eq(rq_wait == 2)]
+            with m.If(rq_wait_last):
+                m.d.sync += rq_pending.eq(0)
+        with m.If(~rq_busy & ~rq_pending):
             m.d.sync += [
                 rq_group.eq(0), rq_param_addr.eq(param_addr),
                 rq_remaining.eq(_field(instruction, "count")),
@@ -182,13 +210,14 @@ class RequantUnit(wiring.Component):
                 rq_word.eq(out_addr), rq_lane.eq(first_lane), rq_first_lane.eq(first_lane),
             ]
         m.d.comb += [
-            walk.load.eq(~rq_busy), walk.start_addr.eq(out_addr),
+            walk.load.eq(~rq_busy & ~rq_pending), walk.start_addr.eq(out_addr),
             walk.step.eq(rq_advance & (rq_group == groups - 1)),
             walk.instruction.eq(instruction), walk.set_out.eq(self.set_out),
             walk.run_start.eq(self.run_start),
         ]
-        with m.If(self.dispatch):
+        with m.If(start):
             m.d.sync += rq_busy.eq(1)
+        with m.If(self.dispatch):
             if c.requant_overlap:
                 m.d.sync += self.overlap.eq(_field(instruction, "overlap")
                                             & ~_field(instruction, "to_acc"))
@@ -213,7 +242,7 @@ class RequantUnit(wiring.Component):
         # cycle: rq_busy unless aborted (while finishing, the last advance keeps
         # stage_valid up), stage_valid after an advance, the pipeline shifted by one.
         rq_active = Signal()
-        m.d.sync += rq_active.eq((~self.abort & (self.dispatch | rq_busy))
+        m.d.sync += rq_active.eq((~self.abort & (self.dispatch | rq_busy | rq_pending))
                                  | rq_advance | stage_valid | Cat(*pipe_valid[:-1]).any())
         previous = (stage_valid, stage_word, stage_lane)
         for i in range(rq_stages):
@@ -235,7 +264,7 @@ class RequantUnit(wiring.Component):
             ]
 
         with m.If(self.abort):
-            m.d.sync += rq_busy.eq(0)
+            m.d.sync += [rq_busy.eq(0), rq_pending.eq(0)]
         m.d.comb += self.active.eq(rq_active | to_acc.active if to_acc is not None
                                    else rq_active)
         return m

@@ -16,6 +16,7 @@ from amaranth.lib.wiring import In, Out
 from ..config import NpuConfig, check_config_type
 from ..isa import INSTRUCTION_WIDTH, OPCODE_WIDTH, REQUANT_OVERLAPPERS, Opcode
 from .gemm import GemmExpander
+from .instruction import instruction_field
 
 __all__ = ["Sequencer", "STEP_FIELDS"]
 
@@ -86,6 +87,9 @@ class Sequencer(wiring.Component):
         # Whether the instruction may dispatch beside a REQUANT with overlap, decoded the
         # same way.
         may_overlap = Signal()
+        # With requant_overlap a REQUANT but to_acc dispatches beside the feeder's stream
+        # and its drain (the requantization unit waits for them: drain_wait), likewise.
+        requant_beside_feed = Signal()
         m.d.comb += [gemm.instruction.eq(instruction), gemm.is_gemm.eq(op_is[Opcode.GEMM]),
                      gemm.op_loadw.eq(op_is[Opcode.LOADW]),
                      gemm.op_matmul.eq(op_is[Opcode.MATMUL]), gemm.run_start.eq(self.start),
@@ -104,7 +108,7 @@ class Sequencer(wiring.Component):
              & ~(feed_busy & (self.feeding_bank == step_bank)))
             | (step_is_matmul & self.feed_ready
                & ~(load_active & (self.loading_bank == step_bank)))
-            | (step_is_requant & ~feed_busy & self.drain_idle)
+            | (step_is_requant & (requant_beside_feed | (~feed_busy & self.drain_idle)))
             | (step_is_halt & ~feed_busy & self.drain_idle & ~load_active)
             | ~step_waits)
         dispatch = Signal()
@@ -128,6 +132,10 @@ class Sequencer(wiring.Component):
                 m.d.sync += instruction.eq(self.fetch_data)
                 m.d.sync += [flag.eq(self.fetch_data[0:OPCODE_WIDTH] == op)
                              for op, flag in op_is.items()]
+                if c.requant_overlap:
+                    m.d.sync += requant_beside_feed.eq(
+                        (self.fetch_data[0:OPCODE_WIDTH] == Opcode.REQUANT)
+                        & ~instruction_field(self.fetch_data, Opcode.REQUANT, "to_acc"))
                 if _overlaps(c):
                     m.d.sync += may_overlap.eq(
                         Cat(*[self.fetch_data[0:OPCODE_WIDTH] == op

@@ -22,6 +22,7 @@ from .timing import (
     FILL_TAIL_CYCLES,
     REQUANT_TAIL_CYCLES,
     REQUANT_TO_ACC_TAIL_CYCLES,
+    requant_waits_for_feed,
     results_written_cycles,
     weight_use_cycles,
 )
@@ -89,7 +90,8 @@ class CycleModel:
             earliest = max(earliest, self.feeder_last_issue)
             if self.load_bank == bank:
                 earliest = max(earliest, self.load_free_at)
-        elif op is Opcode.REQUANT:
+        elif op is Opcode.REQUANT and requant_waits_for_feed(self.config.requant_overlap,
+                                                             bool(instruction["to_acc"])):
             earliest = max(earliest, feeder_idle_at, self.drain_clear_at)
         elif op is Opcode.HALT:
             earliest = max(earliest, feeder_idle_at, self.drain_clear_at, self.load_free_at)
@@ -114,12 +116,14 @@ class CycleModel:
             self.requant_overlap = bool(self.config.requant_overlap and instruction["overlap"]
                                         and not instruction["to_acc"])
             groups = instruction["count"] * (cols // self.config.requant_lanes)
+            # Dispatched beside the feeder, it starts once the rows before it are written.
+            start = max(cycle, self.drain_clear_at)
             if instruction["to_acc"]:
                 # Reads every other cycle, unless the requantizer has a port of its own.
                 last_read = groups if self.config.requant_overlap else 2 * groups - 1
-                self.requant_free_at = cycle + last_read + REQUANT_TO_ACC_TAIL_CYCLES
+                self.requant_free_at = start + last_read + REQUANT_TO_ACC_TAIL_CYCLES
             else:
-                self.requant_free_at = cycle + groups + REQUANT_TAIL_CYCLES
+                self.requant_free_at = start + groups + REQUANT_TAIL_CYCLES
         self.next_cycle = cycle + 1
         if op is Opcode.HALT:
             self.counters.cycles = cycle + 1

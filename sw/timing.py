@@ -17,7 +17,8 @@ __all__ = [
     "REQUANT_PIPELINE_STAGES", "PRODUCT_PIPELINE_STAGES", "ARRAY_INPUT_STAGES",
     "REQUANT_INPUT_STAGES", "REQUANT_TAIL_CYCLES", "REQUANT_TO_ACC_TAIL_CYCLES",
     "FILL_TAIL_CYCLES",
-    "array_latency", "weight_use_cycles", "results_written_cycles", "timing_markdown",
+    "array_latency", "weight_use_cycles", "results_written_cycles", "requant_waits_for_feed",
+    "timing_markdown",
     "splice_timing",
 ]
 
@@ -30,7 +31,8 @@ PRODUCT_PIPELINE_STAGES = 1
 ARRAY_INPUT_STAGES = 1
 #: Registers between the accumulator memory's output and a requantization lane.
 REQUANT_INPUT_STAGES = 1
-#: Cycles from a REQUANT's dispatch to the cycle the next instruction may dispatch,
+#: Cycles from a REQUANT's start (its dispatch, unless it waits beside the feeder:
+#: ``requant_waits_for_feed``) to the cycle the next instruction may dispatch,
 #: beyond one cycle per channel group: issue, memory read, the input register, then the
 #: lane's pipeline.
 REQUANT_TAIL_CYCLES = 2 + REQUANT_INPUT_STAGES + REQUANT_PIPELINE_STAGES
@@ -60,6 +62,15 @@ def results_written_cycles(rows: int, cols: int) -> int:
     result is written to the accumulators (REQUANT and HALT wait for it): the row's
     array latency, then the accumulate path (read, add, write)."""
     return array_latency(rows, cols) + 3
+
+
+def requant_waits_for_feed(requant_overlap: bool, to_acc: bool) -> bool:
+    """Whether a REQUANT waits to dispatch until the feeder is idle and every result is
+    written. On an NPU generated with ``requant_overlap`` one that does not go ``to_acc``
+    dispatches beside the stream instead, and starts reading when the rows issued before
+    it are written (``results_written_cycles`` after the last), so the MATMULs after it
+    stream meanwhile. ``to_acc`` takes the accumulate path, which the stream's rows use."""
+    return not requant_overlap or to_acc
 
 
 def _formula(cycles: Callable[[int, int], int]) -> str:
@@ -96,8 +107,10 @@ def timing_markdown() -> str:
         "loading bank b |",
         "| REQUANT | the feeder is idle and every result is written "
         f"(`{_formula(results_written_cycles)}` cycles after the last row, "
-        "`results_written_cycles`); then the next instruction waits one cycle per channel "
-        f"group + {REQUANT_TAIL_CYCLES} from the REQUANT's dispatch "
+        "`results_written_cycles`); on an NPU generated with `requant_overlap`, unless "
+        "`to_acc`: nothing, and it starts when that holds for the rows issued before it "
+        "(`requant_waits_for_feed`); then the next instruction waits one cycle per channel "
+        f"group + {REQUANT_TAIL_CYCLES} from the REQUANT's start "
         f"(`REQUANT_TAIL_CYCLES`; with `to_acc`, {REQUANT_TO_ACC_TAIL_CYCLES} from its last "
         "source read, `REQUANT_TO_ACC_TAIL_CYCLES`: the reads take one cycle per group "
         "with `requant_overlap`, else every other cycle) |",

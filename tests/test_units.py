@@ -41,6 +41,7 @@ from npugen.timing import (
     REQUANT_TAIL_CYCLES,
     REQUANT_TO_ACC_TAIL_CYCLES,
     array_latency,
+    requant_waits_for_feed,
     results_written_cycles,
 )
 
@@ -99,11 +100,13 @@ def requant_state(config: NpuConfig, rng: np.random.Generator) -> GoldenNpu:
 
 
 def run_requant_unit(config: NpuConfig, golden: GoldenNpu, program: list[Instruction],
-                     rng: np.random.Generator):
+                     rng: np.random.Generator, *, drain_wait: int = 0):
     """Run ``program`` (SETPP, SETREQ, SETOUT, then one REQUANT, each dispatched a cycle
-    after the last) on a RequantUnit over memories holding ``golden``'s state. Returns the
-    memories after the run, the cycles from the REQUANT's dispatch to the first in which
-    ``active`` is low again, and the rows it injected into the accumulate path."""
+    after the last) on a RequantUnit over memories holding ``golden``'s state, the
+    feeder's ``drain_wait`` (and ``drained``) as given in the REQUANT's dispatch cycle and
+    random after. Returns the memories after the run, the cycles from the REQUANT's
+    dispatch to the first in which ``active`` is low again, and the rows it injected into
+    the accumulate path."""
     unit = RequantUnit(config)
     acc = Memory(config, Region.ACCUMULATORS, golden.accumulators)
     params = Memory(config, Region.PARAMS, golden.params)
@@ -138,10 +141,15 @@ def run_requant_unit(config: NpuConfig, golden: GoldenNpu, program: list[Instruc
             assert not ctx.get(unit.active)
             ctx.set(unit.instruction, encode(instruction))
             ctx.set(strobes[instruction.opcode], 1)
+            ctx.set(unit.drain_wait, drain_wait)
+            ctx.set(unit.drained, drain_wait == 0)
             await cycle(ctx)
             ctx.set(strobes[instruction.opcode], 0)
-            # The sequencer moves on to the next instruction: the unit must not need it.
+            # The sequencer moves on to the next instruction, and the feeder to the next
+            # stream: the unit must not need either.
             ctx.set(unit.instruction, encode(Instruction(Opcode.HALT)) | 0xFFFF_FFFF << 32)
+            ctx.set(unit.drain_wait, int(rng.integers(0, 100)))
+            ctx.set(unit.drained, int(rng.integers(0, 2)))
         busy = 1
         while ctx.get(unit.active):
             await cycle(ctx)
@@ -193,6 +201,29 @@ def test_requant_unit_matches_golden_and_cycle_model(name, seed):
     assert injected == []
     groups = count * (c.cols // c.requant_lanes)
     assert busy == groups + REQUANT_TAIL_CYCLES
+
+
+@pytest.mark.parametrize("drain_wait", [1, 2, 17])
+def test_requant_unit_dispatched_beside_the_feeder_starts_after_its_drain(drain_wait):
+    """A REQUANT dispatched while the feeder's stream still drains (``requant_overlap``)
+    waits the feeder's ``drain_wait`` and then runs as if dispatched then: the same
+    outputs, and ``active`` ``drain_wait`` cycles longer (the cycle model's start)."""
+    c = REQUANT_CONFIGS["4x8-lanes4-both"].replace(requant_overlap=True)
+    rng = np.random.default_rng(drain_wait)
+    golden = requant_state(c, rng)
+    program = [
+        Instruction(Opcode.SETPP, {"zero_point": 5, "clamp_min": -100, "clamp_max": 90}),
+        Instruction(Opcode.SETREQ, {"param_addr": 2, "out_stride": 1}),
+        Instruction(Opcode.REQUANT, {"acc_addr": 4, "out_addr": 7, "count": 3,
+                                     "out_lane": 0, "overlap": 1}),
+    ]
+    memories_after, busy, injected = run_requant_unit(c, golden, program, rng,
+                                                      drain_wait=drain_wait)
+    for instruction in program:
+        golden.execute(instruction)
+    np.testing.assert_array_equal(memories_after["act"].values(), golden.activations)
+    assert injected == []
+    assert busy == drain_wait + 3 * (c.cols // c.requant_lanes) + REQUANT_TAIL_CYCLES
 
 
 def test_requant_unit_output_walk_follows_setout():
@@ -643,7 +674,8 @@ def test_feeder_streams_and_tracks_flight_as_the_cycle_model(window, count):
                          ctx.get(feeder.act_read.addr), ctx.get(feeder.issue.addr),
                          ctx.get(feeder.issue.accumulate), ctx.get(feeder.issue.max),
                          ctx.get(feeder.ready), ctx.get(feeder.busy),
-                         ctx.get(feeder.inflight_idle[1]), ctx.get(feeder.drain_idle)))
+                         ctx.get(feeder.inflight_idle[1]), ctx.get(feeder.drain_idle),
+                         ctx.get(feeder.drain_wait)))
             await ctx.tick()
 
     simulate(feeder, testbench)
@@ -658,7 +690,7 @@ def test_feeder_streams_and_tracks_flight_as_the_cycle_model(window, count):
         combine = int(c.feature_maps)
         assert [row[4:7] for row in issued] == [(9 + i, 0, combine) for i in range(count)]
     last = model.feeder_last_issue
-    for cycle, _, _, _, _, _, _, ready, busy, inflight_idle, drain_idle in seen:
+    for cycle, _, _, _, _, _, _, ready, busy, inflight_idle, drain_idle, drain_wait in seen:
         after = cycle > dispatch_cycle
         assert ready == (not after or cycle >= last), cycle        # the next MATMUL
         assert busy == (after and cycle <= last), cycle            # LOADW, REQUANT, HALT
@@ -666,6 +698,9 @@ def test_feeder_streams_and_tracks_flight_as_the_cycle_model(window, count):
         flying = cycle > dispatch_cycle + 1
         assert inflight_idle == (not flying or cycle >= model.inflight_clear_at[1]), cycle
         assert drain_idle == (not flying or cycle >= model.drain_clear_at), cycle
+        # What a REQUANT dispatched now waits before it starts (requant_overlap).
+        if after:
+            assert drain_wait == max(0, model.drain_clear_at - cycle), cycle
 
 
 # -- Sequencer and GEMM expansion --------------------------------------------------------
@@ -777,6 +812,23 @@ def test_sequencer_waits_and_counts_stalls():
                                                                    (9, ["requant"])]
     assert result["stalls"] == 9 - 3
     assert result["done"]
+
+
+@pytest.mark.parametrize("to_acc", [0, 1])
+def test_sequencer_dispatches_a_requant_beside_the_feeder_with_requant_overlap(to_acc):
+    """With ``requant_overlap`` a REQUANT dispatches while the feeder streams (the
+    requantization unit waits for the stream's results), as the cycle model counts it;
+    one that goes ``to_acc`` still waits for the feeder."""
+    c = SEQUENCER_CONFIGS["4x4"].replace(requant_overlap=True)
+    requant = Instruction(Opcode.REQUANT, {"count": 1, "to_acc": to_acc})
+    program = [Instruction(Opcode.SETPP, {}), requant, Instruction(Opcode.HALT)]
+    dispatches, result = run_sequencer(c, program, busy_until=9)
+    cycle = 9 if to_acc else 3
+    assert [(when, fired) for when, fired, _ in dispatches] == [(2, ["set_pp"]),
+                                                                 (cycle, ["requant"])]
+    # From cycle 3 until the feeder is idle (9) something waits: the REQUANT, or HALT.
+    assert result["stalls"] == 9 - 3 - (0 if to_acc else 1)
+    assert requant_waits_for_feed(c.requant_overlap, bool(to_acc)) == bool(to_acc)
 
 
 @pytest.mark.parametrize("opcode", [15, int(Opcode.SETKERN)])
