@@ -190,18 +190,23 @@ class RequantUnit(wiring.Component):
         # From registers only, as the dispatch decision ends the sequencer's longest path:
         # ``drained`` (the feeder idle and drain_idle) says drain_wait is 0, and
         # ``rq_wait_last`` that rq_wait is 1.
-        rq_wait = Signal.like(self.drain_wait)
-        rq_wait_last = Signal()
-        rq_pending = Signal()
+        # Only NPUs with requant_overlap dispatch a REQUANT beside the feeder.
+        rq_pending = Signal() if c.requant_overlap else Const(0)
         start = Signal()
-        m.d.comb += start.eq((self.dispatch & self.drained) | (rq_pending & rq_wait_last))
-        with m.If(self.dispatch):
-            m.d.sync += [rq_wait.eq(self.drain_wait), rq_pending.eq(~self.drained),
-                         rq_wait_last.eq(self.drain_wait == 1)]
-        with m.Elif(rq_pending):
-            m.d.sync += [rq_wait.eq(rq_wait - 1), rq_wait_last.eq(rq_wait == 2)]
-            with m.If(rq_wait_last):
-                m.d.sync += rq_pending.eq(0)
+        if c.requant_overlap:
+            rq_wait = Signal.like(self.drain_wait)
+            rq_wait_last = Signal()
+            m.d.comb += start.eq((self.dispatch & self.drained)
+                                 | (rq_pending & rq_wait_last))
+            with m.If(self.dispatch):
+                m.d.sync += [rq_wait.eq(self.drain_wait), rq_pending.eq(~self.drained),
+                             rq_wait_last.eq(self.drain_wait == 1)]
+            with m.Elif(rq_pending):
+                m.d.sync += [rq_wait.eq(rq_wait - 1), rq_wait_last.eq(rq_wait == 2)]
+                with m.If(rq_wait_last):
+                    m.d.sync += rq_pending.eq(0)
+        else:
+            m.d.comb += start.eq(self.dispatch)
         with m.If(~rq_busy & ~rq_pending):
             m.d.sync += [
                 rq_group.eq(0), rq_param_addr.eq(param_addr),
@@ -264,7 +269,9 @@ class RequantUnit(wiring.Component):
             ]
 
         with m.If(self.abort):
-            m.d.sync += [rq_busy.eq(0), rq_pending.eq(0)]
+            m.d.sync += rq_busy.eq(0)
+            if c.requant_overlap:
+                m.d.sync += rq_pending.eq(0)
         m.d.comb += self.active.eq(rq_active | to_acc.active if to_acc is not None
                                    else rq_active)
         return m
