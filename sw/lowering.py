@@ -610,9 +610,16 @@ class Lowering:
         per_block = min(len(tiles), capacity // words_per_row)
         chunk_rows = 1 if reduce else max(1, min(out_h, capacity // (per_block * out_w)))
         ins = self.instructions
-        ins.append(Instruction(Opcode.SETPP, {
-            "zero_point": requant.zero_point, "clamp_min": requant.clamp_min,
-            "clamp_max": requant.clamp_max}))
+        # SETPP and SETOUT change the requantizer's registers, so they wait for the last
+        # layer's REQUANT; with requant_overlap they follow this layer's first GEMM.
+        requant_settings = [
+            Instruction(Opcode.SETPP, {"zero_point": requant.zero_point,
+                                       "clamp_min": requant.clamp_min,
+                                       "clamp_max": requant.clamp_max}),
+            Instruction(Opcode.SETOUT, {"row_length": out_w, "row_step": dst.pitch})]
+        overlapped = c.requant_overlap and keys is None and words_per_row <= capacity // 2
+        if not overlapped:
+            ins.append(requant_settings[0])
         if depthwise:   # a pass per K tile, its window a kernel row lower
             ins.append(Instruction(Opcode.SETKERN, {
                 "kernel_w": 1, "kernel_h": k_tiles, "kernel_row_step": src.pitch}))
@@ -630,14 +637,17 @@ class Lowering:
         else:
             ins.append(Instruction(Opcode.SETWIN, {
                 "row_length": out_w, "row_step": step_y * src.pitch, "col_step": step_x}))
-        ins.append(Instruction(Opcode.SETOUT, {"row_length": out_w, "row_step": dst.pitch}))
         lead = depthwise_lead(c, src.pitch) if depthwise else 0
-        if c.requant_overlap and keys is None and words_per_row <= capacity // 2:
+        if overlapped:
+            # A convolution's K tiles walk the taps of each input-channel tile in turn.
+            taps = 1 if reduce else kh * kw
+            split = k_tiles - taps if not depthwise and k_tiles > taps else 0
             self._emit_overlapped(src, dst, tiles, requant, weight_at, param_at,
                                   stride=(step_y, step_x), top=top, left=left,
                                   k_tiles=k_tiles, combine_max=combine_max, reduce=reduce,
-                                  lead=lead)
+                                  lead=lead, settings=requant_settings, split=split)
             return
+        ins.append(requant_settings[1])
         self.flush_fills()   # beside the first GEMM
         for y0 in range(0, out_h, chunk_rows):
             rows_here = min(chunk_rows, out_h - y0)
@@ -678,10 +688,16 @@ class Lowering:
     def _emit_overlapped(self, src: FeatureMap, dst: FeatureMap, tiles: list[_OutTile],
                          requant: Requant, weight_at: list[int], param_at: list[int], *,
                          stride: tuple[int, int], top: int, left: int, k_tiles: int,
-                         combine_max: bool, reduce: bool, lead: int) -> None:
+                         combine_max: bool, reduce: bool, lead: int,
+                         settings: list[Instruction], split: int) -> None:
         """The steps of :meth:`_emit` for an NPU with ``requant_overlap``: one output tile
         and chunk of rows at a time, in alternate halves of the accumulators, each tile's
-        REQUANT running (``overlap``) beside the next one's GEMM."""
+        REQUANT running (``overlap``) beside the next one's GEMM.
+
+        The layer's requantizer ``settings`` (SETPP, SETOUT) wait for the last layer's
+        REQUANT, so they come after the first GEMM's first ``split`` K tiles (all of them
+        if 0), which then may stream beside it: its last input-channel tile is the one
+        the last layer writes last (``overlap_requants`` sets the bit where they may)."""
         c = self.config
         step_y, step_x = stride
         half = c.accumulator_depth // 2
@@ -697,10 +713,20 @@ class Lowering:
 
         def gemm(k: int) -> None:
             y0, index = items[k]
-            self._tile_gemm(src, weight_at[index], k_tiles, combine_max,
-                            src.word(tiles[index].src_tile, y0 * step_y - top, -left),
-                            (k % 2) * half, counts(y0)[0])
+            act_addr = src.word(tiles[index].src_tile, y0 * step_y - top, -left)
+            if k > 0 or not split:
+                self._tile_gemm(src, weight_at[index], k_tiles, combine_max, act_addr,
+                                (k % 2) * half, counts(y0)[0])
+                ins.extend(settings if k == 0 else [])
+                return
+            self._tile_gemm(src, weight_at[index], split, combine_max, act_addr, 0,
+                            counts(y0)[0])
+            ins.extend(settings)
+            self._tile_gemm(src, weight_at[index] + split * c.rows, k_tiles - split,
+                            combine_max, act_addr + split // taps * src.tile_words, 0,
+                            counts(y0)[0], accumulate=True)
 
+        taps = k_tiles - split if split else 1
         # The halo FILLs of the output map, spread over the tiles: each runs beside the
         # end of a GEMM, before its REQUANT.
         fills = _spread_fills(self._take_fills(), len(items))
@@ -720,12 +746,14 @@ class Lowering:
                 gemm(k + 1)
 
     def _tile_gemm(self, src: FeatureMap, weight_addr: int, k_tiles: int, combine_max: bool,
-                   act_addr: int, acc_addr: int, count: int) -> None:
-        """SETGEMM and GEMM of one output tile's K tiles, from the next weight bank."""
+                   act_addr: int, acc_addr: int, count: int, *,
+                   accumulate: bool = False) -> None:
+        """SETGEMM and GEMM of one output tile's K tiles, from the next weight bank;
+        ``accumulate``: added to the accumulator words (the rest of a split GEMM)."""
         self.instructions.append(Instruction(Opcode.SETGEMM, {
             "weight_addr": weight_addr, "k_tiles": k_tiles, "tile_step": src.tile_words}))
         self.instructions.append(Instruction(Opcode.GEMM, {
-            "bank": self.bank, "accumulate": 0, "combine": int(combine_max),
+            "bank": self.bank, "accumulate": int(accumulate), "combine": int(combine_max),
             "act_addr": act_addr, "acc_addr": acc_addr, "count": count}))
         self.bank ^= k_tiles & 1
 
