@@ -424,16 +424,26 @@ def _compile(model: QuantizedModel, config: NpuConfig, batch: int,
         raise DoesNotFit(prefix + "; ".join(problems))
     instructions = overlap_requants(config, instructions)
     check_program(config, instructions)
-    # Per-layer cycles from the cycle model (which the RTL's counters equal): from a
-    # layer's first dispatch to the next layer's.
+    # Per-layer cycles from the cycle model (which the RTL's counters equal): from the
+    # cycle a layer's first MATMUL dispatches to the next layer's, when the array turns
+    # from one layer's rows to the next's. A layer's last REQUANT, which may run beside
+    # the next layer's first rows (requant_overlap), so counts in the next layer's time;
+    # every MAC of a layer falls within its own.
     timing, state = CycleModel(config), GemmState(config.rows)
+    layer_of = np.searchsorted(starts, np.arange(len(instructions)), side="right") - 1
     first_dispatch: dict[int, int] = {}
+    first_matmul: dict[int, int] = {}
     for index, instruction in enumerate(instructions):
         for step in state.expand(instruction):
             timing.dispatch(step)
-            first_dispatch.setdefault(index, timing.next_cycle - 1)
+            first_dispatch.setdefault(int(layer_of[index]), timing.next_cycle - 1)
+            if step.opcode is Opcode.MATMUL:
+                first_matmul.setdefault(int(layer_of[index]), timing.next_cycle - 1)
     # The first layer also counts the run's start (the first instruction's fetch).
-    bounds = [0] + [first_dispatch[start] for start in starts[1:]] + [timing.counters.cycles]
+    bounds = [0]
+    for layer in range(1, len(starts)):
+        bounds.append(max(bounds[-1], first_matmul.get(layer, first_dispatch[layer])))
+    bounds.append(timing.counters.cycles)
     for row, start, end in zip(layers, bounds, bounds[1:], strict=False):
         row["cycles"] = end - start
         # Pooling does no MACs; its utilization counts one operation per window element.

@@ -150,6 +150,21 @@ def test_nhwc_layout_and_per_layer_table():
     assert sum(layer["cycles"] for layer in program.layers) == program.estimated_cycles
 
 
+def test_layer_cycles_hold_each_layers_macs_when_layers_overlap():
+    """With ``requant_overlap`` a layer's first rows stream beside the last REQUANT of the
+    layer before: its cycles start with its first MATMUL, so no layer's utilization
+    passes 1 and the rows still add up to the run's cycles (KWS on the ULX3S-85F's
+    16×16, whose 1×1 convolutions would otherwise read above 1)."""
+    from npugen.boards import BOARDS
+
+    config = BOARDS["ulx3s-85f"].default_config
+    assert config.requant_overlap
+    program = compile_model(MLPERF_TINY / MODELS["kws"], config)
+    assert sum(layer["cycles"] for layer in program.layers) == program.estimated_cycles
+    assert max(layer["utilization"] for layer in program.layers) <= 1
+    assert max(layer["utilization"] for layer in program.layers) > 0.95
+
+
 def test_cli_compile_and_run_kws(tmp_path, capsys):
     path = MLPERF_TINY / MODELS["kws"]
     x = random_input(path, 3, seed=7)
