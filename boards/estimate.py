@@ -25,7 +25,8 @@ class Device:
     name: str
     multiplier_slots: int       # 9x9-class slots: one per int8 product
     multiplier_name: str
-    wide_product_slots: int     # slots one 32x32 requantizer product takes
+    wide_product_slots: int     # slots one 32x32 requantizer product takes (hw/dsp.py's
+                                # requant_product_blocks: three 18x18 blocks, four 16x16)
     block_ram_bits: int         # in block RAM the memories map to
     block_ram_name: str
     block_ram_count: int
@@ -44,16 +45,17 @@ DEVICES = {
     "ice40up5k": Device("iCE40UP5K", 8, "SB_MAC16", 4, 30 * 4096, "EBR", 30, 5280, "LC",
                          min_product_bits=ICE40_MIN_DSP_PRODUCT_BITS, paired_products=True,
                          spram_blocks=SPRAM_BLOCKS, family="ice40"),
-    "lfe5u-12f": Device("LFE5U-12F", 28, "MULT18X18D", 4, 32 * 18432, "DP16KD", 32, 12288,
+    "lfe5u-12f": Device("LFE5U-12F", 28, "MULT18X18D", 3, 32 * 18432, "DP16KD", 32, 12288,
                         "LUT", family="ecp5"),
-    "lfe5u-25f": Device("LFE5U-25F", 28, "MULT18X18D", 4, 56 * 18432, "DP16KD", 56, 24288,
+    "lfe5u-25f": Device("LFE5U-25F", 28, "MULT18X18D", 3, 56 * 18432, "DP16KD", 56, 24288,
                         "LUT", family="ecp5"),
-    "lfe5u-45f": Device("LFE5U-45F", 72, "MULT18X18D", 4, 108 * 18432, "DP16KD", 108, 43848,
+    "lfe5u-45f": Device("LFE5U-45F", 72, "MULT18X18D", 3, 108 * 18432, "DP16KD", 108, 43848,
                         "LUT", family="ecp5"),
-    "lfe5u-85f": Device("LFE5U-85F", 156, "MULT18X18D", 4, 208 * 18432, "DP16KD", 208, 83640,
+    "lfe5u-85f": Device("LFE5U-85F", 156, "MULT18X18D", 3, 208 * 18432, "DP16KD", 208, 83640,
                         "LUT", family="ecp5"),
-    # Two MULT9X9 per MULT18X18; a MULT36X36 takes four MULT18X18, eight 9x9 slots.
-    "gw1nr-9c": Device("GW1NR-9C", 40, "MULT9X9", 8, 26 * 18432, "BSRAM", 26, 8640, "LUT4"),
+    # Two MULT9X9 per MULT18X18; the requantizer's product takes three MULT18X18, six
+    # 9x9 slots.
+    "gw1nr-9c": Device("GW1NR-9C", 40, "MULT9X9", 6, 26 * 18432, "BSRAM", 26, 8640, "LUT4"),
 }
 
 

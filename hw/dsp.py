@@ -24,7 +24,8 @@ from .implementation import Implementation
 __all__ = ["ECP5_MULT_WIDTH", "ICE40_MAC_8X8_WIDTH", "ICE40_MAC_STANDIN", "ICE40_MAC_WIDTH",
            "ICE40_MIN_DSP_PRODUCT_BITS", "PRIMITIVE_FAMILIES", "dsp_rows", "fabric_product",
            "paired_columns", "products_per_block", "registered_product",
-           "registered_products", "simulation_models", "synthesis_support"]
+           "registered_products", "requant_product_blocks", "simulation_models",
+           "synthesis_support", "wide_products"]
 
 #: Operand width of the ECP5 MULT18X18D.
 ECP5_MULT_WIDTH = 18
@@ -41,6 +42,19 @@ ICE40_MIN_DSP_PRODUCT_BITS = 11
 #: undo the 8×8 mode; the board build renames the stand-in after synthesis
 #: (``synthesis_support``).
 ICE40_MAC_STANDIN = "npugen_SB_MAC16"
+
+
+def wide_products(implementation: Implementation) -> bool:
+    """Whether ``implementation``'s DSP blocks multiply 18-bit signed operands (ECP5's
+    MULT18X18D; the generic design leaves them to the tools), so that a 32 × 32 product
+    takes three of them (hw/requant.py: Karatsuba, with sums of 16-bit halves as
+    operands), not four as with iCE40's 16 × 16 SB_MAC16."""
+    return implementation.family != "ice40"
+
+
+def requant_product_blocks(implementation: Implementation) -> int:
+    """DSP blocks a requantizer lane's 32 × 32 product takes on ``implementation``."""
+    return 3 if wide_products(implementation) else 4
 
 
 def dsp_rows(implementation: Implementation, rows: int, cols: int) -> int:

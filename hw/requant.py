@@ -8,7 +8,7 @@ from ..arith import ADD_LEFT_SHIFT
 from ..config import ROUNDINGS
 from ..layouts import SHIFT_BITS
 from ..timing import REQUANT_PIPELINE_STAGES
-from .dsp import registered_product
+from .dsp import registered_product, wide_products
 from .implementation import GENERIC, Implementation, check_implementation
 
 __all__ = ["Requantizer"]
@@ -26,18 +26,20 @@ class Requantizer(wiring.Component):
     ``both``).
 
     Bit-exact with :func:`npugen.arith.requantize`. ``latency`` registers from input to
-    ``out`` (one stage each: bias; four 16 × 16 products; their sum; nudge and divide by
+    ``out`` (one stage each: bias; the products of 16-bit halves; their sum; nudge and divide by
     2**31; the rounding shift; round and zero point; clamp and saturation), so that no
     stage chains more than two carries; ``zero_point`` is read in the stage before last,
     the clamp bounds in the last.
 
-    ``implementation``: whose DSP blocks take the four products (hw/dsp.py).
+    ``implementation``: whose DSP blocks take the products (hw/dsp.py): three, or four on
+    iCE40 (``wide_products``); ``three_products`` overrides that choice (tests).
     """
 
     latency = REQUANT_PIPELINE_STAGES
 
     def __init__(self, *, accumulator_width: int, output_width: int, rounding: str = "double",
-                 left_shift: bool = True, implementation: Implementation = GENERIC):
+                 left_shift: bool = True, implementation: Implementation = GENERIC,
+                 three_products: bool | None = None):
         if not 16 <= accumulator_width <= 32:
             raise ValueError(f"accumulator_width must be 16 to 32, not {accumulator_width!r}")
         if rounding not in ROUNDINGS:
@@ -48,6 +50,8 @@ class Requantizer(wiring.Component):
         self._rounding = rounding
         self._left_shift = left_shift
         self._implementation = check_implementation(implementation)
+        self._three_products = (wide_products(implementation) if three_products is None
+                                else three_products)
         super().__init__({
             "valid": In(1),
             "acc": In(signed(accumulator_width)),
@@ -92,8 +96,11 @@ class Requantizer(wiring.Component):
         even_at = [self.even, *(Signal(name=f"even{i}", reset_less=True) for i in range(1, 5))]
         if self._rounding != "double":
             m.d.sync += [even_at[i].eq(even_at[i - 1]) for i in range(1, 5)]
-        # Stages 2-3: the 32 × 32 product from four 16 × 16 products of one signedness each
-        # (one DSP block apiece on iCE40 and ECP5): with a = a1·2^16 + a0 (a0 unsigned),
+        # Stages 2-3: the 32 × 32 product from products of 16-bit halves (one DSP block
+        # apiece), with a = a1·2^16 + a0 (a0 unsigned), b likewise. Where the blocks take
+        # 18-bit signed operands (wide_products: not iCE40's 16 × 16 SB_MAC16), three
+        # (Karatsuba): a·b = a1·b1·2^32 + a0·b0 + ((a1 + a0)(b1 + b0) − a1·b1 − a0·b0)·2^16,
+        # a1 + a0 and b1 + b0 in 18 bits. Else four of one signedness each:
         # a1·b0 = a1·(b0 − 2^15) + a1·2^15, likewise a0·b1, so
         # a·b = a1·b1·2^32 + a0·b0 + (a1·(b0 − 2^15) + (a0 − 2^15)·b1 + (a1 + b1)·2^15)·2^16.
         a = Signal(signed(32))
@@ -103,29 +110,35 @@ class Requantizer(wiring.Component):
             m.d.comb += a.eq(total)
         b = multiplier1
         a1, a0, b1, b0 = a[16:32].as_signed(), a[0:16], b[16:32].as_signed(), b[0:16]
-        cross = Signal(signed(17), reset_less=True)
         overflow2 = Signal(reset_less=True)
         shift2 = Signal(SHIFT_BITS, reset_less=True)
         valid2 = Signal()
-        # x − 2^15 for an unsigned 16-bit x is x with its top bit flipped, read as signed.
-        a0_centred = Cat(a0[0:15], ~a0[15]).as_signed()
-        b0_centred = Cat(b0[0:15], ~b0[15]).as_signed()
+        m.d.sync += [overflow2.eq((a == int32_min) & (b == int32_min)),
+                     shift2.eq(shift1), valid2.eq(valid1)]
         # Registered products (hw/dsp.py: on ECP5 a MULT18X18D with its output register, so
         # the multiplier ends in the block and only routing precedes the sum below).
         # With reset (unlike the PE's product): yosys's iCE40 mapping that moves reset-less
         # registers into the SB_MAC16s computes wrong products here (tests/test_gate_level.py).
-        p11, p10, p01, p00 = (
-            registered_product(m, self._implementation, x, y, name=name, reset=True,
-                               register="output")
-            for name, x, y in (("p11", a1, b1), ("p10", a1, b0_centred),
-                               ("p01", a0_centred, b1), ("p00", a0, b0)))
-        m.d.sync += [
-            cross.eq(a1 + b1),
-            overflow2.eq((a == int32_min) & (b == int32_min)),
-            shift2.eq(shift1), valid2.eq(valid1),
-        ]
+
+        def product(name, x, y):
+            return registered_product(m, self._implementation, x, y, name=name, reset=True,
+                                      register="output")
+
         # Stage 3: the product; the middle terms are summed first (two carry chains).
-        middle = p10 + p01 + (cross << 15)
+        if self._three_products:
+            p11, p00 = product("p11", a1, b1), product("p00", a0, b0)
+            pm = product("pm", (a1 + a0).as_signed(), (b1 + b0).as_signed())
+            middle = pm - p11 - p00.as_unsigned()
+        else:
+            cross = Signal(signed(17), reset_less=True)
+            m.d.sync += cross.eq(a1 + b1)
+            # x − 2^15 for an unsigned 16-bit x is x with its top bit flipped, as signed.
+            a0_centred = Cat(a0[0:15], ~a0[15]).as_signed()
+            b0_centred = Cat(b0[0:15], ~b0[15]).as_signed()
+            p11, p10, p01, p00 = (product(name, x, y) for name, x, y in (
+                ("p11", a1, b1), ("p10", a1, b0_centred), ("p01", a0_centred, b1),
+                ("p00", a0, b0)))
+            middle = p10 + p01 + (cross << 15)
         product = Signal(signed(64), reset_less=True)
         overflow, shift3 = Signal(reset_less=True), Signal(SHIFT_BITS, reset_less=True)
         valid3 = Signal()

@@ -84,10 +84,10 @@ def test_ice40_estimate_counts_paired_products(rows, cols, width, slots):
 
 
 @pytest.mark.parametrize("rows, cols, slots", [
-    (8, 8, 64 + 4),      # every product in a MULT18X18D, plus the requantizer's four
-    (12, 12, 96 + 4),    # eight rows within the budget (ECP5_DSP_PRODUCTS), four in logic
-    (12, 8, 96 + 4),
-    (16, 16, 96 + 4),    # six rows of sixteen
+    (8, 8, 64 + 3),      # every product in a MULT18X18D, plus the requantizer's three
+    (12, 12, 96 + 3),    # eight rows within the budget (ECP5_DSP_PRODUCTS), four in logic
+    (12, 8, 96 + 3),
+    (16, 16, 96 + 3),    # six rows of sixteen
 ])
 def test_ecp5_estimate_counts_the_rows_in_dsps(rows, cols, slots):
     config = NpuConfig(rows=rows, cols=cols, requant_lanes=1)
@@ -98,10 +98,10 @@ def test_ecp5_estimate_counts_the_rows_in_dsps(rows, cols, slots):
 
 
 @pytest.mark.parametrize("device, rows, cols, in_dsps, slots", [
-    ("lfe5u-45f", 8, 8, 8, 64 + 4),     # the 45F's default: every row in MULT18X18Ds
-    ("lfe5u-45f", 8, 12, 5, 60 + 4),    # 68 MULT18X18Ds beside the requantizer's: 5 rows
-    ("lfe5u-12f", 4, 8, 3, 24 + 4),     # 24 beside the requantizer's: 3 rows of 8
-    ("lfe5u-85f", 12, 12, 8, 96 + 4),   # ECP5_DSP_PRODUCTS
+    ("lfe5u-45f", 8, 8, 8, 64 + 3),     # the 45F's default: every row in MULT18X18Ds
+    ("lfe5u-45f", 8, 12, 5, 60 + 3),    # 69 MULT18X18Ds beside the requantizer's: 5 rows
+    ("lfe5u-12f", 4, 8, 3, 24 + 3),     # 25 beside the requantizer's: 3 rows of 8
+    ("lfe5u-85f", 12, 12, 8, 96 + 3),   # ECP5_DSP_PRODUCTS
 ])
 def test_ecp5_dsp_budget_is_per_device(device, rows, cols, in_dsps, slots):
     """Rows past the device's MULT18X18Ds multiply in logic, so a config with more products

@@ -21,6 +21,7 @@ from npugen.boards.build import tool_path
 from npugen.hw.dsp import (
     ICE40_MAC_STANDIN,
     registered_products,
+    requant_product_blocks,
     simulation_models,
     synthesis_support,
 )
@@ -147,9 +148,9 @@ def test_requantizer_netlist_matches_arith(family, mapped, tmp_path):
     after its case and equals the golden arithmetic. The zero point and clamps are read
     late in the pipeline and hold for a whole REQUANT in the NPU, so cases stream in runs
     of equal settings, each run followed by idle cycles while it drains. ``mapped``:
-    built for the family's implementation, so the four 16×16 products are hw/dsp.py's
-    MULT18X18Ds with their output registers, or SB_MAC16s in their 16×16 mode with their
-    product registers (reset by the sync reset)."""
+    built for the family's implementation, so the products are hw/dsp.py's MULT18X18Ds
+    with their output registers (three: Karatsuba, 18-bit operands), or SB_MAC16s in
+    their 16×16 mode with their product registers (four; reset by the sync reset)."""
     rng = np.random.default_rng(5)
     cases = np.concatenate([np.array(requant_edge_cases(32), dtype=np.int64),
                             requant_random_cases(rng, 32, 1500)])
@@ -174,7 +175,8 @@ def test_requantizer_netlist_matches_arith(family, mapped, tmp_path):
         hold=1)
     if mapped:
         primitive = "MULT18X18D" if family == "ecp5" else ICE40_MAC_STANDIN
-        assert (tmp_path / "dut.v").read_text().count(f"{primitive} #(") == 4
+        assert (tmp_path / "dut.v").read_text().count(f"{primitive} #(") == \
+            requant_product_blocks(implementation)
     # Sampled after each clock edge: row i's result is there after edge i + latency.
     valid_in = [i for i, row in enumerate(rows) if row[-1]]
     valid_at = [i for i, (_, valid) in enumerate(got) if valid]

@@ -390,14 +390,15 @@ def run_requantizer(cases: np.ndarray, valid: np.ndarray, *, accumulator_width: 
                     output_width: int, rounding: str = "double",
                     left_shift: np.ndarray | None = None,
                     single: np.ndarray | None = None,
-                    even: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
+                    even: np.ndarray | None = None,
+                    three_products: bool | None = None) -> tuple[np.ndarray, list[int]]:
     """Feed ``cases`` (rows of REQUANT_FIELDS) one a cycle, with ``left_shift``,
     ``single`` and ``even`` per case when given; return ``out`` and ``out_valid`` in every
     cycle. The zero point goes in at the stage before last and the clamps at the last, as
     documented, so they are presented ``latency - 2`` and ``latency - 1`` cycles after
-    the accumulator."""
+    the accumulator. ``three_products``: the Requantizer's (its product's datapath)."""
     rq = Requantizer(accumulator_width=accumulator_width, output_width=output_width,
-                     rounding=rounding)
+                     rounding=rounding, three_products=three_products)
     latency = Requantizer.latency
     columns = {name: cases[:, i] for i, name in enumerate(REQUANT_FIELDS)}
     first_stage = REQUANT_FIELDS[:4]
@@ -432,7 +433,8 @@ def run_requantizer(cases: np.ndarray, valid: np.ndarray, *, accumulator_width: 
 def check_requantizer(cases: np.ndarray, *, accumulator_width: int, output_width: int,
                       valid: np.ndarray | None = None, rounding: str = "double",
                       left_shift: np.ndarray | None = None,
-                      rng: np.random.Generator | None = None) -> None:
+                      rng: np.random.Generator | None = None,
+                      three_products: bool | None = None) -> None:
     """The requantizer's outputs, ``latency`` cycles after each input, equal
     ``npugen.arith.requantize`` bit for bit; ``out_valid`` follows ``valid``. Built with
     ``both`` roundings, each case asks for one at random (``rng``); built with single
@@ -457,7 +459,8 @@ def check_requantizer(cases: np.ndarray, *, accumulator_width: int, output_width
                                            reference("double_even")), expected)
     outs, out_valids = run_requantizer(cases, valid, accumulator_width=accumulator_width,
                                        output_width=output_width, rounding=rounding,
-                                       left_shift=left_shift, single=single, even=even)
+                                       left_shift=left_shift, single=single, even=even,
+                                       three_products=three_products)
     latency = Requantizer.latency
     got = outs[latency:latency + n]
     mismatches = np.flatnonzero(got != expected)
@@ -471,9 +474,13 @@ def check_requantizer(cases: np.ndarray, *, accumulator_width: int, output_width
 @pytest.mark.parametrize(("accumulator_width", "output_width"),
                          [(32, 8), (16, 8), (32, 4), (16, 4)])
 @pytest.mark.parametrize("rounding", ROUNDINGS)
-def test_requantizer_matches_arith_bit_for_bit(accumulator_width, output_width, rounding):
+@pytest.mark.parametrize("three_products", [True, False])
+def test_requantizer_matches_arith_bit_for_bit(accumulator_width, output_width, rounding,
+                                               three_products):
     """Edge cases and random inputs, pipelined one a cycle, against ``arith.requantize``
-    (both roundings: each case's chosen at random, so the two mix in the pipeline)."""
+    (both roundings: each case's chosen at random, so the two mix in the pipeline); the
+    32 × 32 product from three products of 18-bit operands (Karatsuba: ECP5, the generic
+    design) and from four of 16-bit halves (iCE40)."""
     rng = np.random.default_rng(4 + accumulator_width + output_width)
     cases = np.concatenate([
         np.array(requant_edge_cases(accumulator_width), dtype=np.int64),
@@ -482,11 +489,12 @@ def test_requantizer_matches_arith_bit_for_bit(accumulator_width, output_width, 
     cases = cases[rng.permutation(len(cases))]
     valid = (rng.random(len(cases)) < 0.9).astype(int)
     check_requantizer(cases, accumulator_width=accumulator_width, output_width=output_width,
-                      valid=valid, rounding=rounding, rng=rng)
+                      valid=valid, rounding=rounding, rng=rng, three_products=three_products)
 
 
 @pytest.mark.parametrize("rounding", ROUNDINGS)
-def test_requantizer_left_shift_matches_arith(rounding):
+@pytest.mark.parametrize("three_products", [True, False])
+def test_requantizer_left_shift_matches_arith(rounding, three_products):
     """TFLite's Add pre-shift ((acc + bias)·2**20, wrapping at 32 bits), mixed with plain
     cases one a cycle."""
     rng = np.random.default_rng(11)
@@ -494,7 +502,7 @@ def test_requantizer_left_shift_matches_arith(rounding):
     cases[::2, 0] %= 1024
     left_shift = (rng.random(len(cases)) < 0.6).astype(np.int64)
     check_requantizer(cases, accumulator_width=32, output_width=8, rounding=rounding,
-                      left_shift=left_shift, rng=rng)
+                      left_shift=left_shift, rng=rng, three_products=three_products)
 
 
 def test_requantizer_inverted_clamp_bounds_match_arith():
