@@ -193,6 +193,8 @@ class Npu(wiring.Component):
         grant_read(m, extra_read_port(m, implementation, infos[Region.ACCUMULATORS])
                    if c.requant_overlap else reads[Region.ACCUMULATORS], requant.acc_read)
         grant_write(m, writes[Region.ACTIVATIONS], requant.act_write)
+        if c.requant_from_map:   # a REQUANT to_acc's source map; the feeder is idle then
+            grant_read(m, reads[Region.ACTIVATIONS], requant.act_read)
         if c.feature_maps:
             grant_write(m, writes[Region.ACTIVATIONS], fill.act_write)
         return m

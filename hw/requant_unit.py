@@ -22,9 +22,14 @@ With ``requant_overlap`` a REQUANT (but to_acc) dispatches while the feeder stil
 or its results drain: it then waits ``drain_wait`` cycles (the feeder's count, latched at
 the dispatch) before it starts, as if dispatched then, and the MATMULs after it stream
 meanwhile (``sw/timing.py``).
+
+On NPUs with ``config.requant_from_map``, a REQUANT to_acc after a SETOUT with
+``from_map`` reads activation words instead of accumulator words, along SETOUT's walk
+from its ``acc_addr``, through the activations' read port (free: the feeder is idle while
+a REQUANT to_acc runs), each lane sign-extended; the timing is the same.
 """
 
-from amaranth import Cat, Const, Module, Signal, signed
+from amaranth import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -91,6 +96,7 @@ class RequantUnit(wiring.Component):
             "active": Out(1),
             "overlap": Out(1),
             "acc_read": Out(ReadRequest(depth=acc.depth, data_width=acc.width)),
+            "act_read": Out(ReadRequest(depth=act.depth, data_width=act.width)),
             "param_read": Out(ReadRequest(depth=params.depth, data_width=params.width)),
             "act_write": Out(WriteRequest(depth=act.depth, data_width=act.width,
                                           lanes=act.width // act.granularity)),
@@ -114,6 +120,7 @@ class RequantUnit(wiring.Component):
 
         settings = self._settings(m)
         param_addr, out_stride = settings["param_addr"], settings["out_stride"]
+        from_map = settings["from_map"]
         # Where each accumulator word's results go: consecutive words, or with the
         # feature-map hardware SETOUT's rows.
         m.submodules.out_walk = walk = out_walk(c)
@@ -130,6 +137,7 @@ class RequantUnit(wiring.Component):
         rq_left_shift = Signal()
         rq_single = Signal()   # REQUANT single_rounding (read with rounding "both" only)
         rq_even = Signal()     # REQUANT ties_to_even (read by builds with single rounding)
+        rq_from_map = Signal()   # the source is an activation map (SETOUT from_map, to_acc)
         # REQUANT to_acc (feature-map hardware): the raw results go back into the
         # accumulators through the accumulate path; without requant_overlap the source
         # words are read every other cycle (hw/to_acc.py).
@@ -142,6 +150,7 @@ class RequantUnit(wiring.Component):
         m.d.comb += rq_advance.eq(rq_busy & ~hold)
         # The group in the input register and its place in the activations.
         stage_valid = Signal()
+        stage_from_map = Signal()
         stage_group = Signal(range(groups))
         stage_word = Signal(range(c.activation_depth))
         stage_lane = Signal(range(rows))
@@ -160,7 +169,8 @@ class RequantUnit(wiring.Component):
             last_group = rq_group == groups - 1
             next_lane = rq_lane + lanes
             m.d.sync += [
-                stage_valid.eq(1), stage_group.eq(rq_group), stage_word.eq(rq_word),
+                stage_valid.eq(1), stage_from_map.eq(rq_from_map),
+                stage_group.eq(rq_group), stage_word.eq(rq_word),
                 stage_lane.eq(rq_lane), rq_group.eq(rq_group + 1),
                 rq_param_addr.eq(rq_param_addr + 1),
             ]
@@ -183,6 +193,15 @@ class RequantUnit(wiring.Component):
         # path, and only rq_busy (and the fields the draining pipeline still reads) need it.
         out_addr = _field(instruction, "out_addr")
         first_lane = _field(instruction, "out_lane")
+        # With SETOUT's from_map a REQUANT to_acc walks the activations from acc_addr
+        # (its source map) instead of the output's words: rq_word is then the source.
+        reads_map = Signal()
+        walk_start = Signal(16)
+        if c.requant_from_map:
+            m.d.comb += reads_map.eq(from_map & _field(instruction, "to_acc"))
+        m.d.comb += walk_start.eq(Mux(reads_map, _field(instruction, "acc_addr"), out_addr))
+        m.d.comb += [self.act_read.valid.eq(rq_advance & rq_from_map),
+                     self.act_read.addr.eq(rq_word)]
         # A REQUANT dispatched beside the feeder's stream waits (rq_wait counts down from
         # drain_wait) until the stream's results are written, and starts as if dispatched
         # in the cycle rq_wait is 1. Its fields were latched in the dispatch cycle; the
@@ -212,10 +231,11 @@ class RequantUnit(wiring.Component):
                 rq_group.eq(0), rq_param_addr.eq(param_addr),
                 rq_remaining.eq(_field(instruction, "count")),
                 rq_acc_addr.eq(_field(instruction, "acc_addr")),
-                rq_word.eq(out_addr), rq_lane.eq(first_lane), rq_first_lane.eq(first_lane),
+                rq_word.eq(walk_start), rq_lane.eq(first_lane), rq_first_lane.eq(first_lane),
+                rq_from_map.eq(reads_map),
             ]
         m.d.comb += [
-            walk.load.eq(~rq_busy & ~rq_pending), walk.start_addr.eq(out_addr),
+            walk.load.eq(~rq_busy & ~rq_pending), walk.start_addr.eq(walk_start),
             walk.step.eq(rq_advance & (rq_group == groups - 1)),
             walk.instruction.eq(instruction), walk.set_out.eq(self.set_out),
             walk.run_start.eq(self.run_start),
@@ -233,8 +253,8 @@ class RequantUnit(wiring.Component):
             if fm:
                 m.d.sync += rq_left_shift.eq(_field(instruction, "left_shift"))
 
-        requantizers = self._lanes(m, settings, stage_valid, stage_group, rq_left_shift,
-                                   rq_single, rq_even)
+        requantizers = self._lanes(m, settings, stage_valid, stage_from_map, stage_group,
+                                   rq_left_shift, rq_single, rq_even)
 
         # Each group's place in the activations travels beside it through the lanes.
         rq_stages = REQUANT_INPUT_STAGES + Requantizer.latency
@@ -277,7 +297,7 @@ class RequantUnit(wiring.Component):
         return m
 
     def _settings(self, m) -> dict:
-        """The SETPP and SETREQ registers, by name."""
+        """The SETPP and SETREQ registers and SETOUT's from_map, by name."""
         c = self._config
         instruction = self.instruction
         zero_point = Signal(signed(16))
@@ -285,6 +305,13 @@ class RequantUnit(wiring.Component):
         clamp_max = Signal(signed(16))
         param_addr = Signal(range(c.param_depth))
         out_stride = Signal(16)
+        from_map = Signal()   # SETOUT from_map (NPUs with requant_from_map)
+        if c.requant_from_map:
+            with m.If(self.set_out):
+                m.d.sync += from_map.eq(instruction_field(instruction, Opcode.SETOUT,
+                                                          "from_map"))
+            with m.If(self.run_start):
+                m.d.sync += from_map.eq(0)
         with m.If(self.set_pp):
             m.d.sync += [
                 zero_point.eq(instruction_field(instruction, Opcode.SETPP, "zero_point")),
@@ -297,12 +324,12 @@ class RequantUnit(wiring.Component):
                 out_stride.eq(instruction_field(instruction, Opcode.SETREQ, "out_stride")),
             ]
         return {"zero_point": zero_point, "clamp_min": clamp_min, "clamp_max": clamp_max,
-                "param_addr": param_addr, "out_stride": out_stride}
+                "param_addr": param_addr, "out_stride": out_stride, "from_map": from_map}
 
-    def _lanes(self, m, settings, stage_valid, stage_group, rq_left_shift, rq_single,
-               rq_even):
-        """The ``requant_lanes`` requantizers, fed the group in the input register and
-        its parameters."""
+    def _lanes(self, m, settings, stage_valid, stage_from_map, stage_group, rq_left_shift,
+               rq_single, rq_even):
+        """The ``requant_lanes`` requantizers, fed the group in the input register (from
+        the accumulators, or the activations' lanes sign-extended) and its parameters."""
         c = self._config
         lanes = c.requant_lanes
         # The lanes: one group selector feeding every lane (slicing a shared expression
@@ -316,9 +343,17 @@ class RequantUnit(wiring.Component):
             requantizers.append(rq)
         input_valid = Signal()
         input_acc = Signal(lanes * c.accumulator_width)
-        m.d.sync += [input_valid.eq(stage_valid),
-                     input_acc.eq(self.acc_read.data.word_select(stage_group,
-                                                                 lanes * c.accumulator_width))]
+        from_acc = self.acc_read.data.word_select(stage_group, lanes * c.accumulator_width)
+        m.d.sync += input_valid.eq(stage_valid)
+        if c.requant_from_map:
+            group = self.act_read.data.word_select(stage_group, lanes * c.input_width)
+            extended = [Signal(signed(c.accumulator_width), name=f"rq_map_lane{lane}")
+                        for lane in range(lanes)]
+            m.d.comb += [value.eq(group.word_select(lane, c.input_width).as_signed())
+                         for lane, value in enumerate(extended)]
+            m.d.sync += input_acc.eq(Mux(stage_from_map, Cat(*extended), from_acc))
+        else:
+            m.d.sync += input_acc.eq(from_acc)
         m.d.comb += Cat(*[rq.acc for rq in requantizers]).eq(input_acc)
         lane_bits = c.param_lane_width
         param_fields = param_lane_fields(c.accumulator_width)

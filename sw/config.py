@@ -162,6 +162,15 @@ class NpuConfig:
         return min(self.rows // 3, 3) if self.line_buffer_depth else 0
 
     @property
+    def requant_from_map(self) -> bool:
+        """Whether a REQUANT ``to_acc`` can read its source from an activation map (SETOUT
+        ``from_map``) instead of the accumulators: NPUs generated with ``requant_overlap``
+        and the feature-map hardware, on a square array (an activation word's lanes are
+        then an accumulator word's columns). An add then takes three requantizer passes
+        and none through the array."""
+        return self.feature_maps and self.requant_overlap and self.rows == self.cols
+
+    @property
     def macs_per_cycle(self) -> int:
         return self.rows * self.cols
 

@@ -161,6 +161,7 @@ class GemmState:
         self.depthwise = False
         self.pitch = self.drop = 0
         self.out = Walk()
+        self.out_from_map = False   # SETOUT from_map: REQUANT to_acc reads a map
 
     def tap_offset(self, kt: int) -> int:
         """Activation offset of K tile ``kt``: kernel tap (x, y), then channel tile."""
@@ -186,6 +187,7 @@ class GemmState:
             self.drop = ins["drop"]
         elif op is Opcode.SETOUT:
             self.out = Walk(ins["row_length"], ins["row_step"], 1)
+            self.out_from_map = bool(ins["from_map"])
         if op is not Opcode.GEMM:
             return [ins]
         steps = []
@@ -303,7 +305,8 @@ def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instructio
         if op is Opcode.MATMUL and state.depthwise:
             _check_depthwise(config, state, index, ins, need)
         written = matmul_results(config, state, ins) if op is Opcode.MATMUL else ins["count"]
-        within("accumulator words", ins["acc_addr"] + written, "accumulator_depth")
+        if not (op is Opcode.REQUANT and ins["to_acc"] and state.out_from_map):
+            within("accumulator words", ins["acc_addr"] + written, "accumulator_depth")
     if op is Opcode.REQUANT and config.rounding == "double":
         need(not ins["ties_to_even"], index, ins,
              "ties_to_even=1, but this NPU was generated with rounding = 'double' only, "
@@ -327,6 +330,17 @@ def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instructio
         low, high = -(1 << (config.input_width - 1)), (1 << (config.input_width - 1)) - 1
         need(low <= ins["value"] <= high, index, ins,
              f"value must be an int{config.input_width} ({low} to {high})")
+    elif op is Opcode.SETOUT:
+        need(not ins["from_map"] or config.requant_from_map, index, ins,
+             f"from_map=1, but only NPUs generated with requant_overlap and feature_maps on "
+             f"a square array read a REQUANT's source from a map (this one: "
+             f"{config.rows}×{config.cols}, requant_overlap={config.requant_overlap}); clear "
+             f"the bit and bring the map into the accumulators with a MATMUL")
+    elif op is Opcode.REQUANT and ins["to_acc"] and state.out_from_map:
+        last = ins["acc_addr"] + int(state.out.offsets(ins["count"]).max())
+        within("source activations", last + 1, "activation_depth")
+        within("accumulator words written", ins["out_addr"] + ins["count"],
+               "accumulator_depth")
     elif op is Opcode.REQUANT and ins["to_acc"]:
         source, target = ins["acc_addr"], ins["out_addr"]
         within("accumulator words written", target + ins["count"], "accumulator_depth")
@@ -334,6 +348,9 @@ def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instructio
              or source + ins["count"] <= target, index, ins,
              "to_acc output words must be the source words or not overlap them")
     elif op is Opcode.REQUANT:
+        need(not state.out_from_map, index, ins,
+             "SETOUT's from_map is 1, which only a REQUANT to_acc reads; set it to 0 with "
+             "a SETOUT before this REQUANT")
         lanes = config.requant_lanes
         need(ins["out_lane"] < config.rows and ins["out_lane"] % lanes == 0, index, ins,
              f"out_lane must be a multiple of requant_lanes ({lanes}) below rows "
@@ -572,7 +589,12 @@ class GoldenNpu:
         # Each field by name, as many low bits as the requantizer reads.
         p = {f.name: params[:, i] & ((1 << f.read_width) - 1) if f.read_width < f.width
              else params[:, i] for i, f in enumerate(param_lane_fields(c.accumulator_width))}
-        acc = self.accumulators[ins["acc_addr"]:ins["acc_addr"] + count]
+        if ins["to_acc"] and self.state.out_from_map:
+            words = (ins["acc_addr"] + self.state.out.offsets(count)) % address_span(
+                c.activation_depth)
+            acc = self.activations[words, :c.cols].astype(np.int64)
+        else:
+            acc = self.accumulators[ins["acc_addr"]:ins["acc_addr"] + count]
         if ins["to_acc"]:
             raw = requantize_raw(acc, p["bias"], p["multiplier"], p["shift"],
                                  self.zero_point, accumulator_width=c.accumulator_width,

@@ -20,7 +20,7 @@ __all__ = [
     "decode_program", "isa_markdown",
 ]
 
-ISA_VERSION = 6
+ISA_VERSION = 7
 INSTRUCTION_WIDTH = 64
 OPCODE_WIDTH = 4
 
@@ -105,8 +105,9 @@ DESCRIPTIONS: dict[Opcode, str] = {
         "(L = 0: `out_addr`+i), moving to the next word block (+`out_stride`) past the last lane. "
         "With `to_acc`, the results before clamping (accumulator-wide) go instead to "
         "accumulator word `out_addr`+i, added to it when `accumulate` is 1, at one channel "
-        "group every two cycles; `left_shift` first multiplies acc + bias by 2^20 (TFLite's "
-        "Add). Parameters come from SETREQ/SETPP. Reads only once the results of the rows "
+        "group every two cycles (every cycle on NPUs generated with requant_overlap), and "
+        "with SETOUT's `from_map` the source words are activation words of a map (SETOUT); "
+        "`left_shift` first multiplies acc + bias by 2^20 (TFLite's Add). Parameters come from SETREQ/SETPP. Reads only once the results of the rows "
         "issued before it are written (on NPUs generated with requant_overlap one without "
         "`to_acc` dispatches at once and starts then; else it waits to dispatch); blocks "
         "until done, but with `overlap` (NPUs generated with requant_overlap) only the "
@@ -150,7 +151,10 @@ DESCRIPTIONS: dict[Opcode, str] = {
         "not)."),
     Opcode.SETOUT: (
         "Set where REQUANT writes: accumulator words per output row (0: one endless row) "
-        "and the activation words between output rows. A start sets 0, 0."),
+        "and the activation words between output rows; with `from_map`, where a REQUANT "
+        "`to_acc` reads instead: activation word `acc_addr` + (i div L)·`row_step` + "
+        "(i mod L), each lane sign-extended, for source word i (NPUs generated with "
+        "requant_overlap on a square array). A start sets 0, 0, 0."),
 }
 
 _A16 = 16
@@ -239,6 +243,10 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
     Opcode.SETOUT: (
         Field("row_length", 8, _A16, doc="accumulator words per output row (0: one row)"),
         Field("row_step", 24, _A16, doc="activation words from one output row to the next"),
+        Field("from_map", 40, 1,
+              doc="1: a REQUANT to_acc reads its source from the activation words along "
+                  "this walk (NPUs generated with requant_overlap on a square array); "
+                  "other REQUANTs need it 0"),
     ),
 }
 

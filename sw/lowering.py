@@ -326,6 +326,9 @@ class Lowering:
         self._check_maps(first, dst, first.channels, first.channels, (1, 1), 1, (0, 0, 0, 0))
         groups = c.cols // c.requant_lanes
         channels, height, width = shape
+        if c.requant_from_map:
+            self._add_from_maps(first, second, dst, first_scale, second_scale, requant)
+            return
         if 2 * width > c.accumulator_depth:
             raise DoesNotFit(f"an add of {width}-pixel rows needs {2 * width} accumulator "
                              f"words, accumulator_depth is {c.accumulator_depth}")
@@ -396,6 +399,60 @@ class Lowering:
                 "acc_addr": count, "count": count, "out_addr": dst.word(tile, y0, 0),
                 "out_lane": lane, "single_rounding": requant.single_rounding,
                 "ties_to_even": requant.ties_to_even}))
+
+    def _add_from_maps(self, first: FeatureMap, second: FeatureMap, dst: FeatureMap,
+                       first_scale: Rescale, second_scale: Rescale, requant: Requant) -> None:
+        """The add on an NPU whose REQUANT to_acc reads maps (``requant_from_map``): per
+        chunk of rows, each input rescaled from its map into the same accumulators (the
+        second added), then the sum requantized into ``dst``; three requantizer passes
+        and none through the array."""
+        c = self.config
+        groups = c.cols // c.requant_lanes
+        channels, height, width = first.channels, first.height, first.width
+        if width > c.accumulator_depth:
+            raise DoesNotFit(f"an add of {width}-pixel rows needs {width} accumulator "
+                             f"words, accumulator_depth is {c.accumulator_depth}")
+        # Half the accumulators, so that the next layer's first GEMM may run beside the
+        # last REQUANT (the compiler's overlap_requants).
+        chunk_rows = min(height, max(1, c.accumulator_depth // (2 * width)))
+
+        def constant_params(scale: Rescale) -> int:
+            lanes = np.tile([-scale.zero_point, scale.multiplier, scale.shift],
+                            (c.cols, 1)).astype(np.int64)
+            return self._store_params(lanes.reshape(groups, c.requant_lanes, 3))
+
+        inputs = [(first, constant_params(first_scale)),
+                  (second, constant_params(second_scale))]
+        ins = self.instructions
+        self.flush_fills()   # the output's halo
+        for tile in range(ceil_div(channels, c.rows)):
+            sum_params = self._store_params(requant.lanes(
+                tile * c.rows + np.arange(c.cols)).reshape(groups, c.requant_lanes, 3))
+            for y0 in range(0, height, chunk_rows):
+                count = min(chunk_rows, height - y0) * width
+                ins.append(Instruction(Opcode.SETPP, {
+                    "zero_point": 0, "clamp_min": -(1 << 15), "clamp_max": (1 << 15) - 1}))
+                for which, (fmap, params_at) in enumerate(inputs):
+                    ins.append(Instruction(Opcode.SETOUT, {
+                        "row_length": width, "row_step": fmap.pitch, "from_map": 1}))
+                    ins.append(Instruction(Opcode.SETREQ, {
+                        "param_addr": params_at, "out_stride": 0}))
+                    ins.append(Instruction(Opcode.REQUANT, {
+                        "acc_addr": fmap.word(tile, y0, 0), "count": count, "out_addr": 0,
+                        "to_acc": 1, "accumulate": which, "left_shift": 1,
+                        "single_rounding": requant.single_rounding,
+                        "ties_to_even": requant.ties_to_even}))
+                ins.append(Instruction(Opcode.SETPP, {
+                    "zero_point": requant.zero_point, "clamp_min": requant.clamp_min,
+                    "clamp_max": requant.clamp_max}))
+                ins.append(Instruction(Opcode.SETOUT, {"row_length": width,
+                                                       "row_step": dst.pitch}))
+                ins.append(Instruction(Opcode.SETREQ, {
+                    "param_addr": sum_params, "out_stride": dst.tile_words}))
+                ins.append(Instruction(Opcode.REQUANT, {
+                    "acc_addr": 0, "count": count, "out_addr": dst.word(tile, y0, 0),
+                    "single_rounding": requant.single_rounding,
+                    "ties_to_even": requant.ties_to_even}))
 
     def fill_halo(self, fmap: FeatureMap) -> None:
         """Write ``fmap``'s halo (its padding value) around the pixels of every channel

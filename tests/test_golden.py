@@ -309,3 +309,53 @@ def test_cycle_model_runs_a_fill_beside_the_array_and_waits_for_it_after():
     matmul = "SETWIN reduce=1\nMATMUL count=100"
     assert cycles(fill + matmul) == cycles(matmul) + 1
     assert cycles(fill + "SETREQ") == 2 + 40 + FILL_TAIL_CYCLES + 1 + 1
+
+
+def test_requant_to_acc_from_a_map_equals_the_map_brought_in_by_a_matmul():
+    """SETOUT from_map: a REQUANT to_acc reads int8 words of a map along SETOUT's walk
+    (here rows of 3 words, pitch 5), as the identity MATMUL that brought them into the
+    accumulators did, and gives the same accumulators (with accumulate, the sum)."""
+    rng = np.random.default_rng(8)
+    acts = rng.integers(-128, 128, (40, 4))
+    params = np.stack([np.full(4, 7), rng.integers(1 << 30, 1 << 31, 4),
+                       rng.integers(1, 4, 4)], axis=1)
+    walk = [0, 1, 2, 5, 6, 7]
+    requants = ("REQUANT acc_addr={src} count=6 out_addr=8 to_acc=1 left_shift=1\n"
+                "REQUANT acc_addr={src} count=6 out_addr=8 to_acc=1 accumulate=1 "
+                "left_shift=1\nHALT")
+    programs = {
+        "matmul": "SETWIN row_length=3 row_step=5 col_step=1\nSETPP\nSETREQ\nLOADW\n"
+                  "MATMUL act_addr=4 count=6\n" + requants.format(src=0),
+        "map": "SETPP\nSETREQ\nSETOUT row_length=3 row_step=5 from_map=1\n"
+               + requants.format(src=4),
+    }
+    got = {}
+    for name, text in programs.items():
+        npu = GoldenNpu(OVERLAP)
+        npu.write(Region.ACTIVATIONS, 0, acts)
+        npu.write(Region.WEIGHTS, 0, np.eye(4, dtype=np.int64))
+        npu.write(Region.PARAMS, 0, params.reshape(1, 4, 3))
+        program = assemble(text)
+        check_program(OVERLAP, program)
+        npu.write(Region.INSTRUCTIONS, 0, encode_program(program))
+        npu.run()
+        got[name] = npu.read(Region.ACCUMULATORS, 8, 6)
+    assert np.array_equal(got["map"], got["matmul"])
+    assert np.any(acts[4:][walk] != acts[4:10])   # the walk skips words
+
+
+@pytest.mark.parametrize("config, text, message", [
+    (CONFIG, "SETOUT from_map=1\nHALT",
+     r"from_map=1, but only NPUs generated with requant_overlap and feature_maps on a square "
+     r"array read a REQUANT's source from a map \(this one: 4×4, requant_overlap=False\)"),
+    (OVERLAP.replace(cols=8), "SETOUT from_map=1\nHALT", "this one: 4×8, requant_overlap=True"),
+    (OVERLAP, "SETOUT from_map=1\nREQUANT count=1\nHALT",
+     "instruction 1 .*: SETOUT's from_map is 1, which only a REQUANT to_acc reads"),
+    (OVERLAP, "SETOUT row_length=2 row_step=250 from_map=1\nREQUANT acc_addr=10 count=4 "
+              "to_acc=1\nHALT", "source activations end at word 262, activation_depth is 256"),
+])
+def test_requant_from_a_map_is_refused_where_the_npu_cannot_run_it(config, text, message):
+    with pytest.raises(ProgramError, match=message):
+        check_program(config, assemble(text))
+    # A start clears it: SETOUT's defaults.
+    check_program(OVERLAP, assemble("SETOUT from_map=1\nSETOUT\nREQUANT count=1\nHALT"))
