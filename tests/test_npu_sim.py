@@ -216,13 +216,14 @@ def assert_maps_match(cases, simulator: str) -> None:
 
 @pytest.mark.parametrize("simulator", available_simulators())
 @pytest.mark.parametrize("family, primitive, in_array, per_lane", [
-    (ECP5_ONE_DSP_ROW, "MULT18X18D", 3, 4), ("ice40", ICE40_MAC_STANDIN, 4, 4)],
+    (ECP5_ONE_DSP_ROW, "MULT18X18D", 3, 3), ("ice40", ICE40_MAC_STANDIN, 4, 4)],
     ids=["ecp5", "ice40"])
 def test_primitives_are_in_the_simulated_design(simulator, family, primitive, in_array,
                                                 per_lane):
     """simulate(..., primitives=family) builds the 2×3 NPU with the hand-instantiated
     blocks (ECP5 with a budget of three products: one MULT18X18D per PE of the first row,
-    the second row's products in logic, and four per requantizer lane; iCE40: one SB_MAC16
+    the second row's products in logic, and three per requantizer lane (the 32 × 32
+    product from three of 18-bit operands); iCE40: one SB_MAC16
     per pair of columns and one in its 16×16 mode per third-column PE and per requantizer
     product) and compiles their model beside it (the generic build has none)."""
     config = CONFIGS["2x3"]
