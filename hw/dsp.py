@@ -116,7 +116,9 @@ def _sb_mac16_8x8_pair(m: Module, a0: Value, b0: Value, a1: Value, b1: Value, *,
                        name: str) -> list[Signal]:
     """``a0 * b0`` and ``a1 * b1`` (signed, at most 8 bits) from one SB_MAC16: the
     bottom 8×8 multiplier (A[7:0] × B[7:0]) and the top one (A[15:8] × B[15:8]), each
-    through its product register (BOT/TOP_8x8_MULT_REG) to the output (O[15:0], O[31:16])."""
+    through its product register to the output (O[15:0], O[31:16]): BOT_8x8_MULT_REG for
+    the bottom, and for the top both TOP_8x8_MULT_REG and PIPELINE_16x16_MULT_REG1 (see
+    ``_sb_mac16``)."""
     width = 2 * ICE40_MAC_8X8_WIDTH
     operand = [Signal(signed(ICE40_MAC_8X8_WIDTH), name=f"{name}_{x}") for x in
                ("a0", "b0", "a1", "b1")]
@@ -127,8 +129,8 @@ def _sb_mac16_8x8_pair(m: Module, a0: Value, b0: Value, a1: Value, b1: Value, *,
                  products[0].eq(out[:width]), products[1].eq(out[width:])]
     m.submodules[f"{name}_sb_mac16"] = _sb_mac16(
         a=Cat(operand[0], operand[2]), b=Cat(operand[1], operand[3]), out=out,
-        MODE_8x8=1, TOP_8x8_MULT_REG=1, BOT_8x8_MULT_REG=1, TOPOUTPUT_SELECT=2,
-        BOTOUTPUT_SELECT=2, A_SIGNED=1, B_SIGNED=1)
+        MODE_8x8=1, TOP_8x8_MULT_REG=1, PIPELINE_16x16_MULT_REG1=1, BOT_8x8_MULT_REG=1,
+        TOPOUTPUT_SELECT=2, BOTOUTPUT_SELECT=2, A_SIGNED=1, B_SIGNED=1)
     return products
 
 
@@ -147,6 +149,16 @@ def _sb_mac16(*, a: Value, b: Value, out: Value, reset: Value | int = 0,
     unknown = set(parameters) - set(names)
     if unknown:
         raise ValueError(f"SB_MAC16 has no parameter {', '.join(sorted(unknown))}")
+    # The top 8×8 product (A[15:8] × B[15:8]) is registered by TOP_8x8_MULT_REG in yosys's
+    # model (the one simulation runs), by PIPELINE_16x16_MULT_REG1 in Lattice's model of
+    # the block and its gate netlist. Set apart, simulation and the chip would disagree
+    # by a cycle; Lattice's SB_MAC16_MUL_S_8X8_ALL_PIPELINE sets both (icestorm's
+    # icefuzz/make_dsp.py lists it).
+    top = [parameters.get(key, 0) for key in ("TOP_8x8_MULT_REG", "PIPELINE_16x16_MULT_REG1")]
+    if top[0] != top[1]:
+        raise ValueError(f"SB_MAC16: TOP_8x8_MULT_REG={top[0]} and PIPELINE_16x16_MULT_REG1="
+                         f"{top[1]}: yosys's model registers the top product with the first, "
+                         f"Lattice's with the second; set both or neither")
     zero = Const(0, 1)
     return Instance(
         ICE40_MAC_STANDIN,

@@ -749,6 +749,27 @@ def test_dsp_mapping_refuses_what_it_cannot_build():
                           shared_multiplier=True, fabric_multiplier=True)
 
 
+def test_sb_mac16_pairs_register_the_top_product_in_both_models():
+    """yosys's SB_MAC16 model registers the top 8×8 product with TOP_8x8_MULT_REG,
+    Lattice's model and gate netlist with PIPELINE_16x16_MULT_REG1: the pairs set both
+    (as Lattice's SB_MAC16_MUL_S_8X8_ALL_PIPELINE does), so the chip is as simulated, and
+    a configuration that sets one only is refused."""
+    from amaranth import Module, Signal, signed
+
+    from npugen.hw.dsp import _sb_mac16, registered_products
+    from npugen.hw.implementation import Implementation
+
+    m = Module()
+    registered_products(m, Implementation("ice40"), [(Signal(signed(8)),) * 2] * 2, name="p")
+    parameters = {key: value.value
+                  for key, value in m.submodules["p_0_1_sb_mac16"].parameters.items()}
+    assert parameters["TOP_8x8_MULT_REG"] == parameters["PIPELINE_16x16_MULT_REG1"] == 1
+    assert parameters["BOT_8x8_MULT_REG"] == parameters["MODE_8x8"] == 1
+    with pytest.raises(ValueError, match="TOP_8x8_MULT_REG=1 and PIPELINE_16x16_MULT_REG1=0"):
+        _sb_mac16(a=Signal(16), b=Signal(16), out=Signal(32), MODE_8x8=1,
+                  TOP_8x8_MULT_REG=1)
+
+
 def test_dsp_rows_follow_the_budget():
     """ECP5 puts at most ECP5_DSP_PRODUCTS of the array's products in MULT18X18Ds, in
     whole rows; an implementation's own budget overrides it; elsewhere every row is in
