@@ -50,7 +50,7 @@ def test_impossible_config_is_refused_before_synthesis(tmp_path, capsys):
     assert not (tmp_path / "build").exists(), "nothing may run for an impossible config"
     assert main(["build", "--board", "ulx3s-85f", "--activation-depth", "65536",
                  "--rows", "16", "--cols", "8", "--line-buffer-depth", "0",
-                 "-o", str(tmp_path)]) == 1
+                 "--requant-lanes", "8", "-o", str(tmp_path)]) == 1
     assert "Kbit of block RAM needed, the LFE5U-85F has 3744 Kbit" in capsys.readouterr().err
 
 
