@@ -303,6 +303,14 @@ def _allocate_maps(model: QuantizedModel, config: NpuConfig, batch: int,
                              f"with {fill} for {layer.name!r}; one map has one halo value")
         merged = tuple(max(a, b) for a, b in zip(pads, old_pads, strict=True))
         halos[name] = (merged, fill if any(pads) else old_fill)
+    # The right padding from the next row's left halo (FeatureMap.holds_pads), with one
+    # more bottom row for the last row's: a word less a row, which the depthwise mode
+    # streams, where the map does not grow.
+    for name, ((top, left, bottom, right), fill) in halos.items():
+        channels, height, width = shapes[name]
+        if 0 < right <= left and (top + height + bottom + 1) * (left + width) <= (
+                top + height + bottom) * (left + width + right):
+            halos[name] = ((top, left, bottom + 1, 0), fill)
     # A dense chain's maps are vectors, which only the host (the input) or a dense layer
     # writes; any other map keeps room for any operator's spill.
     chain = _dense_chain(model)

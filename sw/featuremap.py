@@ -3,9 +3,12 @@
 A C×H×W int8 map is cut into channel tiles of ``rows`` channels (one activation word
 holds one pixel of one tile, channel ``c`` in lane ``c mod rows``). Each tile is a block of
 ``(top + H + bottom) × (left + W + right)`` words, row-major, so a tap of a convolution
-is a fixed offset and a whole output row is a strided walk. The halo around the pixels
-holds the value that padding stands for (the zero point for a convolution, the lowest
-int8 for max pooling); the NPU writes it before the layer that makes the map
+is a fixed offset and a whole output row is a strided walk. Past a row's right edge the
+walk reads the next row's left halo, so a map padded on both sides can keep a left halo
+only and one more bottom row (:meth:`FeatureMap.holds_pads`): a word less a row. The
+halo around the pixels holds the value that padding stands for (the zero point for a
+convolution, the lowest int8 for max pooling); the NPU writes it before the layer that
+makes the map
 (:meth:`~npugen.lowering.Lowering.fill_halo`), and layers only write inside a map.
 
 A layer's output is written ``cols`` channels at a time, so a map keeps room for the
@@ -103,6 +106,17 @@ class FeatureMap:
     def pitch(self) -> int:
         """Words from one row of the map to the next."""
         return self.halo[1] + self.width + self.halo[3]
+
+    def holds_pads(self, pads: tuple[int, int, int, int]) -> bool:
+        """Whether a walk padded by ``pads`` (top, left, bottom, right) finds the fill in
+        the map's halo wherever it reads padding. Past a row's right halo it reads the
+        next row's left halo, so the right padding may reach that far where the row below
+        the lowest one read is in the map."""
+        top, left, bottom, right = pads
+        halo = self.halo
+        if top > halo[0] or left > halo[1] or bottom > halo[2]:
+            return False
+        return right <= halo[3] or (right <= halo[3] + halo[1] and bottom < halo[2])
 
     @property
     def padded_height(self) -> int:

@@ -619,7 +619,7 @@ class Lowering:
         if any(p < 0 for p in pads):
             raise ValueError(f"pads must not be negative, not {pads}")
         halo = src.halo
-        if top > halo[0] or left > halo[1] or bottom > halo[2] or right > halo[3]:
+        if not src.holds_pads(pads):
             raise ValueError(f"pads {pads} (top, left, bottom, right) exceed the input "
                              f"map's halo {halo}")
         out_h = conv_output_size(src.height, kh, step_y, top, bottom)

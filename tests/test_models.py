@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import (
+    MLPERF_TINY,
     available_simulators,
     near_tie_samples,
     quantize_with_onnxruntime,
@@ -398,6 +399,37 @@ def test_a_map_keeps_room_for_what_writes_past_its_channels():
     with pytest.raises(ValueError, match="spill must be one of 'any', 'tiles', 'none', "
                                          "not 'some'"):
         FeatureMap(0, 5, 2, 3, 4, 12, spill="some")
+
+
+def test_right_padding_reads_the_next_rows_left_halo():
+    """A map with a left halo and no right one: past a row's right edge a walk reads the
+    next row's left halo, so it holds a right padding up to the left halo's width where
+    the row below the lowest row read is in the map; the words it reads there are fill."""
+    fmap = FeatureMap(0, 1, 3, 4, 4, 4, halo=(1, 1, 2, 0), fill=-7)
+    assert fmap.pitch == 5 and fmap.holds_pads((1, 1, 1, 1))
+    assert not fmap.holds_pads((1, 1, 2, 1)), "the last row read would need one more below"
+    assert not fmap.holds_pads((1, 1, 1, 2)), "two columns past the edge: a pixel"
+    words = fmap.pack(np.arange(12).reshape(1, 3, 4))[:, 0]
+    for y in range(-1, 4):   # every row a 3×3 SAME window reads, and column 4 of each
+        assert words[fmap.word(0, y, 4)] == -7 and words[fmap.word(0, y, -1)] == -7
+    assert words[fmap.word(0, 2, 3)] == 11
+
+
+def test_the_compiler_folds_right_halos_where_the_map_does_not_grow():
+    """KWS's 25×5 maps that 3×3 SAME depthwise layers read: a left halo and two bottom
+    rows, pitch 6 for 7, so the depthwise mode streams a word less a row (LiteRT's outputs
+    are checked in test_tflite.py)."""
+    from npugen.compiler import _allocate_maps, _input_im2col
+    from npugen.mlperf import REFERENCE_CONFIG
+    from npugen.quantize import quantize_model
+    from npugen.tflite_import import load_tflite
+
+    model = quantize_model(load_tflite(MLPERF_TINY / "kws_ref_model.tflite"))
+    maps, problems = _allocate_maps(model, REFERENCE_CONFIG, 1,
+                                    _input_im2col(model, REFERENCE_CONFIG))
+    padded = [fmap for fmap in maps.values() if any(fmap.halo)]
+    assert not problems and len(padded) == 4
+    assert all(fmap.halo == (1, 1, 2, 0) and fmap.pitch == 6 for fmap in padded)
 
 
 @pytest.mark.parametrize("simulator", available_simulators())
