@@ -210,6 +210,13 @@ def depthwise_lead(config: NpuConfig, pitch: int) -> int:
     return (config.depthwise_groups - 1) * pitch + 2
 
 
+def depthwise_drain_words(config: NpuConfig, pitch: int) -> int:
+    """Words other MATMULs stream (a cycle each) after a depthwise MATMUL of ``pitch``
+    before its last word has left the line buffers and the column chains, with room to
+    spare: its lead, and two registers a PE down the rows."""
+    return depthwise_lead(config, pitch) + 2 * config.rows
+
+
 def matmul_results(config: NpuConfig, state: GemmState, ins: Instruction) -> int:
     """Accumulator words a MATMUL writes (its first word on): one in reduce mode, its
     count less the lead in the depthwise mode, else its count."""
@@ -260,6 +267,7 @@ def check_program(config: NpuConfig, program: list[Instruction]) -> None:
     state = GemmState(config.rows)
     overlap = _OverlapCheck(config)
     line_pitch = None   # the line buffers' pitch while a depthwise MATMUL may be in flight
+    streamed = 0        # words other MATMULs streamed since (one a cycle)
     for index, instruction in enumerate(program):
         op = instruction.opcode
         if not config.feature_maps:
@@ -281,14 +289,21 @@ def check_program(config: NpuConfig, program: list[Instruction]) -> None:
         for ins in state.expand(instruction):
             _check_step(config, state, index, ins, need)
             overlap.step(state, index, ins, need)
-            if ins.opcode is Opcode.REQUANT:   # it waits for the array to drain
-                line_pitch = None
+            if ins.opcode is Opcode.REQUANT and not (config.requant_overlap
+                                                     and ins["overlap"]):
+                line_pitch = None   # the next step waits for it, and it for the drain
             elif ins.opcode is Opcode.MATMUL and state.depthwise:
+                drain = depthwise_drain_words(config, line_pitch or 0)
                 need(line_pitch in (None, state.pitch), index, ins,
                      f"a depthwise MATMUL of pitch {state.pitch} may start while one of "
-                     f"pitch {line_pitch} is still in the line buffers; put a REQUANT (which "
-                     f"waits for the array to drain) between them")
-                line_pitch = state.pitch
+                     f"pitch {line_pitch} is still in the line buffers; put a REQUANT "
+                     f"without overlap (the next step waits for the array to drain) or "
+                     f"MATMULs of {drain} words or more between them")
+                line_pitch, streamed = state.pitch, 0
+            elif ins.opcode is Opcode.MATMUL and line_pitch is not None:
+                streamed += ins["count"]
+                if streamed >= depthwise_drain_words(config, line_pitch):
+                    line_pitch = None
 
 
 def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instruction,

@@ -244,10 +244,21 @@ def test_depthwise_mode_programs_it_cannot_run_are_refused(config, text, message
         check_program(config, assemble(text + "\nHALT"))
 
 
-def test_depthwise_mode_pitch_may_change_after_a_requant():
-    check_program(DEPTHWISE, assemble(
-        "SETWIN depthwise=1 pitch=7\nMATMUL count=20\nREQUANT count=4 out_addr=100\n"
-        "SETWIN depthwise=1 pitch=8\nMATMUL count=20\nHALT"))
+def test_depthwise_mode_pitch_may_change_once_the_line_buffers_drained():
+    """After a REQUANT the next step waits (for it, and it for the drain), unless it has
+    overlap; other MATMULs let the words drain one a cycle: 7 + 2 + 16 = 25 words after
+    a pitch-7 stream on an 8×8 (depthwise_drain_words)."""
+    change = "SETWIN depthwise=1 pitch=8\nMATMUL count=20\nHALT"
+    first = "SETWIN depthwise=1 pitch=7\nMATMUL count=20\n"
+    check_program(DEPTHWISE, assemble(first + "REQUANT count=4 out_addr=100\n" + change))
+    overlap = DEPTHWISE.replace(requant_overlap=True)
+    with pytest.raises(ProgramError, match="still in the line buffers"):
+        check_program(overlap, assemble(
+            first + "REQUANT acc_addr=40 count=4 out_addr=100 overlap=1\n" + change))
+    plain = "SETWIN row_length=0 row_step=0 col_step=1\nMATMUL acc_addr=30 count={}\n"
+    check_program(overlap, assemble(first + plain.format(25) + change))
+    with pytest.raises(ProgramError, match="MATMULs of 25 words or more between them"):
+        check_program(overlap, assemble(first + plain.format(24) + change))
 
 
 def test_depthwise_mode_sums_a_window_and_drops_the_wrapping_results():
