@@ -348,8 +348,9 @@ def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instructio
     elif op is Opcode.SETOUT:
         need(not ins["from_map"] or config.requant_from_map, index, ins,
              f"from_map=1, but only NPUs generated with requant_overlap and feature_maps on "
-             f"a square array read a REQUANT's source from a map (this one: "
-             f"{config.rows}×{config.cols}, requant_overlap={config.requant_overlap}); clear "
+             f"a square array with a requantizer lane per column read a REQUANT's source "
+             f"from a map (this one: {config.rows}×{config.cols}, requant_lanes="
+             f"{config.requant_lanes}, requant_overlap={config.requant_overlap}); clear "
              f"the bit and bring the map into the accumulators with a MATMUL")
     elif op is Opcode.REQUANT and ins["to_acc"] and state.out_from_map:
         last = ins["acc_addr"] + int(state.out.offsets(ins["count"]).max())

@@ -155,7 +155,8 @@ DESCRIPTIONS: dict[Opcode, str] = {
         "and the activation words between output rows; with `from_map`, where a REQUANT "
         "`to_acc` reads instead: activation word `acc_addr` + (i div L)·`row_step` + "
         "(i mod L), each lane sign-extended, for source word i (NPUs generated with "
-        "requant_overlap on a square array). A start sets 0, 0, 0."),
+        "requant_overlap on a square array with a requantizer lane per column). A start "
+        "sets 0, 0, 0."),
 }
 
 _A16 = 16
@@ -246,7 +247,8 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
         Field("row_step", 24, _A16, doc="activation words from one output row to the next"),
         Field("from_map", 40, 1,
               doc="1: a REQUANT to_acc reads its source from the activation words along "
-                  "this walk (NPUs generated with requant_overlap on a square array); "
+                  "this walk (NPUs generated with requant_overlap on a square array with a "
+                  "requantizer lane per column); "
                   "other REQUANTs need it 0"),
     ),
 }

@@ -358,8 +358,12 @@ def test_requant_to_acc_from_a_map_equals_the_map_brought_in_by_a_matmul():
 @pytest.mark.parametrize("config, text, message", [
     (CONFIG, "SETOUT from_map=1\nHALT",
      r"from_map=1, but only NPUs generated with requant_overlap and feature_maps on a square "
-     r"array read a REQUANT's source from a map \(this one: 4×4, requant_overlap=False\)"),
-    (OVERLAP.replace(cols=8), "SETOUT from_map=1\nHALT", "this one: 4×8, requant_overlap=True"),
+     r"array with a requantizer lane per column read a REQUANT's source from a map \(this "
+     r"one: 4×4, requant_lanes=4, requant_overlap=False\)"),
+    (OVERLAP.replace(cols=8), "SETOUT from_map=1\nHALT",
+     "this one: 4×8, requant_lanes=4, requant_overlap=True"),
+    (OVERLAP.replace(requant_lanes=2), "SETOUT from_map=1\nHALT",
+     "this one: 4×4, requant_lanes=2, requant_overlap=True"),
     (OVERLAP, "SETOUT from_map=1\nREQUANT count=1\nHALT",
      "instruction 1 .*: SETOUT's from_map is 1, which only a REQUANT to_acc reads"),
     (OVERLAP, "SETOUT row_length=2 row_step=250 from_map=1\nREQUANT acc_addr=10 count=4 "

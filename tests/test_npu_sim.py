@@ -124,6 +124,9 @@ MAP_CONFIGS = {
     # One lane, so that each REQUANT takes eight cycles a word and runs (overlap) beside
     # the next tile's GEMM, the accumulator halves alternating.
     "4x8-overlap": NpuConfig(rows=4, cols=8, requant_lanes=1, requant_overlap=True, **MAPS),
+    # A lane per column on a square array: the add's inputs read from their maps
+    # (SETOUT from_map).
+    "4x4-from-map": NpuConfig(rows=4, cols=4, requant_lanes=4, requant_overlap=True, **MAPS),
 }
 def halo_words(fmap, words: np.ndarray) -> np.ndarray:
     """The halo words of ``fmap``'s tiles that hold channels, from its words."""
