@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .config import NpuConfig
-from .featuremap import FeatureMap
+from .featuremap import FeatureMap, stride_pair
 from .golden import CycleModel, GemmState, check_program, overlap_requants
 from .graph import Add, Conv, Dense, Model, Pool, output_shape
 from .isa import Instruction, Opcode, encode_program
@@ -162,6 +162,19 @@ def _halo(layer, zero_point: int) -> tuple[tuple[int, int, int, int], int]:
     return (0, 0, 0, 0), zero_point
 
 
+def _phase_mode_rows(layer, config: NpuConfig,
+                     pads: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """``pads`` with the top rows a 3×3 stride-2 depthwise layer's phase mode streams
+    above its first output row (``Lowering._phase_tiles``): its lead, 2·G − 3 rows and
+    three words, which meet zero weights but must be words of the memory."""
+    source = layer.source
+    if not (isinstance(source, Conv) and source.depthwise and config.line_buffer_depth
+            and tuple(source.kernel) == (3, 3) and stride_pair(source.stride) == (2, 2)):
+        return pads
+    top, left, bottom, right = pads
+    return top + 2 * config.depthwise_groups - 2, left, bottom, right
+
+
 def _requant(layer) -> Requant:
     return Requant(layer.bias, layer.multiplier, layer.shift, layer.output_zero_point,
                    layer.clamp_min, layer.clamp_max, int(layer.rounding.startswith("single")),
@@ -185,7 +198,9 @@ def _lower(lowering: Lowering, layer, maps: dict[str, FeatureMap],
     if isinstance(source, Conv) and source.depthwise:
         in_mode = lowering.depthwise(src, dst, layer.weight, requant, source.stride,
                                      source.pads)
-        kind = "depthwise (line buffers)" if in_mode else "depthwise"
+        kind = "depthwise" if not in_mode else (
+            "depthwise (line buffers, by phases)" if stride_pair(source.stride) == (2, 2)
+            else "depthwise (line buffers)")
         macs = dst.channels * dst.height * dst.width * layer.weight.shape[0] * \
             layer.weight.shape[1]
     elif isinstance(source, Conv):
@@ -297,6 +312,7 @@ def _allocate_maps(model: QuantizedModel, config: NpuConfig, batch: int,
         if index == 0 and input_im2col is not None:
             continue   # its input is prepared with the padding in it
         pads, fill = _halo(layer, quants[name].zero_point)
+        pads = _phase_mode_rows(layer, config, pads)
         old_pads, old_fill = halos[name]
         if any(pads) and any(old_pads) and old_fill != fill:
             raise DoesNotFit(f"tensor {name!r} is padded with {old_fill} for one consumer and "

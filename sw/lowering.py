@@ -93,15 +93,16 @@ class Rescale:
 
 
 def _chunk_words(src: FeatureMap, dst: FeatureMap, rows: int, reduce: bool, depthwise: bool,
-                 lead: int) -> tuple[int, int]:
+                 lead: int, pitch: int | None = None) -> tuple[int, int]:
     """Activation words a chunk of ``rows`` output rows streams, and accumulator words
     it writes: the whole input into one word (reduce), the depthwise mode's lead and
-    ``src.pitch`` words a row but the last (a word per output pixel), or a word per
-    output pixel."""
+    ``pitch`` words a row but the last (a word per output pixel; the stream's pitch,
+    ``src.pitch`` unless it walks a phase of the map), or a word per output pixel."""
     if reduce:
         return src.height * src.width, 1
-    if depthwise:   # the results of the rows' last src.pitch − dst.width words dropped
-        return lead + (rows - 1) * src.pitch + dst.width, rows * dst.width
+    if depthwise:   # the results of the rows' last pitch − dst.width words dropped
+        pitch = src.pitch if pitch is None else pitch
+        return lead + (rows - 1) * pitch + dst.width, rows * dst.width
     return rows * dst.width, rows * dst.width
 
 
@@ -188,6 +189,14 @@ class Lowering:
         windows hold fewer pixels). True when it runs in the array's depthwise mode."""
         kh, kw, channels = weight.shape
         self._check_maps(src, dst, channels, channels, (kh, kw), stride, pads)
+        if (self._phase_mode(dst, (kh, kw), stride) and not combine_max
+                and pixel_requants is None):
+            # Stride 2: the four phases of the map (even and odd rows and columns) as
+            # stride-1 windows of the depthwise mode, against the diagonal tiles.
+            return self._cheaper(
+                lambda low: low._emit(src, dst, low._phase_tiles(weight), requant, (kh, kw),
+                                      stride, pads, k_tiles=4, depthwise=True, phased=True),
+                lambda low: low._diagonal(src, dst, weight, requant, stride, pads)) == 0
         if (self._depthwise_mode(src, dst, (kh, kw), stride) and not combine_max
                 and pixel_requants is None):
             # The depthwise mode makes a column's nine products a cycle, but streams
@@ -263,6 +272,41 @@ class Lowering:
                 and 4 <= src.pitch <= self.config.line_buffer_depth
                 and src.pitch - dst.width <= _MAX_DROP)
 
+    def _phase_mode(self, dst: FeatureMap, kernel: tuple[int, int],
+                    stride: int | tuple[int, int]) -> bool:
+        """Whether a per-channel operator may run in the depthwise mode by phases: a 3×3
+        kernel, stride 2, on an NPU with line buffers that hold a phase row (the output
+        width + 2 words)."""
+        return (bool(self.config.line_buffer_depth) and kernel == (3, 3)
+                and stride_pair(stride) == (2, 2)
+                and 4 <= dst.width + 2 <= self.config.line_buffer_depth)
+
+    def _phase_tiles(self, weight: np.ndarray) -> list[_OutTile]:
+        """The phase mode's weight tiles: per channel tile (lane c is channel t·rows + c),
+        one K tile per phase of the map, K tile k for the rows of parity py = 1 − k div 2
+        and the columns of parity px = 1 − k mod 2 (SETKERN 2×2: its stream starts
+        (1 − py) rows and 1 − px columns after phase (1, 1)'s). Row 3g + j holds the tap
+        of kernel row 2(amax − g) + py and column 2(bmax − j) + px, amax = 1 − py and
+        bmax = 1 − px the phase's last tap (row and column of the phase), where those are
+        0 or more; the stride-1 window of the phase ends at that tap."""
+        c = self.config
+        channels = weight.shape[2]
+        tiles = []
+        for tile in range(ceil_div(channels, c.rows)):
+            stacked = np.zeros((4, c.rows, c.cols), dtype=np.int64)
+            lanes = min(c.cols, channels - tile * c.rows)
+            for k in range(4):
+                py, px = 1 - k // 2, 1 - k % 2
+                for g in range(c.depthwise_groups):
+                    for j in range(3):
+                        a, b = (1 - py) - g, (1 - px) - j
+                        if a >= 0 and b >= 0:
+                            stacked[k, 3 * g + j, :lanes] = weight[
+                                2 * a + py, 2 * b + px, tile * c.rows:tile * c.rows + lanes]
+            tiles.append(_OutTile(stacked.reshape(-1, c.cols),
+                                  tile * c.rows + np.arange(c.cols), tile, tile * c.rows))
+        return tiles
+
     def _depthwise_passes(self) -> int:
         """MATMULs (K tiles) a 3×3 kernel takes in the depthwise mode: G kernel rows
         each, the last pass's window ending at the kernel's last row."""
@@ -310,8 +354,54 @@ class Lowering:
                     diagonal[first + col, col] = weight
                 tiles.append(_OutTile(diagonal, tile * c.rows + first + np.arange(c.cols),
                                       tile, tile * c.rows + first))
-        self._emit(src, dst, tiles, requant, (1, 1), 1, (0, 0, 0, 0), k_tiles=1,
-                   reduce=True)
+        channels_of = [tile.channels[tile.channels < channels] for tile in tiles]
+        # Where a tile's few pixels stream faster than its weight load (GEMM's K-tile
+        # bound, docs/ARCHITECTURE.md), one load for every tile.
+        load_bound = src.height * src.width < 2 * c.rows + c.cols + 2
+        shared = load_bound and c.rows == c.cols and len(tiles) <= c.accumulator_depth and all(
+            np.array_equal(requant.lanes(own), requant.lanes(channels_of[0][:len(own)]))
+            for own in channels_of)
+        if not shared:
+            self._emit(src, dst, tiles, requant, (1, 1), 1, (0, 0, 0, 0), k_tiles=1,
+                       reduce=True)
+            return
+        self._cheaper(
+            lambda low: low._emit(src, dst, tiles, requant, (1, 1), 1, (0, 0, 0, 0),
+                                  k_tiles=1, reduce=True),
+            lambda low: low._global_sums_one_requant(src, dst, tiles, requant))
+
+    def _global_sums_one_requant(self, src: FeatureMap, dst: FeatureMap,
+                                 tiles: list[_OutTile], requant: Requant) -> None:
+        """:meth:`global_sum` where every channel tile has the same parameters (a pooling's
+        are per tensor) on a square array: the diagonal tile loaded once, a reduce MATMUL
+        per channel tile into accumulator word t back to back, one REQUANT for them all.
+        Small maps (VWW's 3×3) then do not wait for a weight load per tile."""
+        c = self.config
+        groups = c.cols // c.requant_lanes
+        identity_at = self._store_weights(tiles[0].weights)
+        params_at = self._store_params(requant.lanes(tiles[0].channels).reshape(
+            groups, c.requant_lanes, 3))
+        ins = self.instructions
+        ins.append(Instruction(Opcode.SETWIN, {
+            "row_length": src.width, "row_step": src.pitch, "col_step": 1, "reduce": 1}))
+        ins.append(Instruction(Opcode.LOADW, {"bank": self.bank, "weight_addr": identity_at}))
+        self.flush_fills()
+        for index, tile in enumerate(tiles):
+            ins.append(Instruction(Opcode.MATMUL, {
+                "bank": self.bank, "act_addr": src.word(tile.src_tile, 0, 0),
+                "acc_addr": index, "count": src.height * src.width}))
+        self.bank ^= 1
+        ins += [
+            Instruction(Opcode.SETPP, {"zero_point": requant.zero_point,
+                                       "clamp_min": requant.clamp_min,
+                                       "clamp_max": requant.clamp_max}),
+            Instruction(Opcode.SETOUT, {"row_length": 1, "row_step": dst.tile_words}),
+            Instruction(Opcode.SETREQ, {"param_addr": params_at,
+                                        "out_stride": dst.tile_words}),
+            Instruction(Opcode.REQUANT, {
+                "acc_addr": 0, "count": len(tiles), "out_addr": dst.word(0, 0, 0),
+                "single_rounding": requant.single_rounding,
+                "ties_to_even": requant.ties_to_even})]
 
     def add(self, first: FeatureMap, second: FeatureMap, dst: FeatureMap,
             first_scale: Rescale, second_scale: Rescale, requant: Requant) -> None:
@@ -634,7 +724,7 @@ class Lowering:
     def _emit(self, src: FeatureMap, dst: FeatureMap, tiles: list[_OutTile],
               requant: Requant, kernel: tuple[int, int], stride: int | tuple[int, int],
               pads: tuple[int, int, int, int], *, k_tiles: int, combine_max: bool = False,
-              reduce: bool = False, depthwise: bool = False,
+              reduce: bool = False, depthwise: bool = False, phased: bool = False,
               pixel_requants: tuple[np.ndarray, dict[int, Requant]] | None = None) -> None:
         """Every output tile, chunk by chunk of output rows. ``depthwise``: the tiles are
         the depthwise mode's (:meth:`_depthwise_mode_tiles`), each chunk one stream over
@@ -677,14 +767,39 @@ class Lowering:
         overlapped = c.requant_overlap and keys is None and words_per_row <= capacity // 2
         if not overlapped:
             ins.append(requant_settings[0])
-        if depthwise:   # a pass per K tile, its window a kernel row lower
+        # The depthwise mode streams rows of `pitch` words: the map's, or by phases (stride
+        # 2) every other word of every other row, a row of the output width + 2 words
+        # (_phase_tiles).
+        pitch = out_w + 2 if phased else src.pitch
+        groups_g = c.depthwise_groups
+
+        def origin(src_tile: int, y0: int) -> int:
+            """Activation word of the first K tile's stream of the chunk from output row
+            y0: phase (1, 1)'s, G − 1 phase rows above the first output's and two phase
+            columns left of it (the window's lead; those words meet zero weights)."""
+            if not phased:
+                return src.word(src_tile, y0 * step_y - top, -left)
+            addr = src.word(src_tile, 2 * y0 + 3 - 2 * groups_g - top, -3 - left)
+            if addr < 0:
+                raise DoesNotFit(f"the phase mode's stream would start at activation word "
+                                 f"{addr}")
+            return addr
+
+        if depthwise and phased:   # K tile k: phase (1 − k div 2, 1 − k mod 2)
+            ins.append(Instruction(Opcode.SETKERN, {
+                "kernel_w": 2, "kernel_h": 2, "kernel_row_step": src.pitch}))
+        elif depthwise:   # a pass per K tile, its window a kernel row lower
             ins.append(Instruction(Opcode.SETKERN, {
                 "kernel_w": 1, "kernel_h": k_tiles, "kernel_row_step": src.pitch}))
         else:
             ins.append(Instruction(Opcode.SETKERN, {
                 "kernel_w": 1 if reduce else kw, "kernel_h": 1 if reduce else kh,
                 "kernel_row_step": src.pitch}))
-        if depthwise:
+        if depthwise and phased:
+            ins.append(Instruction(Opcode.SETWIN, {
+                "row_length": pitch, "row_step": 2 * src.pitch, "col_step": 2,
+                "depthwise": 1, "pitch": pitch, "drop": pitch - out_w}))
+        elif depthwise:
             ins.append(Instruction(Opcode.SETWIN, {
                 "row_length": 0, "row_step": 0, "col_step": 1, "depthwise": 1,
                 "pitch": src.pitch, "drop": src.pitch - out_w}))
@@ -694,27 +809,27 @@ class Lowering:
         else:
             ins.append(Instruction(Opcode.SETWIN, {
                 "row_length": out_w, "row_step": step_y * src.pitch, "col_step": step_x}))
-        lead = depthwise_lead(c, src.pitch) if depthwise else 0
+        lead = depthwise_lead(c, pitch) if depthwise else 0
         if overlapped:
             # A convolution's K tiles walk the taps of each input-channel tile in turn.
             taps = 1 if reduce else kh * kw
             split = k_tiles - taps if not depthwise and k_tiles > taps else 0
             self._emit_overlapped(src, dst, tiles, requant, weight_at, param_at,
-                                  stride=(step_y, step_x), top=top, left=left,
                                   k_tiles=k_tiles, combine_max=combine_max, reduce=reduce,
-                                  lead=lead, settings=requant_settings, split=split)
+                                  lead=lead, settings=requant_settings, split=split,
+                                  origin=origin, pitch=pitch)
             return
         ins.append(requant_settings[1])
         self.flush_fills()   # beside the first GEMM
         for y0 in range(0, out_h, chunk_rows):
             rows_here = min(chunk_rows, out_h - y0)
-            count, acc_words = _chunk_words(src, dst, rows_here, reduce, depthwise, lead)
+            count, acc_words = _chunk_words(src, dst, rows_here, reduce, depthwise, lead,
+                                            pitch)
             for first in range(0, len(tiles), per_block):
                 block = range(first, min(first + per_block, len(tiles)))
                 for slot, index in enumerate(block):
                     self._tile_gemm(src, weight_at[index], k_tiles, combine_max,
-                                    src.word(tiles[index].src_tile, y0 * step_y - top, -left),
-                                    slot * acc_words, count)
+                                    origin(tiles[index].src_tile, y0), slot * acc_words, count)
                 for slot, index in enumerate(block):
                     tile = tiles[index]
                     out_tile, lane = tile.dst_channel // c.rows, tile.dst_channel % c.rows
@@ -744,9 +859,10 @@ class Lowering:
 
     def _emit_overlapped(self, src: FeatureMap, dst: FeatureMap, tiles: list[_OutTile],
                          requant: Requant, weight_at: list[int], param_at: list[int], *,
-                         stride: tuple[int, int], top: int, left: int, k_tiles: int,
+                         k_tiles: int,
                          combine_max: bool, reduce: bool, lead: int,
-                         settings: list[Instruction], split: int) -> None:
+                         settings: list[Instruction], split: int,
+                         origin, pitch: int) -> None:
         """The steps of :meth:`_emit` for an NPU with ``requant_overlap``: one output tile
         and chunk of rows at a time, in alternate halves of the accumulators, each tile's
         REQUANT running (``overlap``) beside the next one's GEMM.
@@ -754,9 +870,10 @@ class Lowering:
         The layer's requantizer ``settings`` (SETPP, SETOUT) wait for the last layer's
         REQUANT, so they come after the first GEMM's first ``split`` K tiles (all of them
         if 0), which then may stream beside it: its last input-channel tile is the one
-        the last layer writes last (``overlap_requants`` sets the bit where they may)."""
+        the last layer writes last (``overlap_requants`` sets the bit where they may).
+        ``origin(src_tile, y0)``: the first K tile's activation word for the chunk from
+        output row y0; ``pitch``: the depthwise mode's stream pitch."""
         c = self.config
-        step_y, step_x = stride
         half = c.accumulator_depth // 2
         chunk_rows = 1 if reduce else min(dst.height, half // dst.width)
         items = [(y0, index) for y0 in range(0, dst.height, chunk_rows)
@@ -766,11 +883,11 @@ class Lowering:
         def counts(y0: int) -> tuple[int, int]:
             """Activation words streamed and accumulator words written by a chunk."""
             return _chunk_words(src, dst, min(chunk_rows, dst.height - y0), reduce,
-                                bool(lead), lead)
+                                bool(lead), lead, pitch)
 
         def gemm(k: int) -> None:
             y0, index = items[k]
-            act_addr = src.word(tiles[index].src_tile, y0 * step_y - top, -left)
+            act_addr = origin(tiles[index].src_tile, y0)
             if k > 0 or not split:
                 self._tile_gemm(src, weight_at[index], k_tiles, combine_max, act_addr,
                                 (k % 2) * half, counts(y0)[0])

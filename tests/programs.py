@@ -281,6 +281,8 @@ def feature_map_job(config: NpuConfig, rng: np.random.Generator, kind: str):
     clamp = (-128, 127) if rng.random() < 0.5 else (zero_point, 127)
     if kind == "maxpool":  # values pass through: identity scale, no bias
         bias[:], multiplier[:], shift[:] = 0, (1 << 31) - 1, 0
+    if kind == "globalpool" and rng.random() < 0.5:   # per tensor, as a pooling's are
+        bias[:], multiplier[:], shift[:] = bias[0], multiplier[0], shift[0]
     requant = Requant(bias, multiplier, shift, zero_point, *clamp)
     lowering = Lowering(config)
     lowering.fill_halo(dst)   # FILLs, beside the operator's GEMMs
@@ -310,25 +312,32 @@ def feature_map_job(config: NpuConfig, rng: np.random.Generator, kind: str):
     return _map_job(config, rng, lowering, [(src, x)], dst), expected, dst
 
 
-def depthwise_mode_job(config: NpuConfig, rng: np.random.Generator, *, out_halo: bool):
-    """A random 3×3 stride-1 depthwise convolution that runs in the array's depthwise
-    mode (line buffers), with the expected output computed directly: (job, expected,
-    output map). Input halos up to one word wider than the pads (the results' extra words
-    per row), output maps with a halo (a REQUANT per row) or none (one per chunk)."""
+def depthwise_mode_job(config: NpuConfig, rng: np.random.Generator, *, out_halo: bool,
+                       stride: int = 1):
+    """A random 3×3 depthwise convolution that runs in the array's depthwise mode (line
+    buffers; with ``stride`` 2 by phases of the map), with the expected output computed
+    directly: (job, expected, output map). Input halos up to one word wider than the pads
+    (the results' extra words per row; with stride 2 the phase mode's rows above, as the
+    compiler gives them), output maps with a halo (a REQUANT per row) or none (one per
+    chunk)."""
     from npugen.arith import requantize
-    from npugen.featuremap import FeatureMap
+    from npugen.featuremap import FeatureMap, conv_output_size
     from npugen.lowering import Lowering, Requant
 
     channels = int(rng.choice([1, config.rows - 1, config.rows + 1, 2 * config.rows + 2]))
-    height, width = int(rng.integers(3, 9)), int(rng.integers(4, 9))
-    pads = (1, 1, 1, 1) if rng.random() < 0.7 else (0, 0, 0, 0)
+    low = 3 if stride == 1 else 6
+    height, width = int(rng.integers(low, 9 + low)), int(rng.integers(low + 1, 9 + low))
+    choices = [(1, 1, 1, 1), (0, 0, 0, 0)] + ([(0, 0, 1, 1)] if stride == 2 else [])
+    pads = choices[int(rng.integers(0, len(choices)))] if rng.random() < 0.7 else (0, 0, 0, 0)
     halo = tuple(p + int(rng.integers(0, 2)) for p in pads)
+    if stride == 2:
+        halo = (halo[0] + 2 * config.depthwise_groups - 2, *halo[1:])
     fill = int(rng.integers(-128, 128))
     src = FeatureMap(0, channels, height, width, config.rows, config.cols, halo=halo,
                      fill=fill)
-    dst = FeatureMap(src.end, channels, height + pads[0] + pads[2] - 2,
-                     width + pads[1] + pads[3] - 2, config.rows, config.cols,
-                     halo=(1, 1, 1, 1) if out_halo else (0, 0, 0, 0),
+    dst = FeatureMap(src.end, channels, conv_output_size(height, 3, stride, pads[0], pads[2]),
+                     conv_output_size(width, 3, stride, pads[1], pads[3]), config.rows,
+                     config.cols, halo=(1, 1, 1, 1) if out_halo else (0, 0, 0, 0),
                      fill=int(rng.integers(-128, 128)))
     x = rng.integers(-128, 128, (channels, height, width))
     weight = rng.integers(-128, 128, (3, 3, channels))
@@ -337,12 +346,12 @@ def depthwise_mode_job(config: NpuConfig, rng: np.random.Generator, *, out_halo:
                       rng.integers(0, 10, channels), int(rng.integers(-20, 20)))
     lowering = Lowering(config)
     lowering.fill_halo(dst)
-    lowering.depthwise(src, dst, weight, requant, 1, pads)
+    assert lowering.depthwise(src, dst, weight, requant, stride, pads)
     assert any(ins.opcode is Opcode.SETWIN and ins["depthwise"] for ins in lowering.instructions)
     full = np.zeros((3, 3, channels, channels), dtype=np.int64)
     for channel in range(channels):
         full[:, :, channel, channel] = weight[:, :, channel]
-    acc = reference_conv(x, full, 1, pads, fill)
+    acc = reference_conv(x, full, stride, pads, fill)
     expected = requantize(acc.transpose(1, 2, 0), requant.bias, requant.multiplier,
                           requant.shift, requant.zero_point, -128, 127,
                           accumulator_width=config.accumulator_width,

@@ -374,3 +374,24 @@ def test_requant_from_a_map_is_refused_where_the_npu_cannot_run_it(config, text,
         check_program(config, assemble(text))
     # A start clears it: SETOUT's defaults.
     check_program(OVERLAP, assemble("SETOUT from_map=1\nSETOUT\nREQUANT count=1\nHALT"))
+
+
+@pytest.mark.parametrize("config", [
+    DEPTHWISE.replace(activation_depth=2048, weight_depth=2048, accumulator_depth=256,
+                      instruction_depth=1024, param_depth=256, requant_overlap=overlap,
+                      rows=rows, cols=rows, requant_lanes=lanes, line_buffer_depth=16)
+    for rows, lanes, overlap in ((8, 8, True), (6, 2, False), (9, 3, True))],
+    ids=["8x8-overlap", "6x6", "9x9-overlap"])
+def test_stride_two_depthwise_by_phases_equals_a_direct_convolution(config):
+    """A 3×3 stride-2 depthwise layer in the depthwise mode by phases (four strided walks
+    of the map, Lowering._phase_tiles), random shapes, pads and halos: the golden model
+    runs the program and equals the convolution computed directly (test_npu_sim.py runs
+    some on the RTL)."""
+    from programs import depthwise_mode_job
+
+    from npugen.job import run_golden
+
+    for seed in range(12):
+        job, expected, dst = depthwise_mode_job(config, np.random.default_rng(seed),
+                                                out_halo=bool(seed % 2), stride=2)
+        assert np.array_equal(dst.unpack(run_golden(job).outputs["output"]), expected), seed

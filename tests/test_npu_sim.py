@@ -164,13 +164,16 @@ def test_feature_map_operators_match_golden(name, simulator):
 @pytest.mark.parametrize("name", DEPTHWISE_CONFIGS)
 def test_depthwise_mode_matches_golden(name, simulator):
     """3×3 depthwise convolutions in the depthwise mode (kernel taps in the rows, line
-    buffers between the row groups): the RTL equals the golden model (outputs, halos,
-    counters), which equals a direct convolution; feature_map_operators' operators still
-    run beside them on the same NPU."""
+    buffers between the row groups), stride 1 and stride 2 (by phases: four strided
+    walks of the map): the RTL equals the golden model (outputs, halos, counters), which
+    equals a direct convolution; feature_map_operators' operators still run beside them
+    on the same NPU."""
     config = DEPTHWISE_CONFIGS[name]
     rng = np.random.default_rng(sum(map(ord, name)))
     cases = [("depthwise-mode", *depthwise_mode_job(config, rng, out_halo=bool(i % 2)))
              for i in range(6)]
+    cases += [("depthwise-phases", *depthwise_mode_job(config, rng, out_halo=bool(i % 2),
+                                                       stride=2)) for i in range(4)]
     assert_maps_match(cases + [(kind, *feature_map_job(config, rng, kind))
                                for kind in MAP_KINDS], simulator)
 
