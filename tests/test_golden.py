@@ -387,9 +387,8 @@ def test_stride_two_depthwise_by_phases_equals_a_direct_convolution(config):
     of the map, Lowering._phase_tiles), random shapes, pads and halos: the golden model
     runs the program and equals the convolution computed directly (test_npu_sim.py runs
     some on the RTL)."""
-    from programs import depthwise_mode_job
-
     from npugen.job import run_golden
+    from programs import depthwise_mode_job
 
     for seed in range(12):
         job, expected, dst = depthwise_mode_job(config, np.random.default_rng(seed),
