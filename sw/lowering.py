@@ -424,14 +424,8 @@ class Lowering:
                              f"words, accumulator_depth is {c.accumulator_depth}")
         chunk_rows = min(height, c.accumulator_depth // (2 * width))
 
-        def constant_params(bias: int, multiplier: int, shift: int) -> int:
-            lanes = np.tile([bias, multiplier, shift], (c.cols, 1)).astype(np.int64)
-            return self._store_params(lanes.reshape(groups, c.requant_lanes, 3))
-
-        inputs = [(first, constant_params(-first_scale.zero_point, first_scale.multiplier,
-                                          first_scale.shift)),
-                  (second, constant_params(-second_scale.zero_point, second_scale.multiplier,
-                                           second_scale.shift))]
+        inputs = [(first, self._rescale_params(first_scale)),
+                  (second, self._rescale_params(second_scale))]
         identity_at, sum_params = {}, {}
         ins = self.instructions
         ins.append(Instruction(Opcode.SETKERN, {"kernel_w": 1, "kernel_h": 1,
@@ -478,17 +472,33 @@ class Lowering:
                     "accumulate": which, "left_shift": 1,
                     "single_rounding": requant.single_rounding,
                     "ties_to_even": requant.ties_to_even}))
-            ins.append(Instruction(Opcode.SETPP, {
-                "zero_point": requant.zero_point, "clamp_min": requant.clamp_min,
-                "clamp_max": requant.clamp_max}))
-            ins.append(Instruction(Opcode.SETOUT, {"row_length": width,
-                                                   "row_step": dst.pitch}))
-            ins.append(Instruction(Opcode.SETREQ, {
-                "param_addr": sum_params[tile, lane], "out_stride": dst.tile_words}))
-            ins.append(Instruction(Opcode.REQUANT, {
-                "acc_addr": count, "count": count, "out_addr": dst.word(tile, y0, 0),
+            self._add_sum_out(requant, dst, sum_params[tile, lane], count, count, tile, y0,
+                              lane)
+
+    def _add_sum_out(self, requant: Requant, dst: FeatureMap, params_at: int, acc_addr: int,
+                     count: int, tile: int, y0: int, lane: int = 0) -> None:
+        """An add's last pass: the sums in ``count`` accumulator words from ``acc_addr``
+        requantized into ``dst``'s rows from ``y0`` on, channel tile ``tile``."""
+        self.instructions += [
+            Instruction(Opcode.SETPP, {"zero_point": requant.zero_point,
+                                       "clamp_min": requant.clamp_min,
+                                       "clamp_max": requant.clamp_max}),
+            Instruction(Opcode.SETOUT, {"row_length": dst.width, "row_step": dst.pitch}),
+            Instruction(Opcode.SETREQ, {"param_addr": params_at,
+                                        "out_stride": dst.tile_words}),
+            Instruction(Opcode.REQUANT, {
+                "acc_addr": acc_addr, "count": count, "out_addr": dst.word(tile, y0, 0),
                 "out_lane": lane, "single_rounding": requant.single_rounding,
-                "ties_to_even": requant.ties_to_even}))
+                "ties_to_even": requant.ties_to_even})]
+
+    def _rescale_params(self, scale: Rescale) -> int:
+        """Parameter words of an add input's rescale: −zero point, multiplier and shift
+        in every lane."""
+        c = self.config
+        lanes = np.tile([-scale.zero_point, scale.multiplier, scale.shift],
+                        (c.cols, 1)).astype(np.int64)
+        return self._store_params(lanes.reshape(c.cols // c.requant_lanes,
+                                                c.requant_lanes, 3))
 
     def _add_from_maps(self, first: FeatureMap, second: FeatureMap, dst: FeatureMap,
                        first_scale: Rescale, second_scale: Rescale, requant: Requant) -> None:
@@ -506,13 +516,8 @@ class Lowering:
         # last REQUANT (the compiler's overlap_requants).
         chunk_rows = min(height, max(1, c.accumulator_depth // (2 * width)))
 
-        def constant_params(scale: Rescale) -> int:
-            lanes = np.tile([-scale.zero_point, scale.multiplier, scale.shift],
-                            (c.cols, 1)).astype(np.int64)
-            return self._store_params(lanes.reshape(groups, c.requant_lanes, 3))
-
-        inputs = [(first, constant_params(first_scale)),
-                  (second, constant_params(second_scale))]
+        inputs = [(first, self._rescale_params(first_scale)),
+                  (second, self._rescale_params(second_scale))]
         ins = self.instructions
         self.flush_fills()   # the output's halo
         for tile in range(ceil_div(channels, c.rows)):
@@ -532,17 +537,7 @@ class Lowering:
                         "to_acc": 1, "accumulate": which, "left_shift": 1,
                         "single_rounding": requant.single_rounding,
                         "ties_to_even": requant.ties_to_even}))
-                ins.append(Instruction(Opcode.SETPP, {
-                    "zero_point": requant.zero_point, "clamp_min": requant.clamp_min,
-                    "clamp_max": requant.clamp_max}))
-                ins.append(Instruction(Opcode.SETOUT, {"row_length": width,
-                                                       "row_step": dst.pitch}))
-                ins.append(Instruction(Opcode.SETREQ, {
-                    "param_addr": sum_params, "out_stride": dst.tile_words}))
-                ins.append(Instruction(Opcode.REQUANT, {
-                    "acc_addr": 0, "count": count, "out_addr": dst.word(tile, y0, 0),
-                    "single_rounding": requant.single_rounding,
-                    "ties_to_even": requant.ties_to_even}))
+                self._add_sum_out(requant, dst, sum_params, 0, count, tile, y0)
 
     def fill_halo(self, fmap: FeatureMap) -> None:
         """Write ``fmap``'s halo (its padding value) around the pixels of every channel
