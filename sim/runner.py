@@ -354,11 +354,19 @@ class RtlTarget(Target):
 
     def execute_many(self, jobs: Sequence[Job]) -> Iterator[JobResult]:
         """Run ``jobs`` in order, a few in each simulation (at most :attr:`SIMULATIONS`
-        of them); yield each simulation's results as it ends."""
-        jobs = list(jobs)
-        step = max(1, -(-len(jobs) // self.SIMULATIONS))
-        for start in range(0, len(jobs), step):
-            yield from self._simulate(jobs[start:start + step])
+        of them, a job that follows another in the same one); yield each simulation's
+        results as it ends."""
+        # A job that follows the one before it (a stage of a program in stages) stays in
+        # its simulation: the activations it reads are that simulation's.
+        runs: list[list[Job]] = []
+        for job in jobs:
+            if job.follows and runs:
+                runs[-1].append(job)
+            else:
+                runs.append([job])
+        step = max(1, -(-len(runs) // self.SIMULATIONS))
+        for start in range(0, len(runs), step):
+            yield from self._simulate([job for run in runs[start:start + step] for job in run])
 
     def _simulate(self, jobs: list[Job]) -> list[JobResult]:
         for job in jobs:

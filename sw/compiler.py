@@ -17,12 +17,16 @@ the memories checked, the cycles counted by the cycle model.
   feature-map hardware run), followed by REQUANT of each output tile into the next
   layer's map. Any other model runs one image a run.
 
-Accumulators are reused by every layer; weights and parameters stay resident.
+Accumulators are reused by every layer; weights and parameters stay resident. A model
+whose instructions, weights or parameters the NPU cannot hold at once runs in *stages*:
+runs of consecutive layers that it can, each an NPU run after the host writes its image,
+the activations kept on the NPU between them (``Program.stages``).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import copy
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -427,57 +431,26 @@ def _compile(model: QuantizedModel, config: NpuConfig, batch: int,
     if max(fmap.end for fmap in maps.values()) > 1 << 16:
         # Past what the instructions address: there is no program to count the rest in.
         raise DoesNotFit(prefix + "; ".join(problems + _overflows(config, accumulators)))
-    lowering = Lowering(config, check_depths=False)
-    layers, starts = [], []
     try:
-        for index, layer in enumerate(model.layers):
-            starts.append(len(lowering.instructions))
-            lowering.fill_halo(maps[layer.name])
-            layers.append(_lower(lowering, layer, maps,
-                                 input_im2col=index == 0 and input_im2col is not None))
+        stages, layers = _lower_stages(model, config, maps, input_im2col)
     except DoesNotFit as error:   # an operator that no memory of this NPU can hold
         raise DoesNotFit(prefix + "; ".join(
             problems + _overflows(config, accumulators) + [str(error)])) from None
-    lowering.flush_fills()
-    instructions = lowering.instructions + [Instruction(Opcode.HALT)]
-    problems += _overflows(config, [
-        ("weights", lowering.weight_end, "weight_depth"), *accumulators,
-        ("parameters", lowering.param_end, "param_depth"),
-        ("instructions", len(instructions), "instruction_depth")])
+    problems += _overflows(config, accumulators)
+    for stage in stages:
+        problems += stage.overflows(config, model)
     if problems:
         raise DoesNotFit(prefix + "; ".join(problems))
-    instructions = overlap_requants(config, instructions)
-    check_program(config, instructions)
-    # Per-layer cycles from the cycle model (which the RTL's counters equal): from the
-    # cycle a layer's first MATMUL dispatches to the next layer's, when the array turns
-    # from one layer's rows to the next's. A layer's last REQUANT, which may run beside
-    # the next layer's first rows (requant_overlap), so counts in the next layer's time;
-    # every MAC of a layer falls within its own.
-    timing, state = CycleModel(config), GemmState(config.rows)
-    layer_of = np.searchsorted(starts, np.arange(len(instructions)), side="right") - 1
-    first_dispatch: dict[int, int] = {}
-    first_matmul: dict[int, int] = {}
-    for index, instruction in enumerate(instructions):
-        for step in state.expand(instruction):
-            timing.dispatch(step)
-            first_dispatch.setdefault(int(layer_of[index]), timing.next_cycle - 1)
-            if step.opcode is Opcode.MATMUL:
-                first_matmul.setdefault(int(layer_of[index]), timing.next_cycle - 1)
-    # The first layer also counts the run's start (the first instruction's fetch).
-    bounds = [0]
-    for layer in range(1, len(starts)):
-        bounds.append(max(bounds[-1], first_matmul.get(layer, first_dispatch[layer])))
-    bounds.append(timing.counters.cycles)
-    for row, start, end in zip(layers, bounds, bounds[1:], strict=False):
-        row["cycles"] = end - start
-        # Pooling does no MACs; its utilization counts one operation per window element.
-        # A row's ops are one inference's, its cycles a run's (a dense chain's batch).
-        row["utilization"] = round(row["ops"] * batch / (config.macs_per_cycle
-                                                         * (end - start)), 4)
+    cycles = 0
+    for stage in stages:
+        stage.finish(config)
+        cycles += stage.time(config, layers, batch)
     layers[0]["input"] = list(_map_shape(model.input_shape))   # before any im2col
-    segments = [(Region.INSTRUCTIONS, 0, encode_program(instructions)),
-                (Region.WEIGHTS, 0, lowering.weights()),
-                (Region.PARAMS, 0, lowering.params())]
+    images = [stage.image() for stage in stages]
+    if len(stages) > 1:
+        for number, stage in enumerate(stages):
+            for index in stage.layers:
+                layers[index]["stage"] = number
     # Halos (and the spare lanes) start out as their fill; runs only write pixels.
     source = _io(model)
     first, last = maps["input"], maps[model.layers[-1].name]
@@ -489,7 +462,8 @@ def _compile(model: QuantizedModel, config: NpuConfig, batch: int,
                               model.output_quant.scale, model.output_quant.zero_point,
                               dtype=source.output_dtype)
         layers = [{**_vector_row(config, layer), "kind": row["kind"],
-                   "cycles": row["cycles"], "utilization": row["utilization"]}
+                   "cycles": row["cycles"], "utilization": row["utilization"],
+                   **({"stage": row["stage"]} if "stage" in row else {})}
                   for layer, row in zip(model.layers, layers, strict=True)]
     else:
         inputs = _map_layout(first, model.input_shape, model.input_quant,
@@ -497,10 +471,113 @@ def _compile(model: QuantizedModel, config: NpuConfig, batch: int,
         output = _map_layout(last, model.output_shape, model.output_quant,
                              source.output_layout, source.output_dtype)
     return Program(
-        config=config, batch=batch, segments=segments, input=inputs, output=output,
-        layers=layers, estimated_cycles=timing.counters.cycles,
-        instruction_count=len(instructions), framework=source.framework,
-        host_ops=source.host_ops)
+        config=config, batch=batch, segments=images[0], input=inputs, output=output,
+        layers=layers, estimated_cycles=cycles,
+        instruction_count=sum(len(stage.instructions) for stage in stages),
+        framework=source.framework, host_ops=source.host_ops,
+        stages=images if len(images) > 1 else [])
+
+
+@dataclass
+class _Stage:
+    """Consecutive layers whose instructions, weights and parameters the NPU holds at
+    once: one run of the NPU, after the host writes its image (a program in stages)."""
+
+    lowering: Lowering
+    layers: list[int] = field(default_factory=list)   # indices into the model's layers
+    starts: list[int] = field(default_factory=list)   # where each begins, in instructions
+    instructions: list[Instruction] = field(default_factory=list)   # after finish()
+
+    def lower(self, model: QuantizedModel, index: int, maps: dict[str, FeatureMap],
+              input_im2col: bool) -> dict:
+        """Emit layer ``index`` at the end of the stage; its row of the layer table."""
+        layer = model.layers[index]
+        self.layers.append(index)
+        self.starts.append(len(self.lowering.instructions))
+        self.lowering.fill_halo(maps[layer.name])
+        return _lower(self.lowering, layer, maps, input_im2col=input_im2col)
+
+    def needs(self) -> list[tuple[str, int, str]]:
+        """(what, words, depth field) of each memory the stage fills."""
+        return [("weights", self.lowering.weight_end, "weight_depth"),
+                ("parameters", self.lowering.param_end, "param_depth"),
+                ("instructions", self.lowering.instructions_at_end() + 1, "instruction_depth")]
+
+    def overflows(self, config: NpuConfig, model: QuantizedModel) -> list[str]:
+        """What the stage needs beyond the memories: a layer too large for a stage of its
+        own (the memories of one run) names itself."""
+        if len(self.layers) > 1:
+            return _overflows(config, self.needs())
+        alone = f" for layer {model.layers[self.layers[0]].name!r} alone"
+        return [f"{what} need {used} words{alone}, {name} is {getattr(config, name)}"
+                for what, used, name in self.needs() if used > getattr(config, name)]
+
+    def finish(self, config: NpuConfig) -> None:
+        """End the stage: pending FILLs, HALT, the REQUANTs' overlap, checked."""
+        self.lowering.flush_fills()
+        instructions = self.lowering.instructions + [Instruction(Opcode.HALT)]
+        self.instructions = overlap_requants(config, instructions)
+        check_program(config, self.instructions)
+
+    def time(self, config: NpuConfig, layers: list[dict], batch: int) -> int:
+        """The stage's cycles (one run) from the cycle model (which the RTL's counters
+        equal), written into its layers' rows: from the cycle a layer's first MATMUL
+        dispatches to the next layer's, when the array turns from one layer's rows to the
+        next's. A layer's last REQUANT, which may run beside the next layer's first rows
+        (requant_overlap), so counts in the next layer's time; every MAC of a layer falls
+        within its own. The first layer also counts the run's start."""
+        timing, state = CycleModel(config), GemmState(config.rows)
+        layer_of = np.searchsorted(self.starts, np.arange(len(self.instructions)),
+                                   side="right") - 1
+        first_dispatch: dict[int, int] = {}
+        first_matmul: dict[int, int] = {}
+        for index, instruction in enumerate(self.instructions):
+            for step in state.expand(instruction):
+                timing.dispatch(step)
+                first_dispatch.setdefault(int(layer_of[index]), timing.next_cycle - 1)
+                if step.opcode is Opcode.MATMUL:
+                    first_matmul.setdefault(int(layer_of[index]), timing.next_cycle - 1)
+        bounds = [0]
+        for local in range(1, len(self.starts)):
+            bounds.append(max(bounds[-1], first_matmul.get(local, first_dispatch[local])))
+        bounds.append(timing.counters.cycles)
+        for index, start, end in zip(self.layers, bounds, bounds[1:], strict=False):
+            row = layers[index]
+            row["cycles"] = end - start
+            # Pooling does no MACs; its utilization counts one operation per window
+            # element. A row's ops are one inference's, its cycles a run's (a dense
+            # chain's batch).
+            row["utilization"] = round(row["ops"] * batch / (config.macs_per_cycle
+                                                             * (end - start)), 4)
+        return timing.counters.cycles
+
+    def image(self) -> list[tuple[Region, int, np.ndarray]]:
+        """What the host writes before the stage runs."""
+        return [(Region.INSTRUCTIONS, 0, encode_program(self.instructions)),
+                (Region.WEIGHTS, 0, self.lowering.weights()),
+                (Region.PARAMS, 0, self.lowering.params())]
+
+
+def _lower_stages(model: QuantizedModel, config: NpuConfig, maps: dict[str, FeatureMap],
+                  input_im2col: tuple[int, ...] | None) -> tuple[list[_Stage], list[dict]]:
+    """Every layer lowered, in stages: a layer that would take a stage past the NPU's
+    weight, parameter or instruction memory begins the next one (one stage when the
+    whole model fits). The activations stay on the NPU from stage to stage. Returns the
+    stages (to :meth:`_Stage.finish`) and the layer table's rows."""
+    stages = [_Stage(Lowering(config, check_depths=False))]
+    rows = []
+    for index in range(len(model.layers)):
+        stage = stages[-1]
+        before = copy.deepcopy(stage)
+        im2col = index == 0 and input_im2col is not None
+        row = stage.lower(model, index, maps, im2col)
+        if len(stage.layers) > 1 and _overflows(config, stage.needs()):
+            stages[-1] = before
+            stage = _Stage(Lowering(config, check_depths=False))
+            stages.append(stage)
+            row = stage.lower(model, index, maps, im2col)
+        rows.append(row)
+    return stages, rows
 
 
 def _overflows(config: NpuConfig, needs: list[tuple[str, int, str]]) -> list[str]:

@@ -345,6 +345,14 @@ class Device(Target):
 
         self.check_job(job)
         self._synchronize()
+        if job.follows:
+            # It reads what the run before it left: that run must be the device's last.
+            _, seen = self.run_state()
+            if seen != self._run_token:
+                raise DeviceLost(f"another run (token {seen}) came between two stages of "
+                                 f"this program's run on {self.url} (token "
+                                 f"{self._run_token}), or the device was reset: the stage "
+                                 f"would read its activations; the run was discarded")
         self._write_job(job, verify=False)
         token = self._new_token()
         # A START whose answer is lost is resent with the same token: the device does not

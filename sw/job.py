@@ -100,6 +100,9 @@ class Job:
     writes: list[tuple[Region, int, np.ndarray]] = field(default_factory=list)
     reads: dict[str, tuple[Region, int, int]] = field(default_factory=dict)
     start_pc: int = 0
+    # The job runs on what the job before it left (the next stage of a program in
+    # stages): a target runs it right after that one, on the same NPU.
+    follows: bool = False
 
     def write(self, region: Region, entry: int, values: np.ndarray) -> None:
         depth = memories(self.config)[region].depth

@@ -633,6 +633,10 @@ class Lowering:
         fills, self._pending_fills = self._pending_fills, []
         return fills
 
+    def instructions_at_end(self) -> int:
+        """The instructions emitted so far and the FILLs :meth:`flush_fills` would add."""
+        return len(self.instructions) + len(self._pending_fills)
+
     def flush_fills(self) -> None:
         """Emit the FILLs no operator has taken yet."""
         self.instructions += self._take_fills()

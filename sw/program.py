@@ -1,6 +1,6 @@
 """The ``.npu`` program file: what a compiled model needs to run on one NPU configuration.
 
-Layout (little-endian; format version 2, documented in docs/MODELS.md)::
+Layout (little-endian; format version 3, documented in docs/MODELS.md)::
 
     8 bytes   magic b"NPUGPROG"
     4 bytes   format version (uint32)
@@ -11,7 +11,8 @@ Layout (little-endian; format version 2, documented in docs/MODELS.md)::
 
 The header records the NpuConfig the program was compiled for, the ISA version, the batch
 (rows a run), input and output layout and quantization, the layer table and, per
-segment, its memory region, first entry, word count and CRC-32. The file's checksum
+segment, its memory region, first entry, word count, CRC-32 and stage (a program in
+stages writes each stage's image before its run; version 2 files have one). The file's checksum
 covers the header too, so no changed byte goes unnoticed; the segments' CRC-32s say
 where damage is.
 """
@@ -33,11 +34,14 @@ from .graph import HOST_OPS
 from .isa import ISA_VERSION
 from .job import pack_entries, unpack_entries
 from .memory_map import Region, memories
+from .protocol import write_request_bytes
 
 __all__ = ["Program", "TensorLayout", "ProgramFormatError", "MAGIC", "FORMAT_VERSION"]
 
 MAGIC = b"NPUGPROG"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: Older format versions this npugen still reads (2: no stages).
+READABLE_VERSIONS = (2, FORMAT_VERSION)
 _PREAMBLE = struct.Struct("<8sII")
 _DIGEST_BYTES = hashlib.sha256().digest_size
 _BODY = _PREAMBLE.size + _DIGEST_BYTES   # where the header starts
@@ -149,15 +153,40 @@ class Program:
     # host applies to the NPU's output, in order (e.g. TFLite's int8 softmax).
     framework: str = "npugen"
     host_ops: list[dict[str, Any]] = field(default_factory=list)
+    # A program in stages (its instructions, weights or parameters more than the NPU holds
+    # at once): each stage's image, in order, which every run writes before it starts the
+    # stage at address 0; the activations stay on the NPU between stages. ``segments`` is
+    # the first stage's. Empty: one image, written once (``segments``).
+    stages: list[list[tuple[Region, int, np.ndarray]]] = field(default_factory=list)
 
     @property
     def macs_per_inference(self) -> int:
         return sum(layer["macs"] for layer in self.layers)
 
+    def images(self) -> list[list[tuple[Region, int, np.ndarray]]]:
+        """The image of each stage (one for a program not in stages)."""
+        return self.stages or [self.segments]
+
+    def stage_words_per_run(self) -> int:
+        """Host-port words a run writes besides its input: every stage's image (0 for a
+        program not in stages, whose image is written once)."""
+        if not self.stages:
+            return 0
+        return sum(len(values) * memories(self.config)[region].stride
+                   for image in self.stages for region, _, values in image)
+
+    def stage_upload_bytes(self) -> int:
+        """Bytes of the host link's WRITE requests that carry every stage's image, each
+        run (0 for a program not in stages): at ``baud``, at least
+        ``stage_upload_bytes() * UART_BITS_PER_BYTE / baud`` seconds a run."""
+        return sum(write_request_bytes(len(values) * memories(self.config)[region].stride)
+                   for image in self.stages for region, _, values in image)
+
     def memory_words(self) -> dict[str, int]:
-        """Entries used per memory, by name."""
+        """Entries used per memory, by name (the most of any stage)."""
         used: dict[str, int] = {}
-        for region, entry, values in self.segments:
+        for region, entry, values in (segment for image in self.images()
+                                      for segment in image):
             name = memories(self.config)[region].name
             used[name] = max(used.get(name, 0), entry + len(values))
         return used
@@ -166,19 +195,21 @@ class Program:
 
     def to_bytes(self) -> bytes:
         blobs, table, offset = [], [], 0
-        for region, entry, values in self.segments:
-            words = pack_entries(self.config, region, values).astype("<u4").tobytes()
-            table.append({"region": Region(region).name.lower(), "entry": int(entry),
-                          "entries": len(values), "offset": offset, "bytes": len(words),
-                          "crc32": zlib.crc32(words)})
-            blobs.append(words)
-            offset += len(words)
+        for stage, image in enumerate(self.images()):
+            for region, entry, values in image:
+                words = pack_entries(self.config, region, values).astype("<u4").tobytes()
+                table.append({"region": Region(region).name.lower(), "entry": int(entry),
+                              "entries": len(values), "offset": offset, "bytes": len(words),
+                              "crc32": zlib.crc32(words), "stage": stage})
+                blobs.append(words)
+                offset += len(words)
         header = {
             "format_version": FORMAT_VERSION, "isa_version": ISA_VERSION,
             "config": self.config.to_dict(), "batch": self.batch,
             "input": self.input.to_dict(), "output": self.output.to_dict(),
             "layers": self.layers, "estimated_cycles": self.estimated_cycles,
             "instruction_count": self.instruction_count, "segments": table,
+            "stages": len(self.images()),
             "framework": self.framework, "host_ops": self.host_ops,
         }
         text = json.dumps(header, sort_keys=True).encode()
@@ -211,7 +242,7 @@ class Program:
         if version == 1:
             raise ProgramFormatError(f"{source} was written by an older npugen (format "
                                      f"version 1); recompile the model")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ProgramFormatError(f"{source}: unknown program format version {version} "
                                      f"(this npugen reads version {FORMAT_VERSION}): the file "
                                      f"is corrupt or from a newer npugen; recompile the model")
@@ -235,22 +266,27 @@ class Program:
                                          f"{unknown[0]!r}, which this npugen does not know "
                                          f"(it knows {', '.join(HOST_OPS)}); recompile the "
                                          f"model with this npugen")
-            segments = []
+            count = int(header.get("stages", 1))
+            if not 1 <= count <= len(header["segments"]) or count > 1 and version < 3:
+                raise ValueError(f"{count} stages")
+            images: list[list[tuple[Region, int, np.ndarray]]] = [[] for _ in range(count)]
             for seg, blob in _segments(header, data, body):
                 region = Region[seg["region"].upper()]
                 stride = memories(config)[region].stride
                 words = np.frombuffer(blob, dtype="<u4").reshape(seg["entries"], stride)
-                segments.append((region, int(seg["entry"]),
-                                 unpack_entries(config, region, words)))
-            return cls(config, int(header["batch"]), segments,
+                images[int(seg.get("stage", 0))].append(
+                    (region, int(seg["entry"]), unpack_entries(config, region, words)))
+            if any(not image for image in images):
+                raise ValueError("a stage has no image")
+            return cls(config, int(header["batch"]), images[0],
                        TensorLayout.from_dict(header["input"]),
                        TensorLayout.from_dict(header["output"]), header["layers"],
                        int(header["estimated_cycles"]), int(header["instruction_count"]),
                        str(header.get("framework", "npugen")),
-                       list(header.get("host_ops", [])))
+                       list(header.get("host_ops", [])), images if count > 1 else [])
         except ProgramFormatError:
             raise
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, IndexError) as error:
             raise ProgramFormatError(f"{source}: corrupt program header: {error}") from None
 
     @classmethod
@@ -289,6 +325,8 @@ class Program:
                 if per_inference else 0.0,
                 "estimated_cycles": self.estimated_cycles,
                 "instructions": self.instruction_count, "memory_words": self.memory_words(),
+                "stages": len(self.images()), "stage_words_per_run": self.stage_words_per_run(),
+                "stage_upload_bytes_per_run": self.stage_upload_bytes(),
                 "host_ops": [op["op"] for op in self.host_ops]}
 
     def describe(self) -> str:
@@ -335,6 +373,18 @@ class Program:
             used = self.memory_words().get(info.name)
             if used is not None:
                 lines.append(f"{info.name:<13} {used:>6} of {info.depth} words")
+        if self.stages:
+            stage_of = [layer.get("stage", 0) for layer in self.layers]
+            lines.append(f"runs in {len(self.stages)} stages (the most any takes above): "
+                         f"each run writes their instructions, weights and parameters, "
+                         f"{self.stage_words_per_run()} host words "
+                         f"({self.stage_upload_bytes()} bytes over the link)")
+            for number in range(len(self.stages)):
+                names = [layer["name"] for layer, stage in zip(self.layers, stage_of,
+                                                                strict=True)
+                         if stage == number]
+                lines.append(f"  stage {number}: {names[0]}"
+                             + (f" to {names[-1]}" if len(names) > 1 else ""))
         per_inference = self.estimated_cycles / self.batch
         ideal = self.macs_per_inference / c.macs_per_cycle
         lines.append(f"estimated cycles per run {self.estimated_cycles} "

@@ -30,7 +30,7 @@ __all__ = [
     "LinkStatus", "LINK_COUNTERS", "LINK_COUNTER_BITS", "crc16", "encode_request",
     "encode_response", "Response",
     "ResponseParser",
-    "FrameError", "uart_divisor",
+    "FrameError", "uart_divisor", "write_request_bytes", "UART_BITS_PER_BYTE",
 ]
 
 REQUEST_SYNC = 0xA5
@@ -207,6 +207,17 @@ class ResponseParser:
                 pass  # a status of a newer device: kept as the int it is
             frames.append(Response(command, seq, status, body[self.HEADER - 1:]))
             del self.buffer[:end]
+
+
+#: Bits on the wire per byte (8N1: a start bit, eight data bits, a stop bit).
+UART_BITS_PER_BYTE = 10
+
+
+def write_request_bytes(words: int) -> int:
+    """Bytes of the WRITE requests that carry ``words`` consecutive words (as many
+    frames of MAX_PAYLOAD_WORDS as they take)."""
+    frames = -(-words // MAX_PAYLOAD_WORDS)
+    return 4 * words + frames * (REQUEST_HEADER_BYTES + WRITE_ADDRESS_BYTES + CRC_BYTES)
 
 
 def uart_divisor(clock_hz: float, baud: int) -> int:

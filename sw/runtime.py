@@ -18,8 +18,8 @@ from .memory_map import Region
 from .program import Program
 from .target import GoldenTarget, Target, check_config, same_image
 
-__all__ = ["RunResult", "run", "program_job", "quantize_input", "TARGETS", "check_target",
-           "open_target", "apply_host_ops", "float_softmax"]
+__all__ = ["RunResult", "run", "program_job", "program_jobs", "quantize_input", "TARGETS",
+           "check_target", "open_target", "apply_host_ops", "float_softmax"]
 
 TARGETS = ("golden", "rtl", "sim")  # or a device URL
 
@@ -31,7 +31,7 @@ class RunResult:
     output: np.ndarray            # float32, batch-first, the model's output shape and layout
     quantized_output: np.ndarray  # int8 (batch, features), after any host operators
     counters: Counters            # summed over all runs
-    runs: int                     # NPU runs, each of up to ``batch`` inputs
+    runs: int                     # runs, each of up to ``batch`` inputs (and a job a stage)
     inferences: int               # inputs run
 
     @property
@@ -214,12 +214,45 @@ def _loaded(program: Program, target: str | Target, simulator: str) -> Iterator[
 
 
 def program_job(program: Program, rows: np.ndarray, *, load_program: bool = True) -> Job:
-    """One run: (optionally) the program's image, ``batch`` input rows, the output read."""
+    """One run of a program not in stages: (optionally) the program's image, ``batch``
+    input rows, the output read. A program in stages takes :func:`program_jobs`."""
+    if program.stages:
+        raise ValueError(f"the program runs in {len(program.stages)} stages, a job each: "
+                         f"use program_jobs")
     config = program.config
     job = Job(config)
     if load_program:
         for region, entry, values in program.segments:
             job.write(region, entry, values)
+    _write_input(job, program, rows)
+    job.read("output", Region.ACTIVATIONS, program.output.base,
+             _words(program, program.output.features))
+    return job
+
+
+def program_jobs(program: Program, rows: np.ndarray) -> list[Job]:
+    """The jobs of one run on a target that holds the program (after ``load``): one, with
+    the input rows and the output read; for a program in stages, one per stage, each
+    writing its stage's image first (the first with the input rows, the last reading the
+    output, each after the first :attr:`~npugen.job.Job.follows` the one before)."""
+    if not program.stages:
+        return [program_job(program, rows, load_program=False)]
+    jobs = []
+    for number, image in enumerate(program.stages):
+        job = Job(program.config, follows=number > 0)
+        for region, entry, values in image:
+            job.write(region, entry, values)
+        if number == 0:
+            _write_input(job, program, rows)
+        jobs.append(job)
+    jobs[-1].read("output", Region.ACTIVATIONS, program.output.base,
+                  _words(program, program.output.features))
+    return jobs
+
+
+def _write_input(job: Job, program: Program, rows: np.ndarray) -> None:
+    """``rows`` (up to ``batch`` inputs, int8 in NPU order) into the program's input."""
+    config = program.config
     if program.input.map_shape is not None:
         job.write(Region.ACTIVATIONS, program.input.base, program.input.pack(config, rows))
     else:
@@ -229,9 +262,6 @@ def program_job(program: Program, rows: np.ndarray, *, load_program: bool = True
         padded[:len(rows), :program.input.features] = rows
         tiles = padded.reshape(program.batch, -1, config.rows).transpose(1, 0, 2)
         job.write(Region.ACTIVATIONS, program.input.base, tiles.reshape(-1, config.rows))
-    job.read("output", Region.ACTIVATIONS, program.output.base,
-             _words(program, program.output.features))
-    return job
 
 
 def _decode(program: Program, words: np.ndarray, count: int) -> np.ndarray:
@@ -277,15 +307,17 @@ def run(program: Program, x: np.ndarray, *, target: str | Target = "golden",
                          "load this one on it first (target.load(program))")
     q = quantize_input(program, x)
     chunks = [q[i:i + program.batch] for i in range(0, len(q), program.batch)]
-    jobs = [program_job(program, chunk, load_program=False) for chunk in chunks]
+    jobs = [job for chunk in chunks for job in program_jobs(program, chunk)]
+    per_run = len(program.images())
     results: list[JobResult] = []
     with _loaded(program, target, simulator) as npu:
         for result in npu.execute_many(jobs):
             results.append(result)
-            if progress:
-                progress(len(results), len(jobs))
+            if progress and len(results) % per_run == 0:
+                progress(len(results) // per_run, len(chunks))
+    # Each run's output is its last job's (its last stage's).
     outputs = [_decode(program, r.outputs["output"], len(chunk))
-               for r, chunk in zip(results, chunks, strict=True)]
+               for r, chunk in zip(results[per_run - 1::per_run], chunks, strict=True)]
     quantized = np.concatenate(outputs) if outputs else np.zeros((0, program.output.features))
     total = Counters()
     for r in results:
@@ -294,5 +326,5 @@ def run(program: Program, x: np.ndarray, *, target: str | Target = "golden",
     shaped = program.output.from_npu_order(quantized)
     shaped, scale, zero_point = apply_host_ops(program, shaped)
     real = ((shaped.astype(np.float64) - zero_point) * scale).astype(np.float32)
-    return RunResult(real, shaped.reshape(len(q), -1).astype(np.int8), total, len(results),
+    return RunResult(real, shaped.reshape(len(q), -1).astype(np.int8), total, len(chunks),
                      len(q))

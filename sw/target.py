@@ -28,7 +28,8 @@ __all__ = ["Target", "GoldenTarget", "ConfigMismatch", "check_config", "check_jo
 class Target(Protocol):
     """An NPU that keeps a program in its memories and runs jobs on it: :meth:`load` writes
     the program's image once, then each job writes its inputs, runs and reads its outputs
-    (:func:`npugen.runtime.program_job` with ``load_program=False``).
+    (:func:`npugen.runtime.program_jobs`: a job a run, or a job a stage of a program in
+    stages, each writing its stage's image).
 
     Implemented by :class:`GoldenTarget`, :class:`~npugen.sim.runner.RtlTarget` and
     :class:`~npugen.driver.Device`; :func:`npugen.runtime.open_target` opens one by name.
@@ -55,10 +56,16 @@ class Target(Protocol):
 
 
 def same_image(a: Program, b: Program) -> bool:
-    """Whether two programs write the same image (instructions, weights, parameters)."""
-    return a is b or (a.config == b.config and len(a.segments) == len(b.segments) and all(
-        ra == rb and ea == eb and np.array_equal(va, vb)
-        for (ra, ea, va), (rb, eb, vb) in zip(a.segments, b.segments, strict=True)))
+    """Whether two programs write the same images (instructions, weights, parameters; of
+    every stage)."""
+    if a is b:
+        return True
+    images_a, images_b = a.images(), b.images()
+    return a.config == b.config and len(images_a) == len(images_b) and all(
+        len(one) == len(other) and all(
+            ra == rb and ea == eb and np.array_equal(va, vb)
+            for (ra, ea, va), (rb, eb, vb) in zip(one, other, strict=True))
+        for one, other in zip(images_a, images_b, strict=True))
 
 
 class ConfigMismatch(ValueError):

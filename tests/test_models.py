@@ -353,7 +353,8 @@ def test_program_refuses_another_config(small_program, data):
 def test_model_too_large_says_what_overflows(data, trained):
     model = load_onnx(mlp_to_onnx(trained, "/dev/null"))
     tiny = SMALL.replace(weight_depth=32)
-    with pytest.raises(ValueError, match="weights need 1632 words, weight_depth is 32"):
+    with pytest.raises(ValueError, match=r"weights need \d+ words for layer '\S+' alone, "
+                                         r"weight_depth is 32"):
         compile_model(model, tiny, calibration=data[0][:32])
 
 
@@ -510,7 +511,8 @@ def test_demo_model_compiles_for_the_boards(tmp_path, data, trained, capsys):
     status = main(["compile", str(model), "--calib", str(tmp_path / "calib.npy"),
                    "--board", "icebreaker", "--weight-depth", "256", "-o",
                    str(tmp_path / "small.npu")])
-    assert status == 2 and re.search(r"weights need \d{4} words, weight_depth is 256",
+    assert status == 2 and re.search(r"weights need \d{4} words for layer '\S+' alone, "
+                                     r"weight_depth is 256",
                                      capsys.readouterr().err)
 
 

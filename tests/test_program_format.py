@@ -1,6 +1,8 @@
 """The ``.npu`` file: every changed byte is refused, older formats are named, and a path
 that cannot be read says why."""
 
+import hashlib
+import json
 import os
 import struct
 
@@ -31,7 +33,7 @@ def blob() -> bytes:
 def test_round_trip(blob):
     program = Program.from_bytes(blob)
     assert program.to_bytes() == blob
-    assert struct.unpack_from("<I", blob, 8)[0] == FORMAT_VERSION == 2
+    assert struct.unpack_from("<I", blob, 8)[0] == FORMAT_VERSION == 3
 
 
 def test_every_changed_byte_is_refused(blob):
@@ -128,3 +130,41 @@ def test_unknown_host_operator_exits_2_on_the_command_line(tmp_path, capsys):
         assert main(command) == 2
         assert "operator 'gelu', which this npugen does not know" in capsys.readouterr().err
     assert not (tmp_path / "y.npy").exists()
+
+
+def resigned(blob: bytes, edit, version: int = FORMAT_VERSION) -> bytes:
+    """``blob`` with its header edited by ``edit`` (a function of the header dict) and
+    its format version set, checksum and lengths made right again: a well-formed file."""
+    length = struct.unpack_from("<I", blob, 12)[0]
+    header = json.loads(blob[48:48 + length])
+    edit(header)
+    text = json.dumps(header, sort_keys=True).encode()
+    preamble = MAGIC + struct.pack("<II", version, len(text))
+    rest = text + blob[48 + length:]
+    return preamble + hashlib.sha256(preamble + rest).digest() + rest
+
+
+def test_version_2_files_still_load(blob):
+    """Written before programs in stages: no stage fields, one image."""
+    def strip(header):
+        header.pop("stages")
+        for segment in header["segments"]:
+            segment.pop("stage")
+
+    old = Program.from_bytes(resigned(blob, strip, version=2))
+    assert not old.stages and old.to_bytes() == blob
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h.update(stages=5), "corrupt program header: 5 stages"),
+    (lambda h: h["segments"][0].update(stage=7), "corrupt program header: list index"),
+    (lambda h: h.update(stages=2), "corrupt program header: a stage has no image"),
+])
+def test_stages_the_segments_do_not_make_are_refused(blob, edit, message):
+    with pytest.raises(ProgramFormatError, match=message):
+        Program.from_bytes(resigned(blob, edit))
+
+
+def test_a_version_2_file_in_stages_is_refused(blob):
+    with pytest.raises(ProgramFormatError, match="2 stages"):
+        Program.from_bytes(resigned(blob, lambda h: h.update(stages=2), version=2))

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..mlperf import MODELS, REFERENCE_CONFIG, model_folder, model_path
+from ..protocol import UART_BITS_PER_BYTE
 from ..tflite_kernels import litert_reference
 from .models import board_fmax, recorded_build, short_config
 
@@ -58,7 +59,7 @@ def bench_targets(recorded_dir: Path) -> list[dict[str, Any]]:
     for board in BOARDS.values():
         config = board.default_config
         entry: dict[str, Any] = {"name": board.name, "board": board.name, "config": config,
-                                 "clock_mhz": soc_clock_hz(board) / 1e6}
+                                 "clock_mhz": soc_clock_hz(board) / 1e6, "baud": board.baud}
         build, differs = recorded_build(board, builds)
         if build:
             entry["fmax_mhz"] = build["fmax_mhz"]
@@ -66,7 +67,8 @@ def bench_targets(recorded_dir: Path) -> list[dict[str, Any]]:
                 entry["fmax_build_differs"] = differs
         found.append(entry)
     found.append({"name": REFERENCE_NAME, "board": None, "config": REFERENCE_CONFIG,
-                  "clock_mhz": soc_clock_hz(BOARDS[REFERENCE_BOARD]) / 1e6})
+                  "clock_mhz": soc_clock_hz(BOARDS[REFERENCE_BOARD]) / 1e6,
+                  "baud": BOARDS[REFERENCE_BOARD].baud})
     return found
 
 
@@ -85,22 +87,33 @@ def _layers(program) -> list[dict[str, Any]]:
     return rows
 
 
-def _measure(program, x: np.ndarray, reference: np.ndarray | None, clock_mhz: float
-             ) -> dict[str, Any]:
+def link_ms(program, baud: int) -> float:
+    """Milliseconds per inference (a whole batch a run) that the host link takes, at
+    least, to write a program's stages (0 for a program not in stages): their WRITE
+    requests' bytes at ``baud``, 8N1."""
+    seconds = program.stage_upload_bytes() * UART_BITS_PER_BYTE / baud
+    return round(seconds * 1e3 / program.batch, 4)
+
+
+def _measure(program, x: np.ndarray, reference: np.ndarray | None, clock_mhz: float,
+             baud: int) -> dict[str, Any]:
     """Run ``x`` on the golden model: cycles per inference from its counters, outputs
-    against ``reference`` (None: not checked)."""
+    against ``reference`` (None: not checked). A program in stages: its latency adds
+    the link's time to write the stages (:func:`link_ms`)."""
     from ..runtime import run
 
     result = run(program, x, target="golden")
     config = program.config
     cycles = result.counters.cycles / result.inferences
+    link = link_ms(program, baud)
     entry: dict[str, Any] = {
         "batch": program.batch, "inputs": result.inferences,
         "cycles_per_inference": cycles,
         "cycles_equal_model": result.counters.cycles == program.estimated_cycles * result.runs,
         "utilization": round(program.macs_per_inference / (cycles * config.rows * config.cols),
                              4),
-        "latency_ms": _ms(cycles, clock_mhz),
+        "stages": len(program.images()), "link_ms": link,
+        "latency_ms": round(_ms(cycles, clock_mhz) + link, 4),
         "bit_exact": None if reference is None else bool(
             np.array_equal(result.quantized_output, reference[:len(x)])),
         "layers": _layers(program)}
@@ -175,6 +188,7 @@ def model_record(key: str, quick: bool, targets: list[dict[str, Any]],
         entry: dict[str, Any] = {
             "name": name, "board": target["board"], "config": short_config(config),
             "rows": config.rows, "cols": config.cols, "clock_mhz": target["clock_mhz"],
+            "baud": target["baud"],
             "physical_limit_ms": _ms(macs / (config.rows * config.cols), target["clock_mhz"]),
             **{k: target[k] for k in ("fmax_mhz", "fmax_build_differs") if k in target}}
         if name in reasons:
@@ -185,15 +199,19 @@ def model_record(key: str, quick: bool, targets: list[dict[str, Any]],
         progress(f"mlperf: {key} on {name} ({short_config(config)}), golden model")
         whole_batches = -(-count // program.batch) * program.batch
         entry.update(fits=True, **_measure(program, x[:whole_batches], reference,
-                                           target["clock_mhz"]))
+                                           target["clock_mhz"], target["baud"]))
         if program.batch > 1:  # single-stream latency, as MLPerf Tiny measures it
             from ..runtime import run
 
-            single = run(compile_model(path, config, batch=1), x[:1], target="golden")
+            alone = compile_model(path, config, batch=1)
+            single = run(alone, x[:1], target="golden")
             entry["batch1_cycles"] = single.counters.cycles
-            entry["batch1_latency_ms"] = _ms(single.counters.cycles, target["clock_mhz"])
+            entry["batch1_link_ms"] = link_ms(alone, target["baud"])
+            entry["batch1_latency_ms"] = round(_ms(single.counters.cycles, target["clock_mhz"])
+                                               + entry["batch1_link_ms"], 4)
         if "fmax_mhz" in entry:
-            entry["latency_ms_at_fmax"] = _ms(entry["cycles_per_inference"], entry["fmax_mhz"])
+            entry["latency_ms_at_fmax"] = round(
+                _ms(entry["cycles_per_inference"], entry["fmax_mhz"]) + entry["link_ms"], 4)
         record["targets"].append(entry)
     # Per-layer figures: on the reference board's default NPU, else the reference 8×8.
     shown = next(t for t in record["targets"]

@@ -427,7 +427,11 @@ def _mlperf(result: dict[str, Any], images: Path,
              "at the board's SoC clock; physical limit = MACs / (rows · cols) cycles at the "
              "same clock. The JSON also has each latency at the Fmax of the board's "
              "recorded build (section *Boards*). `overlap`: the requantizer runs beside "
-             "the array (`requant_overlap`, docs/ARCHITECTURE.md).", ""]
+             "the array (`requant_overlap`, docs/ARCHITECTURE.md). A model whose weights "
+             "a board's NPU cannot hold at once runs in *stages* (docs/MODELS.md): each "
+             "run, the host writes every stage's weights over the link, and its latency "
+             "counts that link time, at least the WRITE requests' bytes at the board's "
+             "baud.", ""]
     for r in records:
         lines += [f"### {_MLPERF_NAMES[r['model']]}: {r['task']}, {r['macs']:,} MACs", "",
                   "| target | config | clock MHz | cycles / inference | utilization | "
@@ -442,6 +446,9 @@ def _mlperf(result: dict[str, Any], images: Path,
             batch = f" (batch {t['batch']})" if t["batch"] > 1 else ""
             single = (f" ({t['batch1_latency_ms']} at batch 1)"
                       if "batch1_latency_ms" in t else "")
+            if t.get("stages", 1) > 1:
+                single += (f"; in {t['stages']} stages, {t['link_ms']} of it the link "
+                           f"writing them at {t['baud']:,} baud")
             lines.append(f"{head} {t['cycles_per_inference']:,.1f}{batch} | "
                          f"{t['utilization']:.3f} | {t['latency_ms']}{single} | "
                          f"{t['physical_limit_ms']} | {_yes(t['bit_exact'])} |")
