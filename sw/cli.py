@@ -340,12 +340,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     np.save(args.output, result.quantized_output.reshape(result.output.shape)
             if program.output.dtype == "int8" else result.output)
     stats = result.stats(program)
+    staged = (f"; {len(program.stages)} stages a run, each run writing "
+              f"{program.stage_words_per_run()} words of them" if program.stages else "")
     print(f"{result.inferences} inferences on {args.target} -> {args.output}: "
-          f"{stats['cycles']:.1f} cycles per inference, utilization {stats['utilization']:.3f}")
+          f"{stats['cycles']:.1f} cycles per inference, utilization {stats['utilization']:.3f}"
+          f"{staged}")
     if args.json:
-        layers = [{key: layer[key] for key in ("name", "kind", "macs", "cycles", "utilization")
+        layers = [{key: layer[key] for key in ("name", "kind", "macs", "cycles", "utilization",
+                                               "stages")
                    if key in layer} for layer in program.layers]
-        emit_json({"target": args.target, **stats,
+        emit_json({"target": args.target, **stats, "stages": len(program.images()),
+                   "stage_words_per_run": program.stage_words_per_run(),
                    "cycles_per_inference": stats["cycles"], "layers": layers,
                    "seconds": round(time.perf_counter() - started, 3)})
     return EXIT_OK

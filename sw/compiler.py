@@ -186,9 +186,11 @@ def _requant(layer) -> Requant:
 
 
 def _lower(lowering: Lowering, layer, maps: dict[str, FeatureMap],
-           input_im2col: bool = False) -> dict:
+           input_im2col: bool = False, out_tiles: range | None = None) -> dict:
     """Emit one layer; returns its row of the layer table. ``input_im2col``: the layer's
-    input was prepared by im2col, so it runs as a 1×1 convolution over every tap."""
+    input was prepared by im2col, so it runs as a 1×1 convolution over every tap.
+    ``out_tiles``: only these output tiles of a convolution or dense layer
+    (:func:`_splittable`)."""
     source, requant = layer.source, _requant(layer)
     src, dst = maps[layer.inputs[0]], maps[layer.name]
     kind = type(source).__name__.lower() if source is not None else "dense"
@@ -196,7 +198,7 @@ def _lower(lowering: Lowering, layer, maps: dict[str, FeatureMap],
     if input_im2col:
         kind = "conv (im2col input)"
         taps = layer.weight.reshape(1, 1, -1, layer.weight.shape[-1])
-        lowering.conv(src, dst, taps, requant)
+        lowering.conv(src, dst, taps, requant, out_tiles=out_tiles)
         macs = dst.height * dst.width * int(np.prod(layer.weight.shape))
         return _layer_row(layer, kind, src, dst, macs, macs)
     if isinstance(source, Conv) and source.depthwise:
@@ -208,7 +210,8 @@ def _lower(lowering: Lowering, layer, maps: dict[str, FeatureMap],
         macs = dst.channels * dst.height * dst.width * layer.weight.shape[0] * \
             layer.weight.shape[1]
     elif isinstance(source, Conv):
-        lowering.conv(src, dst, layer.weight, requant, source.stride, source.pads)
+        lowering.conv(src, dst, layer.weight, requant, source.stride, source.pads,
+                      out_tiles=out_tiles)
         macs = dst.height * dst.width * int(np.prod(layer.weight.shape))
     elif isinstance(source, Pool) and source.kind == "global":
         kind = "globalavgpool"
@@ -233,7 +236,7 @@ def _lower(lowering: Lowering, layer, maps: dict[str, FeatureMap],
         # the whole map, or one pixel of a batch of vectors
         taps = (1, 1) if layer.in_features == src.channels else (src.height, src.width)
         weight = layer.weight.reshape(src.channels, *taps, -1)
-        lowering.conv(src, dst, weight.transpose(1, 2, 0, 3), requant)
+        lowering.conv(src, dst, weight.transpose(1, 2, 0, 3), requant, out_tiles=out_tiles)
         macs = int(np.prod(layer.weight.shape))
     return _layer_row(layer, kind, src, dst, macs, ops or macs)
 
@@ -444,13 +447,18 @@ def _compile(model: QuantizedModel, config: NpuConfig, batch: int,
     cycles = 0
     for stage in stages:
         stage.finish(config)
-        cycles += stage.time(config, layers, batch)
+        cycles += stage.time(config, layers)
+    for row in layers:
+        # Pooling does no MACs; its utilization counts one operation per window element.
+        # A row's ops are one inference's, its cycles a run's (a dense chain's batch).
+        row["utilization"] = round(row["ops"] * batch / (config.macs_per_cycle
+                                                         * row["cycles"]), 4)
     layers[0]["input"] = list(_map_shape(model.input_shape))   # before any im2col
     images = [stage.image() for stage in stages]
     if len(stages) > 1:
         for number, stage in enumerate(stages):
             for index in stage.layers:
-                layers[index]["stage"] = number
+                layers[index].setdefault("stages", []).append(number)
     # Halos (and the spare lanes) start out as their fill; runs only write pixels.
     source = _io(model)
     first, last = maps["input"], maps[model.layers[-1].name]
@@ -463,7 +471,7 @@ def _compile(model: QuantizedModel, config: NpuConfig, batch: int,
                               dtype=source.output_dtype)
         layers = [{**_vector_row(config, layer), "kind": row["kind"],
                    "cycles": row["cycles"], "utilization": row["utilization"],
-                   **({"stage": row["stage"]} if "stage" in row else {})}
+                   **({"stages": row["stages"]} if "stages" in row else {})}
                   for layer, row in zip(model.layers, layers, strict=True)]
     else:
         inputs = _map_layout(first, model.input_shape, model.input_quant,
@@ -487,15 +495,19 @@ class _Stage:
     layers: list[int] = field(default_factory=list)   # indices into the model's layers
     starts: list[int] = field(default_factory=list)   # where each begins, in instructions
     instructions: list[Instruction] = field(default_factory=list)   # after finish()
+    out_tiles: range | None = None   # a part of a layer: its output tiles
 
     def lower(self, model: QuantizedModel, index: int, maps: dict[str, FeatureMap],
-              input_im2col: bool) -> dict:
-        """Emit layer ``index`` at the end of the stage; its row of the layer table."""
+              input_im2col: bool, out_tiles: range | None = None) -> dict:
+        """Emit layer ``index`` at the end of the stage (``out_tiles``: those of its output
+        tiles, a part of it; the first part writes its map's halo); its row of the layer
+        table."""
         layer = model.layers[index]
         self.layers.append(index)
         self.starts.append(len(self.lowering.instructions))
-        self.lowering.fill_halo(maps[layer.name])
-        return _lower(self.lowering, layer, maps, input_im2col=input_im2col)
+        if out_tiles is None or out_tiles.start == 0:
+            self.lowering.fill_halo(maps[layer.name])
+        return _lower(self.lowering, layer, maps, input_im2col, out_tiles)
 
     def needs(self) -> list[tuple[str, int, str]]:
         """(what, words, depth field) of each memory the stage fills."""
@@ -508,9 +520,11 @@ class _Stage:
         own (the memories of one run) names itself."""
         if len(self.layers) > 1:
             return _overflows(config, self.needs())
-        alone = f" for layer {model.layers[self.layers[0]].name!r} alone"
-        return [f"{what} need {used} words{alone}, {name} is {getattr(config, name)}"
-                for what, used, name in self.needs() if used > getattr(config, name)]
+        name = model.layers[self.layers[0]].name
+        alone = (f" for layer {name!r} alone" if self.out_tiles is None else
+                 f" for {len(self.out_tiles)} output tile of layer {name!r} alone")
+        return [f"{what} need {used} words{alone}, {field} is {getattr(config, field)}"
+                for what, used, field in self.needs() if used > getattr(config, field)]
 
     def finish(self, config: NpuConfig) -> None:
         """End the stage: pending FILLs, HALT, the REQUANTs' overlap, checked."""
@@ -519,7 +533,7 @@ class _Stage:
         self.instructions = overlap_requants(config, instructions)
         check_program(config, self.instructions)
 
-    def time(self, config: NpuConfig, layers: list[dict], batch: int) -> int:
+    def time(self, config: NpuConfig, layers: list[dict]) -> int:
         """The stage's cycles (one run) from the cycle model (which the RTL's counters
         equal), written into its layers' rows: from the cycle a layer's first MATMUL
         dispatches to the next layer's, when the array turns from one layer's rows to the
@@ -542,13 +556,8 @@ class _Stage:
             bounds.append(max(bounds[-1], first_matmul.get(local, first_dispatch[local])))
         bounds.append(timing.counters.cycles)
         for index, start, end in zip(self.layers, bounds, bounds[1:], strict=False):
-            row = layers[index]
-            row["cycles"] = end - start
-            # Pooling does no MACs; its utilization counts one operation per window
-            # element. A row's ops are one inference's, its cycles a run's (a dense
-            # chain's batch).
-            row["utilization"] = round(row["ops"] * batch / (config.macs_per_cycle
-                                                             * (end - start)), 4)
+            # A layer split across stages: the sum of its parts.
+            layers[index]["cycles"] = layers[index].get("cycles", 0) + end - start
         return timing.counters.cycles
 
     def image(self) -> list[tuple[Region, int, np.ndarray]]:
@@ -566,7 +575,7 @@ def _lower_stages(model: QuantizedModel, config: NpuConfig, maps: dict[str, Feat
     stages (to :meth:`_Stage.finish`) and the layer table's rows."""
     stages = [_Stage(Lowering(config, check_depths=False))]
     rows = []
-    for index in range(len(model.layers)):
+    for index, layer in enumerate(model.layers):
         stage = stages[-1]
         before = copy.deepcopy(stage)
         im2col = index == 0 and input_im2col is not None
@@ -576,8 +585,51 @@ def _lower_stages(model: QuantizedModel, config: NpuConfig, maps: dict[str, Feat
             stage = _Stage(Lowering(config, check_depths=False))
             stages.append(stage)
             row = stage.lower(model, index, maps, im2col)
+        if _overflows(config, stage.needs()) and _splittable(layer, config):
+            # Too large for a stage of its own: in parts of as many output tiles as fit.
+            stages.pop()
+            tiles = ceil_div(maps[layer.name].channels, config.cols)
+            first = 0
+            while first < tiles:
+                part = _largest_part(model, index, maps, im2col, config, first, tiles)
+                stages.append(part)
+                if _overflows(config, part.needs()):
+                    break   # not even one output tile fits: the part reports it
+                first = part.out_tiles.stop
+            stage = stages[-1]
         rows.append(row)
     return stages, rows
+
+
+def _splittable(layer, config: NpuConfig) -> bool:
+    """Whether a layer can run in parts of its output tiles, a stage each: a convolution
+    (not depthwise) or a dense layer, on an NPU with the feature-map hardware."""
+    source = layer.source
+    return config.feature_maps and (
+        source is None or isinstance(source, Dense)
+        or isinstance(source, Conv) and not source.depthwise)
+
+
+def _largest_part(model: QuantizedModel, index: int, maps: dict[str, FeatureMap],
+                  im2col: bool, config: NpuConfig, first: int, tiles: int) -> _Stage:
+    """A stage of layer ``index``'s output tiles from ``first``: as many as fit (at least
+    one, whose overflow the stage then reports)."""
+    def part(count: int) -> _Stage:
+        stage = _Stage(Lowering(config, check_depths=False))
+        stage.lower(model, index, maps, im2col, range(first, first + count))
+        stage.out_tiles = range(first, first + count)
+        return stage
+
+    low, high = 1, tiles - first   # fits(low) assumed; bisect for the largest
+    best = part(1)
+    while low < high:
+        middle = (low + high + 1) // 2
+        trial = part(middle)
+        if _overflows(config, trial.needs()):
+            high = middle - 1
+        else:
+            low, best = middle, trial
+    return best
 
 
 def _overflows(config: NpuConfig, needs: list[tuple[str, int, str]]) -> list[str]:

@@ -155,8 +155,11 @@ class Lowering:
 
     def conv(self, src: FeatureMap, dst: FeatureMap, weight: np.ndarray, requant: Requant,
              stride: int | tuple[int, int] = 1,
-             pads: tuple[int, int, int, int] = (0, 0, 0, 0)) -> None:
-        """``dst = requant(conv(src, weight))``; weight is (kh, kw, C_in, C_out) int."""
+             pads: tuple[int, int, int, int] = (0, 0, 0, 0),
+             out_tiles: range | None = None) -> None:
+        """``dst = requant(conv(src, weight))``; weight is (kh, kw, C_in, C_out) int.
+        ``out_tiles``: only these output tiles (of ``cols`` channels; a part of a layer
+        split across the stages of a program, on an NPU with the feature-map hardware)."""
         c = self.config
         kh, kw, c_in, c_out = weight.shape
         self._check_maps(src, dst, c_in, c_out, (kh, kw), stride, pads)
@@ -170,7 +173,13 @@ class Lowering:
         tiles = [_OutTile(k_major[:, n * c.cols:(n + 1) * c.cols],
                           n * c.cols + np.arange(c.cols), 0, n * c.cols)
                  for n in range(ceil_div(c_out, c.cols))]
-        if self._plain_gemm(src, dst, (kh, kw), stride, pads, len(tiles)):
+        if out_tiles is not None:
+            if not c.feature_maps:
+                raise ValueError("a part of a layer's output tiles needs the feature-map "
+                                 "hardware")
+            tiles = tiles[out_tiles.start:out_tiles.stop]
+        if out_tiles is None and self._plain_gemm(src, dst, (kh, kw), stride, pads,
+                                                  len(tiles)):
             self._emit_gemm(src, dst, tiles, requant)
         else:
             self._emit(src, dst, tiles, requant, (kh, kw), stride, pads,

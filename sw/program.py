@@ -374,15 +374,13 @@ class Program:
             if used is not None:
                 lines.append(f"{info.name:<13} {used:>6} of {info.depth} words")
         if self.stages:
-            stage_of = [layer.get("stage", 0) for layer in self.layers]
             lines.append(f"runs in {len(self.stages)} stages (the most any takes above): "
                          f"each run writes their instructions, weights and parameters, "
                          f"{self.stage_words_per_run()} host words "
                          f"({self.stage_upload_bytes()} bytes over the link)")
             for number in range(len(self.stages)):
-                names = [layer["name"] for layer, stage in zip(self.layers, stage_of,
-                                                                strict=True)
-                         if stage == number]
+                names = [layer["name"] for layer in self.layers
+                         if number in layer.get("stages", ())]
                 lines.append(f"  stage {number}: {names[0]}"
                              + (f" to {names[-1]}" if len(names) > 1 else ""))
         per_inference = self.estimated_cycles / self.batch

@@ -219,13 +219,15 @@ def test_program_no_board_asks_if_plugged_in(work):
     check_refusal(run, 1, "is the board plugged in?")
 
 
-@pytest.mark.parametrize("model, flag, word", [("mlp", "--weight-depth", "weight_depth is 64"),
-                                               ("cnn", "--activation-depth", "activation_depth")])
-def test_demo_that_does_not_fit(work, model, flag, word):
+@pytest.mark.parametrize("model, flag, value, word", [
+    # 32 words hold no output tile of the first layer (64): not even a part of it in a stage.
+    ("mlp", "--weight-depth", "32", "weight_depth is 32"),
+    ("cnn", "--activation-depth", "64", "activation_depth")])
+def test_demo_that_does_not_fit(work, model, flag, value, word):
     """A demo network too large for the memories is refused before any training (an
     untrained network of its shapes is compiled first): DoesNotFit's message, exit 2."""
     started = time.monotonic()
-    run = npugen(work, ["demo", "--model", model, "--target", "golden", flag, "64",
+    run = npugen(work, ["demo", "--model", model, "--target", "golden", flag, value,
                         "--workdir", "demo"])
     check_refusal(run, 2, word)
     assert time.monotonic() - started < 30, "refused before training"

@@ -353,8 +353,8 @@ def test_program_refuses_another_config(small_program, data):
 def test_model_too_large_says_what_overflows(data, trained):
     model = load_onnx(mlp_to_onnx(trained, "/dev/null"))
     tiny = SMALL.replace(weight_depth=32)
-    with pytest.raises(ValueError, match=r"weights need \d+ words for layer '\S+' alone, "
-                                         r"weight_depth is 32"):
+    with pytest.raises(ValueError, match=r"weights need \d+ words for 1 output tile of "
+                                         r"layer '\S+' alone, weight_depth is 32"):
         compile_model(model, tiny, calibration=data[0][:32])
 
 

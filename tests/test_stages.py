@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from test_targets import assert_same, fake_simulate
 
 from conftest import MLPERF_TINY, available_simulators, litert_reference
 from npugen import GoldenTarget, NpuConfig, RtlTarget, run
@@ -21,7 +22,6 @@ from npugen.protocol import START_FORMAT, Command
 from npugen.runtime import program_job, program_jobs, quantize_input
 from npugen.sim import runner
 from npugen.train import digits, mlp_to_onnx
-from test_targets import assert_same, fake_simulate
 
 WHOLE = NpuConfig(rows=4, cols=4, activation_depth=1024, weight_depth=2048,
                   accumulator_depth=512, instruction_depth=1024, param_depth=64)
@@ -54,7 +54,7 @@ def x():
 def test_a_model_past_the_weight_memory_runs_in_stages(staged, x):
     whole = mlp(WHOLE)
     assert not whole.stages and len(staged.stages) == 2
-    assert [layer["stage"] for layer in staged.layers] == [0, 1]
+    assert [layer["stages"] for layer in staged.layers] == [[0], [1]]
     assert staged.segments is staged.stages[0]
     assert staged.memory_words()["weights"] == 512
     on_staged, on_whole = run(staged, x), run(whole, x)
@@ -83,14 +83,34 @@ def test_each_run_writes_every_stage_image(staged, x):
         program_job(staged, q)
 
 
-def test_a_layer_too_large_for_a_stage_of_its_own_is_named(staged):
-    with pytest.raises(ValueError, match=r"weights need 512 words for layer '\S+' alone, "
+def test_a_layer_too_large_for_a_stage_runs_in_parts_of_its_output_tiles(x):
+    """fc0's eight output tiles (64 weight words each) in two stages of four."""
+    parted = mlp(STAGED.replace(weight_depth=256))
+    assert len(parted.stages) == 3
+    assert [layer["stages"] for layer in parted.layers] == [[0, 1], [2]]
+    assert "stage 1: fc0" in parted.describe()
+    assert np.array_equal(run(parted, x).quantized_output, run(mlp(WHOLE), x).quantized_output)
+    assert sum(layer["cycles"] for layer in parted.layers) == parted.estimated_cycles
+
+
+def test_a_layer_of_which_one_output_tile_does_not_fit_is_named_once():
+    with pytest.raises(ValueError) as error:
+        mlp(STAGED.replace(weight_depth=32))
+    message = str(error.value)
+    assert message.count("weights need 64 words for 1 output tile of layer 'fc0' alone, "
+                         "weight_depth is 32") == 1, message
+
+
+def test_without_the_feature_map_hardware_a_layer_is_not_split():
+    with pytest.raises(ValueError, match=r"weights need 512 words for layer 'fc0' alone, "
                                          r"weight_depth is 256"):
-        mlp(STAGED.replace(weight_depth=256))
+        mlp(STAGED.replace(weight_depth=256, feature_maps=False, requant_overlap=False))
 
 
 @pytest.mark.parametrize("model, board, changes", [
     ("ad", "ulx3s-85f", {}),                       # four stages on the 85F's default
+    ("vww", "ulx3s-85f", {}),                      # three
+    ("ad", "ulx3s-25f", {}),                       # 640×128 layers in parts of 8 tiles
     ("kws", "ulx3s-85f", {"weight_depth": 512}),   # depthwise layers and halos across stages
 ])
 def test_staged_mlperf_models_equal_litert(model, board, changes):
@@ -155,3 +175,26 @@ def test_a_staged_program_on_the_virtual_board(staged, x):
         with pytest.raises(DeviceLost, match=f"another run \\(token {other}\\) came between "
                                              f"two stages"):
             device.execute(second)
+
+
+def test_compile_and_run_on_the_command_line(tmp_path, capsys):
+    """`npugen compile ad01_int8.tflite --board ulx3s-85f`, then `npugen run --json`:
+    LiteRT's outputs, and the stages said."""
+    import json
+
+    from npugen.cli import main
+
+    path = MLPERF_TINY / MODELS["ad"].file
+    assert main(["compile", str(path), "--board", "ulx3s-85f", "-o",
+                 str(tmp_path / "ad.npu")]) == 0
+    assert "runs in 4 stages" in capsys.readouterr().out
+    x = np.random.default_rng(9).integers(-128, 128, (3, 640), dtype=np.int8)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["run", str(tmp_path / "ad.npu"), "--input", str(tmp_path / "x.npy"),
+                 "-o", str(tmp_path / "y.npy"), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "4 stages a run" in out
+    report = json.loads(out[out.index("{"):])
+    assert report["stages"] == 4 and report["stage_words_per_run"] > 5120 * 4 * 3
+    assert [layer["stages"] for layer in report["layers"]][0] == [0]
+    assert np.array_equal(np.load(tmp_path / "y.npy"), litert_reference(path)(x))
