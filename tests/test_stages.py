@@ -4,24 +4,22 @@ writes its image, the activations kept on the NPU between them; bit-exact with t
 compiled whole, and with LiteRT's reference kernels."""
 
 import struct
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from test_targets import assert_same, fake_simulate
+from test_targets import assert_same, fake_simulate, mlp_program
 
 from conftest import MLPERF_TINY, available_simulators, litert_reference
 from npugen import GoldenTarget, NpuConfig, RtlTarget, run
 from npugen.boards import BOARDS
 from npugen.compiler import compile_model
 from npugen.driver import Device, DeviceLost
-from npugen.importers import load_onnx
 from npugen.mlperf import MODELS
 from npugen.program import Program
 from npugen.protocol import START_FORMAT, Command
 from npugen.runtime import program_job, program_jobs, quantize_input
 from npugen.sim import runner
-from npugen.train import digits, mlp_to_onnx
+from npugen.train import digits
 
 WHOLE = NpuConfig(rows=4, cols=4, activation_depth=1024, weight_depth=2048,
                   accumulator_depth=512, instruction_depth=1024, param_depth=64)
@@ -30,15 +28,8 @@ STAGED = WHOLE.replace(weight_depth=512)
 
 
 def mlp(config: NpuConfig):
-    """A 64-32-10 MLP with seeded random weights, batch 8, for ``config``."""
-    rng = np.random.default_rng(3)
-    sizes = (64, 32, 10)
-    shapes = list(zip(sizes, sizes[1:], strict=False))
-    weights = SimpleNamespace(coefs_=[rng.standard_normal(shape) / 8 for shape in shapes],
-                              intercepts_=[rng.standard_normal(shape[1]) / 8
-                                           for shape in shapes])
-    model = load_onnx(mlp_to_onnx(weights, "/dev/null"))
-    return compile_model(model, config, calibration=digits()[0][:64], batch=8)
+    """The 64-32-10 MLP of tests/test_targets.py, batch 8, for ``config``."""
+    return mlp_program(config)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,11 @@ CONFIG = NpuConfig(rows=4, cols=4, activation_depth=1024, weight_depth=2048,
 
 @pytest.fixture(scope="module")
 def program():
-    """A 64-32-10 MLP with seeded random weights, batch 8."""
+    return mlp_program(CONFIG)
+
+
+def mlp_program(config: NpuConfig):
+    """A 64-32-10 MLP with seeded random weights, batch 8, for ``config``."""
     rng = np.random.default_rng(3)
     sizes = (64, 32, 10)
     shapes = list(zip(sizes, sizes[1:], strict=False))
@@ -31,7 +35,7 @@ def program():
                               intercepts_=[rng.standard_normal(shape[1]) / 8
                                            for shape in shapes])
     model = load_onnx(mlp_to_onnx(weights, "/dev/null"))
-    return compile_model(model, CONFIG, calibration=digits()[0][:64], batch=8)
+    return compile_model(model, config, calibration=digits()[0][:64], batch=8)
 
 
 @pytest.fixture(scope="module")
