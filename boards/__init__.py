@@ -65,15 +65,17 @@ _KWS_8X8 = dict(activation_depth=2560, weight_depth=5120, accumulator_depth=512,
 # meets the clock (KWS: 140,219 cycles against 193,535 with one lane).
 _KWS_12X8 = dict(activation_depth=2048, weight_depth=7936, accumulator_depth=512,
                  instruction_depth=1280, param_depth=1024, requant_lanes=2)
-# The 85F's 16×16 holds ResNet-8 (3,334 activation words, 4,976 weight words), KWS and
-# VWW's feature maps (7,107 words at its first layer; its weights and AD's run in stages,
-# docs/MODELS.md), with eight requantizer lanes (24 MULT18X18Ds, three a lane) beside the array
+# The 85F's 16×16 holds ResNet-8 (3,334 activation words, 4,976 weight words) and KWS
+# (AD runs in stages, docs/MODELS.md), with eight requantizer lanes (24 MULT18X18Ds, three
+# a lane) beside the array
 # (requant_overlap: a copy of the accumulators' block RAM) and the depthwise mode's line
 # buffers (rows of up to 64 words). ResNet-8 in 64,964 cycles, KWS in 14,784. Sixteen
 # lanes (48 MULT18X18Ds, 144 of 156; ResNet-8 56,462 cycles, KWS 13,098) took 71,707 of
 # the 83,640 LUTs and did not route: nextpnr's router had 253,435 of 302,626 arcs left
-# after 2,100 s (npugen bench --only boards at 3f92123, docs/CHANGELOG.md).
-_RESNET_16X16 = dict(activation_depth=7168, weight_depth=5120, accumulator_depth=512,
+# after 2,100 s (npugen bench --only boards at 3f92123, docs/CHANGELOG.md). 7,168
+# activation words, for VWW's maps, did not route either: 270,147 of 273,523 arcs left
+# after 1,347 s (the default of 1a59bd3, docs/CHANGELOG.md).
+_RESNET_16X16 = dict(activation_depth=3584, weight_depth=5120, accumulator_depth=512,
                      instruction_depth=1024, param_depth=512, requant_lanes=8,
                      requant_overlap=True, line_buffer_depth=64)
 

@@ -100,7 +100,8 @@ def test_without_the_feature_map_hardware_a_layer_is_not_split():
 
 @pytest.mark.parametrize("model, board, changes", [
     ("ad", "ulx3s-85f", {}),                       # four stages on the 85F's default
-    ("vww", "ulx3s-85f", {}),                      # three
+    # Three, with room for its maps (the 85F's default has 3,584 activation words).
+    ("vww", "ulx3s-85f", {"activation_depth": 7168}),
     ("ad", "ulx3s-25f", {}),                       # 640×128 layers in parts of 8 tiles
     ("kws", "ulx3s-85f", {"weight_depth": 512}),   # depthwise layers and halos across stages
 ])
