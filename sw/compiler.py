@@ -34,8 +34,9 @@ import numpy as np
 
 from .config import NpuConfig
 from .featuremap import FeatureMap, stride_pair
-from .golden import CycleModel, GemmState, check_program, overlap_requants
+from .golden import CycleModel, GemmState, check_program
 from .graph import Add, Conv, Dense, Model, Pool, output_shape
+from .interleave import interleave
 from .isa import Instruction, Opcode, encode_program
 from .lowering import Lowering, Requant, Rescale
 from .memory_map import Region
@@ -495,6 +496,7 @@ class _Stage:
     layers: list[int] = field(default_factory=list)   # indices into the model's layers
     starts: list[int] = field(default_factory=list)   # where each begins, in instructions
     instructions: list[Instruction] = field(default_factory=list)   # after finish()
+    origins: list[int] = field(default_factory=list)   # each one's index before interleave
     out_tiles: range | None = None   # a part of a layer: its output tiles
 
     def lower(self, model: QuantizedModel, index: int, maps: dict[str, FeatureMap],
@@ -530,35 +532,38 @@ class _Stage:
         """End the stage: pending FILLs, HALT, the REQUANTs' overlap, checked."""
         self.lowering.flush_fills()
         instructions = self.lowering.instructions + [Instruction(Opcode.HALT)]
-        self.instructions = overlap_requants(config, instructions)
+        self.instructions, self.origins = interleave(config, instructions)
         check_program(config, self.instructions)
 
     def time(self, config: NpuConfig, layers: list[dict]) -> int:
         """The stage's cycles (one run) from the cycle model (which the RTL's counters
-        equal), written into its layers' rows: from the cycle a layer's first MATMUL
-        dispatches to the next layer's, when the array turns from one layer's rows to the
-        next's. A layer's last REQUANT, which may run beside the next layer's first rows
-        (requant_overlap), so counts in the next layer's time; every MAC of a layer falls
-        within its own. The first layer also counts the run's start."""
+        equal), written into its layers' rows. A cycle in which the array streams a
+        layer's rows is that layer's; one in which it idles belongs to the layer of the
+        instruction the sequencer dispatches next (the one waiting: a requant-bound
+        layer's REQUANT, an add's passes). So every MAC of a layer falls within its own
+        cycles, though layers overlap (requant_overlap, :func:`npugen.interleave.
+        interleave`), and the rows add up to the run's cycles; the first layer also
+        counts the run's start."""
         timing, state = CycleModel(config), GemmState(config.rows)
-        layer_of = np.searchsorted(self.starts, np.arange(len(self.instructions)),
-                                   side="right") - 1
-        first_dispatch: dict[int, int] = {}
-        first_matmul: dict[int, int] = {}
+        layer_of = np.searchsorted(self.starts, self.origins, side="right") - 1
+        dispatched, dispatch_layer, streams = [], [], []
         for index, instruction in enumerate(self.instructions):
             for step in state.expand(instruction):
                 timing.dispatch(step)
-                first_dispatch.setdefault(int(layer_of[index]), timing.next_cycle - 1)
+                dispatched.append(timing.next_cycle - 1)
+                dispatch_layer.append(int(layer_of[index]))
                 if step.opcode is Opcode.MATMUL:
-                    first_matmul.setdefault(int(layer_of[index]), timing.next_cycle - 1)
-        bounds = [0]
-        for local in range(1, len(self.starts)):
-            bounds.append(max(bounds[-1], first_matmul.get(local, first_dispatch[local])))
-        bounds.append(timing.counters.cycles)
-        for index, start, end in zip(self.layers, bounds, bounds[1:], strict=False):
+                    streams.append((dispatched[-1], step["count"], dispatch_layer[-1]))
+        total = timing.counters.cycles
+        waiting = np.searchsorted(dispatched, np.arange(total), side="left")
+        owner = np.asarray(dispatch_layer)[np.minimum(waiting, len(dispatched) - 1)]
+        for start, count, layer in streams:
+            owner[start:start + count] = layer
+        for local, cycles in enumerate(np.bincount(owner, minlength=len(self.layers))):
             # A layer split across stages: the sum of its parts.
-            layers[index]["cycles"] = layers[index].get("cycles", 0) + end - start
-        return timing.counters.cycles
+            index = self.layers[local]
+            layers[index]["cycles"] = layers[index].get("cycles", 0) + int(cycles)
+        return total
 
     def image(self) -> list[tuple[Region, int, np.ndarray]]:
         """What the host writes before the stage runs."""

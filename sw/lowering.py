@@ -872,8 +872,8 @@ class Lowering:
                          settings: list[Instruction], split: int,
                          origin, pitch: int) -> None:
         """The steps of :meth:`_emit` for an NPU with ``requant_overlap``: one output tile
-        and chunk of rows at a time, in alternate halves of the accumulators, each tile's
-        REQUANT running (``overlap``) beside the next one's GEMM.
+        and chunk of rows at a time, in turn in parts of the accumulators, each tile's
+        REQUANT running (``overlap``) beside the next one's GEMM (:meth:`_acc_regions`).
 
         The layer's requantizer ``settings`` (SETPP, SETOUT) wait for the last layer's
         REQUANT, so they come after the first GEMM's first ``split`` K tiles (all of them
@@ -893,19 +893,21 @@ class Lowering:
             return _chunk_words(src, dst, min(chunk_rows, dst.height - y0), reduce,
                                 bool(lead), lead, pitch)
 
+        regions = self._acc_regions(max(counts(y0)[1] for y0, _ in items), len(items))
+
         def gemm(k: int) -> None:
             y0, index = items[k]
             act_addr = origin(tiles[index].src_tile, y0)
             if k > 0 or not split:
                 self._tile_gemm(src, weight_at[index], k_tiles, combine_max, act_addr,
-                                (k % 2) * half, counts(y0)[0])
+                                regions[k], counts(y0)[0])
                 ins.extend(settings if k == 0 else [])
                 return
-            self._tile_gemm(src, weight_at[index], split, combine_max, act_addr, 0,
+            self._tile_gemm(src, weight_at[index], split, combine_max, act_addr, regions[0],
                             counts(y0)[0])
             ins.extend(settings)
             self._tile_gemm(src, weight_at[index] + split * c.rows, k_tiles - split,
-                            combine_max, act_addr + split // taps * src.tile_words, 0,
+                            combine_max, act_addr + split // taps * src.tile_words, regions[0],
                             counts(y0)[0], accumulate=True)
 
         taps = k_tiles - split if split else 1
@@ -919,13 +921,36 @@ class Lowering:
                 "param_addr": param_at[index], "out_stride": dst.tile_words}))
             tile = tiles[index]
             ins.append(Instruction(Opcode.REQUANT, {
-                "acc_addr": (k % 2) * half, "count": counts(y0)[1],
+                "acc_addr": regions[k], "count": counts(y0)[1],
                 "out_addr": dst.word(tile.dst_channel // c.rows, y0, 0),
                 "out_lane": tile.dst_channel % c.rows,
                 "single_rounding": requant.single_rounding,
                 "ties_to_even": requant.ties_to_even, "overlap": int(k + 1 < len(items))}))
             if k + 1 < len(items):
                 gemm(k + 1)
+
+    def _acc_regions(self, words: int, items: int) -> list[int]:
+        """The accumulator word each of ``items`` chunks of up to ``words`` words starts
+        at, in :meth:`_emit_overlapped`: in turn around the accumulators from past the
+        words the last REQUANT reads where three chunks fit (so that the next layer's
+        first GEMMs, and :func:`npugen.interleave.interleave`'s hoisted ones, find words
+        no REQUANT still reads), else the two halves, the first the one that REQUANT
+        does not read."""
+        depth = self.config.accumulator_depth
+        last = next((ins for ins in reversed(self.instructions)
+                     if ins.opcode is Opcode.REQUANT), None)
+        busy = (range(0) if last is None else range(depth) if last["to_acc"] else
+                range(last["acc_addr"], last["acc_addr"] + last["count"]))
+        if 3 * words > depth:
+            first = int(len(busy) > 0 and busy.start < words)   # the lower half in use
+            return [((first + k) % 2) * (depth // 2) for k in range(items)]
+        starts, at = [], busy.stop if busy.stop + words <= depth else 0
+        for _ in range(items):
+            if at + words > depth:
+                at = 0
+            starts.append(at)
+            at += words
+        return starts
 
     def _tile_gemm(self, src: FeatureMap, weight_addr: int, k_tiles: int, combine_max: bool,
                    act_addr: int, acc_addr: int, count: int, *,

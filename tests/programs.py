@@ -359,17 +359,67 @@ def depthwise_mode_job(config: NpuConfig, rng: np.random.Generator, *, out_halo:
     return _map_job(config, rng, lowering, [(src, x)], dst), expected, dst
 
 
+def depthwise_pointwise_job(config: NpuConfig, rng: np.random.Generator):
+    """A 3×3 depthwise convolution in the depthwise mode and a 1×1 convolution of its
+    output, two channel tiles each, on an NPU whose requantizer takes longer than the
+    array (a MobileNet block): the program as the compiler interleaves it
+    (:func:`npugen.interleave.interleave`, which must have moved GEMMs), with the
+    expected output computed directly: (job, expected, output map)."""
+    from npugen.arith import requantize
+    from npugen.featuremap import FeatureMap
+    from npugen.interleave import interleave
+    from npugen.lowering import Lowering, Requant
+
+    channels, c_out, height, width = 2 * config.rows, 2 * config.cols, 8, 8
+    fill = int(rng.integers(-128, 128))
+    src = FeatureMap(0, channels, height, width, config.rows, config.cols,
+                     halo=(1, 1, 1, 1), fill=fill)
+    mid = FeatureMap(src.end, channels, height, width, config.rows, config.cols)
+    dst = FeatureMap(mid.end, c_out, height, width, config.rows, config.cols)
+    x = rng.integers(-128, 128, (channels, height, width))
+
+    def random_requant(n: int) -> Requant:
+        return Requant(rng.integers(-2000, 2000, n), rng.integers(1 << 30, (1 << 31) - 1, n),
+                       rng.integers(6, 12, n), int(rng.integers(-20, 20)))
+
+    depthwise, pointwise = rng.integers(-128, 128, (3, 3, channels)), rng.integers(
+        -128, 128, (1, 1, channels, c_out))
+    first, second = random_requant(channels), random_requant(c_out)
+    lowering = Lowering(config)
+    assert lowering.depthwise(src, mid, depthwise, first, 1, (1, 1, 1, 1))
+    lowering.conv(mid, dst, pointwise, second)
+    program = lowering.instructions + [Instruction(Opcode.HALT)]
+    interleaved, _ = interleave(config, program)
+    assert interleaved != overlap_requants(config, program), "interleave moved nothing"
+
+    full = np.zeros((3, 3, channels, channels), dtype=np.int64)
+    for channel in range(channels):
+        full[:, :, channel, channel] = depthwise[:, :, channel]
+
+    def layer(values: np.ndarray, weight: np.ndarray, pads: tuple, requant: Requant):
+        acc = reference_conv(values, weight, 1, pads, fill)
+        return requantize(acc.transpose(1, 2, 0), requant.bias, requant.multiplier,
+                          requant.shift, requant.zero_point, -128, 127,
+                          accumulator_width=config.accumulator_width,
+                          output_width=config.input_width).transpose(2, 0, 1)
+
+    expected = layer(layer(x, full, (1, 1, 1, 1), first), pointwise, (0, 0, 0, 0), second)
+    job = _map_job(config, rng, lowering, [(src, x)], dst, program=interleaved)
+    return job, expected, dst
+
+
 #: The value of the words just past an operator's output map: it must not write there.
 GUARD_VALUE = 77
 
 
-def _map_job(config: NpuConfig, rng: np.random.Generator, lowering, inputs, dst) -> Job:
-    """The lowered program with its input maps, junk where the output goes (the operator
-    and its FILLs must overwrite it) and a guard past the output map (it must not write
-    there)."""
+def _map_job(config: NpuConfig, rng: np.random.Generator, lowering, inputs, dst, *,
+             program: list[Instruction] | None = None) -> Job:
+    """The lowered program (or ``program``) with its input maps, junk where the output
+    goes (the operator and its FILLs must overwrite it) and a guard past the output map
+    (it must not write there)."""
     job = Job(config)
     # As the compiler does: each REQUANT beside the steps after it where they allow.
-    job.write(Region.INSTRUCTIONS, 0, encode_program(overlap_requants(
+    job.write(Region.INSTRUCTIONS, 0, encode_program(program or overlap_requants(
         config, lowering.instructions + [Instruction(Opcode.HALT)])))
     for fmap, values in inputs:
         job.write(Region.ACTIVATIONS, fmap.base, fmap.pack(values))
