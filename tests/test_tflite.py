@@ -151,19 +151,35 @@ def test_nhwc_layout_and_per_layer_table():
     assert sum(layer["cycles"] for layer in program.layers) == program.estimated_cycles
 
 
-def test_layer_cycles_hold_each_layers_macs_when_layers_overlap():
-    """With ``requant_overlap`` a layer's first rows stream beside the last REQUANT of the
-    layer before: its cycles start with its first MATMUL, so no layer's utilization
-    passes 1 and the rows still add up to the run's cycles (KWS on the ULX3S-85F's
-    16×16, whose 1×1 convolutions would otherwise read above 1)."""
+def test_layer_cycles_hold_each_layers_macs_when_layers_overlap(monkeypatch):
+    """With ``requant_overlap`` a layer's rows stream beside the last REQUANT of the
+    layer before, and the compiler moves the next layer's GEMMs ahead of a depthwise
+    layer's REQUANTs (npugen.interleave): a layer's cycles are those in which the array
+    streams its rows or waits at its instructions, so no layer's utilization passes 1
+    and the rows still add up to the run's cycles (KWS on the ULX3S-85F's 16×16). The
+    moved program is faster and computes what the program in order does, bit for bit
+    with LiteRT's reference kernels."""
+    import npugen.compiler
     from npugen.boards import BOARDS
+    from npugen.golden import overlap_requants
 
     config = BOARDS["ulx3s-85f"].default_config
     assert config.requant_overlap
-    program = compile_model(MLPERF_TINY / MODELS["kws"], config)
+    path = MLPERF_TINY / MODELS["kws"]
+    program = compile_model(path, config)
     assert sum(layer["cycles"] for layer in program.layers) == program.estimated_cycles
     assert max(layer["utilization"] for layer in program.layers) <= 1
     assert max(layer["utilization"] for layer in program.layers) > 0.95
+    x = random_input(path, 2, seed=3)
+    np.testing.assert_array_equal(run(program, x).quantized_output,
+                                  litert_reference(path)(x).reshape(2, -1))
+
+    monkeypatch.setattr(npugen.compiler, "interleave", lambda config, program: (
+        overlap_requants(config, program), list(range(len(program)))))
+    in_order = compile_model(path, config)
+    assert program.estimated_cycles < 0.95 * in_order.estimated_cycles
+    np.testing.assert_array_equal(run(in_order, x).quantized_output,
+                                  run(program, x).quantized_output)
 
 
 def test_cli_compile_and_run_kws(tmp_path, capsys):
