@@ -61,10 +61,16 @@ _MEDIUM = dict(activation_depth=1024, weight_depth=2048, accumulator_depth=512,
 _KWS_8X8 = dict(activation_depth=2560, weight_depth=5120, accumulator_depth=512,
                 instruction_depth=512, param_depth=768, requant_lanes=1,
                 requant_overlap=True, line_buffer_depth=16)
-# The 45F's 12×8 has a second requantizer lane: its products are in logic, and it
-# meets the clock (KWS: 140,219 cycles against 193,535 with one lane).
-_KWS_12X8 = dict(activation_depth=2048, weight_depth=7936, accumulator_depth=512,
-                 instruction_depth=1280, param_depth=1024, requant_lanes=2)
+# The 45F's 8×8 holds ResNet-8 (6,668 activation words, 9,816 weight words) and KWS,
+# with four requantizer lanes (12 MULT18X18Ds; the array's top 7 rows in the other 56)
+# beside the array and the depthwise mode's line buffer: KWS in 48,312 cycles, ResNet-8
+# in 224,509 (npugen compile MODEL.tflite --board ulx3s-45f). 99 of 108 DP16KD, 76.79 MHz
+# at 75 (npugen build --board ulx3s-45f --json, seed 1; seed 2 79.03, docs/CHANGELOG.md). Its former
+# 12×8 with two lanes (no requant_overlap: its build with it stopped in yosys's ABC9, no
+# line buffers: not square) ran KWS in 128,803 cycles and held no ResNet-8 (6,668 words).
+_RESNET_8X8 = dict(activation_depth=6912, weight_depth=10240, accumulator_depth=512,
+                   instruction_depth=1024, param_depth=256, requant_lanes=4,
+                   requant_overlap=True, line_buffer_depth=16)
 # The 85F's 16×16 holds ResNet-8 (3,334 activation words, 4,976 weight words) and KWS
 # (AD runs in stages, docs/MODELS.md), with eight requantizer lanes (24 MULT18X18Ds, three
 # a lane) beside the array
@@ -107,11 +113,11 @@ BOARDS: dict[str, Board] = {board.name: board for board in (
             NpuConfig(rows=rows, cols=cols, **memories),
             description=f"Radiona ULX3S, LFE5U-{size}F", loader_name="ulx3s", pll_mhz=pll,
             device=f"lfe5u-{size}f")
-      # Rows in MULT18X18Ds and in logic: the 25F's 8×8 3 and 5, the 45F's 12×8 8 and 4,
+      # Rows in MULT18X18Ds and in logic: the 25F's 8×8 3 and 5, the 45F's 8×8 7 and 1,
       # the 85F's 16×16 6 and 10 (ECP5_DSP_PRODUCTS). The 12F keeps a 4×4: an 8×8 takes
       # more than its 12K LUTs.
       for size, rows, cols, pll, memories in (
-          (12, 4, 4, 80.0, _MEDIUM), (25, 8, 8, 75.0, _KWS_8X8), (45, 12, 8, 75.0, _KWS_12X8),
+          (12, 4, 4, 80.0, _MEDIUM), (25, 8, 8, 75.0, _KWS_8X8), (45, 8, 8, 75.0, _RESNET_8X8),
           (85, 16, 16, 65.0, _RESNET_16X16))),
     # Without the feature-map hardware, like the iCEBreaker (with it, neither board's
     # array placed when it was last tried: docs/CHANGELOG.md, 2026-11-28).

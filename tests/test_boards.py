@@ -98,7 +98,7 @@ def test_ecp5_estimate_counts_the_rows_in_dsps(rows, cols, slots):
 
 
 @pytest.mark.parametrize("device, rows, cols, in_dsps, slots", [
-    ("lfe5u-45f", 8, 8, 8, 64 + 3),     # the 45F's default: every row in MULT18X18Ds
+    ("lfe5u-45f", 8, 8, 8, 64 + 3),     # an 8×8, one lane: every row in MULT18X18Ds
     ("lfe5u-45f", 8, 12, 5, 60 + 3),    # 69 MULT18X18Ds beside the requantizer's: 5 rows
     ("lfe5u-12f", 4, 8, 3, 24 + 3),     # 25 beside the requantizer's: 3 rows of 8
     ("lfe5u-85f", 12, 12, 8, 96 + 3),   # ECP5_DSP_PRODUCTS
