@@ -106,6 +106,16 @@ def _chunk_words(src: FeatureMap, dst: FeatureMap, rows: int, reduce: bool, dept
     return rows * dst.width, rows * dst.width
 
 
+def _balanced_chunks(height: int, most: int) -> list[tuple[int, int]]:
+    """(first row, rows) of the fewest chunks of at most ``most`` rows that cover
+    ``height`` rows, their sizes a row apart at most (a short last chunk would wait for
+    the long one before it)."""
+    count = ceil_div(height, most)
+    sizes = [height // count + (index < height % count) for index in range(count)]
+    starts = np.cumsum([0, *sizes[:-1]])
+    return [(int(y0), rows) for y0, rows in zip(starts, sizes, strict=True)]
+
+
 def _spread_fills(fills: list[Instruction], parts: int) -> list[Instruction]:
     """``fills`` cut at row boundaries into FILLs of about 1/``parts`` of their words
     each, so that ``parts`` GEMMs can each hide one."""
@@ -431,7 +441,12 @@ class Lowering:
         if 2 * width > c.accumulator_depth:
             raise DoesNotFit(f"an add of {width}-pixel rows needs {2 * width} accumulator "
                              f"words, accumulator_depth is {c.accumulator_depth}")
-        chunk_rows = min(height, c.accumulator_depth // (2 * width))
+        # With the requantizer beside the array and room for three chunks, both inputs
+        # pass through the array first (into [0, count) and [count, 2·count)), beside
+        # the previous chunk's output REQUANT, and both rescales go into [2·count,
+        # 3·count): the rescales, which stop the sequencer, no longer wait for a pass.
+        both_first = c.requant_overlap and c.accumulator_depth >= 3 * width
+        chunk_rows = min(height, c.accumulator_depth // ((3 if both_first else 2) * width))
 
         inputs = [(first, self._rescale_params(first_scale)),
                   (second, self._rescale_params(second_scale))]
@@ -452,10 +467,16 @@ class Lowering:
                 channels_here = tile * c.rows + lane + np.arange(c.cols)
                 sum_params[tile, lane] = self._store_params(requant.lanes(
                     channels_here).reshape(groups, c.requant_lanes, 3))
-                chunks += [(tile, lane, y0, min(chunk_rows, height - y0) * width)
-                           for y0 in range(0, height, chunk_rows)]
+                chunks += [(tile, lane, y0, rows * width)
+                           for y0, rows in _balanced_chunks(height, chunk_rows)]
 
         for tile, lane, y0, count in chunks:
+            if both_first:
+                self._add_both_first(inputs, identity_at[lane], tile, lane, y0, count,
+                                     requant)
+                self._add_sum_out(requant, dst, sum_params[tile, lane], 2 * count, count,
+                                  tile, y0, lane)
+                continue
             for which, (fmap, params_at) in enumerate(inputs):
                 # The input through the array into accumulators [0, count), then
                 # rescaled into [count, 2·count), the second added to the first. The
@@ -483,6 +504,33 @@ class Lowering:
                     "ties_to_even": requant.ties_to_even}))
             self._add_sum_out(requant, dst, sum_params[tile, lane], count, count, tile, y0,
                               lane)
+
+    def _add_both_first(self, inputs: list[tuple[FeatureMap, int]], identity_at: int,
+                        tile: int, lane: int, y0: int, count: int, requant: Requant) -> None:
+        """An add's chunk of ``count`` words (:meth:`add`, ``both_first``): each input
+        through the array into its own ``count`` accumulator words, then each rescaled
+        into the next ``count`` after both, the second added to the first."""
+        ins = self.instructions
+        width = inputs[0][0].width
+        for which, (fmap, _) in enumerate(inputs):
+            ins.append(Instruction(Opcode.SETWIN, {
+                "row_length": width, "row_step": fmap.pitch, "col_step": 1}))
+            ins.append(Instruction(Opcode.SETGEMM, {
+                "weight_addr": identity_at, "k_tiles": 1, "tile_step": 0}))
+            ins.append(Instruction(Opcode.GEMM, {
+                "bank": self.bank, "act_addr": fmap.word(tile, y0, 0),
+                "acc_addr": which * count, "count": count}))
+            self.bank ^= 1
+        self.flush_fills()   # the output's halo, beside the passes
+        ins.append(Instruction(Opcode.SETPP, {
+            "zero_point": 0, "clamp_min": -(1 << 15), "clamp_max": (1 << 15) - 1}))
+        for which, (_, params_at) in enumerate(inputs):
+            ins.append(Instruction(Opcode.SETREQ, {"param_addr": params_at, "out_stride": 0}))
+            ins.append(Instruction(Opcode.REQUANT, {
+                "acc_addr": which * count, "count": count, "out_addr": 2 * count,
+                "to_acc": 1, "accumulate": which, "left_shift": 1,
+                "single_rounding": requant.single_rounding,
+                "ties_to_even": requant.ties_to_even}))
 
     def _add_sum_out(self, requant: Requant, dst: FeatureMap, params_at: int, acc_addr: int,
                      count: int, tile: int, y0: int, lane: int = 0) -> None:
