@@ -541,9 +541,9 @@ class _Stage:
         layer's rows is that layer's; one in which it idles belongs to the layer of the
         instruction the sequencer dispatches next (the one waiting: a requant-bound
         layer's REQUANT, an add's passes). So every MAC of a layer falls within its own
-        cycles, though layers overlap (requant_overlap, :func:`npugen.interleave.
-        interleave`), and the rows add up to the run's cycles; the first layer also
-        counts the run's start."""
+        cycles, though layers overlap (requant_overlap, and the GEMMs
+        :func:`~npugen.interleave.interleave` moves), and the rows add up to the run's
+        cycles; the first layer also counts the run's start."""
         timing, state = CycleModel(config), GemmState(config.rows)
         layer_of = np.searchsorted(self.starts, self.origins, side="right") - 1
         dispatched, dispatch_layer, streams = [], [], []

@@ -56,6 +56,18 @@ def _span(start: int, count: int) -> int:
     return ((1 << count) - 1) << start
 
 
+def _gemm_words(config: NpuConfig, state: GemmState, gemm: Instruction) -> tuple[int, int]:
+    """The activation words a GEMM reads and the accumulator words it writes (``state``
+    expands it, as the sequencer does)."""
+    reads = writes = 0
+    for step in state.expand(gemm):
+        if step.opcode is Opcode.MATMUL:
+            words = step["act_addr"] + state.window.offsets(step["count"])
+            reads |= _mask(words, config.activation_depth)
+            writes |= _span(step["acc_addr"], matmul_results(config, state, step))
+    return reads, writes
+
+
 @dataclass
 class _Unit:
     """A GEMM (``kind`` "A"), a REQUANT ("R"), a FILL ("F") or any other instruction
@@ -105,12 +117,7 @@ def _units(config: NpuConfig, program: list[Instruction]) -> list[_Unit]:
             unit = _Unit("A", index, ins, {
                 Opcode.SETGEMM: registers.gemm, Opcode.SETKERN: registers.values[Opcode.SETKERN],
                 Opcode.SETWIN: registers.values[Opcode.SETWIN]})
-            for step in state.expand(ins):
-                if step.opcode is Opcode.MATMUL:
-                    reads = step["act_addr"] + state.window.offsets(step["count"])
-                    unit.act_reads |= _mask(reads, act)
-                    unit.acc_writes |= _span(step["acc_addr"],
-                                             matmul_results(config, state, step))
+            unit.act_reads, unit.acc_writes = _gemm_words(config, state, ins)
             unit.acc_reads = unit.acc_writes
             registers.gemm = (state.weight_addr, registers.gemm[1], registers.gemm[2])
             if None in (unit.registers[Opcode.SETKERN], unit.registers[Opcode.SETWIN]):
@@ -176,10 +183,7 @@ def _first_part(config: NpuConfig, unit: _Unit) -> tuple[_Unit, _Unit] | None:
         state.expand(Instruction(Opcode.SETGEMM, dict(zip(
             ("weight_addr", "k_tiles", "tile_step"), part.registers[Opcode.SETGEMM],
             strict=True))))
-        for step in state.expand(part.instruction):
-            if step.opcode is Opcode.MATMUL:
-                reads = step["act_addr"] + state.window.offsets(step["count"])
-                part.act_reads |= _mask(reads, config.activation_depth)
+        part.act_reads = _gemm_words(config, state, part.instruction)[0]
         part.acc_reads = part.acc_writes = unit.acc_writes
     return parts[0], parts[1]
 
@@ -200,7 +204,8 @@ class _Emitter:
     def _put(self, ins: Instruction, origin: int) -> None:
         self.program.append(ins)
         self.origins.append(origin)
-        self.registers.set(ins) if ins.opcode in _SETTERS else None
+        if ins.opcode in _SETTERS:
+            self.registers.set(ins)
         if ins.opcode is Opcode.REQUANT and self.config.requant_overlap \
                 and not ins["to_acc"]:
             # As overlap_requants will set it, where the next steps allow (interleave

@@ -472,8 +472,7 @@ class Lowering:
 
         for tile, lane, y0, count in chunks:
             if both_first:
-                self._add_both_first(inputs, identity_at[lane], tile, lane, y0, count,
-                                     requant)
+                self._add_both_first(inputs, identity_at[lane], tile, y0, count, requant)
                 self._add_sum_out(requant, dst, sum_params[tile, lane], 2 * count, count,
                                   tile, y0, lane)
                 continue
@@ -506,7 +505,7 @@ class Lowering:
                               lane)
 
     def _add_both_first(self, inputs: list[tuple[FeatureMap, int]], identity_at: int,
-                        tile: int, lane: int, y0: int, count: int, requant: Requant) -> None:
+                        tile: int, y0: int, count: int, requant: Requant) -> None:
         """An add's chunk of ``count`` words (:meth:`add`, ``both_first``): each input
         through the array into its own ``count`` accumulator words, then each rescaled
         into the next ``count`` after both, the second added to the first."""
