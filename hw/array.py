@@ -42,7 +42,11 @@ class SystolicArray(wiring.Component):
     the column's sums can reach (``psum_width``) to the accumulators'.
 
     ``weight_row`` with ``load`` shifts one row of weights into the top of bank
-    ``load_bank``; ``rows`` such cycles load a tile (last row first).
+    ``load_bank``; ``rows`` such cycles load a tile (last row first). Column c shifts
+    c cycles later (load skew), as the words reach it c cycles later, so a word entering
+    in cycle t uses in row r the bank as the loads up to cycle t + r left it, in every
+    column: a bank may be loaded again right behind the last word through its bottom
+    row, not its last column (``weight_use_cycles``, sw/timing.py).
 
     ``implementation``: whose DSP blocks multiply, and how many rows they take (hw/dsp.py).
 
@@ -89,11 +93,18 @@ class SystolicArray(wiring.Component):
                                   fabric_multiplier=r >= in_dsp, depthwise=depthwise,
                                   implementation=implementation)
                 for col in range(c.cols)] for r in range(c.rows)]
+        # The load skew: each column's weights, load and bank a cycle after its left
+        # neighbour's (also one register for all the PEs of a column).
+        column_load = [(_delay(m, self.weight_row[col], col, f"load_skew{col}"),
+                        _delay(m, self.load, col, f"load_skew_valid{col}"),
+                        _delay(m, self.load_bank, col, f"load_skew_bank{col}"))
+                       for col in range(c.cols)]
         for r in range(c.rows):
             for col in range(c.cols):
                 pe = pes[r][col]
                 m.submodules[f"pe_{r}_{col}"] = pe
-                m.d.comb += [pe.load.eq(self.load), pe.load_bank.eq(self.load_bank)]
+                weight_row, load, load_bank = column_load[col]
+                m.d.comb += [pe.load.eq(load), pe.load_bank.eq(load_bank)]
                 if col == 0:
                     skew = r + ARRAY_INPUT_STAGES
                     m.d.comb += [
@@ -109,7 +120,7 @@ class SystolicArray(wiring.Component):
                     if depthwise:
                         m.d.comb += pe.mode_in.eq(left.mode_out)
                 if r == 0:
-                    m.d.comb += [pe.psum_in.eq(0), pe.weight_in.eq(self.weight_row[col])]
+                    m.d.comb += [pe.psum_in.eq(0), pe.weight_in.eq(weight_row)]
                 else:
                     above = pes[r - 1][col]
                     m.d.comb += [pe.psum_in.eq(above.psum_out),

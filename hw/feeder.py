@@ -143,7 +143,8 @@ class Feeder(wiring.Component):
         """Count down, per bank, the cycles its last word may still read it, and the
         cycles until the last result is written (returned: 0 when ``drain_idle``)."""
         c = self._config
-        use_cycles = weight_use_cycles(c.rows, c.cols)
+        # At least one: with one row the LOADW waits for the feeder's last issue anyway.
+        use_cycles = max(1, weight_use_cycles(c.rows, c.cols))
         latency = array_latency(c.rows, c.cols)
         inflight = Array(Signal(range(use_cycles + 1), name=f"inflight{b}") for b in range(2))
         drain = Signal(range(latency + 3))

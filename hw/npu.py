@@ -121,7 +121,9 @@ class Npu(wiring.Component):
         m.d.comb += [
             sequencer.start.eq(start), sequencer.abort.eq(abort),
             sequencer.start_pc.eq(host_port.start_pc),
-            sequencer.load_busy.eq(loader.busy), sequencer.loading_bank.eq(loader.loading_bank),
+            sequencer.load_busy.eq(loader.busy), sequencer.load_ready.eq(loader.ready),
+            sequencer.load_filling.eq(loader.filling),
+            sequencer.loading_bank.eq(loader.loading_bank),
             sequencer.feed_busy.eq(feeder.busy), sequencer.feed_ready.eq(feeder.ready),
             sequencer.feeding_bank.eq(feeder.feeding_bank),
             sequencer.inflight_idle.eq(feeder.inflight_idle),

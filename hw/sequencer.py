@@ -43,13 +43,14 @@ class Sequencer(wiring.Component):
     ``fetch_en`` drive the instruction memory's read port during a run; ``fetch_data`` is
     its output.
 
-    The units' state the issue rules read: ``load_busy`` and ``loading_bank`` (weight
-    loader), ``feed_busy``, ``feed_ready``, ``feeding_bank``, ``inflight_idle`` (per bank)
-    and ``drain_idle`` (feeder), ``requant_active`` and ``requant_overlap`` (the active
-    REQUANT or FILL lets ``REQUANT_OVERLAPPERS`` dispatch). In the cycle a step dispatches, its
-    strobe (``loadw``, ``matmul``, ``requant``, ``set_pp``, ``set_req``, ``set_out``,
-    ``set_win``, ``fill``) is high, with ``instruction`` and the step's fields (``STEP_FIELDS``).
-    ``stall`` is high in the cycles an instruction is ready but may not dispatch.
+    The units' state the issue rules read: ``load_busy``, ``load_ready``, ``load_filling``
+    and ``loading_bank`` (weight loader), ``feed_busy``, ``feed_ready``, ``feeding_bank``,
+    ``inflight_idle`` (per bank) and ``drain_idle`` (feeder), ``requant_active`` and
+    ``requant_overlap`` (the active REQUANT or FILL lets ``REQUANT_OVERLAPPERS``
+    dispatch). In the cycle a step dispatches, its strobe (``loadw``, ``matmul``,
+    ``requant``, ``set_pp``, ``set_req``, ``set_out``, ``set_win``, ``fill``) is high, with
+    ``instruction`` and the step's fields (``STEP_FIELDS``). ``stall`` is high in the
+    cycles an instruction is ready but may not dispatch.
     """
 
     def __init__(self, config: NpuConfig):
@@ -59,7 +60,8 @@ class Sequencer(wiring.Component):
             "start": In(1), "abort": In(1), "start_pc": In(range(depth)),
             "fetch_addr": Out(range(depth)), "fetch_en": Out(1),
             "fetch_data": In(INSTRUCTION_WIDTH),
-            "load_busy": In(1), "loading_bank": In(1),
+            "load_busy": In(1), "load_ready": In(1), "load_filling": In(1),
+            "loading_bank": In(1),
             "feed_busy": In(1), "feed_ready": In(1), "feeding_bank": In(1),
             "inflight_idle": In(2), "drain_idle": In(1), "requant_active": In(1),
             "requant_overlap": In(1),
@@ -104,10 +106,10 @@ class Sequencer(wiring.Component):
         step_waits = step_is_loadw | step_is_matmul | step_is_requant | step_is_halt
         can_issue = Signal()
         m.d.comb += can_issue.eq(
-            (step_is_loadw & ~load_active & inflight_idle[step_bank]
+            (step_is_loadw & self.load_ready & inflight_idle[step_bank]
              & ~(feed_busy & (self.feeding_bank == step_bank)))
             | (step_is_matmul & self.feed_ready
-               & ~(load_active & (self.loading_bank == step_bank)))
+               & ~(self.load_filling & (self.loading_bank == step_bank)))
             | (step_is_requant & (requant_beside_feed | (~feed_busy & self.drain_idle)))
             | (step_is_halt & ~feed_busy & self.drain_idle & ~load_active)
             | ~step_waits)

@@ -1,11 +1,14 @@
 """The weight loader (LOADW): shifts a tile of ``rows`` weight words into one bank of the
 array while the feeder streams activations through the other, so preload is hidden.
 
-Timing (the cycle model's ``load_free_at = dispatch + rows + 2``): from the cycle after
-the dispatch the loader reads one word a cycle, the tile's last row first (it shifts down
-to the bottom row of PEs), for ``rows`` cycles; each word reaches the array from the
-memory the cycle after its read and is shifted in then. ``active`` is high from the
-cycle after the dispatch to the cycle of the last shift.
+Timing (sw/timing.py): from the cycle after the dispatch the loader reads one word a
+cycle, the tile's last row first (it shifts down to the bottom row of PEs), for ``rows``
+cycles; each word reaches the array from the memory the cycle after its read and is
+shifted in then (``WEIGHT_LOAD_STAGES``). ``busy`` is high from the cycle after the
+dispatch to the cycle of the last shift. The next LOADW may dispatch in the cycle of the
+last read (``ready``, ``load_next_cycles``), so tiles load back to back; a MATMUL on the
+bank being loaded may dispatch ``weight_load_cycles`` after the dispatch (``filling``
+falls), its words behind the last shift.
 """
 
 from amaranth import Module, Signal
@@ -14,6 +17,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig, check_config_type
 from ..memory_map import Region, memories
+from ..timing import load_next_cycles, weight_load_cycles
 from .ports import ReadRequest
 
 __all__ = ["WeightLoader"]
@@ -21,9 +25,10 @@ __all__ = ["WeightLoader"]
 
 class WeightLoader(wiring.Component):
     """Loads ``rows`` words from ``weight_addr`` into weight bank ``bank`` of the array
-    (``weight_row``, ``load``, ``load_bank``) when ``dispatch`` is high. ``busy`` and
-    ``loading_bank`` are what the sequencer's issue rules read: a MATMUL on the bank being
-    loaded waits. ``abort`` stops a load at once."""
+    (``weight_row``, ``load``, ``load_bank``) when ``dispatch`` is high. ``busy``,
+    ``ready``, ``filling`` and ``loading_bank`` are what the sequencer's issue rules read:
+    a LOADW waits for ``ready``, a MATMUL on ``loading_bank`` while ``filling``, HALT while
+    ``busy``. ``abort`` stops a load at once."""
 
     def __init__(self, config: NpuConfig):
         self._config = check_config_type(config)
@@ -34,6 +39,8 @@ class WeightLoader(wiring.Component):
             "weight_addr": In(16),
             "abort": In(1),
             "busy": Out(1),
+            "ready": Out(1),
+            "filling": Out(1),
             "loading_bank": Out(1),
             "weight_read": Out(ReadRequest(depth=weights.depth, data_width=weights.width)),
             "weight_row": Out(weights.width),
@@ -42,9 +49,18 @@ class WeightLoader(wiring.Component):
         })
 
     def elaborate(self, platform):
-        rows = self._config.rows
+        rows, cols = self._config.rows, self._config.cols
+        if load_next_cycles(rows, cols) != rows:
+            raise NotImplementedError("the loader takes the next LOADW on its last read")
+        # A MATMUL on the bank may dispatch from the cycle the loader reads word
+        # `matmul_from` (the dispatch cycle reads nothing: word k is read k + 1 later).
+        matmul_from = weight_load_cycles(rows, cols) - 1
         m = Module()
         load_busy = Signal()
+        # Registered beside the count, so that the sequencer's issue decision starts from
+        # flip-flops: this cycle reads the last word; a MATMUL on the bank must wait.
+        last_read = Signal()
+        filling = Signal()
         load_count = Signal(range(rows))
         load_addr = Signal(range(self._config.weight_depth))
         load_bank = Signal()
@@ -53,18 +69,23 @@ class WeightLoader(wiring.Component):
         m.d.sync += [shift_valid.eq(load_busy), shift_bank.eq(load_bank)]
         m.d.comb += [self.weight_read.valid.eq(load_busy), self.weight_read.addr.eq(load_addr)]
         with m.If(load_busy):
-            m.d.sync += [load_addr.eq(load_addr - 1), load_count.eq(load_count + 1)]
+            m.d.sync += [load_addr.eq(load_addr - 1), load_count.eq(load_count + 1),
+                         last_read.eq(load_count + 2 == rows),
+                         filling.eq(load_count + 1 < matmul_from)]
             with m.If(load_count == rows - 1):
                 m.d.sync += load_busy.eq(0)
         with m.If(self.dispatch):
             m.d.sync += [
                 load_busy.eq(1), load_count.eq(0), load_bank.eq(self.bank),
                 load_addr.eq(self.weight_addr + rows - 1),
+                last_read.eq(rows == 1), filling.eq(matmul_from > 0),
             ]
         with m.If(self.abort):
-            m.d.sync += load_busy.eq(0)
+            m.d.sync += [load_busy.eq(0), last_read.eq(0), filling.eq(0)]
         m.d.comb += [
             self.busy.eq(load_busy | shift_valid),
+            self.ready.eq(~load_busy | last_read),
+            self.filling.eq(filling),
             self.loading_bank.eq(load_bank),
             self.weight_row.eq(self.weight_read.data),
             self.load.eq(shift_valid),

@@ -22,8 +22,11 @@ from .timing import (
     FILL_TAIL_CYCLES,
     REQUANT_TAIL_CYCLES,
     REQUANT_TO_ACC_TAIL_CYCLES,
+    WEIGHT_LOAD_STAGES,
+    load_next_cycles,
     requant_waits_for_feed,
     results_written_cycles,
+    weight_load_cycles,
     weight_use_cycles,
 )
 
@@ -65,6 +68,8 @@ class CycleModel:
     config: NpuConfig
     next_cycle: int = 2
     load_free_at: int = 0          # first cycle the weight loader is idle
+    load_next_at: int = 0          # first cycle the loader takes the next LOADW
+    loaded_at: int = 0             # first cycle a MATMUL on load_bank may dispatch
     load_bank: int = 0
     feeder_last_issue: int = -1    # last cycle the feeder issues a row
     feeder_bank: int = 0
@@ -82,14 +87,14 @@ class CycleModel:
         feeder_idle_at = self.feeder_last_issue + 1
         if op is Opcode.LOADW:
             bank = instruction["bank"]
-            earliest = max(earliest, self.load_free_at, self.inflight_clear_at[bank])
+            earliest = max(earliest, self.load_next_at, self.inflight_clear_at[bank])
             if self.feeder_bank == bank:
                 earliest = max(earliest, feeder_idle_at)
         elif op is Opcode.MATMUL:
             bank = instruction["bank"]
             earliest = max(earliest, self.feeder_last_issue)
             if self.load_bank == bank:
-                earliest = max(earliest, self.load_free_at)
+                earliest = max(earliest, self.loaded_at)
         elif op is Opcode.REQUANT and requant_waits_for_feed(self.config.requant_overlap,
                                                              bool(instruction["to_acc"])):
             earliest = max(earliest, feeder_idle_at, self.drain_clear_at)
@@ -99,7 +104,9 @@ class CycleModel:
         cycle = earliest
         if op is Opcode.LOADW:
             self.load_bank = instruction["bank"]
-            self.load_free_at = cycle + rows + 2
+            self.load_free_at = cycle + rows + WEIGHT_LOAD_STAGES
+            self.load_next_at = cycle + load_next_cycles(rows, cols)
+            self.loaded_at = cycle + weight_load_cycles(rows, cols)
         elif op is Opcode.MATMUL:
             count = instruction["count"]
             last = cycle + count

@@ -15,11 +15,10 @@ from pathlib import Path
 
 __all__ = [
     "REQUANT_PIPELINE_STAGES", "PRODUCT_PIPELINE_STAGES", "ARRAY_INPUT_STAGES",
-    "REQUANT_INPUT_STAGES", "REQUANT_TAIL_CYCLES", "REQUANT_TO_ACC_TAIL_CYCLES",
-    "FILL_TAIL_CYCLES",
-    "array_latency", "weight_use_cycles", "results_written_cycles", "requant_waits_for_feed",
-    "timing_markdown",
-    "splice_timing",
+    "REQUANT_INPUT_STAGES", "WEIGHT_LOAD_STAGES", "REQUANT_TAIL_CYCLES",
+    "REQUANT_TO_ACC_TAIL_CYCLES", "FILL_TAIL_CYCLES",
+    "array_latency", "weight_use_cycles", "weight_load_cycles", "load_next_cycles",
+    "results_written_cycles", "requant_waits_for_feed", "timing_markdown", "splice_timing",
 ]
 
 #: Registers in each requantization lane (hw/requant.py builds exactly this many).
@@ -29,6 +28,9 @@ REQUANT_PIPELINE_STAGES = 7
 PRODUCT_PIPELINE_STAGES = 1
 #: Registers on the array's activation input (the memory's output goes no further).
 ARRAY_INPUT_STAGES = 1
+#: Cycles from a LOADW's dispatch to its first shift into the array: the cycle after the
+#: dispatch reads the weight memory, the next shifts the word in.
+WEIGHT_LOAD_STAGES = 2
 #: Registers between the accumulator memory's output and a requantization lane.
 REQUANT_INPUT_STAGES = 1
 #: Cycles from a REQUANT's start (its dispatch, unless it waits beside the feeder:
@@ -53,8 +55,25 @@ def array_latency(rows: int, cols: int) -> int:
 
 
 def weight_use_cycles(rows: int, cols: int) -> int:
-    """Cycles after a word's issue during which the last PE may still read its weight."""
-    return rows + cols - 1 + ARRAY_INPUT_STAGES
+    """Cycles from a word's issue to the first in which a LOADW of its bank may dispatch.
+
+    A word reaches row r, r cycles after row 0; a load reaches column c, c cycles after
+    column 0 (hw/array.py), as the word does, so only the rows count: the load's first
+    shift comes the cycle after the word has passed the bottom row's weights."""
+    return rows + ARRAY_INPUT_STAGES - WEIGHT_LOAD_STAGES
+
+
+def weight_load_cycles(rows: int, cols: int) -> int:
+    """Cycles from a LOADW's dispatch to the first in which a MATMUL on its bank may
+    dispatch: the MATMUL's first word, issued the cycle after and entering the array the
+    cycle after that, reaches the top row just behind the load's last shift."""
+    return rows + WEIGHT_LOAD_STAGES - ARRAY_INPUT_STAGES - 2
+
+
+def load_next_cycles(rows: int, cols: int) -> int:
+    """Cycles from a LOADW's dispatch to the first in which the next LOADW may dispatch:
+    the loader reads the next tile's first word the cycle after this tile's last."""
+    return rows
 
 
 def results_written_cycles(rows: int, cols: int) -> int:
@@ -100,11 +119,17 @@ def timing_markdown() -> str:
         "",
         "| instruction | waits until |",
         "|---|---|",
-        "| LOADW bank b | the loader is idle; no row using bank b is being issued; the last "
-        f"such row has passed every PE (`{_formula(weight_use_cycles)}` cycles after its "
-        "issue, `weight_use_cycles`) |",
-        "| MATMUL bank b | the feeder issues its last row (or is idle); the loader is not "
-        "loading bank b |",
+        "| LOADW bank b | the loader is idle or reads its last word (the last LOADW was "
+        f"dispatched `{_formula(load_next_cycles)}` cycles before or earlier, "
+        "`load_next_cycles`); no row using bank b is being issued; the last "
+        "such row has passed the bottom row of PEs before the load's first shift "
+        f"(`{_formula(weight_use_cycles)}` cycles after its issue, `weight_use_cycles`; the "
+        f"shifts start {WEIGHT_LOAD_STAGES} cycles after the dispatch, `WEIGHT_LOAD_STAGES`, "
+        "and reach column c c cycles later, as the rows do) |",
+        "| MATMUL bank b | the feeder issues its last row (or is idle); a LOADW of bank b "
+        f"was dispatched `{_formula(weight_load_cycles)}` cycles before or earlier "
+        "(`weight_load_cycles`: the first word reaches the top row just behind the load's "
+        "last shift) |",
         "| REQUANT | the feeder is idle and every result is written "
         f"(`{_formula(results_written_cycles)}` cycles after the last row, "
         "`results_written_cycles`); on an NPU generated with `requant_overlap`, unless "

@@ -196,6 +196,40 @@ def back_to_back_accumulate_job(config: NpuConfig, rng: np.random.Generator) -> 
     return job
 
 
+def weight_reload_job(config: NpuConfig, rng: np.random.Generator) -> Job:
+    """Short MATMULs between LOADWs at the loader's tightest timing: tiles loaded back to
+    back, a bank reloaded right behind its last word, a MATMUL right behind its load, a
+    bank reloaded while its words are in flight (the LOADW must wait). A load that reached
+    a PE before its last word had, or a word that ran ahead of its tile, changes sums."""
+    r = config.rows
+    program = assemble(f"""
+        LOADW bank=0 weight_addr=0
+        LOADW bank=1 weight_addr={r}
+        MATMUL bank=0 act_addr=0 acc_addr=0 count=1
+        MATMUL bank=1 act_addr=1 acc_addr=1 count=2
+        LOADW bank=0 weight_addr={2 * r}
+        MATMUL bank=0 act_addr=2 acc_addr=3 count=1
+        LOADW bank=1 weight_addr={3 * r}
+        LOADW bank=0 weight_addr={4 * r}
+        MATMUL bank=1 act_addr=3 acc_addr=4 count=3
+        MATMUL bank=0 act_addr=0 acc_addr=7 count=1 accumulate=1
+        LOADW bank=0 weight_addr={r}
+        MATMUL bank=0 act_addr=1 acc_addr=8 count=2 accumulate=1
+        MATMUL bank=1 act_addr=2 acc_addr=10 count=1
+        HALT
+    """)
+    job = Job(config)
+    job.write(Region.INSTRUCTIONS, 0, encode_program(program))
+    low_a, high_a = -(1 << (config.input_width - 1)), 1 << (config.input_width - 1)
+    job.write(Region.ACTIVATIONS, 0, rng.integers(low_a, high_a, (6, config.rows)))
+    low_w, high_w = -(1 << (config.weight_width - 1)), 1 << (config.weight_width - 1)
+    job.write(Region.WEIGHTS, 0, rng.integers(low_w, high_w, (5 * r, config.cols)))
+    span = 1 << (config.accumulator_width - 4)
+    job.write(Region.ACCUMULATORS, 0, rng.integers(-span, span, (12, config.cols)))
+    job.read("accumulators", Region.ACCUMULATORS, 0, 12)
+    return job
+
+
 # -- Feature-map operators ------------------------------------------------------------------
 
 def reference_conv(x: np.ndarray, weight: np.ndarray, stride: int,

@@ -24,6 +24,7 @@ from programs import (
     rounding_job,
     rounding_job_words,
     walk_change_job,
+    weight_reload_job,
     wrap_job,
 )
 
@@ -83,6 +84,7 @@ def test_npu_matches_golden(name, simulator, primitives):
     wrap, wrap_plan = wrap_job(config, rng)
     walks = [walk_change_job(config, rng)] if config.feature_maps else []
     jobs = [job for job, _, _ in gemms] + chains + [back_to_back_accumulate_job(config, rng),
+                                                     weight_reload_job(config, rng),
                                                      rounding_job(config, rng), *walks, wrap]
     results = simulate(jobs, simulator=simulator, primitives=primitives)
     for (job, plan, expected), result in zip(gemms, results, strict=False):

@@ -10,9 +10,11 @@ from npugen.timing import (
     REQUANT_PIPELINE_STAGES,
     _formula,
     array_latency,
+    load_next_cycles,
     results_written_cycles,
     splice_timing,
     timing_markdown,
+    weight_load_cycles,
     weight_use_cycles,
 )
 
@@ -34,7 +36,9 @@ def test_splice_needs_the_markers():
 
 
 def test_formulas():
-    assert _formula(weight_use_cycles) == "rows+cols"
+    assert _formula(weight_use_cycles) == "rows−1"
+    assert _formula(weight_load_cycles) == "rows−1"
+    assert _formula(load_next_cycles) == "rows"
     assert _formula(array_latency) == "rows+cols+1"
     assert _formula(results_written_cycles) == "rows+cols+4"
     assert _formula(lambda rows, cols: 2 * rows - 3) == "2·rows−3"

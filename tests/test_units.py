@@ -40,9 +40,12 @@ from npugen.memory_map import (
 from npugen.timing import (
     REQUANT_TAIL_CYCLES,
     REQUANT_TO_ACC_TAIL_CYCLES,
+    WEIGHT_LOAD_STAGES,
     array_latency,
+    load_next_cycles,
     requant_waits_for_feed,
     results_written_cycles,
+    weight_load_cycles,
 )
 
 SMALL = dict(activation_depth=64, weight_depth=64, accumulator_depth=64, instruction_depth=16,
@@ -584,44 +587,59 @@ def test_accumulate_path_takes_requant_rows():
 
 # -- Weight loader and feeder ------------------------------------------------------------
 
-@pytest.mark.parametrize("rows,cols", [(2, 2), (4, 2), (3, 5)])
-def test_weight_loader_loads_a_tile_in_the_cycle_models_time(rows, cols):
+@pytest.mark.parametrize("rows,cols", [(1, 3), (2, 2), (3, 5), (4, 2)])
+def test_weight_loader_loads_tiles_back_to_back_in_the_cycle_models_time(rows, cols):
     """LOADW: the array's ``bank`` takes the tile's rows, last row first, one a cycle from
-    the memory, and ``busy`` holds until the cycle model's ``load_free_at`` (dispatch +
-    rows + 2)."""
+    the memory. A second LOADW, dispatched in the first cycle ``ready`` allows (the cycle
+    model's ``load_next_cycles``), shifts its rows right behind the first's; ``filling``
+    falls ``weight_load_cycles`` after each dispatch, ``busy`` holds until the cycle
+    model's ``load_free_at`` (the last dispatch + rows + ``WEIGHT_LOAD_STAGES``)."""
     c = NpuConfig(rows=rows, cols=cols, requant_lanes=1, **SMALL)
     loader = WeightLoader(c)
     rng = np.random.default_rng(rows * cols)
     golden = GoldenNpu(c)
     golden.weights[:] = rng.integers(-128, 128, golden.weights.shape)
     weights = Memory(c, Region.WEIGHTS, golden.weights)
-    addr, bank = int(rng.integers(0, c.weight_depth - rows)), int(rng.integers(0, 2))
-    loads, busy = [], []
+    tiles = [(int(rng.integers(0, c.weight_depth - rows)), bank) for bank in (1, 0)]
+    next_at, loaded_at = load_next_cycles(rows, cols), weight_load_cycles(rows, cols)
+    dispatches = [0, next_at]
+    loads, busy, ready, filling = [], [], [], []
 
     async def testbench(ctx):
-        ctx.set(loader.dispatch, 1)
-        ctx.set(loader.bank, bank)
-        ctx.set(loader.weight_addr, addr)
-        for cycle in range(rows + 6):
+        for cycle in range(2 * rows + 6):
+            if cycle in dispatches:
+                addr, bank = tiles[dispatches.index(cycle)]
+                ctx.set(loader.dispatch, 1)
+                ctx.set(loader.bank, bank)
+                ctx.set(loader.weight_addr, addr)
             valid, read = ctx.get(loader.weight_read.valid), ctx.get(loader.weight_read.addr)
             if ctx.get(loader.load):
                 loads.append((cycle, ctx.get(loader.load_bank), ctx.get(loader.weight_row)))
             busy.append(ctx.get(loader.busy))
-            if cycle:
-                assert ctx.get(loader.loading_bank) == bank
+            ready.append(ctx.get(loader.ready))
+            filling.append(ctx.get(loader.filling))
+            if 0 < cycle <= next_at:
+                assert ctx.get(loader.loading_bank) == tiles[0][1]
             await ctx.tick()
             ctx.set(loader.dispatch, 0)
-            ctx.set(loader.bank, 1 - bank)       # the sequencer moves on
+            ctx.set(loader.bank, 1 - ctx.get(loader.bank))    # the sequencer moves on
             ctx.set(loader.weight_addr, 0)
             ctx.set(loader.weight_read.data, weights.entries[read] if valid
                     else int(rng.integers(0, 1 << 30)))
 
     simulate(loader, testbench)
-    load_free_at = rows + 2
+    load_free_at = next_at + rows + WEIGHT_LOAD_STAGES
     assert busy == [0] + [1] * (load_free_at - 1) + [0] * (len(busy) - load_free_at)
-    assert [(cycle, b) for cycle, b, _ in loads] == [(2 + i, bank) for i in range(rows)]
+    assert [cycle for cycle, on in enumerate(ready) if not on] == \
+        [cycle for cycle in range(len(ready)) if 0 < cycle < next_at
+         or next_at < cycle < 2 * next_at]
+    assert [cycle for cycle, on in enumerate(filling) if on] == \
+        [cycle for d in dispatches for cycle in range(d + 1, d + loaded_at)]
+    assert [(cycle, b) for cycle, b, _ in loads] == \
+        [(WEIGHT_LOAD_STAGES + i, bank) for i, (_, bank) in
+         enumerate(tile for tile in tiles for _ in range(rows))]
     assert [word for *_, word in loads] == [weights.entries[addr + rows - 1 - i]
-                                            for i in range(rows)]
+                                            for addr, _ in tiles for i in range(rows)]
 
 
 FEEDER_WINDOWS = [
@@ -727,6 +745,7 @@ def run_sequencer(config: NpuConfig, program: list[Instruction] | list[int], *,
         ctx.set(seq.inflight_idle, 0b11)
         ctx.set(seq.drain_idle, 1)
         ctx.set(seq.feed_ready, 1)
+        ctx.set(seq.load_ready, 1)
         ctx.set(seq.start_pc, start_pc)
         ctx.set(seq.start, 1)
         await ctx.tick()
