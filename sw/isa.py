@@ -75,8 +75,9 @@ DESCRIPTIONS: dict[Opcode, str] = {
     Opcode.HALT: "Wait until every unit is idle and every result is written, then stop.",
     Opcode.LOADW: (
         "Load one weight tile (`rows` words from `weight_addr` on) into weight bank "
-        "`bank` of the array, through the shadow registers: it runs while a MATMUL on "
-        "the other bank streams. Waits until no activation using `bank` is in flight."),
+        "`bank` of the array: it runs while a MATMUL on the other bank streams. Waits "
+        "until the last activation using `bank` has passed the array's bottom row; the "
+        "loads follow the words column by column (docs/ARCHITECTURE.md)."),
     Opcode.MATMUL: (
         "Stream `count` activation words through the array, using weight bank `bank`. "
         "Word i is read from `act_addr` + (i div L)·`row_step` + (i mod L)·`col_step`, "

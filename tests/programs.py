@@ -169,6 +169,22 @@ def rounding_job_words(config: NpuConfig) -> int:
     return ROUNDING_JOB_ROWS * -(-config.cols // config.rows)
 
 
+def _accumulator_job(config: NpuConfig, rng: np.random.Generator, program, *,
+                     act_words: int, weight_words: int) -> Job:
+    """``program`` with random activations, weights and accumulators; reads back the
+    first 12 accumulator words."""
+    job = Job(config)
+    job.write(Region.INSTRUCTIONS, 0, encode_program(program))
+    low_a, high_a = -(1 << (config.input_width - 1)), 1 << (config.input_width - 1)
+    job.write(Region.ACTIVATIONS, 0, rng.integers(low_a, high_a, (act_words, config.rows)))
+    low_w, high_w = -(1 << (config.weight_width - 1)), 1 << (config.weight_width - 1)
+    job.write(Region.WEIGHTS, 0, rng.integers(low_w, high_w, (weight_words, config.cols)))
+    span = 1 << (config.accumulator_width - 4)
+    job.write(Region.ACCUMULATORS, 0, rng.integers(-span, span, (12, config.cols)))
+    job.read("accumulators", Region.ACCUMULATORS, 0, 12)
+    return job
+
+
 def back_to_back_accumulate_job(config: NpuConfig, rng: np.random.Generator) -> Job:
     """One-row MATMULs issued on consecutive cycles into the same accumulator entry (and
     with one and two cycles between them): each must add onto the row written just
@@ -184,16 +200,8 @@ def back_to_back_accumulate_job(config: NpuConfig, rng: np.random.Generator) -> 
         MATMUL bank=0 act_addr=2 acc_addr=7 count=1 accumulate=1
         HALT
     """)
-    job = Job(config)
-    job.write(Region.INSTRUCTIONS, 0, encode_program(program))
-    low_a, high_a = -(1 << (config.input_width - 1)), 1 << (config.input_width - 1)
-    job.write(Region.ACTIVATIONS, 0, rng.integers(low_a, high_a, (4, config.rows)))
-    low_w, high_w = -(1 << (config.weight_width - 1)), 1 << (config.weight_width - 1)
-    job.write(Region.WEIGHTS, 0, rng.integers(low_w, high_w, (config.rows, config.cols)))
-    span = 1 << (config.accumulator_width - 4)
-    job.write(Region.ACCUMULATORS, 0, rng.integers(-span, span, (12, config.cols)))
-    job.read("accumulators", Region.ACCUMULATORS, 0, 12)
-    return job
+    return _accumulator_job(config, rng, program, act_words=4,
+                            weight_words=config.rows)
 
 
 def weight_reload_job(config: NpuConfig, rng: np.random.Generator) -> Job:
@@ -218,16 +226,7 @@ def weight_reload_job(config: NpuConfig, rng: np.random.Generator) -> Job:
         MATMUL bank=1 act_addr=2 acc_addr=10 count=1
         HALT
     """)
-    job = Job(config)
-    job.write(Region.INSTRUCTIONS, 0, encode_program(program))
-    low_a, high_a = -(1 << (config.input_width - 1)), 1 << (config.input_width - 1)
-    job.write(Region.ACTIVATIONS, 0, rng.integers(low_a, high_a, (6, config.rows)))
-    low_w, high_w = -(1 << (config.weight_width - 1)), 1 << (config.weight_width - 1)
-    job.write(Region.WEIGHTS, 0, rng.integers(low_w, high_w, (5 * r, config.cols)))
-    span = 1 << (config.accumulator_width - 4)
-    job.write(Region.ACCUMULATORS, 0, rng.integers(-span, span, (12, config.cols)))
-    job.read("accumulators", Region.ACCUMULATORS, 0, 12)
-    return job
+    return _accumulator_job(config, rng, program, act_words=6, weight_words=5 * r)
 
 
 # -- Feature-map operators ------------------------------------------------------------------

@@ -77,8 +77,9 @@ def _gemm(result: dict[str, Any], images: Path,
               "one less than the count used here). The NPU preloads the next weight tile "
               "into a shadow bank while the current one streams, so a fold costs M cycles "
               "plus a constant per GEMM; SCALE-Sim's model pays the 2R + C − 2 fill and "
-              "drain on every fold. Where a stream is shorter than loading the next weight "
-              "tile (M below about 2R), the load shows in our cycles too; shapes whose K or "
+              "drain on every fold. Where a stream is shorter than two weight tiles' loads "
+              "(M below 2R − 2: a fold then takes max(R, (M + 2R − 2)/2) cycles, "
+              "docs/ARCHITECTURE.md), the load shows in our cycles too; shapes whose K or "
               "N are not multiples of the array leave PEs idle in both.", ""]
     if result.get("skipped"):
         skipped = ", ".join(f"{'×'.join(map(str, s['shape']))} on {s['rows']}×{s['cols']}"
