@@ -120,7 +120,10 @@ class BoardTop(Elaboratable):
             self.pll = parameters[board.family](board.clock_hz / 1e6, board.pll_mhz)
             clock_hz = self.pll["output_mhz"] * 1e6
         self.clock_hz = clock_hz
-        self.divisor = uart_divisor(clock_hz, board.baud)
+        try:
+            self.divisor = uart_divisor(clock_hz, board.baud)
+        except ValueError as error:
+            raise BuildFailed(f"the {board.name}'s UART: {error}") from None
 
     def _ice40_pll_domain(self, m: Module, platform) -> None:
         pll = self.pll
@@ -387,6 +390,7 @@ def _report(board: Board, config: NpuConfig, nextpnr: dict, seconds: float,
         "board": board.name, "config": config.to_dict(),
         "macs_per_cycle": config.macs_per_cycle, "fmax_mhz": round(achieved, 2),
         "target_mhz": target_mhz, "timing_met": met and achieved >= target_mhz * 0.999,
+        "baud": board.baud,
         "peak_gmacs": round(config.macs_per_cycle * target_mhz / 1e3, 4),
         "resources": resources, "seconds": round(seconds, 1),
         "toolchain_clocks": clocks,

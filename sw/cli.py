@@ -135,12 +135,13 @@ def output_folder(path: str, flag: str = "-o") -> Path:
     return folder
 
 
-def check_target(target: str) -> None:
-    """Refuse a --target that is not golden, rtl, sim or a device URL, before any work."""
+def check_target(target: str, baud: int | None = None) -> None:
+    """Refuse a --target that is not golden, rtl, sim or a device URL, and a --baud for a
+    target without one, before any work."""
     from .runtime import check_target as check
 
     try:
-        check(target)
+        check(target, baud)
     except ValueError as error:
         raise UsageError(str(error)) from None
 
@@ -192,7 +193,7 @@ def cmd_matmul(args: argparse.Namespace) -> int:
     from .runtime import open_target
     from .schedule import plan_gemm
 
-    check_target(args.target)
+    check_target(args.target, args.baud)
     if args.output:
         output_file(args.output)
     if args.random:
@@ -225,7 +226,8 @@ def cmd_matmul(args: argparse.Namespace) -> int:
     else:
         from .sim.common import SimulationError
 
-        with device_errors(), open_target(args.target, config, simulator=args.sim) as npu:
+        with device_errors(), open_target(args.target, config, simulator=args.sim,
+                                          baud=args.baud) as npu:
             try:
                 result = npu.execute(job)
             except SimulationError as error:
@@ -322,7 +324,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .target import ConfigMismatch, check_config
 
     program = _load_program(args.program)
-    check_target(args.target)
+    check_target(args.target, args.baud)
     output_file(args.output)
     if _config_given(args):
         try:
@@ -333,7 +335,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with device_errors():
         try:
-            result = run(program, x, target=args.target, simulator=args.sim)
+            result = run(program, x, target=args.target, simulator=args.sim, baud=args.baud)
         except ValueError as error:
             raise UsageError(str(error)) from None
     # The output in the model's own type: int8 where its graph output is int8.
@@ -360,17 +362,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import MLPERF_DEMOS, run_demo, run_mlperf_demo
 
     config = config_from_args(args)
-    check_target(args.target)
+    check_target(args.target, args.baud)
     output_folder(args.workdir, "--workdir")
     with device_errors():
         try:
             if args.model in MLPERF_DEMOS:
                 record = run_mlperf_demo(args.model, target=args.target, simulator=args.sim,
                                          config=config if _config_given(args) else None,
-                                         workdir=args.workdir)
+                                         workdir=args.workdir, baud=args.baud)
             else:
                 record = run_demo(target=args.target, simulator=args.sim, config=config,
-                                  workdir=args.workdir, model_kind=args.model)
+                                  workdir=args.workdir, model_kind=args.model,
+                                  baud=args.baud)
         except ValueError as error:   # ModelError, DoesNotFit: the model and the NPU
             raise UsageError(str(error)) from None
     if args.json:
@@ -464,16 +467,24 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     if args.clock_mhz is not None:
-        import dataclasses
-
         if not 1 <= args.clock_mhz <= 400:
             raise UsageError(f"--clock-mhz must be between 1 and 400, not {args.clock_mhz:g}")
         if board.family == "gowin":
             raise UsageError(f"{board.name}: no PLL support for Gowin yet; it runs at "
                              f"{board.clock_hz / 1e6:g} MHz")
         board = dataclasses.replace(board, pll_mhz=args.clock_mhz)
+    if args.baud is not None:
+        from .protocol import uart_divisor
+
+        try:
+            uart_divisor(soc_clock_hz(board), args.baud)
+        except ValueError as error:
+            raise UsageError(f"--baud {args.baud} on the {board.name}: {error}; choose "
+                             f"another rate (or --clock-mhz)") from None
+        board = dataclasses.replace(board, baud=args.baud)
     output = args.output or (default_build_folder(board.name, config)
-                             + (f"-{args.clock_mhz:g}mhz" if args.clock_mhz else ""))
+                             + (f"-{args.clock_mhz:g}mhz" if args.clock_mhz else "")
+                             + (f"-{args.baud}baud" if args.baud else ""))
     output_folder(output)
 
     def progress(stage: str) -> None:
@@ -490,7 +501,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                      for name, r in report["resources"].items())
     print(f"{board.name}: {config.describe()}, {report['macs_per_cycle']} MAC/cycle, "
           f"{report['fmax_mhz']:.1f} MHz achieved (clock {report['target_mhz']:g} MHz), "
-          f"{used}; bitstream {report['bitstream']}")
+          f"{used}; UART at {report['baud']} baud; bitstream {report['bitstream']}")
     if args.json:
         emit_json(report)
     return EXIT_OK
@@ -542,9 +553,22 @@ def cmd_program(args: argparse.Namespace) -> int:
         print(f"npugen program: no {board.name} programmed: {reason}"
               f"{' (is the board plugged in?)' if no_device else ''}", file=sys.stderr)
         return EXIT_CHECK_FAILED
+    from .driver import DEFAULT_BAUD
+
+    baud = _built_baud(Path(bitstream)) or DEFAULT_BAUD
     print(f"programmed {board.name} with {bitstream}; its UART is the board's USB serial "
-          f"port (usually /dev/ttyUSB1): npugen run PROG.npu --target /dev/ttyUSB1 ...")
+          f"port (usually /dev/ttyUSB1): npugen run PROG.npu --target /dev/ttyUSB1"
+          f"{f' --baud {baud}' if baud != DEFAULT_BAUD else ''} ...")
     return EXIT_OK
+
+
+def _built_baud(bitstream: Path) -> int | None:
+    """The UART rate of the build a bitstream comes from (its ``report.json``, one folder
+    up, as ``npugen build`` writes it), None if unknown."""
+    try:
+        return int(json.loads((bitstream.parent.parent / "report.json").read_text())["baud"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 #: What installs each shared library openFPGALoader may miss (Debian and Ubuntu).
@@ -656,6 +680,9 @@ TARGET_HELP = ("golden (the NumPy model), rtl (the RTL in a testbench), sim (a v
                "through the UART link) or a device URL (/dev/ttyUSB1, socket://HOST:PORT); "
                "default %(default)s")
 
+BAUD_HELP = ("a serial port target's rate, the one its SoC was built for (npugen build "
+             "--baud); default 115200")
+
 
 # -- Parser ---------------------------------------------------------------------------
 
@@ -686,6 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     matmul.add_argument("-o", "--output", metavar="Y.npy",
                         help="where to write the int32 M×N result")
     matmul.add_argument("--target", default="golden", metavar="TARGET", help=TARGET_HELP)
+    matmul.add_argument("--baud", type=int, help=BAUD_HELP)
     matmul.add_argument("--sim", choices=("verilator", "icarus"), default="verilator",
                         help="simulator for --target rtl or sim (default verilator)")
     matmul.add_argument("--json", action="store_true", help="print a JSON summary last")
@@ -712,6 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_.add_argument("-o", "--output", required=True, metavar="Y.npy",
                       help="where to write the outputs, in the model's output type")
     run_.add_argument("--target", default="golden", metavar="TARGET", help=TARGET_HELP)
+    run_.add_argument("--baud", type=int, help=BAUD_HELP)
     run_.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
     run_.add_argument("--json", action="store_true", help="print a JSON summary last")
     add_config_flags(run_)
@@ -743,6 +772,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--clock-mhz", type=float, metavar="MHZ",
                        help="run the SoC at MHZ from the board's PLL (default: the board's "
                             "clock, as --list-boards shows)")
+    build.add_argument("--baud", type=int,
+                       help="the UART's rate (default the board's, 115200); the host gives "
+                            "the same to npugen run --baud. The board's USB-serial chip must "
+                            "support it: the ULX3S's FT231X up to 3000000")
     build.add_argument("--json", action="store_true", help="print the report last")
     add_config_flags(build)
     build.set_defaults(handler=cmd_build)
@@ -799,6 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the network: an MLP (default) or a small CNN trained on the "
                            "digits, or an MLPerf Tiny reference model (kws, resnet, vww, ad)")
     demo.add_argument("--target", default="sim", metavar="TARGET", help=TARGET_HELP)
+    demo.add_argument("--baud", type=int, help=BAUD_HELP)
     demo.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
     demo.add_argument("--workdir", default="build/demo", help="where the model and program go")
     demo.add_argument("--json", action="store_true")

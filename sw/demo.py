@@ -98,14 +98,14 @@ def check_demo_fits(kind: str, config: NpuConfig, hidden: tuple[int, ...] = (64,
 
 
 def _run_on_target(program, x: np.ndarray, golden, target: str, simulator: str,
-                   record: dict):
+                   record: dict, baud: int | None):
     """Run ``x`` on ``target`` and add to ``record`` whether it is bit-exact with the
     golden run and its counters equal the cycle model's; returns (label, result)."""
     from .runtime import run
 
     label = (f"virtual board ({simulator})" if target == "sim" else
              f"RTL ({simulator})" if target == "rtl" else target)
-    npu = run(program, x, target=target, simulator=simulator,
+    npu = run(program, x, target=target, simulator=simulator, baud=baud,
               progress=_progress(f"running on {label}"))
     record["bit_exact"] = bool(np.array_equal(npu.quantized_output, golden.quantized_output))
     record["cycles_match_model"] = npu.counters == golden.counters
@@ -115,15 +115,17 @@ def _run_on_target(program, x: np.ndarray, golden, target: str, simulator: str,
 
 def run_demo(*, target: str = "sim", simulator: str = "verilator",
              config: NpuConfig | None = None, workdir: str | Path = "build/demo",
-             hidden: tuple[int, ...] = (64, 32), model_kind: str = "mlp") -> dict:
-    """Train, export, compile, run; print the figures and return them."""
+             hidden: tuple[int, ...] = (64, 32), model_kind: str = "mlp",
+             baud: int | None = None) -> dict:
+    """Train, export, compile, run; print the figures and return them. ``baud``: a serial
+    port target's rate."""
     from .compiler import compile_model
     from .importers import load_onnx
     from .runtime import check_target, run
 
     if model_kind not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, not {model_kind!r}")
-    check_target(target)   # before the training, which takes a while
+    check_target(target, baud)   # before the training, which takes a while
     config = config or NpuConfig()
     check_demo_fits(model_kind, config, hidden)
     workdir = Path(workdir)
@@ -149,7 +151,8 @@ def run_demo(*, target: str = "sim", simulator: str = "verilator",
               "float_accuracy": float_accuracy, "int8_accuracy": int8_accuracy,
               **golden.stats(program)}
     if target != "golden":
-        label, npu = _run_on_target(program, x_test, golden, target, simulator, record)
+        label, npu = _run_on_target(program, x_test, golden, target, simulator, record,
+                                    baud)
         record["npu_accuracy"] = float(np.mean(npu.output.argmax(1) == y_test))
     record["target"] = target
     record["seconds"] = round(time.perf_counter() - started, 1)
@@ -184,14 +187,15 @@ def run_demo(*, target: str = "sim", simulator: str = "verilator",
 
 def run_mlperf_demo(name: str, *, target: str = "sim", simulator: str = "verilator",
                     config: NpuConfig | None = None, workdir: str | Path = "build/demo",
-                    inputs: int = 4, seed: int = 0) -> dict:
+                    inputs: int = 4, seed: int = 0, baud: int | None = None) -> dict:
     """Compile MLPerf Tiny model ``name`` and run ``inputs`` random int8 inputs on the golden
-    model and on ``target``; print the figures and return them."""
+    model and on ``target`` (``baud``: a serial port's rate); print the figures and return
+    them."""
     from .compiler import compile_model
     from .runtime import check_target, run
     from .tflite_kernels import litert_reference
 
-    check_target(target)
+    check_target(target, baud)
     if name not in MLPERF_DEMOS:
         raise ValueError(f"model must be one of {', '.join(MLPERF_DEMOS)}, not {name!r}")
     path = model_path(MLPERF_DEMOS[name])
@@ -217,7 +221,7 @@ def run_mlperf_demo(name: str, *, target: str = "sim", simulator: str = "verilat
                   np.array_equal(golden.quantized_output, reference)),
               **golden.stats(program)}
     if target != "golden":
-        label, _ = _run_on_target(program, x, golden, target, simulator, record)
+        label, _ = _run_on_target(program, x, golden, target, simulator, record, baud)
         print(f"NPU ({label}) bit-exact with golden: {record['bit_exact']}")
     record["target"] = target
     record["seconds"] = round(time.perf_counter() - started, 1)

@@ -64,13 +64,30 @@ class RunResult:
 SERIAL_URL_SCHEMES = ("socket", "rfc2217", "loop", "spy", "alt", "hwgrep", "cp2110")
 
 
-def check_target(target: str) -> None:
-    """Refuse a target that is not golden, rtl, sim or a device URL, before any work.
+def check_target(target: str, baud: int | None = None) -> None:
+    """Refuse a target that is not golden, rtl, sim or a device URL, before any work, and
+    a ``baud`` for a target that has no baud rate.
 
     Device URLs: a serial port (``/dev/ttyUSB1``, ``COM3``, or an existing character
     device), ``socket://HOST:PORT`` or another of pyserial's URLs (``loop://``...).
     Raises ``ValueError`` echoing the target.
     """
+    _check_target_name(target)
+    if baud is None:
+        return
+    if baud <= 0:
+        raise ValueError(f"baud must be a positive number of bits a second, not {baud}")
+    if target in TARGETS or target.startswith("socket://"):
+        where = {"golden": "the golden model has no link",
+                 "rtl": "the RTL testbench loads its memories through the host port",
+                 "sim": "the virtual board's UART runs at a few clock cycles a bit",
+                 }.get(target, "a TCP socket carries bytes, not bits")
+        raise ValueError(f"a baud rate ({baud}) sets a serial port's speed, and target "
+                         f"{target!r} has none ({where}); give --baud only with a serial "
+                         f"port such as /dev/ttyUSB1")
+
+
+def _check_target_name(target: str) -> None:
     import os
     import re
     import stat
@@ -97,8 +114,8 @@ def check_target(target: str) -> None:
 
 
 @contextlib.contextmanager
-def open_target(target: str, config: NpuConfig, *,
-                simulator: str = "verilator") -> Iterator[Target]:
+def open_target(target: str, config: NpuConfig, *, simulator: str = "verilator",
+                baud: int | None = None) -> Iterator[Target]:
     """The :class:`~npugen.target.Target` named ``target``, open for a ``with`` block
     (a device is closed after it), nothing loaded yet:
 
@@ -108,9 +125,12 @@ def open_target(target: str, config: NpuConfig, *,
       after, and any other device URL: an open :class:`~npugen.driver.Device` (it reports
       its own configuration; loading a program compiled for another is refused).
 
+    ``baud``: a serial port's rate (default the driver's, 115,200), the one the board's
+    SoC was built for (``npugen build --baud``).
+
     Raises ``ValueError`` for a target :func:`check_target` refuses, and
     :class:`~npugen.driver.DeviceError` if a device cannot be opened."""
-    check_target(target)
+    check_target(target, baud)
     if target == "golden":
         yield GoldenTarget(config)
     elif target == "rtl":
@@ -118,9 +138,10 @@ def open_target(target: str, config: NpuConfig, *,
 
         yield RtlTarget(config, simulator=simulator)
     else:
-        from .driver import Device
+        from .driver import DEFAULT_BAUD, Device
 
-        with Device.open(target, config=config, simulator=simulator) as device:
+        with Device.open(target, config=config, simulator=simulator,
+                         baud=baud or DEFAULT_BAUD) as device:
             yield device
 
 
@@ -202,13 +223,14 @@ def _words(program: Program, features: int) -> int:
 
 
 @contextlib.contextmanager
-def _loaded(program: Program, target: str | Target, simulator: str) -> Iterator[Target]:
+def _loaded(program: Program, target: str | Target, simulator: str,
+            baud: int | None) -> Iterator[Target]:
     """``target`` itself if it is a Target (the caller loaded the program), else the target
     it names, opened with the program loaded."""
     if not isinstance(target, str):
         yield target
         return
-    with open_target(target, program.config, simulator=simulator) as opened:
+    with open_target(target, program.config, simulator=simulator, baud=baud) as opened:
         opened.load(program)
         yield opened
 
@@ -275,7 +297,8 @@ def _decode(program: Program, words: np.ndarray, count: int) -> np.ndarray:
 
 def run(program: Program, x: np.ndarray, *, target: str | Target = "golden",
         simulator: str = "verilator", config: NpuConfig | None = None,
-        progress: Callable[[int, int], None] | None = None) -> RunResult:
+        progress: Callable[[int, int], None] | None = None,
+        baud: int | None = None) -> RunResult:
     """Run ``program`` on float input ``x`` (batch, *input shape).
 
     ``target``: ``"golden"`` (the NumPy model), ``"rtl"`` (the NPU's RTL in a cocotb
@@ -287,13 +310,17 @@ def run(program: Program, x: np.ndarray, *, target: str | Target = "golden",
     ``load(program)``): only the inputs are written to it.
     ``config``: the target NPU's configuration, if known; a different one is refused
     (:class:`~npugen.target.ConfigMismatch`).
-    ``progress(done, total)`` is called as batches finish.
+    ``progress(done, total)`` is called as batches finish. ``baud``: a serial port's rate
+    (:func:`open_target`).
 
     Raises ``ValueError`` for a target name :func:`check_target` refuses or bad input,
     ``TypeError`` for a target that is neither a name nor a Target.
     """
     if isinstance(target, str):
-        check_target(target)
+        check_target(target, baud)
+    elif baud is not None:
+        raise ValueError("baud applies to a target opened by name; an open target has its "
+                         "own rate")
     elif not isinstance(target, Target):
         missing = [name for name in ("load", "execute", "execute_many")
                    if not callable(getattr(target, name, None))]
@@ -310,7 +337,7 @@ def run(program: Program, x: np.ndarray, *, target: str | Target = "golden",
     jobs = [job for chunk in chunks for job in program_jobs(program, chunk)]
     per_run = len(program.images())
     results: list[JobResult] = []
-    with _loaded(program, target, simulator) as npu:
+    with _loaded(program, target, simulator, baud) as npu:
         for result in npu.execute_many(jobs):
             results.append(result)
             if progress and len(results) % per_run == 0:

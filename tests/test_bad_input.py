@@ -77,11 +77,13 @@ def work(tmp_path_factory) -> Path:
     qdq_onnx(folder / "int8.onnx", "int8")
     qdq_onnx(folder / "int8_no_dq.onnx", "int8", dequantize_input=False)
     qdq_onnx(folder / "uint8.onnx", "uint8")
-    # Stand-ins for openFPGALoader: one missing a shared library, one finding no board.
+    # Stand-ins for openFPGALoader: one missing a shared library, one finding no board, one
+    # that loads.
     for name, text, status in (
             ("nolib", "openFPGALoader: error while loading shared libraries: libftdi1.so.2: "
                       "cannot open shared object file: No such file or directory", 127),
-            ("noboard", "unable to open ftdi device: -3 (device not found)", 1)):
+            ("noboard", "unable to open ftdi device: -3 (device not found)", 1),
+            ("loads", "Load SRAM: DONE", 0)):
         tools = folder / name
         tools.mkdir()
         loader = tools / "openFPGALoader"
@@ -143,6 +145,19 @@ CASES = [
     ("run-socket-without-port", ["run", "p.npu", "--input", "x.npy", "-o", "y.npy",
                                  "--target", "socket://localhost"], 2, "HOST:PORT"),
     ("matmul-bad-target", ["matmul", "--random", "4x4x4", "--target", "foo"], 2, "'foo'"),
+    # --baud: only for a serial port, and a rate the board's clock divides to
+    ("run-baud-on-sim", ["run", "p.npu", "--input", "x.npy", "-o", "y.npy", "--target", "sim",
+                         "--baud", "3000000"], 2, "target 'sim' has none"),
+    ("run-baud-on-socket", ["run", "p.npu", "--input", "x.npy", "-o", "y.npy", "--target",
+                            "socket://127.0.0.1:9", "--baud", "9600"], 2, "a TCP socket"),
+    ("matmul-baud-on-golden", ["matmul", "--random", "4x4x4", "--baud", "9600"], 2,
+     "target 'golden' has none"),
+    ("demo-baud-zero", ["demo", "--target", "/dev/ttyUSB9", "--baud", "0"], 2,
+     "not 0"),
+    ("build-baud-off", ["build", "--board", "icebreaker", "--baud", "3000000"], 2,
+     "--baud 3000000 on the icebreaker: baud 3000000 from a 22000000 Hz clock is off by"),
+    ("build-baud-too-fast", ["build", "--board", "ulx3s-12f", "--baud", "40000000"], 2,
+     "at least 4 clock cycles a bit"),
     # 6. a device that cannot be opened is bad input
     ("run-nothing-listening", ["run", "p.npu", "--input", "x.npy", "-o", "y.npy", "--target",
                                "socket://127.0.0.1:1"], 2, "cannot open"),
@@ -217,6 +232,22 @@ def test_program_missing_library_is_named(work):
 def test_program_no_board_asks_if_plugged_in(work):
     run = npugen(work, ["program", "--board", "icebreaker", "bitstream.bin"], tools="noboard")
     check_refusal(run, 1, "is the board plugged in?")
+
+
+def test_program_names_the_baud_its_build_was_made_for(work):
+    """After loading a bitstream, the hint for npugen run carries the --baud of the build
+    (its report.json, as npugen build writes it beside the build folder)."""
+    run = npugen(work, ["program", "--board", "ulx3s-85f", "bitstream.bin"], tools="loads")
+    assert run.returncode == 0, run.stderr
+    assert "--target /dev/ttyUSB1 ..." in run.stdout and "--baud" not in run.stdout
+    build = work / "fast" / "build"
+    build.mkdir(parents=True)
+    (build / "ulx3s_85f.bit").write_bytes(b"\0" * 16)
+    (work / "fast" / "report.json").write_text('{"board": "ulx3s-85f", "baud": 3000000}')
+    run = npugen(work, ["program", "--board", "ulx3s-85f", "fast/build/ulx3s_85f.bit"],
+                 tools="loads")
+    assert run.returncode == 0, run.stderr
+    assert "--target /dev/ttyUSB1 --baud 3000000 ..." in run.stdout
 
 
 @pytest.mark.parametrize("model, flag, value, word", [

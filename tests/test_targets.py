@@ -221,3 +221,33 @@ def test_a_target_holding_another_program_is_refused(program, x):
         run(program, x, target=target)
     target.load(program)
     assert_same(run(copy.deepcopy(program), x, target=target), run(program, x, target="golden"))
+
+
+def test_a_serial_port_opens_at_the_baud_given():
+    """--baud reaches the serial port: a pseudo-terminal's line speed, as the kernel holds
+    it, is the rate given (the driver's 115,200 without one)."""
+    import os
+    import termios
+
+    controller, port = os.openpty()
+    try:
+        path = os.ttyname(port)
+        with open_target(path, CONFIG, baud=3_000_000) as device:
+            assert isinstance(device, Device)
+            assert termios.tcgetattr(port)[4:6] == [termios.B3000000] * 2
+        with open_target(path, CONFIG):
+            assert termios.tcgetattr(port)[4:6] == [termios.B115200] * 2
+    finally:
+        os.close(port)
+        os.close(controller)
+
+
+@pytest.mark.parametrize("target, why", [
+    ("golden", "the golden model has no link"), ("sim", "virtual board's UART"),
+    ("rtl", "host port"), ("socket://127.0.0.1:9", "a TCP socket carries bytes")])
+def test_a_baud_for_a_target_without_one_is_refused(program, x, target, why):
+    with pytest.raises(ValueError, match=f"a baud rate \\(9600\\) sets a serial port's "
+                                         f"speed, and target '{target}' has none.*{why}"):
+        run(program, x, target=target, baud=9600)
+    with pytest.raises(ValueError, match="baud must be a positive number .* not -1"):
+        run(program, x, target="/dev/ttyUSB9", baud=-1)
