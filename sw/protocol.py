@@ -280,7 +280,9 @@ def protocol_markdown() -> str:
         "## Physical layer",
         "",
         "UART, 8 data bits, no parity, 1 stop bit, LSB first. The baud rate is set where "
-        "the SoC is built for a board (the driver's default is 115200); the clock divisor "
+        "the SoC is built for a board (`npugen build --baud`, default 115200, the driver's "
+        "default too; the host opens the port at the same rate with `--baud`); the clock "
+        "divisor "
         "must be within "
         f"{100 * MAX_BAUD_ERROR:.0f} % of the nominal rate. The virtual board "
         "(`npugen serve-sim`) carries the same bytes over TCP on 127.0.0.1; the bytes "
