@@ -33,9 +33,10 @@ from typing import Any
 import numpy as np
 
 from .config import NpuConfig
-from .featuremap import FeatureMap, stride_pair
+from .featuremap import FeatureMap, conv_output_size, stride_pair
 from .golden import CycleModel, GemmState, check_program
 from .graph import Add, Conv, Dense, Model, Pool, output_shape
+from .inplace import ADDRESS_SPACE, in_place_gap
 from .interleave import interleave
 from .isa import Instruction, Opcode, encode_program
 from .lowering import Lowering, Requant, Rescale
@@ -85,12 +86,20 @@ def compile_quantized(model: QuantizedModel, config: NpuConfig,
                              f"(feature_maps = false)")
         batches = [1]
     im2col = _input_im2col(model, config) if input_im2col else None
+    # Where the first convolution's input, by im2col or not, leaves too little room for
+    # the maps, the host gives it in phases instead (_input_phases).
+    phases = _input_phases(model, config) if input_im2col else None
     problems = []
     for candidate in batches:
         try:
             return _compile(model, config, candidate, im2col)
         except DoesNotFit as error:
             problems.append(str(error))
+        if phases is not None:
+            try:
+                return _compile(model, config, candidate, phases)
+            except DoesNotFit:
+                pass   # the message above says what the model needs as users give it
     raise DoesNotFit(f"the model does not fit a {config.describe()} NPU: {problems[-1]}")
 
 
@@ -187,15 +196,22 @@ def _requant(layer) -> Requant:
 
 
 def _lower(lowering: Lowering, layer, maps: dict[str, FeatureMap],
-           input_im2col: bool = False, out_tiles: range | None = None) -> dict:
-    """Emit one layer; returns its row of the layer table. ``input_im2col``: the layer's
-    input was prepared by im2col, so it runs as a 1×1 convolution over every tap.
+           input_im2col: tuple[int, ...] | None = None,
+           out_tiles: range | None = None) -> dict:
+    """Emit one layer; returns its row of the layer table. ``input_im2col``: how the host
+    prepared the layer's input: by im2col, so it runs as a 1×1 convolution over every
+    tap, or in phases (:func:`_input_phases`), a convolution of stride 1.
     ``out_tiles``: only these output tiles of a convolution or dense layer
     (:func:`_splittable`)."""
     source, requant = layer.source, _requant(layer)
     src, dst = maps[layer.inputs[0]], maps[layer.name]
     kind = type(source).__name__.lower() if source is not None else "dense"
     macs = ops = 0
+    if input_im2col and tuple(input_im2col[:2]) != tuple(source.kernel):
+        weight = _phase_weights(layer.weight, input_im2col[2])
+        lowering.conv(src, dst, weight, requant, out_tiles=out_tiles)
+        macs = dst.height * dst.width * int(np.prod(layer.weight.shape))
+        return _layer_row(layer, "conv (input in phases)", src, dst, macs, macs)
     if input_im2col:
         kind = "conv (im2col input)"
         taps = layer.weight.reshape(1, 1, -1, layer.weight.shape[-1])
@@ -292,12 +308,59 @@ def _input_im2col(model: QuantizedModel, config: NpuConfig) -> tuple[int, ...] |
     return (kh, kw, source.stride, *source.pads)
 
 
+def _input_phases(model: QuantizedModel, config: NpuConfig) -> tuple[int, ...] | None:
+    """The host's preparation of the input (as :func:`_input_im2col`'s, for
+    :func:`~npugen.featuremap.im2col`) that takes the fewest activation words, where the
+    first layer is a strided convolution over few channels: its input in phases, the
+    ``stride²`` phases of each channel as channels (im2col with a stride × stride kernel),
+    padded so that the convolution runs with stride 1, no padding and a kernel
+    ``ceil(k / stride)`` square (:func:`_phase_weights`). VWW's 96×96×3 input then takes
+    49·49 words on a 16-row NPU, where its im2col took 48·48·2."""
+    first = model.layers[0]
+    source = first.source
+    if not isinstance(source, Conv) or source.depthwise or first.inputs != ("input",):
+        return None
+    if any("input" in layer.inputs for layer in model.layers[1:]):
+        return None
+    stride, (kh, kw), channels = source.stride, source.kernel, source.in_channels
+    if not isinstance(stride, int) or stride < 2 or max(kh, kw) <= stride:
+        return None
+    if stride * stride * channels > config.rows:   # the phases in one word a pixel
+        return None
+    top, left, bottom, right = source.pads
+    _, height, width = _map_shape(model.input_shape, 1)
+    out_h = conv_output_size(height, kh, stride, top, bottom)
+    out_w = conv_output_size(width, kw, stride, left, right)
+    bottom = stride * (out_h + ceil_div(kh, stride) - 1) - height - top
+    right = stride * (out_w + ceil_div(kw, stride) - 1) - width - left
+    if bottom < 0 or right < 0:
+        return None
+    return (stride, stride, stride, top, left, bottom, right)
+
+
+def _phase_weights(weight: np.ndarray, stride: int) -> np.ndarray:
+    """A (kh, kw, C, N) kernel as the ``ceil(k / stride)``-square kernel over the input in
+    phases (:func:`_input_phases`): tap (a, b) takes, for phase (py, px), channel
+    (py·stride + px)·C + c, the weight of tap (stride·a + py, stride·b + px), 0 past the
+    kernel."""
+    kh, kw, channels, outputs = weight.shape
+    phased = np.zeros((ceil_div(kh, stride), ceil_div(kw, stride),
+                       stride * stride * channels, outputs), dtype=weight.dtype)
+    for dy in range(kh):
+        for dx in range(kw):
+            phase = (dy % stride) * stride + dx % stride
+            phased[dy // stride, dx // stride,
+                   phase * channels:(phase + 1) * channels] = weight[dy, dx]
+    return phased
+
+
 def _allocate_maps(model: QuantizedModel, config: NpuConfig, batch: int,
                    input_im2col: tuple[int, ...] | None
-                   ) -> tuple[dict[str, FeatureMap], list[str]]:
+                   ) -> tuple[dict[str, FeatureMap], list[str], dict[str, int]]:
     """A feature map for every tensor (vectors for ``batch`` rows), each with the halo its
-    consumers' padding needs, and what is wrong if they do not fit the activation
-    memory."""
+    consumers' padding needs, what is wrong if they do not fit the activation memory,
+    and the layers made in place over their input to fit it (name → gap,
+    :mod:`npugen.inplace`)."""
     shapes = {"input": _map_shape(model.input_shape, batch)}
     quants = {"input": model.input_quant}
     for layer in model.layers:
@@ -309,10 +372,12 @@ def _allocate_maps(model: QuantizedModel, config: NpuConfig, batch: int,
         else:
             shapes[layer.name] = _map_shape((layer.out_features,), batch)
         quants[layer.name] = layer.output_quant
-    if input_im2col is not None:   # every tap of every input channel, per output pixel
-        first = model.layers[0]
-        kh, kw = first.source.kernel
-        shapes["input"] = (first.source.in_channels * kh * kw, *shapes[first.name][1:])
+    if input_im2col is not None:   # every tap (or phase) of every channel, per pixel
+        kh, kw, stride, top, left, bottom, right = input_im2col
+        channels, height, width = shapes["input"]
+        shapes["input"] = (channels * kh * kw,
+                           conv_output_size(height, kh, stride, top, bottom),
+                           conv_output_size(width, kw, stride, left, right))
     halos: dict[str, tuple[tuple[int, int, int, int], int | None]] = {
         name: ((0, 0, 0, 0), None) for name in shapes}
     for index, layer in enumerate(model.layers):
@@ -347,18 +412,81 @@ def _allocate_maps(model: QuantizedModel, config: NpuConfig, batch: int,
                                     spill)
     maps, end = _place_maps(model, unplaced)
     if end <= config.activation_depth:
-        return maps, []
+        return maps, [], {}
     if chain:
         return maps, [f"activations need {end} words, activation_depth is "
-                      f"{config.activation_depth}"]
+                      f"{config.activation_depth}"], {}
     spans = _lifetimes(model)
     live = [sum(fmap.words for name, fmap in unplaced.items()
                 if spans[name][0] <= step <= spans[name][1])
             for step in range(1, len(model.layers) + 1)]
+    if end > ADDRESS_SPACE:   # past what instructions address: nothing to count in it
+        return maps, [f"its feature maps need {end} activation words, activation_depth is "
+                      f"{config.activation_depth}"], {}
+    # Layers where too much is live make their output in place over their input: all of
+    # them, or else one at a time, the most crowded first, each kept unless the maps then
+    # take more words.
+    crowded = {layer.name for layer, words in zip(model.layers, live, strict=True)
+               if words > config.activation_depth}
+    gaps = _in_place_gaps(model, config, maps, crowded, input_im2col)
+    in_place: dict[str, int] = {}
+    tried: set[str] = set()
+    if gaps:   # first all at once: one alone may not lower the peak that its neighbours keep
+        placed, trial_end = _place_maps(model, unplaced, gaps)
+        if trial_end <= config.activation_depth:
+            return placed, [], gaps
+    while end > config.activation_depth:
+        step_live = dict(zip((layer.name for layer in model.layers), live, strict=True))
+        candidates = sorted((name for name in gaps if name not in tried),
+                            key=lambda name: -step_live[name])
+        if not candidates:
+            break
+        tried.add(candidates[0])
+        trial = {**in_place, candidates[0]: gaps[candidates[0]]}
+        placed, trial_end = _place_maps(model, unplaced, trial)
+        if trial_end <= end:
+            maps, end, in_place = placed, trial_end, trial
+            live = _live_words(model, maps)
+    if end <= config.activation_depth:
+        return maps, [], in_place
     peak = int(np.argmax(live))
     return maps, [f"its feature maps need {end} activation words, activation_depth is "
                   f"{config.activation_depth} (most at layer {model.layers[peak].name!r}, "
-                  f"where maps of {live[peak]} words are live at once)"]
+                  f"where maps of {live[peak]} words are live at once"
+                  f"{f', {len(in_place)} made in place' if in_place else ''})"], {}
+
+
+def _live_words(model: QuantizedModel, maps: dict[str, FeatureMap]) -> list[int]:
+    """At each layer, the words between the lowest and highest word of the maps live."""
+    spans = _lifetimes(model)
+    live = []
+    for step in range(1, len(model.layers) + 1):
+        here = [fmap for name, fmap in maps.items() if spans[name][0] <= step <= spans[name][1]]
+        live.append(max(f.end for f in here) - min(f.base for f in here))
+    return live
+
+
+def _in_place_gaps(model: QuantizedModel, config: NpuConfig, maps: dict[str, FeatureMap],
+                   names: set[str], input_im2col: tuple[int, ...] | None) -> dict[str, int]:
+    """Layer name → the gap its output needs below its input to be made in place over it
+    (:func:`~npugen.inplace.in_place_gap`), for each layer of ``names`` that may: one
+    input, which no later layer reads, read by a convolution or pooling (an add
+    requantizes into the accumulators). ``maps``: placed apart."""
+    spans = _lifetimes(model)
+    gaps = {}
+    for step, layer in enumerate(model.layers, start=1):
+        if (layer.name not in names or len(layer.inputs) != 1
+                or spans[layer.inputs[0]][1] != step or isinstance(layer.source, Add)):
+            continue
+        lowering = Lowering(config, check_depths=False)
+        try:
+            _lower(lowering, layer, maps, input_im2col if step == 1 else None)
+        except DoesNotFit:
+            continue   # the compiler says why, without the layer in place
+        lowering.fill_halo_now(maps[layer.name])
+        gaps[layer.name] = in_place_gap(config, lowering.instructions,
+                                        maps[layer.inputs[0]], maps[layer.name])
+    return gaps
 
 
 def _lifetimes(model: QuantizedModel) -> dict[str, tuple[int, int]]:
@@ -374,14 +502,17 @@ def _lifetimes(model: QuantizedModel) -> dict[str, tuple[int, int]]:
     return spans
 
 
-def _place_maps(model: QuantizedModel,
-                maps: dict[str, FeatureMap]) -> tuple[dict[str, FeatureMap], int]:
+def _place_maps(model: QuantizedModel, maps: dict[str, FeatureMap],
+                in_place: dict[str, int] | None = None
+                ) -> tuple[dict[str, FeatureMap], int]:
     """Activation addresses for every map, sharing space between maps whose lifetimes do
     not overlap (halos are written at run time, :meth:`Lowering.fill_halo`); returns the
     maps at their bases and the words used. Largest first, each at the lowest address
     free for its lifetime; a dense chain's maps alternate between two areas instead (the
     input and the outputs of its second, fourth, ... layer from word 0, the others after
-    the largest of those), the layout its batch choice has always been made with."""
+    the largest of those), the layout its batch choice has always been made with.
+    ``in_place``: layer name → gap; that layer's output goes ``gap`` words below its
+    input (:mod:`npugen.inplace`), the two placed together."""
     if _dense_chain(model):
         names = ["input", *(layer.name for layer in model.layers)]
         split = max(maps[name].words for name in names[0::2])
@@ -389,34 +520,72 @@ def _place_maps(model: QuantizedModel,
         return {name: replace(maps[name], base=split if index % 2 else 0)
                 for index, name in enumerate(names)}, end
     spans = _lifetimes(model)
+    groups = _in_place_groups(model, maps, in_place or {})
 
     def overlaps(a: str, b: str) -> bool:
         return spans[a][0] <= spans[b][1] and spans[b][0] <= spans[a][1]
 
-    def place(order: list[str]) -> tuple[dict[str, int], int]:
+    def place(order: list[list[tuple[str, int]]]) -> tuple[dict[str, int], int]:
         bases: dict[str, int] = {}
         end = 0
-        for name in order:
-            size = maps[name].words
-            busy = sorted((bases[o], bases[o] + maps[o].words) for o in bases
-                          if overlaps(name, o))
-            at = 0
-            for start, stop in busy:
-                if at + size <= start:
+        for group in order:
+            # The lowest anchor at which every member is clear of the maps placed that
+            # live beside it: 0, or a member just after such a map.
+            anchors = sorted({0, *(bases[o] + maps[o].words - offset
+                                   for name, offset in group for o in bases
+                                   if overlaps(name, o))})
+            for anchor in anchors:
+                if anchor >= 0 and all(
+                        anchor + offset + maps[name].words <= bases[o]
+                        or bases[o] + maps[o].words <= anchor + offset
+                        for name, offset in group for o in bases if overlaps(name, o)):
                     break
-                at = max(at, stop)
-            bases[name] = at
-            end = max(end, at + size)
+            for name, offset in group:
+                bases[name] = anchor + offset
+                end = max(end, bases[name] + maps[name].words)
         return bases, end
+
+    def size(group: list[tuple[str, int]]) -> int:
+        return max(offset + maps[name].words for name, offset in group)
+
+    def first(group: list[tuple[str, int]]) -> int:
+        return min(spans[name][0] for name, _ in group)
+
+    def last(group: list[tuple[str, int]]) -> int:
+        return max(spans[name][1] for name, _ in group)
 
     # The orders tried, the first kept on a tie (it was the only one before): largest
     # first, then longest-lived first, then in the order the maps are made.
-    orders = [sorted(maps, key=key) for key in (
-        lambda n: (-maps[n].words, spans[n][0]),
-        lambda n: (spans[n][0] - spans[n][1], -maps[n].words, spans[n][0]),
-        lambda n: (spans[n][0], -maps[n].words))]
+    orders = [sorted(groups, key=key) for key in (
+        lambda g: (-size(g), first(g)),
+        lambda g: (first(g) - last(g), -size(g), first(g)),
+        lambda g: (first(g), -size(g)))]
     bases, end = min((place(order) for order in orders), key=lambda placed: placed[1])
     return {name: replace(fmap, base=bases[name]) for name, fmap in maps.items()}, end
+
+
+def _in_place_groups(model: QuantizedModel, maps: dict[str, FeatureMap],
+                     in_place: dict[str, int]) -> list[list[tuple[str, int]]]:
+    """The maps as groups placed together, each (name, offset from the group's lowest
+    word): a map alone, or a chain of maps each made in place over the one before."""
+    inputs = {layer.name: layer.inputs[0] for layer in model.layers}
+    offset: dict[str, int] = {}
+    root: dict[str, str] = {}
+    for name in maps:   # inputs before outputs: the model's order
+        if name in in_place:
+            source = inputs[name]
+            root[name] = root[source]
+            offset[name] = offset[source] - in_place[name]
+        else:
+            root[name], offset[name] = name, 0
+    members: dict[str, list[str]] = {}
+    for name in maps:
+        members.setdefault(root[name], []).append(name)
+    groups = []
+    for names in members.values():
+        low = min(offset[name] for name in names)
+        groups.append([(name, offset[name] - low) for name in names])
+    return groups
 
 
 def _compile(model: QuantizedModel, config: NpuConfig, batch: int,
@@ -426,7 +595,7 @@ def _compile(model: QuantizedModel, config: NpuConfig, batch: int,
     too small (after ``batch N:`` for a dense chain)."""
     chain = _dense_chain(model)
     prefix = f"batch {batch}: " if chain else ""
-    maps, problems = _allocate_maps(model, config, batch, input_im2col)
+    maps, problems, in_place = _allocate_maps(model, config, batch, input_im2col)
     # A dense chain's batch keeps each layer's output tiles in the accumulators at once:
     # a plain GEMM per layer, then its REQUANTs.
     accumulators = [("accumulators", batch * max(
@@ -436,7 +605,7 @@ def _compile(model: QuantizedModel, config: NpuConfig, batch: int,
         # Past what the instructions address: there is no program to count the rest in.
         raise DoesNotFit(prefix + "; ".join(problems + _overflows(config, accumulators)))
     try:
-        stages, layers = _lower_stages(model, config, maps, input_im2col)
+        stages, layers = _lower_stages(model, config, maps, input_im2col, set(in_place))
     except DoesNotFit as error:   # an operator that no memory of this NPU can hold
         raise DoesNotFit(prefix + "; ".join(
             problems + _overflows(config, accumulators) + [str(error)])) from None
@@ -500,13 +669,19 @@ class _Stage:
     out_tiles: range | None = None   # a part of a layer: its output tiles
 
     def lower(self, model: QuantizedModel, index: int, maps: dict[str, FeatureMap],
-              input_im2col: bool, out_tiles: range | None = None) -> dict:
+              input_im2col: tuple[int, ...] | None, out_tiles: range | None = None,
+              in_place: bool = False) -> dict:
         """Emit layer ``index`` at the end of the stage (``out_tiles``: those of its output
-        tiles, a part of it; the first part writes its map's halo); its row of the layer
+        tiles, a part of it; the first part writes its map's halo, beside its GEMMs, or
+        after them for a layer ``in_place`` over its input); its row of the layer
         table."""
         layer = model.layers[index]
         self.layers.append(index)
         self.starts.append(len(self.lowering.instructions))
+        if in_place:
+            row = _lower(self.lowering, layer, maps, input_im2col, out_tiles)
+            self.lowering.fill_halo_now(maps[layer.name])
+            return {**row, "kind": f"{row['kind']}, in place"}
         if out_tiles is None or out_tiles.start == 0:
             self.lowering.fill_halo(maps[layer.name])
         return _lower(self.lowering, layer, maps, input_im2col, out_tiles)
@@ -573,7 +748,8 @@ class _Stage:
 
 
 def _lower_stages(model: QuantizedModel, config: NpuConfig, maps: dict[str, FeatureMap],
-                  input_im2col: tuple[int, ...] | None) -> tuple[list[_Stage], list[dict]]:
+                  input_im2col: tuple[int, ...] | None, in_place: set[str] = frozenset()
+                  ) -> tuple[list[_Stage], list[dict]]:
     """Every layer lowered, in stages: a layer that would take a stage past the NPU's
     weight, parameter or instruction memory begins the next one (one stage when the
     whole model fits). The activations stay on the NPU from stage to stage. Returns the
@@ -583,14 +759,19 @@ def _lower_stages(model: QuantizedModel, config: NpuConfig, maps: dict[str, Feat
     for index, layer in enumerate(model.layers):
         stage = stages[-1]
         before = copy.deepcopy(stage)
-        im2col = index == 0 and input_im2col is not None
-        row = stage.lower(model, index, maps, im2col)
+        im2col = input_im2col if index == 0 else None
+        made_in_place = layer.name in in_place
+        row = stage.lower(model, index, maps, im2col, in_place=made_in_place)
         if len(stage.layers) > 1 and _overflows(config, stage.needs()):
             stages[-1] = before
             stage = _Stage(Lowering(config, check_depths=False))
             stages.append(stage)
-            row = stage.lower(model, index, maps, im2col)
+            row = stage.lower(model, index, maps, im2col, in_place=made_in_place)
         if _overflows(config, stage.needs()) and _splittable(layer, config):
+            if made_in_place:
+                raise DoesNotFit(f"layer {layer.name!r} would run in parts, a stage each, "
+                                 f"and is made in place over its input, which a part "
+                                 f"would overwrite before the next part reads it")
             # Too large for a stage of its own: in parts of as many output tiles as fit.
             stages.pop()
             tiles = ceil_div(maps[layer.name].channels, config.cols)
@@ -616,7 +797,8 @@ def _splittable(layer, config: NpuConfig) -> bool:
 
 
 def _largest_part(model: QuantizedModel, index: int, maps: dict[str, FeatureMap],
-                  im2col: bool, config: NpuConfig, first: int, tiles: int) -> _Stage:
+                  im2col: tuple[int, ...] | None, config: NpuConfig, first: int,
+                  tiles: int) -> _Stage:
     """A stage of layer ``index``'s output tiles from ``first``: as many as fit (at least
     one, whose overflow the stage then reports)."""
     def part(count: int) -> _Stage:

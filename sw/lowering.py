@@ -684,6 +684,18 @@ class Lowering:
                 self._pending_fills.append(_fill(fmap.fill, out_addr + start // length * step,
                                                  min(length, count - start), 0, 0))
 
+    def fill_halo_now(self, fmap: FeatureMap) -> None:
+        """Write ``fmap``'s halo here, after the operator that made it in place over its
+        input (:mod:`npugen.inplace`): the FILLs wait for its last REQUANT, so for its
+        last read of the input, and a SETPP after them waits for the FILLs, so the next
+        operator reads the halo written."""
+        start = len(self.instructions)
+        self.fill_halo(fmap)
+        self.flush_fills()
+        if any(ins.opcode is Opcode.FILL for ins in self.instructions[start:]):
+            self.instructions.append(Instruction(Opcode.SETPP, {
+                "zero_point": fmap.fill, "clamp_min": -128, "clamp_max": 127}))
+
     def _take_fills(self) -> list[Instruction]:
         """The FILLs :meth:`fill_halo` keeps for the next operator."""
         fills, self._pending_fills = self._pending_fills, []

@@ -426,7 +426,7 @@ def test_the_compiler_folds_right_halos_where_the_map_does_not_grow():
     from npugen.tflite_import import load_tflite
 
     model = quantize_model(load_tflite(MLPERF_TINY / "kws_ref_model.tflite"))
-    maps, problems = _allocate_maps(model, REFERENCE_CONFIG, 1,
+    maps, problems, _ = _allocate_maps(model, REFERENCE_CONFIG, 1,
                                     _input_im2col(model, REFERENCE_CONFIG))
     padded = [fmap for fmap in maps.values() if any(fmap.halo)]
     assert not problems and len(padded) == 4

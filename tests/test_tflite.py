@@ -409,7 +409,9 @@ def test_a_model_too_large_names_every_memory_it_needs():
     message = str(error.value)
     # The weights run in stages, a convolution's in parts of its output tiles
     # (tests/test_stages.py); a depthwise layer's are not split.
-    for needed in ("feature maps need 11715 activation words, activation_depth is 1024",
+    # 11,715 side by side, 9,307 with 22 layers made in place over their inputs.
+    for needed in ("feature maps need 9307 activation words, activation_depth is 1024",
+                   "22 made in place",
                    "weights need 2304 words for layer 'model/depthwise_conv2d_12' alone, "
                    "weight_depth is 1024", "most at layer"):
         assert needed in message, message
@@ -447,7 +449,8 @@ def test_tflite_model_on_the_rtl_equals_litert(simulator):
 #: The MLPerf Tiny models each board's default NPU runs, AD in stages (docs/BOARDS.md
 #: says why the others do not fit its block RAM).
 BOARD_MODELS = {"icebreaker": set(), "ulx3s-12f": {"ad"}, "ulx3s-25f": {"kws", "ad"},
-                "ulx3s-45f": {"kws", "resnet", "ad"}, "ulx3s-85f": {"kws", "resnet", "ad"},
+                "ulx3s-45f": {"kws", "resnet", "ad"},
+                "ulx3s-85f": {"kws", "resnet", "vww", "ad"},
                 "tang-nano-9k": set(), "orangecrab-25f": {"kws", "ad"}}
 
 
@@ -475,3 +478,64 @@ def test_board_defaults_hold_the_models_docs_say(board, tmp_path, capsys):
             assert status == 2 and err.startswith("npugen compile: error: "), (name, err)
             assert any(why in err for why in ("does not fit", "this NPU was generated",
                                               "NPU was generated without")), (name, err)
+
+
+def _early_layers(b, x, r):
+    """A network's first layers at full resolution: a strided 3×3 convolution over a
+    single channel, a 3×3 depthwise and a 1×1 convolution, then a global average and a
+    classifier."""
+    y = b.conv2d(x, filters=4, kernel=3, stride=2, padding="SAME", activation="RELU", rng=r)
+    y = b.depthwise_conv2d(y, kernel=3, padding="SAME", activation="RELU6", rng=r)
+    y = b.conv2d(y, filters=4, kernel=1, padding="SAME", activation="RELU", rng=r)
+    y = b.average_pool2d(y, pool=(17, 17))
+    return b.fully_connected(b.reshape(y, (1, -1)), units=3, rng=r)
+
+
+IN_PLACE_CONFIG = NpuConfig(rows=4, cols=4, activation_depth=512, weight_depth=512,
+                            accumulator_depth=256, instruction_depth=512, param_depth=64,
+                            requant_overlap=True, line_buffer_depth=32)
+
+
+@pytest.mark.parametrize("simulator", available_simulators())
+def test_maps_made_in_place_run_bit_exact(simulator):
+    """With 512 activation words, which its maps laid side by side exceed (the input by
+    im2col 867 words, then 361 for the first map), the first convolution takes its input
+    in phases and the three layers write their outputs over their inputs. On the RTL the
+    program equals the golden model (outputs and counters), and both equal LiteRT's
+    reference kernels and the program with room to spare."""
+    from npugen.compiler import compile_quantized
+    from npugen.quantize import quantize_model
+
+    data = build(_early_layers, shape=(1, 34, 34, 1), seed=21)
+    model = quantize_model(load_tflite(data))
+    spacious = compile_quantized(model, IN_PLACE_CONFIG.replace(activation_depth=4096))
+    program = compile_quantized(model, IN_PLACE_CONFIG)
+    assert [layer["kind"] for layer in spacious.layers[:3]] == [
+        "conv (im2col input)", "depthwise (line buffers)", "conv"]
+    assert [layer["kind"] for layer in program.layers[:3]] == [
+        "conv (input in phases), in place", "depthwise (line buffers), in place",
+        "conv, in place"]
+    x = np.random.default_rng(8).integers(-128, 128, size=(3, 34, 34, 1), dtype=np.int8)
+    golden = run(program, x)
+    np.testing.assert_array_equal(golden.quantized_output, run(spacious, x).quantized_output)
+    np.testing.assert_array_equal(golden.quantized_output,
+                                  litert_reference(data)(x).reshape(3, -1))
+    rtl = run(program, x, target="rtl", simulator=simulator)
+    np.testing.assert_array_equal(rtl.quantized_output, golden.quantized_output)
+    assert rtl.counters == golden.counters
+
+
+def test_vww_runs_on_the_85f_default_with_maps_in_place():
+    """VWW's maps take 7,107 words side by side, the 85F's default has 3,584: its input
+    in phases and its first three layers in place take 3,415, and the outputs equal
+    LiteRT's reference kernels."""
+    from npugen.boards import BOARDS
+
+    path = MLPERF_TINY / MODELS["vww"]
+    program = compile_model(path, BOARDS["ulx3s-85f"].default_config)
+    assert [layer["kind"] for layer in program.layers[:3]] == [
+        "conv (input in phases), in place", "depthwise (line buffers), in place",
+        "conv, in place"]
+    x = random_input(path, 2, seed=4)
+    np.testing.assert_array_equal(run(program, x).quantized_output,
+                                  litert_reference(path)(x).reshape(2, -1))
