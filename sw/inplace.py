@@ -3,7 +3,7 @@
 A layer whose input map dies with it may write its output into the input's words, as
 long as no word is written before the layer has read it for the last time. The gap is
 taken from the layer's own instructions (any operator, any lowering), by the rules the
-sequencer keeps (docs/ARCHITECTURE.md, "Timing"): a REQUANT starts once every row issued
+sequencer keeps (docs/ARCHITECTURE.md, "Issue rules"): a REQUANT starts once every row issued
 before it is written, so only the MATMULs after it may still read while it writes; a
 FILL waits for the REQUANT before it, so the MATMULs after that one may
 (:func:`in_place_gap`). The output's halo is written after the layer's last REQUANT
