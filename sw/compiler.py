@@ -36,7 +36,7 @@ from .config import NpuConfig
 from .featuremap import FeatureMap, conv_output_size, stride_pair
 from .golden import CycleModel, GemmState, check_program
 from .graph import Add, Conv, Dense, Model, Pool, output_shape
-from .inplace import ADDRESS_SPACE, in_place_gap
+from .inplace import ADDRESS_SPACE, in_place_conflict, in_place_gap
 from .interleave import interleave
 from .isa import Instruction, Opcode, encode_program
 from .lowering import Lowering, Requant, Rescale
@@ -98,8 +98,8 @@ def compile_quantized(model: QuantizedModel, config: NpuConfig,
         if phases is not None:
             try:
                 return _compile(model, config, candidate, phases)
-            except DoesNotFit:
-                pass   # the message above says what the model needs as users give it
+            except DoesNotFit as error:
+                problems[-1] += f"; with its input in phases, {error}"
     raise DoesNotFit(f"the model does not fit a {config.describe()} NPU: {problems[-1]}")
 
 
@@ -479,6 +479,8 @@ def _in_place_gaps(model: QuantizedModel, config: NpuConfig, maps: dict[str, Fea
                 or spans[layer.inputs[0]][1] != step or isinstance(layer.source, Add)):
             continue
         lowering = Lowering(config, check_depths=False)
+        if step > 1:   # as after other layers: their walks set (Lowering._plain_gemm)
+            lowering.instructions.append(Instruction(Opcode.SETWIN, {}))
         try:
             _lower(lowering, layer, maps, input_im2col if step == 1 else None)
         except DoesNotFit:
@@ -784,6 +786,17 @@ def _lower_stages(model: QuantizedModel, config: NpuConfig, maps: dict[str, Feat
                 first = part.out_tiles.stop
             stage = stages[-1]
         rows.append(row)
+    for stage in stages:   # each layer made in place checked where the compiler put it
+        ends = [*stage.starts[1:], len(stage.lowering.instructions)]
+        for index, start, end in zip(stage.layers, stage.starts, ends, strict=True):
+            layer = model.layers[index]
+            if layer.name in in_place:
+                clash = in_place_conflict(config, stage.lowering.instructions,
+                                          range(start, end), maps[layer.inputs[0]],
+                                          maps[layer.name])
+                if clash:
+                    raise DoesNotFit(f"layer {layer.name!r} cannot write its output over "
+                                     f"its input: {clash} (a limit of the compiler)")
     return stages, rows
 
 

@@ -27,7 +27,7 @@ from .featuremap import FeatureMap
 from .golden import GemmState, fill_words, requant_output_words
 from .isa import Instruction, Opcode
 
-__all__ = ["in_place_gap", "ADDRESS_SPACE"]
+__all__ = ["in_place_gap", "in_place_conflict", "ADDRESS_SPACE"]
 
 #: The addresses an instruction reaches (16-bit fields): the analysis places maps in it.
 ADDRESS_SPACE = 1 << 16
@@ -77,3 +77,40 @@ def _highest(words: np.ndarray, dst: FeatureMap) -> int:
     words = np.asarray(words).ravel()
     inside = words[(words >= dst.base) & (words < dst.end)]
     return int(inside.max()) - dst.base if inside.size else -1
+
+
+def in_place_conflict(config: NpuConfig, instructions: list[Instruction], layer: range,
+                      src: FeatureMap, dst: FeatureMap) -> str | None:
+    """Check a placed program: the instructions ``layer`` (indices into ``instructions``,
+    which run from a start) write ``dst`` over ``src``; what the first write of a word
+    that a MATMUL of the layer may still read from ``src`` is, or None if there is none."""
+    state, out_stride = GemmState(config.rows), 0
+    reads: list[tuple[int, np.ndarray]] = []        # (instruction, src words read)
+    writes: list[tuple[int, int, np.ndarray]] = []  # (instruction, first read, words)
+    after_requant = 0
+    for index, instruction in enumerate(instructions):
+        mine = index in layer
+        for ins in state.expand(instruction):
+            op = ins.opcode
+            if op is Opcode.SETREQ:
+                out_stride = ins["out_stride"]
+            if not mine:
+                continue
+            if op is Opcode.MATMUL:
+                words = ins["act_addr"] + state.window.offsets(ins["count"])
+                reads.append((index, words[(words >= src.base) & (words < src.end)]))
+            elif op is Opcode.REQUANT:
+                after_requant = len(reads)
+                words = requant_output_words(config, ins, out_stride, state.out).ravel()
+                writes.append((index, after_requant, words))
+            elif op is Opcode.FILL:
+                writes.append((index, after_requant, fill_words(ins)))
+    for at, first_read, words in writes:
+        written = set(words[(words >= src.base) & (words < src.end)].tolist())
+        for read_at, read in reads[first_read:]:
+            clash = written.intersection(read.tolist())
+            if clash:
+                return (f"instruction {at} ({instructions[at].opcode.name}) writes word "
+                        f"{min(clash)}, which the MATMUL of instruction {read_at} still "
+                        f"reads")
+    return None

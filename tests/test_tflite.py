@@ -539,3 +539,21 @@ def test_vww_runs_on_the_85f_default_with_maps_in_place():
     x = random_input(path, 2, seed=4)
     np.testing.assert_array_equal(run(program, x).quantized_output,
                                   litert_reference(path)(x).reshape(2, -1))
+
+
+def test_an_output_that_would_overwrite_input_still_read_is_refused(monkeypatch):
+    """The compiler checks each layer made in place where it put it: with no gap below
+    its input, the first convolution's REQUANTs would write words its next rows still
+    read, and the model is refused rather than run wrong."""
+    import npugen.compiler
+    from npugen.compiler import compile_quantized
+    from npugen.quantize import quantize_model
+    from npugen.schedule import DoesNotFit
+
+    model = quantize_model(load_tflite(build(_early_layers, shape=(1, 34, 34, 1), seed=21)))
+    monkeypatch.setattr(npugen.compiler, "in_place_gap", lambda *args: 0)
+    with pytest.raises(DoesNotFit, match=r"layer 'conv_2d_3' cannot write its output over "
+                                         r"its input: instruction \d+ \(REQUANT\) writes "
+                                         r"word \d+, which the MATMUL of instruction \d+ "
+                                         r"still reads"):
+        compile_quantized(model, IN_PLACE_CONFIG)
