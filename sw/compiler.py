@@ -290,15 +290,24 @@ def _layer_row(layer, kind: str, src: FeatureMap, dst: FeatureMap, macs: int,
             "ops": ops, "clamp": [layer.clamp_min, layer.clamp_max]}
 
 
-def _input_im2col(model: QuantizedModel, config: NpuConfig) -> tuple[int, ...] | None:
-    """(kh, kw, stride, *pads) when the host should prepare the input by im2col: the first
-    layer is a convolution, the only reader of the input, whose kernel taps packed into
-    lanes take fewer K tiles than one tap a tile (few input channels)."""
+def _host_prepared_conv(model: QuantizedModel) -> Conv | None:
+    """The first layer's convolution where the host may prepare its input (by im2col or
+    in phases): not depthwise, and the only reader of the input."""
     first = model.layers[0]
     source = first.source
     if not isinstance(source, Conv) or source.depthwise or first.inputs != ("input",):
         return None
     if any("input" in layer.inputs for layer in model.layers[1:]):
+        return None
+    return source
+
+
+def _input_im2col(model: QuantizedModel, config: NpuConfig) -> tuple[int, ...] | None:
+    """(kh, kw, stride, *pads) when the host should prepare the input by im2col: the first
+    layer is a convolution, the only reader of the input, whose kernel taps packed into
+    lanes take fewer K tiles than one tap a tile (few input channels)."""
+    source = _host_prepared_conv(model)
+    if source is None:
         return None
     (kh, kw), channels = source.kernel, source.in_channels
     if ceil_div(kh * kw * channels, config.rows) >= ceil_div(channels, config.rows) * kh * kw:
@@ -316,11 +325,8 @@ def _input_phases(model: QuantizedModel, config: NpuConfig) -> tuple[int, ...] |
     padded so that the convolution runs with stride 1, no padding and a kernel
     ``ceil(k / stride)`` square (:func:`_phase_weights`). VWW's 96×96×3 input then takes
     49·49 words on a 16-row NPU, where its im2col took 48·48·2."""
-    first = model.layers[0]
-    source = first.source
-    if not isinstance(source, Conv) or source.depthwise or first.inputs != ("input",):
-        return None
-    if any("input" in layer.inputs for layer in model.layers[1:]):
+    source = _host_prepared_conv(model)
+    if source is None:
         return None
     stride, (kh, kw), channels = source.stride, source.kernel, source.in_channels
     if not isinstance(stride, int) or stride < 2 or max(kh, kw) <= stride:
