@@ -323,15 +323,14 @@ def _input_phases(model: QuantizedModel, config: NpuConfig) -> tuple[int, ...] |
     first layer is a strided convolution over few channels: its input in phases, the
     ``stride²`` phases of each channel as channels (im2col with a stride × stride kernel),
     padded so that the convolution runs with stride 1, no padding and a kernel
-    ``ceil(k / stride)`` square (:func:`_phase_weights`). VWW's 96×96×3 input then takes
-    49·49 words on a 16-row NPU, where its im2col took 48·48·2."""
+    ``ceil(k / stride)`` square (:func:`_phase_weights`), where that takes fewer words
+    than im2col. VWW's 96×96×3 input then takes 49·49 words on a 16-row NPU, where its
+    im2col took 48·48·2 (on an 8-row one 49·49·2 against 48·48·4)."""
     source = _host_prepared_conv(model)
     if source is None:
         return None
     stride, (kh, kw), channels = source.stride, source.kernel, source.in_channels
     if not isinstance(stride, int) or stride < 2 or max(kh, kw) <= stride:
-        return None
-    if stride * stride * channels > config.rows:   # the phases in one word a pixel
         return None
     top, left, bottom, right = source.pads
     _, height, width = _map_shape(model.input_shape, 1)
@@ -340,6 +339,11 @@ def _input_phases(model: QuantizedModel, config: NpuConfig) -> tuple[int, ...] |
     bottom = stride * (out_h + ceil_div(kh, stride) - 1) - height - top
     right = stride * (out_w + ceil_div(kw, stride) - 1) - width - left
     if bottom < 0 or right < 0:
+        return None
+    # Fewer words than the input by im2col, which takes a word per K tile of every tap.
+    phase_words = (ceil_div(stride * stride * channels, config.rows)
+                   * (out_h + ceil_div(kh, stride) - 1) * (out_w + ceil_div(kw, stride) - 1))
+    if phase_words >= ceil_div(kh * kw * channels, config.rows) * out_h * out_w:
         return None
     return (stride, stride, stride, top, left, bottom, right)
 

@@ -449,7 +449,7 @@ def test_tflite_model_on_the_rtl_equals_litert(simulator):
 #: The MLPerf Tiny models each board's default NPU runs, AD in stages (docs/BOARDS.md
 #: says why the others do not fit its block RAM).
 BOARD_MODELS = {"icebreaker": set(), "ulx3s-12f": {"ad"}, "ulx3s-25f": {"kws", "ad"},
-                "ulx3s-45f": {"kws", "resnet", "ad"},
+                "ulx3s-45f": {"kws", "resnet", "vww", "ad"},
                 "ulx3s-85f": {"kws", "resnet", "vww", "ad"},
                 "tang-nano-9k": set(), "orangecrab-25f": {"kws", "ad"}}
 
