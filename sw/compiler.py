@@ -434,29 +434,34 @@ def _allocate_maps(model: QuantizedModel, config: NpuConfig, batch: int,
         return maps, [f"its feature maps need {end} activation words, activation_depth is "
                       f"{config.activation_depth}"], {}
     # Layers where too much is live make their output in place over their input: all of
-    # them, or else one at a time, the most crowded first, each kept unless the maps then
-    # take more words.
+    # them at once, and one at a time, the most crowded first, each kept unless the maps
+    # then take more words (one refused is tried again after another is kept). The
+    # placement that takes the fewest words is kept, and reported if it is too many.
     crowded = {layer.name for layer, words in zip(model.layers, live, strict=True)
                if words > config.activation_depth}
     gaps = _in_place_gaps(model, config, maps, crowded, input_im2col)
-    in_place: dict[str, int] = {}
-    tried: set[str] = set()
-    if gaps:   # first all at once: one alone may not lower the peak that its neighbours keep
+    best = (end, maps, {}, live)
+    if gaps:   # all at once: one alone may not lower the peak that its neighbours keep
         placed, trial_end = _place_maps(model, unplaced, gaps)
-        if trial_end <= config.activation_depth:
-            return placed, [], gaps
-    while end > config.activation_depth:
+        best = min(best, (trial_end, placed, gaps, _live_words(model, placed)),
+                   key=lambda found: found[0])
+    in_place: dict[str, int] = {}
+    refused: set[str] = set()
+    while best[0] > config.activation_depth:
         step_live = dict(zip((layer.name for layer in model.layers), live, strict=True))
-        candidates = sorted((name for name in gaps if name not in tried),
+        candidates = sorted((name for name in gaps if name not in {*in_place, *refused}),
                             key=lambda name: -step_live[name])
         if not candidates:
             break
-        tried.add(candidates[0])
         trial = {**in_place, candidates[0]: gaps[candidates[0]]}
         placed, trial_end = _place_maps(model, unplaced, trial)
-        if trial_end <= end:
-            maps, end, in_place = placed, trial_end, trial
-            live = _live_words(model, maps)
+        if trial_end > end:
+            refused.add(candidates[0])
+            continue
+        maps, end, in_place, refused = placed, trial_end, trial, set()
+        live = _live_words(model, maps)
+        best = min(best, (end, maps, in_place, live), key=lambda found: found[0])
+    end, maps, in_place, live = best
     if end <= config.activation_depth:
         return maps, [], in_place
     peak = int(np.argmax(live))
@@ -496,8 +501,11 @@ def _in_place_gaps(model: QuantizedModel, config: NpuConfig, maps: dict[str, Fea
         except DoesNotFit:
             continue   # the compiler says why, without the layer in place
         lowering.fill_halo_now(maps[layer.name])
-        gaps[layer.name] = in_place_gap(config, lowering.instructions,
-                                        maps[layer.inputs[0]], maps[layer.name])
+        try:
+            gaps[layer.name] = in_place_gap(config, lowering.instructions,
+                                            maps[layer.inputs[0]], maps[layer.name])
+        except ValueError:
+            continue   # it requantizes into the accumulators: not made in place
     return gaps
 
 

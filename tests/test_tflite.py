@@ -409,9 +409,9 @@ def test_a_model_too_large_names_every_memory_it_needs():
     message = str(error.value)
     # The weights run in stages, a convolution's in parts of its output tiles
     # (tests/test_stages.py); a depthwise layer's are not split.
-    # 11,715 side by side, 9,307 with 22 layers made in place over their inputs.
+    # 11,715 side by side, 9,307 with its first layer made in place over its input.
     for needed in ("feature maps need 9307 activation words, activation_depth is 1024",
-                   "22 made in place",
+                   "1 made in place",
                    "weights need 2304 words for layer 'model/depthwise_conv2d_12' alone, "
                    "weight_depth is 1024", "most at layer"):
         assert needed in message, message
@@ -527,7 +527,7 @@ def test_maps_made_in_place_run_bit_exact(simulator):
 
 def test_vww_runs_on_the_85f_default_with_maps_in_place():
     """VWW's maps take 7,107 words side by side, the 85F's default has 3,584: its input
-    in phases and its first three layers in place take 3,415, and the outputs equal
+    in phases and its first three layers in place fit them, and the outputs equal
     LiteRT's reference kernels."""
     from npugen.boards import BOARDS
 
@@ -557,3 +557,16 @@ def test_an_output_that_would_overwrite_input_still_read_is_refused(monkeypatch)
                                          r"word \d+, which the MATMUL of instruction \d+ "
                                          r"still reads"):
         compile_quantized(model, IN_PLACE_CONFIG)
+
+
+def test_a_model_short_of_words_names_the_least_it_found():
+    """With 3,072 words VWW does not fit the 85F's array even with its maps in place, and
+    the message names the fewest words any placement tried took (four layers in place),
+    not those of a placement it discarded."""
+    from npugen.boards import BOARDS
+
+    config = BOARDS["ulx3s-85f"].default_config.replace(activation_depth=3072)
+    with pytest.raises(ValueError, match="with its input in phases, its feature maps need "
+                                         "3078 activation words, activation_depth is 3072 "
+                                         r"\(.*4 made in place\)"):
+        compile_model(MLPERF_TINY / MODELS["vww"], config)
