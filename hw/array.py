@@ -43,10 +43,11 @@ class SystolicArray(wiring.Component):
 
     ``weight_row`` with ``load`` shifts one row of weights into the top of bank
     ``load_bank``; ``rows`` such cycles load a tile (last row first). Column c shifts
-    c cycles later (load skew), as the words reach it c cycles later, so a word entering
-    in cycle t uses in row r the bank as the loads up to cycle t + r left it, in every
-    column: a bank may be loaded again right behind the last word through its bottom
-    row, not its last column (``weight_use_cycles``, sw/timing.py).
+    c cycles later (``load_skew``), as the words reach it c cycles later, so a word
+    entering in cycle t uses in row r the bank as the loads up to cycle t + r left it, in
+    every column: a bank may be loaded again right behind the last word through its
+    bottom row, not its last column (``weight_use_cycles``, sw/timing.py). Without the
+    skew every column shifts at once, and the load waits for the last column.
 
     ``implementation``: whose DSP blocks multiply, and how many rows they take (hw/dsp.py).
 
@@ -94,10 +95,12 @@ class SystolicArray(wiring.Component):
                                   implementation=implementation)
                 for col in range(c.cols)] for r in range(c.rows)]
         # The load skew: each column's weights, load and bank a cycle after its left
-        # neighbour's (also one register for all the PEs of a column).
-        column_load = [(_delay(m, self.weight_row[col], col, f"load_skew{col}"),
-                        _delay(m, self.load, col, f"load_skew_valid{col}"),
-                        _delay(m, self.load_bank, col, f"load_skew_bank{col}"))
+        # neighbour's (also one register for all the PEs of a column). Without it
+        # (load_skew false) every column takes the load in the same cycle.
+        skew = [col if c.load_skew else 0 for col in range(c.cols)]
+        column_load = [(_delay(m, self.weight_row[col], skew[col], f"load_skew{col}"),
+                        _delay(m, self.load, skew[col], f"load_skew_valid{col}"),
+                        _delay(m, self.load_bank, skew[col], f"load_skew_bank{col}"))
                        for col in range(c.cols)]
         for r in range(c.rows):
             for col in range(c.cols):

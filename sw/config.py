@@ -53,7 +53,7 @@ DEPTH_STEP = 256
 
 
 #: The NpuConfig fields that are true or false.
-BOOL_FIELDS = ("feature_maps", "requant_overlap")
+BOOL_FIELDS = ("feature_maps", "requant_overlap", "load_skew")
 
 
 def _check_int(name: str, value: Any, low: int, high: int, rule: str = "") -> None:
@@ -96,6 +96,11 @@ class NpuConfig:
     # many words (a map's pitch, halo included) stream through the array with kernel taps
     # in the rows and channels in the columns. 0: no depthwise mode.
     line_buffer_depth: int = 0
+    # Column c of the array shifts its weights in c cycles after column 0, as the
+    # activations reach it, so a bank may be loaded again once its last word has passed
+    # the bottom row rather than the last column (sw/timing.py, weight_use_cycles). It
+    # costs cols·(cols−1)/2 registers of a weight and two bits; false broadcasts the load.
+    load_skew: bool = True
 
     def __post_init__(self) -> None:
         _check_int("rows", self.rows, 1, 64)
@@ -246,6 +251,8 @@ class NpuConfig:
             text += ", requant overlap"
         if self.line_buffer_depth:
             text += f", depthwise mode (rows of {self.line_buffer_depth})"
+        if not self.load_skew:
+            text += ", no load skew"
         return text + ("" if self.feature_maps else ", no feature maps")
 
 

@@ -112,7 +112,8 @@ class CycleModel:
             last = cycle + count
             self.feeder_last_issue = last
             self.feeder_bank = instruction["bank"]
-            self.inflight_clear_at[instruction["bank"]] = last + weight_use_cycles(rows, cols)
+            self.inflight_clear_at[instruction["bank"]] = last + weight_use_cycles(
+                rows, cols, self.config.load_skew)
             self.drain_clear_at = last + results_written_cycles(rows, cols)
             self.counters.busy_cycles += count
             self.counters.macs += count * rows * cols

@@ -54,13 +54,19 @@ def array_latency(rows: int, cols: int) -> int:
     return rows + cols - 1 + PRODUCT_PIPELINE_STAGES + ARRAY_INPUT_STAGES
 
 
-def weight_use_cycles(rows: int, cols: int) -> int:
+def weight_use_cycles(rows: int, cols: int, load_skew: bool = True) -> int:
     """Cycles from a word's issue to the first in which a LOADW of its bank may dispatch.
 
-    A word reaches row r, r cycles after row 0; a load reaches column c, c cycles after
-    column 0 (hw/array.py), as the word does, so only the rows count: the load's first
-    shift comes the cycle after the word has passed the bottom row's weights."""
-    return rows + ARRAY_INPUT_STAGES - WEIGHT_LOAD_STAGES
+    A word reaches row r, r cycles after row 0, and column c, c cycles after column 0.
+    With the load skew (``NpuConfig.load_skew``) a load reaches column c c cycles after
+    column 0 too (hw/array.py), so only the rows count: the load's first shift comes the
+    cycle after the word has passed the bottom row's weights. Without it the load shifts
+    every column at once, after the word has passed the last column's bottom PE."""
+    return rows + ARRAY_INPUT_STAGES - WEIGHT_LOAD_STAGES + (0 if load_skew else cols - 1)
+
+
+def _unskewed_weight_use_cycles(rows: int, cols: int) -> int:
+    return weight_use_cycles(rows, cols, load_skew=False)
 
 
 def weight_load_cycles(rows: int, cols: int) -> int:
@@ -125,7 +131,9 @@ def timing_markdown() -> str:
         "such row has passed the bottom row of PEs before the load's first shift "
         f"(`{_formula(weight_use_cycles)}` cycles after its issue, `weight_use_cycles`; the "
         f"shifts start {WEIGHT_LOAD_STAGES} cycles after the dispatch, `WEIGHT_LOAD_STAGES`, "
-        "and reach column c c cycles later, as the rows do) |",
+        "and reach column c c cycles later, as the rows do; on an NPU generated without "
+        "`load_skew` every column shifts at once, so the row must have passed the last "
+        f"column's bottom PE: `{_formula(_unskewed_weight_use_cycles)}` cycles) |",
         "| MATMUL bank b | the feeder issues its last row (or is idle); a LOADW of bank b "
         f"was dispatched `{_formula(weight_load_cycles)}` cycles before or earlier "
         "(`weight_load_cycles`: the first word reaches the top row just behind the load's "

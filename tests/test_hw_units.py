@@ -158,7 +158,16 @@ ARRAY_CONFIGS = [
               accumulator_depth=16, instruction_depth=16, param_depth=16),
     NpuConfig(rows=1, cols=1, accumulator_width=16, activation_depth=16, weight_depth=16,
               accumulator_depth=16, instruction_depth=16, param_depth=16),
+    # Without the load skew: every column shifts its weights in at once.
+    NpuConfig(rows=2, cols=3, accumulator_width=32, activation_depth=16, weight_depth=16,
+              accumulator_depth=16, instruction_depth=16, param_depth=16, load_skew=False),
+    NpuConfig(rows=3, cols=2, accumulator_width=16, activation_depth=16, weight_depth=16,
+              accumulator_depth=16, instruction_depth=16, param_depth=16, load_skew=False),
 ]
+
+
+def _array_id(config: NpuConfig) -> str:
+    return f"{config.rows}x{config.cols}" + ("" if config.load_skew else "-unskewed")
 
 
 class ArraySchedule:
@@ -167,7 +176,8 @@ class ArraySchedule:
     Weight loads are modelled as the documented shift: each load cycle pushes a row into
     the top of a bank. With the load skew (hw/array.py), a word entering in cycle t uses
     in row r the bank as the loads up to cycle t + r left it, in every column: loads may
-    follow a word through its bank row by row.
+    follow a word through its bank row by row. Without it (``load_skew`` false), in row
+    r and column c, as the loads up to cycle t + r + c left it.
     """
 
     def __init__(self, config: NpuConfig, rng: np.random.Generator):
@@ -205,7 +215,8 @@ class ArraySchedule:
 
     def expected_results(self, latency: int) -> np.ndarray:
         """``result`` in every cycle: word t's act @ bank, ``latency`` cycles later, row r
-        of the bank as the loads up to cycle t + r left it."""
+        of the bank as the loads up to cycle t + r left it (t + r + c in column c without
+        the load skew)."""
         c = self.config
         banks = np.zeros((2, c.rows, c.cols), dtype=np.int64)
         history = []   # the banks after each cycle's load
@@ -218,7 +229,9 @@ class ArraySchedule:
         self.wrapped = 0  # words whose exact result does not fit the accumulator
         for t, cycle in enumerate(self.cycles):
             if cycle["act"] is not None:
-                tile = np.array([history[min(t + r, len(history) - 1)][cycle["bank"]][r]
+                late = np.arange(c.cols) * (not c.load_skew)
+                tile = np.array([[history[min(t + r + late[col], len(history) - 1)]
+                                  [cycle["bank"]][r][col] for col in range(c.cols)]
                                  for r in range(c.rows)])
                 exact = cycle["act"] @ tile
                 results[t + latency] = wrap(exact, c.accumulator_width)
@@ -250,7 +263,7 @@ def run_array(array: SystolicArray, schedule: ArraySchedule) -> np.ndarray:
     return np.array(got, dtype=np.int64)
 
 
-@pytest.mark.parametrize("config", ARRAY_CONFIGS, ids=lambda c: f"{c.rows}x{c.cols}")
+@pytest.mark.parametrize("config", ARRAY_CONFIGS, ids=_array_id)
 def test_array_result_rows_arrive_after_latency(config):
     """Each result row equals act @ W (wrapped) exactly ``latency`` cycles after its word,
     with idle gaps between bursts, on bank 0 and on bank 1."""
@@ -274,7 +287,7 @@ def test_array_result_rows_arrive_after_latency(config):
     np.testing.assert_array_equal(run_array(array, schedule), expected)
 
 
-@pytest.mark.parametrize("config", ARRAY_CONFIGS, ids=lambda c: f"{c.rows}x{c.cols}")
+@pytest.mark.parametrize("config", ARRAY_CONFIGS, ids=_array_id)
 def test_array_loads_one_bank_while_streaming_the_other(config):
     """Loading bank 1 under a bank-0 stream (and bank 0 under a bank-1 stream) leaves the
     streaming bank's results unchanged; the new tile is used right after its last row."""
@@ -297,17 +310,20 @@ def test_array_loads_one_bank_while_streaming_the_other(config):
     np.testing.assert_array_equal(run_array(array, schedule), expected)
 
 
-@pytest.mark.parametrize("config", ARRAY_CONFIGS, ids=lambda c: f"{c.rows}x{c.cols}")
+@pytest.mark.parametrize("config", ARRAY_CONFIGS, ids=_array_id)
 def test_array_reloads_a_bank_right_behind_its_last_word(config):
     """A bank's load may start ``rows`` cycles after the last word using it entered (it
-    has passed the bottom row; the columns do not count), and a word may use a tile from
+    has passed the bottom row; the columns do not count; without the load skew,
+    ``rows + cols − 1``: it has passed the last column's), and a word may use a tile from
     the cycle of its last shift. A load started earlier reaches the last words' lower
     rows, and the array gives exactly what the skew says (row r sees the loads up to
     cycle t + r), in every column."""
     rng = np.random.default_rng(4)
     array = SystolicArray(config)
     schedule = ArraySchedule(config, rng)
-    rows = config.rows
+    # The reload's wait in the array's own cycles (weight_use_cycles counts from the
+    # sequencer's dispatch, which is WEIGHT_LOAD_STAGES − ARRAY_INPUT_STAGES apart).
+    rows = config.rows + (0 if config.load_skew else config.cols - 1)
     t = schedule.load(0, 0, schedule.random_tile())
     t = schedule.load(t, 1, schedule.random_tile())
     last = schedule.stream(t, [0] * 4) - 1
