@@ -43,6 +43,8 @@ CONFIGS = {
     "4x8": NpuConfig(rows=4, cols=8, requant_lanes=4, **SMALL),
     "8x4": NpuConfig(rows=8, cols=4, **SMALL),
     "8x8": NpuConfig(rows=8, cols=8, requant_lanes=8, **SMALL),
+    # Without the load skew (the 85F's default): a reload waits for the last column.
+    "4x8-unskewed": NpuConfig(rows=4, cols=8, requant_lanes=4, load_skew=False, **SMALL),
     "4x4-int4-acc16": NpuConfig(rows=4, cols=4, input_width=4, weight_width=4,
                                 accumulator_width=16, **SMALL),
 }
