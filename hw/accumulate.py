@@ -62,7 +62,9 @@ class AccumulatePath(wiring.Component):
         c = self._config
         m = Module()
         cols, width = c.cols, c.accumulator_width
-        fm = c.feature_maps
+        # REQUANT to_acc's rows arrive beside the array's (the add), and max pooling's
+        # combine: each with the feature-map hardware unless left out (NpuConfig).
+        fm, max_combine = c.requant_to_acc, c.max_combine
         layout = tag_layout(c)
         tags = [self.issue]
         for i in range(array_latency(c.rows, c.cols) + 1):
@@ -108,7 +110,7 @@ class AccumulatePath(wiring.Component):
             m.d.comb += [self.acc_read.valid.eq(read_tag.valid),
                          self.acc_read.addr.eq(read_tag.addr)]
         summed = Signal(row_layout)
-        if fm:
+        if max_combine:
             # One carry chain per lane does both: old + row, or old − row for max, whose
             # sign picks the larger.
             combined = []

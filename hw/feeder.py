@@ -133,7 +133,7 @@ class Feeder(wiring.Component):
                 feed_last.eq(self.count == 1), feed_bank.eq(self.bank),
                 feed_accumulate.eq(self.accumulate),
             ]
-            if c.feature_maps:   # max pooling's combine
+            if c.max_combine:   # max pooling's combine
                 m.d.sync += feed_max.eq(self.combine)
         with m.If(self.abort):
             m.d.sync += feed_busy.eq(0)

@@ -114,7 +114,6 @@ class RequantUnit(wiring.Component):
         c = self._config
         m = Module()
         rows, cols, lanes = c.rows, c.cols, c.requant_lanes
-        fm = c.feature_maps
         groups = cols // lanes
         instruction = self.instruction
 
@@ -141,7 +140,7 @@ class RequantUnit(wiring.Component):
         # REQUANT to_acc (feature-map hardware): the raw results go back into the
         # accumulators through the accumulate path; without requant_overlap the source
         # words are read every other cycle (hw/to_acc.py).
-        if fm:
+        if c.requant_to_acc:
             m.submodules.to_acc = to_acc = AccumulatorReturn(c)
             rq_to_acc, hold = to_acc.enabled, to_acc.hold
         else:
@@ -250,7 +249,7 @@ class RequantUnit(wiring.Component):
                 m.d.sync += rq_single.eq(_field(instruction, "single_rounding"))
             if c.rounding != "double":
                 m.d.sync += rq_even.eq(_field(instruction, "ties_to_even"))
-            if fm:
+            if c.requant_to_acc:
                 m.d.sync += rq_left_shift.eq(_field(instruction, "left_shift"))
 
         requantizers = self._lanes(m, settings, stage_valid, stage_from_map, stage_group,
@@ -337,7 +336,7 @@ class RequantUnit(wiring.Component):
         requantizers = []
         for lane in range(lanes):
             rq = Requantizer(accumulator_width=c.accumulator_width, output_width=c.input_width,
-                             rounding=c.rounding, left_shift=c.feature_maps,
+                             rounding=c.rounding, left_shift=c.requant_to_acc,
                              implementation=self._implementation)
             m.submodules[f"requant{lane}"] = rq
             requantizers.append(rq)

@@ -84,6 +84,17 @@ def compile_quantized(model: QuantizedModel, config: NpuConfig,
             raise DoesNotFit(f"the model needs feature-map hardware ({_not_a_chain(model)}); "
                              f"this {config.describe()} NPU was generated without them "
                              f"(feature_maps = false)")
+        for layer in model.layers:
+            source = layer.source
+            if isinstance(source, Pool) and source.kind == "max" and not config.max_pooling:
+                raise DoesNotFit(f"layer {layer.name!r} is max pooling, but this "
+                                 f"{config.describe()} NPU was generated without it "
+                                 f"(max_pooling = false); regenerate it with max_pooling "
+                                 f"= true")
+            if isinstance(source, Add) and not config.adds:
+                raise DoesNotFit(f"layer {layer.name!r} is an add, but this "
+                                 f"{config.describe()} NPU was generated without adds "
+                                 f"(adds = false); regenerate it with adds = true")
         batches = [1]
     im2col = _input_im2col(model, config) if input_im2col else None
     # Where the first convolution's input, by im2col or not, leaves too little room for

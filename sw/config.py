@@ -53,7 +53,7 @@ DEPTH_STEP = 256
 
 
 #: The NpuConfig fields that are true or false.
-BOOL_FIELDS = ("feature_maps", "requant_overlap", "load_skew")
+BOOL_FIELDS = ("feature_maps", "requant_overlap", "load_skew", "max_pooling", "adds")
 
 
 def _check_int(name: str, value: Any, low: int, high: int, rule: str = "") -> None:
@@ -101,6 +101,12 @@ class NpuConfig:
     # the bottom row rather than the last column (sw/timing.py, weight_use_cycles). It
     # costs cols·(cols−1)/2 registers of a weight and two bits; false broadcasts the load.
     load_skew: bool = True
+    # With feature_maps: max pooling's combine in the accumulate path (MATMUL ``combine``),
+    # and the add's path back into the accumulators (REQUANT ``to_acc``, ``left_shift``,
+    # SETOUT ``from_map``: residual connections). false leaves their logic out (a UP5K
+    # needs the cells) and refuses models with max pooling or adds.
+    max_pooling: bool = True
+    adds: bool = True
 
     def __post_init__(self) -> None:
         _check_int("rows", self.rows, 1, 64)
@@ -167,15 +173,27 @@ class NpuConfig:
         return min(self.rows // 3, 3) if self.line_buffer_depth else 0
 
     @property
+    def max_combine(self) -> bool:
+        """Whether a MATMUL may combine by max (max pooling): ``feature_maps`` and
+        ``max_pooling``."""
+        return self.feature_maps and self.max_pooling
+
+    @property
+    def requant_to_acc(self) -> bool:
+        """Whether a REQUANT may go ``to_acc`` with ``left_shift`` (the add):
+        ``feature_maps`` and ``adds``."""
+        return self.feature_maps and self.adds
+
+    @property
     def requant_from_map(self) -> bool:
         """Whether a REQUANT ``to_acc`` can read its source from an activation map (SETOUT
         ``from_map``) instead of the accumulators: NPUs generated with ``requant_overlap``
-        and the feature-map hardware, on a square array (an activation word's lanes are
+        and the feature-map hardware with ``adds``, on a square array (an activation word's lanes are
         then an accumulator word's columns) with a requantizer lane per column (the word
         goes to the lanes whole: a group multiplexer after the activations' block RAM
         took the ULX3S-25F's 8×8 with one lane from 81 MHz to 68). An add then takes three
         requantizer passes and none through the array."""
-        return (self.feature_maps and self.requant_overlap and self.rows == self.cols
+        return (self.requant_to_acc and self.requant_overlap and self.rows == self.cols
                 and self.requant_lanes == self.cols)
 
     @property
@@ -253,6 +271,10 @@ class NpuConfig:
             text += f", depthwise mode (rows of {self.line_buffer_depth})"
         if not self.load_skew:
             text += ", no load skew"
+        if self.feature_maps and not self.max_pooling:
+            text += ", no max pooling"
+        if self.feature_maps and not self.adds:
+            text += ", no adds"
         return text + ("" if self.feature_maps else ", no feature maps")
 
 

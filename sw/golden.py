@@ -278,13 +278,20 @@ def check_program(config: NpuConfig, program: list[Instruction]) -> None:
     streamed = 0        # words other MATMULs streamed since (one a cycle)
     for index, instruction in enumerate(program):
         op = instruction.opcode
+        uses = [name for name in ("combine", "to_acc", "left_shift")
+                if instruction.args.get(name)]
         if not config.feature_maps:
-            uses = [name for name in ("combine", "to_acc", "left_shift")
-                    if instruction.args.get(name)]
             if op in (Opcode.SETKERN, Opcode.SETWIN, Opcode.SETOUT, Opcode.FILL) or uses:
                 what = op.name if not uses else f"{op.name} {', '.join(uses)}"
                 need(False, index, instruction,
                      f"{what} needs an NPU generated with feature_maps (this one has none)")
+        for name, option, built in (("combine", "max_pooling", config.max_combine),
+                                    ("to_acc", "adds", config.requant_to_acc),
+                                    ("left_shift", "adds", config.requant_to_acc)):
+            if name in uses and not built:
+                need(False, index, instruction,
+                     f"{op.name} {name} needs an NPU generated with {option} (this one "
+                     f"has {option} = false); regenerate it with {option} = true")
         if op is Opcode.GEMM:
             need(state.k_tiles >= 1, index, instruction, "k_tiles (SETGEMM) must be at least 1")
             need(instruction["count"] >= 1, index, instruction, "count must be at least 1")

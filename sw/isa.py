@@ -173,16 +173,19 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
         Field("act_addr", 8, _A16, doc="first activation word"),
         Field("acc_addr", 24, _A16, doc="first accumulator word"),
         Field("count", 40, _A16, doc="activation words to stream (1 or more)"),
-        Field("combine", 6, 1, doc="0: accumulate adds; 1: keeps the larger value (max)"),
+        Field("combine", 6, 1, doc="0: accumulate adds; 1: keeps the larger value (max; "
+              "NPUs generated with max_pooling)"),
     ),
     Opcode.REQUANT: (
         Field("acc_addr", 8, _A16, doc="first accumulator word"),
         Field("out_addr", 24, _A16, doc="activation word of the first output row"),
         Field("count", 40, _A16, doc="accumulator words to process (1 or more)"),
         Field("out_lane", 56, 6, doc="activation lane of the first output channel"),
-        Field("to_acc", 4, 1, doc="1: write the unclamped results to accumulator words"),
+        Field("to_acc", 4, 1, doc="1: write the unclamped results to accumulator words (NPUs "
+              "generated with adds)"),
         Field("accumulate", 5, 1, doc="with to_acc: add to the accumulator words"),
-        Field("left_shift", 6, 1, doc="1: multiply acc + bias by 2^20 before rescaling"),
+        Field("left_shift", 6, 1, doc="1: multiply acc + bias by 2^20 before rescaling (NPUs "
+              "generated with adds)"),
         Field("single_rounding", 7, 1,
               doc="1: round the product once (TFLite's FULLY_CONNECTED, ONNX); "
                   "0: round twice (gemmlowp)"),
@@ -215,7 +218,8 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
         Field("act_addr", 8, _A16, doc="activation word of the first K tile"),
         Field("acc_addr", 24, _A16, doc="first accumulator word"),
         Field("count", 40, _A16, doc="activation words per K tile (1 or more)"),
-        Field("combine", 6, 1, doc="0: accumulate adds; 1: keeps the larger value (max)"),
+        Field("combine", 6, 1, doc="0: accumulate adds; 1: keeps the larger value (max; "
+              "NPUs generated with max_pooling)"),
     ),
     Opcode.SETKERN: (
         Field("kernel_w", 8, 8, doc="kernel taps per row (1 or more)"),

@@ -481,6 +481,7 @@ def test_cli_bad_cnn_inputs_exit_2(tmp_path, cnn_path, data, capsys):
     cases = [
         (base + ["--feature-maps", "false"], "generated without them"),
         (base + ["--feature-maps", "maybe"], "expected true or false, not 'maybe'"),
+        (base + ["--max-pooling", "false"], "is max pooling, but this"),
         (base + ["--rounding", "triple"], "rounding must be one of 'double', 'single'"),
         (["compile", str(bad_conv), "--calib", str(tmp_path / "calib.npy"), "-o",
           str(tmp_path / "y.npu")], "node 'badconv' (Conv): group=2 is not supported"),

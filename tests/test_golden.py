@@ -305,6 +305,25 @@ def test_fills_the_npu_cannot_run_are_refused(config, text, message):
         check_program(config, assemble(text + "\nHALT"))
 
 
+@pytest.mark.parametrize("config, text, message", [
+    (CONFIG.replace(max_pooling=False), "MATMUL count=2 accumulate=1 combine=1",
+     "MATMUL combine needs an NPU generated with max_pooling .this one has max_pooling = "
+     "false.; regenerate it with max_pooling = true"),
+    (CONFIG.replace(adds=False), "REQUANT count=2 to_acc=1",
+     "REQUANT to_acc needs an NPU generated with adds .this one has adds = false."),
+    (CONFIG.replace(adds=False), "REQUANT count=2 left_shift=1",
+     "REQUANT left_shift needs an NPU generated with adds"),
+    (CONFIG.replace(max_pooling=False, feature_maps=False), "MATMUL count=2 combine=1",
+     "MATMUL combine needs an NPU generated with feature_maps"),
+])
+def test_max_combine_and_to_acc_are_refused_on_npus_without_them(config, text, message):
+    """NPUs generated without max pooling or adds (their logic left out, for a UP5K)
+    refuse the bits that need it, naming the option to regenerate with."""
+    with pytest.raises(ProgramError, match=message):
+        check_program(config, assemble("LOADW\n" + text + "\nHALT"))
+    check_program(CONFIG, assemble("LOADW\n" + text + "\nHALT"))   # the default runs it
+
+
 def test_cycle_model_runs_a_fill_beside_the_array_and_waits_for_it_after():
     """A MATMUL after a FILL dispatches the next cycle (the run ends when the longer of
     the two does); SETREQ (the requantizer's) waits one cycle per word and

@@ -18,6 +18,7 @@ from npugen.memory_map import Region
 from npugen.mlperf import MODELS as MLPERF_MODELS
 from npugen.mlperf import REFERENCE_CONFIG
 from npugen.runtime import run
+from npugen.schedule import DoesNotFit
 from npugen.tflite_import import load_tflite
 
 #: Memories large enough for any of the four models on an 8×8 array.
@@ -444,6 +445,53 @@ def test_tflite_model_on_the_rtl_equals_litert(simulator):
     assert rtl.counters == golden.counters
     np.testing.assert_array_equal(golden.quantized_output,
                                   litert_reference(data)(x).reshape(3, -1))
+
+
+@pytest.mark.parametrize("simulator", available_simulators())
+def test_an_npu_without_max_pooling_and_adds_runs_what_needs_neither(simulator):
+    """NPUs generated with max_pooling and adds false (their logic left out, for the
+    UP5K) run KWS's kinds of layers (a strided convolution, a depthwise, a 1×1, average
+    pooling, a dense layer) on the RTL equal to the golden model (outputs and counters)
+    and to LiteRT; a model with a max pooling or an add is refused, naming the layer."""
+    def separable(b, x, r):
+        y = b.conv2d(x, filters=8, kernel=3, stride=2, padding="SAME", activation="RELU",
+                     rng=r)
+        y = b.depthwise_conv2d(y, kernel=3, padding="SAME", activation="RELU", rng=r)
+        y = b.conv2d(y, filters=8, kernel=1, padding="SAME", activation="RELU", rng=r)
+        y = b.average_pool2d(y, pool=(4, 4))
+        return b.fully_connected(b.reshape(y, (1, -1)), units=5, rng=r)
+
+    from npugen.compiler import compile_quantized
+    from npugen.quantize import quantize_model
+
+    config = NpuConfig(rows=4, cols=4, activation_depth=512, weight_depth=512,
+                       accumulator_depth=256, instruction_depth=512, param_depth=64,
+                       max_pooling=False, adds=False)
+    data = build(separable, shape=(1, 8, 8, 3), seed=12)
+    program = compile_quantized(quantize_model(load_tflite(data)), config)
+    x = np.random.default_rng(6).integers(-128, 128, size=(2, 8, 8, 3), dtype=np.int8)
+    golden = run(program, x)
+    rtl = run(program, x, target="rtl", simulator=simulator)
+    np.testing.assert_array_equal(rtl.quantized_output, golden.quantized_output)
+    assert rtl.counters == golden.counters
+    np.testing.assert_array_equal(golden.quantized_output,
+                                  litert_reference(data)(x).reshape(2, -1))
+
+    def pooled(b, x, r):
+        y = b.conv2d(x, filters=4, kernel=3, padding="SAME", activation="RELU", rng=r)
+        return b.max_pool2d(y, pool=2, stride=2)
+
+    def residual(b, x, r):
+        y = b.conv2d(x, filters=4, kernel=3, padding="SAME", activation="RELU", rng=r)
+        return b.add(y, b.conv2d(y, filters=4, kernel=1, padding="SAME", rng=r))
+
+    for network, field, kind in ((pooled, "max_pooling", "max pooling"),
+                                 (residual, "adds", "an add")):
+        model = quantize_model(load_tflite(build(network, shape=(1, 8, 8, 3), seed=13)))
+        with pytest.raises(DoesNotFit, match=f"layer '[^']+' is {kind}, but this .* "
+                                             f"NPU was generated without .*{field} = false"):
+            compile_quantized(model, config)
+        compile_quantized(model, config.replace(**{field: True}))
 
 
 #: The MLPerf Tiny models each board's default NPU runs, AD in stages (docs/BOARDS.md
