@@ -418,6 +418,21 @@ def test_a_model_too_large_names_every_memory_it_needs():
         assert needed in message, message
 
 
+def _check_on_rtl(data: bytes, config: NpuConfig, x: np.ndarray, simulator) -> None:
+    """The TFLite model ``data`` compiled for ``config`` gives on the RTL what it gives on
+    the golden model (outputs and counters), and that equals LiteRT's reference kernels."""
+    from npugen.compiler import compile_quantized
+    from npugen.quantize import quantize_model
+
+    program = compile_quantized(quantize_model(load_tflite(data)), config)
+    golden = run(program, x)
+    rtl = run(program, x, target="rtl", simulator=simulator)
+    np.testing.assert_array_equal(rtl.quantized_output, golden.quantized_output)
+    assert rtl.counters == golden.counters
+    np.testing.assert_array_equal(golden.quantized_output,
+                                  litert_reference(data)(x).reshape(len(x), -1))
+
+
 @pytest.mark.parametrize("simulator", available_simulators())
 def test_tflite_model_on_the_rtl_equals_litert(simulator):
     """A small TFLite classifier with both roundings in one program (convolutions round
@@ -431,20 +446,21 @@ def test_tflite_model_on_the_rtl_equals_litert(simulator):
         y = b.average_pool2d(b.max_pool2d(y, pool=2, stride=2), pool=(3, 3))
         return b.softmax(b.fully_connected(b.reshape(y, (1, -1)), units=6, rng=r))
 
-    data = build(classifier, shape=(1, 6, 6, 3), seed=11)
-    from npugen.compiler import compile_quantized
-    from npugen.quantize import quantize_model
-
     config = NpuConfig(rows=4, cols=4, activation_depth=1024, weight_depth=1024,
                        accumulator_depth=256, instruction_depth=512, param_depth=64)
-    program = compile_quantized(quantize_model(load_tflite(data)), config)
     x = np.random.default_rng(5).integers(-128, 128, size=(3, 6, 6, 3), dtype=np.int8)
-    golden = run(program, x)
-    rtl = run(program, x, target="rtl", simulator=simulator)
-    np.testing.assert_array_equal(rtl.quantized_output, golden.quantized_output)
-    assert rtl.counters == golden.counters
-    np.testing.assert_array_equal(golden.quantized_output,
-                                  litert_reference(data)(x).reshape(3, -1))
+    _check_on_rtl(build(classifier, shape=(1, 6, 6, 3), seed=11), config, x, simulator)
+
+
+def _early_layers(b, x, r):
+    """A network's first layers at full resolution: a strided 3×3 convolution over a
+    single channel, a 3×3 depthwise and a 1×1 convolution, then a global average and a
+    classifier."""
+    y = b.conv2d(x, filters=4, kernel=3, stride=2, padding="SAME", activation="RELU", rng=r)
+    y = b.depthwise_conv2d(y, kernel=3, padding="SAME", activation="RELU6", rng=r)
+    y = b.conv2d(y, filters=4, kernel=1, padding="SAME", activation="RELU", rng=r)
+    y = b.average_pool2d(y, pool=(17, 17))
+    return b.fully_connected(b.reshape(y, (1, -1)), units=3, rng=r)
 
 
 @pytest.mark.parametrize("simulator", available_simulators())
@@ -453,29 +469,14 @@ def test_an_npu_without_max_pooling_and_adds_runs_what_needs_neither(simulator):
     UP5K) run KWS's kinds of layers (a strided convolution, a depthwise, a 1×1, average
     pooling, a dense layer) on the RTL equal to the golden model (outputs and counters)
     and to LiteRT; a model with a max pooling or an add is refused, naming the layer."""
-    def separable(b, x, r):
-        y = b.conv2d(x, filters=8, kernel=3, stride=2, padding="SAME", activation="RELU",
-                     rng=r)
-        y = b.depthwise_conv2d(y, kernel=3, padding="SAME", activation="RELU", rng=r)
-        y = b.conv2d(y, filters=8, kernel=1, padding="SAME", activation="RELU", rng=r)
-        y = b.average_pool2d(y, pool=(4, 4))
-        return b.fully_connected(b.reshape(y, (1, -1)), units=5, rng=r)
-
     from npugen.compiler import compile_quantized
     from npugen.quantize import quantize_model
 
-    config = NpuConfig(rows=4, cols=4, activation_depth=512, weight_depth=512,
+    config = NpuConfig(rows=4, cols=4, activation_depth=4096, weight_depth=512,
                        accumulator_depth=256, instruction_depth=512, param_depth=64,
                        max_pooling=False, adds=False)
-    data = build(separable, shape=(1, 8, 8, 3), seed=12)
-    program = compile_quantized(quantize_model(load_tflite(data)), config)
-    x = np.random.default_rng(6).integers(-128, 128, size=(2, 8, 8, 3), dtype=np.int8)
-    golden = run(program, x)
-    rtl = run(program, x, target="rtl", simulator=simulator)
-    np.testing.assert_array_equal(rtl.quantized_output, golden.quantized_output)
-    assert rtl.counters == golden.counters
-    np.testing.assert_array_equal(golden.quantized_output,
-                                  litert_reference(data)(x).reshape(2, -1))
+    x = np.random.default_rng(6).integers(-128, 128, size=(2, 33, 33, 1), dtype=np.int8)
+    _check_on_rtl(build(_early_layers, shape=(1, 33, 33, 1), seed=12), config, x, simulator)
 
     def pooled(b, x, r):
         y = b.conv2d(x, filters=4, kernel=3, padding="SAME", activation="RELU", rng=r)
@@ -526,17 +527,6 @@ def test_board_defaults_hold_the_models_docs_say(board, tmp_path, capsys):
             assert status == 2 and err.startswith("npugen compile: error: "), (name, err)
             assert any(why in err for why in ("does not fit", "this NPU was generated",
                                               "NPU was generated without")), (name, err)
-
-
-def _early_layers(b, x, r):
-    """A network's first layers at full resolution: a strided 3×3 convolution over a
-    single channel, a 3×3 depthwise and a 1×1 convolution, then a global average and a
-    classifier."""
-    y = b.conv2d(x, filters=4, kernel=3, stride=2, padding="SAME", activation="RELU", rng=r)
-    y = b.depthwise_conv2d(y, kernel=3, padding="SAME", activation="RELU6", rng=r)
-    y = b.conv2d(y, filters=4, kernel=1, padding="SAME", activation="RELU", rng=r)
-    y = b.average_pool2d(y, pool=(17, 17))
-    return b.fully_connected(b.reshape(y, (1, -1)), units=3, rng=r)
 
 
 IN_PLACE_CONFIG = NpuConfig(rows=4, cols=4, activation_depth=512, weight_depth=512,
