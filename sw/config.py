@@ -188,11 +188,11 @@ class NpuConfig:
     def requant_from_map(self) -> bool:
         """Whether a REQUANT ``to_acc`` can read its source from an activation map (SETOUT
         ``from_map``) instead of the accumulators: NPUs generated with ``requant_overlap``
-        and the feature-map hardware with ``adds``, on a square array (an activation word's lanes are
-        then an accumulator word's columns) with a requantizer lane per column (the word
-        goes to the lanes whole: a group multiplexer after the activations' block RAM
-        took the ULX3S-25F's 8×8 with one lane from 81 MHz to 68). An add then takes three
-        requantizer passes and none through the array."""
+        and the feature-map hardware with ``adds``, on a square array (an activation
+        word's lanes are then an accumulator word's columns) with a requantizer lane per
+        column (the word goes to the lanes whole: a group multiplexer after the
+        activations' block RAM took the ULX3S-25F's 8×8 with one lane from 81 MHz to 68).
+        An add then takes three requantizer passes and none through the array."""
         return (self.requant_to_acc and self.requant_overlap and self.rows == self.cols
                 and self.requant_lanes == self.cols)
 

@@ -20,7 +20,10 @@ __all__ = [
     "decode_program", "isa_markdown",
 ]
 
-ISA_VERSION = 7
+#: Raised with every change to the instructions or to the identity block the host reads
+#: (8: the NpuConfig fields load_skew, max_pooling and adds), so that a host refuses a
+#: bitstream or program of another version by name.
+ISA_VERSION = 8
 INSTRUCTION_WIDTH = 64
 OPCODE_WIDTH = 4
 

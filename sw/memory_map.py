@@ -231,7 +231,10 @@ def config_from_identity(words: list[int]) -> NpuConfig:
     if words[1] != ISA_VERSION:
         raise ValueError(f"NPU speaks ISA version {words[1]}, this host {ISA_VERSION}")
     names = NpuConfig.field_names()
-    values = dict(zip(names, words[2:2 + len(names)], strict=True))
+    if len(words) != 2 + len(names):
+        raise ValueError(f"the identity block has {len(words) - 2} config words, this host "
+                         f"expects {len(names)}: rebuild the bitstream with this npugen")
+    values = dict(zip(names, words[2:], strict=True))
     values["dataflow"] = DATAFLOWS[values["dataflow"]]
     values["rounding"] = ROUNDINGS[values["rounding"]]
     values.update({name: bool(values[name]) for name in BOOL_FIELDS})

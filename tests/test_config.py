@@ -106,3 +106,21 @@ def test_line_buffers_are_read_back_and_the_default_lanes_divide_the_array():
     assert NpuConfig(rows=8, cols=8).depthwise_groups == 0
     assert config_from_identity(identity_words(config)) == config
     assert config.describe().endswith(", depthwise mode (rows of 64)")
+
+
+def test_options_for_the_up5k_are_read_back_and_an_older_identity_is_named():
+    """load_skew, max_pooling and adds travel in the identity block; an identity block
+    of another length (a bitstream of an older npugen) is refused saying what to do."""
+    from npugen.memory_map import config_from_identity, identity_words
+
+    config = NpuConfig(rows=4, cols=4, load_skew=False, max_pooling=False, adds=False)
+    assert config_from_identity(identity_words(config)) == config
+    assert config.describe().endswith(", no load skew, no max pooling, no adds")
+    assert not config.max_combine and not config.requant_to_acc
+    assert not config.requant_from_map
+    assert NpuConfig(feature_maps=False).describe().count("no max pooling") == 0
+    with pytest.raises(ValueError, match="the identity block has 16 config words, this "
+                                         "host expects 19: rebuild the bitstream"):
+        config_from_identity(identity_words(config)[:-3])
+    with pytest.raises(TypeError, match="max_pooling must be true or false, not 1"):
+        NpuConfig(max_pooling=1)
