@@ -84,9 +84,10 @@ _RESNET_8X8 = dict(activation_depth=6912, weight_depth=10240, accumulator_depth=
 # activation words, for VWW's maps, did not route either: 270,147 of 273,523 arcs left
 # after 1,347 s (the default of 1a59bd3, docs/CHANGELOG.md).
 # Without the load skew: with it (3df5039) the router had 245,441 of 274,274 arcs left
-# after 2,341 s (seed 1) and 232,152 after 1,173 s (seed 2), where the same default
-# without it met 65 MHz at 68.06 (9c31285); its gain here is 21 cycles on KWS and 104 on
-# ResNet-8 (docs/CHANGELOG.md).
+# after 2,341 s (seed 1) and 232,152 after 1,173 s (seed 2); without it the default meets
+# 65 MHz at 73.04 (ce7378f). Its gain here (npugen compile MODEL.tflite --board ulx3s-85f
+# --load-skew true): ResNet-8 63,985 -> 63,960 cycles, KWS none, VWW 70,160 -> 65,754
+# (docs/CHANGELOG.md).
 _RESNET_16X16 = dict(activation_depth=3584, weight_depth=5120, accumulator_depth=512,
                      instruction_depth=1024, param_depth=512, requant_lanes=8,
                      requant_overlap=True, line_buffer_depth=64, load_skew=False)

@@ -19,7 +19,8 @@ constants of ``sw/timing.py``):
 The feature-map hardware's address walks are sub-units of the GEMM expansion, the feeder
 and the requantization unit (``tap_walk.py``, ``feed_walk.py``, ``out_walk.py``), each
 with a linear stand-in that NPUs generated without ``feature_maps`` have instead; REQUANT
-to_acc is a sub-unit of the requantization unit (``to_acc.py``) that they do not have.
+to_acc is a sub-unit of the requantization unit (``to_acc.py``) that they do not have,
+nor NPUs generated without ``adds``.
 
 Each memory has one read and one write port: the host's accesses are their defaults, and
 the units' requests (``ports.py``) are granted over them in a fixed order.

@@ -1,7 +1,7 @@
 """REQUANT ``to_acc`` (feature-map hardware): the requantizers' raw 32-bit results go back
 into the accumulators, where the elementwise add sums its two inputs. A sub-unit of
 :class:`~npugen.hw.requant_unit.RequantUnit`, which NPUs generated without
-``feature_maps`` do not have.
+``feature_maps`` or without ``adds`` do not have (``NpuConfig.requant_to_acc``).
 
 The unit collects the groups of each accumulator word as they leave the requantizers,
 then sends the word down the accumulate path: ``inject_read`` (its destination word is
