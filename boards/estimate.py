@@ -86,6 +86,11 @@ class Estimate:
         return found
 
 
+def _requant_blocks(config: NpuConfig, device: Device) -> int:
+    """Hard multipliers the requantizer lanes' products take: none when serial."""
+    return 0 if config.requant_serial_bits else config.requant_lanes * device.wide_product_slots
+
+
 def board_implementation(config: NpuConfig, device: Device) -> Implementation:
     """What the build for ``device`` elaborates ``config`` for (a simulation with the same
     mapping takes it too): the device's family (generic where hw/ instantiates none of its
@@ -95,7 +100,7 @@ def board_implementation(config: NpuConfig, device: Device) -> Implementation:
     Elsewhere every product goes to DSP blocks, as the family maps them."""
     if device.family != "ecp5":
         return Implementation(device.family)
-    spare = device.multiplier_slots - config.requant_lanes * device.wide_product_slots
+    spare = device.multiplier_slots - _requant_blocks(config, device)
     return Implementation(device.family, dsp_products=max(0, min(ECP5_DSP_PRODUCTS, spare)))
 
 
@@ -103,9 +108,9 @@ def estimate(config: NpuConfig, device: Device) -> Estimate:
     """Lower bounds, for the build's :func:`board_implementation`: every product of the
     array's rows in DSP blocks (or pair of products, where the device pairs them; rows past
     its DSP budget multiply in logic) and each requantizer lane's 32x32 product takes hard
-    multipliers, and every memory's bits take block RAM (the accumulators' twice with
-    ``requant_overlap``, and the depthwise mode's line buffers), or SPRAM where hw/ram.py
-    maps it there."""
+    multipliers (none with ``requant_serial_bits``), and every memory's bits take block
+    RAM (the accumulators' twice with ``requant_overlap``, and the depthwise mode's line
+    buffers), or SPRAM where hw/ram.py maps it there."""
     implementation = board_implementation(config, device)
     in_spram = {region: spram_blocks(implementation, info)
                 for region, info in memories(config).items()}
@@ -126,5 +131,5 @@ def estimate(config: NpuConfig, device: Device) -> Estimate:
     products = rows * paired // 2 + (alone if product_bits >= device.min_product_bits
                                      else 0)
     return Estimate(
-        multipliers=products + config.requant_lanes * device.wide_product_slots,
+        multipliers=products + _requant_blocks(config, device),
         block_ram_bits=bits + RX_FIFO_BYTES * 8, spram_blocks=sum(in_spram.values()))

@@ -7,7 +7,7 @@ from amaranth.lib.wiring import In, Out
 from ..arith import ADD_LEFT_SHIFT
 from ..config import ROUNDINGS
 from ..layouts import SHIFT_BITS
-from ..timing import REQUANT_PIPELINE_STAGES
+from ..timing import REQUANT_PIPELINE_STAGES, requant_lane_latency, requant_product_cycles
 from .dsp import registered_product, wide_products
 from .implementation import GENERIC, Implementation, check_implementation
 
@@ -33,13 +33,19 @@ class Requantizer(wiring.Component):
 
     ``implementation``: whose DSP blocks take the products (hw/dsp.py): three, or four on
     iCE40 (``wide_products``); ``three_products`` overrides that choice (tests).
+
+    ``serial_bits`` (``NpuConfig.requant_serial_bits``): the product made in logic instead,
+    that many bits of the accumulator a cycle (no DSP block, no ``left_shift``): one sample
+    every ``product_cycles`` cycles at most, ``latency`` ``requant_lane_latency`` of them
+    (sw/timing.py).
     """
 
+    #: The latency with the product in DSP blocks; an instance's is its own.
     latency = REQUANT_PIPELINE_STAGES
 
     def __init__(self, *, accumulator_width: int, output_width: int, rounding: str = "double",
                  left_shift: bool = True, implementation: Implementation = GENERIC,
-                 three_products: bool | None = None):
+                 three_products: bool | None = None, serial_bits: int = 0):
         if not 16 <= accumulator_width <= 32:
             raise ValueError(f"accumulator_width must be 16 to 32, not {accumulator_width!r}")
         if rounding not in ROUNDINGS:
@@ -52,6 +58,15 @@ class Requantizer(wiring.Component):
         self._implementation = check_implementation(implementation)
         self._three_products = (wide_products(implementation) if three_products is None
                                 else three_products)
+        if not 0 <= serial_bits < accumulator_width:
+            raise ValueError(f"serial_bits must be 0 to {accumulator_width - 1}, "
+                             f"not {serial_bits!r}")
+        if serial_bits and left_shift:
+            raise ValueError("a serial product has no left_shift (TFLite's Add): build it "
+                             "with left_shift=False")
+        self._serial_bits = serial_bits
+        self.product_cycles = requant_product_cycles(accumulator_width, serial_bits)
+        self.latency = requant_lane_latency(self.product_cycles)
         super().__init__({
             "valid": In(1),
             "acc": In(signed(accumulator_width)),
@@ -71,79 +86,27 @@ class Requantizer(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        int32_min = -(1 << 31)
         # Stage 1: bias, wrapping at the accumulator width.
         # Past the multipliers' operands only the valid bits are reset: the rest is data
         # that they say when to use, and a reset line to each lane's few hundred
         # flip-flops costs routing (hw/pe.py). The operands keep theirs: yosys's iCE40
         # mapping would move reset-less registers into the SB_MAC16s (see below).
-        total = Signal(signed(self._acc_width))
-        multiplier1 = Signal(signed(32))
-        shift1 = Signal(SHIFT_BITS, reset_less=True)
-        valid1 = Signal()
-        left_shift1 = Signal(reset_less=True)
-        m.d.sync += [total.eq(self.acc + self.bias), multiplier1.eq(self.multiplier),
-                     shift1.eq(self.shift), valid1.eq(self.valid),
-                     left_shift1.eq(self.left_shift)]
-        # Built with both roundings: the sample's choice, kept beside it up to stage 5
-        # (single_at[i] is read by stage i + 1).
+        total = (self.acc + self.bias)[0:self._acc_width].as_signed()
+        # Stages 2-3 (or the serial product's): the product of a = acc + bias (wrapping;
+        # with left_shift times 2**20) and the multiplier, registered, with the sample's
+        # other fields beside it: product, overflow, shift, valid, single, even.
+        if self._serial_bits:
+            at3 = self._serial_product(m, total)
+        else:
+            at3 = self._parallel_product(m, total)
+        product, overflow, shift3, valid3, single3, even3 = at3
         both = self._rounding == "both"
-        single_at = [self.single, *(Signal(name=f"single{i}", reset_less=True)
-                                    for i in range(1, 5))]
+        single4 = Signal(reset_less=True)
+        even4 = Signal(reset_less=True)
         if both:
-            m.d.sync += [single_at[i].eq(single_at[i - 1]) for i in range(1, 5)]
-        # Ties to even, likewise kept beside the sample up to stage 5.
-        even_at = [self.even, *(Signal(name=f"even{i}", reset_less=True) for i in range(1, 5))]
+            m.d.sync += single4.eq(single3)
         if self._rounding != "double":
-            m.d.sync += [even_at[i].eq(even_at[i - 1]) for i in range(1, 5)]
-        # Stages 2-3: the 32 × 32 product from products of 16-bit halves (one DSP block
-        # apiece), with a = a1·2^16 + a0 (a0 unsigned), b likewise. Where the blocks take
-        # 18-bit signed operands (wide_products: not iCE40's 16 × 16 SB_MAC16), three
-        # (Karatsuba): a·b = a1·b1·2^32 + a0·b0 + ((a1 + a0)(b1 + b0) − a1·b1 − a0·b0)·2^16,
-        # a1 + a0 and b1 + b0 in 18 bits. Else four of one signedness each:
-        # a1·b0 = a1·(b0 − 2^15) + a1·2^15, likewise a0·b1, so
-        # a·b = a1·b1·2^32 + a0·b0 + (a1·(b0 − 2^15) + (a0 − 2^15)·b1 + (a1 + b1)·2^15)·2^16.
-        a = Signal(signed(32))
-        if self._left_shift:
-            m.d.comb += a.eq(Mux(left_shift1, (total << ADD_LEFT_SHIFT)[0:32], total))
-        else:
-            m.d.comb += a.eq(total)
-        b = multiplier1
-        a1, a0, b1, b0 = a[16:32].as_signed(), a[0:16], b[16:32].as_signed(), b[0:16]
-        overflow2 = Signal(reset_less=True)
-        shift2 = Signal(SHIFT_BITS, reset_less=True)
-        valid2 = Signal()
-        m.d.sync += [overflow2.eq((a == int32_min) & (b == int32_min)),
-                     shift2.eq(shift1), valid2.eq(valid1)]
-        # Registered products (hw/dsp.py: on ECP5 a MULT18X18D with its output register, so
-        # the multiplier ends in the block and only routing precedes the sum below).
-        # With reset (unlike the PE's product): yosys's iCE40 mapping that moves reset-less
-        # registers into the SB_MAC16s computes wrong products here (tests/test_gate_level.py).
-
-        def product(name, x, y):
-            return registered_product(m, self._implementation, x, y, name=name, reset=True,
-                                      register="output")
-
-        # Stage 3: the product; the middle terms are summed first (two carry chains).
-        if self._three_products:
-            p11, p00 = product("p11", a1, b1), product("p00", a0, b0)
-            pm = product("pm", (a1 + a0).as_signed(), (b1 + b0).as_signed())
-            middle = pm - p11 - p00.as_unsigned()
-        else:
-            cross = Signal(signed(17), reset_less=True)
-            m.d.sync += cross.eq(a1 + b1)
-            # x − 2^15 for an unsigned 16-bit x is x with its top bit flipped, as signed.
-            a0_centred = Cat(a0[0:15], ~a0[15]).as_signed()
-            b0_centred = Cat(b0[0:15], ~b0[15]).as_signed()
-            p11, p10, p01, p00 = (product(name, x, y) for name, x, y in (
-                ("p11", a1, b1), ("p10", a1, b0_centred), ("p01", a0_centred, b1),
-                ("p00", a0, b0)))
-            middle = p10 + p01 + (cross << 15)
-        product = Signal(signed(64), reset_less=True)
-        overflow, shift3 = Signal(reset_less=True), Signal(SHIFT_BITS, reset_less=True)
-        valid3 = Signal()
-        m.d.sync += [product.eq(Cat(p00, p11).as_signed() + (middle << 16)),
-                     overflow.eq(overflow2), shift3.eq(shift2), valid3.eq(valid2)]
+            m.d.sync += even4.eq(even3)
         # The single-rounding quotient needs 33 bits (the product of two −2**31 is 2**62).
         high = Signal(signed(32 if self._rounding == "double" else 33), reset_less=True)
         # single rounding: the product's bit 30 (the rounding bit at shift 0)
@@ -172,11 +135,11 @@ class Requantizer(wiring.Component):
             # half = 0. Single: high = q, half = p[30]. q + p[30] <= 2**31 (q = 2**31 only
             # for p = 2**62, whose bit 30 is 0), so 33 bits hold it, and double's value,
             # in int32 unless it overflows, is its 32-bit high sign-extended.
-            double3 = ~single_at[3]
+            double3 = ~single3
             quotient = Signal(signed(33))
             m.d.comb += quotient.eq((product >> 31) + (product[30] & double3))
             m.d.sync += [high.eq(Mux(overflow & double3, (1 << 31) - 1, quotient)),
-                         half.eq(product[30] & single_at[3])]
+                         half.eq(product[30] & single3)]
         # Stage 5: rounding right shift by s: the truncated value and whether to round up.
         # The remainder r = high mod 2**s against gemmlowp's threshold 2**(s-1) - 1 (+ 1 when
         # high < 0) reduces to bits of high, with no mask, adder or compare: r reaches
@@ -208,15 +171,15 @@ class Requantizer(wiring.Component):
         if self._rounding != "double":
             # Single rounding's choice at the half: up, or to the even result.
             below_single = below_half | sticky | (half & below[0])
-            single_up = ~even_at[4] | below_single | shifted[1]
+            single_up = ~even4 | below_single | shifted[1]
         if self._rounding == "single":
             m.d.sync += round_up.eq(shifted[0] & single_up)
         else:
             # high[-1]: the sign (both: of double's value, sign-extended to 33 bits).
             away = ~high[-1] | below_half
             if both:  # single rounds up on the half, whatever the sign (or to even)
-                away = Mux(single_at[4], single_up,
-                           Mux(even_at[4], below_half | shifted[1], away))
+                away = Mux(single4, single_up,
+                           Mux(even4, below_half | shifted[1], away))
             m.d.sync += round_up.eq(shifted[0] & away)
         m.d.sync += [truncated.eq(shifted[1:33].as_signed()), valid5.eq(valid4)]
         # Stage 6: round and add the zero point (one carry chain, rounding as carry-in).
@@ -242,3 +205,135 @@ class Requantizer(wiring.Component):
             self.out_valid.eq(valid6),
         ]
         return m
+
+    def _side_fields(self, m, stages: int):
+        """The sample's shift, single and even registered ``stages`` times beside it (each
+        only if this build reads it): lists from the input (index 0) to stage ``stages``."""
+        shift_at = [self.shift, *(Signal(SHIFT_BITS, name=f"shift{i}", reset_less=True)
+                                  for i in range(1, stages + 1))]
+        single_at = [self.single, *(Signal(name=f"single{i}", reset_less=True)
+                                    for i in range(1, stages + 1))]
+        even_at = [self.even, *(Signal(name=f"even{i}", reset_less=True)
+                                for i in range(1, stages + 1))]
+        for i in range(1, stages + 1):
+            m.d.sync += shift_at[i].eq(shift_at[i - 1])
+            if self._rounding == "both":
+                m.d.sync += single_at[i].eq(single_at[i - 1])
+            if self._rounding != "double":
+                m.d.sync += even_at[i].eq(even_at[i - 1])
+        return shift_at, single_at, even_at
+
+    def _parallel_product(self, m, total):
+        """Stages 1-3: a·b in DSP blocks, one sample a cycle."""
+        int32_min = -(1 << 31)
+        total1 = Signal(signed(self._acc_width))
+        multiplier1 = Signal(signed(32))
+        valid1 = Signal()
+        left_shift1 = Signal(reset_less=True)
+        m.d.sync += [total1.eq(total), multiplier1.eq(self.multiplier),
+                     valid1.eq(self.valid), left_shift1.eq(self.left_shift)]
+        shift_at, single_at, even_at = self._side_fields(m, 3)
+        # Stages 2-3: the 32 × 32 product from products of 16-bit halves (one DSP block
+        # apiece), with a = a1·2^16 + a0 (a0 unsigned), b likewise. Where the blocks take
+        # 18-bit signed operands (wide_products: not iCE40's 16 × 16 SB_MAC16), three
+        # (Karatsuba): a·b = a1·b1·2^32 + a0·b0 + ((a1 + a0)(b1 + b0) − a1·b1 − a0·b0)·2^16,
+        # a1 + a0 and b1 + b0 in 18 bits. Else four of one signedness each:
+        # a1·b0 = a1·(b0 − 2^15) + a1·2^15, likewise a0·b1, so
+        # a·b = a1·b1·2^32 + a0·b0 + (a1·(b0 − 2^15) + (a0 − 2^15)·b1 + (a1 + b1)·2^15)·2^16.
+        a = Signal(signed(32))
+        if self._left_shift:
+            m.d.comb += a.eq(Mux(left_shift1, (total1 << ADD_LEFT_SHIFT)[0:32], total1))
+        else:
+            m.d.comb += a.eq(total1)
+        b = multiplier1
+        a1, a0, b1, b0 = a[16:32].as_signed(), a[0:16], b[16:32].as_signed(), b[0:16]
+        overflow2 = Signal(reset_less=True)
+        valid2 = Signal()
+        m.d.sync += [overflow2.eq((a == int32_min) & (b == int32_min)), valid2.eq(valid1)]
+        # Registered products (hw/dsp.py: on ECP5 a MULT18X18D with its output register, so
+        # the multiplier ends in the block and only routing precedes the sum below).
+        # With reset (unlike the PE's product): yosys's iCE40 mapping that moves reset-less
+        # registers into the SB_MAC16s computes wrong products here (tests/test_gate_level.py).
+
+        def product(name, x, y):
+            return registered_product(m, self._implementation, x, y, name=name, reset=True,
+                                      register="output")
+
+        # Stage 3: the product; the middle terms are summed first (two carry chains).
+        if self._three_products:
+            p11, p00 = product("p11", a1, b1), product("p00", a0, b0)
+            pm = product("pm", (a1 + a0).as_signed(), (b1 + b0).as_signed())
+            middle = pm - p11 - p00.as_unsigned()
+        else:
+            cross = Signal(signed(17), reset_less=True)
+            m.d.sync += cross.eq(a1 + b1)
+            # x − 2^15 for an unsigned 16-bit x is x with its top bit flipped, as signed.
+            a0_centred = Cat(a0[0:15], ~a0[15]).as_signed()
+            b0_centred = Cat(b0[0:15], ~b0[15]).as_signed()
+            p11, p10, p01, p00 = (product(name, x, y) for name, x, y in (
+                ("p11", a1, b1), ("p10", a1, b0_centred), ("p01", a0_centred, b1),
+                ("p00", a0, b0)))
+            middle = p10 + p01 + (cross << 15)
+        full = Signal(signed(64), reset_less=True)
+        overflow = Signal(reset_less=True)
+        valid3 = Signal()
+        m.d.sync += [full.eq(Cat(p00, p11).as_signed() + (middle << 16)),
+                     overflow.eq(overflow2), valid3.eq(valid2)]
+        return full, overflow, shift_at[3], valid3, single_at[3], even_at[3]
+
+    def _serial_product(self, m, total):
+        """a·b in logic, ``serial_bits`` bits of a a cycle: a new sample every
+        ``product_cycles`` cycles at most. The stage-1 registers load with ``valid``; the
+        steps run in the ``product_cycles`` cycles after, each adding the next digit of a
+        (the last one signed) times b to a partial sum kept shifted right by the bits done,
+        the bits it passes collected below it; the product and the sample's fields are
+        ready the cycle after the last step, and the next sample's first step overwrites
+        them only at that cycle's end."""
+        k, steps = self._serial_bits, self.product_cycles
+        int32_min = -(1 << 31)
+        a_bits = k * steps   # a, sign-extended to whole digits
+        a_rest = Signal(signed(a_bits), reset_less=True)   # the digits not yet taken
+        b = Signal(signed(32), reset_less=True)
+        shift1 = Signal(SHIFT_BITS, reset_less=True)
+        single1, even1 = Signal(reset_less=True), Signal(reset_less=True)
+        first = Signal()         # the first step's cycle
+        remaining = Signal(range(steps + 1))   # steps left, this one included
+        with m.If(self.valid):
+            m.d.sync += [a_rest.eq(total), b.eq(self.multiplier), shift1.eq(self.shift),
+                         single1.eq(self.single), even1.eq(self.even),
+                         remaining.eq(steps)]
+        with m.Elif(remaining != 0):
+            m.d.sync += [a_rest.eq(a_rest >> k), remaining.eq(remaining - 1)]
+        m.d.sync += first.eq(self.valid)
+        last = remaining == 1
+        # The partial sum stays within ±2**31 after each step; digit·b plus it fits 33 + k bits.
+        partial = Signal(signed(33), reset_less=True)
+        low = Signal(a_bits, reset_less=True)   # the product's bits below the partial sum
+        digit = a_rest[0:k]
+        terms = [Mux(digit[i], b, 0).as_signed() << i for i in range(k - 1)]
+        top = Mux(digit[k - 1], b, 0).as_signed() << (k - 1)
+        # The last digit is a's top (sign) digit: its top bit weighs −2**(k−1).
+        terms.append(Mux(last, -top, top))
+        step_sum = Signal(signed(32 + k + 1))
+        m.d.comb += step_sum.eq(sum(terms[1:], terms[0]) + Mux(first, 0, partial))
+        with m.If(remaining != 0):
+            m.d.sync += [partial.eq(step_sum >> k), low.eq(Cat(low[k:], step_sum[0:k]))]
+        # a == b == −2**31 (double rounding saturates): only with a 32-bit a.
+        overflow = Signal(reset_less=True)
+        if self._acc_width == 32:
+            with m.If(first):
+                m.d.sync += overflow.eq((a_rest == int32_min) & (b == int32_min))
+        # The fields beside the product, from the last step's cycle.
+        shift3 = Signal(SHIFT_BITS, reset_less=True)
+        single3, even3 = Signal(reset_less=True), Signal(reset_less=True)
+        valid3 = Signal()
+        m.d.sync += valid3.eq(last)
+        with m.If(last):
+            m.d.sync += shift3.eq(shift1)
+            if self._rounding == "both":
+                m.d.sync += single3.eq(single1)
+            if self._rounding != "double":
+                m.d.sync += even3.eq(even1)
+        full = Signal(signed(64))
+        m.d.comb += full.eq(Cat(low, partial).as_signed())
+        return full, overflow, shift3, valid3, single3, even3

@@ -145,8 +145,18 @@ class RequantUnit(wiring.Component):
             rq_to_acc, hold = to_acc.enabled, to_acc.hold
         else:
             to_acc, rq_to_acc, hold = None, Const(0), Const(0)
+        # With a serial product the lanes take a group every product_cycles cycles.
+        paced = Const(1)
+        if c.requant_product_cycles > 1:
+            pace = Signal(range(c.requant_product_cycles))
+            paced = pace == 0
         rq_advance = Signal()
-        m.d.comb += rq_advance.eq(rq_busy & ~hold)
+        m.d.comb += rq_advance.eq(rq_busy & ~hold & paced)
+        if c.requant_product_cycles > 1:
+            with m.If(rq_advance):
+                m.d.sync += pace.eq(c.requant_product_cycles - 1)
+            with m.Elif(~paced):
+                m.d.sync += pace.eq(pace - 1)
         # The group in the input register and its place in the activations.
         stage_valid = Signal()
         stage_from_map = Signal()
@@ -255,25 +265,16 @@ class RequantUnit(wiring.Component):
         requantizers = self._lanes(m, settings, stage_valid, stage_from_map, stage_group,
                                    rq_left_shift, rq_single, rq_even)
 
-        # Each group's place in the activations travels beside it through the lanes.
-        rq_stages = REQUANT_INPUT_STAGES + Requantizer.latency
-        pipe_word = [Signal(range(c.activation_depth), name=f"rq_word_p{i}")
-                     for i in range(rq_stages)]
-        pipe_lane = [Signal(range(rows), name=f"rq_lane_p{i}") for i in range(rq_stages)]
-        pipe_valid = [Signal(name=f"rq_valid_p{i}") for i in range(rq_stages)]
-        # rq_busy | stage_valid | any(pipe_valid), kept in a register (set from the values
-        # these take next) so that the OR does not lengthen the dispatch decision. Next
-        # cycle: rq_busy unless aborted (while finishing, the last advance keeps
-        # stage_valid up), stage_valid after an advance, the pipeline shifted by one.
+        # Each group's place in the activations, from the input register to the write.
+        out_valid, out_word, out_lane, in_flight = self._places(
+            m, requantizers[0], stage_valid, stage_word, stage_lane)
+        # rq_busy | stage_valid | the groups in the lanes, kept in a register (set from the
+        # values these take next) so that the OR does not lengthen the dispatch decision.
+        # Next cycle: rq_busy unless aborted (while finishing, the last advance keeps
+        # stage_valid up), stage_valid after an advance, a group still to be written.
         rq_active = Signal()
         m.d.sync += rq_active.eq((~self.abort & (self.dispatch | rq_busy | rq_pending))
-                                 | rq_advance | stage_valid | Cat(*pipe_valid[:-1]).any())
-        previous = (stage_valid, stage_word, stage_lane)
-        for i in range(rq_stages):
-            m.d.sync += [pipe_valid[i].eq(previous[0]), pipe_word[i].eq(previous[1]),
-                         pipe_lane[i].eq(previous[2])]
-            previous = (pipe_valid[i], pipe_word[i], pipe_lane[i])
-        out_valid, out_word, out_lane = previous
+                                 | rq_advance | stage_valid | in_flight)
         self._write_back(m, requantizers, out_valid, out_word, out_lane, rq_to_acc)
         if to_acc is not None:
             m.d.comb += [
@@ -294,6 +295,53 @@ class RequantUnit(wiring.Component):
         m.d.comb += self.active.eq(rq_active | to_acc.active if to_acc is not None
                                    else rq_active)
         return m
+
+    def _places(self, m, lane, stage_valid, stage_word, stage_lane):
+        """Each group's output word and lane, from the input register (``stage_*``) to the
+        cycle ``lane`` (the first requantizer) puts out its results: ``out_valid``,
+        ``out_word``, ``out_lane``, and whether a group is still to be written after this
+        cycle. A group a cycle: a shift register as long as the pipeline. With a serial
+        product, a few groups are in the lanes at once: a small queue of them."""
+        c = self._config
+        rows = c.rows
+        stages = REQUANT_INPUT_STAGES + lane.latency
+        if c.requant_product_cycles == 1:
+            pipe = [(Signal(name=f"rq_valid_p{i}"),
+                     Signal(range(c.activation_depth), name=f"rq_word_p{i}"),
+                     Signal(range(rows), name=f"rq_lane_p{i}")) for i in range(stages)]
+            previous = (stage_valid, stage_word, stage_lane)
+            for registers in pipe:
+                m.d.sync += [r.eq(v) for r, v in zip(registers, previous, strict=True)]
+                previous = registers
+            return (*previous, Cat(*[valid for valid, _, _ in pipe[:-1]]).any())
+        # Groups enter every product_cycles cycles or more, and each leaves `stages` cycles
+        # after it enters.
+        depth = stages // c.requant_product_cycles + 1
+        words = [Signal(range(c.activation_depth), name=f"rq_word_q{i}") for i in range(depth)]
+        lanes = [Signal(range(rows), name=f"rq_lane_q{i}") for i in range(depth)]
+        head, tail = Signal(range(depth)), Signal(range(depth))
+        count = Signal(range(depth + 1))
+        out_valid = lane.out_valid
+
+        def advance(pointer):
+            return Mux(pointer == depth - 1, 0, pointer + 1)
+
+        with m.If(stage_valid):
+            m.d.sync += tail.eq(advance(tail))
+            for i in range(depth):
+                with m.If(tail == i):
+                    m.d.sync += [words[i].eq(stage_word), lanes[i].eq(stage_lane)]
+        with m.If(out_valid):
+            m.d.sync += head.eq(advance(head))
+        m.d.sync += count.eq(count + stage_valid - out_valid)
+        out_word = Signal.like(stage_word)
+        out_lane = Signal.like(stage_lane)
+        with m.Switch(head):
+            for i in range(depth):
+                with m.Case(i):
+                    m.d.comb += [out_word.eq(words[i]), out_lane.eq(lanes[i])]
+        in_flight = (count > 1) | ((count == 1) & ~out_valid)
+        return out_valid, out_word, out_lane, in_flight
 
     def _settings(self, m) -> dict:
         """The SETPP and SETREQ registers and SETOUT's from_map, by name."""
@@ -337,7 +385,8 @@ class RequantUnit(wiring.Component):
         for lane in range(lanes):
             rq = Requantizer(accumulator_width=c.accumulator_width, output_width=c.input_width,
                              rounding=c.rounding, left_shift=c.requant_to_acc,
-                             implementation=self._implementation)
+                             implementation=self._implementation,
+                             serial_bits=c.requant_serial_bits)
             m.submodules[f"requant{lane}"] = rq
             requantizers.append(rq)
         input_valid = Signal()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .layouts import param_lane_fields
+from .timing import requant_product_cycles
 
 __all__ = ["NpuConfig", "BOOL_FIELDS", "DATAFLOWS", "ROUNDINGS", "read_toml", "check_config_type"]
 
@@ -107,6 +108,11 @@ class NpuConfig:
     # needs the cells) and refuses models with max pooling or adds.
     max_pooling: bool = True
     adds: bool = True
+    # 0: each requantizer lane multiplies in DSP blocks (three, or four on iCE40), a channel
+    # a cycle. k: in logic instead, k bits of the accumulator a cycle, so a lane takes a
+    # channel every ceil(accumulator_width / k) cycles and no DSP block (a UP5K gives its
+    # eight to the array). Not with the adds' REQUANT to_acc.
+    requant_serial_bits: int = 0
 
     def __post_init__(self) -> None:
         _check_int("rows", self.rows, 1, 64)
@@ -159,6 +165,15 @@ class NpuConfig:
             if self.line_buffer_depth < 4:
                 raise ValueError(f"line_buffer_depth must be 0 or at least 4, not "
                                  f"{self.line_buffer_depth}")
+        _check_int("requant_serial_bits", self.requant_serial_bits, 0,
+                   self.accumulator_width - 1,
+                   f"0 (products in DSP blocks) or 1 to {self.accumulator_width - 1} (bits "
+                   "of the accumulator a cycle)")
+        if self.requant_serial_bits and self.requant_to_acc:
+            raise ValueError(
+                f"requant_serial_bits={self.requant_serial_bits} (a serial requantizer "
+                "product) has no path back into the accumulators, which adds need; set "
+                "adds = false, or requant_serial_bits = 0")
         if self.rounding not in ROUNDINGS:
             raise ValueError(
                 f"rounding must be one of {', '.join(map(repr, ROUNDINGS))}, "
@@ -195,6 +210,11 @@ class NpuConfig:
         An add then takes three requantizer passes and none through the array."""
         return (self.requant_to_acc and self.requant_overlap and self.rows == self.cols
                 and self.requant_lanes == self.cols)
+
+    @property
+    def requant_product_cycles(self) -> int:
+        """Cycles a requantizer lane takes per channel (1 unless ``requant_serial_bits``)."""
+        return requant_product_cycles(self.accumulator_width, self.requant_serial_bits)
 
     @property
     def macs_per_cycle(self) -> int:
@@ -275,6 +295,9 @@ class NpuConfig:
             text += ", no max pooling"
         if self.feature_maps and not self.adds:
             text += ", no adds"
+        if self.requant_serial_bits:
+            text += (f", serial requantizer product ({self.requant_serial_bits} bits a cycle, "
+                     f"{self.requant_product_cycles} cycles a channel)")
         return text + ("" if self.feature_maps else ", no feature maps")
 
 

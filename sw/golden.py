@@ -20,10 +20,10 @@ from .layouts import PARAM_LANE_FIELDS, param_lane_fields
 from .memory_map import Region
 from .timing import (
     FILL_TAIL_CYCLES,
-    REQUANT_TAIL_CYCLES,
     REQUANT_TO_ACC_TAIL_CYCLES,
     WEIGHT_LOAD_STAGES,
     load_next_cycles,
+    requant_cycles,
     requant_waits_for_feed,
     results_written_cycles,
     weight_load_cycles,
@@ -131,7 +131,8 @@ class CycleModel:
                 last_read = groups if self.config.requant_overlap else 2 * groups - 1
                 self.requant_free_at = start + last_read + REQUANT_TO_ACC_TAIL_CYCLES
             else:
-                self.requant_free_at = start + groups + REQUANT_TAIL_CYCLES
+                self.requant_free_at = start + requant_cycles(
+                    groups, self.config.requant_product_cycles)
         self.next_cycle = cycle + 1
         if op is Opcode.HALT:
             self.counters.cycles = cycle + 1

@@ -21,9 +21,9 @@ __all__ = [
 ]
 
 #: Raised with every change to the instructions or to the identity block the host reads
-#: (8: the NpuConfig fields load_skew, max_pooling and adds), so that a host refuses a
-#: bitstream or program of another version by name.
-ISA_VERSION = 8
+#: (9: the NpuConfig field requant_serial_bits), so that a host refuses a bitstream or
+#: program of another version by name.
+ISA_VERSION = 9
 INSTRUCTION_WIDTH = 64
 OPCODE_WIDTH = 4
 

@@ -17,7 +17,8 @@ __all__ = [
     "REQUANT_PIPELINE_STAGES", "PRODUCT_PIPELINE_STAGES", "ARRAY_INPUT_STAGES",
     "REQUANT_INPUT_STAGES", "WEIGHT_LOAD_STAGES", "REQUANT_TAIL_CYCLES",
     "REQUANT_TO_ACC_TAIL_CYCLES", "FILL_TAIL_CYCLES",
-    "array_latency", "weight_use_cycles", "weight_load_cycles", "load_next_cycles",
+    "array_latency", "requant_product_cycles", "requant_lane_latency",
+    "requant_cycles", "weight_use_cycles", "weight_load_cycles", "load_next_cycles",
     "results_written_cycles", "requant_waits_for_feed", "timing_markdown", "splice_timing",
 ]
 
@@ -47,6 +48,32 @@ REQUANT_TO_ACC_TAIL_CYCLES = REQUANT_TAIL_CYCLES + 2
 #: Cycles from a FILL's dispatch to the cycle the next instruction that waits for it may
 #: dispatch, beyond one cycle per word (its writes start the cycle after the dispatch).
 FILL_TAIL_CYCLES = 1
+
+
+def requant_product_cycles(accumulator_width: int, serial_bits: int) -> int:
+    """Cycles a requantizer lane takes per sample: 1 with its product in DSP blocks
+    (``serial_bits`` 0), else one per ``serial_bits`` bits of the accumulator
+    (``NpuConfig.requant_serial_bits``)."""
+    return -(-accumulator_width // serial_bits) if serial_bits else 1
+
+
+def requant_lane_latency(product_cycles: int) -> int:
+    """Registers from a requantizer lane's input to its output: ``REQUANT_PIPELINE_STAGES``
+    with the product in DSP blocks (two of them the product's); a serial product takes
+    its ``product_cycles`` steps after the input register, and is ready the cycle after."""
+    if product_cycles == 1:
+        return REQUANT_PIPELINE_STAGES
+    return REQUANT_PIPELINE_STAGES - 2 + product_cycles
+
+
+def requant_cycles(groups: int, product_cycles: int = 1) -> int:
+    """Cycles from a REQUANT's start to the first in which the next instruction may
+    dispatch: it reads a group every ``product_cycles`` cycles from the cycle after its
+    start, and the last one's results leave the lanes ``requant_lane_latency`` later
+    (``REQUANT_TAIL_CYCLES`` counts the issue, the memory read, the input register and
+    the parallel lane's pipeline)."""
+    return ((groups - 1) * product_cycles + 1 + REQUANT_TAIL_CYCLES
+            + requant_lane_latency(product_cycles) - REQUANT_PIPELINE_STAGES)
 
 
 def array_latency(rows: int, cols: int) -> int:
@@ -146,7 +173,9 @@ def timing_markdown() -> str:
         f"group + {REQUANT_TAIL_CYCLES} from the REQUANT's start "
         f"(`REQUANT_TAIL_CYCLES`; with `to_acc`, {REQUANT_TO_ACC_TAIL_CYCLES} from its last "
         "source read, `REQUANT_TO_ACC_TAIL_CYCLES`: the reads take one cycle per group "
-        "with `requant_overlap`, else every other cycle) |",
+        "with `requant_overlap`, else every other cycle; on an NPU generated with "
+        "`requant_serial_bits` k, a group every P = ceil(accumulator_width / k) cycles: "
+        f"`groups·P + {requant_cycles(1, 2) - 2}` from its start, `requant_cycles`) |",
         "| FILL | nothing; then the next instruction waits one cycle per word + "
         f"{FILL_TAIL_CYCLES} from the FILL's dispatch (`FILL_TAIL_CYCLES`) |",
         "| SETKERN, SETWIN, SETOUT, SETGEMM, SETPP, SETREQ | nothing (one cycle) |",
@@ -165,7 +194,9 @@ def timing_markdown() -> str:
         f"`{_formula(array_latency)}` | `array_latency` |",
         f"| the accumulator word, before the requantization lanes | {REQUANT_INPUT_STAGES} | "
         "`REQUANT_INPUT_STAGES` |",
-        f"| a requantization lane | {REQUANT_PIPELINE_STAGES} | `REQUANT_PIPELINE_STAGES` |",
+        f"| a requantization lane | {REQUANT_PIPELINE_STAGES}; with a serial product of P "
+        f"cycles, {requant_lane_latency(2) - 2}+P | `REQUANT_PIPELINE_STAGES`, "
+        "`requant_lane_latency` |",
     ]
     return "\n".join(lines)
 

@@ -471,17 +471,18 @@ def _map_job(config: NpuConfig, rng: np.random.Generator, lowering, inputs, dst,
 def walk_change_job(config: NpuConfig, rng: np.random.Generator) -> Job:
     """SETWIN, SETKERN and SETOUT issued while the previous MATMUL still streams or the
     previous GEMM drains: each stream keeps the walk it was dispatched with. Also reduce
-    mode with max, and a REQUANT along a two-row output walk (each REQUANT with one of
-    the NPU's roundings: with both, one each)."""
+    mode with max (a sum on NPUs without max pooling), and a REQUANT along a two-row
+    output walk (each REQUANT with one of the NPU's roundings: with both, one each)."""
     roundings = single_rounding_values(config)
+    combine = int(config.max_combine)
     program = assemble(f"""
         SETWIN row_length=3 row_step=7 col_step=2
         LOADW bank=0 weight_addr=0
         MATMUL bank=0 act_addr=1 acc_addr=0 count=8
         SETWIN row_length=2 row_step=5 col_step=1 reduce=1
-        MATMUL bank=0 act_addr=2 acc_addr=8 count=5 combine=1
+        MATMUL bank=0 act_addr=2 acc_addr=8 count=5 combine={combine}
         SETWIN
-        MATMUL bank=0 act_addr=30 acc_addr=9 count=3 accumulate=1 combine=1
+        MATMUL bank=0 act_addr=30 acc_addr=9 count=3 accumulate=1 combine={combine}
         SETKERN kernel_w=2 kernel_h=2 kernel_row_step=6
         SETGEMM weight_addr=0 k_tiles=8 tile_step=13
         SETWIN row_length=2 row_step=4 col_step=1

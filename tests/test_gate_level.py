@@ -191,6 +191,44 @@ def test_requantizer_netlist_matches_arith(family, mapped, tmp_path):
                                  f"{expected[mismatches[0]]}, got {out[mismatches[0]]}")
 
 
+@pytest.mark.parametrize("family", ["ice40", "ecp5"])
+def test_serial_requantizer_netlist_matches_arith(family, tmp_path):
+    """The serial product (``requant_serial_bits`` 4: a case every 8 cycles), synthesized
+    for the family: no DSP block, and each result leaves ``latency`` cycles after its
+    case, equal to the golden arithmetic, with the other inputs changing between cases."""
+    rng = np.random.default_rng(6)
+    cases = np.concatenate([np.array(requant_edge_cases(32), dtype=np.int64),
+                            requant_random_cases(rng, 32, 600)])
+    cases = cases[np.lexsort(cases[:, 6:3:-1].T)]   # runs of equal settings
+    ports = [("acc", 32), ("bias", 32), ("multiplier", 32), ("shift", 5), ("zero_point", 16),
+             ("clamp_min", 16), ("clamp_max", 16)]
+    dut = Requantizer(accumulator_width=32, output_width=8, left_shift=False, serial_bits=4,
+                      implementation=Implementation(family))
+    latency, interval = dut.latency, dut.product_cycles
+    rows = []
+    for k, case in enumerate(cases):
+        rows.append([*case, 1])
+        # Between cases: another case's operands, valid low.
+        rows += [[*cases[rng.integers(len(cases))][:4], *case[4:7], 0]] * (interval - 1)
+        if k + 1 == len(cases) or (cases[k + 1, 4:7] != case[4:7]).any():
+            rows += [[0, 0, 0, 0, *case[4:7], 0]] * latency
+    got = simulate_netlist(tmp_path, family, dut, ports + [("valid", 1)],
+                           [("out", 8), ("out_valid", 1)], np.array(rows, dtype=np.int64),
+                           hold=1)
+    netlist = (tmp_path / "dut.v").read_text()
+    assert "MULT18X18D #(" not in netlist and f"{ICE40_MAC_STANDIN} #(" not in netlist
+    valid_in = [i for i, row in enumerate(rows) if row[-1]]
+    valid_at = [i for i, (_, valid) in enumerate(got) if valid]
+    assert valid_at == [i + latency - 1 for i in valid_in], (
+        f"results at samples {valid_at[:3]}..., expected {latency} cycles after each case")
+    expected = requantize(*cases[:, :7].T, accumulator_width=32, output_width=8)
+    out = np.array([_signed(got[i][0], 8) for i in valid_at])
+    mismatches = np.flatnonzero(out != expected)
+    assert not len(mismatches), (f"{len(mismatches)} of {len(cases)} differ, e.g. "
+                                 f"{cases[mismatches[0]].tolist()}: expected "
+                                 f"{expected[mismatches[0]]}, got {out[mismatches[0]]}")
+
+
 def pe_reference(rows) -> list[int]:
     """The PE cycle by cycle: ``psum_out`` after each clock edge, from registers that
     start at zero (hw/pe.py: product one cycle after its operands, then the add)."""

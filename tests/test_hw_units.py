@@ -431,50 +431,61 @@ def run_requantizer(cases: np.ndarray, valid: np.ndarray, *, accumulator_width: 
                     left_shift: np.ndarray | None = None,
                     single: np.ndarray | None = None,
                     even: np.ndarray | None = None,
-                    three_products: bool | None = None) -> tuple[np.ndarray, list[int]]:
-    """Feed ``cases`` (rows of REQUANT_FIELDS) one a cycle, with ``left_shift``,
-    ``single`` and ``even`` per case when given; return ``out`` and ``out_valid`` in every
-    cycle. The zero point goes in at the stage before last and the clamps at the last, as
-    documented, so they are presented ``latency - 2`` and ``latency - 1`` cycles after
-    the accumulator. ``three_products``: the Requantizer's (its product's datapath)."""
+                    three_products: bool | None = None,
+                    serial_bits: int = 0) -> tuple[np.ndarray, list[int], Requantizer]:
+    """Feed ``cases`` (rows of REQUANT_FIELDS) one every ``product_cycles`` cycles (one a
+    cycle unless the product is serial), with ``left_shift``, ``single`` and ``even`` per
+    case when given; return ``out`` and ``out_valid`` in every cycle, and the
+    Requantizer. Between two cases the inputs hold garbage (the next case's values or
+    random ones) and valid is low. The zero point goes in at the stage before last and the
+    clamps at the last, as documented, so they are presented ``latency - 2`` and
+    ``latency - 1`` cycles after the accumulator. ``three_products``: the Requantizer's
+    (its product's datapath)."""
     rq = Requantizer(accumulator_width=accumulator_width, output_width=output_width,
-                     rounding=rounding, three_products=three_products)
-    latency = Requantizer.latency
+                     rounding=rounding, three_products=three_products,
+                     left_shift=not serial_bits, serial_bits=serial_bits)
+    latency, interval = rq.latency, rq.product_cycles
     columns = {name: cases[:, i] for i, name in enumerate(REQUANT_FIELDS)}
     first_stage = REQUANT_FIELDS[:4]
     late_stages = {"zero_point": latency - 2, "clamp_min": latency - 1,
                    "clamp_max": latency - 1}
     n = len(cases)
     outs, out_valids = [], []
+    noise = np.random.default_rng(n)
 
     async def testbench(ctx):
-        for t in range(n + latency + 1):
+        for t in range(n * interval + latency + 1):
             outs.append(ctx.get(rq.out))
             out_valids.append(ctx.get(rq.out_valid))
-            if t < n:
+            case, phase = divmod(t, interval)
+            if case < n:
                 for name in first_stage:
-                    ctx.set(getattr(rq, name), int(columns[name][t]))
+                    value = int(columns[name][case])
+                    if phase:   # not a case's cycle: another value, valid low
+                        value = int(columns[name][noise.integers(n)])
+                    ctx.set(getattr(rq, name), value)
                 if left_shift is not None:
-                    ctx.set(rq.left_shift, int(left_shift[t]))
+                    ctx.set(rq.left_shift, int(left_shift[case]))
                 if single is not None:
-                    ctx.set(rq.single, int(single[t]))
+                    ctx.set(rq.single, int(single[case] ^ (phase > 0)))
                 if even is not None:
-                    ctx.set(rq.even, int(even[t]))
-            ctx.set(rq.valid, int(valid[t]) if t < n else 0)
+                    ctx.set(rq.even, int(even[case] ^ (phase > 0)))
+            ctx.set(rq.valid, int(valid[case]) if case < n and not phase else 0)
             for name, stage in late_stages.items():
-                if 0 <= t - stage < n:
-                    ctx.set(getattr(rq, name), int(columns[name][t - stage]))
+                late_case, late_phase = divmod(t - stage, interval)
+                if 0 <= late_case < n and not late_phase:
+                    ctx.set(getattr(rq, name), int(columns[name][late_case]))
             await ctx.tick()
 
     simulate(rq, testbench)
-    return np.array(outs, dtype=np.int64), out_valids
+    return np.array(outs, dtype=np.int64), out_valids, rq
 
 
 def check_requantizer(cases: np.ndarray, *, accumulator_width: int, output_width: int,
                       valid: np.ndarray | None = None, rounding: str = "double",
                       left_shift: np.ndarray | None = None,
                       rng: np.random.Generator | None = None,
-                      three_products: bool | None = None) -> None:
+                      three_products: bool | None = None, serial_bits: int = 0) -> None:
     """The requantizer's outputs, ``latency`` cycles after each input, equal
     ``npugen.arith.requantize`` bit for bit; ``out_valid`` follows ``valid``. Built with
     ``both`` roundings, each case asks for one at random (``rng``); built with single
@@ -497,18 +508,22 @@ def check_requantizer(cases: np.ndarray, *, accumulator_width: int, output_width
     if even is not None:
         expected = np.where(even, np.where(per_case, reference("single_even"),
                                            reference("double_even")), expected)
-    outs, out_valids = run_requantizer(cases, valid, accumulator_width=accumulator_width,
-                                       output_width=output_width, rounding=rounding,
-                                       left_shift=left_shift, single=single, even=even,
-                                       three_products=three_products)
-    latency = Requantizer.latency
-    got = outs[latency:latency + n]
-    mismatches = np.flatnonzero(got != expected)
+    outs, out_valids, rq = run_requantizer(
+        cases, valid, accumulator_width=accumulator_width, output_width=output_width,
+        rounding=rounding, left_shift=left_shift, single=single, even=even,
+        three_products=three_products, serial_bits=serial_bits)
+    latency, interval = rq.latency, rq.product_cycles
+    at = latency + interval * np.arange(n)
+    got = outs[at]
+    mismatches = np.flatnonzero((got != expected) & (valid == 1))
     report = [f"{dict(zip(REQUANT_FIELDS, map(int, cases[i]), strict=True))}: "
               f"expected {int(expected[i])}, got {int(got[i])}" for i in mismatches[:5]]
     assert not len(mismatches), f"{len(mismatches)} mismatches, e.g.\n" + "\n".join(report)
-    np.testing.assert_array_equal(out_valids[latency:latency + n], valid)
-    assert not any(out_valids[:latency]) and not out_valids[latency + n]
+    out_valids = np.array(out_valids)
+    np.testing.assert_array_equal(out_valids[at], valid)
+    others = np.ones(len(out_valids), dtype=bool)
+    others[at] = False
+    assert not out_valids[others].any(), "out_valid high between the cases' outputs"
 
 
 @pytest.mark.parametrize(("accumulator_width", "output_width"),
@@ -530,6 +545,25 @@ def test_requantizer_matches_arith_bit_for_bit(accumulator_width, output_width, 
     valid = (rng.random(len(cases)) < 0.9).astype(int)
     check_requantizer(cases, accumulator_width=accumulator_width, output_width=output_width,
                       valid=valid, rounding=rounding, rng=rng, three_products=three_products)
+
+
+@pytest.mark.parametrize(("accumulator_width", "serial_bits"),
+                         [(32, 1), (32, 4), (32, 5), (16, 8), (24, 3)])
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_serial_requantizer_matches_arith_bit_for_bit(accumulator_width, serial_bits,
+                                                      rounding):
+    """The product made in logic, ``serial_bits`` of the accumulator a cycle (whole digits
+    and a last one that overhangs), one case every ``product_cycles`` cycles with other
+    values on the inputs between them: bit-exact with ``arith.requantize``."""
+    rng = np.random.default_rng(serial_bits + accumulator_width)
+    cases = np.concatenate([
+        np.array(requant_edge_cases(accumulator_width), dtype=np.int64),
+        requant_random_cases(rng, accumulator_width, 150),
+    ])
+    cases = cases[rng.permutation(len(cases))]
+    valid = (rng.random(len(cases)) < 0.9).astype(int)
+    check_requantizer(cases, accumulator_width=accumulator_width, output_width=8,
+                      valid=valid, rounding=rounding, rng=rng, serial_bits=serial_bits)
 
 
 @pytest.mark.parametrize("rounding", ROUNDINGS)

@@ -47,6 +47,11 @@ CONFIGS = {
     "4x8-unskewed": NpuConfig(rows=4, cols=8, requant_lanes=4, load_skew=False, **SMALL),
     "4x4-int4-acc16": NpuConfig(rows=4, cols=4, input_width=4, weight_width=4,
                                 accumulator_width=16, **SMALL),
+    # The UP5K's lean options: the requantizer's product serial (4 bits a cycle, a
+    # channel every 8 cycles) beside the array's requant overlap, no max pooling, no adds.
+    "4x4-serial-requant": NpuConfig(rows=4, cols=4, requant_lanes=1, requant_overlap=True,
+                                    max_pooling=False, adds=False, requant_serial_bits=4,
+                                    **SMALL),
 }
 
 
@@ -68,7 +73,7 @@ PRIMITIVE_CASES = [
                  if primitives else f"{name}-{simulator.id}")
     for name, primitives in [*((name, None) for name in CONFIGS), ("2x3", ECP5_ONE_DSP_ROW),
                              ("8x8", "ecp5"), ("2x3", "ice40"), ("4x4-int4-acc16", "ice40"),
-                             ("4x2-no-feature-maps", "ice40")]
+                             ("4x2-no-feature-maps", "ice40"), ("4x4-serial-requant", "ice40")]
     for simulator in available_simulators()]
 
 

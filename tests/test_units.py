@@ -43,6 +43,7 @@ from npugen.timing import (
     WEIGHT_LOAD_STAGES,
     array_latency,
     load_next_cycles,
+    requant_cycles,
     requant_waits_for_feed,
     results_written_cycles,
     weight_load_cycles,
@@ -92,7 +93,8 @@ def requant_state(config: NpuConfig, rng: np.random.Generator) -> GoldenNpu:
     """A golden NPU with random accumulators, parameters and activations."""
     golden = GoldenNpu(config)
     c = config
-    golden.accumulators[:] = rng.integers(-(1 << 24), 1 << 24, golden.accumulators.shape)
+    reach = 1 << min(24, c.accumulator_width - 1)
+    golden.accumulators[:] = rng.integers(-reach, reach, golden.accumulators.shape)
     shape = golden.params.shape[:2]
     golden.params[..., 0] = rng.integers(-(1 << 16), 1 << 16, shape)           # bias
     golden.params[..., 1] = rng.integers(1 << 30, (1 << 31) - 1, shape)        # multiplier
@@ -169,6 +171,15 @@ REQUANT_CONFIGS = {
     "2x2": NpuConfig(rows=2, cols=2, requant_lanes=1, feature_maps=False, **SMALL),
     "4x4-lanes2": NpuConfig(rows=4, cols=4, requant_lanes=2, **SMALL),
     "4x8-lanes4-both": NpuConfig(rows=4, cols=8, requant_lanes=4, rounding="both", **SMALL),
+    # Serial products (the UP5K's): 32 cycles a group; 2 (five groups in the lanes at
+    # once); 8 cycles with a 24-bit accumulator's three digits.
+    "2x2-serial1": NpuConfig(rows=2, cols=2, requant_lanes=1, feature_maps=False,
+                             requant_serial_bits=1, **SMALL),
+    "4x4-lanes2-serial16": NpuConfig(rows=4, cols=4, requant_lanes=2, adds=False,
+                                     requant_serial_bits=16, **SMALL),
+    "4x8-lanes2-both-serial3": NpuConfig(rows=4, cols=8, requant_lanes=2, adds=False,
+                                         accumulator_width=24, rounding="both",
+                                         requant_serial_bits=3, **SMALL),
 }
 
 
@@ -177,8 +188,8 @@ REQUANT_CONFIGS = {
 def test_requant_unit_matches_golden_and_cycle_model(name, seed):
     """Random accumulators, parameters, zero point, clamps, output lane, stride and count:
     every activation lane the unit writes (and those it must leave alone) equals the
-    golden model's, and ``active`` holds the sequencer for ``groups + REQUANT_TAIL_CYCLES``
-    cycles from the dispatch."""
+    golden model's, and ``active`` holds the sequencer for ``requant_cycles`` from the
+    dispatch (``groups + REQUANT_TAIL_CYCLES`` with products in DSP blocks)."""
     c = REQUANT_CONFIGS[name]
     rng = np.random.default_rng(seed)
     golden = requant_state(c, rng)
@@ -203,15 +214,20 @@ def test_requant_unit_matches_golden_and_cycle_model(name, seed):
     np.testing.assert_array_equal(memories_after["act"].values(), golden.activations)
     assert injected == []
     groups = count * (c.cols // c.requant_lanes)
-    assert busy == groups + REQUANT_TAIL_CYCLES
+    assert busy == requant_cycles(groups, c.requant_product_cycles)
+    if c.requant_product_cycles == 1:
+        assert busy == groups + REQUANT_TAIL_CYCLES
 
 
+@pytest.mark.parametrize("serial_bits", [0, 5])
 @pytest.mark.parametrize("drain_wait", [1, 2, 17])
-def test_requant_unit_dispatched_beside_the_feeder_starts_after_its_drain(drain_wait):
+def test_requant_unit_dispatched_beside_the_feeder_starts_after_its_drain(drain_wait,
+                                                                         serial_bits):
     """A REQUANT dispatched while the feeder's stream still drains (``requant_overlap``)
     waits the feeder's ``drain_wait`` and then runs as if dispatched then: the same
     outputs, and ``active`` ``drain_wait`` cycles longer (the cycle model's start)."""
-    c = REQUANT_CONFIGS["4x8-lanes4-both"].replace(requant_overlap=True)
+    c = REQUANT_CONFIGS["4x8-lanes4-both"].replace(requant_overlap=True, adds=False,
+                                                   requant_serial_bits=serial_bits)
     rng = np.random.default_rng(drain_wait)
     golden = requant_state(c, rng)
     program = [
@@ -226,7 +242,8 @@ def test_requant_unit_dispatched_beside_the_feeder_starts_after_its_drain(drain_
         golden.execute(instruction)
     np.testing.assert_array_equal(memories_after["act"].values(), golden.activations)
     assert injected == []
-    assert busy == drain_wait + 3 * (c.cols // c.requant_lanes) + REQUANT_TAIL_CYCLES
+    assert busy == drain_wait + requant_cycles(3 * (c.cols // c.requant_lanes),
+                                               c.requant_product_cycles)
 
 
 def test_requant_unit_output_walk_follows_setout():
