@@ -71,6 +71,10 @@ class BuildFailed(RuntimeError):
     """Synthesis, placement or routing failed, or timing was missed."""
 
 
+class DoesNotFitBoard(BuildFailed):
+    """The configuration needs more than the board's device has (before synthesis)."""
+
+
 def ecp5_pll_parameters(input_mhz: float, output_mhz: float) -> dict[str, int]:
     """EHXPLLL dividers for ``output_mhz``, as Project Trellis's ecppll computes them."""
     with tempfile.TemporaryDirectory() as folder:
@@ -253,7 +257,7 @@ def build_board(board: Board, config: NpuConfig, directory: str | Path, *,
     device = DEVICES[board.device]
     problems = estimate(config, device).problems(device)
     if problems:
-        raise BuildFailed(f"{config.describe()} cannot fit the {board.name}: "
+        raise DoesNotFitBoard(f"{config.describe()} cannot fit the {board.name}: "
                           f"{'; '.join(problems)}; choose a smaller array or memories "
                           f"(the default is {board.default_config.describe()})")
     directory = Path(directory).resolve()

@@ -463,7 +463,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         board = board_named(args.board)
     except UnknownBoard as error:
         raise UsageError(str(error)) from None
-    from .boards.build import BuildFailed, build_board
+    from .boards.build import BuildFailed, DoesNotFitBoard, build_board
 
     config = config_from_args(args)
     if args.clock_mhz is not None:
@@ -496,7 +496,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                              progress=progress)
     except BuildFailed as error:
         print(f"npugen build: {error}", file=sys.stderr)
-        return EXIT_CHECK_FAILED
+        return EXIT_BAD_INPUT if isinstance(error, DoesNotFitBoard) else EXIT_CHECK_FAILED
     used = ", ".join(f"{name} {r['used']}/{r['available']}"
                      for name, r in report["resources"].items())
     print(f"{board.name}: {config.describe()}, {report['macs_per_cycle']} MAC/cycle, "

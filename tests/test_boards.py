@@ -60,15 +60,21 @@ def test_program_errors(tmp_path, capsys, monkeypatch):
 
 
 def test_impossible_config_is_refused_before_synthesis(tmp_path, capsys):
-    """The estimate refuses what cannot fit, naming the resource and both counts."""
+    """The estimate refuses what cannot fit (bad input: exit 2), naming the resource and
+    both counts; a serial requantizer product takes no multiplier."""
     assert main(["build", "--board", "icebreaker", "--rows", "4", "--cols", "4",
-                 "-o", str(tmp_path)]) == 1
+                 "-o", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert "12 multiplier slots (SB_MAC16) needed, the iCE40UP5K has 8" in error
     assert not (tmp_path / "build").exists(), "nothing may run for an impossible config"
+    assert main(["build", "--board", "icebreaker", "--rows", "4", "--cols", "4",
+                 "--requant-serial-bits", "4", "--instruction-depth", "65536",
+                 "-o", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "multiplier slots" not in error and "Kbit of block RAM needed" in error
     assert main(["build", "--board", "ulx3s-85f", "--activation-depth", "65536",
                  "--rows", "16", "--cols", "8", "--line-buffer-depth", "0",
-                 "--requant-lanes", "8", "-o", str(tmp_path)]) == 1
+                 "--requant-lanes", "8", "-o", str(tmp_path)]) == 2
     assert "Kbit of block RAM needed, the LFE5U-85F has 3744 Kbit" in capsys.readouterr().err
 
 
