@@ -19,6 +19,7 @@ from amaranth.lib.cdc import ResetSynchronizer
 
 from ..config import NpuConfig
 from ..hw.dsp import synthesis_support
+from ..hw.ram import collisions_dont_care
 from ..hw.soc import Soc
 from ..protocol import uart_divisor
 from . import Board
@@ -193,7 +194,9 @@ def write_build_files(board: Board, config: NpuConfig, products_dir: Path, *, se
                       nextpnr_report: str = "nextpnr-report.json",
                       extra_synth_options: str = "") -> BoardTop:
     """Elaborate the board top and write Amaranth's build files (the netlist, the yosys
-    script, ``build_top.sh``) to ``products_dir``; return the top.
+    script, ``build_top.sh``) to ``products_dir``; return the top. The netlist's read
+    ports of memories whose collisions are don't-care are marked so (hw/ram.py,
+    ``collisions_dont_care``).
     ``extra_synth_options``: more options of ``synth_<family>``."""
     platform = board.platform()
     top = BoardTop(board, config)
@@ -215,6 +218,8 @@ def write_build_files(board: Board, config: NpuConfig, products_dir: Path, *, se
     if after_synth:
         options["script_after_synth"] = after_synth
     platform.prepare(top, name="top", **options).extract(products_dir)
+    netlist = products_dir / "top.il"
+    netlist.write_text(collisions_dont_care(netlist.read_text())[0])
     return top
 
 

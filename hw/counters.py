@@ -6,6 +6,9 @@ cycle model's :class:`~npugen.golden.Counters` counts them:
 - ``stall_cycles``: cycles in which an instruction is ready but may not dispatch;
 - ``busy_cycles``: cycles in which the feeder issues an activation word;
 - ``macs``: ``rows × cols`` per busy cycle.
+
+An NPU generated without ``activity_counters`` has only ``cycles`` (and UPTIME); the
+others read as zero, and the host, knowing the config, reports them as absent.
 """
 
 from amaranth import Module, Signal
@@ -48,25 +51,26 @@ class PerformanceCounters(wiring.Component):
         # the ULX3S-85F).
         macs_per_cycle = c.rows * c.cols
         macs_derived = (macs_per_cycle & (macs_per_cycle - 1)) == 0
-        counters = {name: Signal(COUNTER_BITS, name=f"counter_{name}") for name in COUNTER_NAMES
+        counted = COUNTER_NAMES if c.activity_counters else ("cycles",)
+        counters = {name: Signal(COUNTER_BITS, name=f"counter_{name}") for name in counted
                     if name != "macs" or not macs_derived}
         m.d.comb += [getattr(self.counters, name).eq(counter)
                      for name, counter in counters.items()]
-        if macs_derived:
-            m.d.comb += self.counters.macs.eq(
-                counters["busy_cycles"] << (macs_per_cycle.bit_length() - 1))
         uptime = Signal(COUNTER_BITS)
         m.d.sync += uptime.eq(uptime + 1)
         m.d.comb += self.uptime.eq(uptime)
-
         with m.If(self.running):
             m.d.sync += counters["cycles"].eq(counters["cycles"] + 1)
-            with m.If(self.stall):
+        if c.activity_counters:
+            if macs_derived:
+                m.d.comb += self.counters.macs.eq(
+                    counters["busy_cycles"] << (macs_per_cycle.bit_length() - 1))
+            with m.If(self.running & self.stall):
                 m.d.sync += counters["stall_cycles"].eq(counters["stall_cycles"] + 1)
-        with m.If(self.issue):
-            m.d.sync += counters["busy_cycles"].eq(counters["busy_cycles"] + 1)
-            if not macs_derived:
-                m.d.sync += counters["macs"].eq(counters["macs"] + macs_per_cycle)
-        with m.If(self.clear):
+            with m.If(self.issue):
+                m.d.sync += counters["busy_cycles"].eq(counters["busy_cycles"] + 1)
+                if not macs_derived:
+                    m.d.sync += counters["macs"].eq(counters["macs"] + macs_per_cycle)
+        with m.If(self.clear):   # last: a clear wins
             m.d.sync += [counter.eq(0) for counter in counters.values()]
         return m

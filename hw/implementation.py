@@ -53,6 +53,11 @@ class Implementation:
     None: the family's default (:data:`ICE40_SPRAM_REGIONS` on iCE40, none elsewhere).
     Only iCE40 has SPRAM.
 
+    ``poison_collisions`` (simulations only): a read of a memory whose collisions are
+    don't-care (hw/ram.py, ``no_rw_check``) that meets a write of the same word in the
+    same cycle returns the written lanes inverted instead of their old value, so that a
+    test that used such a read would fail, as the board's block RAM may return anything.
+
     Raises ``ValueError`` for an unknown family, a negative budget, or SPRAM regions that
     are not memories or not on iCE40.
     """
@@ -60,6 +65,7 @@ class Implementation:
     family: str = ""
     dsp_products: int | None = None
     spram_regions: frozenset[Region] | None = None
+    poison_collisions: bool = False
 
     def __post_init__(self):
         if self.family != "" and self.family not in FAMILIES:
@@ -108,7 +114,7 @@ class Implementation:
         if self.spram_regions != _default_spram_regions(self.family):
             name += "-spram-" + ("-".join(sorted(region.name.lower()
                                                  for region in self.spram_regions)) or "none")
-        return name
+        return name + ("-poisoned" if self.poison_collisions else "")
 
 
 #: The generic design: every product and memory left to the synthesis tool.

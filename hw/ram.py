@@ -8,6 +8,15 @@ path of a 9,216-word weight memory (nine 1024-word DP16KDs deep). On iCE40 the m
 of the implementation's ``spram_regions`` (by default the weight memory, the largest) go
 to the iCE40UP5K's single-port SPRAM (four SB_SPRAM256KA, 16K words of 16 bits each)
 instead of its 30 EBR of 4 Kbit; the rest stay in EBR.
+
+A read port that is not transparent may meet a write of the same word in the same cycle
+only where the program rules exclude it (the host reaches the memories only between
+runs, one access a cycle; within a run the golden model's checks keep an overlapping
+REQUANT's or FILL's writes off the words the instructions beside it read): such memories
+carry yosys's ``no_rw_check`` attribute, so synthesis adds no logic to return the old
+word on a collision (on the iCE40UP5K 4 block RAMs' worth of registers and multiplexers,
+docs/BOARDS.md). Simulations check the rule: with the implementation's
+``poison_collisions`` a colliding read returns the written lanes inverted.
 """
 
 from amaranth import Array, Cat, ClockSignal, Const, Elaboratable, Module, Mux, Signal, unsigned
@@ -18,7 +27,8 @@ from ..memory_map import MemoryInfo
 from .implementation import Implementation
 
 __all__ = ["SPRAM_WIDTH", "SPRAM_DEPTH", "SPRAM_BLOCKS", "StackedMemory", "spram_blocks",
-           "memory_ports", "extra_read_port", "power_of_two_parts"]
+           "memory_ports", "extra_read_port", "power_of_two_parts",
+           "collisions_dont_care"]
 
 #: Word width, depth and count of the iCE40UP5K's SB_SPRAM256KA.
 SPRAM_WIDTH = 16
@@ -52,11 +62,16 @@ def memory_ports(m: Module, implementation: Implementation, info: MemoryInfo, *,
     user must not read and write in the same cycle (the host writes the weights only when
     no run is on)."""
     if not spram_blocks(implementation, info):
-        mem = (Memory(shape=unsigned(info.width), depth=info.depth, init=[])
-               if len(power_of_two_parts(info.depth)) == 1 else StackedMemory(info))
+        # Collisions are don't-care on a memory read only through non-transparent ports.
+        attrs = {} if transparent else {"no_rw_check": 1}
+        mem = (Memory(shape=unsigned(info.width), depth=info.depth, init=[], attrs=attrs)
+               if len(power_of_two_parts(info.depth)) == 1 else StackedMemory(info, attrs))
         m.submodules[info.name] = mem
         write = mem.write_port(granularity=info.granularity)
-        return write, mem.read_port(transparent_for=(write,) if transparent else ())
+        read = mem.read_port(transparent_for=(write,) if transparent else ())
+        if transparent or not implementation.poison_collisions:
+            return write, read
+        return write, _poisoned(m, info, write, read)
     if transparent:
         raise ValueError(f"memory {info.name!r}: SPRAM cannot be read and written at once")
     addr_width = (info.depth - 1).bit_length()
@@ -104,6 +119,70 @@ def memory_ports(m: Module, implementation: Implementation, info: MemoryInfo, *,
     return write, read
 
 
+def collisions_dont_care(rtlil: str) -> tuple[str, int]:
+    """``rtlil`` (Amaranth's netlist) with each synchronous read port of a ``no_rw_check``
+    memory marked "don't care on a collision" with the write ports it is not transparent
+    for (``COLLISION_X_MASK``), and how many ports it marked. yosys reads the attribute
+    only for the read ports whose register it merges itself (``memory_dff``); Amaranth's
+    are synchronous already, so without this its block RAM mapping still adds the
+    logic that returns the old word."""
+    marked_memories: set[str] = set()
+    attributes: list[str] = []
+    out: list[str] = []
+    cell: list[str] | None = None
+    ports = 0
+    for line in rtlil.splitlines(keepends=True):
+        words = line.split()
+        if cell is not None:
+            cell.append(line)
+            if words == ["end"]:
+                ports += _mark_read_port(cell, marked_memories)
+                out += cell
+                cell = None
+            continue
+        if words[:1] == ["module"]:
+            marked_memories = set()
+        if words[:1] == ["memory"] and "\\no_rw_check" in attributes:
+            marked_memories.add(words[-1])
+        if words[:2] == ["cell", "$memrd_v2"]:
+            cell = [line]
+        else:
+            out.append(line)
+        attributes = attributes + [words[1]] if words[:1] == ["attribute"] else []
+    return "".join(out), ports
+
+
+def _mark_read_port(cell: list[str], marked_memories: set[str]) -> int:
+    """Set ``COLLISION_X_MASK`` in the ``$memrd_v2`` ``cell`` (its lines, changed in
+    place) to the write ports it is not transparent for, if its memory is marked."""
+    values = {line.split()[1]: (i, line.split()[2]) for i, line in enumerate(cell)
+              if line.split()[:1] == ["parameter"]}
+    memid = values["\\MEMID"][1].strip('"').replace("\\\\", "\\")
+    if memid not in marked_memories:
+        return 0
+    width, bits = values["\\TRANSPARENCY_MASK"][1].split("'")
+    mask = "".join("0" if bit == "1" else "1" for bit in bits)
+    index = values["\\COLLISION_X_MASK"][0]
+    indent = cell[index][:len(cell[index]) - len(cell[index].lstrip())]
+    cell[index] = f"{indent}parameter \\COLLISION_X_MASK {width}'{mask}\n"
+    return 1
+
+
+def _poisoned(m: Module, info: MemoryInfo, write: WritePort, read: ReadPort) -> ReadPort:
+    """``read`` as a port whose answer has the lanes inverted that ``write`` wrote to the
+    same word in the cycle of the read (simulations: ``poison_collisions``)."""
+    port = ReadPort.Signature(addr_width=len(read.addr),
+                              shape=unsigned(info.width)).create(path=(info.name, "checked"))
+    lanes = info.width // info.granularity
+    poison = Signal(lanes, name=f"{info.name}_collided")
+    m.d.comb += [read.addr.eq(port.addr), read.en.eq(port.en)]
+    with m.If(port.en):
+        m.d.sync += poison.eq(Mux(write.addr == port.addr, write.en, 0))
+    m.d.comb += port.data.eq(read.data ^ Cat(*[bit.replicate(info.granularity)
+                                               for bit in poison]))
+    return port
+
+
 def extra_read_port(m: Module, implementation: Implementation, info: MemoryInfo) -> ReadPort:
     """Another synchronous read port of memory ``info``, which :func:`memory_ports` added
     to ``m``: on FPGAs, a copy of its block RAM that every write also writes."""
@@ -124,12 +203,13 @@ class StackedMemory(Elaboratable):
     the larger parts on. An address's part is a chain of single-bit tests (addresses
     below the depth only: every user checks them), and a read's part, registered with
     it, picks the part's output. Ports as ``Memory``'s: ``write_port(granularity=)`` and
-    ``read_port(transparent_for=)`` (synchronous), until it is elaborated."""
+    ``read_port(transparent_for=)`` (synchronous), until it is elaborated. ``attrs``: each
+    part's."""
 
-    def __init__(self, info: MemoryInfo):
+    def __init__(self, info: MemoryInfo, attrs: dict | None = None):
         self._info = info
         self._sizes = power_of_two_parts(info.depth)
-        self._parts = [Memory(shape=unsigned(info.width), depth=size, init=[])
+        self._parts = [Memory(shape=unsigned(info.width), depth=size, init=[], attrs=attrs)
                        for size in self._sizes]
         self._addr_width = (info.depth - 1).bit_length()
         self._writes = []   # (the port, the parts' ports)

@@ -78,8 +78,9 @@ def simulate_amaranth(jobs: list[Job]) -> list[JobResult]:
     if not jobs:
         return []
     from ..hw import Npu
+    from ..hw.implementation import Implementation
 
-    npu = Npu(job_config(jobs))
+    npu = Npu(job_config(jobs), implementation=Implementation(poison_collisions=True))
     programs = [bus_program(job) for job in jobs]
     raw: list[tuple[int, list[int], list[int], float]] = []
 

@@ -94,6 +94,11 @@ DESIGNS = ("npu", "board")
 
 
 def _design(config: NpuConfig, design: str, implementation: Implementation):
+    """The component ``design`` for ``implementation``, with colliding reads poisoned
+    (``Implementation.poison_collisions``): a simulation checks that none is used."""
+    import dataclasses
+
+    implementation = dataclasses.replace(implementation, poison_collisions=True)
     if design == "npu":
         from ..hw import Npu
 

@@ -54,7 +54,8 @@ DEPTH_STEP = 256
 
 
 #: The NpuConfig fields that are true or false.
-BOOL_FIELDS = ("feature_maps", "requant_overlap", "load_skew", "max_pooling", "adds")
+BOOL_FIELDS = ("feature_maps", "requant_overlap", "load_skew", "max_pooling", "adds",
+               "activity_counters")
 
 
 def _check_int(name: str, value: Any, low: int, high: int, rule: str = "") -> None:
@@ -113,6 +114,9 @@ class NpuConfig:
     # channel every ceil(accumulator_width / k) cycles and no DSP block (a UP5K gives its
     # eight to the array). Not with the adds' REQUANT to_acc.
     requant_serial_bits: int = 0
+    # The busy_cycles, macs and stall_cycles counters (hw/counters.py); false keeps only
+    # cycles (and UPTIME): the others then read as absent (None), not as zero.
+    activity_counters: bool = True
 
     def __post_init__(self) -> None:
         _check_int("rows", self.rows, 1, 64)
@@ -295,6 +299,8 @@ class NpuConfig:
             text += ", no max pooling"
         if self.feature_maps and not self.adds:
             text += ", no adds"
+        if not self.activity_counters:
+            text += ", cycles counter only"
         if self.requant_serial_bits:
             text += (f", serial requantizer product ({self.requant_serial_bits} bits a cycle, "
                      f"{self.requant_product_cycles} cycles a channel)")

@@ -257,7 +257,7 @@ class Device(Target):
                 words[STATUS_ANSWER.index("RUN_TOKEN")])
 
     def counters(self) -> Counters:
-        return counters_from_words(self.request(Command.COUNTERS).words())
+        return counters_from_words(self.request(Command.COUNTERS).words(), self.config)
 
     def link_status(self) -> dict[str, int]:
         return dict(zip(LINK_COUNTERS, self.request(Command.LINK_STATUS).words(), strict=True))

@@ -47,16 +47,30 @@ class ProgramError(ValueError):
 @dataclass
 class Counters:
     """The performance counters of a run, as the NPU reports them (the COUNTERS registers,
-    :data:`npugen.memory_map.COUNTER_NAMES`, in the same order)."""
+    :data:`npugen.memory_map.COUNTER_NAMES`, in the same order). On an NPU generated
+    without ``activity_counters`` only ``cycles`` is counted: the others are None."""
 
-    cycles: int = 0        # every cycle of the run, from the first fetch to HALT
-    busy_cycles: int = 0   # cycles in which the array takes an activation word
-    macs: int = 0          # rows × cols per busy cycle (padding included)
-    stall_cycles: int = 0  # cycles in which a fetched instruction waits for a unit
+    cycles: int = 0                  # every cycle of the run, from the first fetch to HALT
+    busy_cycles: int | None = 0      # cycles in which the array takes an activation word
+    macs: int | None = 0             # rows × cols per busy cycle (padding included)
+    stall_cycles: int | None = 0     # cycles in which a fetched instruction waits for a unit
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | None]:
         """The counters by name."""
         return dict(self.__dict__)
+
+    def __add__(self, other: Counters) -> Counters:
+        """Two runs' counters summed (an absent counter stays absent)."""
+        return Counters(**{name: None if mine is None or other.as_dict()[name] is None
+                           else mine + other.as_dict()[name]
+                           for name, mine in self.as_dict().items()})
+
+    def as_counted_by(self, config: NpuConfig) -> Counters:
+        """These counters as an NPU of ``config`` reports them: without
+        ``activity_counters``, only ``cycles``."""
+        if config.activity_counters:
+            return self
+        return Counters(cycles=self.cycles, busy_cycles=None, macs=None, stall_cycles=None)
 
 
 @dataclass
@@ -560,7 +574,7 @@ class GoldenNpu:
             for ins in self.state.expand(instruction):
                 self.execute(ins)
                 timing.dispatch(ins)
-        return timing.counters
+        return timing.counters.as_counted_by(self.config)
 
     def execute(self, ins: Instruction) -> None:
         c = self.config

@@ -104,7 +104,7 @@ def decode_result(job: Job, status: int, counter_words: list[int],
         raise NpuRunError(f"the NPU did not reach HALT (status {status!r})")
     if Status.HOST_CONFLICT in status:
         raise NpuRunError("the host accessed a memory during the run")
-    counters: Counters = counters_from_words(counter_words)
+    counters: Counters = counters_from_words(counter_words, job.config)
     outputs, position = {}, 0
     for name in job.reads:
         count = len(job.read_addresses(name))

@@ -150,9 +150,10 @@ class JobResult:
     run_seconds: float | None = None  # wall time of the run alone, where measured
 
 
-def counters_from_words(words: list[int]) -> Counters:
+def counters_from_words(words: list[int], config: NpuConfig) -> Counters:
+    """The COUNTERS registers' words (low word first) as an NPU of ``config`` counts them."""
     values = [int(words[2 * i]) | (int(words[2 * i + 1]) << 32) for i in range(len(COUNTER_NAMES))]
-    return Counters(**dict(zip(COUNTER_NAMES, values, strict=True)))
+    return Counters(**dict(zip(COUNTER_NAMES, values, strict=True))).as_counted_by(config)
 
 
 def run_golden(job: Job, npu: GoldenNpu | None = None) -> JobResult:

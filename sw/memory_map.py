@@ -318,7 +318,9 @@ def memory_map_markdown(config: NpuConfig | None = None) -> str:
         "Counters: `cycles` counts every cycle of a run, from the first fetch to HALT; "
         "`busy_cycles` the cycles in which the array takes an activation word; `macs` "
         "adds rows × cols per such cycle (padding included); `stall_cycles` the cycles in "
-        "which a fetched instruction waits for a unit.",
+        "which a fetched instruction waits for a unit. An NPU generated with "
+        "`activity_counters = false` counts only `cycles`: the other three read 0, and "
+        "the host, which knows the config from the identity block, reports them as absent.",
         "",
     ]
     return "\n".join(lines)

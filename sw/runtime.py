@@ -346,10 +346,8 @@ def run(program: Program, x: np.ndarray, *, target: str | Target = "golden",
     outputs = [_decode(program, r.outputs["output"], len(chunk))
                for r, chunk in zip(results[per_run - 1::per_run], chunks, strict=True)]
     quantized = np.concatenate(outputs) if outputs else np.zeros((0, program.output.features))
-    total = Counters()
-    for r in results:
-        for key, value in r.counters.as_dict().items():
-            setattr(total, key, getattr(total, key) + value)
+    total = sum((r.counters for r in results),
+                Counters().as_counted_by(program.config))
     shaped = program.output.from_npu_order(quantized)
     shaped, scale, zero_point = apply_host_ops(program, shaped)
     real = ((shaped.astype(np.float64) - zero_point) * scale).astype(np.float32)

@@ -40,6 +40,13 @@ def test_matmul_golden(operands, capsys):
     record = last_json(capsys)
     assert record["cycles"] > record["ideal_cycles"] == 13 * 19 * 11 / 32
     assert 0 < record["utilization"] < 1 and record["bit_exact"]
+    assert record["busy_cycles"] > 0 and record["stall_cycles"] >= 0
+    # An NPU with only the cycles counter: the others are absent (null), not zero.
+    assert main(["matmul", "--a", str(paths["a"]), "--w", str(paths["w"]), "--json",
+                 "--rows", "4", "--activity-counters", "false"]) == 0
+    record = last_json(capsys)
+    assert record["cycles"] > 0 and record["cycles_match_model"]
+    assert record["busy_cycles"] is record["macs"] is record["stall_cycles"] is None
 
 
 @pytest.mark.parametrize("simulator", available_simulators())

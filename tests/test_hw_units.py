@@ -992,3 +992,51 @@ def test_stacked_memory_reads_what_it_wrote(depth):
         assert any(model[k] for k in range(depth - 256, depth))
 
     simulate(top, testbench)
+
+
+def test_a_colliding_read_is_poisoned_in_simulation():
+    """Memories whose collisions are don't-care carry ``no_rw_check`` (and the board
+    build marks their read ports so, not the transparent ones); a simulation with
+    ``poison_collisions`` returns the lanes written in the read's cycle inverted (so a
+    test that used such a read fails), and the old word otherwise."""
+    from amaranth import Module
+    from amaranth.back import rtlil
+
+    from npugen.hw.implementation import GENERIC, Implementation
+    from npugen.hw.ram import collisions_dont_care, memory_ports
+    from npugen.memory_map import Region, memories
+
+    infos = memories(NpuConfig(rows=4, cols=4))
+    info = infos[Region.ACTIVATIONS]   # four 8-bit lanes
+    m = Module()
+    write, read = memory_ports(m, Implementation(poison_collisions=True), info)
+    # The accumulators' port is transparent: its collisions matter, and stay unmarked.
+    acc_write, acc_read = memory_ports(m, GENERIC, infos[Region.ACCUMULATORS],
+                                       transparent=True)
+    text = rtlil.convert(m, ports=[write.addr, write.data, write.en, read.addr, read.data,
+                                   acc_write.addr, acc_write.data, acc_write.en,
+                                   acc_read.addr, acc_read.data])
+    marked, ports = collisions_dont_care(text)
+    assert ports == 1 and text.count("no_rw_check") == 1
+    assert marked.count("COLLISION_X_MASK 1'1") == 1
+    assert marked.count("COLLISION_X_MASK 1'0") == text.count("COLLISION_X_MASK 1'0") - 1
+
+    async def testbench(ctx):
+        ctx.set(write.addr, 5)
+        ctx.set(write.data, 0x44332211)
+        ctx.set(write.en, 0b1111)
+        await ctx.tick()
+        ctx.set(write.data, 0x88776655)
+        ctx.set(write.en, 0b0101)           # lanes 0 and 2 of word 5, read in the same cycle
+        ctx.set(read.addr, 5)
+        await ctx.tick()
+        ctx.set(write.en, 0)
+        assert ctx.get(read.data) == 0x44332211 ^ 0x00FF00FF
+        await ctx.tick()
+        assert ctx.get(read.data) == 0x44772255   # no collision: the word as written
+        ctx.set(write.addr, 6)
+        ctx.set(write.en, 0b1111)           # another word: no poison
+        await ctx.tick()
+        assert ctx.get(read.data) == 0x44772255
+
+    simulate(m, testbench)

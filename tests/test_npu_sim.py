@@ -48,10 +48,11 @@ CONFIGS = {
     "4x4-int4-acc16": NpuConfig(rows=4, cols=4, input_width=4, weight_width=4,
                                 accumulator_width=16, **SMALL),
     # The UP5K's lean options: the requantizer's product serial (4 bits a cycle, a
-    # channel every 8 cycles) beside the array's requant overlap, no max pooling, no adds.
+    # channel every 8 cycles) beside the array's requant overlap, no max pooling, no adds,
+    # only the cycles counter (the others compare as absent).
     "4x4-serial-requant": NpuConfig(rows=4, cols=4, requant_lanes=1, requant_overlap=True,
                                     max_pooling=False, adds=False, requant_serial_bits=4,
-                                    **SMALL),
+                                    activity_counters=False, **SMALL),
 }
 
 

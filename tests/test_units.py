@@ -24,7 +24,7 @@ from npugen.hw.requant_unit import RequantUnit
 from npugen.hw.sequencer import STEP_FIELDS, Sequencer
 from npugen.hw.weight_loader import WeightLoader
 from npugen.isa import Instruction, Opcode, encode_program
-from npugen.job import pack_entries, unpack_entries
+from npugen.job import counters_from_words, pack_entries, unpack_entries
 from npugen.memory_map import (
     COUNTER_BITS,
     COUNTER_NAMES,
@@ -451,12 +451,15 @@ def test_host_port_memories_registers_and_control(name):
     simulate(port, testbench)
 
 
-@pytest.mark.parametrize("rows,cols", [(2, 2), (2, 3)])
-def test_performance_counters_count_as_the_cycle_model(rows, cols):
+@pytest.mark.parametrize("rows,cols,activity", [(2, 2, True), (2, 3, True), (2, 2, False)])
+def test_performance_counters_count_as_the_cycle_model(rows, cols, activity):
     """Random run, stall and issue patterns: cycles, stall_cycles and busy_cycles count
     them, macs is rows × cols per busy cycle (derived by a shift for a power of two,
-    counted otherwise), clear zeroes them all, UPTIME never stops."""
-    c = NpuConfig(rows=rows, cols=cols, requant_lanes=1, **SMALL)
+    counted otherwise), clear zeroes them all, UPTIME never stops. Without
+    ``activity_counters`` only cycles counts; the others read zero, and the host takes
+    them for absent."""
+    c = NpuConfig(rows=rows, cols=cols, requant_lanes=1, activity_counters=activity,
+                  **SMALL)
     counters = PerformanceCounters(c)
     rng = np.random.default_rng(rows * 10 + cols)
 
@@ -477,8 +480,13 @@ def test_performance_counters_count_as_the_cycle_model(rows, cols):
                 want.stall_cycles += running & stall
                 want.busy_cycles += issue & running
                 want.macs += (issue & running) * rows * cols
-            got = {n: ctx.get(getattr(counters.counters, n)) for n in COUNTER_NAMES}
-            assert got == want.as_dict()
+            got = [ctx.get(getattr(counters.counters, n)) for n in COUNTER_NAMES]
+            if activity:
+                assert dict(zip(COUNTER_NAMES, got, strict=True)) == want.as_dict()
+            else:
+                assert got == [want.cycles, 0, 0, 0]
+            words = [part for value in got for part in (value & 0xFFFFFFFF, value >> 32)]
+            assert counters_from_words(words, c) == want.as_counted_by(c)
             assert ctx.get(counters.uptime) == cycle
 
     simulate(counters, testbench)
