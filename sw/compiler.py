@@ -64,6 +64,8 @@ def compile_quantized(model: QuantizedModel, config: NpuConfig,
         if layer.bias.size and np.abs(layer.bias).max() >= 1 << (config.accumulator_width - 1):
             raise DoesNotFit(f"layer {layer.name!r}: a bias needs more than the "
                              f"{config.accumulator_width}-bit accumulators")
+    if config.accumulator_width < 32:
+        _check_accumulator_reach(model, config)
     if config.input_width != 8 or config.weight_width != 8:
         raise DoesNotFit(f"models compile to int8 NPUs; this one is {config.describe()}")
     for layer in model.layers:
@@ -167,6 +169,45 @@ def compile_model(model: Model | str | Path | Any, config: NpuConfig | None = No
 
 
 # -- Tensors as maps, layers as operators ----------------------------------------------
+
+def _check_accumulator_reach(model: QuantizedModel, config: NpuConfig) -> None:
+    """Refuse a model whose sums may not fit accumulators narrower than its framework's
+    32 bits: they would wrap where TFLite's and ONNX's do not. A layer's accumulator for
+    output channel n ends at Σ x·w + bias (the input zero point is folded into the bias),
+    whatever order the NPU sums in, so it is exact when |x| ≤ 128 times Σ|w| plus |bias|
+    fits. An add scales its inputs by 2**20 on their way through the accumulators."""
+    width = config.accumulator_width
+    shapes = {"input": _map_shape(model.input_shape)}
+    for layer in model.layers:
+        source = layer.source
+        if isinstance(source, Conv | Pool):
+            shapes[layer.name] = output_shape(source, shapes[layer.inputs[0]])
+        elif isinstance(source, Add):
+            shapes[layer.name] = shapes[layer.inputs[0]]
+        else:
+            shapes[layer.name] = _map_shape((layer.out_features,))
+        if isinstance(source, Add):
+            raise DoesNotFit(f"layer {layer.name!r} is an add, whose inputs pass the "
+                             f"accumulators scaled by 2**20: it needs 32-bit accumulators, "
+                             f"this NPU has {width}; generate it with accumulator_width = 32")
+        if isinstance(source, Pool):
+            _, height, width_in = shapes[layer.inputs[0]]
+            pixels = height * width_in if source.kind == "global" else int(
+                np.prod(source.window))
+            weight_sum = np.full(max(layer.bias.size, 1), pixels * (
+                POOL_SUM_WEIGHT if layer.exact_average else 1), dtype=np.int64)
+        else:   # conv (kh, kw, C_in, C_out), depthwise (kh, kw, C), dense (K, N)
+            weight = np.abs(layer.weight.astype(np.int64))
+            weight_sum = weight.reshape(-1, weight.shape[-1]).sum(axis=0)
+        bias = np.abs(layer.bias.astype(np.int64)) if layer.bias.size else 0
+        reach = int((128 * weight_sum + bias).max())
+        if reach >= 1 << (width - 1):
+            raise DoesNotFit(
+                f"layer {layer.name!r}: its sums may reach {reach} (2**"
+                f"{reach.bit_length()}), which {width}-bit accumulators do not hold; its "
+                f"framework sums in 32 bits. Generate the NPU with accumulator_width = "
+                f"{min(32, reach.bit_length() + 1)} or more")
+
 
 def _map_shape(shape: tuple[int, ...], batch: int = 1) -> tuple[int, int, int]:
     """A tensor's shape as a map: a C×H×W map as it is, a vector as a row of ``batch``

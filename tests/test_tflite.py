@@ -610,3 +610,38 @@ def test_a_model_short_of_words_names_the_least_it_found():
                                          "3078 activation words, activation_depth is 3072 "
                                          r"\(.*4 made in place\)"):
         compile_model(MLPERF_TINY / MODELS["vww"], config)
+
+
+def test_accumulators_narrower_than_32_bits_take_only_models_whose_sums_fit():
+    """TFLite sums in 32 bits. On an NPU with narrower accumulators a model compiles only
+    if every layer's sums provably fit them (128·Σ|w| + |bias| per channel), and then
+    runs bit-exact with LiteRT; otherwise the layer is named with its reach and the width
+    to ask for, and an add (inputs scaled by 2**20) needs 32 bits."""
+    from npugen.compiler import compile_quantized
+    from npugen.quantize import quantize_model
+
+    def small(b, x, r):
+        y = b.conv2d(x, filters=4, kernel=3, padding="SAME", activation="RELU", rng=r)
+        y = b.average_pool2d(y, pool=(2, 2))
+        return b.fully_connected(b.reshape(y, (1, -1)), units=3, rng=r)
+
+    data = build(small, shape=(1, 8, 8, 3), seed=21)
+    model = quantize_model(load_tflite(data))
+    config = LARGE.replace(accumulator_width=24)
+    x = np.random.default_rng(3).integers(-128, 128, size=(4, 8, 8, 3), dtype=np.int8)
+    program = compile_quantized(model, config)
+    np.testing.assert_array_equal(run(program, x).quantized_output,
+                                  litert_reference(data)(x).reshape(len(x), -1))
+    with pytest.raises(DoesNotFit, match=r"layer '[^']+': its sums may reach \d+ \(2\*\*\d+\), "
+                                         r"which 18-bit accumulators do not hold; .* "
+                                         r"accumulator_width = \d+ or more"):
+        compile_quantized(model, config.replace(accumulator_width=18))
+
+    def residual(b, x, r):
+        y = b.conv2d(x, filters=4, kernel=1, padding="SAME", rng=r)
+        return b.add(y, b.conv2d(y, filters=4, kernel=1, padding="SAME", rng=r))
+
+    with pytest.raises(DoesNotFit, match="is an add, whose inputs pass the accumulators "
+                                         "scaled by 2\\*\\*20: it needs 32-bit"):
+        compile_quantized(quantize_model(load_tflite(build(residual, shape=(1, 4, 4, 3),
+                                                           seed=22))), config)
