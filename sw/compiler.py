@@ -202,11 +202,11 @@ def _check_accumulator_reach(model: QuantizedModel, config: NpuConfig) -> None:
         bias = np.abs(layer.bias.astype(np.int64)) if layer.bias.size else 0
         reach = int((128 * weight_sum + bias).max())
         if reach >= 1 << (width - 1):
+            need = min(32, reach.bit_length() + 1)
             raise DoesNotFit(
-                f"layer {layer.name!r}: its sums may reach {reach} (2**"
-                f"{reach.bit_length()}), which {width}-bit accumulators do not hold; its "
-                f"framework sums in 32 bits. Generate the NPU with accumulator_width = "
-                f"{min(32, reach.bit_length() + 1)} or more")
+                f"layer {layer.name!r}: its sums may reach ±{reach}, which needs {need}-bit "
+                f"accumulators (its framework sums in 32 bits); this NPU's are {width}-bit: "
+                f"generate it with accumulator_width = {need} or more")
 
 
 def _map_shape(shape: tuple[int, ...], batch: int = 1) -> tuple[int, int, int]:

@@ -632,9 +632,9 @@ def test_accumulators_narrower_than_32_bits_take_only_models_whose_sums_fit():
     program = compile_quantized(model, config)
     np.testing.assert_array_equal(run(program, x).quantized_output,
                                   litert_reference(data)(x).reshape(len(x), -1))
-    with pytest.raises(DoesNotFit, match=r"layer '[^']+': its sums may reach \d+ \(2\*\*\d+\), "
-                                         r"which 18-bit accumulators do not hold; .* "
-                                         r"accumulator_width = \d+ or more"):
+    with pytest.raises(DoesNotFit, match=r"layer '[^']+': its sums may reach ±\d+, which needs "
+                                         r"\d+-bit accumulators .*; this NPU's are 18-bit: "
+                                         r"generate it with accumulator_width = \d+ or more"):
         compile_quantized(model, config.replace(accumulator_width=18))
 
     def residual(b, x, r):
