@@ -314,8 +314,20 @@ class Requantizer(wiring.Component):
         top = Mux(digit[k - 1], b, 0).as_signed() << (k - 1)
         # The last digit is a's top (sign) digit: its top bit weighs −2**(k−1).
         terms.append(Mux(last, -top, top))
-        step_sum = Signal(signed(32 + k + 1))
-        m.d.comb += step_sum.eq(sum(terms[1:], terms[0]) + Mux(first, 0, partial))
+        terms.append(Mux(first, 0, partial))
+        # Summed as a balanced tree of two-input sums, each its own signal: yosys then maps
+        # each to a carry chain, where one multi-operand sum would take mostly LUTs.
+        level = 0
+        while len(terms) > 1:
+            pairs = []
+            for i in range(0, len(terms) - 1, 2):
+                pair = Signal(signed(32 + k + 1), name=f"step_sum{level}_{i // 2}",
+                              attrs={"keep": 1})
+                m.d.comb += pair.eq(terms[i] + terms[i + 1])
+                pairs.append(pair)
+            terms = pairs + terms[len(terms) - len(terms) % 2:]
+            level += 1
+        step_sum = terms[0]
         with m.If(remaining != 0):
             m.d.sync += [partial.eq(step_sum >> k), low.eq(Cat(low[k:], step_sum[0:k]))]
         # a == b == −2**31 (double rounding saturates): only with a 32-bit a.
