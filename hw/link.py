@@ -73,7 +73,8 @@ class LinkEngine(wiring.Component):
     each region spans (``npugen.memory_map.region_words``; a power of two costs the least
     logic, other spans add one comparator). ``running``:
     the NPU is running (a START then is refused as BUSY). ``error`` is high once any
-    error counter is non-zero (for a status LED).
+    error was counted (for a status LED). Without ``error_counters`` (``NpuConfig.
+    link_error_counters``) only that flag is kept, and LINK_STATUS answers with no words.
     """
 
     rx: In(stream.Signature(8))
@@ -84,7 +85,7 @@ class LinkEngine(wiring.Component):
     error: Out(1)
 
     def __init__(self, *, identity_words: int, timeout_cycles: int,
-                 region_words: dict[int, int]):
+                 region_words: dict[int, int], error_counters: bool = True):
         if timeout_cycles < 16:
             raise ValueError(f"timeout_cycles must be at least 16, not {timeout_cycles!r}")
         for region, words in region_words.items():
@@ -94,12 +95,13 @@ class LinkEngine(wiring.Component):
         self._identity_words = identity_words
         self._timeout = timeout_cycles
         self._region_words = {int(region): words for region, words in region_words.items()}
+        self._error_counters = error_counters
         super().__init__()
 
     def elaborate(self, platform):
         m = Module()
         engine = _Engine(m, self, identity_words=self._identity_words, timeout=self._timeout,
-                         region_words=self._region_words)
+                         region_words=self._region_words, error_counters=self._error_counters)
         with m.FSM():
             engine.receive()
             engine.execute()
@@ -114,7 +116,7 @@ class _Engine:
     those states in groups, each added by a method to the FSM open in ``m``."""
 
     def __init__(self, m: Module, link: LinkEngine, *, identity_words: int, timeout: int,
-                 region_words: dict[int, int]):
+                 region_words: dict[int, int], error_counters: bool):
         self.m = m
         self.link = link   # the component's ports
         self.identity_words = identity_words
@@ -125,15 +127,14 @@ class _Engine:
         self.buffer_write = self.buffer.write_port()
         self.buffer_read = self.buffer.read_port()
 
-        self.counters = {name: Signal(LINK_COUNTER_BITS, name=f"link_{name}")
-                         for name in LINK_COUNTERS}
-        self.counter_array = Array(self.counters[name] for name in LINK_COUNTERS)
+        self.counters = ({name: Signal(LINK_COUNTER_BITS, name=f"link_{name}")
+                          for name in LINK_COUNTERS} if error_counters else {})
+        self.counter_array = Array(self.counters.values())
         # Set with any error count, cleared with them by RESET (a flag, not a wide OR).
         self.error = Signal()
         m.d.comb += self.link.error.eq(self.error)
         with m.If(self.link.framing_error):
-            m.d.sync += [self.counters["framing_errors"].eq(self.counters["framing_errors"] + 1),
-                         self.error.eq(1)]
+            m.d.sync += self.count_error("framing_errors")
 
         self.command = Signal(8)
         self.seq = Signal(8)
@@ -195,7 +196,8 @@ class _Engine:
         m.d.comb += [request.write.eq(0), request.rdata.eq(bus.rdata)]
 
     def count_error(self, name):
-        return [self.counters[name].eq(self.counters[name] + 1), self.error.eq(1)]
+        counted = [self.counters[name].eq(self.counters[name] + 1)] if self.counters else []
+        return [*counted, self.error.eq(1)]
 
     def respond(self, result, words=0, source=None, counters_source=False, token=False):
         """Begin a response: status, payload length in words, where words come from."""
@@ -335,7 +337,7 @@ class _Engine:
                     m.d.sync += self.error.eq(0)
                     m.d.sync += [self.respond(LinkStatus.OK), self.run_token.eq(0)]
                 with m.Case(Command.LINK_STATUS):
-                    m.d.sync += self.respond(LinkStatus.OK, len(LINK_COUNTERS), 0, True)
+                    m.d.sync += self.respond(LinkStatus.OK, len(self.counters), 0, True)
                 with m.Default():
                     m.d.sync += [*self.count_error("unknown_command"),
                                  self.respond(LinkStatus.UNKNOWN_COMMAND)]
@@ -479,8 +481,10 @@ class _Engine:
         with m.State("CAPTURE"):
             # The NPU answers with rvalid (HOST_READ_LATENCY cycles after the request).
             m.d.sync += self.byte_index.eq(0)
-            with m.If(self.from_counters):
-                m.d.sync += self.word.eq(self.counter_array[self.count])
+            # Without error counters LINK_STATUS answers no words: none is fetched here.
+            with m.If(self.from_counters if self.counters else Const(0, 1)):
+                if self.counters:
+                    m.d.sync += self.word.eq(self.counter_array[self.count])
                 m.next = "SEND_WORD"
             with m.Elif(self.link.bus.rvalid):
                 token_word = self.with_token & (self.response_words == 1)

@@ -52,7 +52,8 @@ class Soc(wiring.Component):
         m.submodules.uart_tx = tx = UartTx(divisor=self._divisor)
         m.submodules.link = link = LinkEngine(
             identity_words=len(identity_words(self._config)),
-            timeout_cycles=self._timeout_cycles, region_words=region_words(self._config))
+            timeout_cycles=self._timeout_cycles, region_words=region_words(self._config),
+            error_counters=self._config.link_error_counters)
         # Room for a whole request while the engine executes or answers the previous one,
         # so a host may send the next frame without waiting.
         m.submodules.rx_fifo = fifo = SyncFIFOBuffered(width=8, depth=RX_FIFO_BYTES)

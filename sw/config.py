@@ -55,7 +55,7 @@ DEPTH_STEP = 256
 
 #: The NpuConfig fields that are true or false.
 BOOL_FIELDS = ("feature_maps", "requant_overlap", "load_skew", "max_pooling", "adds",
-               "activity_counters")
+               "activity_counters", "link_error_counters")
 
 
 def _check_int(name: str, value: Any, low: int, high: int, rule: str = "") -> None:
@@ -117,6 +117,9 @@ class NpuConfig:
     # The busy_cycles, macs and stall_cycles counters (hw/counters.py); false keeps only
     # cycles (and UPTIME): the others then read as absent (None), not as zero.
     activity_counters: bool = True
+    # The board link's seven 16-bit error counters (LINK_STATUS); false keeps only the
+    # error flag, and LINK_STATUS answers with no words.
+    link_error_counters: bool = True
 
     def __post_init__(self) -> None:
         _check_int("rows", self.rows, 1, 64)
@@ -301,6 +304,8 @@ class NpuConfig:
             text += ", no adds"
         if not self.activity_counters:
             text += ", cycles counter only"
+        if not self.link_error_counters:
+            text += ", no link error counters"
         if self.requant_serial_bits:
             text += (f", serial requantizer product ({self.requant_serial_bits} bits a cycle, "
                      f"{self.requant_product_cycles} cycles a channel)")

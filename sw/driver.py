@@ -260,7 +260,15 @@ class Device(Target):
         return counters_from_words(self.request(Command.COUNTERS).words(), self.config)
 
     def link_status(self) -> dict[str, int]:
-        return dict(zip(LINK_COUNTERS, self.request(Command.LINK_STATUS).words(), strict=True))
+        """The link's error counters by name; empty for a device generated without them
+        (``link_error_counters``), whose LINK_STATUS answers no words."""
+        words = self.request(Command.LINK_STATUS).words()
+        names = LINK_COUNTERS if self.config.link_error_counters else ()
+        if len(words) != len(names):
+            raise DeviceError(f"{self.url} answers LINK_STATUS with {len(words)} words, not "
+                              f"{len(names)}: its bitstream is not the one it identifies as; "
+                              f"rebuild it (npugen build)")
+        return dict(zip(names, words, strict=True))
 
     def reset(self) -> None:
         """Abort any run and clear the link's error counters and run token."""

@@ -261,7 +261,8 @@ COMMAND_DOCS: dict[Command, tuple[str, str, str]] = {
                     "RUN_TOKEN ← 0."),
     Command.LINK_STATUS: ("(empty)", f"{len(LINK_COUNTERS)} words: "
                           + ", ".join(LINK_COUNTERS),
-                          f"The link's error counters, modulo 2^{LINK_COUNTER_BITS}."),
+                          f"The link's error counters, modulo 2^{LINK_COUNTER_BITS}; no words "
+                          "from an SoC generated with `link_error_counters = false`."),
 }
 
 

@@ -223,6 +223,31 @@ def test_icebreaker_default_runs_the_demo_mlp():
     next(served, None)
 
 
+@pytest.mark.slow  # a virtual board on Verilator
+def test_a_lean_board_runs_a_model_and_reports_only_what_it_counts():
+    """A board with the UP5K's lean options (serial requantizer product, only the cycles
+    counter, no link error counters, no max pooling or adds) runs an MLP through the UART
+    equal to the golden model, cycles included; the counters it does not keep come back
+    absent (None), and LINK_STATUS with none."""
+    config = CONFIG.replace(requant_lanes=1, requant_serial_bits=4, activity_counters=False,
+                            link_error_counters=False, max_pooling=False, adds=False)
+    x_train, x_test, y_train, _ = digits()
+    program = compile_model(load_onnx(mlp_to_onnx(train_mlp(x_train, y_train, (16,)),
+                                                  "/dev/null")), config,
+                            calibration=x_train[:256])
+    golden = run(program, x_test[:8])
+    assert golden.counters.busy_cycles is None and golden.counters.cycles > 0
+    served = serve_sim(config=config)
+    with Device.open(next(served)) as device:
+        assert device.identify() == config
+        device.load(program)
+        result = run(program, x_test[:8], target=device)
+        assert device.link_status() == {}
+    assert np.array_equal(result.quantized_output, golden.quantized_output)
+    assert result.counters == golden.counters
+    next(served, None)
+
+
 @pytest.fixture(scope="module")
 def small_program():
     """A 64-16-10 MLP for CONFIG, 8 inputs a run, and the digits to feed it."""

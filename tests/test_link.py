@@ -41,7 +41,8 @@ def run_session(steps, config=CONFIG):
     m.submodules.npu = npu = Npu(config)
     m.submodules.link = link = LinkEngine(identity_words=len(identity_words(config)),
                                           timeout_cycles=TIMEOUT,
-                                          region_words=region_words(config))
+                                          region_words=region_words(config),
+                                          error_counters=config.link_error_counters)
     wiring.connect(m, link.bus, npu.host)
     m.d.comb += link.running.eq(npu.running)
     received = bytearray()
@@ -119,7 +120,11 @@ def test_length_rules():
     assert responses[-1].words() == [0], "the refused write must not have written"
 
 
-def test_errors_are_dropped_counted_and_survived():
+@pytest.mark.parametrize("counted", [True, False])
+def test_errors_are_dropped_counted_and_survived(counted):
+    """Bad frames get no answer and change nothing; the link counts each kind (an SoC
+    generated without link_error_counters keeps none: LINK_STATUS answers no words)."""
+    config = CONFIG.replace(link_error_counters=counted)
     base = address(Region.ACTIVATIONS, 0)
     good = encode_request(Command.WRITE, 1, words(base, 7, 8))
     corrupt = bytearray(encode_request(Command.WRITE, 2, words(base, 99, 99)))
@@ -137,11 +142,15 @@ def test_errors_are_dropped_counted_and_survived():
         ("send", encode_request(Command.LINK_STATUS, 7)),
         ("send", encode_request(Command.RESET, 8)),
         ("send", encode_request(Command.LINK_STATUS, 9)),
-    ])
+    ], config)
     by_seq = {r.seq: r for r in responses}
     assert sorted(by_seq) == [1, 5, 6, 7, 8, 9], "bad frames must get no answer"
     assert by_seq[5].status == LinkStatus.UNKNOWN_COMMAND
     assert by_seq[6].words() == [7, 8], "the corrupt and truncated writes changed nothing"
+    if not counted:
+        assert by_seq[7].status == LinkStatus.OK and by_seq[7].words() == []
+        assert by_seq[9].words() == []
+        return
     counts = dict(zip(LINK_COUNTERS, by_seq[7].words(), strict=True))
     # The oversize frame's 8 trailing bytes are noise, too.
     assert counts == {"noise_bytes": 18, "bad_crc": 1, "oversize": 1, "truncated": 1,
