@@ -170,14 +170,9 @@ def compile_model(model: Model | str | Path | Any, config: NpuConfig | None = No
 
 # -- Tensors as maps, layers as operators ----------------------------------------------
 
-def _check_accumulator_reach(model: QuantizedModel, config: NpuConfig) -> None:
-    """Refuse a model whose sums may not fit accumulators narrower than its framework's
-    32 bits: they would wrap where TFLite's and ONNX's do not. A layer's accumulator for
-    output channel n ends at Σ x·w + bias (the input zero point is folded into the bias),
-    whatever order the NPU sums in, so it is exact when |x| ≤ 128 times Σ|w| plus |bias|
-    fits. An add scales its inputs by 2**20 on their way through the accumulators."""
-    width = config.accumulator_width
-    shapes = {"input": _map_shape(model.input_shape)}
+def _tensor_shapes(model: QuantizedModel, batch: int = 1) -> dict[str, tuple[int, int, int]]:
+    """Every tensor's shape as a map (:func:`_map_shape`; vectors for ``batch`` rows)."""
+    shapes = {"input": _map_shape(model.input_shape, batch)}
     for layer in model.layers:
         source = layer.source
         if isinstance(source, Conv | Pool):
@@ -185,7 +180,20 @@ def _check_accumulator_reach(model: QuantizedModel, config: NpuConfig) -> None:
         elif isinstance(source, Add):
             shapes[layer.name] = shapes[layer.inputs[0]]
         else:
-            shapes[layer.name] = _map_shape((layer.out_features,))
+            shapes[layer.name] = _map_shape((layer.out_features,), batch)
+    return shapes
+
+
+def _check_accumulator_reach(model: QuantizedModel, config: NpuConfig) -> None:
+    """Refuse a model whose sums may not fit accumulators narrower than its framework's
+    32 bits: they would wrap where TFLite's and ONNX's do not. A layer's accumulator for
+    output channel n ends at Σ x·w + bias (the input zero point is folded into the bias),
+    whatever order the NPU sums in, so it is exact when |x| ≤ 128 times Σ|w| plus |bias|
+    fits. An add scales its inputs by 2**20 on their way through the accumulators."""
+    width = config.accumulator_width
+    shapes = _tensor_shapes(model)
+    for layer in model.layers:
+        source = layer.source
         if isinstance(source, Add):
             raise DoesNotFit(f"layer {layer.name!r} is an add, whose inputs pass the "
                              f"accumulators scaled by 2**20: it needs 32-bit accumulators, "
@@ -423,17 +431,9 @@ def _allocate_maps(model: QuantizedModel, config: NpuConfig, batch: int,
     consumers' padding needs, what is wrong if they do not fit the activation memory,
     and the layers made in place over their input to fit it (name → gap,
     :mod:`npugen.inplace`)."""
-    shapes = {"input": _map_shape(model.input_shape, batch)}
+    shapes = _tensor_shapes(model, batch)
     quants = {"input": model.input_quant}
-    for layer in model.layers:
-        source = layer.source
-        if isinstance(source, Conv | Pool):
-            shapes[layer.name] = output_shape(source, shapes[layer.inputs[0]])
-        elif isinstance(source, Add):
-            shapes[layer.name] = shapes[layer.inputs[0]]
-        else:
-            shapes[layer.name] = _map_shape((layer.out_features,), batch)
-        quants[layer.name] = layer.output_quant
+    quants.update({layer.name: layer.output_quant for layer in model.layers})
     if input_im2col is not None:   # every tap (or phase) of every channel, per pixel
         kh, kw, stride, top, left, bottom, right = input_im2col
         channels, height, width = shapes["input"]
