@@ -10,12 +10,12 @@ to the iCE40UP5K's single-port SPRAM (four SB_SPRAM256KA, 16K words of 16 bits e
 instead of its 30 EBR of 4 Kbit; the rest stay in EBR.
 
 A read port that is not transparent may meet a write of the same word in the same cycle
-only where the program rules exclude it (the host reaches the memories only between
-runs, one access a cycle; within a run the golden model's checks keep an overlapping
-REQUANT's or FILL's writes off the words the instructions beside it read): such memories
-carry yosys's ``no_rw_check`` attribute, so synthesis adds no logic to return the old
-word on a collision (on the iCE40UP5K 4 block RAMs' worth of registers and multiplexers,
-docs/BOARDS.md). Simulations check the rule: with the implementation's
+only where the program rules exclude it (the host's accesses during a run are refused,
+and between runs it makes one a cycle; within a run the golden model's checks keep an
+overlapping REQUANT's or FILL's writes off the words the instructions beside it read):
+such memories carry yosys's ``no_rw_check`` attribute, so synthesis adds no logic to
+return the old word on a collision (on a 4×4 for the UP5K, 204 LUT4s and 215
+flip-flops, docs/BOARDS.md). RTL simulations check the rule: with the implementation's
 ``poison_collisions`` a colliding read returns the written lanes inverted.
 """
 

@@ -5,18 +5,19 @@ SETREQ and SETOUT registers it reads.
 
 Timing (``sw/timing.py``; the cycle model's ``requant_free_at``): a REQUANT reads one
 group of ``requant_lanes`` accumulators a cycle (with ``to_acc`` on an NPU without
-``requant_overlap``, every other cycle), the
-``cols // requant_lanes`` groups of each accumulator word in turn, from the cycle after
-its dispatch. Each group then takes
+``requant_overlap``, every other cycle; with a serial product, ``requant_serial_bits``,
+one every ``requant_product_cycles`` P), the ``cols // requant_lanes`` groups of each
+accumulator word in turn, from the cycle after its start. Each group then takes
 
 - 1 cycle: the accumulator memory's read (the parameter read is a cycle later);
 - ``REQUANT_INPUT_STAGES`` (1): the group is selected and registered, and the
   parameters arrive from their memory beside it;
-- ``Requantizer.latency``: the lanes' pipeline, whose output is written the cycle it
-  leaves;
+- the lane's latency (``requant_lane_latency``: ``REQUANT_PIPELINE_STAGES`` with the
+  product in DSP blocks, 5 + P serial), whose output is written the cycle it leaves;
 
 and ``active`` (which holds the sequencer) stays up until the last write, so the next
-instruction dispatches ``groups + REQUANT_TAIL_CYCLES`` cycles after the REQUANT.
+instruction dispatches ``requant_cycles(groups, P)`` cycles after the REQUANT's start
+(``groups + REQUANT_TAIL_CYCLES`` with DSP products, ``groups·P + 9`` serial).
 
 With ``requant_overlap`` a REQUANT (but to_acc) dispatches while the feeder still streams
 or its results drain: it then waits ``drain_wait`` cycles (the feeder's count, latched at

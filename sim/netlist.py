@@ -296,12 +296,14 @@ def synthesize_soc(board: Board, config: NpuConfig | None = None, *,
 
     from ..boards.estimate import DEVICES, board_implementation
     from ..hw.dsp import synthesis_support
+    from ..hw.ram import collisions_dont_care
     from ..hw.soc import Soc
 
     config = config or board.default_config
     soc = Soc(config, divisor=divisor,
               implementation=board_implementation(config, DEVICES[board.device]))
-    design = rtlil.convert(soc, name=SOC_MODULE, emit_src=False)
+    # As the board build marks them: read ports whose collisions are don't-care.
+    design = collisions_dont_care(rtlil.convert(soc, name=SOC_MODULE, emit_src=False))[0]
     files, after_synth = synthesis_support(board.family)
     script = synthesis_script(board, sorted(files), after_synth)
     digest = hashlib.sha256("\0".join(

@@ -61,11 +61,11 @@ def compile_quantized(model: QuantizedModel, config: NpuConfig,
     if batch is not None and not 1 <= batch <= 0xFFFF:
         raise ValueError(f"batch must be between 1 and 65535, not {batch}")
     for layer in model.layers:
-        if layer.bias.size and np.abs(layer.bias).max() >= 1 << (config.accumulator_width - 1):
-            raise DoesNotFit(f"layer {layer.name!r}: a bias needs more than the "
-                             f"{config.accumulator_width}-bit accumulators")
-    if config.accumulator_width < 32:
-        _check_accumulator_reach(model, config)
+        bias = int(np.abs(layer.bias.astype(np.int64)).max()) if layer.bias.size else 0
+        if bias >= 1 << (config.accumulator_width - 1):
+            raise DoesNotFit(f"layer {layer.name!r}: a bias of ±{bias} needs "
+                             f"{bias.bit_length() + 1}-bit accumulators; this NPU's are "
+                             f"{config.accumulator_width}-bit")
     if config.input_width != 8 or config.weight_width != 8:
         raise DoesNotFit(f"models compile to int8 NPUs; this one is {config.describe()}")
     for layer in model.layers:
@@ -98,6 +98,8 @@ def compile_quantized(model: QuantizedModel, config: NpuConfig,
                                  f"{config.describe()} NPU was generated without adds "
                                  f"(adds = false); regenerate it with adds = true")
         batches = [1]
+    if config.accumulator_width < 32:
+        _check_accumulator_reach(model, config)
     im2col = _input_im2col(model, config) if input_im2col else None
     # Where the first convolution's input, by im2col or not, leaves too little room for
     # the maps, the host gives it in phases instead (_input_phases).
@@ -189,9 +191,12 @@ def _check_accumulator_reach(model: QuantizedModel, config: NpuConfig) -> None:
     32 bits: they would wrap where TFLite's and ONNX's do not. A layer's accumulator for
     output channel n ends at Σ x·w + bias (the input zero point is folded into the bias),
     whatever order the NPU sums in, so it is exact when |x| ≤ 128 times Σ|w| plus |bias|
-    fits. An add scales its inputs by 2**20 on their way through the accumulators."""
+    fits (max pooling keeps one product, not a sum). An add scales its inputs by 2**20 on
+    their way through the accumulators. The error names the layer that needs the most
+    and the width the whole model needs."""
     width = config.accumulator_width
     shapes = _tensor_shapes(model)
+    worst = None   # (reach, layer name)
     for layer in model.layers:
         source = layer.source
         if isinstance(source, Add):
@@ -200,8 +205,8 @@ def _check_accumulator_reach(model: QuantizedModel, config: NpuConfig) -> None:
                              f"this NPU has {width}; generate it with accumulator_width = 32")
         if isinstance(source, Pool):
             _, height, width_in = shapes[layer.inputs[0]]
-            pixels = height * width_in if source.kind == "global" else int(
-                np.prod(source.window))
+            pixels = (1 if source.kind == "max" else height * width_in
+                      if source.kind == "global" else int(np.prod(source.window)))
             weight_sum = np.full(max(layer.bias.size, 1), pixels * (
                 POOL_SUM_WEIGHT if layer.exact_average else 1), dtype=np.int64)
         else:   # conv (kh, kw, C_in, C_out), depthwise (kh, kw, C), dense (K, N)
@@ -209,12 +214,16 @@ def _check_accumulator_reach(model: QuantizedModel, config: NpuConfig) -> None:
             weight_sum = weight.reshape(-1, weight.shape[-1]).sum(axis=0)
         bias = np.abs(layer.bias.astype(np.int64)) if layer.bias.size else 0
         reach = int((128 * weight_sum + bias).max())
-        if reach >= 1 << (width - 1):
-            need = min(32, reach.bit_length() + 1)
-            raise DoesNotFit(
-                f"layer {layer.name!r}: its sums may reach ±{reach}, which needs {need}-bit "
-                f"accumulators (its framework sums in 32 bits); this NPU's are {width}-bit: "
-                f"generate it with accumulator_width = {need} or more")
+        if worst is None or reach > worst[0]:
+            worst = (reach, layer.name)
+    if worst is not None and worst[0] >= 1 << (width - 1):
+        reach, name = worst
+        need = min(32, reach.bit_length() + 1)
+        raise DoesNotFit(
+            f"layer {name!r}: its sums may reach ±{reach}, which needs {need}-bit "
+            f"accumulators (its framework sums in 32 bits; no layer of the model needs "
+            f"more); this NPU's are {width}-bit: generate it with accumulator_width = "
+            f"{need} or more")
 
 
 def _map_shape(shape: tuple[int, ...], batch: int = 1) -> tuple[int, int, int]:

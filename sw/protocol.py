@@ -345,7 +345,8 @@ def protocol_markdown() -> str:
         "## Errors and recovery",
         "",
         "The device checks a request's CRC before executing anything: a corrupted WRITE "
-        "never reaches memory. It drops, counts (LINK_STATUS) and does not answer:",
+        "never reaches memory. It drops, counts (LINK_STATUS; an SoC generated with "
+        "`link_error_counters = false` only sets its error flag) and does not answer:",
         "",
         "- bytes outside a frame (`noise_bytes`): it hunts for the next sync byte;",
         "- a frame whose CRC does not match (`bad_crc`);",
