@@ -96,6 +96,10 @@ def test_matmul_bad_input(operands, capsys, change, message):
     (["--activation-depth", "16"],
      "activations need 39 words, activation_depth is 16 (23 too many)"),
     (["--instruction-depth", "2"], "instruction_depth is 2"),
+    (["--requant-serial-bits", "4"], "requant_serial_bits=4 (a serial requantizer product) "
+                                     "has no path back into the accumulators"),
+    (["--requant-serial-bits", "32", "--adds", "false"],
+     "requant_serial_bits must be 0 (products in DSP blocks) or 1 to 31"),
 ])
 def test_matmul_bad_config(operands, capsys, flags, message):
     paths, _ = operands
@@ -155,3 +159,22 @@ def test_output_cut_short_by_its_reader_stops_without_a_traceback(tmp_path):
     process.stdout.close()
     _, error = process.communicate(timeout=120)
     assert process.returncode == 1 and b"Traceback" not in error, error.decode()
+
+
+def test_compile_refuses_accumulators_too_narrow_for_the_model(tmp_path, capsys):
+    """KWS's sums need 21-bit accumulators: on a 20-bit NPU compile names the layer and
+    the width (exit 2) and writes nothing; on a 21-bit one it compiles."""
+    from pathlib import Path
+
+    model = str(Path(__file__).parent.parent / "benchmarks" / "models" / "mlperf-tiny"
+                / "kws_ref_model.tflite")
+    out = tmp_path / "kws.npu"
+    flags = ["--rows", "4", "--cols", "4", "--adds", "false", "--max-pooling", "false",
+             "--activation-depth", "16384", "--weight-depth", "16384", "--accumulator-depth",
+             "1024", "--instruction-depth", "4096", "--param-depth", "512"]
+    assert main(["compile", model, "-o", str(out), *flags, "--accumulator-width", "20"]) == 2
+    assert ("its sums may reach ±1024000, which needs 21-bit accumulators"
+            in capsys.readouterr().err)
+    assert not out.exists()
+    assert main(["compile", model, "-o", str(out), *flags, "--accumulator-width", "21"]) == 0
+    assert out.exists()
