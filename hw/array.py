@@ -92,7 +92,7 @@ class SystolicArray(wiring.Component):
                                   psum_width=psum_width(c, r + 1),
                                   shared_multiplier=r < in_dsp and col < paired_cols,
                                   fabric_multiplier=r >= in_dsp, depthwise=depthwise,
-                                  implementation=implementation)
+                                  banks=c.weight_banks, implementation=implementation)
                 for col in range(c.cols)] for r in range(c.rows)]
         # The load skew: each column's weights, load and bank a cycle after its left
         # neighbour's (also one register for all the PEs of a column). Without it

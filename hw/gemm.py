@@ -21,7 +21,8 @@ class GemmExpander(wiring.Component):
     """The step the instruction register ``instruction`` stands for: itself, or inside a
     GEMM (``is_gemm``) the next K tile's LOADW or MATMUL, with their fields (``op``,
     ``bank``, ``weight_addr``, ``act_addr``, ``acc_addr``, ``count``, ``accumulate``,
-    ``combine``). A GEMM with no K tiles stands for itself (``op`` GEMM: illegal).
+    ``combine``; ``bank`` always 0 with ``weight_banks`` 1). A GEMM with no K tiles
+    stands for itself (``op`` GEMM: illegal).
     ``is_loadw`` and ``is_matmul`` are the step's kind from the decoded flags
     ``op_loadw``, ``op_matmul``; ``advance`` says the step completes its instruction.
 
@@ -88,10 +89,14 @@ class GemmExpander(wiring.Component):
             walk.run_start.eq(self.run_start),
         ]
 
+        # One weight register per PE: every step uses bank 0 (``bank`` is left undriven, a
+        # constant; Icarus hung on a run with an override after the If, or a Mux of its own).
+        two_banks = c.weight_banks == 2
         with m.If(is_gemm):
+            if two_banks:
+                m.d.comb += self.bank.eq(field(Opcode.GEMM, "bank") ^ gemm_kt[0])
             m.d.comb += [
                 self.op.eq(Mux(gemm_matmul_next, Opcode.MATMUL, Opcode.LOADW)),
-                self.bank.eq(field(Opcode.GEMM, "bank") ^ gemm_kt[0]),
                 self.weight_addr.eq(gemm_weight_now),
                 self.act_addr.eq(walk.act_addr),
                 self.acc_addr.eq(field(Opcode.GEMM, "acc_addr")),
@@ -102,9 +107,10 @@ class GemmExpander(wiring.Component):
             with m.If(gemm_empty):  # nothing to expand: stop as illegal
                 m.d.comb += self.op.eq(Opcode.GEMM)
         with m.Else():
+            if two_banks:
+                m.d.comb += self.bank.eq(field(Opcode.LOADW, "bank"))
             m.d.comb += [
                 self.op.eq(instruction[0:OPCODE_WIDTH]),
-                self.bank.eq(field(Opcode.LOADW, "bank")),
                 self.weight_addr.eq(field(Opcode.LOADW, "weight_addr")),
                 self.act_addr.eq(field(Opcode.MATMUL, "act_addr")),
                 self.acc_addr.eq(field(Opcode.MATMUL, "acc_addr")),

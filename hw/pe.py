@@ -1,4 +1,4 @@
-"""A weight-stationary processing element with a double-buffered weight register."""
+"""A weight-stationary processing element with a double-buffered (or single) weight register."""
 
 from amaranth import Module, Mux, Signal, signed
 from amaranth.lib import wiring
@@ -23,7 +23,9 @@ class ProcessingElement(wiring.Component):
     net of ten thousand loads on a 12×12, and flip-flops with and without a reset cannot
     share an ECP5 slice. Weights shift down the column into bank
     ``load_bank`` while ``load`` is high; the other bank keeps computing, so the next
-    weight tile loads under the current one.
+    weight tile loads under the current one. With ``banks=1`` there is one weight register:
+    the bank bits are ignored (the sequencer then sends bank 0 only, and a tile loads
+    only once the rows using the last one have passed).
 
     ``psum_width``: the partial sums it takes and passes on; a sum that does not fit wraps,
     as the accumulators do (the array gives each row what its sums can reach).
@@ -47,7 +49,10 @@ class ProcessingElement(wiring.Component):
 
     def __init__(self, *, input_width: int, weight_width: int, psum_width: int,
                  shared_multiplier: bool = False, fabric_multiplier: bool = False,
-                 depthwise: bool = False, implementation: Implementation = GENERIC):
+                 depthwise: bool = False, banks: int = 2,
+                 implementation: Implementation = GENERIC):
+        if banks not in (1, 2):
+            raise ValueError(f"banks must be 1 or 2, not {banks!r}")
         for name, value in (("input_width", input_width), ("weight_width", weight_width),
                             ("psum_width", psum_width)):
             if not isinstance(value, int) or value < 1:
@@ -80,23 +85,30 @@ class ProcessingElement(wiring.Component):
         self._shared_multiplier = shared_multiplier
         self._fabric_multiplier = fabric_multiplier
         self._depthwise = depthwise
+        self._banks = banks
 
     def elaborate(self, platform):
         m = Module()
         weight = [Signal(signed(self._weight_width), name=f"weight{b}", reset_less=True)
-                  for b in range(2)]
-        m.d.comb += self.weight_out.eq(Mux(self.load_bank, weight[1], weight[0]))
-        with m.If(self.load):
-            with m.If(self.load_bank):
-                m.d.sync += weight[1].eq(self.weight_in)
-            with m.Else():
+                  for b in range(self._banks)]
+        if self._banks == 1:
+            m.d.comb += self.weight_out.eq(weight[0])
+            with m.If(self.load):
                 m.d.sync += weight[0].eq(self.weight_in)
+            operand = weight[0]
+        else:
+            m.d.comb += self.weight_out.eq(Mux(self.load_bank, weight[1], weight[0]))
+            with m.If(self.load):
+                with m.If(self.load_bank):
+                    m.d.sync += weight[1].eq(self.weight_in)
+                with m.Else():
+                    m.d.sync += weight[0].eq(self.weight_in)
+            operand = Mux(self.bank_in, weight[1], weight[0])
         # The product is registered (PRODUCT_PIPELINE_STAGES); every PE has the same
         # delay, so the partial sums of a column stay aligned. On ECP5 the register is
         # the DSP block's input register (hw/dsp.py). With a shared multiplier the operands
         # leave the PE and the array returns their registered product (two PEs per iCE40
         # DSP block).
-        operand = Mux(self.bank_in, weight[1], weight[0])
         act = self.act_in
         if self._depthwise:
             act = Mux(self.mode_in, self.chain_in, self.act_in)

@@ -120,6 +120,11 @@ class NpuConfig:
     # The board link's seven 16-bit error counters (LINK_STATUS); false keeps only the
     # error flag, and LINK_STATUS answers with no words.
     link_error_counters: bool = True
+    # Weight registers per PE. 2: a tile loads into one bank while the other computes. 1:
+    # one register (a UP5K needs the cells); programs are unchanged (the hardware, golden
+    # model and cycle model read every bank field as 0, so the issue rules serialize each
+    # LOADW behind the MATMULs before it), and a layer of many K tiles pays each load.
+    weight_banks: int = 2
 
     def __post_init__(self) -> None:
         _check_int("rows", self.rows, 1, 64)
@@ -181,6 +186,7 @@ class NpuConfig:
                 f"requant_serial_bits={self.requant_serial_bits} (a serial requantizer "
                 "product) has no path back into the accumulators, which adds need; set "
                 "adds = false, or requant_serial_bits = 0")
+        _check_int("weight_banks", self.weight_banks, 1, 2, "1 or 2")
         if self.rounding not in ROUNDINGS:
             raise ValueError(
                 f"rounding must be one of {', '.join(map(repr, ROUNDINGS))}, "
@@ -306,6 +312,8 @@ class NpuConfig:
             text += ", cycles counter only"
         if not self.link_error_counters:
             text += ", no link error counters"
+        if self.weight_banks == 1:
+            text += ", one weight bank"
         if self.requant_serial_bits:
             text += (f", serial requantizer product ({self.requant_serial_bits} bits a cycle, "
                      f"{self.requant_product_cycles} cycles a channel)")

@@ -1,9 +1,10 @@
 """The golden model: the NPU at instruction level, in NumPy, bit-exact with the RTL.
 
-State is the memories, the two weight banks of the array and the post-processing
-registers. :meth:`GoldenNpu.run` executes a program and returns the performance counters
-the hardware would report; its cycle count comes from :class:`CycleModel`, an exact
-model of the sequencer's issue rules (tests hold the RTL's counters against it).
+State is the memories, the weight banks of the array (two, or one: ``weight_banks``) and
+the post-processing registers. :meth:`GoldenNpu.run` executes a program and returns the
+performance counters the hardware would report; its cycle count comes from
+:class:`CycleModel`, an exact model of the sequencer's issue rules (tests hold the RTL's
+counters against it).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from .timing import (
 )
 
 __all__ = ["GoldenNpu", "Counters", "CycleModel", "ProgramError", "check_program",
-           "overlap_requants", "expand_program", "requant_rounding", "GemmState", "Walk"]
+           "overlap_requants", "expand_program", "requant_rounding", "weight_bank",
+           "GemmState", "Walk"]
 
 
 def address_span(depth: int) -> int:
@@ -99,13 +101,12 @@ class CycleModel:
         overlaps = self.requant_overlap and op in REQUANT_OVERLAPPERS
         earliest = self.next_cycle if overlaps else max(self.next_cycle, self.requant_free_at)
         feeder_idle_at = self.feeder_last_issue + 1
+        bank = weight_bank(self.config, instruction)
         if op is Opcode.LOADW:
-            bank = instruction["bank"]
             earliest = max(earliest, self.load_next_at, self.inflight_clear_at[bank])
             if self.feeder_bank == bank:
                 earliest = max(earliest, feeder_idle_at)
         elif op is Opcode.MATMUL:
-            bank = instruction["bank"]
             earliest = max(earliest, self.feeder_last_issue)
             if self.load_bank == bank:
                 earliest = max(earliest, self.loaded_at)
@@ -117,7 +118,7 @@ class CycleModel:
         self.counters.stall_cycles += earliest - self.next_cycle
         cycle = earliest
         if op is Opcode.LOADW:
-            self.load_bank = instruction["bank"]
+            self.load_bank = bank
             self.load_free_at = cycle + rows + WEIGHT_LOAD_STAGES
             self.load_next_at = cycle + load_next_cycles(rows, cols)
             self.loaded_at = cycle + weight_load_cycles(rows, cols)
@@ -125,8 +126,8 @@ class CycleModel:
             count = instruction["count"]
             last = cycle + count
             self.feeder_last_issue = last
-            self.feeder_bank = instruction["bank"]
-            self.inflight_clear_at[instruction["bank"]] = last + weight_use_cycles(
+            self.feeder_bank = bank
+            self.inflight_clear_at[bank] = last + weight_use_cycles(
                 rows, cols, self.config.load_skew)
             self.drain_clear_at = last + results_written_cycles(rows, cols)
             self.counters.busy_cycles += count
@@ -264,6 +265,15 @@ def expand_program(config: NpuConfig, program: list[Instruction]) -> list[Instru
     """Every dispatch of a program: GEMMs expanded into their LOADW/MATMUL steps."""
     state = GemmState(config.rows)
     return [step for ins in program for step in state.expand(ins)]
+
+
+def weight_bank(config: NpuConfig, step: Instruction) -> int:
+    """The weight bank a LOADW or MATMUL step uses: its ``bank`` field, or 0 on an NPU
+    with one weight register per PE (``weight_banks`` 1), which reads every bank field
+    as 0. Other instructions: 0."""
+    if step.opcode not in (Opcode.LOADW, Opcode.MATMUL) or config.weight_banks == 1:
+        return 0
+    return step["bank"]
 
 
 def requant_rounding(instruction: Instruction) -> str:
@@ -581,7 +591,7 @@ class GoldenNpu:
         op = ins.opcode
         if op is Opcode.LOADW:
             base = ins["weight_addr"]
-            self.banks[ins["bank"]] = self.weights[base:base + c.rows]
+            self.banks[weight_bank(c, ins)] = self.weights[base:base + c.rows]
         elif op is Opcode.MATMUL:
             self._matmul(ins)
         elif op is Opcode.REQUANT:
@@ -599,7 +609,7 @@ class GoldenNpu:
     def _matmul(self, ins: Instruction) -> None:
         c, state = self.config, self.state
         words = ins["act_addr"] + state.window.offsets(ins["count"])
-        bank = self.banks[ins["bank"]]
+        bank = self.banks[weight_bank(c, ins)]
         if state.depthwise:
             products = self._depthwise_products(self.activations[words], bank)
         else:

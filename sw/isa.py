@@ -21,10 +21,9 @@ __all__ = [
 ]
 
 #: Raised with every change to the instructions or to the identity block the host reads
-#: (9: the NpuConfig fields requant_serial_bits, activity_counters and
-#: link_error_counters), so that a host refuses a bitstream or program of another version
-#: by name.
-ISA_VERSION = 9
+#: (10: the NpuConfig field weight_banks), so that a host refuses a bitstream or program
+#: of another version by name.
+ISA_VERSION = 10
 INSTRUCTION_WIDTH = 64
 OPCODE_WIDTH = 4
 

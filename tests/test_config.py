@@ -119,18 +119,20 @@ def test_options_for_the_up5k_are_read_back_and_an_older_identity_is_named():
     assert not config.max_combine and not config.requant_to_acc
     assert not config.requant_from_map
     assert NpuConfig(feature_maps=False).describe().count("no max pooling") == 0
-    with pytest.raises(ValueError, match="the identity block has 19 config words, this "
-                                         "host expects 22: rebuild the bitstream"):
+    with pytest.raises(ValueError, match="the identity block has 20 config words, this "
+                                         "host expects 23: rebuild the bitstream"):
         config_from_identity(identity_words(config)[:-3])
     with pytest.raises(TypeError, match="max_pooling must be true or false, not 1"):
         NpuConfig(max_pooling=1)
     serial = config.replace(requant_serial_bits=4, activity_counters=False,
-                            link_error_counters=False)
+                            link_error_counters=False, weight_banks=1)
     assert config_from_identity(identity_words(serial)) == serial
     assert serial.requant_product_cycles == 8 and config.requant_product_cycles == 1
     assert serial.describe().endswith(
-        ", cycles counter only, no link error counters, serial requantizer product (4 bits "
-        "a cycle, 8 cycles a channel)")
+        ", cycles counter only, no link error counters, one weight bank, serial requantizer "
+        "product (4 bits a cycle, 8 cycles a channel)")
+    with pytest.raises(ValueError, match="weight_banks must be 1 or 2, not 3"):
+        NpuConfig(weight_banks=3)
     with pytest.raises(ValueError, match=r"requant_serial_bits=4 \(a serial requantizer "
                                          r"product\) has no path back into the accumulators, "
                                          "which adds need; set adds = false"):

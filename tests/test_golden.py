@@ -132,6 +132,34 @@ def test_cycle_model_hides_weight_loads():
     assert counters.cycles - m * folds <= 2 * (plan.config.rows + plan.config.cols) + 8
 
 
+def test_one_weight_bank_runs_the_same_program_with_each_load_after_the_rows_before():
+    """With one weight register per PE (weight_banks 1) the bank fields read as 0: the
+    outputs are those of two banks, and each LOADW waits for the MATMUL before it (a
+    load no longer hides under the stream: the cycle model pays the difference)."""
+    m = 64
+    base = CONFIG.replace(activation_depth=4096, weight_depth=4096, accumulator_depth=1024,
+                          instruction_depth=64)
+    rng = np.random.default_rng(1)
+    a, w = rng.integers(-128, 128, (m, 16)), rng.integers(-128, 128, (16, 16))
+    results = []
+    for banks in (2, 1):
+        plan = plan_gemm(base.replace(weight_banks=banks), m, 16, 16)
+        npu = GoldenNpu(plan.config)
+        npu.write(Region.ACTIVATIONS, 0, tile_activations(plan, a))
+        npu.write(Region.WEIGHTS, 0, tile_weights(plan, w))
+        npu.write(Region.INSTRUCTIONS, 0, encode_program(
+            gemm_instructions(plan) + [Instruction(Opcode.HALT)]))
+        counters = npu.run()
+        words = npu.read(Region.ACCUMULATORS, 0, plan.n_tiles * m)
+        results.append((counters, words))
+    (two, two_words), (one, one_words) = results
+    assert np.array_equal(one_words, two_words)
+    assert one.busy_cycles == two.busy_cycles
+    folds = plan.k_tiles * plan.n_tiles
+    # Every load after the first waits for the rows of the tile before it to pass.
+    assert one.cycles - two.cycles >= (folds - 1) * base.rows
+
+
 def test_feature_map_instructions_need_an_npu_generated_with_them():
     config = CONFIG.replace(feature_maps=False)
     check_program(config, assemble("SETGEMM k_tiles=1 tile_step=4\nGEMM count=4\nHALT"))

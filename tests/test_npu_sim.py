@@ -49,10 +49,11 @@ CONFIGS = {
                                 accumulator_width=16, **SMALL),
     # The UP5K's lean options: the requantizer's product serial (4 bits a cycle, a
     # channel every 8 cycles) beside the array's requant overlap, no max pooling, no adds,
-    # only the cycles counter (the others compare as absent).
+    # only the cycles counter (the others compare as absent), one weight bank per PE
+    # (the programs' bank fields read as 0: each load waits for the rows before it).
     "4x4-serial-requant": NpuConfig(rows=4, cols=4, requant_lanes=1, requant_overlap=True,
                                     max_pooling=False, adds=False, requant_serial_bits=4,
-                                    activity_counters=False, **SMALL),
+                                    activity_counters=False, weight_banks=1, **SMALL),
 }
 
 
@@ -157,11 +158,11 @@ DEPTHWISE_CONFIGS = {
                                        requant_overlap=True, **MAPS),
     # With the UP5K's lean options: a serial requantizer product (5 bits a cycle: seven
     # cycles a channel) beside the overlap, no max pooling, no adds, only the cycles
-    # counter.
+    # counter, one weight bank per PE.
     "6x6-depthwise-serial": NpuConfig(rows=6, cols=6, requant_lanes=2, line_buffer_depth=16,
                                       requant_overlap=True, max_pooling=False, adds=False,
                                       requant_serial_bits=5, activity_counters=False,
-                                      **MAPS),
+                                      weight_banks=1, **MAPS),
 }
 MAP_KINDS = ("conv", "depthwise", "maxpool", "avgpool", "globalpool", "add")
 
