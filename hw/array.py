@@ -17,11 +17,17 @@ __all__ = ["SystolicArray", "psum_width"]
 def _delay(m: Module, value, cycles: int, name: str):
     """``value`` delayed by ``cycles`` reset-less registers (0: the value itself): the
     array's skew and deskew carry data, as its PEs do (hw/pe.py)."""
+    return _delay_stages(m, value, cycles, name)[-1]
+
+
+def _delay_stages(m: Module, value, cycles: int, name: str) -> list:
+    """``value`` and each of its ``cycles`` reset-less delays (:func:`_delay`'s stages)."""
+    stages = [value]
     for i in range(cycles):
         stage = Signal.like(value, name=f"{name}_d{i + 1}", reset_less=True)
-        m.d.sync += stage.eq(value)
-        value = stage
-    return value
+        m.d.sync += stage.eq(stages[-1])
+        stages.append(stage)
+    return stages
 
 
 def psum_width(config: NpuConfig, products: int) -> int:
@@ -49,16 +55,21 @@ class SystolicArray(wiring.Component):
     bottom row, not its last column (``weight_use_cycles``, sw/timing.py). Without the
     skew every column shifts at once, and the load waits for the last column.
 
+    With ``row_broadcast`` each row's skewed input reaches every column in the same cycle
+    (the PEs' ``act_out`` go unused), so there is no deskew and no load skew, and the
+    latency is that of one column.
+
     ``implementation``: whose DSP blocks multiply, and how many rows they take (hw/dsp.py).
 
     The depthwise mode (``line_buffer_depth``; words issued with ``depthwise`` high):
     lane c of each word also enters the top of column c (with row c's skew, so the
-    deskew still lines the columns up) and moves down the column at half the partial
-    sums' speed, so row r multiplies the word r before the one whose sum it adds to. Row
-    groups of three (kernel taps) are joined by line buffers (``line_buffer.py``) that
-    hold the chain back ``line_delay`` more cycles, so group g sees the word g·(line_delay
-    + 3) before: a window of the input map with the row pitch line_delay + 3. Rows past
-    the groups see zeros. golden.py's ``_depthwise_products`` is the reference.
+    deskew still lines the columns up; with ``row_broadcast``, with row 0's) and moves
+    down the column at half the partial sums' speed, so row r multiplies the word r
+    before the one whose sum it adds to. Row groups of three (kernel taps) are joined by
+    line buffers (``line_buffer.py``) that hold the chain back ``line_delay`` more
+    cycles, so group g sees the word g·(line_delay + 3) before: a window of the input
+    map with the row pitch line_delay + 3. Rows past the groups see zeros. golden.py's
+    ``_depthwise_products`` is the reference.
     """
 
     def __init__(self, config: NpuConfig, *, implementation: Implementation = GENERIC):
@@ -77,7 +88,7 @@ class SystolicArray(wiring.Component):
 
     @property
     def latency(self) -> int:
-        return array_latency(self._config.rows, self._config.cols)
+        return array_latency(self._config.rows, self._config.skew_cols)
 
     def elaborate(self, platform):
         c, implementation = self._config, self._implementation
@@ -102,6 +113,10 @@ class SystolicArray(wiring.Component):
                         _delay(m, self.load, skew[col], f"load_skew_valid{col}"),
                         _delay(m, self.load_bank, skew[col], f"load_skew_bank{col}"))
                        for col in range(c.cols)]
+        # Row r's inputs, r cycles after the word enters (skew); every stage is kept, for
+        # the depthwise mode's column tops.
+        skewed = [_delay_stages(m, self.act[r], r + ARRAY_INPUT_STAGES, f"skew{r}")
+                  for r in range(c.rows)]
         for r in range(c.rows):
             for col in range(c.cols):
                 pe = pes[r][col]
@@ -111,12 +126,17 @@ class SystolicArray(wiring.Component):
                 if col == 0:
                     skew = r + ARRAY_INPUT_STAGES
                     m.d.comb += [
-                        pe.act_in.eq(_delay(m, self.act[r], skew, f"skew{r}")),
+                        pe.act_in.eq(skewed[r][-1]),
                         pe.bank_in.eq(_delay(m, self.bank, skew, f"skew_bank{r}")),
                     ]
                     if depthwise:
                         m.d.comb += pe.mode_in.eq(
                             _delay(m, self.depthwise, skew, f"skew_mode{r}"))
+                elif c.row_broadcast:  # the row's first PE's inputs, in the same cycle
+                    first = pes[r][0]
+                    m.d.comb += [pe.act_in.eq(first.act_in), pe.bank_in.eq(first.bank_in)]
+                    if depthwise:
+                        m.d.comb += pe.mode_in.eq(first.mode_in)
                 else:
                     left = pes[r][col - 1]
                     m.d.comb += [pe.act_in.eq(left.act_out), pe.bank_in.eq(left.bank_out)]
@@ -135,20 +155,24 @@ class SystolicArray(wiring.Component):
                     name=f"product_{r}")
                 m.d.comb += [pe.product.eq(p) for pe, p in zip(shared, products, strict=True)]
         if depthwise:
-            self._column_chains(m, pes)
+            self._column_chains(m, pes, skewed)
         for col in range(c.cols):
             bottom = pes[c.rows - 1][col].psum_out
-            m.d.comb += self.result[col].eq(_delay(m, bottom, c.cols - 1 - col, f"deskew{col}"))
+            deskew = 0 if c.row_broadcast else c.cols - 1 - col
+            m.d.comb += self.result[col].eq(_delay(m, bottom, deskew, f"deskew{col}"))
         return m
 
-    def _column_chains(self, m: Module, pes) -> None:
+    def _column_chains(self, m: Module, pes, skewed) -> None:
         """The depthwise mode's activations down the columns: column c's top takes row
         c's skewed input (rows == cols); each group of three rows after the first takes
         the previous row's chain through a line buffer."""
         c = self._config
         groups = c.depthwise_groups
         for col in range(c.cols):
-            m.d.comb += pes[0][col].chain_in.eq(pes[col][0].act_in)
+            # Lane c as row c's input (skewed c cycles, as column c's words are), or with
+            # row_broadcast as row 0's (every column's words in the same cycle).
+            top = skewed[col][ARRAY_INPUT_STAGES] if c.row_broadcast else skewed[col][-1]
+            m.d.comb += pes[0][col].chain_in.eq(top)
         for g in range(1, groups):
             line = LineBuffer(c)
             m.submodules[f"line_buffer{g}"] = line

@@ -79,7 +79,7 @@ class Feeder(wiring.Component):
             "feeding_bank": Out(1),
             "inflight_idle": Out(2, init=0b11),
             "drain_idle": Out(1, init=1),
-            "drain_wait": Out(range((1 << 16) + array_latency(config.rows, config.cols) + 3)),
+            "drain_wait": Out(range((1 << 16) + array_latency(config.rows, config.skew_cols) + 3)),
         })
 
     def elaborate(self, platform):
@@ -117,7 +117,7 @@ class Feeder(wiring.Component):
         drain = self._in_flight(m, issue, feed_bank)
         # A stream's last word issues feed_remaining − 1 cycles from now; its result is
         # written latency + 3 cycles after (drain_idle rises as drain reaches 0).
-        latency = array_latency(c.rows, c.cols)
+        latency = array_latency(c.rows, c.skew_cols)
         m.d.comb += self.drain_wait.eq(Mux(feed_busy, feed_remaining + latency + 2, drain))
 
         with m.If(issue):
@@ -144,8 +144,8 @@ class Feeder(wiring.Component):
         cycles until the last result is written (returned: 0 when ``drain_idle``)."""
         c = self._config
         # At least one: with one row the LOADW waits for the feeder's last issue anyway.
-        use_cycles = max(1, weight_use_cycles(c.rows, c.cols, c.load_skew))
-        latency = array_latency(c.rows, c.cols)
+        use_cycles = max(1, weight_use_cycles(c.rows, c.skew_cols, c.load_skew))
+        latency = array_latency(c.rows, c.skew_cols)
         inflight = Array(Signal(range(use_cycles + 1), name=f"inflight{b}") for b in range(2))
         drain = Signal(range(latency + 3))
         inflight_idle, drain_idle = self.inflight_idle, self.drain_idle   # == 0, kept

@@ -92,7 +92,7 @@ class RequantUnit(wiring.Component):
             "run_start": In(1),
             "abort": In(1),
             "running": In(1),
-            "drain_wait": In(range((1 << 16) + array_latency(config.rows, config.cols) + 3)),
+            "drain_wait": In(range((1 << 16) + array_latency(config.rows, config.skew_cols) + 3)),
             "drained": In(1, init=1),
             "active": Out(1),
             "overlap": Out(1),

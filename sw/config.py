@@ -55,7 +55,7 @@ DEPTH_STEP = 256
 
 #: The NpuConfig fields that are true or false.
 BOOL_FIELDS = ("feature_maps", "requant_overlap", "load_skew", "max_pooling", "adds",
-               "activity_counters", "link_error_counters")
+               "activity_counters", "link_error_counters", "row_broadcast")
 
 
 def _check_int(name: str, value: Any, low: int, high: int, rule: str = "") -> None:
@@ -125,6 +125,11 @@ class NpuConfig:
     # model and cycle model read every bank field as 0, so the issue rules serialize each
     # LOADW behind the MATMULs before it), and a layer of many K tiles pays each load.
     weight_banks: int = 2
+    # Each row's activation reaches all its columns in the same cycle instead of one column
+    # a cycle: no activation registers between the columns, no output deskew and no load
+    # skew (a UP5K needs the cells), and results cols - 1 cycles sooner; each activation
+    # then drives the whole row (fine for a small array, not for a 16-wide one).
+    row_broadcast: bool = False
 
     def __post_init__(self) -> None:
         _check_int("rows", self.rows, 1, 64)
@@ -187,12 +192,21 @@ class NpuConfig:
                 "product) has no path back into the accumulators, which adds need; set "
                 "adds = false, or requant_serial_bits = 0")
         _check_int("weight_banks", self.weight_banks, 1, 2, "1 or 2")
+        if self.row_broadcast and self.load_skew:
+            raise ValueError("row_broadcast = true (every column takes its row's activation in "
+                             "the same cycle) loads every column at once: set load_skew = false")
         if self.rounding not in ROUNDINGS:
             raise ValueError(
                 f"rounding must be one of {', '.join(map(repr, ROUNDINGS))}, "
                 f"not {self.rounding!r}")
 
     # Derived quantities -------------------------------------------------------------
+
+    @property
+    def skew_cols(self) -> int:
+        """Columns an activation word passes one a cycle: ``cols``, or 1 with
+        ``row_broadcast`` (the ``cols`` of sw/timing.py's formulas)."""
+        return 1 if self.row_broadcast else self.cols
 
     @property
     def depthwise_groups(self) -> int:
@@ -302,7 +316,9 @@ class NpuConfig:
             text += ", requant overlap"
         if self.line_buffer_depth:
             text += f", depthwise mode (rows of {self.line_buffer_depth})"
-        if not self.load_skew:
+        if self.row_broadcast:
+            text += ", activations broadcast along the rows"
+        elif not self.load_skew:
             text += ", no load skew"
         if self.feature_maps and not self.max_pooling:
             text += ", no max pooling"

@@ -128,8 +128,8 @@ class CycleModel:
             self.feeder_last_issue = last
             self.feeder_bank = bank
             self.inflight_clear_at[bank] = last + weight_use_cycles(
-                rows, cols, self.config.load_skew)
-            self.drain_clear_at = last + results_written_cycles(rows, cols)
+                rows, self.config.skew_cols, self.config.load_skew)
+            self.drain_clear_at = last + results_written_cycles(rows, self.config.skew_cols)
             self.counters.busy_cycles += count
             self.counters.macs += count * rows * cols
         elif op is Opcode.FILL:   # the requantizer's write port, with overlap

@@ -21,9 +21,9 @@ __all__ = [
 ]
 
 #: Raised with every change to the instructions or to the identity block the host reads
-#: (10: the NpuConfig field weight_banks), so that a host refuses a bitstream or program
+#: (11: the NpuConfig field row_broadcast), so that a host refuses a bitstream or program
 #: of another version by name.
-ISA_VERSION = 10
+ISA_VERSION = 11
 INSTRUCTION_WIDTH = 64
 OPCODE_WIDTH = 4
 

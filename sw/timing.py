@@ -77,7 +77,8 @@ def requant_cycles(groups: int, product_cycles: int = 1) -> int:
 
 
 def array_latency(rows: int, cols: int) -> int:
-    """Cycles from an activation word entering the array to its whole result row."""
+    """Cycles from an activation word entering the array to its whole result row
+    (``cols``: the columns a word passes one a cycle, ``NpuConfig.skew_cols``)."""
     return rows + cols - 1 + PRODUCT_PIPELINE_STAGES + ARRAY_INPUT_STAGES
 
 
@@ -148,7 +149,9 @@ def timing_markdown() -> str:
 
     lines = [
         "Generated from `sw/timing.py` by `python -m npugen.timing docs/ARCHITECTURE.md`; a "
-        "test checks that it is current.",
+        "test checks that it is current. On an NPU generated with `row_broadcast` (each "
+        "row's activation reaches its columns in the same cycle) read `cols` as 1 in these "
+        "formulas (`NpuConfig.skew_cols`).",
         "",
         "| instruction | waits until |",
         "|---|---|",

@@ -226,13 +226,13 @@ def test_icebreaker_default_runs_the_demo_mlp():
 @pytest.mark.slow  # a virtual board on Verilator
 def test_a_lean_board_runs_a_model_and_reports_only_what_it_counts():
     """A board with the UP5K's lean options (serial requantizer product, only the cycles
-    counter, no link error counters, no max pooling or adds, one weight bank) runs an MLP
-    through the UART
+    counter, no link error counters, no max pooling or adds, one weight bank, rows
+    broadcast) runs an MLP through the UART
     equal to the golden model, cycles included; the counters it does not keep come back
     absent (None), and LINK_STATUS with none."""
     config = CONFIG.replace(requant_lanes=1, requant_serial_bits=4, activity_counters=False,
                             link_error_counters=False, max_pooling=False, adds=False,
-                            weight_banks=1)
+                            weight_banks=1, row_broadcast=True, load_skew=False)
     x_train, x_test, y_train, _ = digits()
     program = compile_model(load_onnx(mlp_to_onnx(train_mlp(x_train, y_train, (16,)),
                                                   "/dev/null")), config,

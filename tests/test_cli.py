@@ -100,6 +100,10 @@ def test_matmul_bad_input(operands, capsys, change, message):
                                      "has no path back into the accumulators"),
     (["--requant-serial-bits", "32", "--adds", "false"],
      "requant_serial_bits must be 0 (products in DSP blocks) or 1 to 31"),
+    (["--weight-banks", "3"], "weight_banks must be 1 or 2, not 3"),
+    (["--row-broadcast", "true"], "row_broadcast = true (every column takes its row's "
+                                  "activation in the same cycle) loads every column at "
+                                  "once: set load_skew = false"),
 ])
 def test_matmul_bad_config(operands, capsys, flags, message):
     paths, _ = operands

@@ -119,8 +119,8 @@ def test_options_for_the_up5k_are_read_back_and_an_older_identity_is_named():
     assert not config.max_combine and not config.requant_to_acc
     assert not config.requant_from_map
     assert NpuConfig(feature_maps=False).describe().count("no max pooling") == 0
-    with pytest.raises(ValueError, match="the identity block has 20 config words, this "
-                                         "host expects 23: rebuild the bitstream"):
+    with pytest.raises(ValueError, match="the identity block has 21 config words, this "
+                                         "host expects 24: rebuild the bitstream"):
         config_from_identity(identity_words(config)[:-3])
     with pytest.raises(TypeError, match="max_pooling must be true or false, not 1"):
         NpuConfig(max_pooling=1)
@@ -133,6 +133,13 @@ def test_options_for_the_up5k_are_read_back_and_an_older_identity_is_named():
         "product (4 bits a cycle, 8 cycles a channel)")
     with pytest.raises(ValueError, match="weight_banks must be 1 or 2, not 3"):
         NpuConfig(weight_banks=3)
+    broadcast = config.replace(row_broadcast=True)
+    assert config_from_identity(identity_words(broadcast)) == broadcast
+    assert broadcast.skew_cols == 1 and config.skew_cols == 4
+    assert broadcast.describe().endswith(", activations broadcast along the rows, no max "
+                                         "pooling, no adds")
+    with pytest.raises(ValueError, match=r"row_broadcast = true .* set load_skew = false"):
+        NpuConfig(row_broadcast=True)
     with pytest.raises(ValueError, match=r"requant_serial_bits=4 \(a serial requantizer "
                                          r"product\) has no path back into the accumulators, "
                                          "which adds need; set adds = false"):

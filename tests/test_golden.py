@@ -160,6 +160,24 @@ def test_one_weight_bank_runs_the_same_program_with_each_load_after_the_rows_bef
     assert one.cycles - two.cycles >= (folds - 1) * base.rows
 
 
+def test_row_broadcast_writes_the_results_cols_minus_one_cycles_sooner():
+    """With each row's activation broadcast to its columns, a result row is complete
+    cols − 1 cycles sooner: HALT, which waits for the last write, comes that much
+    earlier; the results are the same."""
+    base = CONFIG.replace(load_skew=False)
+    program = encode_program(assemble("LOADW\nMATMUL count=5\nHALT"))
+    runs = []
+    for broadcast in (False, True):
+        npu = GoldenNpu(base.replace(row_broadcast=broadcast))
+        npu.write(Region.ACTIVATIONS, 0, np.arange(20).reshape(5, 4) - 7)
+        npu.write(Region.WEIGHTS, 0, np.arange(16).reshape(4, 4) - 5)
+        npu.write(Region.INSTRUCTIONS, 0, program)
+        runs.append((npu.run().cycles, npu.read(Region.ACCUMULATORS, 0, 5)))
+    (skewed, words), (broadcast, same) = runs
+    assert skewed - broadcast == base.cols - 1
+    assert np.array_equal(words, same) and np.any(words)
+
+
 def test_feature_map_instructions_need_an_npu_generated_with_them():
     config = CONFIG.replace(feature_maps=False)
     check_program(config, assemble("SETGEMM k_tiles=1 tile_step=4\nGEMM count=4\nHALT"))

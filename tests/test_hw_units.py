@@ -163,11 +163,20 @@ ARRAY_CONFIGS = [
               accumulator_depth=16, instruction_depth=16, param_depth=16, load_skew=False),
     NpuConfig(rows=3, cols=2, accumulator_width=16, activation_depth=16, weight_depth=16,
               accumulator_depth=16, instruction_depth=16, param_depth=16, load_skew=False),
+    # Each row's activation broadcast to its columns: no column skew at all.
+    NpuConfig(rows=2, cols=3, accumulator_width=32, activation_depth=16, weight_depth=16,
+              accumulator_depth=16, instruction_depth=16, param_depth=16, load_skew=False,
+              row_broadcast=True),
+    NpuConfig(rows=4, cols=4, accumulator_width=16, activation_depth=16, weight_depth=16,
+              accumulator_depth=16, instruction_depth=16, param_depth=16, load_skew=False,
+              row_broadcast=True, weight_banks=1),
 ]
 
 
 def _array_id(config: NpuConfig) -> str:
-    return f"{config.rows}x{config.cols}" + ("" if config.load_skew else "-unskewed")
+    return (f"{config.rows}x{config.cols}"
+            + ("-broadcast" if config.row_broadcast else "" if config.load_skew
+               else "-unskewed") + ("-one-bank" if config.weight_banks == 1 else ""))
 
 
 class ArraySchedule:
@@ -177,7 +186,8 @@ class ArraySchedule:
     the top of a bank. With the load skew (hw/array.py), a word entering in cycle t uses
     in row r the bank as the loads up to cycle t + r left it, in every column: loads may
     follow a word through its bank row by row. Without it (``load_skew`` false), in row
-    r and column c, as the loads up to cycle t + r + c left it.
+    r and column c, as the loads up to cycle t + r + c left it; with ``row_broadcast``, in
+    every column as the loads up to t + r left it.
     """
 
     def __init__(self, config: NpuConfig, rng: np.random.Generator):
@@ -221,17 +231,18 @@ class ArraySchedule:
         banks = np.zeros((2, c.rows, c.cols), dtype=np.int64)
         history = []   # the banks after each cycle's load
         for cycle in self.cycles:
-            if cycle["load_row"] is not None:
-                b = cycle["load_bank"]
+            if cycle["load_row"] is not None:   # one bank: every load goes to bank 0
+                b = cycle["load_bank"] if c.weight_banks == 2 else 0
                 banks[b] = np.vstack([cycle["load_row"][None], banks[b][:-1]])
             history.append(banks.copy())
         results = np.zeros((len(self.cycles) + latency, c.cols), dtype=np.int64)
         self.wrapped = 0  # words whose exact result does not fit the accumulator
         for t, cycle in enumerate(self.cycles):
             if cycle["act"] is not None:
-                late = np.arange(c.cols) * (not c.load_skew)
+                late = np.arange(c.cols) * (not c.load_skew and not c.row_broadcast)
                 tile = np.array([[history[min(t + r + late[col], len(history) - 1)]
-                                  [cycle["bank"]][r][col] for col in range(c.cols)]
+                                  [cycle["bank"] % c.weight_banks][r][col]
+                                  for col in range(c.cols)]
                                  for r in range(c.rows)])
                 exact = cycle["act"] @ tile
                 results[t + latency] = wrap(exact, c.accumulator_width)
@@ -269,7 +280,7 @@ def test_array_result_rows_arrive_after_latency(config):
     with idle gaps between bursts, on bank 0 and on bank 1."""
     rng = np.random.default_rng(2)
     array = SystolicArray(config)
-    assert array.latency == config.rows + config.cols + 1
+    assert array.latency == config.rows + config.skew_cols + 1
     schedule = ArraySchedule(config, rng)
     lowest = signed_range(config.input_width)[0]
     extreme_tile = schedule.random_tile()
@@ -323,7 +334,7 @@ def test_array_reloads_a_bank_right_behind_its_last_word(config):
     schedule = ArraySchedule(config, rng)
     # The reload's wait in the array's own cycles (weight_use_cycles counts from the
     # sequencer's dispatch, which is WEIGHT_LOAD_STAGES − ARRAY_INPUT_STAGES apart).
-    rows = config.rows + (0 if config.load_skew else config.cols - 1)
+    rows = config.rows + (0 if config.load_skew else config.skew_cols - 1)
     t = schedule.load(0, 0, schedule.random_tile())
     t = schedule.load(t, 1, schedule.random_tile())
     last = schedule.stream(t, [0] * 4) - 1

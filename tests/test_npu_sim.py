@@ -53,7 +53,8 @@ CONFIGS = {
     # (the programs' bank fields read as 0: each load waits for the rows before it).
     "4x4-serial-requant": NpuConfig(rows=4, cols=4, requant_lanes=1, requant_overlap=True,
                                     max_pooling=False, adds=False, requant_serial_bits=4,
-                                    activity_counters=False, weight_banks=1, **SMALL),
+                                    activity_counters=False, weight_banks=1,
+                                    row_broadcast=True, load_skew=False, **SMALL),
 }
 
 
@@ -162,7 +163,8 @@ DEPTHWISE_CONFIGS = {
     "6x6-depthwise-serial": NpuConfig(rows=6, cols=6, requant_lanes=2, line_buffer_depth=16,
                                       requant_overlap=True, max_pooling=False, adds=False,
                                       requant_serial_bits=5, activity_counters=False,
-                                      weight_banks=1, **MAPS),
+                                      weight_banks=1, row_broadcast=True, load_skew=False,
+                                      **MAPS),
 }
 MAP_KINDS = ("conv", "depthwise", "maxpool", "avgpool", "globalpool", "add")
 

@@ -466,17 +466,18 @@ def _early_layers(b, x, r):
 @pytest.mark.parametrize("simulator", available_simulators())
 def test_an_npu_without_max_pooling_and_adds_runs_what_needs_neither(simulator):
     """NPUs generated with max_pooling and adds false (their logic left out, for the
-    UP5K), a serial requantizer product and one weight bank run KWS's kinds of layers (a
-    strided convolution, a depthwise, a 1×1, average pooling, a dense layer) on the RTL
-    equal to the golden model (outputs and counters) and to LiteRT; a model with a max pooling or
-    an add is refused, naming the layer."""
+    UP5K), a serial requantizer product, one weight bank and rows broadcast run KWS's
+    kinds of layers (a strided convolution, a depthwise, a 1×1, average pooling, a dense
+    layer) on the RTL equal to the golden model (outputs and counters) and to LiteRT; a
+    model with a max pooling or an add is refused, naming the layer."""
     from npugen.compiler import compile_quantized
     from npugen.quantize import quantize_model
 
     config = NpuConfig(rows=4, cols=4, activation_depth=4096, weight_depth=512,
                        accumulator_depth=256, instruction_depth=512, param_depth=64,
                        requant_lanes=2, max_pooling=False, adds=False,
-                       requant_serial_bits=4, weight_banks=1)
+                       requant_serial_bits=4, weight_banks=1, row_broadcast=True,
+                       load_skew=False)
     x = np.random.default_rng(6).integers(-128, 128, size=(2, 33, 33, 1), dtype=np.int8)
     _check_on_rtl(build(_early_layers, shape=(1, 33, 33, 1), seed=12), config, x, simulator)
 
