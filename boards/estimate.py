@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..config import NpuConfig
 from ..hw.dsp import ICE40_MIN_DSP_PRODUCT_BITS, dsp_rows, paired_columns
 from ..hw.implementation import ECP5_DSP_PRODUCTS, Implementation
-from ..hw.ram import SPRAM_BLOCKS, spram_blocks
+from ..hw.ram import SPRAM_BLOCKS, spram_plan
 from ..memory_map import Region, memories
 from ..protocol import RX_FIFO_BYTES
 
@@ -34,7 +34,7 @@ class Device:
     logic_name: str
     min_product_bits: int = 0   # narrower products stay in logic
     paired_products: bool = False  # two int8 products per slot, as hw/dsp.py pairs them
-    spram_blocks: int = 0          # iCE40UP5K SPRAM, which hw/ram.py maps the weights to
+    spram_blocks: int = 0          # iCE40UP5K SPRAM, which hw/ram.py maps single-port memories to
     family: str = ""               # whose primitives hw/dsp.py, hw/ram.py instantiate
 
 
@@ -69,8 +69,8 @@ class Estimate:
     multipliers: int
     # Every memory not in SPRAM, and the host link's receive FIFO.
     block_ram_bits: int
-    # SB_SPRAM256KA blocks the weights take on iCE40 (they go there only where they fit,
-    # so problems() does not check them).
+    # SB_SPRAM256KA blocks the weights (and single-port activations) take on iCE40 (they go
+    # there only where they fit, hw/ram.py's spram_plan, so problems() does not check them).
     spram_blocks: int = 0
 
     def problems(self, device: Device) -> list[str]:
@@ -112,8 +112,7 @@ def estimate(config: NpuConfig, device: Device) -> Estimate:
     RAM (the accumulators' twice with ``requant_overlap``, and the depthwise mode's line
     buffers), or SPRAM where hw/ram.py maps it there."""
     implementation = board_implementation(config, device)
-    in_spram = {region: spram_blocks(implementation, info)
-                for region, info in memories(config).items()}
+    in_spram = spram_plan(implementation, memories(config))
     bits = sum(info.depth * info.width for region, info in memories(config).items()
                if not in_spram[region])
     if config.requant_overlap:   # the requantizer's read port: a copy of the accumulators

@@ -30,9 +30,10 @@ FAMILIES = ("ecp5", "ice40")
 #: beside two other builds, and met 75 MHz (docs/BOARDS.md).
 ECP5_DSP_PRODUCTS = 96
 
-#: Memories that go to the iCE40UP5K's SPRAM by default: written by the host only, when no
-#: run is on, so the single port never has to read and write in the same cycle.
-ICE40_SPRAM_REGIONS = frozenset({Region.WEIGHTS})
+#: Memories that may go to the iCE40UP5K's SPRAM by default, if single-port
+#: (``MemoryInfo.single_port``): the weights, written by the host only, when no run is on,
+#: and the activations of an NPU generated with ``single_port_activations``.
+ICE40_SPRAM_REGIONS = frozenset({Region.WEIGHTS, Region.ACTIVATIONS})
 
 
 def _default_spram_regions(family: str) -> frozenset[Region]:

@@ -45,7 +45,7 @@ from .host_port import HostPort
 from .hostbus import HostBus
 from .implementation import GENERIC, Implementation, check_implementation
 from .ports import grant_read, grant_write
-from .ram import extra_read_port, memory_ports
+from .ram import SPRAM_BLOCKS, extra_read_port, memory_ports, spram_plan
 from .requant_unit import RequantUnit
 from .sequencer import Sequencer
 from .weight_loader import WeightLoader
@@ -82,9 +82,13 @@ class Npu(wiring.Component):
         m = Module()
         infos = memories(c)
         reads, writes = {}, {}
+        spram = spram_plan(implementation, infos)
         for region, info in infos.items():
+            # The SPRAM blocks the other memories take (all, for one the plan keeps in EBR).
+            taken = sum(spram.values()) - spram[region] if spram[region] else SPRAM_BLOCKS
             writes[region], reads[region] = memory_ports(
-                m, implementation, info, transparent=region is Region.ACCUMULATORS)
+                m, implementation, info, transparent=region is Region.ACCUMULATORS,
+                spram_taken=taken)
 
         m.submodules.array = array = SystolicArray(c, implementation=implementation)
         m.submodules.host_port = host_port = HostPort(c)

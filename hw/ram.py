@@ -5,9 +5,11 @@ portable towards ASIC flows). A memory whose depth is not a power of two is seve
 one per binary digit of its depth (:class:`StackedMemory`): each maps to block RAM
 without a depth multiplexer behind its output, which on the ECP5 boards was the slowest
 path of a 9,216-word weight memory (nine 1024-word DP16KDs deep). On iCE40 the memories
-of the implementation's ``spram_regions`` (by default the weight memory, the largest) go
-to the iCE40UP5K's single-port SPRAM (four SB_SPRAM256KA, 16K words of 16 bits each)
-instead of its 30 EBR of 4 Kbit; the rest stay in EBR.
+of the implementation's ``spram_regions`` that are single-port (by default the weight
+memory, and the activations of an NPU generated with ``single_port_activations``) go to
+the iCE40UP5K's single-port SPRAM (four SB_SPRAM256KA, 16K words of 16 bits each, the
+weights' first: :func:`spram_plan`) instead of its 30 EBR of 4 Kbit; the rest stay in
+EBR.
 
 A read port that is not transparent may meet a write of the same word in the same cycle
 only where the program rules exclude it (the host's accesses during a run are refused,
@@ -16,17 +18,20 @@ overlapping REQUANT's or FILL's writes off the words the instructions beside it 
 such memories carry yosys's ``no_rw_check`` attribute, so synthesis adds no logic to
 return the old word on a collision (on a 4×4 for the UP5K, 204 LUT4s and 215
 flip-flops, docs/BOARDS.md). RTL simulations check the rule: with the implementation's
-``poison_collisions`` a colliding read returns the written lanes inverted.
+``poison_collisions`` a colliding read returns the written lanes inverted, and a read of a
+single-port memory in a cycle it is written returns every lane inverted (SPRAM's output
+is undefined then).
 """
 
 from amaranth import Array, Cat, ClockSignal, Const, Elaboratable, Module, Mux, Signal, unsigned
 from amaranth.hdl import Instance
 from amaranth.lib.memory import Memory, ReadPort, WritePort
 
-from ..memory_map import MemoryInfo
+from ..memory_map import MemoryInfo, Region
 from .implementation import Implementation
 
 __all__ = ["SPRAM_WIDTH", "SPRAM_DEPTH", "SPRAM_BLOCKS", "StackedMemory", "spram_blocks",
+           "spram_plan",
            "memory_ports", "extra_read_port", "power_of_two_parts",
            "collisions_dont_care"]
 
@@ -38,30 +43,47 @@ SPRAM_BLOCKS = 4
 _SPRAM_MASK_BITS = 4
 
 
-def spram_blocks(implementation: Implementation, info: MemoryInfo) -> int:
-    """How many SB_SPRAM256KA hold memory ``info`` on ``implementation``; 0 when it stays
-    a generic memory (not one of its ``spram_regions``, which only iCE40 has, write lanes
-    that are not whole mask lanes, or more blocks than the chip has)."""
-    if (info.region not in implementation.spram_regions
+def spram_blocks(implementation: Implementation, info: MemoryInfo, taken: int = 0) -> int:
+    """How many SB_SPRAM256KA hold memory ``info`` on ``implementation`` when other
+    memories have ``taken`` of them; 0 when it stays a generic memory (not single-port, not
+    one of its ``spram_regions``, which only iCE40 has, write lanes that are not whole mask
+    lanes, or more blocks than are left)."""
+    if (not info.single_port or info.region not in implementation.spram_regions
             or info.granularity % _SPRAM_MASK_BITS):
         return 0
     blocks = -(-info.width // SPRAM_WIDTH) * -(-info.depth // SPRAM_DEPTH)
-    return blocks if blocks <= SPRAM_BLOCKS else 0
+    return blocks if blocks <= SPRAM_BLOCKS - taken else 0
+
+
+def spram_plan(implementation: Implementation,
+               infos: dict[Region, MemoryInfo]) -> dict[Region, int]:
+    """The SB_SPRAM256KA each memory of ``infos`` takes (:func:`spram_blocks`), given in
+    turn, the weights first, then the activations, to the memories that fit in what is
+    left."""
+    order = sorted(infos, key=lambda region: (region is not Region.WEIGHTS,
+                                              region is not Region.ACTIVATIONS))
+    plan, taken = {}, 0
+    for region in order:
+        plan[region] = spram_blocks(implementation, infos[region], taken)
+        taken += plan[region]
+    return {region: plan[region] for region in infos}
 
 
 def memory_ports(m: Module, implementation: Implementation, info: MemoryInfo, *,
-                 transparent: bool = False) -> tuple[WritePort, ReadPort]:
+                 transparent: bool = False, spram_taken: int = 0
+                 ) -> tuple[WritePort, ReadPort]:
     """A write port (lanes of ``info.granularity`` bits) and a synchronous read port of
     memory ``info``, added to ``m``. The read port is transparent for the write port when
     ``transparent``.
 
-    Where ``spram_blocks`` says so, the memory is SB_SPRAM256KA blocks side by side (16
+    Where ``spram_blocks`` says so (other memories having ``spram_taken`` of the blocks,
+    :func:`spram_plan`), the memory is SB_SPRAM256KA blocks side by side (16
     bits each) and, past 16K words, stacked; their one port writes when any write lane is
     enabled and reads ``read.addr`` otherwise. The read's answer is then valid the cycle
     after a read, as with the generic memory; after a write cycle it is undefined, so the
     user must not read and write in the same cycle (the host writes the weights only when
     no run is on)."""
-    if not spram_blocks(implementation, info):
+    if not spram_blocks(implementation, info, spram_taken):
         # Collisions are don't-care on a memory read only through non-transparent ports.
         attrs = {} if transparent else {"no_rw_check": 1}
         mem = (Memory(shape=unsigned(info.width), depth=info.depth, init=[], attrs=attrs)
@@ -177,7 +199,10 @@ def _poisoned(m: Module, info: MemoryInfo, write: WritePort, read: ReadPort) -> 
     poison = Signal(lanes, name=f"{info.name}_collided")
     m.d.comb += [read.addr.eq(port.addr), read.en.eq(port.en)]
     with m.If(port.en):
-        m.d.sync += poison.eq(Mux(write.addr == port.addr, write.en, 0))
+        if info.single_port:   # any write: a single port reads nothing then
+            m.d.sync += poison.eq(Mux(write.en.any(), (1 << lanes) - 1, 0))
+        else:
+            m.d.sync += poison.eq(Mux(write.addr == port.addr, write.en, 0))
     m.d.comb += port.data.eq(read.data ^ Cat(*[bit.replicate(info.granularity)
                                                for bit in poison]))
     return port

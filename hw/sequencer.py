@@ -33,8 +33,9 @@ _STROBES = {Opcode.LOADW: "loadw", Opcode.MATMUL: "matmul", Opcode.REQUANT: "req
 def _overlaps(config: NpuConfig) -> bool:
     """Whether REQUANT_OVERLAPPERS may dispatch while the requantizer's write port is
     busy: after a REQUANT with ``overlap`` (``requant_overlap``) or a FILL (the
-    feature-map hardware)."""
-    return config.requant_overlap or config.feature_maps
+    feature-map hardware, unless ``single_port_activations``)."""
+    return config.requant_overlap or (config.feature_maps
+                                      and not config.single_port_activations)
 
 
 class Sequencer(wiring.Component):
@@ -83,7 +84,10 @@ class Sequencer(wiring.Component):
         # The opcodes the dispatch decision tells apart, decoded when the instruction is
         # loaded (below) and kept in registers beside it: the decision, the sequencer's
         # longest path, then starts from them rather than from a compare.
-        decoded_ops = (Opcode.GEMM, Opcode.LOADW, Opcode.MATMUL, Opcode.REQUANT, Opcode.HALT)
+        # With single_port_activations a FILL waits for the feeder's last read.
+        fill_waits = c.feature_maps and c.single_port_activations
+        decoded_ops = (Opcode.GEMM, Opcode.LOADW, Opcode.MATMUL, Opcode.REQUANT, Opcode.HALT,
+                       *([Opcode.FILL] if fill_waits else []))
         op_is = {op: Signal(init=int(op == 0), name=f"op_is_{op.name.lower()}")
                  for op in decoded_ops}
         # Whether the instruction may dispatch beside a REQUANT with overlap, decoded the
@@ -103,7 +107,8 @@ class Sequencer(wiring.Component):
         step_bank = gemm.bank
         load_active, feed_busy = self.load_busy, self.feed_busy
         inflight_idle = Array(self.inflight_idle[b] for b in range(2))
-        step_waits = step_is_loadw | step_is_matmul | step_is_requant | step_is_halt
+        step_is_fill = op_is[Opcode.FILL] if fill_waits else 0
+        step_waits = step_is_loadw | step_is_matmul | step_is_requant | step_is_halt | step_is_fill
         can_issue = Signal()
         m.d.comb += can_issue.eq(
             (step_is_loadw & self.load_ready & inflight_idle[step_bank]
@@ -112,6 +117,7 @@ class Sequencer(wiring.Component):
                & ~(self.load_filling & (self.loading_bank == step_bank)))
             | (step_is_requant & (requant_beside_feed | (~feed_busy & self.drain_idle)))
             | (step_is_halt & ~feed_busy & self.drain_idle & ~load_active)
+            | (step_is_fill & ~feed_busy)
             | ~step_waits)
         dispatch = Signal()
         requant_free = ~self.requant_active

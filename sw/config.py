@@ -55,7 +55,8 @@ DEPTH_STEP = 256
 
 #: The NpuConfig fields that are true or false.
 BOOL_FIELDS = ("feature_maps", "requant_overlap", "load_skew", "max_pooling", "adds",
-               "activity_counters", "link_error_counters", "row_broadcast")
+               "activity_counters", "link_error_counters", "row_broadcast",
+               "single_port_activations")
 
 
 def _check_int(name: str, value: Any, low: int, high: int, rule: str = "") -> None:
@@ -130,6 +131,11 @@ class NpuConfig:
     # skew (a UP5K needs the cells), and results cols - 1 cycles sooner; each activation
     # then drives the whole row (fine for a small array, not for a 16-wide one).
     row_broadcast: bool = False
+    # The activation memory is never read and written in the same cycle, so that it may be
+    # one single-port RAM (the UP5K's SPRAM, hw/ram.py; a single-port SRAM macro towards
+    # silicon): a FILL waits for the feeder's last read and nothing dispatches beside it.
+    # Not with requant_overlap, whose REQUANT writes beside the feeder's reads.
+    single_port_activations: bool = False
 
     def __post_init__(self) -> None:
         _check_int("rows", self.rows, 1, 64)
@@ -195,6 +201,11 @@ class NpuConfig:
         if self.row_broadcast and self.load_skew:
             raise ValueError("row_broadcast = true (every column takes its row's activation in "
                              "the same cycle) loads every column at once: set load_skew = false")
+        if self.single_port_activations and self.requant_overlap:
+            raise ValueError("single_port_activations = true (the activation memory is never "
+                             "read and written in the same cycle) cannot go with "
+                             "requant_overlap = true, whose REQUANT writes beside the "
+                             "feeder's reads: set requant_overlap = false")
         if self.rounding not in ROUNDINGS:
             raise ValueError(
                 f"rounding must be one of {', '.join(map(repr, ROUNDINGS))}, "
@@ -330,6 +341,8 @@ class NpuConfig:
             text += ", no link error counters"
         if self.weight_banks == 1:
             text += ", one weight bank"
+        if self.single_port_activations:
+            text += ", single-port activations"
         if self.requant_serial_bits:
             text += (f", serial requantizer product ({self.requant_serial_bits} bits a cycle, "
                      f"{self.requant_product_cycles} cycles a channel)")

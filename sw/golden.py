@@ -113,6 +113,8 @@ class CycleModel:
         elif op is Opcode.REQUANT and requant_waits_for_feed(self.config.requant_overlap,
                                                              bool(instruction["to_acc"])):
             earliest = max(earliest, feeder_idle_at, self.drain_clear_at)
+        elif op is Opcode.FILL and self.config.single_port_activations:
+            earliest = max(earliest, feeder_idle_at)   # no write beside the feeder's reads
         elif op is Opcode.HALT:
             earliest = max(earliest, feeder_idle_at, self.drain_clear_at, self.load_free_at)
         self.counters.stall_cycles += earliest - self.next_cycle
@@ -133,7 +135,7 @@ class CycleModel:
             self.counters.busy_cycles += count
             self.counters.macs += count * rows * cols
         elif op is Opcode.FILL:   # the requantizer's write port, with overlap
-            self.requant_overlap = True
+            self.requant_overlap = not self.config.single_port_activations
             self.requant_free_at = cycle + instruction["count"] + FILL_TAIL_CYCLES
         elif op is Opcode.REQUANT:
             self.requant_overlap = bool(self.config.requant_overlap and instruction["overlap"]
@@ -466,7 +468,7 @@ class _OverlapCheck:
             self.out_stride = ins["out_stride"]
         if self.open is not None and op not in REQUANT_OVERLAPPERS:
             self.open = None
-        if op is Opcode.FILL:   # always beside the steps after it
+        if op is Opcode.FILL and not c.single_port_activations:   # beside the steps after it
             self.open = (index, ins, range(0), set(fill_words(ins).tolist()))
         elif op is Opcode.REQUANT and ins["overlap"]:
             need(c.requant_overlap, index, ins,

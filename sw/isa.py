@@ -21,9 +21,9 @@ __all__ = [
 ]
 
 #: Raised with every change to the instructions or to the identity block the host reads
-#: (11: the NpuConfig field row_broadcast), so that a host refuses a bitstream or program
+#: (12: the NpuConfig field single_port_activations), so that a host refuses a bitstream or program
 #: of another version by name.
-ISA_VERSION = 11
+ISA_VERSION = 12
 INSTRUCTION_WIDTH = 64
 OPCODE_WIDTH = 4
 
@@ -153,7 +153,8 @@ DESCRIPTIONS: dict[Opcode, str] = {
         "reads no accumulator and does not wait for the array, and "
         + ", ".join(op.name for op in REQUANT_OVERLAPPERS) + " dispatch beside it: the "
         "program must keep those off its words (the golden model refuses one that does "
-        "not)."),
+        "not). On an NPU generated with `single_port_activations` it waits for the "
+        "feeder's last read instead, and nothing dispatches beside it."),
     Opcode.SETOUT: (
         "Set where REQUANT writes: accumulator words per output row (0: one endless row) "
         "and the activation words between output rows; with `from_map`, where a REQUANT "

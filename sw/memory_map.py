@@ -107,6 +107,10 @@ class MemoryInfo:
     depth: int        # entries
     width: int        # bits an entry
     granularity: int  # bits per write-enable lane
+    # Never read and written in the same cycle (one single-port RAM may hold it): the
+    # weights (the host writes them outside a run), and the activations with
+    # NpuConfig.single_port_activations.
+    single_port: bool = False
 
     @property
     def stride(self) -> int:
@@ -127,9 +131,11 @@ def memories(config: NpuConfig) -> dict[Region, MemoryInfo]:
                    INSTRUCTION_WIDTH, 32),
         # Lane-granular: REQUANT writes single activation lanes.
         MemoryInfo("activations", Region.ACTIVATIONS, config.activation_depth,
-                   config.activation_word_width, _gcd32(config.input_width)),
+                   config.activation_word_width, _gcd32(config.input_width),
+                   single_port=config.single_port_activations),
         MemoryInfo("weights", Region.WEIGHTS, config.weight_depth,
-                   config.weight_word_width, _gcd32(config.weight_word_width)),
+                   config.weight_word_width, _gcd32(config.weight_word_width),
+                   single_port=True),
         MemoryInfo("accumulators", Region.ACCUMULATORS, config.accumulator_depth,
                    config.accumulator_word_width, _gcd32(config.accumulator_word_width)),
         MemoryInfo("params", Region.PARAMS, config.param_depth,

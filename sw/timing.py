@@ -179,12 +179,14 @@ def timing_markdown() -> str:
         "with `requant_overlap`, else every other cycle; on an NPU generated with "
         "`requant_serial_bits` k, a group every P = ceil(accumulator_width / k) cycles: "
         f"`groups·P + {requant_cycles(1, 2) - 2}` from its start, `requant_cycles`) |",
-        "| FILL | nothing; then the next instruction waits one cycle per word + "
+        "| FILL | nothing (on an NPU generated with `single_port_activations`: the feeder is "
+        "idle); then the next instruction waits one cycle per word + "
         f"{FILL_TAIL_CYCLES} from the FILL's dispatch (`FILL_TAIL_CYCLES`) |",
         "| SETKERN, SETWIN, SETOUT, SETGEMM, SETPP, SETREQ | nothing (one cycle) |",
         "| HALT | every unit is idle and every result is written |",
         "| every instruction | no REQUANT or FILL is in progress, but for "
-        + ", ".join(op.name for op in REQUANT_OVERLAPPERS) + " after a FILL, or a REQUANT "
+        + ", ".join(op.name for op in REQUANT_OVERLAPPERS) + " after a FILL (unless "
+        "`single_port_activations`), or a REQUANT "
         "with `overlap` on an NPU generated with `requant_overlap`: they dispatch beside "
         "it |",
         "",

@@ -104,6 +104,9 @@ def test_matmul_bad_input(operands, capsys, change, message):
     (["--row-broadcast", "true"], "row_broadcast = true (every column takes its row's "
                                   "activation in the same cycle) loads every column at "
                                   "once: set load_skew = false"),
+    (["--single-port-activations", "true", "--requant-overlap", "true"],
+     "cannot go with requant_overlap = true, whose REQUANT writes beside the feeder's "
+     "reads: set requant_overlap = false"),
 ])
 def test_matmul_bad_config(operands, capsys, flags, message):
     paths, _ = operands

@@ -119,8 +119,8 @@ def test_options_for_the_up5k_are_read_back_and_an_older_identity_is_named():
     assert not config.max_combine and not config.requant_to_acc
     assert not config.requant_from_map
     assert NpuConfig(feature_maps=False).describe().count("no max pooling") == 0
-    with pytest.raises(ValueError, match="the identity block has 21 config words, this "
-                                         "host expects 24: rebuild the bitstream"):
+    with pytest.raises(ValueError, match="the identity block has 22 config words, this "
+                                         "host expects 25: rebuild the bitstream"):
         config_from_identity(identity_words(config)[:-3])
     with pytest.raises(TypeError, match="max_pooling must be true or false, not 1"):
         NpuConfig(max_pooling=1)
@@ -140,6 +140,12 @@ def test_options_for_the_up5k_are_read_back_and_an_older_identity_is_named():
                                          "pooling, no adds")
     with pytest.raises(ValueError, match=r"row_broadcast = true .* set load_skew = false"):
         NpuConfig(row_broadcast=True)
+    single_port = config.replace(single_port_activations=True)
+    assert config_from_identity(identity_words(single_port)) == single_port
+    assert single_port.describe().endswith(", single-port activations")
+    with pytest.raises(ValueError, match=r"single_port_activations = true .* set "
+                                         "requant_overlap = false"):
+        NpuConfig(single_port_activations=True, requant_overlap=True)
     with pytest.raises(ValueError, match=r"requant_serial_bits=4 \(a serial requantizer "
                                          r"product\) has no path back into the accumulators, "
                                          "which adds need; set adds = false"):

@@ -378,7 +378,7 @@ def test_spram_weights_netlist_matches_memory(depth, width, granularity, tmp_pat
     with yosys's SPRAM model, it answers every read the cycle after, as a generic memory
     does, through random writes of random lanes across all the blocks, while the next
     address is already on the port."""
-    info = MemoryInfo("weights", Region.WEIGHTS, depth, width, granularity)
+    info = MemoryInfo("weights", Region.WEIGHTS, depth, width, granularity, single_port=True)
     rng = np.random.default_rng(depth + width)
     pool = rng.choice(depth, 48, replace=False)
     lanes = width // granularity

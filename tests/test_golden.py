@@ -179,6 +179,30 @@ def test_row_broadcast_writes_the_results_cols_minus_one_cycles_sooner():
     assert np.array_equal(words, same) and np.any(words)
 
 
+def test_single_port_activations_keep_fill_off_the_feeders_reads():
+    """With single_port_activations a FILL waits for the feeder's last read and nothing
+    dispatches beside it (here a MATMUL that reads other words), so the run takes the
+    FILL's words + FILL_TAIL_CYCLES + 1 cycles more; a MATMUL may then read the words
+    the FILL wrote, which beside it the golden model refuses."""
+    from npugen.timing import FILL_TAIL_CYCLES
+
+    base = CONFIG.replace(rows=4, cols=4)
+    cycles = {}
+    for single_port in (False, True):
+        npu = GoldenNpu(base.replace(single_port_activations=single_port))
+        npu.write(Region.INSTRUCTIONS, 0, encode_program(assemble(
+            "LOADW\nMATMUL count=30\nFILL value=3 out_addr=40 count=6\n"
+            "MATMUL act_addr=0 acc_addr=30 count=12\nHALT")))
+        cycles[single_port] = npu.run().cycles
+    assert cycles[True] - cycles[False] == 6 + FILL_TAIL_CYCLES + 1
+    reads_fill = assemble("LOADW\nMATMUL count=30\nFILL value=3 out_addr=40 count=6\n"
+                          "MATMUL act_addr=36 acc_addr=30 count=12\nHALT")
+    check_program(base.replace(single_port_activations=True), reads_fill)
+    with pytest.raises(ProgramError, match="reads activation words that the overlapping "
+                                           "FILL of instruction 2"):
+        check_program(base, reads_fill)
+
+
 def test_feature_map_instructions_need_an_npu_generated_with_them():
     config = CONFIG.replace(feature_maps=False)
     check_program(config, assemble("SETGEMM k_tiles=1 tile_step=4\nGEMM count=4\nHALT"))

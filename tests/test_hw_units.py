@@ -909,16 +909,39 @@ def test_implementation_defaults_and_names():
     assert set(FAMILIES) == set(PRIMITIVE_FAMILIES)  # every family has its models
     assert Implementation("ecp5").dsp_budget == ECP5_DSP_PRODUCTS
     assert Implementation("ice40").dsp_budget is None and GENERIC.dsp_budget is None
-    assert Implementation("ice40").spram_regions == {Region.WEIGHTS}
-    assert Implementation("ice40") == Implementation("ice40", spram_regions=[Region.WEIGHTS])
+    assert Implementation("ice40").spram_regions == {Region.WEIGHTS, Region.ACTIVATIONS}
+    assert Implementation("ice40") == Implementation(
+        "ice40", spram_regions=[Region.WEIGHTS, Region.ACTIVATIONS])
     assert Implementation("ecp5").spram_regions == GENERIC.spram_regions == frozenset()
     assert GENERIC.is_generic and not Implementation("ice40").is_generic
     assert not Implementation(dsp_products=4).is_generic
     assert [implementation.name for implementation in (
         GENERIC, Implementation("ecp5"), Implementation("ecp5", dsp_products=40),
         Implementation("ice40", spram_regions=()),
-        Implementation("ice40", spram_regions={Region.WEIGHTS, Region.ACTIVATIONS}))] == [
-        "generic", "ecp5", "ecp5-dsp40", "ice40-spram-none", "ice40-spram-activations-weights"]
+        Implementation("ice40", spram_regions={Region.WEIGHTS}))] == [
+        "generic", "ecp5", "ecp5-dsp40", "ice40-spram-none", "ice40-spram-weights"]
+
+
+def test_spram_plan_gives_the_weights_first_and_single_port_activations_the_rest():
+    """On iCE40 the weights take their SPRAM blocks first; the activations take two of
+    the four only when single-port and when blocks are left, else they stay in block RAM,
+    as every memory does elsewhere."""
+    from npugen.hw.implementation import GENERIC, Implementation
+    from npugen.hw.ram import spram_plan
+    from npugen.memory_map import memories
+
+    ice40 = Implementation("ice40")
+    lean = NpuConfig(rows=4, cols=4, requant_lanes=1, activation_depth=16384,
+                     weight_depth=16384, single_port_activations=True)
+    plan = spram_plan(ice40, memories(lean))
+    assert (plan[Region.WEIGHTS], plan[Region.ACTIVATIONS], sum(plan.values())) == (2, 2, 4)
+    assert spram_plan(ice40, memories(lean.replace(weight_depth=32768)))[
+        Region.ACTIVATIONS] == 0
+    assert spram_plan(ice40, memories(lean.replace(single_port_activations=False)))[
+        Region.ACTIVATIONS] == 0
+    assert spram_plan(Implementation("ice40", spram_regions={Region.WEIGHTS}),
+                      memories(lean))[Region.ACTIVATIONS] == 0
+    assert not any(spram_plan(GENERIC, memories(lean)).values())
 
 
 def test_implementation_refuses_what_it_cannot_build():

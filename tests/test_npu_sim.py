@@ -48,13 +48,16 @@ CONFIGS = {
     "4x4-int4-acc16": NpuConfig(rows=4, cols=4, input_width=4, weight_width=4,
                                 accumulator_width=16, **SMALL),
     # The UP5K's lean options: the requantizer's product serial (4 bits a cycle, a
-    # channel every 8 cycles) beside the array's requant overlap, no max pooling, no adds,
-    # only the cycles counter (the others compare as absent), one weight bank per PE
-    # (the programs' bank fields read as 0: each load waits for the rows before it).
-    "4x4-serial-requant": NpuConfig(rows=4, cols=4, requant_lanes=1, requant_overlap=True,
-                                    max_pooling=False, adds=False, requant_serial_bits=4,
+    # channel every 8 cycles), no max pooling, no adds, only the cycles counter (the
+    # others compare as absent), one weight bank per PE (the programs' bank fields read as
+    # 0: each load waits for the rows before it), rows broadcast, and single-port
+    # activations (in SPRAM with the iCE40 primitives; generic simulations invert every
+    # lane of a read in a cycle the memory is written).
+    "4x4-serial-requant": NpuConfig(rows=4, cols=4, requant_lanes=1, max_pooling=False,
+                                    adds=False, requant_serial_bits=4,
                                     activity_counters=False, weight_banks=1,
-                                    row_broadcast=True, load_skew=False, **SMALL),
+                                    row_broadcast=True, load_skew=False,
+                                    single_port_activations=True, **SMALL),
 }
 
 
@@ -242,6 +245,34 @@ def test_fill_writes_sign_extended_lanes_of_any_width(simulator):
             [value] * 2] * 6 + [[value + 1] * 2] * 2).all()
         result, = simulate([job], simulator=simulator)
         assert np.array_equal(result.outputs["words"], golden.outputs["words"]), width
+
+
+@pytest.mark.parametrize("simulator", available_simulators())
+@pytest.mark.parametrize("primitives", [None, "ice40"])
+def test_single_port_activations_fill_after_the_feeder(simulator, primitives):
+    """With single_port_activations a FILL waits for the feeder's last read and the MATMUL
+    after it, which reads the filled words, for its last write: the RTL (generic, which
+    corrupts a read in a write cycle, and with the activations in SPRAM) equals the golden
+    model's outputs and cycles."""
+    from npugen.job import Job
+    from npugen.memory_map import Region
+
+    config = CONFIGS["4x4-serial-requant"]
+    rng = np.random.default_rng(5)
+    job = Job(config)
+    job.write(Region.ACTIVATIONS, 0, rng.integers(-128, 128, (64, config.rows)))
+    job.write(Region.WEIGHTS, 0, rng.integers(-128, 128, (config.rows, config.cols)))
+    job.write(Region.INSTRUCTIONS, 0, encode_program(assemble(
+        "LOADW\nMATMUL count=30\nFILL value=-7 out_addr=40 count=6\n"
+        "MATMUL act_addr=36 acc_addr=30 count=12\nHALT")))
+    job.read("activations", Region.ACTIVATIONS, 0, 64)
+    job.read("accumulators", Region.ACCUMULATORS, 0, 42)
+    golden = run_golden(job)
+    assert (golden.outputs["activations"][40:46] == -7).all()
+    result, = simulate([job], simulator=simulator, primitives=primitives)
+    for key, value in golden.outputs.items():
+        assert np.array_equal(result.outputs[key], value), key
+    assert result.counters == golden.counters
 
 
 def assert_maps_match(cases, simulator: str) -> None:
