@@ -7,7 +7,13 @@ from amaranth.lib.wiring import In, Out
 from ..arith import ADD_LEFT_SHIFT
 from ..config import ROUNDINGS
 from ..layouts import SHIFT_BITS
-from ..timing import REQUANT_PIPELINE_STAGES, requant_lane_latency, requant_product_cycles
+from ..timing import (
+    REQUANT_PIPELINE_STAGES,
+    SERIAL_SHIFT_STEP,
+    requant_lane_latency,
+    requant_product_cycles,
+    requant_shift_cycles,
+)
 from .dsp import registered_product, wide_products
 from .implementation import GENERIC, Implementation, check_implementation
 
@@ -66,6 +72,7 @@ class Requantizer(wiring.Component):
                              "with left_shift=False")
         self._serial_bits = serial_bits
         self.product_cycles = requant_product_cycles(accumulator_width, serial_bits)
+        self.shift_cycles = requant_shift_cycles(self.product_cycles)
         self.latency = requant_lane_latency(self.product_cycles)
         super().__init__({
             "valid": In(1),
@@ -101,22 +108,26 @@ class Requantizer(wiring.Component):
             at3 = self._parallel_product(m, total)
         product, overflow, shift3, valid3, single3, even3 = at3
         both = self._rounding == "both"
+        # With the rounding shift in place (a serial product slower than the shift), the
+        # stage-4 registers load only with a sample and hold it through the shift.
+        in_place = self.shift_cycles > 1
+        load4 = []
         single4 = Signal(reset_less=True)
         even4 = Signal(reset_less=True)
         if both:
-            m.d.sync += single4.eq(single3)
+            load4.append(single4.eq(single3))
         if self._rounding != "double":
-            m.d.sync += even4.eq(even3)
+            load4.append(even4.eq(even3))
         # The single-rounding quotient needs 33 bits (the product of two −2**31 is 2**62).
-        high = Signal(signed(32 if self._rounding == "double" else 33), reset_less=True)
+        high_next = Signal(signed(32 if self._rounding == "double" else 33))
         # single rounding: the product's bit 30 (the rounding bit at shift 0)
-        half = Signal(reset_less=True)
+        half_next = Signal()
         sticky = Signal(reset_less=True)   # single rounding: any of the product's bits 0 to 29
         shift4 = Signal(SHIFT_BITS, reset_less=True)
         valid4 = Signal()
-        m.d.sync += [shift4.eq(shift3), valid4.eq(valid3)]
+        load4 += [shift4.eq(shift3), valid4.eq(valid3)]
         if self._rounding != "double":
-            m.d.sync += sticky.eq(product[0:30].any())
+            load4.append(sticky.eq(product[0:30].any()))
         if self._rounding == "double":
             # Stage 4: gemmlowp's nudge (2**30, or 1 - 2**30 below zero) and division by
             # 2**31 truncating toward zero. With p = q·2**31 + r (0 <= r < 2**31), both signs
@@ -124,11 +135,11 @@ class Requantizer(wiring.Component):
             # one incrementer instead of a 66-bit sum and a correction.
             quotient = Signal(signed(33))
             m.d.comb += quotient.eq((product >> 31) + product[30])
-            m.d.sync += high.eq(Mux(overflow, (1 << 31) - 1, quotient[0:32].as_signed()))
+            m.d.comb += high_next.eq(Mux(overflow, (1 << 31) - 1, quotient[0:32].as_signed()))
         elif self._rounding == "single":
             # Stage 4: floor(product / 2**31); the single rounding happens in stage 5:
             # floor((p + 2**(30+s)) / 2**(31+s)) = (q >> s) + (s ? q[s−1] : p[30]).
-            m.d.sync += [high.eq(product[31:64].as_signed()), half.eq(product[30])]
+            m.d.comb += [high_next.eq(product[31:64].as_signed()), half_next.eq(product[30])]
         else:
             # Stage 4, both: the two differ only in where bit 30 of the product goes, so
             # one incrementer serves both. Double: high = q + p[30] (INT32_MAX on overflow),
@@ -138,8 +149,8 @@ class Requantizer(wiring.Component):
             double3 = ~single3
             quotient = Signal(signed(33))
             m.d.comb += quotient.eq((product >> 31) + (product[30] & double3))
-            m.d.sync += [high.eq(Mux(overflow & double3, (1 << 31) - 1, quotient)),
-                         half.eq(product[30] & single3)]
+            m.d.comb += [high_next.eq(Mux(overflow & double3, (1 << 31) - 1, quotient)),
+                         half_next.eq(product[30] & single3)]
         # Stage 5: rounding right shift by s: the truncated value and whether to round up.
         # The remainder r = high mod 2**s against gemmlowp's threshold 2**(s-1) - 1 (+ 1 when
         # high < 0) reduces to bits of high, with no mask, adder or compare: r reaches
@@ -149,39 +160,58 @@ class Requantizer(wiring.Component):
         # bit 30 (both: double's half is 0, so at s = 0 neither rounds up). With ties to
         # even, either rounds up on the half only if a bit below it is set (of high; for
         # single also the product's bit 30 when s > 0 and its bits 0 to 29) or the
-        # truncated value is odd.
-        # One shift gives the truncated value above the half.
-        truncated = Signal(signed(32), reset_less=True)
-        round_up = Signal(reset_less=True)
-        valid5 = Signal()
-        half_in = Const(0, 1) if self._rounding == "double" else half
-        shifted = Cat(half_in, high).as_signed() >> shift4
-        # Bit i of `below` is set when i < s (a decoder: yosys would give each comparison
-        # with a constant a carry chain). Builds with single rounding register it in stage
-        # 4 (from s before its register): ties to even read its bit 0 for any value, and
-        # a combinational decoder of a register that has not changed since time 0 stays
-        # undefined in an event-driven simulator (Icarus).
-        below = Signal(32, reset_less=True)
-        decoded = m.d.comb if self._rounding == "double" else m.d.sync
-        with m.Switch(shift4 if self._rounding == "double" else shift3):
-            for k in range(1 << SHIFT_BITS):
-                with m.Case(k):
-                    decoded += below.eq((1 << k) - 1)
-        below_half = (high[0:31] & below[1:32]).any()
+        # truncated value is odd. Of v = (high, half) shifted right by s, bit 0 is the half
+        # and the bits above it the truncated value; the bits below the half are those
+        # shifted out (double's half is 0, so they are high's bits below bit s − 1).
+        if in_place:
+            shifted, shifted_out, valid5 = self._shift_in_place(m, load4, high_next, half_next,
+                                                                 shift3, valid3)
+            sign = shifted[-1]
+        else:
+            m.d.sync += load4
+            high = Signal(signed(len(high_next)), reset_less=True)
+            half = Signal(reset_less=True)
+            m.d.sync += high.eq(high_next)
+            if self._rounding != "double":
+                m.d.sync += half.eq(half_next)
+            half_in = Const(0, 1) if self._rounding == "double" else half
+            # One shift gives the truncated value above the half.
+            shifted = Cat(half_in, high).as_signed() >> shift4
+            sign = high[-1]
+            # Bit i of `below` is set when i < s (a decoder: yosys would give each
+            # comparison with a constant a carry chain). Builds with single rounding
+            # register it in stage 4 (from s before its register): ties to even read its
+            # bit 0 for any value, and a combinational decoder of a register that has not
+            # changed since time 0 stays undefined in an event-driven simulator (Icarus).
+            below = Signal(32, reset_less=True)
+            decoded = m.d.comb if self._rounding == "double" else m.d.sync
+            with m.Switch(shift4 if self._rounding == "double" else shift3):
+                for k in range(1 << SHIFT_BITS):
+                    with m.Case(k):
+                        decoded += below.eq((1 << k) - 1)
+            shifted_out = (Cat(half_in, high[0:31]) & below).any()
+        below_half = shifted_out
         if self._rounding != "double":
             # Single rounding's choice at the half: up, or to the even result.
-            below_single = below_half | sticky | (half & below[0])
+            below_single = shifted_out | sticky
             single_up = ~even4 | below_single | shifted[1]
         if self._rounding == "single":
-            m.d.sync += round_up.eq(shifted[0] & single_up)
+            round_up_next = shifted[0] & single_up
         else:
-            # high[-1]: the sign (both: of double's value, sign-extended to 33 bits).
-            away = ~high[-1] | below_half
+            # The sign (both: of double's value, sign-extended to 33 bits).
+            away = ~sign | below_half
             if both:  # single rounds up on the half, whatever the sign (or to even)
                 away = Mux(single4, single_up,
                            Mux(even4, below_half | shifted[1], away))
-            m.d.sync += round_up.eq(shifted[0] & away)
-        m.d.sync += [truncated.eq(shifted[1:33].as_signed()), valid5.eq(valid4)]
+            round_up_next = shifted[0] & away
+        if in_place:   # stage 6 adds straight from the shift's register
+            truncated, round_up = shifted[1:33].as_signed(), round_up_next
+        else:
+            truncated = Signal(signed(32), reset_less=True)
+            round_up = Signal(reset_less=True)
+            valid5 = Signal()
+            m.d.sync += [round_up.eq(round_up_next), truncated.eq(shifted[1:33].as_signed()),
+                         valid5.eq(valid4)]
         # Stage 6: round and add the zero point (one carry chain, rounding as carry-in).
         with_zero = Signal(signed(34), reset_less=True)
         valid6 = Signal()
@@ -205,6 +235,34 @@ class Requantizer(wiring.Component):
             self.out_valid.eq(valid6),
         ]
         return m
+
+    def _shift_in_place(self, m, load4, high_next, half_next, shift3, valid3):
+        """Stages 4-5 with the rounding shift in place (``shift_cycles`` > 1): the value
+        (high, half) and the stage-4 registers (``load4``) load with a sample
+        (``valid3``), and the value shifts right ``SERIAL_SHIFT_STEP`` bits or 1 a cycle
+        until the sample's shift is done. Returns the shifted value (the half in bit 0),
+        whether a set bit was shifted out, and stage 6's valid: ``shift_cycles`` cycles
+        after the load, when any shift is done; the next sample loads no sooner (the
+        serial product takes longer)."""
+        half = half_next if self._rounding != "double" else Const(0, 1)
+        value = Signal(signed(len(high_next) + 1), reset_less=True)
+        left = Signal(SHIFT_BITS, reset_less=True)   # bits still to shift
+        shifted_out = Signal(reset_less=True)
+        countdown = Signal(range(self.shift_cycles + 2))
+        step = SERIAL_SHIFT_STEP
+        with m.If(valid3):
+            m.d.sync += [*load4, value.eq(Cat(half, high_next)), left.eq(shift3),
+                         shifted_out.eq(0), countdown.eq(self.shift_cycles + 1)]
+        with m.Else():
+            with m.If(left >= step):
+                m.d.sync += [value.eq(value >> step), left.eq(left - step),
+                             shifted_out.eq(shifted_out | value[0:step].any())]
+            with m.Elif(left != 0):
+                m.d.sync += [value.eq(value >> 1), left.eq(left - 1),
+                             shifted_out.eq(shifted_out | value[0])]
+            with m.If(countdown != 0):
+                m.d.sync += countdown.eq(countdown - 1)
+        return value, shifted_out, countdown == 1
 
     def _side_fields(self, m, stages: int):
         """The sample's shift, single and even registered ``stages`` times beside it (each

@@ -16,7 +16,8 @@ from pathlib import Path
 __all__ = [
     "REQUANT_PIPELINE_STAGES", "PRODUCT_PIPELINE_STAGES", "ARRAY_INPUT_STAGES",
     "REQUANT_INPUT_STAGES", "WEIGHT_LOAD_STAGES", "REQUANT_TAIL_CYCLES",
-    "REQUANT_TO_ACC_TAIL_CYCLES", "FILL_TAIL_CYCLES",
+    "REQUANT_TO_ACC_TAIL_CYCLES", "FILL_TAIL_CYCLES", "SERIAL_SHIFT_STEP",
+    "SERIAL_SHIFT_CYCLES", "requant_shift_cycles",
     "array_latency", "requant_product_cycles", "requant_lane_latency",
     "requant_cycles", "weight_use_cycles", "weight_load_cycles", "load_next_cycles",
     "results_written_cycles", "requant_waits_for_feed", "timing_markdown", "splice_timing",
@@ -57,13 +58,29 @@ def requant_product_cycles(accumulator_width: int, serial_bits: int) -> int:
     return -(-accumulator_width // serial_bits) if serial_bits else 1
 
 
+#: A serial requantizer's rounding shift by s (0 to 31) in place, 5 bits or 1 a cycle,
+#: takes floor(s / 5) + s mod 5 cycles, at most this many (s = 29).
+SERIAL_SHIFT_STEP = 5
+SERIAL_SHIFT_CYCLES = 9
+
+
+def requant_shift_cycles(product_cycles: int) -> int:
+    """Cycles a requantizer lane's rounding shift takes: 1 (a barrel shifter, its own
+    stage), or ``SERIAL_SHIFT_CYCLES`` in place where a serial product leaves the lane
+    more than that between samples (``product_cycles``): the shift then needs no barrel
+    shifter."""
+    return SERIAL_SHIFT_CYCLES if product_cycles > SERIAL_SHIFT_CYCLES else 1
+
+
 def requant_lane_latency(product_cycles: int) -> int:
     """Registers from a requantizer lane's input to its output: ``REQUANT_PIPELINE_STAGES``
     with the product in DSP blocks (two of them the product's); a serial product takes
-    its ``product_cycles`` steps after the input register, and is ready the cycle after."""
+    its ``product_cycles`` steps after the input register, and is ready the cycle after,
+    and its rounding shift ``requant_shift_cycles`` in place of the one stage."""
     if product_cycles == 1:
         return REQUANT_PIPELINE_STAGES
-    return REQUANT_PIPELINE_STAGES - 2 + product_cycles
+    return (REQUANT_PIPELINE_STAGES - 2 + product_cycles
+            + requant_shift_cycles(product_cycles) - 1)
 
 
 def requant_cycles(groups: int, product_cycles: int = 1) -> int:
@@ -200,8 +217,10 @@ def timing_markdown() -> str:
         f"| the accumulator word, before the requantization lanes | {REQUANT_INPUT_STAGES} | "
         "`REQUANT_INPUT_STAGES` |",
         f"| a requantization lane | {REQUANT_PIPELINE_STAGES}; with a serial product of P "
-        f"cycles, {requant_lane_latency(2) - 2}+P | `REQUANT_PIPELINE_STAGES`, "
-        "`requant_lane_latency` |",
+        f"cycles, {requant_lane_latency(2) - 2}+P, and past P = {SERIAL_SHIFT_CYCLES} "
+        f"(the rounding shift in place, {SERIAL_SHIFT_STEP} bits or 1 a cycle) "
+        f"{requant_lane_latency(SERIAL_SHIFT_CYCLES + 1) - SERIAL_SHIFT_CYCLES - 1}+P | "
+        "`REQUANT_PIPELINE_STAGES`, `requant_lane_latency`, `requant_shift_cycles` |",
     ]
     return "\n".join(lines)
 

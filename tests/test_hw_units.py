@@ -559,13 +559,15 @@ def test_requantizer_matches_arith_bit_for_bit(accumulator_width, output_width, 
 
 
 @pytest.mark.parametrize(("accumulator_width", "serial_bits"),
-                         [(32, 1), (32, 4), (32, 5), (16, 8), (24, 3)])
+                         [(32, 1), (32, 4), (32, 5), (16, 8), (24, 3), (24, 2), (20, 2)])
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 def test_serial_requantizer_matches_arith_bit_for_bit(accumulator_width, serial_bits,
                                                       rounding):
     """The product made in logic, ``serial_bits`` of the accumulator a cycle (whole digits
     and a last one that overhangs), one case every ``product_cycles`` cycles with other
-    values on the inputs between them: bit-exact with ``arith.requantize``."""
+    values on the inputs between them: bit-exact with ``arith.requantize``. Past
+    ``SERIAL_SHIFT_CYCLES`` cycles a case (32 bits one a cycle, 24 and 20 two a cycle:
+    the last just one cycle past) the rounding shift is made in place."""
     rng = np.random.default_rng(serial_bits + accumulator_width)
     cases = np.concatenate([
         np.array(requant_edge_cases(accumulator_width), dtype=np.int64),

@@ -47,14 +47,15 @@ CONFIGS = {
     "4x8-unskewed": NpuConfig(rows=4, cols=8, requant_lanes=4, load_skew=False, **SMALL),
     "4x4-int4-acc16": NpuConfig(rows=4, cols=4, input_width=4, weight_width=4,
                                 accumulator_width=16, **SMALL),
-    # The UP5K's lean options: the requantizer's product serial (4 bits a cycle, a
-    # channel every 8 cycles), no max pooling, no adds, only the cycles counter (the
-    # others compare as absent), one weight bank per PE (the programs' bank fields read as
-    # 0: each load waits for the rows before it), rows broadcast, and single-port
-    # activations (in SPRAM with the iCE40 primitives; generic simulations invert every
-    # lane of a read in a cycle the memory is written).
+    # The UP5K's lean options: the requantizer's product serial (2 bits of a 24-bit
+    # accumulator a cycle, a channel every 12 cycles, the rounding shift in place), no max
+    # pooling, no adds, only the cycles counter (the others compare as absent), one weight
+    # bank per PE (the programs' bank fields read as 0: each load waits for the rows
+    # before it), rows broadcast, and single-port activations (in SPRAM with the iCE40
+    # primitives; generic simulations invert every lane of a read in a cycle the memory
+    # is written).
     "4x4-serial-requant": NpuConfig(rows=4, cols=4, requant_lanes=1, max_pooling=False,
-                                    adds=False, requant_serial_bits=4,
+                                    adds=False, requant_serial_bits=2, accumulator_width=24,
                                     activity_counters=False, weight_banks=1,
                                     row_broadcast=True, load_skew=False,
                                     single_port_activations=True, **SMALL),
