@@ -55,6 +55,12 @@ class SystolicArray(wiring.Component):
     bottom row, not its last column (``weight_use_cycles``, sw/timing.py). Without the
     skew every column shifts at once, and the load waits for the last column.
 
+    With one weight bank (``weight_banks`` 1) a load writes each word straight into its
+    row, ``load_index`` (``rows − 1 − k`` for the tile's k-th word: where the shift would
+    leave it), with no shift down the column; on iCE40, where the array's rows pair their
+    products in SB_MAC16s and take no load skew, the weight registers are the blocks' B
+    input registers.
+
     With ``row_broadcast`` each row's skewed input reaches every column in the same cycle
     (the PEs' ``act_out`` go unused), so there is no deskew and no load skew, and the
     latency is that of one column.
@@ -81,6 +87,7 @@ class SystolicArray(wiring.Component):
             "weight_row": In(data.ArrayLayout(signed(c.weight_width), c.cols)),
             "load": In(1),
             "load_bank": In(1),
+            **({"load_index": In(range(c.rows))} if c.weight_banks == 1 else {}),
             "result": Out(data.ArrayLayout(signed(c.accumulator_width), c.cols)),
             **({"depthwise": In(1), "line_delay": In(range(c.line_buffer_depth))}
                if c.line_buffer_depth else {}),
@@ -99,19 +106,27 @@ class SystolicArray(wiring.Component):
         paired_cols = paired_columns(implementation, c.cols, c.input_width, c.weight_width)
         in_dsp = dsp_rows(implementation, c.rows, c.cols)
         depthwise = bool(c.line_buffer_depth)
+        one_bank = c.weight_banks == 1
+        # One bank, every product in a pair, no load skew: the weights in the SB_MAC16s.
+        weights_in_dsp = (one_bank and not c.load_skew and paired_cols == c.cols
+                          and in_dsp == c.rows)
         pes = [[ProcessingElement(input_width=c.input_width, weight_width=c.weight_width,
                                   psum_width=psum_width(c, r + 1),
                                   shared_multiplier=r < in_dsp and col < paired_cols,
                                   fabric_multiplier=r >= in_dsp, depthwise=depthwise,
-                                  banks=c.weight_banks, implementation=implementation)
+                                  banks=c.weight_banks, weight_in_multiplier=weights_in_dsp,
+                                  implementation=implementation)
                 for col in range(c.cols)] for r in range(c.rows)]
-        # The load skew: each column's weights, load and bank a cycle after its left
-        # neighbour's (also one register for all the PEs of a column). Without it
-        # (load_skew false) every column takes the load in the same cycle.
+        # The load skew: each column's weights, load and bank (with one bank, the row
+        # index) a cycle after its left neighbour's (also one register for all the PEs of
+        # a column). Without it (load_skew false) every column takes the load in the same
+        # cycle.
         skew = [col if c.load_skew else 0 for col in range(c.cols)]
         column_load = [(_delay(m, self.weight_row[col], skew[col], f"load_skew{col}"),
                         _delay(m, self.load, skew[col], f"load_skew_valid{col}"),
-                        _delay(m, self.load_bank, skew[col], f"load_skew_bank{col}"))
+                        _delay(m, self.load_bank, skew[col], f"load_skew_bank{col}"),
+                        _delay(m, self.load_index, skew[col], f"load_skew_index{col}")
+                        if one_bank else None)
                        for col in range(c.cols)]
         # Row r's inputs, r cycles after the word enters (skew); every stage is kept, for
         # the depthwise mode's column tops.
@@ -121,7 +136,9 @@ class SystolicArray(wiring.Component):
             for col in range(c.cols):
                 pe = pes[r][col]
                 m.submodules[f"pe_{r}_{col}"] = pe
-                weight_row, load, load_bank = column_load[col]
+                weight_row, load, load_bank, load_index = column_load[col]
+                if one_bank:   # the word goes straight to its row
+                    load = load & (load_index == r)
                 m.d.comb += [pe.load.eq(load), pe.load_bank.eq(load_bank)]
                 if col == 0:
                     skew = r + ARRAY_INPUT_STAGES
@@ -147,12 +164,14 @@ class SystolicArray(wiring.Component):
                 else:
                     above = pes[r - 1][col]
                     m.d.comb += [pe.psum_in.eq(above.psum_out),
-                                 pe.weight_in.eq(above.weight_out)]
+                                 pe.weight_in.eq(weight_row if one_bank else above.weight_out)]
             if paired_cols and r < in_dsp:
                 shared = pes[r][:paired_cols]
                 products = registered_products(
                     m, implementation, [(pe.mul_act, pe.mul_weight) for pe in shared],
-                    name=f"product_{r}")
+                    name=f"product_{r}",
+                    # Both PEs of a pair load in the same cycle (no load skew).
+                    b_loads=[pe.mul_load for pe in shared[::2]] if weights_in_dsp else None)
                 m.d.comb += [pe.product.eq(p) for pe, p in zip(shared, products, strict=True)]
         if depthwise:
             self._column_chains(m, pes, skewed)

@@ -83,9 +83,14 @@ def paired_columns(implementation: Implementation, cols: int, a_width: int,
 
 
 def registered_products(m: Module, implementation: Implementation,
-                        operands: Sequence[tuple[Value, Value]], *, name: str) -> list[Signal]:
+                        operands: Sequence[tuple[Value, Value]], *, name: str,
+                        b_loads: Sequence[Value] | None = None) -> list[Signal]:
     """Each ``a * b`` of ``operands`` (all signed) one clock cycle later, in the ``sync``
     domain, reset-less.
+
+    ``b_loads`` (iCE40 pairs only, one per pair): each ``b`` is registered in the block
+    (its B input register) in the cycles its pair's load is high, and the products use
+    the registered values: the PEs' weight registers inside the SB_MAC16s.
 
     On iCE40 (``implementation.family == "ice40"``, operands of at most 8 bits) the products
     are packed two per SB_MAC16 in its 8×8 mode, with the block's product registers, so
@@ -102,10 +107,15 @@ def registered_products(m: Module, implementation: Implementation,
     b_width = max((len(b) for _, b in operands), default=0)
     pairs = (len(operands) // 2 if products_per_block(implementation, a_width, b_width) == 2
              else 0)
+    if b_loads is not None and (2 * pairs != len(operands) or len(b_loads) != pairs):
+        raise ValueError(f"b_loads needs every product in an SB_MAC16 pair and a load per "
+                         f"pair: {len(operands)} products, {pairs} pairs, "
+                         f"{len(b_loads)} loads")
     products = []
     for i in range(pairs):
         (a0, b0), (a1, b1) = operands[2 * i], operands[2 * i + 1]
-        products += _sb_mac16_8x8_pair(m, a0, b0, a1, b1, name=f"{name}_{2 * i}_{2 * i + 1}")
+        products += _sb_mac16_8x8_pair(m, a0, b0, a1, b1, name=f"{name}_{2 * i}_{2 * i + 1}",
+                                       b_load=None if b_loads is None else b_loads[i])
     for i in range(2 * pairs, len(operands)):
         products.append(registered_product(m, implementation, *operands[i],
                                            name=f"{name}_{i}"))
@@ -113,12 +123,13 @@ def registered_products(m: Module, implementation: Implementation,
 
 
 def _sb_mac16_8x8_pair(m: Module, a0: Value, b0: Value, a1: Value, b1: Value, *,
-                       name: str) -> list[Signal]:
+                       name: str, b_load: Value | None = None) -> list[Signal]:
     """``a0 * b0`` and ``a1 * b1`` (signed, at most 8 bits) from one SB_MAC16: the
     bottom 8×8 multiplier (A[7:0] × B[7:0]) and the top one (A[15:8] × B[15:8]), each
     through its product register to the output (O[15:0], O[31:16]): BOT_8x8_MULT_REG for
     the bottom, and for the top both TOP_8x8_MULT_REG and PIPELINE_16x16_MULT_REG1 (see
-    ``_sb_mac16``)."""
+    ``_sb_mac16``). With ``b_load``, B goes through the block's input register (B_REG),
+    which takes it in the cycles ``b_load`` is high (BHOLD low)."""
     width = 2 * ICE40_MAC_8X8_WIDTH
     operand = [Signal(signed(ICE40_MAC_8X8_WIDTH), name=f"{name}_{x}") for x in
                ("a0", "b0", "a1", "b1")]
@@ -127,17 +138,20 @@ def _sb_mac16_8x8_pair(m: Module, a0: Value, b0: Value, a1: Value, b1: Value, *,
                 for i, (a, b) in enumerate(((a0, b0), (a1, b1)))]
     m.d.comb += [operand[0].eq(a0), operand[1].eq(b0), operand[2].eq(a1), operand[3].eq(b1),
                  products[0].eq(out[:width]), products[1].eq(out[width:])]
+    b_hold = 0 if b_load is None else ~b_load
     m.submodules[f"{name}_sb_mac16"] = _sb_mac16(
         a=Cat(operand[0], operand[2]), b=Cat(operand[1], operand[3]), out=out,
-        MODE_8x8=1, TOP_8x8_MULT_REG=1, PIPELINE_16x16_MULT_REG1=1, BOT_8x8_MULT_REG=1,
-        TOPOUTPUT_SELECT=2, BOTOUTPUT_SELECT=2, A_SIGNED=1, B_SIGNED=1)
+        b_hold=b_hold, MODE_8x8=1, TOP_8x8_MULT_REG=1, PIPELINE_16x16_MULT_REG1=1,
+        BOT_8x8_MULT_REG=1, B_REG=int(b_load is not None), TOPOUTPUT_SELECT=2,
+        BOTOUTPUT_SELECT=2, A_SIGNED=1, B_SIGNED=1)
     return products
 
 
 def _sb_mac16(*, a: Value, b: Value, out: Value, reset: Value | int = 0,
-              **parameters: int) -> Instance:
+              b_hold: Value | int = 0, **parameters: int) -> Instance:
     """The stand-in for an SB_MAC16 with ``parameters`` set and every other parameter 0:
-    no adder, accumulator or hold; ``reset`` on IRSTBOT (the 16×16 product register's)."""
+    no adder or accumulator; ``reset`` on IRSTBOT (the 16×16 product register's and the
+    B input register's), ``b_hold`` on BHOLD (the B input register keeps its value)."""
     widths = dict(TOPOUTPUT_SELECT=2, BOTOUTPUT_SELECT=2, TOPADDSUB_LOWERINPUT=2,
                   TOPADDSUB_CARRYSELECT=2, BOTADDSUB_LOWERINPUT=2, BOTADDSUB_CARRYSELECT=2)
     names = ("NEG_TRIGGER", "C_REG", "A_REG", "B_REG", "D_REG", "TOP_8x8_MULT_REG",
@@ -165,7 +179,7 @@ def _sb_mac16(*, a: Value, b: Value, out: Value, reset: Value | int = 0,
         **{f"p_{key}": Const(parameters.get(key, 0), widths.get(key, 1)) for key in names},
         i_CLK=ClockSignal("sync"), i_CE=Const(1, 1), i_A=a, i_B=b,
         i_C=Const(0, 16), i_D=Const(0, 16),
-        i_AHOLD=zero, i_BHOLD=zero, i_CHOLD=zero, i_DHOLD=zero,
+        i_AHOLD=zero, i_BHOLD=b_hold, i_CHOLD=zero, i_DHOLD=zero,
         i_IRSTTOP=zero, i_IRSTBOT=reset, i_ORSTTOP=zero, i_ORSTBOT=zero,
         i_OLOADTOP=zero, i_OLOADBOT=zero, i_ADDSUBTOP=zero, i_ADDSUBBOT=zero,
         i_OHOLDTOP=zero, i_OHOLDBOT=zero, i_CI=zero, i_ACCUMCI=zero, i_SIGNEXTIN=zero,

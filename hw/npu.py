@@ -159,6 +159,8 @@ class Npu(wiring.Component):
             array.weight_row.eq(loader.weight_row), array.load.eq(loader.load),
             array.load_bank.eq(loader.load_bank),
         ]
+        if c.weight_banks == 1:
+            m.d.comb += array.load_index.eq(loader.load_index)
         grant_read(m, reads[Region.WEIGHTS], loader.weight_read)
         m.d.comb += [
             feeder.dispatch.eq(sequencer.matmul), feeder.set_win.eq(sequencer.set_win),

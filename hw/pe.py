@@ -40,6 +40,10 @@ class ProcessingElement(wiring.Component):
     ``implementation``: whose DSP block multiplies otherwise (hw/dsp.py,
     ``registered_product``).
 
+    ``weight_in_multiplier`` (with ``shared_multiplier`` and one bank): the weight
+    register is the shared multiplier's (an iCE40 SB_MAC16's B input register):
+    ``mul_weight`` is ``weight_in`` and ``mul_load`` says when the multiplier takes it.
+
     ``depthwise``: the PE also passes activations down its column (``chain_in`` to
     ``chain_out``, two registers: half the partial sums' speed, so each row below sees the
     word before) and multiplies ``chain_in`` instead of ``act_in`` for the words whose
@@ -50,9 +54,12 @@ class ProcessingElement(wiring.Component):
     def __init__(self, *, input_width: int, weight_width: int, psum_width: int,
                  shared_multiplier: bool = False, fabric_multiplier: bool = False,
                  depthwise: bool = False, banks: int = 2,
+                 weight_in_multiplier: bool = False,
                  implementation: Implementation = GENERIC):
         if banks not in (1, 2):
             raise ValueError(f"banks must be 1 or 2, not {banks!r}")
+        if weight_in_multiplier and not (shared_multiplier and banks == 1):
+            raise ValueError("weight_in_multiplier needs shared_multiplier and banks=1")
         for name, value in (("input_width", input_width), ("weight_width", weight_width),
                             ("psum_width", psum_width)):
             if not isinstance(value, int) or value < 1:
@@ -80,18 +87,24 @@ class ProcessingElement(wiring.Component):
             members |= {"mul_act": Out(signed(input_width)),
                         "mul_weight": Out(signed(weight_width)),
                         "product": In(signed(input_width + weight_width))}
+        if weight_in_multiplier:
+            members |= {"mul_load": Out(1)}
         super().__init__(members)
         self._weight_width = weight_width
         self._shared_multiplier = shared_multiplier
         self._fabric_multiplier = fabric_multiplier
         self._depthwise = depthwise
         self._banks = banks
+        self._weight_in_multiplier = weight_in_multiplier
 
     def elaborate(self, platform):
         m = Module()
         weight = [Signal(signed(self._weight_width), name=f"weight{b}", reset_less=True)
                   for b in range(self._banks)]
-        if self._banks == 1:
+        if self._weight_in_multiplier:   # the multiplier holds it
+            m.d.comb += [self.weight_out.eq(self.weight_in), self.mul_load.eq(self.load)]
+            operand = self.weight_in
+        elif self._banks == 1:
             m.d.comb += self.weight_out.eq(weight[0])
             with m.If(self.load):
                 m.d.sync += weight[0].eq(self.weight_in)

@@ -4,11 +4,12 @@ array while the feeder streams activations through the other, so preload is hidd
 Timing (sw/timing.py): from the cycle after the dispatch the loader reads one word a
 cycle, the tile's last row first (it shifts down to the bottom row of PEs), for ``rows``
 cycles; each word reaches the array from the memory the cycle after its read and is
-shifted in then (``WEIGHT_LOAD_STAGES``). ``busy`` is high from the cycle after the
-dispatch to the cycle of the last shift. The next LOADW may dispatch in the cycle of the
-last read (``ready``, ``load_next_cycles``), so tiles load back to back; a MATMUL on the
-bank being loaded may dispatch ``weight_load_cycles`` after the dispatch (``filling``
-falls), its words behind the last shift.
+shifted in then (``WEIGHT_LOAD_STAGES``); with one weight bank it goes straight to row
+``load_index`` instead, where the shift would leave it. ``busy`` is high from the cycle
+after the dispatch to the cycle of the last shift. The next LOADW may dispatch in the
+cycle of the last read (``ready``, ``load_next_cycles``), so tiles load back to back; a
+MATMUL on the bank being loaded may dispatch ``weight_load_cycles`` after the dispatch
+(``filling`` falls), its words behind the last shift.
 """
 
 from amaranth import Module, Signal
@@ -46,6 +47,7 @@ class WeightLoader(wiring.Component):
             "weight_row": Out(weights.width),
             "load": Out(1),
             "load_bank": Out(1),
+            **({"load_index": Out(range(config.rows))} if config.weight_banks == 1 else {}),
         })
 
     def elaborate(self, platform):
@@ -67,6 +69,8 @@ class WeightLoader(wiring.Component):
         shift_valid = Signal()   # the word read last cycle shifts in
         shift_bank = Signal()
         m.d.sync += [shift_valid.eq(load_busy), shift_bank.eq(load_bank)]
+        if self._config.weight_banks == 1:   # the row the word read last cycle goes to
+            m.d.sync += self.load_index.eq(rows - 1 - load_count)
         m.d.comb += [self.weight_read.valid.eq(load_busy), self.weight_read.addr.eq(load_addr)]
         with m.If(load_busy):
             m.d.sync += [load_addr.eq(load_addr - 1), load_count.eq(load_count + 1),

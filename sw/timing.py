@@ -195,7 +195,10 @@ def timing_markdown() -> str:
         "source read, `REQUANT_TO_ACC_TAIL_CYCLES`: the reads take one cycle per group "
         "with `requant_overlap`, else every other cycle; on an NPU generated with "
         "`requant_serial_bits` k, a group every P = ceil(accumulator_width / k) cycles: "
-        f"`groups·P + {requant_cycles(1, 2) - 2}` from its start, `requant_cycles`) |",
+        f"`groups·P + {requant_cycles(1, 2) - 2}` from its start, and past P = "
+        f"{SERIAL_SHIFT_CYCLES} (the rounding shift in place) `groups·P + "
+        f"{requant_cycles(1, SERIAL_SHIFT_CYCLES + 1) - SERIAL_SHIFT_CYCLES - 1}`, "
+        "`requant_cycles`) |",
         "| FILL | nothing (on an NPU generated with `single_port_activations`: the feeder is "
         "idle); then the next instruction waits one cycle per word + "
         f"{FILL_TAIL_CYCLES} from the FILL's dispatch (`FILL_TAIL_CYCLES`) |",

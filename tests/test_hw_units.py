@@ -183,11 +183,12 @@ class ArraySchedule:
     """Per-cycle inputs of a :class:`SystolicArray` and the results they must give.
 
     Weight loads are modelled as the documented shift: each load cycle pushes a row into
-    the top of a bank. With the load skew (hw/array.py), a word entering in cycle t uses
-    in row r the bank as the loads up to cycle t + r left it, in every column: loads may
-    follow a word through its bank row by row. Without it (``load_skew`` false), in row
-    r and column c, as the loads up to cycle t + r + c left it; with ``row_broadcast``, in
-    every column as the loads up to t + r left it.
+    the top of a bank; with one bank, the tile's k-th word goes straight to row
+    ``rows − 1 − k`` (``load_index``). With the load skew (hw/array.py), a word entering
+    in cycle t uses in row r the bank as the loads up to cycle t + r left it, in every
+    column: loads may follow a word through its bank row by row. Without it
+    (``load_skew`` false), in row r and column c, as the loads up to cycle t + r + c left
+    it; with ``row_broadcast``, in every column as the loads up to t + r left it.
     """
 
     def __init__(self, config: NpuConfig, rng: np.random.Generator):
@@ -197,7 +198,8 @@ class ArraySchedule:
 
     def _cycle(self, t: int) -> dict:
         while len(self.cycles) <= t:
-            self.cycles.append({"act": None, "bank": 0, "load_row": None, "load_bank": 0})
+            self.cycles.append({"act": None, "bank": 0, "load_row": None, "load_bank": 0,
+                                "load_index": 0})
         return self.cycles[t]
 
     def random_tile(self) -> np.ndarray:
@@ -209,7 +211,7 @@ class ArraySchedule:
         for i, row in enumerate(tile[::-1]):
             cycle = self._cycle(start + i)
             assert cycle["load_row"] is None
-            cycle.update(load_row=row, load_bank=bank)
+            cycle.update(load_row=row, load_bank=bank, load_index=len(tile) - 1 - i)
         return start + len(tile)
 
     def stream(self, start: int, banks, acts=None) -> int:
@@ -231,9 +233,13 @@ class ArraySchedule:
         banks = np.zeros((2, c.rows, c.cols), dtype=np.int64)
         history = []   # the banks after each cycle's load
         for cycle in self.cycles:
-            if cycle["load_row"] is not None:   # one bank: every load goes to bank 0
-                b = cycle["load_bank"] if c.weight_banks == 2 else 0
+            if cycle["load_row"] is None:
+                pass
+            elif c.weight_banks == 2:
+                b = cycle["load_bank"]
                 banks[b] = np.vstack([cycle["load_row"][None], banks[b][:-1]])
+            else:   # one bank: every load goes to bank 0, straight into its row
+                banks[0][cycle["load_index"]] = cycle["load_row"]
             history.append(banks.copy())
         results = np.zeros((len(self.cycles) + latency, c.cols), dtype=np.int64)
         self.wrapped = 0  # words whose exact result does not fit the accumulator
@@ -265,6 +271,8 @@ def run_array(array: SystolicArray, schedule: ArraySchedule) -> np.ndarray:
             ctx.set(array.bank, cycle["bank"] if cycle else 0)
             ctx.set(array.load, int(load_row is not None))
             ctx.set(array.load_bank, cycle["load_bank"] if cycle else 0)
+            if c.weight_banks == 1:
+                ctx.set(array.load_index, cycle["load_index"] if cycle else 0)
             ctx.set(array.weight_row,
                     [0] * c.cols if load_row is None else [int(v) for v in load_row])
             got.append(as_list(ctx.get(array.result)))
