@@ -55,8 +55,10 @@ START_FORMAT = "<II"
 WRITE_ADDRESS_BYTES = struct.calcsize(WRITE_ADDRESS_FORMAT)
 READ_PAYLOAD_BYTES = struct.calcsize(READ_FORMAT)
 START_PAYLOAD_BYTES = struct.calcsize(START_FORMAT)
-#: The largest payload a request or response carries: the engine's frame buffer.
-MAX_PAYLOAD_WORDS = 256
+#: The largest payload a request or response carries: the engine's frame buffer. A WRITE's
+#: address and its words fill 256 buffer words, two iCE40 EBRs (257 took four: the
+#: UP5K's KWS profile needs the two, docs/BOARDS.md).
+MAX_PAYLOAD_WORDS = 255
 MAX_PAYLOAD_BYTES = 4 * MAX_PAYLOAD_WORDS + WRITE_ADDRESS_BYTES  # WRITE: address + words
 #: The device buffers this many received bytes: a host may keep one whole request in
 #: flight beyond the one being executed.
