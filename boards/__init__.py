@@ -44,10 +44,21 @@ def _platform(module: str, cls: str) -> Callable[[], object]:
 # default holds). Arrays take DSP multipliers up to the device's budget
 # (boards/estimate.py, board_implementation), the rows past it multiply in logic.
 
-# The iCEBreaker: weights in SPRAM (hw/ram.py; one SB_SPRAM256KA holds 16K words of the
-# 2-column array), the rest in EBR; 512 accumulator words let the demo MLP run at batch 16.
-_ICEBREAKER = dict(activation_depth=512, weight_depth=16384, accumulator_depth=512,
-                   instruction_depth=256, param_depth=128, requant_lanes=1)
+# The iCEBreaker's UP5K profile (docs/BOARDS.md): a 4×4 with the feature-map hardware, its
+# 16 products in the eight SB_MAC16s (whose B registers hold the weights: one bank), the
+# requantizer's product in logic (2 bits a cycle: a channel every 11), rows broadcast,
+# only the cycles counter, no link error counters, no max pooling or adds. The weights
+# (16K words) and the single-port activations (8K) take the four SPRAMs, the rest 29 of
+# the 30 EBRs. That holds MLPerf Tiny's keyword spotter (npugen compile kws_ref_model.tflite
+# --board icebreaker: 4,688 activation words, sums of 21 bits, nine stages of at most 512
+# instructions; with 256 accumulator words a depthwise layer alone takes 581) and, in
+# stages, its anomaly detector (sums of 22 bits).
+_ICEBREAKER = dict(rows=4, cols=4, activation_depth=8192, weight_depth=16384,
+                   accumulator_depth=512, instruction_depth=512, param_depth=256,
+                   requant_lanes=1, accumulator_width=22, requant_serial_bits=2,
+                   weight_banks=1, row_broadcast=True, load_skew=False,
+                   single_port_activations=True, max_pooling=False, adds=False,
+                   activity_counters=False, link_error_counters=False)
 # Enough for the demo MLP (64-64-32-10) and models of its size.
 _MEDIUM = dict(activation_depth=1024, weight_depth=2048, accumulator_depth=512,
                instruction_depth=512, param_depth=128, requant_lanes=1)
@@ -108,13 +119,9 @@ def _orangecrab_25f() -> object:
 
 BOARDS: dict[str, Board] = {board.name: board for board in (
     Board("icebreaker", _platform("icebreaker", "ICEBreakerPlatform"), "ice40", 12e6,
-          # Without the feature-map hardware (MLPs only) and with rounding="double" alone:
-          # the UP5K has no cells for either. It runs models whose layers round twice
-          # (npugen-quantized, TFLite convolutions) and refuses ONNX QDQ ones.
-          NpuConfig(rows=4, cols=2, feature_maps=False, rounding="double", **_ICEBREAKER),
+          NpuConfig(**_ICEBREAKER),
           description="1BitSquared iCEBreaker, iCE40UP5K",
-          # 22 MHz: seed 1 reaches 24.2 MHz there; at 24 MHz it missed (23.0) once the
-          # identity block grew by a word (requant_overlap), as seeds 2 and 5 did.
+          # 22 MHz: seed 1 reaches 23.8 MHz there (docs/BOARDS.md has the seeds).
           loader_name="ice40_generic", device="ice40up5k", pll_mhz=22.0),
     *(Board(f"ulx3s-{size}f", _platform("ulx3s", f"ULX3S_{size}F_Platform"), "ecp5", 25e6,
             NpuConfig(rows=rows, cols=cols, **memories),

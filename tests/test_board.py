@@ -199,9 +199,10 @@ def test_answers_read_together_are_all_kept():
 
 @pytest.mark.slow  # the iCEBreaker's SoC on Verilator
 def test_icebreaker_default_runs_the_demo_mlp():
-    """The iCEBreaker's default NPU (4x2, 16K weight words), simulated as its build maps it
-    (SB_MAC16 pairs, the weights in SPRAM), runs the demo MLP 64-64-32-10 through the UART:
-    the golden output and cycles."""
+    """The iCEBreaker's default NPU (its UP5K profile: 4x4, 16K weight words, 8K
+    single-port activation words), simulated as its build maps it (SB_MAC16 pairs holding
+    the weights, the weights and activations in SPRAM), runs the demo MLP 64-64-32-10
+    through the UART: the golden output and cycles."""
     from npugen.boards import BOARDS
 
     config = BOARDS["icebreaker"].default_config
@@ -219,6 +220,29 @@ def test_icebreaker_default_runs_the_demo_mlp():
         device.load(program)
         result = run(program, x_test[:24], target=device)
     assert np.array_equal(result.quantized_output, golden.quantized_output)
+    assert result.counters == golden.counters
+    next(served, None)
+
+
+@pytest.mark.slow  # KWS on the iCEBreaker's SoC, on Verilator with its primitives
+def test_icebreaker_default_runs_kws_bit_exact_with_litert():
+    """MLPerf Tiny's keyword spotter, compiled for the iCEBreaker's default (nine stages),
+    runs on its virtual board (the SB_MAC16s holding the weights, weights and activations
+    in SPRAM) through the UART: LiteRT's reference outputs, and the golden model's
+    outputs and cycles."""
+    from conftest import MLPERF_TINY, litert_reference
+    from npugen.boards import BOARDS
+
+    path = MLPERF_TINY / "kws_ref_model.tflite"
+    program = compile_model(path, BOARDS["icebreaker"].default_config)
+    x = np.random.default_rng(7).integers(-128, 128, size=(1, 49, 10, 1), dtype=np.int8)
+    golden = run(program, x)
+    served = serve_sim("--board", "icebreaker", config=None)
+    with Device.open(next(served)) as device:
+        result = run(program, x, target=device)
+    np.testing.assert_array_equal(result.quantized_output,
+                                  litert_reference(path)(x).reshape(1, -1))
+    np.testing.assert_array_equal(result.quantized_output, golden.quantized_output)
     assert result.counters == golden.counters
     next(served, None)
 

@@ -62,7 +62,7 @@ def test_program_errors(tmp_path, capsys, monkeypatch):
 def test_impossible_config_is_refused_before_synthesis(tmp_path, capsys):
     """The estimate refuses what cannot fit (bad input: exit 2), naming the resource and
     both counts; a serial requantizer product takes no multiplier."""
-    assert main(["build", "--board", "icebreaker", "--rows", "4", "--cols", "4",
+    assert main(["build", "--board", "icebreaker", "--requant-serial-bits", "0",
                  "-o", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert "12 multiplier slots (SB_MAC16) needed, the iCE40UP5K has 8" in error

@@ -51,7 +51,8 @@ def test_grid_is_the_product_over_boards_and_seeds(tmp_path):
     assert {(p.config.rows, p.config.cols, p.seed) for p in icebreaker} == {
         (8, 8, 1), (8, 8, 2), (12, 8, 1), (12, 8, 2)}
     # The rest of each config is the board's default.
-    assert all(not p.config.feature_maps and p.config.weight_depth == 16384 for p in icebreaker)
+    assert all(p.config.single_port_activations and p.config.weight_depth == 16384
+               for p in icebreaker)
     assert len({p.key() for p in points}) == len(points)
     assert points[0].workload == (64, 32, 48)
 

@@ -500,7 +500,7 @@ def test_an_npu_without_max_pooling_and_adds_runs_what_needs_neither(simulator):
 
 #: The MLPerf Tiny models each board's default NPU runs, AD in stages (docs/BOARDS.md
 #: says why the others do not fit its block RAM).
-BOARD_MODELS = {"icebreaker": set(), "ulx3s-12f": {"ad"}, "ulx3s-25f": {"kws", "ad"},
+BOARD_MODELS = {"icebreaker": {"kws", "ad"}, "ulx3s-12f": {"ad"}, "ulx3s-25f": {"kws", "ad"},
                 "ulx3s-45f": {"kws", "resnet", "vww", "ad"},
                 "ulx3s-85f": {"kws", "resnet", "vww", "ad"},
                 "tang-nano-9k": set(), "orangecrab-25f": {"kws", "ad"}}
@@ -526,10 +526,11 @@ def test_board_defaults_hold_the_models_docs_say(board, tmp_path, capsys):
                                           litert_reference(path)(x).reshape(1, -1))
         else:
             # Too little memory, or hardware the board leaves out (the iCEBreaker's
-            # feature maps and single rounding): the error says which.
+            # adds, its 22-bit accumulators): the error says which.
             assert status == 2 and err.startswith("npugen compile: error: "), (name, err)
             assert any(why in err for why in ("does not fit", "this NPU was generated",
-                                              "NPU was generated without")), (name, err)
+                                              "NPU was generated without",
+                                              "-bit accumulators")), (name, err)
 
 
 IN_PLACE_CONFIG = NpuConfig(rows=4, cols=4, activation_depth=512, weight_depth=512,
