@@ -494,7 +494,8 @@ def test_demo_golden_cli():
 
 def test_demo_model_compiles_for_the_boards(tmp_path, data, trained, capsys):
     """The README's board flow: the demo MLP compiles for each board's default NPU (the
-    iCEBreaker's holds its weights in SPRAM); a smaller weight memory is refused with what
+    iCEBreaker's holds its weights in SPRAM); a weight memory smaller than one output
+    tile of a layer (a layer too large runs in parts, a stage each) is refused with what
     does not fit."""
     from npugen.boards import BOARDS
 
@@ -509,10 +510,10 @@ def test_demo_model_compiles_for_the_boards(tmp_path, data, trained, capsys):
         assert status == 0, (name, error)
         assert Program.load(tmp_path / f"{name}.npu").config == BOARDS[name].default_config
     status = main(["compile", str(model), "--calib", str(tmp_path / "calib.npy"),
-                   "--board", "icebreaker", "--weight-depth", "256", "-o",
+                   "--board", "icebreaker", "--weight-depth", "8", "-o",
                    str(tmp_path / "small.npu")])
-    assert status == 2 and re.search(r"weights need \d{4} words for layer '\S+' alone, "
-                                     r"weight_depth is 256",
+    assert status == 2 and re.search(r"weights need 64 words for 1 output tile of layer "
+                                     r"'fc0' alone, weight_depth is 8",
                                      capsys.readouterr().err)
 
 
