@@ -308,6 +308,11 @@ def _boards(result: dict[str, Any], images: Path,
             everything: dict[str, dict[str, Any]]) -> list[str]:
     records = result["records"]
     lines = ["## Boards: each default configuration", "", _origin(result), ""]
+    # Records measured again alone since, where a board's default changed.
+    for update in (result.get("recorded_from") or {}).get("updated") or result.get(
+            "updated") or []:
+        lines += [f"The {update['board']} record since: {update['command']} (at commit "
+                  f"{update['revision']}, {update['date']}).", ""]
     if not records:
         return lines + [result.get("missing", "No board results."), ""]
     tools = records[0].get("tools") or {}
