@@ -118,11 +118,13 @@ def test_sweep_caches_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_sweep_simulates_the_workload_on_the_rtl(tmp_path):
     grid = write(tmp_path, '[sweep]\nboards = ["icebreaker"]\nworkload = [9, 8, 7]\n'
-                           'simulate = "verilator"\n[grid]\nrows = [4]\ncols = [4]\n')
+                           'simulate = "verilator"\n[grid]\nrows = [4]\ncols = [4]\n'
+                           'requant_serial_bits = [0]\n')
     (point,) = load_grid(grid)
     assert point.simulate == "verilator"
     (record,) = run_sweep([point], tmp_path / "out", jobs=1)
-    assert record["status"] == "does not fit"  # 16 products on 8 DSPs: no build
+    # 16 products and the requantizer's 4 on 8 DSPs: no build
+    assert record["status"] == "does not fit"
     assert not record["deepened"]  # the board's own memories hold this GEMM
     assert record["rtl_cycles"] == record["workload_cycles"] and record["rtl_bit_exact"]
 
