@@ -13,7 +13,10 @@ output, so a build's LC count lies between the larger of the two and their sum.
 Runs no estimate: a config the build would refuse is synthesized all the same.
 
 iCE40 boards only: on ECP5, yosys's synth_ecp5 maps with ABC9, whose YoWASP build stops
-without a message on the kept hierarchy (seen with yosys 0.70 on the receive FIFO).
+without a message on the kept hierarchy (seen with yosys 0.70 on the receive FIFO). On
+iCE40 it stops the same way on arrays with ``row_broadcast`` (the iCEBreaker's default
+since its UP5K profile; seen with yosys 0.70 on the board top's few gates): count those
+with ``--row-broadcast false --load-skew true``, which differs only in the array.
 """
 
 from __future__ import annotations
