@@ -19,7 +19,7 @@ from npugen.driver import Device, DeviceError
 from npugen.hw.dsp import ICE40_MAC_STANDIN
 from npugen.importers import load_onnx
 from npugen.memory_map import Region, address, identity_words
-from npugen.protocol import Command, LinkStatus, encode_request, encode_response
+from npugen.protocol import MAX_PAYLOAD_WORDS, Command, LinkStatus, encode_request, encode_response
 from npugen.runtime import run
 from npugen.sim.runner import build_folder
 from npugen.train import digits, mlp_to_onnx, train_mlp
@@ -395,7 +395,7 @@ def abuse_truncated_and_oversize(junk, url):
 
 def abuse_disconnect_mid_upload(junk, url):
     frame = encode_request(Command.WRITE, 3, struct.pack(
-        "<I256I", address(Region.WEIGHTS, 0), *range(256)))
+        f"<I{MAX_PAYLOAD_WORDS}I", address(Region.WEIGHTS, 0), *range(MAX_PAYLOAD_WORDS)))
     junk.sendall(frame[:500])
 
 
