@@ -42,6 +42,7 @@ from .runner import (
     _prepare_environment,
     _runner,
     _toolchain_tag,
+    build_simulation,
     default_build_root,
     simulator_available,
     testbench_top_verilog,
@@ -388,9 +389,7 @@ def build_netlist_board(netlist: Netlist, simulator: str = "verilator") -> Path:
     sources += [netlist.path, *models]
     build_args = [*VERILATOR_BUILD_ARGS, "-CFLAGS", VERILATOR_CXX_OPT, *includes]
     try:
-        _runner(simulator).build(sources=sources, hdl_toplevel="board_tb", build_dir=build_dir,
-                                 timescale=("1ns", "1ps"), build_args=build_args,
-                                 always=False, log_file=build_dir / "build.log")
+        build_simulation(simulator, sources, "board_tb", build_dir, build_args)
     except (SystemExit, RuntimeError) as error:
         raise SimulationError(f"{simulator} build of the {netlist.board.name} netlist failed; "
                               f"see {build_dir / 'build.log'}") from error

@@ -231,16 +231,45 @@ def build(config: NpuConfig, simulator: str = "verilator",
         if not source.exists() or source.read_text() != text:
             source.write_text(text)
         sources.append(source)
-    runner = _runner(simulator)
     build_args = VERILATOR_BUILD_ARGS if simulator == "verilator" else []
     try:
-        runner.build(sources=sources, hdl_toplevel=f"{design}_tb", build_dir=build_dir,
-                     timescale=("1ns", "1ps"), build_args=build_args, always=False,
-                     log_file=build_dir / "build.log")
+        build_simulation(simulator, sources, f"{design}_tb", build_dir, build_args)
     except (SystemExit, RuntimeError) as error:  # cocotb's runner fails a build this way
         raise SimulationError(f"{simulator} build failed; see {build_dir / 'build.log'}") \
             from error
     return build_dir
+
+
+#: What a finished Verilator build no longer needs: its precompiled headers (150 MB a
+#: build), objects and archive. Only the executable runs.
+_VERILATOR_INTERMEDIATES = ("*.gch", "*.o", "*.a")
+
+
+def build_simulation(simulator: str, sources: Sequence[Path], toplevel: str, build_dir: Path,
+                     build_args: Sequence[str]) -> None:
+    """Build ``toplevel`` from ``sources`` with cocotb's runner in ``build_dir``, unless
+    the folder holds a finished build of the same sources and arguments.
+
+    A Verilator build then drops its intermediate files, which would otherwise fill a
+    small disk over a test run (tens of builds); its stamp (``build.stamp``) says the
+    executable is complete and what it was built from."""
+    stamp = build_dir / "build.stamp"
+    if simulator == "verilator":
+        digest = hashlib.sha256("\0".join(
+            [*build_args, *(f"{path.name}\0{path.read_text()}" for path in sources)]
+        ).encode()).hexdigest()
+        if (stamp.exists() and stamp.read_text() == digest
+                and (build_dir / toplevel).exists()):
+            return
+        stamp.unlink(missing_ok=True)
+    _runner(simulator).build(sources=sources, hdl_toplevel=toplevel, build_dir=build_dir,
+                             timescale=("1ns", "1ps"), build_args=list(build_args),
+                             always=False, log_file=build_dir / "build.log")
+    if simulator == "verilator":
+        for pattern in _VERILATOR_INTERMEDIATES:
+            for path in build_dir.glob(pattern):
+                path.unlink()
+        stamp.write_text(digest)
 
 
 def run_test(config: NpuConfig, *, simulator: str, design: str, test_module: str,
