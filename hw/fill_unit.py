@@ -54,15 +54,16 @@ class FillUnit(wiring.Component):
         value = Signal(signed(len(field("value"))))
         lane = Signal(signed(c.input_width))   # the value sign-extended to a lane
         m.d.comb += lane.eq(value)
+        # active == (remaining != 0), kept in a register (set from the value remaining
+        # takes next) so that no compare lengthens the dispatch decision it feeds.
         m.d.comb += [
-            self.active.eq(remaining != 0),
             self.act_write.valid.eq(self.active & self.running),
             self.act_write.addr.eq(addr),
             self.act_write.data.eq(Cat(*[lane] * c.rows)),
             self.act_write.en.eq((1 << len(self.act_write.en)) - 1),
         ]
         with m.If(self.active):
-            m.d.sync += remaining.eq(remaining - 1)
+            m.d.sync += [remaining.eq(remaining - 1), self.active.eq(remaining != 1)]
             with m.If(~endless & (col == last_col)):
                 next_row = row_addr + row_step
                 m.d.sync += [col.eq(0), row_addr.eq(next_row), addr.eq(next_row)]
@@ -71,11 +72,12 @@ class FillUnit(wiring.Component):
         with m.If(self.dispatch):
             length = field("row_length")
             m.d.sync += [
-                remaining.eq(field("count")), addr.eq(field("out_addr")),
+                remaining.eq(field("count")), self.active.eq(field("count") != 0),
+                addr.eq(field("out_addr")),
                 row_addr.eq(field("out_addr")), col.eq(0), last_col.eq(length - 1),
                 endless.eq(length == 0), row_step.eq(field("row_step")),
                 value.eq(field("value")),
             ]
         with m.If(self.abort):
-            m.d.sync += remaining.eq(0)
+            m.d.sync += [remaining.eq(0), self.active.eq(0)]
         return m

@@ -162,6 +162,7 @@ class _Engine:
         # A READ or WRITE moves words offset … offset + span (span < 256).
         self.span = Signal(8)
         self.low_sum = Signal(9)           # offset[0:8] + span
+        self.inside = Signal()             # the words are inside their region
         # offset + span, for the regions whose span is not a power of two.
         self.uneven = any(words & (words - 1) for words in self.region_words.values())
         self.full_sum = Signal(REGION_SHIFT + 1)
@@ -403,8 +404,9 @@ class _Engine:
         # inside if offset < 2**k and, for k <= 8, offset[0:8] + span < 2**k; for
         # k > 8, unless that sum carries into offset[8:k] when those bits are all ones.
         # A region of any other size compares the whole offset + span with it.
-        # The sum is registered in one cycle and checked in the next; the write's
-        # first word stays on the buffer's output meanwhile.
+        # The sum is registered in one cycle, checked in the next and acted on in the
+        # third (the check's compares stay off the paths into the response's
+        # registers); the write's first word stays on the buffer's output meanwhile.
         with m.State("RANGE"):
             m.d.comb += self.buffer_read.addr.eq(1)
             m.d.sync += self.low_sum.eq(self.read_address[0:8] + self.span)
@@ -429,9 +431,14 @@ class _Engine:
                     return below & (self.low_sum >> k == 0)
                 return below & ~(self.low_sum[8] & offset[8:k].all())
 
-            inside = Cat(*[(region == number) & fits(words)
-                           for number, words in self.region_words.items()]).any()
-            with m.If(~inside):
+            m.d.sync += self.inside.eq(Cat(*[(region == number) & fits(words)
+                                             for number, words in self.region_words.items()]
+                                           ).any())
+            m.next = "RANGE_DECIDE"
+
+        with m.State("RANGE_DECIDE"):
+            m.d.comb += self.buffer_read.addr.eq(1)
+            with m.If(~self.inside):
                 m.d.sync += [*self.count_error("bad_address"),
                              self.respond(LinkStatus.BAD_ADDRESS)]
                 m.next = "RESPOND"
