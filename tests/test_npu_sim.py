@@ -324,6 +324,36 @@ def test_primitives_are_refused_where_they_cannot_run():
         build(config, "verilator", primitives="gowin")
 
 
+def test_a_finished_verilator_build_keeps_its_executable_only(monkeypatch, tmp_path):
+    """build_simulation deletes a Verilator build's precompiled headers, objects and
+    archive, reuses the build for the same sources and arguments, and builds again when a
+    source, an argument or the executable changes."""
+    from npugen.sim import runner
+
+    builds = []
+
+    class FakeRunner:
+        def build(self, *, build_dir, hdl_toplevel, **_):
+            builds.append(hdl_toplevel)
+            for name in (hdl_toplevel, "Vtop__pch.h.fast.gch", "Vtop.o", "Vtop__ALL.a"):
+                (build_dir / name).write_text("built")
+
+    monkeypatch.setattr(runner, "_runner", lambda simulator: FakeRunner())
+    source = tmp_path / "npu.v"
+    source.write_text("module npu; endmodule")
+    runner.build_simulation("verilator", [source], "npu_tb", tmp_path, ["-O2"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == \
+        ["build.stamp", "npu.v", "npu_tb"]
+    runner.build_simulation("verilator", [source], "npu_tb", tmp_path, ["-O2"])
+    assert len(builds) == 1
+    runner.build_simulation("verilator", [source], "npu_tb", tmp_path, ["-O3"])
+    source.write_text("module npu; wire a; endmodule")
+    runner.build_simulation("verilator", [source], "npu_tb", tmp_path, ["-O3"])
+    (tmp_path / "npu_tb").unlink()
+    runner.build_simulation("verilator", [source], "npu_tb", tmp_path, ["-O3"])
+    assert len(builds) == 4
+
+
 def test_build_folder_is_per_toolchain(monkeypatch, tmp_path):
     """A cached simulator build keeps absolute paths into cocotb; one made with another
     environment's cocotb (since deleted) is not reused."""
