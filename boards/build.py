@@ -26,7 +26,7 @@ from . import Board
 from .estimate import DEVICES, board_implementation
 
 __all__ = ["BoardTop", "build_board", "write_build_files", "BuildFailed", "BITSTREAM_NAMES",
-           "TOOLCHAINS", "SYNTH_OPTIONS", "find_loader", "tool_path"]
+           "TOOLCHAINS", "SYNTH_OPTIONS", "synth_options", "find_loader", "tool_path"]
 
 TOOLCHAINS = ("yowasp", "system")
 
@@ -62,6 +62,20 @@ BITSTREAM_NAMES = {"ice40": "top.bin", "ecp5": "top.bit", "gowin": "top.fs"}
 #: multipliers into SB_MAC16 DSPs; the array's pairs are instantiated (hw/dsp.py) under a
 #: stand-in name that ``-dsp`` leaves alone.
 SYNTH_OPTIONS = {"ice40": "-dsp"}
+
+
+def synth_options(board: Board) -> str:
+    """The options of ``synth_<family>`` for ``board``: the family's (``SYNTH_OPTIONS``)
+    and, on iCE40, the device's timing for ABC9's mapping (``-device u`` on an UltraPlus,
+    ``lp`` on an LP; yosys assumes an HX). On the iCEBreaker's UP5K profile the UltraPlus
+    timing maps the link's and the sequencer's deepest paths to 9 LUTs where the HX's
+    gave 11, with as many LUTs (docs/BOARDS.md)."""
+    options = [SYNTH_OPTIONS.get(board.family, "")]
+    if board.family == "ice40":
+        for prefix, device in (("ice40up", "u"), ("ice40lp", "lp")):
+            if board.device.startswith(prefix):
+                options.append(f"-device {device}")
+    return " ".join(filter(None, options))
 #: ECP5: when YoWASP's ABC9 stops without a message on a netlist (docs/BOARDS.md, "Tools"),
 #: synthesis runs once more with ``abc9 -dff``, which maps the same netlist through another
 #: ABC script; the report names it (``synth_retry``).
@@ -208,10 +222,9 @@ def write_build_files(board: Board, config: NpuConfig, products_dir: Path, *, se
         options["nextpnr_opts"] += f" --freq {top.clock_hz / 1e6:g}"
     elif board.family == "ecp5":
         options["ecppack_opts"] = "--compress"
-    synth_options = " ".join(filter(None, (SYNTH_OPTIONS.get(board.family, ""),
-                                           extra_synth_options)))
-    if synth_options:
-        options["synth_opts"] = synth_options
+    synth_opts = " ".join(filter(None, (synth_options(board), extra_synth_options)))
+    if synth_opts:
+        options["synth_opts"] = synth_opts
     files, after_synth = synthesis_support(board.family)
     for name, text in files.items():
         platform.add_file(name, text)

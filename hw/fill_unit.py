@@ -69,15 +69,20 @@ class FillUnit(wiring.Component):
                 m.d.sync += [col.eq(0), row_addr.eq(next_row), addr.eq(next_row)]
             with m.Else():
                 m.d.sync += [col.eq(col + 1), addr.eq(addr + 1)]
-        with m.If(self.dispatch):
+        # While idle the walk's registers follow the held instruction's fields, so that
+        # only `active` waits for the dispatch decision (the sequencer's longest path);
+        # nothing reads them before a FILL dispatches (none dispatches while one is
+        # active: it holds the sequencer's `requant_active`).
+        with m.Else():
             length = field("row_length")
             m.d.sync += [
-                remaining.eq(field("count")), self.active.eq(field("count") != 0),
-                addr.eq(field("out_addr")),
+                remaining.eq(field("count")), addr.eq(field("out_addr")),
                 row_addr.eq(field("out_addr")), col.eq(0), last_col.eq(length - 1),
                 endless.eq(length == 0), row_step.eq(field("row_step")),
                 value.eq(field("value")),
             ]
+        with m.If(self.dispatch):
+            m.d.sync += self.active.eq(field("count") != 0)
         with m.If(self.abort):
             m.d.sync += [remaining.eq(0), self.active.eq(0)]
         return m

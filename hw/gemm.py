@@ -24,7 +24,8 @@ class GemmExpander(wiring.Component):
     ``combine``; ``bank`` always 0 with ``weight_banks`` 1). A GEMM with no K tiles
     stands for itself (``op`` GEMM: illegal).
     ``is_loadw`` and ``is_matmul`` are the step's kind from the decoded flags
-    ``op_loadw``, ``op_matmul``; ``advance`` says the step completes its instruction.
+    ``op_loadw``, ``op_matmul``; ``advance`` says the step completes its instruction;
+    ``empty``: the instruction is a GEMM with no K tiles.
 
     ``dispatch`` moves to the next step when the step is a GEMM's; ``set_gemm`` and
     ``set_kern`` load SETGEMM and SETKERN; ``run_start`` restores the walk's start and
@@ -46,6 +47,7 @@ class GemmExpander(wiring.Component):
             "is_loadw": Out(1),
             "is_matmul": Out(1),
             "advance": Out(1),
+            "empty": Out(1),
             "bank": Out(1),
             "weight_addr": Out(16),
             "act_addr": Out(16),
@@ -82,9 +84,8 @@ class GemmExpander(wiring.Component):
         m.d.comb += [
             walk.gemm_act_addr.eq(field(Opcode.GEMM, "act_addr")),
             walk.tile_step.eq(gemm_tile_step), walk.started.eq(gemm_started),
-            walk.begin.eq(gemm_dispatch & ~gemm_matmul_next),
-            walk.advance.eq(gemm_dispatch & gemm_matmul_next),
-            walk.finish.eq(gemm_dispatch & gemm_last),
+            walk.step.eq(gemm_dispatch), walk.matmul.eq(gemm_matmul_next),
+            walk.last.eq(gemm_last),
             walk.instruction.eq(instruction), walk.set_kern.eq(self.set_kern),
             walk.run_start.eq(self.run_start),
         ]
@@ -118,7 +119,8 @@ class GemmExpander(wiring.Component):
                 self.accumulate.eq(field(Opcode.MATMUL, "accumulate")),
                 self.combine.eq(field(Opcode.MATMUL, "combine")),
             ]
-        m.d.comb += self.advance.eq(~is_gemm | gemm_last | gemm_empty)
+        m.d.comb += [self.advance.eq(~is_gemm | gemm_last | gemm_empty),
+                     self.empty.eq(is_gemm & gemm_empty)]
         # The step's kind from the decoded flags (op spelt out): a GEMM stands for its
         # LOADW or MATMUL, or for nothing (illegal) when it has no K tiles.
         gemm_step = is_gemm & ~gemm_empty

@@ -137,6 +137,11 @@ class _Engine:
             m.d.sync += self.count_error("framing_errors")
 
         self.command = Signal(8)
+        # Decoded as the bytes arrive, so that EXECUTE decides from flip-flops: whether the
+        # command is known (then its low four bits tell it), and the lengths it checks.
+        self.command_known = Signal()
+        self.length_is = {name: Signal(name=f"length_is_{name}")
+                          for name in ("zero", "write_address", "write_words", "read", "start")}
         self.seq = Signal(8)
         # As narrow as a frame that is not oversize needs.
         self.length = Signal(range(MAX_PAYLOAD_BYTES + 1))
@@ -148,13 +153,23 @@ class _Engine:
         self.count = Signal.like(self.length)       # payload bytes received, or words handled
         self.word = Signal(32)
         self.crc = Signal(16)
-        # One CRC step for the frame received and the response sent (never both at once):
-        # the byte it takes is the state's.
-        self.crc_byte = Signal(8)
-        self.crc_next = Signal(16)
-        m.d.comb += self.crc_next.eq(crc16_step(self.crc, self.crc_byte))
+        # One CRC step for the frame received and the response sent (never both at once),
+        # a cycle after its byte: a state that takes or sends a byte registers it in
+        # `crc_byte` and sets `crc_step`, so neither the byte's choice nor the handshake
+        # lies on the path into the CRC. A UART byte lasts many cycles, so the CRC is
+        # up to date before a state compares or sends it (SEND_CRC waits for the step).
+        # It starts over with a request's sync byte and after a request's CRC (CRC1);
+        # these come later in the module, so they win over a step still pending.
+        self.crc_byte = Signal(8, reset_less=True)
+        self.crc_step = Signal()
+        m.d.sync += self.crc_step.eq(0)
+        with m.If(self.crc_step):
+            m.d.sync += self.crc.eq(crc16_step(self.crc, self.crc_byte))
         self.crc_received = Signal(16)
+        # Cycles without a byte in a frame; `timed_out` is registered a cycle ahead of
+        # `idle == timeout`, so that no wide compare feeds the FSM's decisions.
         self.idle = Signal(range(self.timeout + 1))
+        self.timed_out = Signal()
         # The token of the last run started (0: none since reset).
         self.run_token = Signal(RUN_TOKEN_BITS)
         self.start_token = Signal(RUN_TOKEN_BITS)
@@ -187,7 +202,13 @@ class _Engine:
         self.next_offset = offset.eq(offset + 1)
         self.rx = self.link.rx
         self.byte = self.rx.payload
-        self.taken = self.rx.valid & self.rx.ready
+        # `rx.ready` is high in the states that take bytes (HUNT and the frame's), kept in
+        # a register: the FSM leaves them only from CRC1 to EXECUTE and comes back only
+        # from SEND_CRC to HUNT. There a byte is taken with `rx.valid` alone, and neither
+        # the FSM's decisions nor the receive FIFO wait for the state's decode.
+        self.receiving = Signal(init=1)
+        m.d.comb += self.rx.ready.eq(self.receiving)
+        self.taken = self.rx.valid
         # Requests leave through registers: the frame buffer's slow output drives no path
         # into the NPU. A read's answer is taken when rvalid comes (CAPTURE).
         self.request = request = HostBus().flip().create(path=("request",))
@@ -204,7 +225,7 @@ class _Engine:
         """Begin a response: status, payload length in words, where words come from."""
         statements = [self.status.eq(result), self.response_words.eq(words), self.count.eq(0),
                       self.from_counters.eq(counters_source), self.with_token.eq(token),
-                      self.header_index.eq(0), self.crc.eq(CRC_INITIAL)]
+                      self.header_index.eq(0)]
         if source is not None:
             statements.append(self.read_address.eq(source))
         return statements
@@ -213,10 +234,10 @@ class _Engine:
         """HUNT for the sync byte, then take the frame into the buffer and check its CRC."""
         m = self.m
         with m.State("HUNT"):
-            m.d.comb += self.rx.ready.eq(1)
             with m.If(self.taken):
                 with m.If(self.byte == REQUEST_SYNC):
-                    m.d.sync += [self.crc.eq(CRC_INITIAL), self.idle.eq(0)]
+                    m.d.sync += [self.crc.eq(CRC_INITIAL), self.idle.eq(0),
+                                 self.timed_out.eq(0)]
                     m.next = "COMMAND"
                 with m.Else():
                     m.d.sync += self.count_error("noise_bytes")
@@ -224,20 +245,20 @@ class _Engine:
         receiving = ("COMMAND", "SEQ", "LENGTH0", "LENGTH1", "PAYLOAD", "CRC0", "CRC1")
         for state in receiving:
             with m.State(state):
-                m.d.comb += self.rx.ready.eq(1)
                 with m.If(self.taken):
-                    m.d.sync += self.idle.eq(0)
+                    m.d.sync += [self.idle.eq(0), self.timed_out.eq(0)]
                     if state not in ("CRC0", "CRC1"):
-                        m.d.comb += self.crc_byte.eq(self.byte)
-                        m.d.sync += self.crc.eq(self.crc_next)
-                with m.Elif(self.idle == self.timeout):
+                        m.d.sync += [self.crc_byte.eq(self.byte), self.crc_step.eq(1)]
+                with m.Elif(self.timed_out):
                     m.d.sync += self.count_error("truncated")
                     m.next = "HUNT"
                 with m.Else():
-                    m.d.sync += self.idle.eq(self.idle + 1)
+                    m.d.sync += [self.idle.eq(self.idle + 1),
+                                 self.timed_out.eq(self.idle == self.timeout - 1)]
                 with m.If(self.taken):
                     if state == "COMMAND":
-                        m.d.sync += self.command.eq(self.byte)
+                        m.d.sync += [self.command.eq(self.byte), self.command_known.eq(
+                            Cat(*[self.byte == command for command in Command]).any())]
                         m.next = "SEQ"
                     elif state == "SEQ":
                         m.d.sync += self.seq.eq(self.byte)
@@ -250,6 +271,14 @@ class _Engine:
                         m.d.sync += [self.length.eq(full), self.count.eq(0), self.word.eq(0),
                                      self.last_byte.eq(full - 1),
                                      self.last_write.eq((full >> 2) - self.write_words_less)]
+                        flags = self.length_is
+                        m.d.sync += [
+                            flags["zero"].eq(full == 0),
+                            flags["write_address"].eq(full == WRITE_ADDRESS_BYTES),
+                            flags["write_words"].eq((full > WRITE_ADDRESS_BYTES)
+                                                    & (full[0:2] == 0)),
+                            flags["read"].eq(full == READ_PAYLOAD_BYTES),
+                            flags["start"].eq(full == START_PAYLOAD_BYTES)]
                         with m.If(full > MAX_PAYLOAD_BYTES):
                             m.d.sync += self.count_error("oversize")
                             m.next = "HUNT"
@@ -278,8 +307,11 @@ class _Engine:
                         m.d.sync += self.crc_received[0:8].eq(self.byte)
                         m.next = "CRC1"
                     else:
+                        # The response's CRC starts here (nothing steps it before RESPOND).
+                        m.d.sync += self.crc.eq(CRC_INITIAL)
                         with m.If(Cat(self.crc_received[0:8], self.byte) == self.crc):
                             m.d.comb += self.buffer_read.addr.eq(0)
+                            m.d.sync += self.receiving.eq(0)
                             m.next = "EXECUTE"
                         with m.Else():
                             m.d.sync += self.count_error("bad_crc")
@@ -290,20 +322,23 @@ class _Engine:
         it, or go on to the states it needs."""
         m = self.m
         first = self.buffer_read.data
+        length_is = self.length_is
+        if max(Command) >= 16:
+            raise ValueError("EXECUTE tells the commands apart by their low four bits")
         with m.State("EXECUTE"):
             m.next = "RESPOND"
-            with m.Switch(self.command):
+            with m.Switch(Mux(self.command_known, self.command[0:4], 0)):
                 with m.Case(Command.IDENTIFY):
-                    with m.If(self.length == 0):
+                    with m.If(length_is["zero"]):
                         m.d.sync += self.respond(LinkStatus.OK, self.identity_words,
                                                  address(Region.REGISTERS, Reg.MAGIC))
                     with m.Else():
                         m.d.sync += self.respond(LinkStatus.BAD_LENGTH)
                 with m.Case(Command.WRITE):
                     # An address and no words: nothing to do.
-                    with m.If(self.length == WRITE_ADDRESS_BYTES):
+                    with m.If(length_is["write_address"]):
                         m.d.sync += self.respond(LinkStatus.OK)
-                    with m.Elif((self.length > WRITE_ADDRESS_BYTES) & (self.length[0:2] == 0)):
+                    with m.Elif(length_is["write_words"]):
                         m.d.sync += [self.read_address.eq(first), self.count.eq(0),
                                      self.span.eq(self.last_write)]
                         m.d.comb += self.buffer_read.addr.eq(1)
@@ -311,14 +346,14 @@ class _Engine:
                     with m.Else():
                         m.d.sync += self.respond(LinkStatus.BAD_LENGTH)
                 with m.Case(Command.READ):
-                    with m.If(self.length == READ_PAYLOAD_BYTES):
+                    with m.If(length_is["read"]):
                         m.d.comb += self.buffer_read.addr.eq(1)
                         m.d.sync += self.read_address.eq(first)
                         m.next = "READ_COUNT"
                     with m.Else():
                         m.d.sync += self.respond(LinkStatus.BAD_LENGTH)
                 with m.Case(Command.START):
-                    with m.If(self.length == START_PAYLOAD_BYTES):
+                    with m.If(length_is["start"]):
                         m.d.comb += self.buffer_read.addr.eq(1)
                         m.d.sync += self.read_address.eq(first)   # the pc
                         m.next = "START_TOKEN"
@@ -442,7 +477,7 @@ class _Engine:
                 m.d.sync += [*self.count_error("bad_address"),
                              self.respond(LinkStatus.BAD_ADDRESS)]
                 m.next = "RESPOND"
-            with m.Elif(self.command == Command.WRITE):
+            with m.Elif(self.command[0:4] == Command.WRITE):   # READ or WRITE here
                 m.next = "WRITE"
             with m.Else():
                 m.d.sync += self.respond(LinkStatus.OK, self.requested)
@@ -470,8 +505,7 @@ class _Engine:
                          tx.payload.eq(self.header.word_select(self.header_index, 8))]
             with m.If(tx.ready):
                 with m.If(self.header_index != 0):
-                    m.d.comb += self.crc_byte.eq(tx.payload)
-                    m.d.sync += self.crc.eq(self.crc_next)
+                    m.d.sync += [self.crc_byte.eq(tx.payload), self.crc_step.eq(1)]
                 m.d.sync += self.header_index.eq(self.header_index + 1)
                 with m.If(self.header_index == RESPONSE_HEADER_BYTES - 1):
                     with m.If(self.response_words == 0):
@@ -501,8 +535,8 @@ class _Engine:
         with m.State("SEND_WORD"):
             m.d.comb += [tx.valid.eq(1), tx.payload.eq(self.word.word_select(self.byte_index, 8))]
             with m.If(tx.ready):
-                m.d.comb += self.crc_byte.eq(tx.payload)
-                m.d.sync += [self.crc.eq(self.crc_next), self.byte_index.eq(self.byte_index + 1)]
+                m.d.sync += [self.crc_byte.eq(tx.payload), self.crc_step.eq(1),
+                             self.byte_index.eq(self.byte_index + 1)]
                 with m.If(self.byte_index == 3):
                     m.d.sync += [self.count.eq(self.count + 1), self.next_offset,
                                  self.response_words.eq(self.response_words - 1)]
@@ -513,9 +547,10 @@ class _Engine:
                         m.next = "FETCH"
 
         with m.State("SEND_CRC"):
-            m.d.comb += [tx.valid.eq(1),
+            m.d.comb += [tx.valid.eq(~self.crc_step),
                          tx.payload.eq(self.crc.word_select(self.crc_high, 8))]
-            with m.If(tx.ready):
+            with m.If(tx.ready & ~self.crc_step):
                 m.d.sync += self.crc_high.eq(1)
                 with m.If(self.crc_high):
+                    m.d.sync += self.receiving.eq(1)
                     m.next = "HUNT"

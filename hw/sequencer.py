@@ -86,10 +86,20 @@ class Sequencer(wiring.Component):
         # longest path, then starts from them rather than from a compare.
         # With single_port_activations a FILL waits for the feeder's last read.
         fill_waits = c.feature_maps and c.single_port_activations
+        # The strobed ones too: each strobe is the dispatch and a flag.
+        strobed_ops = (Opcode.SETPP, Opcode.SETREQ, Opcode.SETGEMM,
+                       *((Opcode.SETKERN, Opcode.SETWIN, Opcode.SETOUT, Opcode.FILL)
+                         if c.feature_maps else ()))
         decoded_ops = (Opcode.GEMM, Opcode.LOADW, Opcode.MATMUL, Opcode.REQUANT, Opcode.HALT,
-                       *([Opcode.FILL] if fill_waits else []))
+                       *strobed_ops)
         op_is = {op: Signal(init=int(op == 0), name=f"op_is_{op.name.lower()}")
                  for op in decoded_ops}
+        # Whether the instruction's opcode is none this NPU runs (then it stops as illegal,
+        # as does a GEMM with no K tiles), decoded the same way: HALT and an illegal step
+        # stop the run with flags, not a decode, after the dispatch decision.
+        # (The feature-map instructions stop as illegal in NPUs built without them.)
+        legal_ops = decoded_ops
+        op_unknown = Signal()
         # Whether the instruction may dispatch beside a REQUANT with overlap, decoded the
         # same way.
         may_overlap = Signal()
@@ -140,6 +150,8 @@ class Sequencer(wiring.Component):
                 m.d.sync += instruction.eq(self.fetch_data)
                 m.d.sync += [flag.eq(self.fetch_data[0:OPCODE_WIDTH] == op)
                              for op, flag in op_is.items()]
+                m.d.sync += op_unknown.eq(~Cat(*[self.fetch_data[0:OPCODE_WIDTH] == op
+                                                 for op in legal_ops]).any())
                 if c.requant_overlap:
                     m.d.sync += requant_beside_feed.eq(
                         (self.fetch_data[0:OPCODE_WIDTH] == Opcode.REQUANT)
@@ -153,30 +165,15 @@ class Sequencer(wiring.Component):
         with m.If(dispatch & advance):
             m.d.sync += self.pc.eq(self.pc + 1)
 
-        with m.If(dispatch):
-            with m.Switch(gemm.op):
-                with m.Case(Opcode.HALT):
-                    m.d.sync += [running.eq(0), self.done.eq(1)]
-                with m.Case(Opcode.SETPP):
-                    m.d.comb += self.set_pp.eq(1)
-                with m.Case(Opcode.SETREQ):
-                    m.d.comb += self.set_req.eq(1)
-                with m.Case(Opcode.SETGEMM):
-                    m.d.comb += gemm.set_gemm.eq(1)
-                # The feature-map instructions stop as illegal in NPUs built without them.
-                if c.feature_maps:
-                    with m.Case(Opcode.SETKERN):
-                        m.d.comb += gemm.set_kern.eq(1)
-                    with m.Case(Opcode.SETWIN):
-                        m.d.comb += self.set_win.eq(1)
-                    with m.Case(Opcode.SETOUT):
-                        m.d.comb += self.set_out.eq(1)
-                    with m.Case(Opcode.FILL):
-                        m.d.comb += self.fill.eq(1)
-                with m.Case(Opcode.LOADW, Opcode.MATMUL, Opcode.REQUANT):
-                    pass  # their strobes, above
-                with m.Default():
-                    m.d.sync += [running.eq(0), self.illegal.eq(1)]
+        with m.If(dispatch & step_is_halt):
+            m.d.sync += [running.eq(0), self.done.eq(1)]
+        with m.If(dispatch & (op_unknown | gemm.empty)):
+            m.d.sync += [running.eq(0), self.illegal.eq(1)]
+        strobes = {Opcode.SETPP: self.set_pp, Opcode.SETREQ: self.set_req,
+                   Opcode.SETGEMM: gemm.set_gemm, Opcode.SETKERN: gemm.set_kern,
+                   Opcode.SETWIN: self.set_win, Opcode.SETOUT: self.set_out,
+                   Opcode.FILL: self.fill}
+        m.d.comb += [strobes[op].eq(dispatch & op_is[op]) for op in strobed_ops]
 
         with m.If(self.start):
             m.d.sync += [running.eq(1), fill.eq(0), fetch_addr.eq(self.start_pc),

@@ -21,20 +21,23 @@ __all__ = ["TapWalk", "TileWalk", "KernelWalk", "tap_walk"]
 
 class TapWalk(wiring.Signature):
     """Seen from the walk: ``act_addr`` is the K tile's first activation word: the GEMM's
-    ``gemm_act_addr`` until ``started``, then the walk's. ``begin`` (a K tile's LOADW
-    dispatched) holds the current position; ``advance`` (its MATMUL dispatched) moves to
-    the next K tile; ``finish`` (the GEMM's last MATMUL) rewinds the kernel. SETKERN
-    (``set_kern`` with the ``instruction`` register) sets the kernel; ``run_start``
-    restores its defaults and rewinds."""
+    ``gemm_act_addr`` until ``started``, then the walk's. ``step`` is high when a GEMM's
+    step dispatches: its K tile's LOADW (``matmul`` low) holds the current position, its
+    MATMUL (``matmul`` high) moves to the next K tile, and the GEMM's last MATMUL (``last``
+    high too) rewinds the kernel. The walk's next position is worked out from
+    ``matmul`` and ``last`` alone, and ``step`` (the end of the sequencer's dispatch
+    decision, its longest path) only enables the registers. SETKERN (``set_kern`` with
+    the ``instruction`` register) sets the kernel; ``run_start`` restores its defaults
+    and rewinds."""
 
     def __init__(self):
         super().__init__({
             "gemm_act_addr": In(16),
             "tile_step": In(16),
             "started": In(1),
-            "begin": In(1),
-            "advance": In(1),
-            "finish": In(1),
+            "step": In(1),
+            "matmul": In(1),
+            "last": In(1),
             "instruction": In(INSTRUCTION_WIDTH),
             "set_kern": In(1),
             "run_start": In(1),
@@ -57,10 +60,8 @@ class TileWalk(wiring.Component):
         m = Module()
         tap_run = Signal(16, name="gemm_tap_run")
         m.d.comb += self.act_addr.eq(Mux(self.started, tap_run, self.gemm_act_addr))
-        with m.If(self.begin):
-            m.d.sync += tap_run.eq(self.act_addr)
-        with m.If(self.advance):
-            m.d.sync += tap_run.eq(self.act_addr + self.tile_step)
+        with m.If(self.step):
+            m.d.sync += tap_run.eq(self.act_addr + Mux(self.matmul, self.tile_step, 0))
         return m
 
 
@@ -89,22 +90,30 @@ class KernelWalk(wiring.Component):
         row_now = Mux(self.started, row_run, self.gemm_act_addr)
         tile_now = Mux(self.started, tile_run, self.gemm_act_addr)
         m.d.comb += tap_now.eq(Mux(self.started, tap_run, self.gemm_act_addr))
-        with m.If(self.begin):
-            m.d.sync += [tap_run.eq(tap_now), row_run.eq(row_now), tile_run.eq(tile_now)]
-        with m.If(self.advance):
+        # The position after the step (a LOADW's: the current one, held).
+        x_next, y_next = Signal.like(x), Signal.like(y)
+        tap_next, row_next, tile_next = (Signal.like(tap_run), Signal.like(row_run),
+                                         Signal.like(tile_run))
+        m.d.comb += [x_next.eq(x), y_next.eq(y), tap_next.eq(tap_now), row_next.eq(row_now),
+                     tile_next.eq(tile_now)]
+        with m.If(self.matmul):
             # Next tap: along the kernel row, else the next kernel row, else the next
             # channel tile.
             with m.If(x != kernel_last_x):
-                m.d.sync += [x.eq(x + 1), tap_run.eq(tap_now + 1)]
+                m.d.comb += [x_next.eq(x + 1), tap_next.eq(tap_now + 1)]
             with m.Elif(y != kernel_last_y):
                 next_row = row_now + kernel_row_step
-                m.d.sync += [x.eq(0), y.eq(y + 1), row_run.eq(next_row), tap_run.eq(next_row)]
+                m.d.comb += [x_next.eq(0), y_next.eq(y + 1), row_next.eq(next_row),
+                             tap_next.eq(next_row)]
             with m.Else():
                 next_tile = tile_now + self.tile_step
-                m.d.sync += [x.eq(0), y.eq(0), tile_run.eq(next_tile), row_run.eq(next_tile),
-                             tap_run.eq(next_tile)]
-        with m.If(self.finish):
-            m.d.sync += [x.eq(0), y.eq(0)]
+                m.d.comb += [x_next.eq(0), y_next.eq(0), tile_next.eq(next_tile),
+                             row_next.eq(next_tile), tap_next.eq(next_tile)]
+            with m.If(self.last):
+                m.d.comb += [x_next.eq(0), y_next.eq(0)]
+        with m.If(self.step):
+            m.d.sync += [x.eq(x_next), y.eq(y_next), tap_run.eq(tap_next),
+                         row_run.eq(row_next), tile_run.eq(tile_next)]
         with m.If(self.set_kern):
             m.d.sync += [
                 kernel_last_x.eq(field("kernel_w") - 1),

@@ -96,15 +96,19 @@ class UartTx(_Uart):
         timer = Signal(range(divisor))
         bits = Signal(range(11))
         shift = Signal(9)
-        # Ready once the stop bit has lasted a whole bit time.
-        m.d.comb += self.data.ready.eq((bits == 0) & (timer == 0))
+        # Ready once the stop bit has lasted a whole bit time: bits == 0 and timer == 0,
+        # kept in a register (set the cycle the timer runs out after the stop bit), so
+        # that the sender's decision to send starts from a flip-flop.
+        ready = Signal(init=1)
+        m.d.comb += self.data.ready.eq(ready)
         with m.If(timer != 0):
-            m.d.sync += timer.eq(timer - 1)
+            m.d.sync += [timer.eq(timer - 1), ready.eq((bits == 0) & (timer == 1))]
         with m.Elif(bits != 0):
+            # The timer restarts (divisor >= 4): not ready before it runs out.
             m.d.sync += [self.tx.eq(shift[0]), shift.eq(shift >> 1), bits.eq(bits - 1),
-                         timer.eq(divisor - 1)]
+                         timer.eq(divisor - 1), ready.eq(0)]
         with m.Elif(self.data.valid):
             # The start bit goes out at once; then eight data bits LSB first, the stop bit.
             m.d.sync += [self.tx.eq(0), shift.eq((1 << 8) | self.data.payload), bits.eq(9),
-                         timer.eq(divisor - 1)]
+                         timer.eq(divisor - 1), ready.eq(0)]
         return m

@@ -4,7 +4,7 @@ the same driver as a board.
 
 The SoC (``hw/soc.py``) is elaborated for the board build's implementation (its DSP
 budget, SB_MAC16 pairs, SPRAM, MULT18X18Ds: ``board_implementation``) and synthesized with the
-board build's yosys commands (``synth_<family>`` with ``SYNTH_OPTIONS``, then
+board build's yosys commands (``synth_<family>`` with ``synth_options``, then
 ``synthesis_support``'s), but with the virtual board's UART divisor and without the board's
 PLL and pins. The host side of the virtual board (``sim/board.py``: host UART and byte
 FIFOs) stays RTL around the netlist; ``sim/tb_board.py`` bridges it to TCP. Netlists and
@@ -272,9 +272,9 @@ def synthesis_script(board: Board, support_files: list[str], after_synth: str) -
     """The board build's yosys commands for the SoC (Amaranth's template for the family:
     the support files, the RTLIL, ``synth_<family>`` with the build's options, the commands
     after it), then the netlist written for simulation."""
-    from ..boards.build import SYNTH_OPTIONS
+    from ..boards.build import synth_options
 
-    synth = " ".join(filter(None, [f"synth_{board.family}", SYNTH_OPTIONS.get(board.family),
+    synth = " ".join(filter(None, [f"synth_{board.family}", synth_options(board),
                                     f"-top {SOC_MODULE}"]))
     return "; ".join([
         *(f"read_verilog {name}" for name in support_files), "read_rtlil soc.il", synth,

@@ -158,6 +158,20 @@ def test_errors_are_dropped_counted_and_survived(counted):
     assert by_seq[9].words() == [0] * len(LINK_COUNTERS)
 
 
+@pytest.mark.parametrize("pause, kept", [(TIMEOUT, True), (TIMEOUT + 1, False)])
+def test_a_frame_waits_timeout_cycles_for_its_next_byte(pause, kept):
+    """A frame's bytes may lie ``timeout_cycles`` apart (here the testbench's pause of
+    TIMEOUT cycles); one cycle more and the frame is dropped as truncated."""
+    base = address(Region.ACTIVATIONS, 0)
+    frame = encode_request(Command.WRITE, 1, words(base, 7, 8))
+    responses, _ = run_session([("send", frame[:6]), ("idle", pause), ("send", frame[6:]),
+                                ("send", encode_request(Command.LINK_STATUS, 2))])
+    by_seq = {r.seq: r for r in responses}
+    assert (1 in by_seq) == kept
+    truncated = dict(zip(LINK_COUNTERS, by_seq[2].words(), strict=True))["truncated"]
+    assert truncated == (0 if kept else 1)
+
+
 def test_a_matmul_through_the_link():
     rng = np.random.default_rng(3)
     a, w = rng.integers(-128, 128, (5, 3)), rng.integers(-128, 128, (3, 3))
