@@ -61,7 +61,11 @@ BITSTREAM_NAMES = {"ice40": "top.bin", "ecp5": "top.bit", "gowin": "top.fs"}
 #: Options of ``synth_<family>`` in the board build, by family. iCE40: the remaining
 #: multipliers into SB_MAC16 DSPs; the array's pairs are instantiated (hw/dsp.py) under a
 #: stand-in name that ``-dsp`` leaves alone.
-SYNTH_OPTIONS = {"ice40": "-dsp"}
+#: iCE40: a flip-flop's enable only when at least 4 flip-flops share it (else a LUT input):
+#: an iCE40 logic block's eight cells share one clock enable and reset, and the UP5K
+#: profile's 44 control sets of 1 to 3 flip-flops kept cells apart at 97 % of the chip
+#: (100 control sets instead of 127, 18 LUTs more; docs/CHANGELOG.md).
+SYNTH_OPTIONS = {"ice40": "-dsp -dffe_min_ce_use 4"}
 
 
 def synth_options(board: Board) -> str:
@@ -69,7 +73,7 @@ def synth_options(board: Board) -> str:
     and, on iCE40, the device's timing for ABC9's mapping (``-device u`` on an UltraPlus,
     ``lp`` on an LP; yosys assumes an HX). On the iCEBreaker's UP5K profile the UltraPlus
     timing maps the link's and the sequencer's deepest paths to 9 LUTs where the HX's
-    gave 11, with as many LUTs (docs/BOARDS.md)."""
+    gave 11, with as many LUTs (docs/CHANGELOG.md)."""
     options = [SYNTH_OPTIONS.get(board.family, "")]
     if board.family == "ice40":
         for prefix, device in (("ice40up", "u"), ("ice40lp", "lp")):

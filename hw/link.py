@@ -137,9 +137,10 @@ class _Engine:
             m.d.sync += self.count_error("framing_errors")
 
         self.command = Signal(8)
-        # Decoded as the bytes arrive, so that EXECUTE decides from flip-flops: whether the
-        # command is known (then its low four bits tell it), and the lengths it checks.
-        self.command_known = Signal()
+        # Decoded as the bytes arrive, so that EXECUTE decides from flip-flops: the
+        # command's low four bits if it is known, else 0 (no command), and the lengths
+        # it checks.
+        self.command_code = Signal(4)
         self.length_is = {name: Signal(name=f"length_is_{name}")
                           for name in ("zero", "write_address", "write_words", "read", "start")}
         self.seq = Signal(8)
@@ -257,8 +258,9 @@ class _Engine:
                                  self.timed_out.eq(self.idle == self.timeout - 1)]
                 with m.If(self.taken):
                     if state == "COMMAND":
-                        m.d.sync += [self.command.eq(self.byte), self.command_known.eq(
-                            Cat(*[self.byte == command for command in Command]).any())]
+                        known = Cat(*[self.byte == command for command in Command]).any()
+                        m.d.sync += [self.command.eq(self.byte),
+                                     self.command_code.eq(Mux(known, self.byte[0:4], 0))]
                         m.next = "SEQ"
                     elif state == "SEQ":
                         m.d.sync += self.seq.eq(self.byte)
@@ -323,11 +325,11 @@ class _Engine:
         m = self.m
         first = self.buffer_read.data
         length_is = self.length_is
-        if max(Command) >= 16:
+        if max(Command) >= 16 or min(Command) == 0:
             raise ValueError("EXECUTE tells the commands apart by their low four bits")
         with m.State("EXECUTE"):
             m.next = "RESPOND"
-            with m.Switch(Mux(self.command_known, self.command[0:4], 0)):
+            with m.Switch(self.command_code):
                 with m.Case(Command.IDENTIFY):
                     with m.If(length_is["zero"]):
                         m.d.sync += self.respond(LinkStatus.OK, self.identity_words,
@@ -386,15 +388,22 @@ class _Engine:
         with m.State("START_TOKEN"):
             m.d.sync += [self.start_token.eq(self.buffer_read.data[0:RUN_TOKEN_BITS]),
                          self.start_token_wide.eq(self.buffer_read.data[RUN_TOKEN_BITS:].any())]
+            m.next = "START_COMPARE"
+
+        # The token's compares are registered too: the decision then starts from flags.
+        token_bad, token_retry = Signal(), Signal()
+        with m.State("START_COMPARE"):
+            m.d.sync += [token_bad.eq((self.start_token == 0) | self.start_token_wide),
+                         token_retry.eq(self.start_token == self.run_token)]
             m.next = "START_CHECK"
 
         answer_status = self.respond(LinkStatus.OK, STATUS_WORDS,
                                      address(Region.REGISTERS, Reg.STATUS), token=True)
         with m.State("START_CHECK"):
             m.next = "RESPOND"
-            with m.If((self.start_token == 0) | self.start_token_wide):
+            with m.If(token_bad):
                 m.d.sync += self.respond(LinkStatus.BAD_TOKEN)
-            with m.Elif(self.start_token == self.run_token):
+            with m.Elif(token_retry):
                 # A retry of the run already started: answer its state.
                 m.d.sync += answer_status
             with m.Elif(self.link.running):
@@ -477,7 +486,7 @@ class _Engine:
                 m.d.sync += [*self.count_error("bad_address"),
                              self.respond(LinkStatus.BAD_ADDRESS)]
                 m.next = "RESPOND"
-            with m.Elif(self.command[0:4] == Command.WRITE):   # READ or WRITE here
+            with m.Elif(self.command_code == Command.WRITE):
                 m.next = "WRITE"
             with m.Else():
                 m.d.sync += self.respond(LinkStatus.OK, self.requested)
