@@ -64,7 +64,8 @@ BITSTREAM_NAMES = {"ice40": "top.bin", "ecp5": "top.bit", "gowin": "top.fs"}
 #: iCE40: a flip-flop's enable only when at least 4 flip-flops share it (else a LUT input):
 #: an iCE40 logic block's eight cells share one clock enable and reset, and the UP5K
 #: profile's 44 control sets of 1 to 3 flip-flops kept cells apart at 97 % of the chip
-#: (100 control sets instead of 127, 18 LUTs more; docs/CHANGELOG.md).
+#: (100 control sets instead of 127, counted over top.json by an ad-hoc script; 18 LUTs
+#: more; docs/CHANGELOG.md).
 SYNTH_OPTIONS = {"ice40": "-dsp -dffe_min_ce_use 4"}
 
 
@@ -73,7 +74,7 @@ def synth_options(board: Board) -> str:
     and, on iCE40, the device's timing for ABC9's mapping (``-device u`` on an UltraPlus,
     ``lp`` on an LP; yosys assumes an HX). On the iCEBreaker's UP5K profile the UltraPlus
     timing maps the link's and the sequencer's deepest paths to 9 LUTs where the HX's
-    gave 11, with as many LUTs (docs/CHANGELOG.md)."""
+    gave 11 (an ad-hoc count over yosys's netlist), with as many LUTs (docs/CHANGELOG.md)."""
     options = [SYNTH_OPTIONS.get(board.family, "")]
     if board.family == "ice40":
         for prefix, device in (("ice40up", "u"), ("ice40lp", "lp")):

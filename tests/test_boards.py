@@ -316,3 +316,15 @@ def test_logic_breakdown(capsys, tmp_path):
     assert "unknown board 'nope'; known boards: " in capsys.readouterr().err
     assert breakdown.main(["--board", "icebreaker", "--rows", "0"]) == 2
     assert "bad configuration" in capsys.readouterr().err
+
+
+def test_synthesis_options_follow_the_device():
+    """iCE40 builds map for their device's timing (an UltraPlus: -device u) and put enables
+    on the CE pin only where 4 flip-flops share them; other families get neither."""
+    from npugen.boards.build import synth_options
+
+    ice40 = synth_options(BOARDS["icebreaker"]).split()
+    assert ice40[ice40.index("-device") + 1] == "u"
+    assert ice40[ice40.index("-dffe_min_ce_use") + 1] == "4"
+    assert "-device" not in synth_options(BOARDS["ulx3s-12f"])
+    assert "-dffe_min_ce_use" not in synth_options(BOARDS["ulx3s-12f"])
