@@ -6,8 +6,13 @@ accumulator word its result goes to. One of two sub-units, chosen by the configu
   ``col_step`` apart, then the next row ``row_step`` after the row's first word; with
   ``reduce``, every word after the first combines into one accumulator word.
 
-Both load the MATMUL's addresses at ``start`` (which wins over ``step`` in the same
-cycle) and advance at each ``step`` (a word issued), so the feeder is the same for both.
+Both load the next MATMUL's addresses whenever the feeder is ``ready`` for it (idle, or
+issuing its last word: a MATMUL may dispatch; loading wins over ``step``) and advance at
+each ``step`` (a word issued), so the feeder is the same for both. What they load is only
+read while a MATMUL streams, and in its dispatch cycle they load what it holds: the
+dispatch decision, the sequencer's longest path, then ends at fewer enables. Only what
+is seen after the stream (the depthwise mode and the line buffers' delay) waits for
+``start`` (the dispatch).
 """
 
 from amaranth import Module, Mux, Signal
@@ -22,17 +27,18 @@ __all__ = ["FeedWalk", "LinearWalk", "WindowWalk", "feed_walk"]
 
 
 class FeedWalk(wiring.Signature):
-    """Seen from the walk: ``start`` with the MATMUL's ``start_act_addr`` and
-    ``start_acc_addr``; ``step`` after each word issued; ``act_addr`` and ``acc_addr`` the
-    next word's; ``reduce`` high while every word accumulates into ``acc_addr``; in the
-    depthwise mode (``depthwise``), ``discard`` high for the words whose results are
-    dropped (the lead, and SETWIN's ``drop``: golden.depthwise_kept), and ``line_delay``
-    the line buffers' delay. SETWIN
-    (``set_win`` with the ``instruction`` register) sets the walk of the next MATMULs;
-    ``run_start`` restores its defaults."""
+    """Seen from the walk: ``ready`` (the feeder may take a MATMUL) with the held
+    MATMUL's ``start_act_addr`` and ``start_acc_addr``, ``start`` its dispatch; ``step``
+    after each word issued; ``act_addr`` and ``acc_addr`` the next word's; ``reduce`` high
+    while every word accumulates into ``acc_addr``; in the depthwise mode
+    (``depthwise``), ``discard`` high for the words whose results are dropped (the lead,
+    and SETWIN's ``drop``: golden.depthwise_kept), and ``line_delay`` the line buffers'
+    delay. SETWIN (``set_win`` with the ``instruction`` register) sets the walk of the next
+    MATMULs; ``run_start`` restores its defaults."""
 
     def __init__(self, config: NpuConfig):
         super().__init__({
+            "ready": In(1),
             "start": In(1),
             "start_act_addr": In(16),
             "start_acc_addr": In(16),
@@ -68,15 +74,15 @@ class LinearWalk(wiring.Component):
         m = Module()
         with m.If(self.step):
             m.d.sync += [self.act_addr.eq(self.act_addr + 1), self.acc_addr.eq(self.acc_addr + 1)]
-        with m.If(self.start):
+        with m.If(self.ready):
             m.d.sync += [self.act_addr.eq(self.start_act_addr),
                          self.acc_addr.eq(self.start_acc_addr)]
         return m
 
 
 class WindowWalk(wiring.Component):
-    """The SETWIN walk. The SETWIN registers are latched into the walk's own at ``start``:
-    a SETWIN may follow a MATMUL while it still streams."""
+    """The SETWIN walk. The SETWIN registers are latched into the walk's own while the
+    feeder is ``ready``: a SETWIN may follow a MATMUL while it still streams."""
 
     def __init__(self, config: NpuConfig):
         super().__init__(FeedWalk(config))
@@ -144,15 +150,17 @@ class WindowWalk(wiring.Component):
                 m.d.sync += [col.eq(col + 1), self.act_addr.eq(self.act_addr + col_step)]
             with m.If(~reduce & ~self.discard):
                 m.d.sync += self.acc_addr.eq(self.acc_addr + 1)
-        with m.If(self.start):
+        with m.If(self.ready):
             m.d.sync += [
                 self.act_addr.eq(self.start_act_addr), self.acc_addr.eq(self.start_acc_addr),
                 col.eq(0), row_addr.eq(self.start_act_addr), last_col.eq(win_last_col),
                 row_step.eq(win_row_step), col_step.eq(win_col_step), reduce.eq(win_reduce),
-                self.depthwise.eq(win_depthwise), lead_left.eq(Mux(win_depthwise, win_lead, 0)),
+                lead_left.eq(Mux(win_depthwise, win_lead, 0)),
                 pitch_col.eq(0), pitch_last.eq(win_pitch_last), drop_low.eq(win_drop_low),
                 drop_high.eq(win_drop_high),
             ]
+        with m.If(self.start):   # seen by the array after the stream: at the dispatch only
+            m.d.sync += self.depthwise.eq(win_depthwise)
             if depthwise:
                 # Only a depthwise MATMUL sets the line buffers' delay: the words of the
                 # last one may still be in them (golden.check_program).

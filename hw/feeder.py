@@ -98,7 +98,8 @@ class Feeder(wiring.Component):
         issue = Signal()
         m.d.comb += [
             issue.eq(self.running & feed_busy), self.issuing.eq(issue),
-            walk.start.eq(self.dispatch), walk.start_act_addr.eq(self.act_addr),
+            walk.ready.eq(self.ready), walk.start.eq(self.dispatch),
+            walk.start_act_addr.eq(self.act_addr),
             walk.start_acc_addr.eq(self.acc_addr), walk.step.eq(issue),
             walk.instruction.eq(self.instruction), walk.set_win.eq(self.set_win),
             walk.run_start.eq(self.run_start),

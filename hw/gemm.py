@@ -70,7 +70,7 @@ class GemmExpander(wiring.Component):
             return instruction_field(instruction, opcode, name)
 
         gemm_weight = Signal(16)      # SETGEMM weight pointer (advances after each GEMM)
-        gemm_last_kt = Signal(16)     # SETGEMM's k_tiles - 1, kept ready for the compare
+        gemm_penult_kt = Signal(16)   # SETGEMM's k_tiles - 2: the K tile before the last
         gemm_empty = Signal(init=1)   # SETGEMM's k_tiles == 0 (no SETGEMM yet: 0 tiles)
         gemm_tile_step = Signal(16)
         gemm_started = Signal()
@@ -78,8 +78,13 @@ class GemmExpander(wiring.Component):
         gemm_kt = Signal(16)
         gemm_weight_run = Signal(16)
         gemm_weight_now = Mux(gemm_started, gemm_weight_run, gemm_weight)
+        # Whether gemm_kt is the last K tile, and whether SETGEMM's k_tiles is 1, kept in
+        # registers: the instruction's advance then takes no compare into the dispatch
+        # decision's fetch enable.
+        gemm_last_tile = Signal(init=1)
+        gemm_single = Signal(init=1)
         gemm_last = Signal()
-        m.d.comb += gemm_last.eq(gemm_matmul_next & (gemm_kt == gemm_last_kt))
+        m.d.comb += gemm_last.eq(gemm_matmul_next & gemm_last_tile)
         gemm_dispatch = self.dispatch & is_gemm
         m.d.comb += [
             walk.gemm_act_addr.eq(field(Opcode.GEMM, "act_addr")),
@@ -136,18 +141,24 @@ class GemmExpander(wiring.Component):
             with m.Else():
                 m.d.sync += [
                     gemm_matmul_next.eq(0), gemm_kt.eq(gemm_kt + 1),
+                    gemm_last_tile.eq(gemm_kt == gemm_penult_kt),
                     gemm_weight_run.eq(gemm_weight_now + rows),
                 ]
                 with m.If(gemm_last):
                     m.d.sync += [gemm_started.eq(0), gemm_kt.eq(0),
+                                 gemm_last_tile.eq(gemm_single),
                                  gemm_weight.eq(gemm_weight_now + rows)]
         with m.If(self.set_gemm):
             m.d.sync += [
                 gemm_weight.eq(field(Opcode.SETGEMM, "weight_addr")),
-                gemm_last_kt.eq(field(Opcode.SETGEMM, "k_tiles") - 1),
+                gemm_penult_kt.eq(field(Opcode.SETGEMM, "k_tiles") - 2),
                 gemm_empty.eq(field(Opcode.SETGEMM, "k_tiles") == 0),
+                # SETGEMM waits for the GEMM before it: gemm_kt is 0 here.
+                gemm_single.eq(field(Opcode.SETGEMM, "k_tiles") == 1),
+                gemm_last_tile.eq(field(Opcode.SETGEMM, "k_tiles") == 1),
                 gemm_tile_step.eq(field(Opcode.SETGEMM, "tile_step")),
             ]
         with m.If(self.run_start):
-            m.d.sync += [gemm_started.eq(0), gemm_matmul_next.eq(0), gemm_kt.eq(0)]
+            m.d.sync += [gemm_started.eq(0), gemm_matmul_next.eq(0), gemm_kt.eq(0),
+                         gemm_last_tile.eq(gemm_single)]
         return m

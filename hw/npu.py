@@ -30,7 +30,7 @@ SPRAM are instantiated by hand, the array's DSP budget) is given to its construc
 passed to the array, the requantization unit and the memories (``dsp.py``, ``ram.py``).
 """
 
-from amaranth import Module
+from amaranth import Cat, Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -83,12 +83,22 @@ class Npu(wiring.Component):
         infos = memories(c)
         reads, writes = {}, {}
         spram = spram_plan(implementation, infos)
+        # A single-port (SPRAM) memory's address is the write port's while a unit writes:
+        # the host's accesses put the same address on both ports, so its write decode
+        # (the host bus's address into the region compare) stays off the address path.
+        unit_writing = {region: Signal(name=f"{info.name}_unit_writing")
+                        for region, info in infos.items()}
+        unit_writes = {region: [] for region in infos}
         for region, info in infos.items():
             # The SPRAM blocks the other memories take (all, for one the plan keeps in EBR).
             taken = sum(spram.values()) - spram[region] if spram[region] else SPRAM_BLOCKS
             writes[region], reads[region] = memory_ports(
                 m, implementation, info, transparent=region is Region.ACCUMULATORS,
-                spram_taken=taken)
+                spram_taken=taken, address_select=unit_writing[region])
+
+        def grant_unit_write(region, request):
+            grant_write(m, writes[region], request)
+            unit_writes[region].append(request.valid & request.en.any())
 
         m.submodules.array = array = SystolicArray(c, implementation=implementation)
         m.submodules.host_port = host_port = HostPort(c)
@@ -184,7 +194,7 @@ class Npu(wiring.Component):
             accumulate.inject_row.eq(requant.inject_row),
         ]
         grant_read(m, reads[Region.ACCUMULATORS], accumulate.acc_read)
-        grant_write(m, writes[Region.ACCUMULATORS], accumulate.acc_write)
+        grant_unit_write(Region.ACCUMULATORS, accumulate.acc_write)
 
         # Requantization unit: REQUANT, SETPP, SETREQ, SETOUT.
         m.d.comb += [
@@ -201,9 +211,11 @@ class Npu(wiring.Component):
         # its own, while MATMULs go on through the first.
         grant_read(m, extra_read_port(m, implementation, infos[Region.ACCUMULATORS])
                    if c.requant_overlap else reads[Region.ACCUMULATORS], requant.acc_read)
-        grant_write(m, writes[Region.ACTIVATIONS], requant.act_write)
+        grant_unit_write(Region.ACTIVATIONS, requant.act_write)
         if c.requant_from_map:   # a REQUANT to_acc's source map; the feeder is idle then
             grant_read(m, reads[Region.ACTIVATIONS], requant.act_read)
         if c.feature_maps:
-            grant_write(m, writes[Region.ACTIVATIONS], fill.act_write)
+            grant_unit_write(Region.ACTIVATIONS, fill.act_write)
+        m.d.comb += [unit_writing[region].eq(Cat(*requests).any())
+                     for region, requests in unit_writes.items() if requests]
         return m

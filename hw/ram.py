@@ -24,7 +24,7 @@ is undefined then).
 """
 
 from amaranth import Array, Cat, ClockSignal, Const, Elaboratable, Module, Mux, Signal, unsigned
-from amaranth.hdl import Instance
+from amaranth.hdl import Instance, Value
 from amaranth.lib.memory import Memory, ReadPort, WritePort
 
 from ..memory_map import MemoryInfo, Region
@@ -70,8 +70,8 @@ def spram_plan(implementation: Implementation,
 
 
 def memory_ports(m: Module, implementation: Implementation, info: MemoryInfo, *,
-                 transparent: bool = False, spram_taken: int = 0
-                 ) -> tuple[WritePort, ReadPort]:
+                 transparent: bool = False, spram_taken: int = 0,
+                 address_select: Value | None = None) -> tuple[WritePort, ReadPort]:
     """A write port (lanes of ``info.granularity`` bits) and a synchronous read port of
     memory ``info``, added to ``m``. The read port is transparent for the write port when
     ``transparent``.
@@ -82,7 +82,9 @@ def memory_ports(m: Module, implementation: Implementation, info: MemoryInfo, *,
     enabled and reads ``read.addr`` otherwise. The read's answer is then valid the cycle
     after a read, as with the generic memory; after a write cycle it is undefined, so the
     user must not read and write in the same cycle (the host writes the weights only when
-    no run is on)."""
+    no run is on). The port's address is the write port's when ``address_select`` is high
+    (default: when it writes); a user whose other writes present the same address on both
+    ports gives the rest alone, keeping their write enables off the address path."""
     if not spram_blocks(implementation, info, spram_taken):
         # Collisions are don't-care on a memory read only through non-transparent ports.
         attrs = {} if transparent else {"no_rw_check": 1}
@@ -104,7 +106,8 @@ def memory_ports(m: Module, implementation: Implementation, info: MemoryInfo, *,
     writing = Signal(name=f"{info.name}_writing")
     m.d.comb += writing.eq(write.en.any())
     address = Signal(addr_width, name=f"{info.name}_address")
-    m.d.comb += address.eq(Mux(writing, write.addr, read.addr))
+    m.d.comb += address.eq(Mux(writing if address_select is None else address_select,
+                               write.addr, read.addr))
     # Lane k of the write port covers mask bits [k·g/4, (k+1)·g/4) of the word.
     lane_of_nibble = info.granularity // _SPRAM_MASK_BITS
     columns = -(-info.width // SPRAM_WIDTH)

@@ -119,26 +119,30 @@ class Sequencer(wiring.Component):
         inflight_idle = Array(self.inflight_idle[b] for b in range(2))
         step_is_fill = op_is[Opcode.FILL] if fill_waits else 0
         step_waits = step_is_loadw | step_is_matmul | step_is_requant | step_is_halt | step_is_fill
-        can_issue = Signal()
-        m.d.comb += can_issue.eq(
-            (step_is_loadw & self.load_ready & inflight_idle[step_bank]
-             & ~(feed_busy & (self.feeding_bank == step_bank)))
-            | (step_is_matmul & self.feed_ready
-               & ~(self.load_filling & (self.loading_bank == step_bank)))
-            | (step_is_requant & (requant_beside_feed | (~feed_busy & self.drain_idle)))
-            | (step_is_halt & ~feed_busy & self.drain_idle & ~load_active)
-            | (step_is_fill & ~feed_busy)
-            | ~step_waits)
-        dispatch = Signal()
+        # Whether each kind of step may dispatch (its issue rule), and the dispatch of each:
+        # the flags are one-hot, so each strobe is the shared `base` and its own rule alone,
+        # rather than the whole decision and a flag (shorter paths into the units).
+        may_loadw = (step_is_loadw & self.load_ready & inflight_idle[step_bank]
+                     & ~(feed_busy & (self.feeding_bank == step_bank)))
+        may_matmul = (step_is_matmul & self.feed_ready
+                      & ~(self.load_filling & (self.loading_bank == step_bank)))
+        may_requant = step_is_requant & (requant_beside_feed | (~feed_busy & self.drain_idle))
+        may_halt = step_is_halt & ~feed_busy & self.drain_idle & ~load_active
+        may_fill = step_is_fill & ~feed_busy
+        base = Signal()
         requant_free = ~self.requant_active
         if _overlaps(c):
             requant_free = requant_free | (self.requant_overlap & may_overlap)
-        m.d.comb += dispatch.eq(running & ready & requant_free & can_issue)
+        m.d.comb += base.eq(running & ready & requant_free)
+        dispatch = Signal()
+        m.d.comb += dispatch.eq(base & (may_loadw | may_matmul | may_requant | may_halt
+                                        | may_fill | ~step_waits))
         advance = gemm.advance   # the step completes its instruction: the PC moves on
-        m.d.comb += [gemm.dispatch.eq(dispatch), self.stall.eq(ready & ~dispatch),
-                     self.loadw.eq(dispatch & step_is_loadw),
-                     self.matmul.eq(dispatch & step_is_matmul),
-                     self.requant.eq(dispatch & step_is_requant)]
+        m.d.comb += [self.stall.eq(ready & ~dispatch),
+                     self.loadw.eq(base & may_loadw), self.matmul.eq(base & may_matmul),
+                     self.requant.eq(base & may_requant),
+                     # A GEMM's step, or a GEMM with no K tiles (it stops as illegal).
+                     gemm.dispatch.eq(self.loadw | self.matmul | (base & gemm.empty))]
 
         # Fetch: the memory's port is the sequencer's during a run.
         m.d.comb += [self.fetch_addr.eq(fetch_addr),
@@ -165,15 +169,18 @@ class Sequencer(wiring.Component):
         with m.If(dispatch & advance):
             m.d.sync += self.pc.eq(self.pc + 1)
 
-        with m.If(dispatch & step_is_halt):
+        with m.If(base & may_halt):
             m.d.sync += [running.eq(0), self.done.eq(1)]
-        with m.If(dispatch & (op_unknown | gemm.empty)):
+        with m.If(base & (op_unknown | gemm.empty)):   # neither ever waits
             m.d.sync += [running.eq(0), self.illegal.eq(1)]
         strobes = {Opcode.SETPP: self.set_pp, Opcode.SETREQ: self.set_req,
                    Opcode.SETGEMM: gemm.set_gemm, Opcode.SETKERN: gemm.set_kern,
                    Opcode.SETWIN: self.set_win, Opcode.SETOUT: self.set_out,
                    Opcode.FILL: self.fill}
-        m.d.comb += [strobes[op].eq(dispatch & op_is[op]) for op in strobed_ops]
+        m.d.comb += [strobes[op].eq(base & op_is[op]) for op in strobed_ops
+                     if not (fill_waits and op == Opcode.FILL)]
+        if fill_waits:
+            m.d.comb += self.fill.eq(base & may_fill)
 
         with m.If(self.start):
             m.d.sync += [running.eq(1), fill.eq(0), fetch_addr.eq(self.start_pc),
