@@ -83,8 +83,9 @@ def memory_ports(m: Module, implementation: Implementation, info: MemoryInfo, *,
     after a read, as with the generic memory; after a write cycle it is undefined, so the
     user must not read and write in the same cycle (the host writes the weights only when
     no run is on). The port's address is the write port's when ``address_select`` is high
-    (default: when it writes); a user whose other writes present the same address on both
-    ports gives the rest alone, keeping their write enables off the address path."""
+    (default: whenever it writes). A user whose writers all but some put the same address
+    on both ports (the NPU's host) may pass only the others' writes (the units'), keeping
+    the first writers' enables off the address path."""
     if not spram_blocks(implementation, info, spram_taken):
         # Collisions are don't-care on a memory read only through non-transparent ports.
         attrs = {} if transparent else {"no_rw_check": 1}
