@@ -20,6 +20,12 @@ from .implementation import GENERIC, Implementation, check_implementation
 __all__ = ["Requantizer"]
 
 
+def _add_with_carry(a, b, carry):
+    """a + b + carry (one bit) as one sum: (2a + carry + 2b + 1) / 2, so that yosys makes
+    one carry chain, where a signed a + b plus an unsigned bit would take two."""
+    return (Cat(carry, a).as_signed() + Cat(Const(1, 1), b).as_signed()) >> 1
+
+
 class Requantizer(wiring.Component):
     """acc + bias (wrapping) → rounding doubling high multiply by a Q31 multiplier →
     rounding right shift → + zero point → clamp → saturate to ``output_width``; ``raw``
@@ -34,8 +40,8 @@ class Requantizer(wiring.Component):
     Bit-exact with :func:`npugen.arith.requantize`. ``latency`` registers from input to
     ``out`` (one stage each: bias; the products of 16-bit halves; their sum; nudge and divide by
     2**31; the rounding shift; round and zero point; clamp and saturation), so that no
-    stage chains more than two carries; ``zero_point`` is read in the stage before last,
-    the clamp bounds in the last.
+    stage chains more than two carries; ``zero_point`` and the clamp bounds are read in
+    the stage before last.
 
     ``implementation``: whose DSP blocks take the products (hw/dsp.py): three, or four on
     iCE40 (``wide_products``); ``three_products`` overrides that choice (tests).
@@ -217,20 +223,43 @@ class Requantizer(wiring.Component):
         valid6 = Signal()
         m.d.sync += [with_zero.eq(truncated + self.zero_point + round_up), valid6.eq(valid5)]
         # Stage 7: clamp (max, then min: like np.clip, even if the bounds are inverted) and
-        # saturate. Every comparison of with_zero runs in parallel; the bounds' own
-        # comparisons and saturated values do not depend on the data.
-        low, high_bound = -(1 << (self._out_width - 1)), (1 << (self._out_width - 1)) - 1
+        # saturate. Clipping to [clamp_min, clamp_max] then saturating is one clamp to
+        # [lower, upper] = [sat(min(clamp_min, clamp_max)), sat(clamp_max)] (lower <=
+        # upper), bounds of the output's width that depend on the settings only. So the
+        # value is compared as output_width bits when it fits them (out of range it is
+        # below or above both by its sign): carry chains of output_width bits, not of 34.
+        width = self._out_width
+        out_low, out_high = -(1 << (width - 1)), (1 << (width - 1)) - 1
+
+        def fits(value):
+            """Whether ``value`` fits the output's width: its bits from the output's sign
+            up all equal (a LUT tree, where a compare would take a carry chain)."""
+            top = value[width - 1:]
+            return top.all() | ~top.any()
 
         def saturate(value):
-            return Mux(value < low, low, Mux(value > high_bound, high_bound, value))
+            return Mux(fits(value), value[0:width].as_signed(),
+                       Mux(value[-1], out_low, out_high))
 
-        below_min = with_zero < self.clamp_min
-        above_max = with_zero > self.clamp_max
-        # After max(with_zero, clamp_min): is it above clamp_max?
-        raised_above_max = Mux(below_min, self.clamp_min > self.clamp_max, above_max)
+        # Registered beside with_zero: the bounds' compares and saturation then leave the
+        # data's path (the settings hold through a REQUANT). sat(min(clamp_min, clamp_max))
+        # is min(sat(clamp_min), sat(clamp_max)): a compare of output_width bits.
+        saturated_min = saturate(self.clamp_min)
+        saturated_max = saturate(self.clamp_max)
+        lower = Signal(signed(width), reset_less=True)
+        upper = Signal(signed(width), reset_less=True)
         m.d.sync += [
-            self.out.eq(Mux(raised_above_max, saturate(self.clamp_max),
-                            Mux(below_min, saturate(self.clamp_min), saturate(with_zero)))),
+            lower.eq(Mux(saturated_min > saturated_max, saturated_max, saturated_min)),
+            upper.eq(saturated_max),
+        ]
+        in_range = Signal()
+        m.d.comb += in_range.eq(fits(with_zero))
+        value = with_zero[0:width].as_signed()
+        negative = with_zero[-1]
+        below_lower = Mux(in_range, value < lower, negative)
+        above_upper = Mux(in_range, value > upper, ~negative)
+        m.d.sync += [
+            self.out.eq(Mux(below_lower, lower, Mux(above_upper, upper, value))),
             self.raw.eq(with_zero[0:self._acc_width]),
             self.out_valid.eq(valid6),
         ]
@@ -341,69 +370,105 @@ class Requantizer(wiring.Component):
 
     def _serial_product(self, m, total):
         """a·b in logic, ``serial_bits`` bits of a a cycle: a new sample every
-        ``product_cycles`` cycles at most. The stage-1 registers load with ``valid``; the
-        steps run in the ``product_cycles`` cycles after, each adding the next digit of a
-        (the last one signed) times b to a partial sum kept shifted right by the bits done,
-        the bits it passes collected below it; the product and the sample's fields are
-        ready the cycle after the last step, and the next sample's first step overwrites
-        them only at that cycle's end."""
+        ``product_cycles`` cycles at most. The stage-1 registers load with ``valid``. Each
+        cycle after, the terms of the next ``k`` bits of a (Booth-recoded, times b) are
+        summed into a register; in each of the ``product_cycles`` cycles from the second,
+        a step adds that sum to a partial sum kept shifted right by the bits done, the bits
+        it passes collected below it. The product and the sample's fields are ready the
+        cycle after the last step, and the next sample's first step overwrites them only
+        at that cycle's end.
+
+        Booth's recoding: a = Σ (a[i−1] − a[i])·2**i (a[−1] = 0, a sign-extended), so each
+        pair of bits with the one below is a digit of −2 to 2 and a last odd bit one of −1
+        to 1; the sign needs no last-step correction. A digit's term is b or 2b, inverted
+        when negative, its +1 a carry-in. The terms are summed a cycle ahead, so that the
+        partial sum's loop is one carry chain."""
         k, steps = self._serial_bits, self.product_cycles
         int32_min = -(1 << 31)
-        a_bits = k * steps   # a, sign-extended to whole digits
-        a_rest = Signal(signed(a_bits), reset_less=True)   # the digits not yet taken
+        width = 36 + k
+        a_bits = k * steps   # a, sign-extended to whole steps
+        a_rest = Signal(signed(a_bits), reset_less=True)   # the bits not yet taken
+        below = Signal(reset_less=True)   # the bit under a_rest's bit 0 (Booth's a[i−1])
         b = Signal(signed(32), reset_less=True)
-        shift1 = Signal(SHIFT_BITS, reset_less=True)
-        single1, even1 = Signal(reset_less=True), Signal(reset_less=True)
+        # The sample's fields, from the input (1) and from its terms' first cycle (2): the
+        # next sample loads the first before this one's last step.
+        shift1, shift2 = (Signal(SHIFT_BITS, name=f"shift{i}", reset_less=True) for i in (1, 2))
+        single1, single2, even1, even2 = (Signal(name=name, reset_less=True)
+                                          for name in ("single1", "single2", "even1", "even2"))
+        summing = Signal()       # the cycle after valid: the first step's terms are summed
         first = Signal()         # the first step's cycle
         remaining = Signal(range(steps + 1))   # steps left, this one included
         with m.If(self.valid):
-            m.d.sync += [a_rest.eq(total), b.eq(self.multiplier), shift1.eq(self.shift),
-                         single1.eq(self.single), even1.eq(self.even),
-                         remaining.eq(steps)]
+            m.d.sync += [a_rest.eq(total), below.eq(0), b.eq(self.multiplier),
+                         shift1.eq(self.shift), single1.eq(self.single),
+                         even1.eq(self.even)]
+        with m.Else():   # past the last digits, a_rest shifts its sign: never summed
+            m.d.sync += [a_rest.eq(a_rest >> k), below.eq(a_rest[k - 1])]
+        m.d.sync += [summing.eq(self.valid), first.eq(summing)]
+        with m.If(summing):
+            m.d.sync += [remaining.eq(steps), shift2.eq(shift1)]
+            if self._rounding == "both":
+                m.d.sync += single2.eq(single1)
+            if self._rounding != "double":
+                m.d.sync += even2.eq(even1)
         with m.Elif(remaining != 0):
-            m.d.sync += [a_rest.eq(a_rest >> k), remaining.eq(remaining - 1)]
-        m.d.sync += first.eq(self.valid)
+            m.d.sync += remaining.eq(remaining - 1)
         last = remaining == 1
-        # The partial sum stays within ±2**31 after each step; digit·b plus it fits 33 + k bits.
+        # The terms of the bits in a_rest's low k, summed for the next step: each digit's
+        # term at its weight with its +1 but the first digit's, the step's carry-in.
+        bits = Cat(below, a_rest[0:k])   # bits[i + 1] is a_rest[i]
+        terms = None
+        first_negative = None
+        for at in range(0, k, 2):
+            if at + 1 < k:   # a radix-4 digit: bits[at] + bits[at + 1] − 2·bits[at + 2]
+                low_bit, middle, high_bit = bits[at], bits[at + 1], bits[at + 2]
+                one = low_bit ^ middle
+                two = (high_bit ^ low_bit) & (high_bit ^ middle)
+                magnitude = Mux(two, b << 1, Mux(one, b, 0))
+            else:            # a last odd bit: bits[at] − bits[at + 1]
+                low_bit, high_bit = bits[at], bits[at + 1]
+                magnitude = Mux(low_bit ^ high_bit, b, 0)
+            negative = high_bit
+            term = Mux(negative, ~magnitude.as_signed(), magnitude.as_signed())
+            if terms is None:
+                terms, first_negative = term, negative
+                continue
+            # The sum's bits below this term's weight are the terms' before it. The sum
+            # above is its own signal, so that yosys maps it to one carry chain with the
+            # negation's +1 as its carry-in.
+            upper = Signal(signed(width - at), name=f"terms{at // 2}", attrs={"keep": 1})
+            m.d.comb += upper.eq(_add_with_carry(terms[at:].as_signed(), term, negative))
+            terms = Cat(terms[0:at], upper).as_signed()
+        step_terms = Signal(signed(width), reset_less=True)
+        step_carry = Signal(reset_less=True)
+        m.d.sync += [step_terms.eq(terms), step_carry.eq(first_negative)]
+        # The step: the partial sum stays within ±2**31; with the terms it fits width bits.
         partial = Signal(signed(33), reset_less=True)
         low = Signal(a_bits, reset_less=True)   # the product's bits below the partial sum
-        digit = a_rest[0:k]
-        terms = [Mux(digit[i], b, 0).as_signed() << i for i in range(k - 1)]
-        top = Mux(digit[k - 1], b, 0).as_signed() << (k - 1)
-        # The last digit is a's top (sign) digit: its top bit weighs −2**(k−1).
-        terms.append(Mux(last, -top, top))
-        terms.append(Mux(first, 0, partial))
-        # Summed as a balanced tree of two-input sums, each its own signal: yosys then maps
-        # each to a carry chain, where one multi-operand sum would take mostly LUTs.
-        level = 0
-        while len(terms) > 1:
-            pairs = []
-            for i in range(0, len(terms) - 1, 2):
-                pair = Signal(signed(32 + k + 1), name=f"step_sum{level}_{i // 2}",
-                              attrs={"keep": 1})
-                m.d.comb += pair.eq(terms[i] + terms[i + 1])
-                pairs.append(pair)
-            terms = pairs + terms[len(terms) - len(terms) % 2:]
-            level += 1
-        step_sum = terms[0]
+        step_sum = Signal(signed(width), attrs={"keep": 1})
+        m.d.comb += step_sum.eq(_add_with_carry(Mux(first, 0, partial), step_terms, step_carry))
         with m.If(remaining != 0):
             m.d.sync += [partial.eq(step_sum >> k), low.eq(Cat(low[k:], step_sum[0:k]))]
-        # a == b == −2**31 (double rounding saturates): only with a 32-bit a.
+        # a == b == −2**31 (double rounding saturates): only with a 32-bit a, decided
+        # while the first terms are summed and kept from the first step.
         overflow = Signal(reset_less=True)
         if self._acc_width == 32:
+            overflow_next = Signal(reset_less=True)
+            with m.If(summing):
+                m.d.sync += overflow_next.eq((a_rest == int32_min) & (b == int32_min))
             with m.If(first):
-                m.d.sync += overflow.eq((a_rest == int32_min) & (b == int32_min))
+                m.d.sync += overflow.eq(overflow_next)
         # The fields beside the product, from the last step's cycle.
         shift3 = Signal(SHIFT_BITS, reset_less=True)
         single3, even3 = Signal(reset_less=True), Signal(reset_less=True)
         valid3 = Signal()
         m.d.sync += valid3.eq(last)
         with m.If(last):
-            m.d.sync += shift3.eq(shift1)
+            m.d.sync += shift3.eq(shift2)
             if self._rounding == "both":
-                m.d.sync += single3.eq(single1)
+                m.d.sync += single3.eq(single2)
             if self._rounding != "double":
-                m.d.sync += even3.eq(even1)
+                m.d.sync += even3.eq(even2)
         full = Signal(signed(64))
         m.d.comb += full.eq(Cat(low, partial).as_signed())
         return full, overflow, shift3, valid3, single3, even3

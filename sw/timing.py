@@ -74,12 +74,13 @@ def requant_shift_cycles(product_cycles: int) -> int:
 
 def requant_lane_latency(product_cycles: int) -> int:
     """Registers from a requantizer lane's input to its output: ``REQUANT_PIPELINE_STAGES``
-    with the product in DSP blocks (two of them the product's); a serial product takes
-    its ``product_cycles`` steps after the input register, and is ready the cycle after,
-    and its rounding shift ``requant_shift_cycles`` in place of the one stage."""
+    with the product in DSP blocks (two of them the product's); a serial product sums
+    its first terms the cycle after the input register, takes its ``product_cycles``
+    steps after that, and is ready the cycle after, and its rounding shift
+    ``requant_shift_cycles`` in place of the one stage."""
     if product_cycles == 1:
         return REQUANT_PIPELINE_STAGES
-    return (REQUANT_PIPELINE_STAGES - 2 + product_cycles
+    return (REQUANT_PIPELINE_STAGES - 1 + product_cycles
             + requant_shift_cycles(product_cycles) - 1)
 
 

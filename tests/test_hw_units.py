@@ -407,6 +407,11 @@ def requant_edge_cases(accumulator_width: int) -> list[tuple[int, ...]]:
         for acc in (low - 1, low, low + 1, high - 1, high, high + 1):
             cases.append((acc, 0, INT32_MAX, 0, 0, low, high))
             cases.append((acc - 3, 0, INT32_MAX, 0, 3, low, high))
+    # Bounds outside the output range, and inverted ones (np.clip gives clamp_max).
+    for low, high in ((200, 300), (-300, -200), (7, -5), (300, 200), (-200, -300),
+                      (50, -200), (200, -300), (-300, 300)):
+        for acc in (-5000, -250, -129, -128, -6, 0, 6, 127, 128, 250, 5000):
+            cases.append((acc, 0, INT32_MAX, 0, 0, low, high))
     # Products exactly halfway for single rounding (x·m = (2k + 1)·2**(30+s)), with odd and
     # even results on both sides of zero, and one step off the half (a bit below it set).
     for shift in range(5):
@@ -456,9 +461,9 @@ def run_requantizer(cases: np.ndarray, valid: np.ndarray, *, accumulator_width: 
     cycle unless the product is serial), with ``left_shift``, ``single`` and ``even`` per
     case when given; return ``out`` and ``out_valid`` in every cycle, and the
     Requantizer. Between two cases the inputs hold garbage (the next case's values or
-    random ones) and valid is low. The zero point goes in at the stage before last and the
-    clamps at the last, as documented, so they are presented ``latency - 2`` and
-    ``latency - 1`` cycles after the accumulator. ``three_products``: the Requantizer's
+    random ones) and valid is low. The zero point and the clamps go in at the stage before
+    last, as documented, so they are presented ``latency - 2`` cycles after the
+    accumulator. ``three_products``: the Requantizer's
     (its product's datapath)."""
     rq = Requantizer(accumulator_width=accumulator_width, output_width=output_width,
                      rounding=rounding, three_products=three_products,
@@ -466,8 +471,8 @@ def run_requantizer(cases: np.ndarray, valid: np.ndarray, *, accumulator_width: 
     latency, interval = rq.latency, rq.product_cycles
     columns = {name: cases[:, i] for i, name in enumerate(REQUANT_FIELDS)}
     first_stage = REQUANT_FIELDS[:4]
-    late_stages = {"zero_point": latency - 2, "clamp_min": latency - 1,
-                   "clamp_max": latency - 1}
+    late_stages = {"zero_point": latency - 2, "clamp_min": latency - 2,
+                   "clamp_max": latency - 2}
     n = len(cases)
     outs, out_valids = [], []
     noise = np.random.default_rng(n)
