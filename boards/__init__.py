@@ -46,8 +46,9 @@ def _platform(module: str, cls: str) -> Callable[[], object]:
 
 # The iCEBreaker's UP5K profile (docs/BOARDS.md): a 4×4 with the feature-map hardware, its
 # 16 products in the eight SB_MAC16s (whose B registers hold the weights: one bank), the
-# requantizer's product in logic (2 bits a cycle: a channel every 11), rows broadcast,
-# only the cycles counter, no link error counters, no max pooling or adds. The weights
+# requantizer's product in logic (4 bits a cycle, Booth-recoded: a channel every 6), rows
+# broadcast, only the cycles counter, no link error counters, no max pooling or adds. The
+# weights
 # (16K words) and the single-port activations (8K) take the four SPRAMs, the rest 29 of
 # the 30 EBRs. That holds MLPerf Tiny's keyword spotter (npugen compile kws_ref_model.tflite
 # --board icebreaker: 4,688 activation words, sums of 21 bits, nine stages of at most 512
@@ -55,7 +56,7 @@ def _platform(module: str, cls: str) -> Callable[[], object]:
 # stages, its anomaly detector (sums of 22 bits).
 _ICEBREAKER = dict(rows=4, cols=4, activation_depth=8192, weight_depth=16384,
                    accumulator_depth=512, instruction_depth=512, param_depth=256,
-                   requant_lanes=1, accumulator_width=22, requant_serial_bits=2,
+                   requant_lanes=1, accumulator_width=22, requant_serial_bits=4,
                    weight_banks=1, row_broadcast=True, load_skew=False,
                    single_port_activations=True, max_pooling=False, adds=False,
                    activity_counters=False, link_error_counters=False)
