@@ -382,7 +382,8 @@ class Requantizer(wiring.Component):
         pair of bits with the one below is a digit of −2 to 2 and a last odd bit one of −1
         to 1; the sign needs no last-step correction. A digit's term is b or 2b, inverted
         when negative, its +1 a carry-in. The terms are summed a cycle ahead, so that the
-        partial sum's loop is one carry chain."""
+        partial sum's loop is one carry chain; they are summed in series, ⌈k/2⌉ − 1 carry
+        chains before their register (one at the UP5K's k = 4)."""
         k, steps = self._serial_bits, self.product_cycles
         int32_min = -(1 << 31)
         width = 36 + k

@@ -13,11 +13,13 @@ accumulator word in turn, from the cycle after its start. Each group then takes
 - ``REQUANT_INPUT_STAGES`` (1): the group is selected and registered, and the
   parameters arrive from their memory beside it;
 - the lane's latency (``requant_lane_latency``: ``REQUANT_PIPELINE_STAGES`` with the
-  product in DSP blocks, 6 + P serial), whose output is written the cycle it leaves;
+  product in DSP blocks, 6 + P serial, 14 + P past P = 9), whose output is written the
+  cycle it leaves;
 
 and ``active`` (which holds the sequencer) stays up until the last write, so the next
 instruction dispatches ``requant_cycles(groups, P)`` cycles after the REQUANT's start
-(``groups + REQUANT_TAIL_CYCLES`` with DSP products, ``groups·P + 10`` serial).
+(``groups + REQUANT_TAIL_CYCLES`` with DSP products, ``groups·P + 10`` serial,
+``groups·P + 18`` past P = 9).
 
 With ``requant_overlap`` a REQUANT (but to_acc) dispatches while the feeder still streams
 or its results drain: it then waits ``drain_wait`` cycles (the feeder's count, latched at
