@@ -12,7 +12,7 @@ from ..config import NpuConfig
 from ..hw.dsp import ICE40_MIN_DSP_PRODUCT_BITS, dsp_rows, paired_columns
 from ..hw.implementation import ECP5_DSP_PRODUCTS, Implementation
 from ..hw.ram import SPRAM_BLOCKS, spram_plan
-from ..memory_map import Region, memories
+from ..memory_map import Region, memories, parted_memories
 from ..protocol import RX_FIFO_BYTES
 
 __all__ = ["Device", "DEVICES", "Estimate", "board_implementation", "estimate"]
@@ -112,7 +112,7 @@ def estimate(config: NpuConfig, device: Device) -> Estimate:
     RAM (the accumulators' twice with ``requant_overlap``, and the depthwise mode's line
     buffers), or SPRAM where hw/ram.py maps it there."""
     implementation = board_implementation(config, device)
-    in_spram = spram_plan(implementation, memories(config))
+    in_spram = spram_plan(implementation, memories(config), parted_memories(config))
     bits = sum(info.depth * info.width for region, info in memories(config).items()
                if not in_spram[region])
     if config.requant_overlap:   # the requantizer's read port: a copy of the accumulators

@@ -55,6 +55,11 @@ class SystolicArray(wiring.Component):
     bottom row, not its last column (``weight_use_cycles``, sw/timing.py). Without the
     skew every column shifts at once, and the load waits for the last column.
 
+    With ``weight_segments`` S the columns shift in S segments of L = rows / S rows, each
+    from its own input at its top row (``segment_row``, ``segment_load``,
+    ``segment_load_bank`` for segments 1 to S − 1; the weight loader gives segment s its
+    rows s·L cycles after segment 0's), so a tile loads in L cycles.
+
     With one weight bank (``weight_banks`` 1) a load writes each word straight into its
     row, ``load_index`` (``rows − 1 − k`` for the tile's k-th word: where the shift would
     leave it), with no shift down the column; on iCE40, where the array's rows pair their
@@ -88,6 +93,11 @@ class SystolicArray(wiring.Component):
             "load": In(1),
             "load_bank": In(1),
             **({"load_index": In(range(c.rows))} if c.weight_banks == 1 else {}),
+            **({"segment_row": In(data.ArrayLayout(
+                    data.ArrayLayout(signed(c.weight_width), c.cols), c.weight_segments - 1)),
+                "segment_load": In(c.weight_segments - 1),
+                "segment_load_bank": In(c.weight_segments - 1)}
+               if c.weight_segments > 1 else {}),
             "result": Out(data.ArrayLayout(signed(c.accumulator_width), c.cols)),
             **({"depthwise": In(1), "line_delay": In(range(c.line_buffer_depth))}
                if c.line_buffer_depth else {}),
@@ -128,6 +138,15 @@ class SystolicArray(wiring.Component):
                         _delay(m, self.load_index, skew[col], f"load_skew_index{col}")
                         if one_bank else None)
                        for col in range(c.cols)]
+        # With weight_segments, segment s (rows s·L to s·L + L − 1) takes its own words,
+        # loads and bank bits at its top row, with the same column skew.
+        loads_by_segment = [column_load] + [
+            [(_delay(m, self.segment_row[s - 1][col], skew[col], f"load_skew{col}_s{s}"),
+              _delay(m, self.segment_load[s - 1], skew[col], f"load_skew_valid{col}_s{s}"),
+              _delay(m, self.segment_load_bank[s - 1], skew[col],
+                     f"load_skew_bank{col}_s{s}"), None)
+             for col in range(c.cols)]
+            for s in range(1, c.weight_segments)]
         # Row r's inputs, r cycles after the word enters (skew); every stage is kept, for
         # the depthwise mode's column tops.
         skewed = [_delay_stages(m, self.act[r], r + ARRAY_INPUT_STAGES, f"skew{r}")
@@ -136,7 +155,7 @@ class SystolicArray(wiring.Component):
             for col in range(c.cols):
                 pe = pes[r][col]
                 m.submodules[f"pe_{r}_{col}"] = pe
-                weight_row, load, load_bank, load_index = column_load[col]
+                weight_row, load, load_bank, load_index = loads_by_segment[r // c.load_rows][col]
                 if one_bank:   # the word goes straight to its row
                     load = load & (load_index == r)
                 m.d.comb += [pe.load.eq(load), pe.load_bank.eq(load_bank)]
@@ -163,8 +182,10 @@ class SystolicArray(wiring.Component):
                     m.d.comb += [pe.psum_in.eq(0), pe.weight_in.eq(weight_row)]
                 else:
                     above = pes[r - 1][col]
+                    segment_top = r % c.load_rows == 0
                     m.d.comb += [pe.psum_in.eq(above.psum_out),
-                                 pe.weight_in.eq(weight_row if one_bank else above.weight_out)]
+                                 pe.weight_in.eq(weight_row if one_bank or segment_top
+                                                 else above.weight_out)]
             if paired_cols and r < in_dsp:
                 shared = pes[r][:paired_cols]
                 products = registered_products(

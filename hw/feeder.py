@@ -145,7 +145,7 @@ class Feeder(wiring.Component):
         cycles until the last result is written (returned: 0 when ``drain_idle``)."""
         c = self._config
         # At least one: with one row the LOADW waits for the feeder's last issue anyway.
-        use_cycles = max(1, weight_use_cycles(c.rows, c.skew_cols, c.load_skew))
+        use_cycles = max(1, weight_use_cycles(c.load_rows, c.skew_cols, c.load_skew))
         latency = array_latency(c.rows, c.skew_cols)
         inflight = Array(Signal(range(use_cycles + 1), name=f"inflight{b}") for b in range(2))
         drain = Signal(range(latency + 3))

@@ -27,6 +27,10 @@ class GemmExpander(wiring.Component):
     ``op_loadw``, ``op_matmul``; ``advance`` says the step completes its instruction;
     ``empty``: the instruction is a GEMM with no K tiles.
 
+    With ``paired_loads``: ``pairable`` says the step is a MATMUL with a K tile after it,
+    whose LOADW (``pair_bank``, ``pair_weight_addr``) may dispatch beside it (``pair``
+    with ``dispatch``); the next step is then that K tile's MATMUL.
+
     ``dispatch`` moves to the next step when the step is a GEMM's; ``set_gemm`` and
     ``set_kern`` load SETGEMM and SETKERN; ``run_start`` restores the walk's start and
     SETKERN's defaults.
@@ -55,6 +59,8 @@ class GemmExpander(wiring.Component):
             "count": Out(16),
             "accumulate": Out(1),
             "combine": Out(1),
+            **({"pair": In(1), "pairable": Out(1), "pair_bank": Out(1),
+                "pair_weight_addr": Out(16)} if config.paired_loads else {}),
         })
 
     def elaborate(self, platform):
@@ -134,6 +140,12 @@ class GemmExpander(wiring.Component):
             self.is_matmul.eq(Mux(is_gemm, gemm_step & gemm_matmul_next, self.op_matmul)),
         ]
 
+        if c.paired_loads:
+            m.d.comb += [
+                self.pairable.eq(is_gemm & ~gemm_empty & gemm_matmul_next & ~gemm_last_tile),
+                self.pair_bank.eq(~self.bank),
+                self.pair_weight_addr.eq(gemm_weight_now + rows),
+            ]
         with m.If(gemm_dispatch):
             with m.If(~gemm_matmul_next):
                 m.d.sync += [gemm_matmul_next.eq(1), gemm_started.eq(1),
@@ -144,6 +156,9 @@ class GemmExpander(wiring.Component):
                     gemm_last_tile.eq(gemm_kt == gemm_penult_kt),
                     gemm_weight_run.eq(gemm_weight_now + rows),
                 ]
+                if c.paired_loads:   # the next K tile's LOADW went with it
+                    with m.If(self.pair):
+                        m.d.sync += gemm_matmul_next.eq(1)
                 with m.If(gemm_last):
                     m.d.sync += [gemm_started.eq(0), gemm_kt.eq(0),
                                  gemm_last_tile.eq(gemm_single),

@@ -30,12 +30,14 @@ SPRAM are instantiated by hand, the array's DSP budget) is given to its construc
 passed to the array, the requantization unit and the memories (``dsp.py``, ``ram.py``).
 """
 
-from amaranth import Cat, Module, Signal
+import dataclasses
+
+from amaranth import Array, Cat, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig, check_config_type
-from ..memory_map import Region, memories
+from ..memory_map import MemoryInfo, Region, memories, parted_memories
 from .accumulate import AccumulatePath
 from .array import SystolicArray
 from .counters import PerformanceCounters
@@ -82,7 +84,7 @@ class Npu(wiring.Component):
         m = Module()
         infos = memories(c)
         reads, writes = {}, {}
-        spram = spram_plan(implementation, infos)
+        spram = spram_plan(implementation, infos, parted_memories(c))
         # A single-port (SPRAM) memory's address is the write port's while a unit writes:
         # the host's accesses put the same address on both ports, so its write decode
         # (the host bus's address into the region compare) stays off the address path.
@@ -90,6 +92,8 @@ class Npu(wiring.Component):
                         for region, info in infos.items()}
         unit_writes = {region: [] for region in infos}
         for region, info in infos.items():
+            if region is Region.WEIGHTS and c.weight_segments > 1:
+                continue   # in parts: _weight_parts
             # The SPRAM blocks the other memories take (all, for one the plan keeps in EBR).
             taken = sum(spram.values()) - spram[region] if spram[region] else SPRAM_BLOCKS
             writes[region], reads[region] = memory_ports(
@@ -128,6 +132,9 @@ class Npu(wiring.Component):
         # override during one.
         for region, info in infos.items():
             access = getattr(host_port, info.name)
+            if region is Region.WEIGHTS and c.weight_segments > 1:
+                weight_parts = self._weight_parts(m, infos[region], access)
+                continue
             m.d.comb += [reads[region].addr.eq(access.addr), writes[region].addr.eq(access.addr),
                          writes[region].data.eq(access.data), writes[region].en.eq(access.en),
                          access.read_data.eq(reads[region].data)]
@@ -164,14 +171,27 @@ class Npu(wiring.Component):
 
         # Weight loader and feeder: LOADW and MATMUL steps into the array.
         m.d.comb += [
-            loader.dispatch.eq(sequencer.loadw), loader.bank.eq(sequencer.bank),
-            loader.weight_addr.eq(sequencer.weight_addr), loader.abort.eq(abort),
+            loader.dispatch.eq(sequencer.loadw), loader.abort.eq(abort),
             array.weight_row.eq(loader.weight_row), array.load.eq(loader.load),
             array.load_bank.eq(loader.load_bank),
         ]
+        if c.paired_loads:   # a GEMM's next LOADW may go beside its MATMUL
+            m.d.comb += [loader.bank.eq(sequencer.load_bank),
+                         loader.weight_addr.eq(sequencer.load_weight_addr)]
+        else:
+            m.d.comb += [loader.bank.eq(sequencer.bank),
+                         loader.weight_addr.eq(sequencer.weight_addr)]
         if c.weight_banks == 1:
             m.d.comb += array.load_index.eq(loader.load_index)
-        grant_read(m, reads[Region.WEIGHTS], loader.weight_read)
+        if c.weight_segments > 1:
+            grant_read(m, weight_parts[0], loader.weight_read)
+            for part, request in zip(weight_parts[1:], loader.segment_read, strict=True):
+                grant_read(m, part, request)
+            m.d.comb += [array.segment_row.eq(loader.segment_row),
+                         array.segment_load.eq(loader.segment_load),
+                         array.segment_load_bank.eq(loader.segment_load_bank)]
+        else:
+            grant_read(m, reads[Region.WEIGHTS], loader.weight_read)
         m.d.comb += [
             feeder.dispatch.eq(sequencer.matmul), feeder.set_win.eq(sequencer.set_win),
             *[getattr(feeder, name).eq(getattr(sequencer, name))
@@ -219,3 +239,27 @@ class Npu(wiring.Component):
         m.d.comb += [unit_writing[region].eq(Cat(*requests).any())
                      for region, requests in unit_writes.items() if requests]
         return m
+
+    def _weight_parts(self, m: Module, info: MemoryInfo, access) -> list:
+        """The weight memory of an NPU with ``weight_segments`` S: S parts of depth / S
+        words, part s holding rows s·L to s·L + L − 1 of every tile (L = rows / S), and
+        the host's ``access`` to them at the words' addresses as the programs give them:
+        word a is row a mod rows of tile a div rows, so part (a div L) mod S holds it at
+        (a div rows)·L + a mod L. Returns the parts' read ports (the loader's)."""
+        c = self._config
+        low = c.load_rows.bit_length() - 1        # log2 L
+        high = c.rows.bit_length() - 1            # log2 rows
+        which = access.addr[low:high]
+        within = Cat(access.addr[:low], access.addr[high:])
+        part_info = dataclasses.replace(info, depth=info.depth // c.weight_segments)
+        reads, read_from = [], Signal.like(which, name="weights_read_part")
+        m.d.sync += read_from.eq(which)   # the part whose word the read port returns
+        for s in range(c.weight_segments):
+            part = dataclasses.replace(part_info, name=f"weights_part{s}")
+            # In block RAM (no SPRAM): the parts are shallow, and read together.
+            write, read = memory_ports(m, self._implementation, part, spram_taken=SPRAM_BLOCKS)
+            m.d.comb += [write.addr.eq(within), write.data.eq(access.data),
+                         write.en.eq(Mux(which == s, access.en, 0)), read.addr.eq(within)]
+            reads.append(read)
+        m.d.comb += access.read_data.eq(Array(read.data for read in reads)[read_from])
+        return reads

@@ -55,16 +55,18 @@ def spram_blocks(implementation: Implementation, info: MemoryInfo, taken: int = 
     return blocks if blocks <= SPRAM_BLOCKS - taken else 0
 
 
-def spram_plan(implementation: Implementation,
-               infos: dict[Region, MemoryInfo]) -> dict[Region, int]:
+def spram_plan(implementation: Implementation, infos: dict[Region, MemoryInfo],
+               in_parts: frozenset[Region] = frozenset()) -> dict[Region, int]:
     """The SB_SPRAM256KA each memory of ``infos`` takes (:func:`spram_blocks`), given in
     turn, the weights first, then the activations, to the memories that fit in what is
-    left."""
+    left. Memories ``in_parts`` (the weights of an NPU with ``weight_segments``, read in
+    parts together) stay in block RAM."""
     order = sorted(infos, key=lambda region: (region is not Region.WEIGHTS,
                                               region is not Region.ACTIVATIONS))
     plan, taken = {}, 0
     for region in order:
-        plan[region] = spram_blocks(implementation, infos[region], taken)
+        plan[region] = (0 if region in in_parts else
+                        spram_blocks(implementation, infos[region], taken))
         taken += plan[region]
     return {region: plan[region] for region in infos}
 

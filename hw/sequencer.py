@@ -9,7 +9,7 @@ path. A run's cycle 0 reads the first instruction, cycle 1 loads it, cycle 2 may
 dispatch it.
 """
 
-from amaranth import Array, Cat, Module, Signal
+from amaranth import Array, Cat, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -71,6 +71,10 @@ class Sequencer(wiring.Component):
             "instruction": Out(INSTRUCTION_WIDTH),
             **{name: Out(width) for name, width in STEP_FIELDS.items()},
             **{name: Out(1) for name in _STROBES.values()},
+            # The weight loader's bank and address: the step's, or in a paired dispatch
+            # the next K tile's.
+            **({"load_bank": Out(1), "load_weight_addr": Out(16)}
+               if config.paired_loads else {}),
         })
 
     def elaborate(self, platform):
@@ -122,8 +126,11 @@ class Sequencer(wiring.Component):
         # Whether each kind of step may dispatch (its issue rule), and the dispatch of each:
         # the flags are one-hot, so each strobe is the shared `base` and its own rule alone,
         # rather than the whole decision and a flag (shorter paths into the units).
+        # A LOADW waits for the feeder to leave its bank; with paired_loads (a word's bank
+        # free the cycle it issues) it may go with the feeder's last word.
+        feeder_on = feed_busy & ~self.feed_ready if c.paired_loads else feed_busy
         may_loadw = (step_is_loadw & self.load_ready & inflight_idle[step_bank]
-                     & ~(feed_busy & (self.feeding_bank == step_bank)))
+                     & ~(feeder_on & (self.feeding_bank == step_bank)))
         may_matmul = (step_is_matmul & self.feed_ready
                       & ~(self.load_filling & (self.loading_bank == step_bank)))
         may_requant = step_is_requant & (requant_beside_feed | (~feed_busy & self.drain_idle))
@@ -138,8 +145,21 @@ class Sequencer(wiring.Component):
         m.d.comb += dispatch.eq(base & (may_loadw | may_matmul | may_requant | may_halt
                                         | may_fill | ~step_waits))
         advance = gemm.advance   # the step completes its instruction: the PC moves on
+        loadw = base & may_loadw
+        if c.paired_loads:
+            # A GEMM's next K tile's LOADW beside its MATMUL, by the LOADW rule above for
+            # the other bank, as the units stand before the MATMUL.
+            pair_bank = gemm.pair_bank
+            pair = base & may_matmul & gemm.pairable & self.load_ready & Array(
+                self.inflight_idle[b] for b in range(2))[pair_bank] & ~(
+                feeder_on & (self.feeding_bank == pair_bank))
+            loadw = loadw | pair
+            m.d.comb += [gemm.pair.eq(pair),
+                         self.load_bank.eq(Mux(pair, pair_bank, step_bank)),
+                         self.load_weight_addr.eq(Mux(pair, gemm.pair_weight_addr,
+                                                      gemm.weight_addr))]
         m.d.comb += [self.stall.eq(ready & ~dispatch),
-                     self.loadw.eq(base & may_loadw), self.matmul.eq(base & may_matmul),
+                     self.loadw.eq(loadw), self.matmul.eq(base & may_matmul),
                      self.requant.eq(base & may_requant),
                      # A GEMM's step, or a GEMM with no K tiles (it stops as illegal).
                      gemm.dispatch.eq(self.loadw | self.matmul | (base & gemm.empty))]

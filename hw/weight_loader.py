@@ -10,10 +10,16 @@ after the dispatch to the cycle of the last shift. The next LOADW may dispatch i
 cycle of the last read (``ready``, ``load_next_cycles``), so tiles load back to back; a
 MATMUL on the bank being loaded may dispatch ``weight_load_cycles`` after the dispatch
 (``filling`` falls), its words behind the last shift.
+
+With ``weight_segments`` S the weight memory is S parts and the columns S segments of
+L = rows / S rows: segment s takes the tile's rows sL to sL + L − 1 from part s, L words
+read one a cycle, s·L cycles after segment 0 (as an activation word reaches its rows s·L
+cycles later), so a tile loads in L cycles and the rules above read ``rows`` as L
+(``NpuConfig.load_rows``).
 """
 
 from amaranth import Module, Signal
-from amaranth.lib import wiring
+from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig, check_config_type
@@ -43,15 +49,30 @@ class WeightLoader(wiring.Component):
             "ready": Out(1),
             "filling": Out(1),
             "loading_bank": Out(1),
-            "weight_read": Out(ReadRequest(depth=weights.depth, data_width=weights.width)),
+            "weight_read": Out(ReadRequest(depth=weights.depth // config.weight_segments,
+                                           data_width=weights.width)),
             "weight_row": Out(weights.width),
             "load": Out(1),
             "load_bank": Out(1),
             **({"load_index": Out(range(config.rows))} if config.weight_banks == 1 else {}),
+            **(self._segment_members(config, weights) if config.weight_segments > 1 else {}),
         })
 
+    @staticmethod
+    def _segment_members(config: NpuConfig, weights) -> dict:
+        """Segments 1 to S − 1's reads of their memory parts and loads (segment 0's are
+        ``weight_read``, ``weight_row``, ``load``, ``load_bank``)."""
+        more = config.weight_segments - 1
+        part = ReadRequest(depth=weights.depth // config.weight_segments,
+                           data_width=weights.width)
+        return {"segment_read": Out(part).array(more),
+                "segment_row": Out(data.ArrayLayout(weights.width, more)),
+                "segment_load": Out(more), "segment_load_bank": Out(more)}
+
     def elaborate(self, platform):
-        rows, cols = self._config.rows, self._config.cols
+        c = self._config
+        # Each segment loads `rows` words, the whole tile with one segment.
+        rows, cols, segments = c.load_rows, c.cols, c.weight_segments
         if load_next_cycles(rows, cols) != rows:
             raise NotImplementedError("the loader takes the next LOADW on its last read")
         # A MATMUL on the bank may dispatch from the cycle the loader reads word
@@ -64,7 +85,7 @@ class WeightLoader(wiring.Component):
         last_read = Signal()
         filling = Signal()
         load_count = Signal(range(rows))
-        load_addr = Signal(range(self._config.weight_depth))
+        load_addr = Signal(range(c.weight_depth // segments))
         load_bank = Signal()
         shift_valid = Signal()   # the word read last cycle shifts in
         shift_bank = Signal()
@@ -78,16 +99,22 @@ class WeightLoader(wiring.Component):
                          filling.eq(load_count + 1 < matmul_from)]
             with m.If(load_count == rows - 1):
                 m.d.sync += load_busy.eq(0)
+        # The tile's first row in each part: weight_addr / S (a multiple of c.rows, which
+        # check_program asks of such NPUs).
+        first = self.weight_addr >> (segments.bit_length() - 1)
         with m.If(self.dispatch):
             m.d.sync += [
                 load_busy.eq(1), load_count.eq(0), load_bank.eq(self.bank),
-                load_addr.eq(self.weight_addr + rows - 1),
+                load_addr.eq(first + rows - 1),
                 last_read.eq(rows == 1), filling.eq(matmul_from > 0),
             ]
         with m.If(self.abort):
             m.d.sync += [load_busy.eq(0), last_read.eq(0), filling.eq(0)]
+        busy = load_busy | shift_valid
+        if segments > 1:
+            busy = self._segments(m, load_busy, load_addr, shift_valid, shift_bank, busy)
         m.d.comb += [
-            self.busy.eq(load_busy | shift_valid),
+            self.busy.eq(busy),
             self.ready.eq(~load_busy | last_read),
             self.filling.eq(filling),
             self.loading_bank.eq(load_bank),
@@ -96,3 +123,27 @@ class WeightLoader(wiring.Component):
             self.load_bank.eq(shift_bank),
         ]
         return m
+
+    def _segments(self, m: Module, read_valid, read_addr, shift_valid, shift_bank, busy):
+        """Segment s's reads and loads: segment 0's, s·L cycles later (the valid bits
+        reset and cleared by ``abort``); returns ``busy`` held until the last segment's
+        last shift."""
+        c = self._config
+        rows = c.load_rows
+        valid, addr, shift, bank = read_valid, read_addr, shift_valid, shift_bank
+        for s in range(1, c.weight_segments):
+            for _ in range(rows):   # s·L cycles behind segment 0
+                later = (Signal(name=f"segment{s}_read_valid"),
+                         Signal.like(read_addr, name=f"segment{s}_read_addr"),
+                         Signal(name=f"segment{s}_shift"),
+                         Signal(name=f"segment{s}_shift_bank"))
+                m.d.sync += [later[0].eq(valid & ~self.abort), later[1].eq(addr),
+                             later[2].eq(shift & ~self.abort), later[3].eq(bank)]
+                valid, addr, shift, bank = later
+            read = self.segment_read[s - 1]
+            m.d.comb += [read.valid.eq(valid), read.addr.eq(addr),
+                         self.segment_row[s - 1].eq(read.data),
+                         self.segment_load[s - 1].eq(shift),
+                         self.segment_load_bank[s - 1].eq(bank)]
+            busy = busy | valid | shift
+        return busy

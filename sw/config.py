@@ -136,6 +136,11 @@ class NpuConfig:
     # silicon): a FILL waits for the feeder's last read and nothing dispatches beside it.
     # Not with requant_overlap, whose REQUANT writes beside the feeder's reads.
     single_port_activations: bool = False
+    # The weight memory in this many parts, read together: column segments of
+    # rows / weight_segments rows each take their part's words at once, so a tile loads in
+    # rows / weight_segments cycles instead of rows (a batch-1 dense layer streams one word
+    # a tile and is bound by the load). A power of two dividing rows (a power of two).
+    weight_segments: int = 1
 
     def __post_init__(self) -> None:
         _check_int("rows", self.rows, 1, 64)
@@ -198,6 +203,18 @@ class NpuConfig:
                 "product) has no path back into the accumulators, which adds need; set "
                 "adds = false, or requant_serial_bits = 0")
         _check_int("weight_banks", self.weight_banks, 1, 2, "1 or 2")
+        _check_int("weight_segments", self.weight_segments, 1, 64)
+        if self.weight_segments > 1:
+            segments = self.weight_segments
+            if segments & (segments - 1) or self.rows & (self.rows - 1) or self.rows % segments:
+                raise ValueError(
+                    f"weight_segments must be 1 or a power of two dividing rows, on an array "
+                    f"whose rows are a power of two (the weight address's bits pick the "
+                    f"part), not {segments} with rows = {self.rows}")
+            if self.weight_banks == 1 or self.row_broadcast:
+                what = "weight_banks = 1" if self.weight_banks == 1 else "row_broadcast"
+                raise ValueError(f"weight_segments = {segments} cannot go with {what}: set "
+                                 f"weight_segments = 1")
         if self.row_broadcast and self.load_skew:
             raise ValueError("row_broadcast = true (every column takes its row's activation in "
                              "the same cycle) loads every column at once: set load_skew = false")
@@ -218,6 +235,21 @@ class NpuConfig:
         """Columns an activation word passes one a cycle: ``cols``, or 1 with
         ``row_broadcast`` (the ``cols`` of sw/timing.py's formulas)."""
         return 1 if self.row_broadcast else self.cols
+
+    @property
+    def load_rows(self) -> int:
+        """Rows of each column segment: the cycles a weight tile's load takes (``rows``
+        unless ``weight_segments``), the ``rows`` of sw/timing.py's load formulas."""
+        return self.rows // self.weight_segments
+
+    @property
+    def paired_loads(self) -> bool:
+        """Whether a GEMM's LOADW may dispatch in the cycle of the MATMUL of the K tile
+        before it, and the LOADW of a bank in the cycle its last word issues: with
+        ``weight_segments`` = ``rows`` (a tile loads in a cycle) and the load skew (a word
+        has left a bank's rows as the load reaches them), so that a batch-1 dense layer
+        runs a K tile a cycle."""
+        return self.weight_segments > 1 and self.load_rows == 1 and self.load_skew
 
     @property
     def depthwise_groups(self) -> int:
@@ -341,6 +373,9 @@ class NpuConfig:
             text += ", no link error counters"
         if self.weight_banks == 1:
             text += ", one weight bank"
+        if self.weight_segments > 1:
+            text += (f", weights loaded in {self.weight_segments} segments "
+                     f"({self.load_rows} cycles a tile)")
         if self.single_port_activations:
             text += ", single-port activations"
         if self.requant_serial_bits:

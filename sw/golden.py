@@ -94,6 +94,27 @@ class CycleModel:
     requant_free_at: int = 0
     requant_overlap: bool = False  # the last REQUANT lets REQUANT_OVERLAPPERS go on
     counters: Counters = field(default_factory=Counters)
+    # A GEMM's last MATMUL step (paired_loads): its K tile, cycle, and the feeder's bank
+    # and last issue before it, for the next K tile's LOADW dispatched beside it.
+    pair_with: tuple[int, int, int, int] | None = None
+
+    def _feeder_free_at(self, feeder_idle_at: int) -> int:
+        """The first cycle a LOADW may load the bank the feeder streams from: once it is
+        idle, or with ``paired_loads`` (each segment one row, the loads skewed: a word's
+        bank is free the cycle it issues, ``weight_use_cycles`` 0) in its last issue."""
+        return feeder_idle_at - 1 if self.config.paired_loads else feeder_idle_at
+
+    def _paired(self, step: Instruction, bank: int) -> bool:
+        """Whether GEMM step ``step``, a LOADW, dispatches in the cycle of the MATMUL of
+        the K tile before it (``paired_loads``): if its rules hold then, before that
+        MATMUL's dispatch (the sequencer decides both at once)."""
+        if (self.pair_with is None or step.opcode is not Opcode.LOADW
+                or step.k_tile != self.pair_with[0] + 1):
+            return False
+        _, cycle, feeder_bank, feeder_last_issue = self.pair_with
+        return (cycle >= max(self.load_next_at, self.inflight_clear_at[bank])
+                and (feeder_bank != bank
+                     or cycle >= self._feeder_free_at(feeder_last_issue + 1)))
 
     def dispatch(self, instruction: Instruction) -> None:
         rows, cols = self.config.rows, self.config.cols
@@ -102,10 +123,14 @@ class CycleModel:
         earliest = self.next_cycle if overlaps else max(self.next_cycle, self.requant_free_at)
         feeder_idle_at = self.feeder_last_issue + 1
         bank = weight_bank(self.config, instruction)
-        if op is Opcode.LOADW:
+        paired = self._paired(instruction, bank)
+        pair_with, self.pair_with = self.pair_with, None
+        if paired:   # in the cycle of the MATMUL before it, which took its own
+            earliest = pair_with[1]
+        elif op is Opcode.LOADW:
             earliest = max(earliest, self.load_next_at, self.inflight_clear_at[bank])
             if self.feeder_bank == bank:
-                earliest = max(earliest, feeder_idle_at)
+                earliest = max(earliest, self._feeder_free_at(feeder_idle_at))
         elif op is Opcode.MATMUL:
             earliest = max(earliest, self.feeder_last_issue)
             if self.load_bank == bank:
@@ -117,20 +142,24 @@ class CycleModel:
             earliest = max(earliest, feeder_idle_at)   # no write beside the feeder's reads
         elif op is Opcode.HALT:
             earliest = max(earliest, feeder_idle_at, self.drain_clear_at, self.load_free_at)
-        self.counters.stall_cycles += earliest - self.next_cycle
+        if not paired:
+            self.counters.stall_cycles += earliest - self.next_cycle
         cycle = earliest
         if op is Opcode.LOADW:
             self.load_bank = bank
             self.load_free_at = cycle + rows + WEIGHT_LOAD_STAGES
-            self.load_next_at = cycle + load_next_cycles(rows, cols)
-            self.loaded_at = cycle + weight_load_cycles(rows, cols)
+            self.load_next_at = cycle + load_next_cycles(self.config.load_rows, cols)
+            self.loaded_at = cycle + weight_load_cycles(self.config.load_rows, cols)
         elif op is Opcode.MATMUL:
+            if self.config.paired_loads and instruction.k_tile >= 0:
+                self.pair_with = (instruction.k_tile, cycle, self.feeder_bank,
+                                  self.feeder_last_issue)
             count = instruction["count"]
             last = cycle + count
             self.feeder_last_issue = last
             self.feeder_bank = bank
             self.inflight_clear_at[bank] = last + weight_use_cycles(
-                rows, self.config.skew_cols, self.config.load_skew)
+                self.config.load_rows, self.config.skew_cols, self.config.load_skew)
             self.drain_clear_at = last + results_written_cycles(rows, self.config.skew_cols)
             self.counters.busy_cycles += count
             self.counters.macs += count * rows * cols
@@ -220,12 +249,13 @@ class GemmState:
         for kt in range(self.k_tiles):
             bank = ins["bank"] ^ (kt & 1)
             steps.append(Instruction(Opcode.LOADW, {
-                "bank": bank, "weight_addr": (self.weight_addr + kt * self.rows) & 0xFFFF}))
+                "bank": bank, "weight_addr": (self.weight_addr + kt * self.rows) & 0xFFFF},
+                k_tile=kt))
             steps.append(Instruction(Opcode.MATMUL, {
                 "bank": bank, "accumulate": int(ins["accumulate"] or kt > 0),
                 "combine": ins["combine"],
                 "act_addr": (ins["act_addr"] + self.tap_offset(kt)) & 0xFFFF,
-                "acc_addr": ins["acc_addr"], "count": ins["count"]}))
+                "acc_addr": ins["acc_addr"], "count": ins["count"]}, k_tile=kt))
         self.weight_addr = (self.weight_addr + self.k_tiles * self.rows) & 0xFFFF
         return steps
 
@@ -357,6 +387,10 @@ def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instructio
     op = ins.opcode
     if op is Opcode.LOADW:
         within("weight tile rows", ins["weight_addr"] + config.rows, "weight_depth")
+        need(config.weight_segments == 1 or ins["weight_addr"] % config.rows == 0, index, ins,
+             f"weight_addr {ins['weight_addr']} is not a multiple of rows ({config.rows}), "
+             f"which an NPU generated with weight_segments = {config.weight_segments} needs "
+             f"(its address bits pick each row's memory part)")
     elif op in (Opcode.MATMUL, Opcode.REQUANT):
         need(ins["count"] >= 1, index, ins, "count must be at least 1")
         if op is Opcode.MATMUL and state.depthwise:

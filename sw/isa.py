@@ -80,7 +80,9 @@ DESCRIPTIONS: dict[Opcode, str] = {
         "Load one weight tile (`rows` words from `weight_addr` on) into weight bank "
         "`bank` of the array: it runs while a MATMUL on the other bank streams. Waits "
         "until the last activation using `bank` has passed the array's bottom row; the "
-        "loads follow the words column by column (docs/ARCHITECTURE.md)."),
+        "loads follow the words column by column (docs/ARCHITECTURE.md). On an NPU "
+        "generated with `weight_segments` S, `weight_addr` is a multiple of `rows` and the "
+        "tile loads in rows / S cycles."),
     Opcode.MATMUL: (
         "Stream `count` activation words through the array, using weight bank `bank`. "
         "Word i is read from `act_addr` + (i div L)·`row_step` + (i mod L)·`col_step`, "
@@ -284,6 +286,10 @@ class Instruction:
 
     opcode: Opcode
     args: Mapping[str, int] = field(default_factory=dict)
+    # A GEMM's step: the K tile it is of (-1: an instruction of its own). Not a field of
+    # the encoding; the cycle model reads it (a K tile's LOADW may dispatch beside the
+    # MATMUL before it, NpuConfig.paired_loads).
+    k_tile: int = field(default=-1, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         opcode = Opcode(self.opcode)

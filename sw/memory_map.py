@@ -18,8 +18,8 @@ from .layouts import param_lane_description
 
 __all__ = [
     "MAGIC", "REGION_SHIFT", "HOST_READ_LATENCY", "Region", "Reg", "Control", "Status",
-    "MemoryInfo", "memories", "identity_words", "config_from_identity", "COUNTER_NAMES",
-    "COUNTER_BITS", "address", "register_bits", "region_words", "WIDE_READ_STRIDE",
+    "MemoryInfo", "memories", "parted_memories", "identity_words", "config_from_identity",
+    "COUNTER_NAMES", "COUNTER_BITS", "address", "register_bits", "region_words", "WIDE_READ_STRIDE",
     "host_read_latency", "flag_bit", "register_spans", "check_register_map",
 ]
 
@@ -142,6 +142,12 @@ def memories(config: NpuConfig) -> dict[Region, MemoryInfo]:
                    config.param_word_width, _gcd32(config.param_word_width)),
     ]
     return {info.region: info for info in infos}
+
+
+def parted_memories(config: NpuConfig) -> frozenset[Region]:
+    """The memories built as parts read together (the weights with ``weight_segments``,
+    hw/npu.py): block RAM, never an iCE40's SPRAM."""
+    return frozenset({Region.WEIGHTS} if config.weight_segments > 1 else ())
 
 
 def address(region: Region, offset: int = 0) -> int:

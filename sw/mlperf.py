@@ -28,10 +28,11 @@ MODELS = {
 }
 
 #: An 8×8 with memories large enough for every model (the demo's NPU when no
-#: configuration is given, and the benchmarks' reference row).
+#: configuration is given, and the benchmarks' reference row), its weights in a part per
+#: row (a tile loads in a cycle, beside the MATMUL before it: batch-1 dense layers).
 REFERENCE_CONFIG = NpuConfig(activation_depth=16384, weight_depth=65536,
                              accumulator_depth=1024, instruction_depth=4096, param_depth=512,
-                             requant_overlap=True, line_buffer_depth=128)
+                             requant_overlap=True, line_buffer_depth=128, weight_segments=8)
 
 
 def model_folder() -> Path:

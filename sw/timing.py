@@ -169,7 +169,10 @@ def timing_markdown() -> str:
         "Generated from `sw/timing.py` by `python -m npugen.timing docs/ARCHITECTURE.md`; a "
         "test checks that it is current. On an NPU generated with `row_broadcast` (each "
         "row's activation reaches its columns in the same cycle) read `cols` as 1 in these "
-        "formulas (`NpuConfig.skew_cols`).",
+        "formulas (`NpuConfig.skew_cols`); on one generated with `weight_segments` S read "
+        "`rows` as rows / S in the LOADW and MATMUL rules (`NpuConfig.load_rows`: each "
+        "column segment loads its rows from its own part of the weight memory, segment s "
+        "s·rows/S cycles after segment 0, as the words reach its top row).",
         "",
         "| instruction | waits until |",
         "|---|---|",

@@ -119,8 +119,8 @@ def test_options_for_the_up5k_are_read_back_and_an_older_identity_is_named():
     assert not config.max_combine and not config.requant_to_acc
     assert not config.requant_from_map
     assert NpuConfig(feature_maps=False).describe().count("no max pooling") == 0
-    with pytest.raises(ValueError, match="the identity block has 22 config words, this "
-                                         "host expects 25: rebuild the bitstream"):
+    with pytest.raises(ValueError, match="the identity block has 23 config words, this "
+                                         "host expects 26: rebuild the bitstream"):
         config_from_identity(identity_words(config)[:-3])
     with pytest.raises(TypeError, match="max_pooling must be true or false, not 1"):
         NpuConfig(max_pooling=1)
@@ -133,6 +133,21 @@ def test_options_for_the_up5k_are_read_back_and_an_older_identity_is_named():
         "product (4 bits a cycle, 8 cycles a channel)")
     with pytest.raises(ValueError, match="weight_banks must be 1 or 2, not 3"):
         NpuConfig(weight_banks=3)
+    segmented = config.replace(weight_segments=2)
+    assert config_from_identity(identity_words(segmented)) == segmented
+    assert segmented.load_rows == 2 and config.load_rows == 4
+    assert segmented.describe().endswith(", no adds, weights loaded in 2 segments (2 cycles "
+                                         "a tile)")
+    for segments, rows in ((3, 4), (8, 4), (2, 6)):
+        with pytest.raises(ValueError, match=(
+                f"weight_segments must be 1 or a power of two dividing rows, on an array "
+                f"whose rows are a power of two .*, not {segments} with rows = {rows}")):
+            NpuConfig(rows=rows, weight_segments=segments)
+    for what, changes in (("weight_banks = 1", {"weight_banks": 1}),
+                          ("row_broadcast", {"row_broadcast": True, "load_skew": False})):
+        with pytest.raises(ValueError, match=f"weight_segments = 2 cannot go with {what}: "
+                                             "set weight_segments = 1"):
+            NpuConfig(weight_segments=2, **changes)
     broadcast = config.replace(row_broadcast=True)
     assert config_from_identity(identity_words(broadcast)) == broadcast
     assert broadcast.skew_cols == 1 and config.skew_cols == 4

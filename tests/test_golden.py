@@ -161,6 +161,46 @@ def test_one_weight_bank_runs_the_same_program_with_each_load_after_the_rows_bef
     assert (two.cycles, one.cycles) == (1043, 1133)   # the figures in docs/ARCHITECTURE.md
 
 
+def test_weight_segments_load_a_tile_in_fewer_cycles_with_the_same_outputs():
+    """With the weight memory in S parts a tile loads in rows / S cycles: a batch-1 GEMM,
+    one word per K tile and so bound by the loads, runs the same program to the same
+    outputs in fewer cycles: a tile every two cycles once the loads take two (a LOADW and
+    a MATMUL step dispatch a cycle apiece), and a tile a cycle with a part per row, each
+    K tile's LOADW beside the MATMUL before it (paired_loads)."""
+    base = CONFIG.replace(rows=8, cols=8, activation_depth=4096, weight_depth=4096,
+                          accumulator_depth=1024, instruction_depth=64, requant_lanes=8)
+    rng = np.random.default_rng(2)
+    a, w = rng.integers(-128, 128, (1, 128)), rng.integers(-128, 128, (128, 64))
+    results = {}
+    for segments in (1, 2, 4, 8):
+        plan = plan_gemm(base.replace(weight_segments=segments), 1, 128, 64)
+        npu = GoldenNpu(plan.config)
+        npu.write(Region.ACTIVATIONS, 0, tile_activations(plan, a))
+        npu.write(Region.WEIGHTS, 0, tile_weights(plan, w))
+        npu.write(Region.INSTRUCTIONS, 0, encode_program(
+            gemm_instructions(plan) + [Instruction(Opcode.HALT)]))
+        counters = npu.run()
+        results[segments] = counters.cycles
+        assert np.array_equal(npu.read(Region.ACCUMULATORS, 0, plan.n_tiles)[:, :64].ravel(),
+                              (a @ w).ravel())
+    tiles = 16 * 8
+    assert results[1] > tiles * 8 and results[4] < tiles * 2 + 40
+    assert results[1] > results[2] > results[4] > results[8]
+    assert not base.replace(weight_segments=4).paired_loads
+    assert base.replace(weight_segments=8).paired_loads
+    # 128 tiles · (8, 4, 2, 1) + 24; paired, each of the 8 GEMMs' first LOADW alone.
+    assert results == {1: 1048, 2: 536, 4: 280, 8: 160}
+
+
+def test_loadw_off_a_tile_boundary_is_refused_with_weight_segments():
+    config = CONFIG.replace(weight_segments=2)
+    check_program(config, assemble("LOADW weight_addr=8\nHALT"))
+    with pytest.raises(ProgramError, match=r"instruction 0 .*: weight_addr 6 is not a multiple "
+                                           r"of rows \(4\), which an NPU generated with "
+                                           r"weight_segments = 2 needs"):
+        check_program(config, assemble("LOADW weight_addr=6\nHALT"))
+
+
 def test_row_broadcast_writes_the_results_cols_minus_one_cycles_sooner():
     """With each row's activation broadcast to its columns, a result row is complete
     cols − 1 cycles sooner: HALT, which waits for the last write, comes that much

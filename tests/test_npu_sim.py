@@ -45,6 +45,15 @@ CONFIGS = {
     "8x8": NpuConfig(rows=8, cols=8, requant_lanes=8, **SMALL),
     # Without the load skew (the 85F's default): a reload waits for the last column.
     "4x8-unskewed": NpuConfig(rows=4, cols=8, requant_lanes=4, load_skew=False, **SMALL),
+    # The weight memory in parts: a tile loads in two cycles (four segments of two rows),
+    # and with the unskewed loads in one (a segment per row).
+    "8x4-segments": NpuConfig(rows=8, cols=4, weight_segments=4, **SMALL),
+    "4x8-unskewed-segments": NpuConfig(rows=4, cols=8, requant_lanes=4, load_skew=False,
+                                       weight_segments=4, **SMALL),
+    # A segment per row with the load skew: a GEMM's next LOADW goes beside its MATMUL
+    # (paired_loads).
+    "4x4-paired-loads": NpuConfig(rows=4, cols=4, requant_lanes=2, weight_segments=4,
+                                  **SMALL),
     "4x4-int4-acc16": NpuConfig(rows=4, cols=4, input_width=4, weight_width=4,
                                 accumulator_width=16, **SMALL),
     # The UP5K's lean options: the requantizer's product serial (2 bits of a 24-bit
@@ -144,6 +153,8 @@ MAP_CONFIGS = {
     # A lane per column on a square array: the add's inputs read from their maps
     # (SETOUT from_map).
     "4x4-from-map": NpuConfig(rows=4, cols=4, requant_lanes=4, requant_overlap=True, **MAPS),
+    # The weight memory in a part per row, the loads paired with the MATMULs.
+    "4x4-paired-loads": NpuConfig(rows=4, cols=4, weight_segments=4, **MAPS),
 }
 def halo_words(fmap, words: np.ndarray) -> np.ndarray:
     """The halo words of ``fmap``'s tiles that hold channels, from its words."""
@@ -164,6 +175,9 @@ DEPTHWISE_CONFIGS = {
     # With the UP5K's lean options: a serial requantizer product (5 bits a cycle: seven
     # cycles a channel) beside the overlap, no max pooling, no adds, only the cycles
     # counter, one weight bank per PE.
+    # Two groups on an 8×8 with the weights in four parts, beside the overlap.
+    "8x8-depthwise-segments": NpuConfig(rows=8, cols=8, requant_lanes=4, line_buffer_depth=16,
+                                        requant_overlap=True, weight_segments=4, **MAPS),
     "6x6-depthwise-serial": NpuConfig(rows=6, cols=6, requant_lanes=2, line_buffer_depth=16,
                                       requant_overlap=True, max_pooling=False, adds=False,
                                       requant_serial_bits=5, activity_counters=False,

@@ -670,6 +670,65 @@ def test_weight_loader_loads_tiles_back_to_back_in_the_cycle_models_time(rows, c
                                             for addr, _ in tiles for i in range(rows)]
 
 
+@pytest.mark.parametrize("rows,segments", [(4, 2), (8, 4), (4, 4)])
+def test_weight_loader_segments_load_a_tile_in_rows_over_segments_cycles(rows, segments):
+    """With ``weight_segments`` S, segment s takes rows s·L to s·L + L − 1 of the tile
+    (L = rows / S) from part s of the memory, last row first, s·L cycles after segment
+    0, so a second LOADW dispatches L cycles after the first (``load_next_cycles`` of L)
+    and ``busy`` holds until the last segment's last shift (the cycle model's
+    ``load_free_at``: the last dispatch + rows + ``WEIGHT_LOAD_STAGES``)."""
+    c = NpuConfig(rows=rows, cols=3, requant_lanes=1, weight_segments=segments, **SMALL)
+    length = c.load_rows
+    loader = WeightLoader(c)
+    rng = np.random.default_rng(rows + segments)
+    words = rng.integers(0, 1 << 24, (segments, c.weight_depth // segments))
+    reads = [loader.weight_read, *loader.segment_read]
+    rows_in = [(loader.load, loader.load_bank, loader.weight_row),
+               *((loader.segment_load[s], loader.segment_load_bank[s], loader.segment_row[s])
+                 for s in range(segments - 1))]
+    tiles = [(rows * int(rng.integers(0, c.weight_depth // rows)), bank) for bank in (1, 0)]
+    next_at, loaded_at = load_next_cycles(length, 3), weight_load_cycles(length, 3)
+    dispatches = [0, next_at]
+    loads = [[] for _ in range(segments)]
+    busy, ready, filling = [], [], []
+
+    async def testbench(ctx):
+        for cycle in range(2 * rows + 8):
+            if cycle in dispatches:
+                addr, bank = tiles[dispatches.index(cycle)]
+                ctx.set(loader.dispatch, 1)
+                ctx.set(loader.bank, bank)
+                ctx.set(loader.weight_addr, addr)
+            asked = [(ctx.get(read.valid), ctx.get(read.addr)) for read in reads]
+            for s, (load, bank, row) in enumerate(rows_in):
+                if ctx.get(load):
+                    loads[s].append((cycle, ctx.get(bank), ctx.get(row)))
+            busy.append(ctx.get(loader.busy))
+            ready.append(ctx.get(loader.ready))
+            filling.append(ctx.get(loader.filling))
+            await ctx.tick()
+            ctx.set(loader.dispatch, 0)
+            ctx.set(loader.bank, 1 - ctx.get(loader.bank))    # the sequencer moves on
+            ctx.set(loader.weight_addr, 0)
+            for s, (read, (valid, addr)) in enumerate(zip(reads, asked, strict=True)):
+                ctx.set(read.data, int(words[s][addr]) if valid else int(rng.integers(0, 1 << 24)))
+
+    simulate(loader, testbench)
+    load_free_at = next_at + rows + WEIGHT_LOAD_STAGES
+    assert busy == [0] + [1] * (load_free_at - 1) + [0] * (len(busy) - load_free_at)
+    assert [cycle for cycle, on in enumerate(ready) if not on] == \
+        [cycle for cycle in range(len(ready)) if 0 < cycle < next_at
+         or next_at < cycle < 2 * next_at]
+    assert [cycle for cycle, on in enumerate(filling) if on] == \
+        [cycle for d in dispatches for cycle in range(d + 1, d + loaded_at)]
+    for s in range(segments):
+        # Part s holds the tile at address addr / S: its rows s·L to s·L + L − 1.
+        assert loads[s] == [
+            (d + WEIGHT_LOAD_STAGES + s * length + i, bank,
+             int(words[s][addr // segments + length - 1 - i]))
+            for d, (addr, bank) in zip(dispatches, tiles, strict=True) for i in range(length)]
+
+
 FEEDER_WINDOWS = [
     None,
     {"row_length": 3, "row_step": 10, "col_step": 2, "reduce": 0},
@@ -846,6 +905,54 @@ def test_sequencer_dispatches_the_golden_steps_one_a_cycle(name):
     # HALT, the last step, dispatches in the cycle after the one before it.
     assert result["end"] == 2 + len(expand_program(c, program)) - 1
     assert result["stalls"] == 0
+
+
+def test_sequencer_pairs_a_gemms_next_loadw_with_its_matmul():
+    """With ``paired_loads`` (a weight segment per row) and the units free, each K tile's
+    MATMUL but the last dispatches with the next K tile's LOADW (the other bank, the
+    next tile's address: ``load_bank``, ``load_weight_addr``), so a GEMM of three K tiles
+    takes four cycles, the cycle model's."""
+    c = SEQUENCER_CONFIGS["4x4"].replace(weight_segments=4)
+    assert c.paired_loads
+    program = [Instruction(Opcode.SETGEMM, {"weight_addr": 8, "k_tiles": 3, "tile_step": 5}),
+               Instruction(Opcode.GEMM, {"bank": 1, "act_addr": 2, "acc_addr": 4,
+                                         "count": 1}),
+               Instruction(Opcode.HALT)]
+    seq = Sequencer(c)
+    words = [encode(w) for w in program] + [0] * (c.instruction_depth - len(program))
+    seen = []
+
+    async def testbench(ctx):
+        ctx.set(seq.inflight_idle, 0b11)
+        ctx.set(seq.drain_idle, 1)
+        ctx.set(seq.feed_ready, 1)
+        ctx.set(seq.load_ready, 1)
+        ctx.set(seq.start, 1)
+        await ctx.tick()
+        ctx.set(seq.start, 0)
+        for cycle in range(12):
+            addr, en = ctx.get(seq.fetch_addr), ctx.get(seq.fetch_en)
+            if ctx.get(seq.loadw) or ctx.get(seq.matmul):
+                seen.append((cycle, ctx.get(seq.loadw), ctx.get(seq.matmul),
+                             ctx.get(seq.load_bank), ctx.get(seq.load_weight_addr),
+                             ctx.get(seq.bank), ctx.get(seq.act_addr)))
+            await ctx.tick()
+            if en and ctx.get(seq.running):
+                ctx.set(seq.fetch_data, words[addr])
+
+    simulate(seq, testbench)
+    # (cycle, loadw, matmul, the loader's bank and address, the MATMUL's bank and word)
+    # SETGEMM dispatches in cycle 2, the first LOADW in 3.
+    assert [(cycle, loadw, matmul, *load) for cycle, loadw, matmul, *load, _, _ in seen] == [
+        (3, 1, 0, 1, 8), (4, 1, 1, 0, 12), (5, 1, 1, 1, 16), (6, 0, 1, 1, 16)]
+    assert [(bank, act) for _, _, matmul, _, _, bank, act in seen if matmul] == [
+        (1, 2), (0, 7), (1, 12)]
+    model, cycles = CycleModel(c), []
+    for step in expand_program(c, program)[:-1]:   # but HALT
+        model.dispatch(step)
+        cycles.append(model.next_cycle - 1)
+    # SETGEMM, then LOADW, MATMUL, LOADW, MATMUL, LOADW, MATMUL
+    assert cycles == [2, 3, 4, 4, 5, 5, 6]
 
 
 def test_sequencer_waits_and_counts_stalls():
