@@ -192,9 +192,13 @@ class RequantUnit(wiring.Component):
                 m.d.sync += rq_lane.eq(next_lane)
             with m.If(last_group):
                 m.d.sync += [
-                    rq_group.eq(0), rq_lane.eq(rq_first_lane), rq_param_addr.eq(param_addr),
+                    rq_group.eq(0), rq_lane.eq(rq_first_lane),
                     rq_acc_addr.eq(rq_acc_addr + 1), rq_remaining.eq(rq_remaining - 1),
                 ]
+                # The next word's parameters: the same groups', or with SETREQ's
+                # param_walk the next ones (the address counts on).
+                with m.If(~settings["param_walk"]):
+                    m.d.sync += rq_param_addr.eq(param_addr)
                 m.d.sync += rq_word.eq(walk.next_addr)
                 with m.If(rq_remaining == 1):
                     m.d.sync += rq_busy.eq(0)
@@ -355,6 +359,7 @@ class RequantUnit(wiring.Component):
         clamp_max = Signal(signed(16))
         param_addr = Signal(range(c.param_depth))
         out_stride = Signal(16)
+        param_walk = Signal()   # each word the next groups' parameters
         from_map = Signal()   # SETOUT from_map (NPUs with requant_from_map)
         if c.requant_from_map:
             with m.If(self.set_out):
@@ -372,9 +377,11 @@ class RequantUnit(wiring.Component):
             m.d.sync += [
                 param_addr.eq(instruction_field(instruction, Opcode.SETREQ, "param_addr")),
                 out_stride.eq(instruction_field(instruction, Opcode.SETREQ, "out_stride")),
+                param_walk.eq(instruction_field(instruction, Opcode.SETREQ, "param_walk")),
             ]
         return {"zero_point": zero_point, "clamp_min": clamp_min, "clamp_max": clamp_max,
-                "param_addr": param_addr, "out_stride": out_stride, "from_map": from_map}
+                "param_addr": param_addr, "out_stride": out_stride, "from_map": from_map,
+                "param_walk": param_walk}
 
     def _lanes(self, m, settings, stage_valid, stage_from_map, stage_group, rq_left_shift,
                rq_single, rq_even):

@@ -579,7 +579,7 @@ class GoldenNpu:
                                dtype=np.int64)
         self.banks = np.zeros((2, c.rows, c.cols), dtype=np.int64)
         self.zero_point = self.clamp_min = self.clamp_max = 0
-        self.param_addr = self.out_stride = 0
+        self.param_addr = self.out_stride = self.param_walk = 0
         self.state = GemmState(c.rows)
 
     def memory(self, region: Region) -> np.ndarray:
@@ -639,6 +639,7 @@ class GoldenNpu:
         elif op is Opcode.SETREQ:
             self.param_addr = ins["param_addr"]
             self.out_stride = ins["out_stride"]
+            self.param_walk = ins["param_walk"]
         elif op is Opcode.FILL:
             self.activations[fill_words(ins)] = ins["value"]
 
@@ -676,11 +677,14 @@ class GoldenNpu:
         c = self.config
         count = ins["count"]
         groups = c.cols // c.requant_lanes
-        param_words = (self.param_addr + np.arange(groups)) % address_span(c.param_depth)
-        params = self.params[param_words].reshape(c.cols, len(PARAM_LANE_FIELDS))
+        # Every word's groups (param_walk: word i's from param_addr + i·groups on).
+        first = self.param_addr + (np.arange(count)[:, None] * groups if self.param_walk
+                                   else np.zeros((1, 1), dtype=np.int64))
+        param_words = (first + np.arange(groups)) % address_span(c.param_depth)
+        params = self.params[param_words].reshape(len(first), c.cols, len(PARAM_LANE_FIELDS))
         # Each field by name, as many low bits as the requantizer reads.
-        p = {f.name: params[:, i] & ((1 << f.read_width) - 1) if f.read_width < f.width
-             else params[:, i] for i, f in enumerate(param_lane_fields(c.accumulator_width))}
+        p = {f.name: params[..., i] & ((1 << f.read_width) - 1) if f.read_width < f.width
+             else params[..., i] for i, f in enumerate(param_lane_fields(c.accumulator_width))}
         if ins["to_acc"] and self.state.out_from_map:
             words = (ins["acc_addr"] + self.state.out.offsets(count)) % address_span(
                 c.activation_depth)

@@ -21,9 +21,9 @@ __all__ = [
 ]
 
 #: Raised with every change to the instructions or to the identity block the host reads
-#: (12: the NpuConfig field single_port_activations), so that a host refuses a bitstream or program
-#: of another version by name.
-ISA_VERSION = 12
+#: (13: the NpuConfig field weight_segments and SETREQ's param_walk), so that a host refuses
+#: a bitstream or program of another version by name.
+ISA_VERSION = 13
 INSTRUCTION_WIDTH = 64
 OPCODE_WIDTH = 4
 
@@ -126,7 +126,10 @@ DESCRIPTIONS: dict[Opcode, str] = {
     Opcode.SETPP: "Set the post-processing zero point and clamp bounds used by REQUANT.",
     Opcode.SETREQ: (
         "Set the parameter-memory address of the first channel group and the "
-        "output word stride used by REQUANT."),
+        "output word stride used by REQUANT; with `param_walk`, each accumulator word of a "
+        "REQUANT takes the next channel groups' parameters (word i from `param_addr` + "
+        "i·cols/requant_lanes on): the output tiles of a one-pixel layer, one REQUANT for "
+        "them all."),
     Opcode.SETGEMM: (
         "Set the weight pointer, the number of K tiles and the activation words between "
         "input-channel tiles, used by GEMM."),
@@ -212,6 +215,8 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
     Opcode.SETREQ: (
         Field("param_addr", 8, _A16, doc="parameter word of the first channel group"),
         Field("out_stride", 24, _A16, doc="activation words between output lane blocks"),
+        Field("param_walk", 40, 1, doc="1: accumulator word i's parameters from "
+              "`param_addr` + i·cols/requant_lanes (0: every word from `param_addr`)"),
     ),
     Opcode.SETGEMM: (
         Field("weight_addr", 8, _A16, doc="weight pointer: first row of the first tile"),

@@ -792,11 +792,21 @@ class Lowering:
               requant: Requant, kernel: tuple[int, int], stride: int | tuple[int, int],
               pads: tuple[int, int, int, int], *, k_tiles: int, combine_max: bool = False,
               reduce: bool = False, depthwise: bool = False, phased: bool = False,
-              pixel_requants: tuple[np.ndarray, dict[int, Requant]] | None = None) -> None:
+              pixel_requants: tuple[np.ndarray, dict[int, Requant]] | None = None,
+              one_requant: bool | None = None) -> None:
         """Every output tile, chunk by chunk of output rows. ``depthwise``: the tiles are
         the depthwise mode's (:meth:`_depthwise_mode_tiles`), each chunk one stream over
-        the input's rows, the results of windows that wrap into the next row dropped."""
+        the input's rows, the results of windows that wrap into the next row dropped.
+        ``one_requant``: a one-pixel layer's tiles requantized by one REQUANT
+        (:meth:`_emit_one_pixel`) or a REQUANT each; None: the faster in the cycle model."""
         c = self.config
+        if (one_requant is None and dst.height * dst.width == 1 and len(tiles) > 1
+                and pixel_requants is None and not (reduce or depthwise)):
+            self._cheaper(*(lambda trial, one=one: trial._emit(
+                src, dst, tiles, requant, kernel, stride, pads, k_tiles=k_tiles,
+                combine_max=combine_max, phased=phased, one_requant=one)
+                for one in (True, False)))
+            return
         kh, kw = kernel
         step_y, step_x = stride_pair(stride)
         top, left = pads[0], pads[1]
@@ -877,6 +887,13 @@ class Lowering:
             ins.append(Instruction(Opcode.SETWIN, {
                 "row_length": out_w, "row_step": step_y * src.pitch, "col_step": step_x}))
         lead = depthwise_lead(c, pitch) if depthwise else 0
+        if (one_requant and keys is None and not (reduce or depthwise)
+                and self._one_requant(dst, tiles, param_at, out_h * out_w)):
+            self._emit_one_pixel(src, dst, tiles, requant, weight_at, param_at,
+                                 k_tiles=k_tiles, combine_max=combine_max,
+                                 settings=requant_settings[:1] if overlapped else [],
+                                 origin=origin)
+            return
         if overlapped:
             # A convolution's K tiles walk the taps of each input-channel tile in turn.
             taps = 1 if reduce else kh * kw
@@ -923,6 +940,51 @@ class Lowering:
                         "out_addr": dst.word(out_tile, y0, 0), "out_lane": lane,
                         "single_rounding": requant.single_rounding,
                         "ties_to_even": requant.ties_to_even}))
+
+    def _one_requant(self, dst: FeatureMap, tiles: list[_OutTile], param_at: list[int],
+                     pixels: int) -> bool:
+        """Whether a layer's output tiles can be requantized by one REQUANT with SETREQ's
+        ``param_walk``: one pixel (a dense layer at batch 1), two or more tiles whose
+        parameters follow each other and whose results fill consecutive output tiles from
+        lane 0 (a square array), all in the accumulators at once."""
+        c = self.config
+        groups = c.cols // c.requant_lanes
+        out_tiles = [tile.dst_channel // c.rows for tile in tiles]
+        return (pixels == 1 and len(tiles) > 1 and c.rows == c.cols
+                and len(tiles) <= c.accumulator_depth // 3
+                and all(tile.dst_channel % c.rows == 0 for tile in tiles)
+                and out_tiles == list(range(out_tiles[0], out_tiles[0] + len(tiles)))
+                and param_at == [param_at[0] + i * groups for i in range(len(tiles))])
+
+    def _emit_one_pixel(self, src: FeatureMap, dst: FeatureMap, tiles: list[_OutTile],
+                        requant: Requant, weight_at: list[int], param_at: list[int], *,
+                        k_tiles: int, combine_max: bool, settings: list[Instruction],
+                        origin) -> None:
+        """The GEMMs of a one-pixel layer's output tiles into consecutive accumulator
+        words, then one REQUANT for them all (SETREQ ``param_walk``: word t takes tile t's
+        parameters), where a REQUANT a tile took a SETREQ, a REQUANT's tail and their
+        waits apiece. ``settings``: the layer's SETPP when it waits for the last layer's
+        REQUANT (requant_overlap), emitted after the first GEMM."""
+        c = self.config
+        ins = self.instructions
+        start = self._acc_regions(len(tiles), 1)[0]
+        for index, tile in enumerate(tiles):
+            self._tile_gemm(src, weight_at[index], k_tiles, combine_max,
+                            origin(tile.src_tile, 0), start + index, 1)
+            if index == 0:
+                ins.extend(settings)
+                # Word t's results to output tile t.
+                ins.append(Instruction(Opcode.SETOUT, {"row_length": 1,
+                                                       "row_step": dst.tile_words}))
+                self.flush_fills()   # beside the GEMMs
+        ins.append(Instruction(Opcode.SETREQ, {"param_addr": param_at[0],
+                                               "out_stride": dst.tile_words,
+                                               "param_walk": 1}))
+        ins.append(Instruction(Opcode.REQUANT, {
+            "acc_addr": start, "count": len(tiles),
+            "out_addr": dst.word(tiles[0].dst_channel // c.rows, 0, 0), "out_lane": 0,
+            "single_rounding": requant.single_rounding,
+            "ties_to_even": requant.ties_to_even}))
 
     def _emit_overlapped(self, src: FeatureMap, dst: FeatureMap, tiles: list[_OutTile],
                          requant: Requant, weight_at: list[int], param_at: list[int], *,

@@ -164,6 +164,37 @@ def rounding_job(config: NpuConfig, rng: np.random.Generator) -> Job:
     return job
 
 
+def param_walk_job(config: NpuConfig, rng: np.random.Generator) -> Job:
+    """A REQUANT after SETREQ's ``param_walk``: each accumulator word with the next channel
+    groups' parameters (random multipliers, shifts and biases), then one without it, whose
+    words all take the first groups' again. Reads back both REQUANTs' outputs."""
+    count, blocks = 5, -(-config.cols // config.rows)
+    low, high = -(1 << (config.input_width - 1)), (1 << (config.input_width - 1)) - 1
+    program = [Instruction(Opcode.SETPP, {"zero_point": int(rng.integers(-20, 20)),
+                                          "clamp_min": low, "clamp_max": high}),
+               Instruction(Opcode.SETREQ, {"param_addr": 0, "out_stride": count,
+                                           "param_walk": 1}),
+               Instruction(Opcode.REQUANT, {"acc_addr": 0, "count": count, "out_addr": 0}),
+               Instruction(Opcode.SETREQ, {"param_addr": 0, "out_stride": count}),
+               Instruction(Opcode.REQUANT, {"acc_addr": 0, "count": count,
+                                            "out_addr": count * blocks}),
+               Instruction(Opcode.HALT)]
+    job = Job(config)
+    job.write(Region.INSTRUCTIONS, 0, encode_program(program))
+    channels = count * config.cols
+    span = 1 << min(config.accumulator_width - 2, 20)
+    params = np.stack([rng.integers(-span, span, channels),
+                       rng.integers(1 << 30, 1 << 31, channels),
+                       rng.integers(4, 12, channels)], axis=1)
+    job.write(Region.PARAMS, 0, params.reshape(-1, config.requant_lanes, 3))
+    job.write(Region.ACCUMULATORS, 0, rng.integers(-span, span, (count, config.cols)))
+    # Lanes past the last column keep what is there: junk, the same on both targets.
+    job.write(Region.ACTIVATIONS, 0, rng.integers(low, high, (2 * count * blocks,
+                                                               config.rows)))
+    job.read("outputs", Region.ACTIVATIONS, 0, 2 * count * blocks)
+    return job
+
+
 def rounding_job_words(config: NpuConfig) -> int:
     """Activation words each REQUANT of :func:`rounding_job` writes."""
     return ROUNDING_JOB_ROWS * -(-config.cols // config.rows)

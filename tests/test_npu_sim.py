@@ -21,6 +21,7 @@ from programs import (
     feature_map_job,
     gemm_jobs,
     layer_chain_job,
+    param_walk_job,
     rounding_job,
     rounding_job_words,
     walk_change_job,
@@ -108,7 +109,8 @@ def test_npu_matches_golden(name, simulator, primitives):
     walks = [walk_change_job(config, rng)] if config.feature_maps else []
     jobs = [job for job, _, _ in gemms] + chains + [back_to_back_accumulate_job(config, rng),
                                                      weight_reload_job(config, rng),
-                                                     rounding_job(config, rng), *walks, wrap]
+                                                     rounding_job(config, rng),
+                                                     param_walk_job(config, rng), *walks, wrap]
     results = simulate(jobs, simulator=simulator, primitives=primitives)
     for (job, plan, expected), result in zip(gemms, results, strict=False):
         golden = run_golden(job)

@@ -24,6 +24,14 @@ from npugen.tflite_import import load_tflite
 #: Memories large enough for any of the four models on an 8×8 array.
 LARGE = REFERENCE_CONFIG
 
+
+def shaped(**changes) -> NpuConfig:
+    """LARGE with ``changes``, its weight memory in a part per row (REFERENCE_CONFIG's
+    weight segments) where the rows are a power of two, else in one."""
+    rows = changes.get("rows", LARGE.rows)
+    return LARGE.replace(weight_segments=rows if rows & (rows - 1) == 0 else 1, **changes)
+
+
 #: The four MLPerf Tiny models' files by their demo names (kws, resnet, ad, vww).
 MODELS = {model.demo: model.file for model in MLPERF_MODELS.values()}
 
@@ -56,7 +64,7 @@ def test_maps_take_no_more_words_than_are_live_at_once():
     what is live at once (3334 since the right halos fold into the next rows' left ones),
     and the outputs in those shared words still equal LiteRT's."""
     path = MLPERF_TINY / MODELS["resnet"]
-    config = LARGE.replace(rows=16, cols=8, requant_lanes=4, activation_depth=3328,
+    config = shaped(rows=16, cols=8, requant_lanes=4, activation_depth=3328,
                            line_buffer_depth=0)
     with pytest.raises(ValueError) as error:
         compile_model(path, config)
@@ -74,7 +82,7 @@ def test_kws_equals_litert_reference_on_every_array_shape(rows, cols, lanes):
     """The channel tiling, halos and shared map words differ by array shape (a 12×8 once
     gave wrong outputs where an 8×8 was exact)."""
     path = MLPERF_TINY / MODELS["kws"]
-    config = LARGE.replace(rows=rows, cols=cols, requant_lanes=lanes, param_depth=1024,
+    config = shaped(rows=rows, cols=cols, requant_lanes=lanes, param_depth=1024,
                            line_buffer_depth=64 if rows == cols else 0)
     x = random_input(path, 2, seed=rows * cols)
     np.testing.assert_array_equal(run(compile_model(path, config), x).quantized_output,
@@ -106,7 +114,7 @@ def test_depthwise_mode_keeps_models_exact_and_takes_fewer_cycles(name, rows, la
     outputs stay LiteRT's, and the run is never longer (ResNet-8 has no depthwise layer:
     the same program)."""
     path = MLPERF_TINY / MODELS[name]
-    config = LARGE.replace(rows=rows, cols=rows, requant_lanes=lanes, param_depth=1024,
+    config = shaped(rows=rows, cols=rows, requant_lanes=lanes, param_depth=1024,
                            requant_overlap=overlap, line_buffer_depth=0)
     x = random_input(path, 1 if name == "vww" else 2, seed=rows)
     plain = compile_model(path, config)
@@ -311,7 +319,7 @@ OPERATOR_MODELS = {
 OPERATOR_INPUTS = {"conv_chain_16_channels": (1, 12, 12, 3),
                    "nchw_input_and_output": (1, 4, 12, 10), "nchw_input_to_dense": (1, 3, 9, 11)}
 #: A 12×8 (the ULX3S-45F's array): channel tiles of 12 lanes written 8 at a time.
-NON_SQUARE = LARGE.replace(rows=12, cols=8, requant_lanes=4, line_buffer_depth=0)
+NON_SQUARE = shaped(rows=12, cols=8, requant_lanes=4, line_buffer_depth=0)
 
 
 @pytest.mark.parametrize("config", [LARGE, NON_SQUARE], ids=["8x8", "12x8"])
