@@ -170,14 +170,17 @@ def param_walk_job(config: NpuConfig, rng: np.random.Generator) -> Job:
     words all take the first groups' again. Reads back both REQUANTs' outputs."""
     count, blocks = 5, -(-config.cols // config.rows)
     low, high = -(1 << (config.input_width - 1)), (1 << (config.input_width - 1)) - 1
+    single = int(config.rounding == "single")   # a rounding the NPU has
     program = [Instruction(Opcode.SETPP, {"zero_point": int(rng.integers(-20, 20)),
                                           "clamp_min": low, "clamp_max": high}),
                Instruction(Opcode.SETREQ, {"param_addr": 0, "out_stride": count,
                                            "param_walk": 1}),
-               Instruction(Opcode.REQUANT, {"acc_addr": 0, "count": count, "out_addr": 0}),
+               Instruction(Opcode.REQUANT, {"acc_addr": 0, "count": count, "out_addr": 0,
+                                            "single_rounding": single}),
                Instruction(Opcode.SETREQ, {"param_addr": 0, "out_stride": count}),
                Instruction(Opcode.REQUANT, {"acc_addr": 0, "count": count,
-                                            "out_addr": count * blocks}),
+                                            "out_addr": count * blocks,
+                                            "single_rounding": single}),
                Instruction(Opcode.HALT)]
     job = Job(config)
     job.write(Region.INSTRUCTIONS, 0, encode_program(program))

@@ -132,6 +132,19 @@ def test_cycle_model_hides_weight_loads():
     assert counters.cycles - m * folds <= 2 * (plan.config.rows + plan.config.cols) + 8
 
 
+def run_gemm(config: NpuConfig, a: np.ndarray, w: np.ndarray):
+    """``a @ w`` as one scheduled GEMM on the golden model: its counters and the
+    accumulator words of its output tiles."""
+    plan = plan_gemm(config, len(a), w.shape[0], w.shape[1])
+    npu = GoldenNpu(plan.config)
+    npu.write(Region.ACTIVATIONS, 0, tile_activations(plan, a))
+    npu.write(Region.WEIGHTS, 0, tile_weights(plan, w))
+    npu.write(Region.INSTRUCTIONS, 0, encode_program(
+        gemm_instructions(plan) + [Instruction(Opcode.HALT)]))
+    counters = npu.run()
+    return counters, npu.read(Region.ACCUMULATORS, 0, plan.n_tiles * len(a))
+
+
 def test_one_weight_bank_runs_the_same_program_with_each_load_after_the_rows_before():
     """With one weight register per PE (weight_banks 1) the bank fields read as 0: the
     outputs are those of two banks, and each LOADW waits for the MATMUL before it (a
@@ -141,21 +154,11 @@ def test_one_weight_bank_runs_the_same_program_with_each_load_after_the_rows_bef
                           instruction_depth=64)
     rng = np.random.default_rng(1)
     a, w = rng.integers(-128, 128, (m, 16)), rng.integers(-128, 128, (16, 16))
-    results = []
-    for banks in (2, 1):
-        plan = plan_gemm(base.replace(weight_banks=banks), m, 16, 16)
-        npu = GoldenNpu(plan.config)
-        npu.write(Region.ACTIVATIONS, 0, tile_activations(plan, a))
-        npu.write(Region.WEIGHTS, 0, tile_weights(plan, w))
-        npu.write(Region.INSTRUCTIONS, 0, encode_program(
-            gemm_instructions(plan) + [Instruction(Opcode.HALT)]))
-        counters = npu.run()
-        words = npu.read(Region.ACCUMULATORS, 0, plan.n_tiles * m)
-        results.append((counters, words))
-    (two, two_words), (one, one_words) = results
+    (two, two_words), (one, one_words) = [run_gemm(base.replace(weight_banks=banks), a, w)
+                                          for banks in (2, 1)]
     assert np.array_equal(one_words, two_words)
     assert one.busy_cycles == two.busy_cycles
-    folds = plan.k_tiles * plan.n_tiles
+    folds = (16 // base.rows) ** 2   # K tiles × output tiles of the 16×16 weights
     # Every load after the first waits for the rows of the tile before it to pass.
     assert one.cycles - two.cycles >= (folds - 1) * base.rows
     assert (two.cycles, one.cycles) == (1043, 1133)   # the figures in docs/ARCHITECTURE.md
@@ -173,16 +176,9 @@ def test_weight_segments_load_a_tile_in_fewer_cycles_with_the_same_outputs():
     a, w = rng.integers(-128, 128, (1, 128)), rng.integers(-128, 128, (128, 64))
     results = {}
     for segments in (1, 2, 4, 8):
-        plan = plan_gemm(base.replace(weight_segments=segments), 1, 128, 64)
-        npu = GoldenNpu(plan.config)
-        npu.write(Region.ACTIVATIONS, 0, tile_activations(plan, a))
-        npu.write(Region.WEIGHTS, 0, tile_weights(plan, w))
-        npu.write(Region.INSTRUCTIONS, 0, encode_program(
-            gemm_instructions(plan) + [Instruction(Opcode.HALT)]))
-        counters = npu.run()
+        counters, words = run_gemm(base.replace(weight_segments=segments), a, w)
         results[segments] = counters.cycles
-        assert np.array_equal(npu.read(Region.ACCUMULATORS, 0, plan.n_tiles)[:, :64].ravel(),
-                              (a @ w).ravel())
+        assert np.array_equal(words[:, :64].ravel(), (a @ w).ravel())
     tiles = 16 * 8
     assert results[1] > tiles * 8 and results[4] < tiles * 2 + 40
     assert results[1] > results[2] > results[4] > results[8]

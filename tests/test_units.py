@@ -615,6 +615,29 @@ def test_accumulate_path_takes_requant_rows():
 
 # -- Weight loader and feeder ------------------------------------------------------------
 
+def dispatch_load(ctx, loader, cycle: int, dispatches: list[int], tiles) -> None:
+    """In the cycles of ``dispatches``, dispatch a LOADW of the next of ``tiles``
+    (address, bank)."""
+    if cycle in dispatches:
+        addr, bank = tiles[dispatches.index(cycle)]
+        ctx.set(loader.dispatch, 1)
+        ctx.set(loader.bank, bank)
+        ctx.set(loader.weight_addr, addr)
+
+
+def assert_loader_flags(busy, ready, filling, dispatches, rows, next_at, loaded_at):
+    """The loader's ``busy``, ``ready`` and ``filling`` a cycle at a time for two LOADWs
+    dispatched at ``dispatches`` (0 and ``next_at``), as the cycle model has them: busy
+    until the last dispatch + rows + ``WEIGHT_LOAD_STAGES`` (``load_free_at``)."""
+    load_free_at = next_at + rows + WEIGHT_LOAD_STAGES
+    assert busy == [0] + [1] * (load_free_at - 1) + [0] * (len(busy) - load_free_at)
+    assert [cycle for cycle, on in enumerate(ready) if not on] == \
+        [cycle for cycle in range(len(ready)) if 0 < cycle < next_at
+         or next_at < cycle < 2 * next_at]
+    assert [cycle for cycle, on in enumerate(filling) if on] == \
+        [cycle for d in dispatches for cycle in range(d + 1, d + loaded_at)]
+
+
 @pytest.mark.parametrize("rows,cols", [(1, 3), (2, 2), (3, 5), (4, 2)])
 def test_weight_loader_loads_tiles_back_to_back_in_the_cycle_models_time(rows, cols):
     """LOADW: the array's ``bank`` takes the tile's rows, last row first, one a cycle from
@@ -635,11 +658,7 @@ def test_weight_loader_loads_tiles_back_to_back_in_the_cycle_models_time(rows, c
 
     async def testbench(ctx):
         for cycle in range(2 * rows + 6):
-            if cycle in dispatches:
-                addr, bank = tiles[dispatches.index(cycle)]
-                ctx.set(loader.dispatch, 1)
-                ctx.set(loader.bank, bank)
-                ctx.set(loader.weight_addr, addr)
+            dispatch_load(ctx, loader, cycle, dispatches, tiles)
             valid, read = ctx.get(loader.weight_read.valid), ctx.get(loader.weight_read.addr)
             if ctx.get(loader.load):
                 loads.append((cycle, ctx.get(loader.load_bank), ctx.get(loader.weight_row)))
@@ -656,13 +675,7 @@ def test_weight_loader_loads_tiles_back_to_back_in_the_cycle_models_time(rows, c
                     else int(rng.integers(0, 1 << 30)))
 
     simulate(loader, testbench)
-    load_free_at = next_at + rows + WEIGHT_LOAD_STAGES
-    assert busy == [0] + [1] * (load_free_at - 1) + [0] * (len(busy) - load_free_at)
-    assert [cycle for cycle, on in enumerate(ready) if not on] == \
-        [cycle for cycle in range(len(ready)) if 0 < cycle < next_at
-         or next_at < cycle < 2 * next_at]
-    assert [cycle for cycle, on in enumerate(filling) if on] == \
-        [cycle for d in dispatches for cycle in range(d + 1, d + loaded_at)]
+    assert_loader_flags(busy, ready, filling, dispatches, rows, next_at, loaded_at)
     assert [(cycle, b) for cycle, b, _ in loads] == \
         [(WEIGHT_LOAD_STAGES + i, bank) for i, (_, bank) in
          enumerate(tile for tile in tiles for _ in range(rows))]
@@ -694,11 +707,7 @@ def test_weight_loader_segments_load_a_tile_in_rows_over_segments_cycles(rows, s
 
     async def testbench(ctx):
         for cycle in range(2 * rows + 8):
-            if cycle in dispatches:
-                addr, bank = tiles[dispatches.index(cycle)]
-                ctx.set(loader.dispatch, 1)
-                ctx.set(loader.bank, bank)
-                ctx.set(loader.weight_addr, addr)
+            dispatch_load(ctx, loader, cycle, dispatches, tiles)
             asked = [(ctx.get(read.valid), ctx.get(read.addr)) for read in reads]
             for s, (load, bank, row) in enumerate(rows_in):
                 if ctx.get(load):
@@ -714,13 +723,7 @@ def test_weight_loader_segments_load_a_tile_in_rows_over_segments_cycles(rows, s
                 ctx.set(read.data, int(words[s][addr]) if valid else int(rng.integers(0, 1 << 24)))
 
     simulate(loader, testbench)
-    load_free_at = next_at + rows + WEIGHT_LOAD_STAGES
-    assert busy == [0] + [1] * (load_free_at - 1) + [0] * (len(busy) - load_free_at)
-    assert [cycle for cycle, on in enumerate(ready) if not on] == \
-        [cycle for cycle in range(len(ready)) if 0 < cycle < next_at
-         or next_at < cycle < 2 * next_at]
-    assert [cycle for cycle, on in enumerate(filling) if on] == \
-        [cycle for d in dispatches for cycle in range(d + 1, d + loaded_at)]
+    assert_loader_flags(busy, ready, filling, dispatches, rows, next_at, loaded_at)
     for s in range(segments):
         # Part s holds the tile at address addr / S: its rows s·L to s·L + L − 1.
         assert loads[s] == [
