@@ -144,7 +144,8 @@ class Feeder(wiring.Component):
         """Count down, per bank, the cycles its last word may still read it, and the
         cycles until the last result is written (returned: 0 when ``drain_idle``)."""
         c = self._config
-        # At least one: with one row the LOADW waits for the feeder's last issue anyway.
+        # At least one: weight_use_cycles is 0 only with one row a segment, and a LOADW
+        # then waits for the feeder's last issue anyway (the sequencer's rule).
         use_cycles = max(1, weight_use_cycles(c.load_rows, c.skew_cols, c.load_skew))
         latency = array_latency(c.rows, c.skew_cols)
         inflight = Array(Signal(range(use_cycles + 1), name=f"inflight{b}") for b in range(2))

@@ -148,11 +148,12 @@ class Sequencer(wiring.Component):
         loadw = base & may_loadw
         if c.paired_loads:
             # A GEMM's next K tile's LOADW beside its MATMUL, by the LOADW rule above for
-            # the other bank, as the units stand before the MATMUL.
+            # the other bank as the units stand before the MATMUL (CycleModel._paired).
+            # Of that rule only the loader's readiness is left: a word's bank is free the
+            # cycle it issues (weight_use_cycles 0), so inflight_idle stays high, and the
+            # MATMUL's own rule (feed_ready) leaves the feeder on its last word or idle.
             pair_bank = gemm.pair_bank
-            pair = base & may_matmul & gemm.pairable & self.load_ready & Array(
-                self.inflight_idle[b] for b in range(2))[pair_bank] & ~(
-                feeder_on & (self.feeding_bank == pair_bank))
+            pair = base & may_matmul & gemm.pairable & self.load_ready
             loadw = loadw | pair
             m.d.comb += [gemm.pair.eq(pair),
                          self.load_bank.eq(Mux(pair, pair_bank, step_bank)),

@@ -89,7 +89,9 @@ class WeightLoader(wiring.Component):
         load_bank = Signal()
         shift_valid = Signal()   # the word read last cycle shifts in
         shift_bank = Signal()
-        m.d.sync += [shift_valid.eq(load_busy), shift_bank.eq(load_bank)]
+        # An abort stops the shifts too: no word is loaded after it (nor, with segments,
+        # carried into their delay lines).
+        m.d.sync += [shift_valid.eq(load_busy & ~self.abort), shift_bank.eq(load_bank)]
         if self._config.weight_banks == 1:   # the row the word read last cycle goes to
             m.d.sync += self.load_index.eq(rows - 1 - load_count)
         m.d.comb += [self.weight_read.valid.eq(load_busy), self.weight_read.addr.eq(load_addr)]

@@ -333,8 +333,16 @@ def check_program(config: NpuConfig, program: list[Instruction]) -> None:
     overlap = _OverlapCheck(config)
     line_pitch = None   # the line buffers' pitch while a depthwise MATMUL may be in flight
     streamed = 0        # words other MATMULs streamed since (one a cycle)
+    param_addr, param_walk = 0, 0   # SETREQ's, as the golden model starts
+    groups = config.cols // config.requant_lanes
     for index, instruction in enumerate(program):
         op = instruction.opcode
+        if op is Opcode.SETREQ:
+            param_addr, param_walk = instruction["param_addr"], instruction["param_walk"]
+        elif op is Opcode.REQUANT:   # its words' parameters (param_walk: each word's own)
+            end = param_addr + (instruction["count"] if param_walk else 1) * groups
+            need(end <= config.param_depth, index, instruction,
+                 f"parameter words end at word {end}, param_depth is {config.param_depth}")
         uses = [name for name in ("combine", "to_acc", "left_shift")
                 if instruction.args.get(name)]
         if not config.feature_maps:

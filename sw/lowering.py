@@ -800,8 +800,8 @@ class Lowering:
         ``one_requant``: a one-pixel layer's tiles requantized by one REQUANT
         (:meth:`_emit_one_pixel`) or a REQUANT each; None: the faster in the cycle model."""
         c = self.config
-        if (one_requant is None and dst.height * dst.width == 1 and len(tiles) > 1
-                and pixel_requants is None and not (reduce or depthwise)):
+        if (one_requant is None and pixel_requants is None and not (reduce or depthwise)
+                and self._one_requant(dst, tiles)):
             self._cheaper(*(lambda trial, one=one: trial._emit(
                 src, dst, tiles, requant, kernel, stride, pads, k_tiles=k_tiles,
                 combine_max=combine_max, phased=phased, one_requant=one)
@@ -887,8 +887,8 @@ class Lowering:
             ins.append(Instruction(Opcode.SETWIN, {
                 "row_length": out_w, "row_step": step_y * src.pitch, "col_step": step_x}))
         lead = depthwise_lead(c, pitch) if depthwise else 0
-        if (one_requant and keys is None and not (reduce or depthwise)
-                and self._one_requant(dst, tiles, param_at, out_h * out_w)):
+        # (_one_requant held; the parameters follow each other but past a full memory.)
+        if one_requant and param_at == [param_at[0] + i * groups for i in range(len(tiles))]:
             self._emit_one_pixel(src, dst, tiles, requant, weight_at, param_at,
                                  k_tiles=k_tiles, combine_max=combine_max,
                                  settings=requant_settings[:1] if overlapped else [],
@@ -941,20 +941,18 @@ class Lowering:
                         "single_rounding": requant.single_rounding,
                         "ties_to_even": requant.ties_to_even}))
 
-    def _one_requant(self, dst: FeatureMap, tiles: list[_OutTile], param_at: list[int],
-                     pixels: int) -> bool:
+    def _one_requant(self, dst: FeatureMap, tiles: list[_OutTile]) -> bool:
         """Whether a layer's output tiles can be requantized by one REQUANT with SETREQ's
-        ``param_walk``: one pixel (a dense layer at batch 1), two or more tiles whose
-        parameters follow each other and whose results fill consecutive output tiles from
-        lane 0 (a square array), all in the accumulators at once."""
+        ``param_walk`` (their parameters stored one after the other, as :meth:`_emit`
+        does): one pixel (a dense layer at batch 1), two or more tiles whose results fill
+        consecutive output tiles from lane 0 (a square array), all in the accumulators at
+        once."""
         c = self.config
-        groups = c.cols // c.requant_lanes
         out_tiles = [tile.dst_channel // c.rows for tile in tiles]
-        return (pixels == 1 and len(tiles) > 1 and c.rows == c.cols
+        return (dst.height * dst.width == 1 and len(tiles) > 1 and c.rows == c.cols
                 and len(tiles) <= c.accumulator_depth // 3
                 and all(tile.dst_channel % c.rows == 0 for tile in tiles)
-                and out_tiles == list(range(out_tiles[0], out_tiles[0] + len(tiles)))
-                and param_at == [param_at[0] + i * groups for i in range(len(tiles))])
+                and out_tiles == list(range(out_tiles[0], out_tiles[0] + len(tiles))))
 
     def _emit_one_pixel(self, src: FeatureMap, dst: FeatureMap, tiles: list[_OutTile],
                         requant: Requant, weight_at: list[int], param_at: list[int], *,

@@ -172,7 +172,11 @@ def timing_markdown() -> str:
         "formulas (`NpuConfig.skew_cols`); on one generated with `weight_segments` S read "
         "`rows` as rows / S in the LOADW and MATMUL rules (`NpuConfig.load_rows`: each "
         "column segment loads its rows from its own part of the weight memory, segment s "
-        "s·rows/S cycles after segment 0, as the words reach its top row).",
+        "s·rows/S cycles after segment 0, as the words reach its top row). With "
+        "`paired_loads` (a segment per row and the load skew: `weight_use_cycles` is 0) a "
+        "LOADW may also dispatch in the cycle the feeder issues its bank's last word, and "
+        "a GEMM's next K tile's LOADW dispatches in the cycle of its MATMUL when the LOADW "
+        "rule holds as the units stand before that MATMUL.",
         "",
         "| instruction | waits until |",
         "|---|---|",

@@ -198,6 +198,19 @@ def param_walk_job(config: NpuConfig, rng: np.random.Generator) -> Job:
     return job
 
 
+def weight_readback_job(config: NpuConfig, rng: np.random.Generator) -> Job:
+    """Weight words written and read back by the host around a run of HALT: the memory
+    as the host addresses it (with ``weight_segments``, words spread over the parts by
+    their address bits, read back through the parts' multiplexer)."""
+    job = Job(config)
+    job.write(Region.INSTRUCTIONS, 0, encode_program([Instruction(Opcode.HALT)]))
+    low, high = -(1 << (config.weight_width - 1)), 1 << (config.weight_width - 1)
+    words = 3 * config.rows + 1
+    job.write(Region.WEIGHTS, config.rows - 1, rng.integers(low, high, (words, config.cols)))
+    job.read("weights", Region.WEIGHTS, config.rows - 1, words)
+    return job
+
+
 def rounding_job_words(config: NpuConfig) -> int:
     """Activation words each REQUANT of :func:`rounding_job` writes."""
     return ROUNDING_JOB_ROWS * -(-config.cols // config.rows)

@@ -23,6 +23,10 @@ CONFIG = NpuConfig(rows=4, cols=4, activation_depth=256, weight_depth=256,
     ("SETPP clamp_min=5 clamp_max=-5\nHALT", "clamp_min must not exceed clamp_max"),
     ("GEMM count=4\nHALT", "k_tiles (SETGEMM) must be at least 1"),
     ("SETGEMM k_tiles=70\nGEMM count=1\nHALT", "weight tiles end at word 280"),
+    ("SETREQ param_addr=16\nREQUANT count=1\nHALT",
+     "parameter words end at word 17, param_depth is 16"),
+    ("SETREQ param_addr=10 param_walk=1\nREQUANT count=7\nHALT",
+     "parameter words end at word 17, param_depth is 16"),
 ])
 def test_program_errors_name_the_instruction(text, message):
     with pytest.raises(ProgramError, match=message.replace("(", r"\(").replace(")", r"\)")):

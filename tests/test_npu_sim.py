@@ -25,6 +25,7 @@ from programs import (
     rounding_job,
     rounding_job_words,
     walk_change_job,
+    weight_readback_job,
     weight_reload_job,
     wrap_job,
 )
@@ -110,7 +111,9 @@ def test_npu_matches_golden(name, simulator, primitives):
     jobs = [job for job, _, _ in gemms] + chains + [back_to_back_accumulate_job(config, rng),
                                                      weight_reload_job(config, rng),
                                                      rounding_job(config, rng),
-                                                     param_walk_job(config, rng), *walks, wrap]
+                                                     param_walk_job(config, rng),
+                                                     weight_readback_job(config, rng),
+                                                     *walks, wrap]
     results = simulate(jobs, simulator=simulator, primitives=primitives)
     for (job, plan, expected), result in zip(gemms, results, strict=False):
         golden = run_golden(job)
@@ -174,12 +177,12 @@ DEPTHWISE_CONFIGS = {
     "6x6-depthwise": NpuConfig(rows=6, cols=6, line_buffer_depth=16, **MAPS),
     "9x9-depthwise-overlap": NpuConfig(rows=9, cols=9, requant_lanes=3, line_buffer_depth=12,
                                        requant_overlap=True, **MAPS),
-    # With the UP5K's lean options: a serial requantizer product (5 bits a cycle: seven
-    # cycles a channel) beside the overlap, no max pooling, no adds, only the cycles
-    # counter, one weight bank per PE.
     # Two groups on an 8×8 with the weights in four parts, beside the overlap.
     "8x8-depthwise-segments": NpuConfig(rows=8, cols=8, requant_lanes=4, line_buffer_depth=16,
                                         requant_overlap=True, weight_segments=4, **MAPS),
+    # With the UP5K's lean options: a serial requantizer product (5 bits a cycle: seven
+    # cycles a channel) beside the overlap, no max pooling, no adds, only the cycles
+    # counter, one weight bank per PE.
     "6x6-depthwise-serial": NpuConfig(rows=6, cols=6, requant_lanes=2, line_buffer_depth=16,
                                       requant_overlap=True, max_pooling=False, adds=False,
                                       requant_serial_bits=5, activity_counters=False,
