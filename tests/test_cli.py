@@ -101,6 +101,10 @@ def test_matmul_bad_input(operands, capsys, change, message):
     (["--requant-serial-bits", "32", "--adds", "false"],
      "requant_serial_bits must be 0 (products in DSP blocks) or 1 to 31"),
     (["--weight-banks", "3"], "weight_banks must be 1 or 2, not 3"),
+    (["--weight-segments", "3"], "weight_segments must be 1 or a power of two dividing "
+                                 "rows"),
+    (["--weight-segments", "2", "--weight-banks", "1"],
+     "weight_segments = 2 cannot go with weight_banks = 1: set weight_segments = 1"),
     (["--row-broadcast", "true"], "row_broadcast = true (every column takes its row's "
                                   "activation in the same cycle) loads every column at "
                                   "once: set load_skew = false"),

@@ -44,6 +44,28 @@ def random_input(path, count: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(-128, 128, size=(count, *shape), dtype=np.int8)
 
 
+def test_ad_at_batch_1_requantizes_each_layer_once_and_stays_exact():
+    """At batch 1 on the reference 8×8 (a weight part per row) each of AD's dense layers
+    of several output tiles runs its GEMMs, then one REQUANT over all its tiles (SETREQ
+    param_walk), where the cycle model finds it faster: the outputs stay LiteRT's, and
+    the run takes fewer cycles than a REQUANT a tile would let it."""
+    path = MLPERF_TINY / MODELS["ad"]
+    program = compile_model(path, LARGE, batch=1)
+    words = next(values for region, _, values in program.segments
+                 if region is Region.INSTRUCTIONS)
+    walks = [ins for ins in decode_program(words)
+             if ins.opcode is Opcode.SETREQ and ins["param_walk"]]
+    assert len(walks) >= 8   # the layers of 128 and 640 outputs
+    x = random_input(path, 1, seed=11)
+    result = run(program, x)
+    np.testing.assert_array_equal(result.quantized_output,
+                                  litert_reference(path)(x).reshape(len(x), -1))
+    assert result.counters.cycles == program.estimated_cycles
+    # 4,128 tile-cycles at one K tile a cycle, and per layer at most a GEMM start, the
+    # REQUANT and the array's drain; a REQUANT a tile took 6,256.
+    assert program.estimated_cycles < 5000
+
+
 @pytest.mark.parametrize("name", ["kws", "resnet", "ad",
                                   pytest.param("vww", marks=pytest.mark.slow)])
 def test_mlperf_tiny_models_equal_litert_reference(name):
