@@ -320,6 +320,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .program import UNIT_KEYS
     from .runtime import run
     from .target import ConfigMismatch, check_config
 
@@ -348,8 +349,8 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{stats['cycles']:.1f} cycles per inference, utilization {stats['utilization']:.3f}"
           f"{staged}")
     if args.json:
-        layers = [{key: layer[key] for key in ("name", "kind", "macs", "cycles", "utilization",
-                                               "stages")
+        layers = [{key: layer[key] for key in ("name", "kind", "macs", "cycles", *UNIT_KEYS,
+                                               "utilization", "stages")
                    if key in layer} for layer in program.layers]
         emit_json({"target": args.target, **stats, "stages": len(program.images()),
                    "stage_words_per_run": program.stage_words_per_run(),

@@ -41,7 +41,7 @@ from .interleave import interleave
 from .isa import Instruction, Opcode, encode_program
 from .lowering import Lowering, Requant, Rescale
 from .memory_map import Region
-from .program import Program, TensorLayout
+from .program import UNIT_KEYS, Program, TensorLayout
 from .quantize import POOL_SUM_WEIGHT, QuantizedModel, average_divisor, quantize_model
 from .schedule import DoesNotFit, ceil_div
 
@@ -49,6 +49,9 @@ __all__ = ["compile_model", "compile_quantized", "BATCH_CHOICES"]
 
 #: The batches a chain of dense layers may run, largest first.
 BATCH_CHOICES = (64, 32, 16, 8, 4, 2, 1)
+
+#: A layer row's cycles (:meth:`_Stage.time`): its own, then each unit's work in them.
+LAYER_CYCLE_KEYS = ("cycles", *UNIT_KEYS)
 
 
 def compile_quantized(model: QuantizedModel, config: NpuConfig,
@@ -721,7 +724,7 @@ def _compile(model: QuantizedModel, config: NpuConfig, batch: int,
                               model.output_quant.scale, model.output_quant.zero_point,
                               dtype=source.output_dtype)
         layers = [{**_vector_row(config, layer), "kind": row["kind"],
-                   "cycles": row["cycles"], "utilization": row["utilization"],
+                   **{key: row[key] for key in (*LAYER_CYCLE_KEYS, "utilization")},
                    **({"stages": row["stages"]} if "stages" in row else {})}
                   for layer, row in zip(model.layers, layers, strict=True)]
     else:
@@ -799,10 +802,17 @@ class _Stage:
         layer's REQUANT, an add's passes). So every MAC of a layer falls within its own
         cycles, though layers overlap (requant_overlap, and the GEMMs
         :func:`~npugen.interleave.interleave` moves), and the rows add up to the run's
-        cycles; the first layer also counts the run's start."""
+        cycles; the first layer also counts the run's start.
+
+        Each row also gets the work of the units, wherever it falls: ``array_cycles``,
+        the cycles the array streams the layer's words; ``load_cycles``, those the weight
+        loader shifts its tiles in (``load_rows`` a tile); ``requant_cycles``, those the
+        requantizer spends on its REQUANTs and FILLs (from dispatch until free for the
+        next). The largest, against ``cycles``, says what bounds the layer."""
         timing, state = CycleModel(config), GemmState(config.rows)
         layer_of = np.searchsorted(self.starts, self.origins, side="right") - 1
         dispatched, dispatch_layer, streams = [], [], []
+        work = np.zeros((len(self.layers), 3), dtype=np.int64)   # array, loads, requantizer
         for index, instruction in enumerate(self.instructions):
             for step in state.expand(instruction):
                 timing.dispatch(step)
@@ -810,6 +820,11 @@ class _Stage:
                 dispatch_layer.append(int(layer_of[index]))
                 if step.opcode is Opcode.MATMUL:
                     streams.append((dispatched[-1], step["count"], dispatch_layer[-1]))
+                    work[dispatch_layer[-1], 0] += step["count"]
+                elif step.opcode is Opcode.LOADW:
+                    work[dispatch_layer[-1], 1] += config.load_rows
+                elif step.opcode in (Opcode.REQUANT, Opcode.FILL):
+                    work[dispatch_layer[-1], 2] += timing.requant_free_at - dispatched[-1]
         total = timing.counters.cycles
         waiting = np.searchsorted(dispatched, np.arange(total), side="left")
         owner = np.asarray(dispatch_layer)[np.minimum(waiting, len(dispatched) - 1)]
@@ -818,7 +833,8 @@ class _Stage:
         for local, cycles in enumerate(np.bincount(owner, minlength=len(self.layers))):
             # A layer split across stages: the sum of its parts.
             index = self.layers[local]
-            layers[index]["cycles"] = layers[index].get("cycles", 0) + int(cycles)
+            for key, value in zip(LAYER_CYCLE_KEYS, (cycles, *work[local]), strict=True):
+                layers[index][key] = layers[index].get(key, 0) + int(value)
         return total
 
     def image(self) -> list[tuple[Region, int, np.ndarray]]:

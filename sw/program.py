@@ -42,6 +42,10 @@ MAGIC = b"NPUGPROG"
 FORMAT_VERSION = 3
 #: Older format versions this npugen still reads (2: no stages).
 READABLE_VERSIONS = (2, FORMAT_VERSION)
+#: A layer row's work of each unit in its cycles (the compiler's cycle model): the array
+#: streaming, the weight loader shifting tiles in, the requantizer; and their short names.
+UNIT_KEYS = ("array_cycles", "load_cycles", "requant_cycles")
+UNIT_HEADS = ("array", "loads", "requant")
 _PREAMBLE = struct.Struct("<8sII")
 _DIGEST_BYTES = hashlib.sha256().digest_size
 _BODY = _PREAMBLE.size + _DIGEST_BYTES   # where the header starts
@@ -341,31 +345,44 @@ class Program:
         # Columns as wide as their longest entry: converters' layer names share long
         # prefixes ("functional_1/conv2d_3"), so a cut name would name nothing.
         name_width = max([len("layer"), *(len(layer["name"]) for layer in self.layers)])
+        # Each unit's work in a layer's cycles (programs written before they were kept
+        # have none): the largest says what bounds it.
+        units = all(key in layer for layer in self.layers for key in UNIT_KEYS)
+        unit_heads = "".join(f" {head:>8}" for head in UNIT_HEADS) if units else ""
+
+        def unit_cells(layer: dict) -> str:
+            return "".join(f" {layer[key]:>8}" for key in UNIT_KEYS) if units else ""
+
         if self.layers and "input" in self.layers[0]:   # feature maps: their shapes
             kind_width = max(len(layer["kind"]) for layer in self.layers)
             lines.append(f"{'layer':<{name_width}} {'kind':<{kind_width}} {'input':>8} -> "
                          f"{'output':<9} {'MACs/inference':>14} {'cycles':>10}  "
-                         f"{'utilization':>11}")
+                         f"{'utilization':>11}{unit_heads}")
             for layer in self.layers:
                 shape_in = "×".join(map(str, layer["input"]))
                 shape_out = "×".join(map(str, layer["output"]))
                 lines.append(f"{layer['name']:<{name_width}} {layer['kind']:<{kind_width}} "
                              f"{shape_in:>8} -> {shape_out:<9} {layer['macs']:>14} "
-                             f"{layer['cycles']:>10}  {layer['utilization']:>11.3f}")
+                             f"{layer['cycles']:>10}  {layer['utilization']:>11.3f}"
+                             f"{unit_cells(layer)}")
         else:
             # A dense chain: cycles per run (its batch); programs written before
             # per-layer cycles were kept have none.
             timed = all("cycles" in layer for layer in self.layers)
             lines.append(f"{'layer':<{name_width}} {'in':>5} -> {'out':<5} {'tiles (K x N)':>15} "
                          f"{'weight words':>12} {'MACs/inference':>16}"
-                         + (f" {'cycles':>10}  {'utilization':>11}" if timed else ""))
+                         + (f" {'cycles':>10}  {'utilization':>11}{unit_heads}"
+                            if timed else ""))
             for layer in self.layers:
                 lines.append(f"{layer['name']:<{name_width}} {layer['in_features']:>5} -> "
                              f"{layer['out_features']:<5} {layer['k_tiles']:>5} x "
                              f"{layer['n_tiles']:<7} {layer['weight_words']:>12} "
                              f"{layer['macs']:>16}"
                              + (f" {layer['cycles']:>10}  {layer['utilization']:>11.3f}"
-                                if timed else ""))
+                                f"{unit_cells(layer)}" if timed else ""))
+        if units:
+            lines.append(f"({', '.join(UNIT_HEADS)}: cycles of each unit's work for the "
+                         "layer: the array streaming, the weight loader, the requantizer)")
         for op in self.host_ops:
             lines.append(f"then on the host: {op['op']} ({HOST_OPS[op['op']]})")
         lines.append("")

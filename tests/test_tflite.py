@@ -202,8 +202,20 @@ def test_layer_cycles_hold_each_layers_macs_when_layers_overlap(monkeypatch):
     assert max(layer["utilization"] for layer in program.layers) <= 1
     assert max(layer["utilization"] for layer in program.layers) > 0.95
     x = random_input(path, 2, seed=3)
-    np.testing.assert_array_equal(run(program, x).quantized_output,
+    result = run(program, x)
+    np.testing.assert_array_equal(result.quantized_output,
                                   litert_reference(path)(x).reshape(2, -1))
+    # Each unit's work per layer: the array's adds up to the golden model's busy
+    # counter; on eight lanes for sixteen columns the depthwise layers wait for the
+    # requantizer and the 1×1 convolutions keep the array the busier unit.
+    assert sum(layer["array_cycles"] for layer in program.layers) * result.runs == \
+        result.counters.busy_cycles
+    for layer in program.layers:
+        work = {unit: layer[f"{unit}_cycles"] for unit in ("array", "load", "requant")}
+        if layer["kind"].startswith("depthwise"):
+            assert max(work, key=work.get) == "requant" and work["requant"] > layer["cycles"]
+        elif layer["kind"] == "conv":
+            assert max(work, key=work.get) == "array"
 
     monkeypatch.setattr(npugen.compiler, "interleave", lambda config, program: (
         overlap_requants(config, program), list(range(len(program)))))
@@ -247,6 +259,8 @@ def test_cli_compile_and_run_kws(tmp_path, capsys):
     np.testing.assert_array_equal(y, litert_reference(path)(x).reshape(3, -1))
     assert report["cycles_per_inference"] > 0 and len(report["layers"]) == 11
     assert all(layer["cycles"] > 0 for layer in report["layers"])
+    assert all(layer["array_cycles"] > 0 and layer["load_cycles"] > 0
+               and layer["requant_cycles"] > 0 for layer in report["layers"])
     assert main(["inspect", str(program), "--json"]) == 0
     text = capsys.readouterr().out
     assert "then on the host: softmax" in text
