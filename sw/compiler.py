@@ -807,8 +807,8 @@ class _Stage:
         Each row also gets the work of the units, wherever it falls: ``array_cycles``,
         the cycles the array streams the layer's words; ``load_cycles``, those the weight
         loader shifts its tiles in (``load_rows`` a tile); ``requant_cycles``, those the
-        requantizer spends on its REQUANTs and FILLs (from dispatch until free for the
-        next). The largest, against ``cycles``, says what bounds the layer."""
+        requantizer spends on its REQUANTs and FILLs (from the start of each until it is
+        free for the next). The largest, against ``cycles``, says what bounds the layer."""
         timing, state = CycleModel(config), GemmState(config.rows)
         layer_of = np.searchsorted(self.starts, self.origins, side="right") - 1
         dispatched, dispatch_layer, streams = [], [], []
@@ -824,7 +824,8 @@ class _Stage:
                 elif step.opcode is Opcode.LOADW:
                     work[dispatch_layer[-1], 1] += config.load_rows
                 elif step.opcode in (Opcode.REQUANT, Opcode.FILL):
-                    work[dispatch_layer[-1], 2] += timing.requant_free_at - dispatched[-1]
+                    work[dispatch_layer[-1], 2] += (timing.requant_free_at
+                                                    - timing.requant_started_at)
         total = timing.counters.cycles
         waiting = np.searchsorted(dispatched, np.arange(total), side="left")
         owner = np.asarray(dispatch_layer)[np.minimum(waiting, len(dispatched) - 1)]

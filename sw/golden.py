@@ -92,6 +92,7 @@ class CycleModel:
     inflight_clear_at: list[int] = field(default_factory=lambda: [0, 0])
     drain_clear_at: int = 0        # first cycle every result is in the accumulators
     requant_free_at: int = 0
+    requant_started_at: int = 0   # the last REQUANT's or FILL's first cycle of work
     requant_overlap: bool = False  # the last REQUANT lets REQUANT_OVERLAPPERS go on
     counters: Counters = field(default_factory=Counters)
     # A GEMM's last MATMUL step (paired_loads): its K tile, cycle, and the feeder's bank
@@ -165,13 +166,14 @@ class CycleModel:
             self.counters.macs += count * rows * cols
         elif op is Opcode.FILL:   # the requantizer's write port, with overlap
             self.requant_overlap = not self.config.single_port_activations
+            self.requant_started_at = cycle
             self.requant_free_at = cycle + instruction["count"] + FILL_TAIL_CYCLES
         elif op is Opcode.REQUANT:
             self.requant_overlap = bool(self.config.requant_overlap and instruction["overlap"]
                                         and not instruction["to_acc"])
             groups = instruction["count"] * (cols // self.config.requant_lanes)
             # Dispatched beside the feeder, it starts once the rows before it are written.
-            start = max(cycle, self.drain_clear_at)
+            start = self.requant_started_at = max(cycle, self.drain_clear_at)
             if instruction["to_acc"]:
                 # Reads every other cycle, unless the requantizer has a port of its own.
                 last_read = groups if self.config.requant_overlap else 2 * groups - 1
