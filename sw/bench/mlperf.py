@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..mlperf import MODELS, REFERENCE_CONFIG, model_folder, model_path
+from ..program import UNIT_KEYS
 from ..protocol import UART_BITS_PER_BYTE
 from ..tflite_kernels import litert_reference
 from .models import board_fmax, recorded_build, short_config
@@ -83,7 +84,8 @@ def _layers(program) -> list[dict[str, Any]]:
     for layer in program.layers:
         kind = layer.get("kind") or ("dense" if "in_features" in layer else "?")
         rows.append({"name": layer["name"], "kind": kind, "macs": layer["macs"],
-                     "cycles": layer.get("cycles"), "utilization": layer.get("utilization")})
+                     "cycles": layer.get("cycles"), "utilization": layer.get("utilization"),
+                     **{key: layer.get(key) for key in UNIT_KEYS}})
     return rows
 
 

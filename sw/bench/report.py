@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..program import UNIT_KEYS
+
 __all__ = ["write_report"]
 
 HEADER = """# Benchmarks
@@ -507,14 +509,19 @@ def _mlperf(result: dict[str, Any], images: Path,
                    f"; cycles of a run of batch {batch}, MACs of one inference, utilization "
                    "counting the batch")
         lines += [f"{_MLPERF_NAMES[r['model']]} layers on {r['layers_on']} (cycle model, "
-                  f"which the golden model's counters equal{per_run}):", "",
-                  "| layer | kind | MACs | cycles | utilization |", "|---|---|---|---|---|"]
+                  f"which the golden model's counters equal{per_run}; `array`, `loads`, "
+                  "`requant`: the cycles of each unit's work for the layer, the largest "
+                  "its bound):", "",
+                  "| layer | kind | MACs | cycles | utilization | array | loads | requant |",
+                  "|---|---|---|---|---|---|---|---|"]
         for layer in r["layers"]:
             cycles = "–" if layer["cycles"] is None else _n(layer["cycles"])
             utilization = ("–" if layer["utilization"] is None
                            else f"{layer['utilization']:.3f}")
+            units = " | ".join("–" if layer.get(key) is None else _n(layer[key])
+                               for key in UNIT_KEYS)
             lines.append(f"| {_short_layer(layer['name'])} | {layer['kind']} | "
-                         f"{_n(layer['macs'])} | {cycles} | {utilization} |")
+                         f"{_n(layer['macs'])} | {cycles} | {utilization} | {units} |")
         if all(layer["cycles"] is None for layer in r["layers"]):
             lines += ["", "A fully connected model compiles to one schedule of GEMMs "
                       "without per-layer cycles; its total is in the table above."]
