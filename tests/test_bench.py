@@ -148,12 +148,16 @@ def test_mlperf_quick_checks_every_fitting_model_against_litert(tmp_path):
                 continue
             assert t["bit_exact"] is True and t["cycles_equal_model"]
             assert 0 < t["utilization"] <= 1
+            # The array streams within the cycles: its ceiling is at least what it made.
+            assert t["utilization"] <= t["array_bound_utilization"] <= 1
+            assert t["requant_cycles_per_inference"] > 0
             assert t["latency_ms"] >= t["physical_limit_ms"]
         assert r["layers"] and r["virtual_board"] == {"skipped": "not run with --quick"}
     assert records["ad"]["targets"][-1]["batch"] > 1  # per inference at its batch
     assert result["published_ms"]["Cortex-M85 480 MHz, TFLite Micro"]["kws"] == 3.47
     text = docs.read_text()
     assert "## MLPerf Tiny" in text and "### Beside published results" in text
+    assert "| array-bound | requantizer |" in text
     assert "Produced by `npugen bench --quick --only mlperf`" in text
     assert (tmp_path / "img" / "mlperf.png").read_bytes().startswith(b"\x89PNG")
 

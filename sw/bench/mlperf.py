@@ -118,8 +118,22 @@ def _measure(program, x: np.ndarray, reference: np.ndarray | None, clock_mhz: fl
         "latency_ms": round(_ms(cycles, clock_mhz) + link, 4),
         "bit_exact": None if reference is None else bool(
             np.array_equal(result.quantized_output, reference[:len(x)])),
-        "layers": _layers(program)}
+        "layers": _layers(program), **_unit_work(program)}
     return entry
+
+
+def _unit_work(program) -> dict[str, Any]:
+    """The array's and the requantizer's work per inference, summed over the layer
+    table's unit columns, and the utilization if the array never waited (the ceiling of
+    the model's mapping onto this array); empty for a program without those columns."""
+    if not all(key in layer for layer in program.layers for key in UNIT_KEYS):
+        return {}
+    config = program.config
+    array, _, requant = (sum(layer[key] for layer in program.layers) / program.batch
+                         for key in UNIT_KEYS)
+    return {"array_cycles_per_inference": array, "requant_cycles_per_inference": requant,
+            "array_bound_utilization": round(
+                program.macs_per_inference / (array * config.rows * config.cols), 4)}
 
 
 def _virtual_board(program, x: np.ndarray, reference: np.ndarray | None, where: str,

@@ -431,7 +431,11 @@ def _mlperf(result: dict[str, Any], images: Path,
              "inputs on the golden model (a whole batch: the autoencoder compiles to a "
              "batch > 1 and its cycles are per inference at that batch); `bit-exact` "
              "compares the int8 outputs (after the host's softmax) with LiteRT's reference "
-             "kernels (`BUILTIN_REF`). Utilization = MACs / (cycles · rows · cols); latency "
+             "kernels (`BUILTIN_REF`). Utilization = MACs / (cycles · rows · cols); "
+             "`array-bound` = MACs / (the cycles the array streams · rows · cols), the "
+             "utilization if the array never waited (the ceiling of the model's mapping "
+             "onto that array), and `requantizer` the requantizer's work in cycles an "
+             "inference (`npugen inspect`'s unit columns, summed); latency "
              "at the board's SoC clock; physical limit = MACs / (rows · cols) cycles at the "
              "same clock. The JSON also has each latency at the Fmax of the board's "
              "recorded build (section *Boards*). `overlap`: the requantizer runs beside "
@@ -446,14 +450,18 @@ def _mlperf(result: dict[str, Any], images: Path,
     for r in records:
         lines += [f"### {_MLPERF_NAMES[r['model']]}: {r['task']}, {r['macs']:,} MACs", "",
                   "| target | config | clock MHz | cycles / inference | utilization | "
-                  "latency ms | physical limit ms | bit-exact vs LiteRT |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "array-bound | requantizer | latency ms | physical limit ms | "
+                  "bit-exact vs LiteRT |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for t in r["targets"]:
             head = f"| {t['name']} | {t['config']} | {t['clock_mhz']:g} |"
             if not t["fits"]:
-                lines.append(f"{head} does not fit: {_does_not_fit(t['reason'])} | | | "
+                lines.append(f"{head} does not fit: {_does_not_fit(t['reason'])} | | | | | "
                              f"{t['physical_limit_ms']} | |")
                 continue
+            bound = (f"{t['array_bound_utilization']:.3f} | "
+                     f"{t['requant_cycles_per_inference']:,.1f}"
+                     if "array_bound_utilization" in t else "– | –")
             batch = f" (batch {t['batch']})" if t["batch"] > 1 else ""
             single = (f" ({t['batch1_latency_ms']} at batch 1)"
                       if "batch1_latency_ms" in t else "")
@@ -461,7 +469,7 @@ def _mlperf(result: dict[str, Any], images: Path,
                 single += (f"; in {t['stages']} stages, {t['link_ms']} of it the link "
                            f"writing them at {t['baud']:,} baud")
             lines.append(f"{head} {t['cycles_per_inference']:,.1f}{batch} | "
-                         f"{t['utilization']:.3f} | {t['latency_ms']}{single} | "
+                         f"{t['utilization']:.3f} | {bound} | {t['latency_ms']}{single} | "
                          f"{t['physical_limit_ms']} | {_yes(t['bit_exact'])} |")
         board = r["virtual_board"]
         if "skipped" in board:
