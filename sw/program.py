@@ -315,7 +315,8 @@ class Program:
         where it runs (``runs_on``: ``npu``, or ``host`` for the operators the host applies
         to the NPU's output, which take no NPU cycles), its MACs per inference, cycles per
         run and utilization; the totals ``cycles`` (per run), ``cycles_per_inference``,
-        ``macs_per_inference`` and ``utilization`` (MACs over cycles × rows × cols)."""
+        ``macs_per_inference`` and ``utilization`` (MACs over cycles × rows × cols); the
+        units' work (:meth:`unit_work`)."""
         per_inference = self.estimated_cycles / self.batch
         layers = [{**layer, "runs_on": "npu"} for layer in self.layers]
         layers += [{"name": op["op"], "kind": op["op"], "runs_on": "host", "macs": 0,
@@ -331,7 +332,7 @@ class Program:
                 "instructions": self.instruction_count, "memory_words": self.memory_words(),
                 "stages": len(self.images()), "stage_words_per_run": self.stage_words_per_run(),
                 "stage_upload_bytes_per_run": self.stage_upload_bytes(),
-                "host_ops": [op["op"] for op in self.host_ops]}
+                "host_ops": [op["op"] for op in self.host_ops], **self.unit_work()}
 
     def describe(self) -> str:
         """A human-readable summary: layers, memory use, estimated cycles."""
@@ -405,7 +406,28 @@ class Program:
         lines.append(f"estimated cycles per run {self.estimated_cycles} "
                      f"({per_inference:.1f} per inference, ideal {ideal:.1f}, "
                      f"utilization {ideal / per_inference:.3f})")
+        work = self.unit_work()
+        if work:
+            lines.append(f"the units' work per run: the array streams "
+                         f"{work['array_cycles']} cycles (utilization "
+                         f"{work['array_bound_utilization']:.3f} if it never waited), the "
+                         f"weight loader {work['load_cycles']}, the requantizer "
+                         f"{work['requant_cycles']}")
         return "\n".join(lines)
+
+    def unit_work(self) -> dict[str, Any]:
+        """The layer table's unit columns summed (cycles per run), and
+        ``array_bound_utilization``: the utilization if the array never waited, the
+        ceiling of the model's mapping onto the array. Empty for a program compiled
+        before the layer table had those columns."""
+        if not self.layers or not all(key in layer for layer in self.layers
+                                      for key in UNIT_KEYS):
+            return {}
+        work = {key: sum(layer[key] for layer in self.layers) for key in UNIT_KEYS}
+        array = work["array_cycles"] / self.batch
+        work["array_bound_utilization"] = round(
+            self.macs_per_inference / (array * self.config.macs_per_cycle), 4) if array else 0.0
+        return work
 
 
 def _digest(preamble: bytes, rest: bytes) -> bytes:

@@ -208,8 +208,10 @@ def test_layer_cycles_hold_each_layers_macs_when_layers_overlap(monkeypatch):
     # Each unit's work per layer: the array's adds up to the golden model's busy
     # counter; on eight lanes for sixteen columns the depthwise layers wait for the
     # requantizer and the 1×1 convolutions keep the array the busier unit.
-    assert sum(layer["array_cycles"] for layer in program.layers) * result.runs == \
-        result.counters.busy_cycles
+    summary = program.summary()
+    assert summary["array_cycles"] == sum(layer["array_cycles"] for layer in program.layers)
+    assert summary["array_cycles"] * result.runs == result.counters.busy_cycles
+    assert summary["utilization"] < summary["array_bound_utilization"] <= 1
     for layer in program.layers:
         work = {unit: layer[f"{unit}_cycles"] for unit in ("array", "load", "requant")}
         if layer["kind"].startswith("depthwise"):

@@ -123,17 +123,14 @@ def _measure(program, x: np.ndarray, reference: np.ndarray | None, clock_mhz: fl
 
 
 def _unit_work(program) -> dict[str, Any]:
-    """The array's and the requantizer's work per inference, summed over the layer
-    table's unit columns, and the utilization if the array never waited (the ceiling of
-    the model's mapping onto this array); empty for a program without those columns."""
-    if not all(key in layer for layer in program.layers for key in UNIT_KEYS):
+    """The array's and the requantizer's work per inference and the utilization if the
+    array never waited (:meth:`Program.unit_work`)."""
+    work = program.unit_work()
+    if not work:
         return {}
-    config = program.config
-    array, _, requant = (sum(layer[key] for layer in program.layers) / program.batch
-                         for key in UNIT_KEYS)
-    return {"array_cycles_per_inference": array, "requant_cycles_per_inference": requant,
-            "array_bound_utilization": round(
-                program.macs_per_inference / (array * config.rows * config.cols), 4)}
+    return {"array_cycles_per_inference": work["array_cycles"] / program.batch,
+            "requant_cycles_per_inference": work["requant_cycles"] / program.batch,
+            "array_bound_utilization": work["array_bound_utilization"]}
 
 
 def _virtual_board(program, x: np.ndarray, reference: np.ndarray | None, where: str,
