@@ -680,11 +680,12 @@ def _compile(model: QuantizedModel, config: NpuConfig, batch: int,
     chain = _dense_chain(model)
     prefix = f"batch {batch}: " if chain else ""
     maps, problems, in_place = _allocate_maps(model, config, batch, input_im2col)
-    # A dense chain's batch keeps each layer's output tiles in the accumulators at once:
-    # a plain GEMM per layer, then its REQUANTs.
+    # Without the feature-map hardware a dense chain's batch keeps each layer's output
+    # tiles in the accumulators at once: a plain GEMM per layer, then its REQUANTs. With
+    # it, a layer whose tiles do not fit at once goes a tile at a time (Lowering._emit).
     accumulators = [("accumulators", batch * max(
         ceil_div(layer.out_features, config.cols) for layer in model.layers),
-        "accumulator_depth")] if chain else []
+        "accumulator_depth")] if chain and not config.feature_maps else []
     if max(fmap.end for fmap in maps.values()) > 1 << 16:
         # Past what the instructions address: there is no program to count the rest in.
         raise DoesNotFit(prefix + "; ".join(problems + _overflows(config, accumulators)))

@@ -66,6 +66,33 @@ def test_ad_at_batch_1_requantizes_each_layer_once_and_stays_exact():
     assert program.estimated_cycles < 5000
 
 
+def test_a_batch_whose_tiles_pass_the_accumulators_runs_a_tile_at_a_time():
+    """AD on the ULX3S-85F's default: its 640-feature layers have 40 output tiles, and
+    at batch 64 they take 2,560 accumulator words of its 512. With the feature-map
+    hardware each output tile runs and is requantized in turn, so the compiler picks
+    batch 64 (batch 8 when a layer's tiles had to fit at once, utilization 0.297) and the
+    outputs stay LiteRT's. Without it, a plain GEMM per layer must hold them all: refused,
+    naming the accumulators."""
+    from npugen.boards import BOARDS
+
+    config = BOARDS["ulx3s-85f"].default_config
+    path = MLPERF_TINY / MODELS["ad"]
+    program = compile_model(path, config)
+    assert program.batch == 64 and 40 * program.batch > config.accumulator_depth
+    assert program.summary()["utilization"] > 0.9
+    x = random_input(path, 3, seed=13)
+    result = run(program, x)
+    np.testing.assert_array_equal(result.quantized_output,
+                                  litert_reference(path)(x).reshape(len(x), -1))
+    assert result.counters.cycles == program.estimated_cycles * result.runs
+    plain = NpuConfig(rows=16, cols=16, feature_maps=False, weight_depth=65536,
+                      param_depth=4096, activation_depth=16384, instruction_depth=4096,
+                      accumulator_depth=512)
+    with pytest.raises(DoesNotFit, match=r"batch 64: accumulators need 2560 words, "
+                                         r"accumulator_depth is 512"):
+        compile_model(path, plain, batch=64)
+
+
 @pytest.mark.parametrize("name", ["kws", "resnet", "ad",
                                   pytest.param("vww", marks=pytest.mark.slow)])
 def test_mlperf_tiny_models_equal_litert_reference(name):
