@@ -191,7 +191,7 @@ def run_mlperf_demo(name: str, *, target: str = "sim", simulator: str = "verilat
     """Compile MLPerf Tiny model ``name`` and run ``inputs`` random int8 inputs on the golden
     model and on ``target`` (``baud``: a serial port's rate); print the figures and return
     them."""
-    from .compiler import compile_model
+    from .compiler import BATCH_CHOICES, compile_model
     from .runtime import check_target, run
     from .tflite_kernels import litert_reference
 
@@ -204,6 +204,9 @@ def run_mlperf_demo(name: str, *, target: str = "sim", simulator: str = "verilat
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     program = compile_model(path, config)
+    if program.batch > inputs:   # a dense chain: no larger a batch than the inputs run
+        program = compile_model(path, config, batch=max(
+            batch for batch in BATCH_CHOICES if batch <= inputs))
     program_path = workdir / f"{name}.npu"
     program.save(program_path)
     print(f"compiled {path.name} ({len(program.layers)} layers on the NPU, "

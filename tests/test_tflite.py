@@ -737,3 +737,16 @@ def test_accumulators_narrower_than_32_bits_take_only_models_whose_sums_fit():
                                          "scaled by 2\\*\\*20: it needs 32-bit"):
         compile_quantized(quantize_model(load_tflite(build(residual, shape=(1, 4, 4, 3),
                                                            seed=22))), config)
+
+
+def test_the_ad_demo_compiles_no_larger_a_batch_than_it_runs(tmp_path, capsys):
+    """`npugen demo --model ad` runs four inputs: on the reference 8×8 AD would compile
+    at batch 64, and four inputs in a run of 64 would report a sixteenth of the array's
+    work; the demo compiles for batch 4 instead, and the outputs are LiteRT's."""
+    from npugen.demo import run_mlperf_demo
+    from npugen.program import Program
+
+    record = run_mlperf_demo("ad", target="golden", workdir=tmp_path)
+    assert record["equal_to_litert_reference"] is True
+    assert record["inputs"] == 4 and record["utilization"] > 0.9
+    assert Program.load(tmp_path / "ad.npu").batch == 4
