@@ -91,6 +91,10 @@ def test_a_batch_whose_tiles_pass_the_accumulators_runs_a_tile_at_a_time():
     with pytest.raises(DoesNotFit, match=r"batch 64: accumulators need 2560 words, "
                                          r"accumulator_depth is 512"):
         compile_model(path, plain, batch=64)
+    # A batch past even one tile's accumulator words is refused by name too.
+    with pytest.raises(DoesNotFit, match=r"batch 1024: .*an output row of 1024 pixels needs "
+                                         r"more than the 512 accumulator words"):
+        compile_model(path, config, batch=1024)
 
 
 @pytest.mark.parametrize("name", ["kws", "resnet", "ad",
