@@ -84,7 +84,7 @@ _KWS_8X8 = dict(activation_depth=2560, weight_depth=5120, accumulator_depth=512,
 # line buffers: not square) ran KWS in 128,803 cycles and held no ResNet-8 (6,668 words).
 _RESNET_8X8 = dict(activation_depth=6912, weight_depth=10240, accumulator_depth=512,
                    instruction_depth=1024, param_depth=256, requant_lanes=4,
-                   requant_overlap=True, line_buffer_depth=16)
+                   requant_overlap=True, line_buffer_depth=16, depthwise_tap_row=True)
 # The 85F's 16×16 holds ResNet-8 (3,334 activation words, 4,976 weight words) and KWS
 # (AD runs in stages, docs/MODELS.md), with eight requantizer lanes (24 MULT18X18Ds, three
 # a lane) beside the array

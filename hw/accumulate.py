@@ -67,7 +67,7 @@ class AccumulatePath(wiring.Component):
         fm, max_combine = c.requant_to_acc, c.max_combine
         layout = tag_layout(c)
         tags = [self.issue]
-        for i in range(array_latency(c.rows, c.skew_cols) + 1):
+        for i in range(array_latency(c.array_rows, c.skew_cols) + 1):
             delayed = Signal(layout, name=f"tag_d{i + 1}")
             m.d.sync += delayed.eq(tags[-1])
             tags.append(delayed)

@@ -81,6 +81,12 @@ class SystolicArray(wiring.Component):
     cycles, so group g sees the word g·(line_delay + 3) before: a window of the input
     map with the row pitch line_delay + 3. Rows past the groups see zeros. golden.py's
     ``_depthwise_products`` is the reference.
+
+    With ``depthwise_tap_row`` (2, 5 or 8 rows) one more row of PEs below the array
+    completes the last group. Its activations are zero but for the column chains (so it
+    adds nothing to other words' sums), and it loads a cycle after the row above, from
+    that row's outgoing weight: after a LOADW it holds the bank's previous tile's row
+    rows − L (SETGEMM ``tap_row`` loads a tile for it first).
     """
 
     def __init__(self, config: NpuConfig, *, implementation: Implementation = GENERIC):
@@ -105,7 +111,7 @@ class SystolicArray(wiring.Component):
 
     @property
     def latency(self) -> int:
-        return array_latency(self._config.rows, self._config.skew_cols)
+        return array_latency(self._config.array_rows, self._config.skew_cols)
 
     def elaborate(self, platform):
         c, implementation = self._config, self._implementation
@@ -120,13 +126,14 @@ class SystolicArray(wiring.Component):
         # One bank, every product in a pair, no load skew: the weights in the SB_MAC16s.
         weights_in_dsp = (one_bank and not c.load_skew and paired_cols == c.cols
                           and in_dsp == c.rows)
+        # The depthwise tap row (depthwise_tap_row), row `rows`, multiplies in logic.
         pes = [[ProcessingElement(input_width=c.input_width, weight_width=c.weight_width,
                                   psum_width=psum_width(c, r + 1),
                                   shared_multiplier=r < in_dsp and col < paired_cols,
                                   fabric_multiplier=r >= in_dsp, depthwise=depthwise,
                                   banks=c.weight_banks, weight_in_multiplier=weights_in_dsp,
                                   implementation=implementation)
-                for col in range(c.cols)] for r in range(c.rows)]
+                for col in range(c.cols)] for r in range(c.array_rows)]
         # The load skew: each column's weights, load and bank (with one bank, the row
         # index) a cycle after its left neighbour's (also one register for all the PEs of
         # a column). Without it (load_skew false) every column takes the load in the same
@@ -151,10 +158,31 @@ class SystolicArray(wiring.Component):
         # the depthwise mode's column tops.
         skewed = [_delay_stages(m, self.act[r], r + ARRAY_INPUT_STAGES, f"skew{r}")
                   for r in range(c.rows)]
-        for r in range(c.rows):
+        for r in range(c.array_rows):
+            tap_row = r == c.rows
             for col in range(c.cols):
                 pe = pes[r][col]
                 m.submodules[f"pe_{r}_{col}"] = pe
+                if tap_row:
+                    # The tap row shifts a cycle after the last segment's rows, as the words
+                    # reach it a cycle after the row above: it takes that row's weight as the
+                    # load shifts it out, so a LOADW leaves it the bank's previous tile's.
+                    _, load, load_bank, _ = loads_by_segment[-1][col]
+                    above = pes[r - 1][col]
+                    m.d.comb += [
+                        pe.load.eq(_delay(m, load, 1, f"tap_load{col}")),
+                        pe.load_bank.eq(_delay(m, load_bank, 1, f"tap_load_bank{col}")),
+                        pe.weight_in.eq(_delay(m, above.weight_out, 1, f"tap_weight{col}")),
+                        pe.psum_in.eq(above.psum_out), pe.act_in.eq(0)]
+                    if col == 0:
+                        skew = r + ARRAY_INPUT_STAGES
+                        m.d.comb += [
+                            pe.bank_in.eq(_delay(m, self.bank, skew, f"skew_bank{r}")),
+                            pe.mode_in.eq(_delay(m, self.depthwise, skew, f"skew_mode{r}"))]
+                    else:
+                        left = pes[r][col - 1]
+                        m.d.comb += [pe.bank_in.eq(left.bank_out), pe.mode_in.eq(left.mode_out)]
+                    continue
                 weight_row, load, load_bank, load_index = loads_by_segment[r // c.load_rows][col]
                 if one_bank:   # the word goes straight to its row
                     load = load & (load_index == r)
@@ -197,7 +225,7 @@ class SystolicArray(wiring.Component):
         if depthwise:
             self._column_chains(m, pes, skewed)
         for col in range(c.cols):
-            bottom = pes[c.rows - 1][col].psum_out
+            bottom = pes[c.array_rows - 1][col].psum_out
             deskew = 0 if c.row_broadcast else c.cols - 1 - col
             m.d.comb += self.result[col].eq(_delay(m, bottom, deskew, f"deskew{col}"))
         return m
@@ -220,7 +248,7 @@ class SystolicArray(wiring.Component):
             for col in range(c.cols):
                 m.d.comb += [line.line_in[col].eq(pes[3 * g - 1][col].chain_in),
                              pes[3 * g][col].chain_in.eq(line.line_out[col])]
-        for r in range(1, c.rows):
+        for r in range(1, c.array_rows):
             if r % 3 or r >= 3 * groups:
                 for col in range(c.cols):
                     m.d.comb += pes[r][col].chain_in.eq(

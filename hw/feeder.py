@@ -79,7 +79,8 @@ class Feeder(wiring.Component):
             "feeding_bank": Out(1),
             "inflight_idle": Out(2, init=0b11),
             "drain_idle": Out(1, init=1),
-            "drain_wait": Out(range((1 << 16) + array_latency(config.rows, config.skew_cols) + 3)),
+            "drain_wait": Out(range((1 << 16) + array_latency(config.array_rows,
+                                                              config.skew_cols) + 3)),
         })
 
     def elaborate(self, platform):
@@ -118,7 +119,7 @@ class Feeder(wiring.Component):
         drain = self._in_flight(m, issue, feed_bank)
         # A stream's last word issues feed_remaining − 1 cycles from now; its result is
         # written latency + 3 cycles after (drain_idle rises as drain reaches 0).
-        latency = array_latency(c.rows, c.skew_cols)
+        latency = array_latency(c.array_rows, c.skew_cols)
         m.d.comb += self.drain_wait.eq(Mux(feed_busy, feed_remaining + latency + 2, drain))
 
         with m.If(issue):
@@ -147,7 +148,7 @@ class Feeder(wiring.Component):
         # At least one: weight_use_cycles is 0 only with one row a segment, and a LOADW
         # then waits for the feeder's last issue anyway (the sequencer's rule).
         use_cycles = max(1, weight_use_cycles(c.load_rows, c.skew_cols, c.load_skew))
-        latency = array_latency(c.rows, c.skew_cols)
+        latency = array_latency(c.array_rows, c.skew_cols)
         inflight = Array(Signal(range(use_cycles + 1), name=f"inflight{b}") for b in range(2))
         drain = Signal(range(latency + 3))
         inflight_idle, drain_idle = self.inflight_idle, self.drain_idle   # == 0, kept

@@ -31,6 +31,10 @@ class GemmExpander(wiring.Component):
     whose LOADW (``pair_bank``, ``pair_weight_addr``) may dispatch beside it (``pair``
     with ``dispatch``); the next step is then that K tile's MATMUL.
 
+    With ``depthwise_tap_row`` and SETGEMM's ``tap_row``, each K tile's LOADW is two: the
+    tile after its weights first (its row for the tap row), then its own, both into the
+    K tile's bank; the pointer moves two tiles a K tile and no LOADW pairs.
+
     ``dispatch`` moves to the next step when the step is a GEMM's; ``set_gemm`` and
     ``set_kern`` load SETGEMM and SETKERN; ``run_start`` restores the walk's start and
     SETKERN's defaults.
@@ -90,6 +94,10 @@ class GemmExpander(wiring.Component):
         gemm_last_tile = Signal(init=1)
         gemm_single = Signal(init=1)
         gemm_last = Signal()
+        # SETGEMM's tap_row (depthwise_tap_row): the K tile's second tile loads first.
+        gemm_tap = Signal()
+        gemm_tap_next = Signal()   # the K tile's next step is the second tile's LOADW
+        tile_words = Mux(gemm_tap, 2 * rows, rows)
         m.d.comb += gemm_last.eq(gemm_matmul_next & gemm_last_tile)
         gemm_dispatch = self.dispatch & is_gemm
         m.d.comb += [
@@ -109,7 +117,7 @@ class GemmExpander(wiring.Component):
                 m.d.comb += self.bank.eq(field(Opcode.GEMM, "bank") ^ gemm_kt[0])
             m.d.comb += [
                 self.op.eq(Mux(gemm_matmul_next, Opcode.MATMUL, Opcode.LOADW)),
-                self.weight_addr.eq(gemm_weight_now),
+                self.weight_addr.eq(gemm_weight_now + Mux(gemm_tap_next, rows, 0)),
                 self.act_addr.eq(walk.act_addr),
                 self.acc_addr.eq(field(Opcode.GEMM, "acc_addr")),
                 self.count.eq(field(Opcode.GEMM, "count")),
@@ -142,19 +150,20 @@ class GemmExpander(wiring.Component):
 
         if c.paired_loads:
             m.d.comb += [
-                self.pairable.eq(is_gemm & ~gemm_empty & gemm_matmul_next & ~gemm_last_tile),
+                self.pairable.eq(is_gemm & ~gemm_empty & gemm_matmul_next & ~gemm_last_tile
+                                 & ~gemm_tap),
                 self.pair_bank.eq(~self.bank),
                 self.pair_weight_addr.eq(gemm_weight_now + rows),
             ]
         with m.If(gemm_dispatch):
             with m.If(~gemm_matmul_next):
-                m.d.sync += [gemm_matmul_next.eq(1), gemm_started.eq(1),
-                             gemm_weight_run.eq(gemm_weight_now)]
+                m.d.sync += [gemm_matmul_next.eq(~gemm_tap_next), gemm_tap_next.eq(0),
+                             gemm_started.eq(1), gemm_weight_run.eq(gemm_weight_now)]
             with m.Else():
                 m.d.sync += [
-                    gemm_matmul_next.eq(0), gemm_kt.eq(gemm_kt + 1),
+                    gemm_matmul_next.eq(0), gemm_kt.eq(gemm_kt + 1), gemm_tap_next.eq(gemm_tap),
                     gemm_last_tile.eq(gemm_kt == gemm_penult_kt),
-                    gemm_weight_run.eq(gemm_weight_now + rows),
+                    gemm_weight_run.eq(gemm_weight_now + tile_words),
                 ]
                 if c.paired_loads:   # the next K tile's LOADW went with it
                     with m.If(self.pair):
@@ -162,7 +171,7 @@ class GemmExpander(wiring.Component):
                 with m.If(gemm_last):
                     m.d.sync += [gemm_started.eq(0), gemm_kt.eq(0),
                                  gemm_last_tile.eq(gemm_single),
-                                 gemm_weight.eq(gemm_weight_now + rows)]
+                                 gemm_weight.eq(gemm_weight_now + tile_words)]
         with m.If(self.set_gemm):
             m.d.sync += [
                 gemm_weight.eq(field(Opcode.SETGEMM, "weight_addr")),
@@ -173,7 +182,12 @@ class GemmExpander(wiring.Component):
                 gemm_last_tile.eq(field(Opcode.SETGEMM, "k_tiles") == 1),
                 gemm_tile_step.eq(field(Opcode.SETGEMM, "tile_step")),
             ]
+            if c.depthwise_tap_row:
+                m.d.sync += [gemm_tap.eq(field(Opcode.SETGEMM, "tap_row")),
+                             gemm_tap_next.eq(field(Opcode.SETGEMM, "tap_row"))]
         with m.If(self.run_start):
             m.d.sync += [gemm_started.eq(0), gemm_matmul_next.eq(0), gemm_kt.eq(0),
                          gemm_last_tile.eq(gemm_single)]
+            if c.depthwise_tap_row:   # as the golden model's GemmState starts
+                m.d.sync += [gemm_tap.eq(0), gemm_tap_next.eq(0)]
         return m

@@ -56,7 +56,7 @@ DEPTH_STEP = 256
 #: The NpuConfig fields that are true or false.
 BOOL_FIELDS = ("feature_maps", "requant_overlap", "load_skew", "max_pooling", "adds",
                "activity_counters", "link_error_counters", "row_broadcast",
-               "single_port_activations")
+               "single_port_activations", "depthwise_tap_row")
 
 
 def _check_int(name: str, value: Any, low: int, high: int, rule: str = "") -> None:
@@ -141,6 +141,11 @@ class NpuConfig:
     # rows / weight_segments cycles instead of rows (a batch-1 dense layer streams one word
     # a tile and is bound by the load). A power of two dividing rows (a power of two).
     weight_segments: int = 1
+    # One more row of PEs below an array whose rows stop one short of a group of three (2,
+    # 5 or 8 rows), used only by the depthwise mode: on an 8×8 its two groups and two rows
+    # become three groups, so a 3×3 depthwise kernel takes one pass instead of two. Its
+    # weights come from the bank's previous tile (SETGEMM tap_row, docs/ARCHITECTURE.md).
+    depthwise_tap_row: bool = False
 
     def __post_init__(self) -> None:
         _check_int("rows", self.rows, 1, 64)
@@ -215,6 +220,17 @@ class NpuConfig:
                 what = "weight_banks = 1" if self.weight_banks == 1 else "row_broadcast"
                 raise ValueError(f"weight_segments = {segments} cannot go with {what}: set "
                                  f"weight_segments = 1")
+        if self.depthwise_tap_row:
+            if not self.line_buffer_depth or self.rows % 3 != 2 or self.rows > 8:
+                raise ValueError(
+                    f"depthwise_tap_row = true completes the depthwise mode's last group of "
+                    f"three rows: it needs line_buffer_depth > 0 and 2, 5 or 8 rows, not "
+                    f"line_buffer_depth = {self.line_buffer_depth} with {self.rows} rows; set "
+                    f"depthwise_tap_row = false")
+            if self.weight_banks == 1 or self.row_broadcast:
+                what = "weight_banks = 1" if self.weight_banks == 1 else "row_broadcast"
+                raise ValueError(f"depthwise_tap_row = true cannot go with {what}: set "
+                                 f"depthwise_tap_row = false")
         if self.row_broadcast and self.load_skew:
             raise ValueError("row_broadcast = true (every column takes its row's activation in "
                              "the same cycle) loads every column at once: set load_skew = false")
@@ -252,10 +268,17 @@ class NpuConfig:
         return self.weight_segments > 1 and self.load_rows == 1 and self.load_skew
 
     @property
+    def array_rows(self) -> int:
+        """Rows of PEs a word's partial sums pass: ``rows``, and the depthwise tap row
+        (``depthwise_tap_row``), the ``rows`` of sw/timing.py's array latency."""
+        return self.rows + self.depthwise_tap_row
+
+    @property
     def depthwise_groups(self) -> int:
         """Kernel rows a depthwise-mode MATMUL covers (0: no depthwise mode): rows 3g to
-        3g + 2 of the array hold kernel row g's three taps, at most three such groups."""
-        return min(self.rows // 3, 3) if self.line_buffer_depth else 0
+        3g + 2 of the array (the tap row, ``depthwise_tap_row``, below the last) hold
+        kernel row g's three taps, at most three such groups."""
+        return min(self.array_rows // 3, 3) if self.line_buffer_depth else 0
 
     @property
     def max_combine(self) -> bool:
@@ -358,7 +381,8 @@ class NpuConfig:
         if self.requant_overlap:
             text += ", requant overlap"
         if self.line_buffer_depth:
-            text += f", depthwise mode (rows of {self.line_buffer_depth})"
+            text += f", depthwise mode (rows of {self.line_buffer_depth}"
+            text += ", a tap row)" if self.depthwise_tap_row else ")"
         if self.row_broadcast:
             text += ", activations broadcast along the rows"
         elif not self.load_skew:

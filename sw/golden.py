@@ -161,7 +161,8 @@ class CycleModel:
             self.feeder_bank = bank
             self.inflight_clear_at[bank] = last + weight_use_cycles(
                 self.config.load_rows, self.config.skew_cols, self.config.load_skew)
-            self.drain_clear_at = last + results_written_cycles(rows, self.config.skew_cols)
+            self.drain_clear_at = last + results_written_cycles(self.config.array_rows,
+                                                                self.config.skew_cols)
             self.counters.busy_cycles += count
             self.counters.macs += count * rows * cols
         elif op is Opcode.FILL:   # the requantizer's write port, with overlap
@@ -211,6 +212,7 @@ class GemmState:
         self.weight_addr = 0
         self.k_tiles = 0
         self.tile_step = 0
+        self.tap_row = False   # SETGEMM tap_row: two weight tiles a K tile
         self.kernel_w = self.kernel_h = 1
         self.kernel_row_step = 0
         self.window = Walk()
@@ -233,7 +235,7 @@ class GemmState:
         op = ins.opcode
         if op is Opcode.SETGEMM:
             self.weight_addr, self.k_tiles = ins["weight_addr"], ins["k_tiles"]
-            self.tile_step = ins["tile_step"]
+            self.tile_step, self.tap_row = ins["tile_step"], bool(ins["tap_row"])
         elif op is Opcode.SETKERN:
             self.kernel_w, self.kernel_h = ins["kernel_w"], ins["kernel_h"]
             self.kernel_row_step = ins["kernel_row_step"]
@@ -248,17 +250,23 @@ class GemmState:
         if op is not Opcode.GEMM:
             return [ins]
         steps = []
+        # With tap_row each K tile is two tiles, the second loaded first (its row for the
+        # tap row stays there as the first's loads), and no LOADW pairs with a MATMUL.
+        tiles = 2 if self.tap_row else 1
         for kt in range(self.k_tiles):
             bank = ins["bank"] ^ (kt & 1)
-            steps.append(Instruction(Opcode.LOADW, {
-                "bank": bank, "weight_addr": (self.weight_addr + kt * self.rows) & 0xFFFF},
-                k_tile=kt))
+            tag = -1 if self.tap_row else kt
+            first = self.weight_addr + kt * tiles * self.rows
+            for tile in reversed(range(tiles)):
+                steps.append(Instruction(Opcode.LOADW, {
+                    "bank": bank, "weight_addr": (first + tile * self.rows) & 0xFFFF},
+                    k_tile=tag))
             steps.append(Instruction(Opcode.MATMUL, {
                 "bank": bank, "accumulate": int(ins["accumulate"] or kt > 0),
                 "combine": ins["combine"],
                 "act_addr": (ins["act_addr"] + self.tap_offset(kt)) & 0xFFFF,
-                "acc_addr": ins["acc_addr"], "count": ins["count"]}, k_tile=kt))
-        self.weight_addr = (self.weight_addr + self.k_tiles * self.rows) & 0xFFFF
+                "acc_addr": ins["acc_addr"], "count": ins["count"]}, k_tile=tag))
+        self.weight_addr = (self.weight_addr + self.k_tiles * tiles * self.rows) & 0xFFFF
         return steps
 
 
@@ -272,7 +280,7 @@ def depthwise_drain_words(config: NpuConfig, pitch: int) -> int:
     """Words other MATMULs stream (a cycle each) after a depthwise MATMUL of ``pitch``
     before its last word has left the line buffers and the column chains, with room to
     spare: its lead, and two registers a PE down the rows."""
-    return depthwise_lead(config, pitch) + 2 * config.rows
+    return depthwise_lead(config, pitch) + 2 * config.array_rows
 
 
 def matmul_results(config: NpuConfig, state: GemmState, ins: Instruction) -> int:
@@ -362,7 +370,7 @@ def check_program(config: NpuConfig, program: list[Instruction]) -> None:
         if op is Opcode.GEMM:
             need(state.k_tiles >= 1, index, instruction, "k_tiles (SETGEMM) must be at least 1")
             need(instruction["count"] >= 1, index, instruction, "count must be at least 1")
-            end = state.weight_addr + state.k_tiles * config.rows
+            end = state.weight_addr + state.k_tiles * config.rows * (1 + state.tap_row)
             need(end <= config.weight_depth, index, instruction,
                  f"weight tiles end at word {end}, weight_depth is {config.weight_depth}")
         elif op is Opcode.SETKERN:
@@ -422,6 +430,11 @@ def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instructio
     if op is Opcode.MATMUL:
         last = ins["act_addr"] + int(state.window.offsets(ins["count"]).max())
         within("activations", last + 1, "activation_depth")
+    elif op is Opcode.SETGEMM:
+        need(not ins["tap_row"] or config.depthwise_tap_row, index, ins,
+             "tap_row=1, but this NPU was generated without the depthwise tap row "
+             "(depthwise_tap_row = false); clear the bit, or regenerate the NPU with "
+             "depthwise_tap_row = true")
     elif op is Opcode.SETPP:
         need(ins["clamp_min"] <= ins["clamp_max"], index, ins,
              "clamp_min must not exceed clamp_max")
@@ -587,7 +600,8 @@ class GoldenNpu:
         # Parameter lanes: one value per field of layouts.PARAM_LANE_FIELDS per channel.
         self.params = np.zeros((c.param_depth, c.requant_lanes, len(PARAM_LANE_FIELDS)),
                                dtype=np.int64)
-        self.banks = np.zeros((2, c.rows, c.cols), dtype=np.int64)
+        # Each bank's rows and, with depthwise_tap_row, the tap row's weight.
+        self.banks = np.zeros((2, c.array_rows, c.cols), dtype=np.int64)
         self.zero_point = self.clamp_min = self.clamp_max = 0
         self.param_addr = self.out_stride = self.param_walk = 0
         self.state = GemmState(c.rows)
@@ -636,8 +650,10 @@ class GoldenNpu:
         c = self.config
         op = ins.opcode
         if op is Opcode.LOADW:
-            base = ins["weight_addr"]
-            self.banks[weight_bank(c, ins)] = self.weights[base:base + c.rows]
+            base, bank = ins["weight_addr"], self.banks[weight_bank(c, ins)]
+            if c.depthwise_tap_row:   # the top row of the last segment shifts down into it
+                bank[c.rows] = bank[c.rows - c.load_rows]
+            bank[:c.rows] = self.weights[base:base + c.rows]
         elif op is Opcode.MATMUL:
             self._matmul(ins)
         elif op is Opcode.REQUANT:
@@ -660,7 +676,7 @@ class GoldenNpu:
         if state.depthwise:
             products = self._depthwise_products(self.activations[words], bank)
         else:
-            products = wrap(self.activations[words] @ bank, c.accumulator_width)
+            products = wrap(self.activations[words] @ bank[:c.rows], c.accumulator_width)
         combine = np.maximum if ins["combine"] else np.add
         if state.reduce:  # every row into one word, each after the first combined
             products = combine.reduce(products, axis=0, keepdims=True)

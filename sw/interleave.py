@@ -43,6 +43,8 @@ LOOKAHEAD = 48
 
 _SETTERS = (Opcode.SETGEMM, Opcode.SETKERN, Opcode.SETWIN, Opcode.SETOUT, Opcode.SETPP,
             Opcode.SETREQ)
+#: SETGEMM's fields, in the order :class:`_Registers` keeps them.
+_GEMM_FIELDS = ("weight_addr", "k_tiles", "tile_step", "tap_row")
 
 
 def _mask(words: np.ndarray, depth: int) -> int:
@@ -90,11 +92,11 @@ class _Registers:
 
     def __init__(self) -> None:
         self.values: dict[Opcode, tuple | None] = dict.fromkeys(_SETTERS)
-        self.gemm = (0, 0, 0)   # weight pointer, K tiles, tile step (a GEMM advances it)
+        self.gemm = (0, 0, 0, 0)   # SETGEMM's _GEMM_FIELDS (a GEMM advances the pointer)
 
     def set(self, ins: Instruction) -> None:
         if ins.opcode is Opcode.SETGEMM:
-            self.gemm = (ins["weight_addr"], ins["k_tiles"], ins["tile_step"])
+            self.gemm = tuple(ins[name] for name in _GEMM_FIELDS)
         else:
             self.values[ins.opcode] = tuple(sorted(ins.args.items()))
 
@@ -119,7 +121,7 @@ def _units(config: NpuConfig, program: list[Instruction]) -> list[_Unit]:
                 Opcode.SETWIN: registers.values[Opcode.SETWIN]})
             unit.act_reads, unit.acc_writes = _gemm_words(config, state, ins)
             unit.acc_reads = unit.acc_writes
-            registers.gemm = (state.weight_addr, registers.gemm[1], registers.gemm[2])
+            registers.gemm = (state.weight_addr, *registers.gemm[1:])
             if None in (unit.registers[Opcode.SETKERN], unit.registers[Opcode.SETWIN]):
                 unit.kind = "B"
         elif op is Opcode.REQUANT:
@@ -161,11 +163,11 @@ def _conflict(later: _Unit, earlier: _Unit) -> bool:
 def _first_part(config: NpuConfig, unit: _Unit) -> tuple[_Unit, _Unit] | None:
     """A GEMM of several input-channel tiles as its first tile's GEMM and the rest's
     (which accumulates); None for one of a single tile."""
-    weight_addr, k_tiles, tile_step = unit.registers[Opcode.SETGEMM]
+    weight_addr, k_tiles, tile_step, tap_row = unit.registers[Opcode.SETGEMM]
     kern = dict(unit.registers[Opcode.SETKERN])
     win = dict(unit.registers[Opcode.SETWIN])
     taps = kern["kernel_w"] * kern["kernel_h"]
-    if win.get("depthwise") or k_tiles <= taps or k_tiles % taps:
+    if win.get("depthwise") or tap_row or k_tiles <= taps or k_tiles % taps:
         return None
     parts = []
     for start, tiles, step in ((0, taps, 0), (taps, k_tiles - taps, tile_step)):
@@ -174,15 +176,14 @@ def _first_part(config: NpuConfig, unit: _Unit) -> tuple[_Unit, _Unit] | None:
                                          "accumulate": int(unit.instruction["accumulate"]
                                                            or start > 0)})
         registers = {**unit.registers,
-                     Opcode.SETGEMM: (weight_addr + start * config.rows, tiles, tile_step)}
+                     Opcode.SETGEMM: (weight_addr + start * config.rows, tiles, tile_step, 0)}
         parts.append(_Unit("A", unit.origin, gemm, registers))
     state = GemmState(config.rows)
     for part in parts:
         for code in (Opcode.SETKERN, Opcode.SETWIN):
             state.expand(Instruction(code, dict(part.registers[code])))
         state.expand(Instruction(Opcode.SETGEMM, dict(zip(
-            ("weight_addr", "k_tiles", "tile_step"), part.registers[Opcode.SETGEMM],
-            strict=True))))
+            _GEMM_FIELDS, part.registers[Opcode.SETGEMM], strict=True))))
         part.act_reads = _gemm_words(config, state, part.instruction)[0]
         part.acc_reads = part.acc_writes = unit.acc_writes
     return parts[0], parts[1]
@@ -218,9 +219,8 @@ class _Emitter:
         for code, value in unit.registers.items():
             if code is Opcode.SETGEMM:
                 if self.registers.gemm != value:
-                    self._put(Instruction(code, dict(zip(
-                        ("weight_addr", "k_tiles", "tile_step"), value, strict=True))),
-                        unit.origin)
+                    self._put(Instruction(code, dict(zip(_GEMM_FIELDS, value, strict=True))),
+                              unit.origin)
             elif self.registers.values[code] != value:
                 self._put(Instruction(code, dict(value)), unit.origin)
         if self.waits_for_open(unit):

@@ -21,9 +21,9 @@ __all__ = [
 ]
 
 #: Raised with every change to the instructions or to the identity block the host reads
-#: (13: the NpuConfig field weight_segments and SETREQ's param_walk), so that a host refuses
+#: (14: the NpuConfig field depthwise_tap_row and SETGEMM's tap_row), so that a host refuses
 #: a bitstream or program of another version by name.
-ISA_VERSION = 13
+ISA_VERSION = 14
 INSTRUCTION_WIDTH = 64
 OPCODE_WIDTH = 4
 
@@ -93,13 +93,16 @@ DESCRIPTIONS: dict[Opcode, str] = {
         "`combine` is 1 (max); written over it otherwise. Issues one row a cycle; the "
         "next MATMUL may start while this one drains. In the depthwise mode (SETWIN "
         "`depthwise`, NPUs generated with line buffers) lane c of word i meets column c "
-        "only: with G kernel-row groups (min(rows div 3, 3)) and P = SETWIN's `pitch`, "
+        "only: with G kernel-row groups (min(R div 3, 3), R the rows and the tap row of NPUs "
+        "generated with depthwise_tap_row) and P = SETWIN's `pitch`, "
         "result row i − (G−1)·P − 2 (for i from (G−1)·P + 2 on; the words before only fill "
         "the line buffers) is, in column c, the sum over g < G and j < 3 of weight row "
-        "3g + j times lane c of word i − g·P − j: a 3-wide, G-high window whose last tap "
-        "is word i. With SETWIN's `drop` D > 0, the results of the words i with "
-        "(i − 2) mod P ≥ P − D (windows that wrap into the next row of the map) are "
-        "dropped too, and the others go to consecutive accumulator words."),
+        "3g + j (row `rows`: the tap row's weight, which a LOADW of the bank leaves from "
+        "the tile before, its row rows − rows/S) times lane c of word i − g·P − j: a "
+        "3-wide, G-high window whose last tap is word i. With SETWIN's `drop` D > 0, the "
+        "results of the words i with (i − 2) mod P ≥ P − D (windows that wrap into the "
+        "next row of the map) are dropped too, and the others go to consecutive "
+        "accumulator words."),
     Opcode.REQUANT: (
         "Post-process `count` accumulator words from `acc_addr` on: + bias, "
         "requantize by the Q31 multiplier and the right shift, rounding twice (gemmlowp: "
@@ -132,7 +135,8 @@ DESCRIPTIONS: dict[Opcode, str] = {
         "them all."),
     Opcode.SETGEMM: (
         "Set the weight pointer, the number of K tiles and the activation words between "
-        "input-channel tiles, used by GEMM."),
+        "input-channel tiles, used by GEMM; with `tap_row` (NPUs generated with "
+        "depthwise_tap_row) each K tile is two weight tiles."),
     Opcode.GEMM: (
         "One output tile of a GEMM or convolution: for kt = 0 .. k_tiles−1, LOADW into "
         "bank `bank` xor (kt mod 2) from the weight pointer + kt·rows, then MATMUL on that "
@@ -141,7 +145,11 @@ DESCRIPTIONS: dict[Opcode, str] = {
         "the kernel taps x = kt mod kernel_w, y = (kt div kernel_w) mod kernel_h, then the "
         "channel tiles t = kt div (kernel_w·kernel_h) (SETKERN; 1×1 after a start). Each "
         "step is dispatched like the instruction it stands for. Afterwards the weight "
-        "pointer has advanced by k_tiles·rows."),
+        "pointer has advanced by k_tiles·rows. With SETGEMM's `tap_row`, K tile kt's "
+        "weights are the two tiles from the weight pointer + 2·kt·rows: its LOADW is two, "
+        "the second tile's then the first's, into the same bank (the first's rows for the "
+        "array, the second's row rows − rows/S for the tap row), and the pointer advances "
+        "by 2·k_tiles·rows."),
     Opcode.SETKERN: (
         "Set the kernel GEMM walks over (implicit im2col): taps per row, rows, and the "
         "activation words between kernel rows (the input's row pitch). A start sets 1×1."),
@@ -222,6 +230,8 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
         Field("weight_addr", 8, _A16, doc="weight pointer: first row of the first tile"),
         Field("k_tiles", 24, _A16, doc="weight tiles (of rows words) per GEMM, 1 or more"),
         Field("tile_step", 40, _A16, doc="activation words between input-channel tiles"),
+        Field("tap_row", 56, 1, doc="1: each K tile loads a second tile first, for the "
+              "depthwise tap row (NPUs generated with depthwise_tap_row)"),
     ),
     Opcode.GEMM: (
         Field("bank", 4, 1, doc="weight bank of the first K tile"),

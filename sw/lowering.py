@@ -157,6 +157,8 @@ class Lowering:
     _zero_params: int | None = None   # parameter words of multiplier 0 (fill_halo)
     _pending_fills: list[Instruction] = field(default_factory=list)   # fill_halo's FILLs
     check_depths: bool = True   # False: go on past full memories (to report every need)
+    # The GEMMs being emitted load a tile for the depthwise tap row first (SETGEMM tap_row).
+    _tap_row: bool = False
 
     def __post_init__(self) -> None:
         self.weight_end, self.param_end = self.weight_base, self.param_base
@@ -322,7 +324,7 @@ class Lowering:
                         if a >= 0 and b >= 0:
                             stacked[k, 3 * g + j, :lanes] = weight[
                                 2 * a + py, 2 * b + px, tile * c.rows:tile * c.rows + lanes]
-            tiles.append(_OutTile(stacked.reshape(-1, c.cols),
+            tiles.append(_OutTile(self._with_tap_tiles(stacked),
                                   tile * c.rows + np.arange(c.cols), tile, tile * c.rows))
         return tiles
 
@@ -341,7 +343,7 @@ class Lowering:
         channels = weight.shape[2]
         tiles = []
         for tile in range(ceil_div(channels, c.rows)):
-            stacked = np.zeros((passes, c.rows, c.cols), dtype=np.int64)
+            stacked = np.zeros((passes, c.array_rows, c.cols), dtype=np.int64)
             lanes = min(c.cols, channels - tile * c.rows)
             for p in range(passes):
                 bottom = min((p + 1) * groups, 3) - 1
@@ -351,9 +353,23 @@ class Lowering:
                     for j in range(3):
                         stacked[p, 3 * g + j, :lanes] = weight[
                             bottom - g, 2 - j, tile * c.rows:tile * c.rows + lanes]
-            tiles.append(_OutTile(stacked.reshape(-1, c.cols),
+            tiles.append(_OutTile(self._with_tap_tiles(stacked),
                                   tile * c.rows + np.arange(c.cols), tile, tile * c.rows))
         return tiles
+
+    def _with_tap_tiles(self, stacked: np.ndarray) -> np.ndarray:
+        """The weight words of a depthwise-mode GEMM's K tiles ``stacked`` (K, rows or
+        array_rows, cols). With the tap row (``depthwise_tap_row``) each K tile is its
+        rows' tile, then one whose row rows − L (the last segment's top, which the first
+        tile's load shifts into the tap row) is the tap row's weight (SETGEMM tap_row):
+        every depthwise-mode MATMUL reads it, so it is zero where the window ends above."""
+        c = self.config
+        if c.depthwise_tap_row:
+            tap = np.zeros((len(stacked), c.rows, c.cols), dtype=np.int64)
+            if stacked.shape[1] > c.rows:
+                tap[:, c.rows - c.load_rows] = stacked[:, c.rows]
+            stacked = np.concatenate([stacked[:, :c.rows], tap], axis=1)
+        return stacked.reshape(-1, c.cols)
 
     def global_sum(self, src: FeatureMap, dst: FeatureMap, requant: Requant,
                    weight: int = 1) -> None:
@@ -887,6 +903,30 @@ class Lowering:
             ins.append(Instruction(Opcode.SETWIN, {
                 "row_length": out_w, "row_step": step_y * src.pitch, "col_step": step_x}))
         lead = depthwise_lead(c, pitch) if depthwise else 0
+        # Every depthwise-mode MATMUL reads the tap row: its tiles carry its weight.
+        self._tap_row = depthwise and c.depthwise_tap_row
+        try:
+            self._emit_tiles(src, dst, tiles, requant, weight_at, param_at, keys, key_params,
+                             k_tiles=k_tiles, combine_max=combine_max, reduce=reduce,
+                             depthwise=depthwise, one_requant=one_requant, lead=lead,
+                             pitch=pitch, origin=origin, overlapped=overlapped,
+                             requant_settings=requant_settings, chunk_rows=chunk_rows,
+                             per_block=per_block, kernel=kernel)
+        finally:
+            self._tap_row = False
+
+    def _emit_tiles(self, src: FeatureMap, dst: FeatureMap, tiles: list[_OutTile],
+                    requant: Requant, weight_at: list[int], param_at: list[int], keys,
+                    key_params: dict, *, k_tiles: int, combine_max: bool, reduce: bool,
+                    depthwise: bool, one_requant: bool | None, lead: int, pitch: int,
+                    origin, overlapped: bool, requant_settings: list[Instruction],
+                    chunk_rows: int, per_block: int, kernel: tuple[int, int]) -> None:
+        """:meth:`_emit`'s GEMMs and REQUANTs, once its walks are set."""
+        c = self.config
+        ins = self.instructions
+        groups = c.cols // c.requant_lanes
+        kh, kw = kernel
+        out_h, out_w = dst.height, dst.width
         # (_one_requant held; the parameters follow each other but past a full memory.)
         if one_requant and param_at == [param_at[0] + i * groups for i in range(len(tiles))]:
             self._emit_one_pixel(src, dst, tiles, requant, weight_at, param_at,
@@ -1077,7 +1117,8 @@ class Lowering:
         """SETGEMM and GEMM of one output tile's K tiles, from the next weight bank;
         ``accumulate``: added to the accumulator words (the rest of a split GEMM)."""
         self.instructions.append(Instruction(Opcode.SETGEMM, {
-            "weight_addr": weight_addr, "k_tiles": k_tiles, "tile_step": src.tile_words}))
+            "weight_addr": weight_addr, "k_tiles": k_tiles, "tile_step": src.tile_words,
+            "tap_row": int(self._tap_row)}))
         self.instructions.append(Instruction(Opcode.GEMM, {
             "bank": self.bank, "accumulate": int(accumulate), "combine": int(combine_max),
             "act_addr": act_addr, "acc_addr": acc_addr, "count": count}))

@@ -176,7 +176,10 @@ def timing_markdown() -> str:
         "`paired_loads` (a segment per row and the load skew: `weight_use_cycles` is 0) a "
         "LOADW may also dispatch in the cycle the feeder issues its bank's last word, and "
         "a GEMM's next K tile's LOADW dispatches in the cycle of its MATMUL when the LOADW "
-        "rule holds as the units stand before that MATMUL.",
+        "rule holds as the units stand before that MATMUL. On one generated with "
+        "`depthwise_tap_row` read `rows` as rows + 1 in the array latency and the results' "
+        "rules (`NpuConfig.array_rows`: the tap row loads a cycle after the row above, so "
+        "the load rules stand).",
         "",
         "| instruction | waits until |",
         "|---|---|",

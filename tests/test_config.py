@@ -119,8 +119,8 @@ def test_options_for_the_up5k_are_read_back_and_an_older_identity_is_named():
     assert not config.max_combine and not config.requant_to_acc
     assert not config.requant_from_map
     assert NpuConfig(feature_maps=False).describe().count("no max pooling") == 0
-    with pytest.raises(ValueError, match="the identity block has 23 config words, this "
-                                         "host expects 26: rebuild the bitstream"):
+    with pytest.raises(ValueError, match="the identity block has 24 config words, this "
+                                         "host expects 27: rebuild the bitstream"):
         config_from_identity(identity_words(config)[:-3])
     with pytest.raises(TypeError, match="max_pooling must be true or false, not 1"):
         NpuConfig(max_pooling=1)
@@ -168,3 +168,27 @@ def test_options_for_the_up5k_are_read_back_and_an_older_identity_is_named():
     with pytest.raises(ValueError, match=r"requant_serial_bits must be 0 \(products in DSP "
                                          r"blocks\) or 1 to 15 .*, not 16"):
         NpuConfig(accumulator_width=16, feature_maps=False, requant_serial_bits=16)
+
+
+def test_the_depthwise_tap_row_completes_the_last_group_of_three_rows():
+    """On 2, 5 or 8 rows with line buffers the tap row makes one more group (an 8×8: three,
+    a 3×3 kernel in one pass); other shapes, and what it cannot go with, are refused by
+    name."""
+    from npugen.memory_map import config_from_identity, identity_words
+
+    tap = NpuConfig(line_buffer_depth=16, depthwise_tap_row=True)
+    assert (tap.array_rows, tap.depthwise_groups) == (9, 3)
+    assert NpuConfig(line_buffer_depth=16).depthwise_groups == 2
+    assert NpuConfig(rows=5, cols=5, line_buffer_depth=8,
+                     depthwise_tap_row=True).depthwise_groups == 2
+    assert config_from_identity(identity_words(tap)) == tap
+    assert "depthwise mode (rows of 16, a tap row)" in tap.describe()
+    for changes in ({"rows": 6, "cols": 6}, {"rows": 11, "cols": 11}, {"line_buffer_depth": 0}):
+        with pytest.raises(ValueError, match="depthwise_tap_row = true completes the depthwise "
+                                             "mode's last group .* set depthwise_tap_row = "
+                                             "false"):
+            NpuConfig(**{"line_buffer_depth": 16, "depthwise_tap_row": True, **changes})
+    for what, changes in (("weight_banks = 1", {"weight_banks": 1}),
+                          ("row_broadcast", {"row_broadcast": True, "load_skew": False})):
+        with pytest.raises(ValueError, match=f"depthwise_tap_row = true cannot go with {what}"):
+            NpuConfig(line_buffer_depth=16, depthwise_tap_row=True, **changes)

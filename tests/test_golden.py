@@ -349,6 +349,11 @@ DEPTHWISE = CONFIG.replace(rows=8, cols=8, requant_lanes=None, line_buffer_depth
     (DEPTHWISE, "SETWIN depthwise=1 pitch=7\nMATMUL count=9", "lead of 9 words"),
     (DEPTHWISE, "SETWIN depthwise=1 pitch=7\nMATMUL count=20\nSETWIN depthwise=1 pitch=8\n"
                 "MATMUL count=20", "still in the line buffers"),
+    (DEPTHWISE, "SETGEMM k_tiles=1 tap_row=1\nGEMM count=4",
+     "tap_row=1, but this NPU was generated without the depthwise tap row"),
+    (DEPTHWISE.replace(depthwise_tap_row=True, weight_depth=32),
+     "SETGEMM weight_addr=24 k_tiles=1 tap_row=1\nGEMM count=4",
+     "weight tiles end at word 40, weight_depth is 32"),
 ])
 def test_depthwise_mode_programs_it_cannot_run_are_refused(config, text, message):
     with pytest.raises(ProgramError, match=message):
@@ -390,6 +395,38 @@ def test_depthwise_mode_sums_a_window_and_drops_the_wrapping_results():
                     for j in range(3))
                 for i in range(lead, 40) if (i - 2) % 5 < 3]
     np.testing.assert_array_equal(npu.read(Region.ACCUMULATORS, 0, len(expected)), expected)
+
+
+@pytest.mark.parametrize("segments", [1, 8])
+def test_the_tap_row_completes_the_window_with_the_bank_previous_tile(segments):
+    """With the depthwise tap row an 8×8 sums three groups: rows 0 to 7 of the bank and,
+    in the tap row, the bank's previous tile's row rows − L (L = rows / weight_segments),
+    which SETGEMM tap_row loads first: GEMM's two LOADWs, then its MATMUL, equal the
+    explicit steps, and the weight pointer moves two tiles."""
+    config = DEPTHWISE.replace(depthwise_tap_row=True, weight_segments=segments)
+    rng = np.random.default_rng(segments)
+    words = rng.integers(-128, 128, (50, config.rows))
+    tiles = rng.integers(-128, 128, (2 * config.rows, config.cols))
+    pitch, lead = 6, 2 * 6 + 2
+    window = np.vstack([tiles[:8], tiles[8 + 8 - config.load_rows]])
+    expected = [sum(window[3 * g + j] * words[i - pitch * g - j] for g in range(3)
+                    for j in range(3)) for i in range(lead, 50)]
+    programs = {
+        "steps": "LOADW weight_addr=8\nLOADW weight_addr=0\n"
+                 f"SETWIN col_step=1 depthwise=1 pitch={pitch}\nMATMUL count=50\nHALT",
+        "gemm": f"SETWIN col_step=1 depthwise=1 pitch={pitch}\n"
+                "SETGEMM weight_addr=0 k_tiles=1 tap_row=1\nGEMM count=50\nHALT"}
+    for text in programs.values():
+        npu = GoldenNpu(config)
+        npu.write(Region.ACTIVATIONS, 0, words)
+        npu.write(Region.WEIGHTS, 0, tiles)
+        npu.write(Region.INSTRUCTIONS, 0, encode_program(assemble(text)))
+        npu.run()
+        np.testing.assert_array_equal(npu.read(Region.ACCUMULATORS, 0, len(expected)),
+                                      expected)
+    steps = expand_program(config, assemble(programs["gemm"].replace("HALT", "GEMM count=50")))
+    loads = [step["weight_addr"] for step in steps if step.opcode is Opcode.LOADW]
+    assert loads == [8, 0, 24, 16]
 
 
 def test_fill_writes_its_value_to_every_lane_along_its_walk():

@@ -177,9 +177,13 @@ DEPTHWISE_CONFIGS = {
     "6x6-depthwise": NpuConfig(rows=6, cols=6, line_buffer_depth=16, **MAPS),
     "9x9-depthwise-overlap": NpuConfig(rows=9, cols=9, requant_lanes=3, line_buffer_depth=12,
                                        requant_overlap=True, **MAPS),
-    # Two groups on an 8×8 with the weights in four parts, beside the overlap.
-    "8x8-depthwise-segments": NpuConfig(rows=8, cols=8, requant_lanes=4, line_buffer_depth=16,
-                                        requant_overlap=True, weight_segments=4, **MAPS),
+    # Three groups on an 8×8 with the tap row (depthwise_tap_row): the weights in a part
+    # per row (the loads paired with the MATMULs), beside the overlap; and in one part.
+    "8x8-tap-row-paired": NpuConfig(rows=8, cols=8, requant_lanes=4, line_buffer_depth=16,
+                                    requant_overlap=True, weight_segments=8,
+                                    depthwise_tap_row=True, **MAPS),
+    "8x8-tap-row": NpuConfig(rows=8, cols=8, line_buffer_depth=16, depthwise_tap_row=True,
+                             **MAPS),
     # With the UP5K's lean options: a serial requantizer product (5 bits a cycle: seven
     # cycles a channel) beside the overlap, no max pooling, no adds, only the cycles
     # counter, one weight bank per PE.

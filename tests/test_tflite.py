@@ -27,9 +27,12 @@ LARGE = REFERENCE_CONFIG
 
 def shaped(**changes) -> NpuConfig:
     """LARGE with ``changes``, its weight memory in a part per row (REFERENCE_CONFIG's
-    weight segments) where the rows are a power of two, else in one."""
+    weight segments) where the rows are a power of two, else in one, and the depthwise
+    tap row where the rows and line buffers take one."""
     rows = changes.get("rows", LARGE.rows)
-    return LARGE.replace(weight_segments=rows if rows & (rows - 1) == 0 else 1, **changes)
+    tap_row = rows in (2, 5, 8) and changes.get("line_buffer_depth", 1) > 0
+    return LARGE.replace(**{"weight_segments": rows if rows & (rows - 1) == 0 else 1,
+                            "depthwise_tap_row": tap_row, **changes})
 
 
 #: The four MLPerf Tiny models' files by their demo names (kws, resnet, ad, vww).
@@ -182,6 +185,27 @@ def test_depthwise_mode_keeps_models_exact_and_takes_fewer_cycles(name, rows, la
                                   litert_reference(path)(x).reshape(len(x), -1))
     before = run(plain, x).counters.cycles
     assert result.counters.cycles < before if modes else result.counters.cycles == before
+
+
+def test_the_tap_row_runs_stride_1_depthwise_layers_at_half_the_array_or_more():
+    """On the reference 8×8 the depthwise tap row takes a 3×3 kernel in one pass: KWS's
+    depthwise layers and VWW's stride-1 ones on maps of 6×6 or more run at 0.5 of rows ×
+    cols or more (0.45 at most in two passes), KWS stays LiteRT's and takes fewer cycles
+    than without the tap row."""
+    kws = MLPERF_TINY / MODELS["kws"]
+    with_row, without = (compile_model(kws, LARGE.replace(depthwise_tap_row=tap))
+                         for tap in (True, False))
+    x = random_input(kws, 2, seed=9)
+    result = run(with_row, x)
+    np.testing.assert_array_equal(result.quantized_output,
+                                  litert_reference(kws)(x).reshape(len(x), -1))
+    assert result.counters.cycles < 0.92 * run(without, x).counters.cycles
+    vww = compile_model(MLPERF_TINY / MODELS["vww"], LARGE)
+    for program, count in ((with_row, 4), (vww, 8)):
+        layers = [layer for layer in program.summary()["layers"]
+                  if layer["kind"] == "depthwise (line buffers)" and layer["macs"] >= 40_000]
+        assert len(layers) == count
+        assert min(layer["utilization"] for layer in layers) >= 0.5
 
 
 def test_float_input_is_quantized_as_tflite_does():
