@@ -65,7 +65,7 @@ def parse_bool(text: str) -> bool:
 
 def config_from_args(args: argparse.Namespace) -> NpuConfig:
     values: dict[str, Any] = {}
-    if getattr(args, "board", None):
+    if getattr(args, "board", None) is not None:   # "" too: no board has that name
         from .boards import UnknownBoard, board_named
 
         try:
@@ -89,7 +89,7 @@ def config_from_args(args: argparse.Namespace) -> NpuConfig:
 
 def load_npy(path: str, what: str) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise UsageError(f"{what} file {path!r} does not exist") from None
     except IsADirectoryError:
@@ -97,6 +97,31 @@ def load_npy(path: str, what: str) -> np.ndarray:
     except (ValueError, OSError, EOFError) as error:   # EOFError: an empty file
         raise UsageError(f"{what} file {path!r} is not a readable .npy array: "
                          f"{error or 'it is empty'}") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        names = ", ".join(loaded.files) or "none"
+        loaded.close()
+        raise UsageError(f"{what} file {path!r} is an .npz archive (arrays: {names}), not a "
+                         f".npy array; save the one array with numpy.save")
+    return loaded
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+    """Write ``array`` to exactly ``path`` (numpy.save given a name adds .npy to one
+    without it, and the file named in the output would be another)."""
+    with open(path, "wb") as file:
+        np.save(file, array)
+
+
+def distinct_output(output: str, inputs: dict[str, str | None], flag: str = "-o") -> None:
+    """Refuse an output path that names one of the command's input files (``inputs``: flag
+    or role by path), which writing it would destroy, before any work."""
+    target = Path(output)
+    for role, path in inputs.items():
+        if path is None or not Path(path).exists() or not target.exists():
+            continue
+        if target.resolve() == Path(path).resolve() or os.path.samefile(target, path):
+            raise UsageError(f"{flag} {output!r} is the {role} itself, which writing it would "
+                             f"overwrite; give another output path")
 
 
 def output_file(path: str, flag: str = "-o") -> None:
@@ -144,6 +169,15 @@ def check_target(target: str, baud: int | None = None) -> None:
         check(target, baud)
     except ValueError as error:
         raise UsageError(str(error)) from None
+
+
+def check_simulator(args: argparse.Namespace) -> None:
+    """Refuse a --sim for a target that simulates nothing (it would be ignored), then
+    default it to Verilator."""
+    if args.sim is not None and args.target not in ("rtl", "sim"):
+        raise UsageError(f"--sim {args.sim} picks the simulator of --target rtl or sim; this "
+                         f"run's target is {args.target!r}: leave --sim out")
+    args.sim = args.sim or "verilator"
 
 
 def emit_json(record: dict[str, Any]) -> None:
@@ -194,8 +228,21 @@ def cmd_matmul(args: argparse.Namespace) -> int:
     from .schedule import plan_gemm
 
     check_target(args.target, args.baud)
+    check_simulator(args)
     if args.output:
         output_file(args.output)
+        distinct_output(args.output, {"A file": args.a, "W file": args.w,
+                                      "bias file": args.bias})
+    if args.random and (args.a or args.w or args.bias):
+        given = ", ".join(flag for flag, value in (("--a", args.a), ("--w", args.w),
+                                                   ("--bias", args.bias)) if value)
+        raise UsageError(f"--random makes its own operands, so {given} would be left unused: "
+                         f"give either --random MxKxN or --a and --w")
+    if args.seed is not None and not args.random:
+        raise UsageError(f"--seed {args.seed} seeds --random's operands; there is no "
+                         f"--random here")
+    if args.seed is None:
+        args.seed = 0
     if args.random:
         if args.seed < 0:
             raise UsageError(f"--seed must be a non-negative integer, not {args.seed}")
@@ -226,7 +273,8 @@ def cmd_matmul(args: argparse.Namespace) -> int:
     else:
         from .sim.common import SimulationError
 
-        with device_errors(), open_target(args.target, config, simulator=args.sim,
+        with device_errors(), open_target(args.target, config,
+                                          simulator=args.sim or "verilator",
                                           baud=args.baud) as npu:
             try:
                 result = npu.execute(job)
@@ -236,7 +284,7 @@ def cmd_matmul(args: argparse.Namespace) -> int:
     y = matmul_output(plan, result)
     seconds = time.perf_counter() - started
     if args.output:
-        np.save(args.output, y)
+        save_npy(args.output, y)
     counters = result.counters
     bit_exact = bool(np.array_equal(y, expected))
     cycles_match = counters == golden.counters
@@ -265,7 +313,7 @@ def cmd_matmul(args: argparse.Namespace) -> int:
 
 
 def _config_given(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "board", None) or args.config) or any(
+    return getattr(args, "board", None) is not None or bool(args.config) or any(
         getattr(args, f"config_{f.name}") is not None for f in dataclasses.fields(NpuConfig))
 
 
@@ -277,6 +325,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     output_file(args.output)
+    distinct_output(args.output, {"model": args.model, "calibration file": args.calib})
     started = time.perf_counter()
     try:
         model = load_model(args.model)
@@ -326,7 +375,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     program = _load_program(args.program)
     check_target(args.target, args.baud)
+    check_simulator(args)
     output_file(args.output)
+    distinct_output(args.output, {"input file": args.input, "program": args.program})
     if _config_given(args):
         try:
             check_config(program, config_from_args(args))
@@ -336,12 +387,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with device_errors():
         try:
-            result = run(program, x, target=args.target, simulator=args.sim, baud=args.baud)
+            result = run(program, x, target=args.target, simulator=args.sim or "verilator",
+                         baud=args.baud)
         except ValueError as error:
             raise UsageError(str(error)) from None
     # The output in the model's own type: int8 where its graph output is int8.
-    np.save(args.output, result.quantized_output.reshape(result.output.shape)
-            if program.output.dtype == "int8" else result.output)
+    save_npy(args.output, result.quantized_output.reshape(result.output.shape)
+             if program.output.dtype == "int8" else result.output)
     stats = result.stats(program)
     staged = (f"; {len(program.stages)} stages a run, each run writing "
               f"{program.stage_words_per_run()} words of them" if program.stages else "")
@@ -349,9 +401,9 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{stats['cycles']:.1f} cycles per inference, utilization {stats['utilization']:.3f}"
           f"{staged}")
     if args.json:
-        layers = [{key: layer[key] for key in ("name", "kind", "macs", "cycles", *UNIT_KEYS,
-                                               "utilization", "stages")
-                   if key in layer} for layer in program.layers]
+        layers = [{key: layer[key] for key in ("name", "kind", "runs_on", "macs", "cycles",
+                                               *UNIT_KEYS, "utilization", "stages")
+                   if key in layer} for layer in program.summary()["layers"]]
         emit_json({"target": args.target, **stats, "stages": len(program.images()),
                    "stage_words_per_run": program.stage_words_per_run(),
                    "cycles_per_inference": stats["cycles"], "layers": layers,
@@ -364,6 +416,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     check_target(args.target, args.baud)
+    check_simulator(args)
     output_folder(args.workdir, "--workdir")
     with device_errors():
         try:
@@ -457,6 +510,11 @@ def cmd_build(args: argparse.Namespace) -> int:
             print(f"{board.name:<15} {board.description}; default {board.default_config.rows}x"
                   f"{board.default_config.cols} at {soc_clock_hz(board) / 1e6:g} MHz"
                   f"{' (PLL)' if board.pll_mhz else ''}")
+        if args.json:
+            emit_json({"boards": [{"name": board.name, "description": board.description,
+                                   "clock_mhz": soc_clock_hz(board) / 1e6,
+                                   "config": board.default_config.to_dict()}
+                                  for board in BOARDS.values()]})
         return EXIT_OK
     if not args.board:
         raise UsageError("give --board NAME (npugen build --list-boards lists them)")
@@ -681,6 +739,7 @@ TARGET_HELP = ("golden (the NumPy model), rtl (the RTL in a testbench), sim (a v
                "through the UART link) or a device URL (/dev/ttyUSB1, socket://HOST:PORT); "
                "default %(default)s")
 
+SIM_HELP = "the simulator of --target rtl or sim (default verilator)"
 BAUD_HELP = ("a serial port target's rate, the one its SoC was built for (npugen build "
              "--baud); default 115200")
 
@@ -710,13 +769,13 @@ def build_parser() -> argparse.ArgumentParser:
     matmul.add_argument("--bias", metavar="B.npy", help="int32 N bias")
     matmul.add_argument("--random", type=parse_shape, metavar="MxKxN",
                         help="use seeded random A, W and bias of this shape instead")
-    matmul.add_argument("--seed", type=int, default=0, help="seed for --random (default 0)")
+    matmul.add_argument("--seed", type=int, help="seed for --random (default 0)")
     matmul.add_argument("-o", "--output", metavar="Y.npy",
                         help="where to write the int32 M×N result")
     matmul.add_argument("--target", default="golden", metavar="TARGET", help=TARGET_HELP)
     matmul.add_argument("--baud", type=int, help=BAUD_HELP)
-    matmul.add_argument("--sim", choices=("verilator", "icarus"), default="verilator",
-                        help="simulator for --target rtl or sim (default verilator)")
+    matmul.add_argument("--sim", choices=("verilator", "icarus"),
+                        help=SIM_HELP)
     matmul.add_argument("--json", action="store_true", help="print a JSON summary last")
     add_config_flags(matmul)
     matmul.set_defaults(handler=cmd_matmul)
@@ -742,7 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where to write the outputs, in the model's output type")
     run_.add_argument("--target", default="golden", metavar="TARGET", help=TARGET_HELP)
     run_.add_argument("--baud", type=int, help=BAUD_HELP)
-    run_.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
+    run_.add_argument("--sim", choices=("verilator", "icarus"), help=SIM_HELP)
     run_.add_argument("--json", action="store_true", help="print a JSON summary last")
     add_config_flags(run_)
     run_.set_defaults(handler=cmd_run)
@@ -834,7 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "digits, or an MLPerf Tiny reference model (kws, resnet, vww, ad)")
     demo.add_argument("--target", default="sim", metavar="TARGET", help=TARGET_HELP)
     demo.add_argument("--baud", type=int, help=BAUD_HELP)
-    demo.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
+    demo.add_argument("--sim", choices=("verilator", "icarus"), help=SIM_HELP)
     demo.add_argument("--workdir", default="build/demo", help="where the model and program go")
     demo.add_argument("--json", action="store_true")
     add_config_flags(demo)
@@ -860,6 +919,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed as error:
         print(f"npugen {args.command}: check failed: {error}", file=sys.stderr)
         return EXIT_CHECK_FAILED
+    except KeyboardInterrupt:
+        print(f"npugen {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # The reader of the output went away (`npugen inspect m.npu | head`): stop without
         # a traceback, as other command-line tools do; nothing more reaches it.

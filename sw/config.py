@@ -360,10 +360,17 @@ class NpuConfig:
     @staticmethod
     def toml_values(path: str | Path) -> dict[str, Any]:
         """The raw parameters of a TOML config file (not yet validated)."""
-        data = read_toml(path, "config file")
-        if "npu" in data and isinstance(data["npu"], dict):
-            data = data["npu"]
-        return dict(data)
+        data = dict(read_toml(path, "config file"))
+        table = data.pop("npu", None)
+        if isinstance(table, dict):   # top-level keys and an [npu] table, merged
+            twice = sorted(name for name in table if name in data and data[name] != table[name])
+            if twice:
+                raise ValueError(f"config file {str(path)!r} gives {', '.join(twice)} both at "
+                                 f"the top level and in its [npu] table, differently; keep one")
+            data.update(table)
+        elif table is not None:
+            data["npu"] = table   # not a table: refused by name as an unknown field
+        return data
 
     def replace(self, **changes: Any) -> NpuConfig:
         return dataclasses.replace(self, **changes)

@@ -219,7 +219,7 @@ def run_mlperf_demo(name: str, *, target: str = "sim", simulator: str = "verilat
     reference_of = litert_reference(path)
     reference = None if reference_of is None else reference_of(x)
     record = {"model": f"MLPerf Tiny {name} ({path.name})", "inputs": inputs,
-              "input": f"random int8 (seed {seed})",
+              "batch": program.batch, "input": f"random int8 (seed {seed})",
               "equal_to_litert_reference": None if reference is None else bool(
                   np.array_equal(golden.quantized_output, reference)),
               **golden.stats(program)}
@@ -231,8 +231,9 @@ def run_mlperf_demo(name: str, *, target: str = "sim", simulator: str = "verilat
     agreement = {None: "not checked (LiteRT is not installed)", True: "equal",
                  False: "DIFFERENT"}[record["equal_to_litert_reference"]]
     print(f"outputs against LiteRT's reference kernels: {agreement}")
-    print(f"cycles per inference {record['cycles']:.1f} ({record['macs']} MACs, utilization "
-          f"{record['utilization']:.3f}); {record['seconds']} s")
+    print(f"cycles per inference {record['cycles']:.1f} (batch {program.batch}, "
+          f"{record['macs']} MACs, utilization {record['utilization']:.3f}); "
+          f"{record['seconds']} s")
     record["layers"] = [{k: layer[k] for k in ("name", "kind", "macs", "cycles",
                                                "utilization") if k in layer}
                         for layer in program.layers]

@@ -868,5 +868,10 @@ def load_onnx(source: Any) -> Model:
         if b.host_ops and node.op_type not in AFTER_SOFTMAX_OPS:
             raise ModelError(f"{_describe(node)} follows the Softmax; npugen runs a Softmax "
                              f"as the model's last operator only")
+        missing = [name for name in node.input if name and name not in b.values]
+        if missing:
+            raise ModelError(f"{_describe(node)}: input {missing[0]!r} is not an initializer, "
+                             f"the graph input or the output of a node before it; the graph "
+                             f"is incomplete or not in topological order")
         b.values[node.output[0]] = ONNX_HANDLERS[node.op_type](b, node)
     return b.model()

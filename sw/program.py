@@ -460,4 +460,9 @@ def _damage(data: bytes, body: int) -> str:
         return f"; {error}"
     except (ValueError, KeyError, TypeError):
         return " (the header is damaged)"
+    segments = json.loads(data[_BODY:body])["segments"]
+    end = body + max((seg["offset"] + seg["bytes"] for seg in segments), default=0)
+    if len(data) > end:
+        return (f"; {len(data) - end} bytes follow its last segment (byte {end} on: the file "
+                f"was appended to)")
     return " (in the header or the checksum itself)"

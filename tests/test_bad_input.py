@@ -77,6 +77,12 @@ def work(tmp_path_factory) -> Path:
     qdq_onnx(folder / "int8.onnx", "int8")
     qdq_onnx(folder / "int8_no_dq.onnx", "int8", dequantize_input=False)
     qdq_onnx(folder / "uint8.onnx", "uint8")
+    import onnx
+
+    dangling = onnx.load(folder / "qdq.onnx")
+    next(node for node in dangling.graph.node if node.op_type == "MatMul").input[1] = "missing"
+    onnx.save(dangling, folder / "dangling.onnx")
+    np.savez(folder / "x.npz", x=rng.normal(size=(3, FEATURES)).astype(np.float32))
     # Stand-ins for openFPGALoader: one missing a shared library, one finding no board, one
     # that loads.
     for name, text, status in (
@@ -180,6 +186,28 @@ CASES = [
      "input 'input' is int8 but no DequantizeLinear reads it"),
     ("compile-uint8-input", ["compile", "uint8.onnx", "-o", "q.npu"], 2,
      "input 'input' is uint8"),
+    ("compile-dangling-input", ["compile", "dangling.onnx", "-o", "q.npu"], 2,
+     "node 'fc' (MatMul): input 'missing' is not an initializer, the graph input or the "
+     "output of a node before it"),
+    # Flags that would go unused, and outputs that would destroy an input or land elsewhere
+    ("matmul-random-with-operands", ["matmul", "--random", "4x4x4", "--a", "x.npy", "--w",
+                                     "x.npy"], 2, "--a, --w would be left unused"),
+    ("matmul-seed-without-random", ["matmul", "--a", "x.npy", "--w", "x.npy", "--seed", "3"],
+     2, "there is no --random here"),
+    ("run-sim-on-golden", ["run", "p.npu", "--input", "x.npy", "-o", "y.npy", "--sim",
+                           "icarus"], 2, "this run's target is 'golden': leave --sim out"),
+    ("matmul-sim-on-golden", ["matmul", "--random", "4x4x4", "--sim", "icarus"], 2,
+     "leave --sim out"),
+    ("run-empty-board-name", ["run", "p.npu", "--input", "x.npy", "-o", "y.npy", "--board",
+                              ""], 2, "unknown board ''"),
+    ("run-o-is-the-input", ["run", "p.npu", "--input", "x.npy", "-o", "x.npy"], 2,
+     "-o 'x.npy' is the input file itself"),
+    ("compile-o-is-the-model", ["compile", "qdq.onnx", "-o", "qdq.onnx"], 2,
+     "-o 'qdq.onnx' is the model itself"),
+    ("compile-o-is-the-calibration", ["compile", "qdq.onnx", "--calib", "calib.npy", "-o",
+                                      "calib.npy"], 2, "is the calibration file itself"),
+    ("run-input-npz", ["run", "p.npu", "--input", "x.npz", "-o", "y.npy"], 2,
+     "is an .npz archive (arrays: x), not a .npy array"),
 ]
 
 
@@ -330,3 +358,15 @@ def test_device_failures_map_to_exit_status(work, monkeypatch, capsys, error, st
                  str(work / "y.npy"), "--target", "socket://127.0.0.1:9"]) == status
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and word in err[0]
+
+
+def test_outputs_go_to_exactly_the_path_given(work):
+    """-o without .npy writes that file, as the command says, not NAME.npy beside it."""
+    for argv in (["run", "p.npu", "--input", "x.npy", "-o", "out.bin"],
+                 ["matmul", "--random", "4x4x8", "-o", "y.bin"]):
+        ran = npugen(work, argv)
+        assert ran.returncode == 0, ran.stderr
+        written = work / argv[-1]
+        assert f"-> {argv[-1]}" in ran.stdout and written.exists()
+        assert not written.with_name(written.name + ".npy").exists()
+        assert np.load(written).size > 0

@@ -189,3 +189,38 @@ def test_compile_refuses_accumulators_too_narrow_for_the_model(tmp_path, capsys)
     assert not out.exists()
     assert main(["compile", model, "-o", str(out), *flags, "--accumulator-width", "21"]) == 0
     assert out.exists()
+
+
+def test_a_toml_file_merges_top_level_keys_with_its_npu_table(tmp_path):
+    """Top-level keys and an [npu] table both count; a key given both ways, differently,
+    is refused by name."""
+    from npugen.config import NpuConfig
+
+    both = tmp_path / "both.toml"
+    both.write_text("rows = 16\ncols = 16\n[npu]\nrequant_lanes = 4\n")
+    config = NpuConfig.from_dict(NpuConfig.toml_values(both))
+    assert (config.rows, config.cols, config.requant_lanes) == (16, 16, 4)
+    clash = tmp_path / "clash.toml"
+    clash.write_text("rows = 16\n[npu]\nrows = 8\n")
+    with pytest.raises(ValueError, match="gives rows both at the top level and in its "
+                                         "\\[npu\\] table, differently"):
+        NpuConfig.toml_values(clash)
+
+
+def test_an_interrupt_stops_with_one_line_and_status_130(monkeypatch, capsys):
+    """Ctrl-C (KeyboardInterrupt) during a command: no traceback, "interrupted", 130."""
+    import npugen.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_inspect", interrupted)
+    assert cli.main(["inspect", "anything.npu"]) == 130
+    assert capsys.readouterr().err == "npugen inspect: interrupted\n"
+
+
+def test_list_boards_with_json_ends_with_the_boards(capsys):
+    assert main(["build", "--list-boards", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    names = [board["name"] for board in record["boards"]]
+    assert "ulx3s-85f" in names and record["boards"][0]["config"]["rows"] >= 1

@@ -69,6 +69,14 @@ def test_segment_damage_is_located(blob):
         Program.from_bytes(bytes(changed))
 
 
+def test_bytes_appended_are_named(blob):
+    """A file with bytes after its last segment fails the checksum, and the message says
+    how many follow and where they start."""
+    with pytest.raises(ProgramFormatError, match=rf"checksum mismatch; 3 bytes follow its "
+                       rf"last segment \(byte {len(blob)} on: the file was appended to\)"):
+        Program.from_bytes(blob + b"\0\1\2")
+
+
 @pytest.mark.parametrize("cut, message", [
     (10, "too short for an npugen program"),
     (60, "checksum mismatch; the file is truncated: its header has"),
