@@ -75,8 +75,10 @@ _KWS_8X8 = dict(activation_depth=2560, weight_depth=5120, accumulator_depth=512,
                 requant_overlap=True, line_buffer_depth=16)
 # The 45F's 8×8 holds ResNet-8 (6,668 activation words, 9,816 weight words) and KWS,
 # with four requantizer lanes (12 MULT18X18Ds; the array's top 7 rows in the other 56)
-# beside the array and the depthwise mode's line buffer: KWS in 48,234 cycles, ResNet-8
-# in 222,314 (npugen compile MODEL.tflite --board ulx3s-45f). 99 of 108 DP16KD. It met 75
+# beside the array and the depthwise mode's line buffers with the tap row (a 3×3 depthwise
+# kernel in one pass: KWS 48,231 -> 45,127 cycles; 74.33 MHz with it, 2b3ea1a): KWS in
+# 45,127 cycles, ResNet-8 in 222,382 (npugen compile MODEL.tflite --board ulx3s-45f).
+# 99 of 108 DP16KD. It met 75
 # MHz at 76.79 (seed 1) and 79.03 (seed 2) until the column-skewed weight loads (3df5039),
 # then reached 73.77 and 73.79 (npugen build --board ulx3s-45f --json [--seed 2],
 # docs/CHANGELOG.md), on paths from block RAMs across the chip: its PLL makes 70. Its former

@@ -406,7 +406,7 @@ class NpuConfig:
             text += ", one weight bank"
         if self.weight_segments > 1:
             text += (f", weights loaded in {self.weight_segments} segments "
-                     f"({self.load_rows} cycles a tile)")
+                     f"({self.load_rows} cycle{'s' if self.load_rows > 1 else ''} a tile)")
         if self.single_port_activations:
             text += ", single-port activations"
         if self.requant_serial_bits:
