@@ -216,10 +216,8 @@ class NpuConfig:
                     f"weight_segments must be 1 or a power of two dividing rows, on an array "
                     f"whose rows are a power of two (the weight address's bits pick the "
                     f"part), not {segments} with rows = {self.rows}")
-            if self.weight_banks == 1 or self.row_broadcast:
-                what = "weight_banks = 1" if self.weight_banks == 1 else "row_broadcast"
-                raise ValueError(f"weight_segments = {segments} cannot go with {what}: set "
-                                 f"weight_segments = 1")
+            self._refuse_one_bank_or_broadcast(f"weight_segments = {segments}",
+                                           "weight_segments = 1")
         if self.depthwise_tap_row:
             if not self.line_buffer_depth or self.rows % 3 != 2 or self.rows > 8:
                 raise ValueError(
@@ -227,10 +225,8 @@ class NpuConfig:
                     f"three rows: it needs line_buffer_depth > 0 and 2, 5 or 8 rows, not "
                     f"line_buffer_depth = {self.line_buffer_depth} with {self.rows} rows; set "
                     f"depthwise_tap_row = false")
-            if self.weight_banks == 1 or self.row_broadcast:
-                what = "weight_banks = 1" if self.weight_banks == 1 else "row_broadcast"
-                raise ValueError(f"depthwise_tap_row = true cannot go with {what}: set "
-                                 f"depthwise_tap_row = false")
+            self._refuse_one_bank_or_broadcast("depthwise_tap_row = true",
+                                           "depthwise_tap_row = false")
         if self.row_broadcast and self.load_skew:
             raise ValueError("row_broadcast = true (every column takes its row's activation in "
                              "the same cycle) loads every column at once: set load_skew = false")
@@ -243,6 +239,13 @@ class NpuConfig:
             raise ValueError(
                 f"rounding must be one of {', '.join(map(repr, ROUNDINGS))}, "
                 f"not {self.rounding!r}")
+
+    def _refuse_one_bank_or_broadcast(self, option: str, fix: str) -> None:
+        """Refuse ``option`` (a load scheme of the weight registers) with one weight bank
+        or row_broadcast, which load them otherwise."""
+        if self.weight_banks == 1 or self.row_broadcast:
+            what = "weight_banks = 1" if self.weight_banks == 1 else "row_broadcast"
+            raise ValueError(f"{option} cannot go with {what}: set {fix}")
 
     # Derived quantities -------------------------------------------------------------
 
