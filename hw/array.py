@@ -82,7 +82,7 @@ class SystolicArray(wiring.Component):
     map with the row pitch line_delay + 3. Rows past the groups see zeros. golden.py's
     ``_depthwise_products`` is the reference.
 
-    With ``depthwise_tap_row`` (2, 5 or 8 rows) one more row of PEs below the array
+    With ``depthwise_tap_row`` (5 or 8 rows) one more row of PEs below the array
     completes the last group. Its activations are zero but for the column chains (so it
     adds nothing to other words' sums), and it loads a cycle after the row above, from
     that row's outgoing weight: after a LOADW it holds the bank's previous tile's row

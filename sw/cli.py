@@ -232,7 +232,7 @@ def cmd_matmul(args: argparse.Namespace) -> int:
     if args.output:
         output_file(args.output)
         distinct_output(args.output, {"A file": args.a, "W file": args.w,
-                                      "bias file": args.bias})
+                                      "bias file": args.bias, "config file": args.config})
     if args.random and (args.a or args.w or args.bias):
         given = ", ".join(flag for flag, value in (("--a", args.a), ("--w", args.w),
                                                    ("--bias", args.bias)) if value)
@@ -325,7 +325,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     output_file(args.output)
-    distinct_output(args.output, {"model": args.model, "calibration file": args.calib})
+    distinct_output(args.output, {"model": args.model, "calibration file": args.calib,
+                                  "config file": args.config})
     started = time.perf_counter()
     try:
         model = load_model(args.model)
@@ -377,7 +378,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_target(args.target, args.baud)
     check_simulator(args)
     output_file(args.output)
-    distinct_output(args.output, {"input file": args.input, "program": args.program})
+    distinct_output(args.output, {"input file": args.input, "program": args.program,
+                                  "config file": args.config})
     if _config_given(args):
         try:
             check_config(program, config_from_args(args))

@@ -141,8 +141,8 @@ class NpuConfig:
     # rows / weight_segments cycles instead of rows (a batch-1 dense layer streams one word
     # a tile and is bound by the load). A power of two dividing rows (a power of two).
     weight_segments: int = 1
-    # One more row of PEs below an array whose rows stop one short of a group of three (2,
-    # 5 or 8 rows), used only by the depthwise mode: on an 8×8 its two groups and two rows
+    # One more row of PEs below an array whose rows stop one short of a group of three (5
+    # or 8 rows), used only by the depthwise mode: on an 8×8 its two groups and two rows
     # become three groups, so a 3×3 depthwise kernel takes one pass instead of two. Its
     # weights come from the bank's previous tile (SETGEMM tap_row, docs/ARCHITECTURE.md).
     depthwise_tap_row: bool = False
@@ -219,10 +219,10 @@ class NpuConfig:
             self._refuse_one_bank_or_broadcast(f"weight_segments = {segments}",
                                            "weight_segments = 1")
         if self.depthwise_tap_row:
-            if not self.line_buffer_depth or self.rows % 3 != 2 or self.rows > 8:
+            if not self.line_buffer_depth or self.rows not in (5, 8):
                 raise ValueError(
                     f"depthwise_tap_row = true completes the depthwise mode's last group of "
-                    f"three rows: it needs line_buffer_depth > 0 and 2, 5 or 8 rows, not "
+                    f"three rows: it needs line_buffer_depth > 0 and 5 or 8 rows, not "
                     f"line_buffer_depth = {self.line_buffer_depth} with {self.rows} rows; set "
                     f"depthwise_tap_row = false")
             self._refuse_one_bank_or_broadcast("depthwise_tap_row = true",

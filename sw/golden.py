@@ -344,6 +344,7 @@ def check_program(config: NpuConfig, program: list[Instruction]) -> None:
     line_pitch = None   # the line buffers' pitch while a depthwise MATMUL may be in flight
     streamed = 0        # words other MATMULs streamed since (one a cycle)
     param_addr, param_walk = 0, 0   # SETREQ's, as the golden model starts
+    loads = [0, 0]   # LOADWs of each bank since the start (the tap row's weight: the second)
     groups = config.cols // config.requant_lanes
     for index, instruction in enumerate(program):
         op = instruction.opcode
@@ -379,6 +380,13 @@ def check_program(config: NpuConfig, program: list[Instruction]) -> None:
         for ins in state.expand(instruction):
             _check_step(config, state, index, ins, need)
             overlap.step(state, index, ins, need)
+            if ins.opcode is Opcode.LOADW:
+                loads[weight_bank(config, ins)] += 1
+            elif ins.opcode is Opcode.MATMUL and state.depthwise and config.depthwise_tap_row:
+                need(loads[weight_bank(config, ins)] >= 2, index, ins,
+                     f"a depthwise-mode MATMUL on bank {ins['bank']}, whose tap row holds a "
+                     f"weight of no tile of this run: the tap row takes the bank's tile before "
+                     f"the last, so load the bank twice first (SETGEMM tap_row does)")
             if ins.opcode is Opcode.REQUANT and not (config.requant_overlap
                                                      and ins["overlap"]):
                 line_pitch = None   # the next step waits for it, and it for the drain

@@ -297,8 +297,9 @@ class Lowering:
                     stride: int | tuple[int, int]) -> bool:
         """Whether a per-channel operator may run in the depthwise mode by phases: a 3×3
         kernel, stride 2, on an NPU with line buffers that hold a phase row (the output
-        width + 2 words)."""
-        return (bool(self.config.line_buffer_depth) and kernel == (3, 3)
+        width + 2 words) and two groups of rows at least (the even phases' windows are two
+        phase rows high)."""
+        return (self.config.depthwise_groups >= 2 and kernel == (3, 3)
                 and stride_pair(stride) == (2, 2)
                 and 4 <= dst.width + 2 <= self.config.line_buffer_depth)
 

@@ -393,7 +393,7 @@ def feature_map_job(config: NpuConfig, rng: np.random.Generator, kind: str):
 
 
 def depthwise_mode_job(config: NpuConfig, rng: np.random.Generator, *, out_halo: bool,
-                       stride: int = 1):
+                       stride: int = 1, as_compiled: bool = False):
     """A random 3×3 depthwise convolution that runs in the array's depthwise mode (line
     buffers; with ``stride`` 2 by phases of the map), with the expected output computed
     directly: (job, expected, output map). Input halos up to one word wider than the pads
@@ -427,8 +427,11 @@ def depthwise_mode_job(config: NpuConfig, rng: np.random.Generator, *, out_halo:
     lowering = Lowering(config)
     lowering.fill_halo(dst)
     # The mode itself, though the cycle model might find the diagonal tiles faster (with
-    # the tap row's two loads a K tile, stride 2 can be).
-    if stride == 2:
+    # the tap row's two loads a K tile, stride 2 can be); as_compiled: what the compiler
+    # picks (Lowering.depthwise).
+    if as_compiled:
+        lowering.depthwise(src, dst, weight, requant, stride, pads)
+    elif stride == 2:
         assert lowering._phase_mode(dst, (3, 3), stride)
         lowering._emit(src, dst, lowering._phase_tiles(weight), requant, (3, 3), stride, pads,
                        k_tiles=4, depthwise=True, phased=True)
@@ -436,7 +439,8 @@ def depthwise_mode_job(config: NpuConfig, rng: np.random.Generator, *, out_halo:
         assert lowering._depthwise_mode(src, dst, (3, 3), stride)
         lowering._emit(src, dst, lowering._depthwise_mode_tiles(weight), requant, (3, 3),
                        stride, pads, k_tiles=lowering._depthwise_passes(), depthwise=True)
-    assert any(ins.opcode is Opcode.SETWIN and ins["depthwise"] for ins in lowering.instructions)
+    assert as_compiled or any(ins.opcode is Opcode.SETWIN and ins["depthwise"]
+                              for ins in lowering.instructions)
     full = np.zeros((3, 3, channels, channels), dtype=np.int64)
     for channel in range(channels):
         full[:, :, channel, channel] = weight[:, :, channel]

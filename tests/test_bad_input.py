@@ -73,6 +73,7 @@ def work(tmp_path_factory) -> Path:
     np.save(folder / "calib.npy", rng.normal(size=(16, FEATURES)).astype(np.float32))
     (folder / "adir").mkdir()
     (folder / "afile").write_text("a file\n")
+    (folder / "npu.toml").write_text("rows = 8\n")
     qdq_onnx(folder / "qdq.onnx")
     qdq_onnx(folder / "int8.onnx", "int8")
     qdq_onnx(folder / "int8_no_dq.onnx", "int8", dequantize_input=False)
@@ -204,6 +205,8 @@ CASES = [
      "-o 'x.npy' is the input file itself"),
     ("compile-o-is-the-model", ["compile", "qdq.onnx", "-o", "qdq.onnx"], 2,
      "-o 'qdq.onnx' is the model itself"),
+    ("compile-o-is-the-config", ["compile", "qdq.onnx", "--config", "npu.toml", "-o",
+                                 "npu.toml"], 2, "-o 'npu.toml' is the config file itself"),
     ("compile-o-is-the-calibration", ["compile", "qdq.onnx", "--calib", "calib.npy", "-o",
                                       "calib.npy"], 2, "is the calibration file itself"),
     ("run-input-npz", ["run", "p.npu", "--input", "x.npz", "-o", "y.npy"], 2,

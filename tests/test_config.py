@@ -171,7 +171,7 @@ def test_options_for_the_up5k_are_read_back_and_an_older_identity_is_named():
 
 
 def test_the_depthwise_tap_row_completes_the_last_group_of_three_rows():
-    """On 2, 5 or 8 rows with line buffers the tap row makes one more group (an 8×8: three,
+    """On 5 or 8 rows with line buffers the tap row makes one more group (an 8×8: three,
     a 3×3 kernel in one pass); other shapes, and what it cannot go with, are refused by
     name."""
     from npugen.memory_map import config_from_identity, identity_words

@@ -351,6 +351,11 @@ DEPTHWISE = CONFIG.replace(rows=8, cols=8, requant_lanes=None, line_buffer_depth
                 "MATMUL count=20", "still in the line buffers"),
     (DEPTHWISE, "SETGEMM k_tiles=1 tap_row=1\nGEMM count=4",
      "tap_row=1, but this NPU was generated without the depthwise tap row"),
+    (DEPTHWISE.replace(depthwise_tap_row=True),
+     "LOADW bank=1\nSETWIN depthwise=1 pitch=7\nMATMUL bank=1 count=30",
+     "a depthwise-mode MATMUL on bank 1, whose tap row holds a weight of no tile of this run"),
+    (DEPTHWISE.replace(depthwise_tap_row=True),
+     "SETWIN depthwise=1 pitch=7\nSETGEMM k_tiles=1\nGEMM count=30", "load the bank twice"),
     (DEPTHWISE.replace(depthwise_tap_row=True, weight_depth=32),
      "SETGEMM weight_addr=24 k_tiles=1 tap_row=1\nGEMM count=4",
      "weight tiles end at word 40, weight_depth is 32"),
@@ -397,7 +402,7 @@ def test_depthwise_mode_sums_a_window_and_drops_the_wrapping_results():
     np.testing.assert_array_equal(npu.read(Region.ACCUMULATORS, 0, len(expected)), expected)
 
 
-@pytest.mark.parametrize("segments", [1, 8])
+@pytest.mark.parametrize("segments", [1, 4, 8])
 def test_the_tap_row_completes_the_window_with_the_bank_previous_tile(segments):
     """With the depthwise tap row an 8×8 sums three groups: rows 0 to 7 of the bank and,
     in the tap row, the bank's previous tile's row rows − L (L = rows / weight_segments),
@@ -427,6 +432,30 @@ def test_the_tap_row_completes_the_window_with_the_bank_previous_tile(segments):
     steps = expand_program(config, assemble(programs["gemm"].replace("HALT", "GEMM count=50")))
     loads = [step["weight_addr"] for step in steps if step.opcode is Opcode.LOADW]
     assert loads == [8, 0, 24, 16]
+
+
+@pytest.mark.parametrize("config", [
+    NpuConfig(rows=5, cols=5, line_buffer_depth=16, depthwise_tap_row=True),
+    NpuConfig(rows=8, cols=8, line_buffer_depth=16, depthwise_tap_row=True,
+              weight_segments=4),
+    NpuConfig(rows=4, cols=4, line_buffer_depth=16)], ids=["5x5-tap-row", "8x8-tap-row-S4",
+                                                          "4x4-one-group"])
+def test_depthwise_layers_equal_a_direct_convolution(config):
+    """3×3 depthwise layers, stride 1 and 2, lowered as the compiler picks: on a 5×5 with
+    the tap row (two groups: two passes of two K tiles, four tile loads), an 8×8 with the
+    tap row and four weight parts (its weight from row 6), and a 4×4's one group (stride 2
+    on diagonal tiles: the phases' windows are two rows high). The golden model equals a
+    direct convolution."""
+    from npugen.job import run_golden
+    from programs import depthwise_mode_job
+
+    config = config.replace(activation_depth=2048, weight_depth=2048, accumulator_depth=256,
+                            param_depth=256)
+    for seed in range(8):
+        job, expected, dst = depthwise_mode_job(config, np.random.default_rng(seed),
+                                                out_halo=bool(seed % 2), stride=1 + seed % 2,
+                                                as_compiled=True)
+        assert np.array_equal(dst.unpack(run_golden(job).outputs["output"]), expected), seed
 
 
 def test_fill_writes_its_value_to_every_lane_along_its_walk():

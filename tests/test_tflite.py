@@ -30,7 +30,7 @@ def shaped(**changes) -> NpuConfig:
     weight segments) where the rows are a power of two, else in one, and the depthwise
     tap row where the rows and line buffers take one."""
     rows = changes.get("rows", LARGE.rows)
-    tap_row = rows in (2, 5, 8) and changes.get("line_buffer_depth", 1) > 0
+    tap_row = rows in (5, 8) and changes.get("line_buffer_depth", 1) > 0
     return LARGE.replace(**{"weight_segments": rows if rows & (rows - 1) == 0 else 1,
                             "depthwise_tap_row": tap_row, **changes})
 

@@ -503,6 +503,9 @@ ACCUMULATE_CONFIGS = {
     # Rows broadcast to their columns: the rows arrive cols - 1 cycles sooner.
     "4x4-broadcast": NpuConfig(rows=4, cols=4, requant_lanes=1, row_broadcast=True,
                                load_skew=False, **SMALL),
+    # The depthwise tap row: the rows arrive a cycle later.
+    "5x5-tap-row": NpuConfig(rows=5, cols=5, requant_lanes=5, line_buffer_depth=8,
+                             depthwise_tap_row=True, **SMALL),
 }
 
 
@@ -520,7 +523,7 @@ def run_accumulate_path(config: NpuConfig, initial: np.ndarray, issues: dict,
     accumulators after ``cycles`` cycles and the cycle of each write, by address."""
     unit = AccumulatePath(config)
     acc = Memory(config, Region.ACCUMULATORS, initial)
-    latency = array_latency(config.rows, config.skew_cols)
+    latency = array_latency(config.array_rows, config.skew_cols)
     arriving = {cycle + 1 + latency: row for cycle, (*_, row) in issues.items()}
     writes = []
 
@@ -592,7 +595,7 @@ def test_accumulate_path_matches_golden_and_cycle_model(name, seed):
         want[addr] = signed_wrap(row, c.accumulator_width)
     got, writes = run_accumulate_path(c, initial, issues, {}, cycle + 20, rng)
     np.testing.assert_array_equal(got, want)
-    assert writes == [(cycle + results_written_cycles(c.rows, c.skew_cols) - 1, addr)
+    assert writes == [(cycle + results_written_cycles(c.array_rows, c.skew_cols) - 1, addr)
                       for cycle, (addr, *_) in issues.items()]
 
 
