@@ -157,7 +157,8 @@ class Lowering:
     _zero_params: int | None = None   # parameter words of multiplier 0 (fill_halo)
     _pending_fills: list[Instruction] = field(default_factory=list)   # fill_halo's FILLs
     check_depths: bool = True   # False: go on past full memories (to report every need)
-    # The GEMMs being emitted load a tile for the depthwise tap row first (SETGEMM tap_row).
+    # The GEMMs :meth:`_emit` emits load a tile for the depthwise tap row first (SETGEMM
+    # tap_row); each _emit sets it.
     _tap_row: bool = False
 
     def __post_init__(self) -> None:
@@ -904,30 +905,9 @@ class Lowering:
             ins.append(Instruction(Opcode.SETWIN, {
                 "row_length": out_w, "row_step": step_y * src.pitch, "col_step": step_x}))
         lead = depthwise_lead(c, pitch) if depthwise else 0
-        # Every depthwise-mode MATMUL reads the tap row: its tiles carry its weight.
+        # Every depthwise-mode MATMUL reads the tap row: its tiles carry its weight (the
+        # GEMMs below, and only they, read the flag).
         self._tap_row = depthwise and c.depthwise_tap_row
-        try:
-            self._emit_tiles(src, dst, tiles, requant, weight_at, param_at, keys, key_params,
-                             k_tiles=k_tiles, combine_max=combine_max, reduce=reduce,
-                             depthwise=depthwise, one_requant=one_requant, lead=lead,
-                             pitch=pitch, origin=origin, overlapped=overlapped,
-                             requant_settings=requant_settings, chunk_rows=chunk_rows,
-                             per_block=per_block, kernel=kernel)
-        finally:
-            self._tap_row = False
-
-    def _emit_tiles(self, src: FeatureMap, dst: FeatureMap, tiles: list[_OutTile],
-                    requant: Requant, weight_at: list[int], param_at: list[int], keys,
-                    key_params: dict, *, k_tiles: int, combine_max: bool, reduce: bool,
-                    depthwise: bool, one_requant: bool | None, lead: int, pitch: int,
-                    origin, overlapped: bool, requant_settings: list[Instruction],
-                    chunk_rows: int, per_block: int, kernel: tuple[int, int]) -> None:
-        """:meth:`_emit`'s GEMMs and REQUANTs, once its walks are set."""
-        c = self.config
-        ins = self.instructions
-        groups = c.cols // c.requant_lanes
-        kh, kw = kernel
-        out_h, out_w = dst.height, dst.width
         # (_one_requant held; the parameters follow each other but past a full memory.)
         if one_requant and param_at == [param_at[0] + i * groups for i in range(len(tiles))]:
             self._emit_one_pixel(src, dst, tiles, requant, weight_at, param_at,
