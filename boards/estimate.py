@@ -109,8 +109,8 @@ def estimate(config: NpuConfig, device: Device) -> Estimate:
     array's rows in DSP blocks (or pair of products, where the device pairs them; rows past
     its DSP budget multiply in logic) and each requantizer lane's 32x32 product takes hard
     multipliers (none with ``requant_serial_bits``), and every memory's bits take block
-    RAM (the accumulators' twice with ``requant_overlap``, and the depthwise mode's line
-    buffers), or SPRAM where hw/ram.py maps it there."""
+    RAM (the accumulators' twice with ``requant_overlap``, the depthwise mode's line
+    buffers and the rescale tables), or SPRAM where hw/ram.py maps it there."""
     implementation = board_implementation(config, device)
     in_spram = spram_plan(implementation, memories(config), parted_memories(config))
     bits = sum(info.depth * info.width for region, info in memories(config).items()
@@ -121,6 +121,8 @@ def estimate(config: NpuConfig, device: Device) -> Estimate:
     # The depthwise mode's line buffers: a row of `cols` activations per word.
     bits += (max(config.depthwise_groups - 1, 0) * config.line_buffer_depth * config.cols
              * config.input_width)
+    if config.rescale_tables:   # both tables, a copy per column (hw/rescale_unit.py)
+        bits += config.cols * 2 * config.table_entries * config.accumulator_width
     product_bits = config.input_width + config.weight_width
     paired = (paired_columns(implementation, config.cols, config.input_width,
                              config.weight_width)

@@ -14,7 +14,10 @@ constants of ``sw/timing.py``):
   and are added into the accumulator memory (read-modify-write, forwarded for
   back-to-back rows);
 - ``requant_unit.py`` (REQUANT) runs ``requant_lanes`` channels a cycle once the array
-  has drained and blocks dispatch until its last write.
+  has drained and blocks dispatch until its last write;
+- ``rescale_unit.py`` (TABLE, RESCALE; NPUs generated with ``rescale_tables``) looks an
+  add's inputs up in tables of their rescaled values, a word a cycle into the
+  accumulate path.
 
 The feature-map hardware's address walks are sub-units of the GEMM expansion, the feeder
 and the requantization unit (``tap_walk.py``, ``feed_walk.py``, ``out_walk.py``), each
@@ -49,6 +52,7 @@ from .implementation import GENERIC, Implementation, check_implementation
 from .ports import grant_read, grant_write
 from .ram import SPRAM_BLOCKS, extra_read_port, memory_ports, spram_plan
 from .requant_unit import RequantUnit
+from .rescale_unit import RescaleUnit
 from .sequencer import Sequencer
 from .weight_loader import WeightLoader
 
@@ -163,6 +167,30 @@ class Npu(wiring.Component):
                 sequencer.requant_active.eq(requant.active | fill.active),
                 sequencer.requant_overlap.eq(requant.overlap | fill.active),
             ]
+        # TABLE and RESCALE (rescale_tables): the accumulate path's rows beside REQUANT
+        # to_acc's (never at once: a RESCALE waits for the requantizer unless it overlaps,
+        # and a to_acc REQUANT never overlaps).
+        inject_read, inject, inject_row = requant.inject_read, requant.inject, requant.inject_row
+        if c.rescale_tables:
+            m.submodules.rescale = rescale = RescaleUnit(c)
+            m.d.comb += [
+                rescale.instruction.eq(instruction), rescale.table.eq(sequencer.table),
+                rescale.rescale.eq(sequencer.rescale), rescale.set_win.eq(sequencer.set_win),
+                rescale.run_start.eq(start), rescale.abort.eq(abort),
+                rescale.running.eq(running), rescale.requant_busy.eq(requant.active | fill.active),
+                sequencer.rescale_active.eq(rescale.rescaling),
+                sequencer.table_active.eq(rescale.loading),
+                # A TABLE takes the parameters' read port: like a FILL, it lets the array's
+                # steps (REQUANT_OVERLAPPERS; the sequencer holds RESCALE) dispatch beside it.
+                sequencer.requant_active.eq(requant.active | fill.active | rescale.loading),
+                sequencer.requant_overlap.eq(requant.overlap | fill.active | rescale.loading),
+            ]
+            inject_read = Mux(rescale.inject_read.valid, rescale.inject_read.as_value(),
+                              requant.inject_read.as_value())
+            inject = Mux(rescale.inject.valid, rescale.inject.as_value(),
+                         requant.inject.as_value())
+            inject_row = Mux(rescale.inject.valid, rescale.inject_row.as_value(),
+                             requant.inject_row.as_value())
         instruction_read = reads[Region.INSTRUCTIONS]
         m.d.comb += sequencer.fetch_data.eq(instruction_read.data)
         with m.If(running):
@@ -210,8 +238,8 @@ class Npu(wiring.Component):
         m.d.comb += [
             accumulate.issue.eq(feeder.issue), accumulate.result.eq(array.result),
             accumulate.running.eq(running),
-            accumulate.inject_read.eq(requant.inject_read), accumulate.inject.eq(requant.inject),
-            accumulate.inject_row.eq(requant.inject_row),
+            accumulate.inject_read.eq(inject_read), accumulate.inject.eq(inject),
+            accumulate.inject_row.eq(inject_row),
         ]
         grant_read(m, reads[Region.ACCUMULATORS], accumulate.acc_read)
         grant_unit_write(Region.ACCUMULATORS, accumulate.acc_write)
@@ -236,6 +264,9 @@ class Npu(wiring.Component):
             grant_read(m, reads[Region.ACTIVATIONS], requant.act_read)
         if c.feature_maps:
             grant_unit_write(Region.ACTIVATIONS, fill.act_write)
+        if c.rescale_tables:
+            grant_read(m, reads[Region.ACTIVATIONS], rescale.act_read)
+            grant_read(m, reads[Region.PARAMS], rescale.param_read)
         m.d.comb += [unit_writing[region].eq(Cat(*requests).any())
                      for region, requests in unit_writes.items() if requests]
         return m

@@ -27,7 +27,8 @@ STEP_FIELDS = {"bank": 1, "weight_addr": 16, "act_addr": 16, "acc_addr": 16, "co
 #: The strobes the sequencer raises in the cycle it dispatches each kind of step.
 _STROBES = {Opcode.LOADW: "loadw", Opcode.MATMUL: "matmul", Opcode.REQUANT: "requant",
             Opcode.SETPP: "set_pp", Opcode.SETREQ: "set_req", Opcode.SETOUT: "set_out",
-            Opcode.SETWIN: "set_win", Opcode.FILL: "fill"}
+            Opcode.SETWIN: "set_win", Opcode.FILL: "fill", Opcode.TABLE: "table",
+            Opcode.RESCALE: "rescale"}
 
 
 def _overlaps(config: NpuConfig) -> bool:
@@ -48,8 +49,10 @@ class Sequencer(wiring.Component):
     and ``loading_bank`` (weight loader), ``feed_busy``, ``feed_ready``, ``feeding_bank``,
     ``inflight_idle`` (per bank) and ``drain_idle`` (feeder), ``requant_active`` and
     ``requant_overlap`` (the active REQUANT or FILL lets ``REQUANT_OVERLAPPERS``
-    dispatch). In the cycle a step dispatches, its strobe (``loadw``, ``matmul``,
-    ``requant``, ``set_pp``, ``set_req``, ``set_out``, ``set_win``, ``fill``) is high, with
+    dispatch), ``rescale_active`` (a RESCALE holds every step) and ``table_active`` (a
+    TABLE holds RESCALE; it takes the requantizer's parameter port). In the cycle a
+    step dispatches, its strobe (``loadw``, ``matmul``, ``requant``, ``set_pp``,
+    ``set_req``, ``set_out``, ``set_win``, ``fill``, ``table``, ``rescale``) is high, with
     ``instruction`` and the step's fields (``STEP_FIELDS``). ``stall`` is high in the
     cycles an instruction is ready but may not dispatch.
     """
@@ -65,7 +68,7 @@ class Sequencer(wiring.Component):
             "loading_bank": In(1),
             "feed_busy": In(1), "feed_ready": In(1), "feeding_bank": In(1),
             "inflight_idle": In(2), "drain_idle": In(1), "requant_active": In(1),
-            "requant_overlap": In(1),
+            "requant_overlap": In(1), "rescale_active": In(1), "table_active": In(1),
             "running": Out(1), "done": Out(1), "aborted": Out(1), "illegal": Out(1),
             "pc": Out(range(depth)), "stall": Out(1),
             "instruction": Out(INSTRUCTION_WIDTH),
@@ -95,6 +98,7 @@ class Sequencer(wiring.Component):
                        *((Opcode.SETKERN, Opcode.SETWIN, Opcode.SETOUT, Opcode.FILL)
                          if c.feature_maps else ()))
         decoded_ops = (Opcode.GEMM, Opcode.LOADW, Opcode.MATMUL, Opcode.REQUANT, Opcode.HALT,
+                       *((Opcode.RESCALE, Opcode.TABLE) if c.rescale_tables else ()),
                        *strobed_ops)
         op_is = {op: Signal(init=int(op == 0), name=f"op_is_{op.name.lower()}")
                  for op in decoded_ops}
@@ -122,7 +126,11 @@ class Sequencer(wiring.Component):
         load_active, feed_busy = self.load_busy, self.feed_busy
         inflight_idle = Array(self.inflight_idle[b] for b in range(2))
         step_is_fill = op_is[Opcode.FILL] if fill_waits else 0
-        step_waits = step_is_loadw | step_is_matmul | step_is_requant | step_is_halt | step_is_fill
+        # A RESCALE takes the accumulate path: it waits for the array's results.
+        step_is_rescale = op_is[Opcode.RESCALE] if c.rescale_tables else 0
+        step_is_table = op_is[Opcode.TABLE] if c.rescale_tables else 0
+        step_waits = (step_is_loadw | step_is_matmul | step_is_requant | step_is_halt
+                      | step_is_fill | step_is_rescale | step_is_table)
         # Whether each kind of step may dispatch (its issue rule), and the dispatch of each:
         # the flags are one-hot, so each strobe is the shared `base` and its own rule alone,
         # rather than the whole decision and a flag (shorter paths into the units).
@@ -136,14 +144,20 @@ class Sequencer(wiring.Component):
         may_requant = step_is_requant & (requant_beside_feed | (~feed_busy & self.drain_idle))
         may_halt = step_is_halt & ~feed_busy & self.drain_idle & ~load_active
         may_fill = step_is_fill & ~feed_busy
+        may_rescale = step_is_rescale & ~feed_busy & self.drain_idle & ~self.table_active
+        # A TABLE may go beside a REQUANT or FILL (it starts when they are done), not beside
+        # another TABLE.
+        may_table = step_is_table & ~self.table_active
         base = Signal()
         requant_free = ~self.requant_active
         if _overlaps(c):
             requant_free = requant_free | (self.requant_overlap & may_overlap)
+        if c.rescale_tables:
+            requant_free = requant_free & ~self.rescale_active
         m.d.comb += base.eq(running & ready & requant_free)
         dispatch = Signal()
         m.d.comb += dispatch.eq(base & (may_loadw | may_matmul | may_requant | may_halt
-                                        | may_fill | ~step_waits))
+                                        | may_fill | may_rescale | may_table | ~step_waits))
         advance = gemm.advance   # the step completes its instruction: the PC moves on
         loadw = base & may_loadw
         if c.paired_loads:
@@ -202,6 +216,8 @@ class Sequencer(wiring.Component):
                      if not (fill_waits and op == Opcode.FILL)]
         if fill_waits:
             m.d.comb += self.fill.eq(base & may_fill)
+        if c.rescale_tables:
+            m.d.comb += [self.rescale.eq(base & may_rescale), self.table.eq(base & may_table)]
 
         with m.If(self.start):
             m.d.sync += [running.eq(1), fill.eq(0), fetch_addr.eq(self.start_pc),

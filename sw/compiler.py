@@ -763,13 +763,20 @@ class _Stage:
         layer = model.layers[index]
         self.layers.append(index)
         self.starts.append(len(self.lowering.instructions))
+        inserted = len(self.lowering.insertions)
         if in_place:
             row = _lower(self.lowering, layer, maps, input_im2col, out_tiles)
             self.lowering.fill_halo_now(maps[layer.name])
-            return {**row, "kind": f"{row['kind']}, in place"}
-        if out_tiles is None or out_tiles.start == 0:
-            self.lowering.fill_halo(maps[layer.name])
-        return _lower(self.lowering, layer, maps, input_im2col, out_tiles)
+            row = {**row, "kind": f"{row['kind']}, in place"}
+        else:
+            if out_tiles is None or out_tiles.start == 0:
+                self.lowering.fill_halo(maps[layer.name])
+            row = _lower(self.lowering, layer, maps, input_im2col, out_tiles)
+        # An instruction the layer put among the layers' before it (an add's TABLE, beside
+        # their last GEMM) counts as theirs: this layer begins after it.
+        self.starts[-1] += sum(at < self.starts[-1]
+                               for at in self.lowering.insertions[inserted:])
+        return row
 
     def needs(self) -> list[tuple[str, int, str]]:
         """(what, words, depth field) of each memory the stage fills."""

@@ -56,7 +56,7 @@ DEPTH_STEP = 256
 #: The NpuConfig fields that are true or false.
 BOOL_FIELDS = ("feature_maps", "requant_overlap", "load_skew", "max_pooling", "adds",
                "activity_counters", "link_error_counters", "row_broadcast",
-               "single_port_activations", "depthwise_tap_row")
+               "single_port_activations", "depthwise_tap_row", "rescale_tables")
 
 
 def _check_int(name: str, value: Any, low: int, high: int, rule: str = "") -> None:
@@ -146,6 +146,13 @@ class NpuConfig:
     # become three groups, so a 3×3 depthwise kernel takes one pass instead of two. Its
     # weights come from the bank's previous tile (SETGEMM tap_row, docs/ARCHITECTURE.md).
     depthwise_tap_row: bool = False
+    # Two tables of 2^input_width accumulator-wide entries beside the accumulate path, one
+    # copy per column: an add's input rescale (TFLite's Add: an int8 value shifted left
+    # and rescaled) is a function of the input's int8 value alone, so RESCALE looks each
+    # lane up and writes a whole word a cycle into the accumulators (TABLE loads the
+    # tables from parameter words). An add then takes one requantizer pass, not three.
+    # Needs adds and requant_overlap on a square array.
+    rescale_tables: bool = False
 
     def __post_init__(self) -> None:
         _check_int("rows", self.rows, 1, 64)
@@ -227,6 +234,15 @@ class NpuConfig:
                     f"depthwise_tap_row = false")
             self._refuse_one_bank_or_broadcast("depthwise_tap_row = true",
                                            "depthwise_tap_row = false")
+        if self.rescale_tables and not (self.requant_to_acc and self.requant_overlap
+                                        and self.rows == self.cols):
+            raise ValueError(
+                f"rescale_tables = true (an add's inputs rescaled by table lookup) needs "
+                f"feature_maps, adds and requant_overlap on a square array, not "
+                f"feature_maps = {str(self.feature_maps).lower()}, adds = "
+                f"{str(self.adds).lower()}, requant_overlap = "
+                f"{str(self.requant_overlap).lower()} on {self.rows}×{self.cols}; set "
+                f"rescale_tables = false")
         if self.row_broadcast and self.load_skew:
             raise ValueError("row_broadcast = true (every column takes its row's activation in "
                              "the same cycle) loads every column at once: set load_skew = false")
@@ -306,6 +322,23 @@ class NpuConfig:
         An add then takes three requantizer passes and none through the array."""
         return (self.requant_to_acc and self.requant_overlap and self.rows == self.cols
                 and self.requant_lanes == self.cols)
+
+    @property
+    def table_entries(self) -> int:
+        """Entries of each rescale table (``rescale_tables``): one per input value."""
+        return 1 << self.input_width
+
+    @property
+    def table_param_words(self) -> int:
+        """Parameter words TABLE reads: lane j of word k holds entry k·requant_lanes + j
+        of both tables (``layouts.TABLE_FIELDS``)."""
+        return -(-self.table_entries // self.requant_lanes)
+
+    @property
+    def table_load_cycles(self) -> int:
+        """Cycles TABLE writes: each parameter word's lanes for table 0, then for table 1,
+        one entry a cycle (lanes past the last entry are skipped, not saved)."""
+        return 2 * self.table_param_words * self.requant_lanes
 
     @property
     def requant_product_cycles(self) -> int:
@@ -393,6 +426,8 @@ class NpuConfig:
         if self.line_buffer_depth:
             text += f", depthwise mode (rows of {self.line_buffer_depth}"
             text += ", a tap row)" if self.depthwise_tap_row else ")"
+        if self.rescale_tables:
+            text += ", rescale tables"
         if self.row_broadcast:
             text += ", activations broadcast along the rows"
         elif not self.load_skew:

@@ -17,11 +17,13 @@ import numpy as np
 from .arith import requantize, requantize_raw, wrap
 from .config import NpuConfig
 from .isa import REQUANT_OVERLAPPERS, Instruction, Opcode
-from .layouts import PARAM_LANE_FIELDS, param_lane_fields
+from .layouts import PARAM_LANE_FIELDS, TABLE_FIELDS, param_lane_fields
 from .memory_map import Region
 from .timing import (
     FILL_TAIL_CYCLES,
     REQUANT_TO_ACC_TAIL_CYCLES,
+    RESCALE_TAIL_CYCLES,
+    TABLE_TAIL_CYCLES,
     WEIGHT_LOAD_STAGES,
     load_next_cycles,
     requant_cycles,
@@ -94,6 +96,8 @@ class CycleModel:
     requant_free_at: int = 0
     requant_started_at: int = 0   # the last REQUANT's or FILL's first cycle of work
     requant_overlap: bool = False  # the last REQUANT lets REQUANT_OVERLAPPERS go on
+    blocked_until: int = 0         # a RESCALE holds every instruction until then
+    table_free_at: int = 0         # a TABLE holds RESCALE and TABLE until then
     counters: Counters = field(default_factory=Counters)
     # A GEMM's last MATMUL step (paired_loads): its K tile, cycle, and the feeder's bank
     # and last issue before it, for the next K tile's LOADW dispatched beside it.
@@ -122,6 +126,7 @@ class CycleModel:
         op = instruction.opcode
         overlaps = self.requant_overlap and op in REQUANT_OVERLAPPERS
         earliest = self.next_cycle if overlaps else max(self.next_cycle, self.requant_free_at)
+        earliest = max(earliest, self.blocked_until)
         feeder_idle_at = self.feeder_last_issue + 1
         bank = weight_bank(self.config, instruction)
         paired = self._paired(instruction, bank)
@@ -136,9 +141,14 @@ class CycleModel:
             earliest = max(earliest, self.feeder_last_issue)
             if self.load_bank == bank:
                 earliest = max(earliest, self.loaded_at)
-        elif op is Opcode.REQUANT and requant_waits_for_feed(self.config.requant_overlap,
-                                                             bool(instruction["to_acc"])):
+        elif (op is Opcode.REQUANT and requant_waits_for_feed(self.config.requant_overlap,
+                                                              bool(instruction["to_acc"]))
+              or op is Opcode.RESCALE):   # the accumulate path to itself
             earliest = max(earliest, feeder_idle_at, self.drain_clear_at)
+            if op is Opcode.RESCALE:
+                earliest = max(earliest, self.table_free_at)
+        elif op is Opcode.TABLE:
+            earliest = max(earliest, self.table_free_at)
         elif op is Opcode.FILL and self.config.single_port_activations:
             earliest = max(earliest, feeder_idle_at)   # no write beside the feeder's reads
         elif op is Opcode.HALT:
@@ -165,6 +175,13 @@ class CycleModel:
                                                                 self.config.skew_cols)
             self.counters.busy_cycles += count
             self.counters.macs += count * rows * cols
+        elif op is Opcode.RESCALE:
+            self.blocked_until = cycle + instruction["count"] + RESCALE_TAIL_CYCLES
+        elif op is Opcode.TABLE:   # the requantizer's parameter port once it is idle
+            self.requant_overlap = True
+            start = self.requant_started_at = max(cycle, self.requant_free_at)
+            self.requant_free_at = self.table_free_at = (
+                start + self.config.table_load_cycles + TABLE_TAIL_CYCLES)
         elif op is Opcode.FILL:   # the requantizer's write port, with overlap
             self.requant_overlap = not self.config.single_port_activations
             self.requant_started_at = cycle
@@ -345,6 +362,7 @@ def check_program(config: NpuConfig, program: list[Instruction]) -> None:
     streamed = 0        # words other MATMULs streamed since (one a cycle)
     param_addr, param_walk = 0, 0   # SETREQ's, as the golden model starts
     loads = [0, 0]   # LOADWs of each bank since the start (the tap row's weight: the second)
+    tables_loaded = False   # a TABLE since the start
     groups = config.cols // config.requant_lanes
     for index, instruction in enumerate(program):
         op = instruction.opcode
@@ -361,6 +379,14 @@ def check_program(config: NpuConfig, program: list[Instruction]) -> None:
                 what = op.name if not uses else f"{op.name} {', '.join(uses)}"
                 need(False, index, instruction,
                      f"{what} needs an NPU generated with feature_maps (this one has none)")
+        if op in (Opcode.TABLE, Opcode.RESCALE):
+            need(config.rescale_tables, index, instruction,
+                 f"{op.name} needs an NPU generated with rescale_tables (this one has "
+                 f"rescale_tables = false); regenerate it with rescale_tables = true")
+            need(op is Opcode.TABLE or tables_loaded, index, instruction,
+                 "RESCALE before any TABLE of this run: its tables would hold another "
+                 "run's entries; load them with a TABLE first")
+            tables_loaded = True
         for name, option, built in (("combine", "max_pooling", config.max_combine),
                                     ("to_acc", "adds", config.requant_to_acc),
                                     ("left_shift", "adds", config.requant_to_acc)):
@@ -417,7 +443,7 @@ def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instructio
              f"weight_addr {ins['weight_addr']} is not a multiple of rows ({config.rows}), "
              f"which an NPU generated with weight_segments = {config.weight_segments} needs "
              f"(its address bits pick each row's memory part)")
-    elif op in (Opcode.MATMUL, Opcode.REQUANT):
+    elif op in (Opcode.MATMUL, Opcode.REQUANT, Opcode.RESCALE):
         need(ins["count"] >= 1, index, ins, "count must be at least 1")
         if op is Opcode.MATMUL and state.depthwise:
             _check_depthwise(config, state, index, ins, need)
@@ -435,9 +461,16 @@ def _check_step(config: NpuConfig, state: GemmState, index: int, ins: Instructio
              f"was generated with rounding = {config.rounding!r} only; regenerate the NPU with "
              f"rounding = 'both' (or set single_rounding to "
              f"{int(config.rounding == 'single')})")
-    if op is Opcode.MATMUL:
+    if op in (Opcode.MATMUL, Opcode.RESCALE):
         last = ins["act_addr"] + int(state.window.offsets(ins["count"]).max())
         within("activations", last + 1, "activation_depth")
+    if op is Opcode.RESCALE:
+        need(not (state.reduce or state.depthwise), index, ins,
+             "SETWIN set reduce or the depthwise mode, which RESCALE does not have; give "
+             "it a SETWIN without them")
+    elif op is Opcode.TABLE:
+        within("the tables' parameter words", ins["param_addr"] + config.table_param_words,
+               "param_depth")
     elif op is Opcode.SETGEMM:
         need(not ins["tap_row"] or config.depthwise_tap_row, index, ins,
              "tap_row=1, but this NPU was generated without the depthwise tap row "
@@ -544,9 +577,10 @@ class _OverlapCheck:
                           .ravel().tolist())
             self.open = (index, ins, range(ins["acc_addr"], ins["acc_addr"] + ins["count"]),
                          written)
-        elif op is Opcode.MATMUL and self.open is not None:
+        elif op in (Opcode.MATMUL, Opcode.RESCALE) and self.open is not None:
             at, requant, accumulators, written = self.open
-            last = ins["acc_addr"] + matmul_results(c, state, ins)
+            last = ins["acc_addr"] + (matmul_results(c, state, ins) if op is Opcode.MATMUL
+                                      else ins["count"])
             need(last <= accumulators.start or ins["acc_addr"] >= accumulators.stop, index,
                  ins, f"writes accumulator words {ins['acc_addr']} to {last - 1}, which the "
                       f"overlapping REQUANT of instruction {at} ({requant}) reads; give them "
@@ -613,6 +647,8 @@ class GoldenNpu:
         self.zero_point = self.clamp_min = self.clamp_max = 0
         self.param_addr = self.out_stride = self.param_walk = 0
         self.state = GemmState(c.rows)
+        # The rescale tables (rescale_tables): not a memory of the host's; TABLE loads them.
+        self.tables = np.zeros((2, c.table_entries), dtype=np.int64)
 
     def memory(self, region: Region) -> np.ndarray:
         return {
@@ -676,6 +712,29 @@ class GoldenNpu:
             self.param_walk = ins["param_walk"]
         elif op is Opcode.FILL:
             self.activations[fill_words(ins)] = ins["value"]
+        elif op is Opcode.TABLE:
+            self._table(ins)
+        elif op is Opcode.RESCALE:
+            self._rescale(ins)
+
+    def _table(self, ins: Instruction) -> None:
+        c = self.config
+        words = self.params[ins["param_addr"]:ins["param_addr"] + c.table_param_words]
+        names = [f.name for f in param_lane_fields(c.accumulator_width)]
+        for table, name in enumerate(TABLE_FIELDS):
+            entries = words[:, :, names.index(name)].reshape(-1)[:c.table_entries]
+            self.tables[table] = wrap(entries, c.accumulator_width)
+
+    def _rescale(self, ins: Instruction) -> None:
+        c = self.config
+        words = (ins["act_addr"] + self.state.window.offsets(ins["count"])) % address_span(
+            c.activation_depth)
+        index = self.activations[words, :c.cols] & (c.table_entries - 1)
+        rows = self.tables[ins["table"]][index]
+        target = slice(ins["acc_addr"], ins["acc_addr"] + ins["count"])
+        if ins["accumulate"]:
+            rows = rows + self.accumulators[target]
+        self.accumulators[target] = wrap(rows, c.accumulator_width)
 
     def _matmul(self, ins: Instruction) -> None:
         c, state = self.config, self.state

@@ -142,6 +142,8 @@ def _units(config: NpuConfig, program: list[Instruction]) -> list[_Unit]:
                 unit.kind = "B"
         elif op is Opcode.FILL:
             unit = _Unit("F", index, ins, act_writes=_mask(fill_words(ins), act))
+        elif op is Opcode.TABLE:   # the requantizer's port, as a FILL, and no words
+            unit = _Unit("F", index, ins)
         else:
             unit = _Unit("B", index, ins)
         if unit.kind == "B" and op is not Opcode.HALT:   # registers as they are here

@@ -21,9 +21,9 @@ __all__ = [
 ]
 
 #: Raised with every change to the instructions or to the identity block the host reads
-#: (14: the NpuConfig field depthwise_tap_row and SETGEMM's tap_row), so that a host refuses
-#: a bitstream or program of another version by name.
-ISA_VERSION = 14
+#: (15: the NpuConfig field rescale_tables, TABLE and RESCALE), so that a host refuses a
+#: bitstream or program of another version by name.
+ISA_VERSION = 15
 INSTRUCTION_WIDTH = 64
 OPCODE_WIDTH = 4
 
@@ -44,12 +44,15 @@ class Opcode(enum.IntEnum):
     SETWIN = 9
     SETOUT = 10
     FILL = 11
+    TABLE = 12
+    RESCALE = 13
 
 
 #: The instructions that may dispatch while a REQUANT with ``overlap`` runs: they use the
-#: array, the weight loader and the sequencer's walk registers, not the requantizer.
+#: array, the weight loader, the rescale tables and the sequencer's walk registers, not
+#: the requantizer.
 REQUANT_OVERLAPPERS = (Opcode.LOADW, Opcode.MATMUL, Opcode.GEMM, Opcode.SETGEMM,
-                       Opcode.SETKERN, Opcode.SETWIN)
+                       Opcode.SETKERN, Opcode.SETWIN, Opcode.RESCALE, Opcode.TABLE)
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,28 @@ DESCRIPTIONS: dict[Opcode, str] = {
         "(i mod L), each lane sign-extended, for source word i (NPUs generated with "
         "requant_overlap on a square array with a requantizer lane per column). A start "
         "sets 0, 0, 0."),
+    Opcode.TABLE: (
+        "Load both rescale tables (NPUs generated with rescale_tables) from the parameter "
+        "words `param_addr` on: entry k·requant_lanes + j of table t from lane j of word "
+        "k, its bias field for table 0 and its multiplier field for table 1, each read as "
+        "an accumulator-wide signed value; 2^input_width entries a table, one written a "
+        "cycle. It takes the requantizer's parameter port: dispatched beside a REQUANT "
+        "with `overlap` or a FILL, it starts when they are done; instructions wait for it "
+        "as for a FILL, and LOADW, MATMUL, GEMM, SETGEMM, SETKERN and SETWIN dispatch "
+        "beside it; RESCALE and TABLE wait for it."),
+    Opcode.RESCALE: (
+        "Look up `count` activation words in rescale table `table` (NPUs generated with "
+        "rescale_tables, a square array): word i is read along SETWIN's walk, as "
+        "MATMUL's (`act_addr` + (i div L)·`row_step` + (i mod L)·`col_step`; not in "
+        "reduce or depthwise mode), and lane c's value x, as an unsigned index (x mod "
+        "2^input_width), selects the entry that goes to column c of accumulator word "
+        "`acc_addr` + i, added to it when `accumulate` is 1. One word a cycle, beside "
+        "neither the array nor a REQUANT to_acc: it waits until the feeder is idle and "
+        "every result is written, and blocks until its last word is written; it "
+        "dispatches beside a REQUANT with `overlap` (the program must keep its words "
+        "apart, as for MATMUL). An add's input rescale (TFLite's Add) is a function of "
+        "the int8 input alone: a table of the rescaled values replaces a REQUANT to_acc "
+        "pass."),
 }
 
 _A16 = 16
@@ -276,6 +301,16 @@ FORMATS: dict[Opcode, tuple[Field, ...]] = {
                   "this walk (NPUs generated with requant_overlap on a square array with a "
                   "requantizer lane per column); "
                   "other REQUANTs need it 0"),
+    ),
+    Opcode.TABLE: (
+        Field("param_addr", 8, _A16, doc="parameter word of the tables' first entries"),
+    ),
+    Opcode.RESCALE: (
+        Field("table", 4, 1, doc="rescale table to look up (0 or 1)"),
+        Field("accumulate", 5, 1, doc="1: add to the accumulator; 0: overwrite"),
+        Field("act_addr", 8, _A16, doc="first activation word"),
+        Field("acc_addr", 24, _A16, doc="first accumulator word"),
+        Field("count", 40, _A16, doc="activation words to look up (1 or more)"),
     ),
 }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SHIFT_BITS", "PARAM_LANE_FIELDS", "LaneField", "param_lane_fields",
+__all__ = ["SHIFT_BITS", "PARAM_LANE_FIELDS", "TABLE_FIELDS", "LaneField", "param_lane_fields",
            "param_lane_description"]
 
 #: Bits of a parameter lane's shift field that the requantizer reads: right shifts 0 to 31.
@@ -24,6 +24,11 @@ PARAM_LANE_FIELDS: tuple[tuple[str, int | None, bool, int | None], ...] = (
     ("multiplier", 32, True, None),
     ("shift", 8, False, SHIFT_BITS),
 )
+
+#: TABLE's parameter words (NPUs generated with ``rescale_tables``): lane j of word k holds
+#: entry k·requant_lanes + j of table t in field TABLE_FIELDS[t], read as its low
+#: accumulator_width bits, signed.
+TABLE_FIELDS = ("bias", "multiplier")
 
 
 @dataclass(frozen=True)

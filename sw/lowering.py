@@ -33,10 +33,12 @@ feature-map hardware lack. A dense layer on a batch of vectors (an MLP's) is one
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .arith import requantize_raw
 from .config import NpuConfig
 from .featuremap import FeatureMap, conv_output_size, stride_pair
 from .golden import CycleModel, depthwise_lead, expand_program
@@ -157,6 +159,8 @@ class Lowering:
     _zero_params: int | None = None   # parameter words of multiplier 0 (fill_halo)
     _pending_fills: list[Instruction] = field(default_factory=list)   # fill_halo's FILLs
     check_depths: bool = True   # False: go on past full memories (to report every need)
+    # Where an operator put an instruction among those before it (an add's TABLE), in order.
+    insertions: list[int] = field(default_factory=list)
     # The GEMMs :meth:`_emit` emits load a tile for the depthwise tap row first (SETGEMM
     # tap_row); each _emit sets it.
     _tap_row: bool = False
@@ -453,6 +457,9 @@ class Lowering:
         self._check_maps(first, dst, first.channels, first.channels, (1, 1), 1, (0, 0, 0, 0))
         groups = c.cols // c.requant_lanes
         channels, height, width = shape
+        if c.rescale_tables:
+            self._add_by_tables(first, second, dst, first_scale, second_scale, requant)
+            return
         if c.requant_from_map:
             self._add_from_maps(first, second, dst, first_scale, second_scale, requant)
             return
@@ -573,6 +580,87 @@ class Lowering:
                         (c.cols, 1)).astype(np.int64)
         return self._store_params(lanes.reshape(c.cols // c.requant_lanes,
                                                 c.requant_lanes, 3))
+
+    def _add_by_tables(self, first: FeatureMap, second: FeatureMap, dst: FeatureMap,
+                       first_scale: Rescale, second_scale: Rescale, requant: Requant) -> None:
+        """The add on an NPU with ``rescale_tables``: a TABLE of both inputs' rescaled
+        values, then per chunk of rows each input looked up from its map into the same
+        accumulators (RESCALE, a word a cycle; the second added), and the sum requantized
+        into ``dst`` beside the next chunk's lookups (in the other part of the
+        accumulators): one requantizer pass and none through the array.
+
+        The TABLE goes beside a GEMM of the operators before (:meth:`_table_place`),
+        and the first chunk's lookups into accumulator words the last REQUANT does not
+        read, so that they may run beside it."""
+        c = self.config
+        groups = c.cols // c.requant_lanes
+        channels, height, width = first.channels, first.height, first.width
+        if 2 * width > c.accumulator_depth:
+            raise DoesNotFit(f"an add of {width}-pixel rows needs {2 * width} accumulator "
+                             f"words, accumulator_depth is {c.accumulator_depth}")
+        # The last chunk's REQUANT (2·g·words) and each chunk's fixed steps (about a
+        # dozen cycles) trade against each other: about sqrt(words / 6) chunks in all.
+        tiles = ceil_div(channels, c.rows)
+        chunks = max(1, round(math.sqrt(tiles * height * width / 6) / tiles))
+        chunk_rows = min(ceil_div(height, chunks), c.accumulator_depth // (2 * width))
+        ins = self.instructions
+        tables = Instruction(Opcode.TABLE, {"param_addr": self._store_params(
+            self._rescale_tables(first_scale, second_scale, requant))})
+        at = self._table_place()
+        ins.insert(at, tables)
+        self.insertions.append(at)
+        base = 0
+        if ins[-1].opcode is Opcode.REQUANT:   # the first lookups beside it: other words
+            busy = range(ins[-1]["acc_addr"], ins[-1]["acc_addr"] + ins[-1]["count"])
+            span = 2 * chunk_rows * width
+            if busy.start < span and busy.stop + span <= c.accumulator_depth:
+                base = busy.stop
+        part = 0
+        for tile in range(tiles):
+            sum_params = self._store_params(requant.lanes(
+                tile * c.rows + np.arange(c.cols)).reshape(groups, c.requant_lanes, 3))
+            for y0, rows in _balanced_chunks(height, chunk_rows):
+                count, acc_addr = rows * width, base + part * chunk_rows * width
+                for table, fmap in enumerate((first, second)):
+                    ins.append(Instruction(Opcode.SETWIN, {
+                        "row_length": width, "row_step": fmap.pitch, "col_step": 1}))
+                    ins.append(Instruction(Opcode.RESCALE, {
+                        "table": table, "accumulate": table, "count": count,
+                        "act_addr": fmap.word(tile, y0, 0), "acc_addr": acc_addr}))
+                self.flush_fills()   # the output's halo, after the first lookups
+                self._add_sum_out(requant, dst, sum_params, acc_addr, count, tile, y0)
+                part ^= 1
+
+    def _table_place(self) -> int:
+        """Where an add's TABLE goes: right after the last REQUANT (not to_acc) that a
+        GEMM follows, so that it runs beside that GEMM once the REQUANT is done (a TABLE
+        dispatches beside a REQUANT with overlap and waits for it); at the end if there is
+        none, or a RESCALE or TABLE after it."""
+        ins = self.instructions
+        for at in range(len(ins) - 1, -1, -1):
+            if ins[at].opcode in (Opcode.RESCALE, Opcode.TABLE):
+                break
+            if (ins[at].opcode is Opcode.REQUANT and not ins[at]["to_acc"]
+                    and any(i.opcode is Opcode.GEMM for i in ins[at + 1:])):
+                return at + 1
+        return len(ins)
+
+    def _rescale_tables(self, first: Rescale, second: Rescale, requant: Requant) -> np.ndarray:
+        """TABLE's parameter words: each input value's rescale (what a REQUANT to_acc with
+        ``left_shift`` gives it) for the first input in the bias fields, for the second
+        in the multiplier fields (``layouts.TABLE_FIELDS``)."""
+        c = self.config
+        entries = c.table_entries
+        values = np.arange(entries, dtype=np.int64)
+        values = np.where(values < entries // 2, values, values - entries)   # two's complement
+        rounding = ("single" if requant.single_rounding else "double") + (
+            "_even" if requant.ties_to_even else "")
+        words = np.zeros((c.table_param_words * c.requant_lanes, 3), dtype=np.int64)
+        for column, scale in enumerate((first, second)):
+            words[:entries, column] = requantize_raw(
+                values, -scale.zero_point, scale.multiplier, scale.shift, 0,
+                accumulator_width=c.accumulator_width, rounding=rounding, left_shift=1)
+        return words.reshape(c.table_param_words, c.requant_lanes, 3)
 
     def _add_from_maps(self, first: FeatureMap, second: FeatureMap, dst: FeatureMap,
                        first_scale: Rescale, second_scale: Rescale, requant: Requant) -> None:

@@ -30,11 +30,12 @@ MODELS = {
 #: An 8×8 with memories large enough for every model (the demo's NPU when no
 #: configuration is given, and the benchmarks' reference row), its weights in a part per
 #: row (a tile loads in a cycle, beside the MATMUL before it: batch-1 dense layers), and
-#: the depthwise tap row (a 3×3 depthwise kernel in one pass of the depthwise mode).
+#: the depthwise tap row (a 3×3 depthwise kernel in one pass of the depthwise mode), and
+#: the rescale tables (an add's inputs looked up, not requantized).
 REFERENCE_CONFIG = NpuConfig(activation_depth=16384, weight_depth=65536,
                              accumulator_depth=1024, instruction_depth=4096, param_depth=512,
                              requant_overlap=True, line_buffer_depth=128, weight_segments=8,
-                             depthwise_tap_row=True)
+                             depthwise_tap_row=True, rescale_tables=True)
 
 
 def model_folder() -> Path:

@@ -16,7 +16,8 @@ from pathlib import Path
 __all__ = [
     "REQUANT_PIPELINE_STAGES", "PRODUCT_PIPELINE_STAGES", "ARRAY_INPUT_STAGES",
     "REQUANT_INPUT_STAGES", "WEIGHT_LOAD_STAGES", "REQUANT_TAIL_CYCLES",
-    "REQUANT_TO_ACC_TAIL_CYCLES", "FILL_TAIL_CYCLES", "SERIAL_SHIFT_STEP",
+    "REQUANT_TO_ACC_TAIL_CYCLES", "FILL_TAIL_CYCLES", "RESCALE_TAIL_CYCLES",
+    "TABLE_TAIL_CYCLES", "SERIAL_SHIFT_STEP",
     "SERIAL_SHIFT_CYCLES", "requant_shift_cycles",
     "array_latency", "requant_product_cycles", "requant_lane_latency",
     "requant_cycles", "weight_use_cycles", "weight_load_cycles", "load_next_cycles",
@@ -49,6 +50,15 @@ REQUANT_TO_ACC_TAIL_CYCLES = REQUANT_TAIL_CYCLES + 2
 #: Cycles from a FILL's dispatch to the cycle the next instruction that waits for it may
 #: dispatch, beyond one cycle per word (its writes start the cycle after the dispatch).
 FILL_TAIL_CYCLES = 1
+#: Cycles from a RESCALE's dispatch to the cycle the next instruction may dispatch,
+#: beyond one cycle per word: each word's read (from the cycle after the dispatch), its
+#: table lookup, then the accumulate path (the destination read beside the lookup; add,
+#: write), the next instruction dispatching in the cycle of the last write.
+RESCALE_TAIL_CYCLES = 3
+#: Cycles from a TABLE's dispatch to the cycle the next instruction may dispatch, beyond
+#: one cycle per entry written (``NpuConfig.table_load_cycles``): the parameter read, then
+#: the writes, the last of them in the cycle before.
+TABLE_TAIL_CYCLES = 2
 
 
 def requant_product_cycles(accumulator_width: int, serial_bits: int) -> int:
@@ -213,11 +223,20 @@ def timing_markdown() -> str:
         "| FILL | nothing (on an NPU generated with `single_port_activations`: the feeder is "
         "idle); then the next instruction waits one cycle per word + "
         f"{FILL_TAIL_CYCLES} from the FILL's dispatch (`FILL_TAIL_CYCLES`) |",
+        "| RESCALE | the feeder is idle and every result is written; then the next "
+        f"instruction waits one cycle per word + {RESCALE_TAIL_CYCLES} from the RESCALE's "
+        "dispatch (`RESCALE_TAIL_CYCLES`) |",
+        "| RESCALE | also: no TABLE is in progress |",
+        "| TABLE | no TABLE is in progress; it starts when no REQUANT or FILL is; then the "
+        "next instruction that waits for it (as for a FILL, below; and RESCALE) waits one "
+        f"cycle per entry of both tables + {TABLE_TAIL_CYCLES} from the TABLE's start "
+        "(`TABLE_TAIL_CYCLES`, `NpuConfig.table_load_cycles`) |",
         "| SETKERN, SETWIN, SETOUT, SETGEMM, SETPP, SETREQ | nothing (one cycle) |",
         "| HALT | every unit is idle and every result is written |",
-        "| every instruction | no REQUANT or FILL is in progress, but for "
+        "| every instruction | no RESCALE is in progress; no REQUANT, FILL or TABLE is "
+        "in progress, but for "
         + ", ".join(op.name for op in REQUANT_OVERLAPPERS) + " after a FILL (unless "
-        "`single_port_activations`), or a REQUANT "
+        "`single_port_activations`), a TABLE (but RESCALE and TABLE) or a REQUANT "
         "with `overlap` on an NPU generated with `requant_overlap`: they dispatch beside "
         "it |",
         "",

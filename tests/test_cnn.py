@@ -320,13 +320,18 @@ def test_residual_adds_run_on_chip_bit_exact(tmp_path, simulator):
     assert np.abs(run(program, x).output - reference).max() <= 6 * program.output.scale
 
 
-def test_qdq_residual_matches_onnxruntime(tmp_path):
+@pytest.mark.parametrize("config", [
+    NpuConfig(rounding="single"),
+    # The adds' inputs looked up in tables (rounded once, as ONNX's QDQ Add).
+    NpuConfig(rounding="single", requant_overlap=True, rescale_tables=True)],
+    ids=["8x8", "8x8-rescale-tables"])
+def test_qdq_residual_matches_onnxruntime(tmp_path, config):
     rng = np.random.default_rng(9)
     float_path, qdq_path = tmp_path / "f.onnx", tmp_path / "q.onnx"
     onnx.save(residual_cnn(rng), str(float_path))
     x = rng.uniform(-1, 1, (300, 3, 7, 6)).astype(np.float32)
     quantize_with_onnxruntime(float_path, qdq_path, x[:100], per_channel=True)
-    program = compile_model(load_onnx(qdq_path), NpuConfig(rounding="single"))
+    program = compile_model(load_onnx(qdq_path), config)
     assert "add" in [layer["kind"] for layer in program.layers]
     assert steps_from_onnxruntime(program, qdq_path, x[100:]).max() == 0
 

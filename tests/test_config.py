@@ -119,8 +119,8 @@ def test_options_for_the_up5k_are_read_back_and_an_older_identity_is_named():
     assert not config.max_combine and not config.requant_to_acc
     assert not config.requant_from_map
     assert NpuConfig(feature_maps=False).describe().count("no max pooling") == 0
-    with pytest.raises(ValueError, match="the identity block has 24 config words, this "
-                                         "host expects 27: rebuild the bitstream"):
+    with pytest.raises(ValueError, match="the identity block has 25 config words, this "
+                                         "host expects 28: rebuild the bitstream"):
         config_from_identity(identity_words(config)[:-3])
     with pytest.raises(TypeError, match="max_pooling must be true or false, not 1"):
         NpuConfig(max_pooling=1)
@@ -192,3 +192,26 @@ def test_the_depthwise_tap_row_completes_the_last_group_of_three_rows():
                           ("row_broadcast", {"row_broadcast": True, "load_skew": False})):
         with pytest.raises(ValueError, match=f"depthwise_tap_row = true cannot go with {what}"):
             NpuConfig(line_buffer_depth=16, depthwise_tap_row=True, **changes)
+
+
+def test_rescale_tables_need_the_add_path_beside_the_requantizer_and_are_read_back():
+    """rescale_tables (TABLE, RESCALE) needs adds and requant_overlap on a square array,
+    and says which setting is missing; it travels in the identity block."""
+    from npugen.memory_map import config_from_identity, identity_words
+
+    config = NpuConfig(rows=4, cols=4, requant_overlap=True, rescale_tables=True)
+    assert config_from_identity(identity_words(config)) == config
+    assert "rescale tables" in config.describe()
+    assert config.table_entries == 256 and config.table_param_words == 64
+    assert config.table_load_cycles == 512
+    # Lanes that do not divide the entries: the last word's lanes past them are skipped.
+    odd = NpuConfig(rows=6, cols=6, requant_lanes=6, requant_overlap=True,
+                    rescale_tables=True)
+    assert odd.table_param_words == 43 and odd.table_load_cycles == 2 * 43 * 6
+    for changes, named in (({"requant_overlap": False}, "requant_overlap = false"),
+                           ({"adds": False}, "adds = false"),
+                           ({"feature_maps": False}, "feature_maps = false"),
+                           ({"cols": 8}, "on 4×8")):
+        with pytest.raises(ValueError, match=f"rescale_tables = true .*{named}.*set "
+                                             "rescale_tables = false"):
+            config.replace(**changes)

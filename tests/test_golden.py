@@ -590,3 +590,80 @@ def test_stride_two_depthwise_by_phases_equals_a_direct_convolution(config):
         job, expected, dst = depthwise_mode_job(config, np.random.default_rng(seed),
                                                 out_halo=bool(seed % 2), stride=2)
         assert np.array_equal(dst.unpack(run_golden(job).outputs["output"]), expected), seed
+
+
+TABLES = OVERLAP.replace(rescale_tables=True, param_depth=128)
+
+
+def test_rescale_looks_each_lane_up_in_the_table_table_loaded():
+    """TABLE takes table 0 from the parameter lanes' bias fields and table 1 from their
+    multiplier fields (entry k·lanes + j from lane j of word k); RESCALE looks up every
+    lane of its words along SETWIN's walk (an int8 value as its unsigned byte), writing
+    or adding the entries."""
+    rng = np.random.default_rng(4)
+    lanes = TABLES.requant_lanes
+    tables = rng.integers(-(1 << 31), 1 << 31, (2, 256))
+    params = np.zeros((TABLES.table_param_words, lanes, 3), dtype=np.int64)
+    params[..., 0] = tables[0].reshape(-1, lanes)
+    params[..., 1] = tables[1].reshape(-1, lanes)
+    acts = rng.integers(-128, 128, (40, 4))
+    npu = GoldenNpu(TABLES)
+    npu.write(Region.ACTIVATIONS, 0, acts)
+    npu.write(Region.PARAMS, 3, params)
+    program = assemble("TABLE param_addr=3\nSETWIN row_length=3 row_step=5 col_step=1\n"
+                       "RESCALE table=0 act_addr=4 acc_addr=8 count=6\n"
+                       "SETWIN col_step=1\n"
+                       "RESCALE table=1 accumulate=1 act_addr=30 acc_addr=8 count=6\nHALT")
+    check_program(TABLES, program)
+    npu.write(Region.INSTRUCTIONS, 0, encode_program(program))
+    npu.run()
+    first = acts[4 + np.array([0, 1, 2, 5, 6, 7])] & 0xFF
+    second = acts[30:36] & 0xFF
+    expected = tables[0][first] + tables[1][second]
+    expected = (expected + (1 << 31)) % (1 << 32) - (1 << 31)   # 32-bit accumulators
+    assert np.array_equal(npu.read(Region.ACCUMULATORS, 8, 6), expected)
+
+
+@pytest.mark.parametrize("config, text, message", [
+    (OVERLAP, "TABLE\nHALT", "TABLE needs an NPU generated with rescale_tables"),
+    (TABLES, "RESCALE count=1\nHALT", "RESCALE before any TABLE of this run"),
+    (TABLES, "TABLE param_addr=65\nHALT",
+     "the tables' parameter words end at word 129, param_depth is 128"),
+    (TABLES, "TABLE\nSETWIN reduce=1\nRESCALE count=2\nHALT",
+     "SETWIN set reduce or the depthwise mode, which RESCALE does not have"),
+    (TABLES, "TABLE\nRESCALE acc_addr=62 count=4\nHALT",
+     "accumulator words end at word 66, accumulator_depth is 64"),
+    (TABLES, "TABLE\nRESCALE act_addr=250 count=10\nHALT",
+     "activations end at word 260, activation_depth is 256"),
+    # Beside an overlapping REQUANT: not its accumulator words nor its output words.
+    (TABLES, "TABLE\nREQUANT count=8 out_addr=100 overlap=1\nRESCALE acc_addr=7 count=4\n"
+             "HALT", "writes accumulator words 7 to 10, which the overlapping REQUANT"),
+    (TABLES, "TABLE\nREQUANT count=4 out_addr=100 overlap=1\nRESCALE act_addr=103 "
+             "acc_addr=8 count=1\nHALT",
+     "reads activation words that the overlapping REQUANT of instruction 1"),
+])
+def test_rescale_programs_the_npu_cannot_run_are_refused(config, text, message):
+    with pytest.raises(ProgramError, match=message):
+        check_program(config, assemble(text))
+
+
+def test_cycle_model_runs_a_table_once_the_requantizer_is_done_and_beside_the_array():
+    """A TABLE dispatched beside an overlapping REQUANT starts when it is done; MATMULs
+    dispatch beside the TABLE; a RESCALE waits for it, and the next instruction for the
+    RESCALE's last write."""
+    from npugen.timing import RESCALE_TAIL_CYCLES, TABLE_TAIL_CYCLES
+
+    def cycles(text: str) -> int:
+        npu = GoldenNpu(TABLES)
+        npu.write(Region.INSTRUCTIONS, 0, encode_program(assemble(text + "\nHALT")))
+        return npu.run().cycles
+
+    table = TABLES.table_load_cycles + TABLE_TAIL_CYCLES
+    requant = "REQUANT count=8 out_addr=100 overlap=1\n"
+    matmul = "SETWIN reduce=1\nMATMUL count=600"   # longer than the TABLE
+    # REQUANT dispatches at 2 and ends 8·groups + tail later; the TABLE starts then.
+    alone = cycles(requant + "SETREQ")
+    assert cycles(requant + "TABLE\nSETREQ") == alone + table
+    assert cycles("TABLE\n" + matmul) == cycles(matmul) + 1
+    # TABLE at 2, RESCALE when it is done, SETREQ at its last write, HALT the cycle after.
+    assert cycles("TABLE\nRESCALE count=5\nSETREQ") == 2 + table + 5 + RESCALE_TAIL_CYCLES + 2

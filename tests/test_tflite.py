@@ -27,12 +27,16 @@ LARGE = REFERENCE_CONFIG
 
 def shaped(**changes) -> NpuConfig:
     """LARGE with ``changes``, its weight memory in a part per row (REFERENCE_CONFIG's
-    weight segments) where the rows are a power of two, else in one, and the depthwise
-    tap row where the rows and line buffers take one."""
+    weight segments) where the rows are a power of two, else in one, the depthwise tap
+    row where the rows and line buffers take one, and the rescale tables where the
+    array is square and the requantizer beside it."""
     rows = changes.get("rows", LARGE.rows)
     tap_row = rows in (5, 8) and changes.get("line_buffer_depth", 1) > 0
     return LARGE.replace(**{"weight_segments": rows if rows & (rows - 1) == 0 else 1,
-                            "depthwise_tap_row": tap_row, **changes})
+                            "depthwise_tap_row": tap_row,
+                            "rescale_tables": (rows == changes.get("cols", LARGE.cols)
+                                               and changes.get("requant_overlap", True)),
+                            **changes})
 
 
 #: The four MLPerf Tiny models' files by their demo names (kws, resnet, ad, vww).
@@ -554,8 +558,21 @@ def _check_on_rtl(data: bytes, config: NpuConfig, x: np.ndarray, simulator) -> N
                                   litert_reference(data)(x).reshape(len(x), -1))
 
 
+RTL_CONFIGS = {
+    "4x4": NpuConfig(rows=4, cols=4, activation_depth=1024, weight_depth=1024,
+                     accumulator_depth=256, instruction_depth=512, param_depth=64),
+    # The ADD's inputs looked up in rescale tables; its TABLE dispatched beside the
+    # depthwise layer's REQUANT, waiting for it, then beside its GEMM.
+    "4x4-rescale-tables": NpuConfig(rows=4, cols=4, requant_lanes=2, requant_overlap=True,
+                                    rescale_tables=True, activation_depth=1024,
+                                    weight_depth=1024, accumulator_depth=256,
+                                    instruction_depth=512, param_depth=256),
+}
+
+
 @pytest.mark.parametrize("simulator", available_simulators())
-def test_tflite_model_on_the_rtl_equals_litert(simulator):
+@pytest.mark.parametrize("name", RTL_CONFIGS)
+def test_tflite_model_on_the_rtl_equals_litert(name, simulator):
     """A small TFLite classifier with both roundings in one program (convolutions round
     twice, FULLY_CONNECTED once), a residual ADD, exact average pooling and halos written
     by the NPU, on a 4×4 NPU's RTL: equal to the golden model (outputs and counters) and
@@ -567,10 +584,9 @@ def test_tflite_model_on_the_rtl_equals_litert(simulator):
         y = b.average_pool2d(b.max_pool2d(y, pool=2, stride=2), pool=(3, 3))
         return b.softmax(b.fully_connected(b.reshape(y, (1, -1)), units=6, rng=r))
 
-    config = NpuConfig(rows=4, cols=4, activation_depth=1024, weight_depth=1024,
-                       accumulator_depth=256, instruction_depth=512, param_depth=64)
     x = np.random.default_rng(5).integers(-128, 128, size=(3, 6, 6, 3), dtype=np.int8)
-    _check_on_rtl(build(classifier, shape=(1, 6, 6, 3), seed=11), config, x, simulator)
+    _check_on_rtl(build(classifier, shape=(1, 6, 6, 3), seed=11), RTL_CONFIGS[name], x,
+                  simulator)
 
 
 def _early_layers(b, x, r):

@@ -21,6 +21,7 @@ from npugen.hw.counters import PerformanceCounters
 from npugen.hw.feeder import Feeder
 from npugen.hw.host_port import HostPort
 from npugen.hw.requant_unit import RequantUnit
+from npugen.hw.rescale_unit import RescaleUnit
 from npugen.hw.sequencer import STEP_FIELDS, Sequencer
 from npugen.hw.weight_loader import WeightLoader
 from npugen.isa import Instruction, Opcode, encode_program
@@ -40,6 +41,8 @@ from npugen.memory_map import (
 from npugen.timing import (
     REQUANT_TAIL_CYCLES,
     REQUANT_TO_ACC_TAIL_CYCLES,
+    RESCALE_TAIL_CYCLES,
+    TABLE_TAIL_CYCLES,
     WEIGHT_LOAD_STAGES,
     array_latency,
     load_next_cycles,
@@ -304,6 +307,84 @@ def test_requant_unit_to_acc_injects_raw_rows(accumulate, overlap):
     groups = count * (c.cols // c.requant_lanes)
     last_read = groups if overlap else 2 * groups - 1
     assert busy == last_read + REQUANT_TO_ACC_TAIL_CYCLES
+
+
+# -- Rescale unit ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("wait", [0, 3])
+def test_rescale_unit_loads_tables_and_looks_words_up_as_the_golden_model(wait):
+    """TABLE (started ``wait`` cycles late: the requantizer busy) writes both tables from
+    the parameter words; RESCALE, along SETWIN's walk, sends each word's looked-up lanes
+    down the accumulate path addressed to the golden model's words, with its accumulate
+    flag. ``loading`` lasts the table's load (``TABLE_TAIL_CYCLES``) and ``rescaling``
+    the words and ``RESCALE_TAIL_CYCLES``, as the cycle model counts."""
+    c = NpuConfig(rows=4, cols=4, requant_lanes=2, requant_overlap=True,
+                  rescale_tables=True, **{**SMALL, "param_depth": 256})
+    rng = np.random.default_rng(7 + wait)
+    golden = requant_state(c, rng)
+    golden.params[:, :, :2] = rng.integers(-(1 << 31), 1 << 31, golden.params.shape[:2] + (2,))
+    program = [Instruction(Opcode.TABLE, {"param_addr": 5}),
+               Instruction(Opcode.SETWIN, {"row_length": 3, "row_step": 7, "col_step": 2}),
+               Instruction(Opcode.RESCALE, {"table": 1, "accumulate": 1, "act_addr": 9,
+                                            "acc_addr": 20, "count": 8})]
+    unit = RescaleUnit(c)
+    params = Memory(c, Region.PARAMS, golden.params)
+    act = Memory(c, Region.ACTIVATIONS, golden.activations)
+    injected, held = [], {}
+    strobes = {Opcode.TABLE: unit.table, Opcode.SETWIN: unit.set_win,
+               Opcode.RESCALE: unit.rescale}
+
+    async def cycle(ctx):
+        reads = [(port, memory, ctx.get(port.valid), ctx.get(port.addr))
+                 for port, memory in ((unit.param_read, params), (unit.act_read, act))]
+        if ctx.get(unit.inject.valid):
+            injected.append((ctx.get(unit.inject.addr), ctx.get(unit.inject.accumulate),
+                             [ctx.get(unit.inject_row[k]) for k in range(c.cols)]))
+        await ctx.tick()
+        for port, memory, valid, addr in reads:
+            width = memory.info.width
+            garbage = int.from_bytes(rng.bytes(-(-width // 8)), "little") % (1 << width)
+            ctx.set(port.data, memory.entries[addr] if valid else garbage)
+
+    async def testbench(ctx):
+        ctx.set(unit.running, 1)
+        ctx.set(unit.run_start, 1)
+        await cycle(ctx)
+        ctx.set(unit.run_start, 0)
+        for instruction in program:
+            ctx.set(unit.instruction, encode(instruction))
+            ctx.set(strobes[instruction.opcode], 1)
+            ctx.set(unit.requant_busy, wait > 0 and instruction.opcode is Opcode.TABLE)
+            await cycle(ctx)
+            ctx.set(strobes[instruction.opcode], 0)
+            ctx.set(unit.instruction, encode(Instruction(Opcode.HALT)) | 0xFFFF_FFFF << 32)
+            flag = unit.loading if instruction.opcode is Opcode.TABLE else unit.rescaling
+            cycles = 1
+            for _ in range(wait - 1 if instruction.opcode is Opcode.TABLE and wait else 0):
+                await cycle(ctx)
+                cycles += 1
+            ctx.set(unit.requant_busy, 0)
+            while ctx.get(flag):
+                assert not (ctx.get(unit.loading) and ctx.get(unit.rescaling))
+                await cycle(ctx)
+                cycles += 1
+            held[instruction.opcode] = cycles
+        for _ in range(8):   # nothing more once it is idle
+            await cycle(ctx)
+
+    simulate(unit, testbench)
+    before = golden.accumulators.copy()
+    for instruction in program:
+        for step in golden.state.expand(instruction):   # SETWIN sets the walk
+            golden.execute(step)
+    # Dispatched beside the requantizer's last `wait` cycles: as if dispatched after them.
+    assert held[Opcode.TABLE] == wait + c.table_load_cycles + TABLE_TAIL_CYCLES
+    assert held[Opcode.SETWIN] == 1
+    assert held[Opcode.RESCALE] == 8 + RESCALE_TAIL_CYCLES
+    assert [(addr, flag) for addr, flag, _ in injected] == [(20 + i, 1) for i in range(8)]
+    rows = np.array([row for _, _, row in injected]) + before[20:28]
+    rows = (rows + (1 << 31)) % (1 << 32) - (1 << 31)
+    np.testing.assert_array_equal(rows, golden.accumulators[20:28])
 
 
 # -- Host port and performance counters ------------------------------------------------------

@@ -47,13 +47,14 @@ def recorded_build(board, builds: dict[str, dict[str, Any]]
 
 def short_config(config: NpuConfig) -> str:
     """``8×8, 1 lane, no FM``: the array, requantizer lanes (``overlap``: beside the
-    array), the depthwise mode's line buffers (and its tap row), the weight segments and
-    feature-map hardware."""
+    array), the depthwise mode's line buffers (and its tap row), the rescale tables, the
+    weight segments and feature-map hardware."""
     lanes = config.requant_lanes
     return (f"{config.rows}×{config.cols}, {lanes} lane{'s' if lanes > 1 else ''}"
             + (", overlap" if config.requant_overlap else "")
             + (", line buffers" if config.line_buffer_depth else "")
             + (", tap row" if config.depthwise_tap_row else "")
+            + (", rescale tables" if config.rescale_tables else "")
             + (f", {config.weight_segments} weight segments" if config.weight_segments > 1
                else "")
             + ("" if config.feature_maps else ", no FM"))
