@@ -11,11 +11,12 @@ feeder does).
 
 Timing (``sw/timing.py``; the cycle model's RESCALE and TABLE rules): a RESCALE
 dispatched in cycle ``d`` reads its words in cycles ``d + 1 … d + count``; a word read in
-cycle ``r`` is looked up in ``r + 1`` (its destination word is read then), joins the
-accumulate path in ``r + 2`` and is written in ``r + 3``; ``active`` falls in the cycle of
-the last write (``RESCALE_TAIL_CYCLES``). A TABLE dispatched in ``d`` reads a parameter
-word in each of the cycles ``d + 1 … d + N`` (``NpuConfig.table_load_cycles``) and writes
-one entry the cycle after each; ``loading`` falls in ``d + N + 2`` (``TABLE_TAIL_CYCLES``).
+cycle ``r`` is looked up in ``r + 1``, its entries registered in ``r + 2`` (its
+destination word is read then), joins the accumulate path in ``r + 3`` and is written in
+``r + 4``; ``rescaling`` falls in the cycle of the last write (``RESCALE_TAIL_CYCLES``). A
+TABLE dispatched in ``d`` reads a parameter word in each of the cycles ``d + 1 … d + N``
+(``NpuConfig.table_load_cycles``), selects its entry the cycle after and writes it the
+cycle after that; ``loading`` falls in ``d + N + 3`` (``TABLE_TAIL_CYCLES``).
 A TABLE dispatched beside a REQUANT or FILL (``requant_busy``) starts in the first cycle
 the requantizer is idle instead, as if dispatched then. The sequencer lets the array's
 steps dispatch beside a TABLE, as beside a FILL.
@@ -82,8 +83,8 @@ class RescaleUnit(wiring.Component):
         m = Module()
         tables = []
         for column in range(c.cols):
-            # Never read and written in the same cycle (a TABLE holds the sequencer): no
-            # logic for a collision.
+            # Never read and written in the same cycle (no RESCALE dispatches while a TABLE
+            # loads): no logic for a collision.
             table = Memory(shape=signed(c.accumulator_width), depth=2 * c.table_entries,
                            init=[], attrs={"no_rw_check": 1})
             m.submodules[f"table{column}"] = table
@@ -150,12 +151,18 @@ class RescaleUnit(wiring.Component):
                         start = j * lane_bits + offset
                         m.d.comb += value.eq(
                             self.param_read.data[start:start + c.accumulator_width])
+        # Registered before the tables: the parameters' block RAM and the lane multiplexer
+        # end here, not at a block RAM across the chip (the 45F's slowest path otherwise).
         index = write_entry + write_lane
+        stored = Signal(signed(c.accumulator_width), name="table_stored")
+        stored_addr = Signal(len(tables[0][0].addr), name="table_stored_addr")
+        storing = Signal(name="table_storing")
+        m.d.sync += [stored.eq(value), stored_addr.eq(Cat(index[:c.input_width], write_which)),
+                     storing.eq(writing & ~self.abort & (index < c.table_entries))]
         for write, _ in tables:
-            m.d.comb += [write.addr.eq(Cat(index[:c.input_width], write_which)),
-                         write.data.eq(value),
-                         write.en.eq(writing & self.running & (index < c.table_entries))]
-        return busy | pending, writing
+            m.d.comb += [write.addr.eq(stored_addr), write.data.eq(stored),
+                         write.en.eq(storing & self.running)]
+        return busy | pending, writing | storing
 
     def _rescale(self, m: Module, tables: list) -> tuple[Signal, Signal, Signal]:
         """RESCALE: the walk's words read one a cycle, each lane looked up in its column's
@@ -183,19 +190,25 @@ class RescaleUnit(wiring.Component):
                          which.eq(field("table")), accumulate.eq(field("accumulate"))]
         with m.If(busy):
             m.d.sync += [remaining.eq(remaining - 1), busy.eq(remaining != 1)]
-        # The word read in the cycle before: its lanes look up, its destination is read.
+        # The word read in the cycle before: its lanes look up. The cycle after, the
+        # entries are registered (the tables' block RAMs end there, not at the accumulate
+        # path's adders) and the destination word is read; then the row joins the path.
         lookup = Signal(inject_layout(c), name="rescale_lookup")
+        looked = Signal(inject_layout(c), name="rescale_looked")
         m.d.sync += [lookup.valid.eq(busy & ~self.abort), lookup.addr.eq(walk.acc_addr),
-                     lookup.accumulate.eq(accumulate)]
+                     lookup.accumulate.eq(accumulate), looked.eq(lookup)]
         word = self.act_read.data
         for column, (_, read) in enumerate(tables):
             lane = word[column * c.input_width:(column + 1) * c.input_width]
             m.d.comb += read.addr.eq(Cat(lane, which))
-        m.d.comb += [self.inject_read.valid.eq(lookup.valid & self.running),
-                     self.inject_read.addr.eq(lookup.addr),
-                     self.inject_read.accumulate.eq(lookup.accumulate)]
+        row = Signal.like(self.inject_row, reset_less=True, name="rescale_row")
+        m.d.sync += row.eq(Cat(*[read.data for _, read in tables]))
+        m.d.comb += [self.inject_read.valid.eq(looked.valid & self.running),
+                     self.inject_read.addr.eq(looked.addr),
+                     self.inject_read.accumulate.eq(looked.accumulate),
+                     self.inject_row.eq(row)]
         m.d.sync += self.inject.eq(self.inject_read)
-        m.d.comb += self.inject_row.eq(Cat(*[read.data for _, read in tables]))
         with m.If(self.abort):
-            m.d.sync += [busy.eq(0), self.inject.valid.eq(0)]
-        return busy, lookup.valid, self.inject.valid
+            m.d.sync += [busy.eq(0), lookup.valid.eq(0), looked.valid.eq(0),
+                         self.inject.valid.eq(0)]
+        return busy, lookup.valid | looked.valid, self.inject.valid

@@ -52,13 +52,15 @@ REQUANT_TO_ACC_TAIL_CYCLES = REQUANT_TAIL_CYCLES + 2
 FILL_TAIL_CYCLES = 1
 #: Cycles from a RESCALE's dispatch to the cycle the next instruction may dispatch,
 #: beyond one cycle per word: each word's read (from the cycle after the dispatch), its
-#: table lookup, then the accumulate path (the destination read beside the lookup; add,
-#: write), the next instruction dispatching in the cycle of the last write.
-RESCALE_TAIL_CYCLES = 3
-#: Cycles from a TABLE's dispatch to the cycle the next instruction may dispatch, beyond
-#: one cycle per entry written (``NpuConfig.table_load_cycles``): the parameter read, then
-#: the writes, the last of them in the cycle before.
-TABLE_TAIL_CYCLES = 2
+#: table lookup, the entries' register, then the accumulate path (the destination read
+#: beside the register; add, write), the next instruction dispatching in the cycle of the
+#: last write.
+RESCALE_TAIL_CYCLES = 4
+#: Cycles from a TABLE's start to the cycle the next instruction that waits for it may
+#: dispatch, beyond one cycle per entry written (``NpuConfig.table_load_cycles``): the
+#: parameter read, the entry selected into a register, then the writes, the last of them
+#: in the cycle before.
+TABLE_TAIL_CYCLES = 3
 
 
 def requant_product_cycles(accumulator_width: int, serial_bits: int) -> int:
