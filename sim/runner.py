@@ -64,8 +64,13 @@ def _prepare_environment(simulator: str) -> None:
         # precompiled header for an input file and fails; give make the flag.
         # It also leaves CFG_CXXFLAGS_COROUTINES empty, which --timing needs.
         # -O2 instead of the default -Os: measured 10 % more simulated cycles a second.
+        # With ccache on the PATH every build's compile goes through it: the runtime's
+        # files (Verilator's and cocotb's, the same in every build) compile once, not in
+        # each of a test run's dozens of builds (measured: an 8×8's build 26 s, the next
+        # config's 11 s rather than 20 to 30).
+        objcache = ("OBJCACHE=ccache",) if shutil.which("ccache") else ()
         for flag in ("CFG_CXXFLAGS_PCH_I=-include", "CFG_CXXFLAGS_COROUTINES=-fcoroutines",
-                     "OPT_FAST=-O2", "OPT_GLOBAL=-O2"):
+                     "OPT_FAST=-O2", "OPT_GLOBAL=-O2", *objcache):
             if flag not in os.environ.get("MAKEFLAGS", ""):
                 os.environ["MAKEFLAGS"] = (os.environ.get("MAKEFLAGS", "") + " " + flag).strip()
     # cocotb's simulator process must import npugen and NumPy from this interpreter.

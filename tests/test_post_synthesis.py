@@ -1,7 +1,7 @@
-"""Post-synthesis runs: the SoC of each CI board (iCEBreaker, ULX3S-85F) as yosys synthesizes
+"""Post-synthesis runs: the SoC of each CI board (iCEBreaker, ULX3S-45F) as yosys synthesizes
 it for the board, simulated gate by gate with the cell models in Verilator
 (sim/netlist.py), runs an MLP through its UART (the demo MLP on the iCEBreaker, a
-smaller one on the 85F), driven by npugen.driver.Device:
+smaller one on the 45F), driven by npugen.driver.Device:
 outputs and counters equal the golden model's. This is the closest check to the board that
 needs no board; it would show a mismatch between simulation and synthesis (a time-0 race,
 a wrong primitive mapping, a cell model the RTL simulation never sees)."""
@@ -25,12 +25,14 @@ pytestmark = [
 
 # What runs, per board: hidden layers, held-out digits (None: all 360), inputs a run (None:
 # the compiler's batch). The iCEBreaker: the demo MLP 64-64-32-10 as `npugen demo` runs it
-# (its 360 digits in 23 runs of 16: 3.5 million cycles, a minute). The
-# 85F's netlist (31,700 cells) simulates about 3,100 cycles a second and a run's UART
-# bytes, mostly the weights, take most of them: the demo MLP took 1.22 million cycles at
-# batch 4 (5 minutes), 1.46 million at its batch of 64, so it runs a 64-16-10 MLP (0.4
-# million cycles). `python -m npugen.sim.netlist --board ulx3s-85f` runs the demo MLP.
-WORKLOADS = {"icebreaker": ((64, 32), None, None), "ulx3s-85f": ((16,), 8, 4)}
+# (its 360 digits in 23 runs of 16: 3.5 million cycles, a minute). The ECP5 board is the
+# 45F (its 8×8 with the products in MULT18X18Ds and in logic, four requantizer lanes
+# beside the array, the depthwise mode's line buffers and tap row: 26,000 cells, 6.6
+# minutes in all, synthesis 48 s and the netlist's Verilator build 264 s); the 85F's
+# 16×16 (31,700 cells) took 21 minutes of CI's 2 cores, `python -m npugen.sim.netlist
+# --board ulx3s-85f` runs it. A run's UART bytes, mostly the weights, take most of the
+# cycles, so it runs a 64-16-10 MLP (0.28 million cycles).
+WORKLOADS = {"icebreaker": ((64, 32), None, None), "ulx3s-45f": ((16,), 8, 4)}
 
 
 @pytest.mark.parametrize("board_name", sorted(WORKLOADS))
