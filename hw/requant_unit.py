@@ -33,7 +33,7 @@ a REQUANT to_acc runs), each lane sign-extended; the timing is the same.
 """
 
 from amaranth import Cat, Const, Module, Mux, Signal, signed
-from amaranth.lib import data, wiring
+from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig, check_config_type
@@ -46,7 +46,7 @@ from .instruction import instruction_field
 from .out_walk import out_walk
 from .ports import ReadRequest, WriteRequest
 from .requant import Requantizer
-from .to_acc import AccumulatorReturn, inject_layout
+from .to_acc import AccumulatorReturn, inject_members
 
 __all__ = ["RequantUnit"]
 
@@ -104,10 +104,7 @@ class RequantUnit(wiring.Component):
             "param_read": Out(ReadRequest(depth=params.depth, data_width=params.width)),
             "act_write": Out(WriteRequest(depth=act.depth, data_width=act.width,
                                           lanes=act.width // act.granularity)),
-            "inject_read": Out(inject_layout(config)),
-            "inject": Out(inject_layout(config)),
-            "inject_row": Out(data.ArrayLayout(signed(config.accumulator_width),
-                                               config.cols)),
+            **inject_members(config),
         })
 
     @property

@@ -23,7 +23,7 @@ steps dispatch beside a TABLE, as beside a FILL.
 """
 
 from amaranth import Cat, Module, Signal, signed
-from amaranth.lib import data, wiring
+from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -34,7 +34,7 @@ from ..memory_map import Region, memories
 from .feed_walk import WindowWalk
 from .instruction import instruction_field
 from .ports import ReadRequest
-from .to_acc import inject_layout
+from .to_acc import inject_layout, inject_members
 
 __all__ = ["RescaleUnit"]
 
@@ -72,10 +72,7 @@ class RescaleUnit(wiring.Component):
             "loading": Out(1),
             "act_read": Out(ReadRequest(depth=act.depth, data_width=act.width)),
             "param_read": Out(ReadRequest(depth=params.depth, data_width=params.width)),
-            "inject_read": Out(inject_layout(config)),
-            "inject": Out(inject_layout(config)),
-            "inject_row": Out(data.ArrayLayout(signed(config.accumulator_width),
-                                               config.cols)),
+            **inject_members(config),
         })
 
     def elaborate(self, platform):

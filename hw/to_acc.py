@@ -19,7 +19,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..config import NpuConfig
 
-__all__ = ["AccumulatorReturn", "inject_layout"]
+__all__ = ["AccumulatorReturn", "inject_layout", "inject_members"]
 
 
 def inject_layout(config: NpuConfig) -> data.StructLayout:
@@ -27,6 +27,17 @@ def inject_layout(config: NpuConfig) -> data.StructLayout:
     word and whether it is added to what the word holds."""
     return data.StructLayout({"valid": 1, "accumulate": 1,
                               "addr": range(config.accumulator_depth)})
+
+
+def inject_members(config: NpuConfig) -> dict[str, wiring.Member]:
+    """The ports of a unit that sends rows down the accumulate path (REQUANT to_acc,
+    RESCALE): ``inject_read`` (the destination word is read), then a cycle later
+    ``inject`` with ``inject_row`` (the row joins the path)."""
+    return {
+        "inject_read": Out(inject_layout(config)),
+        "inject": Out(inject_layout(config)),
+        "inject_row": Out(data.ArrayLayout(signed(config.accumulator_width), config.cols)),
+    }
 
 
 class AccumulatorReturn(wiring.Component):
@@ -50,10 +61,7 @@ class AccumulatorReturn(wiring.Component):
             "enabled": Out(1),
             "hold": Out(1),
             "active": Out(1),
-            "inject_read": Out(inject_layout(config)),
-            "inject": Out(inject_layout(config)),
-            "inject_row": Out(data.ArrayLayout(signed(config.accumulator_width),
-                                               config.cols)),
+            **inject_members(config),
         })
 
     def elaborate(self, platform):

@@ -107,6 +107,24 @@ def requant_state(config: NpuConfig, rng: np.random.Generator) -> GoldenNpu:
     return golden
 
 
+async def tick_with_memories(ctx, unit, ports: list, injected: list,
+                             rng: np.random.Generator) -> None:
+    """One clock edge of ``unit``: the rows it sends down the accumulate path collected
+    into ``injected`` as (word, accumulate, row), and each of its read ``ports`` (with
+    the :class:`Memory` behind it) answered the cycle after, random words when it asked
+    for nothing (a unit reading an answer it did not ask for then fails)."""
+    reads = [(port, memory, ctx.get(port.valid), ctx.get(port.addr))
+             for port, memory in ports]
+    if ctx.get(unit.inject.valid):
+        injected.append((ctx.get(unit.inject.addr), ctx.get(unit.inject.accumulate),
+                         [ctx.get(row) for row in unit.inject_row]))
+    await ctx.tick()
+    for port, memory, valid, addr in reads:
+        width = memory.info.width
+        garbage = int.from_bytes(rng.bytes(-(-width // 8)), "little") % (1 << width)
+        ctx.set(port.data, memory.entries[addr] if valid else garbage)
+
+
 def run_requant_unit(config: NpuConfig, golden: GoldenNpu, program: list[Instruction],
                      rng: np.random.Generator, *, drain_wait: int = 0):
     """Run ``program`` (SETPP, SETREQ, SETOUT, then one REQUANT, each dispatched a cycle
@@ -126,19 +144,11 @@ def run_requant_unit(config: NpuConfig, golden: GoldenNpu, program: list[Instruc
 
     async def cycle(ctx):
         """One clock edge with the memories answering and writing."""
-        reads = [(port, memory, ctx.get(port.valid), ctx.get(port.addr))
-                 for port, memory in ((unit.acc_read, acc), (unit.param_read, params))]
         if ctx.get(unit.act_write.valid):
             act.write(ctx.get(unit.act_write.addr), ctx.get(unit.act_write.data),
                       ctx.get(unit.act_write.en))
-        if ctx.get(unit.inject.valid):
-            injected.append((ctx.get(unit.inject.addr), ctx.get(unit.inject.accumulate),
-                             [ctx.get(unit.inject_row[k]) for k in range(config.cols)]))
-        await ctx.tick()
-        for port, memory, valid, addr in reads:
-            width = memory.info.width
-            garbage = int.from_bytes(rng.bytes(-(-width // 8)), "little") % (1 << width)
-            ctx.set(port.data, memory.entries[addr] if valid else garbage)
+        await tick_with_memories(ctx, unit, [(unit.acc_read, acc), (unit.param_read, params)],
+                                 injected, rng)
 
     async def testbench(ctx):
         ctx.set(unit.running, 1)
@@ -335,16 +345,8 @@ def test_rescale_unit_loads_tables_and_looks_words_up_as_the_golden_model(wait):
                Opcode.RESCALE: unit.rescale}
 
     async def cycle(ctx):
-        reads = [(port, memory, ctx.get(port.valid), ctx.get(port.addr))
-                 for port, memory in ((unit.param_read, params), (unit.act_read, act))]
-        if ctx.get(unit.inject.valid):
-            injected.append((ctx.get(unit.inject.addr), ctx.get(unit.inject.accumulate),
-                             [ctx.get(unit.inject_row[k]) for k in range(c.cols)]))
-        await ctx.tick()
-        for port, memory, valid, addr in reads:
-            width = memory.info.width
-            garbage = int.from_bytes(rng.bytes(-(-width // 8)), "little") % (1 << width)
-            ctx.set(port.data, memory.entries[addr] if valid else garbage)
+        await tick_with_memories(ctx, unit, [(unit.param_read, params), (unit.act_read, act)],
+                                 injected, rng)
 
     async def testbench(ctx):
         ctx.set(unit.running, 1)
