@@ -44,10 +44,10 @@ class RescaleUnit(wiring.Component):
     cycle its strobe is high. ``set_win`` loads the SETWIN held in ``instruction`` into
     the unit's walk; ``run_start`` restores its defaults; ``abort`` stops the unit (the
     writes of words in flight are refused: they are gated by ``running``). ``rescaling``
-    is high until a RESCALE's last write (the sequencer dispatches nothing meanwhile),
-    ``loading`` from a TABLE's dispatch until its last write (no RESCALE, TABLE nor
-    requantizer step dispatches meanwhile); ``requant_busy`` says the requantizer or the
-    fill unit is at work, which a TABLE waits for.
+    is high until the cycle of a RESCALE's last write (the sequencer dispatches nothing
+    meanwhile), ``loading`` from a TABLE's dispatch until the cycle after its last write
+    (no RESCALE, TABLE nor requantizer step dispatches meanwhile); ``requant_busy`` says
+    the requantizer or the fill unit is at work, which a TABLE waits for.
 
     ``act_read`` and ``param_read`` claim the activations' and the parameters' read
     ports; ``inject_read``, ``inject`` and ``inject_row`` send the rows down the
@@ -116,7 +116,10 @@ class RescaleUnit(wiring.Component):
                          last_word.eq(field("param_addr") + c.table_param_words - 1)]
         with m.If((self.table | pending) & ~self.requant_busy):
             m.d.sync += [busy.eq(1), pending.eq(0)]
-        m.d.comb += [self.param_read.valid.eq(busy), self.param_read.addr.eq(word)]
+        # Gated by running: a run stopped beside a TABLE (an illegal step) leaves the port
+        # to the host.
+        m.d.comb += [self.param_read.valid.eq(busy & self.running),
+                     self.param_read.addr.eq(word)]
         # The write of the entry requested this cycle, the cycle after (the read's data).
         writing = Signal(name="table_writing")
         write_lane = Signal.like(lane)
@@ -133,7 +136,7 @@ class RescaleUnit(wiring.Component):
                         m.d.sync += busy.eq(0)
             with m.Else():
                 m.d.sync += lane.eq(lane + 1)
-        with m.If(self.abort):
+        with m.If(self.abort | self.run_start):
             m.d.sync += [busy.eq(0), pending.eq(0)]
         # The entry: lane write_lane's bias field (table 0) or multiplier field (table 1),
         # its low accumulator_width bits.

@@ -196,9 +196,11 @@ class Sequencer(wiring.Component):
                         (self.fetch_data[0:OPCODE_WIDTH] == Opcode.REQUANT)
                         & ~instruction_field(self.fetch_data, Opcode.REQUANT, "to_acc"))
                 if _overlaps(c):
+                    # Of the opcodes this NPU runs: another stops the run as illegal once
+                    # the requantizer is done, not beside it.
                     m.d.sync += may_overlap.eq(
                         Cat(*[self.fetch_data[0:OPCODE_WIDTH] == op
-                              for op in REQUANT_OVERLAPPERS]).any())
+                              for op in REQUANT_OVERLAPPERS if op in legal_ops]).any())
             with m.If(~ready):
                 m.d.sync += fill.eq(fill + 1)
         with m.If(dispatch & advance):

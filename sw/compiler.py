@@ -773,9 +773,9 @@ class _Stage:
                 self.lowering.fill_halo(maps[layer.name])
             row = _lower(self.lowering, layer, maps, input_im2col, out_tiles)
         # An instruction the layer put among the layers' before it (an add's TABLE, beside
-        # their last GEMM) counts as theirs: this layer begins after it.
-        self.starts[-1] += sum(at < self.starts[-1]
-                               for at in self.lowering.insertions[inserted:])
+        # their last GEMM) counts as theirs: the layers after it begin one later.
+        for at in self.lowering.insertions[inserted:]:
+            self.starts = [start + (start > at) for start in self.starts]
         return row
 
     def needs(self) -> list[tuple[str, int, str]]:

@@ -243,6 +243,17 @@ class NpuConfig:
                 f"{str(self.adds).lower()}, requant_overlap = "
                 f"{str(self.requant_overlap).lower()} on {self.rows}×{self.cols}; set "
                 f"rescale_tables = false")
+        if self.rescale_tables and self.input_width > 8:
+            raise ValueError(
+                f"rescale_tables = true keeps 2^input_width entries a table in each column: "
+                f"at most 8-bit inputs, not input_width = {self.input_width}; set "
+                f"rescale_tables = false")
+        if self.rescale_tables and self.param_depth < self.table_param_words:
+            raise ValueError(
+                f"rescale_tables = true loads its tables from {self.table_param_words} "
+                f"parameter words ({self.table_entries} entries over {self.requant_lanes} "
+                f"lanes), param_depth is {self.param_depth}; raise param_depth or set "
+                f"rescale_tables = false")
         if self.row_broadcast and self.load_skew:
             raise ValueError("row_broadcast = true (every column takes its row's activation in "
                              "the same cycle) loads every column at once: set load_skew = false")

@@ -72,7 +72,8 @@ def _gemm_words(config: NpuConfig, state: GemmState, gemm: Instruction) -> tuple
 
 @dataclass
 class _Unit:
-    """A GEMM (``kind`` "A"), a REQUANT ("R"), a FILL ("F") or any other instruction
+    """A GEMM (``kind`` "A"), a REQUANT ("R"), a FILL ("F"), a TABLE ("T": it touches
+    neither memory, and dispatches beside the REQUANT before it) or any other instruction
     ("B", which nothing moves past), with the register values it runs with and the
     words it reads and writes (activations, accumulators; bits of an int)."""
 
@@ -142,8 +143,8 @@ def _units(config: NpuConfig, program: list[Instruction]) -> list[_Unit]:
                 unit.kind = "B"
         elif op is Opcode.FILL:
             unit = _Unit("F", index, ins, act_writes=_mask(fill_words(ins), act))
-        elif op is Opcode.TABLE:   # the requantizer's port, as a FILL, and no words
-            unit = _Unit("F", index, ins)
+        elif op is Opcode.TABLE:   # no words: GEMMs move past it, it waits for nothing
+            unit = _Unit("T", index, ins)
         else:
             unit = _Unit("B", index, ins)
         if unit.kind == "B" and op is not Opcode.HALT:   # registers as they are here

@@ -595,14 +595,17 @@ class Lowering:
         c = self.config
         groups = c.cols // c.requant_lanes
         channels, height, width = first.channels, first.height, first.width
-        if 2 * width > c.accumulator_depth:
-            raise DoesNotFit(f"an add of {width}-pixel rows needs {2 * width} accumulator "
+        if width > c.accumulator_depth:
+            raise DoesNotFit(f"an add of {width}-pixel rows needs {width} accumulator "
                              f"words, accumulator_depth is {c.accumulator_depth}")
+        # Two parts of the accumulators, so that a chunk's lookups run beside the REQUANT
+        # of the chunk before; one where two rows do not fit.
+        parts = 2 if 2 * width <= c.accumulator_depth else 1
         # The last chunk's REQUANT (2·g·words) and each chunk's fixed steps (about a
         # dozen cycles) trade against each other: about sqrt(words / 6) chunks in all.
         tiles = ceil_div(channels, c.rows)
         chunks = max(1, round(math.sqrt(tiles * height * width / 6) / tiles))
-        chunk_rows = min(ceil_div(height, chunks), c.accumulator_depth // (2 * width))
+        chunk_rows = min(ceil_div(height, chunks), c.accumulator_depth // (parts * width))
         ins = self.instructions
         tables = Instruction(Opcode.TABLE, {"param_addr": self._store_params(
             self._rescale_tables(first_scale, second_scale, requant))})
@@ -612,7 +615,7 @@ class Lowering:
         base = 0
         if ins[-1].opcode is Opcode.REQUANT:   # the first lookups beside it: other words
             busy = range(ins[-1]["acc_addr"], ins[-1]["acc_addr"] + ins[-1]["count"])
-            span = 2 * chunk_rows * width
+            span = parts * chunk_rows * width
             if busy.start < span and busy.stop + span <= c.accumulator_depth:
                 base = busy.stop
         part = 0
@@ -629,20 +632,23 @@ class Lowering:
                         "act_addr": fmap.word(tile, y0, 0), "acc_addr": acc_addr}))
                 self.flush_fills()   # the output's halo, after the first lookups
                 self._add_sum_out(requant, dst, sum_params, acc_addr, count, tile, y0)
-                part ^= 1
+                part = (part + 1) % parts
 
     def _table_place(self) -> int:
-        """Where an add's TABLE goes: right after the last REQUANT (not to_acc) that a
-        GEMM follows, so that it runs beside that GEMM once the REQUANT is done (a TABLE
-        dispatches beside a REQUANT with overlap and waits for it); at the end if there is
-        none, or a RESCALE or TABLE after it."""
+        """Where an add's TABLE goes: just before the first GEMM after the last REQUANT
+        (not to_acc) that a GEMM follows, so that it runs beside that GEMM once the
+        REQUANT is done (a TABLE dispatches beside a REQUANT with overlap, and waits for
+        it) and no step that waits for the requantizer waits for it; at the end if there
+        is none, or a RESCALE or TABLE after it."""
         ins = self.instructions
+        gemm = None   # the first GEMM after the instruction looked at
         for at in range(len(ins) - 1, -1, -1):
             if ins[at].opcode in (Opcode.RESCALE, Opcode.TABLE):
                 break
-            if (ins[at].opcode is Opcode.REQUANT and not ins[at]["to_acc"]
-                    and any(i.opcode is Opcode.GEMM for i in ins[at + 1:])):
-                return at + 1
+            if ins[at].opcode is Opcode.GEMM:
+                gemm = at
+            elif ins[at].opcode is Opcode.REQUANT and not ins[at]["to_acc"] and gemm:
+                return gemm
         return len(ins)
 
     def _rescale_tables(self, first: Rescale, second: Rescale, requant: Requant) -> np.ndarray:

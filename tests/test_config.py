@@ -215,3 +215,17 @@ def test_rescale_tables_need_the_add_path_beside_the_requantizer_and_are_read_ba
         with pytest.raises(ValueError, match=f"rescale_tables = true .*{named}.*set "
                                              "rescale_tables = false"):
             config.replace(**changes)
+
+
+def test_rescale_tables_refuse_wide_inputs_and_too_few_parameter_words():
+    """The tables hold 2^input_width entries in every column, loaded from parameter
+    words: more than 8-bit inputs, or fewer parameter words than a TABLE reads, are
+    refused by name."""
+    base = dict(rows=4, cols=4, requant_overlap=True, rescale_tables=True)
+    with pytest.raises(ValueError, match="at most 8-bit inputs, not input_width = 12"):
+        NpuConfig(input_width=12, accumulator_width=32, **base)
+    with pytest.raises(ValueError, match="loads its tables from 64 parameter words .256 "
+                                         "entries over 4 lanes., param_depth is 32"):
+        NpuConfig(param_depth=32, **base)
+    assert NpuConfig(input_width=4, weight_width=4, accumulator_width=16, param_depth=16,
+                     **base).table_param_words == 4

@@ -158,11 +158,12 @@ MAP_CONFIGS = {
     # A lane per column on a square array: the add's inputs read from their maps
     # (SETOUT from_map).
     "4x4-from-map": NpuConfig(rows=4, cols=4, requant_lanes=4, requant_overlap=True, **MAPS),
-    # The weight memory in a part per row, the loads paired with the MATMULs; the add's
-    # inputs looked up in rescale tables (TABLE, RESCALE), its output REQUANT beside the
-    # next chunk's lookups.
-    "4x4-paired-loads-tables": NpuConfig(rows=4, cols=4, weight_segments=4, requant_lanes=2,
-                                         requant_overlap=True, rescale_tables=True, **MAPS),
+    # The weight memory in a part per row, the loads paired with the MATMULs.
+    "4x4-paired-loads": NpuConfig(rows=4, cols=4, weight_segments=4, **MAPS),
+    # The add's inputs looked up in rescale tables (TABLE, RESCALE), its output REQUANT
+    # beside the next chunk's lookups.
+    "4x4-rescale-tables": NpuConfig(rows=4, cols=4, requant_lanes=2, requant_overlap=True,
+                                    rescale_tables=True, **MAPS),
 }
 def halo_words(fmap, words: np.ndarray) -> np.ndarray:
     """The halo words of ``fmap``'s tiles that hold channels, from its words."""
