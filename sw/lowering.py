@@ -457,6 +457,9 @@ class Lowering:
         self._check_maps(first, dst, first.channels, first.channels, (1, 1), 1, (0, 0, 0, 0))
         groups = c.cols // c.requant_lanes
         channels, height, width = shape
+        if (c.rescale_tables or c.requant_from_map) and width > c.accumulator_depth:
+            raise DoesNotFit(f"an add of {width}-pixel rows needs {width} accumulator "
+                             f"words, accumulator_depth is {c.accumulator_depth}")
         if c.rescale_tables:
             self._add_by_tables(first, second, dst, first_scale, second_scale, requant)
             return
@@ -595,9 +598,6 @@ class Lowering:
         c = self.config
         groups = c.cols // c.requant_lanes
         channels, height, width = first.channels, first.height, first.width
-        if width > c.accumulator_depth:
-            raise DoesNotFit(f"an add of {width}-pixel rows needs {width} accumulator "
-                             f"words, accumulator_depth is {c.accumulator_depth}")
         # Two parts of the accumulators, so that a chunk's lookups run beside the REQUANT
         # of the chunk before; one where two rows do not fit.
         parts = 2 if 2 * width <= c.accumulator_depth else 1
@@ -677,9 +677,6 @@ class Lowering:
         c = self.config
         groups = c.cols // c.requant_lanes
         channels, height, width = first.channels, first.height, first.width
-        if width > c.accumulator_depth:
-            raise DoesNotFit(f"an add of {width}-pixel rows needs {width} accumulator "
-                             f"words, accumulator_depth is {c.accumulator_depth}")
         # Half the accumulators, so that the next layer's first GEMM may run beside the
         # last REQUANT (the compiler's overlap_requants).
         chunk_rows = min(height, max(1, c.accumulator_depth // (2 * width)))
