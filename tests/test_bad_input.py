@@ -142,6 +142,12 @@ CASES = [
     ("run-o-dir", ["run", "p.npu", "--input", "x.npy", "-o", "adir"], 2, "is a directory"),
     ("demo-workdir-file", ["demo", "--target", "golden", "--workdir", "afile"], 2,
      "is a file, not a folder"),
+    # the rescale tables, on an NPU that cannot have them
+    ("generate-tables-no-overlap", ["generate", "-o", "gen", "--rescale-tables", "true"], 2,
+     "set rescale_tables = false"),
+    ("generate-tables-few-params", ["generate", "-o", "gen", "--rescale-tables", "true",
+                                    "--requant-overlap", "true", "--param-depth", "16"], 2,
+     "param_depth is 16"),
     # 3, 4. matmul's --random shape and --seed
     ("matmul-random-too-large", ["matmul", "--random", BIG], 2, BIG),
     ("matmul-negative-seed", ["matmul", "--random", "4x4x4", "--seed", "-1"], 2, "--seed"),
