@@ -78,6 +78,10 @@ _KWS_8X8 = dict(activation_depth=2560, weight_depth=5120, accumulator_depth=512,
 # beside the array and the depthwise mode's line buffers with the tap row (a 3×3 depthwise
 # kernel in one pass: KWS 48,231 -> 45,127 cycles; 74.33 MHz with it, 2b3ea1a): KWS in
 # 45,127 cycles, ResNet-8 in 222,382 (npugen compile MODEL.tflite --board ulx3s-45f).
+# With the rescale tables (an add's input rescales looked up, a column's copy of the two
+# tables in a DP16KD each: 107 of 108) ResNet-8 takes 207,486 cycles; the build with them
+# meets 70 MHz at 75.41 (npugen build --board ulx3s-45f --json at c11761b, seed 1; at
+# 8722917, before the TABLE's entry and the looked-up row were registered, 69.27).
 # 99 of 108 DP16KD. It met 75
 # MHz at 76.79 (seed 1) and 79.03 (seed 2) until the column-skewed weight loads (3df5039),
 # then reached 73.77 and 73.79 (npugen build --board ulx3s-45f --json [--seed 2],
@@ -86,7 +90,8 @@ _KWS_8X8 = dict(activation_depth=2560, weight_depth=5120, accumulator_depth=512,
 # line buffers: not square) ran KWS in 128,803 cycles and held no ResNet-8 (6,668 words).
 _RESNET_8X8 = dict(activation_depth=6912, weight_depth=10240, accumulator_depth=512,
                    instruction_depth=1024, param_depth=256, requant_lanes=4,
-                   requant_overlap=True, line_buffer_depth=16, depthwise_tap_row=True)
+                   requant_overlap=True, line_buffer_depth=16, depthwise_tap_row=True,
+                   rescale_tables=True)
 # The 85F's 16×16 holds ResNet-8 (3,334 activation words, 4,976 weight words) and KWS
 # (AD runs in stages, docs/MODELS.md), with eight requantizer lanes (24 MULT18X18Ds, three
 # a lane) beside the array
