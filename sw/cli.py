@@ -710,11 +710,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     docs = Path(args.docs) if args.docs else (
         out / "BENCHMARKS.md" if args.quick else root / "docs" / "BENCHMARKS.md")
     recorded = Path(args.recorded) if args.recorded else root / "benchmarks" / "results"
+    boards = args.boards.split(",") if args.boards else None
+    if boards is not None:
+        from .boards import BOARDS
+
+        if args.quick or (sections is not None and "boards" not in sections):
+            raise UsageError("--boards picks the boards section's builds: give it with "
+                             "--only boards (and without --quick)")
+        for name in boards:
+            if name not in BOARDS:
+                raise UsageError(f"unknown board {name!r} in --boards; boards: "
+                                 f"{', '.join(BOARDS)}")
     started = time.perf_counter()
     try:
         results = run_bench(quick=args.quick, sections=sections, results_dir=results_dir,
                             docs_path=None if args.no_docs else docs, recorded_dir=recorded,
-                            command=shlex.join(["npugen", *args.argv]),
+                            command=shlex.join(["npugen", *args.argv]), boards=boards,
                             progress=main_progress)
     except BenchError as error:
         raise CheckFailed(str(error)) from None
@@ -858,6 +869,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--recorded", metavar="DIR",
                        help="recorded boards.json and sweep.json for --quick "
                             "(default benchmarks/results)")
+    bench.add_argument("--boards", metavar="NAME[,NAME]",
+                       help="the boards section builds these boards only and keeps the "
+                            "others' records from --recorded DIR's boards.json")
     bench.add_argument("--docs", metavar="FILE",
                        help="the report to regenerate, plots in img/ beside it (default "
                             "docs/BENCHMARKS.md; with --quick build/bench-quick/BENCHMARKS.md)")

@@ -110,6 +110,52 @@ def test_one_section_keeps_the_others_in_the_report(tmp_path, capsys):
     assert "Not measured yet: `npugen bench --only gemm`" in text
 
 
+def test_boards_of_an_unknown_name_or_outside_the_boards_section_are_exit_2(capsys):
+    assert main(["bench", "--only", "boards", "--boards", "ulx3s-45f,nope"]) == 2
+    assert "unknown board 'nope' in --boards" in capsys.readouterr().err
+    assert main(["bench", "--only", "e2e", "--boards", "ulx3s-45f"]) == 2
+    assert "--boards picks the boards section's builds" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--boards", "ulx3s-45f"]) == 2
+
+
+def test_a_run_of_some_boards_keeps_the_others_records_and_says_which_is_which(
+        tmp_path, monkeypatch):
+    """``--boards`` rebuilds those boards only: their records replace the recorded ones,
+    the others and the recorded run's origin stay, and ``updated`` names the new run."""
+    import npugen.bench as bench
+    import npugen.bench.boards as boards_section
+
+    recorded = json.loads((ROOT / "benchmarks" / "results" / "boards.json").read_text())
+    (tmp_path / "recorded").mkdir()
+    (tmp_path / "recorded" / "boards.json").write_text(json.dumps(recorded))
+    built = []
+
+    def run_boards(*, quick, progress, recorded_dir, boards):
+        built.extend(boards)
+        record = next(r for r in recorded["records"] if r["board"] == "ulx3s-45f")
+        return {"records": [{**record, "fmax_mhz": 75.41}], "workload": "256x256x256"}
+
+    monkeypatch.setattr(boards_section, "run_boards", run_boards)
+    monkeypatch.setattr(bench, "source_revision", lambda: "abc1234")
+    result = bench.run_bench(quick=False, sections=["boards"], boards=["ulx3s-45f"],
+                             results_dir=tmp_path / "results", docs_path=tmp_path / "B.md",
+                             recorded_dir=tmp_path / "recorded",
+                             command="npugen bench --only boards --boards ulx3s-45f")["boards"]
+    assert built == ["ulx3s-45f"]
+    saved = json.loads((tmp_path / "results" / "boards.json").read_text())
+    assert saved == result
+    assert [r["board"] for r in saved["records"]] == [r["board"] for r in recorded["records"]]
+    by_board = {r["board"]: r for r in saved["records"]}
+    assert by_board["ulx3s-45f"]["fmax_mhz"] == 75.41
+    others = [r for r in recorded["records"] if r["board"] != "ulx3s-45f"]
+    assert all(by_board[r["board"]] == r for r in others)
+    assert (saved["revision"], saved["command"]) == (recorded["revision"], recorded["command"])
+    update = next(u for u in saved["updated"] if u["board"] == "ulx3s-45f")
+    assert update["revision"] == "abc1234" and "--boards ulx3s-45f" in update["command"]
+    assert "The ulx3s-45f record since: npugen bench --only boards --boards ulx3s-45f " \
+        "(at commit abc1234" in (tmp_path / "B.md").read_text()
+
+
 def test_every_section_records_the_revision_the_bench_started_on(tmp_path, monkeypatch):
     """A section's results are tracked files: once the first is written the tree is
     dirty, which must not make the later sections' records say "+dirty"."""

@@ -86,10 +86,12 @@ def run_bench(*, quick: bool, sections: list[str] | None = None,
               results_dir: str | Path = "benchmarks/results",
               docs_path: str | Path | None = "docs/BENCHMARKS.md",
               recorded_dir: str | Path = "benchmarks/results", command: str | None = None,
+              boards: list[str] | None = None,
               progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Run ``sections`` (default: all), save their JSON, regenerate ``docs_path``; return
     ``{section: result}``. ``recorded_dir`` holds the recorded board builds and sweep
-    that ``--quick`` reports instead of rebuilding."""
+    that ``--quick`` reports instead of rebuilding; ``boards`` limits the boards
+    section's builds to those boards, the others' records kept from ``recorded_dir``."""
     import importlib
 
     results_dir = Path(results_dir)
@@ -118,15 +120,24 @@ def run_bench(*, quick: bool, sections: list[str] | None = None,
         module = importlib.import_module(f".{SECTIONS[name][0]}", __name__)
         progress(f"{name}: {SECTIONS[name][1]}")
         started = time.perf_counter()
+        some_boards = name == "boards" and boards is not None and not quick
         try:
-            body = getattr(module, f"run_{name}")(quick=quick, progress=progress,
-                                                  recorded_dir=recorded)
+            # Read first: a run of some boards that cannot keep the others' fails early.
+            kept = json.loads((Path(recorded) / "boards.json").read_text()) \
+                if some_boards else None
+            body = getattr(module, f"run_{name}")(
+                quick=quick, progress=progress, recorded_dir=recorded,
+                **({"boards": boards} if some_boards else {}))
         except (OSError, ValueError, RuntimeError) as error:
             raise BenchError(f"section {name}: {type(error).__name__}: {error}") from error
         result = {"section": name, "command": command, "quick": quick,
                   "date": time.strftime("%Y-%m-%d"), "machine": machine(),
                   "revision": revision,
                   "seconds": round(time.perf_counter() - started, 1), **body}
+        if kept is not None:
+            from .boards import merge_board_records
+
+            result = merge_board_records(kept, result)
         (results_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
         results[name] = result
         progress(f"{name}: done in {result['seconds']} s")

@@ -49,11 +49,12 @@ def _sweep_records(points, out: Path, progress: Callable[[str], None]) -> list[d
     return [{k: v for k, v in r.items() if k != "cached"} for r in records]
 
 
-def run_boards(*, quick: bool, progress: Callable[[str], None], recorded_dir: Path
-               ) -> dict[str, Any]:
+def run_boards(*, quick: bool, progress: Callable[[str], None], recorded_dir: Path,
+               boards: list[str] | None = None) -> dict[str, Any]:
     """Section ``boards``: each board's default config built with yosys/nextpnr (seed 1,
     the yowasp tools, builds cached under :func:`point_cache`) and :data:`WORKLOAD` timed
     by the cycle model; returns one sweep record per board (``records``) and ``workload``.
+    ``boards`` builds those boards only (:func:`merge_board_records` keeps the others').
 
     With ``quick``, the recorded ``boards.json`` of ``recorded_dir`` instead, its origin
     under ``recorded_from``; ``FileNotFoundError`` if there is none. ``progress`` gets
@@ -65,9 +66,23 @@ def run_boards(*, quick: bool, progress: Callable[[str], None], recorded_dir: Pa
 
     design = design_digest()
     points = [SweepPoint(board.name, board.default_config, 1, WORKLOAD, "yowasp", design)
-              for board in BOARDS.values()]
+              for board in BOARDS.values() if boards is None or board.name in boards]
     return {"records": _sweep_records(points, _root() / "build" / "bench-boards", progress),
             "workload": "x".join(map(str, WORKLOAD))}
+
+
+def merge_board_records(recorded: dict[str, Any], rebuilt: dict[str, Any]) -> dict[str, Any]:
+    """The boards section after ``rebuilt`` (a run of some boards only) over ``recorded``
+    (the last whole run, with its own updates): the recorded origin (command, revision,
+    date) stays, the rebuilt boards' records replace theirs, and ``updated`` says which
+    records come from which run, for the report."""
+    new = {r["board"]: r for r in rebuilt["records"]}
+    records = [new.pop(r["board"], r) for r in recorded["records"]] + list(new.values())
+    names = {r["board"] for r in rebuilt["records"]}
+    updated = [u for u in recorded.get("updated") or [] if u["board"] not in names]
+    updated += [{"board": name, "revision": rebuilt["revision"], "date": rebuilt["date"],
+                 "command": rebuilt["command"]} for name in sorted(names)]
+    return {**recorded, "records": records, "updated": updated}
 
 
 def run_sweep(*, quick: bool, progress: Callable[[str], None], recorded_dir: Path
