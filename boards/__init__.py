@@ -79,7 +79,8 @@ _KWS_8X8 = dict(activation_depth=2560, weight_depth=5120, accumulator_depth=512,
 # kernel in one pass: KWS 48,231 -> 45,127 cycles; 74.33 MHz with it, 2b3ea1a): KWS in
 # 45,127 cycles, ResNet-8 in 222,382 (npugen compile MODEL.tflite --board ulx3s-45f).
 # With the rescale tables (an add's input rescales looked up, a column's copy of the two
-# tables in a DP16KD each: 107 of 108) ResNet-8 takes 207,486 cycles; the build with them
+# tables in a DP16KD each: 107 of 108) ResNet-8 takes 213,245 cycles (its 256 parameter
+# words hold the first add's tables only; 207,229 with 512); the build with them
 # meets 70 MHz at 75.41 (npugen build --board ulx3s-45f --json at c11761b, seed 1; at
 # 8722917, before the TABLE's entry and the looked-up row were registered, 69.27).
 # 99 of 108 DP16KD. It met 75

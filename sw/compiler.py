@@ -269,12 +269,12 @@ def _requant(layer) -> Requant:
 
 def _lower(lowering: Lowering, layer, maps: dict[str, FeatureMap],
            input_im2col: tuple[int, ...] | None = None,
-           out_tiles: range | None = None) -> dict:
+           out_tiles: range | None = None, plain_add: bool = False) -> dict:
     """Emit one layer; returns its row of the layer table. ``input_im2col``: how the host
     prepared the layer's input: by im2col, so it runs as a 1×1 convolution over every
     tap, or in phases (:func:`_input_phases`), a convolution of stride 1.
     ``out_tiles``: only these output tiles of a convolution or dense layer
-    (:func:`_splittable`)."""
+    (:func:`_splittable`). ``plain_add``: an add without the rescale tables."""
     source, requant = layer.source, _requant(layer)
     src, dst = maps[layer.inputs[0]], maps[layer.name]
     kind = type(source).__name__.lower() if source is not None else "dense"
@@ -319,7 +319,8 @@ def _lower(lowering: Lowering, layer, maps: dict[str, FeatureMap],
         ops = dst.channels * dst.height * dst.width * int(np.prod(source.window))
     elif isinstance(source, Add):
         first, second = (Rescale(*values) for values in layer.rescales)
-        lowering.add(src, maps[layer.inputs[1]], dst, first, second, requant)
+        lowering.add(src, maps[layer.inputs[1]], dst, first, second, requant,
+                     by_tables=not plain_add)
         ops = 2 * dst.channels * dst.height * dst.width   # both inputs pass the array
     else:  # dense: a convolution whose kernel covers one input (C·H·W flatten order):
         # the whole map, or one pixel of a batch of vectors
@@ -690,7 +691,8 @@ def _compile(model: QuantizedModel, config: NpuConfig, batch: int,
         # Past what the instructions address: there is no program to count the rest in.
         raise DoesNotFit(prefix + "; ".join(problems + _overflows(config, accumulators)))
     try:
-        stages, layers = _lower_stages(model, config, maps, input_im2col, set(in_place))
+        stages, layers = _lower_with_tables(model, config, maps, input_im2col,
+                                            set(in_place))
     except DoesNotFit as error:   # an operator that no memory of this NPU can hold
         raise DoesNotFit(prefix + "; ".join(
             problems + _overflows(config, accumulators) + [str(error)])) from None
@@ -752,6 +754,7 @@ class _Stage:
     instructions: list[Instruction] = field(default_factory=list)   # after finish()
     origins: list[int] = field(default_factory=list)   # each one's index before interleave
     out_tiles: range | None = None   # a part of a layer: its output tiles
+    plain_adds: frozenset[str] = frozenset()   # adds lowered without the rescale tables
 
     def lower(self, model: QuantizedModel, index: int, maps: dict[str, FeatureMap],
               input_im2col: tuple[int, ...] | None, out_tiles: range | None = None,
@@ -764,14 +767,15 @@ class _Stage:
         self.layers.append(index)
         self.starts.append(len(self.lowering.instructions))
         inserted = len(self.lowering.insertions)
+        plain = layer.name in self.plain_adds
         if in_place:
-            row = _lower(self.lowering, layer, maps, input_im2col, out_tiles)
+            row = _lower(self.lowering, layer, maps, input_im2col, out_tiles, plain)
             self.lowering.fill_halo_now(maps[layer.name])
             row = {**row, "kind": f"{row['kind']}, in place"}
         else:
             if out_tiles is None or out_tiles.start == 0:
                 self.lowering.fill_halo(maps[layer.name])
-            row = _lower(self.lowering, layer, maps, input_im2col, out_tiles)
+            row = _lower(self.lowering, layer, maps, input_im2col, out_tiles, plain)
         # An instruction the layer put among the layers' before it (an add's TABLE, beside
         # their last GEMM) counts as theirs: the layers after it begin one later.
         for at in self.lowering.insertions[inserted:]:
@@ -853,14 +857,38 @@ class _Stage:
                 (Region.PARAMS, 0, self.lowering.params())]
 
 
+def _lower_with_tables(model: QuantizedModel, config: NpuConfig,
+                       maps: dict[str, FeatureMap], input_im2col: tuple[int, ...] | None,
+                       in_place: set[str]) -> tuple[list[_Stage], list[dict]]:
+    """:func:`_lower_stages`, with the rescale tables for as many of the model's adds as
+    keep it in as few stages as without them (each add's TABLE takes parameter words, a
+    stage more is the whole program over the link every run): all of them, else the
+    first ones (the largest maps), as many as fit."""
+    lowered = _lower_stages(model, config, maps, input_im2col, in_place)
+    adds = [layer.name for layer in model.layers if isinstance(layer.source, Add)]
+    if not (config.rescale_tables and adds and len(lowered[0]) > 1):
+        return lowered
+    plain = _lower_stages(model, config, maps, input_im2col, in_place, frozenset(adds))
+    if len(plain[0]) == len(lowered[0]):
+        return lowered
+    for count in range(len(adds) - 1, 0, -1):
+        trial = _lower_stages(model, config, maps, input_im2col, in_place,
+                              frozenset(adds[count:]))
+        if len(trial[0]) == len(plain[0]):
+            return trial
+    return plain
+
+
 def _lower_stages(model: QuantizedModel, config: NpuConfig, maps: dict[str, FeatureMap],
-                  input_im2col: tuple[int, ...] | None, in_place: set[str] = frozenset()
+                  input_im2col: tuple[int, ...] | None, in_place: set[str] = frozenset(),
+                  plain_adds: frozenset[str] = frozenset()
                   ) -> tuple[list[_Stage], list[dict]]:
     """Every layer lowered, in stages: a layer that would take a stage past the NPU's
     weight, parameter or instruction memory begins the next one (one stage when the
     whole model fits). The activations stay on the NPU from stage to stage. Returns the
-    stages (to :meth:`_Stage.finish`) and the layer table's rows."""
-    stages = [_Stage(Lowering(config, check_depths=False))]
+    stages (to :meth:`_Stage.finish`) and the layer table's rows. ``plain_adds``: adds
+    lowered without the rescale tables."""
+    stages = [_Stage(Lowering(config, check_depths=False), plain_adds=plain_adds)]
     rows = []
     for index, layer in enumerate(model.layers):
         stage = stages[-1]
@@ -870,7 +898,7 @@ def _lower_stages(model: QuantizedModel, config: NpuConfig, maps: dict[str, Feat
         row = stage.lower(model, index, maps, im2col, in_place=made_in_place)
         if len(stage.layers) > 1 and _overflows(config, stage.needs()):
             stages[-1] = before
-            stage = _Stage(Lowering(config, check_depths=False))
+            stage = _Stage(Lowering(config, check_depths=False), plain_adds=plain_adds)
             stages.append(stage)
             row = stage.lower(model, index, maps, im2col, in_place=made_in_place)
         if _overflows(config, stage.needs()) and _splittable(layer, config):

@@ -445,9 +445,11 @@ class Lowering:
                 "ties_to_even": requant.ties_to_even})]
 
     def add(self, first: FeatureMap, second: FeatureMap, dst: FeatureMap,
-            first_scale: Rescale, second_scale: Rescale, requant: Requant) -> None:
+            first_scale: Rescale, second_scale: Rescale, requant: Requant,
+            by_tables: bool = True) -> None:
         """``dst = requant(rescale(first) + rescale(second))``, elementwise (TFLite's int8
-        Add); ``requant`` rescales the sum (its bias is usually 0)."""
+        Add); ``requant`` rescales the sum (its bias is usually 0). ``by_tables=False``
+        leaves an NPU's rescale tables unused (their parameter words can cost a stage)."""
         c = self.config
         shape = (first.channels, first.height, first.width)
         for name, fmap in (("second input", second), ("output", dst)):
@@ -460,7 +462,7 @@ class Lowering:
         if (c.rescale_tables or c.requant_from_map) and width > c.accumulator_depth:
             raise DoesNotFit(f"an add of {width}-pixel rows needs {width} accumulator "
                              f"words, accumulator_depth is {c.accumulator_depth}")
-        if c.rescale_tables:
+        if c.rescale_tables and by_tables:
             self._add_by_tables(first, second, dst, first_scale, second_scale, requant)
             return
         if c.requant_from_map:

@@ -661,6 +661,37 @@ def test_board_defaults_hold_the_models_docs_say(board, tmp_path, capsys):
                                               "-bit accumulators")), (name, err)
 
 
+def test_rescale_tables_go_to_as_many_adds_as_keep_the_program_in_one_stage():
+    """ResNet-8 on the 45F's default: a TABLE for each of its three adds would take more
+    parameter words than its 256 (two stages: every run, the whole program over the
+    link). The compiler keeps the tables for the first add only, in one stage: bit-exact
+    with LiteRT, the golden model's counters its estimate, fewer cycles than with no
+    tables; with 512 parameter words all three adds have them."""
+    from npugen.boards import BOARDS
+
+    config = BOARDS["ulx3s-45f"].default_config
+    assert config.rescale_tables and config.param_depth == 256
+    path = MLPERF_TINY / MODELS["resnet"]
+
+    def tables(program):
+        words = next(values for region, _, values in program.segments
+                     if region is Region.INSTRUCTIONS)
+        return sum(ins.opcode is Opcode.TABLE for ins in decode_program(words.ravel()))
+
+    program = compile_model(path, config)
+    assert not program.stages and tables(program) == 1
+    without = compile_model(path, config.replace(rescale_tables=False))
+    assert program.estimated_cycles < without.estimated_cycles
+    wider = compile_model(path, config.replace(param_depth=512))
+    assert not wider.stages and tables(wider) == 3
+    assert wider.estimated_cycles < program.estimated_cycles
+    x = random_input(path, 1, seed=5)
+    result = run(program, x)
+    np.testing.assert_array_equal(result.quantized_output,
+                                  litert_reference(path)(x).reshape(1, -1))
+    assert result.counters.cycles == program.estimated_cycles
+
+
 IN_PLACE_CONFIG = NpuConfig(rows=4, cols=4, activation_depth=512, weight_depth=512,
                             accumulator_depth=256, instruction_depth=512, param_depth=64,
                             requant_overlap=True, line_buffer_depth=32)
