@@ -710,7 +710,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     docs = Path(args.docs) if args.docs else (
         out / "BENCHMARKS.md" if args.quick else root / "docs" / "BENCHMARKS.md")
     recorded = Path(args.recorded) if args.recorded else root / "benchmarks" / "results"
-    boards = args.boards.split(",") if args.boards else None
+    boards = args.boards.split(",") if args.boards is not None else None
     if boards is not None:
         from .boards import BOARDS
 
@@ -743,6 +743,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if failures:
         raise CheckFailed(f"a result was not bit-exact or its cycles differ from the model "
                           f"in: {', '.join(failures)}")
+    # Recorded all the same (a default that does not route is a measurement), but not a
+    # success.
+    failed = [f"{r['board']} ({r.get('status')})"
+              for r in results.get("boards", {}).get("records", [])
+              if not args.quick and r.get("status") != "ok"
+              and (boards is None or r["board"] in boards)]
+    if failed:
+        raise CheckFailed(f"a board's default did not build to its clock: "
+                          f"{', '.join(failed)}; recorded so in {results_dir / 'boards.json'}, "
+                          f"the logs under build/sweep/points")
     return EXIT_OK
 
 

@@ -860,23 +860,30 @@ class _Stage:
 def _lower_with_tables(model: QuantizedModel, config: NpuConfig,
                        maps: dict[str, FeatureMap], input_im2col: tuple[int, ...] | None,
                        in_place: set[str]) -> tuple[list[_Stage], list[dict]]:
-    """:func:`_lower_stages`, with the rescale tables for as many of the model's adds as
-    keep it in as few stages as without them (each add's TABLE takes parameter words, a
-    stage more is the whole program over the link every run): all of them, else the
-    first ones (the largest maps), as many as fit."""
-    lowered = _lower_stages(model, config, maps, input_im2col, in_place)
+    """:func:`_lower_stages`, on an NPU with the rescale tables the plan of fewest stages
+    (a stage more is the whole program over the link every run) among: every add by
+    tables, the first adds only (the largest maps; each TABLE takes parameter words),
+    none (an add without them takes more instructions and accumulator words). On a tie,
+    the most tables. A plan that does not fit is passed over; if none fits, the error is
+    that of every add by tables."""
     adds = [layer.name for layer in model.layers if isinstance(layer.source, Add)]
-    if not (config.rescale_tables and adds and len(lowered[0]) > 1):
-        return lowered
-    plain = _lower_stages(model, config, maps, input_im2col, in_place, frozenset(adds))
-    if len(plain[0]) == len(lowered[0]):
-        return lowered
-    for count in range(len(adds) - 1, 0, -1):
-        trial = _lower_stages(model, config, maps, input_im2col, in_place,
-                              frozenset(adds[count:]))
-        if len(trial[0]) == len(plain[0]):
-            return trial
-    return plain
+    if not (config.rescale_tables and adds):
+        return _lower_stages(model, config, maps, input_im2col, in_place)
+    best, error = None, None
+    for count in range(len(adds), -1, -1):   # tables for the first `count` adds
+        try:
+            trial = _lower_stages(model, config, maps, input_im2col, in_place,
+                                  frozenset(adds[count:]))
+        except DoesNotFit as failed:
+            error = error or failed
+            continue
+        if best is None or len(trial[0]) < len(best[0]):
+            best = trial
+        if len(best[0]) == 1:
+            break
+    if best is None:
+        raise error
+    return best
 
 
 def _lower_stages(model: QuantizedModel, config: NpuConfig, maps: dict[str, FeatureMap],

@@ -116,6 +116,9 @@ def test_boards_of_an_unknown_name_or_outside_the_boards_section_are_exit_2(caps
     assert main(["bench", "--only", "e2e", "--boards", "ulx3s-45f"]) == 2
     assert "--boards picks the boards section's builds" in capsys.readouterr().err
     assert main(["bench", "--quick", "--boards", "ulx3s-45f"]) == 2
+    capsys.readouterr()
+    assert main(["bench", "--only", "boards", "--boards", ""]) == 2   # not every board
+    assert "unknown board '' in --boards" in capsys.readouterr().err
 
 
 def test_a_run_of_some_boards_keeps_the_others_records_and_says_which_is_which(
@@ -152,8 +155,38 @@ def test_a_run_of_some_boards_keeps_the_others_records_and_says_which_is_which(
     assert (saved["revision"], saved["command"]) == (recorded["revision"], recorded["command"])
     update = next(u for u in saved["updated"] if u["board"] == "ulx3s-45f")
     assert update["revision"] == "abc1234" and "--boards ulx3s-45f" in update["command"]
+    assert update["seconds"] < 60 <= saved["seconds"]   # this run's time, the record's
     assert "The ulx3s-45f record since: npugen bench --only boards --boards ulx3s-45f " \
         "(at commit abc1234" in (tmp_path / "B.md").read_text()
+
+
+def test_a_board_rebuilt_without_meeting_its_clock_is_recorded_and_exit_1(
+        tmp_path, monkeypatch, capsys):
+    import npugen.bench.boards as boards_section
+
+    recorded = json.loads((ROOT / "benchmarks" / "results" / "boards.json").read_text())
+    (tmp_path / "boards.json").write_text(json.dumps(recorded))
+    record = next(r for r in recorded["records"] if r["board"] == "ulx3s-45f")
+    monkeypatch.setattr(boards_section, "run_boards", lambda **_: {
+        "records": [{**record, "status": "timing missed"}], "workload": "256x256x256"})
+    status = main(["bench", "--only", "boards", "--boards", "ulx3s-45f", "--recorded",
+                   str(tmp_path), "--results", str(tmp_path / "out"), "--no-docs"])
+    assert status == 1
+    assert "did not build to its clock: ulx3s-45f (timing missed)" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "out" / "boards.json").read_text())
+    assert {r["board"]: r["status"] for r in saved["records"]}["ulx3s-45f"] == "timing missed"
+
+
+@pytest.mark.parametrize("text", ["{}", "not json", '{"records": 3}'])
+def test_a_run_of_some_boards_refuses_a_recording_without_board_records(
+        tmp_path, capsys, text):
+    (tmp_path / "boards.json").write_text(text)
+    status = main(["bench", "--only", "boards", "--boards", "ulx3s-45f", "--recorded",
+                   str(tmp_path), "--results", str(tmp_path / "out"), "--no-docs"])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert f"section boards: ValueError: {tmp_path / 'boards.json'}" in err
+    assert "run the whole boards section" in err
 
 
 def test_every_section_records_the_revision_the_bench_started_on(tmp_path, monkeypatch):

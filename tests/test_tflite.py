@@ -661,35 +661,44 @@ def test_board_defaults_hold_the_models_docs_say(board, tmp_path, capsys):
                                               "-bit accumulators")), (name, err)
 
 
-def test_rescale_tables_go_to_as_many_adds_as_keep_the_program_in_one_stage():
-    """ResNet-8 on the 45F's default: a TABLE for each of its three adds would take more
-    parameter words than its 256 (two stages: every run, the whole program over the
-    link). The compiler keeps the tables for the first add only, in one stage: bit-exact
-    with LiteRT, the golden model's counters its estimate, fewer cycles than with no
-    tables; with 512 parameter words all three adds have them."""
+@pytest.mark.parametrize("changes, stages, tables, check", [
+    # 256 parameter words hold the first add's tables (all three: two stages).
+    ({}, 1, 1, True),
+    ({"param_depth": 512}, 1, 3, False),
+    # Adds without tables take more instructions: all three by tables, as without them
+    # four stages.
+    ({"instruction_depth": 1024, "accumulator_depth": 128}, 2, 3, False),
+    # All by tables three stages, none four, the first add's two.
+    ({"instruction_depth": 1024, "param_depth": 128, "accumulator_depth": 128}, 2, 1, True),
+    # Adds without tables need two accumulator words a pixel: they do not fit.
+    ({"accumulator_depth": 32}, 5, 3, False),
+])
+def test_rescale_tables_go_to_the_adds_that_make_the_fewest_stages(changes, stages, tables,
+                                                                   check):
+    """ResNet-8 on the 45F's default and variants of it: each add's TABLE takes
+    parameter words, an add without it more instructions and accumulator words; the
+    compiler takes the plan of fewest stages (every run writes every stage over the
+    link), on a tie the most tables. Where checked: bit-exact with LiteRT, the golden
+    model's counters its estimate."""
     from npugen.boards import BOARDS
 
     config = BOARDS["ulx3s-45f"].default_config
     assert config.rescale_tables and config.param_depth == 256
     path = MLPERF_TINY / MODELS["resnet"]
-
-    def tables(program):
-        words = next(values for region, _, values in program.segments
-                     if region is Region.INSTRUCTIONS)
-        return sum(ins.opcode is Opcode.TABLE for ins in decode_program(words.ravel()))
-
-    program = compile_model(path, config)
-    assert not program.stages and tables(program) == 1
-    without = compile_model(path, config.replace(rescale_tables=False))
-    assert program.estimated_cycles < without.estimated_cycles
-    wider = compile_model(path, config.replace(param_depth=512))
-    assert not wider.stages and tables(wider) == 3
-    assert wider.estimated_cycles < program.estimated_cycles
-    x = random_input(path, 1, seed=5)
-    result = run(program, x)
-    np.testing.assert_array_equal(result.quantized_output,
-                                  litert_reference(path)(x).reshape(1, -1))
-    assert result.counters.cycles == program.estimated_cycles
+    program = compile_model(path, config.replace(**changes))
+    found = sum(ins.opcode is Opcode.TABLE for image in program.images()
+                for region, _, words in image if region is Region.INSTRUCTIONS
+                for ins in decode_program(words.ravel()))
+    assert (len(program.images()), found) == (stages, tables)
+    if changes == {}:
+        without = compile_model(path, config.replace(rescale_tables=False))
+        assert program.estimated_cycles < without.estimated_cycles
+    if check:
+        x = random_input(path, 1, seed=5)
+        result = run(program, x)
+        np.testing.assert_array_equal(result.quantized_output,
+                                      litert_reference(path)(x).reshape(1, -1))
+        assert result.counters.cycles == program.estimated_cycles
 
 
 IN_PLACE_CONFIG = NpuConfig(rows=4, cols=4, activation_depth=512, weight_depth=512,

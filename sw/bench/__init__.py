@@ -82,6 +82,20 @@ def load_results(results_dir: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
+def _recorded_boards(path: Path) -> dict[str, Any]:
+    """The recorded boards section a run of some boards keeps the others' records from;
+    ``ValueError`` naming the file if it has none."""
+    try:
+        recorded = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not JSON ({error}): run the whole boards section "
+                         f"(without --boards) to record every board") from None
+    if not (isinstance(recorded, dict) and isinstance(recorded.get("records"), list)):
+        raise ValueError(f"{path} has no board records: run the whole boards section "
+                         f"(without --boards) to record every board")
+    return recorded
+
+
 def run_bench(*, quick: bool, sections: list[str] | None = None,
               results_dir: str | Path = "benchmarks/results",
               docs_path: str | Path | None = "docs/BENCHMARKS.md",
@@ -123,24 +137,23 @@ def run_bench(*, quick: bool, sections: list[str] | None = None,
         some_boards = name == "boards" and boards is not None and not quick
         try:
             # Read first: a run of some boards that cannot keep the others' fails early.
-            kept = json.loads((Path(recorded) / "boards.json").read_text()) \
-                if some_boards else None
+            kept = _recorded_boards(Path(recorded) / "boards.json") if some_boards else None
             body = getattr(module, f"run_{name}")(
                 quick=quick, progress=progress, recorded_dir=recorded,
                 **({"boards": boards} if some_boards else {}))
         except (OSError, ValueError, RuntimeError) as error:
             raise BenchError(f"section {name}: {type(error).__name__}: {error}") from error
+        seconds = round(time.perf_counter() - started, 1)
         result = {"section": name, "command": command, "quick": quick,
                   "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-                  "revision": revision,
-                  "seconds": round(time.perf_counter() - started, 1), **body}
+                  "revision": revision, "seconds": seconds, **body}
         if kept is not None:
             from .boards import merge_board_records
 
             result = merge_board_records(kept, result)
         (results_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
         results[name] = result
-        progress(f"{name}: done in {result['seconds']} s")
+        progress(f"{name}: done in {seconds} s")
     if docs_path is not None:
         from .report import write_report
 

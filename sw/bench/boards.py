@@ -80,8 +80,8 @@ def merge_board_records(recorded: dict[str, Any], rebuilt: dict[str, Any]) -> di
     records = [new.pop(r["board"], r) for r in recorded["records"]] + list(new.values())
     names = {r["board"] for r in rebuilt["records"]}
     updated = [u for u in recorded.get("updated") or [] if u["board"] not in names]
-    updated += [{"board": name, "revision": rebuilt["revision"], "date": rebuilt["date"],
-                 "command": rebuilt["command"]} for name in sorted(names)]
+    updated += [{"board": name, **{key: rebuilt[key] for key in (
+        "revision", "date", "command", "seconds", "machine")}} for name in sorted(names)]
     return {**recorded, "records": records, "updated": updated}
 
 
