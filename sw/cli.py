@@ -721,6 +721,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if name not in BOARDS:
                 raise UsageError(f"unknown board {name!r} in --boards; boards: "
                                  f"{', '.join(BOARDS)}")
+        from .bench import recorded_boards
+
+        try:   # the other boards' records, which the run keeps: bad input, before any build
+            recorded_boards(recorded / "boards.json")
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--boards keeps the other boards' records: {error}") from None
     started = time.perf_counter()
     try:
         results = run_bench(quick=args.quick, sections=sections, results_dir=results_dir,

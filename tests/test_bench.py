@@ -183,10 +183,11 @@ def test_a_run_of_some_boards_refuses_a_recording_without_board_records(
     (tmp_path / "boards.json").write_text(text)
     status = main(["bench", "--only", "boards", "--boards", "ulx3s-45f", "--recorded",
                    str(tmp_path), "--results", str(tmp_path / "out"), "--no-docs"])
-    assert status == 1
+    assert status == 2
     err = capsys.readouterr().err
-    assert f"section boards: ValueError: {tmp_path / 'boards.json'}" in err
+    assert f"--boards keeps the other boards' records: {tmp_path / 'boards.json'}" in err
     assert "run the whole boards section" in err
+    assert not (tmp_path / "out").exists()   # refused before any build
 
 
 def test_every_section_records_the_revision_the_bench_started_on(tmp_path, monkeypatch):

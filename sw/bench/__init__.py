@@ -18,7 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SECTIONS", "run_bench", "machine", "load_results", "BenchError"]
+__all__ = ["SECTIONS", "run_bench", "machine", "load_results", "BenchError",
+           "recorded_boards"]
 
 
 class BenchError(RuntimeError):
@@ -82,7 +83,7 @@ def load_results(results_dir: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
-def _recorded_boards(path: Path) -> dict[str, Any]:
+def recorded_boards(path: Path) -> dict[str, Any]:
     """The recorded boards section a run of some boards keeps the others' records from;
     ``ValueError`` naming the file if it has none."""
     try:
@@ -137,7 +138,7 @@ def run_bench(*, quick: bool, sections: list[str] | None = None,
         some_boards = name == "boards" and boards is not None and not quick
         try:
             # Read first: a run of some boards that cannot keep the others' fails early.
-            kept = _recorded_boards(Path(recorded) / "boards.json") if some_boards else None
+            kept = recorded_boards(Path(recorded) / "boards.json") if some_boards else None
             body = getattr(module, f"run_{name}")(
                 quick=quick, progress=progress, recorded_dir=recorded,
                 **({"boards": boards} if some_boards else {}))
