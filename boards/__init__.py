@@ -79,10 +79,12 @@ _KWS_8X8 = dict(activation_depth=2560, weight_depth=5120, accumulator_depth=512,
 # kernel in one pass: KWS 48,231 -> 45,127 cycles; 74.33 MHz with it, 2b3ea1a): KWS in
 # 45,127 cycles, ResNet-8 in 222,382 (npugen compile MODEL.tflite --board ulx3s-45f).
 # With the rescale tables (an add's input rescales looked up, a column's copy of the two
-# tables in a DP16KD each: 107 of 108) ResNet-8 takes 213,245 cycles (its 256 parameter
-# words hold the first add's tables only; 207,229 with 512); the build with them
-# meets 70 MHz at 75.41 (npugen build --board ulx3s-45f --json at c11761b, seed 1; at
-# 8722917, before the TABLE's entry and the looked-up row were registered, 69.27).
+# tables in a DP16KD each: 107 of 108) ResNet-8 takes 207,229 cycles with 512 parameter
+# words, which hold all three adds' tables (213,245 with 256, the first add's only; a
+# 288-bit parameter word takes eight 36-bit DP16KDs at 256 or 512 deep alike). With 256
+# words the build met 70 MHz at 75.41 (npugen build --board ulx3s-45f --json at c11761b,
+# seed 1; at 8722917, before the TABLE's entry and the looked-up row were registered,
+# 69.27).
 # 99 of 108 DP16KD. It met 75
 # MHz at 76.79 (seed 1) and 79.03 (seed 2) until the column-skewed weight loads (3df5039),
 # then reached 73.77 and 73.79 (npugen build --board ulx3s-45f --json [--seed 2],
@@ -90,7 +92,7 @@ _KWS_8X8 = dict(activation_depth=2560, weight_depth=5120, accumulator_depth=512,
 # 12×8 with two lanes (no requant_overlap: its build with it stopped in yosys's ABC9, no
 # line buffers: not square) ran KWS in 128,803 cycles and held no ResNet-8 (6,668 words).
 _RESNET_8X8 = dict(activation_depth=6912, weight_depth=10240, accumulator_depth=512,
-                   instruction_depth=1024, param_depth=256, requant_lanes=4,
+                   instruction_depth=1024, param_depth=512, requant_lanes=4,
                    requant_overlap=True, line_buffer_depth=16, depthwise_tap_row=True,
                    rescale_tables=True)
 # The 85F's 16×16 holds ResNet-8 (3,334 activation words, 4,976 weight words) and KWS

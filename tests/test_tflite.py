@@ -662,9 +662,10 @@ def test_board_defaults_hold_the_models_docs_say(board, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("changes, stages, tables, check", [
-    # 256 parameter words hold the first add's tables (all three: two stages).
-    ({}, 1, 1, True),
-    ({"param_depth": 512}, 1, 3, False),
+    # 512 parameter words hold all three adds' tables; 256 the first add's (all three:
+    # two stages).
+    ({}, 1, 3, False),
+    ({"param_depth": 256}, 1, 1, True),
     # Adds without tables take more instructions: all three by tables, as without them
     # four stages.
     ({"instruction_depth": 1024, "accumulator_depth": 128}, 2, 3, False),
@@ -683,7 +684,7 @@ def test_rescale_tables_go_to_the_adds_that_make_the_fewest_stages(changes, stag
     from npugen.boards import BOARDS
 
     config = BOARDS["ulx3s-45f"].default_config
-    assert config.rescale_tables and config.param_depth == 256
+    assert config.rescale_tables and config.param_depth == 512
     path = MLPERF_TINY / MODELS["resnet"]
     program = compile_model(path, config.replace(**changes))
     found = sum(ins.opcode is Opcode.TABLE for image in program.images()
