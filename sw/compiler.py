@@ -820,11 +820,14 @@ class _Stage:
         the cycles the array streams the layer's words; ``load_cycles``, those the weight
         loader shifts its tiles in (``load_rows`` a tile); ``requant_cycles``, those the
         requantizer spends on its REQUANTs and FILLs (from the start of each until it is
-        free for the next). The largest, against ``cycles``, says what bounds the layer."""
+        free for the next); ``table_cycles``, those the rescale unit spends loading its
+        tables (TABLE) and looking words up (RESCALE, until its last write). The largest,
+        against ``cycles``, says what bounds the layer."""
         timing, state = CycleModel(config), GemmState(config.rows)
         layer_of = np.searchsorted(self.starts, self.origins, side="right") - 1
         dispatched, dispatch_layer, streams = [], [], []
-        work = np.zeros((len(self.layers), 3), dtype=np.int64)   # array, loads, requantizer
+        # array, loads, requantizer, rescale unit
+        work = np.zeros((len(self.layers), len(UNIT_KEYS)), dtype=np.int64)
         for index, instruction in enumerate(self.instructions):
             for step in state.expand(instruction):
                 timing.dispatch(step)
@@ -838,6 +841,11 @@ class _Stage:
                 elif step.opcode in (Opcode.REQUANT, Opcode.FILL):
                     work[dispatch_layer[-1], 2] += (timing.requant_free_at
                                                     - timing.requant_started_at)
+                elif step.opcode is Opcode.TABLE:   # on the requantizer's parameter port
+                    work[dispatch_layer[-1], 3] += (timing.table_free_at
+                                                    - timing.requant_started_at)
+                elif step.opcode is Opcode.RESCALE:
+                    work[dispatch_layer[-1], 3] += timing.blocked_until - dispatched[-1]
         total = timing.counters.cycles
         waiting = np.searchsorted(dispatched, np.arange(total), side="left")
         owner = np.asarray(dispatch_layer)[np.minimum(waiting, len(dispatched) - 1)]

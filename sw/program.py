@@ -43,9 +43,12 @@ FORMAT_VERSION = 3
 #: Older format versions this npugen still reads (2: no stages).
 READABLE_VERSIONS = (2, FORMAT_VERSION)
 #: A layer row's work of each unit in its cycles (the compiler's cycle model): the array
-#: streaming, the weight loader shifting tiles in, the requantizer; and their short names.
-UNIT_KEYS = ("array_cycles", "load_cycles", "requant_cycles")
-UNIT_HEADS = ("array", "loads", "requant")
+#: streaming, the weight loader shifting tiles in, the requantizer, the rescale tables
+#: (TABLE loads and RESCALE lookups; shown for NPUs that have them); their short names.
+UNIT_KEYS = ("array_cycles", "load_cycles", "requant_cycles", "table_cycles")
+UNIT_HEADS = ("array", "loads", "requant", "tables")
+UNIT_WHAT = ("the array streaming", "the weight loader", "the requantizer",
+             "the rescale unit's TABLE loads and lookups")
 _PREAMBLE = struct.Struct("<8sII")
 _DIGEST_BYTES = hashlib.sha256().digest_size
 _BODY = _PREAMBLE.size + _DIGEST_BYTES   # where the header starts
@@ -346,13 +349,12 @@ class Program:
         # Columns as wide as their longest entry: converters' layer names share long
         # prefixes ("functional_1/conv2d_3"), so a cut name would name nothing.
         name_width = max([len("layer"), *(len(layer["name"]) for layer in self.layers)])
-        # Each unit's work in a layer's cycles (programs written before they were kept
-        # have none): the largest says what bounds it.
-        units = all(key in layer for layer in self.layers for key in UNIT_KEYS)
-        unit_heads = "".join(f" {head:>8}" for head in UNIT_HEADS) if units else ""
+        # Each unit's work in a layer's cycles: the largest says what bounds it.
+        shown = [UNIT_KEYS.index(key) for key in self.unit_keys()]
+        unit_heads = "".join(f" {UNIT_HEADS[i]:>8}" for i in shown)
 
         def unit_cells(layer: dict) -> str:
-            return "".join(f" {layer[key]:>8}" for key in UNIT_KEYS) if units else ""
+            return "".join(f" {layer[UNIT_KEYS[i]]:>8}" for i in shown)
 
         if self.layers and "input" in self.layers[0]:   # feature maps: their shapes
             kind_width = max(len(layer["kind"]) for layer in self.layers)
@@ -381,9 +383,10 @@ class Program:
                              f"{layer['macs']:>16}"
                              + (f" {layer['cycles']:>10}  {layer['utilization']:>11.3f}"
                                 f"{unit_cells(layer)}" if timed else ""))
-        if units:
-            lines.append(f"({', '.join(UNIT_HEADS)}: cycles of each unit's work for the "
-                         "layer: the array streaming, the weight loader, the requantizer)")
+        if shown:
+            lines.append(f"({', '.join(UNIT_HEADS[i] for i in shown)}: cycles of each "
+                         "unit's work for the layer: "
+                         f"{', '.join(UNIT_WHAT[i] for i in shown)})")
         for op in self.host_ops:
             lines.append(f"then on the host: {op['op']} ({HOST_OPS[op['op']]})")
         lines.append("")
@@ -412,18 +415,29 @@ class Program:
                          f"{work['array_cycles']} cycles (utilization "
                          f"{work['array_bound_utilization']:.3f} if it never waited), the "
                          f"weight loader {work['load_cycles']}, the requantizer "
-                         f"{work['requant_cycles']}")
+                         f"{work['requant_cycles']}"
+                         + (f", the rescale tables {work['table_cycles']}"
+                            if "table_cycles" in work else ""))
         return "\n".join(lines)
 
+    def unit_keys(self) -> list[str]:
+        """The unit columns every layer row has (programs compiled before they were kept
+        have none, or not the tables'); the tables' only on an NPU with them."""
+        keys = [key for key in UNIT_KEYS
+                if self.layers and all(key in layer for layer in self.layers)]
+        if keys[:3] != list(UNIT_KEYS[:3]):
+            return []
+        return keys if self.config.rescale_tables else keys[:3]
+
     def unit_work(self) -> dict[str, Any]:
-        """The layer table's unit columns summed (cycles per run), and
-        ``array_bound_utilization``: the utilization if the array never waited, the
+        """The layer table's unit columns (:meth:`unit_keys`) summed (cycles per run),
+        and ``array_bound_utilization``: the utilization if the array never waited, the
         ceiling of the model's mapping onto the array. Empty for a program compiled
         before the layer table had those columns."""
-        if not self.layers or not all(key in layer for layer in self.layers
-                                      for key in UNIT_KEYS):
+        keys = self.unit_keys()
+        if not keys:
             return {}
-        work = {key: sum(layer[key] for layer in self.layers) for key in UNIT_KEYS}
+        work = {key: sum(layer[key] for layer in self.layers) for key in keys}
         array = work["array_cycles"] / self.batch
         work["array_bound_utilization"] = round(
             self.macs_per_inference / (array * self.config.macs_per_cycle), 4) if array else 0.0

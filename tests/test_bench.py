@@ -297,3 +297,24 @@ def test_mlperf_layer_tables_say_when_their_cycles_are_of_a_whole_batch(tmp_path
     assert f"cycles of a run of batch {batch}, MACs of one inference" in ad
     kws = text[text.index("KWS layers on"):].splitlines()[0]
     assert "batch" not in kws
+
+
+def test_mlperf_layer_tables_have_a_tables_column_only_where_a_layer_used_them(tmp_path):
+    """The rescale tables' work (TABLE loads, RESCALE lookups) gets a column in a model's
+    layer table when some layer of it has any; recordings made before the column have
+    none."""
+    from npugen.bench.report import write_report
+
+    results = {"mlperf": json.loads((ROOT / "benchmarks/results/mlperf.json").read_text())}
+    record = next(r for r in results["mlperf"]["records"] if r["model"] == "ic")
+    for layer in record["layers"]:
+        layer["table_cycles"] = 515 if layer["kind"] == "add" else 0
+    docs = tmp_path / "BENCHMARKS.md"
+    write_report(results, docs)
+    text = docs.read_text()
+    ic = text[text.index("IC layers on"):].split("\n\n")[1].splitlines()
+    assert ic[0].endswith("| array | loads | requant | tables |")
+    assert ic[2].count("|") == ic[0].count("|")
+    assert any("| add |" in row and row.endswith("| 515 |") for row in ic)
+    kws = text[text.index("KWS layers on"):].split("\n\n")[1].splitlines()
+    assert kws[0].endswith("| array | loads | requant |")

@@ -691,9 +691,18 @@ def test_rescale_tables_go_to_the_adds_that_make_the_fewest_stages(changes, stag
                 for region, _, words in image if region is Region.INSTRUCTIONS
                 for ins in decode_program(words.ravel()))
     assert (len(program.images()), found) == (stages, tables)
+    # The layer table's tables column: the first adds' lookups, every TABLE's load.
+    adds = [layer["table_cycles"] for layer in program.layers if layer["kind"] == "add"]
+    assert [cycles > 0 for cycles in adds] == [True] * tables + [False] * (3 - tables)
+    work = program.unit_work()
+    assert work["table_cycles"] >= found * program.config.table_load_cycles
+    assert program.unit_keys()[-1] == "table_cycles"
+    assert "TABLE loads and lookups" in program.describe()
     if changes == {}:
         without = compile_model(path, config.replace(rescale_tables=False))
         assert program.estimated_cycles < without.estimated_cycles
+        assert "table_cycles" not in without.unit_work()
+        assert "TABLE loads and lookups" not in without.describe()
     if check:
         x = random_input(path, 1, seed=5)
         result = run(program, x)

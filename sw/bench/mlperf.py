@@ -123,13 +123,16 @@ def _measure(program, x: np.ndarray, reference: np.ndarray | None, clock_mhz: fl
 
 
 def _unit_work(program) -> dict[str, Any]:
-    """The array's and the requantizer's work per inference and the utilization if the
-    array never waited (:meth:`Program.unit_work`)."""
+    """The array's, the requantizer's and (on an NPU with them) the rescale tables' work
+    per inference, and the utilization if the array never waited
+    (:meth:`Program.unit_work`)."""
     work = program.unit_work()
     if not work:
         return {}
     return {"array_cycles_per_inference": work["array_cycles"] / program.batch,
             "requant_cycles_per_inference": work["requant_cycles"] / program.batch,
+            **({"table_cycles_per_inference": work["table_cycles"] / program.batch}
+               if "table_cycles" in work else {}),
             "array_bound_utilization": work["array_bound_utilization"]}
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..program import UNIT_KEYS
+from ..program import UNIT_HEADS, UNIT_KEYS, UNIT_WHAT
 
 __all__ = ["write_report"]
 
@@ -516,18 +516,24 @@ def _mlperf(result: dict[str, Any], images: Path,
         per_run = ("" if batch == 1 else
                    f"; cycles of a run of batch {batch}, MACs of one inference, utilization "
                    "counting the batch")
+        # The rescale tables' column where a layer used them.
+        shown = [i for i, key in enumerate(UNIT_KEYS)
+                 if key != "table_cycles" or any(layer.get(key) for layer in r["layers"])]
+        heads = [f"`{UNIT_HEADS[i]}`" for i in shown]
         lines += [f"{_MLPERF_NAMES[r['model']]} layers on {r['layers_on']} (cycle model, "
-                  f"which the golden model's counters equal{per_run}; `array`, `loads`, "
-                  "`requant`: the cycles of each unit's work for the layer, the largest "
-                  "its bound):", "",
-                  "| layer | kind | MACs | cycles | utilization | array | loads | requant |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"which the golden model's counters equal{per_run}; "
+                  f"{', '.join(heads[:-1])} and {heads[-1]}: the cycles of each unit's "
+                  f"work for the layer ({', '.join(UNIT_WHAT[i] for i in shown)}), the "
+                  "largest its bound):", "",
+                  "| layer | kind | MACs | cycles | utilization | "
+                  + " | ".join(UNIT_HEADS[i] for i in shown) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(shown)]
         for layer in r["layers"]:
             cycles = "–" if layer["cycles"] is None else _n(layer["cycles"])
             utilization = ("–" if layer["utilization"] is None
                            else f"{layer['utilization']:.3f}")
-            units = " | ".join("–" if layer.get(key) is None else _n(layer[key])
-                               for key in UNIT_KEYS)
+            units = " | ".join("–" if layer.get(UNIT_KEYS[i]) is None
+                               else _n(layer[UNIT_KEYS[i]]) for i in shown)
             lines.append(f"| {_short_layer(layer['name'])} | {layer['kind']} | "
                          f"{_n(layer['macs'])} | {cycles} | {utilization} | {units} |")
         if all(layer["cycles"] is None for layer in r["layers"]):
