@@ -81,10 +81,10 @@ _KWS_8X8 = dict(activation_depth=2560, weight_depth=5120, accumulator_depth=512,
 # With the rescale tables (an add's input rescales looked up, a column's copy of the two
 # tables in a DP16KD each: 107 of 108) ResNet-8 takes 207,229 cycles with 512 parameter
 # words, which hold all three adds' tables (213,245 with 256, the first add's only; a
-# 288-bit parameter word takes eight 36-bit DP16KDs at 256 or 512 deep alike). With 256
-# words the build met 70 MHz at 75.41 (npugen build --board ulx3s-45f --json at c11761b,
-# seed 1; at 8722917, before the TABLE's entry and the looked-up row were registered,
-# 69.27).
+# 288-bit parameter word takes eight 36-bit DP16KDs at 256 or 512 deep alike). The build
+# meets 70 MHz at 75.72 (npugen bench --only boards --boards ulx3s-45f,ulx3s-85f at
+# 781cb0d, seed 1; 75.41 with 256 words at c11761b; at 8722917, before the TABLE's entry
+# and the looked-up row were registered, 69.27).
 # 99 of 108 DP16KD. It met 75
 # MHz at 76.79 (seed 1) and 79.03 (seed 2) until the column-skewed weight loads (3df5039),
 # then reached 73.77 and 73.79 (npugen build --board ulx3s-45f --json [--seed 2],
