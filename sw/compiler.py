@@ -755,6 +755,9 @@ class _Stage:
     origins: list[int] = field(default_factory=list)   # each one's index before interleave
     out_tiles: range | None = None   # a part of a layer: its output tiles
     plain_adds: frozenset[str] = frozenset()   # adds lowered without the rescale tables
+    # An instruction a layer put among the layers' before it (an add's TABLE): its index
+    # before interleave -> the layer's, whose work it is.
+    inserted_by: dict[int, int] = field(default_factory=dict)
 
     def lower(self, model: QuantizedModel, index: int, maps: dict[str, FeatureMap],
               input_im2col: tuple[int, ...] | None, out_tiles: range | None = None,
@@ -780,6 +783,9 @@ class _Stage:
         # their last GEMM) counts as theirs: the layers after it begin one later.
         for at in self.lowering.insertions[inserted:]:
             self.starts = [start + (start > at) for start in self.starts]
+            self.inserted_by = {where + (where >= at): by
+                                for where, by in self.inserted_by.items()}
+            self.inserted_by[at] = len(self.layers) - 1
         return row
 
     def needs(self) -> list[tuple[str, int, str]]:
@@ -821,8 +827,9 @@ class _Stage:
         loader shifts its tiles in (``load_rows`` a tile); ``requant_cycles``, those the
         requantizer spends on its REQUANTs and FILLs (from the start of each until it is
         free for the next); ``table_cycles``, those the rescale unit spends loading its
-        tables (TABLE) and looking words up (RESCALE, until its last write). The largest,
-        against ``cycles``, says what bounds the layer."""
+        tables (TABLE, the add's that put it beside an earlier layer's GEMM) and looking
+        words up (RESCALE, until its last write). The largest, against ``cycles``, says
+        what bounds the layer."""
         timing, state = CycleModel(config), GemmState(config.rows)
         layer_of = np.searchsorted(self.starts, self.origins, side="right") - 1
         dispatched, dispatch_layer, streams = [], [], []
@@ -842,8 +849,8 @@ class _Stage:
                     work[dispatch_layer[-1], 2] += (timing.requant_free_at
                                                     - timing.requant_started_at)
                 elif step.opcode is Opcode.TABLE:   # on the requantizer's parameter port
-                    work[dispatch_layer[-1], 3] += (timing.table_free_at
-                                                    - timing.requant_started_at)
+                    owner = self.inserted_by.get(self.origins[index], dispatch_layer[-1])
+                    work[owner, 3] += timing.table_free_at - timing.requant_started_at
                 elif step.opcode is Opcode.RESCALE:
                     work[dispatch_layer[-1], 3] += timing.blocked_until - dispatched[-1]
         total = timing.counters.cycles

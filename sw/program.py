@@ -321,7 +321,10 @@ class Program:
         ``macs_per_inference`` and ``utilization`` (MACs over cycles × rows × cols); the
         units' work (:meth:`unit_work`)."""
         per_inference = self.estimated_cycles / self.batch
-        layers = [{**layer, "runs_on": "npu"} for layer in self.layers]
+        # The units' columns the table shows (the tables' only on an NPU with them).
+        hidden = set(UNIT_KEYS) - set(self.unit_keys())
+        layers = [{**{key: value for key, value in layer.items() if key not in hidden},
+                   "runs_on": "npu"} for layer in self.layers]
         layers += [{"name": op["op"], "kind": op["op"], "runs_on": "host", "macs": 0,
                     "cycles": 0, "arithmetic": HOST_OPS[op["op"]]} for op in self.host_ops]
         return {"config": self.config.to_dict(), "batch": self.batch,
